@@ -1,0 +1,97 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "evd",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "evd", targets: ["evd"]),
+        .executable(name: "evtail", targets: ["evtail"]),
+        .executable(name: "evctl", targets: ["evctl"]),
+        .library(name: "EvdClient", targets: ["EvdClient"]),
+        .library(name: "EvdDaemon", targets: ["EvdDaemon"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-collections.git", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+    ],
+    targets: [
+        // The system libsqlite3 (Debian: libsqlite3-dev), with its pre-update hook and session extension.
+        .systemLibrary(
+            name: "CSQLite",
+            pkgConfig: "sqlite3",
+            providers: [.apt(["libsqlite3-dev"])]
+        ),
+        // The wire format of PROTOCOL.md and a small async client: shared by the daemon, the CLIs and tests.
+        .target(
+            name: "EvdClient",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "OrderedCollections", package: "swift-collections"),
+            ],
+            linkerSettings: [.linkedLibrary("m")]
+        ),
+        // Everything evd does, as a library so that tests run the real thing in-process.
+        .target(
+            name: "EvdDaemon",
+            dependencies: [
+                "CSQLite",
+                "EvdClient",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "OrderedCollections", package: "swift-collections"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .executableTarget(
+            name: "evd",
+            dependencies: [
+                "EvdDaemon",
+                "EvdClient",
+                .product(name: "OrderedCollections", package: "swift-collections"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .executableTarget(
+            name: "evtail",
+            dependencies: [
+                "EvdClient",
+                .product(name: "OrderedCollections", package: "swift-collections"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .executableTarget(
+            name: "evctl",
+            dependencies: [
+                "EvdClient",
+                .product(name: "OrderedCollections", package: "swift-collections"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        .testTarget(name: "EvdClientTests", dependencies: ["EvdClient", .product(name: "OrderedCollections", package: "swift-collections")]),
+        .testTarget(
+            name: "EvdDaemonTests",
+            dependencies: [
+                "EvdDaemon",
+                "EvdClient",
+                "CSQLite",
+                .product(name: "OrderedCollections", package: "swift-collections"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

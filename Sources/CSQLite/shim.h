@@ -1,0 +1,12 @@
+#ifndef EVD_CSQLITE_SHIM_H
+#define EVD_CSQLITE_SHIM_H
+
+#include <sqlite3.h>
+
+/// SQLITE_TRANSIENT is a cast of -1 to a function pointer, which Swift cannot import.
+static inline sqlite3_destructor_type evd_sqlite_transient(void) { return SQLITE_TRANSIENT; }
+
+/// sqlite3_config is variadic and does not import; these wrap the calls evd makes.
+static inline int evd_sqlite_config_multithread(void) { return sqlite3_config(SQLITE_CONFIG_MULTITHREAD); }
+
+#endif

@@ -1,0 +1,172 @@
+import OrderedCollections
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// A connection to evd: requests with their responses, and the stream of events, vetoes and notices.
+///
+/// Open one with `EvdConnection.withConnection(socketPath:_:)`; it is closed when the closure returns.
+///
+/// ```swift
+/// try await EvdConnection.withConnection(socketPath: path) { evd in
+///     _ = try await evd.request("subscribe", ["events": ["insert-rows"]])
+///     while let event = await evd.nextMessage() { print(event["table"] ?? nil) }
+/// }
+/// ```
+public final class EvdConnection: Sendable {
+    /// Raised when the connection ends before a response arrives, or cannot be made.
+    public struct ConnectionError: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    /// The daemon's `hello`.
+    public var hello: JSONObject { self.helloState.withLock { $0 ?? [:] } }
+    private let helloState = Mutex<JSONObject?>(nil)
+    private let channel: any Channel
+    private let pending = Mutex<PendingState>(PendingState())
+    private let messages: AsyncQueue<JSONObject>
+    private let helloSignal = AsyncQueue<Bool>(capacity: 1)
+
+    private struct PendingState {
+        var nextID: Int64 = 1
+        var waiting: [Int64: CheckedContinuation<JSONObject, any Error>] = [:]
+        var closed = false
+    }
+
+    private init(channel: any Channel, messageCapacity: Int) {
+        self.channel = channel
+        self.messages = AsyncQueue(capacity: messageCapacity)
+    }
+
+    /// Connects to the daemon at `socketPath`, waits for its `hello`, runs `body`, then closes.
+    ///
+    /// Events, vetoes and notices are buffered up to `messageCapacity`; beyond that the connection
+    /// stops reading (and so, in time, the daemon's overflow policy applies), so a subscriber should
+    /// keep calling `nextMessage()`.
+    public static func withConnection<Result: Sendable>(
+        socketPath: String, messageCapacity: Int = 4096,
+        _ body: (EvdConnection) async throws -> Result
+    ) async throws -> Result {
+        let asyncChannel: NIOAsyncChannel<LineFrame, ByteBuffer>
+        do {
+            asyncChannel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)
+                .channelOption(.allowRemoteHalfClosure, value: true)
+                .connect(unixDomainSocketPath: socketPath) { channel in
+                    channel.eventLoop.makeCompletedFuture {
+                        // Responses can be far larger than a request: allow 1 GiB lines.
+                        try channel.pipeline.syncOperations.addHandler(
+                            ByteToMessageHandler(LineFrameDecoder(maxLineBytes: 1 << 30)))
+                        return try NIOAsyncChannel<LineFrame, ByteBuffer>(wrappingChannelSynchronously: channel)
+                    }
+                }
+        } catch {
+            throw ConnectionError(description: "cannot connect to evd at \(socketPath): \(error)")
+        }
+        let connection = EvdConnection(channel: asyncChannel.channel, messageCapacity: messageCapacity)
+        return try await asyncChannel.executeThenClose { inbound, _ in
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    await connection.readLoop(inbound)
+                }
+                defer { asyncChannel.channel.close(promise: nil) }
+                guard await connection.helloSignal.pop() == true else {
+                    throw ConnectionError(description: "evd at \(socketPath) closed the connection without a hello")
+                }
+                let result = try await body(connection)
+                asyncChannel.channel.close(promise: nil)
+                try await group.waitForAll()
+                return result
+            }
+        }
+    }
+
+    private static func decode(_ line: ByteBuffer) -> JSONObject? {
+        line.withUnsafeReadableBytes { try? JSONValue(parsing: $0) }?.objectValue
+    }
+
+    private func readLoop(_ inbound: NIOAsyncChannelInboundStream<LineFrame>) async {
+        do {
+            for try await frame in inbound {
+                guard case .line(let line) = frame, let message = Self.decode(line) else { continue }
+                if message["type"] == "hello" && self.helloState.withLock({ $0 == nil }) {
+                    self.helloState.withLock { $0 = message }
+                    await self.helloSignal.push(true)
+                    continue
+                }
+                if message["type"] == "response" {
+                    let continuation = self.pending.withLock { state in
+                        message["id"]?.intValue.flatMap { state.waiting.removeValue(forKey: $0) }
+                    }
+                    if let continuation {
+                        continuation.resume(returning: message)
+                        continue
+                    }
+                }
+                await self.messages.push(message)
+            }
+        } catch {}
+        let waiting = self.pending.withLock { state in
+            state.closed = true
+            defer { state.waiting = [:] }
+            return state.waiting
+        }
+        for (_, continuation) in waiting {
+            continuation.resume(throwing: ConnectionError(description: "the connection to evd closed"))
+        }
+        self.messages.finish()
+        self.helloSignal.finish()
+    }
+
+    /// Sends a request and returns its `result`; an error response is thrown as `EvdError`.
+    @discardableResult
+    public func request(_ op: String, _ arguments: JSONObject = [:]) async throws -> JSONObject {
+        let response = try await self.rawRequest(op, arguments)
+        if response["ok"] == true {
+            return response["result"]?.objectValue ?? [:]
+        }
+        throw EvdError(object: response["error"]?.objectValue ?? [:])
+    }
+
+    /// Sends a request and returns the whole response object (`ok`, `result` or `error`).
+    public func rawRequest(_ op: String, _ arguments: JSONObject = [:]) async throws -> JSONObject {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<JSONObject, any Error>) in
+            let id: Int64? = self.pending.withLock { state in
+                guard !state.closed else { return nil }
+                defer { state.nextID += 1 }
+                state.waiting[state.nextID] = continuation
+                return state.nextID
+            }
+            guard let id else {
+                continuation.resume(throwing: ConnectionError(description: "the connection to evd is closed"))
+                return
+            }
+            var request = arguments
+            request["op"] = .string(op)
+            request["id"] = .int(id)
+            var bytes = JSONValue.object(request).jsonBytes
+            bytes.append(0x0a)
+            self.channel.writeAndFlush(ByteBuffer(bytes: bytes)).whenFailure { error in
+                let continuation = self.pending.withLock { $0.waiting.removeValue(forKey: id) }
+                continuation?.resume(throwing: ConnectionError(description: "cannot send to evd: \(error)"))
+            }
+        }
+    }
+
+    /// Sends a message that gets no response when valid (a veto `reply`).
+    public func send(_ message: JSONObject) async throws {
+        var bytes = JSONValue.object(message).jsonBytes
+        bytes.append(0x0a)
+        try await self.channel.writeAndFlush(ByteBuffer(bytes: bytes))
+    }
+
+    /// Sends raw bytes as they are (tests use it for malformed input).
+    public func sendRaw(_ bytes: [UInt8]) async throws {
+        try await self.channel.writeAndFlush(ByteBuffer(bytes: bytes))
+    }
+
+    /// The next event, veto or notice (or a response to a request not sent with `request`);
+    /// `nil` once the connection has closed.
+    public func nextMessage() async -> JSONObject? {
+        await self.messages.pop()
+    }
+}

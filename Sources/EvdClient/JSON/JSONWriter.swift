@@ -1,0 +1,165 @@
+import OrderedCollections
+// Compact JSON output into a byte array. No Foundation.
+
+extension JSONValue {
+    /// Appends this value as compact JSON (no spaces, object keys in stored order) to `bytes`.
+    ///
+    /// Non-finite doubles (NaN, ±infinity) have no JSON form and are written as `null`.
+    public func write(into bytes: inout [UInt8]) {
+        switch self {
+        case .null:
+            JSONWriter.appendASCII("null", to: &bytes)
+        case .bool(let b):
+            JSONWriter.appendASCII(b ? "true" : "false", to: &bytes)
+        case .int(let i):
+            JSONWriter.appendInt(i, to: &bytes)
+        case .double(let d):
+            JSONWriter.appendDouble(d, to: &bytes)
+        case .string(let s):
+            JSONWriter.appendString(s, to: &bytes)
+        case .array(let elements):
+            bytes.append(UInt8(ascii: "["))
+            var first = true
+            for element in elements {
+                if !first { bytes.append(UInt8(ascii: ",")) }
+                first = false
+                element.write(into: &bytes)
+            }
+            bytes.append(UInt8(ascii: "]"))
+        case .object(let object):
+            bytes.append(UInt8(ascii: "{"))
+            var first = true
+            for (key, value) in object {
+                if !first { bytes.append(UInt8(ascii: ",")) }
+                first = false
+                JSONWriter.appendString(key, to: &bytes)
+                bytes.append(UInt8(ascii: ":"))
+                value.write(into: &bytes)
+            }
+            bytes.append(UInt8(ascii: "}"))
+        }
+    }
+
+    /// This value as compact JSON in UTF-8 bytes.
+    public var jsonBytes: [UInt8] {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(64)
+        write(into: &bytes)
+        return bytes
+    }
+
+    /// This value as a compact JSON string.
+    public var jsonString: String {
+        String(decoding: jsonBytes, as: UTF8.self)
+    }
+}
+
+/// Building blocks for writing JSON by hand into a byte array, as used by ``JSONValue/write(into:)``.
+public enum JSONWriter {
+    /// Appends `s` as a quoted JSON string.
+    ///
+    /// `"` and `\` are escaped, as are control characters below U+0020 (`\n`, `\r`, `\t`,
+    /// `\b`, `\f` in their short forms, the rest as `\u00xx`). Everything else, U+007F and
+    /// all non-ASCII characters included, is written as raw UTF-8.
+    public static func appendString(_ s: String, to bytes: inout [UInt8]) {
+        var s = s  // `withUTF8` is mutating; for a native string this neither copies nor allocates.
+        s.withUTF8 { utf8 in appendEscaped(utf8, to: &bytes) }
+    }
+
+    /// Appends the decimal digits of `i` (with a leading `-` when negative) without allocating.
+    public static func appendInt(_ i: Int64, to bytes: inout [UInt8]) {
+        if i >= 0 && i < 10 {
+            bytes.append(UInt8(truncatingIfNeeded: i) &+ UInt8(ascii: "0"))
+            return
+        }
+        // 20 bytes fit Int64.min: "-9223372036854775808". Digits are written back to front
+        // into a stack buffer; `magnitude` makes Int64.min safe.
+        withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 20) { buffer in
+            var magnitude = i.magnitude
+            var position = 20
+            repeat {
+                let (quotient, remainder) = magnitude.quotientAndRemainder(dividingBy: 10)
+                position -= 1
+                buffer[position] = UInt8(truncatingIfNeeded: remainder) &+ UInt8(ascii: "0")
+                magnitude = quotient
+            } while magnitude != 0
+            if i < 0 {
+                position -= 1
+                buffer[position] = UInt8(ascii: "-")
+            }
+            bytes.append(contentsOf: UnsafeBufferPointer(rebasing: buffer[position...]))
+        }
+    }
+
+    /// Appends `d` as the shortest text that reads back as the same `Double`
+    /// ("0.1", "1.0", "1e-05", "1e+16", "5e-324"); NaN and ±infinity are written as `null`.
+    ///
+    /// The text is Swift's `description`, which for finite values always matches JSON's
+    /// number grammar. A finite double always keeps a `.` or an exponent, so it reads back
+    /// as `.double`, never `.int`.
+    public static func appendDouble(_ d: Double, to bytes: inout [UInt8]) {
+        guard d.isFinite else {
+            appendASCII("null", to: &bytes)
+            return
+        }
+        // Fast path: whole numbers below 10^15 print as their digits plus ".0", exactly as
+        // `description` does, without building a String. (-0.0 keeps its sign via `description`.)
+        // (Checked by converting to Int64 and back, which needs no libm.)
+        if d.magnitude < 1e15, case let i = Int64(d), Double(i) == d, !(i == 0 && d.sign == .minus) {
+            appendInt(i, to: &bytes)
+            bytes.append(UInt8(ascii: "."))
+            bytes.append(UInt8(ascii: "0"))
+            return
+        }
+        bytes.append(contentsOf: d.description.utf8)
+    }
+
+    /// Appends an ASCII literal such as `null` as is.
+    static func appendASCII(_ text: StaticString, to bytes: inout [UInt8]) {
+        bytes.append(contentsOf: UnsafeBufferPointer(start: text.utf8Start, count: text.utf8CodeUnitCount))
+    }
+
+    /// The escaping loop behind ``appendString(_:to:)``.
+    static func appendEscaped(_ utf8: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
+        bytes.append(UInt8(ascii: "\""))
+        // Fast path: scan for the next byte that needs escaping and copy the whole run of
+        // bytes before it in one `append(contentsOf:)`. Most strings are a single run.
+        var runStart = 0
+        var i = 0
+        let count = utf8.count
+        while i < count {
+            let byte = utf8[i]
+            if byte >= 0x20 && byte != UInt8(ascii: "\"") && byte != UInt8(ascii: "\\") {
+                i += 1
+                continue
+            }
+            if runStart < i {
+                bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[runStart..<i]))
+            }
+            bytes.append(UInt8(ascii: "\\"))
+            switch byte {
+            case UInt8(ascii: "\""): bytes.append(UInt8(ascii: "\""))
+            case UInt8(ascii: "\\"): bytes.append(UInt8(ascii: "\\"))
+            case 0x0A: bytes.append(UInt8(ascii: "n"))
+            case 0x0D: bytes.append(UInt8(ascii: "r"))
+            case 0x09: bytes.append(UInt8(ascii: "t"))
+            case 0x08: bytes.append(UInt8(ascii: "b"))
+            case 0x0C: bytes.append(UInt8(ascii: "f"))
+            default:
+                // Other control characters: \u00xx with lowercase hex.
+                let hexDigits: StaticString = "0123456789abcdef"
+                bytes.append(UInt8(ascii: "u"))
+                bytes.append(UInt8(ascii: "0"))
+                bytes.append(UInt8(ascii: "0"))
+                bytes.append(hexDigits.utf8Start[Int(byte >> 4)])
+                bytes.append(hexDigits.utf8Start[Int(byte & 0x0F)])
+            }
+            i += 1
+            runStart = i
+        }
+        if runStart < count {
+            bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[runStart..<count]))
+        }
+        bytes.append(UInt8(ascii: "\""))
+    }
+}

@@ -1,0 +1,38 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
+/// Where the daemon's socket is, resolved the same way by every executable (PROTOCOL.md §1).
+public enum SocketPath {
+    /// `--socket PATH`, else `$EVD_SOCKET`, else `$RUNTIME_DIRECTORY/evd.sock`, else
+    /// `$XDG_RUNTIME_DIR/evd.sock`, else `/tmp/evd-$UID/evd.sock`.
+    public static func resolve(explicit: String?, environment: [String: String]) -> String {
+        if let explicit, !explicit.isEmpty { return explicit }
+        if let path = environment["EVD_SOCKET"], !path.isEmpty { return path }
+        if let dir = environment["RUNTIME_DIRECTORY"], !dir.isEmpty {
+            // systemd may pass several directories separated by ':'; the first is ours.
+            let first = dir.split(separator: ":", maxSplits: 1).first.map(String.init) ?? dir
+            return first + "/evd.sock"
+        }
+        if let dir = environment["XDG_RUNTIME_DIR"], !dir.isEmpty { return dir + "/evd.sock" }
+        return "/tmp/evd-\(getuid())/evd.sock"
+    }
+
+    /// The process environment as a dictionary.
+    public static var processEnvironment: [String: String] {
+        var result: [String: String] = [:]
+        var pointer = environ
+        while let entry = pointer.pointee {
+            let pair = String(cString: entry)
+            if let eq = pair.firstIndex(of: "=") {
+                result[String(pair[..<eq])] = String(pair[pair.index(after: eq)...])
+            }
+            pointer += 1
+        }
+        return result
+    }
+}

@@ -1,0 +1,49 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import EvdClient
+
+/// Everything evd needs to start: what `evd`'s flags (and later its config file) produce.
+public struct EvdConfiguration: Sendable {
+    /// The socket path to bind (ignored when `listenFD` is set).
+    public var socketPath: String
+    /// A listening socket inherited from systemd (`LISTEN_FDS`): served instead of binding.
+    public var listenFD: Int32?
+    /// The databases; the first is the default.
+    public var databases: [DatabaseConfig]
+    public var stateDirectory: String
+    /// Connections per database pool.
+    public var poolSize: Int = 4
+    /// The socket file's mode.
+    public var socketMode: mode_t = 0o600
+    public var maxLineBytes: Int = 1 << 20
+    public var vetoBudgetMs: Int = 5000
+    /// Concurrent client connections before new ones get `too_many_connections`.
+    public var maxSessions: Int = 1024
+    /// Requests a connection may have queued (pipelined) before evd stops reading from it.
+    public var maxPipelinedRequests: Int = 256
+    public var outboxLimits = OutboxLimits()
+    /// How long a SQLite statement waits for another connection's lock.
+    public var busyTimeoutMs: Int32 = 5000
+    /// How long in-flight requests may run once shutdown begins.
+    public var shutdownGraceMs: Int = 5000
+
+    public init(socketPath: String, databases: [DatabaseConfig], stateDirectory: String) {
+        self.socketPath = socketPath
+        self.databases = databases
+        self.stateDirectory = stateDirectory
+    }
+
+    /// The state directory of PROTOCOL.md §9: `$STATE_DIRECTORY`, else `$XDG_STATE_HOME/evd`,
+    /// else `~/.local/state/evd`.
+    public static func defaultStateDirectory(environment: [String: String]) -> String {
+        if let dir = environment["STATE_DIRECTORY"], !dir.isEmpty {
+            return dir.split(separator: ":", maxSplits: 1).first.map(String.init) ?? dir
+        }
+        if let dir = environment["XDG_STATE_HOME"], !dir.isEmpty { return dir + "/evd" }
+        let home = environment["HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "/root"
+        return home + "/.local/state/evd"
+    }
+}

@@ -1,0 +1,290 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import EvdClient
+import Logging
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+import Synchronization
+
+/// evd: serves its databases and events on a Unix socket until asked to stop.
+///
+/// A `Service`: run it in a `ServiceGroup` with `gracefulShutdownSignals: [.sigterm, .sigint]`.
+/// On graceful shutdown it stops accepting, answers new requests with `shutting_down`, sends
+/// notice `shutdown`, lets in-flight requests finish (within `shutdownGraceMs`), closes every
+/// session, disposes the pools and removes the socket file it created.
+public final class Daemon: Service, CustomStringConvertible {
+    /// Why evd could not start: printed as its one-line reason.
+    public struct StartupError: Error, CustomStringConvertible {
+        public let description: String
+    }
+
+    public let configuration: EvdConfiguration
+    let logger: Logger
+    let environment: [String: String]
+    private let readiness = ReadySignal()
+
+    public var description: String { "evd(\(self.configuration.listenFD.map { "fd \($0)" } ?? self.configuration.socketPath))" }
+
+    public init(configuration: EvdConfiguration, logger: Logger, environment: [String: String] = [:]) {
+        self.configuration = configuration
+        self.logger = logger
+        self.environment = environment
+    }
+
+    /// Waits until the daemon accepts connections (tests use this instead of polling).
+    public func waitUntilReady() async throws {
+        try await self.readiness.wait()
+    }
+
+    public func run() async throws {
+        do {
+            try await self.serve()
+        } catch {
+            self.readiness.fail(error)
+            throw error
+        }
+    }
+
+    private func serve() async throws {
+        try self.prepareDirectories()
+        let totalConnections = self.configuration.poolSize * self.configuration.databases.count
+        // One thread per pooled connection (a thread may block on SQLite's busy wait) and one spare.
+        let threadPool = NIOThreadPool(numberOfThreads: totalConnections + 1)
+        threadPool.start()
+        let group = MultiThreadedEventLoopGroup.singleton
+        let bus = EventBus()
+        let core = DaemonCore(configuration: self.configuration, bus: bus, threadPool: threadPool, eventLoop: group.next())
+
+        let server: NIOAsyncChannel<NIOAsyncChannel<LineFrame, ByteBuffer>, Never>
+        let createdPath: String?
+        do {
+            (server, createdPath) = try await self.bind(group: group)
+        } catch {
+            try? await threadPool.shutdownGracefully()
+            throw error
+        }
+        self.logger.info(
+            "evd is ready",
+            metadata: [
+                "socket": "\(self.configuration.listenFD.map { "fd \($0)" } ?? self.configuration.socketPath)",
+                "databases": "\(self.configuration.databases.map { "\($0.name)=\($0.path)" }.joined(separator: ","))",
+            ])
+        Systemd.notify("READY=1\nSTATUS=serving", environment: self.environment)
+        self.readiness.signal()
+
+        await withGracefulShutdownHandler {
+            await withDiscardingTaskGroup { tasks in
+                if let interval = Systemd.watchdogInterval(environment: self.environment) {
+                    tasks.addTask {
+                        while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {
+                            Systemd.notify("WATCHDOG=1", environment: self.environment)
+                            try? await Task.sleep(for: interval)
+                        }
+                    }
+                }
+                do {
+                    try await server.executeThenClose { inbound in
+                        for try await connection in inbound {
+                            tasks.addTask { await self.serveConnection(connection, core: core) }
+                        }
+                    }
+                } catch {
+                    self.logger.error("accepting connections failed", metadata: ["error": "\(error)"])
+                }
+                await self.drainSessions(core)
+                tasks.cancelAll()
+            }
+        } onGracefulShutdown: {
+            Systemd.notify("STOPPING=1", environment: self.environment)
+            self.logger.info("evd is stopping")
+            core.shuttingDown.store(true, ordering: .relaxed)
+            server.channel.close(promise: nil)
+        }
+
+        for pool in core.pools.values { await pool.dispose(origin: .daemon) }
+        try? await threadPool.shutdownGracefully()
+        if let createdPath { unlink(createdPath) }
+        self.logger.info("evd stopped")
+    }
+
+    /// Tells every session the daemon is stopping, waits for in-flight requests (within the
+    /// grace period), then closes them all.
+    private func drainSessions(_ core: DaemonCore) async {
+        core.shuttingDown.store(true, ordering: .relaxed)
+        let sessions = core.sessions.all
+        for session in sessions { session.noticeShutdown() }
+        let deadline = ContinuousClock.now + .milliseconds(self.configuration.shutdownGraceMs)
+        while sessions.contains(where: \.isBusy) && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+        for session in core.sessions.all { session.close() }
+    }
+
+    // MARK: Connections
+
+    private func serveConnection(_ connection: NIOAsyncChannel<LineFrame, ByteBuffer>, core: DaemonCore) async {
+        let credentials: PeerCredentials
+        do {
+            credentials = try await PeerCredentials.of(connection.channel).get()
+        } catch {
+            self.logger.warning("could not read peer credentials", metadata: ["error": "\(error)"])
+            try? await connection.channel.close()
+            return
+        }
+        guard let id = core.sessions.admit(limit: self.configuration.maxSessions) else {
+            self.logger.warning("refused a connection: too many", metadata: ["peer.uid": "\(credentials.uid)"])
+            let error = EvdError(.tooManyConnections, "evd serves at most \(self.configuration.maxSessions) connections")
+            try? await connection.executeThenClose { _, outbound in
+                var buffer = connection.channel.allocator.buffer(capacity: 128)
+                buffer.writeBytes(Session.responseLine(id: .null, error: error))
+                try await outbound.write(buffer)
+            }
+            return
+        }
+        let session = Session(id: id, actor: credentials.actor, core: core, logger: self.logger)
+        core.sessions.add(session)
+        if core.shuttingDown.load(ordering: .relaxed) { session.noticeShutdown(); session.close() }
+        await session.run(channel: connection)
+        core.sessions.remove(id)
+    }
+
+    /// Binds the socket, or adopts systemd's; returns the path to remove at exit (nil when adopted).
+    private func bind(
+        group: MultiThreadedEventLoopGroup
+    ) async throws -> (NIOAsyncChannel<NIOAsyncChannel<LineFrame, ByteBuffer>, Never>, String?) {
+        let maxLineBytes = self.configuration.maxLineBytes
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 256)
+            .childChannelOption(.allowRemoteHalfClosure, value: true)
+        let initializer: @Sendable (any Channel) -> EventLoopFuture<NIOAsyncChannel<LineFrame, ByteBuffer>> = { channel in
+            channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(LineFrameDecoder(maxLineBytes: maxLineBytes)))
+                return try NIOAsyncChannel<LineFrame, ByteBuffer>(wrappingChannelSynchronously: channel)
+            }
+        }
+        if let fd = self.configuration.listenFD {
+            let server = try await bootstrap.bind(fd, childChannelInitializer: initializer)
+            return (server, nil)
+        }
+        let path = self.configuration.socketPath
+        try Self.removeStaleSocket(at: path)
+        let server: NIOAsyncChannel<NIOAsyncChannel<LineFrame, ByteBuffer>, Never>
+        do {
+            server = try await bootstrap.bind(unixDomainSocketPath: path, childChannelInitializer: initializer)
+        } catch {
+            throw StartupError(description: "cannot listen on \(path): \(error)")
+        }
+        if chmod(path, self.configuration.socketMode) != 0 {
+            throw StartupError(description: "cannot set the mode of \(path): \(String(cString: strerror(errno)))")
+        }
+        return (server, path)
+    }
+
+    /// Refuses to start when a live daemon answers on `path`; removes a stale socket file.
+    static func removeStaleSocket(at path: String) throws {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return }
+        guard (info.st_mode & S_IFMT) == S_IFSOCK else {
+            throw StartupError(description: "\(path) exists and is not a socket; refusing to replace it")
+        }
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { return }
+        defer { close(fd) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (i, b) in bytes.prefix(raw.count - 1).enumerated() { raw[i] = b }
+        }
+        let connected = withUnsafePointer(to: &address) { pointer in
+            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        if connected == 0 {
+            throw StartupError(description: "another evd is already serving \(path)")
+        }
+        unlink(path)
+    }
+
+    /// Creates the state directory, the socket's directory and each database's directory.
+    private func prepareDirectories() throws {
+        try Self.makeDirectories(self.configuration.stateDirectory, mode: 0o700)
+        if self.configuration.listenFD == nil {
+            let socketDirectory = Self.parent(of: self.configuration.socketPath)
+            try Self.makeDirectories(socketDirectory, mode: 0o700)
+        }
+        for database in self.configuration.databases where !database.path.hasPrefix("file:") && database.path != ":memory:" {
+            try Self.makeDirectories(Self.parent(of: database.path), mode: 0o700)
+        }
+    }
+
+    static func parent(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "." }
+        return slash == path.startIndex ? "/" : String(path[..<slash])
+    }
+
+    /// `mkdir -p` with `mode` for the directories it creates.
+    static func makeDirectories(_ path: String, mode: mode_t) throws {
+        var info = stat()
+        if stat(path, &info) == 0 {
+            guard (info.st_mode & S_IFMT) == S_IFDIR else { throw StartupError(description: "\(path) is not a directory") }
+            return
+        }
+        let parent = Self.parent(of: path)
+        if parent != path && parent != "." && parent != "/" { try makeDirectories(parent, mode: mode) }
+        if mkdir(path, mode) != 0 && errno != EEXIST {
+            throw StartupError(description: "cannot create \(path): \(String(cString: strerror(errno)))")
+        }
+    }
+}
+
+/// A one-shot "ready" (or "failed") signal that any number of tasks can wait for.
+final class ReadySignal: Sendable {
+    private enum State {
+        case waiting([CheckedContinuation<Void, any Error>])
+        case ready
+        case failed(any Error)
+    }
+
+    private let state = Mutex(State.waiting([]))
+
+    func wait() async throws {
+        try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<Void, any Error>) in
+            let outcome: Result<Void, any Error>? = self.state.withLock { state in
+                switch state {
+                case .waiting(var waiters):
+                    waiters.append(continuation)
+                    state = .waiting(waiters)
+                    return nil
+                case .ready:
+                    return .success(())
+                case .failed(let error):
+                    return .failure(error)
+                }
+            }
+            if let outcome { continuation.resume(with: outcome) }
+        }
+    }
+
+    func signal() { self.finish(.ready) }
+    func fail(_ error: any Error) { self.finish(.failed(error)) }
+
+    private func finish(_ final: State) {
+        let waiters = self.state.withLock { state -> [CheckedContinuation<Void, any Error>] in
+            guard case .waiting(let waiters) = state else { return [] }
+            state = final
+            return waiters
+        }
+        for waiter in waiters {
+            switch final {
+            case .failed(let error): waiter.resume(throwing: error)
+            default: waiter.resume()
+            }
+        }
+    }
+}

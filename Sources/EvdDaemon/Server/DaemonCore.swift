@@ -1,0 +1,146 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import EvdClient
+import NIOCore
+import NIOPosix
+import OrderedCollections
+import Synchronization
+
+/// The actions of PROTOCOL.md §8, by Datasette's names.
+public enum Action: String, Sendable, CaseIterable {
+    case subscribe, veto, emit
+    case executeSQL = "execute-sql"
+    case viewTable = "view-table"
+    case insertRow = "insert-row"
+    case updateRow = "update-row"
+    case deleteRow = "delete-row"
+    case createTable = "create-table"
+    case alterTable = "alter-table"
+    case dropTable = "drop-table"
+    case createToken = "create-token"
+    case admin
+}
+
+/// Who may do what. The daemon's own uid and root hold every action; everyone else nothing
+/// unless the policy grants it (the config file's grants arrive with the permissions issue).
+struct Permissions: Sendable {
+    let ownerUID: UInt32
+
+    func allows(_ actor: Actor, _ action: Action) -> Bool {
+        actor.uid == 0 || actor.uid == self.ownerUID
+    }
+
+    func require(_ actor: Actor, _ action: Action) throws(EvdError) {
+        guard self.allows(actor, action) else {
+            throw EvdError(.permissionDenied, "\(actor.id) may not \(action.rawValue)", extra: ["action": .string(action.rawValue)])
+        }
+    }
+}
+
+/// What every session shares: the bus, the pools, the settings, the counters.
+final class DaemonCore: Sendable {
+    let configuration: EvdConfiguration
+    let bus: EventBus
+    /// The pools in `--db` order; the first is the default database.
+    let pools: OrderedDictionary<String, ConnectionPool>
+    let permissions: Permissions
+    let sessions = SessionRegistry()
+    let requests = Atomic<Int>(0)
+    /// Execution options set with `scope: engine`: every session starts from these.
+    let engineOptions = Mutex<JSONObject>([:])
+    /// Set when shutdown begins: new requests get `shutting_down`.
+    let shuttingDown = Atomic<Bool>(false)
+
+    init(configuration: EvdConfiguration, bus: EventBus, threadPool: NIOThreadPool, eventLoop: any EventLoop) {
+        self.configuration = configuration
+        self.bus = bus
+        var pools = OrderedDictionary<String, ConnectionPool>()
+        for database in configuration.databases {
+            pools[database.name] = ConnectionPool(
+                database: database, size: configuration.poolSize, bus: bus, threadPool: threadPool,
+                eventLoop: eventLoop, busyTimeoutMs: configuration.busyTimeoutMs)
+        }
+        self.pools = pools
+        self.permissions = Permissions(ownerUID: getuid())
+    }
+
+    /// The pool of `name`, or the default database's when `name` is nil.
+    func pool(_ name: String?) throws(EvdError) -> ConnectionPool {
+        guard let name else { return self.pools.values.first! }
+        guard let pool = self.pools[name] else {
+            throw EvdError(
+                .noSuchDatabase, "no database named '\(name)' (evd serves: \(self.pools.keys.joined(separator: ", ")))",
+                extra: ["field": "database"])
+        }
+        return pool
+    }
+
+    /// The `stats` result.
+    func statistics() -> JSONValue {
+        let (published, subscriptions, head) = self.bus.statistics()
+        var events = JSONObject()
+        for name in published.keys.sorted() { events[name] = .integer(published[name]!) }
+        var pools = JSONObject()
+        for (name, pool) in self.pools { pools[name] = pool.statistics() }
+        let delivery = self.bus.deliveryStats
+        let sessions = self.sessions.counts()
+        return [
+            "seq": .int(head),
+            "events": .object(events),
+            "deliveries": .integer(delivery.delivered.load(ordering: .relaxed)),
+            "drops": .integer(delivery.dropped.load(ordering: .relaxed)),
+            "lagged_disconnects": .integer(delivery.laggedDisconnects.load(ordering: .relaxed)),
+            "subscriptions": .integer(subscriptions),
+            "sessions": ["current": .integer(sessions.current), "total": .integer(sessions.total)],
+            "requests": .integer(self.requests.load(ordering: .relaxed)),
+            "vetoes": ["asked": 0, "allowed": 0, "denied": 0, "modified": 0, "timed_out": 0, "dry_run_denied": 0],
+            "pools": .object(pools),
+        ]
+    }
+}
+
+/// The live sessions, for shutdown and `stats`.
+final class SessionRegistry: Sendable {
+    private struct State {
+        var sessions: [UInt64: Session] = [:]
+        var nextID: UInt64 = 1
+        var total = 0
+    }
+
+    private let state = Mutex(State())
+
+    /// Reserves a session number, or `nil` when `limit` sessions are already live.
+    func admit(limit: Int) -> UInt64? {
+        self.state.withLock { state in
+            guard state.sessions.count < limit else { return nil }
+            defer { state.nextID += 1 }
+            state.total += 1
+            return state.nextID
+        }
+    }
+
+    /// A number for a connection that is refused (it still gets one, for the logs).
+    func nextRefusedID() -> UInt64 {
+        self.state.withLock { state in
+            defer { state.nextID += 1 }
+            return state.nextID
+        }
+    }
+
+    func add(_ session: Session) {
+        self.state.withLock { $0.sessions[session.id] = session }
+    }
+
+    func remove(_ id: UInt64) {
+        _ = self.state.withLock { $0.sessions.removeValue(forKey: id) }
+    }
+
+    var all: [Session] { self.state.withLock { Array($0.sessions.values) } }
+
+    func counts() -> (current: Int, total: Int) {
+        self.state.withLock { ($0.sessions.count, $0.total) }
+    }
+}

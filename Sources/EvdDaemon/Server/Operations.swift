@@ -1,0 +1,280 @@
+import EvdClient
+import OrderedCollections
+
+/// The ops of PROTOCOL.md §3: argument validation, permissions, then the work.
+extension Session {
+    /// Ops the contract defines that later versions of evd implement; they answer `unknown_op`
+    /// with a message saying so, rather than pretending.
+    static let notYetImplemented: Set<String> = [
+        "create_table", "insert", "upsert", "update", "delete", "drop_table", "describe",
+        "begin_twophase", "prepare_twophase", "commit_twophase", "rollback_twophase", "recover",
+        "login", "create_token",
+    ]
+
+    func dispatch(_ request: JSONObject, _ state: inout SessionState) async throws -> Outcome {
+        guard let opValue = request["op"], !opValue.isNull else {
+            throw EvdError.badRequest(field: "op", "missing required argument 'op'")
+        }
+        guard case .string(let op) = opValue else { throw Arguments.wrongType("op", "a string", opValue) }
+        var args = Arguments(request)
+        switch op {
+        case "ping":
+            try args.finish()
+            return .result([:])
+        case "events":
+            try args.finish()
+            return .result(self.catalog())
+        case "stats":
+            try args.finish()
+            try self.require(.admin)
+            return .result(self.core.statistics())
+        case "subscribe":
+            return try self.subscribe(&args, id: request["id"] ?? .null)
+        case "unsubscribe":
+            let subscription = try args.requiredInt("subscription")
+            try args.finish()
+            try self.require(.subscribe)
+            guard self.core.bus.unsubscribe(id: Int(subscription), session: self.id) else {
+                throw EvdError.badRequest(field: "subscription", "this session has no subscription \(subscription)")
+            }
+            self.hasSubscriptions.subtract(1, ordering: .relaxed)
+            return .result([:])
+        case "execute":
+            let sql = try args.requiredString("sql")
+            let parameters = try SQLParameters(args.value("params"))
+            let database = try args.string("database")
+            try args.finish()
+            try self.require(.executeSQL)
+            let text = SQLText(sql)
+            let result = try await self.withSQL(database: database, request: request, &state) { run in
+                try run.execute(sql: text, parameters: parameters)
+            }
+            return .result(result.jsonValue)
+        case "executemany":
+            let sql = try args.requiredString("sql")
+            guard let sets = try args.array("params") else {
+                throw EvdError.badRequest(field: "params", "missing required argument 'params'")
+            }
+            var parameterSets: [SQLParameters] = []
+            for (index, set) in sets.enumerated() {
+                guard set.arrayValue != nil || set.objectValue != nil else {
+                    throw EvdError.badRequest(field: "params[\(index)]", "each parameter set must be an array or an object")
+                }
+                parameterSets.append(try SQLParameters(set, field: "params[\(index)]"))
+            }
+            let database = try args.string("database")
+            try args.finish()
+            try self.require(.executeSQL)
+            let text = SQLText(sql)
+            let parameterSetsCopy = parameterSets
+            let changes = try await self.withSQL(database: database, request: request, &state) { run in
+                try run.executemany(sql: text, parameterSets: parameterSetsCopy)
+            }
+            return .result(["changes": .int(changes)])
+        case "begin":
+            let database = try args.string("database")
+            try args.finish()
+            try self.require(.executeSQL)
+            try await self.begin(database: database, &state)
+            return .result([:])
+        case "commit", "rollback":
+            let database = try args.string("database")
+            try args.finish()
+            try self.require(.executeSQL)
+            try await self.end(commit: op == "commit", database: database, &state)
+            return .result([:])
+        case "savepoint", "release_savepoint", "rollback_savepoint":
+            let name = try args.requiredString("name")
+            try args.finish()
+            try self.require(.executeSQL)
+            try await self.savepoint(op, name: name, &state)
+            return .result([:])
+        case "execution_options":
+            return .result(try self.executionOptions(&args, &state))
+        case "emit":
+            return .result(try self.emit(&args))
+        case "logout":
+            try args.finish()
+            self.core.bus.emit(.logout, self.origin) { [:] }
+            return .result([:])
+        case "invalidate":
+            let database = try args.string("database")
+            let connection = try args.int("connection", in: 1...Int64(Int32.max))
+            let soft = try args.bool("soft") ?? false
+            try args.finish()
+            try self.require(.admin)
+            let pool = try self.core.pool(database)
+            let numbers = await pool.invalidate(number: connection.map(Int.init), soft: soft, origin: self.origin)
+            return .result(["invalidated": .array(numbers.map { .integer($0) })])
+        case "dispose":
+            let database = try args.string("database")
+            try args.finish()
+            try self.require(.admin)
+            try await self.core.pool(database).dispose(origin: self.origin)
+            return .result([:])
+        default:
+            if Self.notYetImplemented.contains(op) {
+                throw EvdError(.unknownOp, "'\(op)' is part of protocol 1 but this evd (\(evdVersion)) does not implement it yet")
+            }
+            throw EvdError(.unknownOp, "unknown op '\(op)'")
+        }
+    }
+
+    func require(_ action: Action) throws(EvdError) {
+        try self.core.permissions.require(self.actor, action)
+    }
+
+    // MARK: events, subscribe
+
+    private func catalog() -> JSONValue {
+        var events = EventKind.specs.map(\.jsonValue)
+        for name in self.core.bus.customNames {
+            events.append([
+                "name": .string(name), "family": "custom", "vetoable": false, "mutable": [], "properties": [:],
+                "description": "A custom event published with emit.",
+            ])
+        }
+        return ["events": .array(events)]
+    }
+
+    /// Checks event names for `events`/`veto`: known names, namespaced custom names and globs pass.
+    private func patterns(_ names: [String], field: String) throws(EvdError) -> [EventPattern] {
+        var patterns: [EventPattern] = []
+        for name in names {
+            let pattern = EventPattern(name)
+            if !pattern.isGlob && EventKind(name: name) == nil && !isNamespacedEventName(name) {
+                var extra: JSONObject = ["field": .string(field), "event": .string(name)]
+                var message = "unknown event '\(name)'"
+                if let suggestion = closestEventName(to: name) {
+                    extra["suggestion"] = .string(suggestion)
+                    message += "; did you mean '\(suggestion)'?"
+                }
+                throw EvdError(.unknownEvent, message, extra: extra)
+            }
+            patterns.append(pattern)
+        }
+        return patterns
+    }
+
+    private func subscribe(_ args: inout Arguments, id: JSONValue) throws -> Outcome {
+        let events = try args.strings("events") ?? []
+        let veto = try args.strings("veto") ?? []
+        let mode = try args.choice("mode", ["enforce", "dry_run"])
+        let since = try args.int("since", in: 0...Int64.max)
+        let rows = try args.bool("rows") ?? false
+        let name = try args.string("name")
+        _ = try args.int("timeout_ms", in: 1...60_000)
+        _ = try args.choice("on_timeout", ["allow", "deny"])
+        _ = try args.int("priority")
+        let overflow = try args.choice("on_overflow", ["disconnect", "drop"]).flatMap(OverflowPolicy.init) ?? .disconnect
+        var filter: [(String, [JSONValue])] = []
+        for (key, value) in try args.object("where") ?? [:] {
+            let accepted = value.arrayValue ?? [value]
+            guard accepted.allSatisfy(\.isScalar) else {
+                throw EvdError.badRequest(field: "where.\(key)", "a where value must be a scalar or a list of scalars")
+            }
+            filter.append((key, accepted))
+        }
+        try args.finish()
+        guard !events.isEmpty || !veto.isEmpty else {
+            throw EvdError.badRequest(field: "events", "subscribe needs 'events' or 'veto' (or both)")
+        }
+        let patterns = try self.patterns(events, field: "events")
+        let vetoPatterns = try self.patterns(veto, field: "veto")
+        for pattern in vetoPatterns where !EventKind.allCases.contains(where: { $0.spec.vetoable && pattern.matches($0.name) }) {
+            throw EvdError(
+                .notVetoable, "'\(pattern.text)' names no vetoable event", extra: ["field": "veto", "event": .string(pattern.text)])
+        }
+        try self.require(.subscribe)
+        if !vetoPatterns.isEmpty {
+            try self.require(.veto)
+            throw EvdError.badRequest(field: "veto", "veto listeners are not available in this evd (\(evdVersion)) yet")
+        }
+        _ = mode
+
+        // Registering and queueing the response happen under the bus's lock, so no event of the new
+        // subscription can reach the client before the response that names it.
+        let customNames = self.core.bus.customNames
+        _ = self.core.bus.subscribe(
+            session: self.id, name: name, patterns: patterns, filter: filter, overflow: overflow, wantsRows: rows,
+            outbox: self.outbox
+        ) { subscription, head in
+            var matched = EventKind.allCases.filter { subscription.kinds & (1 << UInt64($0.rawValue)) != 0 }.map(\.name)
+            var seen = Set(matched)
+            for custom in customNames where subscription.matches(customName: custom) && seen.insert(custom).inserted {
+                matched.append(custom)
+            }
+            for pattern in patterns where !pattern.isGlob && seen.insert(pattern.text).inserted { matched.append(pattern.text) }
+            let result: JSONValue = [
+                "subscription": .integer(subscription.id), "events": .array(matched.map(JSONValue.string)),
+                "veto": [], "seq": .int(head),
+            ]
+            self.outbox.enqueue(line: Self.responseLine(id: id, result: result))
+            // No journal is kept yet: everything at or before head that `since` asks for is gone.
+            if let since, since < head {
+                let gap: JSONValue = ["type": "notice", "code": "gap", "from": .int(since + 1), "to": .int(head)]
+                self.outbox.enqueue(line: gap.jsonBytes + [0x0a])
+            }
+        }
+        self.hasSubscriptions.add(1, ordering: .relaxed)
+        return .responded
+    }
+
+    // MARK: emit
+
+    private func emit(_ args: inout Arguments) throws -> JSONValue {
+        let name = try args.requiredString("event")
+        let data = try args.object("data") ?? [:]
+        try args.finish()
+        guard isNamespacedEventName(name) else {
+            if EventKind(name: name) != nil {
+                throw EvdError.badRequest(field: "event", "'\(name)' is a catalog event; emit publishes custom events, whose names have a namespace (myapp.deployed)")
+            }
+            throw EvdError(.unknownEvent, "unknown event '\(name)': a custom event's name has a namespace (myapp.deployed)", extra: ["field": "event", "event": .string(name)])
+        }
+        guard !name.contains("*") && !name.contains("?") else {
+            throw EvdError.badRequest(field: "event", "an event name cannot contain '*' or '?'")
+        }
+        for key in data.keys where Self.envelopeKeys.contains(key) {
+            throw EvdError.badRequest(field: "data.\(key)", "'\(key)' is an envelope key and cannot be an event property")
+        }
+        try self.require(.emit)
+        let seq = self.core.bus.emitCustom(name: name, origin: self.origin, properties: data)
+        return ["seq": .int(seq)]
+    }
+
+    static let envelopeKeys: Set<String> = ["type", "seq", "event", "time", "subscription", "session", "actor"]
+
+    // MARK: execution_options
+
+    private func executionOptions(_ args: inout Arguments, _ state: inout SessionState) throws -> JSONValue {
+        let options = try args.requiredObject("options")
+        let scope = try args.choice("scope", ["connection", "engine"]) ?? "connection"
+        try args.finish()
+        if let value = options["query_only"], value.boolValue == nil {
+            throw Arguments.wrongType("options.query_only", "a boolean", value)
+        }
+        if let value = options["busy_timeout_ms"] {
+            _ = try Arguments.integer(value, field: "options.busy_timeout_ms", in: 0...600_000)
+        }
+        if scope == "engine" {
+            try self.require(.admin)
+            self.core.engineOptions.withLock { engine in
+                for (key, value) in options { engine[key] = value }
+            }
+            self.core.bus.emit(.setEngineExecutionOptions, self.origin) { ["options": .object(options)] }
+        } else {
+            try self.require(.executeSQL)
+            for (key, value) in options { state.options[key] = value }
+            self.core.bus.emit(.setConnectionExecutionOptions, self.origin) { ["options": .object(options)] }
+        }
+        return ["options": .object(self.effectiveOptions(state))]
+    }
+
+    /// Engine options overlaid with the session's own.
+    func effectiveOptions(_ state: SessionState) -> JSONObject {
+        var options = self.core.engineOptions.withLock { $0 }
+        for (key, value) in state.options { options[key] = value }
+        return options
+    }
+}

@@ -1,0 +1,269 @@
+import OrderedCollections
+import EvdClient
+import Logging
+import NIOCore
+import Synchronization
+
+/// One client connection: its actor, its queued output, its subscriptions and its transaction.
+///
+/// Three loops serve it. The reader parses lines; a `reply` is handled the moment it arrives
+/// (a client that is its own veto listener must not deadlock), every other request is queued.
+/// The executor runs queued requests one after another, as a database session does. The writer
+/// drains the outbox, many messages per write.
+final class Session: Sendable {
+    let id: UInt64
+    let core: DaemonCore
+    let outbox: Outbox
+    let logger: Logger
+    private let identity: Mutex<(actor: Actor, origin: EventOrigin)>
+    /// Whether the executor is running a request (shutdown waits for these).
+    private let busy = Atomic<Bool>(false)
+    /// Whether the session has any subscription (it then outlives a half-closed input).
+    let hasSubscriptions = Atomic<Int>(0)
+
+    init(id: UInt64, actor: Actor, core: DaemonCore, logger: Logger) {
+        self.id = id
+        self.core = core
+        self.outbox = Outbox(limits: core.configuration.outboxLimits, stats: core.bus.deliveryStats)
+        self.identity = Mutex((actor, EventOrigin(session: id, actor: actor)))
+        var logger = logger
+        logger[metadataKey: "session"] = "\(id)"
+        logger[metadataKey: "peer.uid"] = "\(actor.uid)"
+        self.logger = logger
+    }
+
+    var actor: Actor { self.identity.withLock { $0.actor } }
+    var origin: EventOrigin { self.identity.withLock { $0.origin } }
+    var isBusy: Bool { self.busy.load(ordering: .relaxed) }
+
+    /// A line the reader hands to the executor.
+    enum Inbound: Sendable {
+        case request(JSONObject)
+        case failure(EvdError)
+    }
+
+    /// Serves the connection until the client leaves or the daemon stops.
+    func run(channel: NIOAsyncChannel<LineFrame, ByteBuffer>) async {
+        self.logger.debug("session started")
+        self.outbox.enqueue(line: self.helloLine())
+        self.core.bus.emit(.login, self.origin) { ["method": "peercred"] }
+        let queue = AsyncQueue<Inbound>(capacity: self.core.configuration.maxPipelinedRequests)
+        do {
+            try await channel.executeThenClose { inbound, outbound in
+                await withTaskGroup(of: Void.self) { group in
+                    group.addTask { await self.write(to: outbound, channel: channel.channel) }
+                    group.addTask {
+                        await self.execute(queue, channel: channel.channel)
+                    }
+                    await self.read(inbound, into: queue)
+                    queue.finish()
+                    await group.waitForAll()
+                }
+            }
+        } catch {
+            self.logger.debug("session ended with an error", metadata: ["error": "\(error)"])
+        }
+        self.core.bus.unsubscribeAll(session: self.id)
+        self.core.bus.emit(.logout, self.origin) { [:] }
+        self.logger.debug("session ended")
+    }
+
+    // MARK: The three loops
+
+    private func read(_ inbound: NIOAsyncChannelInboundStream<LineFrame>, into queue: AsyncQueue<Inbound>) async {
+        do {
+            for try await frame in inbound {
+                switch frame {
+                case .tooLong:
+                    let limit = self.core.configuration.maxLineBytes
+                    await queue.push(.failure(EvdError(.lineTooLong, "line longer than \(limit) bytes")))
+                case .line(let buffer):
+                    guard let item = Self.parse(buffer) else { continue }
+                    if case .request(let request) = item, request["op"] == "reply" {
+                        self.handleReply(request)
+                    } else {
+                        await queue.push(item)
+                    }
+                }
+            }
+        } catch {
+            self.logger.debug("read failed", metadata: ["error": "\(error)"])
+        }
+    }
+
+    /// Parses one line: `nil` for a blank line, else a request or a `bad_json` failure.
+    static func parse(_ buffer: ByteBuffer) -> Inbound? {
+        buffer.withUnsafeReadableBytes { bytes -> Inbound? in
+            if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0d }) { return nil }
+            do {
+                let value = try JSONValue(parsing: bytes)
+                guard case .object(let object) = value else {
+                    return .failure(EvdError(.badJSON, "a request must be a JSON object, not \(value.typeName)"))
+                }
+                return .request(object)
+            } catch {
+                return .failure(EvdError(.badJSON, "not valid JSON: \((error as? JSONParseError)?.message ?? "\(error)")"))
+            }
+        }
+    }
+
+    private func execute(_ queue: AsyncQueue<Inbound>, channel: any Channel) async {
+        var state = SessionState()
+        while let item = await queue.pop() {
+            self.core.requests.add(1, ordering: .relaxed)
+            switch item {
+            case .failure(let error):
+                self.respond(id: .null, .failure(error))
+            case .request(let request):
+                let id = request["id"] ?? .null
+                guard id.isScalar else {
+                    self.respond(id: .null, .failure(.badRequest(field: "id", "'id' must be a JSON scalar")))
+                    continue
+                }
+                if self.core.shuttingDown.load(ordering: .relaxed) {
+                    self.respond(id: id, .failure(EvdError(.shuttingDown, "evd is shutting down")))
+                    continue
+                }
+                self.busy.store(true, ordering: .relaxed)
+                let outcome: Outcome
+                do {
+                    outcome = try await self.dispatch(request, &state)
+                } catch {
+                    outcome = .failure(Self.wireError(error))
+                }
+                self.busy.store(false, ordering: .relaxed)
+                self.respond(id: id, outcome)
+            }
+        }
+        // The client's input ended: nothing more can commit, so an open transaction rolls back.
+        if let transaction = state.transaction {
+            state.transaction = nil
+            await transaction.pool.checkin(transaction.connection, origin: self.origin)
+            transaction.pool.noteCheckedOut(transaction.connection.number, false)
+        }
+        // A subscriber that half-closed its input (`printf ... | socat`) still gets its events
+        // until it closes the connection; anyone else is done.
+        if self.hasSubscriptions.load(ordering: .relaxed) > 0 && !self.outbox.isClosing {
+            try? await channel.closeFuture.get()
+        }
+        self.outbox.close()
+    }
+
+    private func write(to outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>, channel: any Channel) async {
+        let allocator = channel.allocator
+        while let batch = await self.outbox.nextBatch() {
+            var buffer = allocator.buffer(capacity: batch.chunks.reduce(0) { $0 + $1.byteCount })
+            for chunk in batch.chunks { chunk.write(into: &buffer) }
+            do {
+                try await outbound.write(buffer)
+            } catch {
+                break  // the peer is gone
+            }
+            if batch.closeAfter { break }
+        }
+        self.outbox.close()
+        try? await channel.close()
+    }
+
+    // MARK: Output
+
+    /// What a request produced.
+    enum Outcome {
+        case result(JSONValue)
+        case failure(EvdError)
+        /// The handler queued its response itself (`subscribe`, so no event can overtake it).
+        case responded
+    }
+
+    func respond(id: JSONValue, _ outcome: Outcome) {
+        switch outcome {
+        case .responded:
+            return
+        case .result(let result):
+            self.outbox.enqueue(line: Self.responseLine(id: id, result: result))
+        case .failure(let error):
+            self.outbox.enqueue(line: Self.responseLine(id: id, error: error))
+        }
+    }
+
+    static func responseLine(id: JSONValue, result: JSONValue) -> [UInt8] {
+        var bytes: [UInt8] = Array(#"{"type":"response","id":"#.utf8)
+        id.write(into: &bytes)
+        bytes += Array(#","ok":true,"result":"#.utf8)
+        result.write(into: &bytes)
+        bytes += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+        return bytes
+    }
+
+    static func responseLine(id: JSONValue, error: EvdError) -> [UInt8] {
+        var bytes: [UInt8] = Array(#"{"type":"response","id":"#.utf8)
+        id.write(into: &bytes)
+        bytes += Array(#","ok":false,"error":"#.utf8)
+        JSONValue.object(error.jsonObject).write(into: &bytes)
+        bytes += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+        return bytes
+    }
+
+    private func helloLine() -> [UInt8] {
+        let hello: JSONValue = [
+            "type": "hello", "server": "evd", "version": .string(evdVersion), "protocol": 1,
+            "session": .integer(self.id), "actor": self.actor.jsonValue,
+            "databases": .array(self.core.pools.keys.map(JSONValue.string)),
+            "seq": .int(self.core.bus.headSeq),
+        ]
+        return hello.jsonBytes + [0x0a]
+    }
+
+    /// Tells the client the daemon is stopping.
+    func noticeShutdown() {
+        self.outbox.enqueue(line: Array(#"{"type":"notice","code":"shutdown"}"#.utf8) + [0x0a])
+    }
+
+    /// Ends the session: what is queued is written, then the connection closes.
+    func close() {
+        self.outbox.close()
+    }
+
+    /// Any error as the wire's error.
+    static func wireError(_ error: any Error) -> EvdError {
+        switch error {
+        case let error as EvdError: return error
+        case let error as SQLiteError: return error.evdError
+        default: return EvdError(.shuttingDown, "the request could not run: \(error)")
+        }
+    }
+
+    // MARK: Veto replies
+
+    /// Handles a `reply` at once, even while a request runs. No veto is ever pending in this
+    /// version (veto subscriptions are refused), so every reply names an unknown seq.
+    private func handleReply(_ request: JSONObject) {
+        let id = request["id"] ?? .null
+        var arguments = Arguments(request)
+        do {
+            let seq = try arguments.requiredInt("seq")
+            _ = try arguments.required("action")
+            _ = arguments.value("reason")
+            _ = arguments.value("set")
+            try arguments.finish()
+            throw EvdError.badRequest(field: "seq", "no veto is pending with seq \(seq)")
+        } catch {
+            self.respond(id: id.isScalar ? id : .null, .failure(Self.wireError(error)))
+        }
+    }
+}
+
+/// What only the executor touches: the open transaction and the session's execution options.
+struct SessionState {
+    var transaction: Transaction?
+    var options: JSONObject = [:]
+}
+
+/// A transaction opened with `begin`: the connection is the session's until `commit`/`rollback`.
+struct Transaction: Sendable {
+    let pool: ConnectionPool
+    let connection: PooledConnection
+}
+
+/// The daemon's version, as `hello` reports it.
+public let evdVersion = "0.1.0"

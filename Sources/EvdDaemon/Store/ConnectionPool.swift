@@ -1,0 +1,392 @@
+import OrderedCollections
+import CSQLite
+import DequeModule
+import EvdClient
+import NIOCore
+import NIOPosix
+import Synchronization
+
+/// A database evd serves: `--db NAME=PATH`.
+public struct DatabaseConfig: Sendable, Equatable {
+    public var name: String
+    public var path: String
+
+    public init(name: String, path: String) {
+        self.name = name
+        self.path = path
+    }
+}
+
+/// A connection of the pool, with the per-session settings currently applied to it.
+///
+/// `@unchecked Sendable`: like its `SQLiteConnection`, it is used by one session (and so one thread)
+/// at a time; the pool hands it over under its lock.
+public final class PooledConnection: @unchecked Sendable {
+    /// The connection's number within its database's pool (the events' `connection`).
+    public let number: Int
+    public let sqlite: SQLiteConnection
+    let observer: AuthorizerObserver
+    var queryOnly = false
+    var busyTimeoutMs: Int32
+
+    init(number: Int, sqlite: SQLiteConnection, observer: AuthorizerObserver, busyTimeoutMs: Int32) {
+        self.number = number
+        self.sqlite = sqlite
+        self.observer = observer
+        self.busyTimeoutMs = busyTimeoutMs
+    }
+
+    /// Applies a session's `query_only` and `busy_timeout_ms`, touching SQLite only for what changed.
+    func apply(queryOnly: Bool, busyTimeoutMs: Int32) throws(SQLiteError) {
+        if queryOnly != self.queryOnly {
+            try self.sqlite.exec("PRAGMA query_only = \(queryOnly ? 1 : 0)")
+            self.queryOnly = queryOnly
+        }
+        if busyTimeoutMs != self.busyTimeoutMs {
+            self.sqlite.setBusyTimeout(milliseconds: busyTimeoutMs)
+            self.busyTimeoutMs = busyTimeoutMs
+        }
+    }
+}
+
+/// One database's pool of SQLite connections, and the pool events of PROTOCOL.md §6.1.
+///
+/// Connections are opened lazily up to `size`; a session that finds none free waits (in order)
+/// up to `checkoutTimeout`, then gets `timeout`. Every blocking SQLite call runs on the
+/// `NIOThreadPool`, never on an event loop.
+public final class ConnectionPool: Sendable {
+    public let database: DatabaseConfig
+    public let size: Int
+    let bus: EventBus
+    let threadPool: NIOThreadPool
+    let eventLoop: any EventLoop
+    let checkoutTimeout: TimeAmount
+    /// The pragmas every new connection gets (the `do_connect` event's `pragmas`).
+    let pragmas: JSONObject
+    let defaultBusyTimeoutMs: Int32
+
+    private enum WaitResult {
+        case connection(PooledConnection)
+        case retry
+        case failed(EvdError)
+    }
+
+    private struct Waiter {
+        let id: Int
+        let continuation: CheckedContinuation<WaitResult, Never>
+    }
+
+    private struct State {
+        var idle: [PooledConnection] = []
+        /// Connections open or being opened (idle + checked out + opening).
+        var open = 0
+        var inUse = 0
+        var waiters: Deque<Waiter> = []
+        var nextWaiter = 0
+        var nextNumber = 1
+        var firstConnectDone = false
+        /// Connection numbers to close at checkin, and the event that already announced it.
+        var closeOnCheckin: [Int: EventKind] = [:]
+        var waits = 0
+        var checkouts = 0
+        var disposed = false
+    }
+
+    private let state = Mutex(State())
+
+    init(
+        database: DatabaseConfig, size: Int, bus: EventBus, threadPool: NIOThreadPool, eventLoop: any EventLoop,
+        busyTimeoutMs: Int32 = 5000, checkoutTimeout: TimeAmount = .seconds(30)
+    ) {
+        self.database = database
+        self.size = size
+        self.bus = bus
+        self.threadPool = threadPool
+        self.eventLoop = eventLoop
+        self.checkoutTimeout = checkoutTimeout
+        self.defaultBusyTimeoutMs = busyTimeoutMs
+        self.pragmas = [
+            "journal_mode": "wal", "synchronous": "normal", "foreign_keys": "on",
+            "busy_timeout": .integer(busyTimeoutMs),
+        ]
+    }
+
+    /// Runs blocking SQLite work on the thread pool.
+    func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
+        try await self.threadPool.runIfActive(body)
+    }
+
+    private func poolProperties(_ number: Int) -> JSONObject {
+        ["database": .string(self.database.name), "connection": .integer(number)]
+    }
+
+    // MARK: Checkout and checkin
+
+    /// Takes a connection for a session: an idle one, a new one, or the next one freed.
+    public func checkout(origin: EventOrigin) async throws(EvdError) -> PooledConnection {
+        while true {
+            enum Step { case idle(PooledConnection), open(Int), wait }
+            let step: Step = self.state.withLock { state in
+                if let connection = state.idle.popLast() {
+                    state.inUse += 1
+                    state.checkouts += 1
+                    return .idle(connection)
+                }
+                if state.open < self.size {
+                    state.open += 1
+                    state.inUse += 1
+                    state.checkouts += 1
+                    defer { state.nextNumber += 1 }
+                    return .open(state.nextNumber)
+                }
+                state.waits += 1
+                return .wait
+            }
+            let connection: PooledConnection
+            switch step {
+            case .idle(let idle):
+                connection = idle
+            case .open(let number):
+                do {
+                    connection = try await self.run { try self.open(number: number, origin: origin) }
+                } catch {
+                    self.releaseSlot()
+                    if let error = error as? SQLiteError { throw error.evdError }
+                    if let error = error as? EvdError { throw error }
+                    throw EvdError(.shuttingDown, "the daemon is stopping")
+                }
+            case .wait:
+                switch await self.waitForConnection() {
+                case .connection(let handedOver): connection = handedOver
+                case .retry: continue
+                case .failed(let error): throw error
+                }
+            }
+            self.bus.emit(.checkout, origin) { self.poolProperties(connection.number) }
+            return connection
+        }
+    }
+
+    private func waitForConnection() async -> WaitResult {
+        let id = self.state.withLock { state in
+            state.nextWaiter += 1
+            return state.nextWaiter
+        }
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<WaitResult, Never>) in
+                self.state.withLock { $0.waiters.append(Waiter(id: id, continuation: continuation)) }
+                self.eventLoop.scheduleTask(in: self.checkoutTimeout) {
+                    let seconds = self.checkoutTimeout.nanoseconds / 1_000_000_000
+                    self.failWaiter(
+                        id: id, EvdError(.timeout, "no connection to \(self.database.name) was free within \(seconds)s"))
+                }
+            }
+        } onCancel: {
+            self.failWaiter(id: id, EvdError(.shuttingDown, "the request was cancelled"))
+        }
+    }
+
+    private func failWaiter(id: Int, _ error: EvdError) {
+        let waiter = self.state.withLock { state -> Waiter? in
+            guard let index = state.waiters.firstIndex(where: { $0.id == id }) else { return nil }
+            return state.waiters.remove(at: index)
+        }
+        waiter?.continuation.resume(returning: .failed(error))
+    }
+
+    /// Gives up a slot that never got a connection (opening failed).
+    private func releaseSlot() {
+        let waiter = self.state.withLock { state -> Waiter? in
+            state.open -= 1
+            state.inUse -= 1
+            return state.waiters.popFirst()
+        }
+        waiter?.continuation.resume(returning: .retry)
+    }
+
+    /// Returns a connection: reset (rolling back anything open), checkin, then idle, handed to a
+    /// waiter, or closed if it was invalidated, soft-invalidated or detached meanwhile.
+    public func checkin(_ connection: PooledConnection, origin: EventOrigin) async {
+        let rolledBack: Bool
+        do {
+            rolledBack = try await self.run {
+                let open = connection.sqlite.inTransaction
+                if open { try? connection.sqlite.exec("ROLLBACK") }
+                try? connection.apply(queryOnly: false, busyTimeoutMs: self.defaultBusyTimeoutMs)
+                return open
+            }
+        } catch {
+            rolledBack = false  // the thread pool is gone: we are stopping
+        }
+        self.bus.emit(.reset, origin) {
+            var properties = self.poolProperties(connection.number)
+            properties["rolled_back"] = .bool(rolledBack)
+            return properties
+        }
+        self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) }
+
+        enum Next { case idle, handOver(Waiter), close(EventKind, Waiter?) }
+        let next: Next = self.state.withLock { state in
+            state.inUse -= 1
+            if let reason = state.closeOnCheckin.removeValue(forKey: connection.number) {
+                state.open -= 1
+                return .close(reason, state.waiters.popFirst())
+            }
+            if let waiter = state.waiters.popFirst() {
+                state.inUse += 1
+                state.checkouts += 1
+                return .handOver(waiter)
+            }
+            state.idle.append(connection)
+            return .idle
+        }
+        switch next {
+        case .idle:
+            break
+        case .handOver(let waiter):
+            waiter.continuation.resume(returning: .connection(connection))
+        case .close(let reason, let waiter):
+            await self.close(connection, detached: reason == .detach, origin: origin)
+            waiter?.continuation.resume(returning: .retry)
+        }
+    }
+
+    // MARK: Opening and closing
+
+    /// Opens connection `number`: `do_connect`, open, pragmas, `first_connect`, `connect`. Runs on the thread pool.
+    private func open(number: Int, origin: EventOrigin) throws -> PooledConnection {
+        let pragmas = self.pragmas
+        self.bus.emit(.doConnect, origin) {
+            [
+                "database": .string(self.database.name), "path": .string(self.database.path),
+                "flags": ["SQLITE_OPEN_READWRITE", "SQLITE_OPEN_CREATE", "SQLITE_OPEN_URI"],
+                "pragmas": .object(pragmas),
+            ]
+        }
+        let sqlite = try SQLiteConnection(
+            path: self.database.path, flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI)
+        for (name, value) in pragmas {
+            let text: String
+            switch value {
+            case .int(let n): text = String(n)
+            case .string(let s): text = s
+            default: continue
+            }
+            try sqlite.exec("PRAGMA \(name) = \(text)")
+        }
+        let observer = AuthorizerObserver()
+        sqlite.setAuthorizer(observer)
+        let first = self.state.withLock { state in
+            defer { state.firstConnectDone = true }
+            return !state.firstConnectDone
+        }
+        if first { self.bus.emit(.firstConnect, origin) { self.poolProperties(number) } }
+        self.bus.emit(.connect, origin) { self.poolProperties(number) }
+        return PooledConnection(
+            number: number, sqlite: sqlite, observer: observer, busyTimeoutMs: self.defaultBusyTimeoutMs)
+    }
+
+    /// Closes a connection that left the pool, with `close` or `close_detached`.
+    private func close(_ connection: PooledConnection, detached: Bool, origin: EventOrigin) async {
+        // Dropping the last reference closes the SQLite handle; do it on the thread pool, since a
+        // close may checkpoint the WAL.
+        _ = try? await self.run { withExtendedLifetime(connection) {} }
+        self.bus.emit(detached ? .closeDetached : .close, origin) { self.poolProperties(connection.number) }
+    }
+
+    // MARK: Invalidation and disposal
+
+    /// Invalidates a checked-out connection after an error that means it can no longer be trusted:
+    /// `invalidate` now, closed when its session checks it in.
+    func invalidate(_ connection: PooledConnection, error: SQLiteError, origin: EventOrigin) {
+        self.state.withLock { $0.closeOnCheckin[connection.number] = .invalidate }
+        self.bus.emit(.invalidate, origin) {
+            var properties = self.poolProperties(connection.number)
+            properties["error"] = ["code": "sql_error", "message": .string(error.message), "sqlite_code": .string(error.codeName)]
+            return properties
+        }
+    }
+
+    /// The admin op `invalidate`: connection `number` (or all), closed now if idle, else at checkin.
+    /// `soft` fires `soft_invalidate` instead of `invalidate`. Returns the numbers affected.
+    func invalidate(number: Int?, soft: Bool, origin: EventOrigin) async -> [Int] {
+        let kind: EventKind = soft ? .softInvalidate : .invalidate
+        let (idle, busy) = self.state.withLock { state -> ([PooledConnection], [Int]) in
+            let idle = state.idle.filter { number == nil || $0.number == number }
+            state.idle.removeAll { number == nil || $0.number == number }
+            state.open -= idle.count
+            return (idle, [])
+        }
+        // Checked-out connections: everything numbered below nextNumber and not idle is in use or gone.
+        let inUse = self.markInUse(number: number, as: kind)
+        let error: JSONValue = ["code": "invalidated", "message": .string(soft ? "soft-invalidated by an admin" : "invalidated by an admin"), "sqlite_code": .null]
+        for connection in idle {
+            self.bus.emit(kind, origin) {
+                var properties = self.poolProperties(connection.number)
+                properties["error"] = error
+                return properties
+            }
+            await self.close(connection, detached: false, origin: origin)
+        }
+        for n in inUse {
+            self.bus.emit(kind, origin) {
+                var properties = self.poolProperties(n)
+                properties["error"] = error
+                return properties
+            }
+        }
+        self.wakeWaitersForFreedSlots(idle.count)
+        return idle.map(\.number) + inUse + busy
+    }
+
+    private let checkedOut = Mutex<Set<Int>>([])
+
+    /// Records which connection numbers are checked out, for invalidate and dispose.
+    func noteCheckedOut(_ number: Int, _ out: Bool) {
+        self.checkedOut.withLock { set in
+            if out { set.insert(number) } else { set.remove(number) }
+        }
+    }
+
+    private func markInUse(number: Int?, as kind: EventKind) -> [Int] {
+        let numbers = self.checkedOut.withLock { set in set.filter { number == nil || $0 == number }.sorted() }
+        self.state.withLock { state in
+            for n in numbers where state.closeOnCheckin[n] == nil { state.closeOnCheckin[n] = kind }
+        }
+        return numbers
+    }
+
+    private func wakeWaitersForFreedSlots(_ count: Int) {
+        guard count > 0 else { return }
+        let waiters = self.state.withLock { state in (0..<min(count, state.waiters.count)).map { _ in state.waiters.removeFirst() } }
+        for waiter in waiters { waiter.continuation.resume(returning: .retry) }
+    }
+
+    /// The admin op `dispose` and shutdown: `engine_disposed`, idle connections closed, checked-out
+    /// ones detached (closed with `close_detached` when their session gives them back).
+    func dispose(origin: EventOrigin) async {
+        self.bus.emit(.engineDisposed, origin) { ["database": .string(self.database.name)] }
+        let idle = self.state.withLock { state -> [PooledConnection] in
+            let idle = state.idle
+            state.idle = []
+            state.open -= idle.count
+            return idle
+        }
+        for connection in idle { await self.close(connection, detached: false, origin: origin) }
+        for n in self.markInUse(number: nil, as: .detach) {
+            self.bus.emit(.detach, origin) { self.poolProperties(n) }
+        }
+        self.wakeWaitersForFreedSlots(idle.count)
+    }
+
+    /// Pool figures for `stats`.
+    func statistics() -> JSONValue {
+        self.state.withLock { state in
+            [
+                "size": .integer(self.size), "open": .integer(state.open), "in_use": .integer(state.inUse),
+                "idle": .integer(state.idle.count), "waiting": .integer(state.waiters.count),
+                "waits": .integer(state.waits), "checkouts": .integer(state.checkouts),
+            ]
+        }
+    }
+}

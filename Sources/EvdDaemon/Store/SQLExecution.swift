@@ -1,0 +1,355 @@
+import OrderedCollections
+import CSQLite
+import EvdClient
+
+/// The parameters of a request: none, positional (`[1, "x"]`) or named (`{"n": 5}` for `:n`, `@n`, `$n`).
+enum SQLParameters: Sendable {
+    case none
+    case positional([JSONValue])
+    case named(JSONObject)
+
+    /// Validates a request's `params` value: an array or object of scalars and `{"$base64": ...}` blobs.
+    init(_ value: JSONValue?, field: String = "params") throws(EvdError) {
+        switch value {
+        case nil, .null?:
+            self = .none
+        case .array(let values)?:
+            for (index, value) in values.enumerated() { try Self.check(value, field: "\(field)[\(index)]") }
+            self = .positional(values)
+        case .object(let object)?:
+            for (key, value) in object { try Self.check(value, field: "\(field).\(key)") }
+            self = .named(object)
+        case let other?:
+            throw Arguments.wrongType(field, "an array or an object", other)
+        }
+    }
+
+    /// A parameter value is a scalar or a blob `{"$base64": "..."}`; `true`/`false` bind as 1/0.
+    private static func check(_ value: JSONValue, field: String) throws(EvdError) {
+        switch value {
+        case .null, .bool, .int, .double, .string:
+            return
+        case .object(let object) where object.count == 1:
+            guard let text = object["$base64"]?.stringValue, Base64.decode(text) != nil else { fallthrough }
+        default:
+            throw .badRequest(field: field, "a parameter must be a scalar or {\"$base64\": \"...\"}, not \(value.typeName)")
+        }
+    }
+
+    var isEmpty: Bool {
+        switch self {
+        case .none: return true
+        case .positional(let values): return values.isEmpty
+        case .named(let object): return object.isEmpty
+        }
+    }
+
+    /// Binds this statement's parameters, taking positional ones from `cursor` on; returns what was
+    /// bound, as the events' `parameters`.
+    func bind(_ statement: SQLiteStatement, cursor: inout Int) throws(EvdError) -> JSONValue {
+        let count = statement.parameterCount
+        switch self {
+        case .none:
+            if count > 0 { throw .badRequest(field: "params", "the SQL takes \(count) parameter(s) but none were given") }
+            return .array([])
+        case .positional(let values):
+            guard cursor + count <= values.count else {
+                throw .badRequest(
+                    field: "params", "the SQL takes at least \(cursor + count) parameter(s), \(values.count) given")
+            }
+            let slice = Array(values[cursor..<(cursor + count)])
+            for (offset, value) in slice.enumerated() { try Self.bind(value, statement, offset + 1) }
+            cursor += count
+            return .array(slice)
+        case .named(let object):
+            var bound = JSONObject()
+            for index in stride(from: 1, through: count, by: 1) {
+                guard let name = statement.parameterName(index) else {
+                    throw .badRequest(field: "params", "the SQL uses positional parameters (?) but params is an object")
+                }
+                let key = String(name.dropFirst())
+                guard let value = object[key] else {
+                    throw .badRequest(field: "params", "missing parameter '\(name)'")
+                }
+                try Self.bind(value, statement, index)
+                bound[key] = value
+            }
+            return .object(bound)
+        }
+    }
+
+    private static func bind(_ value: JSONValue, _ statement: SQLiteStatement, _ index: Int) throws(EvdError) {
+        do {
+            try statement.bind(value, at: index)
+        } catch {
+            throw error.evdError
+        }
+    }
+
+    /// How many positional parameters there are (for the "all consumed" check).
+    var positionalCount: Int? {
+        if case .positional(let values) = self { return values.count }
+        return nil
+    }
+}
+
+/// What `execute` returns.
+struct ExecuteResult: Sendable {
+    var columns: [String] = []
+    var rows: [[JSONValue]] = []
+    var changes: Int64 = 0
+    var lastInsertRowid: Int64 = 0
+
+    var jsonValue: JSONValue {
+        [
+            "columns": .array(self.columns.map(JSONValue.string)),
+            "rows": .array(self.rows.map(JSONValue.array)),
+            "changes": .int(self.changes), "last_insert_rowid": .int(self.lastInsertRowid),
+        ]
+    }
+}
+
+/// Runs a request's SQL on one checked-out connection, firing the connection and dialect events
+/// (PROTOCOL.md §6.2–6.3) in SQLAlchemy's order:
+/// `before_execute`, [`begin`], per statement `before_cursor_execute`, `do_execute*`,
+/// `after_cursor_execute` (or `dbapi_error`, `handle_error`), `after_execute`, [`commit` | `rollback`].
+///
+/// Everything here blocks and runs on the thread pool, one request's SQL in one hop.
+struct SQLRun {
+    let bus: EventBus
+    let pool: ConnectionPool
+    let connection: PooledConnection
+    let origin: EventOrigin
+    /// The client's request, for `before_execute`/`after_execute`.
+    let request: JSONObject
+    let executionOptions: JSONObject
+    /// Whether this request is its own transaction (no `begin` op is open).
+    let implicitTransaction: Bool
+
+    private var database: String { self.pool.database.name }
+    private var sqlite: SQLiteConnection { self.connection.sqlite }
+
+    private func base() -> JSONObject {
+        ["database": .string(self.database), "connection": .integer(self.connection.number)]
+    }
+
+    private func requestProperties() -> JSONObject {
+        var properties: JSONObject = ["database": .string(self.database), "request": .object(self.request)]
+        if !self.executionOptions.isEmpty { properties["execution_options"] = .object(self.executionOptions) }
+        return properties
+    }
+
+    /// `execute`: every statement of `sql`, with the rows of the last one that returns columns.
+    func execute(sql: SQLText, parameters: SQLParameters) throws(EvdError) -> ExecuteResult {
+        try self.inRequest { () throws(EvdError) -> (ExecuteResult, Int64) in
+            var result = ExecuteResult()
+            var offset = 0
+            var cursor = 0
+            var begun = !self.implicitTransaction
+            while !sql.isBlank(from: offset) {
+                guard let statement = try self.prepare(sql, from: offset) else { break }
+                offset = statement.tailOffset
+                if !begun {
+                    try self.begin(immediate: !statement.isReadOnly)
+                    begun = true
+                }
+                let bound = try parameters.bind(statement, cursor: &cursor)
+                if sql.isBlank(from: offset), let total = parameters.positionalCount, cursor != total {
+                    throw EvdError.badRequest(field: "params", "\(total) parameter(s) given, the SQL takes \(cursor)")
+                }
+                var rows: [[JSONValue]] = []
+                let changed = try self.run(statement, parameters: bound, executemany: false) {
+                    rows.append(statement.row())
+                }
+                result.changes += changed
+                if statement.columnCount > 0 {
+                    result.columns = statement.columnNames
+                    result.rows = rows
+                }
+            }
+            if !begun { try self.begin(immediate: false) }  // empty SQL: still one (empty) transaction
+            result.lastInsertRowid = self.sqlite.lastInsertRowid
+            return (result, result.changes)
+        }
+    }
+
+    /// `executemany`: one statement, stepped once per parameter set.
+    func executemany(sql: SQLText, parameterSets: [SQLParameters]) throws(EvdError) -> Int64 {
+        try self.inRequest { () throws(EvdError) -> (Int64, Int64) in
+            guard let statement = try self.prepare(sql, from: 0) else {
+                throw EvdError.badRequest(field: "sql", "the SQL has no statement")
+            }
+            guard sql.isBlank(from: statement.tailOffset) else {
+                throw EvdError.badRequest(field: "sql", "executemany takes exactly one statement")
+            }
+            if self.implicitTransaction { try self.begin(immediate: !statement.isReadOnly) }
+            let all: JSONValue = .array(
+                parameterSets.map {
+                    switch $0 {
+                    case .none: return .array([])
+                    case .positional(let values): return .array(values)
+                    case .named(let object): return .object(object)
+                    }
+                })
+            let changed = try self.run(statement, parameters: all, executemany: true, parameterSets: parameterSets)
+            return (changed, changed)
+        }
+    }
+
+    /// Wraps a request: `before_execute`, the body, `after_execute`, and the implicit transaction's end.
+    private func inRequest<T>(_ body: () throws(EvdError) -> (T, Int64)) throws(EvdError) -> T {
+        self.bus.emit(.beforeExecute, self.origin) { self.requestProperties() }
+        let value: T
+        let changes: Int64
+        do {
+            (value, changes) = try body()
+        } catch {
+            if self.implicitTransaction && self.sqlite.inTransaction { self.rollback() }
+            throw error
+        }
+        self.bus.emit(.afterExecute, self.origin) {
+            var properties = self.requestProperties()
+            properties["changes"] = .int(changes)
+            return properties
+        }
+        if self.implicitTransaction {
+            self.bus.emit(.commit, self.origin) { self.transactionProperties() }
+            do {
+                try self.sqlite.exec("COMMIT")
+            } catch {
+                self.rollback()
+                throw self.failed(error, statement: "COMMIT", parameters: .array([]))
+            }
+        }
+        return value
+    }
+
+    private func transactionProperties() -> JSONObject {
+        var properties = self.base()
+        properties["implicit"] = .bool(self.implicitTransaction)
+        return properties
+    }
+
+    private func begin(immediate: Bool) throws(EvdError) {
+        do {
+            try self.sqlite.exec(immediate ? "BEGIN IMMEDIATE" : "BEGIN")
+        } catch {
+            throw self.failed(error, statement: immediate ? "BEGIN IMMEDIATE" : "BEGIN", parameters: .array([]))
+        }
+        self.bus.emit(.begin, self.origin) { self.transactionProperties() }
+    }
+
+    private func rollback() {
+        try? self.sqlite.exec("ROLLBACK")
+        self.bus.emit(.rollback, self.origin) { self.transactionProperties() }
+    }
+
+    /// Prepares the next statement, refusing transaction control (that is what the begin/commit/
+    /// rollback/savepoint ops are for: evd must know where transactions start and end).
+    private func prepare(_ sql: SQLText, from offset: Int) throws(EvdError) -> SQLiteStatement? {
+        self.connection.observer.sawTransactionControl = false
+        let statement: SQLiteStatement?
+        do {
+            statement = try self.sqlite.prepare(sql, from: offset)
+        } catch {
+            throw self.failed(error, statement: sql.text, parameters: .array([]))
+        }
+        if self.connection.observer.sawTransactionControl {
+            throw EvdError.badRequest(
+                field: "sql", "transaction control in SQL is not allowed: use the begin, commit, rollback and savepoint ops")
+        }
+        return statement
+    }
+
+    /// Steps one statement to completion (once per parameter set for executemany), firing the
+    /// cursor and dialect events; `onRow` sees each result row. Returns the rows it changed directly.
+    private func run(
+        _ statement: SQLiteStatement, parameters: JSONValue, executemany: Bool,
+        parameterSets: [SQLParameters] = [], onRow: () -> Void = {}
+    ) throws(EvdError) -> Int64 {
+        let sql = statement.sql
+        self.bus.emit(.beforeCursorExecute, self.origin) {
+            var properties = self.base()
+            properties["statement"] = .string(sql)
+            properties["parameters"] = parameters
+            properties["executemany"] = .bool(executemany)
+            return properties
+        }
+        let dialectEvent: EventKind =
+            executemany ? .doExecutemany : (statement.parameterCount == 0 ? .doExecuteNoParams : .doExecute)
+        self.bus.emit(dialectEvent, self.origin) {
+            var properties = self.base()
+            properties["statement"] = .string(sql)
+            properties["parameters"] = parameters
+            return properties
+        }
+        let start = ContinuousClock.now
+        var changed: Int64 = 0
+        do {
+            if executemany {
+                for (index, set) in parameterSets.enumerated() {
+                    var cursor = 0
+                    statement.reset()
+                    do {
+                        _ = try set.bind(statement, cursor: &cursor)
+                    } catch {
+                        var error = error
+                        error.extra["field"] = .string("params[\(index)]")
+                        throw error
+                    }
+                    if let total = set.positionalCount, total != cursor {
+                        throw EvdError.badRequest(
+                            field: "params[\(index)]", "\(total) parameter(s) given, the SQL takes \(cursor)")
+                    }
+                    changed += try self.step(statement) {}
+                }
+            } else {
+                changed = try self.step(statement, onRow)
+            }
+        } catch let error as SQLiteError {
+            throw self.failed(error, statement: sql, parameters: parameters)
+        } catch let error as EvdError {
+            throw error
+        } catch {
+            throw EvdError(.sqlError, "\(error)")
+        }
+        let elapsed = ContinuousClock.now - start
+        let readOnly = statement.isReadOnly
+        self.bus.emit(.afterCursorExecute, self.origin) {
+            var properties = self.base()
+            properties["statement"] = .string(sql)
+            properties["parameters"] = parameters
+            properties["executemany"] = .bool(executemany)
+            properties["rowcount"] = .int(readOnly && changed == 0 ? -1 : changed)
+            let (seconds, attoseconds) = elapsed.components
+            properties["duration_us"] = .int(seconds * 1_000_000 + attoseconds / 1_000_000_000_000)
+            return properties
+        }
+        return changed
+    }
+
+    /// Steps until done; returns the rows changed directly (not by triggers).
+    private func step(_ statement: SQLiteStatement, _ onRow: () -> Void) throws(SQLiteError) -> Int64 {
+        let before = self.sqlite.totalChanges
+        while try statement.step() { onRow() }
+        return self.sqlite.totalChanges != before ? self.sqlite.changes : 0
+    }
+
+    /// Turns a SQLite failure into the client's error: `dbapi_error`, `handle_error`, and the
+    /// connection invalidated when the error means it can no longer be trusted.
+    private func failed(_ error: SQLiteError, statement: String, parameters: JSONValue) -> EvdError {
+        let evdError = error.evdError
+        let errorObject: JSONValue = .object(evdError.jsonObject)
+        for kind in [EventKind.dbapiError, .handleError] {
+            self.bus.emit(kind, self.origin) {
+                var properties = self.base()
+                properties["statement"] = .string(statement)
+                properties["parameters"] = parameters
+                properties["error"] = errorObject
+                return properties
+            }
+        }
+        if error.invalidatesConnection { self.pool.invalidate(self.connection, error: error, origin: self.origin) }
+        return evdError
+    }
+}

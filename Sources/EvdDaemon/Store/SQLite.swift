@@ -1,0 +1,272 @@
+import OrderedCollections
+import CSQLite
+import EvdClient
+
+/// An error from SQLite: its extended result code, the code's name and SQLite's message.
+public struct SQLiteError: Error, Sendable, CustomStringConvertible {
+    /// The extended result code (`SQLITE_CONSTRAINT_UNIQUE` is 2067).
+    public let extendedCode: Int32
+    /// SQLite's message (`UNIQUE constraint failed: dogs.id`).
+    public let message: String
+    /// The statement that failed, when there was one.
+    public let sql: String?
+
+    /// The primary result code (`SQLITE_CONSTRAINT` is 19).
+    public var primaryCode: Int32 { self.extendedCode & 0xff }
+    /// The extended code's name, as `sqlite_code` reports it on the wire.
+    public var codeName: String {
+        sqliteResultCodeNames[self.extendedCode] ?? sqliteResultCodeNames[self.primaryCode] ?? "SQLITE_\(self.extendedCode)"
+    }
+
+    /// Whether the connection that raised this should be invalidated: it can no longer be trusted.
+    public var invalidatesConnection: Bool {
+        [SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_NOTADB, SQLITE_CANTOPEN, SQLITE_FULL].contains(self.primaryCode)
+    }
+
+    /// Whether this is a lock conflict another connection holds (the wire's `busy`).
+    public var isBusy: Bool { self.primaryCode == SQLITE_BUSY || self.primaryCode == SQLITE_LOCKED }
+
+    public init(code: Int32, message: String, sql: String? = nil) {
+        self.extendedCode = code
+        self.message = message
+        self.sql = sql
+    }
+
+    public var description: String { "\(self.codeName): \(self.message)" }
+
+    /// The error as the wire's error object `{code, message, sqlite_code}`.
+    public var evdError: EvdError {
+        EvdError(self.isBusy ? .busy : .sqlError, self.message, extra: ["sqlite_code": .string(self.codeName)])
+    }
+}
+
+/// One SQLite connection (`sqlite3*`).
+///
+/// `@unchecked Sendable`: SQLite is opened with `SQLITE_OPEN_NOMUTEX` (multi-thread mode), which is
+/// safe as long as one thread at a time uses the connection. The pool guarantees that: a connection
+/// is checked out to exactly one session, and a session runs one request at a time.
+public final class SQLiteConnection: @unchecked Sendable {
+    let handle: OpaquePointer
+    /// The path it was opened on.
+    public let path: String
+
+    /// Opens `path` with `flags` (`SQLITE_OPEN_*`).
+    public init(path: String, flags: Int32) throws(SQLiteError) {
+        var db: OpaquePointer?
+        let rc = sqlite3_open_v2(path, &db, flags | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE, nil)
+        guard rc == SQLITE_OK, let db else {
+            let message = db.map { String(cString: sqlite3_errmsg($0)) } ?? String(cString: sqlite3_errstr(rc))
+            if let db { sqlite3_close_v2(db) }
+            throw SQLiteError(code: rc, message: message)
+        }
+        sqlite3_extended_result_codes(db, 1)
+        self.handle = db
+        self.path = path
+    }
+
+    deinit {
+        sqlite3_close_v2(self.handle)
+    }
+
+    /// The current error as a `SQLiteError`.
+    func lastError(_ rc: Int32, sql: String? = nil) -> SQLiteError {
+        let extended = sqlite3_extended_errcode(self.handle)
+        return SQLiteError(
+            code: extended != 0 ? extended : rc, message: String(cString: sqlite3_errmsg(self.handle)), sql: sql)
+    }
+
+    /// Runs one or more statements that return no rows (pragmas, BEGIN, COMMIT).
+    public func exec(_ sql: String) throws(SQLiteError) {
+        let rc = sqlite3_exec(self.handle, sql, nil, nil, nil)
+        if rc != SQLITE_OK { throw self.lastError(rc, sql: sql) }
+    }
+
+    /// Whether a transaction is open on this connection.
+    public var inTransaction: Bool { sqlite3_get_autocommit(self.handle) == 0 }
+
+    /// Sets how long a statement waits for a lock another connection holds.
+    public func setBusyTimeout(milliseconds: Int32) {
+        sqlite3_busy_timeout(self.handle, milliseconds)
+    }
+
+    /// The total rows changed by INSERT, UPDATE and DELETE (triggers included) since opening.
+    public var totalChanges: Int64 { sqlite3_total_changes64(self.handle) }
+    /// The rows changed by the most recent INSERT, UPDATE or DELETE.
+    public var changes: Int64 { sqlite3_changes64(self.handle) }
+    /// The rowid of the most recent successful INSERT.
+    public var lastInsertRowid: Int64 { sqlite3_last_insert_rowid(self.handle) }
+
+    /// Prepares the first statement of `sql` starting at byte `offset`; returns `nil` when only
+    /// whitespace and comments remain.
+    public func prepare(_ sql: SQLText, from offset: Int) throws(SQLiteError) -> SQLiteStatement? {
+        var result: Result<SQLiteStatement?, SQLiteError> = .success(nil)
+        sql.utf8.withUnsafeBufferPointer { buffer in
+            let base = UnsafeRawPointer(buffer.baseAddress!).assumingMemoryBound(to: CChar.self)
+            var stmt: OpaquePointer?
+            var tail: UnsafePointer<CChar>?
+            let rc = sqlite3_prepare_v3(
+                self.handle, base + offset, Int32(buffer.count - 1 - offset), 0, &stmt, &tail)
+            if rc != SQLITE_OK {
+                result = .failure(self.lastError(rc, sql: sql.text))
+                return
+            }
+            let end = tail.map { $0 - base } ?? (buffer.count - 1)
+            guard let stmt else { return }  // nothing but whitespace or comments
+            result = .success(SQLiteStatement(handle: stmt, connection: self, tailOffset: end))
+        }
+        return try result.get()
+    }
+}
+
+/// SQL text kept as NUL-terminated UTF-8, so statements can be prepared one after another by offset.
+public struct SQLText: Sendable {
+    public let text: String
+    /// The UTF-8 bytes followed by a NUL.
+    let utf8: [UInt8]
+
+    public init(_ text: String) {
+        self.text = text
+        self.utf8 = Array(text.utf8) + [0]
+    }
+
+    /// Whether only whitespace remains from `offset`.
+    public func isBlank(from offset: Int) -> Bool {
+        self.utf8[offset..<(self.utf8.count - 1)].allSatisfy { $0 == 32 || ($0 >= 9 && $0 <= 13) }
+    }
+}
+
+/// A prepared statement. Finalized when released; used by one thread at a time, as its connection.
+public final class SQLiteStatement: @unchecked Sendable {
+    let handle: OpaquePointer
+    let connection: SQLiteConnection
+    /// Where in the SQL text the next statement starts.
+    public let tailOffset: Int
+
+    init(handle: OpaquePointer, connection: SQLiteConnection, tailOffset: Int) {
+        self.handle = handle
+        self.connection = connection
+        self.tailOffset = tailOffset
+    }
+
+    deinit {
+        sqlite3_finalize(self.handle)
+    }
+
+    /// The statement's SQL text.
+    public var sql: String { String(cString: sqlite3_sql(self.handle)) }
+    /// Whether the statement makes no direct change to the database.
+    public var isReadOnly: Bool { sqlite3_stmt_readonly(self.handle) != 0 }
+    /// The number of result columns (0 for statements that return no rows).
+    public var columnCount: Int { Int(sqlite3_column_count(self.handle)) }
+    /// The result column names.
+    public var columnNames: [String] {
+        (0..<Int32(self.columnCount)).map { String(cString: sqlite3_column_name(self.handle, $0)) }
+    }
+    /// The number of parameters the statement takes (the largest index).
+    public var parameterCount: Int { Int(sqlite3_bind_parameter_count(self.handle)) }
+
+    /// The name of parameter `index` (1-based) with its prefix (`:n`), or `nil` for `?`.
+    public func parameterName(_ index: Int) -> String? {
+        sqlite3_bind_parameter_name(self.handle, Int32(index)).map { String(cString: $0) }
+    }
+
+    /// Clears bindings and rewinds, ready for another set of parameters.
+    public func reset() {
+        sqlite3_reset(self.handle)
+        sqlite3_clear_bindings(self.handle)
+    }
+
+    /// Binds a JSON value to parameter `index` (1-based).
+    public func bind(_ value: JSONValue, at index: Int) throws(SQLiteError) {
+        let i = Int32(index)
+        let rc: Int32
+        switch value {
+        case .null: rc = sqlite3_bind_null(self.handle, i)
+        case .bool(let b): rc = sqlite3_bind_int64(self.handle, i, b ? 1 : 0)
+        case .int(let n): rc = sqlite3_bind_int64(self.handle, i, n)
+        case .double(let d): rc = sqlite3_bind_double(self.handle, i, d)
+        case .string(let s):
+            rc = sqlite3_bind_text64(self.handle, i, s, UInt64(s.utf8.count), evd_sqlite_transient(), UInt8(SQLITE_UTF8))
+        case .object(let o):
+            // The only object a parameter may be: a blob {"$base64": "..."}; callers validated it.
+            let bytes = o["$base64"]?.stringValue.flatMap(Base64.decode) ?? []
+            if bytes.isEmpty {
+                rc = sqlite3_bind_zeroblob64(self.handle, i, 0)  // an empty blob, not NULL
+            } else {
+                rc = bytes.withUnsafeBytes { raw in
+                    sqlite3_bind_blob64(self.handle, i, raw.baseAddress, UInt64(raw.count), evd_sqlite_transient())
+                }
+            }
+        case .array:
+            rc = SQLITE_MISMATCH
+        }
+        if rc != SQLITE_OK { throw self.connection.lastError(rc, sql: self.sql) }
+    }
+
+    /// Advances to the next row: `true` for a row, `false` when done.
+    public func step() throws(SQLiteError) -> Bool {
+        let rc = sqlite3_step(self.handle)
+        switch rc {
+        case SQLITE_ROW: return true
+        case SQLITE_DONE: return false
+        default: throw self.connection.lastError(rc, sql: self.sql)
+        }
+    }
+
+    /// Column `index` of the current row as a JSON value (blobs as `{"$base64": ...}`).
+    public func column(_ index: Int) -> JSONValue {
+        let i = Int32(index)
+        switch sqlite3_column_type(self.handle, i) {
+        case SQLITE_INTEGER:
+            return .int(sqlite3_column_int64(self.handle, i))
+        case SQLITE_FLOAT:
+            return .double(sqlite3_column_double(self.handle, i))
+        case SQLITE_TEXT:
+            let count = Int(sqlite3_column_bytes(self.handle, i))
+            guard let text = sqlite3_column_text(self.handle, i) else { return .string("") }
+            return .string(String(decoding: UnsafeBufferPointer(start: text, count: count), as: UTF8.self))
+        case SQLITE_BLOB:
+            let count = Int(sqlite3_column_bytes(self.handle, i))
+            guard let blob = sqlite3_column_blob(self.handle, i) else { return ["$base64": ""] }
+            let bytes = UnsafeRawBufferPointer(start: blob, count: count)
+            return ["$base64": .string(Base64.encode(bytes))]
+        default:
+            return .null
+        }
+    }
+
+    /// The current row as an array of JSON values.
+    public func row() -> [JSONValue] {
+        (0..<self.columnCount).map(self.column)
+    }
+}
+
+/// Registers the authorizer observer a connection uses to learn what a statement does while it is prepared.
+extension SQLiteConnection {
+    /// Installs `observer` as this connection's authorizer; it sees every action of every prepare.
+    public func setAuthorizer(_ observer: AuthorizerObserver) {
+        let context = Unmanaged.passUnretained(observer).toOpaque()
+        sqlite3_set_authorizer(
+            self.handle,
+            { context, action, _, _, _, _ in
+                let observer = Unmanaged<AuthorizerObserver>.fromOpaque(context!).takeUnretainedValue()
+                observer.observe(action)
+                return SQLITE_OK
+            },
+            context)
+    }
+}
+
+/// Records what the statements being prepared do, as SQLite's authorizer reports them.
+///
+/// `@unchecked Sendable`: it belongs to one connection and is only touched by the thread using it.
+public final class AuthorizerObserver: @unchecked Sendable {
+    /// Whether a transaction-control statement (BEGIN, COMMIT, SAVEPOINT, ...) was prepared.
+    public var sawTransactionControl = false
+
+    public init() {}
+
+    func observe(_ action: Int32) {
+        if action == SQLITE_TRANSACTION || action == SQLITE_SAVEPOINT { self.sawTransactionControl = true }
+    }
+}
