@@ -1,0 +1,197 @@
+import EvdClient
+import Foundation
+import Logging
+import OrderedCollections
+import ServiceLifecycle
+import Testing
+
+@testable import EvdDaemon
+
+/// A daemon running for one test: its socket, its directory, its configuration.
+struct RunningDaemon: Sendable {
+    let socketPath: String
+    let directory: String
+    let configuration: EvdConfiguration
+
+    /// The default database's file.
+    var databasePath: String { self.configuration.databases[0].path }
+
+    /// Opens a client connection for `body`.
+    func withClient<T: Sendable>(_ body: (EvdConnection) async throws -> T) async throws -> T {
+        try await EvdConnection.withConnection(socketPath: self.socketPath, body)
+    }
+
+    /// Sends one request on a fresh connection and returns its result.
+    @discardableResult
+    func request(_ op: String, _ arguments: JSONObject = [:]) async throws -> JSONObject {
+        try await self.withClient { try await $0.request(op, arguments) }
+    }
+}
+
+/// A fresh temporary directory, removed after `body`.
+func withTemporaryDirectory<T>(_ body: (String) async throws -> T) async throws -> T {
+    var template = Array("/tmp/evd-test-XXXXXX".utf8CString)
+    let path = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
+    defer { try? FileManager.default.removeItem(atPath: path) }
+    return try await body(path)
+}
+
+/// Runs a real evd (in-process, on a real Unix socket in a temporary directory, with a real
+/// SQLite file) for the duration of `body`, then shuts it down gracefully.
+func withRunningDaemon<T: Sendable>(
+    configure: (inout EvdConfiguration) -> Void = { _ in },
+    _ body: @Sendable (RunningDaemon) async throws -> T
+) async throws -> T {
+    try await withTemporaryDirectory { directory in
+        var configuration = EvdConfiguration(
+            socketPath: directory + "/evd.sock",
+            databases: [DatabaseConfig(name: "main", path: directory + "/main.db")],
+            stateDirectory: directory + "/state")
+        configuration.poolSize = 4
+        configure(&configuration)
+        let daemon = Daemon(configuration: configuration, logger: Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() }))
+        let group = ServiceGroup(services: [daemon], logger: Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() }))
+        let running = RunningDaemon(socketPath: configuration.socketPath, directory: directory, configuration: configuration)
+        return try await withThrowingTaskGroup(of: T?.self) { tasks in
+            tasks.addTask {
+                try await group.run()
+                return nil
+            }
+            try await daemon.waitUntilReady()
+            let result: T
+            do {
+                result = try await body(running)
+            } catch {
+                await group.triggerGracefulShutdown()
+                try? await tasks.waitForAll()
+                throw error
+            }
+            await group.triggerGracefulShutdown()
+            try await tasks.waitForAll()
+            return result
+        }
+    }
+}
+
+extension EvdConnection {
+    /// Sends a request expected to fail and returns its error.
+    func expectError(_ op: String, _ arguments: JSONObject = [:]) async throws -> EvdError {
+        do {
+            let result = try await self.request(op, arguments)
+            Issue.record("expected \(op) to fail, got \(result)")
+            return EvdError(.badRequest, "no error")
+        } catch let error as EvdError {
+            return error
+        }
+    }
+
+    /// The next message of `type` (skipping others), or nil if none arrives within `seconds`.
+    func nextMessage(ofType type: String, within seconds: Double = 10) async -> JSONObject? {
+        await withTaskGroup(of: JSONObject?.self) { group in
+            group.addTask {
+                while let message = await self.nextMessage() {
+                    if message["type"]?.stringValue == type { return message }
+                }
+                return nil
+            }
+            group.addTask {
+                try? await Task.sleep(for: .seconds(seconds))
+                return nil
+            }
+            let first = await group.next() ?? nil
+            group.cancelAll()
+            return first
+        }
+    }
+
+    /// Collects events until one named `last` arrives (inclusive), within `seconds`.
+    func events(until last: String, within seconds: Double = 10) async -> [JSONObject] {
+        var collected: [JSONObject] = []
+        let deadline = ContinuousClock.now + .seconds(seconds)
+        while ContinuousClock.now < deadline {
+            let remaining = Double((deadline - ContinuousClock.now).components.seconds) + 1
+            guard let event = await self.nextMessage(ofType: "event", within: remaining) else { break }
+            collected.append(event)
+            if event["event"]?.stringValue == last { break }
+        }
+        return collected
+    }
+}
+
+/// Where the built executables are: `$EVD_BIN_DIR` (scripts/test sets it), else `.build/debug`.
+func binaryPath(_ name: String) -> String {
+    if let dir = ProcessInfo.processInfo.environment["EVD_BIN_DIR"], !dir.isEmpty { return dir + "/" + name }
+    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent()
+    return root.appendingPathComponent(".build/debug/\(name)").path
+}
+
+/// The repository's root directory.
+let repositoryRoot: String = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+    .deletingLastPathComponent().path
+
+/// The outcome of a finished process.
+struct ProcessResult: Sendable {
+    let status: Int32
+    let stdout: String
+    let stderr: String
+}
+
+/// Runs a program to completion and captures its output.
+func runProcess(_ path: String, _ arguments: [String], environment: [String: String] = [:], timeout: Double = 60)
+    async throws -> ProcessResult
+{
+    try await Spawned(path, arguments, environment: environment).finish(within: timeout)
+}
+
+/// A spawned process whose output goes to temporary files.
+///
+/// Files, not pipes: reading a pipe blocks a thread, and blocking the cooperative pool (two threads
+/// on a two-core machine) would starve the in-process daemon the process is talking to. Waiting is
+/// a polling sleep for the same reason.
+final class Spawned: @unchecked Sendable {
+    // @unchecked Sendable: `process` is only started, signalled and polled; the files are read once
+    // after it exits.
+    let process = Process()
+    private let stdoutPath: String
+    private let stderrPath: String
+
+    init(_ path: String, _ arguments: [String], environment: [String: String] = [:]) throws {
+        let base = NSTemporaryDirectory() + "evd-spawn-\(UInt64.random(in: 0...UInt64.max))"
+        self.stdoutPath = base + ".out"
+        self.stderrPath = base + ".err"
+        FileManager.default.createFile(atPath: self.stdoutPath, contents: nil)
+        FileManager.default.createFile(atPath: self.stderrPath, contents: nil)
+        self.process.executableURL = URL(fileURLWithPath: path)
+        self.process.arguments = arguments
+        var env = ProcessInfo.processInfo.environment
+        for (key, value) in environment { env[key] = value }
+        self.process.environment = env
+        self.process.standardOutput = FileHandle(forWritingAtPath: self.stdoutPath)
+        self.process.standardError = FileHandle(forWritingAtPath: self.stderrPath)
+        self.process.standardInput = FileHandle.nullDevice
+        try self.process.run()
+    }
+
+    /// Waits (bounded) for the process to exit and returns its status and output.
+    func finish(within seconds: Double = 30) async throws -> ProcessResult {
+        let deadline = ContinuousClock.now + .seconds(seconds)
+        while self.process.isRunning && ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        if self.process.isRunning {
+            self.process.terminate()
+            Issue.record("\(self.process.executableURL?.lastPathComponent ?? "process") did not exit in time")
+            while self.process.isRunning { try await Task.sleep(for: .milliseconds(20)) }
+        }
+        defer {
+            try? FileManager.default.removeItem(atPath: self.stdoutPath)
+            try? FileManager.default.removeItem(atPath: self.stderrPath)
+        }
+        let stdout = FileManager.default.contents(atPath: self.stdoutPath) ?? Data()
+        let stderr = FileManager.default.contents(atPath: self.stderrPath) ?? Data()
+        return ProcessResult(
+            status: self.process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
+            stderr: String(decoding: stderr, as: UTF8.self))
+    }
+}
