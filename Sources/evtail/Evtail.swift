@@ -1,6 +1,8 @@
 import OrderedCollections
 import ArgumentParser
 import EvdClient
+import Foundation
+import OrderedCollections
 
 /// evtail: watch evd's events, like `journalctl -f`.
 @main
@@ -14,6 +16,12 @@ struct Evtail: AsyncParsableCommand {
               evtail 'before_*' checkout
               evtail insert-rows --where table=dogs --count 1
               evtail --json '*' | jq .event
+
+            As a policy listener, --veto EVENT (repeatable) with --exec CMD or --deny REASON:
+              evtail --veto before_drop --deny 'no drops on Fridays'
+              evtail --veto before_cursor_execute --exec ./policy.sh
+            CMD runs with /bin/sh -c, the veto's JSON on its stdin: exit 0 allows, non-zero denies
+            with its stdout as the reason, a JSON object with "set" on stdout modifies.
             """
     )
 
@@ -38,17 +46,60 @@ struct Evtail: AsyncParsableCommand {
     @Flag(help: "Print raw NDJSON even on a terminal.")
     var json = false
 
+    @Option(name: .customLong("veto"), help: "Decide this vetoable event (repeatable; names or globs).")
+    var vetoEvents: [String] = []
+
+    @Option(name: .customLong("exec"), help: "Decide each veto by running this command (/bin/sh -c).")
+    var command: String?
+
+    @Option(name: .customLong("deny"), help: "Deny every veto with this reason.")
+    var denyReason: String?
+
+    @Option(help: "How long the daemon waits for each decision, in milliseconds (1-60000).")
+    var timeoutMs: Int?
+
+    @Option(help: "What the daemon does without a decision in time: allow or deny.")
+    var onTimeout: String?
+
+    @Option(help: "Listeners with a higher priority are asked first.")
+    var priority: Int?
+
+    @Flag(help: "Record decisions without enforcing them.")
+    var dryRun = false
+
     func validate() throws {
         if let count, count < 1 { throw ValidationError("--count must be at least 1") }
         for filter in self.filters where !filter.contains("=") {
             throw ValidationError("--where takes K=V, not '\(filter)'")
+        }
+        if self.vetoEvents.isEmpty {
+            if self.command != nil || self.denyReason != nil || self.timeoutMs != nil || self.onTimeout != nil
+                || self.priority != nil || self.dryRun
+            {
+                throw ValidationError("--exec, --deny, --timeout-ms, --on-timeout, --priority and --dry-run need --veto")
+            }
+        } else if (self.command == nil) == (self.denyReason == nil) {
+            throw ValidationError("--veto needs exactly one of --exec CMD and --deny REASON")
+        }
+        if let onTimeout, onTimeout != "allow" && onTimeout != "deny" {
+            throw ValidationError("--on-timeout must be allow or deny")
         }
     }
 
     func run() async throws {
         Terminal.exitQuietlyOnSignals()
         let socketPath = SocketPath.resolve(explicit: self.socket, environment: SocketPath.processEnvironment)
-        var arguments: JSONObject = ["events": .array((self.events.isEmpty ? ["*"] : self.events).map(JSONValue.string))]
+        var arguments: JSONObject = [:]
+        if !self.events.isEmpty || self.vetoEvents.isEmpty {
+            arguments["events"] = .array((self.events.isEmpty ? ["*"] : self.events).map(JSONValue.string))
+        }
+        if !self.vetoEvents.isEmpty {
+            arguments["veto"] = .array(self.vetoEvents.map(JSONValue.string))
+            if let timeoutMs { arguments["timeout_ms"] = .integer(timeoutMs) }
+            if let onTimeout { arguments["on_timeout"] = .string(onTimeout) }
+            if let priority { arguments["priority"] = .integer(priority) }
+            if self.dryRun { arguments["mode"] = "dry_run" }
+        }
         var filter = JSONObject()
         for item in self.filters {
             let eq = item.firstIndex(of: "=")!
@@ -65,6 +116,8 @@ struct Evtail: AsyncParsableCommand {
         if let name { arguments["name"] = .string(name) }
         let readable = !self.json && Terminal.stdoutIsTerminal
         let limit = self.count
+        let policy: VetoPolicyRunner? =
+            self.vetoEvents.isEmpty ? nil : VetoPolicyRunner(command: self.command, denyReason: self.denyReason)
 
         let outcome: Int32 = try await EvdConnection.withConnection(socketPath: socketPath) { evd in
             do {
@@ -74,22 +127,139 @@ struct Evtail: AsyncParsableCommand {
                 return 1
             }
             var seen = 0
-            while let message = await evd.nextMessage() {
-                let type = message["type"]?.stringValue
-                if readable {
-                    Terminal.writeStdout(Array((EventFormatter.line(message) + "\n").utf8))
-                } else {
-                    Terminal.writeStdout(JSONValue.object(message).jsonBytes + [0x0a])
+            return await withDiscardingTaskGroup { deciders in
+                while let message = await evd.nextMessage() {
+                    if message["type"] == "veto", let policy {
+                        // Each veto is decided in its own task: a slow or hung script delays only its own
+                        // answer (and is killed at the veto's deadline), never evtail.
+                        let veto = Veto(message: message, connection: evd)
+                        deciders.addTask { await policy.decide(veto) }
+                    }
+                    let type = message["type"]?.stringValue
+                    if readable {
+                        Terminal.writeStdout(Array((EventFormatter.line(message) + "\n").utf8))
+                    } else {
+                        Terminal.writeStdout(JSONValue.object(message).jsonBytes + [0x0a])
+                    }
+                    if type == "notice" && message["code"] == "shutdown" { return 0 }
+                    if type == "event" || type == "veto" {
+                        seen += 1
+                        if let limit, seen >= limit { return 0 }
+                    }
                 }
-                if type == "notice" && message["code"] == "shutdown" { return 0 }
-                if type == "event" || type == "veto" {
-                    seen += 1
-                    if let limit, seen >= limit { return 0 }
-                }
+                Terminal.writeStderr("evtail: evd closed the connection")
+                return 1
             }
-            Terminal.writeStderr("evtail: evd closed the connection")
-            return 1
         }
         if outcome != 0 { throw ExitCode(outcome) }
+    }
+}
+
+/// Decides vetoes for `evtail --veto`: a fixed denial, or a command's verdict.
+struct VetoPolicyRunner: Sendable {
+    let command: String?
+    let denyReason: String?
+
+    func decide(_ veto: Veto) async {
+        do {
+            guard let command else {
+                try await veto.deny(self.denyReason)
+                return
+            }
+            // Leave a little of the deadline for the reply to travel.
+            let budget = Duration.milliseconds(max(1, veto.deadlineMs - max(5, veto.deadlineMs / 20)))
+            guard let outcome = await ScriptRun.run(command: command, input: JSONValue.object(veto.message).jsonBytes, timeout: budget) else {
+                Terminal.writeStderr("evtail: '\(command)' gave no answer for seq \(veto.seq) in time; the daemon's on_timeout decides")
+                return
+            }
+            let text = String(decoding: outcome.stdout, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+            if outcome.status == 0 {
+                if let object = try? JSONValue(parsing: text).objectValue, let set = object["set"]?.objectValue {
+                    try await veto.modify(set)
+                } else {
+                    try await veto.allow()
+                }
+            } else {
+                try await veto.deny(text.isEmpty ? "'\(command)' exited with status \(outcome.status)" : text)
+            }
+        } catch {
+            Terminal.writeStderr("evtail: could not answer veto \(veto.seq): \(error)")
+        }
+    }
+}
+
+/// Runs a policy script with `/bin/sh -c`, input on stdin, without blocking any cooperative thread:
+/// completion arrives through the termination handler, output through a readability handler.
+enum ScriptRun {
+    struct Outcome: Sendable {
+        let status: Int32
+        let stdout: [UInt8]
+    }
+
+    /// The script's status and output, or `nil` if it ran past `timeout` (it is then killed).
+    static func run(command: String, input: [UInt8], timeout: Duration) async -> Outcome? {
+        let process = Process()
+        process.executableURL = URL(fileURLWithPath: "/bin/sh")
+        process.arguments = ["-c", command]
+        let stdin = Pipe()
+        let stdout = Pipe()
+        process.standardInput = stdin
+        process.standardOutput = stdout
+        let collected = CollectedOutput()
+        stdout.fileHandleForReading.readabilityHandler = { handle in
+            let data = handle.availableData
+            collected.append(data)
+        }
+        return await withCheckedContinuation { (continuation: CheckedContinuation<Outcome?, Never>) in
+            let once = ResumeOnce(continuation)
+            process.terminationHandler = { process in
+                stdout.fileHandleForReading.readabilityHandler = nil
+                let rest = stdout.fileHandleForReading.readDataToEndOfFile()
+                collected.append(rest)
+                once.resume(Outcome(status: process.terminationStatus, stdout: collected.bytes))
+            }
+            do {
+                try process.run()
+            } catch {
+                once.resume(Outcome(status: 127, stdout: Array("cannot run /bin/sh: \(error)".utf8)))
+                return
+            }
+            // A script that does not read its input must not block us: write on a background queue.
+            DispatchQueue.global().async {
+                try? stdin.fileHandleForWriting.write(contentsOf: Data(input))
+                try? stdin.fileHandleForWriting.close()
+            }
+            let pid = process.processIdentifier
+            let (seconds, attoseconds) = timeout.components
+            DispatchQueue.global().asyncAfter(deadline: .now() + .nanoseconds(Int(seconds * 1_000_000_000 + attoseconds / 1_000_000_000))) {
+                if once.resume(nil) { kill(pid, SIGKILL) }
+            }
+        }
+    }
+
+    /// Output gathered from a readability handler.
+    final class CollectedOutput: @unchecked Sendable {
+        // @unchecked Sendable: every access holds `lock`.
+        private let lock = NSLock()
+        private var data = Data()
+        func append(_ more: Data) { self.lock.withLock { self.data.append(more) } }
+        var bytes: [UInt8] { self.lock.withLock { Array(self.data) } }
+    }
+
+    /// Resumes a continuation once, whoever comes first (the script or its deadline).
+    final class ResumeOnce: @unchecked Sendable {
+        // @unchecked Sendable: every access holds `lock`.
+        private let lock = NSLock()
+        private var continuation: CheckedContinuation<Outcome?, Never>?
+        init(_ continuation: CheckedContinuation<Outcome?, Never>) { self.continuation = continuation }
+        @discardableResult
+        func resume(_ value: Outcome?) -> Bool {
+            let continuation = self.lock.withLock { () -> CheckedContinuation<Outcome?, Never>? in
+                defer { self.continuation = nil }
+                return self.continuation
+            }
+            continuation?.resume(returning: value)
+            return continuation != nil
+        }
     }
 }

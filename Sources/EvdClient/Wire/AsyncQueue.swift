@@ -67,7 +67,8 @@ public final class AsyncQueue<Element: Sendable>: Sendable {
         }
     }
 
-    /// Takes the oldest item, waiting while the queue is empty; `nil` once finished and drained.
+    /// Takes the oldest item, waiting while the queue is empty; `nil` once finished and drained, or
+    /// when the waiting task is cancelled (so a caller can bound its wait with a task group).
     public func pop() async -> Element? {
         let step: PopStep = self.state.withLock { state in
             if let item = state.items.popFirst() {
@@ -84,26 +85,35 @@ public final class AsyncQueue<Element: Sendable>: Sendable {
         case .end:
             return nil
         case .wait:
-            return await withCheckedContinuation { (continuation: CheckedContinuation<Element?, Never>) in
-                let now: PopStep = self.state.withLock { state in
-                    if let item = state.items.popFirst() {
-                        let producer = state.producer
-                        state.producer = nil
-                        return .item(item, producer)
+            return await withTaskCancellationHandler {
+                await withCheckedContinuation { (continuation: CheckedContinuation<Element?, Never>) in
+                    let now: PopStep = self.state.withLock { state in
+                        if let item = state.items.popFirst() {
+                            let producer = state.producer
+                            state.producer = nil
+                            return .item(item, producer)
+                        }
+                        // Checked under the lock: a cancellation after this finds the consumer parked.
+                        if state.finished || Task.isCancelled { return .end }
+                        state.consumer = continuation
+                        return .wait
                     }
-                    if state.finished { return .end }
-                    state.consumer = continuation
-                    return .wait
+                    switch now {
+                    case .item(let item, let producer):
+                        producer?.resume()
+                        continuation.resume(returning: item)
+                    case .end:
+                        continuation.resume(returning: nil)
+                    case .wait:
+                        break
+                    }
                 }
-                switch now {
-                case .item(let item, let producer):
-                    producer?.resume()
-                    continuation.resume(returning: item)
-                case .end:
-                    continuation.resume(returning: nil)
-                case .wait:
-                    break
+            } onCancel: {
+                let consumer = self.state.withLock { state in
+                    defer { state.consumer = nil }
+                    return state.consumer
                 }
+                consumer?.resume(returning: nil)
             }
         }
     }

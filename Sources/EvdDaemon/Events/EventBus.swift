@@ -1,4 +1,5 @@
 import EvdClient
+import NIOCore
 import OrderedCollections
 import Synchronization
 
@@ -79,11 +80,18 @@ public final class EventBus: Sendable {
         /// Custom names emitted so far, for the `events` op.
         var customNames: OrderedSet<String> = []
         var published: [String: Int] = [:]
+        /// Veto listeners by subscription, and per catalog event in chain order.
+        var vetoListeners: [Int: VetoListener] = [:]
+        var vetoersByKind: [[VetoListener]] = Array(repeating: [], count: EventKind.allCases.count)
     }
 
     private let interest = Atomic<UInt64>(0)
+    private let vetoInterest = Atomic<UInt64>(0)
     private let state: Mutex<State>
     let deliveryStats = DeliveryStats()
+    let vetoStats = VetoStats()
+    /// Vetoes waiting for a reply.
+    let pendingVetoes = PendingVetoes()
 
     /// Creates a bus whose first event gets `lastSeq + 1`.
     public init(lastSeq: Int64 = 0) {
@@ -100,6 +108,12 @@ public final class EventBus: Sendable {
         self.interest.load(ordering: .relaxed) & (1 << UInt64(kind.rawValue)) != 0
     }
 
+    /// Whether any veto listener decides `kind` right now.
+    @inline(__always)
+    public func wantsVeto(_ kind: EventKind) -> Bool {
+        self.vetoInterest.load(ordering: .relaxed) & (1 << UInt64(kind.rawValue)) != 0
+    }
+
     /// Emits a catalog event; `properties` is only called when someone subscribed to it.
     @inline(__always)
     public func emit(_ kind: EventKind, _ origin: EventOrigin, _ properties: () -> JSONObject) {
@@ -114,7 +128,7 @@ public final class EventBus: Sendable {
 
     /// Numbers an event and queues it to every matching subscription.
     @discardableResult
-    private func publish(name: String, kind: EventKind?, origin: EventOrigin, properties: JSONObject) -> Int64 {
+    func publish(name: String, kind: EventKind?, origin: EventOrigin, properties: JSONObject) -> Int64 {
         var body = origin.envelopeFragment
         for (key, value) in properties {
             body.append(UInt8(ascii: ","))
@@ -169,6 +183,7 @@ public final class EventBus: Sendable {
     func subscribe(
         session: UInt64, name: String?, patterns: [EventPattern], filter: [(String, [JSONValue])],
         overflow: OverflowPolicy, wantsRows: Bool, outbox: Outbox,
+        veto: ((Int) -> VetoListener)? = nil,
         registered: (Subscription, _ head: Int64) -> Void = { _, _ in }
     ) -> Subscription {
         self.state.withLock { state in
@@ -177,6 +192,7 @@ public final class EventBus: Sendable {
                 overflow: overflow, wantsRows: wantsRows, outbox: outbox)
             state.nextSubscription += 1
             state.subscriptions[subscription.id] = subscription
+            if let veto { state.vetoListeners[subscription.id] = veto(subscription.id) }
             self.rebuild(&state)
             registered(subscription, state.seq)
             return subscription
@@ -188,6 +204,7 @@ public final class EventBus: Sendable {
         self.state.withLock { state in
             guard let subscription = state.subscriptions[id], subscription.session == session else { return false }
             state.subscriptions.removeValue(forKey: id)
+            state.vetoListeners.removeValue(forKey: id)
             self.rebuild(&state)
             return true
         }
@@ -198,8 +215,11 @@ public final class EventBus: Sendable {
         self.state.withLock { state in
             let before = state.subscriptions.count
             state.subscriptions = state.subscriptions.filter { $0.value.session != session }
+            state.vetoListeners = state.vetoListeners.filter { $0.value.session != session }
             if state.subscriptions.count != before { self.rebuild(&state) }
         }
+        // A listener that disconnects resolves its pending vetoes at once, not at their timeout.
+        self.pendingVetoes.resolveAll(session: session, .noAnswer(.disconnected))
     }
 
     private func rebuild(_ state: inout State) {
@@ -217,6 +237,18 @@ public final class EventBus: Sendable {
         state.byKind = byKind
         state.byCustomName = [:]
         self.interest.store(interest, ordering: .relaxed)
+        var vetoersByKind = Array(repeating: [VetoListener](), count: EventKind.allCases.count)
+        var vetoInterest: UInt64 = 0
+        for listener in state.vetoListeners.values.sorted(by: VetoListener.chainOrder) {
+            vetoInterest |= listener.kinds
+            var bits = listener.kinds
+            while bits != 0 {
+                vetoersByKind[bits.trailingZeroBitCount].append(listener)
+                bits &= bits - 1
+            }
+        }
+        state.vetoersByKind = vetoersByKind
+        self.vetoInterest.store(vetoInterest, ordering: .relaxed)
     }
 
     /// Custom event names emitted so far.
@@ -226,4 +258,104 @@ public final class EventBus: Sendable {
     func statistics() -> (published: [String: Int], subscriptions: Int, head: Int64) {
         self.state.withLock { ($0.published, $0.subscriptions.count, $0.seq) }
     }
+
+    // MARK: Vetoes
+
+    /// Runs the veto chain for a vetoable event from async code, then emits the event to plain
+    /// subscribers with its `outcome`. Returns `nil` when no listener decides `kind` (the event was
+    /// emitted as usual and nothing changes); otherwise the verdict.
+    func decide(
+        _ kind: EventKind, _ origin: EventOrigin, budget: Duration, eventLoop: any EventLoop,
+        _ properties: () -> JSONObject
+    ) async -> VetoVerdict? {
+        guard var run = self.startVeto(kind, origin, budget: budget, properties) else { return nil }
+        while let (listener, timeout) = run.next() {
+            let veto = self.ask(listener, run)
+            let decision = await veto.wait(timeout: timeout, on: eventLoop)
+            self.finishAsking(veto, decision, into: &run)
+        }
+        return self.endVeto(run)
+    }
+
+    /// The same as `decide`, for a SQLite thread: each wait blocks this thread (which serves the one
+    /// connection the vetoed work runs on), never a cooperative one.
+    func decideBlocking(_ kind: EventKind, _ origin: EventOrigin, budget: Duration, _ properties: () -> JSONObject)
+        -> VetoVerdict?
+    {
+        guard var run = self.startVeto(kind, origin, budget: budget, properties) else { return nil }
+        while let (listener, timeout) = run.next() {
+            let veto = self.ask(listener, run)
+            let decision = veto.waitBlocking(timeout: timeout)
+            self.finishAsking(veto, decision, into: &run)
+        }
+        return self.endVeto(run)
+    }
+
+    /// Starts a chain, or (no listener) emits the event plainly and returns `nil`.
+    private func startVeto(_ kind: EventKind, _ origin: EventOrigin, budget: Duration, _ properties: () -> JSONObject)
+        -> VetoRun?
+    {
+        guard self.wantsVeto(kind) else {
+            self.emit(kind, origin, properties)
+            return nil
+        }
+        let (listeners, seq) = self.state.withLock { state -> ([VetoListener], Int64) in
+            state.seq += 1
+            return (state.vetoersByKind[kind.rawValue], state.seq)
+        }
+        guard !listeners.isEmpty else {
+            self.emit(kind, origin, properties)
+            return nil
+        }
+        return VetoRun(kind: kind, seq: seq, origin: origin, properties: properties(), listeners: listeners, budget: budget)
+    }
+
+    /// Sends the veto message to `listener` and registers the pending veto its reply resolves.
+    private func ask(_ listener: VetoListener, _ run: VetoRun) -> PendingVeto {
+        let veto = PendingVeto(seq: run.verdict.seq, listener: listener, mutable: Set(run.kind.spec.mutable))
+        self.pendingVetoes.add(veto)
+        self.vetoStats.asked.add(1, ordering: .relaxed)
+        let deadline = run.deadline - .now
+        let deadlineMs = min(listener.timeout, deadline).components.seconds * 1000
+            + min(listener.timeout, deadline).components.attoseconds / 1_000_000_000_000_000
+        var line: [UInt8] = Array(#"{"type":"veto","seq":"#.utf8)
+        JSONWriter.appendInt(run.verdict.seq, to: &line)
+        line += Array(#","event":"#.utf8)
+        JSONWriter.appendString(run.kind.name, to: &line)
+        line += Array(#","time":"#.utf8)
+        EventTime.appendNow(to: &line)
+        line += Array(#","subscription":"#.utf8)
+        JSONWriter.appendInt(Int64(listener.subscription), to: &line)
+        line += run.origin.envelopeFragment
+        line += Array(#","deadline_ms":"#.utf8)
+        JSONWriter.appendInt(max(1, deadlineMs), to: &line)
+        for (key, value) in run.verdict.properties {
+            line.append(UInt8(ascii: ","))
+            JSONWriter.appendString(key, to: &line)
+            line.append(UInt8(ascii: ":"))
+            value.write(into: &line)
+        }
+        line += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+        listener.outbox.enqueue(line: line)
+        return veto
+    }
+
+    private func finishAsking(_ veto: PendingVeto, _ decision: VetoDecision, into run: inout VetoRun) {
+        self.pendingVetoes.remove(veto)
+        self.vetoStats.record(decision, dryRun: veto.listener.dryRun, since: veto.askedAt)
+        run.record(decision, from: veto.listener)
+    }
+
+    /// Emits the event to plain subscribers with its final properties and `outcome`.
+    private func endVeto(_ run: VetoRun) -> VetoVerdict {
+        if self.wants(run.kind) {
+            var properties = run.verdict.properties
+            properties["outcome"] = run.verdict.outcome
+            self.publish(name: run.kind.name, kind: run.kind, origin: run.origin, properties: properties)
+        }
+        return run.verdict
+    }
+
+    /// Every veto listener, for `stats`.
+    var vetoListenerCount: Int { self.state.withLock { $0.vetoListeners.count } }
 }

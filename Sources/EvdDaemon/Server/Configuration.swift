@@ -27,6 +27,8 @@ public struct EvdConfiguration: Sendable {
     public var outboxLimits = OutboxLimits()
     /// How long a SQLite statement waits for another connection's lock.
     public var busyTimeoutMs: Int32 = 5000
+    /// How long a request waits for a free pooled connection before it gets `timeout`.
+    public var checkoutTimeoutMs: Int = 30_000
     /// How long in-flight requests may run once shutdown begins.
     public var shutdownGraceMs: Int = 5000
 

@@ -112,9 +112,13 @@ public final class Daemon: Service, CustomStringConvertible {
     }
 
     /// Tells every session the daemon is stopping, waits for in-flight requests (within the
-    /// grace period), then closes them all.
+    /// grace period), then closes them all and waits (at most a second) until their queued
+    /// output — responses, the shutdown notice — is written.
     private func drainSessions(_ core: DaemonCore) async {
         core.shuttingDown.store(true, ordering: .relaxed)
+        // Pending vetoes resolve by their listeners' on_timeout now: nobody waits on a listener
+        // while the daemon stops.
+        core.bus.pendingVetoes.resolveAll(.noAnswer(.shutdown))
         let sessions = core.sessions.all
         for session in sessions { session.noticeShutdown() }
         let deadline = ContinuousClock.now + .milliseconds(self.configuration.shutdownGraceMs)
@@ -122,6 +126,13 @@ public final class Daemon: Service, CustomStringConvertible {
             try? await Task.sleep(for: .milliseconds(10))
         }
         for session in core.sessions.all { session.close() }
+        // The caller cancels the session tasks next; a writer cancelled mid-flush loses what was
+        // queued, so give them time to finish on their own (a peer that reads nothing cannot hold
+        // shutdown beyond the bound).
+        let flushDeadline = ContinuousClock.now + .seconds(1)
+        while core.sessions.counts().current > 0 && ContinuousClock.now < flushDeadline {
+            try? await Task.sleep(for: .milliseconds(10))
+        }
     }
 
     // MARK: Connections

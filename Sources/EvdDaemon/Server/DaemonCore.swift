@@ -61,7 +61,9 @@ final class DaemonCore: Sendable {
         for database in configuration.databases {
             pools[database.name] = ConnectionPool(
                 database: database, size: configuration.poolSize, bus: bus, threadPool: threadPool,
-                eventLoop: eventLoop, busyTimeoutMs: configuration.busyTimeoutMs)
+                eventLoop: eventLoop, busyTimeoutMs: configuration.busyTimeoutMs,
+                checkoutTimeout: .milliseconds(Int64(configuration.checkoutTimeoutMs)),
+                vetoBudget: .milliseconds(configuration.vetoBudgetMs))
         }
         self.pools = pools
         self.permissions = Permissions(ownerUID: getuid())
@@ -96,7 +98,9 @@ final class DaemonCore: Sendable {
             "subscriptions": .integer(subscriptions),
             "sessions": ["current": .integer(sessions.current), "total": .integer(sessions.total)],
             "requests": .integer(self.requests.load(ordering: .relaxed)),
-            "vetoes": ["asked": 0, "allowed": 0, "denied": 0, "modified": 0, "timed_out": 0, "dry_run_denied": 0],
+            "vetoes": self.bus.vetoStats.jsonValue,
+            "veto_listeners": .integer(self.bus.vetoListenerCount),
+            "vetoes_pending": .integer(self.bus.pendingVetoes.count),
             "pools": .object(pools),
         ]
     }

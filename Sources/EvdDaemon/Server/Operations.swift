@@ -39,38 +39,10 @@ extension Session {
             }
             self.hasSubscriptions.subtract(1, ordering: .relaxed)
             return .result([:])
-        case "execute":
-            let sql = try args.requiredString("sql")
-            let parameters = try SQLParameters(args.value("params"))
-            let database = try args.string("database")
-            try args.finish()
+        case "execute", "executemany":
+            _ = try Self.parseSQL(request)  // every argument is checked before permissions and SQL
             try self.require(.executeSQL)
-            let text = SQLText(sql)
-            let result = try await self.withSQL(database: database, request: request, &state) { run in
-                try run.execute(sql: text, parameters: parameters)
-            }
-            return .result(result.jsonValue)
-        case "executemany":
-            let sql = try args.requiredString("sql")
-            guard let sets = try args.array("params") else {
-                throw EvdError.badRequest(field: "params", "missing required argument 'params'")
-            }
-            var parameterSets: [SQLParameters] = []
-            for (index, set) in sets.enumerated() {
-                guard set.arrayValue != nil || set.objectValue != nil else {
-                    throw EvdError.badRequest(field: "params[\(index)]", "each parameter set must be an array or an object")
-                }
-                parameterSets.append(try SQLParameters(set, field: "params[\(index)]"))
-            }
-            let database = try args.string("database")
-            try args.finish()
-            try self.require(.executeSQL)
-            let text = SQLText(sql)
-            let parameterSetsCopy = parameterSets
-            let changes = try await self.withSQL(database: database, request: request, &state) { run in
-                try run.executemany(sql: text, parameterSets: parameterSetsCopy)
-            }
-            return .result(["changes": .int(changes)])
+            return .result(try await self.withSQL(request: request, &state, parse: Self.parseSQL))
         case "begin":
             let database = try args.string("database")
             try args.finish()
@@ -120,6 +92,33 @@ extension Session {
         }
     }
 
+    /// Parses an `execute` or `executemany` request into the work it asks for.
+    static func parseSQL(_ request: JSONObject) throws -> SQLWork {
+        var args = Arguments(request)
+        let sql = SQLText(try args.requiredString("sql"))
+        let work: @Sendable (SQLRun) throws -> JSONValue
+        if request["op"] == "executemany" {
+            guard let sets = try args.array("params") else {
+                throw EvdError.badRequest(field: "params", "missing required argument 'params'")
+            }
+            var parameterSets: [SQLParameters] = []
+            for (index, set) in sets.enumerated() {
+                guard set.arrayValue != nil || set.objectValue != nil else {
+                    throw EvdError.badRequest(field: "params[\(index)]", "each parameter set must be an array or an object")
+                }
+                parameterSets.append(try SQLParameters(set, field: "params[\(index)]"))
+            }
+            let all = parameterSets
+            work = { run in ["changes": .int(try run.executemany(sql: sql, parameterSets: all))] }
+        } else {
+            let parameters = try SQLParameters(args.value("params"))
+            work = { run in try run.execute(sql: sql, parameters: parameters).jsonValue }
+        }
+        let database = try args.string("database")
+        try args.finish()
+        return SQLWork(database: database, run: work)
+    }
+
     func require(_ action: Action) throws(EvdError) {
         try self.core.permissions.require(self.actor, action)
     }
@@ -163,9 +162,9 @@ extension Session {
         let since = try args.int("since", in: 0...Int64.max)
         let rows = try args.bool("rows") ?? false
         let name = try args.string("name")
-        _ = try args.int("timeout_ms", in: 1...60_000)
-        _ = try args.choice("on_timeout", ["allow", "deny"])
-        _ = try args.int("priority")
+        let timeoutMs = try args.int("timeout_ms", in: 1...60_000) ?? 1000
+        let onTimeout = try args.choice("on_timeout", ["allow", "deny"]).flatMap(VetoPolicy.init) ?? .deny
+        let priority = try args.int("priority") ?? 0
         let overflow = try args.choice("on_overflow", ["disconnect", "drop"]).flatMap(OverflowPolicy.init) ?? .disconnect
         var filter: [(String, [JSONValue])] = []
         for (key, value) in try args.object("where") ?? [:] {
@@ -186,18 +185,28 @@ extension Session {
                 .notVetoable, "'\(pattern.text)' names no vetoable event", extra: ["field": "veto", "event": .string(pattern.text)])
         }
         try self.require(.subscribe)
-        if !vetoPatterns.isEmpty {
-            try self.require(.veto)
-            throw EvdError.badRequest(field: "veto", "veto listeners are not available in this evd (\(evdVersion)) yet")
+        var vetoKinds: UInt64 = 0
+        for kind in EventKind.allCases where kind.spec.vetoable && vetoPatterns.contains(where: { $0.matches(kind.name) }) {
+            vetoKinds |= 1 << UInt64(kind.rawValue)
         }
-        _ = mode
+        if !vetoPatterns.isEmpty { try self.require(.veto) }
+        let session = self.id
+        let outbox = self.outbox
+        let makeListener: ((Int) -> VetoListener)? =
+            vetoPatterns.isEmpty
+            ? nil
+            : { subscription in
+                VetoListener(
+                    subscription: subscription, session: session, name: name, kinds: vetoKinds, priority: priority,
+                    timeout: .milliseconds(timeoutMs), onTimeout: onTimeout, dryRun: mode == "dry_run", outbox: outbox)
+            }
 
         // Registering and queueing the response happen under the bus's lock, so no event of the new
         // subscription can reach the client before the response that names it.
         let customNames = self.core.bus.customNames
         _ = self.core.bus.subscribe(
             session: self.id, name: name, patterns: patterns, filter: filter, overflow: overflow, wantsRows: rows,
-            outbox: self.outbox
+            outbox: self.outbox, veto: makeListener
         ) { subscription, head in
             var matched = EventKind.allCases.filter { subscription.kinds & (1 << UInt64($0.rawValue)) != 0 }.map(\.name)
             var seen = Set(matched)
@@ -205,9 +214,10 @@ extension Session {
                 matched.append(custom)
             }
             for pattern in patterns where !pattern.isGlob && seen.insert(pattern.text).inserted { matched.append(pattern.text) }
+            let vetoed = EventKind.allCases.filter { vetoKinds & (1 << UInt64($0.rawValue)) != 0 }.map { JSONValue.string($0.name) }
             let result: JSONValue = [
                 "subscription": .integer(subscription.id), "events": .array(matched.map(JSONValue.string)),
-                "veto": [], "seq": .int(head),
+                "veto": .array(vetoed), "seq": .int(head),
             ]
             self.outbox.enqueue(line: Self.responseLine(id: id, result: result))
             // No journal is kept yet: everything at or before head that `since` asks for is gone.

@@ -96,6 +96,10 @@ final class Outbox: Sendable {
         var closing = false
         /// The writer closes the connection after the final batch.
         var closeConnection = false
+        /// A subscription overflowed with `on_overflow: disconnect`.
+        var laggedOut = false
+        /// The session's watcher, waiting in `closed()`.
+        var closeWatcher: CheckedContinuation<Bool, Never>?
     }
 
     private let state = Mutex(State())
@@ -141,6 +145,10 @@ final class Outbox: Sendable {
                     state.chunks.append(.line(notice.jsonBytes + [0x0a]))
                     state.closing = true
                     state.closeConnection = true
+                    state.laggedOut = true
+                    // Resuming only schedules the watcher's task, so it is safe under the lock.
+                    state.closeWatcher?.resume(returning: true)
+                    state.closeWatcher = nil
                 case .drop:
                     self.stats.dropped.add(1, ordering: .relaxed)
                     if var record = state.drops[event.subscription] {
@@ -171,14 +179,31 @@ final class Outbox: Sendable {
 
     /// Stops accepting output; the writer ends once what is queued is written.
     func close(closeConnection: Bool = true) {
-        let writer = self.state.withLock { state -> CheckedContinuation<Batch?, Never>? in
+        typealias Wake = (CheckedContinuation<Batch?, Never>?, CheckedContinuation<Bool, Never>?, Bool)
+        let (writer, watcher, laggedOut) = self.state.withLock { state -> Wake in
             state.closing = true
             state.closeConnection = state.closeConnection || closeConnection
-            guard state.chunks.isEmpty, let writer = state.writer else { return nil }
+            let watcher = state.closeWatcher
+            state.closeWatcher = nil
+            guard state.chunks.isEmpty, let writer = state.writer else { return (nil, watcher, state.laggedOut) }
             state.writer = nil
-            return writer
+            return (writer, watcher, state.laggedOut)
         }
         writer?.resume(returning: nil)
+        watcher?.resume(returning: laggedOut)
+    }
+
+    /// Waits until the outbox stops accepting output; returns whether that is because a
+    /// subscription lagged out (rather than the session ending or the daemon stopping).
+    func closed() async -> Bool {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let now: Bool? = self.state.withLock { state in
+                if state.closing { return state.laggedOut }
+                state.closeWatcher = continuation
+                return nil
+            }
+            if let now { continuation.resume(returning: now) }
+        }
     }
 
     /// Whether the outbox stopped accepting output (closed, or a subscription lagged out).

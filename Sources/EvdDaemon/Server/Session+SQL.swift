@@ -3,42 +3,85 @@ import EvdClient
 
 /// Connections and transactions for a session's SQL.
 extension Session {
-    /// Runs `work` on a connection for this request: the open transaction's, or one checked out
-    /// for just this request (its own implicit transaction), with the session's options applied.
-    func withSQL<T: Sendable>(
-        database: String?, request: JSONObject, _ state: inout SessionState,
-        _ work: @escaping @Sendable (SQLRun) throws -> T
-    ) async throws -> T {
+    /// A parsed `execute`/`executemany`: its database and the work to run on a connection.
+    struct SQLWork: Sendable {
+        let database: String?
+        let run: @Sendable (SQLRun) throws -> JSONValue
+    }
+
+    /// The daemon's veto budget for one operation.
+    var vetoBudget: Duration { .milliseconds(self.core.configuration.vetoBudgetMs) }
+
+    /// Asks the veto listeners of `kind` from async code (or just emits it); throws `vetoed` on an
+    /// enforced deny.
+    @discardableResult
+    func vetoable(_ kind: EventKind, on pool: ConnectionPool, _ properties: () -> JSONObject) async throws -> VetoVerdict? {
+        let verdict = await self.core.bus.decide(
+            kind, self.origin, budget: self.vetoBudget, eventLoop: pool.eventLoop, properties)
+        if let verdict, verdict.denied { throw verdict.vetoedError(event: kind.name) }
+        return verdict
+    }
+
+    /// Runs a SQL request on a connection: the open transaction's, or one checked out for just this
+    /// request (its own implicit transaction), with the session's options applied.
+    ///
+    /// `before_execute` is decided here, once the connection is the session's (SQLAlchemy's order):
+    /// a listener may deny the request, or rewrite it, in which case it is parsed again with `parse`
+    /// and the rewritten request is what runs.
+    func withSQL(
+        request: JSONObject, _ state: inout SessionState, parse: (JSONObject) throws -> SQLWork
+    ) async throws -> JSONValue {
+        var work = try parse(request)
         let options = self.effectiveOptions(state)
         let queryOnly = options["query_only"]?.boolValue ?? false
         let origin = self.origin
-        if let transaction = state.transaction {
-            try self.checkSameDatabase(database, transaction)
-            let run = SQLRun(
-                bus: self.core.bus, pool: transaction.pool, connection: transaction.connection, origin: origin,
-                request: request, executionOptions: options, implicitTransaction: false)
-            let busyTimeout = Int32(options["busy_timeout_ms"]?.intValue ?? Int64(transaction.connection.busyTimeoutMs))
-            return try await transaction.pool.run {
-                try transaction.connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
-                return try work(run)
-            }
-        }
-        let pool = try self.core.pool(database)
-        let connection = try await self.checkout(pool)
-        let run = SQLRun(
-            bus: self.core.bus, pool: pool, connection: connection, origin: origin, request: request,
-            executionOptions: options, implicitTransaction: true)
+        let transaction = state.transaction
+        if let transaction { try self.checkSameDatabase(work.database, transaction) }
+        let pool = try transaction?.pool ?? self.core.pool(work.database)
+        let connection: PooledConnection
+        if let transaction { connection = transaction.connection } else { connection = try await self.checkout(pool) }
         let busyTimeout = Int32(options["busy_timeout_ms"]?.intValue ?? Int64(pool.defaultBusyTimeoutMs))
         do {
+            var finalRequest = request
+            let verdict = try await self.vetoable(.beforeExecute, on: pool) {
+                var properties: JSONObject = ["database": .string(pool.database.name), "request": .object(request)]
+                if !options.isEmpty { properties["execution_options"] = .object(options) }
+                return properties
+            }
+            if let rewritten = verdict?.properties["request"]?.objectValue, rewritten != request {
+                finalRequest = rewritten
+                finalRequest["op"] = request["op"] ?? .null  // a listener rewrites the request, not the op
+                work = try parse(finalRequest)
+                if let database = work.database, database != pool.database.name {
+                    throw EvdError(.vetoed, "a before_execute listener moved the request to another database")
+                }
+            }
+            let run = SQLRun(
+                bus: self.core.bus, pool: pool, connection: connection, origin: origin, request: finalRequest,
+                executionOptions: options, implicitTransaction: transaction == nil, vetoBudget: self.vetoBudget)
+            let body = work.run
             let result = try await pool.run {
                 try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
-                return try work(run)
+                return try body(run)
             }
-            await self.checkin(connection, to: pool)
+            if transaction == nil { await self.checkin(connection, to: pool) }
             return result
         } catch {
-            await self.checkin(connection, to: pool)
-            throw error
+            guard let transaction else {
+                await self.checkin(connection, to: pool)
+                throw error
+            }
+            // Some errors make SQLite roll the whole transaction back (RAISE(ROLLBACK) in a trigger,
+            // SQLITE_FULL, ...). Then the session's transaction is over: its later requests must not
+            // autocommit on a connection the client believes is still in a transaction.
+            let stillOpen = (try? await transaction.pool.run { connection.sqlite.inTransaction }) ?? false
+            guard !stillOpen else { throw error }
+            state.transaction = nil
+            self.core.bus.emit(.rollback, origin) { self.transactionProperties(transaction) }
+            await self.checkin(connection, to: transaction.pool)
+            var ended = Self.wireError(error)
+            ended.message += " (SQLite rolled the transaction back: the session is no longer in a transaction)"
+            throw ended
         }
     }
 
@@ -85,7 +128,9 @@ extension Session {
         let options = self.effectiveOptions(state)
         let queryOnly = options["query_only"]?.boolValue ?? false
         let busyTimeout = Int32(options["busy_timeout_ms"]?.intValue ?? Int64(pool.defaultBusyTimeoutMs))
+        let transaction = Transaction(pool: pool, connection: connection)
         do {
+            try await self.vetoable(.begin, on: pool) { self.transactionProperties(transaction) }
             try await pool.run {
                 try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
                 try connection.sqlite.exec("BEGIN")
@@ -94,9 +139,7 @@ extension Session {
             await self.checkin(connection, to: pool)
             throw error
         }
-        let transaction = Transaction(pool: pool, connection: connection)
         state.transaction = transaction
-        self.core.bus.emit(.begin, self.origin) { self.transactionProperties(transaction) }
     }
 
     /// `commit` or `rollback`: ends the transaction and gives the connection back.
@@ -107,7 +150,16 @@ extension Session {
         try self.checkSameDatabase(database, transaction)
         let connection = transaction.connection
         if commit {
-            self.core.bus.emit(.commit, self.origin) { self.transactionProperties(transaction) }
+            do {
+                try await self.vetoable(.commit, on: transaction.pool) { self.transactionProperties(transaction) }
+            } catch {
+                // A denied commit rolls the transaction back: nothing becomes visible.
+                try? await transaction.pool.run { try connection.sqlite.exec("ROLLBACK") }
+                self.core.bus.emit(.rollback, self.origin) { self.transactionProperties(transaction) }
+                state.transaction = nil
+                await self.checkin(connection, to: transaction.pool)
+                throw error
+            }
             do {
                 try await transaction.pool.run { try connection.sqlite.exec("COMMIT") }
             } catch {
@@ -143,12 +195,19 @@ extension Session {
         default: (sql, kind) = ("ROLLBACK TO SAVEPOINT \(quoted)", .rollbackSavepoint)
         }
         let connection = transaction.connection
-        try await transaction.pool.run { try connection.sqlite.exec(sql) }
-        self.core.bus.emit(kind, self.origin) {
+        func properties() -> JSONObject {
             var properties = self.transactionProperties(transaction)
             properties.removeValue(forKey: "implicit")
             properties["name"] = .string(name)
             return properties
+        }
+        if kind == .savepoint {
+            // SQLAlchemy's savepoint event comes before the SAVEPOINT; a deny means there is none.
+            try await self.vetoable(.savepoint, on: transaction.pool, properties)
+            try await transaction.pool.run { try connection.sqlite.exec(sql) }
+        } else {
+            try await transaction.pool.run { try connection.sqlite.exec(sql) }
+            self.core.bus.emit(kind, self.origin, properties)
         }
     }
 }

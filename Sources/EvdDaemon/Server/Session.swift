@@ -55,6 +55,7 @@ final class Session: Sendable {
                     group.addTask {
                         await self.execute(queue, channel: channel.channel)
                     }
+                    group.addTask { await self.cutOffIfLagged(channel.channel) }
                     await self.read(inbound, into: queue)
                     queue.finish()
                     await group.waitForAll()
@@ -131,8 +132,10 @@ final class Session: Sendable {
                 } catch {
                     outcome = .failure(Self.wireError(error))
                 }
-                self.busy.store(false, ordering: .relaxed)
+                // Respond before clearing `busy`: shutdown closes the session as soon as it is not
+                // busy, and the response of an in-flight request must be queued by then.
                 self.respond(id: id, outcome)
+                self.busy.store(false, ordering: .relaxed)
             }
         }
         // The client's input ended: nothing more can commit, so an open transaction rolls back.
@@ -147,6 +150,19 @@ final class Session: Sendable {
             try? await channel.closeFuture.get()
         }
         self.outbox.close()
+    }
+
+    /// How long a lagged-out subscriber has to take its `lagged` notice before the connection is cut.
+    static let laggedCutoff: TimeAmount = .seconds(2)
+
+    /// After a lagged disconnect, gives the notice `laggedCutoff` to reach the peer, then closes the
+    /// connection anyway: a peer that reads nothing leaves the writer stuck on a full socket, and
+    /// must not keep its session (and its slot) forever.
+    private func cutOffIfLagged(_ channel: any Channel) async {
+        guard await self.outbox.closed() else { return }
+        let cutoff = channel.eventLoop.scheduleTask(in: Self.laggedCutoff) { channel.close(promise: nil) }
+        try? await channel.closeFuture.get()
+        cutoff.cancel()
     }
 
     private func write(to outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>, channel: any Channel) async {
@@ -235,20 +251,61 @@ final class Session: Sendable {
 
     // MARK: Veto replies
 
-    /// Handles a `reply` at once, even while a request runs. No veto is ever pending in this
-    /// version (veto subscriptions are refused), so every reply names an unknown seq.
+    /// Handles a `reply` at once, even while this connection's own request runs. A valid reply gets
+    /// no response; an invalid one gets an error response (with the reply's `id`) and, when it
+    /// names a pending veto, counts as no answer: the listener's `on_timeout` decides.
     private func handleReply(_ request: JSONObject) {
         let id = request["id"] ?? .null
         var arguments = Arguments(request)
+        var pending: PendingVeto?
         do {
             let seq = try arguments.requiredInt("seq")
-            _ = try arguments.required("action")
-            _ = arguments.value("reason")
-            _ = arguments.value("set")
+            guard let veto = self.core.bus.pendingVetoes.find(session: self.id, seq: seq) else {
+                throw EvdError.badRequest(field: "seq", "no veto is pending for this connection with seq \(seq)")
+            }
+            pending = veto
+            let action = try arguments.requiredString("action")
+            let reason = try arguments.string("reason")
+            let set = try arguments.object("set")
             try arguments.finish()
-            throw EvdError.badRequest(field: "seq", "no veto is pending with seq \(seq)")
+            let decision: VetoDecision
+            switch action {
+            case "allow":
+                decision = .allow
+            case "deny":
+                decision = .deny(reason: reason)
+            case "modify":
+                guard let set else { throw EvdError.badRequest(field: "set", "modify needs 'set': the properties to replace") }
+                for key in set.keys where !veto.mutable.contains(key) {
+                    let allowed = veto.mutable.isEmpty ? "none" : veto.mutable.sorted().joined(separator: ", ")
+                    throw EvdError.badRequest(field: "set.\(key)", "'\(key)' is not a mutable property of this event (mutable: \(allowed))")
+                }
+                try Self.checkModification(set)
+                decision = .modify(set)
+            default:
+                throw EvdError.badRequest(field: "action", "'action' must be one of allow, deny, modify, not '\(action)'")
+            }
+            if !veto.resolve(decision) {
+                throw EvdError.badRequest(field: "seq", "the veto with seq \(seq) was already decided (it timed out)")
+            }
         } catch {
+            pending?.resolve(.noAnswer(.invalidReply))
             self.respond(id: id.isScalar ? id : .null, .failure(Self.wireError(error)))
+        }
+    }
+
+    /// Checks the type of each replaced property: what evd then runs must make sense.
+    static func checkModification(_ set: JSONObject) throws(EvdError) {
+        for (key, value) in set {
+            let ok: Bool
+            switch key {
+            case "statement": ok = value.stringValue != nil
+            case "parameters": ok = value.arrayValue != nil || value.objectValue != nil
+            case "request", "pragmas", "column": ok = value.objectValue != nil
+            case "error": ok = value["code"]?.stringValue != nil && value["message"]?.stringValue != nil
+            default: ok = true
+            }
+            if !ok { throw EvdError.badRequest(field: "set.\(key)", "'\(key)' has the wrong type (\(value.typeName))") }
         }
     }
 }

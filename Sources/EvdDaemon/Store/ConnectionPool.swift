@@ -64,6 +64,8 @@ public final class ConnectionPool: Sendable {
     /// The pragmas every new connection gets (the `do_connect` event's `pragmas`).
     let pragmas: JSONObject
     let defaultBusyTimeoutMs: Int32
+    /// The most one operation's vetoes may take in all.
+    let vetoBudget: Duration
 
     private enum WaitResult {
         case connection(PooledConnection)
@@ -96,8 +98,9 @@ public final class ConnectionPool: Sendable {
 
     init(
         database: DatabaseConfig, size: Int, bus: EventBus, threadPool: NIOThreadPool, eventLoop: any EventLoop,
-        busyTimeoutMs: Int32 = 5000, checkoutTimeout: TimeAmount = .seconds(30)
+        busyTimeoutMs: Int32 = 5000, checkoutTimeout: TimeAmount = .seconds(30), vetoBudget: Duration = .seconds(5)
     ) {
+        self.vetoBudget = vetoBudget
         self.database = database
         self.size = size
         self.bus = bus
@@ -123,7 +126,11 @@ public final class ConnectionPool: Sendable {
     // MARK: Checkout and checkin
 
     /// Takes a connection for a session: an idle one, a new one, or the next one freed.
+    ///
+    /// `checkout` is vetoable: a deny means "this connection is no good" (SQLAlchemy's
+    /// DisconnectionError): it is invalidated and another is tried, at most 2 attempts in all.
     public func checkout(origin: EventOrigin) async throws(EvdError) -> PooledConnection {
+        var attempts = 0
         while true {
             enum Step { case idle(PooledConnection), open(Int), wait }
             let step: Step = self.state.withLock { state in
@@ -162,9 +169,33 @@ public final class ConnectionPool: Sendable {
                 case .failed(let error): throw error
                 }
             }
-            self.bus.emit(.checkout, origin) { self.poolProperties(connection.number) }
+            let verdict = await self.bus.decide(.checkout, origin, budget: self.vetoBudget, eventLoop: self.eventLoop) {
+                self.poolProperties(connection.number)
+            }
+            if let verdict, verdict.denied {
+                attempts += 1
+                await self.discard(connection, because: verdict, origin: origin)
+                if attempts >= 2 { throw verdict.vetoedError(event: EventKind.checkout.name) }
+                continue
+            }
             return connection
         }
+    }
+
+    /// Invalidates and closes a checked-out connection a `checkout` listener denied.
+    private func discard(_ connection: PooledConnection, because verdict: VetoVerdict, origin: EventOrigin) async {
+        self.bus.emit(.invalidate, origin) {
+            var properties = self.poolProperties(connection.number)
+            properties["error"] = .object(verdict.vetoedError(event: EventKind.checkout.name).jsonObject)
+            return properties
+        }
+        let waiter = self.state.withLock { state -> Waiter? in
+            state.inUse -= 1
+            state.open -= 1
+            return state.waiters.popFirst()
+        }
+        await self.close(connection, detached: false, origin: origin)
+        waiter?.continuation.resume(returning: .retry)
     }
 
     private func waitForConnection() async -> WaitResult {
@@ -176,9 +207,9 @@ public final class ConnectionPool: Sendable {
             await withCheckedContinuation { (continuation: CheckedContinuation<WaitResult, Never>) in
                 self.state.withLock { $0.waiters.append(Waiter(id: id, continuation: continuation)) }
                 self.eventLoop.scheduleTask(in: self.checkoutTimeout) {
-                    let seconds = self.checkoutTimeout.nanoseconds / 1_000_000_000
+                    let milliseconds = self.checkoutTimeout.nanoseconds / 1_000_000
                     self.failWaiter(
-                        id: id, EvdError(.timeout, "no connection to \(self.database.name) was free within \(seconds)s"))
+                        id: id, EvdError(.timeout, "no connection to \(self.database.name) was free within \(milliseconds) ms"))
                 }
             }
         } onCancel: {
@@ -213,6 +244,7 @@ public final class ConnectionPool: Sendable {
                 let open = connection.sqlite.inTransaction
                 if open { try? connection.sqlite.exec("ROLLBACK") }
                 try? connection.apply(queryOnly: false, busyTimeoutMs: self.defaultBusyTimeoutMs)
+                connection.sqlite.lastInsertRowid = 0
                 return open
             }
         } catch {
@@ -254,26 +286,30 @@ public final class ConnectionPool: Sendable {
     // MARK: Opening and closing
 
     /// Opens connection `number`: `do_connect`, open, pragmas, `first_connect`, `connect`. Runs on the thread pool.
+    /// `do_connect` is vetoable: deny refuses the connection; a modified `pragmas` is what is applied.
     private func open(number: Int, origin: EventOrigin) throws -> PooledConnection {
-        let pragmas = self.pragmas
-        self.bus.emit(.doConnect, origin) {
+        var pragmas = self.pragmas
+        let verdict = self.bus.decideBlocking(.doConnect, origin, budget: self.vetoBudget) {
             [
                 "database": .string(self.database.name), "path": .string(self.database.path),
                 "flags": ["SQLITE_OPEN_READWRITE", "SQLITE_OPEN_CREATE", "SQLITE_OPEN_URI"],
                 "pragmas": .object(pragmas),
             ]
         }
+        if let verdict {
+            if verdict.denied { throw verdict.vetoedError(event: EventKind.doConnect.name) }
+            if let modified = verdict.properties["pragmas"]?.objectValue { pragmas = modified }
+        }
+        var statements: [String] = []
+        for (name, value) in pragmas {
+            guard let statement = Self.pragmaStatement(name, value) else {
+                throw EvdError(.vetoed, "do_connect: cannot apply pragma '\(name)' = \(String(decoding: value.jsonBytes, as: UTF8.self))")
+            }
+            statements.append(statement)
+        }
         let sqlite = try SQLiteConnection(
             path: self.database.path, flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI)
-        for (name, value) in pragmas {
-            let text: String
-            switch value {
-            case .int(let n): text = String(n)
-            case .string(let s): text = s
-            default: continue
-            }
-            try sqlite.exec("PRAGMA \(name) = \(text)")
-        }
+        for statement in statements { try sqlite.exec(statement) }
         let observer = AuthorizerObserver()
         sqlite.setAuthorizer(observer)
         let first = self.state.withLock { state in
@@ -284,6 +320,22 @@ public final class ConnectionPool: Sendable {
         self.bus.emit(.connect, origin) { self.poolProperties(number) }
         return PooledConnection(
             number: number, sqlite: sqlite, observer: observer, busyTimeoutMs: self.defaultBusyTimeoutMs)
+    }
+
+    /// `PRAGMA name = value` for a name that is an identifier and a value that is a number, a
+    /// boolean or a bare word (`wal`, `normal`); `nil` for anything else, so that a listener's
+    /// `pragmas` can never smuggle other SQL in.
+    static func pragmaStatement(_ name: String, _ value: JSONValue) -> String? {
+        func isWord(_ text: String) -> Bool {
+            !text.isEmpty && text.utf8.allSatisfy { $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: "-") || (48...57).contains($0) || (65...90).contains($0) || (97...122).contains($0) }
+        }
+        guard isWord(name), !name.contains("-") else { return nil }
+        switch value {
+        case .int(let n): return "PRAGMA \(name) = \(n)"
+        case .bool(let b): return "PRAGMA \(name) = \(b ? 1 : 0)"
+        case .string(let s) where isWord(s): return "PRAGMA \(name) = \(s)"
+        default: return nil
+        }
     }
 
     /// Closes a connection that left the pool, with `close` or `close_detached`.

@@ -36,6 +36,15 @@ enum SQLParameters: Sendable {
         }
     }
 
+    /// The parameters as the events show them.
+    var jsonValue: JSONValue {
+        switch self {
+        case .none: return .array([])
+        case .positional(let values): return .array(values)
+        case .named(let object): return .object(object)
+        }
+    }
+
     var isEmpty: Bool {
         switch self {
         case .none: return true
@@ -111,20 +120,26 @@ struct ExecuteResult: Sendable {
 
 /// Runs a request's SQL on one checked-out connection, firing the connection and dialect events
 /// (PROTOCOL.md §6.2–6.3) in SQLAlchemy's order:
-/// `before_execute`, [`begin`], per statement `before_cursor_execute`, `do_execute*`,
-/// `after_cursor_execute` (or `dbapi_error`, `handle_error`), `after_execute`, [`commit` | `rollback`].
+/// [`begin`], per statement `before_cursor_execute`, `do_execute*`, `after_cursor_execute`
+/// (or `dbapi_error`, `handle_error`), `after_execute`, [`commit` | `rollback`].
+/// (`before_execute` is decided by the session before it hands the request here, since a listener
+/// may rewrite the request itself.)
 ///
-/// Everything here blocks and runs on the thread pool, one request's SQL in one hop.
+/// Everything here blocks and runs on the thread pool, one request's SQL in one hop. A vetoable
+/// event with listeners blocks this thread while they decide: it is the thread of the one
+/// connection the work runs on, so nothing else waits for it.
 struct SQLRun {
     let bus: EventBus
     let pool: ConnectionPool
     let connection: PooledConnection
     let origin: EventOrigin
-    /// The client's request, for `before_execute`/`after_execute`.
+    /// The client's request (as `before_execute` listeners left it), for `after_execute`.
     let request: JSONObject
     let executionOptions: JSONObject
     /// Whether this request is its own transaction (no `begin` op is open).
     let implicitTransaction: Bool
+    /// The most one operation's vetoes may take in all (`--veto-budget-ms`).
+    let vetoBudget: Duration
 
     private var database: String { self.pool.database.name }
     private var sqlite: SQLiteConnection { self.connection.sqlite }
@@ -139,6 +154,14 @@ struct SQLRun {
         return properties
     }
 
+    /// Asks the veto listeners of `kind` (or just emits it); throws `vetoed` on an enforced deny.
+    @discardableResult
+    private func vetoable(_ kind: EventKind, _ properties: () -> JSONObject) throws(EvdError) -> VetoVerdict? {
+        let verdict = self.bus.decideBlocking(kind, self.origin, budget: self.vetoBudget, properties)
+        if let verdict, verdict.denied { throw verdict.vetoedError(event: kind.name) }
+        return verdict
+    }
+
     /// `execute`: every statement of `sql`, with the rows of the last one that returns columns.
     func execute(sql: SQLText, parameters: SQLParameters) throws(EvdError) -> ExecuteResult {
         try self.inRequest { () throws(EvdError) -> (ExecuteResult, Int64) in
@@ -147,15 +170,18 @@ struct SQLRun {
             var cursor = 0
             var begun = !self.implicitTransaction
             while !sql.isBlank(from: offset) {
-                guard let statement = try self.prepare(sql, from: offset) else { break }
+                guard var statement = try self.prepare(sql, from: offset) else { break }
                 offset = statement.tailOffset
                 if !begun {
                     try self.begin(immediate: !statement.isReadOnly)
                     begun = true
                 }
-                let bound = try parameters.bind(statement, cursor: &cursor)
+                var bound = try parameters.bind(statement, cursor: &cursor)
                 if sql.isBlank(from: offset), let total = parameters.positionalCount, cursor != total {
                     throw EvdError.badRequest(field: "params", "\(total) parameter(s) given, the SQL takes \(cursor)")
+                }
+                if let verdict = try self.beforeCursorExecute(statement.sql, bound, executemany: false) {
+                    (statement, bound) = try self.rewrite(statement, bound, to: verdict.properties)
                 }
                 var rows: [[JSONValue]] = []
                 let changed = try self.run(statement, parameters: bound, executemany: false) {
@@ -176,29 +202,36 @@ struct SQLRun {
     /// `executemany`: one statement, stepped once per parameter set.
     func executemany(sql: SQLText, parameterSets: [SQLParameters]) throws(EvdError) -> Int64 {
         try self.inRequest { () throws(EvdError) -> (Int64, Int64) in
-            guard let statement = try self.prepare(sql, from: 0) else {
+            guard var statement = try self.prepare(sql, from: 0) else {
                 throw EvdError.badRequest(field: "sql", "the SQL has no statement")
             }
             guard sql.isBlank(from: statement.tailOffset) else {
                 throw EvdError.badRequest(field: "sql", "executemany takes exactly one statement")
             }
             if self.implicitTransaction { try self.begin(immediate: !statement.isReadOnly) }
-            let all: JSONValue = .array(
-                parameterSets.map {
-                    switch $0 {
-                    case .none: return .array([])
-                    case .positional(let values): return .array(values)
-                    case .named(let object): return .object(object)
+            var sets = parameterSets
+            var all: JSONValue = .array(sets.map(\.jsonValue))
+            if let verdict = try self.beforeCursorExecute(statement.sql, all, executemany: true) {
+                if let text = verdict.properties["statement"]?.stringValue, text != statement.sql {
+                    statement = try self.prepareReplacement(text)
+                }
+                if let replaced = verdict.properties["parameters"], replaced != all {
+                    guard let list = replaced.arrayValue else {
+                        throw EvdError(.vetoed, "a listener set executemany's parameters to something that is not a list")
                     }
-                })
-            let changed = try self.run(statement, parameters: all, executemany: true, parameterSets: parameterSets)
+                    sets = try list.enumerated().map { (index, set) throws(EvdError) in
+                        try SQLParameters(set, field: "parameters[\(index)]")
+                    }
+                    all = replaced
+                }
+            }
+            let changed = try self.run(statement, parameters: all, executemany: true, parameterSets: sets)
             return (changed, changed)
         }
     }
 
-    /// Wraps a request: `before_execute`, the body, `after_execute`, and the implicit transaction's end.
+    /// Wraps a request: the body, `after_execute`, and the implicit transaction's end.
     private func inRequest<T>(_ body: () throws(EvdError) -> (T, Int64)) throws(EvdError) -> T {
-        self.bus.emit(.beforeExecute, self.origin) { self.requestProperties() }
         let value: T
         let changes: Int64
         do {
@@ -213,7 +246,12 @@ struct SQLRun {
             return properties
         }
         if self.implicitTransaction {
-            self.bus.emit(.commit, self.origin) { self.transactionProperties() }
+            do {
+                try self.vetoable(.commit) { self.transactionProperties() }
+            } catch {
+                self.rollback()  // a denied commit rolls back: nothing becomes visible
+                throw error
+            }
             do {
                 try self.sqlite.exec("COMMIT")
             } catch {
@@ -231,12 +269,12 @@ struct SQLRun {
     }
 
     private func begin(immediate: Bool) throws(EvdError) {
+        try self.vetoable(.begin) { self.transactionProperties() }
         do {
             try self.sqlite.exec(immediate ? "BEGIN IMMEDIATE" : "BEGIN")
         } catch {
             throw self.failed(error, statement: immediate ? "BEGIN IMMEDIATE" : "BEGIN", parameters: .array([]))
         }
-        self.bus.emit(.begin, self.origin) { self.transactionProperties() }
     }
 
     private func rollback() {
@@ -247,37 +285,82 @@ struct SQLRun {
     /// Prepares the next statement, refusing transaction control (that is what the begin/commit/
     /// rollback/savepoint ops are for: evd must know where transactions start and end).
     private func prepare(_ sql: SQLText, from offset: Int) throws(EvdError) -> SQLiteStatement? {
-        self.connection.observer.sawTransactionControl = false
+        let observer = self.connection.observer
+        observer.sawTransactionControl = false
+        observer.setExecutionOptionPragma = nil
+        observer.preparingClientSQL = true
+        defer { observer.preparingClientSQL = false }
         let statement: SQLiteStatement?
         do {
             statement = try self.sqlite.prepare(sql, from: offset)
         } catch {
+            if let pragma = observer.setExecutionOptionPragma {
+                throw EvdError.badRequest(
+                    field: "sql", "PRAGMA \(pragma) cannot be set in SQL: it is an execution option (use the execution_options op)")
+            }
             throw self.failed(error, statement: sql.text, parameters: .array([]))
         }
-        if self.connection.observer.sawTransactionControl {
+        if observer.sawTransactionControl {
             throw EvdError.badRequest(
                 field: "sql", "transaction control in SQL is not allowed: use the begin, commit, rollback and savepoint ops")
         }
         return statement
     }
 
-    /// Steps one statement to completion (once per parameter set for executemany), firing the
-    /// cursor and dialect events; `onRow` sees each result row. Returns the rows it changed directly.
-    private func run(
-        _ statement: SQLiteStatement, parameters: JSONValue, executemany: Bool,
-        parameterSets: [SQLParameters] = [], onRow: () -> Void = {}
-    ) throws(EvdError) -> Int64 {
-        let sql = statement.sql
-        self.bus.emit(.beforeCursorExecute, self.origin) {
+    /// Prepares a statement a listener substituted: exactly one statement, no transaction control.
+    private func prepareReplacement(_ text: String) throws(EvdError) -> SQLiteStatement {
+        let sql = SQLText(text)
+        guard let statement = try self.prepare(sql, from: 0) else {
+            throw EvdError(.vetoed, "a listener replaced the statement with no statement")
+        }
+        guard sql.isBlank(from: statement.tailOffset) else {
+            throw EvdError(.vetoed, "a listener replaced the statement with more than one statement")
+        }
+        return statement
+    }
+
+    /// `before_cursor_execute`: listeners may deny, or rewrite `statement` and `parameters`.
+    private func beforeCursorExecute(_ sql: String, _ parameters: JSONValue, executemany: Bool) throws(EvdError)
+        -> VetoVerdict?
+    {
+        try self.vetoable(.beforeCursorExecute) {
             var properties = self.base()
             properties["statement"] = .string(sql)
             properties["parameters"] = parameters
             properties["executemany"] = .bool(executemany)
             return properties
         }
+    }
+
+    /// The statement and parameters a `modify` asked for: what then runs.
+    private func rewrite(_ statement: SQLiteStatement, _ bound: JSONValue, to properties: JSONObject) throws(EvdError)
+        -> (SQLiteStatement, JSONValue)
+    {
+        let text = properties["statement"]?.stringValue ?? statement.sql
+        let parameters = properties["parameters"] ?? bound
+        guard text != statement.sql || parameters != bound else { return (statement, bound) }
+        let replacement = text != statement.sql ? try self.prepareReplacement(text) : statement
+        replacement.reset()
+        let source = try SQLParameters(parameters, field: "parameters")
+        var cursor = 0
+        let rebound = try source.bind(replacement, cursor: &cursor)
+        if let total = source.positionalCount, total != cursor {
+            throw EvdError(.vetoed, "a listener's parameters (\(total)) do not fit the statement (\(cursor))")
+        }
+        return (replacement, rebound)
+    }
+
+    /// Steps one statement to completion (once per parameter set for executemany), firing the
+    /// dialect and `after_cursor_execute` events; `onRow` sees each result row. Returns the rows it
+    /// changed directly.
+    private func run(
+        _ statement: SQLiteStatement, parameters: JSONValue, executemany: Bool,
+        parameterSets: [SQLParameters] = [], onRow: () -> Void = {}
+    ) throws(EvdError) -> Int64 {
+        let sql = statement.sql
         let dialectEvent: EventKind =
             executemany ? .doExecutemany : (statement.parameterCount == 0 ? .doExecuteNoParams : .doExecute)
-        self.bus.emit(dialectEvent, self.origin) {
+        try self.vetoable(dialectEvent) {
             var properties = self.base()
             properties["statement"] = .string(sql)
             properties["parameters"] = parameters
@@ -335,21 +418,25 @@ struct SQLRun {
         return self.sqlite.totalChanges != before ? self.sqlite.changes : 0
     }
 
-    /// Turns a SQLite failure into the client's error: `dbapi_error`, `handle_error`, and the
-    /// connection invalidated when the error means it can no longer be trusted.
+    /// Turns a SQLite failure into the client's error: `dbapi_error`, then `handle_error` (whose
+    /// listeners may rewrite the error the client receives), and the connection invalidated when the
+    /// error means it can no longer be trusted.
     private func failed(_ error: SQLiteError, statement: String, parameters: JSONValue) -> EvdError {
         let evdError = error.evdError
         let errorObject: JSONValue = .object(evdError.jsonObject)
-        for kind in [EventKind.dbapiError, .handleError] {
-            self.bus.emit(kind, self.origin) {
-                var properties = self.base()
-                properties["statement"] = .string(statement)
-                properties["parameters"] = parameters
-                properties["error"] = errorObject
-                return properties
-            }
+        func properties() -> JSONObject {
+            var properties = self.base()
+            properties["statement"] = .string(statement)
+            properties["parameters"] = parameters
+            properties["error"] = errorObject
+            return properties
         }
+        self.bus.emit(.dbapiError, self.origin, properties)
         if error.invalidatesConnection { self.pool.invalidate(self.connection, error: error, origin: self.origin) }
+        let verdict = self.bus.decideBlocking(.handleError, self.origin, budget: self.vetoBudget, properties)
+        if let rewritten = verdict?.properties["error"]?.objectValue, verdict?.action == "modify" {
+            return EvdError(object: rewritten)
+        }
         return evdError
     }
 }

@@ -93,8 +93,12 @@ public final class SQLiteConnection: @unchecked Sendable {
     public var totalChanges: Int64 { sqlite3_total_changes64(self.handle) }
     /// The rows changed by the most recent INSERT, UPDATE or DELETE.
     public var changes: Int64 { sqlite3_changes64(self.handle) }
-    /// The rowid of the most recent successful INSERT.
-    public var lastInsertRowid: Int64 { sqlite3_last_insert_rowid(self.handle) }
+    /// The rowid of the most recent successful INSERT; the pool sets it back to 0 at checkin, so a
+    /// session never sees the rowid of another session's insert.
+    public var lastInsertRowid: Int64 {
+        get { sqlite3_last_insert_rowid(self.handle) }
+        set { sqlite3_set_last_insert_rowid(self.handle, newValue) }
+    }
 
     /// Prepares the first statement of `sql` starting at byte `offset`; returns `nil` when only
     /// whitespace and comments remain.
@@ -248,10 +252,9 @@ extension SQLiteConnection {
         let context = Unmanaged.passUnretained(observer).toOpaque()
         sqlite3_set_authorizer(
             self.handle,
-            { context, action, _, _, _, _ in
+            { context, action, first, second, _, _ in
                 let observer = Unmanaged<AuthorizerObserver>.fromOpaque(context!).takeUnretainedValue()
-                observer.observe(action)
-                return SQLITE_OK
+                return observer.authorize(action, first, second)
             },
             context)
     }
@@ -263,10 +266,30 @@ extension SQLiteConnection {
 public final class AuthorizerObserver: @unchecked Sendable {
     /// Whether a transaction-control statement (BEGIN, COMMIT, SAVEPOINT, ...) was prepared.
     public var sawTransactionControl = false
+    /// Whether the statements being prepared are a client's SQL (evd's own are not policed).
+    public var preparingClientSQL = false
+    /// The execution-option pragma (`query_only`, `busy_timeout`) a client's statement tried to set,
+    /// if any. evd sets those itself per session; a value set by raw SQL would outlive the session on
+    /// the pooled connection (and bypass engine-wide options), so the prepare is denied.
+    public var setExecutionOptionPragma: String?
+
+    /// Pragmas that back execution options (`query_only`, `busy_timeout_ms`).
+    static let executionOptionPragmas: Set<String> = ["query_only", "busy_timeout"]
 
     public init() {}
 
-    func observe(_ action: Int32) {
+    /// Records `action` and answers SQLite's authorizer. Denying must happen here, not after the
+    /// prepare: SQLite applies some pragmas (query_only among them) while preparing.
+    func authorize(_ action: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?) -> Int32 {
         if action == SQLITE_TRANSACTION || action == SQLITE_SAVEPOINT { self.sawTransactionControl = true }
+        // For SQLITE_PRAGMA, `first` is the pragma's name and `second` its argument (nil for a read).
+        if action == SQLITE_PRAGMA, self.preparingClientSQL, second != nil, let first {
+            let name = String(cString: first).lowercased()
+            if Self.executionOptionPragmas.contains(name) {
+                self.setExecutionOptionPragma = name
+                return SQLITE_DENY
+            }
+        }
+        return SQLITE_OK
     }
 }

@@ -1,0 +1,334 @@
+import Dispatch
+import EvdClient
+import NIOCore
+import OrderedCollections
+import Synchronization
+
+/// What a veto listener does when it gives no valid answer in time (PROTOCOL.md §4).
+public enum VetoPolicy: String, Sendable {
+    case allow, deny
+}
+
+/// The veto half of a subscription: which vetoable events it decides, and how.
+final class VetoListener: Sendable {
+    let subscription: Int
+    let session: UInt64
+    /// `by` in outcomes and `vetoed` errors: the subscription's name, else `subscription:N`.
+    let name: String
+    /// Vetoable catalog events matched by the subscription's `veto` patterns, as a bit set.
+    let kinds: UInt64
+    let priority: Int64
+    let timeout: Duration
+    let onTimeout: VetoPolicy
+    /// `mode: "dry_run"`: asked, recorded, never enforced.
+    let dryRun: Bool
+    let outbox: Outbox
+
+    init(
+        subscription: Int, session: UInt64, name: String?, kinds: UInt64, priority: Int64, timeout: Duration,
+        onTimeout: VetoPolicy, dryRun: Bool, outbox: Outbox
+    ) {
+        self.subscription = subscription
+        self.session = session
+        self.name = name ?? "subscription:\(subscription)"
+        self.kinds = kinds
+        self.priority = priority
+        self.timeout = timeout
+        self.onTimeout = onTimeout
+        self.dryRun = dryRun
+        self.outbox = outbox
+    }
+
+    /// Chain order: highest priority first, then subscription order.
+    static func chainOrder(_ a: VetoListener, _ b: VetoListener) -> Bool {
+        a.priority != b.priority ? a.priority > b.priority : a.subscription < b.subscription
+    }
+}
+
+/// A listener's answer to one veto, or why there was none.
+enum VetoDecision: Sendable, Equatable {
+    case allow
+    case deny(reason: String?)
+    /// The listener's `set`, already checked against the event's mutable properties.
+    case modify(JSONObject)
+    /// No valid answer: the listener's `on_timeout` decides.
+    case noAnswer(NoAnswer)
+
+    enum NoAnswer: String, Sendable {
+        case timeout, disconnected, invalidReply = "invalid_reply", budget, shutdown
+    }
+}
+
+/// One veto waiting for one listener's reply. Resolved exactly once: by a reply, its timeout, the
+/// listener's disconnect, or shutdown — whichever comes first.
+///
+/// It can be awaited from async code (a scheduled timeout resumes the continuation) or waited on
+/// from a SQLite thread (a semaphore with a timeout): a vetoable event fired in the middle of SQL
+/// work blocks only that connection's thread, which is the connection's own.
+final class PendingVeto: Sendable {
+    let seq: Int64
+    let listener: VetoListener
+    let mutable: Set<String>
+    /// When the veto was sent, for the latency figures.
+    let askedAt = ContinuousClock.now
+
+    private enum State {
+        case waiting(CheckedContinuation<VetoDecision, Never>?)
+        case resolved(VetoDecision)
+    }
+
+    private let state = Mutex(State.waiting(nil))
+    private let semaphore = DispatchSemaphore(value: 0)
+
+    init(seq: Int64, listener: VetoListener, mutable: Set<String>) {
+        self.seq = seq
+        self.listener = listener
+        self.mutable = mutable
+    }
+
+    /// Resolves the veto; returns `false` if it was already resolved.
+    @discardableResult
+    func resolve(_ decision: VetoDecision) -> Bool {
+        let outcome = self.state.withLock { state -> (Bool, CheckedContinuation<VetoDecision, Never>?) in
+            guard case .waiting(let continuation) = state else { return (false, nil) }
+            state = .resolved(decision)
+            return (true, continuation)
+        }
+        guard outcome.0 else { return false }
+        outcome.1?.resume(returning: decision)
+        self.semaphore.signal()
+        return true
+    }
+
+    private var decision: VetoDecision? {
+        self.state.withLock { state in
+            if case .resolved(let decision) = state { return decision }
+            return nil
+        }
+    }
+
+    /// Blocks the calling (non-cooperative) thread until resolved or `timeout` passes.
+    func waitBlocking(timeout: Duration) -> VetoDecision {
+        let nanoseconds = max(0, timeout.components.seconds * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000)
+        if self.semaphore.wait(timeout: .now() + .nanoseconds(Int(nanoseconds))) == .timedOut {
+            self.resolve(.noAnswer(.timeout))
+        }
+        return self.decision ?? .noAnswer(.timeout)
+    }
+
+    /// Suspends until resolved or `timeout` passes.
+    func wait(timeout: Duration, on eventLoop: any EventLoop) async -> VetoDecision {
+        let nanoseconds = timeout.components.seconds * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000
+        let timer = eventLoop.scheduleTask(in: .nanoseconds(max(0, nanoseconds))) {
+            self.resolve(.noAnswer(.timeout))
+        }
+        defer { timer.cancel() }
+        return await withCheckedContinuation { (continuation: CheckedContinuation<VetoDecision, Never>) in
+            let resolved = self.state.withLock { state -> VetoDecision? in
+                switch state {
+                case .resolved(let decision): return decision
+                case .waiting: state = .waiting(continuation); return nil
+                }
+            }
+            if let resolved { continuation.resume(returning: resolved) }
+        }
+    }
+}
+
+/// The vetoes waiting for replies, by listener session and seq: where `reply` finds its veto.
+final class PendingVetoes: Sendable {
+    private struct Key: Hashable {
+        let session: UInt64
+        let seq: Int64
+    }
+
+    private let pending = Mutex<[Key: PendingVeto]>([:])
+
+    func add(_ veto: PendingVeto) {
+        self.pending.withLock { $0[Key(session: veto.listener.session, seq: veto.seq)] = veto }
+    }
+
+    func remove(_ veto: PendingVeto) {
+        _ = self.pending.withLock { $0.removeValue(forKey: Key(session: veto.listener.session, seq: veto.seq)) }
+    }
+
+    /// The veto `session` was asked with `seq`, if it is still pending.
+    func find(session: UInt64, seq: Int64) -> PendingVeto? {
+        self.pending.withLock { $0[Key(session: session, seq: seq)] }
+    }
+
+    /// Resolves every veto pending for `session` (it disconnected): at once, not at their timeout.
+    func resolveAll(session: UInt64, _ decision: VetoDecision) {
+        let vetoes = self.pending.withLock { pending in pending.values.filter { $0.listener.session == session } }
+        for veto in vetoes { veto.resolve(decision) }
+    }
+
+    /// Resolves every pending veto (shutdown).
+    func resolveAll(_ decision: VetoDecision) {
+        let vetoes = self.pending.withLock { Array($0.values) }
+        for veto in vetoes { veto.resolve(decision) }
+    }
+
+    var count: Int { self.pending.withLock { $0.count } }
+}
+
+/// What a veto chain decided.
+struct VetoVerdict: Sendable {
+    /// The properties after every modification.
+    var properties: JSONObject
+    /// `allow`, `deny` or `modify`: what actually happened.
+    var action: String
+    var by: String?
+    var reason: String?
+    /// The decisions of dry-run listeners: `{"by","action","reason"}`.
+    var dryRun: [JSONValue] = []
+    /// The seq the vetoers saw.
+    var seq: Int64
+
+    var denied: Bool { self.action == "deny" }
+
+    /// The `outcome` object plain subscribers get.
+    var outcome: JSONValue {
+        [
+            "seq": .int(self.seq), "action": .string(self.action), "by": self.by.map(JSONValue.string) ?? .null,
+            "reason": self.reason.map(JSONValue.string) ?? .null, "dry_run": .array(self.dryRun),
+        ]
+    }
+
+    /// The error the client whose work was denied receives.
+    func vetoedError(event: String) -> EvdError {
+        EvdError(
+            .vetoed, "\(event) was vetoed" + (self.by.map { " by \($0)" } ?? "") + (self.reason.map { ": \($0)" } ?? ""),
+            extra: [
+                "event": .string(event), "by": self.by.map(JSONValue.string) ?? .null,
+                "reason": self.reason.map(JSONValue.string) ?? .null,
+            ])
+    }
+}
+
+/// One run of a veto chain: asks listeners one at a time (highest priority first), each seeing the
+/// properties as modified by those before; the first enforced `deny` ends it; the daemon's budget
+/// caps the whole run. The same logic serves async callers and SQLite threads: they differ only in
+/// how they wait for each `PendingVeto` (see `EventBus.decide` and `decideBlocking`).
+struct VetoRun {
+    let kind: EventKind
+    let origin: EventOrigin
+    let listeners: [VetoListener]
+    let deadline: ContinuousClock.Instant
+    private(set) var verdict: VetoVerdict
+    private var index = 0
+    private var finished = false
+
+    init(kind: EventKind, seq: Int64, origin: EventOrigin, properties: JSONObject, listeners: [VetoListener], budget: Duration) {
+        self.kind = kind
+        self.origin = origin
+        self.listeners = listeners
+        self.deadline = .now + budget
+        self.verdict = VetoVerdict(properties: properties, action: "allow", seq: seq)
+    }
+
+    /// The next listener to ask and how long it may take, or `nil` when the chain has ended.
+    mutating func next() -> (VetoListener, Duration)? {
+        guard !self.finished, self.index < self.listeners.count else { return nil }
+        let listener = self.listeners[self.index]
+        self.index += 1
+        let remaining = self.deadline - .now
+        if remaining <= .zero {
+            // The budget is spent: this listener is not asked; its policy decides, and the chain ends.
+            self.record(.noAnswer(.budget), from: listener)
+            self.finished = true
+            return nil
+        }
+        return (listener, min(listener.timeout, remaining))
+    }
+
+    /// Applies one listener's decision.
+    mutating func record(_ decision: VetoDecision, from listener: VetoListener) {
+        var effective = decision
+        var reason: String? = nil
+        if case .noAnswer(let why) = decision {
+            effective = listener.onTimeout == .allow ? .allow : .deny(reason: nil)
+            reason = "no answer (\(why.rawValue)); on_timeout \(listener.onTimeout.rawValue)"
+            if why == .budget && self.deadline - .now <= .zero { self.finished = true }
+        }
+        if listener.dryRun {
+            let action: String
+            switch effective {
+            case .allow, .noAnswer: action = "allow"
+            case .deny(let why): action = "deny"; reason = why ?? reason
+            case .modify: action = "modify"
+            }
+            self.verdict.dryRun.append([
+                "by": .string(listener.name), "action": .string(action), "reason": reason.map(JSONValue.string) ?? .null,
+            ])
+            return
+        }
+        switch effective {
+        case .allow, .noAnswer:
+            break
+        case .deny(let why):
+            self.verdict.action = "deny"
+            self.verdict.by = listener.name
+            self.verdict.reason = why ?? reason
+            self.finished = true
+        case .modify(let set):
+            for (key, value) in set { self.verdict.properties[key] = value }
+            self.verdict.action = "modify"
+            self.verdict.by = listener.name
+        }
+    }
+}
+
+/// Veto counters and a latency distribution for `stats`.
+final class VetoStats: Sendable {
+    let asked = Atomic<Int>(0)
+    let allowed = Atomic<Int>(0)
+    let denied = Atomic<Int>(0)
+    let modified = Atomic<Int>(0)
+    let timedOut = Atomic<Int>(0)
+    let invalidReplies = Atomic<Int>(0)
+    let dryRunDenied = Atomic<Int>(0)
+    /// Reply latencies in power-of-two microsecond buckets: bucket i holds [2^i, 2^(i+1)) µs.
+    private let buckets = Mutex<[Int]>(Array(repeating: 0, count: 32))
+
+    func record(_ decision: VetoDecision, dryRun: Bool, since asked: ContinuousClock.Instant) {
+        switch decision {
+        case .allow: self.allowed.add(1, ordering: .relaxed)
+        case .deny:
+            self.denied.add(1, ordering: .relaxed)
+            if dryRun { self.dryRunDenied.add(1, ordering: .relaxed) }
+        case .modify: self.modified.add(1, ordering: .relaxed)
+        case .noAnswer(let why):
+            if why == .invalidReply { self.invalidReplies.add(1, ordering: .relaxed) } else { self.timedOut.add(1, ordering: .relaxed) }
+        }
+        let elapsed = ContinuousClock.now - asked
+        let micros = max(1, elapsed.components.seconds * 1_000_000 + elapsed.components.attoseconds / 1_000_000_000_000)
+        let bucket = min(31, 63 - micros.leadingZeroBitCount)
+        self.buckets.withLock { $0[bucket] += 1 }
+    }
+
+    /// The counters and the latency percentiles (upper bounds of their buckets, in µs).
+    var jsonValue: JSONValue {
+        let buckets = self.buckets.withLock { $0 }
+        let total = buckets.reduce(0, +)
+        func percentile(_ p: Double) -> JSONValue {
+            guard total > 0 else { return .null }
+            var seen = 0
+            for (i, count) in buckets.enumerated() {
+                seen += count
+                if Double(seen) >= p * Double(total) { return .integer(1 << (i + 1)) }
+            }
+            return .null
+        }
+        return [
+            "asked": .integer(self.asked.load(ordering: .relaxed)),
+            "allowed": .integer(self.allowed.load(ordering: .relaxed)),
+            "denied": .integer(self.denied.load(ordering: .relaxed)),
+            "modified": .integer(self.modified.load(ordering: .relaxed)),
+            "timed_out": .integer(self.timedOut.load(ordering: .relaxed)),
+            "invalid_replies": .integer(self.invalidReplies.load(ordering: .relaxed)),
+            "dry_run_denied": .integer(self.dryRunDenied.load(ordering: .relaxed)),
+            "latency_us": ["p50": percentile(0.5), "p90": percentile(0.9), "p99": percentile(0.99), "max": percentile(1.0)],
+        ]
+    }
+}
