@@ -133,6 +133,8 @@ public final class Daemon: Service, CustomStringConvertible {
         while core.sessions.counts().current > 0 && ContinuousClock.now < flushDeadline {
             try? await Task.sleep(for: .milliseconds(10))
         }
+        // Whoever is left has stopped reading: close their connections so shutdown is bounded.
+        for session in core.sessions.all { session.forceClose() }
     }
 
     // MARK: Connections

@@ -20,6 +20,8 @@ final class Session: Sendable {
     private let busy = Atomic<Bool>(false)
     /// Whether the session has any subscription (it then outlives a half-closed input).
     let hasSubscriptions = Atomic<Int>(0)
+    /// The connection, for a forced close at shutdown.
+    private let channel = Mutex<(any Channel)?>(nil)
 
     init(id: UInt64, actor: Actor, core: DaemonCore, logger: Logger) {
         self.id = id
@@ -44,6 +46,7 @@ final class Session: Sendable {
 
     /// Serves the connection until the client leaves or the daemon stops.
     func run(channel: NIOAsyncChannel<LineFrame, ByteBuffer>) async {
+        self.channel.withLock { $0 = channel.channel }
         self.logger.debug("session started")
         self.outbox.enqueue(line: self.helloLine())
         self.core.bus.emit(.login, self.origin) { ["method": "peercred"] }
@@ -238,6 +241,13 @@ final class Session: Sendable {
     /// Ends the session: what is queued is written, then the connection closes.
     func close() {
         self.outbox.close()
+    }
+
+    /// Closes the connection now, dropping unwritten output: for a peer that stopped reading, whose
+    /// writer would otherwise wait on a full socket forever.
+    func forceClose() {
+        self.outbox.close()
+        self.channel.withLock { $0 }?.close(promise: nil)
     }
 
     /// Any error as the wire's error.
