@@ -104,6 +104,10 @@ public final class SQLiteConnection: @unchecked Sendable {
     /// whitespace and comments remain.
     public func prepare(_ sql: SQLText, from offset: Int) throws(SQLiteError) -> SQLiteStatement? {
         var result: Result<SQLiteStatement?, SQLiteError> = .success(nil)
+        // Skip the whitespace before the statement, so that its text (the events' `statement`) starts
+        // with the statement itself.
+        var offset = offset
+        while offset < sql.utf8.count - 1, sql.utf8[offset] == 32 || (9...13).contains(sql.utf8[offset]) { offset += 1 }
         sql.utf8.withUnsafeBufferPointer { buffer in
             let base = UnsafeRawPointer(buffer.baseAddress!).assumingMemoryBound(to: CChar.self)
             var stmt: OpaquePointer?
