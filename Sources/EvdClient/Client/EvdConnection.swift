@@ -68,11 +68,17 @@ public final class EvdConnection: Sendable {
                 group.addTask {
                     await connection.readLoop(inbound)
                 }
-                defer { asyncChannel.channel.close(promise: nil) }
+                // Nobody takes messages once `body` ends: finishing the queue frees a read loop
+                // waiting for room in it, so closing cannot hang on unread events.
+                defer {
+                    connection.messages.finish()
+                    asyncChannel.channel.close(promise: nil)
+                }
                 guard await connection.helloSignal.pop() == true else {
                     throw ConnectionError(description: "evd at \(socketPath) closed the connection without a hello")
                 }
                 let result = try await body(connection)
+                connection.messages.finish()
                 asyncChannel.channel.close(promise: nil)
                 try await group.waitForAll()
                 return result

@@ -42,7 +42,12 @@ final class Subscription: Sendable {
 
     /// Whether an event with these properties passes the `where` filter.
     func accepts(name: String, origin: EventOrigin, properties: JSONObject) -> Bool {
-        for (key, accepted) in self.filter {
+        Self.passes(self.filter, name: name, origin: origin, properties: properties)
+    }
+
+    /// Whether an event passes a `where` filter (plain subscriptions and veto listeners alike).
+    static func passes(_ filter: [(String, [JSONValue])], name: String, origin: EventOrigin, properties: JSONObject) -> Bool {
+        for (key, accepted) in filter {
             let value: JSONValue?
             switch key {
             case "event": value = .string(name)
@@ -251,6 +256,17 @@ public final class EventBus: Sendable {
         self.vetoInterest.store(vetoInterest, ordering: .relaxed)
     }
 
+    /// Stops asking `session`'s veto listeners (its input ended: it can never reply again) and
+    /// resolves their pending vetoes at once by their `on_timeout`. Its plain subscriptions stay.
+    func removeVetoListeners(session: UInt64) {
+        self.state.withLock { state in
+            let before = state.vetoListeners.count
+            state.vetoListeners = state.vetoListeners.filter { $0.value.session != session }
+            if state.vetoListeners.count != before { self.rebuild(&state) }
+        }
+        self.pendingVetoes.resolveAll(session: session, .noAnswer(.disconnected))
+    }
+
     /// Custom event names emitted so far.
     public var customNames: [String] { self.state.withLock { Array($0.customNames) } }
 
@@ -268,7 +284,11 @@ public final class EventBus: Sendable {
         _ kind: EventKind, _ origin: EventOrigin, budget: Duration, eventLoop: any EventLoop,
         _ properties: () -> JSONObject
     ) async -> VetoVerdict? {
-        guard var run = self.startVeto(kind, origin, budget: budget, properties) else { return nil }
+        let operation = OperationVetoBudget.current
+        let started = ContinuousClock.now
+        defer { operation?.spend(.now - started) }
+        guard var run = self.startVeto(kind, origin, budget: operation?.remaining(cap: budget) ?? budget, properties)
+        else { return nil }
         while let (listener, timeout) = run.next() {
             let veto = self.ask(listener, run)
             let decision = await veto.wait(timeout: timeout, on: eventLoop)
@@ -278,11 +298,16 @@ public final class EventBus: Sendable {
     }
 
     /// The same as `decide`, for a SQLite thread: each wait blocks this thread (which serves the one
-    /// connection the vetoed work runs on), never a cooperative one.
-    func decideBlocking(_ kind: EventKind, _ origin: EventOrigin, budget: Duration, _ properties: () -> JSONObject)
-        -> VetoVerdict?
-    {
-        guard var run = self.startVeto(kind, origin, budget: budget, properties) else { return nil }
+    /// connection the vetoed work runs on), never a cooperative one. `operation` is the request's
+    /// budget (a SQLite thread cannot see `OperationVetoBudget.current`).
+    func decideBlocking(
+        _ kind: EventKind, _ origin: EventOrigin, budget: Duration, operation: OperationVetoBudget? = nil,
+        _ properties: () -> JSONObject
+    ) -> VetoVerdict? {
+        let started = ContinuousClock.now
+        defer { operation?.spend(.now - started) }
+        guard var run = self.startVeto(kind, origin, budget: operation?.remaining(cap: budget) ?? budget, properties)
+        else { return nil }
         while let (listener, timeout) = run.next() {
             let veto = self.ask(listener, run)
             let decision = veto.waitBlocking(timeout: timeout)
@@ -299,15 +324,21 @@ public final class EventBus: Sendable {
             self.emit(kind, origin, properties)
             return nil
         }
+        let properties = properties()
+        // The listeners whose `where` the event passes; a seq only when someone is asked.
         let (listeners, seq) = self.state.withLock { state -> ([VetoListener], Int64) in
+            let listeners = state.vetoersByKind[kind.rawValue].filter {
+                $0.accepts(kind, origin: origin, properties: properties)
+            }
+            guard !listeners.isEmpty else { return ([], 0) }
             state.seq += 1
-            return (state.vetoersByKind[kind.rawValue], state.seq)
+            return (listeners, state.seq)
         }
         guard !listeners.isEmpty else {
-            self.emit(kind, origin, properties)
+            self.emit(kind, origin) { properties }
             return nil
         }
-        return VetoRun(kind: kind, seq: seq, origin: origin, properties: properties(), listeners: listeners, budget: budget)
+        return VetoRun(kind: kind, seq: seq, origin: origin, properties: properties, listeners: listeners, budget: budget)
     }
 
     /// Sends the veto message to `listener` and registers the pending veto its reply resolves.

@@ -23,11 +23,14 @@ final class VetoListener: Sendable {
     /// `mode: "dry_run"`: asked, recorded, never enforced.
     let dryRun: Bool
     let outbox: Outbox
+    /// The subscription's `where`: the listener is asked only about events that pass it.
+    let filter: [(String, [JSONValue])]
 
     init(
         subscription: Int, session: UInt64, name: String?, kinds: UInt64, priority: Int64, timeout: Duration,
-        onTimeout: VetoPolicy, dryRun: Bool, outbox: Outbox
+        onTimeout: VetoPolicy, dryRun: Bool, outbox: Outbox, filter: [(String, [JSONValue])] = []
     ) {
+        self.filter = filter
         self.subscription = subscription
         self.session = session
         self.name = name ?? "subscription:\(subscription)"
@@ -37,6 +40,11 @@ final class VetoListener: Sendable {
         self.onTimeout = onTimeout
         self.dryRun = dryRun
         self.outbox = outbox
+    }
+
+    /// Whether this listener is asked about `kind` with these properties (its `where`).
+    func accepts(_ kind: EventKind, origin: EventOrigin, properties: JSONObject) -> Bool {
+        self.filter.isEmpty || Subscription.passes(self.filter, name: kind.name, origin: origin, properties: properties)
     }
 
     /// Chain order: highest priority first, then subscription order.
@@ -204,6 +212,27 @@ struct VetoVerdict: Sendable {
                 "reason": self.reason.map(JSONValue.string) ?? .null,
             ])
     }
+}
+
+/// One operation's veto budget (PROTOCOL.md §4: "one operation's vetoes together never take longer
+/// than the daemon's veto budget"): the session gives each request one (`$current`), and every chain
+/// the request runs — `checkout`, `before_execute`, each statement's events, `commit` — draws on it.
+/// Only the time spent waiting for vetoes is spent, not the SQL work between them.
+final class OperationVetoBudget: Sendable {
+    /// The budget of the request running in this task. SQLite threads do not see it: what runs
+    /// there takes it along when it is created (see `SQLRun.operationBudget`).
+    @TaskLocal static var current: OperationVetoBudget?
+
+    private let left: Mutex<Duration>
+
+    init(_ budget: Duration) {
+        self.left = Mutex(budget)
+    }
+
+    /// What is left of it, at most `cap` (the daemon's budget for one chain).
+    func remaining(cap: Duration) -> Duration { min(cap, self.left.withLock { $0 }) }
+
+    func spend(_ elapsed: Duration) { self.left.withLock { $0 -= elapsed } }
 }
 
 /// One run of a veto chain: asks listeners one at a time (highest priority first), each seeing the

@@ -192,13 +192,15 @@ extension Session {
         if !vetoPatterns.isEmpty { try self.require(.veto) }
         let session = self.id
         let outbox = self.outbox
+        let vetoFilter = filter  // `where` narrows the vetoes too
         let makeListener: ((Int) -> VetoListener)? =
             vetoPatterns.isEmpty
             ? nil
             : { subscription in
                 VetoListener(
                     subscription: subscription, session: session, name: name, kinds: vetoKinds, priority: priority,
-                    timeout: .milliseconds(timeoutMs), onTimeout: onTimeout, dryRun: mode == "dry_run", outbox: outbox)
+                    timeout: .milliseconds(timeoutMs), onTimeout: onTimeout, dryRun: mode == "dry_run", outbox: outbox,
+                    filter: vetoFilter)
             }
 
         // Registering and queueing the response happen under the bus's lock, so no event of the new

@@ -135,12 +135,18 @@ final class Outbox: Sendable {
                     self.stats.laggedDisconnects.add(1, ordering: .relaxed)
                     self.stats.dropped.add(queued + 1, ordering: .relaxed)
                     // Drop the queued events (the client resumes with `since`), keep responses, say why, close.
+                    // Nothing delivered yet: `last_seq` is the seq before the first event it misses,
+                    // so that resuming with `since: last_seq` still misses nothing.
+                    let firstMissed = state.chunks.lazy.compactMap { chunk -> Int64? in
+                        guard case .event(let queued) = chunk, queued.subscription == event.subscription else { return nil }
+                        return queued.seq
+                    }.first ?? event.seq
+                    let last = state.lastDelivered[event.subscription] ?? firstMissed - 1
                     state.chunks.removeAll { if case .event = $0 { return true } else { return false } }
                     state.queuedEvents = [:]
                     state.queuedBytes = 0
-                    let last = state.lastDelivered[event.subscription].map(JSONValue.int) ?? .null
                     let notice: JSONValue = [
-                        "type": "notice", "code": "lagged", "subscription": .integer(event.subscription), "last_seq": last,
+                        "type": "notice", "code": "lagged", "subscription": .integer(event.subscription), "last_seq": .int(last),
                     ]
                     state.chunks.append(.line(notice.jsonBytes + [0x0a]))
                     state.closing = true

@@ -89,7 +89,6 @@ extension Session {
     private func checkout(_ pool: ConnectionPool) async throws -> PooledConnection {
         let origin = self.origin
         let connection = try await pool.checkout(origin: origin)
-        pool.noteCheckedOut(connection.number, true)
         self.core.bus.emit(.engineConnect, origin) {
             ["database": .string(pool.database.name), "connection": .integer(connection.number), "branch": false]
         }
@@ -97,7 +96,6 @@ extension Session {
     }
 
     private func checkin(_ connection: PooledConnection, to pool: ConnectionPool) async {
-        pool.noteCheckedOut(connection.number, false)
         await pool.checkin(connection, origin: self.origin)
     }
 

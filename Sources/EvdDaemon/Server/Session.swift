@@ -60,6 +60,8 @@ final class Session: Sendable {
                     }
                     group.addTask { await self.cutOffIfLagged(channel.channel) }
                     await self.read(inbound, into: queue)
+                    // No reply can arrive any more: this session's vetoes resolve by on_timeout now.
+                    self.core.bus.removeVetoListeners(session: self.id)
                     queue.finish()
                     await group.waitForAll()
                 }
@@ -131,7 +133,11 @@ final class Session: Sendable {
                 self.busy.store(true, ordering: .relaxed)
                 let outcome: Outcome
                 do {
-                    outcome = try await self.dispatch(request, &state)
+                    // One veto budget for everything this request does (PROTOCOL.md §4).
+                    let budget = OperationVetoBudget(.milliseconds(self.core.configuration.vetoBudgetMs))
+                    outcome = try await OperationVetoBudget.$current.withValue(budget) {
+                        try await self.dispatch(request, &state)
+                    }
                 } catch {
                     outcome = .failure(Self.wireError(error))
                 }
@@ -145,7 +151,6 @@ final class Session: Sendable {
         if let transaction = state.transaction {
             state.transaction = nil
             await transaction.pool.checkin(transaction.connection, origin: self.origin)
-            transaction.pool.noteCheckedOut(transaction.connection.number, false)
         }
         // A subscriber that half-closed its input (`printf ... | socat`) still gets its events
         // until it closes the connection; anyone else is done.

@@ -89,6 +89,9 @@ public final class ConnectionPool: Sendable {
         var firstConnectDone = false
         /// Connection numbers to close at checkin, and the event that already announced it.
         var closeOnCheckin: [Int: EventKind] = [:]
+        /// Numbers of the connections checked out (or being opened for a checkout), for invalidate
+        /// and dispose: kept with `idle` under one lock, so every connection is in exactly one.
+        var checkedOut: Set<Int> = []
         var waits = 0
         var checkouts = 0
         var disposed = false
@@ -137,12 +140,14 @@ public final class ConnectionPool: Sendable {
                 if let connection = state.idle.popLast() {
                     state.inUse += 1
                     state.checkouts += 1
+                    state.checkedOut.insert(connection.number)
                     return .idle(connection)
                 }
                 if state.open < self.size {
                     state.open += 1
                     state.inUse += 1
                     state.checkouts += 1
+                    state.checkedOut.insert(state.nextNumber)
                     defer { state.nextNumber += 1 }
                     return .open(state.nextNumber)
                 }
@@ -155,9 +160,10 @@ public final class ConnectionPool: Sendable {
                 connection = idle
             case .open(let number):
                 do {
-                    connection = try await self.run { try self.open(number: number, origin: origin) }
+                    let operation = OperationVetoBudget.current  // the SQLite thread cannot see it
+                    connection = try await self.run { try self.open(number: number, origin: origin, operation: operation) }
                 } catch {
-                    self.releaseSlot()
+                    self.releaseSlot(number)
                     if let error = error as? SQLiteError { throw error.evdError }
                     if let error = error as? EvdError { throw error }
                     throw EvdError(.shuttingDown, "the daemon is stopping")
@@ -192,6 +198,8 @@ public final class ConnectionPool: Sendable {
         let waiter = self.state.withLock { state -> Waiter? in
             state.inUse -= 1
             state.open -= 1
+            state.checkedOut.remove(connection.number)
+            state.closeOnCheckin.removeValue(forKey: connection.number)
             return state.waiters.popFirst()
         }
         await self.close(connection, detached: false, origin: origin)
@@ -225,11 +233,13 @@ public final class ConnectionPool: Sendable {
         waiter?.continuation.resume(returning: .failed(error))
     }
 
-    /// Gives up a slot that never got a connection (opening failed).
-    private func releaseSlot() {
+    /// Gives up the slot of connection `number`, which never opened.
+    private func releaseSlot(_ number: Int) {
         let waiter = self.state.withLock { state -> Waiter? in
             state.open -= 1
             state.inUse -= 1
+            state.checkedOut.remove(number)
+            state.closeOnCheckin.removeValue(forKey: number)
             return state.waiters.popFirst()
         }
         waiter?.continuation.resume(returning: .retry)
@@ -262,13 +272,15 @@ public final class ConnectionPool: Sendable {
             state.inUse -= 1
             if let reason = state.closeOnCheckin.removeValue(forKey: connection.number) {
                 state.open -= 1
+                state.checkedOut.remove(connection.number)
                 return .close(reason, state.waiters.popFirst())
             }
             if let waiter = state.waiters.popFirst() {
                 state.inUse += 1
                 state.checkouts += 1
-                return .handOver(waiter)
+                return .handOver(waiter)  // it stays checked out, by the waiter now
             }
+            state.checkedOut.remove(connection.number)
             state.idle.append(connection)
             return .idle
         }
@@ -287,9 +299,9 @@ public final class ConnectionPool: Sendable {
 
     /// Opens connection `number`: `do_connect`, open, pragmas, `first_connect`, `connect`. Runs on the thread pool.
     /// `do_connect` is vetoable: deny refuses the connection; a modified `pragmas` is what is applied.
-    private func open(number: Int, origin: EventOrigin) throws -> PooledConnection {
+    private func open(number: Int, origin: EventOrigin, operation: OperationVetoBudget? = nil) throws -> PooledConnection {
         var pragmas = self.pragmas
-        let verdict = self.bus.decideBlocking(.doConnect, origin, budget: self.vetoBudget) {
+        let verdict = self.bus.decideBlocking(.doConnect, origin, budget: self.vetoBudget, operation: operation) {
             [
                 "database": .string(self.database.name), "path": .string(self.database.path),
                 "flags": ["SQLITE_OPEN_READWRITE", "SQLITE_OPEN_CREATE", "SQLITE_OPEN_URI"],
@@ -363,14 +375,12 @@ public final class ConnectionPool: Sendable {
     /// `soft` fires `soft_invalidate` instead of `invalidate`. Returns the numbers affected.
     func invalidate(number: Int?, soft: Bool, origin: EventOrigin) async -> [Int] {
         let kind: EventKind = soft ? .softInvalidate : .invalidate
-        let (idle, busy) = self.state.withLock { state -> ([PooledConnection], [Int]) in
+        let (idle, inUse) = self.state.withLock { state -> ([PooledConnection], [Int]) in
             let idle = state.idle.filter { number == nil || $0.number == number }
             state.idle.removeAll { number == nil || $0.number == number }
             state.open -= idle.count
-            return (idle, [])
+            return (idle, Self.markCheckedOut(&state, number: number, as: kind))
         }
-        // Checked-out connections: everything numbered below nextNumber and not idle is in use or gone.
-        let inUse = self.markInUse(number: number, as: kind)
         let error: JSONValue = ["code": "invalidated", "message": .string(soft ? "soft-invalidated by an admin" : "invalidated by an admin"), "sqlite_code": .null]
         for connection in idle {
             self.bus.emit(kind, origin) {
@@ -388,23 +398,14 @@ public final class ConnectionPool: Sendable {
             }
         }
         self.wakeWaitersForFreedSlots(idle.count)
-        return idle.map(\.number) + inUse + busy
+        return idle.map(\.number) + inUse
     }
 
-    private let checkedOut = Mutex<Set<Int>>([])
-
-    /// Records which connection numbers are checked out, for invalidate and dispose.
-    func noteCheckedOut(_ number: Int, _ out: Bool) {
-        self.checkedOut.withLock { set in
-            if out { set.insert(number) } else { set.remove(number) }
-        }
-    }
-
-    private func markInUse(number: Int?, as kind: EventKind) -> [Int] {
-        let numbers = self.checkedOut.withLock { set in set.filter { number == nil || $0 == number }.sorted() }
-        self.state.withLock { state in
-            for n in numbers where state.closeOnCheckin[n] == nil { state.closeOnCheckin[n] = kind }
-        }
+    /// Marks checked-out connection `number` (or all) to be closed at checkin, announced by `kind`
+    /// (unless an earlier mark stands); returns their numbers.
+    private static func markCheckedOut(_ state: inout State, number: Int?, as kind: EventKind) -> [Int] {
+        let numbers = state.checkedOut.filter { number == nil || $0 == number }.sorted()
+        for n in numbers where state.closeOnCheckin[n] == nil { state.closeOnCheckin[n] = kind }
         return numbers
     }
 
@@ -418,14 +419,14 @@ public final class ConnectionPool: Sendable {
     /// ones detached (closed with `close_detached` when their session gives them back).
     func dispose(origin: EventOrigin) async {
         self.bus.emit(.engineDisposed, origin) { ["database": .string(self.database.name)] }
-        let idle = self.state.withLock { state -> [PooledConnection] in
+        let (idle, inUse) = self.state.withLock { state -> ([PooledConnection], [Int]) in
             let idle = state.idle
             state.idle = []
             state.open -= idle.count
-            return idle
+            return (idle, Self.markCheckedOut(&state, number: nil, as: .detach))
         }
         for connection in idle { await self.close(connection, detached: false, origin: origin) }
-        for n in self.markInUse(number: nil, as: .detach) {
+        for n in inUse {
             self.bus.emit(.detach, origin) { self.poolProperties(n) }
         }
         self.wakeWaitersForFreedSlots(idle.count)

@@ -140,6 +140,9 @@ struct SQLRun {
     let implicitTransaction: Bool
     /// The most one operation's vetoes may take in all (`--veto-budget-ms`).
     let vetoBudget: Duration
+    /// What is left of it for this request: taken from the session's task when the run is made,
+    /// since the SQLite thread the run goes on cannot see the task's value.
+    let operationBudget: OperationVetoBudget? = OperationVetoBudget.current
 
     private var database: String { self.pool.database.name }
     private var sqlite: SQLiteConnection { self.connection.sqlite }
@@ -157,7 +160,8 @@ struct SQLRun {
     /// Asks the veto listeners of `kind` (or just emits it); throws `vetoed` on an enforced deny.
     @discardableResult
     private func vetoable(_ kind: EventKind, _ properties: () -> JSONObject) throws(EvdError) -> VetoVerdict? {
-        let verdict = self.bus.decideBlocking(kind, self.origin, budget: self.vetoBudget, properties)
+        let verdict = self.bus.decideBlocking(
+            kind, self.origin, budget: self.vetoBudget, operation: self.operationBudget, properties)
         if let verdict, verdict.denied { throw verdict.vetoedError(event: kind.name) }
         return verdict
     }
@@ -433,7 +437,8 @@ struct SQLRun {
         }
         self.bus.emit(.dbapiError, self.origin, properties)
         if error.invalidatesConnection { self.pool.invalidate(self.connection, error: error, origin: self.origin) }
-        let verdict = self.bus.decideBlocking(.handleError, self.origin, budget: self.vetoBudget, properties)
+        let verdict = self.bus.decideBlocking(
+            .handleError, self.origin, budget: self.vetoBudget, operation: self.operationBudget, properties)
         if let rewritten = verdict?.properties["error"]?.objectValue, verdict?.action == "modify" {
             return EvdError(object: rewritten)
         }
