@@ -263,8 +263,9 @@ struct VetoRun {
         self.index += 1
         let remaining = self.deadline - .now
         if remaining <= .zero {
-            // The budget is spent: this listener is not asked; its policy decides, and the chain ends.
-            self.record(.noAnswer(.budget), from: listener)
+            // The budget is spent: the veto that was pending already resolved by its listener's
+            // on_timeout; this and later listeners are not asked (PROTOCOL.md §4), and their own
+            // on_timeout plays no part.
             self.finished = true
             return nil
         }
