@@ -407,7 +407,7 @@ struct ErrorCodeTests {
         try await withRunningDaemon(configure: { $0.maxSessions = 1 }) { daemon in
             try await daemon.withClient { first in
                 #expect(try await first.request("ping") == [:])
-                let (bytes, sawEOF) = await readUntilEOF(socketPath: daemon.socketPath)
+                let (bytes, sawEOF) = await plainSocketExchange(socketPath: daemon.socketPath, send: [], halfClose: false)
                 #expect(sawEOF)
                 let lines = bytes.split(separator: 0x0a)
                 #expect(lines.count == 1)
@@ -492,72 +492,3 @@ struct ShutdownNoticeTests {
     }
 }
 
-/// Like `withRunningDaemon`, but `body` may also begin the graceful shutdown itself.
-private func withStoppableDaemon(
-    configure: (inout EvdConfiguration) -> Void,
-    _ body: @Sendable (RunningDaemon, _ stop: @Sendable () async -> Void) async throws -> Void
-) async throws {
-    try await withTemporaryDirectory { directory in
-        var configuration = EvdConfiguration(
-            socketPath: directory + "/evd.sock",
-            databases: [DatabaseConfig(name: "main", path: directory + "/main.db")],
-            stateDirectory: directory + "/state")
-        configure(&configuration)
-        let logger = Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() })
-        let daemon = Daemon(configuration: configuration, logger: logger)
-        let group = ServiceGroup(services: [daemon], logger: logger)
-        let running = RunningDaemon(
-            socketPath: configuration.socketPath, directory: directory, configuration: configuration)
-        try await withThrowingTaskGroup(of: Void.self) { tasks in
-            tasks.addTask { try await group.run() }
-            try await daemon.waitUntilReady()
-            do {
-                try await body(running) { await group.triggerGracefulShutdown() }
-            } catch {
-                await group.triggerGracefulShutdown()
-                try? await tasks.waitForAll()
-                throw error
-            }
-            await group.triggerGracefulShutdown()
-            try await tasks.waitForAll()
-        }
-    }
-}
-
-/// Connects to `socketPath` with a plain socket (no `hello` expected) and reads until EOF, on a
-/// thread of its own; gives up after 10 s without data. Returns the bytes and whether EOF was seen.
-private func readUntilEOF(socketPath: String) async -> ([UInt8], Bool) {
-    await withCheckedContinuation { (continuation: CheckedContinuation<([UInt8], Bool), Never>) in
-        Thread.detachNewThread {
-            continuation.resume(returning: blockingReadUntilEOF(socketPath: socketPath))
-        }
-    }
-}
-
-private func blockingReadUntilEOF(socketPath: String) -> ([UInt8], Bool) {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-    guard fd >= 0 else { return ([], false) }
-    defer { close(fd) }
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    let path = Array(socketPath.utf8)
-    withUnsafeMutableBytes(of: &address.sun_path) { raw in
-        for (i, byte) in path.prefix(raw.count - 1).enumerated() { raw[i] = byte }
-    }
-    let connected = withUnsafePointer(to: &address) { pointer in
-        pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-            connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-        }
-    }
-    guard connected == 0 else { return ([], false) }
-    var timeout = timeval(tv_sec: 10, tv_usec: 0)
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-    var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 4096)
-    while true {
-        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if count == 0 { return (bytes, true) }
-        if count < 0 { return (bytes, false) }
-        bytes += buffer[0..<count]
-    }
-}

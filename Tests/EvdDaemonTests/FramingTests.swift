@@ -280,57 +280,6 @@ struct PlainSocketTests {
     }
 }
 
-/// Connects with a plain socket, sends `send` (then half-closes if asked) and reads until EOF or
-/// until `until` is satisfied, on a thread of its own (so a blocking read never holds a thread of
-/// the concurrency pool the daemon runs on); gives up after 10 s without data.
-private func plainSocketExchange(
-    socketPath: String, send: [UInt8], halfClose: Bool, until: @escaping @Sendable ([UInt8]) -> Bool = { _ in false }
-) async -> ([UInt8], Bool) {
-    await withCheckedContinuation { (continuation: CheckedContinuation<([UInt8], Bool), Never>) in
-        Thread.detachNewThread {
-            continuation.resume(returning: blockingExchange(socketPath, send, halfClose, until))
-        }
-    }
-}
-
-private func blockingExchange(
-    _ socketPath: String, _ send: [UInt8], _ halfClose: Bool, _ until: ([UInt8]) -> Bool
-) -> ([UInt8], Bool) {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-    guard fd >= 0 else { return ([], false) }
-    defer { close(fd) }
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    let path = Array(socketPath.utf8)
-    withUnsafeMutableBytes(of: &address.sun_path) { raw in
-        for (i, byte) in path.prefix(raw.count - 1).enumerated() { raw[i] = byte }
-    }
-    let connected = withUnsafePointer(to: &address) { pointer in
-        pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-            connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-        }
-    }
-    guard connected == 0 else { return ([], false) }
-    var timeout = timeval(tv_sec: 10, tv_usec: 0)
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
-    var offset = 0
-    while offset < send.count {
-        let written = send[offset...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        guard written > 0 else { return ([], false) }
-        offset += written
-    }
-    if halfClose { shutdown(fd, Int32(SHUT_WR)) }
-    var bytes: [UInt8] = []
-    var buffer = [UInt8](repeating: 0, count: 4096)
-    while !until(bytes) {
-        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if count == 0 { return (bytes, true) }
-        if count < 0 { return (bytes, false) }
-        bytes += buffer[0..<count]
-    }
-    return (bytes, false)
-}
-
 extension EvdConnection {
     /// Sends `text` and a newline as they are.
     fileprivate func sendLine(_ text: String) async throws {

@@ -42,6 +42,14 @@ func withRunningDaemon<T: Sendable>(
     configure: (inout EvdConfiguration) -> Void = { _ in },
     _ body: @Sendable (RunningDaemon) async throws -> T
 ) async throws -> T {
+    try await withStoppableDaemon(configure: configure) { daemon, _ in try await body(daemon) }
+}
+
+/// Like `withRunningDaemon`, but `body` may also begin the graceful shutdown itself (`stop`).
+func withStoppableDaemon<T: Sendable>(
+    configure: (inout EvdConfiguration) -> Void = { _ in },
+    _ body: @Sendable (RunningDaemon, _ stop: @Sendable () async -> Void) async throws -> T
+) async throws -> T {
     try await withTemporaryDirectory { directory in
         var configuration = EvdConfiguration(
             socketPath: directory + "/evd.sock",
@@ -49,8 +57,9 @@ func withRunningDaemon<T: Sendable>(
             stateDirectory: directory + "/state")
         configuration.poolSize = 4
         configure(&configuration)
-        let daemon = Daemon(configuration: configuration, logger: Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() }))
-        let group = ServiceGroup(services: [daemon], logger: Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() }))
+        let logger = Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() })
+        let daemon = Daemon(configuration: configuration, logger: logger)
+        let group = ServiceGroup(services: [daemon], logger: logger)
         let running = RunningDaemon(socketPath: configuration.socketPath, directory: directory, configuration: configuration)
         return try await withThrowingTaskGroup(of: T?.self) { tasks in
             tasks.addTask {
@@ -60,7 +69,7 @@ func withRunningDaemon<T: Sendable>(
             try await daemon.waitUntilReady()
             let result: T
             do {
-                result = try await body(running)
+                result = try await body(running) { await group.triggerGracefulShutdown() }
             } catch {
                 await group.triggerGracefulShutdown()
                 try? await tasks.waitForAll()
@@ -194,4 +203,45 @@ final class Spawned: @unchecked Sendable {
             status: self.process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
             stderr: String(decoding: stderr, as: UTF8.self))
     }
+}
+
+/// Connects with a plain socket, sends `send` (then half-closes if asked) and reads until EOF or
+/// until `until` is satisfied, on a thread of its own (so a blocking read never holds a thread of
+/// the concurrency pool the daemon runs on); gives up after 10 s without data.
+func plainSocketExchange(
+    socketPath: String, send: [UInt8], halfClose: Bool, until: @escaping @Sendable ([UInt8]) -> Bool = { _ in false }
+) async -> ([UInt8], Bool) {
+    await withCheckedContinuation { (continuation: CheckedContinuation<([UInt8], Bool), Never>) in
+        Thread.detachNewThread {
+            continuation.resume(returning: blockingExchange(socketPath, send, halfClose, until))
+        }
+    }
+}
+
+private func blockingExchange(
+    _ socketPath: String, _ send: [UInt8], _ halfClose: Bool, _ until: ([UInt8]) -> Bool
+) -> ([UInt8], Bool) {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+    guard fd >= 0 else { return ([], false) }
+    defer { close(fd) }
+    let connected = connectUnixSocket(fd, to: socketPath)
+    guard connected == 0 else { return ([], false) }
+    var timeout = timeval(tv_sec: 10, tv_usec: 0)
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    var offset = 0
+    while offset < send.count {
+        let written = send[offset...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard written > 0 else { return ([], false) }
+        offset += written
+    }
+    if halfClose { shutdown(fd, Int32(SHUT_WR)) }
+    var bytes: [UInt8] = []
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    while !until(bytes) {
+        let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if count == 0 { return (bytes, true) }
+        if count < 0 { return (bytes, false) }
+        bytes += buffer[0..<count]
+    }
+    return (bytes, false)
 }

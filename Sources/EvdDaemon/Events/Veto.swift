@@ -63,7 +63,7 @@ enum VetoDecision: Sendable, Equatable {
     case noAnswer(NoAnswer)
 
     enum NoAnswer: String, Sendable {
-        case timeout, disconnected, invalidReply = "invalid_reply", budget, shutdown
+        case timeout, disconnected, invalidReply = "invalid_reply", shutdown
     }
 }
 
@@ -279,7 +279,6 @@ struct VetoRun {
         if case .noAnswer(let why) = decision {
             effective = listener.onTimeout == .allow ? .allow : .deny(reason: nil)
             reason = "no answer (\(why.rawValue)); on_timeout \(listener.onTimeout.rawValue)"
-            if why == .budget && self.deadline - .now <= .zero { self.finished = true }
         }
         if listener.dryRun {
             let action: String

@@ -17,12 +17,6 @@ struct Arguments {
         return self.object[key]
     }
 
-    /// Whether `key` was given (and is not null).
-    func has(_ key: String) -> Bool {
-        if let value = self.object[key], !value.isNull { return true }
-        return false
-    }
-
     mutating func required(_ key: String) throws(EvdError) -> JSONValue {
         guard let value = self.value(key), !value.isNull else {
             throw .badRequest(field: key, "missing required argument '\(key)'")

@@ -126,14 +126,6 @@ final class SessionRegistry: Sendable {
         }
     }
 
-    /// A number for a connection that is refused (it still gets one, for the logs).
-    func nextRefusedID() -> UInt64 {
-        self.state.withLock { state in
-            defer { state.nextID += 1 }
-            return state.nextID
-        }
-    }
-
     func add(_ session: Session) {
         self.state.withLock { $0.sessions[session.id] = session }
     }
