@@ -761,6 +761,8 @@ struct VetoTests {
                         #expect(error["reason"]?.stringValue?.contains("timeout") == true, "\(error)")
                     }
                 }
+                // A silent listener's veto may still be on its way when the writer's answer arrives.
+                try await listener.sync()
                 #expect(listener.vetoes.first?["deadline_ms"] == 100)
                 let stats = try await vetoStatistics(daemon)
                 #expect(stats["timed_out"] == 1)
@@ -783,6 +785,7 @@ struct VetoTests {
                     let result = try #require(try await inFlight.value(within: 20))
                     #expect(result["rows"] == [[1]])
                 }
+                try await clients[0].sync()
                 let deadline = try #require(clients[0].vetoes.first?["deadline_ms"]?.intValue)
                 #expect(deadline <= 300)
                 try await clients[1].sync()
@@ -867,6 +870,7 @@ struct VetoTests {
                     let result = try await inFlight.value(within: 20)
                     #expect(result?["rows"] == [[1]])
                 }
+                try await clients[0].sync()
                 #expect(clients[0].vetoes.count == 1)
                 try await clients[1].sync()
                 #expect(clients[1].vetoes.isEmpty)

@@ -59,7 +59,7 @@ public final class Daemon: Service, CustomStringConvertible {
         let bus = EventBus()
         let core = DaemonCore(configuration: self.configuration, bus: bus, threadPool: threadPool, eventLoop: group.next())
 
-        let server: NIOAsyncChannel<NIOAsyncChannel<LineFrame, ByteBuffer>, Never>
+        let server: NIOAsyncChannel<any Channel, Never>
         let createdPath: String?
         do {
             (server, createdPath) = try await self.bind(group: group)
@@ -139,44 +139,44 @@ public final class Daemon: Service, CustomStringConvertible {
 
     // MARK: Connections
 
-    private func serveConnection(_ connection: NIOAsyncChannel<LineFrame, ByteBuffer>, core: DaemonCore) async {
+    private func serveConnection(_ channel: any Channel, core: DaemonCore) async {
         let credentials: PeerCredentials
         do {
-            credentials = try await PeerCredentials.of(connection.channel).get()
+            credentials = try await PeerCredentials.of(channel).get()
         } catch {
             self.logger.warning("could not read peer credentials", metadata: ["error": "\(error)"])
-            try? await connection.channel.close()
+            try? await channel.close()
             return
         }
         guard let id = core.sessions.admit(limit: self.configuration.maxSessions) else {
             self.logger.warning("refused a connection: too many", metadata: ["peer.uid": "\(credentials.uid)"])
             let error = EvdError(.tooManyConnections, "evd serves at most \(self.configuration.maxSessions) connections")
-            try? await connection.executeThenClose { _, outbound in
-                var buffer = connection.channel.allocator.buffer(capacity: 128)
-                buffer.writeBytes(Session.responseLine(id: .null, error: error))
-                try await outbound.write(buffer)
-            }
+            var buffer = channel.allocator.buffer(capacity: 128)
+            buffer.writeBytes(Session.responseLine(id: .null, error: error))
+            try? await channel.writeAndFlush(buffer)
+            try? await channel.close()
             return
         }
         let session = Session(id: id, actor: credentials.actor, core: core, logger: self.logger)
         core.sessions.add(session)
         if core.shuttingDown.load(ordering: .relaxed) { session.noticeShutdown(); session.close() }
-        await session.run(channel: connection)
+        await session.run(channel: channel)
         core.sessions.remove(id)
     }
 
     /// Binds the socket, or adopts systemd's; returns the path to remove at exit (nil when adopted).
     private func bind(
         group: MultiThreadedEventLoopGroup
-    ) async throws -> (NIOAsyncChannel<NIOAsyncChannel<LineFrame, ByteBuffer>, Never>, String?) {
+    ) async throws -> (NIOAsyncChannel<any Channel, Never>, String?) {
         let maxLineBytes = self.configuration.maxLineBytes
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
             .childChannelOption(.allowRemoteHalfClosure, value: true)
-        let initializer: @Sendable (any Channel) -> EventLoopFuture<NIOAsyncChannel<LineFrame, ByteBuffer>> = { channel in
+        let initializer: @Sendable (any Channel) -> EventLoopFuture<any Channel> = { channel in
             channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(LineFrameDecoder(maxLineBytes: maxLineBytes)))
-                return try NIOAsyncChannel<LineFrame, ByteBuffer>(wrappingChannelSynchronously: channel)
+                try channel.pipeline.syncOperations.addHandler(SessionHandler())
+                return channel
             }
         }
         if let fd = self.configuration.listenFD {
@@ -185,7 +185,7 @@ public final class Daemon: Service, CustomStringConvertible {
         }
         let path = self.configuration.socketPath
         try Self.removeStaleSocket(at: path)
-        let server: NIOAsyncChannel<NIOAsyncChannel<LineFrame, ByteBuffer>, Never>
+        let server: NIOAsyncChannel<any Channel, Never>
         do {
             server = try await bootstrap.bind(unixDomainSocketPath: path, childChannelInitializer: initializer)
         } catch {

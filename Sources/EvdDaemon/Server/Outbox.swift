@@ -64,18 +64,22 @@ enum OutboundChunk {
     }
 }
 
-/// A connection's outbound queue: responses, notices and events, drained by one writer task.
+/// A connection's outbound queue: responses, notices and events, drained on the connection's event loop.
 ///
 /// Producers (the request executor, and any thread publishing an event) never wait: events beyond
 /// the limits trigger the subscription's overflow policy instead, so a subscriber that stops reading
-/// cannot slow anyone's database work. The writer takes everything queued at once and writes it
-/// with one flush, so events are batched into few syscalls under load.
+/// cannot slow anyone's database work. The first producer to queue into an idle outbox schedules
+/// one flush on the event loop (`attach(flush:)`); the flush takes everything queued by then and
+/// writes it with one syscall, so events are batched under load and a lone message costs one hop.
 final class Outbox: Sendable {
-    /// A batch for the writer.
-    struct Batch {
-        var chunks: [OutboundChunk]
-        /// Close the connection after writing this batch (a `lagged` disconnect, or shutdown).
-        var closeAfter: Bool
+    /// What the event loop's flush takes.
+    enum Take {
+        /// Output to write; close the connection afterwards if `closeAfter`.
+        case batch([OutboundChunk], closeAfter: Bool)
+        /// The outbox is closed and drained: close the connection.
+        case close
+        /// Nothing to do.
+        case idle
     }
 
     private struct DropRecord {
@@ -88,14 +92,15 @@ final class Outbox: Sendable {
         var chunks: Deque<OutboundChunk> = []
         var queuedEvents: [Int: Int] = [:]
         var queuedBytes = 0
-        /// The last seq handed to the writer, per subscription: what `lagged` reports as `last_seq`.
+        /// The last seq taken for writing, per subscription: what `lagged` reports as `last_seq`.
         var lastDelivered: [Int: Int64] = [:]
         var drops: [Int: DropRecord] = [:]
-        var writer: CheckedContinuation<Batch?, Never>?
-        /// No more output is accepted; the writer ends after what is queued.
+        /// Schedules a flush on the connection's event loop; `nil` until the connection is attached.
+        var flush: (@Sendable () -> Void)?
+        /// A flush is scheduled and has not yet taken the queue.
+        var flushScheduled = false
+        /// No more output is accepted; the connection closes after what is queued is written.
         var closing = false
-        /// The writer closes the connection after the final batch.
-        var closeConnection = false
         /// A subscription overflowed with `on_overflow: disconnect`.
         var laggedOut = false
         /// The session's watcher, waiting in `closed()`.
@@ -111,19 +116,29 @@ final class Outbox: Sendable {
         self.stats = stats
     }
 
+    /// Sets how a flush is scheduled on the connection's event loop, and schedules one for what
+    /// was queued before (the `hello`).
+    func attach(flush: @escaping @Sendable () -> Void) {
+        let wakeup = self.state.withLock { state -> Wakeup? in
+            state.flush = flush
+            return Self.scheduleFlush(&state)
+        }
+        wakeup?.resume()
+    }
+
     /// Queues a response or notice line (never dropped).
     func enqueue(line: [UInt8]) {
-        let writer = self.state.withLock { state -> (CheckedContinuation<Batch?, Never>, Batch)? in
+        let wakeup = self.state.withLock { state -> Wakeup? in
             guard !state.closing else { return nil }
             state.chunks.append(.line(line))
-            return Self.takeWaitingWriter(&state)
+            return Self.scheduleFlush(&state)
         }
-        if let (continuation, batch) = writer { continuation.resume(returning: batch) }
+        wakeup?.resume()
     }
 
     /// Queues an event for `subscription`, applying its overflow policy when the queue is full.
     ///
-    /// Returns the writer to wake, if one is waiting: the caller resumes it after releasing its own
+    /// Returns the flush to schedule, if none is: the caller runs it after releasing its own
     /// locks (see `EventBus.publish`).
     func enqueue(event: QueuedEvent, policy: OverflowPolicy) -> Wakeup? {
         self.state.withLock { state -> Wakeup? in
@@ -150,7 +165,6 @@ final class Outbox: Sendable {
                     ]
                     state.chunks.append(.line(notice.jsonBytes + [0x0a]))
                     state.closing = true
-                    state.closeConnection = true
                     state.laggedOut = true
                     // Resuming only schedules the watcher's task, so it is safe under the lock.
                     state.closeWatcher?.resume(returning: true)
@@ -166,7 +180,7 @@ final class Outbox: Sendable {
                     }
                     return nil
                 }
-                return Self.takeWaitingWriter(&state).map(Wakeup.init)
+                return Self.scheduleFlush(&state)
             }
             if let record = state.drops.removeValue(forKey: event.subscription) {
                 let notice: JSONValue = [
@@ -179,23 +193,19 @@ final class Outbox: Sendable {
             state.queuedEvents[event.subscription] = queued + 1
             state.queuedBytes += event.byteCount
             self.stats.delivered.add(1, ordering: .relaxed)
-            return Self.takeWaitingWriter(&state).map(Wakeup.init)
+            return Self.scheduleFlush(&state)
         }
     }
 
-    /// Stops accepting output; the writer ends once what is queued is written.
-    func close(closeConnection: Bool = true) {
-        typealias Wake = (CheckedContinuation<Batch?, Never>?, CheckedContinuation<Bool, Never>?, Bool)
-        let (writer, watcher, laggedOut) = self.state.withLock { state -> Wake in
+    /// Stops accepting output; the connection closes once what is queued is written.
+    func close() {
+        let (wakeup, watcher, laggedOut) = self.state.withLock { state in
             state.closing = true
-            state.closeConnection = state.closeConnection || closeConnection
             let watcher = state.closeWatcher
             state.closeWatcher = nil
-            guard state.chunks.isEmpty, let writer = state.writer else { return (nil, watcher, state.laggedOut) }
-            state.writer = nil
-            return (writer, watcher, state.laggedOut)
+            return (Self.scheduleFlush(&state), watcher, state.laggedOut)
         }
-        writer?.resume(returning: nil)
+        wakeup?.resume()
         watcher?.resume(returning: laggedOut)
     }
 
@@ -215,52 +225,35 @@ final class Outbox: Sendable {
     /// Whether the outbox stopped accepting output (closed, or a subscription lagged out).
     var isClosing: Bool { self.state.withLock { $0.closing } }
 
-    /// Waits for output and takes all of it; `nil` when the outbox is closed and drained.
-    func nextBatch() async -> Batch? {
-        if let batch = self.state.withLock({ Self.takeBatch(&$0) }) { return batch }
-        return await withCheckedContinuation { (continuation: CheckedContinuation<Batch?, Never>) in
-            enum Now { case batch(Batch), end, parked }
-            let now: Now = self.state.withLock { state in
-                if let batch = Self.takeBatch(&state) { return .batch(batch) }
-                if state.closing { return .end }
-                state.writer = continuation
-                return .parked
+    /// Takes everything queued, for the event loop's flush. Output queued after this schedules
+    /// the next flush.
+    func take() -> Take {
+        self.state.withLock { state in
+            state.flushScheduled = false
+            guard !state.chunks.isEmpty else { return state.closing ? .close : .idle }
+            let chunks = Array(state.chunks)
+            state.chunks.removeAll(keepingCapacity: true)
+            for chunk in chunks {
+                if case .event(let event) = chunk { state.lastDelivered[event.subscription] = event.seq }
             }
-            switch now {
-            case .batch(let batch): continuation.resume(returning: batch)
-            case .end: continuation.resume(returning: nil)
-            case .parked: break
-            }
+            state.queuedEvents.removeAll(keepingCapacity: true)
+            state.queuedBytes = 0
+            return .batch(chunks, closeAfter: state.closing)
         }
     }
 
-    private static func takeBatch(_ state: inout State) -> Batch? {
-        guard !state.chunks.isEmpty else { return nil }
-        let chunks = Array(state.chunks)
-        state.chunks.removeAll(keepingCapacity: true)
-        for chunk in chunks {
-            if case .event(let event) = chunk { state.lastDelivered[event.subscription] = event.seq }
-        }
-        state.queuedEvents.removeAll(keepingCapacity: true)
-        state.queuedBytes = 0
-        return Batch(chunks: chunks, closeAfter: state.closing && state.closeConnection)
+    /// Marks a flush scheduled unless one already is; returns it, to run once the caller's locks
+    /// are released (see `EventBus.publish`).
+    private static func scheduleFlush(_ state: inout State) -> Wakeup? {
+        guard !state.flushScheduled, let flush = state.flush else { return nil }
+        state.flushScheduled = true
+        return Wakeup(flush: flush)
     }
 
-    private static func takeWaitingWriter(_ state: inout State) -> (CheckedContinuation<Batch?, Never>, Batch)? {
-        guard let writer = state.writer, let batch = takeBatch(&state) else { return nil }
-        state.writer = nil
-        return (writer, batch)
-    }
-
-    /// A writer to resume once the caller's locks are released.
+    /// A flush to schedule once the caller's locks are released.
     struct Wakeup {
-        let continuation: CheckedContinuation<Batch?, Never>
-        let batch: Batch
-        init(_ pair: (CheckedContinuation<Batch?, Never>, Batch)) {
-            self.continuation = pair.0
-            self.batch = pair.1
-        }
-        func resume() { self.continuation.resume(returning: self.batch) }
+        let flush: @Sendable () -> Void
+        func resume() { self.flush() }
     }
 }
 

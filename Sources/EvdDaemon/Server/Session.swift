@@ -6,14 +6,16 @@ import Synchronization
 
 /// One client connection: its actor, its queued output, its subscriptions and its transaction.
 ///
-/// Three loops serve it. The reader parses lines; a `reply` is handled the moment it arrives
-/// (a client that is its own veto listener must not deadlock), every other request is queued.
-/// The executor runs queued requests one after another, as a database session does. The writer
-/// drains the outbox, many messages per write.
+/// Two parts serve it. On the event loop, its `SessionHandler` parses lines (a `reply` is handled
+/// the moment it arrives: a client that is its own veto listener must not deadlock), queues every
+/// other request in the inbox, and flushes the outbox, many messages per write. The executor task
+/// runs queued requests one after another, as a database session does.
 final class Session: Sendable {
     let id: UInt64
     let core: DaemonCore
     let outbox: Outbox
+    /// Requests the reader queued for the executor.
+    let inbox: RequestInbox
     let logger: Logger
     private let identity: Mutex<(actor: Actor, origin: EventOrigin)>
     /// Whether the executor is running a request (shutdown waits for these).
@@ -27,6 +29,7 @@ final class Session: Sendable {
         self.id = id
         self.core = core
         self.outbox = Outbox(limits: core.configuration.outboxLimits, stats: core.bus.deliveryStats)
+        self.inbox = RequestInbox(capacity: core.configuration.maxPipelinedRequests)
         self.identity = Mutex((actor, EventOrigin(session: id, actor: actor)))
         var logger = logger
         logger[metadataKey: "session"] = "\(id)"
@@ -44,57 +47,38 @@ final class Session: Sendable {
         case failure(EvdError)
     }
 
-    /// Serves the connection until the client leaves or the daemon stops.
-    func run(channel: NIOAsyncChannel<LineFrame, ByteBuffer>) async {
-        self.channel.withLock { $0 = channel.channel }
+    /// Serves the connection until the client leaves or the daemon stops. The channel's
+    /// `SessionHandler` does the reading and writing; this task runs the requests.
+    func run(channel: any Channel) async {
+        self.channel.withLock { $0 = channel }
         self.logger.debug("session started")
         self.outbox.enqueue(line: self.helloLine())
         self.core.bus.emit(.login, self.origin) { ["method": "peercred"] }
-        let queue = AsyncQueue<Inbound>(capacity: self.core.configuration.maxPipelinedRequests)
         do {
-            try await channel.executeThenClose { inbound, outbound in
-                await withTaskGroup(of: Void.self) { group in
-                    group.addTask { await self.write(to: outbound, channel: channel.channel) }
-                    group.addTask {
-                        await self.execute(queue, channel: channel.channel)
-                    }
-                    group.addTask { await self.cutOffIfLagged(channel.channel) }
-                    await self.read(inbound, into: queue)
-                    // No reply can arrive any more: this session's vetoes resolve by on_timeout now.
-                    self.core.bus.removeVetoListeners(session: self.id)
-                    queue.finish()
-                    await group.waitForAll()
-                }
-            }
+            try await channel.eventLoop.submit {
+                try channel.pipeline.syncOperations.handler(type: SessionHandler.self).attach(self)
+            }.get()
         } catch {
-            self.logger.debug("session ended with an error", metadata: ["error": "\(error)"])
+            // The connection is already gone.
+            self.inputEnded()
+            self.outbox.close()
         }
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await self.cutOffIfLagged(channel) }
+            await self.execute(channel: channel)
+            await group.waitForAll()
+        }
+        try? await channel.closeFuture.get()
         self.core.bus.unsubscribeAll(session: self.id)
         self.core.bus.emit(.logout, self.origin) { [:] }
         self.logger.debug("session ended")
     }
 
-    // MARK: The three loops
-
-    private func read(_ inbound: NIOAsyncChannelInboundStream<LineFrame>, into queue: AsyncQueue<Inbound>) async {
-        do {
-            for try await frame in inbound {
-                switch frame {
-                case .tooLong:
-                    let limit = self.core.configuration.maxLineBytes
-                    await queue.push(.failure(EvdError(.lineTooLong, "line longer than \(limit) bytes")))
-                case .line(let buffer):
-                    guard let item = Self.parse(buffer) else { continue }
-                    if case .request(let request) = item, request["op"] == "reply" {
-                        self.handleReply(request)
-                    } else {
-                        await queue.push(item)
-                    }
-                }
-            }
-        } catch {
-            self.logger.debug("read failed", metadata: ["error": "\(error)"])
-        }
+    /// The client's input ended (or the connection closed): no request or reply can come any more.
+    func inputEnded() {
+        // This session's pending vetoes resolve by on_timeout now.
+        self.core.bus.removeVetoListeners(session: self.id)
+        self.inbox.finish()
     }
 
     /// Parses one line: `nil` for a blank line, else a request or a `bad_json` failure.
@@ -113,9 +97,9 @@ final class Session: Sendable {
         }
     }
 
-    private func execute(_ queue: AsyncQueue<Inbound>, channel: any Channel) async {
+    private func execute(channel: any Channel) async {
         var state = SessionState()
-        while let item = await queue.pop() {
+        while let item = await self.inbox.pop() {
             self.core.requests.add(1, ordering: .relaxed)
             switch item {
             case .failure(let error):
@@ -171,22 +155,6 @@ final class Session: Sendable {
         let cutoff = channel.eventLoop.scheduleTask(in: Self.laggedCutoff) { channel.close(promise: nil) }
         try? await channel.closeFuture.get()
         cutoff.cancel()
-    }
-
-    private func write(to outbound: NIOAsyncChannelOutboundWriter<ByteBuffer>, channel: any Channel) async {
-        let allocator = channel.allocator
-        while let batch = await self.outbox.nextBatch() {
-            var buffer = allocator.buffer(capacity: batch.chunks.reduce(0) { $0 + $1.byteCount })
-            for chunk in batch.chunks { chunk.write(into: &buffer) }
-            do {
-                try await outbound.write(buffer)
-            } catch {
-                break  // the peer is gone
-            }
-            if batch.closeAfter { break }
-        }
-        self.outbox.close()
-        try? await channel.close()
     }
 
     // MARK: Output
@@ -269,7 +237,7 @@ final class Session: Sendable {
     /// Handles a `reply` at once, even while this connection's own request runs. A valid reply gets
     /// no response; an invalid one gets an error response (with the reply's `id`) and, when it
     /// names a pending veto, counts as no answer: the listener's `on_timeout` decides.
-    private func handleReply(_ request: JSONObject) {
+    func handleReply(_ request: JSONObject) {
         let id = request["id"] ?? .null
         var arguments = Arguments(request)
         var pending: PendingVeto?

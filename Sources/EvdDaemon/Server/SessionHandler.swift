@@ -1,0 +1,248 @@
+import DequeModule
+import EvdClient
+import NIOCore
+import Synchronization
+
+/// A connection's channel handler: the event-loop side of a `Session`.
+///
+/// Everything latency-critical happens here, on the connection's event loop, without a hop to
+/// another thread: a line is parsed as it arrives, a veto `reply` is handled at once (it wakes the
+/// database thread waiting for it), other requests go to the session's inbox, and the outbox is
+/// flushed (one write for everything queued). The inbox applies back-pressure: while it holds
+/// `capacity` requests, the handler stops asking the socket for more, so a client that pipelines
+/// without reading answers is slowed down instead of growing memory.
+final class SessionHandler: ChannelDuplexHandler {
+    typealias InboundIn = LineFrame
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    private var session: Session?
+    private var context: ChannelHandlerContext?
+    /// The inbox is full: reads wait until the executor takes a request.
+    private var paused = false
+    /// A read was asked for while there was no session yet or the inbox was full.
+    private var readPending = false
+    /// The client's input ended (half-close or close).
+    private var inputEnded = false
+    /// Lines read before the session was attached: NIO drains the socket when it sees the peer's
+    /// EOF, even while reads are held, so a client that writes and half-closes at once is read early.
+    private var early: [LineFrame] = []
+
+    init() {}
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+    }
+
+    /// Starts serving `session` on this connection (on the event loop): output flows, reads start.
+    func attach(_ session: Session) {
+        guard let context else { return }
+        context.eventLoop.assertInEventLoop()
+        self.session = session
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let eventLoop = context.eventLoop
+        session.outbox.attach { eventLoop.execute { handler.value.flush() } }
+        session.inbox.onRoom { eventLoop.execute { handler.value.resumeReading() } }
+        for frame in self.early { self.receive(frame, session) }
+        self.early = []
+        if !context.channel.isActive {
+            self.inputEnded = true
+            session.outbox.close()
+        }
+        if self.inputEnded { session.inputEnded() }
+        self.resumeReading()
+    }
+
+    // MARK: Input
+
+    func read(context: ChannelHandlerContext) {
+        if self.session == nil || self.paused {
+            self.readPending = true
+        } else {
+            context.read()
+        }
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let frame = self.unwrapInboundIn(data)
+        if let session {
+            self.receive(frame, session)
+        } else {
+            self.early.append(frame)
+        }
+    }
+
+    private func receive(_ frame: LineFrame, _ session: Session) {
+        let item: Session.Inbound
+        switch frame {
+        case .tooLong:
+            let limit = session.core.configuration.maxLineBytes
+            item = .failure(EvdError(.lineTooLong, "line longer than \(limit) bytes"))
+        case .line(let buffer):
+            guard let parsed = Session.parse(buffer) else { return }
+            if case .request(let request) = parsed, request["op"] == "reply" {
+                session.handleReply(request)
+                return
+            }
+            item = parsed
+        }
+        if !session.inbox.offer(item) { self.paused = true }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case ChannelEvent.inputClosed = event { self.endInput() }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.endInput()
+        // Nobody can receive output any more: stop queueing it (the peer is gone).
+        self.session?.outbox.close()
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        self.session?.logger.debug("connection failed", metadata: ["error": "\(error)"])
+        context.close(promise: nil)
+    }
+
+    private func endInput() {
+        guard !self.inputEnded else { return }
+        self.inputEnded = true
+        self.session?.inputEnded()
+    }
+
+    private func resumeReading() {
+        guard let context, self.session != nil else { return }
+        self.paused = false
+        if self.readPending {
+            self.readPending = false
+            context.read()
+        }
+    }
+
+    // MARK: Output
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if context.channel.isWritable { self.flush() }
+        context.fireChannelWritabilityChanged()
+    }
+
+    /// Writes everything the outbox holds, while the socket takes it. When it stops taking it, the
+    /// rest waits for `channelWritabilityChanged`.
+    private func flush() {
+        guard let context, let outbox = self.session?.outbox else { return }
+        while context.channel.isWritable {
+            switch outbox.take() {
+            case .idle:
+                return
+            case .close:
+                context.close(promise: nil)
+                return
+            case .batch(let chunks, let closeAfter):
+                var buffer = context.channel.allocator.buffer(capacity: chunks.reduce(0) { $0 + $1.byteCount })
+                for chunk in chunks { chunk.write(into: &buffer) }
+                if closeAfter {
+                    context.writeAndFlush(self.wrapOutboundOut(buffer)).whenComplete { _ in
+                        context.close(promise: nil)
+                    }
+                    return
+                }
+                context.writeAndFlush(self.wrapOutboundOut(buffer), promise: nil)
+            }
+        }
+    }
+}
+
+/// The requests a session's reader hands its executor, in order.
+///
+/// The event loop offers (never waits); the executor task pops. `offer` reports when the inbox is
+/// full, and `onRoom` is told when the executor has made room again.
+final class RequestInbox: Sendable {
+    private struct State {
+        var items: Deque<Session.Inbound> = []
+        var finished = false
+        var consumer: CheckedContinuation<Session.Inbound?, Never>?
+        var full = false
+        var onRoom: (@Sendable () -> Void)?
+    }
+
+    private let state = Mutex(State())
+    let capacity: Int
+
+    init(capacity: Int) {
+        precondition(capacity > 0)
+        self.capacity = capacity
+    }
+
+    func onRoom(_ callback: @escaping @Sendable () -> Void) {
+        self.state.withLock { $0.onRoom = callback }
+    }
+
+    /// Adds a request; returns `false` when the inbox is now full (the reader should pause).
+    func offer(_ item: Session.Inbound) -> Bool {
+        let (consumer, room) = self.state.withLock { state -> (CheckedContinuation<Session.Inbound?, Never>?, Bool) in
+            guard !state.finished else { return (nil, true) }
+            if let consumer = state.consumer {
+                state.consumer = nil
+                return (consumer, true)
+            }
+            state.items.append(item)
+            state.full = state.items.count >= self.capacity
+            return (nil, !state.full)
+        }
+        consumer?.resume(returning: item)
+        return room
+    }
+
+    /// No more requests will come; `pop` returns `nil` once the rest are taken.
+    func finish() {
+        let consumer = self.state.withLock { state in
+            state.finished = true
+            defer { state.consumer = nil }
+            return state.items.isEmpty ? state.consumer : nil
+        }
+        consumer?.resume(returning: nil)
+    }
+
+    /// The next request, waiting while there is none; `nil` once finished and drained.
+    func pop() async -> Session.Inbound? {
+        let (ready, room) = self.state.withLock { state -> (Session.Inbound?, (@Sendable () -> Void)?) in
+            guard let item = state.items.popFirst() else { return (nil, nil) }
+            return (item, Self.madeRoom(&state))
+        }
+        if let ready {
+            room?()
+            return ready
+        }
+        return await withCheckedContinuation { (continuation: CheckedContinuation<Session.Inbound?, Never>) in
+            enum Step { case item(Session.Inbound, room: (@Sendable () -> Void)?), end, wait }
+            let step: Step = self.state.withLock { state in
+                if let item = state.items.popFirst() { return .item(item, room: Self.madeRoom(&state)) }
+                if state.finished { return .end }
+                state.consumer = continuation
+                return .wait
+            }
+            switch step {
+            case .item(let item, let room):
+                room?()
+                continuation.resume(returning: item)
+            case .end:
+                continuation.resume(returning: nil)
+            case .wait:
+                break
+            }
+        }
+    }
+
+    /// The callback to run when taking an item ended a full spell.
+    private static func madeRoom(_ state: inout State) -> (@Sendable () -> Void)? {
+        guard state.full else { return nil }
+        state.full = false
+        return state.onRoom
+    }
+}
