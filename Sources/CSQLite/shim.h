@@ -1,6 +1,8 @@
 #ifndef EVD_CSQLITE_SHIM_H
 #define EVD_CSQLITE_SHIM_H
 
+// Debian's libsqlite3 is built with the pre-update hook; the header declares it only when asked.
+#define SQLITE_ENABLE_PREUPDATE_HOOK 1
 #include <sqlite3.h>
 
 /// SQLITE_TRANSIENT is a cast of -1 to a function pointer, which Swift cannot import.

@@ -30,6 +30,12 @@ public enum EventKind: Int, Sendable, CaseIterable {
     case login, logout, createToken, createTable, dropTable, alterTable, insertRows, upsertRows
     case updateRow, deleteRow, renameTable
 
+    /// The committed events of changes to tables and rows (§6.5), as a bit set over `rawValue`:
+    /// what connections record with `ChangeCapture`.
+    static let committedChanges: UInt64 = [
+        EventKind.createTable, .dropTable, .alterTable, .renameTable, .insertRows, .upsertRows, .updateRow, .deleteRow,
+    ].reduce(0) { $0 | 1 << UInt64($1.rawValue) }
+
     /// This event's catalog entry.
     public var spec: EventSpec { Self.specs[self.rawValue] }
     /// The wire name (`first_connect`, `insert-rows`).

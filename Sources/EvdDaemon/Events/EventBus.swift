@@ -92,6 +92,8 @@ public final class EventBus: Sendable {
 
     private let interest = Atomic<UInt64>(0)
     private let vetoInterest = Atomic<UInt64>(0)
+    /// The catalog events some `rows: true` subscription wants.
+    private let rowsInterest = Atomic<UInt64>(0)
     private let state: Mutex<State>
     let deliveryStats = DeliveryStats()
     let vetoStats = VetoStats()
@@ -134,21 +136,9 @@ public final class EventBus: Sendable {
     /// Numbers an event and queues it to every matching subscription.
     @discardableResult
     func publish(name: String, kind: EventKind?, origin: EventOrigin, properties: JSONObject) -> Int64 {
-        var body = origin.envelopeFragment
-        for (key, value) in properties {
-            body.append(UInt8(ascii: ","))
-            JSONWriter.appendString(key, to: &body)
-            body.append(UInt8(ascii: ":"))
-            value.write(into: &body)
-        }
-        body.append(UInt8(ascii: "}"))
-        body.append(UInt8(ascii: "\n"))
-
+        let body = Self.body(origin, properties)
         var wakeups: [Outbox.Wakeup] = []
         let seq = self.state.withLock { state -> Int64 in
-            state.seq += 1
-            let seq = state.seq
-            state.published[name, default: 0] += 1
             let subscribers: [Subscription]
             if let kind {
                 subscribers = state.byKind[kind.rawValue]
@@ -161,24 +151,103 @@ public final class EventBus: Sendable {
                     state.byCustomName[name] = subscribers
                 }
             }
-            guard !subscribers.isEmpty else { return seq }
-            var prefix: [UInt8] = Array(#"{"type":"event","seq":"#.utf8)
-            JSONWriter.appendInt(seq, to: &prefix)
-            prefix += Array(#","event":"#.utf8)
-            JSONWriter.appendString(name, to: &prefix)
-            prefix += Array(#","time":"#.utf8)
-            EventTime.appendNow(to: &prefix)
-            prefix += Array(#","subscription":"#.utf8)
-            for subscription in subscribers
-            where subscription.filter.isEmpty || subscription.accepts(name: name, origin: origin, properties: properties) {
-                let event = QueuedEvent(prefix: prefix, subscription: subscription.id, body: body, seq: seq)
-                if let wakeup = subscription.outbox.enqueue(event: event, policy: subscription.overflow) {
-                    wakeups.append(wakeup)
-                }
-            }
-            return seq
+            return Self.enqueue(
+                &state, name: name, subscribers: subscribers, origin: origin, properties: properties, body: body,
+                imagesBody: nil, wakeups: &wakeups)
         }
         for wakeup in wakeups { wakeup.resume() }
+        return seq
+    }
+
+    /// Whether anyone wants a committed change event (`insert-rows`, `create-table`, ...): then
+    /// connections record their changes.
+    public var wantsCommittedChanges: Bool {
+        self.interest.load(ordering: .relaxed) & EventKind.committedChanges != 0
+    }
+
+    /// Whether a `rows: true` subscription wants a committed change event: then connections also
+    /// record whole rows.
+    public var wantsRowImages: Bool {
+        self.rowsInterest.load(ordering: .relaxed) & EventKind.committedChanges != 0
+    }
+
+    /// Publishes a transaction's committed events, in order, with consecutive seqs unless other
+    /// events interleave between batches. Subscriptions with `rows: true` also get the images.
+    func publishCommitted(_ events: [CommittedEvent], origin: EventOrigin) {
+        let rowsInterest = self.rowsInterest.load(ordering: .relaxed)
+        var start = 0
+        while start < events.count {
+            // Serialize a batch outside the lock, then number and queue it under one lock.
+            let batch = events[start..<min(events.count, start + 512)]
+            start = batch.endIndex
+            let serialized = batch.compactMap { event -> (CommittedEvent, [UInt8], [UInt8]?)? in
+                guard self.wants(event.kind) else { return nil }
+                let body = Self.body(origin, event.properties)
+                var imagesBody: [UInt8]?
+                if let images = event.images, rowsInterest & (1 << UInt64(event.kind.rawValue)) != 0 {
+                    imagesBody = Self.body(origin, event.properties, images)
+                }
+                return (event, body, imagesBody)
+            }
+            guard !serialized.isEmpty else { continue }
+            var wakeups: [Outbox.Wakeup] = []
+            self.state.withLock { state in
+                for (event, body, imagesBody) in serialized {
+                    Self.enqueue(
+                        &state, name: event.kind.name, subscribers: state.byKind[event.kind.rawValue], origin: origin,
+                        properties: event.properties, body: body, imagesBody: imagesBody, wakeups: &wakeups)
+                }
+            }
+            for wakeup in wakeups { wakeup.resume() }
+        }
+    }
+
+    /// An event's bytes after the subscription number: the envelope's origin, the properties (and
+    /// `more` of them), the closing brace and newline.
+    private static func body(_ origin: EventOrigin, _ properties: JSONObject, _ more: JSONObject = [:]) -> [UInt8] {
+        var body = origin.envelopeFragment
+        for (key, value) in properties {
+            body.append(UInt8(ascii: ","))
+            JSONWriter.appendString(key, to: &body)
+            body.append(UInt8(ascii: ":"))
+            value.write(into: &body)
+        }
+        for (key, value) in more {
+            body.append(UInt8(ascii: ","))
+            JSONWriter.appendString(key, to: &body)
+            body.append(UInt8(ascii: ":"))
+            value.write(into: &body)
+        }
+        body.append(UInt8(ascii: "}"))
+        body.append(UInt8(ascii: "\n"))
+        return body
+    }
+
+    /// Numbers one event and queues it to `subscribers` that pass their filters (under the lock);
+    /// `imagesBody`, when given, goes to those with `rows: true`.
+    private static func enqueue(
+        _ state: inout State, name: String, subscribers: [Subscription], origin: EventOrigin, properties: JSONObject,
+        body: [UInt8], imagesBody: [UInt8]?, wakeups: inout [Outbox.Wakeup]
+    ) -> Int64 {
+        state.seq += 1
+        let seq = state.seq
+        state.published[name, default: 0] += 1
+        guard !subscribers.isEmpty else { return seq }
+        var prefix: [UInt8] = Array(#"{"type":"event","seq":"#.utf8)
+        JSONWriter.appendInt(seq, to: &prefix)
+        prefix += Array(#","event":"#.utf8)
+        JSONWriter.appendString(name, to: &prefix)
+        prefix += Array(#","time":"#.utf8)
+        EventTime.appendNow(to: &prefix)
+        prefix += Array(#","subscription":"#.utf8)
+        for subscription in subscribers
+        where subscription.filter.isEmpty || subscription.accepts(name: name, origin: origin, properties: properties) {
+            let chosen = subscription.wantsRows ? imagesBody ?? body : body
+            let event = QueuedEvent(prefix: prefix, subscription: subscription.id, body: chosen, seq: seq)
+            if let wakeup = subscription.outbox.enqueue(event: event, policy: subscription.overflow) {
+                wakeups.append(wakeup)
+            }
+        }
         return seq
     }
 
@@ -230,8 +299,10 @@ public final class EventBus: Sendable {
     private func rebuild(_ state: inout State) {
         var byKind = Array(repeating: [Subscription](), count: EventKind.allCases.count)
         var interest: UInt64 = 0
+        var rowsInterest: UInt64 = 0
         for subscription in state.subscriptions.values {
             interest |= subscription.kinds
+            if subscription.wantsRows { rowsInterest |= subscription.kinds }
             var bits = subscription.kinds
             while bits != 0 {
                 let index = bits.trailingZeroBitCount
@@ -242,6 +313,7 @@ public final class EventBus: Sendable {
         state.byKind = byKind
         state.byCustomName = [:]
         self.interest.store(interest, ordering: .relaxed)
+        self.rowsInterest.store(rowsInterest, ordering: .relaxed)
         var vetoersByKind = Array(repeating: [VetoListener](), count: EventKind.allCases.count)
         var vetoInterest: UInt64 = 0
         for listener in state.vetoListeners.values.sorted(by: VetoListener.chainOrder) {

@@ -152,14 +152,22 @@ extension Session {
                 try await self.vetoable(.commit, on: transaction.pool) { self.transactionProperties(transaction) }
             } catch {
                 // A denied commit rolls the transaction back: nothing becomes visible.
-                try? await transaction.pool.run { try connection.sqlite.exec("ROLLBACK") }
+                try? await transaction.pool.run {
+                    connection.capture.discardAll()
+                    try connection.sqlite.exec("ROLLBACK")
+                }
                 self.core.bus.emit(.rollback, self.origin) { self.transactionProperties(transaction) }
                 state.transaction = nil
                 await self.checkin(connection, to: transaction.pool)
                 throw error
             }
             do {
-                try await transaction.pool.run { try connection.sqlite.exec("COMMIT") }
+                let database = transaction.pool.database.name
+                let committed = try await transaction.pool.run {
+                    try connection.sqlite.exec("COMMIT")
+                    return connection.capture.takeCommitted(database: database)
+                }
+                if !committed.isEmpty { self.core.bus.publishCommitted(committed, origin: self.origin) }
             } catch {
                 // A failed COMMIT (busy, a deferred constraint) leaves the transaction open: the
                 // client may retry or roll back. If SQLite ended it anyway, so do we.
@@ -171,7 +179,10 @@ extension Session {
                 throw error
             }
         } else {
-            try? await transaction.pool.run { try connection.sqlite.exec("ROLLBACK") }
+            try? await transaction.pool.run {
+                connection.capture.discardAll()
+                try connection.sqlite.exec("ROLLBACK")
+            }
             self.core.bus.emit(.rollback, self.origin) { self.transactionProperties(transaction) }
         }
         state.transaction = nil
@@ -184,7 +195,7 @@ extension Session {
             throw EvdError(.notInTransaction, "savepoints need a transaction (use begin first)")
         }
         guard !name.isEmpty else { throw EvdError.badRequest(field: "name", "'name' must not be empty") }
-        let quoted = "\"" + name.split(separator: "\"", omittingEmptySubsequences: false).joined(separator: "\"\"") + "\""
+        let quoted = SQLIdentifier.quote(name)
         let sql: String
         let kind: EventKind
         switch op {
@@ -202,10 +213,16 @@ extension Session {
         if kind == .savepoint {
             // SQLAlchemy's savepoint event comes before the SAVEPOINT; a deny means there is none.
             try await self.vetoable(.savepoint, on: transaction.pool, properties)
-            try await transaction.pool.run { try connection.sqlite.exec(sql) }
-        } else {
-            try await transaction.pool.run { try connection.sqlite.exec(sql) }
-            self.core.bus.emit(kind, self.origin, properties)
         }
+        try await transaction.pool.run {
+            try connection.sqlite.exec(sql)
+            // The changes since a savepoint that is rolled back will never commit.
+            switch kind {
+            case .savepoint: connection.capture.savepoint(name)
+            case .releaseSavepoint: connection.capture.release(name)
+            default: connection.capture.rollback(to: name)
+            }
+        }
+        if kind != .savepoint { self.core.bus.emit(kind, self.origin, properties) }
     }
 }

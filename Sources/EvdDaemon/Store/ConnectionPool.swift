@@ -26,6 +26,8 @@ public final class PooledConnection: @unchecked Sendable {
     public let number: Int
     public let sqlite: SQLiteConnection
     let observer: AuthorizerObserver
+    /// The rows and schema changes of the open transaction, for its committed events.
+    let capture: ChangeCapture
     var queryOnly = false
     var busyTimeoutMs: Int32
 
@@ -33,6 +35,7 @@ public final class PooledConnection: @unchecked Sendable {
         self.number = number
         self.sqlite = sqlite
         self.observer = observer
+        self.capture = ChangeCapture(connection: sqlite)
         self.busyTimeoutMs = busyTimeoutMs
     }
 
@@ -253,6 +256,7 @@ public final class ConnectionPool: Sendable {
             rolledBack = try await self.run {
                 let open = connection.sqlite.inTransaction
                 if open { try? connection.sqlite.exec("ROLLBACK") }
+                connection.capture.discardAll()
                 try? connection.apply(queryOnly: false, busyTimeoutMs: self.defaultBusyTimeoutMs)
                 connection.sqlite.lastInsertRowid = 0
                 return open

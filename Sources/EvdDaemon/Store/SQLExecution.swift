@@ -144,10 +144,10 @@ struct SQLRun {
     /// since the SQLite thread the run goes on cannot see the task's value.
     let operationBudget: OperationVetoBudget? = OperationVetoBudget.current
 
-    private var database: String { self.pool.database.name }
-    private var sqlite: SQLiteConnection { self.connection.sqlite }
+    var database: String { self.pool.database.name }
+    var sqlite: SQLiteConnection { self.connection.sqlite }
 
-    private func base() -> JSONObject {
+    func base() -> JSONObject {
         ["database": .string(self.database), "connection": .integer(self.connection.number)]
     }
 
@@ -159,7 +159,7 @@ struct SQLRun {
 
     /// Asks the veto listeners of `kind` (or just emits it); throws `vetoed` on an enforced deny.
     @discardableResult
-    private func vetoable(_ kind: EventKind, _ properties: () -> JSONObject) throws(EvdError) -> VetoVerdict? {
+    func vetoable(_ kind: EventKind, _ properties: () -> JSONObject) throws(EvdError) -> VetoVerdict? {
         let verdict = self.bus.decideBlocking(
             kind, self.origin, budget: self.vetoBudget, operation: self.operationBudget, properties)
         if let verdict, verdict.denied { throw verdict.vetoedError(event: kind.name) }
@@ -188,8 +188,8 @@ struct SQLRun {
                     (statement, bound) = try self.rewrite(statement, bound, to: verdict.properties)
                 }
                 var rows: [[JSONValue]] = []
-                let changed = try self.run(statement, parameters: bound, executemany: false) {
-                    rows.append(statement.row())
+                let changed = try self.capturing(statement, intent: SQLScanner.intent(of: statement.sql)) { () throws(EvdError) in
+                    try self.run(statement, parameters: bound, executemany: false) { rows.append(statement.row()) }
                 }
                 result.changes += changed
                 if statement.columnCount > 0 {
@@ -229,13 +229,18 @@ struct SQLRun {
                     all = replaced
                 }
             }
-            let changed = try self.run(statement, parameters: all, executemany: true, parameterSets: sets)
+            let changed = try self.capturing(statement, intent: SQLScanner.intent(of: statement.sql)) { () throws(EvdError) in
+                try self.run(statement, parameters: all, executemany: true, parameterSets: sets)
+            }
             return (changed, changed)
         }
     }
 
     /// Wraps a request: the body, `after_execute`, and the implicit transaction's end.
-    private func inRequest<T>(_ body: () throws(EvdError) -> (T, Int64)) throws(EvdError) -> T {
+    func inRequest<T>(_ body: () throws(EvdError) -> (T, Int64)) throws(EvdError) -> T {
+        let capture = self.connection.capture
+        capture.active = self.bus.wantsCommittedChanges || !capture.isEmpty
+        capture.images = self.bus.wantsRowImages
         let value: T
         let changes: Int64
         do {
@@ -262,6 +267,7 @@ struct SQLRun {
                 self.rollback()
                 throw self.failed(error, statement: "COMMIT", parameters: .array([]))
             }
+            self.publishCommitted()
         }
         return value
     }
@@ -281,7 +287,33 @@ struct SQLRun {
         }
     }
 
+    /// Publishes what the transaction that just committed changed (PROTOCOL.md §6.5).
+    private func publishCommitted() {
+        let events = self.connection.capture.takeCommitted(database: self.database)
+        if !events.isEmpty { self.bus.publishCommitted(events, origin: self.origin) }
+    }
+
+    /// Runs one statement's `body` as one unit of captured changes, with the schema events of the
+    /// DDL it does (the authorizer told, while it was prepared).
+    func capturing<T>(
+        _ statement: SQLiteStatement, intent: StatementIntent, _ body: () throws(EvdError) -> T
+    ) throws(EvdError) -> T {
+        let observer = self.connection.observer
+        let capture = self.connection.capture
+        let actions = observer.schemaActions
+        capture.loadShapes(of: observer.writtenTables)
+        capture.beginUnit(intent)
+        do {
+            if actions.isEmpty { return try body() }
+            return try self.withSchemaEvents(sql: statement.sql, actions: actions, body)
+        } catch {
+            capture.failUnit()
+            throw error
+        }
+    }
+
     private func rollback() {
+        self.connection.capture.discardAll()
         try? self.sqlite.exec("ROLLBACK")
         self.bus.emit(.rollback, self.origin) { self.transactionProperties() }
     }
@@ -290,8 +322,7 @@ struct SQLRun {
     /// rollback/savepoint ops are for: evd must know where transactions start and end).
     private func prepare(_ sql: SQLText, from offset: Int) throws(EvdError) -> SQLiteStatement? {
         let observer = self.connection.observer
-        observer.sawTransactionControl = false
-        observer.setExecutionOptionPragma = nil
+        observer.clearStatementRecord()
         observer.preparingClientSQL = true
         defer { observer.preparingClientSQL = false }
         let statement: SQLiteStatement?

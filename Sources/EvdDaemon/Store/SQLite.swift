@@ -1,4 +1,9 @@
 import OrderedCollections
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 import CSQLite
 import EvdClient
 
@@ -79,6 +84,12 @@ public final class SQLiteConnection: @unchecked Sendable {
     public func exec(_ sql: String) throws(SQLiteError) {
         let rc = sqlite3_exec(self.handle, sql, nil, nil, nil)
         if rc != SQLITE_OK { throw self.lastError(rc, sql: sql) }
+    }
+
+    /// The first column of the first row of `sql`, as an integer.
+    func scalarInt(_ sql: String) throws(SQLiteError) -> Int64? {
+        guard let statement = try self.prepare(SQLText(sql), from: 0), try statement.step() else { return nil }
+        return statement.column(0).intValue
     }
 
     /// Whether a transaction is open on this connection.
@@ -256,9 +267,9 @@ extension SQLiteConnection {
         let context = Unmanaged.passUnretained(observer).toOpaque()
         sqlite3_set_authorizer(
             self.handle,
-            { context, action, first, second, _, _ in
+            { context, action, first, second, database, _ in
                 let observer = Unmanaged<AuthorizerObserver>.fromOpaque(context!).takeUnretainedValue()
-                return observer.authorize(action, first, second)
+                return observer.authorize(action, first, second, database)
             },
             context)
     }
@@ -277,6 +288,19 @@ public final class AuthorizerObserver: @unchecked Sendable {
     /// the pooled connection (and bypass engine-wide options), so the prepare is denied.
     public var setExecutionOptionPragma: String?
 
+    /// The tables of the main database a statement being prepared writes (its triggers' included).
+    public var writtenTables: Set<String> = []
+    /// The schema changes of the main database a statement being prepared makes.
+    public var schemaActions: [SchemaAction] = []
+
+    /// Forgets what the last prepare recorded.
+    func clearStatementRecord() {
+        self.sawTransactionControl = false
+        self.setExecutionOptionPragma = nil
+        if !self.writtenTables.isEmpty { self.writtenTables.removeAll() }
+        if !self.schemaActions.isEmpty { self.schemaActions.removeAll() }
+    }
+
     /// Pragmas that back execution options (`query_only`, `busy_timeout_ms`).
     static let executionOptionPragmas: Set<String> = ["query_only", "busy_timeout"]
 
@@ -284,8 +308,26 @@ public final class AuthorizerObserver: @unchecked Sendable {
 
     /// Records `action` and answers SQLite's authorizer. Denying must happen here, not after the
     /// prepare: SQLite applies some pragmas (query_only among them) while preparing.
-    func authorize(_ action: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?) -> Int32 {
+    func authorize(
+        _ action: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?, _ database: UnsafePointer<CChar>?
+    ) -> Int32 {
         if action == SQLITE_TRANSACTION || action == SQLITE_SAVEPOINT { self.sawTransactionControl = true }
+        if self.preparingClientSQL, let first {
+            let inMain = database.map { strcmp($0, "main") == 0 } ?? false
+            switch action {
+            case SQLITE_INSERT, SQLITE_UPDATE, SQLITE_DELETE:
+                if inMain && strncmp(first, "sqlite_", 7) != 0 { self.writtenTables.insert(String(cString: first)) }
+            case SQLITE_ALTER_TABLE:
+                // For ALTER TABLE, `first` is the database's name and `second` the table's.
+                if strcmp(first, "main") == 0, let second {
+                    self.schemaActions.append(SchemaAction(verb: .alter, kind: "table", name: String(cString: second)))
+                }
+            default:
+                if inMain, let (verb, kind) = SchemaAction.described(by: action) {
+                    self.schemaActions.append(SchemaAction(verb: verb, kind: kind, name: String(cString: first)))
+                }
+            }
+        }
         // For SQLITE_PRAGMA, `first` is the pragma's name and `second` its argument (nil for a read).
         if action == SQLITE_PRAGMA, self.preparingClientSQL, second != nil, let first {
             let name = String(cString: first).lowercased()
@@ -295,5 +337,30 @@ public final class AuthorizerObserver: @unchecked Sendable {
             }
         }
         return SQLITE_OK
+    }
+}
+
+/// A schema change a statement makes, as the authorizer reports it while the statement is prepared.
+public struct SchemaAction: Sendable, Equatable {
+    public enum Verb: Sendable { case create, drop, alter }
+    public let verb: Verb
+    /// `table`, `index`, `view` or `trigger` (PROTOCOL.md §6.4's `target.kind`).
+    public let kind: String
+    public let name: String
+
+    /// The verb and kind of an authorizer action code that creates or drops a schema object in a
+    /// persistent database (the temp ones are not reported: they are the connection's own).
+    static func described(by action: Int32) -> (Verb, String)? {
+        switch action {
+        case SQLITE_CREATE_TABLE: return (.create, "table")
+        case SQLITE_CREATE_INDEX: return (.create, "index")
+        case SQLITE_CREATE_VIEW: return (.create, "view")
+        case SQLITE_CREATE_TRIGGER: return (.create, "trigger")
+        case SQLITE_DROP_TABLE: return (.drop, "table")
+        case SQLITE_DROP_INDEX: return (.drop, "index")
+        case SQLITE_DROP_VIEW: return (.drop, "view")
+        case SQLITE_DROP_TRIGGER: return (.drop, "trigger")
+        default: return nil
+        }
     }
 }

@@ -1,0 +1,494 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CSQLite
+import EvdClient
+import OrderedCollections
+
+/// What one statement means for the committed events its rows produce (PROTOCOL.md §6.5).
+///
+/// Raw SQL gets its intent from the statement's text (`SQLIntent.of`); the structured ops set
+/// theirs. Inserts made directly by the statement (not by its triggers) are reported together as
+/// one `insert-rows` — or `upsert-rows` for an upsert — per table.
+struct StatementIntent: Sendable, Equatable {
+    enum Kind: Sendable, Equatable { case insert, upsert, other }
+    var kind: Kind = .other
+    var ignore = false
+    var replace = false
+    /// The row count to report instead of the rows SQLite changed: Datasette's `num_rows` is the
+    /// number of rows the request gave (ignored ones included).
+    var reportedRows: Int?
+    /// The table that `reportedRows` and an event with no changed rows are about.
+    var table: String?
+
+    static let other = StatementIntent()
+}
+
+/// One row SQLite changed, as the pre-update hook saw it.
+struct RowChange {
+    enum Operation: UInt8 { case insert, update, delete }
+    var operation: Operation
+    /// Index into `ChangeCapture.tables`.
+    var table: Int32
+    /// Trigger depth: 0 for the statement's own changes.
+    var depth: Int32
+    var unit: Int32
+    /// The old rowid (update, delete) or the new one (insert).
+    var rowid: Int64
+    /// The primary key values, in key order (old ones for update/delete); `nil` while the table's
+    /// shape is unknown, and for rowid tables without a declared key (the key is `[rowid]`).
+    var key: [JSONValue]?
+    /// The whole row before the change (images, or until the shape is known).
+    var before: [JSONValue]?
+    /// The whole row after the change (images, or an insert's key until the shape is known).
+    var after: [JSONValue]?
+}
+
+/// A table's columns and primary key, as the committed events need them.
+struct TableShape: Sendable {
+    let columns: [String]
+    /// Indexes into `columns` of the primary key, in key order; empty for a rowid table without one.
+    let keyColumns: [Int]
+    /// The key is the rowid (no declared key, or an `INTEGER PRIMARY KEY` alias).
+    let keyIsRowid: Bool
+}
+
+/// A schema change that becomes a committed event (`create-table`, `drop-table`, `alter-table`,
+/// `rename-table`).
+struct SchemaChange: Sendable {
+    let kind: EventKind
+    let properties: JSONObject
+}
+
+/// A committed event ready to publish: its properties, and the row images `rows: true`
+/// subscriptions also get.
+struct CommittedEvent: Sendable {
+    let kind: EventKind
+    var properties: JSONObject
+    var images: JSONObject?
+}
+
+/// Records the rows and schema changes one connection makes inside its transaction, so that they
+/// can be published as committed events (PROTOCOL.md §6.5) once — and only if — it commits.
+///
+/// Rows come from SQLite's pre-update hook, which sees every change to a real table: the
+/// statement's own, its triggers', foreign-key cascades and rows a `REPLACE` removes. Changes are
+/// kept in order with marks for savepoints and for each statement, so a rolled-back savepoint or
+/// a failed statement drops exactly its changes.
+///
+/// `@unchecked Sendable`: it belongs to one connection and is only used by the thread using it.
+final class ChangeCapture: @unchecked Sendable {
+    enum Entry {
+        case row(RowChange)
+        case schema(SchemaChange)
+    }
+
+    /// Whether the hook records anything (someone wants committed events).
+    var active = false
+    /// Whether whole rows are recorded (a `rows: true` subscription wants the images).
+    var images = false
+    private(set) var entries: [Entry] = []
+    private(set) var tables: [String] = []
+    private var tableIndex: [String: Int32] = [:]
+    private var shapes: [Int32: TableShape] = [:]
+    /// The last table the hook saw, to skip the dictionary lookup for runs of one table.
+    private var lastTable: (name: [CChar], index: Int32)?
+    /// Statement units: each statement (or each executemany) is one; `intents[unit]` is its meaning.
+    private var unit: Int32 = 0
+    private(set) var intents: [Int32: StatementIntent] = [:]
+    private var unitMark = 0
+    private var unitTotalChanges: Int64 = 0
+    /// Open savepoints (the client's and evd's own), innermost last, with where their changes start.
+    private var savepoints: [(name: String, mark: Int)] = []
+    /// The schema cookie the shapes were read at.
+    private var shapesSchemaVersion: Int64 = -1
+
+    private let connection: SQLiteConnection
+
+    init(connection: SQLiteConnection) {
+        self.connection = connection
+        let context = Unmanaged.passUnretained(self).toOpaque()
+        sqlite3_preupdate_hook(
+            connection.handle,
+            { context, db, operation, database, table, oldRowid, newRowid in
+                guard let context, let db, let database, let table else { return }
+                let capture = Unmanaged<ChangeCapture>.fromOpaque(context).takeUnretainedValue()
+                capture.record(db, operation, database, table, oldRowid, newRowid)
+            },
+            context)
+    }
+
+    /// Whether nothing was recorded.
+    var isEmpty: Bool { self.entries.isEmpty }
+
+    // MARK: Units and savepoints
+
+    /// Starts a statement's unit; its inserts are grouped by `intent`.
+    func beginUnit(_ intent: StatementIntent) {
+        guard self.active else { return }
+        self.unit += 1
+        if intent != .other { self.intents[self.unit] = intent }
+        self.unitMark = self.entries.count
+        self.unitTotalChanges = self.connection.totalChanges
+    }
+
+    /// Ends the current unit after its statement failed: SQLite undid the statement's changes unless
+    /// it failed under `ON CONFLICT FAIL` (the rows before the failure stay), and everything when the
+    /// error ended the transaction.
+    func failUnit() {
+        guard self.active else { return }
+        if !self.connection.inTransaction {
+            self.discardAll()
+        } else if self.connection.totalChanges == self.unitTotalChanges {
+            self.entries.removeSubrange(self.unitMark...)
+        }
+        self.intents.removeValue(forKey: self.unit)
+    }
+
+    /// Drops the current unit's changes: evd rolled its statement back (a vetoed column).
+    func dropUnit() {
+        guard self.active, self.unitMark < self.entries.count else { return }
+        self.entries.removeSubrange(self.unitMark...)
+    }
+
+    /// A savepoint opened.
+    func savepoint(_ name: String) {
+        self.savepoints.append((name.lowercased(), self.entries.count))
+    }
+
+    /// `RELEASE name`: the savepoint and the ones inside it end; their changes stay.
+    func release(_ name: String) {
+        if let index = self.savepoints.lastIndex(where: { $0.name == name.lowercased() }) {
+            self.savepoints.removeSubrange(index...)
+        }
+    }
+
+    /// `ROLLBACK TO name`: the changes since the savepoint are gone; the savepoint stays open.
+    func rollback(to name: String) {
+        guard let index = self.savepoints.lastIndex(where: { $0.name == name.lowercased() }) else { return }
+        let mark = self.savepoints[index].mark
+        self.savepoints.removeSubrange((index + 1)...)
+        if mark < self.entries.count { self.entries.removeSubrange(mark...) }
+    }
+
+    /// The transaction ended without committing, or its events were taken.
+    func discardAll() {
+        self.entries.removeAll(keepingCapacity: self.entries.count < 4096)
+        self.intents.removeAll()
+        self.savepoints.removeAll()
+        self.unit = 0
+        self.unitMark = 0
+    }
+
+    /// Records a schema change of the current unit.
+    func record(_ change: SchemaChange) {
+        guard self.active else { return }
+        self.entries.append(.schema(change))
+        // The columns of a table may have changed.
+        self.shapes.removeAll()
+        self.lastTable = nil
+    }
+
+    // MARK: The hook
+
+    private func record(
+        _ db: OpaquePointer, _ operation: Int32, _ database: UnsafePointer<CChar>, _ table: UnsafePointer<CChar>,
+        _ oldRowid: Int64, _ newRowid: Int64
+    ) {
+        guard self.active, strcmp(database, "main") == 0, strncmp(table, "sqlite_", 7) != 0 else { return }
+        let index = self.index(of: table)
+        let op: RowChange.Operation
+        switch operation {
+        case SQLITE_INSERT: op = .insert
+        case SQLITE_DELETE: op = .delete
+        default: op = .update
+        }
+        var change = RowChange(
+            operation: op, table: index, depth: sqlite3_preupdate_depth(db), unit: self.unit,
+            rowid: op == .insert ? newRowid : oldRowid)
+        let shape = self.shapes[index]
+        let count = Int(sqlite3_preupdate_count(db))
+        if self.images || shape == nil || shape!.columns.count != count {
+            // Whole rows: the key is taken from them once the shape is known.
+            if op != .insert { change.before = Self.values(db, count, old: true) }
+            if op != .delete { change.after = Self.values(db, count, old: false) }
+        }
+        if let shape, shape.columns.count == count {
+            if op != .insert {
+                change.key = Self.key(shape, rowid: oldRowid) { Self.value(db, $0, old: true) }
+            } else if self.intents[self.unit]?.replace == true, change.depth == 0 {
+                // Only a REPLACE needs an insert's key: to tell the row it replaced from others it removed.
+                change.key = Self.key(shape, rowid: newRowid) { Self.value(db, $0, old: false) }
+            }
+        }
+        self.entries.append(.row(change))
+    }
+
+    private func index(of table: UnsafePointer<CChar>) -> Int32 {
+        if let last = self.lastTable, last.name.withUnsafeBufferPointer({ strcmp($0.baseAddress!, table) == 0 }) {
+            return last.index
+        }
+        let name = String(cString: table)
+        let index: Int32
+        if let known = self.tableIndex[name] {
+            index = known
+        } else {
+            index = Int32(self.tables.count)
+            self.tables.append(name)
+            self.tableIndex[name] = index
+        }
+        self.lastTable = (Array(name.utf8CString), index)
+        return index
+    }
+
+    private static func key(_ shape: TableShape, rowid: Int64, _ value: (Int32) -> JSONValue) -> [JSONValue] {
+        shape.keyIsRowid ? [.int(rowid)] : shape.keyColumns.map { value(Int32($0)) }
+    }
+
+    private static func values(_ db: OpaquePointer, _ count: Int, old: Bool) -> [JSONValue] {
+        (0..<Int32(count)).map { value(db, $0, old: old) }
+    }
+
+    private static func value(_ db: OpaquePointer, _ column: Int32, old: Bool) -> JSONValue {
+        var value: OpaquePointer?
+        let rc = old ? sqlite3_preupdate_old(db, column, &value) : sqlite3_preupdate_new(db, column, &value)
+        guard rc == SQLITE_OK, let value else { return .null }
+        return JSONValue(sqliteValue: value)
+    }
+
+    // MARK: Shapes
+
+    /// Reads the shapes of `tables` that are not known yet (the schema may have changed since).
+    /// Must not run inside the hook: it runs SQL on the connection.
+    func loadShapes(of names: some Sequence<String>) {
+        guard self.active else { return }
+        let version = (try? self.connection.scalarInt("PRAGMA main.schema_version")) ?? -1
+        if version != self.shapesSchemaVersion {
+            self.shapes.removeAll()
+            self.lastTable = nil
+            self.shapesSchemaVersion = version
+        }
+        for name in names {
+            let index: Int32
+            if let known = self.tableIndex[name] {
+                index = known
+            } else {
+                index = Int32(self.tables.count)
+                self.tables.append(name)
+                self.tableIndex[name] = index
+            }
+            if self.shapes[index] == nil, let shape = try? TableShape.read(name, on: self.connection) {
+                self.shapes[index] = shape
+            }
+        }
+    }
+
+    /// The shape of table `index` (reading it if needed).
+    func shape(_ index: Int32) -> TableShape? {
+        if let shape = self.shapes[index] { return shape }
+        guard let shape = try? TableShape.read(self.tables[Int(index)], on: self.connection) else { return nil }
+        self.shapes[index] = shape
+        return shape
+    }
+
+    // MARK: Committed events
+
+    /// The committed events of everything recorded, in order, and forgets it. Call after COMMIT.
+    ///
+    /// Inserts a statement made directly are one `insert-rows` (or `upsert-rows`) per table, at the
+    /// place of the first; updates and deletes are one event per row. A row a `REPLACE` removed to
+    /// put the new row with the same key in its place is part of the insert, not a `delete-row`.
+    func takeCommitted(database: String) -> [CommittedEvent] {
+        defer { self.discardAll() }
+        guard !self.entries.isEmpty || !self.intents.isEmpty else { return [] }
+        let replacedKeys = self.replacedKeys()
+        var events: [CommittedEvent] = []
+        struct Group { var event: Int; var rows: Int; var images: [JSONValue] }
+        var groups: [GroupKey: Group] = [:]
+        var reportedUnits: Set<Int32> = []
+        for (position, entry) in self.entries.enumerated() {
+            switch entry {
+            case .schema(let change):
+                var properties: JSONObject = ["database": .string(database)]
+                properties.merge(change.properties) { _, new in new }
+                events.append(CommittedEvent(kind: change.kind, properties: properties))
+            case .row(let change):
+                let tableName = self.tables[Int(change.table)]
+                let shape = self.shape(change.table)
+                let intent = change.depth == 0 ? self.intents[change.unit] ?? .other : .other
+                switch change.operation {
+                case .insert, .update where intent.kind == .upsert:
+                    let kind: EventKind = intent.kind == .upsert ? .upsertRows : .insertRows
+                    let groupKey = GroupKey(unit: change.unit, table: change.table, direct: change.depth == 0)
+                    let image: JSONValue? = self.images ? Self.object(change.after, shape) : nil
+                    if var group = groups[groupKey] {
+                        group.rows += 1
+                        if let image { group.images.append(image) }
+                        groups[groupKey] = group
+                    } else {
+                        var properties: JSONObject = ["database": .string(database), "table": .string(tableName), "num_rows": 0]
+                        if kind == .insertRows {
+                            properties["ignore"] = .bool(intent.ignore)
+                            properties["replace"] = .bool(intent.replace)
+                        }
+                        events.append(CommittedEvent(kind: kind, properties: properties))
+                        groups[groupKey] = Group(event: events.count - 1, rows: 1, images: image.map { [$0] } ?? [])
+                        if change.depth == 0 { reportedUnits.insert(change.unit) }
+                    }
+                case .update, .delete:
+                    if change.operation == .delete, replacedKeys.contains(position) { continue }
+                    let key = change.key ?? Self.key(change, shape)
+                    var images: JSONObject?
+                    if self.images {
+                        var object: JSONObject = ["before": Self.object(change.before, shape)]
+                        if change.operation == .update { object["after"] = Self.object(change.after, shape) }
+                        images = object
+                    }
+                    let kind: EventKind = change.operation == .update ? .updateRow : .deleteRow
+                    let properties: JSONObject = ["database": .string(database), "table": .string(tableName), "pks": .array(key)]
+                    events.append(CommittedEvent(kind: kind, properties: properties, images: images))
+                }
+            }
+        }
+        for group in groups.values {
+            events[group.event].properties["num_rows"] = .integer(group.rows)
+            if self.images { events[group.event].images = ["rows": .array(group.images)] }
+        }
+        // A structured insert reports the rows it was given, even those SQLite ignored.
+        for (unit, intent) in self.intents.sorted(by: { $0.key < $1.key }) {
+            guard let reported = intent.reportedRows, let table = intent.table else { continue }
+            if let group = groups.first(where: { $0.key.unit == unit && $0.key.direct })?.value {
+                events[group.event].properties["num_rows"] = .integer(reported)
+            } else if !reportedUnits.contains(unit), intent.kind != .other {
+                var properties: JSONObject = ["database": .string(database), "table": .string(table), "num_rows": .integer(reported)]
+                if intent.kind == .insert {
+                    properties["ignore"] = .bool(intent.ignore)
+                    properties["replace"] = .bool(intent.replace)
+                }
+                events.append(
+                    CommittedEvent(kind: intent.kind == .upsert ? .upsertRows : .insertRows, properties: properties,
+                                   images: self.images ? ["rows": []] : nil))
+            }
+        }
+        return events
+    }
+
+    private struct GroupKey: Hashable {
+        let unit: Int32
+        let table: Int32
+        /// The statement's own inserts, not its triggers'.
+        let direct: Bool
+    }
+
+    /// Positions of deletes a `REPLACE` made to put a row with the same key in place.
+    private func replacedKeys() -> Set<Int> {
+        var replaced: Set<Int> = []
+        var pendingDeletes: [Int32: [(position: Int, key: [JSONValue])]] = [:]  // per unit
+        for (position, entry) in self.entries.enumerated() {
+            guard case .row(let change) = entry, change.depth == 0, self.intents[change.unit]?.replace == true else { continue }
+            let shape = self.shape(change.table)
+            switch change.operation {
+            case .delete:
+                pendingDeletes[change.unit, default: []].append((position, change.key ?? Self.key(change, shape)))
+            case .insert:
+                let key = change.key ?? Self.key(change, shape, new: true)
+                if let match = pendingDeletes[change.unit]?.firstIndex(where: { $0.key == key }) {
+                    replaced.insert(pendingDeletes[change.unit]![match].position)
+                    pendingDeletes[change.unit]!.remove(at: match)
+                }
+            case .update:
+                break
+            }
+        }
+        return replaced
+    }
+
+    /// A change's key from its whole row, once the shape is known.
+    private static func key(_ change: RowChange, _ shape: TableShape?, new: Bool = false) -> [JSONValue] {
+        guard let shape, !shape.keyIsRowid else { return [.int(change.rowid)] }
+        guard let row = new || change.operation == .insert ? change.after : change.before else { return [.int(change.rowid)] }
+        return shape.keyColumns.map { $0 < row.count ? row[$0] : .null }
+    }
+
+    /// A row as an object of column → value.
+    private static func object(_ row: [JSONValue]?, _ shape: TableShape?) -> JSONValue {
+        guard let row else { return .null }
+        var object = JSONObject()
+        for (index, value) in row.enumerated() {
+            let name = shape.flatMap { index < $0.columns.count ? $0.columns[index] : nil } ?? "column\(index)"
+            object[name] = value
+        }
+        return .object(object)
+    }
+}
+
+extension TableShape {
+    /// Reads a table's columns and key with `PRAGMA table_xinfo` and `pragma_table_list`.
+    static func read(_ table: String, on connection: SQLiteConnection) throws(SQLiteError) -> TableShape? {
+        let quoted = SQLIdentifier.quote(table)
+        guard let info = try connection.prepare(SQLText("PRAGMA main.table_xinfo(\(quoted))"), from: 0) else { return nil }
+        var columns: [String] = []
+        var keyed: [(position: Int64, column: Int, type: String)] = []
+        while try info.step() {
+            let name = info.column(1).stringValue ?? ""
+            let type = info.column(2).stringValue ?? ""
+            let pk = info.column(5).intValue ?? 0
+            if pk > 0 { keyed.append((pk, columns.count, type)) }
+            columns.append(name)
+        }
+        guard !columns.isEmpty else { return nil }
+        keyed.sort { $0.position < $1.position }
+        var withoutRowid = false
+        if let list = try connection.prepare(
+            SQLText("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = \(SQLIdentifier.literal(table))"), from: 0),
+            try list.step()
+        {
+            withoutRowid = list.column(0).intValue == 1
+        }
+        let rowidAlias = !withoutRowid && keyed.count == 1 && keyed[0].type.uppercased() == "INTEGER"
+        return TableShape(columns: columns, keyColumns: keyed.map(\.column), keyIsRowid: keyed.isEmpty || rowidAlias)
+    }
+}
+
+/// Quoting for names and literals evd puts in SQL it writes itself.
+enum SQLIdentifier {
+    /// `"name"`, with embedded quotes doubled.
+    static func quote(_ name: String) -> String {
+        "\"" + name.split(separator: "\"", omittingEmptySubsequences: false).joined(separator: "\"\"") + "\""
+    }
+
+    /// `'text'`, with embedded quotes doubled.
+    static func literal(_ text: String) -> String {
+        "'" + text.split(separator: "'", omittingEmptySubsequences: false).joined(separator: "''") + "'"
+    }
+}
+
+extension JSONValue {
+    /// A SQLite value as JSON: INTEGER, REAL, TEXT, NULL, and BLOB as `{"$base64": ...}`.
+    init(sqliteValue value: OpaquePointer) {
+        switch sqlite3_value_type(value) {
+        case SQLITE_INTEGER:
+            self = .int(sqlite3_value_int64(value))
+        case SQLITE_FLOAT:
+            self = .double(sqlite3_value_double(value))
+        case SQLITE_TEXT:
+            let count = Int(sqlite3_value_bytes(value))
+            guard let text = sqlite3_value_text(value) else {
+                self = .string("")
+                return
+            }
+            self = .string(String(decoding: UnsafeBufferPointer(start: text, count: count), as: UTF8.self))
+        case SQLITE_BLOB:
+            let count = Int(sqlite3_value_bytes(value))
+            guard let blob = sqlite3_value_blob(value) else {
+                self = ["$base64": ""]
+                return
+            }
+            self = ["$base64": .string(Base64.encode(UnsafeRawBufferPointer(start: blob, count: count)))]
+        default:
+            self = .null
+        }
+    }
+}

@@ -1,0 +1,207 @@
+import CSQLite
+import EvdClient
+import OrderedCollections
+
+/// One entry of `sqlite_schema`.
+struct SchemaEntry: Sendable, Equatable {
+    let type: String
+    let name: String
+    let sql: String?
+}
+
+/// The DDL events of PROTOCOL.md §6.4 (live) and the schema events of §6.5 (committed), for raw
+/// DDL and the structured ops alike.
+///
+/// The authorizer tells, while a statement is prepared, what it creates, drops or alters. Before
+/// it runs: `before_create` / `before_drop` (vetoable; a deny means it does not run). A statement
+/// that adds columns (CREATE TABLE, ALTER TABLE ... ADD COLUMN) runs inside a savepoint, so that
+/// `before_parent_attach` can be asked about each new column once SQLite has said what the columns
+/// are; a deny rolls the savepoint back. Then `after_parent_attach`, `after_create` / `after_drop`,
+/// and the committed changes (comparing `sqlite_schema` before and after) are recorded for the
+/// commit.
+extension SQLRun {
+    func withSchemaEvents<T>(
+        sql: String, actions: [SchemaAction], _ body: () throws(EvdError) -> T
+    ) throws(EvdError) -> T {
+        let before = try self.schemaSnapshot()
+        // Only what will really change: CREATE ... IF NOT EXISTS of an existing object, or DROP ...
+        // IF EXISTS of a missing one, does nothing (and a plain one fails).
+        let effective = actions.filter { action in
+            let exists = before[action.name.lowercased()] != nil
+            switch action.verb {
+            case .create: return !exists
+            case .drop, .alter: return exists
+            }
+        }
+        for action in effective where action.verb != .alter {
+            try self.vetoable(action.verb == .create ? .beforeCreate : .beforeDrop) { self.ddlProperties(action, sql) }
+        }
+        let altered = effective.filter { $0.verb == .alter }.map(\.name)
+        var columnsBefore: [String: [ColumnInfo]] = [:]
+        for table in altered { columnsBefore[table.lowercased()] = try self.columns(of: table) }
+        let addsColumns = effective.contains { ($0.verb == .create && $0.kind == "table") || $0.verb == .alter }
+        if addsColumns { try self.evdSQL("SAVEPOINT evd_schema") }
+        let value: T
+        do {
+            value = try body()
+        } catch {
+            if addsColumns { try? self.evdSQL("ROLLBACK TO evd_schema; RELEASE evd_schema") }
+            throw error
+        }
+        var attached: [(table: String, column: ColumnInfo)] = []
+        if addsColumns {
+            do {
+                for action in effective where action.kind == "table" && action.verb != .drop {
+                    let known = Set((columnsBefore[action.name.lowercased()] ?? []).map { $0.name.lowercased() })
+                    let tableName = self.currentName(of: action.name) ?? action.name
+                    for column in try self.columns(of: tableName) where !known.contains(column.name.lowercased()) {
+                        try self.vetoable(.beforeParentAttach) { self.attachProperties(tableName, column) }
+                        attached.append((tableName, column))
+                    }
+                }
+            } catch {
+                try? self.evdSQL("ROLLBACK TO evd_schema; RELEASE evd_schema")
+                self.connection.capture.dropUnit()
+                throw error
+            }
+            try self.evdSQL("RELEASE evd_schema")
+        }
+        for (table, column) in attached {
+            self.bus.emit(.afterParentAttach, self.origin) { self.attachProperties(table, column) }
+        }
+        let after = try self.schemaSnapshot()
+        for action in effective where action.verb != .alter {
+            self.bus.emit(action.verb == .create ? .afterCreate : .afterDrop, self.origin) { self.ddlProperties(action, sql) }
+        }
+        for change in Self.committedChanges(before: before, after: after, altered: Set(altered.map { $0.lowercased() })) {
+            self.connection.capture.record(change)
+        }
+        return value
+    }
+
+    /// The committed schema events between two snapshots: tables created, dropped, renamed (an
+    /// ALTER of a table that is then gone, with exactly one new table) and altered (new SQL).
+    static func committedChanges(
+        before: [String: SchemaEntry], after: [String: SchemaEntry], altered: Set<String>
+    ) -> [SchemaChange] {
+        func tables(_ snapshot: [String: SchemaEntry]) -> [String: SchemaEntry] {
+            snapshot.filter { $0.value.type == "table" && !$0.key.hasPrefix("sqlite_") }
+        }
+        let old = tables(before)
+        let new = tables(after)
+        var removed = old.keys.filter { new[$0] == nil }.sorted()
+        var added = new.keys.filter { old[$0] == nil }.sorted()
+        var changes: [SchemaChange] = []
+        if removed.count == 1, added.count == 1, altered.contains(removed[0]) {
+            changes.append(
+                SchemaChange(
+                    kind: .renameTable,
+                    properties: ["before_name": .string(old[removed[0]]!.name), "after_name": .string(new[added[0]]!.name)]))
+            removed = []
+            added = []
+        }
+        for key in added {
+            let entry = new[key]!
+            changes.append(
+                SchemaChange(kind: .createTable, properties: ["table": .string(entry.name), "schema": .string(entry.sql ?? "")]))
+        }
+        for key in removed {
+            changes.append(SchemaChange(kind: .dropTable, properties: ["table": .string(old[key]!.name)]))
+        }
+        for (key, entry) in new.sorted(by: { $0.key < $1.key }) {
+            guard let previous = old[key], previous.sql != entry.sql else { continue }
+            changes.append(
+                SchemaChange(
+                    kind: .alterTable,
+                    properties: [
+                        "table": .string(entry.name), "before_schema": .string(previous.sql ?? ""),
+                        "after_schema": .string(entry.sql ?? ""),
+                    ]))
+        }
+        return changes
+    }
+
+    /// `sqlite_schema` of the main database, by lower-cased name (SQLite's names ignore case).
+    func schemaSnapshot() throws(EvdError) -> [String: SchemaEntry] {
+        var entries: [String: SchemaEntry] = [:]
+        do {
+            guard let statement = try self.sqlite.prepare(SQLText("SELECT type, name, sql FROM main.sqlite_schema"), from: 0)
+            else { return [:] }
+            while try statement.step() {
+                let entry = SchemaEntry(
+                    type: statement.column(0).stringValue ?? "", name: statement.column(1).stringValue ?? "",
+                    sql: statement.column(2).stringValue)
+                entries[entry.name.lowercased()] = entry
+            }
+        } catch {
+            throw error.evdError
+        }
+        return entries
+    }
+
+    /// A table's columns, as `describe` and the attach events give them.
+    func columns(of table: String) throws(EvdError) -> [ColumnInfo] {
+        do {
+            guard
+                let statement = try self.sqlite.prepare(
+                    SQLText("SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_info(\(SQLIdentifier.literal(table)), 'main')"),
+                    from: 0)
+            else { return [] }
+            var columns: [ColumnInfo] = []
+            while try statement.step() {
+                columns.append(
+                    ColumnInfo(
+                        name: statement.column(0).stringValue ?? "", type: statement.column(1).stringValue ?? "",
+                        notNull: statement.column(2).intValue == 1, defaultValue: statement.column(3),
+                        pk: statement.column(4).intValue ?? 0))
+            }
+            return columns
+        } catch {
+            throw error.evdError
+        }
+    }
+
+    /// The table's name as the schema spells it (after a statement created it, say).
+    private func currentName(of table: String) -> String? {
+        try? self.schemaSnapshot()[table.lowercased()]?.name
+    }
+
+    /// Runs evd's own SQL (savepoints, not a client's statement: no events).
+    func evdSQL(_ sql: String) throws(EvdError) {
+        do {
+            try self.sqlite.exec(sql)
+        } catch {
+            throw error.evdError
+        }
+    }
+
+    private func ddlProperties(_ action: SchemaAction, _ sql: String) -> JSONObject {
+        [
+            "database": .string(self.database), "target": ["kind": .string(action.kind), "name": .string(action.name)],
+            "sql": .string(sql),
+        ]
+    }
+
+    private func attachProperties(_ table: String, _ column: ColumnInfo) -> JSONObject {
+        [
+            "database": .string(self.database),
+            "target": ["kind": "column", "name": .string(column.name), "type": .string(column.type)],
+            "parent": ["kind": "table", "name": .string(table)],
+        ]
+    }
+}
+
+/// A column as `describe` reports it (PROTOCOL.md §3).
+struct ColumnInfo: Sendable, Equatable {
+    var name: String
+    var type: String
+    var notNull: Bool
+    /// The default's SQL text, or null.
+    var defaultValue: JSONValue
+    /// The column's position in the primary key (1-based), 0 if not in it.
+    var pk: Int64
+
+    var jsonObject: JSONObject {
+        ["name": .string(self.name), "type": .string(self.type), "notnull": .bool(self.notNull), "default": self.defaultValue, "pk": .int(self.pk)]
+    }
+}
