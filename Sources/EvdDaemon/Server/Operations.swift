@@ -6,7 +6,6 @@ extension Session {
     /// Ops the contract defines that later versions of evd implement; they answer `unknown_op`
     /// with a message saying so, rather than pretending.
     static let notYetImplemented: Set<String> = [
-        "create_table", "insert", "upsert", "update", "delete", "drop_table", "describe",
         "begin_twophase", "prepare_twophase", "commit_twophase", "rollback_twophase", "recover",
         "login", "create_token",
     ]
@@ -43,6 +42,10 @@ extension Session {
             _ = try Self.parseSQL(request)  // every argument is checked before permissions and SQL
             try self.require(.executeSQL)
             return .result(try await self.withSQL(request: request, &state, parse: Self.parseSQL))
+        case "create_table", "insert", "upsert", "update", "delete", "drop_table", "describe":
+            let op = try Self.parseStructured(request).op  // every argument is checked before permissions and SQL
+            for action in op.actions { try self.require(action) }
+            return .result(try await self.withSQL(request: request, &state) { try Self.parseStructured($0).work })
         case "begin":
             let database = try args.string("database")
             try args.finish()
@@ -90,6 +93,15 @@ extension Session {
             }
             throw EvdError(.unknownOp, "unknown op '\(op)'")
         }
+    }
+
+    /// Parses a structured op's request into the op and the work it asks for.
+    static func parseStructured(_ request: JSONObject) throws -> (op: StructuredOp, work: SQLWork) {
+        var args = Arguments(request)
+        let op = try StructuredOp.parse(request["op"]?.stringValue ?? "", &args)
+        let database = try args.string("database")
+        try args.finish()
+        return (op, SQLWork(database: database, run: { run in try run.perform(op) }))
     }
 
     /// Parses an `execute` or `executemany` request into the work it asks for.

@@ -22,6 +22,9 @@ struct StatementIntent: Sendable, Equatable {
     var reportedRows: Int?
     /// The table that `reportedRows` and an event with no changed rows are about.
     var table: String?
+    /// Statements with the same group report their inserts together (one structured op that
+    /// runs several statements); `nil`: the statement alone.
+    var group: Int32?
 
     static let other = StatementIntent()
 }
@@ -151,6 +154,20 @@ final class ChangeCapture: @unchecked Sendable {
     func dropUnit() {
         guard self.active, self.unitMark < self.entries.count else { return }
         self.entries.removeSubrange(self.unitMark...)
+    }
+
+    /// Where the changes of a structured op start, to drop them if it fails.
+    var mark: Int { self.entries.count }
+
+    /// Drops every change since `mark` (a structured op failed and was rolled back).
+    func truncate(to mark: Int) {
+        if mark < self.entries.count { self.entries.removeSubrange(mark...) }
+    }
+
+    /// A new group number for `StatementIntent.group`.
+    func newGroup() -> Int32 {
+        self.unit += 1
+        return self.unit
     }
 
     /// A savepoint opened.
@@ -321,7 +338,7 @@ final class ChangeCapture: @unchecked Sendable {
                 switch change.operation {
                 case .insert, .update where intent.kind == .upsert:
                     let kind: EventKind = intent.kind == .upsert ? .upsertRows : .insertRows
-                    let groupKey = GroupKey(unit: change.unit, table: change.table, direct: change.depth == 0)
+                    let groupKey = GroupKey(unit: intent.group ?? change.unit, table: change.table, direct: change.depth == 0)
                     let image: JSONValue? = self.images ? Self.object(change.after, shape) : nil
                     if var group = groups[groupKey] {
                         group.rows += 1
@@ -335,7 +352,7 @@ final class ChangeCapture: @unchecked Sendable {
                         }
                         events.append(CommittedEvent(kind: kind, properties: properties))
                         groups[groupKey] = Group(event: events.count - 1, rows: 1, images: image.map { [$0] } ?? [])
-                        if change.depth == 0 { reportedUnits.insert(change.unit) }
+                        if change.depth == 0 { reportedUnits.insert(intent.group ?? change.unit) }
                     }
                 case .update, .delete:
                     if change.operation == .delete, replacedKeys.contains(position) { continue }
@@ -357,8 +374,10 @@ final class ChangeCapture: @unchecked Sendable {
             if self.images { events[group.event].images = ["rows": .array(group.images)] }
         }
         // A structured insert reports the rows it was given, even those SQLite ignored.
+        var reportedGroups: Set<Int32> = []
         for (unit, intent) in self.intents.sorted(by: { $0.key < $1.key }) {
-            guard let reported = intent.reportedRows, let table = intent.table else { continue }
+            let unit = intent.group ?? unit
+            guard let reported = intent.reportedRows, let table = intent.table, reportedGroups.insert(unit).inserted else { continue }
             if let group = groups.first(where: { $0.key.unit == unit && $0.key.direct })?.value {
                 events[group.event].properties["num_rows"] = .integer(reported)
             } else if !reportedUnits.contains(unit), intent.kind != .other {

@@ -177,7 +177,7 @@ struct SQLRun {
                 guard var statement = try self.prepare(sql, from: offset) else { break }
                 offset = statement.tailOffset
                 if !begun {
-                    try self.begin(immediate: !statement.isReadOnly)
+                    try self.beginImplicit(immediate: !statement.isReadOnly)
                     begun = true
                 }
                 var bound = try parameters.bind(statement, cursor: &cursor)
@@ -197,7 +197,7 @@ struct SQLRun {
                     result.rows = rows
                 }
             }
-            if !begun { try self.begin(immediate: false) }  // empty SQL: still one (empty) transaction
+            if !begun { try self.beginImplicit(immediate: false) }  // empty SQL: still one (empty) transaction
             result.lastInsertRowid = self.sqlite.lastInsertRowid
             return (result, result.changes)
         }
@@ -212,22 +212,11 @@ struct SQLRun {
             guard sql.isBlank(from: statement.tailOffset) else {
                 throw EvdError.badRequest(field: "sql", "executemany takes exactly one statement")
             }
-            if self.implicitTransaction { try self.begin(immediate: !statement.isReadOnly) }
+            if self.implicitTransaction { try self.beginImplicit(immediate: !statement.isReadOnly) }
             var sets = parameterSets
             var all: JSONValue = .array(sets.map(\.jsonValue))
             if let verdict = try self.beforeCursorExecute(statement.sql, all, executemany: true) {
-                if let text = verdict.properties["statement"]?.stringValue, text != statement.sql {
-                    statement = try self.prepareReplacement(text)
-                }
-                if let replaced = verdict.properties["parameters"], replaced != all {
-                    guard let list = replaced.arrayValue else {
-                        throw EvdError(.vetoed, "a listener set executemany's parameters to something that is not a list")
-                    }
-                    sets = try list.enumerated().map { (index, set) throws(EvdError) in
-                        try SQLParameters(set, field: "parameters[\(index)]")
-                    }
-                    all = replaced
-                }
+                (statement, sets, all) = try self.rewriteMany(statement, sets, all, to: verdict.properties)
             }
             let changed = try self.capturing(statement, intent: SQLScanner.intent(of: statement.sql)) { () throws(EvdError) in
                 try self.run(statement, parameters: all, executemany: true, parameterSets: sets)
@@ -278,7 +267,8 @@ struct SQLRun {
         return properties
     }
 
-    private func begin(immediate: Bool) throws(EvdError) {
+    /// Opens the request's own transaction (`begin`, vetoable).
+    func beginImplicit(immediate: Bool) throws(EvdError) {
         try self.vetoable(.begin) { self.transactionProperties() }
         do {
             try self.sqlite.exec(immediate ? "BEGIN IMMEDIATE" : "BEGIN")
@@ -320,7 +310,7 @@ struct SQLRun {
 
     /// Prepares the next statement, refusing transaction control (that is what the begin/commit/
     /// rollback/savepoint ops are for: evd must know where transactions start and end).
-    private func prepare(_ sql: SQLText, from offset: Int) throws(EvdError) -> SQLiteStatement? {
+    func prepare(_ sql: SQLText, from offset: Int) throws(EvdError) -> SQLiteStatement? {
         let observer = self.connection.observer
         observer.clearStatementRecord()
         observer.preparingClientSQL = true
@@ -343,7 +333,7 @@ struct SQLRun {
     }
 
     /// Prepares a statement a listener substituted: exactly one statement, no transaction control.
-    private func prepareReplacement(_ text: String) throws(EvdError) -> SQLiteStatement {
+    func prepareReplacement(_ text: String) throws(EvdError) -> SQLiteStatement {
         let sql = SQLText(text)
         guard let statement = try self.prepare(sql, from: 0) else {
             throw EvdError(.vetoed, "a listener replaced the statement with no statement")
@@ -355,7 +345,7 @@ struct SQLRun {
     }
 
     /// `before_cursor_execute`: listeners may deny, or rewrite `statement` and `parameters`.
-    private func beforeCursorExecute(_ sql: String, _ parameters: JSONValue, executemany: Bool) throws(EvdError)
+    func beforeCursorExecute(_ sql: String, _ parameters: JSONValue, executemany: Bool) throws(EvdError)
         -> VetoVerdict?
     {
         try self.vetoable(.beforeCursorExecute) {
@@ -367,8 +357,28 @@ struct SQLRun {
         }
     }
 
+    /// The statement and parameter sets a `modify` of an executemany's `before_cursor_execute` asked for.
+    func rewriteMany(
+        _ statement: SQLiteStatement, _ sets: [SQLParameters], _ all: JSONValue, to properties: JSONObject
+    ) throws(EvdError) -> (SQLiteStatement, [SQLParameters], JSONValue) {
+        var result = (statement, sets, all)
+        if let text = properties["statement"]?.stringValue, text != statement.sql {
+            result.0 = try self.prepareReplacement(text)
+        }
+        if let replaced = properties["parameters"], replaced != all {
+            guard let list = replaced.arrayValue else {
+                throw EvdError(.vetoed, "a listener set executemany's parameters to something that is not a list")
+            }
+            result.1 = try list.enumerated().map { (index, set) throws(EvdError) in
+                try SQLParameters(set, field: "parameters[\(index)]")
+            }
+            result.2 = replaced
+        }
+        return result
+    }
+
     /// The statement and parameters a `modify` asked for: what then runs.
-    private func rewrite(_ statement: SQLiteStatement, _ bound: JSONValue, to properties: JSONObject) throws(EvdError)
+    func rewrite(_ statement: SQLiteStatement, _ bound: JSONValue, to properties: JSONObject) throws(EvdError)
         -> (SQLiteStatement, JSONValue)
     {
         let text = properties["statement"]?.stringValue ?? statement.sql
@@ -388,7 +398,7 @@ struct SQLRun {
     /// Steps one statement to completion (once per parameter set for executemany), firing the
     /// dialect and `after_cursor_execute` events; `onRow` sees each result row. Returns the rows it
     /// changed directly.
-    private func run(
+    func run(
         _ statement: SQLiteStatement, parameters: JSONValue, executemany: Bool,
         parameterSets: [SQLParameters] = [], onRow: () -> Void = {}
     ) throws(EvdError) -> Int64 {
@@ -419,7 +429,7 @@ struct SQLRun {
                         throw EvdError.badRequest(
                             field: "params[\(index)]", "\(total) parameter(s) given, the SQL takes \(cursor)")
                     }
-                    changed += try self.step(statement) {}
+                    changed += try self.step(statement, onRow)
                 }
             } else {
                 changed = try self.step(statement, onRow)

@@ -1,0 +1,641 @@
+import CSQLite
+import EvdClient
+import OrderedCollections
+
+/// The structured write ops of PROTOCOL.md §3 (`create_table`, `insert`, `upsert`, `update`,
+/// `delete`, `drop_table`, `describe`), with Datasette's semantics and messages (docs/protocol.md
+/// lists where evd differs).
+///
+/// Parsing checks everything that needs no database; the rest runs in `SQLRun` as statements evd
+/// writes, through the same path as a client's SQL: the statement events (vetoable
+/// `before_cursor_execute` included), the DDL events, and the captured changes that become the
+/// committed events. Each op is its own transaction unless the session has one open.
+enum StructuredOp: Sendable {
+    case createTable(table: String, columns: [ColumnSpec]?, rows: [JSONObject]?, keys: [String], ignore: Bool, replace: Bool, alter: Bool)
+    case insert(table: String, rows: [JSONObject], ignore: Bool, replace: Bool, alter: Bool, returning: Bool)
+    case upsert(table: String, rows: [JSONObject], alter: Bool, returning: Bool)
+    case update(table: String, key: [JSONValue], update: JSONObject, alter: Bool, returning: Bool)
+    case delete(table: String, key: [JSONValue])
+    case dropTable(table: String)
+    case describe(table: String)
+
+    /// A column of `create_table`'s `columns`.
+    struct ColumnSpec: Sendable {
+        let name: String
+        let type: String
+    }
+
+    /// The permissions the op needs (Datasette's actions).
+    var actions: [Action] {
+        switch self {
+        case .createTable(_, _, let rows, _, _, let replace, _):
+            return [.createTable] + (rows != nil ? [.insertRow] : []) + (replace ? [.updateRow] : [])
+        case .insert(_, _, _, let replace, let alter, _):
+            return [.insertRow] + (replace ? [.updateRow] : []) + (alter ? [.alterTable] : [])
+        case .upsert(_, _, let alter, _): return [.insertRow, .updateRow] + (alter ? [.alterTable] : [])
+        case .update(_, _, _, let alter, _): return [.updateRow] + (alter ? [.alterTable] : [])
+        case .delete: return [.deleteRow]
+        case .dropTable: return [.dropTable]
+        case .describe: return [.viewTable]
+        }
+    }
+
+    // MARK: Parsing
+
+    /// Parses a structured op's request (its `database` aside).
+    static func parse(_ op: String, _ args: inout Arguments) throws(EvdError) -> StructuredOp {
+        let table = try Self.tableName(&args)
+        switch op {
+        case "create_table":
+            let columnsValue = try args.array("columns")
+            let rowsValue = try args.array("rows")
+            let pk = try args.string("pk")
+            let pks = try args.strings("pks")
+            let ignore = try args.bool("ignore")
+            let replace = try args.bool("replace")
+            let alter = try args.bool("alter") ?? false
+            guard columnsValue != nil || rowsValue != nil else {
+                throw .badRequest(field: "columns", "columns or rows is required")
+            }
+            if columnsValue != nil && rowsValue != nil {
+                throw .badRequest(field: "columns", "Cannot specify columns with rows")
+            }
+            var columns: [ColumnSpec]?
+            if let columnsValue { columns = try Self.columnSpecs(columnsValue) }
+            var rows: [JSONObject]?
+            if let rowsValue {
+                guard !rowsValue.isEmpty else { throw .badRequest(field: "rows", "columns or rows is required") }
+                rows = try Self.rowObjects(rowsValue)
+            }
+            if pk != nil && pks != nil { throw .badRequest(field: "pks", "Cannot specify both pk and pks") }
+            let keys = pks ?? pk.map { [$0] } ?? []
+            if Set(keys).count != keys.count { throw .badRequest(field: "pks", "pks must not repeat a column") }
+            if ignore == true && replace == true {
+                throw .badRequest(field: "replace", "ignore and replace are mutually exclusive")
+            }
+            if ignore != nil || replace != nil {
+                if rows == nil { throw .badRequest(field: ignore != nil ? "ignore" : "replace", "ignore and replace require rows") }
+                if keys.isEmpty { throw .badRequest(field: ignore != nil ? "ignore" : "replace", "ignore and replace require pk or pks") }
+            }
+            if let columns {
+                let names = Set(columns.map { $0.name.lowercased() })
+                for key in keys where !names.contains(key.lowercased()) && keys.count > 1 {
+                    throw .badRequest(field: "pks", "pks names a column that is not in columns: \(key)")
+                }
+            }
+            return .createTable(
+                table: table, columns: columns, rows: rows, keys: keys, ignore: ignore ?? false, replace: replace ?? false,
+                alter: alter)
+        case "insert", "upsert":
+            guard let rowsValue = try args.array("rows") else {
+                throw .badRequest(field: "rows", "missing required argument 'rows'")
+            }
+            let rows = try Self.rowObjects(rowsValue)
+            let ignore = try args.bool("ignore")
+            let replace = try args.bool("replace")
+            let alter = try args.bool("alter") ?? false
+            let returning = try args.bool("return") ?? false
+            if op == "upsert" {
+                if ignore != nil || replace != nil {
+                    throw .badRequest(field: ignore != nil ? "ignore" : "replace", "Upsert does not support ignore or replace")
+                }
+                return .upsert(table: table, rows: rows, alter: alter, returning: returning)
+            }
+            if ignore == true && replace == true {
+                throw .badRequest(field: "replace", "Cannot use \"ignore\" and \"replace\" at the same time")
+            }
+            return .insert(
+                table: table, rows: rows, ignore: ignore ?? false, replace: replace ?? false, alter: alter, returning: returning)
+        case "update":
+            let key = try Self.keyValues(&args)
+            let update = try args.requiredObject("update")
+            for (column, value) in update { _ = try Self.cell(value, field: "update.\(column)") }
+            let alter = try args.bool("alter") ?? false
+            let returning = try args.bool("return") ?? false
+            return .update(table: table, key: key, update: update, alter: alter, returning: returning)
+        case "delete":
+            return .delete(table: table, key: try Self.keyValues(&args))
+        case "drop_table":
+            return .dropTable(table: table)
+        default:
+            return .describe(table: table)
+        }
+    }
+
+    private static func tableName(_ args: inout Arguments) throws(EvdError) -> String {
+        let table = try args.requiredString("table")
+        guard !table.isEmpty else { throw .badRequest(field: "table", "Table is required") }
+        guard !table.lowercased().hasPrefix("sqlite_"), !table.contains("\n") else {
+            throw .badRequest(field: "table", "Invalid table name: '\(table)' (names starting with sqlite_ are SQLite's)")
+        }
+        return table
+    }
+
+    private static func columnSpecs(_ values: [JSONValue]) throws(EvdError) -> [ColumnSpec] {
+        guard !values.isEmpty else { throw .badRequest(field: "columns", "columns or rows is required") }
+        var specs: [ColumnSpec] = []
+        var seen: Set<String> = []
+        var duplicates: [String] = []
+        for (index, value) in values.enumerated() {
+            guard case .object(let object) = value else {
+                throw .badRequest(field: "columns[\(index)]", "columns must be a list of objects")
+            }
+            for key in object.keys where key != "name" && key != "type" {
+                throw .badRequest(field: "columns[\(index)].\(key)", "unknown column property '\(key)' (a column has name and type)")
+            }
+            guard case .string(let name)? = object["name"], !name.isEmpty else {
+                throw .badRequest(field: "columns[\(index)].name", "Column name is required")
+            }
+            let type: String
+            switch object["type"] {
+            case nil, .null?: type = "text"
+            case .string(let given)?: type = given.lowercased()
+            case let other?: throw Arguments.wrongType("columns[\(index)].type", "a string", other)
+            }
+            guard ["text", "integer", "float", "blob"].contains(type) else {
+                throw .badRequest(field: "columns[\(index)].type", "Unsupported column type: \(type) (text, integer, float or blob)")
+            }
+            if !seen.insert(name.lowercased()).inserted { duplicates.append(name) }
+            specs.append(ColumnSpec(name: name, type: type))
+        }
+        if !duplicates.isEmpty {
+            throw .badRequest(field: "columns", "Duplicate column name: \(duplicates.joined(separator: ", "))")
+        }
+        return specs
+    }
+
+    private static func rowObjects(_ values: [JSONValue]) throws(EvdError) -> [JSONObject] {
+        var rows: [JSONObject] = []
+        rows.reserveCapacity(values.count)
+        for (index, value) in values.enumerated() {
+            guard case .object(let row) = value else {
+                throw .badRequest(field: "rows[\(index)]", "rows must be a list of objects, rows[\(index)] is \(value.typeName)")
+            }
+            for (column, cell) in row { _ = try Self.cell(cell, field: "rows[\(index)].\(column)") }
+            rows.append(row)
+        }
+        return rows
+    }
+
+    /// `pks`: one row's primary key values, in key order.
+    private static func keyValues(_ args: inout Arguments) throws(EvdError) -> [JSONValue] {
+        guard let key = try args.array("pks") else { throw .badRequest(field: "pks", "missing required argument 'pks'") }
+        guard !key.isEmpty else { throw .badRequest(field: "pks", "pks must hold the row's primary key values") }
+        for (index, value) in key.enumerated() {
+            switch value {
+            case .int, .double, .string: continue
+            default: throw .badRequest(field: "pks[\(index)]", "a primary key value must be a number or a string, not \(value.typeName)")
+            }
+        }
+        return key
+    }
+
+    /// A row's value as SQLite stores it: scalars as they are, `true`/`false` as 1/0, a blob
+    /// `{"$base64": ...}` as bytes, any other object or array as its JSON text (as Datasette does).
+    static func cell(_ value: JSONValue, field: String) throws(EvdError) -> JSONValue {
+        switch value {
+        case .null, .int, .double, .string: return value
+        case .bool(let b): return .int(b ? 1 : 0)
+        case .object(let object) where object.count == 1 && object["$base64"] != nil:
+            guard let text = object["$base64"]?.stringValue, Base64.decode(text) != nil else {
+                throw .badRequest(field: field, "Invalid $base64 encoded value")
+            }
+            return value
+        case .array, .object:
+            return .string(String(decoding: value.jsonBytes, as: UTF8.self))
+        }
+    }
+
+    /// The SQLite type Datasette (sqlite-utils) gives a column from the values rows hold for it.
+    static func inferredType(_ values: [JSONValue]) -> String {
+        var kinds: Set<String> = []
+        for value in values {
+            switch value {
+            case .null: continue
+            case .int: kinds.insert("int")
+            case .bool: kinds.insert("bool")
+            case .double: kinds.insert("float")
+            case .string, .array: kinds.insert("str")
+            case .object(let object): kinds.insert(object.count == 1 && object["$base64"] != nil ? "bytes" : "str")
+            }
+        }
+        switch kinds {
+        case []: return "TEXT"
+        case ["int"], ["bool"], ["int", "bool"]: return "INTEGER"
+        case ["float"], ["int", "float"], ["float", "bool"], ["int", "float", "bool"]: return "REAL"
+        case ["bytes"], ["bytes", "str"]: return "BLOB"
+        default: return "TEXT"
+        }
+    }
+}
+
+// MARK: Running
+
+extension SQLRun {
+    /// Runs a structured op in this request's transaction; returns its result.
+    func perform(_ op: StructuredOp) throws(EvdError) -> JSONValue {
+        try self.inRequest { () throws(EvdError) -> (JSONValue, Int64) in
+            if self.implicitTransaction {
+                let readOnly: Bool
+                if case .describe = op { readOnly = true } else { readOnly = false }
+                try self.beginImplicit(immediate: !readOnly)
+                return try self.performInTransaction(op)
+            }
+            // In the session's transaction, a failed op must leave nothing half-written either.
+            let mark = self.connection.capture.mark
+            try self.evdSQL("SAVEPOINT evd_op")
+            do throws(EvdError) {
+                let result = try self.performInTransaction(op)
+                try self.evdSQL("RELEASE evd_op")
+                return result
+            } catch {
+                if self.sqlite.inTransaction { try? self.evdSQL("ROLLBACK TO evd_op; RELEASE evd_op") }
+                self.connection.capture.truncate(to: mark)
+                throw error
+            }
+        }
+    }
+
+    private func performInTransaction(_ op: StructuredOp) throws(EvdError) -> (JSONValue, Int64) {
+        switch op {
+        case .createTable(let table, let columns, let rows, let keys, let ignore, let replace, let alter):
+            return try self.createTable(table, columns: columns, rows: rows, keys: keys, ignore: ignore, replace: replace, alter: alter)
+        case .insert(let table, let rows, let ignore, let replace, let alter, let returning):
+            let target = try self.existingTable(table)
+            let (inserted, returned) = try self.insertRows(
+                target, rows, mode: ignore ? .ignore : replace ? .replace : .plain, alter: alter, returning: returning)
+            var result: JSONObject = ["inserted": .int(inserted)]
+            if let returned { result["rows"] = .array(returned) }
+            return (.object(result), inserted)
+        case .upsert(let table, let rows, let alter, let returning):
+            let target = try self.existingTable(table)
+            let (upserted, returned) = try self.insertRows(target, rows, mode: .upsert, alter: alter, returning: returning)
+            var result: JSONObject = ["upserted": .int(upserted)]
+            if let returned { result["rows"] = .array(returned) }
+            return (.object(result), upserted)
+        case .update(let table, let key, let update, let alter, let returning):
+            return try self.updateRow(try self.existingTable(table), key: key, update: update, alter: alter, returning: returning)
+        case .delete(let table, let key):
+            let target = try self.existingTable(table)
+            let (clause, values) = try self.keyClause(target, key)
+            let deleted = try self.runStatement("DELETE FROM \(SQLIdentifier.quote(target)) WHERE \(clause)", [values])
+            guard deleted > 0 else { throw self.noSuchRow(target, key) }
+            return (["deleted": .int(deleted)], deleted)
+        case .dropTable(let table):
+            let target = try self.existingTable(table)
+            _ = try self.runStatement("DROP TABLE \(SQLIdentifier.quote(target))", [[]])
+            return ([:], 0)
+        case .describe(let table):
+            return (["columns": .array(try self.describe(try self.existingTable(table)))], 0)
+        }
+    }
+
+    // MARK: The ops
+
+    private func createTable(
+        _ table: String, columns: [StructuredOp.ColumnSpec]?, rows: [JSONObject]?, keys: [String], ignore: Bool, replace: Bool,
+        alter: Bool
+    ) throws(EvdError) -> (JSONValue, Int64) {
+        let existing = try self.schemaSnapshot()[table.lowercased()]
+        if let existing, existing.type != "table" {
+            throw EvdError.badRequest(field: "table", "'\(existing.name)' is a \(existing.type), not a table")
+        }
+        if let existing {
+            guard let rows else {
+                throw EvdError.badRequest(field: "table", "table \"\(existing.name)\" already exists")
+            }
+            // An existing table takes the rows; a different key is an error, the same one is fine.
+            let currentKeys = try self.columns(of: existing.name).filter { $0.pk > 0 }.sorted { $0.pk < $1.pk }.map(\.name)
+            if !keys.isEmpty && !currentKeys.isEmpty && Set(keys.map { $0.lowercased() }) != Set(currentKeys.map { $0.lowercased() }) {
+                throw EvdError.badRequest(field: keys.count > 1 ? "pks" : "pk", "pk cannot be changed for existing table")
+            }
+            let (inserted, _) = try self.insertRows(
+                existing.name, rows, mode: ignore ? .ignore : replace ? .replace : .plain, alter: alter, returning: false)
+            let schema = try self.schemaSnapshot()[table.lowercased()]?.sql ?? ""
+            return (["table": .string(existing.name), "schema": .string(schema), "created": false, "inserted": .int(inserted)], inserted)
+        }
+        var definitions: [(name: String, type: String)]
+        if let columns {
+            let types = ["text": "TEXT", "integer": "INTEGER", "float": "REAL", "blob": "BLOB"]
+            definitions = columns.map { ($0.name, types[$0.type] ?? "TEXT") }
+        } else {
+            definitions = Self.inferColumns(rows ?? [])
+        }
+        if keys.count == 1, !definitions.contains(where: { $0.name.lowercased() == keys[0].lowercased() }) {
+            definitions.insert((keys[0], "INTEGER"), at: 0)  // sqlite-utils adds a missing key first
+        }
+        for key in keys where !definitions.contains(where: { $0.name.lowercased() == key.lowercased() }) {
+            throw EvdError.badRequest(field: "pks", "pks names a column the table does not have: \(key)")
+        }
+        var lines = definitions.map { definition -> String in
+            var line = "   \(SQLIdentifier.quote(definition.name)) \(definition.type)"
+            if keys.count == 1 && keys[0].lowercased() == definition.name.lowercased() { line += " PRIMARY KEY" }
+            return line
+        }
+        if keys.count > 1 { lines.append("   PRIMARY KEY (\(keys.map(SQLIdentifier.quote).joined(separator: ", ")))") }
+        let sql = "CREATE TABLE \(SQLIdentifier.quote(table)) (\n\(lines.joined(separator: ",\n"))\n)"
+        _ = try self.runStatement(sql, [[]])
+        var inserted: Int64 = 0
+        if let rows {
+            (inserted, _) = try self.insertRows(
+                table, rows, mode: ignore ? .ignore : replace ? .replace : .plain, alter: true, returning: false)
+        }
+        let schema = try self.schemaSnapshot()[table.lowercased()]?.sql ?? sql
+        return (["table": .string(table), "schema": .string(schema), "created": true, "inserted": .int(inserted)], inserted)
+    }
+
+    enum InsertMode { case plain, ignore, replace, upsert }
+
+    /// Inserts (or upserts) `rows` into `table` with one prepared statement over the union of their
+    /// columns; a row without a column gets NULL for it, as in Datasette. Returns the rows SQLite
+    /// changed, and with `returning` the rows as stored.
+    private func insertRows(
+        _ table: String, _ rows: [JSONObject], mode: InsertMode, alter: Bool, returning: Bool
+    ) throws(EvdError) -> (Int64, [JSONValue]?) {
+        var intent = StatementIntent(kind: mode == .upsert ? .upsert : .insert, ignore: mode == .ignore, replace: mode == .replace)
+        intent.reportedRows = rows.count
+        intent.table = table
+        intent.group = self.connection.capture.newGroup()
+        var columnNames: OrderedSet<String> = []
+        for row in rows { for key in row.keys { columnNames.append(key) } }
+        var columns = try self.columns(of: table)
+        let shape = try self.shape(of: table)
+        let isRowidTable = shape.keyColumns.isEmpty
+        let known = Set(columns.map(\.name)).union(isRowidTable ? ["rowid"] : [])
+        if mode == .upsert {
+            let keyNames = isRowidTable ? ["rowid"] : shape.keyColumns.map { shape.columns[$0] }
+            var problems: [String] = []
+            for (index, row) in rows.enumerated() {
+                let missing = keyNames.filter { row[$0] == nil }
+                if !missing.isEmpty {
+                    problems.append("Row \(index) is missing primary key column(s): \(missing.map { "\"\($0)\"" }.joined(separator: ", "))")
+                    continue
+                }
+                let null = keyNames.filter { row[$0] == .null }
+                if !null.isEmpty { problems.append("Row \(index) has null primary key column(s): \(null.map { "\"\($0)\"" }.joined(separator: ", "))") }
+            }
+            if !problems.isEmpty { throw EvdError.badRequest(field: "rows", problems.joined(separator: "; ")) }
+        }
+        let unknown = columnNames.filter { !known.contains($0) }
+        if !unknown.isEmpty {
+            guard alter else {
+                var problems: [String] = []
+                for (index, row) in rows.enumerated() {
+                    let bad = row.keys.filter { !known.contains($0) }.sorted()
+                    if !bad.isEmpty { problems.append("Row \(index) has invalid columns: \(bad.joined(separator: ", "))") }
+                }
+                throw EvdError.badRequest(field: "rows", problems.joined(separator: "; ") + " (alter: true adds them)")
+            }
+            for name in unknown {
+                let type = StructuredOp.inferredType(rows.compactMap { $0[name] })
+                _ = try self.runStatement("ALTER TABLE \(SQLIdentifier.quote(table)) ADD COLUMN \(SQLIdentifier.quote(name)) \(type)", [[]])
+            }
+            columns = try self.columns(of: table)
+        }
+        guard !rows.isEmpty else {
+            self.connection.capture.beginUnit(intent)  // Datasette reports an empty insert too
+            return (0, returning ? [] : nil)
+        }
+        // One statement per run of rows with the same columns: a row without a column gets the
+        // column's default (insert) or keeps its value (upsert).
+        var changed: Int64 = 0
+        var returned: [JSONValue] = []
+        var start = 0
+        while start < rows.count {
+            let keys = Array(rows[start].keys)
+            var end = start + 1
+            while end < rows.count && rows[end].count == keys.count && rows[end].keys.elementsEqual(keys) { end += 1 }
+            let (count, stored) = try self.insertRun(
+                table, rows[start..<end], first: start, names: keys, shape: shape, mode: mode, intent: intent, returning: returning)
+            changed += count
+            returned += stored
+            start = end
+        }
+        return (changed, returning ? returned : nil)
+    }
+
+    /// Inserts rows that all have the columns `names` with one prepared statement.
+    private func insertRun(
+        _ table: String, _ rows: ArraySlice<JSONObject>, first: Int, names: [String], shape: TableShape, mode: InsertMode,
+        intent: StatementIntent, returning: Bool
+    ) throws(EvdError) -> (Int64, [JSONValue]) {
+        let isRowidTable = shape.keyColumns.isEmpty
+        let quotedNames = names.map(SQLIdentifier.quote).joined(separator: ", ")
+        let placeholders = Array(repeating: "?", count: names.count).joined(separator: ", ")
+        let verb: String
+        switch mode {
+        case .plain, .upsert: verb = "INSERT"
+        case .ignore: verb = "INSERT OR IGNORE"
+        case .replace: verb = "INSERT OR REPLACE"
+        }
+        var sql = "\(verb) INTO \(SQLIdentifier.quote(table)) (\(quotedNames)) VALUES (\(placeholders))"
+        if mode == .upsert {
+            let keyNames = isRowidTable ? [] : shape.keyColumns.map { shape.columns[$0] }
+            let keySet = Set(keyNames.map { $0.lowercased() }).union(["rowid"])
+            let updates = names.filter { !keySet.contains($0.lowercased()) }
+            if isRowidTable {
+                // A rowid is no conflict target: update by rowid, insert what was not there.
+                return try self.upsertByRowid(table, rows, first: first, names: names, intent: intent, returning: returning)
+            }
+            sql += " ON CONFLICT(\(keyNames.map(SQLIdentifier.quote).joined(separator: ", "))) DO "
+            sql += updates.isEmpty ? "NOTHING" : "UPDATE SET " + updates.map { "\(SQLIdentifier.quote($0)) = excluded.\(SQLIdentifier.quote($0))" }.joined(separator: ", ")
+        }
+        if returning { sql += " RETURNING *" }
+        var sets: [[JSONValue]] = []
+        sets.reserveCapacity(rows.count)
+        for (offset, row) in rows.enumerated() {
+            var values: [JSONValue] = []
+            values.reserveCapacity(names.count)
+            for (name, value) in row { values.append(try StructuredOp.cell(value, field: "rows[\(first + offset)].\(name)")) }
+            sets.append(values)
+        }
+        var returned: [JSONValue] = []
+        let changed = try self.runStatement(sql, sets, intent: intent) { statement in
+            if returning { returned.append(Self.rowObject(statement)) }
+        }
+        return (changed, returned)
+    }
+
+    private func upsertByRowid(
+        _ table: String, _ rows: ArraySlice<JSONObject>, first: Int, names: [String], intent: StatementIntent, returning: Bool
+    ) throws(EvdError) -> (Int64, [JSONValue]) {
+        var changed: Int64 = 0
+        var returned: [JSONValue] = []
+        let others = names.filter { $0.lowercased() != "rowid" }
+        for (offset, row) in rows.enumerated() {
+            let index = first + offset
+            let rowid = try StructuredOp.cell(row["rowid"] ?? .null, field: "rows[\(index)].rowid")
+            var values: [JSONValue] = []
+            for name in others { values.append(try StructuredOp.cell(row[name] ?? .null, field: "rows[\(index)].\(name)")) }
+            let tail = returning ? " RETURNING rowid, *" : ""
+            let collect: (SQLiteStatement) -> Void = { if returning { returned.append(Self.rowObject($0)) } }
+            var done: Int64 = 0
+            if !others.isEmpty {
+                let assignments = others.map { "\(SQLIdentifier.quote($0)) = ?" }.joined(separator: ", ")
+                done = try self.runStatement(
+                    "UPDATE \(SQLIdentifier.quote(table)) SET \(assignments) WHERE rowid = ?\(tail)", [values + [rowid]],
+                    intent: intent, onRow: collect)
+            } else if try self.rowExists(table, "rowid = ?", [rowid]) {
+                done = 1
+            }
+            if done == 0 {
+                let columns = (["rowid"] + others).map(SQLIdentifier.quote).joined(separator: ", ")
+                let placeholders = Array(repeating: "?", count: others.count + 1).joined(separator: ", ")
+                done = try self.runStatement(
+                    "INSERT INTO \(SQLIdentifier.quote(table)) (\(columns)) VALUES (\(placeholders))\(tail)", [[rowid] + values],
+                    intent: intent, onRow: collect)
+            }
+            changed += done
+        }
+        return (changed, returned)
+    }
+
+    private func updateRow(
+        _ table: String, key: [JSONValue], update: JSONObject, alter: Bool, returning: Bool
+    ) throws(EvdError) -> (JSONValue, Int64) {
+        let (clause, keyValues) = try self.keyClause(table, key)
+        let known = Set(try self.columns(of: table).map(\.name))
+        let unknown = update.keys.filter { !known.contains($0) }
+        if !unknown.isEmpty {
+            guard alter else {
+                throw EvdError.badRequest(field: "update.\(unknown[0])", "no such column: \(unknown.joined(separator: ", ")) (alter: true adds it)")
+            }
+            for name in unknown {
+                let type = StructuredOp.inferredType([update[name] ?? .null])
+                _ = try self.runStatement("ALTER TABLE \(SQLIdentifier.quote(table)) ADD COLUMN \(SQLIdentifier.quote(name)) \(type)", [[]])
+            }
+        }
+        var assignments: [String] = []
+        var values: [JSONValue] = []
+        for (name, value) in update {
+            assignments.append("\(SQLIdentifier.quote(name)) = ?")
+            values.append(try StructuredOp.cell(value, field: "update.\(name)"))
+        }
+        if assignments.isEmpty {
+            // Nothing to change is still an update of the row (Datasette emits update-row for it).
+            let shape = try self.shape(of: table)
+            let first = shape.keyColumns.first.map { SQLIdentifier.quote(shape.columns[$0]) } ?? "rowid"
+            assignments.append("\(first) = \(first)")
+        }
+        let isRowidTable = try self.shape(of: table).keyColumns.isEmpty
+        let tail = returning ? (isRowidTable ? " RETURNING rowid, *" : " RETURNING *") : ""
+        var returned: [JSONValue] = []
+        let updated = try self.runStatement(
+            "UPDATE \(SQLIdentifier.quote(table)) SET \(assignments.joined(separator: ", ")) WHERE \(clause)\(tail)",
+            [values + keyValues]
+        ) { statement in
+            if returning { returned.append(Self.rowObject(statement)) }
+        }
+        guard updated > 0 else { throw self.noSuchRow(table, key) }
+        var result: JSONObject = ["updated": .int(updated)]
+        if returning { result["rows"] = .array(returned) }
+        return (.object(result), updated)
+    }
+
+    /// `describe`: the columns, each passed through `column_reflect` (a listener's modified
+    /// `column` is what the client gets).
+    private func describe(_ table: String) throws(EvdError) -> [JSONValue] {
+        var described: [JSONValue] = []
+        for column in try self.columns(of: table) {
+            var object = column.jsonObject
+            let verdict = try self.vetoable(.columnReflect) {
+                ["database": .string(self.database), "table": .string(table), "column": .object(object)]
+            }
+            if let modified = verdict?.properties["column"]?.objectValue { object = modified }
+            described.append(.object(object))
+        }
+        return described
+    }
+
+    // MARK: Helpers
+
+    /// The table's name as stored; `no_such_table` when there is no such table (a view is not one).
+    private func existingTable(_ table: String) throws(EvdError) -> String {
+        guard let entry = try self.schemaSnapshot()[table.lowercased()], entry.type == "table" else {
+            throw EvdError(.noSuchTable, "Table not found: \(table)", extra: ["table": .string(table)])
+        }
+        return entry.name
+    }
+
+    private func shape(of table: String) throws(EvdError) -> TableShape {
+        do {
+            guard let shape = try TableShape.read(table, on: self.sqlite) else {
+                throw EvdError(.noSuchTable, "Table not found: \(table)", extra: ["table": .string(table)])
+            }
+            return shape
+        } catch let error as SQLiteError {
+            throw error.evdError
+        } catch {
+            throw error as! EvdError
+        }
+    }
+
+    /// `"a" = ? AND "b" = ?` for the table's primary key (the rowid when it declares none), checking
+    /// that `key` has one value per key column.
+    private func keyClause(_ table: String, _ key: [JSONValue]) throws(EvdError) -> (String, [JSONValue]) {
+        let shape = try self.shape(of: table)
+        let names = shape.keyColumns.isEmpty ? ["rowid"] : shape.keyColumns.map { shape.columns[$0] }
+        guard names.count == key.count else {
+            throw EvdError.badRequest(
+                field: "pks",
+                "\(table)'s primary key is (\(names.joined(separator: ", "))): pks needs \(names.count) value(s), got \(key.count)")
+        }
+        let clause = names.map { $0 == "rowid" ? "rowid = ?" : "\(SQLIdentifier.quote($0)) = ?" }.joined(separator: " AND ")
+        return (clause, key)
+    }
+
+    private func noSuchRow(_ table: String, _ key: [JSONValue]) -> EvdError {
+        let text = String(decoding: JSONValue.array(key).jsonBytes, as: UTF8.self)
+        return EvdError(.noSuchRow, "Record not found: \(text) in \(table)", extra: ["table": .string(table), "pks": .array(key)])
+    }
+
+    private func rowExists(_ table: String, _ clause: String, _ values: [JSONValue]) throws(EvdError) -> Bool {
+        var found = false
+        _ = try self.runStatement("SELECT 1 FROM \(SQLIdentifier.quote(table)) WHERE \(clause)", [values]) { _ in found = true }
+        return found
+    }
+
+    private static func inferColumns(_ rows: [JSONObject]) -> [(name: String, type: String)] {
+        var order: OrderedDictionary<String, [JSONValue]> = [:]
+        for row in rows { for (key, value) in row { order[key, default: []].append(value) } }
+        return order.map { ($0.key, StructuredOp.inferredType($0.value)) }
+    }
+
+    private static func rowObject(_ statement: SQLiteStatement) -> JSONValue {
+        var object = JSONObject()
+        for (index, name) in statement.columnNames.enumerated() { object[name] = statement.column(index) }
+        return .object(object)
+    }
+
+    /// Runs a statement evd wrote, once per parameter set, the way a client's statement runs: the
+    /// statement and dialect events (vetoable, a listener may rewrite it), DDL events, and its
+    /// changes captured for the committed events. Returns the rows it changed.
+    @discardableResult
+    func runStatement(
+        _ sql: String, _ sets: [[JSONValue]], intent: StatementIntent = .other, onRow: (SQLiteStatement) -> Void = { _ in }
+    ) throws(EvdError) -> Int64 {
+        guard var statement = try self.prepare(SQLText(sql), from: 0) else {
+            throw EvdError(.sqlError, "evd wrote an empty statement: \(sql)")
+        }
+        if sets.count == 1 {
+            var cursor = 0
+            var bound = try SQLParameters.positional(sets[0]).bind(statement, cursor: &cursor)
+            if let verdict = try self.beforeCursorExecute(statement.sql, bound, executemany: false) {
+                (statement, bound) = try self.rewrite(statement, bound, to: verdict.properties)
+            }
+            let run = statement
+            return try self.capturing(run, intent: intent) { () throws(EvdError) in
+                try self.run(run, parameters: bound, executemany: false) { onRow(run) }
+            }
+        }
+        var parameterSets = sets.map(SQLParameters.positional)
+        var all: JSONValue = .array(sets.map(JSONValue.array))
+        if let verdict = try self.beforeCursorExecute(statement.sql, all, executemany: true) {
+            (statement, parameterSets, all) = try self.rewriteMany(statement, parameterSets, all, to: verdict.properties)
+        }
+        let run = statement
+        return try self.capturing(run, intent: intent) { () throws(EvdError) in
+            try self.run(run, parameters: all, executemany: true, parameterSets: parameterSets) { onRow(run) }
+        }
+    }
+}
