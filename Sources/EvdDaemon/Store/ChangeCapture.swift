@@ -199,10 +199,22 @@ final class ChangeCapture: @unchecked Sendable {
         self.unitMark = 0
     }
 
+    /// While set, an `alter-table` right after another of the same table joins it (one structured
+    /// op that adds several columns is one alter, as in Datasette).
+    var coalescesAlters = false
+
     /// Records a schema change of the current unit.
     func record(_ change: SchemaChange) {
         guard self.active else { return }
-        self.entries.append(.schema(change))
+        if self.coalescesAlters, change.kind == .alterTable, case .schema(let last)? = self.entries.last,
+            last.kind == .alterTable, last.properties["table"] == change.properties["table"]
+        {
+            var merged = last.properties
+            merged["after_schema"] = change.properties["after_schema"]
+            self.entries[self.entries.count - 1] = .schema(SchemaChange(kind: .alterTable, properties: merged))
+        } else {
+            self.entries.append(.schema(change))
+        }
         // The columns of a table may have changed.
         self.shapes.removeAll()
         self.lastTable = nil

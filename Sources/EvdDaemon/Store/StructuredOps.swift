@@ -386,6 +386,8 @@ extension SQLRun {
                 }
                 throw EvdError.badRequest(field: "rows", problems.joined(separator: "; ") + " (alter: true adds them)")
             }
+            self.connection.capture.coalescesAlters = true
+            defer { self.connection.capture.coalescesAlters = false }
             for name in unknown {
                 let type = StructuredOp.inferredType(rows.compactMap { $0[name] })
                 _ = try self.runStatement("ALTER TABLE \(SQLIdentifier.quote(table)) ADD COLUMN \(SQLIdentifier.quote(name)) \(type)", [[]])
@@ -500,6 +502,8 @@ extension SQLRun {
             guard alter else {
                 throw EvdError.badRequest(field: "update.\(unknown[0])", "no such column: \(unknown.joined(separator: ", ")) (alter: true adds it)")
             }
+            self.connection.capture.coalescesAlters = true
+            defer { self.connection.capture.coalescesAlters = false }
             for name in unknown {
                 let type = StructuredOp.inferredType([update[name] ?? .null])
                 _ = try self.runStatement("ALTER TABLE \(SQLIdentifier.quote(table)) ADD COLUMN \(SQLIdentifier.quote(name)) \(type)", [[]])
