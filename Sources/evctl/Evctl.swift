@@ -34,7 +34,7 @@ struct Evctl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "evctl",
         abstract: "Talk to evd from the shell: run SQL, emit events, read the catalog and the counters.",
-        subcommands: [SQL.self, Emit.self, Events.self, Stats.self, Ping.self]
+        subcommands: [SQL.self, Insert.self, Describe.self, Emit.self, Events.self, Stats.self, Ping.self]
     )
 
     /// Global options may come before the subcommand (`evctl --socket S sql ...`): move them after it,
@@ -84,6 +84,50 @@ extension Evctl {
             if !self.params.isEmpty { arguments["params"] = .array(self.params.map(Terminal.argumentValue)) }
             if let database { arguments["database"] = .string(database) }
             try await self.global.call("execute", arguments)
+        }
+    }
+
+    struct Insert: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "insert", abstract: "Insert rows into a table: each ROW is a JSON object (or a JSON array of them).")
+        @OptionGroup var global: GlobalOptions
+        @Option(help: "The database (default: the daemon's first).") var database: String?
+        @Flag(help: "Skip rows whose primary key exists.") var ignore = false
+        @Flag(help: "Replace rows whose primary key exists.") var replace = false
+        @Flag(help: "Add columns the table does not have yet.") var alter = false
+        @Flag(name: .customLong("return"), help: "Print the rows as stored.") var returning = false
+        @Argument(help: "The table.") var table: String
+        @Argument(help: "The rows: JSON objects, or JSON arrays of objects.") var rows: [String]
+
+        func run() async throws {
+            var all: [JSONValue] = []
+            for text in self.rows {
+                switch Terminal.argumentValue(text) {
+                case .object(let row): all.append(.object(row))
+                case .array(let rows) where rows.allSatisfy({ $0.objectValue != nil }): all += rows
+                default: throw ValidationError("each ROW must be a JSON object or an array of objects: \(text)")
+                }
+            }
+            var arguments: JSONObject = ["table": .string(self.table), "rows": .array(all)]
+            if self.ignore { arguments["ignore"] = true }
+            if self.replace { arguments["replace"] = true }
+            if self.alter { arguments["alter"] = true }
+            if self.returning { arguments["return"] = true }
+            if let database { arguments["database"] = .string(database) }
+            try await self.global.call("insert", arguments)
+        }
+    }
+
+    struct Describe: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(commandName: "describe", abstract: "Print a table's columns.")
+        @OptionGroup var global: GlobalOptions
+        @Option(help: "The database (default: the daemon's first).") var database: String?
+        @Argument(help: "The table.") var table: String
+
+        func run() async throws {
+            var arguments: JSONObject = ["table": .string(self.table)]
+            if let database { arguments["database"] = .string(database) }
+            try await self.global.call("describe", arguments)
         }
     }
 

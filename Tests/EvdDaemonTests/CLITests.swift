@@ -44,6 +44,31 @@ struct CLITests {
         }
     }
 
+    @Test("evctl insert takes rows as JSON objects or arrays, with --alter and --return; evctl describe lists columns")
+    func evctlInsert() async throws {
+        try await withRunningDaemon { daemon in
+            let env = ["EVD_SOCKET": daemon.socketPath]
+            try await daemon.request("create_table", ["table": "dogs", "columns": [["name": "id", "type": "integer"], ["name": "name"]], "pk": "id"])
+            let insert = try await runProcess(
+                self.evctl, ["insert", "dogs", #"{"id": 1, "name": "Cleo"}"#, #"[{"id": 2, "name": "Rex"}, {"id": 3, "name": "Max"}]"#],
+                environment: env)
+            #expect(insert.status == 0, "\(insert.stderr)")
+            #expect(jsonLines(insert.stdout).first?["inserted"] == 3)
+            let altered = try await runProcess(
+                self.evctl, ["insert", "dogs", "--alter", "--return", #"{"id": 4, "name": "Fido", "age": 3}"#], environment: env)
+            #expect(altered.status == 0, "\(altered.stderr)")
+            #expect(jsonLines(altered.stdout).first?["rows"] == [["id": 4, "name": "Fido", "age": 3]])
+            let unknown = try await runProcess(self.evctl, ["insert", "dogs", #"{"id": 5, "colour": "red"}"#], environment: env)
+            #expect(unknown.status == 1)
+            #expect(unknown.stderr.contains("invalid columns: colour"))
+            let bad = try await runProcess(self.evctl, ["insert", "dogs", "42"], environment: env)
+            #expect(bad.status != 0)
+            let described = try await runProcess(self.evctl, ["describe", "dogs"], environment: env)
+            let names = jsonLines(described.stdout).first?["columns"]?.arrayValue?.map { $0["name"] }
+            #expect(names == ["id", "name", "age"])
+        }
+    }
+
     @Test("evctl prints errors on stderr with a non-zero exit")
     func evctlErrors() async throws {
         try await withRunningDaemon { daemon in
