@@ -224,7 +224,8 @@ public final class EventBus: Sendable {
     }
 
     /// Numbers one event and queues it to `subscribers` that pass their filters (under the lock);
-    /// `imagesBody`, when given, goes to those with `rows: true`.
+    /// `imagesBody`, when given, goes to those with `rows: true`. Returns its seq.
+    @discardableResult
     private static func enqueue(
         _ state: inout State, name: String, subscribers: [Subscription], origin: EventOrigin, properties: JSONObject,
         body: [UInt8], imagesBody: [UInt8]?, wakeups: inout [Outbox.Wakeup]

@@ -147,8 +147,9 @@ final class SessionHandler: ChannelDuplexHandler {
                 var buffer = context.channel.allocator.buffer(capacity: chunks.reduce(0) { $0 + $1.byteCount })
                 for chunk in chunks { chunk.write(into: &buffer) }
                 if closeAfter {
+                    let channel = context.channel
                     context.writeAndFlush(self.wrapOutboundOut(buffer)).whenComplete { _ in
-                        context.close(promise: nil)
+                        channel.close(promise: nil)
                     }
                     return
                 }

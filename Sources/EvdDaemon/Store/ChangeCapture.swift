@@ -348,7 +348,8 @@ final class ChangeCapture: @unchecked Sendable {
                 let shape = self.shape(change.table)
                 let intent = change.depth == 0 ? self.intents[change.unit] ?? .other : .other
                 switch change.operation {
-                case .insert, .update where intent.kind == .upsert:
+                case .insert,
+                    .update where intent.kind == .upsert:
                     let kind: EventKind = intent.kind == .upsert ? .upsertRows : .insertRows
                     let groupKey = GroupKey(unit: intent.group ?? change.unit, table: change.table, direct: change.depth == 0)
                     let image: JSONValue? = self.images ? Self.object(change.after, shape) : nil
