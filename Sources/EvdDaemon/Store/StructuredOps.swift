@@ -192,13 +192,13 @@ enum StructuredOp: Sendable {
 
     /// A row's value as SQLite stores it: scalars as they are, `true`/`false` as 1/0, a blob
     /// `{"$base64": ...}` as bytes, any other object or array as its JSON text (as Datasette does).
-    static func cell(_ value: JSONValue, field: String) throws(EvdError) -> JSONValue {
+    static func cell(_ value: JSONValue, field: @autoclosure () -> String) throws(EvdError) -> JSONValue {
         switch value {
         case .null, .int, .double, .string: return value
         case .bool(let b): return .int(b ? 1 : 0)
         case .object(let object) where object.count == 1 && object["$base64"] != nil:
             guard let text = object["$base64"]?.stringValue, Base64.decode(text) != nil else {
-                throw .badRequest(field: field, "Invalid $base64 encoded value")
+                throw .badRequest(field: field(), "Invalid $base64 encoded value")
             }
             return value
         case .array, .object:
