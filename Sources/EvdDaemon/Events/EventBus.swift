@@ -206,18 +206,16 @@ public final class EventBus: Sendable {
     /// `more` of them), the closing brace and newline.
     private static func body(_ origin: EventOrigin, _ properties: JSONObject, _ more: JSONObject = [:]) -> [UInt8] {
         var body = origin.envelopeFragment
-        for (key, value) in properties {
-            body.append(UInt8(ascii: ","))
-            JSONWriter.appendString(key, to: &body)
-            body.append(UInt8(ascii: ":"))
-            value.write(into: &body)
+        func append(_ object: JSONObject) {
+            for (key, value) in object {
+                body.append(UInt8(ascii: ","))
+                JSONWriter.appendString(key, to: &body)
+                body.append(UInt8(ascii: ":"))
+                value.write(into: &body)
+            }
         }
-        for (key, value) in more {
-            body.append(UInt8(ascii: ","))
-            JSONWriter.appendString(key, to: &body)
-            body.append(UInt8(ascii: ":"))
-            value.write(into: &body)
-        }
+        append(properties)
+        append(more)
         body.append(UInt8(ascii: "}"))
         body.append(UInt8(ascii: "\n"))
         return body

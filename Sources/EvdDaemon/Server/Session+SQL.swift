@@ -152,11 +152,7 @@ extension Session {
                 try await self.vetoable(.commit, on: transaction.pool) { self.transactionProperties(transaction) }
             } catch {
                 // A denied commit rolls the transaction back: nothing becomes visible.
-                try? await transaction.pool.run {
-                    connection.capture.discardAll()
-                    try connection.sqlite.exec("ROLLBACK")
-                }
-                self.core.bus.emit(.rollback, self.origin) { self.transactionProperties(transaction) }
+                await self.rollBack(transaction)
                 state.transaction = nil
                 await self.checkin(connection, to: transaction.pool)
                 throw error
@@ -179,14 +175,20 @@ extension Session {
                 throw error
             }
         } else {
-            try? await transaction.pool.run {
-                connection.capture.discardAll()
-                try connection.sqlite.exec("ROLLBACK")
-            }
-            self.core.bus.emit(.rollback, self.origin) { self.transactionProperties(transaction) }
+            await self.rollBack(transaction)
         }
         state.transaction = nil
         await self.checkin(connection, to: transaction.pool)
+    }
+
+    /// Rolls the session's transaction back (its captured changes with it) and fires `rollback`.
+    private func rollBack(_ transaction: Transaction) async {
+        let connection = transaction.connection
+        try? await transaction.pool.run {
+            connection.capture.discardAll()
+            try connection.sqlite.exec("ROLLBACK")
+        }
+        self.core.bus.emit(.rollback, self.origin) { self.transactionProperties(transaction) }
     }
 
     /// `savepoint`, `release_savepoint`, `rollback_savepoint` inside the open transaction.

@@ -260,15 +260,17 @@ final class ChangeCapture: @unchecked Sendable {
             return last.index
         }
         let name = String(cString: table)
-        let index: Int32
-        if let known = self.tableIndex[name] {
-            index = known
-        } else {
-            index = Int32(self.tables.count)
-            self.tables.append(name)
-            self.tableIndex[name] = index
-        }
+        let index = self.intern(name)
         self.lastTable = (Array(name.utf8CString), index)
+        return index
+    }
+
+    /// The table's number in `tables`, adding it when it is new.
+    private func intern(_ name: String) -> Int32 {
+        if let known = self.tableIndex[name] { return known }
+        let index = Int32(self.tables.count)
+        self.tables.append(name)
+        self.tableIndex[name] = index
         return index
     }
 
@@ -300,14 +302,7 @@ final class ChangeCapture: @unchecked Sendable {
             self.shapesSchemaVersion = version
         }
         for name in names {
-            let index: Int32
-            if let known = self.tableIndex[name] {
-                index = known
-            } else {
-                index = Int32(self.tables.count)
-                self.tables.append(name)
-                self.tableIndex[name] = index
-            }
+            let index = self.intern(name)
             if self.shapes[index] == nil, let shape = try? TableShape.read(name, on: self.connection) {
                 self.shapes[index] = shape
             }
@@ -416,6 +411,7 @@ final class ChangeCapture: @unchecked Sendable {
 
     /// Positions of deletes a `REPLACE` made to put a row with the same key in place.
     private func replacedKeys() -> Set<Int> {
+        guard self.intents.values.contains(where: \.replace) else { return [] }
         var replaced: Set<Int> = []
         var pendingDeletes: [Int32: [(position: Int, key: [JSONValue])]] = [:]  // per unit
         for (position, entry) in self.entries.enumerated() {

@@ -277,7 +277,7 @@ extension SQLRun {
             return try self.updateRow(try self.existingTable(table), key: key, update: update, alter: alter, returning: returning)
         case .delete(let table, let key):
             let target = try self.existingTable(table)
-            let (clause, values) = try self.keyClause(target, key)
+            let (clause, values) = try self.keyClause(target, try self.shape(of: target), key)
             let deleted = try self.runStatement("DELETE FROM \(SQLIdentifier.quote(target)) WHERE \(clause)", [values])
             guard deleted > 0 else { throw self.noSuchRow(target, key) }
             return (["deleted": .int(deleted)], deleted)
@@ -495,7 +495,8 @@ extension SQLRun {
     private func updateRow(
         _ table: String, key: [JSONValue], update: JSONObject, alter: Bool, returning: Bool
     ) throws(EvdError) -> (JSONValue, Int64) {
-        let (clause, keyValues) = try self.keyClause(table, key)
+        let shape = try self.shape(of: table)
+        let (clause, keyValues) = try self.keyClause(table, shape, key)
         let known = Set(try self.columns(of: table).map(\.name))
         let unknown = update.keys.filter { !known.contains($0) }
         if !unknown.isEmpty {
@@ -517,11 +518,10 @@ extension SQLRun {
         }
         if assignments.isEmpty {
             // Nothing to change is still an update of the row (Datasette emits update-row for it).
-            let shape = try self.shape(of: table)
             let first = shape.keyColumns.first.map { SQLIdentifier.quote(shape.columns[$0]) } ?? "rowid"
             assignments.append("\(first) = \(first)")
         }
-        let isRowidTable = try self.shape(of: table).keyColumns.isEmpty
+        let isRowidTable = shape.keyColumns.isEmpty
         let tail = returning ? (isRowidTable ? " RETURNING rowid, *" : " RETURNING *") : ""
         var returned: [JSONValue] = []
         let updated = try self.runStatement(
@@ -576,8 +576,7 @@ extension SQLRun {
 
     /// `"a" = ? AND "b" = ?` for the table's primary key (the rowid when it declares none), checking
     /// that `key` has one value per key column.
-    private func keyClause(_ table: String, _ key: [JSONValue]) throws(EvdError) -> (String, [JSONValue]) {
-        let shape = try self.shape(of: table)
+    private func keyClause(_ table: String, _ shape: TableShape, _ key: [JSONValue]) throws(EvdError) -> (String, [JSONValue]) {
         let names = shape.keyColumns.isEmpty ? ["rowid"] : shape.keyColumns.map { shape.columns[$0] }
         guard names.count == key.count else {
             throw EvdError.badRequest(
