@@ -398,7 +398,7 @@ struct DDLEventsTests {
                     #expect(events.isEmpty)
                 }
             }
-            let tables = try await daemon.request("execute", ["sql": "select name from sqlite_schema where type = 'table' order by name"])
+            let tables = try await daemon.request("execute", ["sql": "select name from sqlite_schema where type = 'table' and name not like '\\_evd\\_%' escape '\\' order by name"])
             #expect(tables["rows"] == [["keep"]])
             let columns = try await daemon.request("execute", ["sql": "select name from pragma_table_info('keep')"])
             #expect(columns["rows"] == [["a"]])

@@ -282,7 +282,7 @@ struct OperationsTests {
 
     @Test("subscribe with since: without a journal, a gap notice follows the response")
     func subscribeSinceGap() async throws {
-        try await withRunningDaemon { daemon in
+        try await withRunningDaemon(configure: { $0.journal.enabled = false }) { daemon in
             try await daemon.withClient { evd in
                 try await evd.request("emit", ["event": "app.a"])
                 let result = try await evd.request("subscribe", ["events": ["app.*"], "since": 0])

@@ -34,7 +34,7 @@ extension EvdConnection {
 
     /// The names of the database's tables, sorted.
     fileprivate func tableNames() async throws -> JSONValue {
-        try await self.rows("select name from sqlite_schema where type = 'table' order by name")
+        try await self.rows("select name from sqlite_schema where type = 'table' and name not like '\\_evd\\_%' escape '\\' order by name")
     }
 }
 

@@ -88,6 +88,24 @@ public final class EventBus: Sendable {
         /// Veto listeners by subscription, and per catalog event in chain order.
         var vetoListeners: [Int: VetoListener] = [:]
         var vetoersByKind: [[VetoListener]] = Array(repeating: [], count: EventKind.allCases.count)
+        /// The first seqs of reservations whose transaction has not finished, oldest first.
+        var pending: [Int64] = []
+        /// Events numbered after the oldest pending reservation, in seq order: they wait for it,
+        /// so that every subscription receives seqs in order.
+        var held: [NumberedEvent] = []
+    }
+
+    /// An event with its seq, on its way to the subscriptions.
+    struct NumberedEvent {
+        let seq: Int64
+        let name: String
+        let kind: EventKind?
+        let origin: EventOrigin
+        let properties: JSONObject
+        let body: [UInt8]
+        let imagesBody: [UInt8]?
+        /// The time, quoted; `nil`: the moment it is delivered.
+        var time: [UInt8]?
     }
 
     private let interest = Atomic<UInt64>(0)
@@ -100,10 +118,14 @@ public final class EventBus: Sendable {
     /// Vetoes waiting for a reply.
     let pendingVetoes = PendingVetoes()
 
+    /// Keeps seqs below a persisted bound, so that a restart never reuses one (`nil`: no journal).
+    let lease: SeqLease?
+
     /// Creates a bus whose first event gets `lastSeq + 1`.
-    public init(lastSeq: Int64 = 0) {
+    init(lastSeq: Int64 = 0, lease: SeqLease? = nil) {
         precondition(EventKind.allCases.count <= 64, "the interest bit set holds 64 catalog events")
         self.state = Mutex(State(seq: lastSeq))
+        self.lease = lease
     }
 
     /// The newest seq handed out.
@@ -128,35 +150,72 @@ public final class EventBus: Sendable {
         self.publish(name: kind.name, kind: kind, origin: origin, properties: properties())
     }
 
-    /// Emits a custom event (`emit` op) and returns its seq.
-    public func emitCustom(name: String, origin: EventOrigin, properties: JSONObject) -> Int64 {
-        self.publish(name: name, kind: nil, origin: origin, properties: properties)
-    }
-
     /// Numbers an event and queues it to every matching subscription.
     @discardableResult
     func publish(name: String, kind: EventKind?, origin: EventOrigin, properties: JSONObject) -> Int64 {
         let body = Self.body(origin, properties)
         var wakeups: [Outbox.Wakeup] = []
         let seq = self.state.withLock { state -> Int64 in
-            let subscribers: [Subscription]
-            if let kind {
-                subscribers = state.byKind[kind.rawValue]
-            } else {
-                state.customNames.append(name)
-                if let cached = state.byCustomName[name] {
-                    subscribers = cached
-                } else {
-                    subscribers = state.subscriptions.values.filter { $0.matches(customName: name) }
-                    state.byCustomName[name] = subscribers
-                }
-            }
-            return Self.enqueue(
-                &state, name: name, subscribers: subscribers, origin: origin, properties: properties, body: body,
-                imagesBody: nil, wakeups: &wakeups)
+            state.seq += 1
+            state.published[name, default: 0] += 1
+            if kind == nil { state.customNames.append(name) }
+            Self.dispatch(
+                &state,
+                NumberedEvent(
+                    seq: state.seq, name: name, kind: kind, origin: origin, properties: properties, body: body,
+                    imagesBody: nil),
+                wakeups: &wakeups)
+            return state.seq
         }
         for wakeup in wakeups { wakeup.resume() }
+        self.lease?.cover(seq)
         return seq
+    }
+
+    /// The subscriptions of an event: by catalog bit, or (custom events) by name, cached.
+    private static func subscribers(_ state: inout State, name: String, kind: EventKind?) -> [Subscription] {
+        if let kind { return state.byKind[kind.rawValue] }
+        if let cached = state.byCustomName[name] { return cached }
+        let subscribers = state.subscriptions.values.filter { $0.matches(customName: name) }
+        state.byCustomName[name] = subscribers
+        return subscribers
+    }
+
+    /// Delivers a numbered event now, or holds it back while an older reservation is pending.
+    private static func dispatch(_ state: inout State, _ event: NumberedEvent, wakeups: inout [Outbox.Wakeup]) {
+        guard let oldest = state.pending.first, event.seq > oldest else {
+            Self.deliver(&state, event, wakeups: &wakeups)
+            return
+        }
+        var event = event
+        if event.time == nil {
+            var time: [UInt8] = []
+            EventTime.appendNow(to: &time)
+            event.time = time
+        }
+        // Events arrive in seq order except a reservation's, which slot in before later ones.
+        if let last = state.held.last, last.seq > event.seq {
+            var low = 0
+            var high = state.held.count
+            while low < high {
+                let middle = (low + high) / 2
+                if state.held[middle].seq < event.seq { low = middle + 1 } else { high = middle }
+            }
+            state.held.insert(event, at: low)
+        } else {
+            state.held.append(event)
+        }
+    }
+
+    /// Delivers the held events that no pending reservation precedes any more.
+    private static func releaseHeld(_ state: inout State, wakeups: inout [Outbox.Wakeup]) {
+        let bound = state.pending.first ?? .max
+        var released = 0
+        while released < state.held.count, state.held[released].seq < bound {
+            Self.deliver(&state, state.held[released], wakeups: &wakeups)
+            released += 1
+        }
+        if released > 0 { state.held.removeFirst(released) }
     }
 
     /// Whether anyone wants a committed change event (`insert-rows`, `create-table`, ...): then
@@ -171,8 +230,9 @@ public final class EventBus: Sendable {
         self.rowsInterest.load(ordering: .relaxed) & EventKind.committedChanges != 0
     }
 
-    /// Publishes a transaction's committed events, in order, with consecutive seqs unless other
-    /// events interleave between batches. Subscriptions with `rows: true` also get the images.
+    /// Publishes a transaction's committed events when the journal is off, in order, with
+    /// consecutive seqs unless other events interleave between batches. Subscriptions with
+    /// `rows: true` also get the images.
     func publishCommitted(_ events: [CommittedEvent], origin: EventOrigin) {
         let rowsInterest = self.rowsInterest.load(ordering: .relaxed)
         var start = 0
@@ -191,20 +251,121 @@ public final class EventBus: Sendable {
             }
             guard !serialized.isEmpty else { continue }
             var wakeups: [Outbox.Wakeup] = []
-            self.state.withLock { state in
+            let seq = self.state.withLock { state in
                 for (event, body, imagesBody) in serialized {
-                    Self.enqueue(
-                        &state, name: event.kind.name, subscribers: state.byKind[event.kind.rawValue], origin: origin,
-                        properties: event.properties, body: body, imagesBody: imagesBody, wakeups: &wakeups)
+                    state.seq += 1
+                    state.published[event.kind.name, default: 0] += 1
+                    Self.dispatch(
+                        &state,
+                        NumberedEvent(
+                            seq: state.seq, name: event.kind.name, kind: event.kind, origin: origin,
+                            properties: event.properties, body: body, imagesBody: imagesBody),
+                        wakeups: &wakeups)
                 }
+                return state.seq
             }
             for wakeup in wakeups { wakeup.resume() }
+            self.lease?.cover(seq)
         }
+    }
+
+    // MARK: Journaled events
+
+    /// A committed event's bytes, made once for the journal and every subscriber.
+    func entry(for event: CommittedEvent, origin: EventOrigin) -> JournalEntry {
+        JournalEntry(
+            name: event.kind.name, kind: event.kind, origin: origin, properties: event.properties,
+            body: Self.body(origin, event.properties),
+            imagesBody: event.images.map { Self.body(origin, event.properties, $0) })
+    }
+
+    /// A custom (or daemon) event's bytes, made once for the journal and every subscriber.
+    func entry(name: String, kind: EventKind?, origin: EventOrigin, properties: JSONObject) -> JournalEntry {
+        JournalEntry(
+            name: name, kind: kind, origin: origin, properties: properties, body: Self.body(origin, properties),
+            imagesBody: nil)
+    }
+
+    /// Hands out `count` consecutive seqs for events to be journaled before they are published.
+    /// Until `complete` or `cancel`, events numbered later are held back.
+    func reserve(_ count: Int) -> SeqReservation {
+        var time: [UInt8] = []
+        EventTime.appendNow(to: &time)
+        let first = self.state.withLock { state -> Int64 in
+            let first = state.seq + 1
+            state.seq += Int64(count)
+            state.pending.append(first)  // seqs only grow: `pending` stays sorted
+            return first
+        }
+        let reservation = SeqReservation(first: first, count: count, time: time)
+        self.lease?.cover(reservation.last)
+        return reservation
+    }
+
+    /// Publishes a reservation's events (journaled and committed), then what was held back for it.
+    func complete(_ reservation: SeqReservation, _ entries: [JournalEntry]) {
+        precondition(entries.count == reservation.count, "a reservation's events are all published")
+        var start = 0
+        repeat {
+            // In batches, so that one huge transaction does not hold the lock for long; later
+            // events stay held until the last batch.
+            let end = min(entries.count, start + 512)
+            var wakeups: [Outbox.Wakeup] = []
+            self.state.withLock { state in
+                if end == entries.count { state.pending.removeAll { $0 == reservation.first } }
+                for index in start..<end {
+                    let entry = entries[index]
+                    state.published[entry.name, default: 0] += 1
+                    if entry.kind == nil { state.customNames.append(entry.name) }
+                    Self.dispatch(
+                        &state,
+                        NumberedEvent(
+                            seq: reservation.first + Int64(index), name: entry.name, kind: entry.kind,
+                            origin: entry.origin, properties: entry.properties, body: entry.body,
+                            imagesBody: entry.imagesBody, time: reservation.time),
+                        wakeups: &wakeups)
+                }
+                if end == entries.count { Self.releaseHeld(&state, wakeups: &wakeups) }
+            }
+            for wakeup in wakeups { wakeup.resume() }
+            start = end
+        } while start < entries.count
+    }
+
+    /// Gives a reservation up (its transaction did not commit): its seqs are never used.
+    func cancel(_ reservation: SeqReservation) {
+        var wakeups: [Outbox.Wakeup] = []
+        self.state.withLock { state in
+            state.pending.removeAll { $0 == reservation.first }
+            Self.releaseHeld(&state, wakeups: &wakeups)
+        }
+        for wakeup in wakeups { wakeup.resume() }
+    }
+
+    /// Journals a committed event that belongs to no database transaction (a custom event,
+    /// `login`, `logout`, `create-token`) in `journal`'s state database, then publishes it.
+    /// Blocks on the write: call it off the event loops. Returns its seq.
+    func publishJournaled(
+        name: String, kind: EventKind?, origin: EventOrigin, properties: JSONObject, journal: Journal?
+    ) throws(SQLiteError) -> Int64 {
+        guard let journal, journal.settings.enabled else {
+            return self.publish(name: name, kind: kind, origin: origin, properties: properties)
+        }
+        let entry = self.entry(name: name, kind: kind, origin: origin, properties: properties)
+        let reservation = self.reserve(1)
+        do {
+            try journal.appendToState([entry], reservation)
+        } catch {
+            self.cancel(reservation)
+            throw error
+        }
+        self.complete(reservation, [entry])
+        return reservation.first
     }
 
     /// An event's bytes after the subscription number: the envelope's origin, the properties (and
     /// `more` of them), the closing brace and newline.
-    private static func body(_ origin: EventOrigin, _ properties: JSONObject, _ more: JSONObject = [:]) -> [UInt8] {
+    static func body(_ origin: EventOrigin, _ properties: JSONObject, _ more: JSONObject = [:]) -> [UInt8] {
         var body = origin.envelopeFragment
         func append(_ object: JSONObject) {
             for (key, value) in object {
@@ -221,43 +382,40 @@ public final class EventBus: Sendable {
         return body
     }
 
-    /// Numbers one event and queues it to `subscribers` that pass their filters (under the lock);
-    /// `imagesBody`, when given, goes to those with `rows: true`. Returns its seq.
-    @discardableResult
-    private static func enqueue(
-        _ state: inout State, name: String, subscribers: [Subscription], origin: EventOrigin, properties: JSONObject,
-        body: [UInt8], imagesBody: [UInt8]?, wakeups: inout [Outbox.Wakeup]
-    ) -> Int64 {
-        state.seq += 1
-        let seq = state.seq
-        state.published[name, default: 0] += 1
-        guard !subscribers.isEmpty else { return seq }
+    /// Queues a numbered event to its subscribers that pass their filters (under the lock);
+    /// `imagesBody`, when given, goes to those with `rows: true`.
+    private static func deliver(_ state: inout State, _ event: NumberedEvent, wakeups: inout [Outbox.Wakeup]) {
+        let subscribers = Self.subscribers(&state, name: event.name, kind: event.kind)
+        guard !subscribers.isEmpty else { return }
         var prefix: [UInt8] = Array(#"{"type":"event","seq":"#.utf8)
-        JSONWriter.appendInt(seq, to: &prefix)
+        JSONWriter.appendInt(event.seq, to: &prefix)
         prefix += Array(#","event":"#.utf8)
-        JSONWriter.appendString(name, to: &prefix)
+        JSONWriter.appendString(event.name, to: &prefix)
         prefix += Array(#","time":"#.utf8)
-        EventTime.appendNow(to: &prefix)
+        if let time = event.time { prefix += time } else { EventTime.appendNow(to: &prefix) }
         prefix += Array(#","subscription":"#.utf8)
         for subscription in subscribers
-        where subscription.filter.isEmpty || subscription.accepts(name: name, origin: origin, properties: properties) {
-            let chosen = subscription.wantsRows ? imagesBody ?? body : body
-            let event = QueuedEvent(prefix: prefix, subscription: subscription.id, body: chosen, seq: seq)
-            if let wakeup = subscription.outbox.enqueue(event: event, policy: subscription.overflow) {
+        where subscription.filter.isEmpty
+            || subscription.accepts(name: event.name, origin: event.origin, properties: event.properties)
+        {
+            let chosen = subscription.wantsRows ? event.imagesBody ?? event.body : event.body
+            let queued = QueuedEvent(prefix: prefix, subscription: subscription.id, body: chosen, seq: event.seq)
+            if let wakeup = subscription.outbox.enqueue(event: queued, policy: subscription.overflow) {
                 wakeups.append(wakeup)
             }
         }
-        return seq
     }
 
-    /// Adds a subscription; `registered` runs under the bus's lock with the head seq at that moment,
-    /// so what it queues reaches the subscriber before any event of the new subscription.
+    /// Adds a subscription; `registered` runs under the bus's lock with the head seq at that moment
+    /// and the stable point — the seq up to which every event has been delivered (later ones are
+    /// pending or held, and will reach the new subscription) — so what it queues reaches the
+    /// subscriber before any event of the new subscription.
     @discardableResult
     func subscribe(
         session: UInt64, name: String?, patterns: [EventPattern], filter: [(String, [JSONValue])],
         overflow: OverflowPolicy, wantsRows: Bool, outbox: Outbox,
         veto: ((Int) -> VetoListener)? = nil,
-        registered: (Subscription, _ head: Int64) -> Void = { _, _ in }
+        registered: (Subscription, _ head: Int64, _ stable: Int64) -> Void = { _, _, _ in }
     ) -> Subscription {
         self.state.withLock { state in
             let subscription = Subscription(
@@ -267,7 +425,7 @@ public final class EventBus: Sendable {
             state.subscriptions[subscription.id] = subscription
             if let veto { state.vetoListeners[subscription.id] = veto(subscription.id) }
             self.rebuild(&state)
-            registered(subscription, state.seq)
+            registered(subscription, state.seq, state.pending.first.map { $0 - 1 } ?? state.seq)
             return subscription
         }
     }
@@ -405,6 +563,7 @@ public final class EventBus: Sendable {
             state.seq += 1
             return (listeners, state.seq)
         }
+        if seq != 0 { self.lease?.cover(seq) }
         guard !listeners.isEmpty else {
             self.emit(kind, origin) { properties }
             return nil

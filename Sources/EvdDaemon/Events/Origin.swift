@@ -73,11 +73,25 @@ enum EventTime {
     static func appendNow(to bytes: inout [UInt8]) {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
-        var seconds = ts.tv_sec
+        bytes.append(UInt8(ascii: "\""))
+        self.append(seconds: ts.tv_sec, micros: Int(ts.tv_nsec / 1000), to: &bytes)
+        bytes.append(UInt8(ascii: "\""))
+    }
+
+    /// The UTC time `seconds` ago, unquoted: the journal compares these as text (they sort as times).
+    static func text(secondsAgo seconds: Int) -> String {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        var bytes: [UInt8] = []
+        self.append(seconds: ts.tv_sec - seconds, micros: Int(ts.tv_nsec / 1000), to: &bytes)
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    private static func append(seconds: Int, micros: Int, to bytes: inout [UInt8]) {
+        var seconds = seconds
         var parts = tm()
         gmtime_r(&seconds, &parts)
         func two(_ n: Int32) { bytes.append(UInt8(48 + n / 10)); bytes.append(UInt8(48 + n % 10)) }
-        bytes.append(UInt8(ascii: "\""))
         let year = Int(parts.tm_year) + 1900
         for divisor in [1000, 100, 10, 1] { bytes.append(UInt8(48 + (year / divisor) % 10)) }
         bytes.append(UInt8(ascii: "-")); two(parts.tm_mon + 1)
@@ -86,9 +100,7 @@ enum EventTime {
         bytes.append(UInt8(ascii: ":")); two(parts.tm_min)
         bytes.append(UInt8(ascii: ":")); two(parts.tm_sec)
         bytes.append(UInt8(ascii: "."))
-        let micros = Int(ts.tv_nsec / 1000)
         for divisor in [100_000, 10_000, 1000, 100, 10, 1] { bytes.append(UInt8(48 + (micros / divisor) % 10)) }
         bytes.append(UInt8(ascii: "Z"))
-        bytes.append(UInt8(ascii: "\""))
     }
 }

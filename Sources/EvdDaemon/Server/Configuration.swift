@@ -31,6 +31,8 @@ public struct EvdConfiguration: Sendable {
     public var checkoutTimeoutMs: Int = 30_000
     /// How long in-flight requests may run once shutdown begins.
     public var shutdownGraceMs: Int = 5000
+    /// Whether and how long committed events are kept for replay.
+    public var journal = JournalSettings()
 
     public init(socketPath: String, databases: [DatabaseConfig], stateDirectory: String) {
         self.socketPath = socketPath

@@ -52,18 +52,23 @@ public final class Daemon: Service, CustomStringConvertible {
     private func serve() async throws {
         try self.prepareDirectories()
         let totalConnections = self.configuration.poolSize * self.configuration.databases.count
-        // One thread per pooled connection (a thread may block on SQLite's busy wait) and one spare.
-        let threadPool = NIOThreadPool(numberOfThreads: totalConnections + 1)
+        // One thread per pooled connection (a thread may block on SQLite's busy wait), and two for
+        // the journal's own work (custom events, replays, retention).
+        let threadPool = NIOThreadPool(numberOfThreads: totalConnections + 2)
         threadPool.start()
         let group = MultiThreadedEventLoopGroup.singleton
-        let bus = EventBus()
-        let core = DaemonCore(configuration: self.configuration, bus: bus, threadPool: threadPool, eventLoop: group.next())
+        let (journal, head) = try await self.openJournal(on: threadPool)
+        let bus = EventBus(lastSeq: head, lease: journal.lease)
+        let core = DaemonCore(
+            configuration: self.configuration, bus: bus, journal: journal.settings.enabled ? journal : nil,
+            threadPool: threadPool, eventLoop: group.next())
 
         let server: NIOAsyncChannel<any Channel, Never>
         let createdPath: String?
         do {
             (server, createdPath) = try await self.bind(group: group)
         } catch {
+            journal.close()
             try? await threadPool.shutdownGracefully()
             throw error
         }
@@ -78,6 +83,9 @@ public final class Daemon: Service, CustomStringConvertible {
 
         await withGracefulShutdownHandler {
             await withDiscardingTaskGroup { tasks in
+                if journal.settings.enabled {
+                    tasks.addTask { await self.keepRetention(journal, core: core) }
+                }
                 if let interval = Systemd.watchdogInterval(environment: self.environment) {
                     tasks.addTask {
                         while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {
@@ -106,9 +114,37 @@ public final class Daemon: Service, CustomStringConvertible {
         }
 
         for pool in core.pools.values { await pool.dispose(origin: .daemon) }
+        journal.close()
         try? await threadPool.shutdownGracefully()
         if let createdPath { unlink(createdPath) }
         self.logger.info("evd stopped")
+    }
+
+    /// Opens the journal (with `--no-journal`, only the seq lease is kept: seqs never go back) and
+    /// returns it with the last seq that may have been used.
+    private func openJournal(on threadPool: NIOThreadPool) async throws -> (Journal, head: Int64) {
+        let journal = Journal(
+            stateDirectory: self.configuration.stateDirectory, databases: self.configuration.databases,
+            settings: self.configuration.journal)
+        do {
+            let head = try await threadPool.runIfActive { try journal.open() }
+            return (journal, head)
+        } catch {
+            try? await threadPool.shutdownGracefully()
+            throw StartupError(description: "cannot open the journal in \(self.configuration.stateDirectory): \(error)")
+        }
+    }
+
+    /// Applies the journal's retention every `pruneIntervalMs` until shutdown.
+    private func keepRetention(_ journal: Journal, core: DaemonCore) async {
+        while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {
+            do {
+                try await core.threadPool.runIfActive { try journal.prune() }
+            } catch {
+                self.logger.warning("journal retention failed", metadata: ["error": "\(error)"])
+            }
+            try? await Task.sleep(for: .milliseconds(self.configuration.journal.pruneIntervalMs))
+        }
     }
 
     /// Tells every session the daemon is stopping, waits for in-flight requests (within the

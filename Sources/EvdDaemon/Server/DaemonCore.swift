@@ -44,6 +44,10 @@ struct Permissions: Sendable {
 final class DaemonCore: Sendable {
     let configuration: EvdConfiguration
     let bus: EventBus
+    /// Committed events, kept durably for replay (`nil` with `--no-journal`).
+    let journal: Journal?
+    /// Runs blocking work (SQLite) off the event loops and the cooperative pool.
+    let threadPool: NIOThreadPool
     /// The pools in `--db` order; the first is the default database.
     let pools: OrderedDictionary<String, ConnectionPool>
     let permissions: Permissions
@@ -54,16 +58,21 @@ final class DaemonCore: Sendable {
     /// Set when shutdown begins: new requests get `shutting_down`.
     let shuttingDown = Atomic<Bool>(false)
 
-    init(configuration: EvdConfiguration, bus: EventBus, threadPool: NIOThreadPool, eventLoop: any EventLoop) {
+    init(
+        configuration: EvdConfiguration, bus: EventBus, journal: Journal?, threadPool: NIOThreadPool,
+        eventLoop: any EventLoop
+    ) {
         self.configuration = configuration
         self.bus = bus
+        self.journal = journal
+        self.threadPool = threadPool
         var pools = OrderedDictionary<String, ConnectionPool>()
         for database in configuration.databases {
             pools[database.name] = ConnectionPool(
                 database: database, size: configuration.poolSize, bus: bus, threadPool: threadPool,
                 eventLoop: eventLoop, busyTimeoutMs: configuration.busyTimeoutMs,
                 checkoutTimeout: .milliseconds(Int64(configuration.checkoutTimeoutMs)),
-                vetoBudget: .milliseconds(configuration.vetoBudgetMs))
+                vetoBudget: .milliseconds(configuration.vetoBudgetMs), journal: journal)
         }
         self.pools = pools
         self.permissions = Permissions(ownerUID: getuid())

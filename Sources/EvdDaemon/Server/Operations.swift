@@ -28,7 +28,7 @@ extension Session {
             try self.require(.admin)
             return .result(self.core.statistics())
         case "subscribe":
-            return try self.subscribe(&args, id: request["id"] ?? .null)
+            return try await self.subscribe(&args, id: request["id"] ?? .null)
         case "unsubscribe":
             let subscription = try args.requiredInt("subscription")
             try args.finish()
@@ -67,10 +67,10 @@ extension Session {
         case "execution_options":
             return .result(try self.executionOptions(&args, &state))
         case "emit":
-            return .result(try self.emit(&args))
+            return .result(try await self.emit(&args))
         case "logout":
             try args.finish()
-            self.core.bus.emit(.logout, self.origin) { [:] }
+            await self.publishJournaled(.logout, [:])
             return .result([:])
         case "invalidate":
             let database = try args.string("database")
@@ -167,7 +167,7 @@ extension Session {
         return patterns
     }
 
-    private func subscribe(_ args: inout Arguments, id: JSONValue) throws -> Outcome {
+    private func subscribe(_ args: inout Arguments, id: JSONValue) async throws -> Outcome {
         let events = try args.strings("events") ?? []
         let veto = try args.strings("veto") ?? []
         let mode = try args.choice("mode", ["enforce", "dry_run"])
@@ -218,10 +218,12 @@ extension Session {
         // Registering and queueing the response happen under the bus's lock, so no event of the new
         // subscription can reach the client before the response that names it.
         let customNames = self.core.bus.customNames
+        let journal = self.core.journal
+        var replay: (subscription: Subscription, through: Int64)?
         _ = self.core.bus.subscribe(
             session: self.id, name: name, patterns: patterns, filter: filter, overflow: overflow, wantsRows: rows,
             outbox: self.outbox, veto: makeListener
-        ) { subscription, head in
+        ) { subscription, head, stable in
             var matched = EventKind.allCases.filter { subscription.kinds & (1 << UInt64($0.rawValue)) != 0 }.map(\.name)
             var seen = Set(matched)
             for custom in customNames where subscription.matches(customName: custom) && seen.insert(custom).inserted {
@@ -234,19 +236,100 @@ extension Session {
                 "veto": .array(vetoed), "seq": .int(head),
             ]
             self.outbox.enqueue(line: Self.responseLine(id: id, result: result))
-            // No journal is kept yet: everything at or before head that `since` asks for is gone.
-            if let since, since < head {
-                let gap: JSONValue = ["type": "notice", "code": "gap", "from": .int(since + 1), "to": .int(head)]
-                self.outbox.enqueue(line: gap.jsonBytes + [0x0a])
+            guard let since else { return }
+            if journal == nil {
+                // No journal is kept (`--no-journal`): everything at or before head is gone.
+                if since < head { self.outbox.enqueue(line: Self.gapLine(from: since + 1, to: head)) }
+            } else if since < stable {
+                // Events after `stable` reach the subscription live; its replay covers the rest,
+                // and its live events wait until the replay is done.
+                self.outbox.park(subscription.id, after: since)
+                replay = (subscription, stable)
             }
         }
         self.hasSubscriptions.add(1, ordering: .relaxed)
+        if let replay, let since, let journal {
+            await self.replay(replay.subscription, after: since, through: replay.through, from: journal)
+        }
         return .responded
+    }
+
+    static func gapLine(from: Int64, to: Int64) -> [UInt8] {
+        let gap: JSONValue = ["type": "notice", "code": "gap", "from": .int(from), "to": .int(to)]
+        return gap.jsonBytes + [0x0a]
+    }
+
+    /// Replays the journaled events with seq in `since+1 ... through` that `subscription` matches,
+    /// in seq order, then lets its live events (held back meanwhile) follow. What retention removed
+    /// is announced with notice `gap`. The session's next request waits for the replay; the replay
+    /// waits for the client to read (it queues a page, then waits until it is written).
+    private func replay(_ subscription: Subscription, after since: Int64, through: Int64, from journal: Journal) async {
+        defer { self.outbox.unpark(subscription.id) }
+        let pool = self.core.threadPool
+        var position = since
+        do {
+            let reader = try await pool.runIfActive { try Journal.Reader(journal, after: since, through: through) }
+            while !self.outbox.isClosing {
+                let rows = try await pool.runIfActive { try reader.next() }
+                // Retention raises the floor before it deletes: a page read before the floor moved
+                // past it may lack rows, so everything up to the floor counts as gone.
+                let floor = min(journal.floor, through)
+                if floor > position {
+                    self.outbox.enqueue(line: Self.gapLine(from: position + 1, to: floor))
+                    position = floor
+                }
+                guard !rows.isEmpty else { break }
+                var events: [QueuedEvent] = []
+                events.reserveCapacity(rows.count)
+                for row in rows where row.seq > position {
+                    if let event = Self.replayed(row, for: subscription) { events.append(event) }
+                }
+                position = max(position, rows.last!.seq)
+                self.outbox.enqueue(replayed: events)
+                await self.outbox.drained()
+            }
+        } catch {
+            self.logger.warning("replay failed", metadata: ["subscription": "\(subscription.id)", "error": "\(error)"])
+            self.outbox.enqueue(line: Self.gapLine(from: position + 1, to: through))
+        }
+    }
+
+    /// A journaled event as `subscription` receives it, or `nil` when it does not match.
+    private static func replayed(_ row: JournalRow, for subscription: Subscription) -> QueuedEvent? {
+        if let kind = EventKind(name: row.name) {
+            guard subscription.kinds & (1 << UInt64(kind.rawValue)) != 0 else { return nil }
+        } else {
+            guard subscription.matches(customName: row.name) else { return nil }
+        }
+        if !subscription.filter.isEmpty {
+            // The body is the event after `"subscription":N`: `,"session":…,"actor":…,props…}`.
+            var object: [UInt8] = [UInt8(ascii: "{")]
+            object += row.body.dropFirst()
+            guard let parsed = try? JSONValue(parsing: object), let properties = parsed.objectValue else { return nil }
+            for (key, accepted) in subscription.filter {
+                let value: JSONValue?
+                switch key {
+                case "event": value = .string(row.name)
+                case "actor": value = properties["actor"]?["id"] ?? .null
+                default: value = properties[key]
+                }
+                guard let value, accepted.contains(where: { looselyEqual($0, value) }) else { return nil }
+            }
+        }
+        var prefix: [UInt8] = Array(#"{"type":"event","seq":"#.utf8)
+        JSONWriter.appendInt(row.seq, to: &prefix)
+        prefix += Array(#","event":"#.utf8)
+        JSONWriter.appendString(row.name, to: &prefix)
+        prefix += Array(#","time":"#.utf8)
+        prefix += row.time
+        prefix += Array(#","subscription":"#.utf8)
+        let body = subscription.wantsRows ? row.imagesBody ?? row.body : row.body
+        return QueuedEvent(prefix: prefix, subscription: subscription.id, body: body, seq: row.seq)
     }
 
     // MARK: emit
 
-    private func emit(_ args: inout Arguments) throws -> JSONValue {
+    private func emit(_ args: inout Arguments) async throws -> JSONValue {
         let name = try args.requiredString("event")
         let data = try args.object("data") ?? [:]
         try args.finish()
@@ -263,7 +346,13 @@ extension Session {
             throw EvdError.badRequest(field: "data.\(key)", "'\(key)' is an envelope key and cannot be an event property")
         }
         try self.require(.emit)
-        let seq = self.core.bus.emitCustom(name: name, origin: self.origin, properties: data)
+        // A custom event is a committed event: the client's OK means it is journaled.
+        let bus = self.core.bus
+        let origin = self.origin
+        let journal = self.core.journal
+        let seq = try await self.core.threadPool.runIfActive {
+            try bus.publishJournaled(name: name, kind: nil, origin: origin, properties: data, journal: journal)
+        }
         return ["seq": .int(seq)]
     }
 

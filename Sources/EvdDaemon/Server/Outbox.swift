@@ -105,6 +105,12 @@ final class Outbox: Sendable {
         var laggedOut = false
         /// The session's watcher, waiting in `closed()`.
         var closeWatcher: CheckedContinuation<Bool, Never>?
+        /// Live events of subscriptions whose replay is running: they follow the replay.
+        var parked: [Int: Deque<QueuedEvent>] = [:]
+        /// The bytes of `parked` (part of `queuedBytes`).
+        var parkedBytes = 0
+        /// A replay waiting in `drained()` for the queue to be written.
+        var drainWaiters: [CheckedContinuation<Void, Never>] = []
     }
 
     private let state = Mutex(State())
@@ -143,7 +149,7 @@ final class Outbox: Sendable {
     func enqueue(event: QueuedEvent, policy: OverflowPolicy) -> Wakeup? {
         self.state.withLock { state -> Wakeup? in
             guard !state.closing else { return nil }
-            let queued = state.queuedEvents[event.subscription, default: 0]
+            let queued = state.queuedEvents[event.subscription, default: 0] + (state.parked[event.subscription]?.count ?? 0)
             if queued >= self.limits.maxEventsPerSubscription || state.queuedBytes + event.byteCount > self.limits.maxBytes {
                 switch policy {
                 case .disconnect:
@@ -160,6 +166,8 @@ final class Outbox: Sendable {
                     state.chunks.removeAll { if case .event = $0 { return true } else { return false } }
                     state.queuedEvents = [:]
                     state.queuedBytes = 0
+                    state.parked = [:]
+                    state.parkedBytes = 0
                     let notice: JSONValue = [
                         "type": "notice", "code": "lagged", "subscription": .integer(event.subscription), "last_seq": .int(last),
                     ]
@@ -182,6 +190,12 @@ final class Outbox: Sendable {
                 }
                 return Self.scheduleFlush(&state)
             }
+            if state.parked[event.subscription] != nil {
+                state.parked[event.subscription]!.append(event)
+                state.queuedBytes += event.byteCount
+                state.parkedBytes += event.byteCount
+                return nil
+            }
             if let record = state.drops.removeValue(forKey: event.subscription) {
                 let notice: JSONValue = [
                     "type": "notice", "code": "lagged", "subscription": .integer(event.subscription),
@@ -197,16 +211,72 @@ final class Outbox: Sendable {
         }
     }
 
+    // MARK: Replay
+
+    /// Holds `subscription`'s live events back while its replay runs; `since` counts as delivered
+    /// (what `lagged` reports if it overflows before the replay delivered anything).
+    func park(_ subscription: Int, after since: Int64) {
+        self.state.withLock { state in
+            state.parked[subscription] = []
+            state.lastDelivered[subscription] = since
+        }
+    }
+
+    /// Queues replayed events (bounded by the replay itself, which waits in `drained()`).
+    func enqueue(replayed events: [QueuedEvent]) {
+        guard !events.isEmpty else { return }
+        let wakeup = self.state.withLock { state -> Wakeup? in
+            guard !state.closing else { return nil }
+            for event in events {
+                state.chunks.append(.event(event))
+                state.queuedBytes += event.byteCount
+            }
+            self.stats.delivered.add(events.count, ordering: .relaxed)
+            return Self.scheduleFlush(&state)
+        }
+        wakeup?.resume()
+    }
+
+    /// The replay is over: the live events held back for `subscription` follow it.
+    func unpark(_ subscription: Int) {
+        let wakeup = self.state.withLock { state -> Wakeup? in
+            guard let parked = state.parked.removeValue(forKey: subscription), !parked.isEmpty else { return nil }
+            for event in parked {
+                state.chunks.append(.event(event))
+                state.parkedBytes -= event.byteCount
+            }
+            state.queuedEvents[subscription, default: 0] += parked.count
+            self.stats.delivered.add(parked.count, ordering: .relaxed)
+            return Self.scheduleFlush(&state)
+        }
+        wakeup?.resume()
+    }
+
+    /// Waits until everything queued has been handed to the connection (or the outbox closed):
+    /// a replay's backpressure.
+    func drained() async {
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let now = self.state.withLock { state -> Bool in
+                if state.closing || state.chunks.isEmpty { return true }
+                state.drainWaiters.append(continuation)
+                return false
+            }
+            if now { continuation.resume() }
+        }
+    }
+
     /// Stops accepting output; the connection closes once what is queued is written.
     func close() {
-        let (wakeup, watcher, laggedOut) = self.state.withLock { state in
+        let (wakeup, watcher, laggedOut, drainWaiters) = self.state.withLock { state in
             state.closing = true
             let watcher = state.closeWatcher
             state.closeWatcher = nil
-            return (Self.scheduleFlush(&state), watcher, state.laggedOut)
+            defer { state.drainWaiters = [] }
+            return (Self.scheduleFlush(&state), watcher, state.laggedOut, state.drainWaiters)
         }
         wakeup?.resume()
         watcher?.resume(returning: laggedOut)
+        for waiter in drainWaiters { waiter.resume() }
     }
 
     /// Waits until the outbox stops accepting output; returns whether that is because a
@@ -228,18 +298,21 @@ final class Outbox: Sendable {
     /// Takes everything queued, for the event loop's flush. Output queued after this schedules
     /// the next flush.
     func take() -> Take {
-        self.state.withLock { state in
+        let (take, drainWaiters) = self.state.withLock { state -> (Take, [CheckedContinuation<Void, Never>]) in
             state.flushScheduled = false
-            guard !state.chunks.isEmpty else { return state.closing ? .close : .idle }
+            guard !state.chunks.isEmpty else { return (state.closing ? .close : .idle, []) }
             let chunks = Array(state.chunks)
             state.chunks.removeAll(keepingCapacity: true)
             for chunk in chunks {
                 if case .event(let event) = chunk { state.lastDelivered[event.subscription] = event.seq }
             }
             state.queuedEvents.removeAll(keepingCapacity: true)
-            state.queuedBytes = 0
-            return .batch(chunks, closeAfter: state.closing)
+            state.queuedBytes = state.parkedBytes
+            defer { state.drainWaiters = [] }
+            return (.batch(chunks, closeAfter: state.closing), state.drainWaiters)
         }
+        for waiter in drainWaiters { waiter.resume() }
+        return take
     }
 
     /// Marks a flush scheduled unless one already is; returns it, to run once the caller's locks

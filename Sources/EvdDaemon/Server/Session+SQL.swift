@@ -158,12 +158,11 @@ extension Session {
                 throw error
             }
             do {
-                let database = transaction.pool.database.name
-                let committed = try await transaction.pool.run {
-                    try connection.sqlite.exec("COMMIT")
-                    return connection.capture.takeCommitted(database: database)
+                let pool = transaction.pool
+                let origin = self.origin
+                try await pool.run {
+                    try connection.commit(database: pool.database.name, origin: origin, bus: pool.bus, journal: pool.journal)
                 }
-                if !committed.isEmpty { self.core.bus.publishCommitted(committed, origin: self.origin) }
             } catch {
                 // A failed COMMIT (busy, a deferred constraint) leaves the transaction open: the
                 // client may retry or roll back. If SQLite ended it anyway, so do we.

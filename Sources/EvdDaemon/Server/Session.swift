@@ -53,7 +53,7 @@ final class Session: Sendable {
         self.channel.withLock { $0 = channel }
         self.logger.debug("session started")
         self.outbox.enqueue(line: self.helloLine())
-        self.core.bus.emit(.login, self.origin) { ["method": "peercred"] }
+        await self.publishJournaled(.login, ["method": "peercred"])
         do {
             try await channel.eventLoop.submit {
                 try channel.pipeline.syncOperations.handler(type: SessionHandler.self).attach(self)
@@ -70,8 +70,30 @@ final class Session: Sendable {
         }
         try? await channel.closeFuture.get()
         self.core.bus.unsubscribeAll(session: self.id)
-        self.core.bus.emit(.logout, self.origin) { [:] }
+        await self.publishJournaled(.logout, [:])
         self.logger.debug("session ended")
+    }
+
+    /// Publishes a committed event of the session's that belongs to no database transaction
+    /// (`login`, `logout`, custom events): journaled first, on the thread pool, then delivered.
+    /// Without a journal, it costs nothing unless someone subscribed.
+    @discardableResult
+    func publishJournaled(_ kind: EventKind?, name: String? = nil, _ properties: JSONObject) async -> Int64? {
+        let bus = self.core.bus
+        let origin = self.origin
+        let name = name ?? kind!.name
+        guard let journal = self.core.journal else {
+            if let kind, !bus.wants(kind) { return nil }
+            return bus.publish(name: name, kind: kind, origin: origin, properties: properties)
+        }
+        do {
+            return try await self.core.threadPool.runIfActive {
+                try bus.publishJournaled(name: name, kind: kind, origin: origin, properties: properties, journal: journal)
+            }
+        } catch {
+            self.logger.warning("could not journal an event", metadata: ["event": "\(name)", "error": "\(error)"])
+            return nil
+        }
     }
 
     /// The client's input ended (or the connection closed): no request or reply can come any more.

@@ -295,6 +295,16 @@ final class ChangeCapture: @unchecked Sendable {
     /// Must not run inside the hook: it runs SQL on the connection.
     func loadShapes(of names: some Sequence<String>) {
         guard self.active else { return }
+        // A deferred transaction that has read nothing yet must not read now: its snapshot would
+        // predate the write lock it is about to take, and another writer's commit in between
+        // would make its write fail with SQLITE_BUSY_SNAPSHOT. The hook records whole rows for a
+        // table whose shape it does not know; the shapes are read at commit.
+        guard sqlite3_txn_state(self.connection.handle, "main") != SQLITE_TXN_NONE else {
+            self.shapes.removeAll()
+            self.lastTable = nil
+            self.shapesSchemaVersion = -1
+            return
+        }
         let version = (try? self.connection.scalarInt("PRAGMA main.schema_version")) ?? -1
         if version != self.shapesSchemaVersion {
             self.shapes.removeAll()
@@ -319,13 +329,13 @@ final class ChangeCapture: @unchecked Sendable {
 
     // MARK: Committed events
 
-    /// The committed events of everything recorded, in order, and forgets it. Call after COMMIT.
+    /// The committed events of everything recorded, in order. Call just before COMMIT (the
+    /// events are journaled inside the transaction), and `discardAll` once it committed.
     ///
     /// Inserts a statement made directly are one `insert-rows` (or `upsert-rows`) per table, at the
     /// place of the first; updates and deletes are one event per row. A row a `REPLACE` removed to
     /// put the new row with the same key in its place is part of the insert, not a `delete-row`.
-    func takeCommitted(database: String) -> [CommittedEvent] {
-        defer { self.discardAll() }
+    func committedEvents(database: String) -> [CommittedEvent] {
         guard !self.entries.isEmpty || !self.intents.isEmpty else { return [] }
         let replacedKeys = self.replacedKeys()
         var events: [CommittedEvent] = []

@@ -30,6 +30,8 @@ public final class PooledConnection: @unchecked Sendable {
     let capture: ChangeCapture
     var queryOnly = false
     var busyTimeoutMs: Int32
+    /// The journal's insert, prepared on first commit with events.
+    var journalInsert: SQLiteStatement?
 
     init(number: Int, sqlite: SQLiteConnection, observer: AuthorizerObserver, busyTimeoutMs: Int32) {
         self.number = number
@@ -69,6 +71,8 @@ public final class ConnectionPool: Sendable {
     let defaultBusyTimeoutMs: Int32
     /// The most one operation's vetoes may take in all.
     let vetoBudget: Duration
+    /// Where committed events are journaled with their commit (`nil`: nowhere).
+    let journal: Journal?
 
     private enum WaitResult {
         case connection(PooledConnection)
@@ -104,9 +108,11 @@ public final class ConnectionPool: Sendable {
 
     init(
         database: DatabaseConfig, size: Int, bus: EventBus, threadPool: NIOThreadPool, eventLoop: any EventLoop,
-        busyTimeoutMs: Int32 = 5000, checkoutTimeout: TimeAmount = .seconds(30), vetoBudget: Duration = .seconds(5)
+        busyTimeoutMs: Int32 = 5000, checkoutTimeout: TimeAmount = .seconds(30), vetoBudget: Duration = .seconds(5),
+        journal: Journal? = nil
     ) {
         self.vetoBudget = vetoBudget
+        self.journal = journal
         self.database = database
         self.size = size
         self.bus = bus

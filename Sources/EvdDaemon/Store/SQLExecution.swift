@@ -228,7 +228,7 @@ struct SQLRun {
     /// Wraps a request: the body, `after_execute`, and the implicit transaction's end.
     func inRequest<T>(_ body: () throws(EvdError) -> (T, Int64)) throws(EvdError) -> T {
         let capture = self.connection.capture
-        capture.active = self.bus.wantsCommittedChanges || !capture.isEmpty
+        capture.active = self.pool.journal != nil || self.bus.wantsCommittedChanges || !capture.isEmpty
         capture.images = self.bus.wantsRowImages
         let value: T
         let changes: Int64
@@ -251,12 +251,12 @@ struct SQLRun {
                 throw error
             }
             do {
-                try self.sqlite.exec("COMMIT")
+                try self.connection.commit(
+                    database: self.database, origin: self.origin, bus: self.bus, journal: self.pool.journal)
             } catch {
                 self.rollback()
                 throw self.failed(error, statement: "COMMIT", parameters: .array([]))
             }
-            self.publishCommitted()
         }
         return value
     }
@@ -275,12 +275,6 @@ struct SQLRun {
         } catch {
             throw self.failed(error, statement: immediate ? "BEGIN IMMEDIATE" : "BEGIN", parameters: .array([]))
         }
-    }
-
-    /// Publishes what the transaction that just committed changed (PROTOCOL.md §6.5).
-    private func publishCommitted() {
-        let events = self.connection.capture.takeCommitted(database: self.database)
-        if !events.isEmpty { self.bus.publishCommitted(events, origin: self.origin) }
     }
 
     /// Runs one statement's `body` as one unit of captured changes, with the schema events of the

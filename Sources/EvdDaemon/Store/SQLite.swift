@@ -222,6 +222,43 @@ public final class SQLiteStatement: @unchecked Sendable {
         if rc != SQLITE_OK { throw self.connection.lastError(rc, sql: self.sql) }
     }
 
+    /// Binds an integer to parameter `index` (1-based).
+    func bind(int value: Int64, at index: Int32) throws(SQLiteError) {
+        let rc = sqlite3_bind_int64(self.handle, index, value)
+        if rc != SQLITE_OK { throw self.connection.lastError(rc, sql: self.sql) }
+    }
+
+    /// Binds text to parameter `index` (1-based).
+    func bind(text value: String, at index: Int32) throws(SQLiteError) {
+        let rc = sqlite3_bind_text64(
+            self.handle, index, value, UInt64(value.utf8.count), evd_sqlite_transient(), UInt8(SQLITE_UTF8))
+        if rc != SQLITE_OK { throw self.connection.lastError(rc, sql: self.sql) }
+    }
+
+    /// Binds bytes as a blob (`nil`: NULL) to parameter `index` (1-based).
+    func bind(blob value: [UInt8]?, at index: Int32) throws(SQLiteError) {
+        let rc: Int32
+        if let value {
+            rc = value.withUnsafeBytes { raw in
+                sqlite3_bind_blob64(self.handle, index, raw.baseAddress, UInt64(raw.count), evd_sqlite_transient())
+            }
+        } else {
+            rc = sqlite3_bind_null(self.handle, index)
+        }
+        if rc != SQLITE_OK { throw self.connection.lastError(rc, sql: self.sql) }
+    }
+
+    /// Column `index` of the current row as an integer.
+    func int(at index: Int32) -> Int64 { sqlite3_column_int64(self.handle, index) }
+
+    /// Column `index` of the current row as raw bytes (text or blob); `nil` for NULL.
+    func bytes(at index: Int32) -> [UInt8]? {
+        guard sqlite3_column_type(self.handle, index) != SQLITE_NULL else { return nil }
+        let count = Int(sqlite3_column_bytes(self.handle, index))
+        guard count > 0, let blob = sqlite3_column_blob(self.handle, index) else { return [] }
+        return Array(UnsafeRawBufferPointer(start: blob, count: count))
+    }
+
     /// Advances to the next row: `true` for a row, `false` when done.
     public func step() throws(SQLiteError) -> Bool {
         let rc = sqlite3_step(self.handle)

@@ -1,0 +1,402 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CSQLite
+import EvdClient
+import Synchronization
+
+/// How the journal keeps committed events (PROTOCOL.md §5; `evd --journal-*`).
+public struct JournalSettings: Sendable {
+    /// Whether committed events are journaled at all (`--no-journal` turns it off: then `since`
+    /// can replay nothing and gets notice `gap`).
+    public var enabled = true
+    /// Keep at least the newest this many journaled events; 0: no limit by count.
+    public var keepEvents = 1_000_000
+    /// Drop journaled events older than this many seconds; 0: no limit by age.
+    public var keepSeconds = 7 * 86_400
+    /// How often retention runs, in milliseconds.
+    public var pruneIntervalMs = 1000
+
+    public init() {}
+}
+
+/// A committed event ready to be journaled and published: its bytes are made once, for both.
+struct JournalEntry: Sendable {
+    let name: String
+    let kind: EventKind?
+    let origin: EventOrigin
+    /// For `where` filters of live subscribers.
+    let properties: JSONObject
+    /// The event after its envelope's subscription number (`EventBus.body`).
+    let body: [UInt8]
+    /// The same with the row images, for `rows: true` subscribers.
+    let imagesBody: [UInt8]?
+}
+
+/// One journaled event read back for a replay.
+struct JournalRow: Sendable {
+    let seq: Int64
+    let name: String
+    /// The event's time, quoted, as the envelope writes it.
+    let time: [UInt8]
+    let body: [UInt8]
+    let imagesBody: [UInt8]?
+}
+
+/// The journal: every committed event, stored durably with the commit that caused it (PROTOCOL.md §5).
+///
+/// **Where events live.** A database's committed events (the Datasette family) go into the table
+/// `_evd_journal` of that database, written inside the transaction that made the changes, just
+/// before its COMMIT: SQLite makes both durable together or neither, so a kill -9 at any moment
+/// leaves no committed change without its events and no event for work that did not commit.
+/// Events that belong to no database transaction (custom events, `login`, `logout`,
+/// `create-token`) go into `_evd_journal` of the daemon's own state database
+/// (`STATE_DIR/journal.db`), committed before the client gets its answer.
+///
+/// **Seqs.** A transaction's events get their seqs just before COMMIT (`EventBus.reserve`) and are
+/// published after it; meanwhile later events are held back, so every subscription still receives
+/// seqs in order. Seqs never go back across restarts: the state database keeps a lease — the
+/// daemon hands out seqs only below a persisted bound, raised in large steps — and a restart
+/// continues from that bound.
+///
+/// **Retention** keeps the newest `keepEvents` and drops those older than `keepSeconds`. The
+/// highest seq it may have dropped (the floor) is persisted before anything is deleted, so a
+/// replay that asks for what is gone gets notice `gap`, never a silent hole.
+public final class Journal: Sendable {
+    /// The table, in each database and in the state database.
+    static let table = "_evd_journal"
+    static let createSQL = """
+        CREATE TABLE IF NOT EXISTS _evd_journal (
+          seq INTEGER PRIMARY KEY,
+          event TEXT NOT NULL,
+          time TEXT NOT NULL,
+          body BLOB NOT NULL,
+          images BLOB
+        )
+        """
+    static let insertSQL = "INSERT INTO _evd_journal (seq, event, time, body, images) VALUES (?, ?, ?, ?, ?)"
+
+    /// A journal to read and prune: a database's, or the state database's (`database` nil).
+    struct Source: Sendable {
+        let database: String?
+        let path: String
+    }
+
+    let settings: JournalSettings
+    let sources: [Source]
+    private let statePath: String
+    /// The state database: its meta table (lease, floor) and its journal.
+    private let state: Mutex<SQLiteConnection?> = Mutex(nil)
+    /// Connections for retention's deletes, one per source, opened on first use.
+    private let maintenance: Mutex<[String: SQLiteConnection]> = Mutex([:])
+    /// The highest seq retention may have removed.
+    private let floorValue = Atomic<Int64>(0)
+    let lease: SeqLease
+
+    /// The journal of the daemon's databases, its own in `stateDirectory`.
+    public init(stateDirectory: String, databases: [DatabaseConfig], settings: JournalSettings) {
+        self.settings = settings
+        self.statePath = stateDirectory + "/journal.db"
+        var sources = [Source(database: nil, path: self.statePath)]
+        for database in databases where database.path != ":memory:" && !database.path.contains("mode=memory") {
+            sources.append(Source(database: database.name, path: database.path))
+        }
+        self.sources = sources
+        self.lease = SeqLease()
+    }
+
+    /// The highest seq that retention may have removed: a replay from below it has a gap.
+    var floor: Int64 { self.floorValue.load(ordering: .acquiring) }
+
+    // MARK: Opening
+
+    /// Opens the state database and every database's journal table (creating them), and returns
+    /// the last seq that may have been handed out: the daemon continues after it.
+    func open() throws(SQLiteError) -> Int64 {
+        let state = try SQLiteConnection(path: self.statePath, flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)
+        try state.exec("PRAGMA journal_mode = wal; PRAGMA synchronous = normal")
+        try state.exec("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
+        try state.exec(Self.createSQL)
+        let leased = try state.scalarInt("SELECT value FROM meta WHERE key = 'seq_lease'") ?? 0
+        let floor = try state.scalarInt("SELECT value FROM meta WHERE key = 'journal_floor'") ?? 0
+        var head = max(leased, floor)
+        if self.settings.enabled {
+            for source in self.sources {
+                let connection = source.database == nil ? state : try self.maintenanceConnection(source)
+                if source.database != nil { try connection.exec(Self.createSQL) }
+                head = max(head, try connection.scalarInt("SELECT max(seq) FROM _evd_journal") ?? 0)
+            }
+        }
+        self.floorValue.store(floor, ordering: .releasing)
+        self.state.withLock { $0 = state }
+        self.lease.start(after: head) { end throws(SQLiteError) in try self.setMeta("seq_lease", end) }
+        try self.setMeta("seq_lease", self.lease.end)
+        return head
+    }
+
+    /// Closes the journal's own connections, checkpointing the state database's WAL.
+    func close() {
+        self.state.withLock { state in
+            try? state?.exec("PRAGMA wal_checkpoint(TRUNCATE)")
+            state = nil
+        }
+        self.maintenance.withLock { $0.removeAll() }
+    }
+
+    private func setMeta(_ key: String, _ value: Int64) throws(SQLiteError) {
+        try self.state.withLock { state throws(SQLiteError) in
+            guard let state else { return }
+            try state.exec("INSERT INTO meta (key, value) VALUES ('\(key)', \(value)) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+        }
+    }
+
+    private func maintenanceConnection(_ source: Source) throws(SQLiteError) -> SQLiteConnection {
+        if let connection = self.maintenance.withLock({ $0[source.path] }) { return connection }
+        let connection = try SQLiteConnection(
+            path: source.path, flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI)
+        connection.setBusyTimeout(milliseconds: 5000)
+        try connection.exec("PRAGMA journal_mode = wal; PRAGMA synchronous = normal")
+        self.maintenance.withLock { $0[source.path] = connection }
+        return connection
+    }
+
+    // MARK: Writing
+
+    /// Writes `entries` with consecutive seqs from `first` through `insert` (a prepared `insertSQL`
+    /// on the connection whose transaction they belong to).
+    static func write(
+        _ entries: [JournalEntry], first: Int64, time: String, using insert: SQLiteStatement
+    ) throws(SQLiteError) {
+        for (offset, entry) in entries.enumerated() {
+            insert.reset()
+            try insert.bind(int: first + Int64(offset), at: 1)
+            try insert.bind(text: entry.name, at: 2)
+            try insert.bind(text: time, at: 3)
+            try insert.bind(blob: entry.body, at: 4)
+            try insert.bind(blob: entry.imagesBody, at: 5)
+            _ = try insert.step()
+        }
+    }
+
+    /// Journals events that belong to no database transaction in the state database, durably,
+    /// before they are published.
+    func appendToState(_ entries: [JournalEntry], _ reservation: SeqReservation) throws(SQLiteError) {
+        try self.state.withLock { state throws(SQLiteError) in
+            guard let state else { throw SQLiteError(code: SQLITE_MISUSE, message: "the journal is closed") }
+            try state.exec("BEGIN IMMEDIATE")
+            do throws(SQLiteError) {
+                guard let insert = try state.prepare(SQLText(Self.insertSQL), from: 0) else { return }
+                try Self.write(entries, first: reservation.first, time: reservation.timeText, using: insert)
+                try state.exec("COMMIT")
+            } catch {
+                try? state.exec("ROLLBACK")
+                throw error
+            }
+        }
+    }
+
+    // MARK: Reading
+
+    /// Reads journaled events in seq order, merged from every source, for one replay.
+    ///
+    /// `@unchecked Sendable`: a replay uses its reader from one task, one page at a time.
+    final class Reader: @unchecked Sendable {
+        private var cursors: [(connection: SQLiteConnection, statement: SQLiteStatement, buffer: [JournalRow], done: Bool)] = []
+        private var position: Int64
+        private let through: Int64
+
+        /// Reads the events with seq in `after+1 ... through`.
+        init(_ journal: Journal, after: Int64, through: Int64) throws(SQLiteError) {
+            self.position = after
+            self.through = through
+            for source in journal.sources {
+                let connection = try SQLiteConnection(
+                    path: source.path, flags: SQLITE_OPEN_READONLY | SQLITE_OPEN_URI)
+                let sql = "SELECT seq, event, time, body, images FROM _evd_journal WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT 2048"
+                guard let statement = try? connection.prepare(SQLText(sql), from: 0) else { continue }  // no journal there yet
+                self.cursors.append((connection, statement, [], false))
+            }
+        }
+
+        /// The next events in seq order (at most about `limit`), empty when the replay is complete.
+        func next(limit: Int = 2048) throws(SQLiteError) -> [JournalRow] {
+            for index in self.cursors.indices where self.cursors[index].buffer.isEmpty && !self.cursors[index].done {
+                try self.fill(index)
+            }
+            var rows: [JournalRow] = []
+            while rows.count < limit {
+                var best: Int?
+                for index in self.cursors.indices {
+                    guard let head = self.cursors[index].buffer.first else {
+                        if !self.cursors[index].done { best = nil; break }  // refill before choosing
+                        continue
+                    }
+                    if best == nil || head.seq < self.cursors[best!].buffer.first!.seq { best = index }
+                }
+                guard let chosen = best else { break }
+                let row = self.cursors[chosen].buffer.removeFirst()
+                self.position = row.seq
+                rows.append(row)
+            }
+            return rows
+        }
+
+        /// Reads the next page of source `index` after the position.
+        private func fill(_ index: Int) throws(SQLiteError) {
+            let statement = self.cursors[index].statement
+            statement.reset()
+            let after = self.cursors[index].buffer.last?.seq ?? self.position
+            try statement.bind(int: after, at: 1)
+            try statement.bind(int: self.through, at: 2)
+            var rows: [JournalRow] = []
+            while try statement.step() {
+                var time: [UInt8] = [UInt8(ascii: "\"")]
+                time += statement.bytes(at: 2) ?? []
+                time.append(UInt8(ascii: "\""))
+                rows.append(
+                    JournalRow(
+                        seq: statement.int(at: 0), name: String(decoding: statement.bytes(at: 1) ?? [], as: UTF8.self),
+                        time: time, body: statement.bytes(at: 3) ?? [], imagesBody: statement.bytes(at: 4)))
+            }
+            statement.reset()
+            self.cursors[index].buffer = rows
+            self.cursors[index].done = rows.count < 2048
+        }
+    }
+
+    // MARK: Retention
+
+    /// Drops what retention no longer keeps: first the floor is raised (durably), then the rows
+    /// at or below it are deleted, in small transactions so that writers are not held up.
+    /// Called from one task at a time (the daemon's retention loop).
+    func prune() throws(SQLiteError) {
+        guard self.settings.enabled, self.settings.keepEvents > 0 || self.settings.keepSeconds > 0 else { return }
+        var cutoff: Int64 = 0
+        for source in self.sources {
+            try self.withConnection(source) { connection throws(SQLiteError) in
+                if self.settings.keepEvents > 0 {
+                    let nth = try connection.scalarInt(
+                        "SELECT seq FROM _evd_journal ORDER BY seq DESC LIMIT 1 OFFSET \(self.settings.keepEvents)")
+                    cutoff = max(cutoff, nth ?? 0)
+                }
+                if self.settings.keepSeconds > 0 {
+                    let before = EventTime.text(secondsAgo: self.settings.keepSeconds)
+                    let old = try connection.scalarInt("SELECT max(seq) FROM _evd_journal WHERE time < '\(before)'")
+                    cutoff = max(cutoff, old ?? 0)
+                }
+            }
+        }
+        guard cutoff > self.floor else { return }
+        try self.setMeta("journal_floor", cutoff)
+        self.floorValue.store(cutoff, ordering: .releasing)
+        for source in self.sources {
+            try self.withConnection(source) { connection throws(SQLiteError) in
+                repeat {
+                    try connection.exec(
+                        "DELETE FROM _evd_journal WHERE seq IN (SELECT seq FROM _evd_journal WHERE seq <= \(cutoff) ORDER BY seq LIMIT 10000)")
+                } while connection.changes == 10_000
+            }
+        }
+    }
+
+    /// Runs `body` with a writable connection to `source`: the state database's own (under its
+    /// lock), or the source's maintenance connection (only retention uses those, from one task).
+    private func withConnection(_ source: Source, _ body: (SQLiteConnection) throws(SQLiteError) -> Void) throws(SQLiteError) {
+        if source.database == nil {
+            try self.state.withLock { state throws(SQLiteError) in
+                guard let state else { return }
+                try body(state)
+            }
+        } else {
+            try body(try self.maintenanceConnection(source))
+        }
+    }
+}
+
+/// The seqs of a group of journaled events, handed out before their commit (`EventBus.reserve`).
+struct SeqReservation: Sendable {
+    let first: Int64
+    let count: Int
+    /// The events' time, quoted, as the envelope writes it.
+    let time: [UInt8]
+
+    var last: Int64 { self.first + Int64(self.count) - 1 }
+    /// The time without its quotes, as the journal stores it.
+    var timeText: String { String(decoding: self.time.dropFirst().dropLast(), as: UTF8.self) }
+}
+
+/// The persisted bound below which seqs are handed out, so that a restart never reuses one.
+///
+/// The bound is raised in steps of `block` when half of the step is used; only the thread that
+/// crosses the half-way mark writes (once per `block / 2` seqs), and everyone else goes on.
+final class SeqLease: Sendable {
+    static let block: Int64 = 1 << 24
+    private let endValue = Atomic<Int64>(Int64.max)
+    private let persist = Mutex<(@Sendable (Int64) throws(SQLiteError) -> Void)?>(nil)
+
+    /// The current bound.
+    var end: Int64 { self.endValue.load(ordering: .relaxed) }
+
+    /// Starts leasing after `head`, persisting each new bound with `persist`.
+    func start(after head: Int64, persist: @escaping @Sendable (Int64) throws(SQLiteError) -> Void) {
+        self.endValue.store(head + Self.block, ordering: .relaxed)
+        self.persist.withLock { $0 = persist }
+    }
+
+    /// Makes sure the bound stays well above `seq`: a load and a compare, except once per half block.
+    @inline(__always)
+    func cover(_ seq: Int64) {
+        guard seq + Self.block / 2 > self.endValue.load(ordering: .relaxed) else { return }
+        self.raise(above: seq)
+    }
+
+    private func raise(above seq: Int64) {
+        self.persist.withLock { persist in
+            guard let persist, seq + Self.block / 2 > self.endValue.load(ordering: .relaxed) else { return }
+            let end = seq + Self.block
+            // A failed write keeps the old bound: the next event tries again.
+            if (try? persist(end)) != nil { self.endValue.store(end, ordering: .relaxed) }
+        }
+    }
+}
+
+extension PooledConnection {
+    /// COMMITs the open transaction with its committed events: journaled inside the transaction
+    /// (when the journal is on), then published once the COMMIT succeeded. On a failed COMMIT
+    /// that leaves the transaction open (busy, a deferred constraint), the journal rows are taken
+    /// back out and the captured changes stay, so the client may retry.
+    func commit(database: String, origin: EventOrigin, bus: EventBus, journal: Journal?) throws(SQLiteError) {
+        let events = self.capture.committedEvents(database: database)
+        guard let journal, journal.settings.enabled, !events.isEmpty else {
+            try self.sqlite.exec("COMMIT")
+            self.capture.discardAll()
+            if !events.isEmpty { bus.publishCommitted(events, origin: origin) }
+            return
+        }
+        let entries = events.map { bus.entry(for: $0, origin: origin) }
+        let reservation = bus.reserve(entries.count)
+        // The journal's own rows are not changes of the client's.
+        let recording = self.capture.active
+        self.capture.active = false
+        defer { self.capture.active = recording }
+        do {
+            if self.journalInsert == nil {
+                try self.sqlite.exec(Journal.createSQL)  // a database created after start-up
+                self.journalInsert = try self.sqlite.prepare(SQLText(Journal.insertSQL), from: 0)
+            }
+            try Journal.write(entries, first: reservation.first, time: reservation.timeText, using: self.journalInsert!)
+            try self.sqlite.exec("COMMIT")
+        } catch {
+            if self.sqlite.inTransaction {
+                try? self.sqlite.exec(
+                    "DELETE FROM _evd_journal WHERE seq BETWEEN \(reservation.first) AND \(reservation.last)")
+            }
+            bus.cancel(reservation)
+            throw error
+        }
+        self.capture.discardAll()
+        bus.complete(reservation, entries)
+    }
+}
