@@ -50,6 +50,18 @@ struct Evd: AsyncParsableCommand {
     @Option(help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
 
+    @Flag(help: "Do not journal committed events (subscribe with since can then replay nothing).")
+    var noJournal = false
+
+    @Flag(help: "Journal row images only while a rows: true subscription exists (cheaper writes; replays may lack rows).")
+    var noJournalRows = false
+
+    @Option(help: "Keep at least the newest N journaled events (0: no limit by count).")
+    var journalKeepEvents: Int = 1_000_000
+
+    @Option(help: "Drop journaled events older than this many seconds (0: no limit by age).")
+    var journalKeepSeconds: Int = 7 * 86_400
+
     func validate() throws {
         guard (1...256).contains(self.poolSize) else { throw ValidationError("--pool-size must be between 1 and 256") }
         guard UInt32(self.socketMode, radix: 8).map({ $0 <= 0o777 }) == true else {
@@ -58,6 +70,8 @@ struct Evd: AsyncParsableCommand {
         guard self.maxLineBytes >= 1024 else { throw ValidationError("--max-line-bytes must be at least 1024") }
         guard (1...600_000).contains(self.vetoBudgetMs) else { throw ValidationError("--veto-budget-ms must be between 1 and 600000") }
         guard self.maxConnections >= 1 else { throw ValidationError("--max-connections must be at least 1") }
+        guard self.journalKeepEvents >= 0 else { throw ValidationError("--journal-keep-events must be 0 or more") }
+        guard self.journalKeepSeconds >= 0 else { throw ValidationError("--journal-keep-seconds must be 0 or more") }
         guard Logger.Level(rawValue: self.logLevel) != nil else {
             throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
         }
@@ -102,6 +116,10 @@ struct Evd: AsyncParsableCommand {
         configuration.maxLineBytes = self.maxLineBytes
         configuration.vetoBudgetMs = self.vetoBudgetMs
         configuration.maxSessions = self.maxConnections
+        configuration.journal.enabled = !self.noJournal
+        configuration.journal.rowImages = !self.noJournalRows
+        configuration.journal.keepEvents = self.journalKeepEvents
+        configuration.journal.keepSeconds = self.journalKeepSeconds
 
         signal(SIGPIPE, SIG_IGN)
         let daemon = Daemon(configuration: configuration, logger: logger, environment: environment)

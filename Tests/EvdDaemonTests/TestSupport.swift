@@ -51,34 +51,44 @@ func withStoppableDaemon<T: Sendable>(
     _ body: @Sendable (RunningDaemon, _ stop: @Sendable () async -> Void) async throws -> T
 ) async throws -> T {
     try await withTemporaryDirectory { directory in
-        var configuration = EvdConfiguration(
-            socketPath: directory + "/evd.sock",
-            databases: [DatabaseConfig(name: "main", path: directory + "/main.db")],
-            stateDirectory: directory + "/state")
-        configuration.poolSize = 4
-        configure(&configuration)
-        let logger = Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() })
-        let daemon = Daemon(configuration: configuration, logger: logger)
-        let group = ServiceGroup(services: [daemon], logger: logger)
-        let running = RunningDaemon(socketPath: configuration.socketPath, directory: directory, configuration: configuration)
-        return try await withThrowingTaskGroup(of: T?.self) { tasks in
-            tasks.addTask {
-                try await group.run()
-                return nil
-            }
-            try await daemon.waitUntilReady()
-            let result: T
-            do {
-                result = try await body(running) { await group.triggerGracefulShutdown() }
-            } catch {
-                await group.triggerGracefulShutdown()
-                try? await tasks.waitForAll()
-                throw error
-            }
-            await group.triggerGracefulShutdown()
-            try await tasks.waitForAll()
-            return result
+        try await withDaemon(in: directory, configure: configure, body)
+    }
+}
+
+/// Runs a real evd whose socket, database and state live in `directory`: a later daemon started
+/// on the same directory finds the same files (restart tests).
+func withDaemon<T: Sendable>(
+    in directory: String,
+    configure: (inout EvdConfiguration) -> Void = { _ in },
+    _ body: @Sendable (RunningDaemon, _ stop: @Sendable () async -> Void) async throws -> T
+) async throws -> T {
+    var configuration = EvdConfiguration(
+        socketPath: directory + "/evd.sock",
+        databases: [DatabaseConfig(name: "main", path: directory + "/main.db")],
+        stateDirectory: directory + "/state")
+    configuration.poolSize = 4
+    configure(&configuration)
+    let logger = Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() })
+    let daemon = Daemon(configuration: configuration, logger: logger)
+    let group = ServiceGroup(services: [daemon], logger: logger)
+    let running = RunningDaemon(socketPath: configuration.socketPath, directory: directory, configuration: configuration)
+    return try await withThrowingTaskGroup(of: T?.self) { tasks in
+        tasks.addTask {
+            try await group.run()
+            return nil
         }
+        try await daemon.waitUntilReady()
+        let result: T
+        do {
+            result = try await body(running) { await group.triggerGracefulShutdown() }
+        } catch {
+            await group.triggerGracefulShutdown()
+            try? await tasks.waitForAll()
+            throw error
+        }
+        await group.triggerGracefulShutdown()
+        try await tasks.waitForAll()
+        return result
     }
 }
 

@@ -18,6 +18,11 @@ public struct JournalSettings: Sendable {
     public var keepSeconds = 7 * 86_400
     /// How often retention runs, in milliseconds.
     public var pruneIntervalMs = 1000
+    /// Whether row images are journaled with every change (`--no-journal-rows` turns it off):
+    /// then a `rows: true` subscriber that replays gets them even for changes made while nobody
+    /// asked for them — what a cache rebuilt from the journal needs. Off, changes record only
+    /// their keys unless a `rows: true` subscription exists at the time.
+    public var rowImages = true
 
     public init() {}
 }
@@ -73,10 +78,10 @@ public final class Journal: Sendable {
           event TEXT NOT NULL,
           time TEXT NOT NULL,
           body BLOB NOT NULL,
-          images BLOB
+          plain INTEGER
         )
         """
-    static let insertSQL = "INSERT INTO _evd_journal (seq, event, time, body, images) VALUES (?, ?, ?, ?, ?)"
+    static let insertSQL = "INSERT INTO _evd_journal (seq, event, time, body, plain) VALUES (?, ?, ?, ?, ?)"
 
     /// A journal to read and prune: a database's, or the state database's (`database` nil).
     struct Source: Sendable {
@@ -174,8 +179,15 @@ public final class Journal: Sendable {
             try insert.bind(int: first + Int64(offset), at: 1)
             try insert.bind(text: entry.name, at: 2)
             try insert.bind(text: time, at: 3)
-            try insert.bind(blob: entry.body, at: 4)
-            try insert.bind(blob: entry.imagesBody, at: 5)
+            // With images, the body with them is stored, and the length of the one without: that
+            // one is the same bytes up to its closing `}` (see `EventBus.body`).
+            if let images = entry.imagesBody {
+                try insert.bind(blob: images, at: 4)
+                try insert.bind(int: Int64(entry.body.count), at: 5)
+            } else {
+                try insert.bind(blob: entry.body, at: 4)
+                try insert.bind(blob: nil, at: 5)
+            }
             _ = try insert.step()
         }
     }
@@ -214,7 +226,7 @@ public final class Journal: Sendable {
             for source in journal.sources {
                 let connection = try SQLiteConnection(
                     path: source.path, flags: SQLITE_OPEN_READONLY | SQLITE_OPEN_URI)
-                let sql = "SELECT seq, event, time, body, images FROM _evd_journal WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT 2048"
+                let sql = "SELECT seq, event, time, body, plain FROM _evd_journal WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT 2048"
                 guard let statement = try? connection.prepare(SQLText(sql), from: 0) else { continue }  // no journal there yet
                 self.cursors.append((connection, statement, [], false))
             }
@@ -255,10 +267,17 @@ public final class Journal: Sendable {
                 var time: [UInt8] = [UInt8(ascii: "\"")]
                 time += statement.bytes(at: 2) ?? []
                 time.append(UInt8(ascii: "\""))
+                let stored = statement.bytes(at: 3) ?? []
+                var body = stored
+                var imagesBody: [UInt8]?
+                if !statement.isNull(at: 4), case let plain = Int(statement.int(at: 4)), plain >= 2, plain <= stored.count {
+                    imagesBody = stored
+                    body = Array(stored[..<(plain - 2)]) + [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+                }
                 rows.append(
                     JournalRow(
                         seq: statement.int(at: 0), name: String(decoding: statement.bytes(at: 1) ?? [], as: UTF8.self),
-                        time: time, body: statement.bytes(at: 3) ?? [], imagesBody: statement.bytes(at: 4)))
+                        time: time, body: body, imagesBody: imagesBody))
             }
             statement.reset()
             self.cursors[index].buffer = rows

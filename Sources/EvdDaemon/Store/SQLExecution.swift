@@ -229,7 +229,7 @@ struct SQLRun {
     func inRequest<T>(_ body: () throws(EvdError) -> (T, Int64)) throws(EvdError) -> T {
         let capture = self.connection.capture
         capture.active = self.pool.journal != nil || self.bus.wantsCommittedChanges || !capture.isEmpty
-        capture.images = self.bus.wantsRowImages
+        capture.images = self.bus.wantsRowImages || self.pool.journal?.settings.rowImages == true
         let value: T
         let changes: Int64
         do {
@@ -313,6 +313,11 @@ struct SQLRun {
         do {
             statement = try self.sqlite.prepare(sql, from: offset)
         } catch {
+            if let table = observer.protectedTable {
+                throw EvdError(
+                    .permissionDenied, "\(table) is evd's journal: clients may read it but not change it",
+                    extra: ["table": .string(table)])
+            }
             if let pragma = observer.setExecutionOptionPragma {
                 throw EvdError.badRequest(
                     field: "sql", "PRAGMA \(pragma) cannot be set in SQL: it is an execution option (use the execution_options op)")

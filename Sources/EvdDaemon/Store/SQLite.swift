@@ -248,6 +248,9 @@ public final class SQLiteStatement: @unchecked Sendable {
         if rc != SQLITE_OK { throw self.connection.lastError(rc, sql: self.sql) }
     }
 
+    /// Whether column `index` of the current row is NULL.
+    func isNull(at index: Int32) -> Bool { sqlite3_column_type(self.handle, index) == SQLITE_NULL }
+
     /// Column `index` of the current row as an integer.
     func int(at index: Int32) -> Int64 { sqlite3_column_int64(self.handle, index) }
 
@@ -329,6 +332,8 @@ public final class AuthorizerObserver: @unchecked Sendable {
     public var writtenTables: Set<String> = []
     /// The schema changes of the main database a statement being prepared makes.
     public var schemaActions: [SchemaAction] = []
+    /// A table of evd's own (`_evd_journal`) that client SQL tried to change: denied.
+    public var protectedTable: String?
 
     /// Forgets what the last prepare recorded.
     func clearStatementRecord() {
@@ -336,6 +341,19 @@ public final class AuthorizerObserver: @unchecked Sendable {
         self.setExecutionOptionPragma = nil
         if !self.writtenTables.isEmpty { self.writtenTables.removeAll() }
         if !self.schemaActions.isEmpty { self.schemaActions.removeAll() }
+        self.protectedTable = nil
+    }
+
+    /// The table an action changes (its rows, its schema, its indexes or triggers), if any.
+    static func changedTable(
+        _ action: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?
+    ) -> UnsafePointer<CChar>? {
+        switch action {
+        case SQLITE_INSERT, SQLITE_UPDATE, SQLITE_DELETE, SQLITE_DROP_TABLE, SQLITE_DROP_TEMP_TABLE: return first
+        case SQLITE_ALTER_TABLE, SQLITE_CREATE_INDEX, SQLITE_CREATE_TRIGGER, SQLITE_DROP_INDEX, SQLITE_DROP_TRIGGER:
+            return second
+        default: return nil
+        }
     }
 
     /// Pragmas that back execution options (`query_only`, `busy_timeout_ms`).
@@ -349,6 +367,11 @@ public final class AuthorizerObserver: @unchecked Sendable {
         _ action: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?, _ database: UnsafePointer<CChar>?
     ) -> Int32 {
         if action == SQLITE_TRANSACTION || action == SQLITE_SAVEPOINT { self.sawTransactionControl = true }
+        if self.preparingClientSQL, let table = Self.changedTable(action, first, second), strncmp(table, "_evd_", 5) == 0 {
+            // The journal is evd's record of what committed: clients may read it, never change it.
+            self.protectedTable = String(cString: table)
+            return SQLITE_DENY
+        }
         if self.preparingClientSQL, let first {
             let inMain = database.map { strcmp($0, "main") == 0 } ?? false
             switch action {

@@ -1,0 +1,247 @@
+import EvdClient
+import Foundation
+import Testing
+
+@testable import EvdDaemon
+
+/// An event without its subscription number: what a replay must reproduce byte for byte.
+private func withoutSubscription(_ event: JSONObject) -> JSONObject {
+    var event = event
+    event.removeValue(forKey: "subscription")
+    return event
+}
+
+/// The events of a subscription that follow its response, with any notices among them, until
+/// `count` events arrived (or nothing more comes within `seconds`).
+private func collect(_ evd: EvdConnection, events count: Int, within seconds: Double = 20) async -> (
+    events: [JSONObject], notices: [JSONObject]
+) {
+    var events: [JSONObject] = []
+    var notices: [JSONObject] = []
+    while events.count < count, let message = await evd.nextMessage(ofType: nil, within: seconds) {
+        switch message["type"]?.stringValue {
+        case "event": events.append(message)
+        case "notice": notices.append(message)
+        default: break
+        }
+    }
+    return (events, notices)
+}
+
+extension EvdConnection {
+    /// The next message of any type (`type` nil) within `seconds`.
+    fileprivate func nextMessage(ofType type: String?, within seconds: Double) async -> JSONObject? {
+        guard let type else {
+            return await withTaskGroup(of: JSONObject?.self) { group in
+                group.addTask { await self.nextMessage() }
+                group.addTask {
+                    try? await Task.sleep(for: .seconds(seconds))
+                    return nil
+                }
+                let first = await group.next() ?? nil
+                group.cancelAll()
+                return first
+            }
+        }
+        return await self.nextMessage(ofType: type, within: seconds)
+    }
+}
+
+@Suite("Journal and replay")
+struct JournalTests {
+    @Test("committed events survive a restart: since 0 replays them as they were delivered, and seqs go on above them")
+    func replayAfterRestart() async throws {
+        try await withTemporaryDirectory { directory in
+            let names = ["insert-rows", "update-row", "delete-row", "create-table", "app.*"]
+            let live: [JSONObject] = try await withDaemon(in: directory) { daemon, _ in
+                try await daemon.withClient { evd in
+                    _ = try await subscribeEvents(evd, names)
+                    try await evd.request("execute", ["sql": "create table dogs(id integer primary key, name text)"])
+                    try await evd.request("execute", ["sql": "insert into dogs(name) values ('Rex'), ('Fido')"])
+                    try await evd.request("execute", ["sql": "update dogs set name = upper(name)"])
+                    try await evd.request("execute", ["sql": "delete from dogs where id = 1"])
+                    try await evd.request("emit", ["event": "app.deployed", "data": ["version": 3]])
+                    return try await collectEvents(evd, until: "app.deployed")
+                }
+            }
+            #expect(
+                live.map { $0["event"] } == [
+                    "create-table", "insert-rows", "update-row", "update-row", "delete-row", "app.deployed",
+                ])
+            let lastSeq = try #require(live.last?["seq"]?.intValue)
+            try await withDaemon(in: directory) { daemon, _ in
+                try await daemon.withClient { evd in
+                    #expect((evd.hello["seq"]?.intValue ?? 0) >= lastSeq)
+                    _ = try await subscribeEvents(evd, names, ["since": 0])
+                    let replayed = try await collectEvents(evd, until: "app.deployed")
+                    #expect(replayed.map(withoutSubscription) == live.map(withoutSubscription))
+                    try await evd.request("emit", ["event": "app.after"])
+                    let after = try #require(await evd.nextMessage(ofType: "event"))
+                    #expect(after["event"] == "app.after")
+                    #expect((after["seq"]?.intValue ?? 0) > lastSeq)
+                }
+            }
+        }
+    }
+
+    @Test("since replays exactly what follows it, then goes live: no gap and no duplicate while a writer is busy")
+    func replayThenLiveUnderWrites() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.request("execute", ["sql": "create table t(id integer primary key, n integer)"])
+            let writes = 300
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    try await daemon.withClient { writer in
+                        for n in 0..<writes {
+                            try await writer.request("execute", ["sql": "insert into t(n) values (?)", "params": [.integer(n)]])
+                        }
+                    }
+                }
+                // Subscribe once the writer is well under way, so the replay and live events meet.
+                let deadline = ContinuousClock.now + .seconds(60)
+                while ContinuousClock.now < deadline {
+                    let count = try await daemon.request("execute", ["sql": "select count(*) from t"])
+                    if (count["rows"]?.arrayValue?.first?.arrayValue?.first?.intValue ?? 0) >= Int64(writes / 4) { break }
+                    try await Task.sleep(for: .milliseconds(5))
+                }
+                try await daemon.withClient { reader in
+                    _ = try await subscribeEvents(reader, ["insert-rows"], ["since": 0, "rows": true])
+                    let (events, notices) = await collect(reader, events: writes)
+                    #expect(notices.isEmpty)
+                    #expect(events.count == writes)
+                    let seqs = events.compactMap { $0["seq"]?.intValue }
+                    #expect(seqs == seqs.sorted() && Set(seqs).count == seqs.count)
+                    // Rows in the order they were written: each n exactly once.
+                    let ns = events.compactMap { $0["num_rows"] == 1 ? $0["rows"]?.arrayValue?.first?["n"]?.intValue : nil }
+                    #expect(ns == (0..<Int64(writes)).map { $0 })
+                }
+                try await group.waitForAll()
+            }
+        }
+    }
+
+    @Test("a subscription from the head, or with a since beyond what was journaled, replays nothing and goes live")
+    func sinceAtHead() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.withClient { evd in
+                try await evd.request("emit", ["event": "app.before"])
+                let result = try await evd.request("subscribe", ["events": ["app.*"], "since": .int(Int64(Int32.max))])
+                #expect(result["seq"] != nil)
+                try await evd.request("emit", ["event": "app.now"])
+                let event = try #require(await evd.nextMessage(ofType: nil, within: 10))
+                #expect(event["event"] == "app.now")
+            }
+        }
+    }
+
+    @Test("work that rolls back leaves nothing in the journal: rollback, a denied commit, a failed statement")
+    func rolledBackWorkIsNotJournaled() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.withClient { evd in
+                try await evd.request("execute", ["sql": "create table t(id integer primary key, v text unique)"])
+                try await evd.request("begin")
+                try await evd.request("execute", ["sql": "insert into t(v) values ('rolled back')"])
+                try await evd.request("rollback")
+                _ = try await evd.expectError("execute", ["sql": "insert into t(v) values ('a'), ('a')"])
+                try await daemon.withClient { listener in
+                    try await listener.request("subscribe", ["veto": ["commit"], "name": "gate"])
+                    try await withThrowingTaskGroup(of: Void.self) { group in
+                        group.addTask {
+                            let veto = try #require(await listener.nextMessage(ofType: "veto"))
+                            try await listener.send(["op": "reply", "seq": veto["seq"] ?? .null, "action": "deny"])
+                        }
+                        let error = try await evd.expectError("execute", ["sql": "insert into t(v) values ('denied')"])
+                        #expect(error.code == "vetoed")
+                        try await group.waitForAll()
+                    }
+                }
+                try await evd.request("execute", ["sql": "insert into t(v) values ('kept')"])
+            }
+            try await daemon.withClient { evd in
+                _ = try await subscribeEvents(evd, ["insert-rows"], ["since": 0, "rows": true])
+                let (events, notices) = await collect(evd, events: 2, within: 3)
+                #expect(notices.isEmpty)
+                #expect(events.count == 1)
+                #expect(events.first?["rows"] == [["id": 1, "v": "kept"]] || events.first?["rows"] == nil)
+            }
+            let journal = try await daemon.request("execute", ["sql": "select event from _evd_journal"])
+            #expect(journal["rows"] == [["create-table"], ["insert-rows"]])
+        }
+    }
+
+    @Test("client SQL may read the journal but not change it: permission_denied naming the table")
+    func journalIsProtected() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.withClient { evd in
+                try await evd.request("emit", ["event": "app.x"])
+                try await evd.request("execute", ["sql": "create table t(x)"])
+                for sql in [
+                    "delete from _evd_journal", "update _evd_journal set event = 'forged'",
+                    "insert into _evd_journal(seq, event, time, body) values (999999, 'forged', '', x'')",
+                    "drop table _evd_journal", "alter table _evd_journal add column y",
+                    "create index forged on _evd_journal(event)",
+                    "create trigger forged after insert on _evd_journal begin select 1; end",
+                ] {
+                    let error = try await evd.expectError("execute", ["sql": .string(sql)])
+                    #expect(error.code == "permission_denied", "\(sql): \(error)")
+                    #expect(error.extra["table"] == "_evd_journal", "\(sql)")
+                }
+                let insert = try await evd.expectError("insert", ["table": "_evd_journal", "rows": [["seq": 1]]])
+                #expect(insert.code == "permission_denied")
+                let read = try await evd.request("execute", ["sql": "select count(*) from _evd_journal"])
+                #expect(read["rows"] == [[1]])
+            }
+        }
+    }
+
+    @Test("retention keeps the newest events; a replay from before them gets notice gap first, then what is kept")
+    func retentionAndGap() async throws {
+        try await withRunningDaemon(configure: {
+            $0.journal.keepEvents = 5
+            $0.journal.pruneIntervalMs = 20
+        }) { daemon in
+            try await daemon.withClient { evd in
+                for n in 0..<20 { try await evd.request("emit", ["event": "app.n", "data": ["n": .integer(Int64(n))]]) }
+            }
+            // Retention runs in the background: wait until a replay from 0 starts with a gap.
+            let deadline = ContinuousClock.now + .seconds(30)
+            var checked = false
+            while !checked && ContinuousClock.now < deadline {
+                try await daemon.withClient { evd in
+                    _ = try await subscribeEvents(evd, ["app.*"], ["since": 0])
+                    guard let first = await evd.nextMessage(ofType: nil, within: 10), first["type"] == "notice" else { return }
+                    #expect(first["code"] == "gap")
+                    #expect(first["from"] == 1)
+                    let floor = try #require(first["to"]?.intValue)
+                    var events: [JSONObject] = []
+                    while let event = await evd.nextMessage(ofType: nil, within: 2), event["type"] == "event" {
+                        events.append(event)
+                        if event["n"] == 19 { break }
+                    }
+                    // What is kept is the newest: a run ending with the last event, all above the floor.
+                    let ns = events.compactMap { $0["n"]?.intValue }
+                    #expect(!ns.isEmpty && ns.last == 19)
+                    #expect(ns == Array((ns.first ?? 0)...19))
+                    #expect(events.allSatisfy { ($0["seq"]?.intValue ?? 0) > floor })
+                    checked = true
+                }
+                if !checked { try await Task.sleep(for: .milliseconds(50)) }
+            }
+            #expect(checked, "retention never removed anything")
+        }
+    }
+
+    @Test("evtail --since replays journaled events as NDJSON")
+    func evtailSince() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.withClient { evd in
+                for n in 1...3 { try await evd.request("emit", ["event": "app.n", "data": ["n": .integer(Int64(n))]]) }
+            }
+            let result = try await runProcess(
+                binaryPath("evtail"), ["--socket", daemon.socketPath, "--since", "0", "--count", "3", "app.n"])
+            #expect(result.status == 0, "\(result.stderr)")
+            let lines = result.stdout.split(separator: "\n").map { try? JSONValue(parsing: Array($0.utf8)) }
+            #expect(lines.map { $0?["n"] } == [1, 2, 3])
+        }
+    }
+}
