@@ -47,6 +47,15 @@ struct Evd: AsyncParsableCommand {
     @Option(help: "The most client connections served at once.")
     var maxConnections: Int = 1024
 
+    @Option(help: "The most client connections served at once for one peer uid (root and evd's own uid included).")
+    var maxConnectionsPerUid: Int = 256
+
+    @Option(help: "The most subscriptions one connection may hold.")
+    var maxSubscriptions: Int = 256
+
+    @Option(help: "The most requests one connection may have queued; evd stops reading from it until one finishes.")
+    var maxPendingRequests: Int = 256
+
     @Option(help: "trace, debug, info, notice, warning, error or critical.")
     var logLevel: String = "info"
 
@@ -72,6 +81,11 @@ struct Evd: AsyncParsableCommand {
         guard self.maxConnections >= 1 else { throw ValidationError("--max-connections must be at least 1") }
         guard self.journalKeepEvents >= 0 else { throw ValidationError("--journal-keep-events must be 0 or more") }
         guard self.journalKeepSeconds >= 0 else { throw ValidationError("--journal-keep-seconds must be 0 or more") }
+        guard self.maxConnectionsPerUid >= 1 else { throw ValidationError("--max-connections-per-uid must be at least 1") }
+        guard self.maxSubscriptions >= 1 else { throw ValidationError("--max-subscriptions must be at least 1") }
+        guard (1...65_536).contains(self.maxPendingRequests) else {
+            throw ValidationError("--max-pending-requests must be between 1 and 65536")
+        }
         guard Logger.Level(rawValue: self.logLevel) != nil else {
             throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
         }
@@ -120,6 +134,9 @@ struct Evd: AsyncParsableCommand {
         configuration.journal.rowImages = !self.noJournalRows
         configuration.journal.keepEvents = self.journalKeepEvents
         configuration.journal.keepSeconds = self.journalKeepSeconds
+        configuration.maxSessionsPerUID = self.maxConnectionsPerUid
+        configuration.maxSubscriptions = self.maxSubscriptions
+        configuration.maxPipelinedRequests = self.maxPendingRequests
 
         signal(SIGPIPE, SIG_IGN)
         let daemon = Daemon(configuration: configuration, logger: logger, environment: environment)

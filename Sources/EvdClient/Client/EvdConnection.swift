@@ -75,6 +75,12 @@ public final class EvdConnection: Sendable {
                     asyncChannel.channel.close(promise: nil)
                 }
                 guard await connection.helloSignal.pop() == true else {
+                    // A refused connection (too_many_connections) gets one error response instead.
+                    if let refusal = await connection.messages.pop(), refusal["type"] == "response",
+                        let error = refusal["error"]?.objectValue
+                    {
+                        throw EvdError(object: error)
+                    }
                     throw ConnectionError(description: "evd at \(socketPath) closed the connection without a hello")
                 }
                 let result = try await body(connection)

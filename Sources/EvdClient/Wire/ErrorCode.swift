@@ -25,7 +25,7 @@ public enum ErrorCode: String, Sendable, CaseIterable, Codable {
 }
 
 /// An error response: the code, a message for people, and the extra fields some codes carry
-/// (`field`, `sqlite_code`, `event`, `by`, `reason`, `suggestion`).
+/// (`field`, `sqlite_code`, `event`, `by`, `reason`, `suggestion`, `limit`, `max`).
 public struct EvdError: Error, Sendable, Equatable, CustomStringConvertible {
     /// The wire code, as a string so that codes from a newer daemon still round-trip.
     public var code: String

@@ -22,6 +22,11 @@ public struct EvdConfiguration: Sendable {
     public var vetoBudgetMs: Int = 5000
     /// Concurrent client connections before new ones get `too_many_connections`.
     public var maxSessions: Int = 1024
+    /// Concurrent client connections one peer uid may hold before its new ones get
+    /// `too_many_connections` (root and the daemon's own uid included).
+    public var maxSessionsPerUID: Int = 256
+    /// Subscriptions one connection may hold at once; the `subscribe` beyond it gets `bad_request`.
+    public var maxSubscriptions: Int = 256
     /// Requests a connection may have queued (pipelined) before evd stops reading from it.
     public var maxPipelinedRequests: Int = 256
     public var outboxLimits = OutboxLimits()

@@ -184,13 +184,15 @@ public final class Daemon: Service, CustomStringConvertible {
             try? await channel.close()
             return
         }
-        guard let id = core.sessions.admit(limit: self.configuration.maxSessions) else {
-            self.logger.warning("refused a connection: too many", metadata: ["peer.uid": "\(credentials.uid)"])
-            let error = EvdError(.tooManyConnections, "evd serves at most \(self.configuration.maxSessions) connections")
-            var buffer = channel.allocator.buffer(capacity: 128)
-            buffer.writeBytes(Session.responseLine(id: .null, error: error))
-            try? await channel.writeAndFlush(buffer)
-            try? await channel.close()
+        let id: UInt64
+        switch core.sessions.admit(
+            uid: credentials.uid, limit: self.configuration.maxSessions,
+            perUIDLimit: self.configuration.maxSessionsPerUID)
+        {
+        case .success(let admitted):
+            id = admitted
+        case .failure(let refusal):
+            await self.refuse(channel, refusal, uid: credentials.uid)
             return
         }
         let session = Session(id: id, actor: credentials.actor, core: core, logger: self.logger)
@@ -198,6 +200,29 @@ public final class Daemon: Service, CustomStringConvertible {
         if core.shuttingDown.load(ordering: .relaxed) { session.noticeShutdown(); session.close() }
         await session.run(channel: channel)
         core.sessions.remove(id)
+    }
+
+    /// Answers a connection over a limit with one `too_many_connections` error (id null, no
+    /// hello), naming the limit, and closes it.
+    private func refuse(_ channel: any Channel, _ refusal: SessionRegistry.Refusal, uid: UInt32) async {
+        let error: EvdError
+        switch refusal {
+        case .total(let limit):
+            self.logger.warning("refused a connection: too many", metadata: ["peer.uid": "\(uid)"])
+            error = EvdError(
+                .tooManyConnections, "evd serves at most \(limit) connections (--max-connections)",
+                extra: ["limit": "max-connections", "max": .integer(limit)])
+        case .perUID(let limit):
+            self.logger.warning("refused a connection: too many for its uid", metadata: ["peer.uid": "\(uid)"])
+            error = EvdError(
+                .tooManyConnections,
+                "evd serves at most \(limit) connections per uid (--max-connections-per-uid), and uid \(uid) has \(limit)",
+                extra: ["limit": "max-connections-per-uid", "max": .integer(limit)])
+        }
+        var buffer = channel.allocator.buffer(capacity: 256)
+        buffer.writeBytes(Session.responseLine(id: .null, error: error))
+        try? await channel.writeAndFlush(buffer)
+        try? await channel.close()
     }
 
     /// Binds the socket, or adopts systemd's; returns the path to remove at exit (nil when adopted).

@@ -115,23 +115,40 @@ final class DaemonCore: Sendable {
     }
 }
 
-/// The live sessions, for shutdown and `stats`.
+/// The live sessions, for shutdown and `stats`, and the connection limits.
 final class SessionRegistry: Sendable {
     private struct State {
         var sessions: [UInt64: Session] = [:]
+        /// The peer uid of every admitted session, from `admit` until `remove`.
+        var admitted: [UInt64: UInt32] = [:]
+        /// Admitted sessions by peer uid.
+        var perUID: [UInt32: Int] = [:]
         var nextID: UInt64 = 1
         var total = 0
     }
 
+    /// The limit a refused connection would have exceeded.
+    enum Refusal: Error, Equatable {
+        /// `limit` sessions are live in all.
+        case total(limit: Int)
+        /// The peer's uid already holds `limit` sessions.
+        case perUID(limit: Int)
+    }
+
     private let state = Mutex(State())
 
-    /// Reserves a session number, or `nil` when `limit` sessions are already live.
-    func admit(limit: Int) -> UInt64? {
+    /// Reserves a session number for a connection from `uid`, or says which limit it would exceed.
+    /// The reservation counts against both limits at once, so concurrent connects cannot overshoot.
+    func admit(uid: UInt32, limit: Int, perUIDLimit: Int) -> Result<UInt64, Refusal> {
         self.state.withLock { state in
-            guard state.sessions.count < limit else { return nil }
+            guard state.admitted.count < limit else { return .failure(.total(limit: limit)) }
+            let held = state.perUID[uid, default: 0]
+            guard held < perUIDLimit else { return .failure(.perUID(limit: perUIDLimit)) }
             defer { state.nextID += 1 }
             state.total += 1
-            return state.nextID
+            state.admitted[state.nextID] = uid
+            state.perUID[uid] = held + 1
+            return .success(state.nextID)
         }
     }
 
@@ -139,8 +156,14 @@ final class SessionRegistry: Sendable {
         self.state.withLock { $0.sessions[session.id] = session }
     }
 
+    /// Forgets a session and frees its place under both limits.
     func remove(_ id: UInt64) {
-        _ = self.state.withLock { $0.sessions.removeValue(forKey: id) }
+        self.state.withLock { state in
+            state.sessions.removeValue(forKey: id)
+            guard let uid = state.admitted.removeValue(forKey: id) else { return }
+            let held = state.perUID[uid, default: 1] - 1
+            state.perUID[uid] = held > 0 ? held : nil
+        }
     }
 
     var all: [Session] { self.state.withLock { Array($0.sessions.values) } }

@@ -202,6 +202,13 @@ extension Session {
             vetoKinds |= 1 << UInt64(kind.rawValue)
         }
         if !vetoPatterns.isEmpty { try self.require(.veto) }
+        let maxSubscriptions = self.core.configuration.maxSubscriptions
+        guard self.hasSubscriptions.load(ordering: .relaxed) < maxSubscriptions else {
+            throw EvdError(
+                .badRequest,
+                "this connection already has \(maxSubscriptions) subscriptions, the most evd allows (--max-subscriptions); unsubscribe one first",
+                extra: ["limit": "max-subscriptions", "max": .integer(maxSubscriptions)])
+        }
         let session = self.id
         let outbox = self.outbox
         let vetoFilter = filter  // `where` narrows the vetoes too
