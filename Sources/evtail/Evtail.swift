@@ -16,6 +16,11 @@ struct Evtail: AsyncParsableCommand {
               evtail 'before_*' checkout
               evtail insert-rows --where table=dogs --count 1
               evtail --json '*' | jq .event
+              evtail --name audit --resume insert-rows >> audit.ndjson
+
+            With --resume, evtail keeps the seq of the last event it printed in a file
+            ($XDG_STATE_HOME/evtail/NAME.seq, or --position-file) and starts after it next time:
+            a pipeline that restarts misses nothing journaled (it may see the last event twice).
 
             As a policy listener, --veto EVENT (repeatable) with --exec CMD or --deny REASON:
               evtail --veto before_drop --deny 'no drops on Fridays'
@@ -42,6 +47,12 @@ struct Evtail: AsyncParsableCommand {
 
     @Option(help: "A name for this subscription.")
     var name: String?
+
+    @Flag(help: "Start after the last event a previous run printed, and keep the position (needs --name or --position-file).")
+    var resume = false
+
+    @Option(help: "Where --resume keeps its position (default: $XDG_STATE_HOME/evtail/NAME.seq).")
+    var positionFile: String?
 
     @Flag(help: "Print raw NDJSON even on a terminal.")
     var json = false
@@ -84,6 +95,23 @@ struct Evtail: AsyncParsableCommand {
         if let onTimeout, onTimeout != "allow" && onTimeout != "deny" {
             throw ValidationError("--on-timeout must be allow or deny")
         }
+        if self.resume && self.name == nil && self.positionFile == nil {
+            throw ValidationError("--resume needs --name NAME (or --position-file PATH) to know where it left off")
+        }
+        if self.positionFile != nil && !self.resume { throw ValidationError("--position-file needs --resume") }
+        if let name, self.resume, name.contains("/") || name.hasPrefix(".") {
+            throw ValidationError("--name used with --resume names a file: no '/', not starting with '.'")
+        }
+    }
+
+    /// Where `--resume` keeps the last printed seq.
+    private func positionPath() -> String? {
+        guard self.resume else { return nil }
+        if let positionFile { return positionFile }
+        let environment = ProcessInfo.processInfo.environment
+        let base = environment["XDG_STATE_HOME"].flatMap { $0.isEmpty ? nil : $0 }
+            ?? (environment["HOME"] ?? "/tmp") + "/.local/state"
+        return base + "/evtail/" + self.name! + ".seq"
     }
 
     func run() async throws {
@@ -112,7 +140,8 @@ struct Evtail: AsyncParsableCommand {
             }
         }
         if !filter.isEmpty { arguments["where"] = .object(filter) }
-        if let since { arguments["since"] = .int(since) }
+        let position = self.positionPath().map(ResumePosition.init)
+        if let since = try position?.load() ?? self.since { arguments["since"] = .int(since) }
         if let name { arguments["name"] = .string(name) }
         let readable = !self.json && Terminal.stdoutIsTerminal
         let limit = self.count
@@ -142,6 +171,16 @@ struct Evtail: AsyncParsableCommand {
                         Terminal.writeStdout(JSONValue.object(message).jsonBytes + [0x0a])
                     }
                     if type == "notice" && message["code"] == "shutdown" { return 0 }
+                    if type == "notice" && message["code"] == "gap" {
+                        Terminal.writeStderr("evtail: events \(message["from"]?.intValue ?? 0)...\(message["to"]?.intValue ?? 0) are no longer journaled")
+                    }
+                    if type == "event", let position, let seq = message["seq"]?.intValue {
+                        // After the event is written: a crash in between shows it again, never loses it.
+                        do { try position.save(seq) } catch {
+                            Terminal.writeStderr("evtail: cannot save the position: \(error)")
+                            return 1
+                        }
+                    }
                     if type == "event" || type == "veto" {
                         seen += 1
                         if let limit, seen >= limit { return 0 }
@@ -261,5 +300,33 @@ enum ScriptRun {
             continuation?.resume(returning: value)
             return continuation != nil
         }
+    }
+}
+
+/// The seq of the last event `evtail --resume` printed, kept in a file (replaced atomically).
+struct ResumePosition: Sendable {
+    let path: String
+
+    init(_ path: String) { self.path = path }
+
+    /// The saved seq, or `nil` when there is no file yet (the first run); creates its directory.
+    func load() throws -> Int64? {
+        let directory = (self.path as NSString).deletingLastPathComponent
+        if !directory.isEmpty { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) }
+        guard let data = FileManager.default.contents(atPath: self.path) else { return nil }
+        let text = String(decoding: data, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        guard let seq = Int64(text), seq >= 0 else {
+            throw ValidationError("\(self.path) does not hold a seq ('\(text)'); remove it to start from the live head")
+        }
+        return seq
+    }
+
+    /// Saves `seq`: written to a temporary file, then renamed over the old one.
+    func save(_ seq: Int64) throws {
+        let temporary = self.path + ".tmp"
+        guard FileManager.default.createFile(atPath: temporary, contents: Data("\(seq)\n".utf8)) else {
+            throw ValidationError("cannot write \(temporary)")
+        }
+        guard rename(temporary, self.path) == 0 else { throw ValidationError("cannot replace \(self.path)") }
     }
 }

@@ -245,3 +245,41 @@ struct JournalTests {
         }
     }
 }
+
+@Suite("evtail --resume")
+struct EvtailResumeTests {
+    @Test("evtail --name N --resume starts after the last event it printed, across runs, and keeps its position in a file")
+    func resume() async throws {
+        try await withRunningDaemon { daemon in
+            let environment = ["XDG_STATE_HOME": daemon.directory + "/xdg"]
+            func emit(_ n: Int) async throws {
+                try await daemon.request("emit", ["event": "app.n", "data": ["n": .integer(Int64(n))]])
+            }
+            func evtail(count: Int) async throws -> [Int64?] {
+                let result = try await runProcess(
+                    binaryPath("evtail"),
+                    ["--socket", daemon.socketPath, "--name", "audit", "--resume", "--since", "0", "--count", "\(count)", "app.n"],
+                    environment: environment)
+                #expect(result.status == 0, "\(result.stderr)")
+                return result.stdout.split(separator: "\n").map { try? JSONValue(parsing: Array($0.utf8))["n"]?.intValue ?? nil }
+            }
+            for n in 1...3 { try await emit(n) }
+            // The first run has no position: --since 0 applies.
+            #expect(try await evtail(count: 2) == [1, 2])
+            let saved = try String(contentsOfFile: daemon.directory + "/xdg/evtail/audit.seq", encoding: .utf8)
+            #expect(Int64(saved.trimmingCharacters(in: .whitespacesAndNewlines)) != nil)
+            for n in 4...5 { try await emit(n) }
+            // Later runs start after the saved position (--since is ignored once there is one).
+            #expect(try await evtail(count: 3) == [3, 4, 5])
+            try await emit(6)
+            #expect(try await evtail(count: 1) == [6])
+        }
+    }
+
+    @Test("evtail --resume without --name or --position-file is refused")
+    func resumeNeedsName() async throws {
+        let result = try await runProcess(binaryPath("evtail"), ["--resume", "--socket", "/nonexistent"])
+        #expect(result.status != 0)
+        #expect(result.stderr.contains("--resume needs --name"))
+    }
+}
