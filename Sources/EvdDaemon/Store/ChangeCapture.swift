@@ -358,10 +358,10 @@ final class ChangeCapture: @unchecked Sendable {
                     let kind: EventKind = intent.kind == .upsert ? .upsertRows : .insertRows
                     let groupKey = GroupKey(unit: intent.group ?? change.unit, table: change.table, direct: change.depth == 0)
                     let image: JSONValue? = self.images ? Self.object(change.after, shape) : nil
-                    if var group = groups[groupKey] {
-                        group.rows += 1
-                        if let image { group.images.append(image) }
-                        groups[groupKey] = group
+                    if groups[groupKey] != nil {
+                        // In place: copying the group out and back would copy its images per row.
+                        groups[groupKey]!.rows += 1
+                        if let image { groups[groupKey]!.images.append(image) }
                     } else {
                         var properties: JSONObject = ["database": .string(database), "table": .string(tableName), "num_rows": 0]
                         if kind == .insertRows {
