@@ -7,12 +7,15 @@
 //   evdbench insert SOCKET TABLE TOTAL BATCH [TIMEOUT_S]
 //                                  create_table TABLE, then TOTAL rows as `insert` requests of BATCH rows,
 //                                  one after another (all request lines are built before timing)
-//   evdbench count SOCKET EVENT EXPECTED READY_FILE [TIMEOUT_S]
+//   evdbench count SOCKET EVENT EXPECTED READY_FILE [TIMEOUT_S] [SINCE=S] [ROWS=1]
 //                                  subscribes to EVENT, creates READY_FILE once subscribed, and exits when
 //                                  it has seen EXPECTED rows (insert-rows/upsert-rows: the sum of num_rows)
-//                                  or EXPECTED events (any other event)
+//                                  or EXPECTED events (any other event). SINCE=S subscribes with `since`
+//                                  (a replay of the journal after seq S; a `gap` notice is an error),
+//                                  ROWS=1 with `rows: true`
 //   evdbench exec SOCKET SQL... [TIMEOUT_S=N]
-//                                  one `execute` per SQL, in order; times the last
+//                                  one `execute` per SQL, in order; times the last, and reports the first
+//                                  value of its first row when it is an integer (`value`)
 //
 // `pingpong` and `client` print one line of JSON: {"n":..,"p50_us":..,"p99_us":..,"per_sec":..}.
 // `insert`, `count` and `exec` print one line of JSON with CLOCK_MONOTONIC timestamps (`start_us`,
@@ -346,20 +349,27 @@ static int insert(const char *path, const char *table, long total, long batch) {
     return 0;
 }
 
-// Subscribes to EVENT and reads until EXPECTED rows (insert-rows/upsert-rows: sum of num_rows) or
-// events have arrived. A `lagged` notice is reported as an error, as is a timeout.
-static int count(const char *path, const char *event, long expected, const char *ready_file) {
+// Subscribes to EVENT (with `since` when since >= 0, with `rows: true` when rows) and reads until
+// EXPECTED rows (insert-rows/upsert-rows: sum of num_rows) or events have arrived. A `lagged` or `gap`
+// notice is reported as an error, as is a timeout. `start_us` is when the subscribe request was sent.
+static int count(const char *path, const char *event, long expected, const char *ready_file, long long since,
+                 int with_rows) {
     static reader_t r;
     int fd = connect_evd(path, &r);
     int big = 64 << 20;  // the daemon writes in bursts; let the kernel hold as much as it will
     if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof(big)) != 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof(big));
-    char ename[512], req[1024];
+    char ename[512], req[1024], opts[128] = "";
     json_string(ename, event);
-    int len = snprintf(req, sizeof(req), "{\"op\":\"subscribe\",\"id\":\"sub\",\"events\":[%s],\"name\":\"bench-count\"}\n",
-                       ename);
+    if (since >= 0) snprintf(opts, sizeof(opts), ",\"since\":%lld", since);
+    if (with_rows) strcat(opts, ",\"rows\":true");
+    int len = snprintf(req, sizeof(req),
+                       "{\"op\":\"subscribe\",\"id\":\"sub\",\"events\":[%s],\"name\":\"bench-count\"%s}\n", ename, opts);
+    double start = now_us();
     write_all(fd, req, len);
-    expect_ok(&r, "subscribe");
+    char *resp = expect_ok(&r, "subscribe");
+    char *hs = strstr(resp, "\"seq\":");
+    long long head = hs ? atoll(hs + 6) : -1;
     r.idle_us = 0;  // until the first event, only the overall timeout: the work may take a while to commit
     int rf = open(ready_file, O_WRONLY | O_CREAT | O_TRUNC, 0644);
     if (rf >= 0) close(rf);
@@ -368,6 +378,7 @@ static int count(const char *path, const char *event, long expected, const char 
     char want[600];
     snprintf(want, sizeof(want), "\"event\":%s", ename);
     long events = 0, rows = 0, seen = 0;
+    long long first_seq = -1, last_seq = -1, bytes = 0;
     double first = 0;
     while (seen < expected) {
         char *line = read_line(&r);
@@ -382,12 +393,19 @@ static int count(const char *path, const char *event, long expected, const char 
         if (strncmp(line, "{\"type\":\"event\"", 15) != 0 && !strstr(line, "\"type\":\"event\"")) {
             if (strstr(line, "\"type\":\"notice\"") && strstr(line, "\"lagged\""))
                 fail("lagged after %ld of %ld %s: %s", seen, expected, by_rows ? "rows" : "events", line);
+            if (strstr(line, "\"type\":\"notice\"") && strstr(line, "\"gap\""))
+                fail("the journal no longer holds what the replay needs, after %ld of %ld %s: %s", seen, expected,
+                     by_rows ? "rows" : "events", line);
             if (strstr(line, "\"type\":\"response\"") && strstr(line, "\"ok\":false")) fail("%s", line);
             continue;
         }
         if (!strstr(line, want)) continue;
         if (!first) first = now_us(), r.idle_us = g_idle_s * 1e6;
         events++;
+        bytes += strlen(line) + 1;
+        char *sq = strstr(line, "\"seq\":");  // the envelope's second key: found at once
+        last_seq = sq ? atoll(sq + 6) : -1;
+        if (first_seq < 0) first_seq = last_seq;
         if (by_rows) {
             char *n = strstr(line, "\"num_rows\":");
             if (!n) fail("%s event without num_rows: %s", event, line);
@@ -398,8 +416,9 @@ static int count(const char *path, const char *event, long expected, const char 
         }
     }
     double last = now_us();
-    printf("{\"event\":%s,\"events\":%ld,\"rows\":%ld,\"first_us\":%.0f,\"last_us\":%.0f}\n", ename, events,
-           by_rows ? rows : 0, first, last);
+    printf("{\"event\":%s,\"events\":%ld,\"rows\":%ld,\"start_us\":%.0f,\"first_us\":%.0f,\"last_us\":%.0f,"
+           "\"head_seq\":%lld,\"first_seq\":%lld,\"last_seq\":%lld,\"bytes\":%lld}\n",
+           ename, events, by_rows ? rows : 0, start, first, last, head, first_seq, last_seq, bytes);
     return 0;
 }
 
@@ -424,7 +443,11 @@ static int exec_sql(const char *path, int nsql, char **sqls) {
         free(req);
     }
     char *ch = line ? strstr(line, "\"changes\":") : NULL;
-    printf("{\"start_us\":%.0f,\"end_us\":%.0f,\"changes\":%ld}\n", start, end, ch ? atol(ch + 10) : -1L);
+    printf("{\"start_us\":%.0f,\"end_us\":%.0f,\"changes\":%ld", start, end, ch ? atol(ch + 10) : -1L);
+    char *v = line ? strstr(line, "\"rows\":[[") : NULL, *vend;
+    long long value = v ? strtoll(v + 9, &vend, 10) : 0;
+    if (v && vend != v + 9 && (*vend == ']' || *vend == ',')) printf(",\"value\":%lld", value);
+    printf("}\n");
     return 0;
 }
 
@@ -439,8 +462,15 @@ int main(int argc, char **argv) {
         return insert(argv[2], argv[3], atol(argv[4]), atol(argv[5]));
     }
     if (argc >= 6 && !strcmp(argv[1], "count")) {
-        if (argc >= 7) g_timeout_s = atof(argv[6]);
-        return count(argv[2], argv[3], atol(argv[4]), argv[5]);
+        long long since = -1;
+        int with_rows = 0;
+        for (int i = 6; i < argc; i++) {
+            if (!strncmp(argv[i], "SINCE=", 6)) since = atoll(argv[i] + 6);
+            else if (!strncmp(argv[i], "ROWS=", 5)) with_rows = atoi(argv[i] + 5) != 0;
+            else if (i == 6) g_timeout_s = atof(argv[i]);
+            else return fprintf(stderr, "count: unknown option %s\n", argv[i]), 2;
+        }
+        return count(argv[2], argv[3], atol(argv[4]), argv[5], since, with_rows);
     }
     if (argc >= 4 && !strcmp(argv[1], "exec")) {
         int n = argc - 3;
@@ -448,7 +478,8 @@ int main(int argc, char **argv) {
         return exec_sql(argv[2], n, argv + 3);
     }
     fprintf(stderr, "usage: evdbench pingpong N | client SOCKET N SQL | listener SOCKET EVENT\n"
-                    "     | insert SOCKET TABLE TOTAL BATCH [TIMEOUT_S] | count SOCKET EVENT EXPECTED READY_FILE [TIMEOUT_S]\n"
+                    "     | insert SOCKET TABLE TOTAL BATCH [TIMEOUT_S]\n"
+                    "     | count SOCKET EVENT EXPECTED READY_FILE [TIMEOUT_S] [SINCE=S] [ROWS=1]\n"
                     "     | exec SOCKET SQL... [TIMEOUT_S=N]\n");
     return 2;
 }
