@@ -218,6 +218,14 @@ final class Spawned: @unchecked Sendable {
 /// Connects with a plain socket, sends `send` (then half-closes if asked) and reads until EOF or
 /// until `until` is satisfied, on a thread of its own (so a blocking read never holds a thread of
 /// the concurrency pool the daemon runs on); gives up after 10 s without data.
+///
+/// A signal that interrupts a blocking call is not the end of the exchange: the call is retried.
+/// This matters because the test process gets such signals: when any thread crashes (another
+/// test's `Process.run`, say), the Swift runtime's crash handler pauses every other thread with
+/// SIGUSR1/SIGUSR2/SIGPROF, installed without `SA_RESTART`; and a `read` on a socket with
+/// `SO_RCVTIMEO` fails with `EINTR` even under `SA_RESTART`. Taking that `EINTR` for the end of
+/// the stream made "a subscriber that half-closes its input still gets its events" flaky: the
+/// daemon wrote the event, but the reader had already given up after `hello` and the response.
 func plainSocketExchange(
     socketPath: String, send: [UInt8], halfClose: Bool, until: @escaping @Sendable ([UInt8]) -> Bool = { _ in false }
 ) async -> ([UInt8], Bool) {
@@ -241,6 +249,7 @@ private func blockingExchange(
     var offset = 0
     while offset < send.count {
         let written = send[offset...].withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        if written < 0 && errno == EINTR { continue }
         guard written > 0 else { return ([], false) }
         offset += written
     }
@@ -250,7 +259,8 @@ private func blockingExchange(
     while !until(bytes) {
         let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
         if count == 0 { return (bytes, true) }
-        if count < 0 { return (bytes, false) }
+        if count < 0 && errno == EINTR { continue }
+        if count < 0 { return (bytes, false) }  // the 10 s without data ran out (EAGAIN), or a real error
         bytes += buffer[0..<count]
     }
     return (bytes, false)
