@@ -171,7 +171,7 @@ func runProcess(_ path: String, _ arguments: [String], environment: [String: Str
 final class Spawned: @unchecked Sendable {
     // @unchecked Sendable: `process` is only started, signalled and polled; the files are read once
     // after it exits.
-    let process = Process()
+    let process: ChildProcess
     private let stdoutPath: String
     private let stderrPath: String
 
@@ -179,17 +179,10 @@ final class Spawned: @unchecked Sendable {
         let base = NSTemporaryDirectory() + "evd-spawn-\(UInt64.random(in: 0...UInt64.max))"
         self.stdoutPath = base + ".out"
         self.stderrPath = base + ".err"
-        FileManager.default.createFile(atPath: self.stdoutPath, contents: nil)
-        FileManager.default.createFile(atPath: self.stderrPath, contents: nil)
-        self.process.executableURL = URL(fileURLWithPath: path)
-        self.process.arguments = arguments
         var env = ProcessInfo.processInfo.environment
         for (key, value) in environment { env[key] = value }
-        self.process.environment = env
-        self.process.standardOutput = FileHandle(forWritingAtPath: self.stdoutPath)
-        self.process.standardError = FileHandle(forWritingAtPath: self.stderrPath)
-        self.process.standardInput = FileHandle.nullDevice
-        try self.process.run()
+        self.process = try ChildProcess(
+            path: path, arguments: arguments, environment: env, stdout: self.stdoutPath, stderr: self.stderrPath)
     }
 
     /// Waits (bounded) for the process to exit and returns its status and output.
@@ -200,7 +193,7 @@ final class Spawned: @unchecked Sendable {
         }
         if self.process.isRunning {
             self.process.terminate()
-            Issue.record("\(self.process.executableURL?.lastPathComponent ?? "process") did not exit in time")
+            Issue.record("\(self.process.path.split(separator: "/").last ?? "process") did not exit in time")
             while self.process.isRunning { try await Task.sleep(for: .milliseconds(20)) }
         }
         defer {
@@ -264,4 +257,77 @@ private func blockingExchange(
         bytes += buffer[0..<count]
     }
     return (bytes, false)
+}
+
+/// A child process started with `posix_spawn`, with the part of Foundation's `Process` API the
+/// tests use.
+///
+/// Not Foundation's `Process`: its `run()` crashes (a memmove in its spawn setup) when the test
+/// process has file descriptors numbered above about 1024 open — which happens here, with many
+/// in-process daemons and their connections running in parallel.
+final class ChildProcess: @unchecked Sendable {
+    // @unchecked Sendable: `status` is only touched under `lock`.
+    enum TerminationReason { case exit, uncaughtSignal }
+
+    let processIdentifier: Int32
+    /// The program's path.
+    let path: String
+    private let lock = NSLock()
+    private var status: Int32?
+
+    init(path: String, arguments: [String], environment: [String: String], stdout: String, stderr: String) throws {
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, stdout, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        posix_spawn_file_actions_addopen(&actions, 2, stderr, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        // The child keeps nothing else of the tests' (sockets, NIO's epoll and eventfds), as
+        // Foundation's Process does.
+        let open = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        for fd in open.compactMap(Int32.init) where fd > 2 {
+            posix_spawn_file_actions_addclose(&actions, fd)
+        }
+        let argv = ([path] + arguments).map { strdup($0) } + [nil]
+        let envp = environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer {
+            for pointer in argv { free(pointer) }
+            for pointer in envp { free(pointer) }
+        }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, path, &actions, nil, argv, envp)
+        guard rc == 0 else {
+            throw RawUnixSocket.Failure(description: "posix_spawn \(path): \(String(cString: strerror(rc)))")
+        }
+        self.processIdentifier = pid
+        self.path = path
+    }
+
+    /// The raw wait status once the child has exited (reaping it on first sight).
+    private func poll() -> Int32? {
+        self.lock.lock()
+        defer { self.lock.unlock() }
+        if let status = self.status { return status }
+        var raw: Int32 = 0
+        if waitpid(self.processIdentifier, &raw, WNOHANG) == self.processIdentifier { self.status = raw }
+        return self.status
+    }
+
+    var isRunning: Bool { self.poll() == nil }
+
+    /// The exit status, or the signal that ended it.
+    var terminationStatus: Int32 {
+        guard let raw = self.poll() else { return -1 }
+        return raw & 0x7f == 0 ? (raw >> 8) & 0xff : raw & 0x7f
+    }
+
+    var terminationReason: TerminationReason {
+        guard let raw = self.poll() else { return .exit }
+        return raw & 0x7f == 0 ? .exit : .uncaughtSignal
+    }
+
+    /// Sends SIGTERM.
+    func terminate() {
+        if self.isRunning { kill(self.processIdentifier, SIGTERM) }
+    }
 }

@@ -880,14 +880,16 @@ struct VetoTests {
 
     @Test("the budget counts time spent waiting for vetoes, not the SQL work between them")
     func budgetIgnoresSQLWork() async throws {
-        try await withRunningDaemon(configure: { $0.vetoBudgetMs = 500 }) { daemon in
+        // A budget large enough for two allow replies on a loaded machine, smaller than the first
+        // statement's own work (about two seconds here).
+        try await withRunningDaemon(configure: { $0.vetoBudgetMs = 1500 }) { daemon in
             try await withVetoTestClient(
                 daemon, ["veto": ["before_cursor_execute"], "name": "prompt", "timeout_ms": 60000, "on_timeout": "deny"],
                 decide: VetoAnswer.always(VetoAnswer.allow)
             ) { listener in
-                // The first statement takes longer than the whole budget (about a second); the
+                // The first statement takes longer than the whole budget; the
                 // second statement's listener is still asked, and allows.
-                let slow = "with recursive c(x) as (select 1 union all select x + 1 from c where x < 4000000) select count(*) from c"
+                let slow = "with recursive c(x) as (select 1 union all select x + 1 from c where x < 8000000) select count(*) from c"
                 let result = try await daemon.request("execute", ["sql": .string(slow + "; select 2")])
                 #expect(result["rows"] == [[2]])
                 #expect(listener.vetoes.count == 2)
