@@ -28,25 +28,6 @@ private func collect(_ evd: EvdConnection, events count: Int, within seconds: Do
     return (events, notices)
 }
 
-extension EvdConnection {
-    /// The next message of any type (`type` nil) within `seconds`.
-    fileprivate func nextMessage(ofType type: String?, within seconds: Double) async -> JSONObject? {
-        guard let type else {
-            return await withTaskGroup(of: JSONObject?.self) { group in
-                group.addTask { await self.nextMessage() }
-                group.addTask {
-                    try? await Task.sleep(for: .seconds(seconds))
-                    return nil
-                }
-                let first = await group.next() ?? nil
-                group.cancelAll()
-                return first
-            }
-        }
-        return await self.nextMessage(ofType: type, within: seconds)
-    }
-}
-
 @Suite("Journal and replay")
 struct JournalTests {
     @Test("committed events survive a restart: since 0 replays them as they were delivered, and seqs go on above them")

@@ -92,6 +92,20 @@ func withDaemon<T: Sendable>(
     }
 }
 
+/// What `work` returns, or `nil` if it has not finished within `seconds` (it is then cancelled).
+func firstValue<T: Sendable>(within seconds: Double, _ work: @escaping @Sendable () async -> T?) async -> T? {
+    await withTaskGroup(of: T?.self) { group in
+        group.addTask { await work() }
+        group.addTask {
+            try? await Task.sleep(for: .seconds(seconds))
+            return nil
+        }
+        let first = await group.next() ?? nil
+        group.cancelAll()
+        return first
+    }
+}
+
 extension EvdConnection {
     /// Sends a request expected to fail and returns its error.
     func expectError(_ op: String, _ arguments: JSONObject = [:]) async throws -> EvdError {
@@ -104,22 +118,14 @@ extension EvdConnection {
         }
     }
 
-    /// The next message of `type` (skipping others), or nil if none arrives within `seconds`.
-    func nextMessage(ofType type: String, within seconds: Double = 10) async -> JSONObject? {
-        await withTaskGroup(of: JSONObject?.self) { group in
-            group.addTask {
-                while let message = await self.nextMessage() {
-                    if message["type"]?.stringValue == type { return message }
-                }
-                return nil
+    /// The next message of `type` (skipping others; `nil`: of any type), or nil if none arrives
+    /// within `seconds`.
+    func nextMessage(ofType type: String?, within seconds: Double = 10) async -> JSONObject? {
+        await firstValue(within: seconds) {
+            while let message = await self.nextMessage() {
+                if type == nil || message["type"]?.stringValue == type { return message }
             }
-            group.addTask {
-                try? await Task.sleep(for: .seconds(seconds))
-                return nil
-            }
-            let first = await group.next() ?? nil
-            group.cancelAll()
-            return first
+            return nil
         }
     }
 

@@ -144,16 +144,7 @@ final class VetoInFlight<T: Sendable>: Sendable {
 
     /// The work's value; `nil` (and an issue) if it has not finished within `seconds`.
     func value(within seconds: Double = 20) async throws -> T? {
-        let result = await withTaskGroup(of: Result<T, any Error>?.self) { group in
-            group.addTask { await self.outcome.pop() }
-            group.addTask {
-                try? await Task.sleep(for: .seconds(seconds))
-                return nil
-            }
-            let first = await group.next() ?? nil
-            group.cancelAll()
-            return first
-        }
+        let result = await firstValue(within: seconds) { await self.outcome.pop() }
         guard let result else {
             Issue.record("the work did not finish within \(seconds) s")
             return nil
