@@ -47,12 +47,22 @@ final class Subscription: Sendable {
 
     /// Whether an event passes a `where` filter (plain subscriptions and veto listeners alike).
     static func passes(_ filter: [(String, [JSONValue])], name: String, origin: EventOrigin, properties: JSONObject) -> Bool {
+        Self.passes(
+            filter, name: name, session: origin.session.map { .integer($0) } ?? .null,
+            actor: origin.actor.map { .string($0.id) } ?? .null, properties: properties)
+    }
+
+    /// Whether an event passes a `where` filter, given its envelope's `session` and actor `id`
+    /// (a replay reads them from the journaled JSON).
+    static func passes(
+        _ filter: [(String, [JSONValue])], name: String, session: JSONValue, actor: JSONValue, properties: JSONObject
+    ) -> Bool {
         for (key, accepted) in filter {
             let value: JSONValue?
             switch key {
             case "event": value = .string(name)
-            case "session": value = origin.session.map { .integer($0) } ?? .null
-            case "actor": value = origin.actor.map { .string($0.id) } ?? .null
+            case "session": value = session
+            case "actor": value = actor
             default: value = properties[key]
             }
             guard let value, accepted.contains(where: { looselyEqual($0, value) }) else { return false }
@@ -98,12 +108,7 @@ public final class EventBus: Sendable {
     /// An event with its seq, on its way to the subscriptions.
     struct NumberedEvent {
         let seq: Int64
-        let name: String
-        let kind: EventKind?
-        let origin: EventOrigin
-        let properties: JSONObject
-        let body: [UInt8]
-        let imagesBody: [UInt8]?
+        let event: JournalEntry
         /// The time, quoted; `nil`: the moment it is delivered.
         var time: [UInt8]?
     }
@@ -153,18 +158,13 @@ public final class EventBus: Sendable {
     /// Numbers an event and queues it to every matching subscription.
     @discardableResult
     func publish(name: String, kind: EventKind?, origin: EventOrigin, properties: JSONObject) -> Int64 {
-        let body = Self.body(origin, properties)
+        let event = self.entry(name: name, kind: kind, origin: origin, properties: properties)
         var wakeups: [Outbox.Wakeup] = []
         let seq = self.state.withLock { state -> Int64 in
             state.seq += 1
             state.published[name, default: 0] += 1
             if kind == nil { state.customNames.append(name) }
-            Self.dispatch(
-                &state,
-                NumberedEvent(
-                    seq: state.seq, name: name, kind: kind, origin: origin, properties: properties, body: body,
-                    imagesBody: nil),
-                wakeups: &wakeups)
+            Self.dispatch(&state, NumberedEvent(seq: state.seq, event: event), wakeups: &wakeups)
             return state.seq
         }
         for wakeup in wakeups { wakeup.resume() }
@@ -240,27 +240,19 @@ public final class EventBus: Sendable {
             // Serialize a batch outside the lock, then number and queue it under one lock.
             let batch = events[start..<min(events.count, start + 512)]
             start = batch.endIndex
-            let serialized = batch.compactMap { event -> (CommittedEvent, [UInt8], [UInt8]?)? in
+            let serialized = batch.compactMap { event -> JournalEntry? in
                 guard self.wants(event.kind) else { return nil }
-                let body = Self.body(origin, event.properties)
-                var imagesBody: [UInt8]?
-                if let images = event.images, rowsInterest & (1 << UInt64(event.kind.rawValue)) != 0 {
-                    imagesBody = Self.body(origin, event.properties, images)
-                }
-                return (event, body, imagesBody)
+                var event = event
+                if rowsInterest & (1 << UInt64(event.kind.rawValue)) == 0 { event.images = nil }
+                return self.entry(for: event, origin: origin)
             }
             guard !serialized.isEmpty else { continue }
             var wakeups: [Outbox.Wakeup] = []
             let seq = self.state.withLock { state in
-                for (event, body, imagesBody) in serialized {
+                for event in serialized {
                     state.seq += 1
-                    state.published[event.kind.name, default: 0] += 1
-                    Self.dispatch(
-                        &state,
-                        NumberedEvent(
-                            seq: state.seq, name: event.kind.name, kind: event.kind, origin: origin,
-                            properties: event.properties, body: body, imagesBody: imagesBody),
-                        wakeups: &wakeups)
+                    state.published[event.name, default: 0] += 1
+                    Self.dispatch(&state, NumberedEvent(seq: state.seq, event: event), wakeups: &wakeups)
                 }
                 return state.seq
             }
@@ -318,11 +310,7 @@ public final class EventBus: Sendable {
                     state.published[entry.name, default: 0] += 1
                     if entry.kind == nil { state.customNames.append(entry.name) }
                     Self.dispatch(
-                        &state,
-                        NumberedEvent(
-                            seq: reservation.first + Int64(index), name: entry.name, kind: entry.kind,
-                            origin: entry.origin, properties: entry.properties, body: entry.body,
-                            imagesBody: entry.imagesBody, time: reservation.time),
+                        &state, NumberedEvent(seq: reservation.first + Int64(index), event: entry, time: reservation.time),
                         wakeups: &wakeups)
                 }
                 if end == entries.count { Self.releaseHeld(&state, wakeups: &wakeups) }
@@ -382,24 +370,32 @@ public final class EventBus: Sendable {
         return body
     }
 
+    /// An event's bytes up to its subscription number: `{"type":"event","seq":…,"event":…,"time":…,"subscription":`.
+    /// `time` is quoted; `nil`: now.
+    static func prefix(seq: Int64, name: String, time: [UInt8]?) -> [UInt8] {
+        var prefix: [UInt8] = Array(#"{"type":"event","seq":"#.utf8)
+        JSONWriter.appendInt(seq, to: &prefix)
+        prefix += Array(#","event":"#.utf8)
+        JSONWriter.appendString(name, to: &prefix)
+        prefix += Array(#","time":"#.utf8)
+        if let time { prefix += time } else { EventTime.appendNow(to: &prefix) }
+        prefix += Array(#","subscription":"#.utf8)
+        return prefix
+    }
+
     /// Queues a numbered event to its subscribers that pass their filters (under the lock);
     /// `imagesBody`, when given, goes to those with `rows: true`.
-    private static func deliver(_ state: inout State, _ event: NumberedEvent, wakeups: inout [Outbox.Wakeup]) {
+    private static func deliver(_ state: inout State, _ numbered: NumberedEvent, wakeups: inout [Outbox.Wakeup]) {
+        let event = numbered.event
         let subscribers = Self.subscribers(&state, name: event.name, kind: event.kind)
         guard !subscribers.isEmpty else { return }
-        var prefix: [UInt8] = Array(#"{"type":"event","seq":"#.utf8)
-        JSONWriter.appendInt(event.seq, to: &prefix)
-        prefix += Array(#","event":"#.utf8)
-        JSONWriter.appendString(event.name, to: &prefix)
-        prefix += Array(#","time":"#.utf8)
-        if let time = event.time { prefix += time } else { EventTime.appendNow(to: &prefix) }
-        prefix += Array(#","subscription":"#.utf8)
+        let prefix = Self.prefix(seq: numbered.seq, name: event.name, time: numbered.time)
         for subscription in subscribers
         where subscription.filter.isEmpty
             || subscription.accepts(name: event.name, origin: event.origin, properties: event.properties)
         {
             let chosen = subscription.wantsRows ? event.imagesBody ?? event.body : event.body
-            let queued = QueuedEvent(prefix: prefix, subscription: subscription.id, body: chosen, seq: event.seq)
+            let queued = QueuedEvent(prefix: prefix, subscription: subscription.id, body: chosen, seq: numbered.seq)
             if let wakeup = subscription.outbox.enqueue(event: queued, policy: subscription.overflow) {
                 wakeups.append(wakeup)
             }

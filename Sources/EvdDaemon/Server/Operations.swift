@@ -70,7 +70,7 @@ extension Session {
             return .result(try await self.emit(&args))
         case "logout":
             try args.finish()
-            await self.publishJournaled(.logout, [:])
+            await self.publishSessionEvent(.logout, [:])
             return .result([:])
         case "invalidate":
             let database = try args.string("database")
@@ -312,24 +312,13 @@ extension Session {
             // The body is the event after `"subscription":N`: `,"session":…,"actor":…,props…}`.
             var object: [UInt8] = [UInt8(ascii: "{")]
             object += row.body.dropFirst()
-            guard let parsed = try? JSONValue(parsing: object), let properties = parsed.objectValue else { return nil }
-            for (key, accepted) in subscription.filter {
-                let value: JSONValue?
-                switch key {
-                case "event": value = .string(row.name)
-                case "actor": value = properties["actor"]?["id"] ?? .null
-                default: value = properties[key]
-                }
-                guard let value, accepted.contains(where: { looselyEqual($0, value) }) else { return nil }
-            }
+            guard let parsed = try? JSONValue(parsing: object), let properties = parsed.objectValue,
+                Subscription.passes(
+                    subscription.filter, name: row.name, session: properties["session"] ?? .null,
+                    actor: properties["actor"]?["id"] ?? .null, properties: properties)
+            else { return nil }
         }
-        var prefix: [UInt8] = Array(#"{"type":"event","seq":"#.utf8)
-        JSONWriter.appendInt(row.seq, to: &prefix)
-        prefix += Array(#","event":"#.utf8)
-        JSONWriter.appendString(row.name, to: &prefix)
-        prefix += Array(#","time":"#.utf8)
-        prefix += row.time
-        prefix += Array(#","subscription":"#.utf8)
+        let prefix = EventBus.prefix(seq: row.seq, name: row.name, time: row.time)
         let body = subscription.wantsRows ? row.imagesBody ?? row.body : row.body
         return QueuedEvent(prefix: prefix, subscription: subscription.id, body: body, seq: row.seq)
     }
@@ -353,13 +342,9 @@ extension Session {
             throw EvdError.badRequest(field: "data.\(key)", "'\(key)' is an envelope key and cannot be an event property")
         }
         try self.require(.emit)
-        // A custom event is a committed event: the client's OK means it is journaled.
-        let bus = self.core.bus
-        let origin = self.origin
-        let journal = self.core.journal
-        let seq = try await self.core.threadPool.runIfActive {
-            try bus.publishJournaled(name: name, kind: nil, origin: origin, properties: data, journal: journal)
-        }
+        // A custom event is a committed event: the client's OK means it is journaled. (Custom
+        // events always get a seq: only an unwanted catalog event goes without one.)
+        let seq = try await self.publishJournaled(nil, name: name, data) ?? 0
         return ["seq": .int(seq)]
     }
 

@@ -53,7 +53,7 @@ final class Session: Sendable {
         self.channel.withLock { $0 = channel }
         self.logger.debug("session started")
         self.outbox.enqueue(line: self.helloLine())
-        await self.publishJournaled(.login, ["method": "peercred"])
+        await self.publishSessionEvent(.login, ["method": "peercred"])
         do {
             try await channel.eventLoop.submit {
                 try channel.pipeline.syncOperations.handler(type: SessionHandler.self).attach(self)
@@ -70,15 +70,16 @@ final class Session: Sendable {
         }
         try? await channel.closeFuture.get()
         self.core.bus.unsubscribeAll(session: self.id)
-        await self.publishJournaled(.logout, [:])
+        await self.publishSessionEvent(.logout, [:])
         self.logger.debug("session ended")
     }
 
     /// Publishes a committed event of the session's that belongs to no database transaction
-    /// (`login`, `logout`, custom events): journaled first, on the thread pool, then delivered.
-    /// Without a journal, it costs nothing unless someone subscribed.
+    /// (`login`, `logout`, a custom event named `name`): journaled first, on the thread pool, then
+    /// delivered; returns its seq. Without a journal, a catalog event costs nothing (and gets no
+    /// seq) unless someone subscribed.
     @discardableResult
-    func publishJournaled(_ kind: EventKind?, name: String? = nil, _ properties: JSONObject) async -> Int64? {
+    func publishJournaled(_ kind: EventKind?, name: String? = nil, _ properties: JSONObject) async throws -> Int64? {
         let bus = self.core.bus
         let origin = self.origin
         let name = name ?? kind!.name
@@ -86,13 +87,18 @@ final class Session: Sendable {
             if let kind, !bus.wants(kind) { return nil }
             return bus.publish(name: name, kind: kind, origin: origin, properties: properties)
         }
+        return try await self.core.threadPool.runIfActive {
+            try bus.publishJournaled(name: name, kind: kind, origin: origin, properties: properties, journal: journal)
+        }
+    }
+
+    /// `login` or `logout` (the connection comes or goes, or the logout op): a failed journal write
+    /// is logged, not answered.
+    func publishSessionEvent(_ kind: EventKind, _ properties: JSONObject) async {
         do {
-            return try await self.core.threadPool.runIfActive {
-                try bus.publishJournaled(name: name, kind: kind, origin: origin, properties: properties, journal: journal)
-            }
+            try await self.publishJournaled(kind, properties)
         } catch {
-            self.logger.warning("could not journal an event", metadata: ["event": "\(name)", "error": "\(error)"])
-            return nil
+            self.logger.warning("could not journal an event", metadata: ["event": "\(kind.name)", "error": "\(error)"])
         }
     }
 

@@ -27,7 +27,8 @@ public struct JournalSettings: Sendable {
     public init() {}
 }
 
-/// A committed event ready to be journaled and published: its bytes are made once, for both.
+/// An event ready to be published (and, if committed, journaled): its bytes are made once, for
+/// the journal and every subscriber.
 struct JournalEntry: Sendable {
     let name: String
     let kind: EventKind?
@@ -93,7 +94,13 @@ public final class Journal: Sendable {
     let sources: [Source]
     private let statePath: String
     /// The state database: its meta table (lease, floor) and its journal.
-    private let state: Mutex<SQLiteConnection?> = Mutex(nil)
+    private let state: Mutex<StateDatabase?> = Mutex(nil)
+
+    /// The state database's connection and its journal insert, prepared once.
+    private struct StateDatabase {
+        let connection: SQLiteConnection
+        let insert: SQLiteStatement
+    }
     /// Connections for retention's deletes, one per source, opened on first use.
     private let maintenance: Mutex<[String: SQLiteConnection]> = Mutex([:])
     /// The highest seq retention may have removed.
@@ -135,7 +142,10 @@ public final class Journal: Sendable {
             }
         }
         self.floorValue.store(floor, ordering: .releasing)
-        self.state.withLock { $0 = state }
+        guard let insert = try state.prepare(SQLText(Self.insertSQL), from: 0) else {
+            throw SQLiteError(code: SQLITE_MISUSE, message: "the journal's insert prepared to nothing")
+        }
+        self.state.withLock { $0 = StateDatabase(connection: state, insert: insert) }
         self.lease.start(after: head) { end throws(SQLiteError) in try self.setMeta("seq_lease", end) }
         try self.setMeta("seq_lease", self.lease.end)
         return head
@@ -144,7 +154,7 @@ public final class Journal: Sendable {
     /// Closes the journal's own connections, checkpointing the state database's WAL.
     func close() {
         self.state.withLock { state in
-            try? state?.exec("PRAGMA wal_checkpoint(TRUNCATE)")
+            try? state?.connection.exec("PRAGMA wal_checkpoint(TRUNCATE)")
             state = nil
         }
         self.maintenance.withLock { $0.removeAll() }
@@ -153,7 +163,7 @@ public final class Journal: Sendable {
     private func setMeta(_ key: String, _ value: Int64) throws(SQLiteError) {
         try self.state.withLock { state throws(SQLiteError) in
             guard let state else { return }
-            try state.exec("INSERT INTO meta (key, value) VALUES ('\(key)', \(value)) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+            try state.connection.exec("INSERT INTO meta (key, value) VALUES ('\(key)', \(value)) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
         }
     }
 
@@ -197,13 +207,14 @@ public final class Journal: Sendable {
     func appendToState(_ entries: [JournalEntry], _ reservation: SeqReservation) throws(SQLiteError) {
         try self.state.withLock { state throws(SQLiteError) in
             guard let state else { throw SQLiteError(code: SQLITE_MISUSE, message: "the journal is closed") }
-            try state.exec("BEGIN IMMEDIATE")
+            try state.connection.exec("BEGIN IMMEDIATE")
             do throws(SQLiteError) {
-                guard let insert = try state.prepare(SQLText(Self.insertSQL), from: 0) else { return }
-                try Self.write(entries, first: reservation.first, time: reservation.timeText, using: insert)
-                try state.exec("COMMIT")
+                try Self.write(entries, first: reservation.first, time: reservation.timeText, using: state.insert)
+                state.insert.reset()
+                try state.connection.exec("COMMIT")
             } catch {
-                try? state.exec("ROLLBACK")
+                state.insert.reset()
+                try? state.connection.exec("ROLLBACK")
                 throw error
             }
         }
@@ -326,7 +337,7 @@ public final class Journal: Sendable {
         if source.database == nil {
             try self.state.withLock { state throws(SQLiteError) in
                 guard let state else { return }
-                try body(state)
+                try body(state.connection)
             }
         } else {
             try body(try self.maintenanceConnection(source))
