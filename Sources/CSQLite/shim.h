@@ -11,4 +11,10 @@ static inline sqlite3_destructor_type evd_sqlite_transient(void) { return SQLITE
 /// sqlite3_config is variadic and does not import; these wrap the calls evd makes.
 static inline int evd_sqlite_config_multithread(void) { return sqlite3_config(SQLITE_CONFIG_MULTITHREAD); }
 
+/// sqlite3_db_config is variadic too: turns the connection's triggers on or off (a prepared
+/// transaction's redo log already holds what its triggers did).
+static inline int evd_sqlite_enable_triggers(sqlite3 *db, int on) {
+    return sqlite3_db_config(db, SQLITE_DBCONFIG_ENABLE_TRIGGER, on, (int *)0);
+}
+
 #endif

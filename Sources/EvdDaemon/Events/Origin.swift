@@ -24,6 +24,15 @@ public struct Actor: Sendable, Equatable {
         self.user = user
     }
 
+    /// The actor from its wire form (`jsonValue`); nil if it is not one.
+    public init?(json: JSONValue) {
+        guard let id = json["id"]?.stringValue, let uid = json["uid"]?.intValue, let gid = json["gid"]?.intValue,
+            let pid = json["pid"]?.intValue
+        else { return nil }
+        self.init(uid: UInt32(clamping: uid), gid: UInt32(clamping: gid), pid: Int32(clamping: pid), user: json["user"]?.stringValue)
+        self.id = id
+    }
+
     /// The actor as the wire shows it.
     public var jsonValue: JSONValue {
         [

@@ -66,8 +66,11 @@ public final class Daemon: Service, CustomStringConvertible {
         let server: NIOAsyncChannel<any Channel, Never>
         let createdPath: String?
         do {
+            try await self.recoverPreparedTransactions(core)
             (server, createdPath) = try await self.bind(group: group)
         } catch {
+            await core.twoPhase.releaseAll()
+            core.twoPhase.log.close()
             journal.close()
             try? await threadPool.shutdownGracefully()
             throw error
@@ -113,6 +116,9 @@ public final class Daemon: Service, CustomStringConvertible {
             server.channel.close(promise: nil)
         }
 
+        // Prepared transactions are rolled back here and prepared again at the next start.
+        await core.twoPhase.releaseAll()
+        core.twoPhase.log.close()
         for pool in core.pools.values { await pool.dispose(origin: .daemon) }
         journal.close()
         try? await threadPool.shutdownGracefully()
@@ -132,6 +138,19 @@ public final class Daemon: Service, CustomStringConvertible {
         } catch {
             try? await threadPool.shutdownGracefully()
             throw StartupError(description: "cannot open the journal in \(self.configuration.stateDirectory): \(error)")
+        }
+    }
+
+    /// Opens the two-phase log and holds every transaction it has prepared again, before any
+    /// client can connect (their locks are taken before anyone else's).
+    private func recoverPreparedTransactions(_ core: DaemonCore) async throws {
+        do {
+            try await core.threadPool.runIfActive { try core.twoPhase.log.open() }
+            for line in try await core.twoPhase.recover(pools: core.pools) {
+                self.logger.notice("two-phase recovery: \(line)")
+            }
+        } catch {
+            throw StartupError(description: "cannot recover prepared two-phase transactions in \(self.configuration.stateDirectory): \(error)")
         }
     }
 

@@ -57,6 +57,8 @@ final class DaemonCore: Sendable {
     let engineOptions = Mutex<JSONObject>([:])
     /// Set when shutdown begins: new requests get `shutting_down`.
     let shuttingDown = Atomic<Bool>(false)
+    /// Prepared two-phase transactions awaiting a decision, and their durable log.
+    let twoPhase: TwoPhaseTransactions
 
     init(
         configuration: EvdConfiguration, bus: EventBus, journal: Journal?, threadPool: NIOThreadPool,
@@ -76,6 +78,7 @@ final class DaemonCore: Sendable {
         }
         self.pools = pools
         self.permissions = Permissions(ownerUID: getuid())
+        self.twoPhase = TwoPhaseTransactions(stateDirectory: configuration.stateDirectory)
     }
 
     /// The pool of `name`, or the default database's when `name` is nil.

@@ -5,10 +5,7 @@ import OrderedCollections
 extension Session {
     /// Ops the contract defines that later versions of evd implement; they answer `unknown_op`
     /// with a message saying so, rather than pretending.
-    static let notYetImplemented: Set<String> = [
-        "begin_twophase", "prepare_twophase", "commit_twophase", "rollback_twophase", "recover",
-        "login", "create_token",
-    ]
+    static let notYetImplemented: Set<String> = ["login", "create_token"]
 
     func dispatch(_ request: JSONObject, _ state: inout SessionState) async throws -> Outcome {
         guard let opValue = request["op"], !opValue.isNull else {
@@ -64,6 +61,23 @@ extension Session {
             try self.require(.executeSQL)
             try await self.savepoint(op, name: name, &state)
             return .result([:])
+        case "begin_twophase", "prepare_twophase", "commit_twophase", "rollback_twophase":
+            let xid = try args.requiredString("xid")
+            let database = try args.string("database")
+            try args.finish()
+            guard !xid.isEmpty else { throw EvdError.badRequest(field: "xid", "'xid' must not be empty") }
+            try self.require(.executeSQL)
+            switch op {
+            case "begin_twophase": try await self.beginTwoPhase(xid: xid, database: database, &state)
+            case "prepare_twophase": try await self.prepareTwoPhase(xid: xid, database: database, &state)
+            default: try await self.decideTwoPhase(commit: op == "commit_twophase", xid: xid, database: database, &state)
+            }
+            return .result([:])
+        case "recover":
+            let database = try args.string("database")
+            try args.finish()
+            try self.require(.executeSQL)
+            return .result(try self.recoverTwoPhase(database: database))
         case "execution_options":
             return .result(try self.executionOptions(&args, &state))
         case "emit":

@@ -86,7 +86,7 @@ extension Session {
     }
 
     /// Checks a connection out for this session: `checkout`, then `engine_connect`.
-    private func checkout(_ pool: ConnectionPool) async throws -> PooledConnection {
+    func checkout(_ pool: ConnectionPool) async throws -> PooledConnection {
         let origin = self.origin
         let connection = try await pool.checkout(origin: origin)
         self.core.bus.emit(.engineConnect, origin) {
@@ -95,11 +95,11 @@ extension Session {
         return connection
     }
 
-    private func checkin(_ connection: PooledConnection, to pool: ConnectionPool) async {
+    func checkin(_ connection: PooledConnection, to pool: ConnectionPool) async {
         await pool.checkin(connection, origin: self.origin)
     }
 
-    private func checkSameDatabase(_ database: String?, _ transaction: Transaction) throws(EvdError) {
+    func checkSameDatabase(_ database: String?, _ transaction: Transaction) throws(EvdError) {
         if let database, database != transaction.pool.database.name {
             if self.core.pools[database] == nil { _ = try self.core.pool(database) }
             throw EvdError.badRequest(
@@ -149,7 +149,10 @@ extension Session {
         let connection = transaction.connection
         if commit {
             do {
-                try await self.vetoable(.commit, on: transaction.pool) { self.transactionProperties(transaction) }
+                // A two-phase transaction committed in one phase fires `commit_twophase` instead.
+                if transaction.xid == nil {
+                    try await self.vetoable(.commit, on: transaction.pool) { self.transactionProperties(transaction) }
+                }
             } catch {
                 // A denied commit rolls the transaction back: nothing becomes visible.
                 await self.rollBack(transaction)
@@ -173,6 +176,11 @@ extension Session {
                 }
                 throw error
             }
+            if let xid = transaction.xid {
+                self.core.bus.emit(.commitTwophase, self.origin) {
+                    Self.twoPhaseProperties(transaction.pool, transaction.connection, xid: xid, isPrepared: false)
+                }
+            }
         } else {
             await self.rollBack(transaction)
         }
@@ -180,14 +188,21 @@ extension Session {
         await self.checkin(connection, to: transaction.pool)
     }
 
-    /// Rolls the session's transaction back (its captured changes with it) and fires `rollback`.
+    /// Rolls the session's transaction back (its captured changes with it) and fires `rollback`
+    /// (`rollback_twophase` for a two-phase one).
     private func rollBack(_ transaction: Transaction) async {
         let connection = transaction.connection
         try? await transaction.pool.run {
             connection.capture.discardAll()
             try connection.sqlite.exec("ROLLBACK")
         }
-        self.core.bus.emit(.rollback, self.origin) { self.transactionProperties(transaction) }
+        if let xid = transaction.xid {
+            self.core.bus.emit(.rollbackTwophase, self.origin) {
+                Self.twoPhaseProperties(transaction.pool, connection, xid: xid, isPrepared: false)
+            }
+        } else {
+            self.core.bus.emit(.rollback, self.origin) { self.transactionProperties(transaction) }
+        }
     }
 
     /// `savepoint`, `release_savepoint`, `rollback_savepoint` inside the open transaction.

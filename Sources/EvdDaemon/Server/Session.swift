@@ -327,10 +327,15 @@ struct SessionState {
     var options: JSONObject = [:]
 }
 
-/// A transaction opened with `begin`: the connection is the session's until `commit`/`rollback`.
+/// A transaction opened with `begin` (or `begin_twophase`): the connection is the session's until
+/// `commit`/`rollback` (or `prepare_twophase`, which hands it to `TwoPhaseTransactions`).
 struct Transaction: Sendable {
     let pool: ConnectionPool
     let connection: PooledConnection
+    /// A two-phase transaction's xid.
+    var xid: String?
+    /// A two-phase transaction's schema version at begin: prepare refuses a schema change.
+    var schemaVersion: Int64 = 0
 }
 
 /// The daemon's version, as `hello` reports it.

@@ -40,6 +40,8 @@ struct RowChange {
     var unit: Int32
     /// The old rowid (update, delete) or the new one (insert).
     var rowid: Int64
+    /// An update's new rowid (the same as `rowid` unless the update moved the row).
+    var newRowid: Int64 = 0
     /// The primary key values, in key order (old ones for update/delete); `nil` while the table's
     /// shape is unknown, and for rowid tables without a declared key (the key is `[rowid]`).
     var key: [JSONValue]?
@@ -236,7 +238,7 @@ final class ChangeCapture: @unchecked Sendable {
         }
         var change = RowChange(
             operation: op, table: index, depth: sqlite3_preupdate_depth(db), unit: self.unit,
-            rowid: op == .insert ? newRowid : oldRowid)
+            rowid: op == .insert ? newRowid : oldRowid, newRowid: newRowid)
         let shape = self.shapes[index]
         let count = Int(sqlite3_preupdate_count(db))
         if self.images || shape == nil || shape!.columns.count != count {
@@ -325,6 +327,27 @@ final class ChangeCapture: @unchecked Sendable {
         guard let shape = try? TableShape.read(self.tables[Int(index)], on: self.connection) else { return nil }
         self.shapes[index] = shape
         return shape
+    }
+
+    // MARK: The redo log of a prepared transaction
+
+    /// Every row change recorded, in the order SQLite made them (triggers' and cascades' too), with
+    /// whole rows, and the columns of each table changed: what re-applying the transaction after a
+    /// crash takes (`TwoPhase`). `nil` when the transaction also changed the schema, which a redo
+    /// log of rows cannot carry. Needs `images` on from the transaction's start.
+    func redoLog() -> (changes: [RedoChange], columns: [String: [String]])? {
+        var changes: [RedoChange] = []
+        var columns: [String: [String]] = [:]
+        for entry in self.entries {
+            guard case .row(let change) = entry else { return nil }
+            let table = self.tables[Int(change.table)]
+            if columns[table] == nil { columns[table] = self.shape(change.table)?.columns ?? [] }
+            changes.append(
+                RedoChange(
+                    table: table, operation: change.operation, rowid: change.rowid, newRowid: change.newRowid,
+                    before: change.before, after: change.after))
+        }
+        return (changes, columns)
     }
 
     // MARK: Committed events

@@ -15,6 +15,9 @@ public struct DatabaseConfig: Sendable, Equatable {
         self.name = name
         self.path = path
     }
+
+    /// An in-memory database: nothing of it survives the daemon.
+    var isInMemory: Bool { self.path == ":memory:" || self.path.contains("mode=memory") }
 }
 
 /// A connection of the pool, with the per-session settings currently applied to it.
@@ -32,6 +35,8 @@ public final class PooledConnection: @unchecked Sendable {
     var busyTimeoutMs: Int32
     /// The journal's insert, prepared on first commit with events.
     var journalInsert: SQLiteStatement?
+    /// In a two-phase transaction: every change is recorded with whole rows (its redo log).
+    var twoPhase = false
 
     init(number: Int, sqlite: SQLiteConnection, observer: AuthorizerObserver, busyTimeoutMs: Int32) {
         self.number = number
@@ -263,6 +268,7 @@ public final class ConnectionPool: Sendable {
                 let open = connection.sqlite.inTransaction
                 if open { try? connection.sqlite.exec("ROLLBACK") }
                 connection.capture.discardAll()
+                connection.twoPhase = false
                 try? connection.apply(queryOnly: false, busyTimeoutMs: self.defaultBusyTimeoutMs)
                 connection.sqlite.lastInsertRowid = 0
                 return open

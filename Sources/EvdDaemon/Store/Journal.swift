@@ -112,7 +112,7 @@ public final class Journal: Sendable {
         self.settings = settings
         self.statePath = stateDirectory + "/journal.db"
         var sources = [Source(database: nil, path: self.statePath)]
-        for database in databases where database.path != ":memory:" && !database.path.contains("mode=memory") {
+        for database in databases where !database.isInMemory {
             sources.append(Source(database: database.name, path: database.path))
         }
         self.sources = sources
@@ -396,9 +396,12 @@ extension PooledConnection {
     /// COMMITs the open transaction with its committed events: journaled inside the transaction
     /// (when the journal is on), then published once the COMMIT succeeded. On a failed COMMIT
     /// that leaves the transaction open (busy, a deferred constraint), the journal rows are taken
-    /// back out and the captured changes stay, so the client may retry.
-    func commit(database: String, origin: EventOrigin, bus: EventBus, journal: Journal?) throws(SQLiteError) {
-        let events = self.capture.committedEvents(database: database)
+    /// back out and the captured changes stay, so the client may retry. `events`: those a prepared
+    /// transaction's log holds, instead of what the capture recorded.
+    func commit(
+        database: String, origin: EventOrigin, bus: EventBus, journal: Journal?, events prepared: [CommittedEvent]? = nil
+    ) throws(SQLiteError) {
+        let events = prepared ?? self.capture.committedEvents(database: database)
         guard let journal, journal.settings.enabled, !events.isEmpty else {
             try self.sqlite.exec("COMMIT")
             self.capture.discardAll()

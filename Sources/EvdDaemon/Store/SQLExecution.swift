@@ -228,8 +228,9 @@ struct SQLRun {
     /// Wraps a request: the body, `after_execute`, and the implicit transaction's end.
     func inRequest<T>(_ body: () throws(EvdError) -> (T, Int64)) throws(EvdError) -> T {
         let capture = self.connection.capture
-        capture.active = self.pool.journal != nil || self.bus.wantsCommittedChanges || !capture.isEmpty
-        capture.images = self.bus.wantsRowImages || self.pool.journal?.settings.rowImages == true
+        let twoPhase = self.connection.twoPhase  // its redo log needs every change, whole
+        capture.active = twoPhase || self.pool.journal != nil || self.bus.wantsCommittedChanges || !capture.isEmpty
+        capture.images = twoPhase || self.bus.wantsRowImages || self.pool.journal?.settings.rowImages == true
         let value: T
         let changes: Int64
         do {

@@ -1,0 +1,148 @@
+import EvdClient
+
+/// The two-phase ops of PROTOCOL.md §3: `begin_twophase`, `prepare_twophase`, `commit_twophase`,
+/// `rollback_twophase` and `recover` (how it works: Store/TwoPhase.swift).
+extension Session {
+    static func twoPhaseProperties(_ pool: ConnectionPool, _ connection: PooledConnection?, xid: String, isPrepared: Bool? = nil) -> JSONObject {
+        var properties: JSONObject = [
+            "database": .string(pool.database.name), "connection": connection.map { .integer($0.number) } ?? .null,
+            "xid": .string(xid),
+        ]
+        if let isPrepared { properties["is_prepared"] = .bool(isPrepared) }
+        return properties
+    }
+
+    /// `begin_twophase`: like `begin`, but the write lock is taken at once and every change is
+    /// recorded whole, so that the transaction can be prepared.
+    func beginTwoPhase(xid: String, database: String?, _ state: inout SessionState) async throws {
+        if let transaction = state.transaction {
+            throw EvdError(
+                .alreadyInTransaction, "the session is already in a transaction on '\(transaction.pool.database.name)'")
+        }
+        let pool = try self.core.pool(database)
+        try self.checkXidFree(xid, pool)
+        let connection = try await self.checkout(pool)
+        let options = self.effectiveOptions(state)
+        let queryOnly = options["query_only"]?.boolValue ?? false
+        let busyTimeout = Int32(options["busy_timeout_ms"]?.intValue ?? Int64(pool.defaultBusyTimeoutMs))
+        let logged = !pool.database.isInMemory
+        let schemaVersion: Int64
+        do {
+            schemaVersion = try await pool.run {
+                try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
+                return try connection.beginTwoPhase(logged: logged)
+            }
+        } catch {
+            await self.checkin(connection, to: pool)
+            throw error
+        }
+        state.transaction = Transaction(pool: pool, connection: connection, xid: xid, schemaVersion: schemaVersion)
+        self.core.bus.emit(.beginTwophase, self.origin) { Self.twoPhaseProperties(pool, connection, xid: xid) }
+    }
+
+    private func checkXidFree(_ xid: String, _ pool: ConnectionPool) throws(EvdError) {
+        if self.core.twoPhase.isHeld(database: pool.database.name, xid: xid) {
+            throw EvdError.badRequest(
+                field: "xid", "'\(xid)' is prepared on '\(pool.database.name)' and awaits commit_twophase or rollback_twophase")
+        }
+    }
+
+    /// `prepare_twophase`: after its OK, only `commit_twophase`/`rollback_twophase` (from any session)
+    /// decide the transaction, even across a crash. The session is then no longer in it.
+    func prepareTwoPhase(xid: String, database: String?, _ state: inout SessionState) async throws {
+        guard let transaction = state.transaction else {
+            throw EvdError(.notInTransaction, "the session is not in a two-phase transaction (use begin_twophase first)")
+        }
+        try self.checkSameDatabase(database, transaction)
+        guard let ownXid = transaction.xid else {
+            throw EvdError.badRequest(field: "xid", "the session's transaction was begun with begin, not begin_twophase")
+        }
+        guard ownXid == xid else {
+            throw EvdError.badRequest(field: "xid", "the session's two-phase transaction is '\(ownXid)', not '\(xid)'")
+        }
+        let pool = transaction.pool
+        try self.checkXidFree(xid, pool)
+        let connection = transaction.connection
+        let origin = self.origin
+        let log = pool.database.isInMemory ? nil : self.core.twoPhase.log
+        let schemaVersion = transaction.schemaVersion
+        let record = try await pool.run {
+            try connection.prepareTwoPhase(
+                xid: xid, database: pool.database.name, origin: origin, schemaVersion: schemaVersion, log: log)
+        }
+        self.core.twoPhase.hold(.prepared(PreparedTransaction(pool: pool, connection: connection, record: record, recovered: false)))
+        state.transaction = nil
+        self.core.bus.emit(.prepareTwophase, origin) { Self.twoPhaseProperties(pool, connection, xid: xid) }
+    }
+
+    /// `commit_twophase` / `rollback_twophase`: of the session's own two-phase transaction that is
+    /// not prepared (one phase, `is_prepared: false`), or of a prepared one, from any session.
+    func decideTwoPhase(commit: Bool, xid: String, database: String?, _ state: inout SessionState) async throws {
+        if let transaction = state.transaction, transaction.xid == xid,
+            database == nil || database == transaction.pool.database.name
+        {
+            try await self.end(commit: commit, database: database, &state)
+            return
+        }
+        let pool = try self.core.pool(database)
+        guard let held = self.core.twoPhase.take(database: pool.database.name, xid: xid) else {
+            throw EvdError.badRequest(field: "xid", "no transaction '\(xid)' is prepared on '\(pool.database.name)'")
+        }
+        let log = self.core.twoPhase.log
+        let record = held.record
+        guard case .prepared(let prepared) = held else {
+            guard !commit else {
+                self.core.twoPhase.hold(held)
+                let reason = if case .unrecoverable(_, let reason) = held { reason } else { "" }
+                throw EvdError.badRequest(
+                    field: "xid", "'\(xid)' cannot be committed: evd could not prepare it again after a restart (\(reason)); roll it back")
+            }
+            try await pool.run { try log.remove(token: record.token) }
+            self.core.bus.emit(.rollbackTwophase, self.origin) { Self.twoPhaseProperties(pool, nil, xid: xid, isPrepared: true) }
+            return
+        }
+        let connection = prepared.connection
+        let logger = self.logger
+        do {
+            try await pool.run {
+                if commit {
+                    // The marker commits with the transaction, so the log can be forgotten after it:
+                    // if evd dies before, the next start finds the marker and knows.
+                    try connection.commit(
+                        database: pool.database.name, origin: record.origin, bus: pool.bus, journal: pool.journal,
+                        events: record.events)
+                    guard record.token != 0 else { return }
+                    do {
+                        try log.remove(token: record.token)
+                        connection.removeMarker(token: record.token)
+                    } catch {
+                        logger.warning("a committed two-phase transaction stays in the log until the next start", metadata: ["xid": "\(xid)", "error": "\(error)"])
+                    }
+                } else {
+                    // Forgotten first: a crash after it rolls back all the same.
+                    if record.token != 0 { try log.remove(token: record.token) }
+                    try connection.sqlite.exec("ROLLBACK")
+                }
+            }
+        } catch {
+            // A COMMIT that failed and left the transaction open (an I/O error, say): still prepared.
+            let stillOpen = (try? await pool.run { connection.sqlite.inTransaction }) ?? false
+            if stillOpen {
+                self.core.twoPhase.hold(held)
+            } else {
+                await prepared.release(origin: self.origin)
+            }
+            throw error
+        }
+        await prepared.release(origin: self.origin)
+        self.core.bus.emit(commit ? .commitTwophase : .rollbackTwophase, self.origin) {
+            Self.twoPhaseProperties(pool, connection, xid: xid, isPrepared: true)
+        }
+    }
+
+    /// `recover`: the xids prepared on a database and awaiting a decision.
+    func recoverTwoPhase(database: String?) throws -> JSONValue {
+        let pool = try self.core.pool(database)
+        return ["xids": .array(self.core.twoPhase.xids(database: pool.database.name).map(JSONValue.string))]
+    }
+}
