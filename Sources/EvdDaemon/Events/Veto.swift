@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 import Dispatch
 import EvdClient
 import NIOCore
@@ -87,6 +92,12 @@ final class PendingVeto: Sendable {
 
     private let state = Mutex(State.waiting(nil))
     private let semaphore = DispatchSemaphore(value: 0)
+    /// Set once resolved: what a SQLite thread polls before it goes to sleep on the semaphore.
+    private let isResolved = Atomic<Bool>(false)
+    /// How long a SQLite thread polls for the reply before it sleeps. A listener on the same
+    /// machine often answers within this; a thread that never slept needs no wake-up, which is
+    /// most of what a veto costs beyond the round trip itself (measured in `scripts/bench`).
+    static let pollBeforeSleeping: Duration = .microseconds(150)
 
     init(seq: Int64, listener: VetoListener, mutable: Set<String>) {
         self.seq = seq
@@ -103,6 +114,7 @@ final class PendingVeto: Sendable {
             return (true, continuation)
         }
         guard outcome.0 else { return false }
+        self.isResolved.store(true, ordering: .releasing)
         outcome.1?.resume(returning: decision)
         self.semaphore.signal()
         return true
@@ -117,6 +129,14 @@ final class PendingVeto: Sendable {
 
     /// Blocks the calling (non-cooperative) thread until resolved or `timeout` passes.
     func waitBlocking(timeout: Duration) -> VetoDecision {
+        let clock = ContinuousClock()
+        let start = clock.now
+        let pollUntil = start + min(timeout, Self.pollBeforeSleeping)
+        while !self.isResolved.load(ordering: .acquiring) && clock.now < pollUntil {
+            sched_yield()  // the core goes to whoever else is runnable: the event loop, the listener
+        }
+        if self.isResolved.load(ordering: .acquiring), let decision = self.decision { return decision }
+        let timeout = timeout - (clock.now - start)
         let nanoseconds = max(0, timeout.components.seconds * 1_000_000_000 + timeout.components.attoseconds / 1_000_000_000)
         if self.semaphore.wait(timeout: .now() + .nanoseconds(Int(nanoseconds))) == .timedOut {
             self.resolve(.noAnswer(.timeout))
