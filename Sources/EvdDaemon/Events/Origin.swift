@@ -15,13 +15,33 @@ public struct Actor: Sendable, Equatable {
     public var pid: Int32
     /// The user name for `uid`, when the system knows one.
     public var user: String?
+    /// The user's supplementary groups (from the group database, read once at connect), for
+    /// grants by group.
+    public var groups: [UInt32] = []
+    /// What the token this actor logged in with narrows its rights to: every set must allow an
+    /// action (a token made by a token's session carries its maker's sets too). Empty: no token.
+    public var restrictions: [TokenRestrictions] = []
 
-    public init(uid: UInt32, gid: UInt32, pid: Int32, user: String?) {
+    public init(uid: UInt32, gid: UInt32, pid: Int32, user: String?, groups: [UInt32] = []) {
         self.id = "uid:\(uid)"
         self.uid = uid
         self.gid = gid
         self.pid = pid
         self.user = user
+        self.groups = groups
+    }
+
+    /// The supplementary groups of `user` (whose primary group is `gid`).
+    public static func groups(user: String?, gid: UInt32) -> [UInt32] {
+        guard let user else { return [] }
+        var count: Int32 = 64
+        while true {
+            var groups = [gid_t](repeating: 0, count: Int(count))
+            var found = count
+            if getgrouplist(user, gid, &groups, &found) >= 0 { return Array(groups.prefix(Int(found))) }
+            guard found > count else { return [] }
+            count = found
+        }
     }
 
     /// The actor from its wire form (`jsonValue`); nil if it is not one.

@@ -38,6 +38,8 @@ public struct EvdConfiguration: Sendable {
     public var shutdownGraceMs: Int = 5000
     /// Whether and how long committed events are kept for replay.
     public var journal = JournalSettings()
+    /// The policy: who besides root and the daemon's own uid may do what (the config file's `[[grant]]`s).
+    public var grants: [Grant] = []
 
     public init(socketPath: String, databases: [DatabaseConfig], stateDirectory: String) {
         self.socketPath = socketPath

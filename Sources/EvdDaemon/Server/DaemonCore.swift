@@ -9,37 +9,6 @@ import NIOPosix
 import OrderedCollections
 import Synchronization
 
-/// The actions of PROTOCOL.md §8, by Datasette's names.
-public enum Action: String, Sendable, CaseIterable {
-    case subscribe, veto, emit
-    case executeSQL = "execute-sql"
-    case viewTable = "view-table"
-    case insertRow = "insert-row"
-    case updateRow = "update-row"
-    case deleteRow = "delete-row"
-    case createTable = "create-table"
-    case alterTable = "alter-table"
-    case dropTable = "drop-table"
-    case createToken = "create-token"
-    case admin
-}
-
-/// Who may do what. The daemon's own uid and root hold every action; everyone else nothing
-/// unless the policy grants it (the config file's grants arrive with the permissions issue).
-struct Permissions: Sendable {
-    let ownerUID: UInt32
-
-    func allows(_ actor: Actor, _ action: Action) -> Bool {
-        actor.uid == 0 || actor.uid == self.ownerUID
-    }
-
-    func require(_ actor: Actor, _ action: Action) throws(EvdError) {
-        guard self.allows(actor, action) else {
-            throw EvdError(.permissionDenied, "\(actor.id) may not \(action.rawValue)", extra: ["action": .string(action.rawValue)])
-        }
-    }
-}
-
 /// What every session shares: the bus, the pools, the settings, the counters.
 final class DaemonCore: Sendable {
     let configuration: EvdConfiguration
@@ -77,7 +46,7 @@ final class DaemonCore: Sendable {
                 vetoBudget: .milliseconds(configuration.vetoBudgetMs), journal: journal)
         }
         self.pools = pools
-        self.permissions = Permissions(ownerUID: getuid())
+        self.permissions = Permissions(ownerUID: getuid(), grants: configuration.grants)
         self.twoPhase = TwoPhaseTransactions(stateDirectory: configuration.stateDirectory)
     }
 

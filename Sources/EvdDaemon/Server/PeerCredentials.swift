@@ -21,6 +21,7 @@ struct PeerCredentials: Sendable, Equatable {
 
     /// The actor these credentials make (PROTOCOL.md §8).
     var actor: Actor {
-        Actor(uid: self.uid, gid: self.gid, pid: self.pid, user: Actor.userName(uid: self.uid))
+        let user = Actor.userName(uid: self.uid)
+        return Actor(uid: self.uid, gid: self.gid, pid: self.pid, user: user, groups: Actor.groups(user: user, gid: self.gid))
     }
 }

@@ -31,6 +31,7 @@ final class Session: Sendable {
         self.outbox = Outbox(limits: core.configuration.outboxLimits, stats: core.bus.deliveryStats)
         self.inbox = RequestInbox(capacity: core.configuration.maxPipelinedRequests)
         self.identity = Mutex((actor, EventOrigin(session: id, actor: actor)))
+        self.peerActor = actor
         var logger = logger
         logger[metadataKey: "session"] = "\(id)"
         logger[metadataKey: "peer.uid"] = "\(actor.uid)"
@@ -39,6 +40,13 @@ final class Session: Sendable {
 
     var actor: Actor { self.identity.withLock { $0.actor } }
     var origin: EventOrigin { self.identity.withLock { $0.origin } }
+    /// The actor of the peer's credentials: the session's actor until a `login`, and after `logout`.
+    let peerActor: Actor
+
+    /// Switches the session's actor: to a token's (`login`), or back to `peerActor` (`logout`).
+    func setActor(_ actor: Actor) {
+        self.identity.withLock { $0 = (actor, EventOrigin(session: self.id, actor: actor)) }
+    }
     var isBusy: Bool { self.busy.load(ordering: .relaxed) }
 
     /// A line the reader hands to the executor.
