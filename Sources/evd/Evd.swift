@@ -94,9 +94,6 @@ struct Evd: AsyncParsableCommand {
                 throw ValidationError("--db takes NAME=PATH, not '\(spec)'")
             }
         }
-        if self.config != nil {
-            throw ValidationError("--config: configuration files are not supported by this evd yet")
-        }
     }
 
     func run() async throws {
@@ -137,6 +134,14 @@ struct Evd: AsyncParsableCommand {
         configuration.maxSessionsPerUID = self.maxConnectionsPerUid
         configuration.maxSubscriptions = self.maxSubscriptions
         configuration.maxPipelinedRequests = self.maxPendingRequests
+        if let path = self.config {
+            do {
+                configuration.grants = try ConfigFile.load(path).grants
+            } catch {
+                // A policy read wrongly would let someone in: not valid means not starting.
+                throw ValidationError("--config: \(error)")
+            }
+        }
 
         signal(SIGPIPE, SIG_IGN)
         let daemon = Daemon(configuration: configuration, logger: logger, environment: environment)

@@ -16,11 +16,14 @@ final class Subscription: Sendable {
     let overflow: OverflowPolicy
     let wantsRows: Bool
     let outbox: Outbox
+    /// What its actor may see; `nil`: everything.
+    let visibility: EventVisibility?
 
     init(
         id: Int, session: UInt64, name: String?, patterns: [EventPattern], filter: [(String, [JSONValue])],
-        overflow: OverflowPolicy, wantsRows: Bool, outbox: Outbox
+        overflow: OverflowPolicy, wantsRows: Bool, outbox: Outbox, visibility: EventVisibility? = nil
     ) {
+        self.visibility = visibility
         self.id = id
         self.session = session
         self.name = name
@@ -40,10 +43,13 @@ final class Subscription: Sendable {
         self.patterns.contains { $0.matches(name) }
     }
 
-    /// Whether an event with these properties passes the `where` filter.
+    /// Whether an event with these properties passes the `where` filter and may be seen.
     func accepts(name: String, origin: EventOrigin, properties: JSONObject) -> Bool {
-        Self.passes(self.filter, name: name, origin: origin, properties: properties)
+        (self.visibility?.allows(properties) ?? true) && Self.passes(self.filter, name: name, origin: origin, properties: properties)
     }
+
+    /// Whether every event passes (no `where`, no visibility limit): no check is needed.
+    var acceptsAll: Bool { self.filter.isEmpty && self.visibility == nil }
 
     /// Whether an event passes a `where` filter (plain subscriptions and veto listeners alike).
     static func passes(_ filter: [(String, [JSONValue])], name: String, origin: EventOrigin, properties: JSONObject) -> Bool {
@@ -391,7 +397,7 @@ public final class EventBus: Sendable {
         guard !subscribers.isEmpty else { return }
         let prefix = Self.prefix(seq: numbered.seq, name: event.name, time: numbered.time)
         for subscription in subscribers
-        where subscription.filter.isEmpty
+        where subscription.acceptsAll
             || subscription.accepts(name: event.name, origin: event.origin, properties: event.properties)
         {
             let chosen = subscription.wantsRows ? event.imagesBody ?? event.body : event.body
@@ -409,14 +415,14 @@ public final class EventBus: Sendable {
     @discardableResult
     func subscribe(
         session: UInt64, name: String?, patterns: [EventPattern], filter: [(String, [JSONValue])],
-        overflow: OverflowPolicy, wantsRows: Bool, outbox: Outbox,
+        overflow: OverflowPolicy, wantsRows: Bool, outbox: Outbox, visibility: EventVisibility? = nil,
         veto: ((Int) -> VetoListener)? = nil,
         registered: (Subscription, _ head: Int64, _ stable: Int64) -> Void = { _, _, _ in }
     ) -> Subscription {
         self.state.withLock { state in
             let subscription = Subscription(
                 id: state.nextSubscription, session: session, name: name, patterns: patterns, filter: filter,
-                overflow: overflow, wantsRows: wantsRows, outbox: outbox)
+                overflow: overflow, wantsRows: wantsRows, outbox: outbox, visibility: visibility)
             state.nextSubscription += 1
             state.subscriptions[subscription.id] = subscription
             if let veto { state.vetoListeners[subscription.id] = veto(subscription.id) }

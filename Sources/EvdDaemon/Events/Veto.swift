@@ -30,11 +30,15 @@ final class VetoListener: Sendable {
     let outbox: Outbox
     /// The subscription's `where`: the listener is asked only about events that pass it.
     let filter: [(String, [JSONValue])]
+    /// What its actor may see: it is asked only about those (`nil`: everything).
+    let visibility: EventVisibility?
 
     init(
         subscription: Int, session: UInt64, name: String?, kinds: UInt64, priority: Int64, timeout: Duration,
-        onTimeout: VetoPolicy, dryRun: Bool, outbox: Outbox, filter: [(String, [JSONValue])] = []
+        onTimeout: VetoPolicy, dryRun: Bool, outbox: Outbox, filter: [(String, [JSONValue])] = [],
+        visibility: EventVisibility? = nil
     ) {
+        self.visibility = visibility
         self.filter = filter
         self.subscription = subscription
         self.session = session
@@ -49,7 +53,8 @@ final class VetoListener: Sendable {
 
     /// Whether this listener is asked about `kind` with these properties (its `where`).
     func accepts(_ kind: EventKind, origin: EventOrigin, properties: JSONObject) -> Bool {
-        self.filter.isEmpty || Subscription.passes(self.filter, name: kind.name, origin: origin, properties: properties)
+        (self.visibility?.allows(properties) ?? true)
+            && (self.filter.isEmpty || Subscription.passes(self.filter, name: kind.name, origin: origin, properties: properties))
     }
 
     /// Chain order: highest priority first, then subscription order.

@@ -36,29 +36,31 @@ extension Session {
             self.hasSubscriptions.subtract(1, ordering: .relaxed)
             return .result([:])
         case "execute", "executemany":
-            _ = try Self.parseSQL(request)  // every argument is checked before permissions and SQL
-            try self.require(.executeSQL)
+            let work = try Self.parseSQL(request)  // every argument is checked before permissions and SQL
+            // Then each statement's actions on each table, as SQLite prepares it.
+            try self.require(.executeSQL, on: Resource(database: try self.core.pool(work.database).database.name))
             return .result(try await self.withSQL(request: request, &state, parse: Self.parseSQL))
         case "create_table", "insert", "upsert", "update", "delete", "drop_table", "describe":
-            let op = try Self.parseStructured(request).op  // every argument is checked before permissions and SQL
-            for action in op.actions { try self.require(action) }
+            let (op, work) = try Self.parseStructured(request)  // every argument is checked before permissions and SQL
+            let resource = Resource(database: try self.core.pool(work.database).database.name, table: op.table)
+            for action in op.actions { try self.require(action, on: resource) }
             return .result(try await self.withSQL(request: request, &state) { try Self.parseStructured($0).work })
         case "begin":
             let database = try args.string("database")
             try args.finish()
-            try self.require(.executeSQL)
+            try self.requireSQL(on: database)
             try await self.begin(database: database, &state)
             return .result([:])
         case "commit", "rollback":
             let database = try args.string("database")
             try args.finish()
-            try self.require(.executeSQL)
+            try self.requireSQL(on: database)
             try await self.end(commit: op == "commit", database: database, &state)
             return .result([:])
         case "savepoint", "release_savepoint", "rollback_savepoint":
             let name = try args.requiredString("name")
             try args.finish()
-            try self.require(.executeSQL)
+            try self.requireSQL(on: state.transaction?.pool.database.name)
             try await self.savepoint(op, name: name, &state)
             return .result([:])
         case "begin_twophase", "prepare_twophase", "commit_twophase", "rollback_twophase":
@@ -66,7 +68,7 @@ extension Session {
             let database = try args.string("database")
             try args.finish()
             guard !xid.isEmpty else { throw EvdError.badRequest(field: "xid", "'xid' must not be empty") }
-            try self.require(.executeSQL)
+            try self.requireSQL(on: database)
             switch op {
             case "begin_twophase": try await self.beginTwoPhase(xid: xid, database: database, &state)
             case "prepare_twophase": try await self.prepareTwoPhase(xid: xid, database: database, &state)
@@ -76,7 +78,7 @@ extension Session {
         case "recover":
             let database = try args.string("database")
             try args.finish()
-            try self.require(.executeSQL)
+            try self.requireSQL(on: database)
             return .result(try self.recoverTwoPhase(database: database))
         case "execution_options":
             return .result(try self.executionOptions(&args, &state))
@@ -145,8 +147,13 @@ extension Session {
         return SQLWork(database: database, run: work)
     }
 
-    func require(_ action: Action) throws(EvdError) {
-        try self.core.permissions.require(self.actor, action)
+    func require(_ action: Action, on resource: Resource = .daemon) throws(EvdError) {
+        try self.core.permissions.require(self.actor, action, on: resource)
+    }
+
+    /// `execute-sql` on `database` (the default database when nil).
+    func requireSQL(on database: String?) throws(EvdError) {
+        try self.require(.executeSQL, on: Resource(database: try self.core.pool(database).database.name))
     }
 
     // MARK: events, subscribe
@@ -210,12 +217,16 @@ extension Session {
             throw EvdError(
                 .notVetoable, "'\(pattern.text)' names no vetoable event", extra: ["field": "veto", "event": .string(pattern.text)])
         }
-        try self.require(.subscribe)
+        let actor = self.actor
+        let permissions = self.core.permissions
+        guard permissions.allowsSomewhere(actor, .subscribe) else { throw Permissions.denied(actor, .subscribe, on: .daemon) }
         var vetoKinds: UInt64 = 0
         for kind in EventKind.allCases where kind.spec.vetoable && vetoPatterns.contains(where: { $0.matches(kind.name) }) {
             vetoKinds |= 1 << UInt64(kind.rawValue)
         }
-        if !vetoPatterns.isEmpty { try self.require(.veto) }
+        if !vetoPatterns.isEmpty, !permissions.allowsSomewhere(actor, .veto) { throw Permissions.denied(actor, .veto, on: .daemon) }
+        // Each event is shown (or asked about) only where the actor may view it.
+        let visibility = permissions.isUnrestricted(actor) ? nil : EventVisibility(actor: actor, permissions: permissions)
         let maxSubscriptions = self.core.configuration.maxSubscriptions
         guard self.hasSubscriptions.load(ordering: .relaxed) < maxSubscriptions else {
             throw EvdError(
@@ -233,7 +244,7 @@ extension Session {
                 VetoListener(
                     subscription: subscription, session: session, name: name, kinds: vetoKinds, priority: priority,
                     timeout: .milliseconds(timeoutMs), onTimeout: onTimeout, dryRun: mode == "dry_run", outbox: outbox,
-                    filter: vetoFilter)
+                    filter: vetoFilter, visibility: visibility)
             }
 
         // Registering and queueing the response happen under the bus's lock, so no event of the new
@@ -243,7 +254,7 @@ extension Session {
         var replay: (subscription: Subscription, through: Int64)?
         _ = self.core.bus.subscribe(
             session: self.id, name: name, patterns: patterns, filter: filter, overflow: overflow, wantsRows: rows,
-            outbox: self.outbox, veto: makeListener
+            outbox: self.outbox, visibility: visibility, veto: makeListener
         ) { subscription, head, stable in
             var matched = EventKind.allCases.filter { subscription.kinds & (1 << UInt64($0.rawValue)) != 0 }.map(\.name)
             var seen = Set(matched)
@@ -322,11 +333,12 @@ extension Session {
         } else {
             guard subscription.matches(customName: row.name) else { return nil }
         }
-        if !subscription.filter.isEmpty {
+        if !subscription.acceptsAll {
             // The body is the event after `"subscription":N`: `,"session":…,"actor":…,props…}`.
             var object: [UInt8] = [UInt8(ascii: "{")]
             object += row.body.dropFirst()
             guard let parsed = try? JSONValue(parsing: object), let properties = parsed.objectValue,
+                subscription.visibility?.allows(properties) ?? true,
                 Subscription.passes(
                     subscription.filter, name: row.name, session: properties["session"] ?? .null,
                     actor: properties["actor"]?["id"] ?? .null, properties: properties)

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CSQLite
 import EvdClient
 
 /// The actions of PROTOCOL.md §8, by Datasette's names.
@@ -150,5 +151,102 @@ struct Permissions: Sendable {
             }
         }
         return EvdError(.permissionDenied, "\(actor.id) may not \(action.rawValue)\(place)", extra: extra)
+    }
+}
+
+/// Who prepares client SQL (PROTOCOL.md §8): what each statement does to each table is checked
+/// by SQLite's authorizer while the statement is prepared — its triggers' and views' actions too,
+/// since SQLite codes them into the statement — so a raw `INSERT INTO dogs` needs `insert-row` on
+/// dogs, as the structured `insert` does.
+struct SQLPolicy: Sendable {
+    let actor: Actor
+    let permissions: Permissions
+    let database: String
+
+    func allows(_ action: Action, table: String?) -> Bool {
+        self.permissions.allows(self.actor, action, on: Resource(database: self.database, table: table))
+    }
+
+    /// Pragmas that only describe one table (their argument): `view-table` on it. Every other
+    /// pragma needs `admin`.
+    static let describingPragmas: Set<String> = [
+        "table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list",
+    ]
+
+    /// The action an authorizer action code needs, on which table (`nil`: the whole database);
+    /// `nil` when it needs none (a SELECT as such, reading the schema, transaction control).
+    static func required(
+        _ code: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?
+    ) -> (Action, String?)? {
+        func name(_ pointer: UnsafePointer<CChar>?) -> String? { pointer.map { String(cString: $0) } }
+        func isSchema(_ table: String?) -> Bool {
+            ["sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema"].contains(table?.lowercased() ?? "")
+        }
+        func isInternal(_ table: String?) -> Bool {
+            guard let table = table?.lowercased() else { return false }
+            return table.hasPrefix("sqlite_") || table.hasPrefix("_evd_")
+        }
+        switch code {
+        case SQLITE_READ:
+            let table = name(first)
+            if isSchema(table) { return nil }
+            // evd's own tables (the journal: every committed event) and SQLite's: for admins.
+            return isInternal(table) ? (.admin, nil) : (.viewTable, table)
+        case SQLITE_INSERT, SQLITE_UPDATE, SQLITE_DELETE:
+            let table = name(first)
+            // SQLite's own tables change with DDL (checked as DDL) and AUTOINCREMENT; evd's own are
+            // protected from every client (`AuthorizerObserver.protectedTable`).
+            if table?.lowercased().hasPrefix("sqlite_") == true { return nil }
+            if isInternal(table) { return (.admin, nil) }
+            return (code == SQLITE_INSERT ? .insertRow : code == SQLITE_UPDATE ? .updateRow : .deleteRow, table)
+        case SQLITE_CREATE_TABLE, SQLITE_CREATE_TEMP_TABLE, SQLITE_CREATE_VIEW, SQLITE_CREATE_TEMP_VIEW:
+            return (.createTable, name(first))
+        case SQLITE_DROP_TABLE, SQLITE_DROP_TEMP_TABLE, SQLITE_DROP_VIEW, SQLITE_DROP_TEMP_VIEW:
+            return (.dropTable, name(first))
+        case SQLITE_CREATE_INDEX, SQLITE_CREATE_TEMP_INDEX, SQLITE_CREATE_TRIGGER, SQLITE_CREATE_TEMP_TRIGGER,
+            SQLITE_DROP_INDEX, SQLITE_DROP_TEMP_INDEX, SQLITE_DROP_TRIGGER, SQLITE_DROP_TEMP_TRIGGER, SQLITE_ALTER_TABLE:
+            // An index or a trigger changes its table (for ALTER TABLE, `second` is the table too).
+            return (.alterTable, name(second))
+        case SQLITE_PRAGMA:
+            let pragma = name(first)?.lowercased() ?? ""
+            if pragma == "table_list" { return nil }
+            return Self.describingPragmas.contains(pragma) && second != nil ? (.viewTable, name(second)) : (.admin, nil)
+        case SQLITE_ATTACH, SQLITE_DETACH, SQLITE_ANALYZE, SQLITE_REINDEX, SQLITE_CREATE_VTABLE, SQLITE_DROP_VTABLE:
+            return (.admin, nil)
+        case SQLITE_FUNCTION:
+            return name(second)?.lowercased() == "load_extension" ? (.admin, nil) : nil
+        default:
+            return nil
+        }
+    }
+}
+
+/// What one subscriber may see (PROTOCOL.md §8): an event about a table needs `view-table` on it,
+/// an event about a database but no one table (pool and connection events, statements and their
+/// parameters) needs `view-table` on the whole database; events about neither (`login`, `logout`,
+/// custom events) need only `subscribe`. A subscription of an actor that holds everything has none.
+struct EventVisibility: Sendable {
+    let actor: Actor
+    let permissions: Permissions
+
+    func allows(_ properties: JSONObject) -> Bool {
+        guard let database = properties["database"]?.stringValue else { return true }
+        if let before = properties["before_name"]?.stringValue,
+            !self.permissions.allows(self.actor, .viewTable, on: Resource(database: database, table: before))
+        {
+            return false
+        }
+        return self.permissions.allows(self.actor, .viewTable, on: Resource(database: database, table: Self.table(of: properties)))
+    }
+
+    /// The table an event is about: `table`, a DDL event's table or view `target` (or a column's
+    /// `parent`), a renamed table's new name (`allows` checks the old one too).
+    static func table(of properties: JSONObject) -> String? {
+        if let table = properties["table"]?.stringValue { return table }
+        if let target = properties["target"], let kind = target["kind"]?.stringValue, kind == "table" || kind == "view" {
+            return target["name"]?.stringValue
+        }
+        if let parent = properties["parent"]?["name"]?.stringValue { return parent }
+        return properties["after_name"]?.stringValue
     }
 }

@@ -56,9 +56,13 @@ extension Session {
                     throw EvdError(.vetoed, "a before_execute listener moved the request to another database")
                 }
             }
+            let actor = self.actor
+            let permissions = self.core.permissions
             let run = SQLRun(
                 bus: self.core.bus, pool: pool, connection: connection, origin: origin, request: finalRequest,
-                executionOptions: options, implicitTransaction: transaction == nil, vetoBudget: self.vetoBudget)
+                executionOptions: options, implicitTransaction: transaction == nil, vetoBudget: self.vetoBudget,
+                policy: permissions.isUnrestricted(actor)
+                    ? nil : SQLPolicy(actor: actor, permissions: permissions, database: pool.database.name))
             let body = work.run
             let result = try await pool.run {
                 try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeout)

@@ -143,6 +143,8 @@ struct SQLRun {
     /// What is left of it for this request: taken from the session's task when the run is made,
     /// since the SQLite thread the run goes on cannot see the task's value.
     let operationBudget: OperationVetoBudget? = OperationVetoBudget.current
+    /// The session's actor, checked table by table as its SQL is prepared (`nil`: holds everything).
+    var policy: SQLPolicy? = nil
 
     var database: String { self.pool.database.name }
     var sqlite: SQLiteConnection { self.connection.sqlite }
@@ -228,6 +230,8 @@ struct SQLRun {
     /// Wraps a request: the body, `after_execute`, and the implicit transaction's end.
     func inRequest<T>(_ body: () throws(EvdError) -> (T, Int64)) throws(EvdError) -> T {
         let capture = self.connection.capture
+        self.connection.observer.policy = self.policy
+        defer { self.connection.observer.policy = nil }
         let twoPhase = self.connection.twoPhase  // its redo log needs every change, whole
         capture.active = twoPhase || self.pool.journal != nil || self.bus.wantsCommittedChanges || !capture.isEmpty
         capture.images = twoPhase || self.bus.wantsRowImages || self.pool.journal?.settings.rowImages == true
@@ -314,6 +318,9 @@ struct SQLRun {
         do {
             statement = try self.sqlite.prepare(sql, from: offset)
         } catch {
+            if let refused = observer.refused, let policy = observer.policy {
+                throw Permissions.denied(policy.actor, refused.action, on: Resource(database: policy.database, table: refused.table))
+            }
             if let table = observer.protectedTable {
                 throw EvdError(
                     .permissionDenied, "\(table) is evd's journal: clients may read it but not change it",

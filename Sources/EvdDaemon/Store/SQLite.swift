@@ -334,6 +334,11 @@ public final class AuthorizerObserver: @unchecked Sendable {
     public var schemaActions: [SchemaAction] = []
     /// A table of evd's own (`_evd_journal`) that client SQL tried to change: denied.
     public var protectedTable: String?
+    /// Who prepares client SQL, when they may not do everything: each action on a table is
+    /// checked as it is prepared (`nil`: the actor holds every action).
+    var policy: SQLPolicy?
+    /// The action the policy refused while preparing, for the `permission_denied` error.
+    var refused: (action: Action, table: String?)?
 
     /// Forgets what the last prepare recorded.
     func clearStatementRecord() {
@@ -342,6 +347,7 @@ public final class AuthorizerObserver: @unchecked Sendable {
         if !self.writtenTables.isEmpty { self.writtenTables.removeAll() }
         if !self.schemaActions.isEmpty { self.schemaActions.removeAll() }
         self.protectedTable = nil
+        self.refused = nil
     }
 
     /// The table an action changes (its rows, its schema, its indexes or triggers), if any.
@@ -367,6 +373,12 @@ public final class AuthorizerObserver: @unchecked Sendable {
         _ action: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?, _ database: UnsafePointer<CChar>?
     ) -> Int32 {
         if action == SQLITE_TRANSACTION || action == SQLITE_SAVEPOINT { self.sawTransactionControl = true }
+        if self.preparingClientSQL, let policy = self.policy, let (needed, table) = SQLPolicy.required(action, first, second),
+            !policy.allows(needed, table: table)
+        {
+            self.refused = (needed, table)
+            return SQLITE_DENY
+        }
         if self.preparingClientSQL, let table = Self.changedTable(action, first, second), strncmp(table, "_evd_", 5) == 0 {
             // The journal is evd's record of what committed: clients may read it, never change it.
             self.protectedTable = String(cString: table)

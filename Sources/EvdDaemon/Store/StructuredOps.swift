@@ -26,6 +26,15 @@ enum StructuredOp: Sendable {
     }
 
     /// The permissions the op needs (Datasette's actions).
+    /// The table the op is about.
+    var table: String {
+        switch self {
+        case .createTable(let table, _, _, _, _, _, _), .insert(let table, _, _, _, _, _), .upsert(let table, _, _, _),
+            .update(let table, _, _, _, _), .delete(let table, _), .dropTable(let table), .describe(let table):
+            table
+        }
+    }
+
     var actions: [Action] {
         switch self {
         case .createTable(_, _, let rows, _, _, let replace, _):
