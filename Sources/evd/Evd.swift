@@ -29,35 +29,38 @@ struct Evd: AsyncParsableCommand {
     @Option(help: "The state directory (default: $STATE_DIRECTORY, $XDG_STATE_HOME/evd, ~/.local/state/evd).")
     var stateDir: String?
 
-    @Option(help: "The configuration file (TOML).")
+    @Option(help: "The configuration file (TOML; default under systemd: /etc/evd/evd.toml if it exists). Flags win over it.")
     var config: String?
 
-    @Option(help: "SQLite connections per database.")
-    var poolSize: Int = 4
+    @Flag(help: "Check the configuration (file and flags), print the effective settings as JSON, and exit.")
+    var checkConfig = false
 
-    @Option(help: "The socket file's mode, in octal.")
-    var socketMode: String = "0600"
+    @Option(help: "SQLite connections per database (default 4).")
+    var poolSize: Int?
 
-    @Option(help: "The longest request line accepted, in bytes.")
-    var maxLineBytes: Int = 1 << 20
+    @Option(help: "The socket file's mode, in octal (default 0600).")
+    var socketMode: String?
 
-    @Option(help: "The most time one operation's vetoes may take in all, in milliseconds.")
-    var vetoBudgetMs: Int = 5000
+    @Option(help: "The longest request line accepted, in bytes (default 1048576).")
+    var maxLineBytes: Int?
 
-    @Option(help: "The most client connections served at once.")
-    var maxConnections: Int = 1024
+    @Option(help: "The most time one operation's vetoes may take in all, in milliseconds (default 5000).")
+    var vetoBudgetMs: Int?
 
-    @Option(help: "The most client connections served at once for one peer uid (root and evd's own uid included).")
-    var maxConnectionsPerUid: Int = 256
+    @Option(help: "The most client connections served at once (default 1024).")
+    var maxConnections: Int?
 
-    @Option(help: "The most subscriptions one connection may hold.")
-    var maxSubscriptions: Int = 256
+    @Option(help: "The most client connections served at once for one peer uid, root and evd's own included (default 256).")
+    var maxConnectionsPerUid: Int?
 
-    @Option(help: "The most requests one connection may have queued; evd stops reading from it until one finishes.")
-    var maxPendingRequests: Int = 256
+    @Option(help: "The most subscriptions one connection may hold (default 256).")
+    var maxSubscriptions: Int?
 
-    @Option(help: "trace, debug, info, notice, warning, error or critical.")
-    var logLevel: String = "info"
+    @Option(help: "The most requests one connection may have queued; evd stops reading from it until one finishes (default 256).")
+    var maxPendingRequests: Int?
+
+    @Option(help: "trace, debug, info, notice, warning, error or critical (default info).")
+    var logLevel: String?
 
     @Flag(help: "Do not journal committed events (subscribe with since can then replay nothing).")
     var noJournal = false
@@ -65,28 +68,28 @@ struct Evd: AsyncParsableCommand {
     @Flag(help: "Journal row images only while a rows: true subscription exists (cheaper writes; replays may lack rows).")
     var noJournalRows = false
 
-    @Option(help: "Keep at least the newest N journaled events (0: no limit by count).")
-    var journalKeepEvents: Int = 1_000_000
+    @Option(help: "Keep at least the newest N journaled events (0: no limit by count; default 1000000).")
+    var journalKeepEvents: Int?
 
-    @Option(help: "Drop journaled events older than this many seconds (0: no limit by age).")
-    var journalKeepSeconds: Int = 7 * 86_400
+    @Option(help: "Drop journaled events older than this many seconds (0: no limit by age; default 604800).")
+    var journalKeepSeconds: Int?
 
     func validate() throws {
-        guard (1...256).contains(self.poolSize) else { throw ValidationError("--pool-size must be between 1 and 256") }
-        guard UInt32(self.socketMode, radix: 8).map({ $0 <= 0o777 }) == true else {
-            throw ValidationError("--socket-mode must be an octal mode such as 0600, not '\(self.socketMode)'")
+        if let poolSize, !(1...256).contains(poolSize) { throw ValidationError("--pool-size must be between 1 and 256") }
+        if let socketMode, UInt32(socketMode, radix: 8).map({ $0 <= 0o777 }) != true {
+            throw ValidationError("--socket-mode must be an octal mode such as 0600, not '\(socketMode)'")
         }
-        guard self.maxLineBytes >= 1024 else { throw ValidationError("--max-line-bytes must be at least 1024") }
-        guard (1...600_000).contains(self.vetoBudgetMs) else { throw ValidationError("--veto-budget-ms must be between 1 and 600000") }
-        guard self.maxConnections >= 1 else { throw ValidationError("--max-connections must be at least 1") }
-        guard self.journalKeepEvents >= 0 else { throw ValidationError("--journal-keep-events must be 0 or more") }
-        guard self.journalKeepSeconds >= 0 else { throw ValidationError("--journal-keep-seconds must be 0 or more") }
-        guard self.maxConnectionsPerUid >= 1 else { throw ValidationError("--max-connections-per-uid must be at least 1") }
-        guard self.maxSubscriptions >= 1 else { throw ValidationError("--max-subscriptions must be at least 1") }
-        guard (1...65_536).contains(self.maxPendingRequests) else {
+        if let maxLineBytes, maxLineBytes < 1024 { throw ValidationError("--max-line-bytes must be at least 1024") }
+        if let vetoBudgetMs, !(1...600_000).contains(vetoBudgetMs) { throw ValidationError("--veto-budget-ms must be between 1 and 600000") }
+        if let maxConnections, maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
+        if let journalKeepEvents, journalKeepEvents < 0 { throw ValidationError("--journal-keep-events must be 0 or more") }
+        if let journalKeepSeconds, journalKeepSeconds < 0 { throw ValidationError("--journal-keep-seconds must be 0 or more") }
+        if let maxConnectionsPerUid, maxConnectionsPerUid < 1 { throw ValidationError("--max-connections-per-uid must be at least 1") }
+        if let maxSubscriptions, maxSubscriptions < 1 { throw ValidationError("--max-subscriptions must be at least 1") }
+        if let maxPendingRequests, !(1...65_536).contains(maxPendingRequests) {
             throw ValidationError("--max-pending-requests must be between 1 and 65536")
         }
-        guard Logger.Level(rawValue: self.logLevel) != nil else {
+        if let logLevel, Logger.Level(rawValue: logLevel) == nil {
             throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
         }
         for spec in self.databases {
@@ -98,50 +101,19 @@ struct Evd: AsyncParsableCommand {
 
     func run() async throws {
         let environment = SocketPath.processEnvironment
-        let level = Logger.Level(rawValue: self.logLevel)!
+        let file = try self.loadConfigFile(environment: environment)
+        let configuration = try self.configuration(file: file, environment: environment)
+        if self.checkConfig {
+            print(String(decoding: Self.describe(configuration, file: self.configPath(environment: environment)).jsonBytes, as: UTF8.self))
+            return
+        }
+        let level = Logger.Level(rawValue: self.logLevel ?? file.logLevel ?? "info")!
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler
         }
         let logger = Logger(label: "evd")
-
-        let stateDirectory = self.stateDir ?? EvdConfiguration.defaultStateDirectory(environment: environment)
-        var databases: [DatabaseConfig] = []
-        for spec in self.databases {
-            let eq = spec.firstIndex(of: "=")!
-            let name = String(spec[..<eq])
-            guard !databases.contains(where: { $0.name == name }) else {
-                throw ValidationError("--db: database '\(name)' is given twice")
-            }
-            databases.append(DatabaseConfig(name: name, path: String(spec[spec.index(after: eq)...])))
-        }
-        if databases.isEmpty { databases = [DatabaseConfig(name: "main", path: stateDirectory + "/main.db")] }
-
-        var configuration = EvdConfiguration(
-            socketPath: SocketPath.resolve(explicit: self.socket, environment: environment),
-            databases: databases, stateDirectory: stateDirectory)
-        configuration.listenFD = Systemd.listenFD(environment: environment)
-        configuration.poolSize = self.poolSize
-        configuration.socketMode = mode_t(UInt32(self.socketMode, radix: 8)!)
-        configuration.maxLineBytes = self.maxLineBytes
-        configuration.vetoBudgetMs = self.vetoBudgetMs
-        configuration.maxSessions = self.maxConnections
-        configuration.journal.enabled = !self.noJournal
-        configuration.journal.rowImages = !self.noJournalRows
-        configuration.journal.keepEvents = self.journalKeepEvents
-        configuration.journal.keepSeconds = self.journalKeepSeconds
-        configuration.maxSessionsPerUID = self.maxConnectionsPerUid
-        configuration.maxSubscriptions = self.maxSubscriptions
-        configuration.maxPipelinedRequests = self.maxPendingRequests
-        if let path = self.config {
-            do {
-                configuration.grants = try ConfigFile.load(path).grants
-            } catch {
-                // A policy read wrongly would let someone in: not valid means not starting.
-                throw ValidationError("--config: \(error)")
-            }
-        }
 
         signal(SIGPIPE, SIG_IGN)
         let daemon = Daemon(configuration: configuration, logger: logger, environment: environment)
@@ -159,6 +131,106 @@ struct Evd: AsyncParsableCommand {
             FileHandleStderr.write("evd: \(error)\n")
             throw ExitCode(1)
         }
+    }
+}
+
+extension Evd {
+    /// The config file to read: `--config`, else /etc/evd/evd.toml when systemd started evd and it exists.
+    func configPath(environment: [String: String]) -> String? {
+        if let config = self.config { return config }
+        let systemdDefault = "/etc/evd/evd.toml"
+        if environment["INVOCATION_ID"] != nil, access(systemdDefault, F_OK) == 0 { return systemdDefault }
+        return nil
+    }
+
+    func loadConfigFile(environment: [String: String]) throws -> ConfigFile {
+        guard let path = self.configPath(environment: environment) else { return ConfigFile() }
+        do {
+            return try ConfigFile.load(path)
+        } catch {
+            // A policy or a path read wrongly would do harm: not valid means not starting.
+            throw ValidationError("--config: \(error)")
+        }
+    }
+
+    /// The effective configuration: flags win over the environment (socket, state directory),
+    /// which wins over the file, which wins over the defaults.
+    func configuration(file: ConfigFile, environment: [String: String]) throws -> EvdConfiguration {
+        let fromEnvironment = ["STATE_DIRECTORY", "XDG_STATE_HOME"].contains { environment[$0]?.isEmpty == false }
+        let stateDirectory =
+            self.stateDir ?? (fromEnvironment ? nil : file.stateDirectory)
+            ?? EvdConfiguration.defaultStateDirectory(environment: environment)
+        var databases: [DatabaseConfig] = []
+        for spec in self.databases {
+            let eq = spec.firstIndex(of: "=")!
+            let name = String(spec[..<eq])
+            guard !databases.contains(where: { $0.name == name }) else {
+                throw ValidationError("--db: database '\(name)' is given twice")
+            }
+            databases.append(DatabaseConfig(name: name, path: String(spec[spec.index(after: eq)...])))
+        }
+        if databases.isEmpty { databases = file.databases ?? [DatabaseConfig(name: "main", path: stateDirectory + "/main.db")] }
+        let socketFromEnvironment = ["EVD_SOCKET", "RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"].contains { environment[$0]?.isEmpty == false }
+        let socket = self.socket ?? (socketFromEnvironment ? nil : file.socket)
+
+        var configuration = EvdConfiguration(
+            socketPath: SocketPath.resolve(explicit: socket, environment: environment),
+            databases: databases, stateDirectory: stateDirectory)
+        configuration.listenFD = Systemd.listenFD(environment: environment)
+        configuration.grants = file.grants
+        if let value = self.poolSize ?? file.poolSize { configuration.poolSize = value }
+        if let value = self.socketMode.flatMap({ UInt32($0, radix: 8) }).map({ mode_t($0) }) ?? file.socketMode {
+            configuration.socketMode = value
+        }
+        if let value = self.maxLineBytes ?? file.maxLineBytes { configuration.maxLineBytes = value }
+        if let value = self.vetoBudgetMs ?? file.vetoBudgetMs { configuration.vetoBudgetMs = value }
+        if let value = self.maxConnections ?? file.maxConnections { configuration.maxSessions = value }
+        if let value = self.maxConnectionsPerUid ?? file.maxConnectionsPerUID { configuration.maxSessionsPerUID = value }
+        if let value = self.maxSubscriptions ?? file.maxSubscriptions { configuration.maxSubscriptions = value }
+        if let value = self.maxPendingRequests ?? file.maxPendingRequests { configuration.maxPipelinedRequests = value }
+        configuration.journal.enabled = !self.noJournal && (file.journalEnabled ?? true)
+        configuration.journal.rowImages = !self.noJournalRows && (file.journalRows ?? true)
+        if let value = self.journalKeepEvents ?? file.journalKeepEvents { configuration.journal.keepEvents = value }
+        if let value = self.journalKeepSeconds ?? file.journalKeepSeconds { configuration.journal.keepSeconds = value }
+        return configuration
+    }
+
+    /// The effective configuration as `--check-config` prints it.
+    static func describe(_ configuration: EvdConfiguration, file: String?) -> JSONValue {
+        let grants: [JSONValue] = configuration.grants.map { grant in
+            var object: JSONObject = [:]
+            switch grant.who {
+            case .uid(let uid): object["uid"] = .integer(uid)
+            case .user(let user): object["user"] = .string(user)
+            case .group(let name, let gid): object["group"] = .string(name); object["gid"] = .integer(gid)
+            }
+            object["actions"] = .array(grant.actions.map(\.rawValue).sorted().map(JSONValue.string))
+            if let database = grant.database { object["database"] = .string(database) }
+            if let table = grant.table { object["table"] = .string(table) }
+            return .object(object)
+        }
+        return [
+            "config_file": file.map(JSONValue.string) ?? .null,
+            "socket": configuration.listenFD.map { .string("fd \($0)") } ?? .string(configuration.socketPath),
+            "socket_mode": .string("0" + String(configuration.socketMode, radix: 8)),
+            "state_dir": .string(configuration.stateDirectory),
+            "database": .array(configuration.databases.map { ["name": .string($0.name), "path": .string($0.path)] }),
+            "pool_size": .integer(configuration.poolSize),
+            "max_line_bytes": .integer(configuration.maxLineBytes),
+            "veto_budget_ms": .integer(configuration.vetoBudgetMs),
+            "limits": [
+                "max_connections": .integer(configuration.maxSessions),
+                "max_connections_per_uid": .integer(configuration.maxSessionsPerUID),
+                "max_subscriptions": .integer(configuration.maxSubscriptions),
+                "max_pending_requests": .integer(configuration.maxPipelinedRequests),
+            ],
+            "journal": [
+                "enabled": .bool(configuration.journal.enabled), "rows": .bool(configuration.journal.rowImages),
+                "keep_events": .integer(configuration.journal.keepEvents),
+                "keep_seconds": .integer(configuration.journal.keepSeconds),
+            ],
+            "grant": .array(grants),
+        ]
     }
 }
 

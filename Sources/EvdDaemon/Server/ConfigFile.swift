@@ -17,6 +17,31 @@ import TOMLKit
 /// ```
 public struct ConfigFile: Sendable {
     public var grants: [Grant] = []
+    // Settings a flag can also give (flags win); nil: not in the file.
+    public var socket: String?
+    public var socketMode: mode_t?
+    public var stateDirectory: String?
+    public var databases: [DatabaseConfig]?
+    public var poolSize: Int?
+    public var maxLineBytes: Int?
+    public var vetoBudgetMs: Int?
+    public var logLevel: String?
+    public var maxConnections: Int?
+    public var maxConnectionsPerUID: Int?
+    public var maxSubscriptions: Int?
+    public var maxPendingRequests: Int?
+    public var journalEnabled: Bool?
+    public var journalRows: Bool?
+    public var journalKeepEvents: Int?
+    public var journalKeepSeconds: Int?
+
+    public init() {}
+
+    /// Every key the file may have, for errors.
+    static let topLevelKeys: [String] = [
+        "socket", "socket_mode", "state_dir", "pool_size", "max_line_bytes", "veto_budget_ms", "log_level",
+        "database", "limits", "journal", "grant",
+    ]
 
     public struct Invalid: Error, CustomStringConvertible {
         public let description: String
@@ -49,10 +74,59 @@ public struct ConfigFile: Sendable {
             throw Invalid(description: "\(source): not valid TOML: \(error)")
         }
         var config = ConfigFile()
-        for key in table.keys {
-            guard key == "grant" else {
-                throw Invalid(description: "\(source): unknown setting '\(key)' (known: grant)")
+        for key in table.keys where !Self.topLevelKeys.contains(key) {
+            throw Invalid(description: "\(source): unknown setting '\(key)' (known: \(Self.topLevelKeys.joined(separator: ", ")))")
+        }
+        let top = Settings(table: table, place: source)
+        config.socket = try top.path("socket")
+        if let mode = try top.string("socket_mode") {
+            guard let value = UInt32(mode, radix: 8), value <= 0o777 else {
+                throw Invalid(description: "\(source): socket_mode must be an octal mode such as \"0660\", not '\(mode)'")
             }
+            config.socketMode = mode_t(value)
+        }
+        config.stateDirectory = try top.path("state_dir")
+        config.poolSize = try top.int("pool_size", 1...256)
+        config.maxLineBytes = try top.int("max_line_bytes", 1024...Int(Int32.max))
+        config.vetoBudgetMs = try top.int("veto_budget_ms", 1...600_000)
+        if let level = try top.string("log_level") {
+            let levels = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
+            guard levels.contains(level) else {
+                throw Invalid(description: "\(source): log_level must be one of \(levels.joined(separator: ", ")), not '\(level)'")
+            }
+            config.logLevel = level
+        }
+        if let databases = table["database"] {
+            guard let array = databases.array, !array.isEmpty else {
+                throw Invalid(description: "\(source): 'database' must be an array of tables ([[database]] with name and path)")
+            }
+            var list: [DatabaseConfig] = []
+            for (index, entry) in array.enumerated() {
+                let place = "\(source): database \(index + 1)"
+                guard let entry = entry.table else { throw Invalid(description: "\(place) must be a table") }
+                let settings = Settings(table: entry, place: place)
+                try settings.only(["name", "path"])
+                guard let name = try settings.string("name"), let path = try settings.path("path") else {
+                    throw Invalid(description: "\(place): needs name and path")
+                }
+                guard !list.contains(where: { $0.name == name }) else { throw Invalid(description: "\(place): database '\(name)' is given twice") }
+                list.append(DatabaseConfig(name: name, path: path))
+            }
+            config.databases = list
+        }
+        if let limits = try top.table("limits") {
+            try limits.only(["max_connections", "max_connections_per_uid", "max_subscriptions", "max_pending_requests"])
+            config.maxConnections = try limits.int("max_connections", 1...Int(Int32.max))
+            config.maxConnectionsPerUID = try limits.int("max_connections_per_uid", 1...Int(Int32.max))
+            config.maxSubscriptions = try limits.int("max_subscriptions", 1...Int(Int32.max))
+            config.maxPendingRequests = try limits.int("max_pending_requests", 1...65_536)
+        }
+        if let journal = try top.table("journal") {
+            try journal.only(["enabled", "rows", "keep_events", "keep_seconds"])
+            config.journalEnabled = try journal.bool("enabled")
+            config.journalRows = try journal.bool("rows")
+            config.journalKeepEvents = try journal.int("keep_events", 0...Int.max)
+            config.journalKeepSeconds = try journal.int("keep_seconds", 0...Int.max)
         }
         if let grants = table["grant"] {
             guard let array = grants.array else {
@@ -110,5 +184,51 @@ public struct ConfigFile: Sendable {
             return text
         }
         return Grant(who: who, actions: actions, database: try name("database"), table: try name("table"))
+    }
+
+    /// Typed reads of one table's keys, with errors that name the key.
+    private struct Settings {
+        let table: TOMLTable
+        let place: String
+
+        func only(_ keys: Set<String>) throws(Invalid) {
+            for key in self.table.keys where !keys.contains(key) {
+                throw Invalid(description: "\(self.place): unknown key '\(key)' (known: \(keys.sorted().joined(separator: ", ")))")
+            }
+        }
+
+        func string(_ key: String) throws(Invalid) -> String? {
+            guard let value = self.table[key] else { return nil }
+            guard let text = value.string, !text.isEmpty else { throw Invalid(description: "\(self.place): \(key) must be a non-empty string") }
+            return text
+        }
+
+        func path(_ key: String) throws(Invalid) -> String? {
+            guard let path = try self.string(key) else { return nil }
+            guard path.hasPrefix("/") || path == ":memory:" || path.hasPrefix("file:") else {
+                throw Invalid(description: "\(self.place): \(key) must be an absolute path, not '\(path)'")
+            }
+            return path
+        }
+
+        func int(_ key: String, _ range: ClosedRange<Int>) throws(Invalid) -> Int? {
+            guard let value = self.table[key] else { return nil }
+            guard let number = value.int, range.contains(number) else {
+                throw Invalid(description: "\(self.place): \(key) must be an integer in \(range.lowerBound)...\(range.upperBound)")
+            }
+            return number
+        }
+
+        func bool(_ key: String) throws(Invalid) -> Bool? {
+            guard let value = self.table[key] else { return nil }
+            guard let flag = value.bool else { throw Invalid(description: "\(self.place): \(key) must be true or false") }
+            return flag
+        }
+
+        func table(_ key: String) throws(Invalid) -> Settings? {
+            guard let value = self.table[key] else { return nil }
+            guard let table = value.table else { throw Invalid(description: "\(self.place): [\(key)] must be a table") }
+            return Settings(table: table, place: "\(self.place): [\(key)]")
+        }
     }
 }

@@ -1,0 +1,107 @@
+import EvdClient
+import Foundation
+import Testing
+
+@testable import EvdDaemon
+
+/// `evd --config FILE --check-config`: the real binary reads the file, layers the flags over it and
+/// prints the effective settings, or refuses with the key named.
+@Suite("Config file")
+struct ConfigFileTests {
+    static let fullExample = """
+        socket = "/run/evd-test/evd.sock"
+        socket_mode = "0660"
+        state_dir = "/var/lib/evd-test"
+        pool_size = 8
+        max_line_bytes = 65536
+        veto_budget_ms = 2000
+        log_level = "notice"
+
+        [[database]]
+        name = "main"
+        path = "/var/lib/evd-test/main.db"
+
+        [[database]]
+        name = "audit"
+        path = "/var/lib/evd-test/audit.db"
+
+        [limits]
+        max_connections = 100
+        max_connections_per_uid = 10
+        max_subscriptions = 20
+        max_pending_requests = 64
+
+        [journal]
+        enabled = true
+        rows = false
+        keep_events = 5000
+        keep_seconds = 3600
+
+        [[grant]]
+        group = "nogroup"
+        actions = ["subscribe", "view-table"]
+        database = "main"
+        """
+
+    /// Runs `evd --check-config` on `text` with `flags`, without the environment's socket and
+    /// state settings (so that the file's show).
+    private func check(_ text: String, _ flags: [String] = []) async throws -> ProcessResult {
+        try await withTemporaryDirectory { directory in
+            let path = directory + "/evd.toml"
+            try text.write(toFile: path, atomically: true, encoding: .utf8)
+            let unset = ["EVD_SOCKET", "RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR", "STATE_DIRECTORY", "XDG_STATE_HOME"]
+            return try await runProcess(
+                "/usr/bin/env", unset.flatMap { ["-u", $0] } + [binaryPath("evd"), "--config", path, "--check-config"] + flags,
+                timeout: 30)
+        }
+    }
+
+    @Test("a full example is accepted and printed; flags win over the file")
+    func fullExample() async throws {
+        let result = try await self.check(Self.fullExample, ["--pool-size", "3", "--no-journal"])
+        #expect(result.status == 0, "\(result.stderr)")
+        let effective = try JSONValue(parsing: result.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
+        #expect(effective["socket"] == "/run/evd-test/evd.sock")
+        #expect(effective["socket_mode"] == "0660")
+        #expect(effective["state_dir"] == "/var/lib/evd-test")
+        #expect(effective["database"]?.arrayValue?.map { $0["name"] } == ["main", "audit"])
+        #expect(effective["pool_size"] == 3)
+        #expect(effective["veto_budget_ms"] == 2000)
+        #expect(effective["limits"]?["max_subscriptions"] == 20)
+        #expect(effective["journal"]?["enabled"] == false)
+        #expect(effective["journal"]?["rows"] == false)
+        #expect(effective["journal"]?["keep_events"] == 5000)
+        #expect(effective["grant"]?[0]?["group"] == "nogroup")
+    }
+
+    @Test("each kind of mistake stops evd, naming the key")
+    func mistakes() async throws {
+        let cases: [(String, String)] = [
+            ("pool_size = 0", "pool_size"),
+            ("pool_size = \"four\"", "pool_size"),
+            ("socket_mode = \"999\"", "socket_mode"),
+            ("socket = \"relative/evd.sock\"", "socket"),
+            ("log_level = \"loud\"", "log_level"),
+            ("colour = \"blue\"", "colour"),
+            ("[limits]\nmax_subscriptions = -1", "max_subscriptions"),
+            ("[limits]\nmax_sessions = 5", "max_sessions"),
+            ("[journal]\nenabled = \"yes\"", "enabled"),
+            ("[[database]]\nname = \"main\"", "name and path"),
+            ("[[database]]\nname = \"a\"\npath = \"/x\"\n[[database]]\nname = \"a\"\npath = \"/y\"", "twice"),
+            ("[[grant]]\nuser = \"nobody\"\nactions = [\"fly\"]", "fly"),
+            ("not toml at all", "not valid TOML"),
+        ]
+        for (text, key) in cases {
+            let result = try await self.check(text)
+            #expect(result.status != 0, "\(text)")
+            #expect(result.stderr.contains(key), "\(text): \(result.stderr)")
+        }
+    }
+}
+
+extension JSONValue {
+    fileprivate subscript(index: Int) -> JSONValue? {
+        guard let array = self.arrayValue, index < array.count else { return nil }
+        return array[index]
+    }
+}
