@@ -51,6 +51,7 @@ public final class Daemon: Service, CustomStringConvertible {
 
     private func serve() async throws {
         try self.prepareDirectories()
+        let tokens = try self.openTokenSecret()
         let totalConnections = self.configuration.poolSize * self.configuration.databases.count
         // One thread per pooled connection (a thread may block on SQLite's busy wait), and two for
         // the journal's own work (custom events, replays, retention).
@@ -61,7 +62,7 @@ public final class Daemon: Service, CustomStringConvertible {
         let bus = EventBus(lastSeq: head, lease: journal.lease)
         let core = DaemonCore(
             configuration: self.configuration, bus: bus, journal: journal.settings.enabled ? journal : nil,
-            threadPool: threadPool, eventLoop: group.next())
+            threadPool: threadPool, eventLoop: group.next(), tokens: tokens)
 
         let server: NIOAsyncChannel<any Channel, Never>
         let createdPath: String?
@@ -138,6 +139,15 @@ public final class Daemon: Service, CustomStringConvertible {
         } catch {
             try? await threadPool.shutdownGracefully()
             throw StartupError(description: "cannot open the journal in \(self.configuration.stateDirectory): \(error)")
+        }
+    }
+
+    /// Reads the token secret, or makes it on the first start.
+    private func openTokenSecret() throws -> TokenAuthority {
+        do {
+            return try TokenAuthority.load(stateDirectory: self.configuration.stateDirectory)
+        } catch {
+            throw StartupError(description: error.description)
         }
     }
 
