@@ -232,6 +232,26 @@ struct TokenTests {
         }
     }
 
+    @Test("expiry: a session that subscribed under a token is closed when the token expires")
+    func expiryEndsSubscriptions() async throws {
+        try await withRunningDaemon { daemon in
+            let token = try await createToken(daemon, ["expires_after": 1])
+            try await daemon.withClient { evd in
+                try await evd.login(token: token)
+                _ = try await subscribeEvents(evd, ["myapp.*"])
+                try await daemon.request("emit", ["event": "myapp.before"])
+                let before = await evd.nextMessage(ofType: "event", within: 5)
+                #expect(before?["event"] == "myapp.before")
+                // The connection ends within about a second of the expiry.
+                let ended = await firstValue(within: 6) { () async -> Bool? in
+                    while await evd.nextMessage() != nil {}
+                    return true
+                }
+                #expect(ended == true)
+            }
+        }
+    }
+
     @Test("forgery: a changed payload, a changed signature, another secret's token and garbage all get token_invalid")
     func forgery() async throws {
         try await withRunningDaemon { daemon in

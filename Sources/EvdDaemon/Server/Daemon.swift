@@ -90,6 +90,7 @@ public final class Daemon: Service, CustomStringConvertible {
                 if journal.settings.enabled {
                     tasks.addTask { await self.keepRetention(journal, core: core) }
                 }
+                tasks.addTask { await self.endExpiredSubscribers(core) }
                 if let interval = Systemd.watchdogInterval(environment: self.environment) {
                     tasks.addTask {
                         while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {
@@ -173,6 +174,23 @@ public final class Daemon: Service, CustomStringConvertible {
                 self.logger.warning("journal retention failed", metadata: ["error": "\(error)"])
             }
             try? await Task.sleep(for: .milliseconds(self.configuration.journal.pruneIntervalMs))
+        }
+    }
+
+    /// Once a second until shutdown, closes every session that holds subscriptions (or veto
+    /// listeners) under a token that has expired: its stream ends with the token. A session
+    /// without subscriptions is kept; its next request gets `token_expired`.
+    private func endExpiredSubscribers(_ core: DaemonCore) async {
+        while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {
+            let now = TokenAuthority.now()
+            for session in core.sessions.all
+            where session.actor.token?.isExpired(at: now) == true && session.hasSubscriptions.load(ordering: .relaxed) > 0
+                && !session.outbox.isClosing
+            {
+                session.logger.debug("token expired: closing the session and its subscriptions")
+                session.close()
+            }
+            try? await Task.sleep(for: .seconds(1))
         }
     }
 
