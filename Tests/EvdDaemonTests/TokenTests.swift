@@ -244,10 +244,8 @@ struct TokenTests {
                     subscribed = (try? await subscribeEvents(evd, ["myapp.*"])) != nil
                 }
                 try #require(subscribed)
-                try await daemon.request("emit", ["event": "myapp.before"])
-                let before = await evd.nextMessage(ofType: "event", within: 5)
-                #expect(before?["event"] == "myapp.before")
-                // The connection ends within about a second of the expiry.
+                // The connection ends within about a second of the expiry (no event is expected:
+                // on a stalled machine the token may expire before one could be delivered).
                 let ended = await firstValue(within: 15) { () async -> Bool? in
                     while await evd.nextMessage() != nil {}
                     return true
