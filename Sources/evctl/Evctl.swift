@@ -7,12 +7,24 @@ struct GlobalOptions: ParsableArguments {
     @Option(help: "The daemon's socket (default: $EVD_SOCKET, $RUNTIME_DIRECTORY/evd.sock, $XDG_RUNTIME_DIR/evd.sock, /tmp/evd-$UID/evd.sock).")
     var socket: String?
 
+    @Option(help: ArgumentHelp("Log in with this token first (default: $EVD_TOKEN).", valueName: "token"))
+    var token: String?
+
     var socketPath: String { SocketPath.resolve(explicit: self.socket, environment: SocketPath.processEnvironment) }
 
     /// Sends one request and prints its result as JSON; an error goes to stderr with exit status 1.
     func call(_ op: String, _ arguments: JSONObject = [:]) async throws {
+        let result = try await self.send(op, arguments)
+        Terminal.writeStdout(JSONValue.object(result).jsonBytes + [0x0a])
+    }
+
+    /// Sends one request (after logging in with the token, if any) and returns its result; an error
+    /// goes to stderr with exit status 1.
+    func send(_ op: String, _ arguments: JSONObject = [:]) async throws -> JSONObject {
+        let token = TokenSource.resolve(explicit: self.token, environment: SocketPath.processEnvironment)
         let outcome: Result<JSONObject, EvdError> = try await EvdConnection.withConnection(socketPath: self.socketPath) { evd in
             do {
+                if let token { try await evd.login(token: token) }
                 return .success(try await evd.request(op, arguments))
             } catch let error as EvdError {
                 return .failure(error)
@@ -20,7 +32,7 @@ struct GlobalOptions: ParsableArguments {
         }
         switch outcome {
         case .success(let result):
-            Terminal.writeStdout(JSONValue.object(result).jsonBytes + [0x0a])
+            return result
         case .failure(let error):
             Terminal.writeStderr("evctl: \(error)")
             throw ExitCode(1)
@@ -34,28 +46,31 @@ struct Evctl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "evctl",
         abstract: "Talk to evd from the shell: run SQL, emit events, read the catalog and the counters.",
-        subcommands: [SQL.self, Insert.self, Describe.self, Emit.self, Events.self, Stats.self, Ping.self]
+        subcommands: [SQL.self, Insert.self, Describe.self, Emit.self, Token.self, Events.self, Stats.self, Ping.self]
     )
 
     /// Global options may come before the subcommand (`evctl --socket S sql ...`): move them after it,
-    /// where ArgumentParser looks for them.
+    /// where ArgumentParser looks for them (after `token create` for `evctl --token T token create`).
     static func main() async {
         var arguments = Array(CommandLine.arguments.dropFirst())
         var globals: [String] = []
         var index = 0
         while index < arguments.count, arguments[index].hasPrefix("--") {
             let argument = arguments[index]
-            if argument.hasPrefix("--socket=") {
+            if argument.hasPrefix("--socket=") || argument.hasPrefix("--token=") {
                 globals.append(argument)
                 arguments.remove(at: index)
-            } else if argument == "--socket", index + 1 < arguments.count {
+            } else if argument == "--socket" || argument == "--token", index + 1 < arguments.count {
                 globals += [argument, arguments[index + 1]]
                 arguments.removeSubrange(index...(index + 1))
             } else {
                 break
             }
         }
-        if !globals.isEmpty && !arguments.isEmpty { arguments.insert(contentsOf: globals, at: 1) }
+        if !globals.isEmpty && !arguments.isEmpty {
+            let at = arguments.count > 1 && arguments[0] == "token" && !arguments[1].hasPrefix("-") ? 2 : 1
+            arguments.insert(contentsOf: globals, at: at)
+        }
         Terminal.exitQuietlyOnSignals()
         do {
             var command = try parseAsRoot(arguments)
@@ -147,6 +162,65 @@ extension Evctl {
                 arguments["data"] = .object(object)
             }
             try await self.global.call("emit", arguments)
+        }
+    }
+
+    struct Token: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            commandName: "token", abstract: "Make tokens: a token acts as you, narrowed.", subcommands: [Create.self])
+
+        struct Create: AsyncParsableCommand {
+            static let configuration = CommandConfiguration(
+                commandName: "create",
+                abstract: "Print a new token that acts as you (or as your token), narrowed by its restrictions.",
+                discussion: """
+                    With any --restrict-* option the token may do only what one of them names.
+                    Examples:
+                      evctl token create --expires-after 3600 --restrict-all view-table
+                      evctl token create --restrict-database main:insert-row --restrict-resource main:dogs:delete-row
+                      EVD_TOKEN=$(evctl token create --restrict-all subscribe) evtail insert-rows
+                    """)
+            @OptionGroup var global: GlobalOptions
+            @Option(help: "Seconds until the token expires (default: never, or when your own token does).")
+            var expiresAfter: Int64?
+            @Option(help: ArgumentHelp("An action allowed everywhere (repeatable).", valueName: "action"))
+            var restrictAll: [String] = []
+            @Option(help: ArgumentHelp("An action allowed in one database (repeatable).", valueName: "db:action"))
+            var restrictDatabase: [String] = []
+            @Option(help: ArgumentHelp("An action allowed on one table (repeatable).", valueName: "db:table:action"))
+            var restrictResource: [String] = []
+
+            func run() async throws {
+                var arguments: JSONObject = [:]
+                if let expiresAfter { arguments["expires_after"] = .int(expiresAfter) }
+                if !self.restrictAll.isEmpty { arguments["restrict_all"] = .array(self.restrictAll.map(JSONValue.string)) }
+                var databases = JSONObject()
+                for item in self.restrictDatabase {
+                    guard let colon = item.lastIndex(of: ":"), colon != item.startIndex else {
+                        throw ValidationError("--restrict-database takes DB:ACTION, not '\(item)'")
+                    }
+                    let database = String(item[..<colon])
+                    databases[database] = .array((databases[database]?.arrayValue ?? []) + [.string(String(item[item.index(after: colon)...]))])
+                }
+                if !databases.isEmpty { arguments["restrict_database"] = .object(databases) }
+                var resources = JSONObject()
+                for item in self.restrictResource {
+                    guard let first = item.firstIndex(of: ":"), let last = item.lastIndex(of: ":"), first < last,
+                        first != item.startIndex, item.index(after: first) != last
+                    else {
+                        throw ValidationError("--restrict-resource takes DB:TABLE:ACTION, not '\(item)'")
+                    }
+                    let database = String(item[..<first])
+                    let table = String(item[item.index(after: first)..<last])
+                    var tables = resources[database]?.objectValue ?? [:]
+                    tables[table] = .array((tables[table]?.arrayValue ?? []) + [.string(String(item[item.index(after: last)...]))])
+                    resources[database] = .object(tables)
+                }
+                if !resources.isEmpty { arguments["restrict_resource"] = .object(resources) }
+                let result = try await self.global.send("create_token", arguments)
+                // The bare token, so that `EVD_TOKEN=$(evctl token create ...)` works.
+                Terminal.writeStdout(Array(((result["token"]?.stringValue ?? "") + "\n").utf8))
+            }
         }
     }
 

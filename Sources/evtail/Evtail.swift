@@ -36,6 +36,9 @@ struct Evtail: AsyncParsableCommand {
     @Option(help: "The daemon's socket (default: $EVD_SOCKET, $RUNTIME_DIRECTORY/evd.sock, $XDG_RUNTIME_DIR/evd.sock, /tmp/evd-$UID/evd.sock).")
     var socket: String?
 
+    @Option(help: ArgumentHelp("Log in with this token first (default: $EVD_TOKEN).", valueName: "token"))
+    var token: String?
+
     @Option(name: .customLong("where"), help: "Only events whose property K equals V (repeatable; V is JSON or a string).")
     var filters: [String] = []
 
@@ -148,8 +151,10 @@ struct Evtail: AsyncParsableCommand {
         let policy: VetoPolicyRunner? =
             self.vetoEvents.isEmpty ? nil : VetoPolicyRunner(command: self.command, denyReason: self.denyReason)
 
+        let token = TokenSource.resolve(explicit: self.token, environment: SocketPath.processEnvironment)
         let outcome: Int32 = try await EvdConnection.withConnection(socketPath: socketPath) { evd in
             do {
+                if let token { try await evd.login(token: token) }
                 try await evd.request("subscribe", arguments)
             } catch let error as EvdError {
                 Terminal.writeStderr("evtail: \(error)")

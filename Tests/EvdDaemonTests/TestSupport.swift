@@ -60,6 +60,7 @@ func withStoppableDaemon<T: Sendable>(
 func withDaemon<T: Sendable>(
     in directory: String,
     configure: (inout EvdConfiguration) -> Void = { _ in },
+    logger: Logger? = nil,
     _ body: @Sendable (RunningDaemon, _ stop: @Sendable () async -> Void) async throws -> T
 ) async throws -> T {
     var configuration = EvdConfiguration(
@@ -68,7 +69,7 @@ func withDaemon<T: Sendable>(
         stateDirectory: directory + "/state")
     configuration.poolSize = 4
     configure(&configuration)
-    let logger = Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() })
+    let logger = logger ?? Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() })
     let daemon = Daemon(configuration: configuration, logger: logger)
     let group = ServiceGroup(services: [daemon], logger: logger)
     let running = RunningDaemon(socketPath: configuration.socketPath, directory: directory, configuration: configuration)

@@ -38,13 +38,14 @@ public final class EvdConnection: Sendable {
         self.messages = AsyncQueue(capacity: messageCapacity)
     }
 
-    /// Connects to the daemon at `socketPath`, waits for its `hello`, runs `body`, then closes.
+    /// Connects to the daemon at `socketPath`, waits for its `hello`, logs in with `token` if one
+    /// is given (a refused token is thrown as `EvdError`), runs `body`, then closes.
     ///
     /// Events, vetoes and notices are buffered up to `messageCapacity`; beyond that the connection
     /// stops reading (and so, in time, the daemon's overflow policy applies), so a subscriber should
     /// keep calling `nextMessage()`.
     public static func withConnection<Result: Sendable>(
-        socketPath: String, messageCapacity: Int = 4096,
+        socketPath: String, token: String? = nil, messageCapacity: Int = 4096,
         _ body: (EvdConnection) async throws -> Result
     ) async throws -> Result {
         let asyncChannel: NIOAsyncChannel<LineFrame, ByteBuffer>
@@ -83,6 +84,7 @@ public final class EvdConnection: Sendable {
                     }
                     throw ConnectionError(description: "evd at \(socketPath) closed the connection without a hello")
                 }
+                if let token { try await connection.login(token: token) }
                 let result = try await body(connection)
                 connection.messages.finish()
                 asyncChannel.channel.close(promise: nil)
@@ -162,6 +164,14 @@ public final class EvdConnection: Sendable {
                 continuation?.resume(throwing: ConnectionError(description: "cannot send to evd: \(error)"))
             }
         }
+    }
+
+    /// Logs in with a token (`login`): the session acts as the token's actor from now on, until
+    /// `logout`. Returns that actor; a refused token is thrown as `EvdError` (`token_invalid`,
+    /// `token_expired`).
+    @discardableResult
+    public func login(token: String) async throws -> JSONObject {
+        try await self.request("login", ["token": .string(token)])["actor"]?.objectValue ?? [:]
     }
 
     /// Sends a message that gets no response when valid (a veto `reply`).

@@ -21,6 +21,8 @@ public struct Actor: Sendable, Equatable {
     /// What the token this actor logged in with narrows its rights to: every set must allow an
     /// action (a token made by a token's session carries its maker's sets too). Empty: no token.
     public var restrictions: [TokenRestrictions] = []
+    /// The token this actor logged in with (its expiry), shown on the wire; nil: peer credentials.
+    public var token: ActorToken?
 
     public init(uid: UInt32, gid: UInt32, pid: Int32, user: String?, groups: [UInt32] = []) {
         self.id = "uid:\(uid)"
@@ -55,10 +57,12 @@ public struct Actor: Sendable, Equatable {
 
     /// The actor as the wire shows it.
     public var jsonValue: JSONValue {
-        [
+        var object: JSONObject = [
             "id": .string(self.id), "uid": .integer(self.uid), "gid": .integer(self.gid), "pid": .integer(self.pid),
             "user": self.user.map(JSONValue.string) ?? .null,
         ]
+        if let token = self.token { object["token"] = token.jsonValue }
+        return .object(object)
     }
 
     /// The user name of `uid`, from the password database.
@@ -113,6 +117,13 @@ enum EventTime {
         clock_gettime(CLOCK_REALTIME, &ts)
         var bytes: [UInt8] = []
         self.append(seconds: ts.tv_sec - seconds, micros: Int(ts.tv_nsec / 1000), to: &bytes)
+        return String(decoding: bytes, as: UTF8.self)
+    }
+
+    /// `unixSeconds` as the envelope writes a time, unquoted.
+    static func text(unixSeconds: Int64) -> String {
+        var bytes: [UInt8] = []
+        self.append(seconds: Int(unixSeconds), micros: 0, to: &bytes)
         return String(decoding: bytes, as: UTF8.self)
     }
 

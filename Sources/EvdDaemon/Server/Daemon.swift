@@ -51,6 +51,7 @@ public final class Daemon: Service, CustomStringConvertible {
 
     private func serve() async throws {
         try self.prepareDirectories()
+        let tokens = try self.openTokenSecret()
         let totalConnections = self.configuration.poolSize * self.configuration.databases.count
         // One thread per pooled connection (a thread may block on SQLite's busy wait), and two for
         // the journal's own work (custom events, replays, retention).
@@ -61,7 +62,7 @@ public final class Daemon: Service, CustomStringConvertible {
         let bus = EventBus(lastSeq: head, lease: journal.lease)
         let core = DaemonCore(
             configuration: self.configuration, bus: bus, journal: journal.settings.enabled ? journal : nil,
-            threadPool: threadPool, eventLoop: group.next())
+            threadPool: threadPool, eventLoop: group.next(), tokens: tokens)
 
         let server: NIOAsyncChannel<any Channel, Never>
         let createdPath: String?
@@ -89,6 +90,7 @@ public final class Daemon: Service, CustomStringConvertible {
                 if journal.settings.enabled {
                     tasks.addTask { await self.keepRetention(journal, core: core) }
                 }
+                tasks.addTask { await self.endExpiredSubscribers(core) }
                 if let interval = Systemd.watchdogInterval(environment: self.environment) {
                     tasks.addTask {
                         while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {
@@ -141,6 +143,15 @@ public final class Daemon: Service, CustomStringConvertible {
         }
     }
 
+    /// Reads the token secret, or makes it on the first start.
+    private func openTokenSecret() throws -> TokenAuthority {
+        do {
+            return try TokenAuthority.load(stateDirectory: self.configuration.stateDirectory)
+        } catch {
+            throw StartupError(description: error.description)
+        }
+    }
+
     /// Opens the two-phase log and holds every transaction it has prepared again, before any
     /// client can connect (their locks are taken before anyone else's).
     private func recoverPreparedTransactions(_ core: DaemonCore) async throws {
@@ -163,6 +174,23 @@ public final class Daemon: Service, CustomStringConvertible {
                 self.logger.warning("journal retention failed", metadata: ["error": "\(error)"])
             }
             try? await Task.sleep(for: .milliseconds(self.configuration.journal.pruneIntervalMs))
+        }
+    }
+
+    /// Once a second until shutdown, closes every session that holds subscriptions (or veto
+    /// listeners) under a token that has expired: its stream ends with the token. A session
+    /// without subscriptions is kept; its next request gets `token_expired`.
+    private func endExpiredSubscribers(_ core: DaemonCore) async {
+        while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {
+            let now = TokenAuthority.now()
+            for session in core.sessions.all
+            where session.actor.token?.isExpired(at: now) == true && session.hasSubscriptions.load(ordering: .relaxed) > 0
+                && !session.outbox.isClosing
+            {
+                session.logger.debug("token expired: closing the session and its subscriptions")
+                session.close()
+            }
+            try? await Task.sleep(for: .seconds(1))
         }
     }
 

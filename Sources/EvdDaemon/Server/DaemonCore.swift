@@ -28,10 +28,12 @@ final class DaemonCore: Sendable {
     let shuttingDown = Atomic<Bool>(false)
     /// Prepared two-phase transactions awaiting a decision, and their durable log.
     let twoPhase: TwoPhaseTransactions
+    /// Signs and checks tokens with the secret in the state directory.
+    let tokens: TokenAuthority
 
     init(
         configuration: EvdConfiguration, bus: EventBus, journal: Journal?, threadPool: NIOThreadPool,
-        eventLoop: any EventLoop
+        eventLoop: any EventLoop, tokens: TokenAuthority
     ) {
         self.configuration = configuration
         self.bus = bus
@@ -48,6 +50,7 @@ final class DaemonCore: Sendable {
         self.pools = pools
         self.permissions = Permissions(ownerUID: getuid(), grants: configuration.grants)
         self.twoPhase = TwoPhaseTransactions(stateDirectory: configuration.stateDirectory)
+        self.tokens = tokens
     }
 
     /// The pool of `name`, or the default database's when `name` is nil.

@@ -5,7 +5,7 @@ import OrderedCollections
 extension Session {
     /// Ops the contract defines that later versions of evd implement; they answer `unknown_op`
     /// with a message saying so, rather than pretending.
-    static let notYetImplemented: Set<String> = ["login", "create_token"]
+    static let notYetImplemented: Set<String> = []
 
     func dispatch(_ request: JSONObject, _ state: inout SessionState) async throws -> Outcome {
         guard let opValue = request["op"], !opValue.isNull else {
@@ -13,6 +13,7 @@ extension Session {
         }
         guard case .string(let op) = opValue else { throw Arguments.wrongType("op", "a string", opValue) }
         var args = Arguments(request)
+        try self.checkTokenExpiry(op)
         switch op {
         case "ping":
             try args.finish()
@@ -84,10 +85,14 @@ extension Session {
             return .result(try self.executionOptions(&args, &state))
         case "emit":
             return .result(try await self.emit(&args))
+        case "login":
+            return .result(try await self.login(&args))
         case "logout":
             try args.finish()
-            await self.publishSessionEvent(.logout, [:])
+            await self.logout()
             return .result([:])
+        case "create_token":
+            return .result(try await self.createToken(&args))
         case "invalidate":
             let database = try args.string("database")
             let connection = try args.int("connection", in: 1...Int64(Int32.max))
