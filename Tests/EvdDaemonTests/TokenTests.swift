@@ -167,6 +167,35 @@ struct TokenTests {
         }
     }
 
+    @Test("restrict_database and restrict_resource narrow raw SQL and structured ops table by table")
+    func restrictionsEndToEnd() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.request("execute", ["sql": "create table dogs(id integer primary key, name text)"])
+            try await daemon.request("execute", ["sql": "create table cats(id integer primary key, name text)"])
+            let token = try await createToken(
+                daemon,
+                [
+                    "restrict_database": ["main": ["execute-sql", "view-table"]],
+                    "restrict_resource": ["main": ["dogs": ["insert-row"]]],
+                ])
+            try await daemon.withClient { evd in
+                try await evd.login(token: token)
+                try await evd.request("execute", ["sql": "insert into dogs(name) values ('Rex')"])
+                try await evd.request("insert", ["table": "dogs", "rows": [["name": "Fido"]]])
+                let rows = try await evd.request("execute", ["sql": "select count(*) from dogs"])
+                #expect(rows["rows"] == [[2]])
+                _ = try await evd.request("execute", ["sql": "select * from cats"])
+                let raw = try await evd.expectError("execute", ["sql": "insert into cats(name) values ('Tom')"])
+                #expect(raw.code == "permission_denied")
+                #expect(raw.extra["table"] == "cats")
+                let structured = try await evd.expectError("insert", ["table": "cats", "rows": [["name": "Tom"]]])
+                #expect(structured.extra["action"] == "insert-row")
+                let delete = try await evd.expectError("execute", ["sql": "delete from dogs"])
+                #expect(delete.extra["action"] == "delete-row")
+            }
+        }
+    }
+
     @Test("create_token checks every argument: bad_request naming the field")
     func createTokenValidation() async throws {
         try await withRunningDaemon { daemon in
