@@ -29,6 +29,10 @@ events(), and while request() waits for its response (so a request that triggers
 client's veto does not deadlock). Notices (lagged, gap, shutdown) go to on_notice handlers and are
 kept in `client.notices`; the last one with `last_seq` tells where to resume (`since=`).
 
+A handler may make requests on its own client while serve() runs. But requests on one connection
+run one after another: a veto caused by the client's own running request cannot wait for another
+request on that client (the veto times out); use a second Client for that.
+
 One Client is one connection; use it from one thread at a time.
 """
 
@@ -170,6 +174,8 @@ class Client:
         self._buffer = bytearray()
         self._pending = []          # events, notices and unhandled vetoes read while waiting
         self._next_id = 1
+        self._waiting = set()       # ids of requests waiting for their response
+        self._responses = {}        # responses read for a request other than the one reading
         self._veto_handlers = {}    # subscription number -> handler
         self._notice_handlers = []
         self.notices = []
@@ -266,18 +272,26 @@ class Client:
         message = {"op": op, "id": request_id}
         message.update(args)
         self._send(message)
-        while True:
-            message = self._read()
-            if message.get("type") == "response":
-                if message.get("id") == request_id:
-                    if message.get("ok"):
-                        return message.get("result", {})
-                    raise EvdError.from_response(message.get("error"), op)
-                self._unexpected_response(message)
-                continue
-            message = self._dispatch(message)
-            if message is not None:
-                self._pending.append(message)
+        self._waiting.add(request_id)
+        try:
+            while request_id not in self._responses:
+                message = self._read()
+                if message.get("type") == "response":
+                    if message.get("id") in self._waiting:
+                        # Ours, or an outer request's when a veto handler made this one.
+                        self._responses[message["id"]] = message
+                    else:
+                        self._unexpected_response(message)
+                    continue
+                message = self._dispatch(message)
+                if message is not None:
+                    self._pending.append(message)
+        finally:
+            self._waiting.discard(request_id)
+        message = self._responses.pop(request_id)
+        if message.get("ok"):
+            return message.get("result", {})
+        raise EvdError.from_response(message.get("error"), op)
 
     def _unexpected_response(self, message):
         # The only responses not awaited are errors for invalid replies (ids "reply:SEQ").

@@ -196,6 +196,20 @@ class VetoTests(unittest.TestCase):
 
             self.assertEqual(c.execute("select 42")["rows"], [[84]])
 
+    def test_a_handler_may_make_requests_on_its_client(self):
+        with client() as c:
+            c.execute("create table if not exists py_audit(statement text)")
+        listeners = []
+
+        def record(veto):
+            if "py_audit" not in veto["statement"]:  # its own insert is vetoed (allowed) too
+                listeners[0].client.execute("insert into py_audit values (?)", [veto["statement"]])
+
+        with Listener(record, name="py-recorder") as listener, client() as c:
+            listeners.append(listener)
+            self.assertEqual(c.execute("select 'recorded'")["rows"], [["recorded"]])
+            self.assertIn(["select 'recorded'"], c.execute("select statement from py_audit")["rows"])
+
     def test_plain_subscribers_see_the_outcome(self):
         with client() as c:
             c.execute("create table if not exists py_never(x)")
