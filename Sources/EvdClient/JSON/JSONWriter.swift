@@ -114,13 +114,14 @@ public enum JSONWriter {
         bytes.append(contentsOf: d.description.utf8)
     }
 
-    /// Appends an ASCII literal such as `null` as is.
-    static func appendASCII(_ text: StaticString, to bytes: inout [UInt8]) {
+    /// Appends an ASCII literal such as `null` (or a fixed piece of JSON) as is.
+    public static func appendASCII(_ text: StaticString, to bytes: inout [UInt8]) {
         bytes.append(contentsOf: UnsafeBufferPointer(start: text.utf8Start, count: text.utf8CodeUnitCount))
     }
 
-    /// The escaping loop behind ``appendString(_:to:)``.
-    static func appendEscaped(_ utf8: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
+    /// Appends UTF-8 text as a quoted JSON string, escaped as ``appendString(_:to:)`` does: for
+    /// text already in bytes (read from SQLite), without making a `String` of it.
+    public static func appendEscaped(_ utf8: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
         bytes.append(UInt8(ascii: "\""))
         // Fast path: scan for the next byte that needs escaping and copy the whole run of
         // bytes before it in one `append(contentsOf:)`. Most strings are a single run.

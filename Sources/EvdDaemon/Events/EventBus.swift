@@ -373,15 +373,28 @@ public final class EventBus: Sendable {
     /// An event's bytes up to its subscription number: `{"type":"event","seq":…,"event":…,"time":…,"subscription":`.
     /// `time` is quoted; `nil`: now.
     static func prefix(seq: Int64, name: String, time: [UInt8]?) -> [UInt8] {
-        var prefix: [UInt8] = Array(#"{"type":"event","seq":"#.utf8)
-        JSONWriter.appendInt(seq, to: &prefix)
-        prefix += Array(#","event":"#.utf8)
-        JSONWriter.appendString(name, to: &prefix)
-        prefix += Array(#","time":"#.utf8)
+        var prefix: [UInt8] = []
+        prefix.reserveCapacity(112)
+        var name = name  // `withUTF8` is mutating; a native string neither copies nor allocates
+        name.withUTF8 { Self.appendHead(seq: seq, name: $0, to: &prefix) }
         if let time { prefix += time } else { EventTime.appendNow(to: &prefix) }
-        prefix += Array(#","subscription":"#.utf8)
+        JSONWriter.appendASCII(Self.subscriptionKey, to: &prefix)
         return prefix
     }
+
+    /// Appends an event's bytes up to its time: `{"type":"event","seq":…,"event":…,"time":`.
+    /// `name` is UTF-8. (A replay writes its events with this, `subscriptionKey` and the body.)
+    @inline(__always)
+    static func appendHead(seq: Int64, name: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
+        JSONWriter.appendASCII(#"{"type":"event","seq":"#, to: &bytes)
+        JSONWriter.appendInt(seq, to: &bytes)
+        JSONWriter.appendASCII(#","event":"#, to: &bytes)
+        JSONWriter.appendEscaped(name, to: &bytes)
+        JSONWriter.appendASCII(#","time":"#, to: &bytes)
+    }
+
+    /// What follows an event's quoted time, before its subscription number.
+    static let subscriptionKey: StaticString = #","subscription":"#
 
     /// Queues a numbered event to its subscribers that pass their filters (under the lock);
     /// `imagesBody`, when given, goes to those with `rows: true`.

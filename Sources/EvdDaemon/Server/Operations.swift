@@ -277,22 +277,19 @@ extension Session {
         do {
             let reader = try await pool.runIfActive { try Journal.Reader(journal, after: since, through: through) }
             while !self.outbox.isClosing {
-                let rows = try await pool.runIfActive { try reader.next() }
-                // Retention raises the floor before it deletes: a page read before the floor moved
-                // past it may lack rows, so everything up to the floor counts as gone.
-                let floor = min(journal.floor, through)
-                if floor > position {
-                    self.outbox.enqueue(line: Self.gapLine(from: position + 1, to: floor))
-                    position = floor
+                var page = try await pool.runIfActive {
+                    try ReplayPage.read(reader, limit: Self.replayPageRows, for: subscription, journal: journal, through: through)
                 }
-                guard !rows.isEmpty else { break }
-                var events: [QueuedEvent] = []
-                events.reserveCapacity(rows.count)
-                for row in rows where row.seq > position {
-                    if let event = Self.replayed(row, for: subscription) { events.append(event) }
+                // A page read before the floor moved past it may lack rows, so everything up to the
+                // floor counts as gone.
+                if page.floor > position {
+                    self.outbox.enqueue(line: Self.gapLine(from: position + 1, to: page.floor))
+                    position = page.floor
                 }
-                position = max(position, rows.last!.seq)
-                self.outbox.enqueue(replayed: events)
+                page.drop(through: position)
+                guard page.read > 0 else { break }
+                position = max(position, page.lastRead)
+                self.outbox.enqueue(replayed: page)
                 await self.outbox.drained()
             }
         } catch {
@@ -301,27 +298,8 @@ extension Session {
         }
     }
 
-    /// A journaled event as `subscription` receives it, or `nil` when it does not match.
-    private static func replayed(_ row: JournalRow, for subscription: Subscription) -> QueuedEvent? {
-        if let kind = EventKind(name: row.name) {
-            guard subscription.kinds & (1 << UInt64(kind.rawValue)) != 0 else { return nil }
-        } else {
-            guard subscription.matches(customName: row.name) else { return nil }
-        }
-        if !subscription.filter.isEmpty {
-            // The body is the event after `"subscription":N`: `,"session":…,"actor":…,props…}`.
-            var object: [UInt8] = [UInt8(ascii: "{")]
-            object += row.body.dropFirst()
-            guard let parsed = try? JSONValue(parsing: object), let properties = parsed.objectValue,
-                Subscription.passes(
-                    subscription.filter, name: row.name, session: properties["session"] ?? .null,
-                    actor: properties["actor"]?["id"] ?? .null, properties: properties)
-            else { return nil }
-        }
-        let prefix = EventBus.prefix(seq: row.seq, name: row.name, time: row.time)
-        let body = subscription.wantsRows ? row.imagesBody ?? row.body : row.body
-        return QueuedEvent(prefix: prefix, subscription: subscription.id, body: body, seq: row.seq)
-    }
+    /// The journaled rows a replay reads per page (it queues a page, then waits until it is written).
+    static let replayPageRows = 4096
 
     // MARK: emit
 

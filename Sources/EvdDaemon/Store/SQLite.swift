@@ -254,12 +254,13 @@ public final class SQLiteStatement: @unchecked Sendable {
     /// Column `index` of the current row as an integer.
     func int(at index: Int32) -> Int64 { sqlite3_column_int64(self.handle, index) }
 
-    /// Column `index` of the current row as raw bytes (text or blob); `nil` for NULL.
-    func bytes(at index: Int32) -> [UInt8]? {
-        guard sqlite3_column_type(self.handle, index) != SQLITE_NULL else { return nil }
+    /// Column `index` of the current row as raw bytes (text or blob; NULL reads as empty), where
+    /// SQLite keeps them: valid only until the statement steps, resets or is finalized.
+    func rawBytes(at index: Int32) -> UnsafeBufferPointer<UInt8> {
+        let blob = sqlite3_column_blob(self.handle, index)  // before `_bytes`, as SQLite asks
         let count = Int(sqlite3_column_bytes(self.handle, index))
-        guard count > 0, let blob = sqlite3_column_blob(self.handle, index) else { return [] }
-        return Array(UnsafeRawBufferPointer(start: blob, count: count))
+        guard count > 0, let blob else { return UnsafeBufferPointer(start: nil, count: 0) }
+        return UnsafeBufferPointer(start: blob.assumingMemoryBound(to: UInt8.self), count: count)
     }
 
     /// Advances to the next row: `true` for a row, `false` when done.
