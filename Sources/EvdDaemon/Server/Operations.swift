@@ -269,17 +269,22 @@ extension Session {
     /// Replays the journaled events with seq in `since+1 ... through` that `subscription` matches,
     /// in seq order, then lets its live events (held back meanwhile) follow. What retention removed
     /// is announced with notice `gap`. The session's next request waits for the replay; the replay
-    /// waits for the client to read (it queues a page, then waits until it is written).
+    /// waits for the client to read (it queues a page and reads the next, then waits until the
+    /// queued one is written: at most two pages wait in the outbox and the reader).
     private func replay(_ subscription: Subscription, after since: Int64, through: Int64, from journal: Journal) async {
         defer { self.outbox.unpark(subscription.id) }
         let pool = self.core.threadPool
         var position = since
         do {
             let reader = try await pool.runIfActive { try Journal.Reader(journal, after: since, through: through) }
-            while !self.outbox.isClosing {
-                var page = try await pool.runIfActive {
+            let read = { @Sendable () async throws -> ReplayPage in
+                try await pool.runIfActive {
                     try ReplayPage.read(reader, limit: Self.replayPageRows, for: subscription, journal: journal, through: through)
                 }
+            }
+            var next = try await read()
+            while !self.outbox.isClosing {
+                var page = next
                 // A page read before the floor moved past it may lack rows, so everything up to the
                 // floor counts as gone.
                 if page.floor > position {
@@ -290,7 +295,11 @@ extension Session {
                 guard page.read > 0 else { break }
                 position = max(position, page.lastRead)
                 self.outbox.enqueue(replayed: page)
+                // The next page is read while this one is written (the reader is used by one task
+                // at a time: this one waits for it).
+                async let following = read()
                 await self.outbox.drained()
+                next = try await following
             }
         } catch {
             self.logger.warning("replay failed", metadata: ["subscription": "\(subscription.id)", "error": "\(error)"])
@@ -298,7 +307,7 @@ extension Session {
         }
     }
 
-    /// The journaled rows a replay reads per page (it queues a page, then waits until it is written).
+    /// The journaled rows a replay reads per page.
     static let replayPageRows = 4096
 
     // MARK: emit
