@@ -265,10 +265,21 @@ public final class EventBus: Sendable {
 
     /// A committed event's bytes, made once for the journal and every subscriber.
     func entry(for event: CommittedEvent, origin: EventOrigin) -> JournalEntry {
-        JournalEntry(
-            name: event.kind.name, kind: event.kind, origin: origin, properties: event.properties,
-            body: Self.body(origin, event.properties),
-            imagesBody: event.images.map { Self.body(origin, event.properties, $0) })
+        let body = Self.body(origin, event.properties)
+        var imagesBody: [UInt8]?
+        if let images = event.images {
+            // The same bytes up to the closing brace, then the images.
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(body.count + images.count)
+            bytes += body[..<(body.count - 2)]
+            bytes += images
+            bytes.append(UInt8(ascii: "}"))
+            bytes.append(UInt8(ascii: "\n"))
+            imagesBody = bytes
+        }
+        return JournalEntry(
+            name: event.kind.name, kind: event.kind, origin: origin, properties: event.properties, body: body,
+            imagesBody: imagesBody)
     }
 
     /// A custom (or daemon) event's bytes, made once for the journal and every subscriber.
@@ -351,20 +362,16 @@ public final class EventBus: Sendable {
         return reservation.first
     }
 
-    /// An event's bytes after the subscription number: the envelope's origin, the properties (and
-    /// `more` of them), the closing brace and newline.
-    static func body(_ origin: EventOrigin, _ properties: JSONObject, _ more: JSONObject = [:]) -> [UInt8] {
+    /// An event's bytes after the subscription number: the envelope's origin, the properties, the
+    /// closing brace and newline.
+    static func body(_ origin: EventOrigin, _ properties: JSONObject) -> [UInt8] {
         var body = origin.envelopeFragment
-        func append(_ object: JSONObject) {
-            for (key, value) in object {
-                body.append(UInt8(ascii: ","))
-                JSONWriter.appendString(key, to: &body)
-                body.append(UInt8(ascii: ":"))
-                value.write(into: &body)
-            }
+        for (key, value) in properties {
+            body.append(UInt8(ascii: ","))
+            JSONWriter.appendString(key, to: &body)
+            body.append(UInt8(ascii: ":"))
+            value.write(into: &body)
         }
-        append(properties)
-        append(more)
         body.append(UInt8(ascii: "}"))
         body.append(UInt8(ascii: "\n"))
         return body

@@ -43,10 +43,15 @@ struct RowChange {
     /// The primary key values, in key order (old ones for update/delete); `nil` while the table's
     /// shape is unknown, and for rowid tables without a declared key (the key is `[rowid]`).
     var key: [JSONValue]?
-    /// The whole row before the change (images, or until the shape is known).
+    /// The whole row before the change (while the table's shape is unknown).
     var before: [JSONValue]?
-    /// The whole row after the change (images, or an insert's key until the shape is known).
+    /// The whole row after the change (while the shape is unknown).
     var after: [JSONValue]?
+    /// The row images, written as JSON objects into `ChangeCapture.imageBytes` when images are
+    /// recorded and the shape is known: the row before the change (update, delete) and after it
+    /// (insert, update).
+    var beforeImage: Range<Int>?
+    var afterImage: Range<Int>?
 }
 
 /// A table's columns and primary key, as the committed events need them.
@@ -56,6 +61,20 @@ struct TableShape: Sendable {
     let keyColumns: [Int]
     /// The key is the rowid (no declared key, or an `INTEGER PRIMARY KEY` alias).
     let keyIsRowid: Bool
+    /// What precedes each column's value in a row image: `{"first":`, then `,"next":`.
+    let imageKeys: [[UInt8]]
+
+    init(columns: [String], keyColumns: [Int], keyIsRowid: Bool) {
+        self.columns = columns
+        self.keyColumns = keyColumns
+        self.keyIsRowid = keyIsRowid
+        self.imageKeys = columns.enumerated().map { index, name in
+            var key: [UInt8] = [UInt8(ascii: index == 0 ? "{" : ",")]
+            JSONWriter.appendString(name, to: &key)
+            key.append(UInt8(ascii: ":"))
+            return key
+        }
+    }
 }
 
 /// A schema change that becomes a committed event (`create-table`, `drop-table`, `alter-table`,
@@ -70,7 +89,9 @@ struct SchemaChange: Sendable {
 struct CommittedEvent: Sendable {
     let kind: EventKind
     var properties: JSONObject
-    var images: JSONObject?
+    /// The row images as members that follow the properties, written out: `,"rows":[…]` or
+    /// `,"before":{…},"after":{…}`.
+    var images: [UInt8]?
 }
 
 /// Records the rows and schema changes one connection makes inside its transaction, so that they
@@ -93,6 +114,9 @@ final class ChangeCapture: @unchecked Sendable {
     /// Whether whole rows are recorded (a `rows: true` subscription wants the images).
     var images = false
     private(set) var entries: [Entry] = []
+    /// The row images the hook wrote (`RowChange.beforeImage`, `afterImage`); emptied with the
+    /// entries, at the end of the transaction.
+    private var imageBytes: [UInt8] = []
     private(set) var tables: [String] = []
     private var tableIndex: [String: Int32] = [:]
     private var shapes: [Int32: TableShape] = [:]
@@ -193,6 +217,7 @@ final class ChangeCapture: @unchecked Sendable {
     /// The transaction ended without committing, or its events were taken.
     func discardAll() {
         self.entries.removeAll(keepingCapacity: self.entries.count < 4096)
+        self.imageBytes.removeAll(keepingCapacity: self.imageBytes.count < 1 << 20)
         self.intents.removeAll()
         self.savepoints.removeAll()
         self.unit = 0
@@ -239,8 +264,18 @@ final class ChangeCapture: @unchecked Sendable {
             rowid: op == .insert ? newRowid : oldRowid)
         let shape = self.shapes[index]
         let count = Int(sqlite3_preupdate_count(db))
-        if self.images || shape == nil || shape!.columns.count != count {
-            // Whole rows: the key is taken from them once the shape is known.
+        if let shape, shape.columns.count == count {
+            if self.images {
+                // The images, written out at once: no value is kept for them. (Out of `self` while
+                // written: each access to a class's property is checked for exclusivity.)
+                var bytes: [UInt8] = []
+                swap(&bytes, &self.imageBytes)
+                if op != .insert { change.beforeImage = Self.writeImage(db, shape, old: true, into: &bytes) }
+                if op != .delete { change.afterImage = Self.writeImage(db, shape, old: false, into: &bytes) }
+                swap(&bytes, &self.imageBytes)
+            }
+        } else {
+            // Whole rows: the key (and the images) are taken from them once the shape is known.
             if op != .insert { change.before = Self.values(db, count, old: true) }
             if op != .delete { change.after = Self.values(db, count, old: false) }
         }
@@ -276,6 +311,25 @@ final class ChangeCapture: @unchecked Sendable {
 
     private static func key(_ shape: TableShape, rowid: Int64, _ value: (Int32) -> JSONValue) -> [JSONValue] {
         shape.keyIsRowid ? [.int(rowid)] : shape.keyColumns.map { value(Int32($0)) }
+    }
+
+    /// Writes the row the hook sees (before or after the change) as a JSON object into `bytes`;
+    /// returns where it is.
+    private static func writeImage(_ db: OpaquePointer, _ shape: TableShape, old: Bool, into bytes: inout [UInt8]) -> Range<Int> {
+        let start = bytes.count
+        for (column, key) in shape.imageKeys.enumerated() {
+            bytes += key
+            var value: OpaquePointer?
+            let rc = old ? sqlite3_preupdate_old(db, Int32(column), &value) : sqlite3_preupdate_new(db, Int32(column), &value)
+            if rc == SQLITE_OK, let value {
+                JSONValue.write(sqliteValue: value, into: &bytes)
+            } else {
+                JSONWriter.appendASCII("null", to: &bytes)
+            }
+        }
+        if shape.imageKeys.isEmpty { bytes.append(UInt8(ascii: "{")) }
+        bytes.append(UInt8(ascii: "}"))
+        return start..<bytes.count
     }
 
     private static func values(_ db: OpaquePointer, _ count: Int, old: Bool) -> [JSONValue] {
@@ -339,9 +393,14 @@ final class ChangeCapture: @unchecked Sendable {
         guard !self.entries.isEmpty || !self.intents.isEmpty else { return [] }
         let replacedKeys = self.replacedKeys()
         var events: [CommittedEvent] = []
-        struct Group { var event: Int; var rows: Int; var images: [JSONValue] }
-        var groups: [GroupKey: Group] = [:]
+        struct Group { let key: GroupKey; var event: Int; var rows: Int; var images: [UInt8] }
+        var groups: [Group] = []
+        var groupIndex: [GroupKey: Int] = [:]
         var reportedUnits: Set<Int32> = []
+        // Rows come in long runs of one statement and table: what the last row needed is kept.
+        var lastGroup: (key: GroupKey, index: Int)?
+        var lastUnit: (unit: Int32, intent: StatementIntent)?
+        var lastShape: (table: Int32, shape: TableShape?)?
         for (position, entry) in self.entries.enumerated() {
             switch entry {
             case .schema(let change):
@@ -350,18 +409,26 @@ final class ChangeCapture: @unchecked Sendable {
                 events.append(CommittedEvent(kind: change.kind, properties: properties))
             case .row(let change):
                 let tableName = self.tables[Int(change.table)]
-                let shape = self.shape(change.table)
-                let intent = change.depth == 0 ? self.intents[change.unit] ?? .other : .other
+                if lastShape?.table != change.table { lastShape = (change.table, self.shape(change.table)) }
+                let shape = lastShape!.shape
+                var intent = StatementIntent.other
+                if change.depth == 0 {
+                    if lastUnit?.unit != change.unit { lastUnit = (change.unit, self.intents[change.unit] ?? .other) }
+                    intent = lastUnit!.intent
+                }
                 switch change.operation {
                 case .insert,
                     .update where intent.kind == .upsert:
                     let kind: EventKind = intent.kind == .upsert ? .upsertRows : .insertRows
                     let groupKey = GroupKey(unit: intent.group ?? change.unit, table: change.table, direct: change.depth == 0)
-                    let image: JSONValue? = self.images ? Self.object(change.after, shape) : nil
-                    if groups[groupKey] != nil {
+                    if let index = lastGroup?.key == groupKey ? lastGroup!.index : groupIndex[groupKey] {
+                        lastGroup = (groupKey, index)
                         // In place: copying the group out and back would copy its images per row.
-                        groups[groupKey]!.rows += 1
-                        if let image { groups[groupKey]!.images.append(image) }
+                        groups[index].rows += 1
+                        if self.images {
+                            groups[index].images.append(UInt8(ascii: ","))
+                            self.appendImage(change.afterImage, change.after, shape, to: &groups[index].images)
+                        }
                     } else {
                         var properties: JSONObject = ["database": .string(database), "table": .string(tableName), "num_rows": 0]
                         if kind == .insertRows {
@@ -369,17 +436,26 @@ final class ChangeCapture: @unchecked Sendable {
                             properties["replace"] = .bool(intent.replace)
                         }
                         events.append(CommittedEvent(kind: kind, properties: properties))
-                        groups[groupKey] = Group(event: events.count - 1, rows: 1, images: image.map { [$0] } ?? [])
+                        var images: [UInt8] = []
+                        if self.images { self.appendImage(change.afterImage, change.after, shape, to: &images) }
+                        groups.append(Group(key: groupKey, event: events.count - 1, rows: 1, images: images))
+                        groupIndex[groupKey] = groups.count - 1
+                        lastGroup = (groupKey, groups.count - 1)
                         if change.depth == 0 { reportedUnits.insert(intent.group ?? change.unit) }
                     }
                 case .update, .delete:
                     if change.operation == .delete, replacedKeys.contains(position) { continue }
                     let key = change.key ?? Self.key(change, shape)
-                    var images: JSONObject?
+                    var images: [UInt8]?
                     if self.images {
-                        var object: JSONObject = ["before": Self.object(change.before, shape)]
-                        if change.operation == .update { object["after"] = Self.object(change.after, shape) }
-                        images = object
+                        var members: [UInt8] = []
+                        JSONWriter.appendASCII(#","before":"#, to: &members)
+                        self.appendImage(change.beforeImage, change.before, shape, to: &members)
+                        if change.operation == .update {
+                            JSONWriter.appendASCII(#","after":"#, to: &members)
+                            self.appendImage(change.afterImage, change.after, shape, to: &members)
+                        }
+                        images = members
                     }
                     let kind: EventKind = change.operation == .update ? .updateRow : .deleteRow
                     let properties: JSONObject = ["database": .string(database), "table": .string(tableName), "pks": .array(key)]
@@ -387,16 +463,23 @@ final class ChangeCapture: @unchecked Sendable {
                 }
             }
         }
-        for group in groups.values {
+        for group in groups {
             events[group.event].properties["num_rows"] = .integer(group.rows)
-            if self.images { events[group.event].images = ["rows": .array(group.images)] }
+            if self.images {
+                var members: [UInt8] = []
+                members.reserveCapacity(group.images.count + 10)
+                JSONWriter.appendASCII(#","rows":["#, to: &members)
+                members += group.images
+                members.append(UInt8(ascii: "]"))
+                events[group.event].images = members
+            }
         }
         // A structured insert reports the rows it was given, even those SQLite ignored.
         var reportedGroups: Set<Int32> = []
         for (unit, intent) in self.intents.sorted(by: { $0.key < $1.key }) {
             let unit = intent.group ?? unit
             guard let reported = intent.reportedRows, let table = intent.table, reportedGroups.insert(unit).inserted else { continue }
-            if let group = groups.first(where: { $0.key.unit == unit && $0.key.direct })?.value {
+            if let group = groups.first(where: { $0.key.unit == unit && $0.key.direct }) {
                 events[group.event].properties["num_rows"] = .integer(reported)
             } else if !reportedUnits.contains(unit), intent.kind != .other {
                 var properties: JSONObject = ["database": .string(database), "table": .string(table), "num_rows": .integer(reported)]
@@ -406,7 +489,7 @@ final class ChangeCapture: @unchecked Sendable {
                 }
                 events.append(
                     CommittedEvent(kind: intent.kind == .upsert ? .upsertRows : .insertRows, properties: properties,
-                                   images: self.images ? ["rows": []] : nil))
+                                   images: self.images ? Array(#","rows":[]"#.utf8) : nil))
             }
         }
         return events
@@ -448,6 +531,16 @@ final class ChangeCapture: @unchecked Sendable {
         guard let shape, !shape.keyIsRowid else { return [.int(change.rowid)] }
         guard let row = new || change.operation == .insert ? change.after : change.before else { return [.int(change.rowid)] }
         return shape.keyColumns.map { $0 < row.count ? row[$0] : .null }
+    }
+
+    /// Appends a row image: the one the hook wrote, or one made of the row's values (recorded
+    /// while the shape was unknown); `null` without either.
+    private func appendImage(_ written: Range<Int>?, _ row: [JSONValue]?, _ shape: TableShape?, to bytes: inout [UInt8]) {
+        if let written {
+            bytes += self.imageBytes[written]
+        } else {
+            Self.object(row, shape).write(into: &bytes)
+        }
     }
 
     /// A row as an object of column → value.
@@ -504,6 +597,33 @@ enum SQLIdentifier {
 }
 
 extension JSONValue {
+    /// Writes a SQLite value as JSON, as `JSONValue(sqliteValue:)` then `write(into:)` would,
+    /// without making the value (text is copied once, into `bytes`).
+    static func write(sqliteValue value: OpaquePointer, into bytes: inout [UInt8]) {
+        switch sqlite3_value_type(value) {
+        case SQLITE_INTEGER:
+            JSONWriter.appendInt(sqlite3_value_int64(value), to: &bytes)
+        case SQLITE_FLOAT:
+            JSONWriter.appendDouble(sqlite3_value_double(value), to: &bytes)
+        case SQLITE_TEXT:
+            guard let text = sqlite3_value_text(value) else {
+                JSONWriter.appendASCII(#""""#, to: &bytes)
+                return
+            }
+            let utf8 = UnsafeBufferPointer(start: text, count: Int(sqlite3_value_bytes(value)))
+            if utf8.allSatisfy({ $0 < 0x80 }) {
+                JSONWriter.appendEscaped(utf8, to: &bytes)
+            } else {
+                // Not only ASCII: through `String`, which repairs invalid UTF-8 as the value would.
+                JSONWriter.appendString(String(decoding: utf8, as: UTF8.self), to: &bytes)
+            }
+        case SQLITE_NULL:
+            JSONWriter.appendASCII("null", to: &bytes)
+        default:
+            JSONValue(sqliteValue: value).write(into: &bytes)
+        }
+    }
+
     /// A SQLite value as JSON: INTEGER, REAL, TEXT, NULL, and BLOB as `{"$base64": ...}`.
     init(sqliteValue value: OpaquePointer) {
         switch sqlite3_value_type(value) {
