@@ -10,5 +10,6 @@ static inline sqlite3_destructor_type evd_sqlite_transient(void) { return SQLITE
 
 /// sqlite3_config is variadic and does not import; these wrap the calls evd makes.
 static inline int evd_sqlite_config_multithread(void) { return sqlite3_config(SQLITE_CONFIG_MULTITHREAD); }
+static inline int evd_sqlite_config_memstatus(int on) { return sqlite3_config(SQLITE_CONFIG_MEMSTATUS, on); }
 
 #endif

@@ -55,8 +55,17 @@ public final class SQLiteConnection: @unchecked Sendable {
     /// The path it was opened on.
     public let path: String
 
+    /// SQLite's process-wide settings, made before the first connection opens (they cannot change
+    /// once SQLite is initialized). Memory statistics are off: evd reads none, and keeping them
+    /// takes a process-wide mutex on every allocation SQLite makes (several per row it reads,
+    /// and per row image the pre-update hook takes).
+    private static let configured: Void = {
+        _ = evd_sqlite_config_memstatus(0)
+    }()
+
     /// Opens `path` with `flags` (`SQLITE_OPEN_*`).
     public init(path: String, flags: Int32) throws(SQLiteError) {
+        Self.configured
         var db: OpaquePointer?
         let rc = sqlite3_open_v2(path, &db, flags | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE, nil)
         guard rc == SQLITE_OK, let db else {
