@@ -61,19 +61,25 @@ struct TableShape: Sendable {
     let keyColumns: [Int]
     /// The key is the rowid (no declared key, or an `INTEGER PRIMARY KEY` alias).
     let keyIsRowid: Bool
-    /// What precedes each column's value in a row image: `{"first":`, then `,"next":`.
-    let imageKeys: [[UInt8]]
+    /// What precedes each column's value in a row image, one after another: `{"first":`, then
+    /// `,"next":`; column `i`'s ends at `imageKeyEnds[i]`.
+    let imageKeys: [UInt8]
+    let imageKeyEnds: [Int]
 
     init(columns: [String], keyColumns: [Int], keyIsRowid: Bool) {
         self.columns = columns
         self.keyColumns = keyColumns
         self.keyIsRowid = keyIsRowid
-        self.imageKeys = columns.enumerated().map { index, name in
-            var key: [UInt8] = [UInt8(ascii: index == 0 ? "{" : ",")]
-            JSONWriter.appendString(name, to: &key)
-            key.append(UInt8(ascii: ":"))
-            return key
+        var keys: [UInt8] = []
+        var ends: [Int] = []
+        for (index, name) in columns.enumerated() {
+            keys.append(UInt8(ascii: index == 0 ? "{" : ","))
+            JSONWriter.appendString(name, to: &keys)
+            keys.append(UInt8(ascii: ":"))
+            ends.append(keys.count)
         }
+        self.imageKeys = keys
+        self.imageKeyEnds = ends
     }
 }
 
@@ -131,6 +137,10 @@ final class ChangeCapture: @unchecked Sendable {
     private var savepoints: [(name: String, mark: Int)] = []
     /// The schema cookie the shapes were read at.
     private var shapesSchemaVersion: Int64 = -1
+    /// Whether the database keeps text in UTF-8 (the default), read with the shapes: then the
+    /// hook takes a text value's bytes as they are (`sqlite3_value_blob`), where reading it as
+    /// text would first copy it to add a terminating NUL.
+    private var textIsUTF8 = false
 
     private let connection: SQLiteConnection
 
@@ -265,27 +275,27 @@ final class ChangeCapture: @unchecked Sendable {
         let shape = self.shapes[index]
         let count = Int(sqlite3_preupdate_count(db))
         if let shape, shape.columns.count == count {
-            if self.images {
-                // The images, written out at once: no value is kept for them. (Out of `self` while
-                // written: each access to a class's property is checked for exclusivity.)
-                var bytes: [UInt8] = []
-                swap(&bytes, &self.imageBytes)
-                if op != .insert { change.beforeImage = Self.writeImage(db, shape, old: true, into: &bytes) }
-                if op != .delete { change.afterImage = Self.writeImage(db, shape, old: false, into: &bytes) }
-                swap(&bytes, &self.imageBytes)
-            }
-        } else {
-            // Whole rows: the key (and the images) are taken from them once the shape is known.
-            if op != .insert { change.before = Self.values(db, count, old: true) }
-            if op != .delete { change.after = Self.values(db, count, old: false) }
-        }
-        if let shape, shape.columns.count == count {
             if op != .insert {
                 change.key = Self.key(shape, rowid: oldRowid) { Self.value(db, $0, old: true) }
             } else if self.intents[self.unit]?.replace == true, change.depth == 0 {
                 // Only a REPLACE needs an insert's key: to tell the row it replaced from others it removed.
                 change.key = Self.key(shape, rowid: newRowid) { Self.value(db, $0, old: false) }
             }
+            if self.images {
+                // The images, written out at once: no value is kept for them. (After the key: the
+                // images may read text as a blob. Out of `self` while written: each access to a
+                // class's property is checked for exclusivity.)
+                var bytes: [UInt8] = []
+                swap(&bytes, &self.imageBytes)
+                let utf8 = self.textIsUTF8
+                if op != .insert { change.beforeImage = Self.writeImage(db, shape, old: true, utf8: utf8, into: &bytes) }
+                if op != .delete { change.afterImage = Self.writeImage(db, shape, old: false, utf8: utf8, into: &bytes) }
+                swap(&bytes, &self.imageBytes)
+            }
+        } else {
+            // Whole rows: the key (and the images) are taken from them once the shape is known.
+            if op != .insert { change.before = Self.values(db, count, old: true) }
+            if op != .delete { change.after = Self.values(db, count, old: false) }
         }
         self.entries.append(.row(change))
     }
@@ -315,19 +325,27 @@ final class ChangeCapture: @unchecked Sendable {
 
     /// Writes the row the hook sees (before or after the change) as a JSON object into `bytes`;
     /// returns where it is.
-    private static func writeImage(_ db: OpaquePointer, _ shape: TableShape, old: Bool, into bytes: inout [UInt8]) -> Range<Int> {
+    /// `utf8`: the database keeps text in UTF-8 (`textIsUTF8`).
+    private static func writeImage(
+        _ db: OpaquePointer, _ shape: TableShape, old: Bool, utf8: Bool, into bytes: inout [UInt8]
+    ) -> Range<Int> {
         let start = bytes.count
-        for (column, key) in shape.imageKeys.enumerated() {
-            bytes += key
-            var value: OpaquePointer?
-            let rc = old ? sqlite3_preupdate_old(db, Int32(column), &value) : sqlite3_preupdate_new(db, Int32(column), &value)
-            if rc == SQLITE_OK, let value {
-                JSONValue.write(sqliteValue: value, into: &bytes)
-            } else {
-                JSONWriter.appendASCII("null", to: &bytes)
+        shape.imageKeys.withUnsafeBufferPointer { keys in
+            var keyStart = 0
+            for column in 0..<Int32(shape.imageKeyEnds.count) {
+                let keyEnd = shape.imageKeyEnds[Int(column)]
+                bytes.append(contentsOf: UnsafeBufferPointer(rebasing: keys[keyStart..<keyEnd]))
+                keyStart = keyEnd
+                var value: OpaquePointer?
+                let rc = old ? sqlite3_preupdate_old(db, column, &value) : sqlite3_preupdate_new(db, column, &value)
+                if rc == SQLITE_OK, let value {
+                    JSONValue.write(sqliteValue: value, textIsUTF8: utf8, into: &bytes)
+                } else {
+                    JSONWriter.appendASCII("null", to: &bytes)
+                }
             }
         }
-        if shape.imageKeys.isEmpty { bytes.append(UInt8(ascii: "{")) }
+        if shape.imageKeyEnds.isEmpty { bytes.append(UInt8(ascii: "{")) }
         bytes.append(UInt8(ascii: "}"))
         return start..<bytes.count
     }
@@ -357,6 +375,7 @@ final class ChangeCapture: @unchecked Sendable {
             self.shapes.removeAll()
             self.lastTable = nil
             self.shapesSchemaVersion = -1
+            self.textIsUTF8 = false
             return
         }
         let version = (try? self.connection.scalarInt("PRAGMA main.schema_version")) ?? -1
@@ -364,6 +383,8 @@ final class ChangeCapture: @unchecked Sendable {
             self.shapes.removeAll()
             self.lastTable = nil
             self.shapesSchemaVersion = version
+            // Fixed once the database has a table (so for every table with a shape).
+            self.textIsUTF8 = (try? self.connection.scalarText("PRAGMA main.encoding")) == "UTF-8"
         }
         for name in names {
             let index = self.intern(name)
@@ -598,19 +619,22 @@ enum SQLIdentifier {
 
 extension JSONValue {
     /// Writes a SQLite value as JSON, as `JSONValue(sqliteValue:)` then `write(into:)` would,
-    /// without making the value (text is copied once, into `bytes`).
-    static func write(sqliteValue value: OpaquePointer, into bytes: inout [UInt8]) {
+    /// without making the value (text is copied once, into `bytes`). `textIsUTF8`: the value's
+    /// database keeps text in UTF-8, so its bytes are read as they are (as a blob, which needs no
+    /// terminating NUL and so no copy); the value reads as a blob afterwards.
+    static func write(sqliteValue value: OpaquePointer, textIsUTF8: Bool, into bytes: inout [UInt8]) {
         switch sqlite3_value_type(value) {
         case SQLITE_INTEGER:
             JSONWriter.appendInt(sqlite3_value_int64(value), to: &bytes)
         case SQLITE_FLOAT:
             JSONWriter.appendDouble(sqlite3_value_double(value), to: &bytes)
         case SQLITE_TEXT:
-            guard let text = sqlite3_value_text(value) else {
+            let start = textIsUTF8 ? sqlite3_value_blob(value)?.assumingMemoryBound(to: UInt8.self) : sqlite3_value_text(value)
+            guard let start else {
                 JSONWriter.appendASCII(#""""#, to: &bytes)
                 return
             }
-            let utf8 = UnsafeBufferPointer(start: text, count: Int(sqlite3_value_bytes(value)))
+            let utf8 = UnsafeBufferPointer(start: start, count: Int(sqlite3_value_bytes(value)))
             if utf8.allSatisfy({ $0 < 0x80 }) {
                 JSONWriter.appendEscaped(utf8, to: &bytes)
             } else {

@@ -101,6 +101,12 @@ public final class SQLiteConnection: @unchecked Sendable {
         return statement.column(0).intValue
     }
 
+    /// The first column of the first row of `sql`, as text.
+    func scalarText(_ sql: String) throws(SQLiteError) -> String? {
+        guard let statement = try self.prepare(SQLText(sql), from: 0), try statement.step() else { return nil }
+        return statement.column(0).stringValue
+    }
+
     /// Whether a transaction is open on this connection.
     public var inTransaction: Bool { sqlite3_get_autocommit(self.handle) == 0 }
 
