@@ -10,6 +10,7 @@ static inline sqlite3_destructor_type evd_sqlite_transient(void) { return SQLITE
 
 /// sqlite3_config is variadic and does not import; these wrap the calls evd makes.
 static inline int evd_sqlite_config_multithread(void) { return sqlite3_config(SQLITE_CONFIG_MULTITHREAD); }
+static inline int evd_sqlite_config_memstatus(int on) { return sqlite3_config(SQLITE_CONFIG_MEMSTATUS, on); }
 
 /// sqlite3_db_config is variadic too: turns the connection's triggers on or off (a prepared
 /// transaction's redo log already holds what its triggers did).

@@ -459,6 +459,14 @@ struct JSONWriterTests {
         for _ in 0..<20_000 { samples.append(Double(bitPattern: rng.next())) }
         for _ in 0..<5_000 { samples.append(Double(Int64.random(in: -1 << 60...1 << 60, using: &rng))) }
         for _ in 0..<5_000 { samples.append(Double(Int.random(in: -100_000...100_000, using: &rng)) / 8) }
+        // One to three decimals, on both sides of the fast path's bounds (0.001 and 2^31).
+        for scale in [10.0, 100.0, 1000.0] {
+            for _ in 0..<5_000 { samples.append(Double(Int.random(in: -100_000...100_000, using: &rng)) / scale) }
+            for _ in 0..<2_000 { samples.append(Double(Int64.random(in: -(1 << 42)...(1 << 42), using: &rng)) / scale) }
+        }
+        for near in [0.001, 0.002, 0.0009, 2_147_483_647.5, 2_147_483_648.5, 2_147_483_647.125, 0.1 + 0.2, 1.005, 2.675] {
+            samples += [near, -near, near.nextUp, near.nextDown]
+        }
         for d in samples where d.isFinite {
             let text = writtenDouble(d)
             #expect(text == d.description, "\(d)")

@@ -111,16 +111,44 @@ public enum JSONWriter {
             bytes.append(UInt8(ascii: "0"))
             return
         }
+        // Fast path: one to three decimals below 2^31 (prices, scores, measurements), as
+        // `description` writes them. The fewest decimals whose number reads back as `d` are the
+        // shortest text; below 2^31 a double's neighbours are nearer than 0.001, so that number
+        // is the only one with so few decimals, and the closest.
+        if d.magnitude >= 0.001, d.magnitude < 2_147_483_648 {
+            var scale = 10.0
+            for decimals in 1...3 {
+                // The nearest number of units (no libm: converted to Int64); the check decides.
+                let units = Int64(d * scale + (d < 0 ? -0.5 : 0.5))
+                if Double(units) / scale == d {
+                    let units = units.magnitude
+                    let unit = UInt64(scale)
+                    if d < 0 { bytes.append(UInt8(ascii: "-")) }
+                    appendInt(Int64(units / unit), to: &bytes)
+                    bytes.append(UInt8(ascii: "."))
+                    var fraction = units % unit
+                    var divisor = unit / 10
+                    for _ in 0..<decimals {
+                        bytes.append(UInt8(truncatingIfNeeded: fraction / divisor) &+ UInt8(ascii: "0"))
+                        fraction %= divisor
+                        divisor /= 10
+                    }
+                    return
+                }
+                scale *= 10
+            }
+        }
         bytes.append(contentsOf: d.description.utf8)
     }
 
-    /// Appends an ASCII literal such as `null` as is.
-    static func appendASCII(_ text: StaticString, to bytes: inout [UInt8]) {
+    /// Appends an ASCII literal such as `null` (or a fixed piece of JSON) as is.
+    public static func appendASCII(_ text: StaticString, to bytes: inout [UInt8]) {
         bytes.append(contentsOf: UnsafeBufferPointer(start: text.utf8Start, count: text.utf8CodeUnitCount))
     }
 
-    /// The escaping loop behind ``appendString(_:to:)``.
-    static func appendEscaped(_ utf8: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
+    /// Appends UTF-8 text as a quoted JSON string, escaped as ``appendString(_:to:)`` does: for
+    /// text already in bytes (read from SQLite), without making a `String` of it.
+    public static func appendEscaped(_ utf8: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
         bytes.append(UInt8(ascii: "\""))
         // Fast path: scan for the next byte that needs escaping and copy the whole run of
         // bytes before it in one `append(contentsOf:)`. Most strings are a single run.

@@ -271,10 +271,21 @@ public final class EventBus: Sendable {
 
     /// A committed event's bytes, made once for the journal and every subscriber.
     func entry(for event: CommittedEvent, origin: EventOrigin) -> JournalEntry {
-        JournalEntry(
-            name: event.kind.name, kind: event.kind, origin: origin, properties: event.properties,
-            body: Self.body(origin, event.properties),
-            imagesBody: event.images.map { Self.body(origin, event.properties, $0) })
+        let body = Self.body(origin, event.properties)
+        var imagesBody: [UInt8]?
+        if let images = event.images {
+            // The same bytes up to the closing brace, then the images.
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(body.count + images.count)
+            bytes += body[..<(body.count - 2)]
+            bytes += images
+            bytes.append(UInt8(ascii: "}"))
+            bytes.append(UInt8(ascii: "\n"))
+            imagesBody = bytes
+        }
+        return JournalEntry(
+            name: event.kind.name, kind: event.kind, origin: origin, properties: event.properties, body: body,
+            imagesBody: imagesBody)
     }
 
     /// A custom (or daemon) event's bytes, made once for the journal and every subscriber.
@@ -357,20 +368,16 @@ public final class EventBus: Sendable {
         return reservation.first
     }
 
-    /// An event's bytes after the subscription number: the envelope's origin, the properties (and
-    /// `more` of them), the closing brace and newline.
-    static func body(_ origin: EventOrigin, _ properties: JSONObject, _ more: JSONObject = [:]) -> [UInt8] {
+    /// An event's bytes after the subscription number: the envelope's origin, the properties, the
+    /// closing brace and newline.
+    static func body(_ origin: EventOrigin, _ properties: JSONObject) -> [UInt8] {
         var body = origin.envelopeFragment
-        func append(_ object: JSONObject) {
-            for (key, value) in object {
-                body.append(UInt8(ascii: ","))
-                JSONWriter.appendString(key, to: &body)
-                body.append(UInt8(ascii: ":"))
-                value.write(into: &body)
-            }
+        for (key, value) in properties {
+            body.append(UInt8(ascii: ","))
+            JSONWriter.appendString(key, to: &body)
+            body.append(UInt8(ascii: ":"))
+            value.write(into: &body)
         }
-        append(properties)
-        append(more)
         body.append(UInt8(ascii: "}"))
         body.append(UInt8(ascii: "\n"))
         return body
@@ -379,15 +386,28 @@ public final class EventBus: Sendable {
     /// An event's bytes up to its subscription number: `{"type":"event","seq":…,"event":…,"time":…,"subscription":`.
     /// `time` is quoted; `nil`: now.
     static func prefix(seq: Int64, name: String, time: [UInt8]?) -> [UInt8] {
-        var prefix: [UInt8] = Array(#"{"type":"event","seq":"#.utf8)
-        JSONWriter.appendInt(seq, to: &prefix)
-        prefix += Array(#","event":"#.utf8)
-        JSONWriter.appendString(name, to: &prefix)
-        prefix += Array(#","time":"#.utf8)
+        var prefix: [UInt8] = []
+        prefix.reserveCapacity(112)
+        var name = name  // `withUTF8` is mutating; a native string neither copies nor allocates
+        name.withUTF8 { Self.appendHead(seq: seq, name: $0, to: &prefix) }
         if let time { prefix += time } else { EventTime.appendNow(to: &prefix) }
-        prefix += Array(#","subscription":"#.utf8)
+        JSONWriter.appendASCII(Self.subscriptionKey, to: &prefix)
         return prefix
     }
+
+    /// Appends an event's bytes up to its time: `{"type":"event","seq":…,"event":…,"time":`.
+    /// `name` is UTF-8. (A replay writes its events with this, `subscriptionKey` and the body.)
+    @inline(__always)
+    static func appendHead(seq: Int64, name: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
+        JSONWriter.appendASCII(#"{"type":"event","seq":"#, to: &bytes)
+        JSONWriter.appendInt(seq, to: &bytes)
+        JSONWriter.appendASCII(#","event":"#, to: &bytes)
+        JSONWriter.appendEscaped(name, to: &bytes)
+        JSONWriter.appendASCII(#","time":"#, to: &bytes)
+    }
+
+    /// What follows an event's quoted time, before its subscription number.
+    static let subscriptionKey: StaticString = #","subscription":"#
 
     /// Queues a numbered event to its subscribers that pass their filters (under the lock);
     /// `imagesBody`, when given, goes to those with `rows: true`.

@@ -299,31 +299,37 @@ extension Session {
     /// Replays the journaled events with seq in `since+1 ... through` that `subscription` matches,
     /// in seq order, then lets its live events (held back meanwhile) follow. What retention removed
     /// is announced with notice `gap`. The session's next request waits for the replay; the replay
-    /// waits for the client to read (it queues a page, then waits until it is written).
+    /// waits for the client to read (it queues a page and reads the next, then waits until the
+    /// queued one is written: at most two pages wait in the outbox and the reader).
     private func replay(_ subscription: Subscription, after since: Int64, through: Int64, from journal: Journal) async {
         defer { self.outbox.unpark(subscription.id) }
         let pool = self.core.threadPool
         var position = since
         do {
             let reader = try await pool.runIfActive { try Journal.Reader(journal, after: since, through: through) }
+            let read = { @Sendable () async throws -> ReplayPage in
+                try await pool.runIfActive {
+                    try ReplayPage.read(reader, limit: Self.replayPageRows, for: subscription, journal: journal, through: through)
+                }
+            }
+            var next = try await read()
             while !self.outbox.isClosing {
-                let rows = try await pool.runIfActive { try reader.next() }
-                // Retention raises the floor before it deletes: a page read before the floor moved
-                // past it may lack rows, so everything up to the floor counts as gone.
-                let floor = min(journal.floor, through)
-                if floor > position {
-                    self.outbox.enqueue(line: Self.gapLine(from: position + 1, to: floor))
-                    position = floor
+                var page = next
+                // A page read before the floor moved past it may lack rows, so everything up to the
+                // floor counts as gone.
+                if page.floor > position {
+                    self.outbox.enqueue(line: Self.gapLine(from: position + 1, to: page.floor))
+                    position = page.floor
                 }
-                guard !rows.isEmpty else { break }
-                var events: [QueuedEvent] = []
-                events.reserveCapacity(rows.count)
-                for row in rows where row.seq > position {
-                    if let event = Self.replayed(row, for: subscription) { events.append(event) }
-                }
-                position = max(position, rows.last!.seq)
-                self.outbox.enqueue(replayed: events)
+                page.drop(through: position)
+                guard page.read > 0 else { break }
+                position = max(position, page.lastRead)
+                self.outbox.enqueue(replayed: page)
+                // The next page is read while this one is written (the reader is used by one task
+                // at a time: this one waits for it).
+                async let following = read()
                 await self.outbox.drained()
+                next = try await following
             }
         } catch {
             self.logger.warning("replay failed", metadata: ["subscription": "\(subscription.id)", "error": "\(error)"])
@@ -331,28 +337,8 @@ extension Session {
         }
     }
 
-    /// A journaled event as `subscription` receives it, or `nil` when it does not match.
-    private static func replayed(_ row: JournalRow, for subscription: Subscription) -> QueuedEvent? {
-        if let kind = EventKind(name: row.name) {
-            guard subscription.kinds & (1 << UInt64(kind.rawValue)) != 0 else { return nil }
-        } else {
-            guard subscription.matches(customName: row.name) else { return nil }
-        }
-        if !subscription.acceptsAll {
-            // The body is the event after `"subscription":N`: `,"session":…,"actor":…,props…}`.
-            var object: [UInt8] = [UInt8(ascii: "{")]
-            object += row.body.dropFirst()
-            guard let parsed = try? JSONValue(parsing: object), let properties = parsed.objectValue,
-                subscription.visibility?.allows(properties) ?? true,
-                Subscription.passes(
-                    subscription.filter, name: row.name, session: properties["session"] ?? .null,
-                    actor: properties["actor"]?["id"] ?? .null, properties: properties)
-            else { return nil }
-        }
-        let prefix = EventBus.prefix(seq: row.seq, name: row.name, time: row.time)
-        let body = subscription.wantsRows ? row.imagesBody ?? row.body : row.body
-        return QueuedEvent(prefix: prefix, subscription: subscription.id, body: body, seq: row.seq)
-    }
+    /// The journaled rows a replay reads per page.
+    static let replayPageRows = 4096
 
     // MARK: emit
 

@@ -41,6 +41,8 @@ struct QueuedEvent {
 enum OutboundChunk {
     case line([UInt8])
     case event(QueuedEvent)
+    /// Consecutive events of one subscription, already written out whole (a page of a replay).
+    case events(ReplayPage)
 
     /// Appends the chunk's bytes to `buffer`.
     func write(into buffer: inout ByteBuffer) {
@@ -53,6 +55,8 @@ enum OutboundChunk {
             JSONWriter.appendInt(Int64(event.subscription), to: &digits)
             buffer.writeBytes(digits)
             buffer.writeBytes(event.body)
+        case .events(let page):
+            buffer.writeBytes(page.bytes)
         }
     }
 
@@ -60,6 +64,7 @@ enum OutboundChunk {
         switch self {
         case .line(let bytes): return bytes.count
         case .event(let event): return event.byteCount
+        case .events(let page): return page.bytes.count
         }
     }
 }
@@ -159,11 +164,14 @@ final class Outbox: Sendable {
                     // Nothing delivered yet: `last_seq` is the seq before the first event it misses,
                     // so that resuming with `since: last_seq` still misses nothing.
                     let firstMissed = state.chunks.lazy.compactMap { chunk -> Int64? in
-                        guard case .event(let queued) = chunk, queued.subscription == event.subscription else { return nil }
-                        return queued.seq
+                        switch chunk {
+                        case .event(let queued) where queued.subscription == event.subscription: return queued.seq
+                        case .events(let page) where page.subscription == event.subscription: return page.firstSeq
+                        default: return nil
+                        }
                     }.first ?? event.seq
                     let last = state.lastDelivered[event.subscription] ?? firstMissed - 1
-                    state.chunks.removeAll { if case .event = $0 { return true } else { return false } }
+                    state.chunks.removeAll { if case .line = $0 { return false } else { return true } }
                     state.queuedEvents = [:]
                     state.queuedBytes = 0
                     state.parked = [:]
@@ -222,16 +230,14 @@ final class Outbox: Sendable {
         }
     }
 
-    /// Queues replayed events (bounded by the replay itself, which waits in `drained()`).
-    func enqueue(replayed events: [QueuedEvent]) {
-        guard !events.isEmpty else { return }
+    /// Queues a page of replayed events (bounded by the replay itself, which waits in `drained()`).
+    func enqueue(replayed page: ReplayPage) {
+        guard page.count > 0 else { return }
         let wakeup = self.state.withLock { state -> Wakeup? in
             guard !state.closing else { return nil }
-            for event in events {
-                state.chunks.append(.event(event))
-                state.queuedBytes += event.byteCount
-            }
-            self.stats.delivered.add(events.count, ordering: .relaxed)
+            state.chunks.append(.events(page))
+            state.queuedBytes += page.bytes.count
+            self.stats.delivered.add(page.count, ordering: .relaxed)
             return Self.scheduleFlush(&state)
         }
         wakeup?.resume()
@@ -304,7 +310,11 @@ final class Outbox: Sendable {
             let chunks = Array(state.chunks)
             state.chunks.removeAll(keepingCapacity: true)
             for chunk in chunks {
-                if case .event(let event) = chunk { state.lastDelivered[event.subscription] = event.seq }
+                switch chunk {
+                case .event(let event): state.lastDelivered[event.subscription] = event.seq
+                case .events(let page): state.lastDelivered[page.subscription] = page.lastSeq
+                case .line: break
+                }
             }
             state.queuedEvents.removeAll(keepingCapacity: true)
             state.queuedBytes = state.parkedBytes

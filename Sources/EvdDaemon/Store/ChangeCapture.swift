@@ -45,10 +45,15 @@ struct RowChange {
     /// The primary key values, in key order (old ones for update/delete); `nil` while the table's
     /// shape is unknown, and for rowid tables without a declared key (the key is `[rowid]`).
     var key: [JSONValue]?
-    /// The whole row before the change (images, or until the shape is known).
+    /// The whole row before the change (while the table's shape is unknown).
     var before: [JSONValue]?
-    /// The whole row after the change (images, or an insert's key until the shape is known).
+    /// The whole row after the change (while the shape is unknown).
     var after: [JSONValue]?
+    /// The row images, written as JSON objects into `ChangeCapture.imageBytes` when images are
+    /// recorded and the shape is known: the row before the change (update, delete) and after it
+    /// (insert, update).
+    var beforeImage: Range<Int>?
+    var afterImage: Range<Int>?
 }
 
 /// A table's columns and primary key, as the committed events need them.
@@ -58,6 +63,26 @@ struct TableShape: Sendable {
     let keyColumns: [Int]
     /// The key is the rowid (no declared key, or an `INTEGER PRIMARY KEY` alias).
     let keyIsRowid: Bool
+    /// What precedes each column's value in a row image, one after another: `{"first":`, then
+    /// `,"next":`; column `i`'s ends at `imageKeyEnds[i]`.
+    let imageKeys: [UInt8]
+    let imageKeyEnds: [Int]
+
+    init(columns: [String], keyColumns: [Int], keyIsRowid: Bool) {
+        self.columns = columns
+        self.keyColumns = keyColumns
+        self.keyIsRowid = keyIsRowid
+        var keys: [UInt8] = []
+        var ends: [Int] = []
+        for (index, name) in columns.enumerated() {
+            keys.append(UInt8(ascii: index == 0 ? "{" : ","))
+            JSONWriter.appendString(name, to: &keys)
+            keys.append(UInt8(ascii: ":"))
+            ends.append(keys.count)
+        }
+        self.imageKeys = keys
+        self.imageKeyEnds = ends
+    }
 }
 
 /// A schema change that becomes a committed event (`create-table`, `drop-table`, `alter-table`,
@@ -72,7 +97,9 @@ struct SchemaChange: Sendable {
 struct CommittedEvent: Sendable {
     let kind: EventKind
     var properties: JSONObject
-    var images: JSONObject?
+    /// The row images as members that follow the properties, written out: `,"rows":[…]` or
+    /// `,"before":{…},"after":{…}`.
+    var images: [UInt8]?
 }
 
 /// Records the rows and schema changes one connection makes inside its transaction, so that they
@@ -95,6 +122,9 @@ final class ChangeCapture: @unchecked Sendable {
     /// Whether whole rows are recorded (a `rows: true` subscription wants the images).
     var images = false
     private(set) var entries: [Entry] = []
+    /// The row images the hook wrote (`RowChange.beforeImage`, `afterImage`); emptied with the
+    /// entries, at the end of the transaction.
+    private var imageBytes: [UInt8] = []
     private(set) var tables: [String] = []
     private var tableIndex: [String: Int32] = [:]
     private var shapes: [Int32: TableShape] = [:]
@@ -109,6 +139,10 @@ final class ChangeCapture: @unchecked Sendable {
     private var savepoints: [(name: String, mark: Int)] = []
     /// The schema cookie the shapes were read at.
     private var shapesSchemaVersion: Int64 = -1
+    /// Whether the database keeps text in UTF-8 (the default), read with the shapes: then the
+    /// hook takes a text value's bytes as they are (`sqlite3_value_blob`), where reading it as
+    /// text would first copy it to add a terminating NUL.
+    private var textIsUTF8 = false
 
     private let connection: SQLiteConnection
 
@@ -195,6 +229,7 @@ final class ChangeCapture: @unchecked Sendable {
     /// The transaction ended without committing, or its events were taken.
     func discardAll() {
         self.entries.removeAll(keepingCapacity: self.entries.count < 4096)
+        self.imageBytes.removeAll(keepingCapacity: self.imageBytes.count < 1 << 20)
         self.intents.removeAll()
         self.savepoints.removeAll()
         self.unit = 0
@@ -241,11 +276,6 @@ final class ChangeCapture: @unchecked Sendable {
             rowid: op == .insert ? newRowid : oldRowid, newRowid: newRowid)
         let shape = self.shapes[index]
         let count = Int(sqlite3_preupdate_count(db))
-        if self.images || shape == nil || shape!.columns.count != count {
-            // Whole rows: the key is taken from them once the shape is known.
-            if op != .insert { change.before = Self.values(db, count, old: true) }
-            if op != .delete { change.after = Self.values(db, count, old: false) }
-        }
         if let shape, shape.columns.count == count {
             if op != .insert {
                 change.key = Self.key(shape, rowid: oldRowid) { Self.value(db, $0, old: true) }
@@ -253,6 +283,21 @@ final class ChangeCapture: @unchecked Sendable {
                 // Only a REPLACE needs an insert's key: to tell the row it replaced from others it removed.
                 change.key = Self.key(shape, rowid: newRowid) { Self.value(db, $0, old: false) }
             }
+            if self.images {
+                // The images, written out at once: no value is kept for them. (After the key: the
+                // images may read text as a blob. Out of `self` while written: each access to a
+                // class's property is checked for exclusivity.)
+                var bytes: [UInt8] = []
+                swap(&bytes, &self.imageBytes)
+                let utf8 = self.textIsUTF8
+                if op != .insert { change.beforeImage = Self.writeImage(db, shape, old: true, utf8: utf8, into: &bytes) }
+                if op != .delete { change.afterImage = Self.writeImage(db, shape, old: false, utf8: utf8, into: &bytes) }
+                swap(&bytes, &self.imageBytes)
+            }
+        } else {
+            // Whole rows: the key (and the images) are taken from them once the shape is known.
+            if op != .insert { change.before = Self.values(db, count, old: true) }
+            if op != .delete { change.after = Self.values(db, count, old: false) }
         }
         self.entries.append(.row(change))
     }
@@ -280,6 +325,33 @@ final class ChangeCapture: @unchecked Sendable {
         shape.keyIsRowid ? [.int(rowid)] : shape.keyColumns.map { value(Int32($0)) }
     }
 
+    /// Writes the row the hook sees (before or after the change) as a JSON object into `bytes`;
+    /// returns where it is.
+    /// `utf8`: the database keeps text in UTF-8 (`textIsUTF8`).
+    private static func writeImage(
+        _ db: OpaquePointer, _ shape: TableShape, old: Bool, utf8: Bool, into bytes: inout [UInt8]
+    ) -> Range<Int> {
+        let start = bytes.count
+        shape.imageKeys.withUnsafeBufferPointer { keys in
+            var keyStart = 0
+            for column in 0..<Int32(shape.imageKeyEnds.count) {
+                let keyEnd = shape.imageKeyEnds[Int(column)]
+                bytes.append(contentsOf: UnsafeBufferPointer(rebasing: keys[keyStart..<keyEnd]))
+                keyStart = keyEnd
+                var value: OpaquePointer?
+                let rc = old ? sqlite3_preupdate_old(db, column, &value) : sqlite3_preupdate_new(db, column, &value)
+                if rc == SQLITE_OK, let value {
+                    JSONValue.write(sqliteValue: value, textIsUTF8: utf8, into: &bytes)
+                } else {
+                    JSONWriter.appendASCII("null", to: &bytes)
+                }
+            }
+        }
+        if shape.imageKeyEnds.isEmpty { bytes.append(UInt8(ascii: "{")) }
+        bytes.append(UInt8(ascii: "}"))
+        return start..<bytes.count
+    }
+
     private static func values(_ db: OpaquePointer, _ count: Int, old: Bool) -> [JSONValue] {
         (0..<Int32(count)).map { value(db, $0, old: old) }
     }
@@ -305,6 +377,7 @@ final class ChangeCapture: @unchecked Sendable {
             self.shapes.removeAll()
             self.lastTable = nil
             self.shapesSchemaVersion = -1
+            self.textIsUTF8 = false
             return
         }
         let version = (try? self.connection.scalarInt("PRAGMA main.schema_version")) ?? -1
@@ -312,6 +385,8 @@ final class ChangeCapture: @unchecked Sendable {
             self.shapes.removeAll()
             self.lastTable = nil
             self.shapesSchemaVersion = version
+            // Fixed once the database has a table (so for every table with a shape).
+            self.textIsUTF8 = (try? self.connection.scalarText("PRAGMA main.encoding")) == "UTF-8"
         }
         for name in names {
             let index = self.intern(name)
@@ -345,9 +420,17 @@ final class ChangeCapture: @unchecked Sendable {
             changes.append(
                 RedoChange(
                     table: table, operation: change.operation, rowid: change.rowid, newRowid: change.newRowid,
-                    before: change.before, after: change.after))
+                    before: change.before ?? self.values(of: change.beforeImage),
+                    after: change.after ?? self.values(of: change.afterImage)))
         }
         return (changes, columns)
+    }
+
+    /// A row image the hook wrote, read back as its values in column order (exact: the writer
+    /// keeps integers and reals apart, and blobs are `{"$base64": ...}`).
+    private func values(of image: Range<Int>?) -> [JSONValue]? {
+        guard let image, let object = try? JSONValue(parsing: Array(self.imageBytes[image])).objectValue else { return nil }
+        return Array(object.values)
     }
 
     // MARK: Committed events
@@ -362,9 +445,14 @@ final class ChangeCapture: @unchecked Sendable {
         guard !self.entries.isEmpty || !self.intents.isEmpty else { return [] }
         let replacedKeys = self.replacedKeys()
         var events: [CommittedEvent] = []
-        struct Group { var event: Int; var rows: Int; var images: [JSONValue] }
-        var groups: [GroupKey: Group] = [:]
+        struct Group { let key: GroupKey; var event: Int; var rows: Int; var images: [UInt8] }
+        var groups: [Group] = []
+        var groupIndex: [GroupKey: Int] = [:]
         var reportedUnits: Set<Int32> = []
+        // Rows come in long runs of one statement and table: what the last row needed is kept.
+        var lastGroup: (key: GroupKey, index: Int)?
+        var lastUnit: (unit: Int32, intent: StatementIntent)?
+        var lastShape: (table: Int32, shape: TableShape?)?
         for (position, entry) in self.entries.enumerated() {
             switch entry {
             case .schema(let change):
@@ -373,18 +461,26 @@ final class ChangeCapture: @unchecked Sendable {
                 events.append(CommittedEvent(kind: change.kind, properties: properties))
             case .row(let change):
                 let tableName = self.tables[Int(change.table)]
-                let shape = self.shape(change.table)
-                let intent = change.depth == 0 ? self.intents[change.unit] ?? .other : .other
+                if lastShape?.table != change.table { lastShape = (change.table, self.shape(change.table)) }
+                let shape = lastShape!.shape
+                var intent = StatementIntent.other
+                if change.depth == 0 {
+                    if lastUnit?.unit != change.unit { lastUnit = (change.unit, self.intents[change.unit] ?? .other) }
+                    intent = lastUnit!.intent
+                }
                 switch change.operation {
                 case .insert,
                     .update where intent.kind == .upsert:
                     let kind: EventKind = intent.kind == .upsert ? .upsertRows : .insertRows
                     let groupKey = GroupKey(unit: intent.group ?? change.unit, table: change.table, direct: change.depth == 0)
-                    let image: JSONValue? = self.images ? Self.object(change.after, shape) : nil
-                    if groups[groupKey] != nil {
+                    if let index = lastGroup?.key == groupKey ? lastGroup!.index : groupIndex[groupKey] {
+                        lastGroup = (groupKey, index)
                         // In place: copying the group out and back would copy its images per row.
-                        groups[groupKey]!.rows += 1
-                        if let image { groups[groupKey]!.images.append(image) }
+                        groups[index].rows += 1
+                        if self.images {
+                            groups[index].images.append(UInt8(ascii: ","))
+                            self.appendImage(change.afterImage, change.after, shape, to: &groups[index].images)
+                        }
                     } else {
                         var properties: JSONObject = ["database": .string(database), "table": .string(tableName), "num_rows": 0]
                         if kind == .insertRows {
@@ -392,17 +488,26 @@ final class ChangeCapture: @unchecked Sendable {
                             properties["replace"] = .bool(intent.replace)
                         }
                         events.append(CommittedEvent(kind: kind, properties: properties))
-                        groups[groupKey] = Group(event: events.count - 1, rows: 1, images: image.map { [$0] } ?? [])
+                        var images: [UInt8] = []
+                        if self.images { self.appendImage(change.afterImage, change.after, shape, to: &images) }
+                        groups.append(Group(key: groupKey, event: events.count - 1, rows: 1, images: images))
+                        groupIndex[groupKey] = groups.count - 1
+                        lastGroup = (groupKey, groups.count - 1)
                         if change.depth == 0 { reportedUnits.insert(intent.group ?? change.unit) }
                     }
                 case .update, .delete:
                     if change.operation == .delete, replacedKeys.contains(position) { continue }
                     let key = change.key ?? Self.key(change, shape)
-                    var images: JSONObject?
+                    var images: [UInt8]?
                     if self.images {
-                        var object: JSONObject = ["before": Self.object(change.before, shape)]
-                        if change.operation == .update { object["after"] = Self.object(change.after, shape) }
-                        images = object
+                        var members: [UInt8] = []
+                        JSONWriter.appendASCII(#","before":"#, to: &members)
+                        self.appendImage(change.beforeImage, change.before, shape, to: &members)
+                        if change.operation == .update {
+                            JSONWriter.appendASCII(#","after":"#, to: &members)
+                            self.appendImage(change.afterImage, change.after, shape, to: &members)
+                        }
+                        images = members
                     }
                     let kind: EventKind = change.operation == .update ? .updateRow : .deleteRow
                     let properties: JSONObject = ["database": .string(database), "table": .string(tableName), "pks": .array(key)]
@@ -410,16 +515,23 @@ final class ChangeCapture: @unchecked Sendable {
                 }
             }
         }
-        for group in groups.values {
+        for group in groups {
             events[group.event].properties["num_rows"] = .integer(group.rows)
-            if self.images { events[group.event].images = ["rows": .array(group.images)] }
+            if self.images {
+                var members: [UInt8] = []
+                members.reserveCapacity(group.images.count + 10)
+                JSONWriter.appendASCII(#","rows":["#, to: &members)
+                members += group.images
+                members.append(UInt8(ascii: "]"))
+                events[group.event].images = members
+            }
         }
         // A structured insert reports the rows it was given, even those SQLite ignored.
         var reportedGroups: Set<Int32> = []
         for (unit, intent) in self.intents.sorted(by: { $0.key < $1.key }) {
             let unit = intent.group ?? unit
             guard let reported = intent.reportedRows, let table = intent.table, reportedGroups.insert(unit).inserted else { continue }
-            if let group = groups.first(where: { $0.key.unit == unit && $0.key.direct })?.value {
+            if let group = groups.first(where: { $0.key.unit == unit && $0.key.direct }) {
                 events[group.event].properties["num_rows"] = .integer(reported)
             } else if !reportedUnits.contains(unit), intent.kind != .other {
                 var properties: JSONObject = ["database": .string(database), "table": .string(table), "num_rows": .integer(reported)]
@@ -429,7 +541,7 @@ final class ChangeCapture: @unchecked Sendable {
                 }
                 events.append(
                     CommittedEvent(kind: intent.kind == .upsert ? .upsertRows : .insertRows, properties: properties,
-                                   images: self.images ? ["rows": []] : nil))
+                                   images: self.images ? Array(#","rows":[]"#.utf8) : nil))
             }
         }
         return events
@@ -471,6 +583,16 @@ final class ChangeCapture: @unchecked Sendable {
         guard let shape, !shape.keyIsRowid else { return [.int(change.rowid)] }
         guard let row = new || change.operation == .insert ? change.after : change.before else { return [.int(change.rowid)] }
         return shape.keyColumns.map { $0 < row.count ? row[$0] : .null }
+    }
+
+    /// Appends a row image: the one the hook wrote, or one made of the row's values (recorded
+    /// while the shape was unknown); `null` without either.
+    private func appendImage(_ written: Range<Int>?, _ row: [JSONValue]?, _ shape: TableShape?, to bytes: inout [UInt8]) {
+        if let written {
+            bytes += self.imageBytes[written]
+        } else {
+            Self.object(row, shape).write(into: &bytes)
+        }
     }
 
     /// A row as an object of column → value.
@@ -527,6 +649,36 @@ enum SQLIdentifier {
 }
 
 extension JSONValue {
+    /// Writes a SQLite value as JSON, as `JSONValue(sqliteValue:)` then `write(into:)` would,
+    /// without making the value (text is copied once, into `bytes`). `textIsUTF8`: the value's
+    /// database keeps text in UTF-8, so its bytes are read as they are (as a blob, which needs no
+    /// terminating NUL and so no copy); the value reads as a blob afterwards.
+    static func write(sqliteValue value: OpaquePointer, textIsUTF8: Bool, into bytes: inout [UInt8]) {
+        switch sqlite3_value_type(value) {
+        case SQLITE_INTEGER:
+            JSONWriter.appendInt(sqlite3_value_int64(value), to: &bytes)
+        case SQLITE_FLOAT:
+            JSONWriter.appendDouble(sqlite3_value_double(value), to: &bytes)
+        case SQLITE_TEXT:
+            let start = textIsUTF8 ? sqlite3_value_blob(value)?.assumingMemoryBound(to: UInt8.self) : sqlite3_value_text(value)
+            guard let start else {
+                JSONWriter.appendASCII(#""""#, to: &bytes)
+                return
+            }
+            let utf8 = UnsafeBufferPointer(start: start, count: Int(sqlite3_value_bytes(value)))
+            if utf8.allSatisfy({ $0 < 0x80 }) {
+                JSONWriter.appendEscaped(utf8, to: &bytes)
+            } else {
+                // Not only ASCII: through `String`, which repairs invalid UTF-8 as the value would.
+                JSONWriter.appendString(String(decoding: utf8, as: UTF8.self), to: &bytes)
+            }
+        case SQLITE_NULL:
+            JSONWriter.appendASCII("null", to: &bytes)
+        default:
+            JSONValue(sqliteValue: value).write(into: &bytes)
+        }
+    }
+
     /// A SQLite value as JSON: INTEGER, REAL, TEXT, NULL, and BLOB as `{"$base64": ...}`.
     init(sqliteValue value: OpaquePointer) {
         switch sqlite3_value_type(value) {

@@ -41,16 +41,6 @@ struct JournalEntry: Sendable {
     let imagesBody: [UInt8]?
 }
 
-/// One journaled event read back for a replay.
-struct JournalRow: Sendable {
-    let seq: Int64
-    let name: String
-    /// The event's time, quoted, as the envelope writes it.
-    let time: [UInt8]
-    let body: [UInt8]
-    let imagesBody: [UInt8]?
-}
-
 /// The journal: every committed event, stored durably with the commit that caused it (PROTOCOL.md §5).
 ///
 /// **Where events live.** A database's committed events (the Datasette family) go into the table
@@ -224,9 +214,33 @@ public final class Journal: Sendable {
 
     /// Reads journaled events in seq order, merged from every source, for one replay.
     ///
+    /// Rows are not copied: a page visits each one where SQLite keeps it (`Row`), so a replay can
+    /// splice the stored bytes into its output. Between pages no statement stays open, so a
+    /// replay holds no read snapshot while it waits for its client.
+    ///
     /// `@unchecked Sendable`: a replay uses its reader from one task, one page at a time.
     final class Reader: @unchecked Sendable {
-        private var cursors: [(connection: SQLiteConnection, statement: SQLiteStatement, buffer: [JournalRow], done: Bool)] = []
+        /// One journaled event, borrowed from SQLite: valid only while it is being visited.
+        struct Row {
+            let seq: Int64
+            /// The event's name (UTF-8).
+            let name: UnsafeBufferPointer<UInt8>
+            /// The event's time, unquoted.
+            let time: UnsafeBufferPointer<UInt8>
+            /// What `_evd_journal.body` holds: the body with the row images when they were recorded.
+            let stored: UnsafeBufferPointer<UInt8>
+            /// The length of the body without the images, when `stored` has them.
+            let plain: Int?
+        }
+
+        private struct Cursor {
+            let connection: SQLiteConnection
+            let statement: SQLiteStatement
+            /// Its query has no rows left (up to `through`).
+            var done = false
+        }
+
+        private var cursors: [Cursor] = []
         private var position: Int64
         private let through: Int64
 
@@ -237,62 +251,54 @@ public final class Journal: Sendable {
             for source in journal.sources {
                 let connection = try SQLiteConnection(
                     path: source.path, flags: SQLITE_OPEN_READONLY | SQLITE_OPEN_URI)
-                let sql = "SELECT seq, event, time, body, plain FROM _evd_journal WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT 2048"
+                // A range of the rowid: no sort, and no LIMIT needed (a page stops stepping).
+                let sql = "SELECT seq, event, time, body, plain FROM _evd_journal WHERE seq > ? AND seq <= ? ORDER BY seq"
                 guard let statement = try? connection.prepare(SQLText(sql), from: 0) else { continue }  // no journal there yet
-                self.cursors.append((connection, statement, [], false))
+                self.cursors.append(Cursor(connection: connection, statement: statement))
             }
         }
 
-        /// The next events in seq order (at most about `limit`), empty when the replay is complete.
-        func next(limit: Int = 2048) throws(SQLiteError) -> [JournalRow] {
-            for index in self.cursors.indices where self.cursors[index].buffer.isEmpty && !self.cursors[index].done {
-                try self.fill(index)
+        /// Visits the next events in seq order, at most `limit`; returns how many it visited (0
+        /// when the replay is complete).
+        func next(limit: Int, _ visit: (Row) -> Void) throws(SQLiteError) -> Int {
+            // Each source that has rows left is positioned on its first row after the position.
+            var live: [Int] = []
+            defer { for index in live { self.cursors[index].statement.reset() } }
+            for index in self.cursors.indices where !self.cursors[index].done {
+                let statement = self.cursors[index].statement
+                statement.reset()
+                try statement.bind(int: self.position, at: 1)
+                try statement.bind(int: self.through, at: 2)
+                live.append(index)
+                if try !statement.step() { self.cursors[index].done = true }
             }
-            var rows: [JournalRow] = []
-            while rows.count < limit {
-                var best: Int?
-                for index in self.cursors.indices {
-                    guard let head = self.cursors[index].buffer.first else {
-                        if !self.cursors[index].done { best = nil; break }  // refill before choosing
-                        continue
+            var visited = 0
+            while visited < limit {
+                // The source whose current row has the lowest seq (mostly there is only one).
+                var chosen: SQLiteStatement?
+                var chosenIndex = 0
+                var seq = Int64.max
+                for index in live where !self.cursors[index].done {
+                    let statement = self.cursors[index].statement
+                    let candidate = statement.int(at: 0)
+                    if candidate < seq {
+                        seq = candidate
+                        chosen = statement
+                        chosenIndex = index
                     }
-                    if best == nil || head.seq < self.cursors[best!].buffer.first!.seq { best = index }
                 }
-                guard let chosen = best else { break }
-                let row = self.cursors[chosen].buffer.removeFirst()
-                self.position = row.seq
-                rows.append(row)
-            }
-            return rows
-        }
-
-        /// Reads the next page of source `index` after the position.
-        private func fill(_ index: Int) throws(SQLiteError) {
-            let statement = self.cursors[index].statement
-            statement.reset()
-            let after = self.cursors[index].buffer.last?.seq ?? self.position
-            try statement.bind(int: after, at: 1)
-            try statement.bind(int: self.through, at: 2)
-            var rows: [JournalRow] = []
-            while try statement.step() {
-                var time: [UInt8] = [UInt8(ascii: "\"")]
-                time += statement.bytes(at: 2) ?? []
-                time.append(UInt8(ascii: "\""))
-                let stored = statement.bytes(at: 3) ?? []
-                var body = stored
-                var imagesBody: [UInt8]?
-                if !statement.isNull(at: 4), case let plain = Int(statement.int(at: 4)), plain >= 2, plain <= stored.count {
-                    imagesBody = stored
-                    body = Array(stored[..<(plain - 2)]) + [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+                guard let statement = chosen else { break }
+                let stored = statement.rawBytes(at: 3)
+                var plain: Int?
+                if !statement.isNull(at: 4), case let length = Int(statement.int(at: 4)), length >= 2, length <= stored.count {
+                    plain = length
                 }
-                rows.append(
-                    JournalRow(
-                        seq: statement.int(at: 0), name: String(decoding: statement.bytes(at: 1) ?? [], as: UTF8.self),
-                        time: time, body: body, imagesBody: imagesBody))
+                visit(Row(seq: seq, name: statement.rawBytes(at: 1), time: statement.rawBytes(at: 2), stored: stored, plain: plain))
+                visited += 1
+                self.position = seq
+                if try !statement.step() { self.cursors[chosenIndex].done = true }
             }
-            statement.reset()
-            self.cursors[index].buffer = rows
-            self.cursors[index].done = rows.count < 2048
+            return visited
         }
     }
 

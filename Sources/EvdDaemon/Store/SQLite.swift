@@ -55,8 +55,17 @@ public final class SQLiteConnection: @unchecked Sendable {
     /// The path it was opened on.
     public let path: String
 
+    /// SQLite's process-wide settings, made before the first connection opens (they cannot change
+    /// once SQLite is initialized). Memory statistics are off: evd reads none, and keeping them
+    /// takes a process-wide mutex on every allocation SQLite makes (several per row it reads,
+    /// and per row image the pre-update hook takes).
+    private static let configured: Void = {
+        _ = evd_sqlite_config_memstatus(0)
+    }()
+
     /// Opens `path` with `flags` (`SQLITE_OPEN_*`).
     public init(path: String, flags: Int32) throws(SQLiteError) {
+        Self.configured
         var db: OpaquePointer?
         let rc = sqlite3_open_v2(path, &db, flags | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE, nil)
         guard rc == SQLITE_OK, let db else {
@@ -90,6 +99,12 @@ public final class SQLiteConnection: @unchecked Sendable {
     func scalarInt(_ sql: String) throws(SQLiteError) -> Int64? {
         guard let statement = try self.prepare(SQLText(sql), from: 0), try statement.step() else { return nil }
         return statement.column(0).intValue
+    }
+
+    /// The first column of the first row of `sql`, as text.
+    func scalarText(_ sql: String) throws(SQLiteError) -> String? {
+        guard let statement = try self.prepare(SQLText(sql), from: 0), try statement.step() else { return nil }
+        return statement.column(0).stringValue
     }
 
     /// Whether a transaction is open on this connection.
@@ -254,12 +269,13 @@ public final class SQLiteStatement: @unchecked Sendable {
     /// Column `index` of the current row as an integer.
     func int(at index: Int32) -> Int64 { sqlite3_column_int64(self.handle, index) }
 
-    /// Column `index` of the current row as raw bytes (text or blob); `nil` for NULL.
-    func bytes(at index: Int32) -> [UInt8]? {
-        guard sqlite3_column_type(self.handle, index) != SQLITE_NULL else { return nil }
+    /// Column `index` of the current row as raw bytes (text or blob; NULL reads as empty), where
+    /// SQLite keeps them: valid only until the statement steps, resets or is finalized.
+    func rawBytes(at index: Int32) -> UnsafeBufferPointer<UInt8> {
+        let blob = sqlite3_column_blob(self.handle, index)  // before `_bytes`, as SQLite asks
         let count = Int(sqlite3_column_bytes(self.handle, index))
-        guard count > 0, let blob = sqlite3_column_blob(self.handle, index) else { return [] }
-        return Array(UnsafeRawBufferPointer(start: blob, count: count))
+        guard count > 0, let blob else { return UnsafeBufferPointer(start: nil, count: 0) }
+        return UnsafeBufferPointer(start: blob.assumingMemoryBound(to: UInt8.self), count: count)
     }
 
     /// Advances to the next row: `true` for a row, `false` when done.

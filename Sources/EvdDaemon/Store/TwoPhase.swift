@@ -71,7 +71,7 @@ final class TwoPhaseLog: Sendable {
         connection.setBusyTimeout(milliseconds: 5000)
         try connection.exec("PRAGMA journal_mode = wal; PRAGMA synchronous = full")
         try connection.exec(
-            "CREATE TABLE IF NOT EXISTS prepared (token INTEGER PRIMARY KEY, xid TEXT NOT NULL, database TEXT NOT NULL, record BLOB NOT NULL)")
+            "CREATE TABLE IF NOT EXISTS prepared (token INTEGER PRIMARY KEY, xid TEXT NOT NULL, database TEXT NOT NULL, record TEXT NOT NULL)")
         self.connection.withLock { $0 = connection }
     }
 
@@ -96,7 +96,7 @@ final class TwoPhaseLog: Sendable {
             try insert.bind(int: token, at: 1)
             try insert.bind(text: record.xid, at: 2)
             try insert.bind(text: record.database, at: 3)
-            try insert.bind(blob: record.jsonValue.jsonBytes, at: 4)
+            try insert.bind(text: String(decoding: record.jsonValue.jsonBytes, as: UTF8.self), at: 4)
             _ = try insert.step()
         }
         return token
@@ -120,7 +120,7 @@ final class TwoPhaseLog: Sendable {
                 let xid = select.column(1).stringValue ?? ""
                 let database = select.column(2).stringValue ?? ""
                 let record = Result { () throws(TwoPhaseError) in
-                    try PreparedRecord(json: (try? JSONValue(parsing: select.bytes(at: 3) ?? [])) ?? .null, token: token)
+                    try PreparedRecord(json: (try? JSONValue(parsing: select.column(3).stringValue ?? "")) ?? .null, token: token)
                 }
                 records.append((token, xid, database, record))
             }
@@ -163,7 +163,8 @@ extension PreparedRecord {
         }
         let events: [JSONValue] = self.events.map { event in
             var object: JSONObject = ["event": .string(event.kind.name), "properties": .object(event.properties)]
-            if let images = event.images { object["images"] = .object(images) }
+            // The images as written for the journal: `,"rows":[…]` or `,"before":{…},"after":{…}`.
+            if let images = event.images { object["images"] = .string(String(decoding: images, as: UTF8.self)) }
             return .object(object)
         }
         var columns = JSONObject()
@@ -183,7 +184,7 @@ extension PreparedRecord {
             guard let kind = event["event"]?.stringValue.flatMap(EventKind.init(name:)),
                 let properties = event["properties"]?.objectValue
             else { throw fail("events") }
-            events.append(CommittedEvent(kind: kind, properties: properties, images: event["images"]?.objectValue))
+            events.append(CommittedEvent(kind: kind, properties: properties, images: event["images"]?.stringValue.map { Array($0.utf8) }))
         }
         var changes: [RedoChange] = []
         for change in json["changes"]?.arrayValue ?? [] {

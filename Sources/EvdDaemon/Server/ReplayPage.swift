@@ -1,0 +1,132 @@
+import EvdClient
+
+/// A page of a replay: the journaled events one subscription receives, as the lines it reads.
+///
+/// Hot path: a row's stored body is spliced into the line as it is (the journal keeps the bytes
+/// live delivery wrote), so a replayed event costs its envelope's few fields and two copies of its
+/// body: out of SQLite, and into the socket's buffer. Only a `where` filter parses the body.
+struct ReplayPage: Sendable {
+    let subscription: Int
+    /// The events' lines, one after another.
+    private(set) var bytes: [UInt8] = []
+    /// Each event's seq and the offset of its line in `bytes`, in seq order.
+    private var starts: [Start] = []
+    /// How many journaled rows the page read, matched or not (0: the replay is complete).
+    private(set) var read = 0
+    /// The seq of the last row read.
+    private(set) var lastRead: Int64 = 0
+    /// The journal's floor, loaded after the rows were read: what is at or below it may be missing.
+    private(set) var floor: Int64 = 0
+
+    private struct Start: Sendable {
+        let seq: Int64
+        let offset: Int
+    }
+
+    private init(subscription: Int) {
+        self.subscription = subscription
+    }
+
+    /// The number of events.
+    var count: Int { self.starts.count }
+    /// The seq of the first event (0 when there is none).
+    var firstSeq: Int64 { self.starts.first?.seq ?? 0 }
+    /// The seq of the last event (0 when there is none).
+    var lastSeq: Int64 { self.starts.last?.seq ?? 0 }
+
+    /// Reads the next page (at most `limit` rows) of `reader` for `subscription`, then the floor of
+    /// `journal` (capped at `through`). Blocks on SQLite: call it off the event loops.
+    static func read(
+        _ reader: Journal.Reader, limit: Int, for subscription: Subscription, journal: Journal, through: Int64
+    ) throws(SQLiteError) -> ReplayPage {
+        var page = ReplayPage(subscription: subscription.id)
+        page.bytes.reserveCapacity(limit * 160)
+        var number: [UInt8] = []
+        JSONWriter.appendInt(Int64(subscription.id), to: &number)
+        var names = NameCache()
+        let read = try reader.next(limit: limit) { row in
+            page.lastRead = row.seq
+            guard let name = names.lookUp(row.name, for: subscription) else { return }
+            page.append(row, name: name, number: number, for: subscription)
+        }
+        page.read = read
+        // Retention raises the floor before it deletes: loaded after the read, it covers every
+        // row the read may have missed.
+        page.floor = min(journal.floor, through)
+        return page
+    }
+
+    /// Appends `row` as `subscription` receives it, unless its `where` filter or what its actor may
+    /// view rejects it.
+    private mutating func append(_ row: Journal.Reader.Row, name: String, number: [UInt8], for subscription: Subscription) {
+        // The body is the event after `"subscription":N`: `,"session":…,"actor":…,props…}` and a
+        // newline. With images, the body without them is the same bytes up to its closing `}`.
+        let plain: UnsafeBufferPointer<UInt8>? = row.plain.map { UnsafeBufferPointer(rebasing: row.stored[..<($0 - 2)]) }
+        if !subscription.acceptsAll {
+            var object: [UInt8] = [UInt8(ascii: "{")]
+            if let plain {
+                object += plain.dropFirst()
+                object += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+            } else {
+                object += row.stored.dropFirst()
+            }
+            guard let parsed = try? JSONValue(parsing: object), let properties = parsed.objectValue,
+                subscription.visibility?.allows(properties) ?? true,
+                Subscription.passes(
+                    subscription.filter, name: name, session: properties["session"] ?? .null,
+                    actor: properties["actor"]?["id"] ?? .null, properties: properties)
+            else { return }
+        }
+        self.starts.append(Start(seq: row.seq, offset: self.bytes.count))
+        EventBus.appendHead(seq: row.seq, name: row.name, to: &self.bytes)
+        self.bytes.append(UInt8(ascii: "\""))
+        self.bytes.append(contentsOf: row.time)
+        self.bytes.append(UInt8(ascii: "\""))
+        JSONWriter.appendASCII(EventBus.subscriptionKey, to: &self.bytes)
+        self.bytes += number
+        if let plain, !subscription.wantsRows {
+            self.bytes.append(contentsOf: plain)
+            self.bytes.append(UInt8(ascii: "}"))
+            self.bytes.append(UInt8(ascii: "\n"))
+        } else {
+            self.bytes.append(contentsOf: row.stored)
+        }
+    }
+
+    /// Drops the events at or below `seq` (retention removed rows up to it: a notice `gap` says so).
+    mutating func drop(through seq: Int64) {
+        guard let kept = self.starts.firstIndex(where: { $0.seq > seq }) else {
+            self.bytes.removeAll()
+            self.starts.removeAll()
+            return
+        }
+        guard kept > 0 else { return }
+        let offset = self.starts[kept].offset
+        self.bytes.removeSubrange(..<offset)
+        self.starts = self.starts[kept...].map { Start(seq: $0.seq, offset: $0.offset - offset) }
+    }
+
+    /// Whether a subscription wants events of a name, remembered for the run of rows with the same
+    /// name (a replay reads long runs of one event).
+    private struct NameCache {
+        private var last: [UInt8] = []
+        private var lastName: String?
+        private var started = false
+
+        /// The name, when `subscription` wants its events; `nil` when not.
+        mutating func lookUp(_ bytes: UnsafeBufferPointer<UInt8>, for subscription: Subscription) -> String? {
+            if self.started, bytes.elementsEqual(self.last) { return self.lastName }
+            self.started = true
+            self.last = Array(bytes)
+            let name = String(decoding: bytes, as: UTF8.self)
+            let wanted: Bool
+            if let kind = EventKind(name: name) {
+                wanted = subscription.kinds & (1 << UInt64(kind.rawValue)) != 0
+            } else {
+                wanted = subscription.matches(customName: name)
+            }
+            self.lastName = wanted ? name : nil
+            return self.lastName
+        }
+    }
+}
