@@ -23,4 +23,14 @@ EVD_REQUEST=$(jq -cn --argjson where "${WHERE:-null}" --argjson since "${SINCE:-
      + (if $where then {where: $where} else {} end) + (if $since then {since: $since} else {} end)' \
     --args "$@")
 export EVD_CONNECTED=1 EVD_REQUEST
-exec socat -t 0.1 UNIX-CONNECT:"$sock" EXEC:"$0" 3>&1
+# socat's own exit status does not reliably carry its child's: a failed subscribe is told by what
+# the child wrote to stderr.
+errors=$(mktemp)
+trap 'rm -f "$errors"' EXIT
+status=0
+socat -t 0.1 UNIX-CONNECT:"$sock" EXEC:"$0" 3>&1 2>"$errors" || status=$?
+if [ -s "$errors" ]; then
+    cat "$errors" >&2
+    exit 1
+fi
+exit "$status"
