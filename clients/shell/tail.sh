@@ -10,27 +10,33 @@ if [ -n "${EVD_CONNECTED:-}" ]; then
     # Run by socat below, with the socket as stdin and stdout: subscribe, then print the events
     # on fd 3 (the caller's stdout). A failed subscribe goes to stderr and ends it.
     printf '%s\n' "$EVD_REQUEST"
-    exec jq -cn --unbuffered --argjson count "${COUNT:-0}" '
+    status=0
+    # socat ignores SIGPIPE and jq would inherit that: restore it, so `tail.sh | head -1` ends.
+    env --default-signal=PIPE jq -cn --unbuffered --argjson count "${COUNT:-0}" '
         def events: inputs
             | if .type == "response" and .ok == false
               then (.error | "tail.sh: subscribe: \(.code): \(.message)\n" | halt_error(1))
               else select(.type == "event") end;
-        if $count > 0 then limit($count; events) else events end' >&3
+        if $count > 0 then limit($count; events) else events end' >&3 || status=$?
+    # socat does not pass on an exit status: leave a failure (not a closed pipe) in a file for
+    # the first run, and exit 0 so socat has nothing to complain about.
+    [ "$status" = 0 ] || [ "$status" = 141 ] || echo "$status" >"$EVD_STATUS"
+    exit 0
 fi
 sock=$("$(dirname "$0")/evd-socket")
 EVD_REQUEST=$(jq -cn --argjson where "${WHERE:-null}" --argjson since "${SINCE:-null}" \
     '{op: "subscribe", id: 1, events: ($ARGS.positional | if length == 0 then ["*"] else . end)}
      + (if $where then {where: $where} else {} end) + (if $since then {since: $since} else {} end)' \
     --args "$@")
-export EVD_CONNECTED=1 EVD_REQUEST
-# socat's own exit status does not reliably carry its child's: a failed subscribe is told by what
-# the child wrote to stderr.
-errors=$(mktemp)
-trap 'rm -f "$errors"' EXIT
+EVD_STATUS=$(mktemp)
+trap 'rm -f "$EVD_STATUS"' EXIT
+export EVD_CONNECTED=1 EVD_REQUEST EVD_STATUS
+socat -t 0.1 UNIX-CONNECT:"$sock" EXEC:"$0" 3>&1 &
+socat_pid=$!
+# Ctrl-C or kill: stop socat (it passes the signal on to the second run).
+trap 'kill "$socat_pid" 2>/dev/null; wait "$socat_pid"; exit 130' INT
+trap 'kill "$socat_pid" 2>/dev/null; wait "$socat_pid"; exit 143' TERM
+# socat's own failure (no daemon there), or the second run's, left in $EVD_STATUS.
 status=0
-socat -t 0.1 UNIX-CONNECT:"$sock" EXEC:"$0" 3>&1 2>"$errors" || status=$?
-if [ -s "$errors" ]; then
-    cat "$errors" >&2
-    exit 1
-fi
-exit "$status"
+wait "$socat_pid" || status=$?
+[ "$status" = 0 ] && [ ! -s "$EVD_STATUS" ]

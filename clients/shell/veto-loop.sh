@@ -11,7 +11,7 @@ if [ -n "${EVD_CONNECTED:-}" ]; then
     # a reply; tee sends it to the daemon and shows it on fd 3 (the caller's stdout). An error
     # response (a failed subscribe, a rejected reply) goes to stderr and ends it.
     printf '%s\n' "$EVD_REQUEST"
-    jq -cn --unbuffered --argjson count "${COUNT:-0}" '
+    { jq -cn --unbuffered --argjson count "${COUNT:-0}" '
         def replies: inputs
             | if .type == "response" and .ok == false
               then (.error | "veto-loop.sh: \(.code): \(.message)\n" | halt_error(1))
@@ -19,11 +19,22 @@ if [ -n "${EVD_CONNECTED:-}" ]; then
             | if (.statement | test("^\\s*drop\\b"; "i"))
               then {op: "reply", seq, action: "deny", reason: "DROP is not allowed"}
               else {op: "reply", seq, action: "allow"} end;
-        if $count > 0 then limit($count; replies) else replies end' | tee /dev/fd/3
-    exit 0
+        if $count > 0 then limit($count; replies) else replies end' || echo $? >"$EVD_STATUS"
+    } | tee -a /dev/fd/3  # -a: /dev/fd/3 is reopened, and a file must not be truncated
+    exit 0  # socat does not pass on an exit status: a failure is left in $EVD_STATUS
 fi
 sock=$("$(dirname "$0")/evd-socket")
 EVD_REQUEST=$(jq -cn --arg name "${NAME:-no-drop}" \
     '{op: "subscribe", id: 1, veto: ["before_cursor_execute"], name: $name}')
-export EVD_CONNECTED=1 EVD_REQUEST
-exec socat -t 0.1 UNIX-CONNECT:"$sock" EXEC:"$0" 3>&1
+EVD_STATUS=$(mktemp)
+trap 'rm -f "$EVD_STATUS"' EXIT
+export EVD_CONNECTED=1 EVD_REQUEST EVD_STATUS
+socat -t 0.1 UNIX-CONNECT:"$sock" EXEC:"$0" 3>&1 &
+socat_pid=$!
+# Ctrl-C or kill: stop socat (it passes the signal on to the second run).
+trap 'kill "$socat_pid" 2>/dev/null; wait "$socat_pid"; exit 130' INT
+trap 'kill "$socat_pid" 2>/dev/null; wait "$socat_pid"; exit 143' TERM
+# socat's own failure (no daemon there), or the second run's, left in $EVD_STATUS.
+status=0
+wait "$socat_pid" || status=$?
+[ "$status" = 0 ] && [ ! -s "$EVD_STATUS" ]
