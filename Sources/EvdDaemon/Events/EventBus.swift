@@ -390,11 +390,23 @@ public final class EventBus: Sendable {
     }
 
     /// Appends an event's bytes up to its time: `{"type":"event","seq":…,"event":…,"time":`.
-    /// `name` is UTF-8. (A replay writes its events with this, `subscriptionKey` and the body.)
+    /// `name` is UTF-8. (A replay writes its events with its two parts, `subscriptionKey` and the
+    /// body.)
     @inline(__always)
     static func appendHead(seq: Int64, name: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
+        Self.appendStart(seq: seq, to: &bytes)
+        Self.appendName(name, to: &bytes)
+    }
+
+    /// The head's first part: `{"type":"event","seq":…`.
+    @inline(__always)
+    static func appendStart(seq: Int64, to bytes: inout [UInt8]) {
         JSONWriter.appendASCII(#"{"type":"event","seq":"#, to: &bytes)
         JSONWriter.appendInt(seq, to: &bytes)
+    }
+
+    /// The head's second part, the same for every event of one name: `,"event":…,"time":`.
+    static func appendName(_ name: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
         JSONWriter.appendASCII(#","event":"#, to: &bytes)
         JSONWriter.appendEscaped(name, to: &bytes)
         JSONWriter.appendASCII(#","time":"#, to: &bytes)
