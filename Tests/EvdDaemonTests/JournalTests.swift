@@ -101,6 +101,69 @@ struct JournalTests {
         }
     }
 
+    @Test("a replay of several pages merges the state journal's events with the database's in seq order, as delivered live, with where and rows")
+    func replayAcrossPagesAndSources() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.request("execute", ["sql": "create table t(id integer primary key, n integer, s text)"])
+            try await daemon.request("execute", [
+                "sql": "insert into t(id, n, s) with recursive c(x) as (select 1 union all select x + 1 from c where x < 3000) select x, 0, 'é' || x from c"
+            ])
+            let all: JSONObject = ["events": ["update-row", "insert-rows", "app.*"]]
+            let filtered: JSONObject = ["events": ["update-row"], "where": ["table": "t"], "rows": true]
+            // More events than a replay page holds, custom ones (the state journal) between them.
+            let work = { @Sendable in
+                try await daemon.withClient { writer in
+                    try await writer.request("emit", ["event": "app.a"])
+                    try await writer.request("execute", ["sql": "update t set n = n + 1"])
+                    try await writer.request("emit", ["event": "app.b"])
+                    try await writer.request("execute", ["sql": "create table u(id integer primary key, n integer)"])
+                    try await writer.request("execute", ["sql": "insert into u(n) values (1), (2), (3)"])
+                    try await writer.request("execute", ["sql": "update u set n = n * 2"])
+                    try await writer.request("execute", ["sql": "update t set n = n + 1, s = s || '\"' where id % 2 = 0"])
+                    try await writer.request("emit", ["event": "app.c"])
+                }
+            }
+            let expected = (all: 3 + 3000 + 1 + 3 + 1500, filtered: 3000 + 1500)
+            let (live, head) = try await daemon.withClient { a in
+                try await daemon.withClient { b in
+                    let (_, head) = try await subscribeEvents(a, ["update-row", "insert-rows", "app.*"])
+                    _ = try await subscribeEvents(b, ["update-row"], ["where": ["table": "t"], "rows": true])
+                    try await work()
+                    let all = await collect(a, events: expected.all)
+                    let filtered = await collect(b, events: expected.filtered)
+                    return ((all.events, filtered.events), head)
+                }
+            }
+            #expect(live.0.count == expected.all && live.1.count == expected.filtered)
+            // Live too, a transaction's events (more than one batch of the bus) arrive in seq order.
+            for delivered in [live.0, live.1] {
+                let seqs = delivered.compactMap { $0["seq"]?.intValue }
+                #expect(seqs == seqs.sorted())
+            }
+            for (arguments, delivered) in [(all, live.0), (filtered, live.1)] {
+                try await daemon.withClient { evd in
+                    var arguments = arguments
+                    arguments["since"] = .int(head)
+                    try await evd.request("subscribe", arguments)
+                    let (replayed, notices) = await collect(evd, events: delivered.count)
+                    #expect(notices.isEmpty)
+                    let seqs = replayed.compactMap { $0["seq"]?.intValue }
+                    #expect(seqs == seqs.sorted() && Set(seqs).count == seqs.count)
+                    #expect(replayed.count == delivered.count)
+                    // The first event that differs, if any (not the whole lists: thousands of events).
+                    var differs: String?
+                    for (index, event) in replayed.enumerated() where index < delivered.count {
+                        if withoutSubscription(event) != withoutSubscription(delivered[index]) {
+                            differs = "event \(index): replayed \(event), delivered \(delivered[index])"
+                            break
+                        }
+                    }
+                    #expect(differs == nil)
+                }
+            }
+        }
+    }
+
     @Test("a subscription from the head, or with a since beyond what was journaled, replays nothing and goes live")
     func sinceAtHead() async throws {
         try await withRunningDaemon { daemon in

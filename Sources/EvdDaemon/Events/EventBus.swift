@@ -214,8 +214,9 @@ public final class EventBus: Sendable {
     }
 
     /// Delivers the held events that no pending reservation precedes any more.
-    private static func releaseHeld(_ state: inout State, wakeups: inout [Outbox.Wakeup]) {
-        let bound = state.pending.first ?? .max
+    /// (`bound`: only those below it, the reservation that completes being the oldest.)
+    private static func releaseHeld(_ state: inout State, below bound: Int64? = nil, wakeups: inout [Outbox.Wakeup]) {
+        let bound = bound ?? state.pending.first ?? .max
         var released = 0
         while released < state.held.count, state.held[released].seq < bound {
             Self.deliver(&state, state.held[released], wakeups: &wakeups)
@@ -322,13 +323,21 @@ public final class EventBus: Sendable {
             var wakeups: [Outbox.Wakeup] = []
             self.state.withLock { state in
                 if end == entries.count { state.pending.removeAll { $0 == reservation.first } }
+                // When no older reservation is pending, this one's events go out now: after those
+                // of its earlier batches that waited for an older one. (Held back behind their own
+                // reservation, a batch would reach subscribers after the last one.)
+                let oldest = state.pending.first.map { $0 >= reservation.first } ?? true
+                if oldest { Self.releaseHeld(&state, below: reservation.first + Int64(start), wakeups: &wakeups) }
                 for index in start..<end {
                     let entry = entries[index]
                     state.published[entry.name, default: 0] += 1
                     if entry.kind == nil { state.customNames.append(entry.name) }
-                    Self.dispatch(
-                        &state, NumberedEvent(seq: reservation.first + Int64(index), event: entry, time: reservation.time),
-                        wakeups: &wakeups)
+                    let numbered = NumberedEvent(seq: reservation.first + Int64(index), event: entry, time: reservation.time)
+                    if oldest {
+                        Self.deliver(&state, numbered, wakeups: &wakeups)
+                    } else {
+                        Self.dispatch(&state, numbered, wakeups: &wakeups)
+                    }
                 }
                 if end == entries.count { Self.releaseHeld(&state, wakeups: &wakeups) }
             }
@@ -396,11 +405,23 @@ public final class EventBus: Sendable {
     }
 
     /// Appends an event's bytes up to its time: `{"type":"event","seq":…,"event":…,"time":`.
-    /// `name` is UTF-8. (A replay writes its events with this, `subscriptionKey` and the body.)
+    /// `name` is UTF-8. (A replay writes its events with its two parts, `subscriptionKey` and the
+    /// body.)
     @inline(__always)
     static func appendHead(seq: Int64, name: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
+        Self.appendStart(seq: seq, to: &bytes)
+        Self.appendName(name, to: &bytes)
+    }
+
+    /// The head's first part: `{"type":"event","seq":…`.
+    @inline(__always)
+    static func appendStart(seq: Int64, to bytes: inout [UInt8]) {
         JSONWriter.appendASCII(#"{"type":"event","seq":"#, to: &bytes)
         JSONWriter.appendInt(seq, to: &bytes)
+    }
+
+    /// The head's second part, the same for every event of one name: `,"event":…,"time":`.
+    static func appendName(_ name: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
         JSONWriter.appendASCII(#","event":"#, to: &bytes)
         JSONWriter.appendEscaped(name, to: &bytes)
         JSONWriter.appendASCII(#","time":"#, to: &bytes)

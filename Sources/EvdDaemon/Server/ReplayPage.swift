@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 import EvdClient
 
 /// A page of a replay: the journaled events one subscription receives, as the lines it reads.
@@ -41,13 +46,15 @@ struct ReplayPage: Sendable {
     ) throws(SQLiteError) -> ReplayPage {
         var page = ReplayPage(subscription: subscription.id)
         page.bytes.reserveCapacity(limit * 160)
-        var number: [UInt8] = []
-        JSONWriter.appendInt(Int64(subscription.id), to: &number)
+        // What follows the time: its closing quote and the subscription number.
+        var tail: [UInt8] = [UInt8(ascii: "\"")]
+        JSONWriter.appendASCII(EventBus.subscriptionKey, to: &tail)
+        JSONWriter.appendInt(Int64(subscription.id), to: &tail)
         var names = NameCache()
         let read = try reader.next(limit: limit) { row in
             page.lastRead = row.seq
             guard let name = names.lookUp(row.name, for: subscription) else { return }
-            page.append(row, name: name, number: number, for: subscription)
+            page.append(row, name: name, tail: tail, for: subscription)
         }
         page.read = read
         // Retention raises the floor before it deletes: loaded after the read, it covers every
@@ -58,7 +65,7 @@ struct ReplayPage: Sendable {
 
     /// Appends `row` as `subscription` receives it, unless its `where` filter or what its actor may
     /// view rejects it.
-    private mutating func append(_ row: Journal.Reader.Row, name: String, number: [UInt8], for subscription: Subscription) {
+    private mutating func append(_ row: Journal.Reader.Row, name: NameCache.Name, tail: [UInt8], for subscription: Subscription) {
         // The body is the event after `"subscription":N`: `,"session":…,"actor":…,props…}` and a
         // newline. With images, the body without them is the same bytes up to its closing `}`.
         let plain: UnsafeBufferPointer<UInt8>? = row.plain.map { UnsafeBufferPointer(rebasing: row.stored[..<($0 - 2)]) }
@@ -73,17 +80,15 @@ struct ReplayPage: Sendable {
             guard let parsed = try? JSONValue(parsing: object), let properties = parsed.objectValue,
                 subscription.visibility?.allows(properties) ?? true,
                 Subscription.passes(
-                    subscription.filter, name: name, session: properties["session"] ?? .null,
+                    subscription.filter, name: name.text, session: properties["session"] ?? .null,
                     actor: properties["actor"]?["id"] ?? .null, properties: properties)
             else { return }
         }
         self.starts.append(Start(seq: row.seq, offset: self.bytes.count))
-        EventBus.appendHead(seq: row.seq, name: row.name, to: &self.bytes)
-        self.bytes.append(UInt8(ascii: "\""))
+        EventBus.appendStart(seq: row.seq, to: &self.bytes)
+        self.bytes += name.head
         self.bytes.append(contentsOf: row.time)
-        self.bytes.append(UInt8(ascii: "\""))
-        JSONWriter.appendASCII(EventBus.subscriptionKey, to: &self.bytes)
-        self.bytes += number
+        self.bytes += tail
         if let plain, !subscription.wantsRows {
             self.bytes.append(contentsOf: plain)
             self.bytes.append(UInt8(ascii: "}"))
@@ -106,26 +111,37 @@ struct ReplayPage: Sendable {
         self.starts = self.starts[kept...].map { Start(seq: $0.seq, offset: $0.offset - offset) }
     }
 
-    /// Whether a subscription wants events of a name, remembered for the run of rows with the same
-    /// name (a replay reads long runs of one event).
+    /// Whether a subscription wants events of a name, and their heads' part for it, remembered
+    /// for the run of rows with the same name (a replay reads long runs of one event).
     private struct NameCache {
-        private var last: [UInt8] = []
-        private var lastName: String?
-        private var started = false
+        struct Name {
+            let text: String
+            /// `,"event":…,"time":"` (`EventBus.appendName` and the time's opening quote).
+            let head: [UInt8]
+        }
+
+        private var last: [UInt8]?
+        private var lastName: Name?
 
         /// The name, when `subscription` wants its events; `nil` when not.
-        mutating func lookUp(_ bytes: UnsafeBufferPointer<UInt8>, for subscription: Subscription) -> String? {
-            if self.started, bytes.elementsEqual(self.last) { return self.lastName }
-            self.started = true
+        mutating func lookUp(_ bytes: UnsafeBufferPointer<UInt8>, for subscription: Subscription) -> Name? {
+            if let last = self.last, last.count == bytes.count,
+                bytes.isEmpty || last.withUnsafeBufferPointer({ memcmp($0.baseAddress!, bytes.baseAddress!, bytes.count) == 0 })
+            {
+                return self.lastName
+            }
             self.last = Array(bytes)
-            let name = String(decoding: bytes, as: UTF8.self)
+            let text = String(decoding: bytes, as: UTF8.self)
             let wanted: Bool
-            if let kind = EventKind(name: name) {
+            if let kind = EventKind(name: text) {
                 wanted = subscription.kinds & (1 << UInt64(kind.rawValue)) != 0
             } else {
-                wanted = subscription.matches(customName: name)
+                wanted = subscription.matches(customName: text)
             }
-            self.lastName = wanted ? name : nil
+            var head: [UInt8] = []
+            EventBus.appendName(bytes, to: &head)
+            head.append(UInt8(ascii: "\""))
+            self.lastName = wanted ? Name(text: text, head: head) : nil
             return self.lastName
         }
     }

@@ -290,9 +290,8 @@ public final class Journal: Sendable {
                 guard let statement = chosen else { break }
                 let stored = statement.rawBytes(at: 3)
                 var plain: Int?
-                if !statement.isNull(at: 4), case let length = Int(statement.int(at: 4)), length >= 2, length <= stored.count {
-                    plain = length
-                }
+                // NULL reads as 0, which is no length.
+                if case let length = Int(statement.int(at: 4)), length >= 2, length <= stored.count { plain = length }
                 visit(Row(seq: seq, name: statement.rawBytes(at: 1), time: statement.rawBytes(at: 2), stored: stored, plain: plain))
                 visited += 1
                 self.position = seq

@@ -263,8 +263,6 @@ public final class SQLiteStatement: @unchecked Sendable {
         if rc != SQLITE_OK { throw self.connection.lastError(rc, sql: self.sql) }
     }
 
-    /// Whether column `index` of the current row is NULL.
-    func isNull(at index: Int32) -> Bool { sqlite3_column_type(self.handle, index) == SQLITE_NULL }
 
     /// Column `index` of the current row as an integer.
     func int(at index: Int32) -> Int64 { sqlite3_column_int64(self.handle, index) }
