@@ -205,6 +205,49 @@ struct PermissionTests {
         }
     }
 
+    @Test("another uid's token: it may narrow its own rights, never widen them; forged and expired ones are refused")
+    func tokensAsNobody() async throws {
+        let grants = [
+            Grant(who: .uid(65534), actions: [.createToken]),  // a daemon-wide action: a grant without database
+            Grant(who: .uid(65534), actions: [.executeSQL, .viewTable, .insertRow], database: "main"),
+        ]
+        try await withRunningDaemon(configure: { openUp(&$0, grants: grants) }) { daemon in
+            try await daemon.request("execute", ["sql": "create table dogs(id integer primary key, name text)"])
+            // nobody makes a read-only token, and one asking for admin (which it does not hold).
+            let made = responses(
+                try await messages(
+                    try asNobody(
+                        daemon,
+                        [
+                            ["op": "create_token", "restrict_all": ["view-table", "execute-sql"]],
+                            ["op": "create_token", "restrict_all": ["admin"], "expires_after": 1],
+                        ])))
+            let readOnly = try #require(made[1]?["result"]?["token"]?.stringValue)
+            let adminToken = try #require(made[2]?["result"]?["token"]?.stringValue)
+            var forged = Array(readOnly.utf8)
+            forged[8] = forged[8] == UInt8(ascii: "A") ? UInt8(ascii: "B") : UInt8(ascii: "A")
+            let got = responses(
+                try await messages(
+                    try asNobody(
+                        daemon,
+                        [
+                            ["op": "login", "token": .string(readOnly)],
+                            execute("select count(*) from dogs"),
+                            execute("insert into dogs(name) values ('Rex')"),
+                            ["op": "login", "token": .string(adminToken)],
+                            ["op": "stats"],
+                            ["op": "login", "token": .string(String(decoding: forged, as: UTF8.self))],
+                        ])))
+            #expect(got[1]?["result"]?["actor"]?["uid"] == 65534)
+            #expect(got[2]?["ok"] == true)
+            #expect(got[3]?["error"]?["code"] == "permission_denied", "\(got[3] ?? [:])")
+            // A token never holds more than its maker: admin stays denied (or the token expired).
+            let stats = got[5]?["error"]?["code"]
+            #expect(stats == "permission_denied" || stats == "token_expired", "\(got[5] ?? [:])")
+            #expect(got[6]?["error"]?["code"] == "token_invalid")
+        }
+    }
+
     @Test("the config file: grants parsed; anything not valid is refused with the reason")
     func configFile() throws {
         let config = try ConfigFile.parse(
