@@ -156,9 +156,8 @@ extension Evd {
     /// The effective configuration: flags win over the environment (socket, state directory),
     /// which wins over the file, which wins over the defaults.
     func configuration(file: ConfigFile, environment: [String: String]) throws -> EvdConfiguration {
-        let fromEnvironment = ["STATE_DIRECTORY", "XDG_STATE_HOME"].contains { environment[$0]?.isEmpty == false }
         let stateDirectory =
-            self.stateDir ?? (fromEnvironment ? nil : file.stateDirectory)
+            self.stateDir ?? EvdConfiguration.stateDirectory(fromEnvironment: environment) ?? file.stateDirectory
             ?? EvdConfiguration.defaultStateDirectory(environment: environment)
         var databases: [DatabaseConfig] = []
         for spec in self.databases {
@@ -170,8 +169,7 @@ extension Evd {
             databases.append(DatabaseConfig(name: name, path: String(spec[spec.index(after: eq)...])))
         }
         if databases.isEmpty { databases = file.databases ?? [DatabaseConfig(name: "main", path: stateDirectory + "/main.db")] }
-        let socketFromEnvironment = ["EVD_SOCKET", "RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"].contains { environment[$0]?.isEmpty == false }
-        let socket = self.socket ?? (socketFromEnvironment ? nil : file.socket)
+        let socket = self.socket ?? SocketPath.fromEnvironment(environment) ?? file.socket
 
         var configuration = EvdConfiguration(
             socketPath: SocketPath.resolve(explicit: socket, environment: environment),

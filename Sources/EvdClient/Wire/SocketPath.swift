@@ -12,6 +12,12 @@ public enum SocketPath {
     /// `$XDG_RUNTIME_DIR/evd.sock`, else `/tmp/evd-$UID/evd.sock`.
     public static func resolve(explicit: String?, environment: [String: String]) -> String {
         if let explicit, !explicit.isEmpty { return explicit }
+        return self.fromEnvironment(environment) ?? "/tmp/evd-\(getuid())/evd.sock"
+    }
+
+    /// The path the environment names (`$EVD_SOCKET`, `$RUNTIME_DIRECTORY/evd.sock`,
+    /// `$XDG_RUNTIME_DIR/evd.sock`), if any: the daemon lets it win over its config file's.
+    public static func fromEnvironment(_ environment: [String: String]) -> String? {
         if let path = environment["EVD_SOCKET"], !path.isEmpty { return path }
         if let dir = environment["RUNTIME_DIRECTORY"], !dir.isEmpty {
             // systemd may pass several directories separated by ':'; the first is ours.
@@ -19,7 +25,7 @@ public enum SocketPath {
             return first + "/evd.sock"
         }
         if let dir = environment["XDG_RUNTIME_DIR"], !dir.isEmpty { return dir + "/evd.sock" }
-        return "/tmp/evd-\(getuid())/evd.sock"
+        return nil
     }
 
     /// The process environment as a dictionary.

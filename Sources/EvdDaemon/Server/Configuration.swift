@@ -50,11 +50,17 @@ public struct EvdConfiguration: Sendable {
     /// The state directory of PROTOCOL.md §9: `$STATE_DIRECTORY`, else `$XDG_STATE_HOME/evd`,
     /// else `~/.local/state/evd`.
     public static func defaultStateDirectory(environment: [String: String]) -> String {
+        self.stateDirectory(fromEnvironment: environment)
+            ?? (environment["HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "/root") + "/.local/state/evd"
+    }
+
+    /// The state directory the environment names (`$STATE_DIRECTORY`, `$XDG_STATE_HOME/evd`), if any:
+    /// it wins over the config file's.
+    public static func stateDirectory(fromEnvironment environment: [String: String]) -> String? {
         if let dir = environment["STATE_DIRECTORY"], !dir.isEmpty {
             return dir.split(separator: ":", maxSplits: 1).first.map(String.init) ?? dir
         }
         if let dir = environment["XDG_STATE_HOME"], !dir.isEmpty { return dir + "/evd" }
-        let home = environment["HOME"].flatMap { $0.isEmpty ? nil : $0 } ?? "/root"
-        return home + "/.local/state/evd"
+        return nil
     }
 }

@@ -224,12 +224,12 @@ extension Session {
         }
         let actor = self.actor
         let permissions = self.core.permissions
-        guard permissions.allowsSomewhere(actor, .subscribe) else { throw Permissions.denied(actor, .subscribe, on: .daemon) }
+        try permissions.requireSomewhere(actor, .subscribe)
         var vetoKinds: UInt64 = 0
         for kind in EventKind.allCases where kind.spec.vetoable && vetoPatterns.contains(where: { $0.matches(kind.name) }) {
             vetoKinds |= 1 << UInt64(kind.rawValue)
         }
-        if !vetoPatterns.isEmpty, !permissions.allowsSomewhere(actor, .veto) { throw Permissions.denied(actor, .veto, on: .daemon) }
+        if !vetoPatterns.isEmpty { try permissions.requireSomewhere(actor, .veto) }
         // Each event is shown (or asked about) only where the actor may view it.
         let visibility = permissions.isUnrestricted(actor) ? nil : EventVisibility(actor: actor, permissions: permissions)
         let maxSubscriptions = self.core.configuration.maxSubscriptions

@@ -139,6 +139,11 @@ struct Permissions: Sendable {
         }
     }
 
+    /// Throws `permission_denied` unless the actor holds `action` anywhere (`allowsSomewhere`).
+    func requireSomewhere(_ actor: Actor, _ action: Action) throws(EvdError) {
+        guard self.allowsSomewhere(actor, action) else { throw Self.denied(actor, action, on: .daemon) }
+    }
+
     static func denied(_ actor: Actor, _ action: Action, on resource: Resource) -> EvdError {
         var extra: JSONObject = ["action": .string(action.rawValue)]
         var place = ""

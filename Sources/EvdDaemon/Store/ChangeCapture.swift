@@ -159,6 +159,15 @@ final class ChangeCapture: @unchecked Sendable {
             context)
     }
 
+    /// Runs `body` with the hook recording nothing: evd's own rows (the journal, the two-phase
+    /// markers) are not changes of the client's.
+    func withoutRecording<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        let recording = self.active
+        self.active = false
+        defer { self.active = recording }
+        return try body()
+    }
+
     /// Whether nothing was recorded.
     var isEmpty: Bool { self.entries.isEmpty }
 

@@ -415,24 +415,23 @@ extension PooledConnection {
         }
         let entries = events.map { bus.entry(for: $0, origin: origin) }
         let reservation = bus.reserve(entries.count)
-        // The journal's own rows are not changes of the client's.
-        let recording = self.capture.active
-        self.capture.active = false
-        defer { self.capture.active = recording }
-        do {
-            if self.journalInsert == nil {
-                try self.sqlite.exec(Journal.createSQL)  // a database created after start-up
-                self.journalInsert = try self.sqlite.prepare(SQLText(Journal.insertSQL), from: 0)
+        // The journal's own rows (and taking them back out) are not changes of the client's.
+        try self.capture.withoutRecording { () throws(SQLiteError) in
+            do throws(SQLiteError) {
+                if self.journalInsert == nil {
+                    try self.sqlite.exec(Journal.createSQL)  // a database created after start-up
+                    self.journalInsert = try self.sqlite.prepare(SQLText(Journal.insertSQL), from: 0)
+                }
+                try Journal.write(entries, first: reservation.first, time: reservation.timeText, using: self.journalInsert!)
+                try self.sqlite.exec("COMMIT")
+            } catch {
+                if self.sqlite.inTransaction {
+                    try? self.sqlite.exec(
+                        "DELETE FROM _evd_journal WHERE seq BETWEEN \(reservation.first) AND \(reservation.last)")
+                }
+                bus.cancel(reservation)
+                throw error
             }
-            try Journal.write(entries, first: reservation.first, time: reservation.timeText, using: self.journalInsert!)
-            try self.sqlite.exec("COMMIT")
-        } catch {
-            if self.sqlite.inTransaction {
-                try? self.sqlite.exec(
-                    "DELETE FROM _evd_journal WHERE seq BETWEEN \(reservation.first) AND \(reservation.last)")
-            }
-            bus.cancel(reservation)
-            throw error
         }
         self.capture.discardAll()
         bus.complete(reservation, entries)

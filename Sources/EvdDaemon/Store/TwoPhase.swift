@@ -279,22 +279,19 @@ extension PooledConnection {
 
     /// Writes the transaction's marker into it (not a change of the client's).
     private func writeMarker(_ record: PreparedRecord) throws(SQLiteError) {
-        let recording = self.capture.active
-        self.capture.active = false
-        defer { self.capture.active = recording }
-        guard let insert = try self.sqlite.prepare(SQLText("INSERT INTO _evd_twophase (token, xid) VALUES (?, ?)"), from: 0) else { return }
-        try insert.bind(int: record.token, at: 1)
-        try insert.bind(text: record.xid, at: 2)
-        _ = try insert.step()
+        try self.capture.withoutRecording { () throws(SQLiteError) in
+            let sql = SQLText("INSERT INTO _evd_twophase (token, xid) VALUES (?, ?)")
+            guard let insert = try self.sqlite.prepare(sql, from: 0) else { return }
+            try insert.bind(int: record.token, at: 1)
+            try insert.bind(text: record.xid, at: 2)
+            _ = try insert.step()
+        }
     }
 
     /// After a decision: the marker of a committed transaction is no longer needed (its redo log
     /// is gone). Not a change of the client's.
     func removeMarker(token: Int64) {
-        let recording = self.capture.active
-        self.capture.active = false
-        defer { self.capture.active = recording }
-        try? self.sqlite.exec("DELETE FROM _evd_twophase WHERE token = \(token)")
+        self.capture.withoutRecording { try? self.sqlite.exec("DELETE FROM _evd_twophase WHERE token = \(token)") }
     }
 
     /// At start-up: opens a logged transaction again and re-applies its row changes exactly, with
