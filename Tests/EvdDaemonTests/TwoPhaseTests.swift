@@ -16,6 +16,19 @@ struct TwoPhaseTests {
         return result["rows"]?.arrayValue ?? []
     }
 
+    /// Runs `setup`, then prepares a two-phase transaction `xid` of `work` in a daemon on
+    /// `directory`, and stops that daemon: the next one there must hold it prepared again.
+    private func prepareThenStop(in directory: String, setup: [String], xid: String, work: [String]) async throws {
+        try await withDaemon(in: directory) { daemon, _ in
+            try await daemon.withClient { evd in
+                for sql in setup { try await evd.request("execute", ["sql": .string(sql)]) }
+                try await evd.request("begin_twophase", ["xid": .string(xid)])
+                for sql in work { try await evd.request("execute", ["sql": .string(sql)]) }
+                try await evd.request("prepare_twophase", ["xid": .string(xid)])
+            }
+        }
+    }
+
     @Test("prepared changes stay invisible until another session commits them; the 2PC events say is_prepared")
     func commitFromAnotherSession() async throws {
         try await withRunningDaemon { daemon in
@@ -129,14 +142,9 @@ struct TwoPhaseTests {
     @Test("rollback_twophase of a prepared transaction: nothing visible, no committed events, nothing after a restart")
     func rollbackPrepared() async throws {
         try await withTemporaryDirectory { directory in
-            try await withDaemon(in: directory) { daemon, _ in
-                try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "create table t(id integer primary key)"])
-                    try await evd.request("begin_twophase", ["xid": "doomed"])
-                    try await evd.request("execute", ["sql": "insert into t values (1)"])
-                    try await evd.request("prepare_twophase", ["xid": "doomed"])
-                }
-            }
+            try await self.prepareThenStop(
+                in: directory, setup: ["create table t(id integer primary key)"], xid: "doomed",
+                work: ["insert into t values (1)"])
             try await withDaemon(in: directory) { daemon, _ in
                 try await daemon.withClient { evd in
                     _ = try await subscribeEvents(evd, ["rollback_twophase", "insert-rows", "app.done"])
@@ -228,14 +236,9 @@ struct TwoPhaseTests {
     @Test("a transaction that committed just before a crash (its marker in the database) is not applied again")
     func committedBeforeCrash() async throws {
         try await withTemporaryDirectory { directory in
-            try await withDaemon(in: directory) { daemon, _ in
-                try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "create table t(id integer primary key)"])
-                    try await evd.request("begin_twophase", ["xid": "done"])
-                    try await evd.request("execute", ["sql": "insert into t values (1)"])
-                    try await evd.request("prepare_twophase", ["xid": "done"])
-                }
-            }
+            try await self.prepareThenStop(
+                in: directory, setup: ["create table t(id integer primary key)"], xid: "done",
+                work: ["insert into t values (1)"])
             // What a crash between the COMMIT and forgetting the log leaves: the changes and the
             // marker committed, the log entry still there.
             let log = try SQLiteConnection(path: directory + "/state/twophase.db", flags: SQLITE_OPEN_READWRITE)
@@ -261,15 +264,9 @@ struct TwoPhaseTests {
     @Test("a logged transaction whose changes no longer apply is listed by recover and can only be rolled back")
     func unrecoverable() async throws {
         try await withTemporaryDirectory { directory in
-            try await withDaemon(in: directory) { daemon, _ in
-                try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "create table t(id integer primary key, v)"])
-                    try await evd.request("execute", ["sql": "insert into t values (1, 'a')"])
-                    try await evd.request("begin_twophase", ["xid": "stale"])
-                    try await evd.request("execute", ["sql": "update t set v = 'b' where id = 1"])
-                    try await evd.request("prepare_twophase", ["xid": "stale"])
-                }
-            }
+            try await self.prepareThenStop(
+                in: directory, setup: ["create table t(id integer primary key, v)", "insert into t values (1, 'a')"],
+                xid: "stale", work: ["update t set v = 'b' where id = 1"])
             // Changed outside evd while it was down: the row the transaction updated is gone.
             let database = try SQLiteConnection(path: directory + "/main.db", flags: SQLITE_OPEN_READWRITE)
             try database.exec("DELETE FROM t")

@@ -28,15 +28,5 @@ EVD_REQUEST=$(jq -cn --argjson where "${WHERE:-null}" --argjson since "${SINCE:-
     '{op: "subscribe", id: 1, events: ($ARGS.positional | if length == 0 then ["*"] else . end)}
      + (if $where then {where: $where} else {} end) + (if $since then {since: $since} else {} end)' \
     --args "$@")
-EVD_STATUS=$(mktemp)
-trap 'rm -f "$EVD_STATUS"' EXIT
-export EVD_CONNECTED=1 EVD_REQUEST EVD_STATUS
-socat -t 0.1 UNIX-CONNECT:"$sock" EXEC:"$0" 3>&1 &
-socat_pid=$!
-# Ctrl-C or kill: stop socat (it passes the signal on to the second run).
-trap 'kill "$socat_pid" 2>/dev/null; wait "$socat_pid"; exit 130' INT
-trap 'kill "$socat_pid" 2>/dev/null; wait "$socat_pid"; exit 143' TERM
-# socat's own failure (no daemon there), or the second run's, left in $EVD_STATUS.
-status=0
-wait "$socat_pid" || status=$?
-[ "$status" = 0 ] && [ ! -s "$EVD_STATUS" ]
+. "$(dirname "$0")/evd-stream"
+evd_stream "$sock"
