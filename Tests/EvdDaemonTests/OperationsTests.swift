@@ -188,7 +188,7 @@ struct OperationsTests {
                 let bySession = try await evd.request(
                     "subscribe", ["events": ["app.*"], "where": ["session": session]])
                 let byNumber = try await evd.request("subscribe", ["events": ["app.*"], "where": ["size": 2.0]])
-                try await daemon.withClient { other in
+                _ = try await daemon.withClient { other in
                     try await other.request("emit", ["event": "app.a", "data": ["size": 2]])
                 }
                 try await evd.request("emit", ["event": "app.b", "data": ["size": 3]])

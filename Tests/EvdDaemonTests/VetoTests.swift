@@ -85,8 +85,11 @@ func withVetoTestClient<T: Sendable>(
         // A listener that answers must not lose to the default 1 s timeout on a loaded machine.
         subscribe["timeout_ms"] = 20000
     }
-    return try await daemon.withClient { connection in
+    let isListener = subscribe["veto"] != nil
+    var listenersWithThis: Int64 = 0
+    let result = try await daemon.withClient { connection in
         let subscribed = try await connection.request("subscribe", subscribe)
+        if isListener { listenersWithThis = try await daemon.request("stats")["veto_listeners"]?.intValue ?? 0 }
         let client = VetoTestClient(connection: connection, subscribed: subscribed)
         return try await withThrowingTaskGroup(of: Void.self) { group in
             group.addTask {
@@ -112,6 +115,17 @@ func withVetoTestClient<T: Sendable>(
             }
         }
     }
+    // The daemon learns of the close a moment later; until then the listener is still asked, and
+    // its veto resolves as `disconnected`. What the test does next must not race that.
+    if isListener {
+        let listenersWithThis = listenersWithThis
+        let gone = await firstValue(within: 10) {
+            let count = try? await daemon.request("stats")["veto_listeners"]?.intValue
+            return count.flatMap { $0 < listenersWithThis ? true : nil }
+        }
+        #expect(gone == true, "the listener's close reached the daemon")
+    }
+    return result
 }
 
 /// `withVetoTestClient` for several clients, subscribed in the order given.

@@ -53,9 +53,10 @@ public final class Daemon: Service, CustomStringConvertible {
         try self.prepareDirectories()
         let tokens = try self.openTokenSecret()
         let totalConnections = self.configuration.poolSize * self.configuration.databases.count
-        // One thread per pooled connection (a thread may block on SQLite's busy wait), and two for
-        // the journal's own work (custom events, replays, retention).
-        let threadPool = NIOThreadPool(numberOfThreads: totalConnections + 2)
+        // One thread per pooled connection (a thread may block on SQLite's busy wait), one per
+        // database for its WAL checkpoints, and two for the journal's own work (custom events,
+        // replays, retention).
+        let threadPool = NIOThreadPool(numberOfThreads: totalConnections + self.configuration.databases.count + 2)
         threadPool.start()
         let group = MultiThreadedEventLoopGroup.singleton
         let (journal, head) = try await self.openJournal(on: threadPool)
@@ -121,7 +122,10 @@ public final class Daemon: Service, CustomStringConvertible {
         // Prepared transactions are rolled back here and prepared again at the next start.
         await core.twoPhase.releaseAll()
         core.twoPhase.log.close()
-        for pool in core.pools.values { await pool.dispose(origin: .daemon) }
+        for pool in core.pools.values {
+            await pool.dispose(origin: .daemon)
+            await pool.checkpointer?.close()
+        }
         journal.close()
         try? await threadPool.shutdownGracefully()
         if let createdPath { unlink(createdPath) }

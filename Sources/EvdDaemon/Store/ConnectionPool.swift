@@ -78,6 +78,8 @@ public final class ConnectionPool: Sendable {
     let vetoBudget: Duration
     /// Where committed events are journaled with their commit (`nil`: nowhere).
     let journal: Journal?
+    /// Checkpoints the WAL off the commit path (`nil` for an in-memory database).
+    let checkpointer: Checkpointer?
 
     private enum WaitResult {
         case connection(PooledConnection)
@@ -125,6 +127,7 @@ public final class ConnectionPool: Sendable {
         self.eventLoop = eventLoop
         self.checkoutTimeout = checkoutTimeout
         self.defaultBusyTimeoutMs = busyTimeoutMs
+        self.checkpointer = database.isInMemory ? nil : Checkpointer(path: database.path, threadPool: threadPool)
         self.pragmas = [
             "journal_mode": "wal", "synchronous": "normal", "foreign_keys": "on",
             "busy_timeout": .integer(busyTimeoutMs),
@@ -338,6 +341,8 @@ public final class ConnectionPool: Sendable {
         let sqlite = try SQLiteConnection(
             path: self.database.path, flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI)
         for statement in statements { try sqlite.exec(statement) }
+        // A listener that set wal_autocheckpoint itself keeps SQLite's own checkpointing.
+        if let checkpointer = self.checkpointer, pragmas["wal_autocheckpoint"] == nil { checkpointer.watch(sqlite) }
         let observer = AuthorizerObserver()
         sqlite.setAuthorizer(observer)
         let first = self.state.withLock { state in

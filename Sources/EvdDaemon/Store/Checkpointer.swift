@@ -1,0 +1,93 @@
+import CSQLite
+import NIOPosix
+import Synchronization
+
+/// Keeps one database's write-ahead log short from a thread of its own, so that commits never
+/// wait for a checkpoint.
+///
+/// SQLite's default (`wal_autocheckpoint = 1000`) runs the checkpoint inside the COMMIT that grew
+/// the WAL past 1000 pages: that commit copies the WAL back into the database file and fsyncs it
+/// while its client waits, and a session's p99 is mostly those commits. Instead, every pool
+/// connection gets a WAL hook that, past `threshold` pages, asks this checkpointer to run a
+/// PASSIVE checkpoint on its own connection and thread. A PASSIVE checkpoint never blocks writers
+/// or readers; when it has copied every frame, the next writer starts the WAL over from the
+/// beginning, so the file stays about `threshold` pages long.
+///
+/// If the WAL still outgrows `16 × threshold` pages (a reader holding an old snapshot, or a disk
+/// slower than the writers), the committing connection checkpoints itself, as SQLite would: the
+/// writers then slow down instead of the WAL growing without bound.
+final class Checkpointer: Sendable {
+    /// WAL pages that trigger a background checkpoint (SQLite's own default for autocheckpoint).
+    static let threshold: Int32 = 1000
+    /// WAL pages past which the committing connection checkpoints itself.
+    static let inlineThreshold: Int32 = 16 * threshold
+
+    let path: String
+    /// The daemon's thread pool, which has a thread to spare for each database's checkpoints.
+    private let thread: NIOThreadPool
+    /// Whether a checkpoint is queued or running: many commits past the threshold ask for one.
+    private let scheduled = Atomic<Bool>(false)
+    private struct State {
+        var connection: SQLiteConnection?
+        var closed = false
+    }
+    /// Used only on `thread`, and by `close`.
+    private let state = Mutex(State())
+    /// Checkpoints run, for `stats`.
+    let runs = Atomic<Int>(0)
+
+    init(path: String, threadPool: NIOThreadPool) {
+        self.path = path
+        self.thread = threadPool
+    }
+
+    /// Installs the WAL hook on `connection`, which must not outlive this checkpointer (the pool
+    /// keeps both). Replaces SQLite's own autocheckpoint on that connection.
+    func watch(_ connection: SQLiteConnection) {
+        let context = Unmanaged.passUnretained(self).toOpaque()
+        sqlite3_wal_hook(connection.handle, { context, db, _, pages in
+            guard let context else { return SQLITE_OK }
+            let checkpointer = Unmanaged<Checkpointer>.fromOpaque(context).takeUnretainedValue()
+            if pages >= Checkpointer.inlineThreshold {
+                sqlite3_wal_checkpoint_v2(db, nil, SQLITE_CHECKPOINT_PASSIVE, nil, nil)
+            } else if pages >= Checkpointer.threshold {
+                checkpointer.schedule()
+            }
+            return SQLITE_OK
+        }, context)
+    }
+
+    /// Queues a checkpoint unless one is already queued or running.
+    func schedule() {
+        guard !self.scheduled.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        self.thread.submit { state in
+            if state == .active { self.checkpoint() }
+            self.scheduled.store(false, ordering: .releasing)
+        }
+    }
+
+    private func checkpoint() {
+        self.state.withLock { state in
+            guard !state.closed else { return }
+            if state.connection == nil {
+                state.connection = try? SQLiteConnection(path: self.path, flags: SQLITE_OPEN_READWRITE)
+            }
+            guard let connection = state.connection else { return }
+            // SQLITE_BUSY (another checkpoint is running) and a partial checkpoint (a reader still
+            // needs old frames) are both fine: the next commit past the threshold asks again.
+            sqlite3_wal_checkpoint_v2(connection.handle, nil, SQLITE_CHECKPOINT_PASSIVE, nil, nil)
+            self.runs.add(1, ordering: .relaxed)
+        }
+    }
+
+    /// Closes the checkpointer's connection, for good: the last connection to close checkpoints
+    /// the whole WAL and removes it. Call after the pool's connections are closed.
+    func close() async {
+        _ = try? await self.thread.runIfActive {
+            self.state.withLock { state in
+                state.closed = true
+                state.connection = nil
+            }
+        }
+    }
+}
