@@ -55,15 +55,15 @@ enum ExitStatus {
 
     /// The table `evctl --help` prints.
     static let help = """
-        Output: each result is one line of JSON on stdout (token create prints the bare token, or
-        JSON with --json); errors go to stderr.
+        Each result is one line of JSON on stdout (token create prints the bare
+        token, or JSON with --json); errors go to stderr.
 
         Exit status:
           0   the request succeeded
           1   evd answered with an error (sql_error, permission_denied, ...)
           64  usage: a bad subcommand, option or argument; nothing was sent
-          69  evd could not be reached (no socket, nobody listening, permission to connect
-              refused) or the connection closed before the answer
+          69  evd could not be reached (no socket, nobody listening, no
+              permission to connect) or the connection closed before the answer
         """
 }
 

@@ -110,7 +110,7 @@ struct CLITests {
             let cases: [([String], String)] = [
                 (["sql", "select * from nothere"], "sql_error"),
                 (["describe", "nothere"], "no_such_table"),
-                (["emit", "nonamespace"], "bad_request"),
+                (["emit", "nonamespace"], "unknown_event"),
                 (["--token", "evd_forged", "ping"], "token_invalid"),
             ]
             for (arguments, code) in cases {
