@@ -12,32 +12,59 @@ struct GlobalOptions: ParsableArguments {
 
     var socketPath: String { SocketPath.resolve(explicit: self.socket, environment: SocketPath.processEnvironment) }
 
-    /// Sends one request and prints its result as JSON; an error goes to stderr with exit status 1.
+    /// Sends one request and prints its result as JSON; an error goes to stderr (`ExitStatus`).
     func call(_ op: String, _ arguments: JSONObject = [:]) async throws {
         let result = try await self.send(op, arguments)
         Terminal.writeStdout(JSONValue.object(result).jsonBytes + [0x0a])
     }
 
-    /// Sends one request (after logging in with the token, if any) and returns its result; an error
-    /// goes to stderr with exit status 1.
+    /// Sends one request (after logging in with the token, if any) and returns its result. An error
+    /// reply goes to stderr with `ExitStatus.errorReply`; no daemon, or a connection that ends before
+    /// the reply, with `ExitStatus.unavailable`.
     func send(_ op: String, _ arguments: JSONObject = [:]) async throws -> JSONObject {
         let token = TokenSource.resolve(explicit: self.token, environment: SocketPath.processEnvironment)
-        let outcome: Result<JSONObject, EvdError> = try await EvdConnection.withConnection(socketPath: self.socketPath) { evd in
-            do {
+        do {
+            return try await EvdConnection.withConnection(socketPath: self.socketPath) { evd in
                 if let token { try await evd.login(token: token) }
-                return .success(try await evd.request(op, arguments))
-            } catch let error as EvdError {
-                return .failure(error)
+                return try await evd.request(op, arguments)
             }
-        }
-        switch outcome {
-        case .success(let result):
-            return result
-        case .failure(let error):
+        } catch let error as EvdError {
             Terminal.writeStderr("evctl: \(error)")
-            throw ExitCode(1)
+            throw ExitCode(ExitStatus.errorReply)
+        } catch {
+            // EvdConnection.ConnectionError, or the channel's own error when the daemon goes away.
+            Terminal.writeStderr("evctl: \(error)")
+            throw ExitCode(ExitStatus.unavailable)
         }
     }
+}
+
+/// evctl's exit statuses, as `evctl --help` lists them. The two failures a script handles
+/// differently are told apart: the daemon said no (retrying will not help) or there is no daemon
+/// to ask (it may be starting or stopping). The usage and "unavailable" numbers are sysexits(3)'s,
+/// the ones ArgumentParser already uses for a bad argument and evd for a bad config file.
+enum ExitStatus {
+    /// The request succeeded; its result is on stdout.
+    static let ok: Int32 = 0
+    /// evd answered with an error (`sql_error`, `permission_denied`, ...), printed on stderr.
+    static let errorReply: Int32 = 1
+    /// A bad subcommand, option or argument (EX_USAGE); nothing was sent.
+    static let usage: Int32 = 64
+    /// evd could not be reached, or the connection closed before the answer (EX_UNAVAILABLE).
+    static let unavailable: Int32 = 69
+
+    /// The table `evctl --help` prints.
+    static let help = """
+        Each result is one line of JSON on stdout (token create prints the bare
+        token, or JSON with --json); errors go to stderr.
+
+        Exit status:
+          0   the request succeeded
+          1   evd answered with an error (sql_error, permission_denied, ...)
+          64  usage: a bad subcommand, option or argument; nothing was sent
+          69  evd could not be reached (no socket, nobody listening, no
+              permission to connect) or the connection closed before the answer
+        """
 }
 
 /// evctl: the shell's client for evd.
@@ -46,6 +73,7 @@ struct Evctl: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "evctl",
         abstract: "Talk to evd from the shell: run SQL, emit events, read the catalog and the counters.",
+        discussion: ExitStatus.help,
         subcommands: [SQL.self, Insert.self, Describe.self, Emit.self, Token.self, Events.self, Stats.self, Ping.self]
     )
 
@@ -54,15 +82,14 @@ struct Evctl: AsyncParsableCommand {
     static func main() async {
         var arguments = Array(CommandLine.arguments.dropFirst())
         var globals: [String] = []
-        var index = 0
-        while index < arguments.count, arguments[index].hasPrefix("--") {
-            let argument = arguments[index]
+        // Each global taken from the front leaves the next argument first.
+        while let argument = arguments.first, argument.hasPrefix("--") {
             if argument.hasPrefix("--socket=") || argument.hasPrefix("--token=") {
                 globals.append(argument)
-                arguments.remove(at: index)
-            } else if argument == "--socket" || argument == "--token", index + 1 < arguments.count {
-                globals += [argument, arguments[index + 1]]
-                arguments.removeSubrange(index...(index + 1))
+                arguments.removeFirst()
+            } else if argument == "--socket" || argument == "--token", arguments.count > 1 {
+                globals += [argument, arguments[1]]
+                arguments.removeFirst(2)
             } else {
                 break
             }
@@ -189,6 +216,8 @@ extension Evctl {
             var restrictDatabase: [String] = []
             @Option(help: ArgumentHelp("An action allowed on one table (repeatable).", valueName: "db:table:action"))
             var restrictResource: [String] = []
+            @Flag(help: "Print the whole result as JSON ({\"token\": ...}) instead of the bare token.")
+            var json = false
 
             func run() async throws {
                 var arguments: JSONObject = [:]
@@ -218,8 +247,12 @@ extension Evctl {
                 }
                 if !resources.isEmpty { arguments["restrict_resource"] = .object(resources) }
                 let result = try await self.global.send("create_token", arguments)
-                // The bare token, so that `EVD_TOKEN=$(evctl token create ...)` works.
-                Terminal.writeStdout(Array(((result["token"]?.stringValue ?? "") + "\n").utf8))
+                if self.json {
+                    Terminal.writeStdout(JSONValue.object(result).jsonBytes + [0x0a])
+                } else {
+                    // The bare token, so that `EVD_TOKEN=$(evctl token create ...)` works.
+                    Terminal.writeStdout(Array(((result["token"]?.stringValue ?? "") + "\n").utf8))
+                }
             }
         }
     }

@@ -108,8 +108,11 @@ struct Evd: AsyncParsableCommand {
             return
         }
         let level = Logger.Level(rawValue: self.logLevel ?? file.logLevel ?? "info")!
+        // Under systemd the journal stamps each line itself: no timestamps, a priority prefix instead.
+        let journal = Systemd.stderrIsJournal(environment: environment)
         LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
+            var handler: any LogHandler =
+                journal ? JournalLogHandler(label: label) : StreamLogHandler.standardError(label: label)
             handler.logLevel = level
             return handler
         }
@@ -125,10 +128,10 @@ struct Evd: AsyncParsableCommand {
         do {
             try await group.run()
         } catch let error as Daemon.StartupError {
-            FileHandleStderr.write("evd: \(error.description)\n")
+            FileHandleStderr.write("\(journal ? "<3>" : "")evd: \(error.description)\n")
             throw ExitCode(1)
         } catch {
-            FileHandleStderr.write("evd: \(error)\n")
+            FileHandleStderr.write("\(journal ? "<3>" : "")evd: \(error)\n")
             throw ExitCode(1)
         }
     }

@@ -80,8 +80,98 @@ struct CLITests {
             #expect(failed.stderr.contains("no such table: nothere"))
         }
         let nobody = try await runProcess(self.evctl, ["--socket", "/tmp/evd-no-such-dir/evd.sock", "ping"])
-        #expect(nobody.status != 0)
+        #expect(nobody.status == 69)
         #expect(nobody.stderr.contains("cannot connect"))
+    }
+
+    // MARK: evctl's exit statuses, one test each (documented in `evctl --help` and README.md)
+
+    @Test("evctl exit status 0: the request succeeded, its result as one JSON line on stdout, nothing on stderr")
+    func evctlExitOK() async throws {
+        try await withRunningDaemon { daemon in
+            let env = ["EVD_SOCKET": daemon.socketPath]
+            for arguments in [["ping"], ["sql", "select 1"], ["emit", "myapp.ok"], ["events"], ["token", "create", "--json"]] {
+                let result = try await runProcess(self.evctl, arguments, environment: env)
+                #expect(result.status == 0, "\(arguments): \(result.stderr)")
+                #expect(result.stderr.isEmpty, "\(arguments)")
+                #expect(jsonLines(result.stdout).count == 1, "\(arguments): \(result.stdout)")
+            }
+            // token create prints the bare token by default, for EVD_TOKEN=$(evctl token create).
+            let token = try await runProcess(self.evctl, ["token", "create"], environment: env)
+            #expect(token.status == 0)
+            #expect(token.stdout.hasPrefix("evd_") && token.stdout.hasSuffix("\n"), "\(token.stdout)")
+        }
+    }
+
+    @Test("evctl exit status 1: evd answered with an error (on stderr, stdout empty)")
+    func evctlExitErrorReply() async throws {
+        try await withRunningDaemon { daemon in
+            let env = ["EVD_SOCKET": daemon.socketPath]
+            let cases: [([String], String)] = [
+                (["sql", "select * from nothere"], "sql_error"),
+                (["describe", "nothere"], "no_such_table"),
+                (["emit", "nonamespace"], "unknown_event"),
+                (["--token", "evd_forged", "ping"], "token_invalid"),
+            ]
+            for (arguments, code) in cases {
+                let result = try await runProcess(self.evctl, arguments, environment: env)
+                #expect(result.status == 1, "\(arguments): \(result.stderr)")
+                #expect(result.stdout.isEmpty, "\(arguments)")
+                #expect(result.stderr.hasPrefix("evctl: "), "\(arguments): \(result.stderr)")
+                #expect(result.stderr.contains(code), "\(arguments): \(result.stderr)")
+            }
+        }
+    }
+
+    @Test("evctl exit status 64: a bad subcommand, option or argument, refused before anything is sent")
+    func evctlExitUsage() async throws {
+        // No daemon at this path: a usage error is reported before evctl would try to connect (69).
+        let env = ["EVD_SOCKET": "/tmp/evd-no-such-dir/evd.sock"]
+        let cases: [[String]] = [
+            ["frobnicate"], ["sql"], ["ping", "--no-such-option"], ["insert", "dogs", "42"], ["emit", "myapp.x", "[1]"],
+            ["token", "create", "--restrict-database", "nocolon"], ["token", "create", "--expires-after", "soon"],
+        ]
+        for arguments in cases {
+            let result = try await runProcess(self.evctl, arguments, environment: env)
+            #expect(result.status == 64, "\(arguments): \(result.stderr)")
+            #expect(result.stdout.isEmpty, "\(arguments)")
+            #expect(!result.stderr.isEmpty, "\(arguments)")
+        }
+    }
+
+    @Test("evctl exit status 69: no daemon to ask (no socket file, nobody listening, or the connection ends before the answer)")
+    func evctlExitUnavailable() async throws {
+        try await withTemporaryDirectory { directory in
+            // No such file.
+            let missing = try await runProcess(self.evctl, ["--socket", directory + "/missing.sock", "ping"])
+            #expect(missing.status == 69, "\(missing.stderr)")
+            #expect(missing.stderr.contains("cannot connect"), "\(missing.stderr)")
+            // A socket file nobody listens on (a daemon that died without removing it).
+            let stale = directory + "/stale.sock"
+            let fd = try boundUnixSocket(stale)
+            close(fd)
+            let refused = try await runProcess(self.evctl, ["--socket", stale, "sql", "select 1"])
+            #expect(refused.status == 69, "\(refused.stderr)")
+            #expect(refused.stdout.isEmpty)
+            // A peer that says hello, reads the request and hangs up without an answer.
+            let vanishing = directory + "/vanishing.sock"
+            let server = try boundUnixSocket(vanishing)
+            listen(server, 1)
+            Thread.detachNewThread { helloThenHangUp(server) }
+            let cut = try await runProcess(self.evctl, ["--socket", vanishing, "ping"])
+            #expect(cut.status == 69, "\(cut.stderr)")
+            #expect(cut.stdout.isEmpty)
+            #expect(cut.stderr.contains("closed"), "\(cut.stderr)")
+        }
+    }
+
+    @Test("evctl --help documents the exit statuses")
+    func evctlHelpExitStatuses() async throws {
+        let help = try await runProcess(self.evctl, ["--help"])
+        #expect(help.status == 0)
+        for line in ["Exit status:", "0   the request succeeded", "1   evd answered with an error", "64  usage", "69  evd could not be reached"] {
+            #expect(help.stdout.contains(line), "\(line)\n\(help.stdout)")
+        }
     }
 
     @Test("evctl ping, events, stats, emit")
@@ -174,5 +264,41 @@ struct CLITests {
             #expect(lines.map { $0["event"] } == ["before_cursor_execute", "after_cursor_execute"])
             #expect(lines.last?["statement"] == "select 40 + 2")
         }
+    }
+}
+
+/// A stream socket bound (not listening) at `path`.
+private func boundUnixSocket(_ path: String) throws -> Int32 {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in
+        for (i, byte) in Array(path.utf8).prefix(raw.count - 1).enumerated() { raw[i] = byte }
+    }
+    let bound = withUnsafePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+    }
+    guard fd >= 0, bound == 0 else { throw RawUnixSocket.Failure(description: "bind \(path): \(String(cString: strerror(errno)))") }
+    return fd
+}
+
+/// Accepts one connection on `server`, sends a `hello`, reads until the request's newline, then
+/// closes both: a daemon that dies mid-request. Blocking, so on a thread of its own; a 30 s receive
+/// timeout bounds it if nobody comes.
+private func helloThenHangUp(_ server: Int32) {
+    defer { close(server) }
+    var timeout = timeval(tv_sec: 30, tv_usec: 0)
+    setsockopt(server, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    let connection = accept(server, nil, nil)
+    guard connection >= 0 else { return }
+    defer { close(connection) }
+    setsockopt(connection, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+    let hello = Array(#"{"type":"hello","protocol":1}"#.utf8) + [0x0a]
+    _ = hello.withUnsafeBytes { send(connection, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+    var byte: UInt8 = 0
+    while true {
+        let count = read(connection, &byte, 1)
+        if count < 0 && errno == EINTR { continue }
+        if count <= 0 || byte == 0x0a { return }
     }
 }

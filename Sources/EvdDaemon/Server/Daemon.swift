@@ -100,6 +100,9 @@ public final class Daemon: Service, CustomStringConvertible {
                         }
                     }
                 }
+                if let status = StatusReporter(core: core, environment: self.environment) {
+                    tasks.addTask { await status.run() }
+                }
                 do {
                     try await server.executeThenClose { inbound in
                         for try await connection in inbound {
@@ -113,9 +116,9 @@ public final class Daemon: Service, CustomStringConvertible {
                 tasks.cancelAll()
             }
         } onGracefulShutdown: {
-            Systemd.notify("STOPPING=1", environment: self.environment)
-            self.logger.info("evd is stopping")
             core.shuttingDown.store(true, ordering: .relaxed)
+            Systemd.notify("STOPPING=1\nSTATUS=stopping: finishing in-flight requests", environment: self.environment)
+            self.logger.info("evd is stopping")
             server.channel.close(promise: nil)
         }
 

@@ -39,6 +39,18 @@ public enum Systemd {
         return 3
     }
 
+    /// Whether standard error goes to the journal: systemd sets `JOURNAL_STREAM` to the device and
+    /// inode (`DEV:INODE`) of the stream it connects, and it must still be fd 2 (sd-daemon(3): a
+    /// child whose stderr was redirected elsewhere inherits the variable but not the journal).
+    public static func stderrIsJournal(environment: [String: String]) -> Bool {
+        guard let value = environment["JOURNAL_STREAM"], let colon = value.firstIndex(of: ":"),
+            let device = UInt64(value[..<colon]), let inode = UInt64(value[value.index(after: colon)...])
+        else { return false }
+        var info = stat()
+        guard fstat(2, &info) == 0 else { return false }
+        return UInt64(info.st_dev) == device && UInt64(info.st_ino) == inode
+    }
+
     /// How often to send `WATCHDOG=1`: half of `$WATCHDOG_USEC`, when it is meant for us.
     public static func watchdogInterval(environment: [String: String]) -> Duration? {
         guard let usec = environment["WATCHDOG_USEC"].flatMap(Int64.init), usec > 0 else { return nil }
