@@ -231,9 +231,23 @@ extension Evctl {
     }
 
     struct Stats: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "stats", abstract: "Print the daemon's counters.")
+        static let configuration = CommandConfiguration(
+            commandName: "stats", abstract: "Print the daemon's counters, in readable sections (--json: the raw object).",
+            discussion: """
+                Sections: \(StatsFormatter.sections.joined(separator: ", ")). With --json, the `stats` result \
+                as the daemon sends it (one line; its keys are listed in docs/protocol.md). Needs the admin action.
+                """)
         @OptionGroup var global: GlobalOptions
-        func run() async throws { try await self.global.call("stats") }
+        @Flag(help: "Print the raw stats object as one line of JSON instead of sections.") var json = false
+
+        func run() async throws {
+            let result = try await self.global.send("stats")
+            if self.json {
+                Terminal.writeStdout(JSONValue.object(result).jsonBytes + [0x0a])
+            } else {
+                Terminal.writeStdout(Array(StatsFormatter.render(result).utf8))
+            }
+        }
     }
 
     struct Ping: AsyncParsableCommand {
