@@ -17,7 +17,7 @@ public enum StatsFormatter {
         func section(_ title: String, _ lines: [String]) {
             if !out.isEmpty { out.append("") }
             out.append(title)
-            out += lines.map { "  " + $0 }
+            out += lines.map { $0.isEmpty ? "" : "  " + $0 }
         }
 
         let seq = take("seq")

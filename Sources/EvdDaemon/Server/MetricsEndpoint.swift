@@ -193,6 +193,9 @@ final class MetricsEndpoint: Sendable {
         var listeners: [Listener] = []
         do {
             if let path = settings.socketPath {
+                guard path != configuration.socketPath || configuration.listenFD != nil else {
+                    throw Daemon.StartupError(description: "the metrics socket cannot be evd's own socket (\(path))")
+                }
                 try Daemon.removeStaleSocket(at: path)
                 let server = try await Self.bootstrap(group).bind(unixDomainSocketPath: path) { Self.initialize($0) }
                 listeners.append(Listener(server: server, createdPath: path, address: path))
