@@ -286,7 +286,9 @@ final class MetricsEndpoint: Sendable {
         } catch {
             // Closing the listener at shutdown ends `inbound` without an error; this is another failure.
             if !self.closed.load(ordering: .relaxed) {
-                logger.error("accepting metrics connections failed", metadata: ["error": "\(error)", "metrics.address": "\(listener.address)"])
+                logger.error(
+                    "accepting metrics connections failed",
+                    metadata: ["error": "\(error)", "metrics.address": "\(listener.address)"])
             }
         }
     }
