@@ -1,3 +1,8 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 import OrderedCollections
 import ArgumentParser
 import EvdClient
@@ -264,9 +269,26 @@ extension Evctl {
     }
 
     struct Stats: AsyncParsableCommand {
-        static let configuration = CommandConfiguration(commandName: "stats", abstract: "Print the daemon's counters.")
+        static let configuration = CommandConfiguration(
+            commandName: "stats", abstract: "Print the daemon's counters: readable sections on a terminal, JSON otherwise.",
+            discussion: """
+                On a terminal: sections \(StatsFormatter.sections.joined(separator: ", ")). Into a pipe or a \
+                file, like every evctl command: the `stats` result as the daemon sends it, one line of JSON \
+                (its keys are listed in docs/protocol.md). --json and --human choose either way. Needs the \
+                admin action.
+                """)
         @OptionGroup var global: GlobalOptions
-        func run() async throws { try await self.global.call("stats") }
+        @Flag(help: "Print the raw stats object as one line of JSON, even on a terminal.") var json = false
+        @Flag(help: "Print readable sections, even into a pipe.") var human = false
+
+        func run() async throws {
+            let result = try await self.global.send("stats")
+            if self.json || (!self.human && isatty(STDOUT_FILENO) == 0) {
+                Terminal.writeStdout(JSONValue.object(result).jsonBytes + [0x0a])
+            } else {
+                Terminal.writeStdout(Array(StatsFormatter.render(result).utf8))
+            }
+        }
     }
 
     struct Ping: AsyncParsableCommand {

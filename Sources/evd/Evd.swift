@@ -2,6 +2,8 @@ import ArgumentParser
 import EvdClient
 import EvdDaemon
 import Logging
+import Metrics
+import Prometheus
 import ServiceLifecycle
 import UnixSignals
 
@@ -74,6 +76,12 @@ struct Evd: AsyncParsableCommand {
     @Option(help: "Drop journaled events older than this many seconds (0: no limit by age; default 604800).")
     var journalKeepSeconds: Int?
 
+    @Option(help: ArgumentHelp("Serve Prometheus metrics (GET /metrics) over HTTP on this Unix socket.", valueName: "path"))
+    var metricsSocket: String?
+
+    @Option(help: ArgumentHelp("Serve Prometheus metrics (GET /metrics) over HTTP on this TCP address, e.g. 127.0.0.1:9187.", valueName: "host:port"))
+    var metricsListen: String?
+
     func validate() throws {
         if let poolSize, !(1...256).contains(poolSize) { throw ValidationError("--pool-size must be between 1 and 256") }
         if let socketMode, UInt32(socketMode, radix: 8).map({ $0 <= 0o777 }) != true {
@@ -91,6 +99,10 @@ struct Evd: AsyncParsableCommand {
         }
         if let logLevel, Logger.Level(rawValue: logLevel) == nil {
             throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
+        }
+        if let metricsSocket, metricsSocket.isEmpty { throw ValidationError("--metrics-socket needs a path") }
+        if let metricsListen, HostPort(parsing: metricsListen) == nil {
+            throw ValidationError("--metrics-listen takes HOST:PORT such as 127.0.0.1:9187 (an IPv6 host in brackets), not '\(metricsListen)'")
         }
         for spec in self.databases {
             guard let eq = spec.firstIndex(of: "="), eq != spec.startIndex, spec.index(after: eq) != spec.endIndex else {
@@ -119,7 +131,13 @@ struct Evd: AsyncParsableCommand {
         let logger = Logger(label: "evd")
 
         signal(SIGPIPE, SIG_IGN)
-        let daemon = Daemon(configuration: configuration, logger: logger, environment: environment)
+        // The daemon reports into a registry of its own (tests run many daemons in one process, and
+        // swift-metrics' global system can be bootstrapped only once). Here, in the one process
+        // the real daemon has, swift-metrics is pointed at the same registry, so that whatever
+        // reports through swift-metrics shows on the same /metrics.
+        let registry = PrometheusCollectorRegistry()
+        if configuration.metrics.isEnabled { MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry)) }
+        let daemon = Daemon(configuration: configuration, logger: logger, environment: environment, metrics: registry)
         let group = ServiceGroup(
             configuration: .init(
                 services: [.init(service: daemon)],
@@ -193,6 +211,8 @@ extension Evd {
         configuration.journal.rowImages = !self.noJournalRows && (file.journalRows ?? true)
         if let value = self.journalKeepEvents ?? file.journalKeepEvents { configuration.journal.keepEvents = value }
         if let value = self.journalKeepSeconds ?? file.journalKeepSeconds { configuration.journal.keepSeconds = value }
+        configuration.metrics.socketPath = self.metricsSocket ?? file.metricsSocket
+        configuration.metrics.listen = self.metricsListen.flatMap(HostPort.init(parsing:)) ?? file.metricsListen
         return configuration
     }
 
@@ -229,6 +249,10 @@ extension Evd {
                 "enabled": .bool(configuration.journal.enabled), "rows": .bool(configuration.journal.rowImages),
                 "keep_events": .integer(configuration.journal.keepEvents),
                 "keep_seconds": .integer(configuration.journal.keepSeconds),
+            ],
+            "metrics": [
+                "socket": configuration.metrics.socketPath.map(JSONValue.string) ?? .null,
+                "listen": configuration.metrics.listen.map { .string($0.description) } ?? .null,
             ],
             "grant": .array(grants),
         ]

@@ -186,7 +186,7 @@ struct CLITests {
             let emitted = try await runProcess(self.evctl, ["emit", "myapp.deployed", #"{"version":"1.2"}"#], environment: env)
             #expect(emitted.status == 0, "\(emitted.stderr)")
             #expect(jsonLines(emitted.stdout).first?["seq"]?.intValue != nil)
-            let stats = try await runProcess(self.evctl, ["stats"], environment: env)
+            let stats = try await runProcess(self.evctl, ["stats", "--json"], environment: env)
             #expect(jsonLines(stats.stdout).first?["events"]?["myapp.deployed"] == 1)
         }
     }

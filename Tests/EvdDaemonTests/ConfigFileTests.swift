@@ -37,6 +37,10 @@ struct ConfigFileTests {
         keep_events = 5000
         keep_seconds = 3600
 
+        [metrics]
+        socket = "/run/evd-test/metrics.sock"
+        listen = "127.0.0.1:9187"
+
         [[grant]]
         group = "nogroup"
         actions = ["subscribe", "view-table"]
@@ -72,6 +76,27 @@ struct ConfigFileTests {
         #expect(effective["journal"]?["rows"] == false)
         #expect(effective["journal"]?["keep_events"] == 5000)
         #expect(effective["grant"]?[0]?["group"] == "nogroup")
+        #expect(effective["metrics"]?["socket"] == "/run/evd-test/metrics.sock")
+        #expect(effective["metrics"]?["listen"] == "127.0.0.1:9187")
+    }
+
+    @Test("the metrics flags win over [metrics]; without either, there is no endpoint")
+    func metricsFlags() async throws {
+        let flagged = try await self.check(Self.fullExample, ["--metrics-listen", "[::1]:9100", "--metrics-socket", "/tmp/m.sock"])
+        #expect(flagged.status == 0, "\(flagged.stderr)")
+        let effective = try JSONValue(parsing: flagged.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
+        #expect(effective["metrics"]?["listen"] == "[::1]:9100")
+        #expect(effective["metrics"]?["socket"] == "/tmp/m.sock")
+
+        let plain = try await self.check("pool_size = 2")
+        #expect(plain.status == 0, "\(plain.stderr)")
+        let defaults = try JSONValue(parsing: plain.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
+        #expect(defaults["metrics"]?["listen"] == .null)
+        #expect(defaults["metrics"]?["socket"] == .null)
+
+        let bad = try await self.check("", ["--metrics-listen", "nowhere"])
+        #expect(bad.status != 0)
+        #expect(bad.stderr.contains("--metrics-listen"), "\(bad.stderr)")
     }
 
     @Test("each kind of mistake stops evd, naming the key")
@@ -86,6 +111,12 @@ struct ConfigFileTests {
             ("[limits]\nmax_subscriptions = -1", "max_subscriptions"),
             ("[limits]\nmax_sessions = 5", "max_sessions"),
             ("[journal]\nenabled = \"yes\"", "enabled"),
+            ("[metrics]\nlisten = \"localhost\"", "listen"),
+            ("[metrics]\nlisten = \"127.0.0.1:70000\"", "listen"),
+            ("[metrics]\nlisten = 9187", "listen"),
+            ("[metrics]\nsocket = \"metrics.sock\"", "socket"),
+            ("[metrics]\nport = 9187", "port"),
+            ("metrics = \"127.0.0.1:9187\"", "[metrics]"),
             ("[[database]]\nname = \"main\"", "name and path"),
             ("[[database]]\nname = \"a\"\npath = \"/x\"\n[[database]]\nname = \"a\"\npath = \"/y\"", "twice"),
             ("[[grant]]\nuser = \"nobody\"\nactions = [\"fly\"]", "fly"),

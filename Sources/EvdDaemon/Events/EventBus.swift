@@ -125,18 +125,20 @@ public final class EventBus: Sendable {
     private let rowsInterest = Atomic<UInt64>(0)
     private let state: Mutex<State>
     let deliveryStats = DeliveryStats()
-    let vetoStats = VetoStats()
+    let vetoStats: VetoStats
     /// Vetoes waiting for a reply.
     let pendingVetoes = PendingVetoes()
 
     /// Keeps seqs below a persisted bound, so that a restart never reuses one (`nil`: no journal).
     let lease: SeqLease?
 
-    /// Creates a bus whose first event gets `lastSeq + 1`.
-    init(lastSeq: Int64 = 0, lease: SeqLease? = nil) {
+    /// Creates a bus whose first event gets `lastSeq + 1`; `vetoLatency` is told how long each
+    /// veto listener took to answer.
+    init(lastSeq: Int64 = 0, lease: SeqLease? = nil, vetoLatency: (@Sendable (Duration) -> Void)? = nil) {
         precondition(EventKind.allCases.count <= 64, "the interest bit set holds 64 catalog events")
         self.state = Mutex(State(seq: lastSeq))
         self.lease = lease
+        self.vetoStats = VetoStats(observeLatency: vetoLatency)
     }
 
     /// The newest seq handed out.

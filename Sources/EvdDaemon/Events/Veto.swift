@@ -344,6 +344,13 @@ final class VetoStats: Sendable {
     let dryRunDenied = Atomic<Int>(0)
     /// Reply latencies in power-of-two microsecond buckets: bucket i holds [2^i, 2^(i+1)) µs.
     private let buckets = Mutex<[Int]>(Array(repeating: 0, count: 32))
+    /// Also told each latency (the Prometheus histogram, `evd_veto_latency_seconds`). A veto has
+    /// waited for its listener's reply already: a lock more here is on no event's path.
+    private let observeLatency: (@Sendable (Duration) -> Void)?
+
+    init(observeLatency: (@Sendable (Duration) -> Void)? = nil) {
+        self.observeLatency = observeLatency
+    }
 
     func record(_ decision: VetoDecision, dryRun: Bool, since asked: ContinuousClock.Instant) {
         switch decision {
@@ -359,6 +366,7 @@ final class VetoStats: Sendable {
         let micros = max(1, elapsed.components.seconds * 1_000_000 + elapsed.components.attoseconds / 1_000_000_000_000)
         let bucket = min(31, 63 - micros.leadingZeroBitCount)
         self.buckets.withLock { $0[bucket] += 1 }
+        self.observeLatency?(elapsed)
     }
 
     /// The counters and the latency percentiles (upper bounds of their buckets, in µs).

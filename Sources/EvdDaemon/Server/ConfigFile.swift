@@ -14,6 +14,10 @@ import TOMLKit
 /// actions = ["subscribe", "view-table", "insert-row"]
 /// database = "main"           # optional: every database when absent
 /// table = "dogs"              # optional: every table when absent
+///
+/// [metrics]                   # the Prometheus endpoint: either or both
+/// socket = "/run/evd/metrics.sock"
+/// listen = "127.0.0.1:9187"
 /// ```
 public struct ConfigFile: Sendable {
     public var grants: [Grant] = []
@@ -34,13 +38,15 @@ public struct ConfigFile: Sendable {
     public var journalRows: Bool?
     public var journalKeepEvents: Int?
     public var journalKeepSeconds: Int?
+    public var metricsSocket: String?
+    public var metricsListen: HostPort?
 
     public init() {}
 
     /// Every key the file may have, for errors.
     static let topLevelKeys: [String] = [
         "socket", "socket_mode", "state_dir", "pool_size", "max_line_bytes", "veto_budget_ms", "log_level",
-        "database", "limits", "journal", "grant",
+        "database", "limits", "journal", "metrics", "grant",
     ]
 
     public struct Invalid: Error, CustomStringConvertible {
@@ -127,6 +133,16 @@ public struct ConfigFile: Sendable {
             config.journalRows = try journal.bool("rows")
             config.journalKeepEvents = try journal.int("keep_events", 0...Int.max)
             config.journalKeepSeconds = try journal.int("keep_seconds", 0...Int.max)
+        }
+        if let metrics = try top.table("metrics") {
+            try metrics.only(["socket", "listen"])
+            config.metricsSocket = try metrics.path("socket")
+            if let listen = try metrics.string("listen") {
+                guard let address = HostPort(parsing: listen) else {
+                    throw Invalid(description: "\(metrics.place): listen must be HOST:PORT such as \"127.0.0.1:9187\", not '\(listen)'")
+                }
+                config.metricsListen = address
+            }
         }
         if let grants = table["grant"] {
             guard let array = grants.array else {

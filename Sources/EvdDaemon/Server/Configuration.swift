@@ -40,6 +40,8 @@ public struct EvdConfiguration: Sendable {
     public var journal = JournalSettings()
     /// The policy: who besides root and the daemon's own uid may do what (the config file's `[[grant]]`s).
     public var grants: [Grant] = []
+    /// Where the Prometheus endpoint listens, if anywhere (`--metrics-socket`, `--metrics-listen`).
+    public var metrics = MetricsSettings()
 
     public init(socketPath: String, databases: [DatabaseConfig], stateDirectory: String) {
         self.socketPath = socketPath
@@ -63,4 +65,49 @@ public struct EvdConfiguration: Sendable {
         if let dir = environment["XDG_STATE_HOME"], !dir.isEmpty { return dir + "/evd" }
         return nil
     }
+}
+
+/// Where evd serves `GET /metrics` (Prometheus text format); nowhere unless one is set. Both may be.
+public struct MetricsSettings: Sendable, Equatable {
+    /// A Unix socket to serve HTTP on (created with the main socket's mode, removed at exit).
+    public var socketPath: String?
+    /// A TCP address to serve HTTP on, e.g. 127.0.0.1:9187 (port 0: any free port, logged).
+    public var listen: HostPort?
+
+    public init(socketPath: String? = nil, listen: HostPort? = nil) {
+        self.socketPath = socketPath
+        self.listen = listen
+    }
+
+    /// Whether the endpoint is served at all.
+    public var isEnabled: Bool { self.socketPath != nil || self.listen != nil }
+}
+
+/// A TCP listening address: `HOST:PORT`, with an IPv6 host in brackets (`[::1]:9187`).
+public struct HostPort: Sendable, Equatable, CustomStringConvertible {
+    public var host: String
+    public var port: Int
+
+    public init(host: String, port: Int) {
+        self.host = host
+        self.port = port
+    }
+
+    /// Reads `HOST:PORT`; nil when either part is missing or the port is not in 0...65535.
+    public init?(parsing text: String) {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]),
+            (0...65_535).contains(port)
+        else { return nil }
+        var host = Substring(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") && host.count > 2 {
+            host = host.dropFirst().dropLast()
+        } else if host.contains(":") || host.contains("[") || host.contains("]") {
+            return nil  // an IPv6 address needs its brackets
+        }
+        guard !host.isEmpty, !host.contains(where: { $0 == " " || $0 == "/" }) else { return nil }
+        self.host = String(host)
+        self.port = port
+    }
+
+    public var description: String { self.host.contains(":") ? "[\(self.host)]:\(self.port)" : "\(self.host):\(self.port)" }
 }

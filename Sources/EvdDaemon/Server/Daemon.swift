@@ -7,6 +7,7 @@ import EvdClient
 import Logging
 import NIOCore
 import NIOPosix
+import Prometheus
 import ServiceLifecycle
 import Synchronization
 
@@ -26,13 +27,20 @@ public final class Daemon: Service, CustomStringConvertible {
     let logger: Logger
     let environment: [String: String]
     private let readiness = ReadySignal()
+    /// The Prometheus figures (served with `--metrics-socket` / `--metrics-listen`).
+    let metrics: DaemonMetrics
 
     public var description: String { "evd(\(self.configuration.listenFD.map { "fd \($0)" } ?? self.configuration.socketPath))" }
 
-    public init(configuration: EvdConfiguration, logger: Logger, environment: [String: String] = [:]) {
+    /// `metrics`: the registry the daemon reports into (a fresh one by default; see `DaemonMetrics`).
+    public init(
+        configuration: EvdConfiguration, logger: Logger, environment: [String: String] = [:],
+        metrics: PrometheusCollectorRegistry = PrometheusCollectorRegistry()
+    ) {
         self.configuration = configuration
         self.logger = logger
         self.environment = environment
+        self.metrics = DaemonMetrics(registry: metrics)
     }
 
     /// Waits until the daemon accepts connections (tests use this instead of polling).
@@ -60,17 +68,20 @@ public final class Daemon: Service, CustomStringConvertible {
         threadPool.start()
         let group = MultiThreadedEventLoopGroup.singleton
         let (journal, head) = try await self.openJournal(on: threadPool)
-        let bus = EventBus(lastSeq: head, lease: journal.lease)
+        let bus = EventBus(lastSeq: head, lease: journal.lease, vetoLatency: self.metrics.observeVetoLatency)
         let core = DaemonCore(
             configuration: self.configuration, bus: bus, journal: journal.settings.enabled ? journal : nil,
             threadPool: threadPool, eventLoop: group.next(), tokens: tokens)
 
         let server: NIOAsyncChannel<any Channel, Never>
         let createdPath: String?
+        var endpoint: MetricsEndpoint?
         do {
             try await self.recoverPreparedTransactions(core)
+            endpoint = try await MetricsEndpoint.bind(self.configuration, group: group, logger: self.logger)
             (server, createdPath) = try await self.bind(group: group)
         } catch {
+            endpoint?.close()
             await core.twoPhase.releaseAll()
             core.twoPhase.log.close()
             journal.close()
@@ -92,6 +103,9 @@ public final class Daemon: Service, CustomStringConvertible {
                     tasks.addTask { await self.keepRetention(journal, core: core) }
                 }
                 tasks.addTask { await self.endExpiredSubscribers(core) }
+                if let endpoint {
+                    tasks.addTask { await endpoint.serve(self.metrics, core: core, logger: self.logger) }
+                }
                 if let interval = Systemd.watchdogInterval(environment: self.environment) {
                     tasks.addTask {
                         while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {

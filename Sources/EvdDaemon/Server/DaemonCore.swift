@@ -64,8 +64,20 @@ final class DaemonCore: Sendable {
         return pool
     }
 
-    /// The `stats` result.
-    func statistics() -> JSONValue {
+    /// The `stats` result, with the journal measured now (on the thread pool).
+    func statistics() async -> JSONValue {
+        self.statistics(journal: await self.measureJournal())
+    }
+
+    /// What the journal holds now (`nil` with `--no-journal`, or once the thread pool has stopped).
+    func measureJournal() async -> Journal.Figures? {
+        guard let journal = self.journal else { return nil }
+        return try? await self.threadPool.runIfActive { journal.measure() }
+    }
+
+    /// The `stats` result with `journal` as measured: the counters are atomics and a few short
+    /// locks (the bus's, each pool's, the sessions'), nothing a publisher waits on for long.
+    func statistics(journal: Journal.Figures?) -> JSONValue {
         let (published, subscriptions, head) = self.bus.statistics()
         var events = JSONObject()
         for name in published.keys.sorted() { events[name] = .integer(published[name]!) }
@@ -86,6 +98,7 @@ final class DaemonCore: Sendable {
             "veto_listeners": .integer(self.bus.vetoListenerCount),
             "vetoes_pending": .integer(self.bus.pendingVetoes.count),
             "pools": .object(pools),
+            "journal": (journal ?? Journal.Figures()).jsonValue(enabled: self.journal != nil),
         ]
     }
 }

@@ -24,7 +24,7 @@ extension Session {
         case "stats":
             try args.finish()
             try self.require(.admin)
-            return .result(self.core.statistics())
+            return .result(await self.core.statistics())
         case "subscribe":
             return try await self.subscribe(&args, id: request["id"] ?? .null)
         case "unsubscribe":
