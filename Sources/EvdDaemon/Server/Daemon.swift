@@ -191,6 +191,9 @@ public final class Daemon: Service, CustomStringConvertible {
         while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {
             do {
                 try await core.threadPool.runIfActive { try journal.prune() }
+            } catch let error as SQLiteError where error.isBusy {
+                // A long write transaction holds the database: retention tries again next time.
+                self.logger.debug("journal retention postponed: the database is busy", metadata: ["error": "\(error)"])
             } catch {
                 self.logger.warning("journal retention failed", metadata: ["error": "\(error)"])
             }
