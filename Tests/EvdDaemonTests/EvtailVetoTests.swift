@@ -36,7 +36,7 @@ struct EvtailVetoTests {
     @Test("--deny REASON: the request fails with vetoed and that reason")
     func deny() async throws {
         try await withRunningDaemon { daemon in
-            let result = try await self.withEvtail(daemon, ["--veto", "before_cursor_execute", "--deny", "no way", "--name", "policy"]) {
+            let result = try await self.withEvtail(daemon, ["--veto", "before_cursor_execute", "--deny", "no way", "--name", "policy", "--timeout-ms", "20000"]) {
                 try await daemon.withClient { evd in
                     let error = try await evd.expectError("execute", ["sql": "select 1"])
                     vetoExpectVetoed(error, event: "before_cursor_execute", by: "policy", reason: "no way")
@@ -53,7 +53,7 @@ struct EvtailVetoTests {
     func denyWhere() async throws {
         try await withRunningDaemon { daemon in
             _ = try await self.withEvtail(
-                daemon, ["--veto", "before_cursor_execute", "--where", "statement=select 1", "--deny", "not this", "--name", "p"]
+                daemon, ["--veto", "before_cursor_execute", "--where", "statement=select 1", "--deny", "not this", "--name", "p", "--timeout-ms", "20000"]
             ) {
                 try await daemon.withClient { evd in
                     let allowed = try await evd.request("execute", ["sql": "select 2"])
