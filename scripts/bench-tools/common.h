@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -313,6 +314,8 @@ UNUSED static void workers_start(workers_t *w, int n, int (*fn)(int k, slot_t *s
         pid_t pid = fork();
         if (pid < 0) workers_fail(w, "fork failed");
         if (pid == 0) {
+            prctl(PR_SET_PDEATHSIG, SIGKILL);  // a parent stopped by its time limit takes its workers along
+            if (getppid() == 1) _exit(1);
             close(ready[0]);
             close(go[1]);
             g_ready_fd = ready[1], g_go_fd = go[0];

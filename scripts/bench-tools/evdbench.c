@@ -217,7 +217,8 @@ static int count(const char *path, const char *event, long expected, const char 
         }
         if (strncmp(line, "{\"type\":\"event\"", 15) != 0 && !strstr(line, "\"type\":\"event\"")) {
             if (strstr(line, "\"type\":\"notice\"") && strstr(line, "\"lagged\""))
-                fail("lagged after %ld of %ld %s: %s", seen, expected, by_rows ? "rows" : "events", line);
+                fail("lagged after %ld of %ld %s (%.0f events/s from the first until then): %s", seen, expected,
+                     by_rows ? "rows" : "events", events > 1 ? (events - 1) / ((now_us() - first) / 1e6) : 0.0, line);
             if (strstr(line, "\"type\":\"notice\"") && strstr(line, "\"gap\""))
                 fail("the journal no longer holds what the replay needs, after %ld of %ld %s: %s", seen, expected,
                      by_rows ? "rows" : "events", line);

@@ -129,7 +129,8 @@ static int subscriber(int k, slot_t *slot, void *unused) {
                 if (!slot->count++) slot->first_us = now_us(), r.idle_us = g_idle_s * 1e6;
                 slot->bytes += len + 1;
             } else if (strstr(line, "\"type\":\"notice\"") && strstr(line, "\"lagged\"")) {
-                fail("lagged after %ld of %ld events: %s", slot->count, g_n, line);
+                fail("lagged after %ld of %ld events (%.0f/s from the first until then): %s", slot->count, g_n,
+                     slot->count > 1 ? (slot->count - 1) / ((now_us() - slot->first_us) / 1e6) : 0.0, line);
             }
         }
     } else if (is("redis")) {
