@@ -18,9 +18,12 @@
 #include <pthread.h>
 #include <sqlite3.h>
 
+// Opens PATH with the busy timeout set first, so that even the first pragma waits for a lock held
+// by another connection (as evd's connections do) instead of failing with SQLITE_BUSY.
 static sqlite3 *open_db(const char *path) {
     sqlite3 *db;
     if (sqlite3_open(path, &db) != SQLITE_OK) fail("open %s: %s", path, sqlite3_errmsg(db));
+    sqlite3_busy_timeout(db, 5000);
     char *err = NULL;
     if (sqlite3_exec(db, "pragma journal_mode = wal; pragma synchronous = normal; pragma foreign_keys = on; "
                          "pragma busy_timeout = 5000;",
@@ -92,6 +95,7 @@ static void *autocommit_thread(void *varg) {
         pthread_barrier_wait(a->barrier);
         return NULL;
     }
+    sqlite3_busy_timeout(db, 5000);
     char *err = NULL;
     sqlite3_stmt *stmt = NULL;
     if (sqlite3_exec(db, "pragma synchronous = normal; pragma foreign_keys = on; pragma busy_timeout = 5000;", NULL,
