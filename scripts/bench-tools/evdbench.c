@@ -1,4 +1,4 @@
-// Small, dependency-free probes for scripts/bench, in C so that the client's own cost is negligible
+// Small, dependency-free probes for scripts/bench (helpers in common.h), in C so that the client's own cost is negligible
 // next to what is measured.
 //
 //   evdbench pingpong N            raw Unix-socket ping-pong between two processes (the physical limit)
@@ -16,115 +16,28 @@
 //   evdbench exec SOCKET SQL... [TIMEOUT_S=N]
 //                                  one `execute` per SQL, in order; times the last, and reports the first
 //                                  value of its first row when it is an integer (`value`)
+//   evdbench inserts SOCKET TABLE CLIENTS TOTAL [TIMEOUT_S]
+//                                  create_table TABLE, then CLIENTS processes insert TOTAL rows between
+//                                  them, one row per `insert` request (autocommit); p50/p99 per request
+//   evdbench drain SOCKET READY_FILE EVENT...
+//                                  a plain subscriber to EVENTs that reads and discards, until killed
+//   evdbench idle SOCKET N READY_FILE EVENT [TIMEOUT_S]
+//                                  N connections, each subscribed to EVENT, idle until killed
+//   evdbench stall SOCKET EVENT READY_FILE [TIMEOUT_S]
+//                                  a subscriber (on_overflow: drop) that never reads, until killed
+//   evdbench request SOCKET JSON   one request; prints its response
 //
 // `pingpong` and `client` print one line of JSON: {"n":..,"p50_us":..,"p99_us":..,"per_sec":..}.
 // `insert`, `count` and `exec` print one line of JSON with CLOCK_MONOTONIC timestamps (`start_us`,
 // `first_us`, `last_us`, `end_us`; comparable across processes), or {"error":"..."} and exit 1.
 // Every wait they do is bounded (TIMEOUT_S, default 60 s overall and 10 s without any data), so a
 // daemon that never answers cannot hang the bench.
-#define _GNU_SOURCE
-#include <errno.h>
-#include <poll.h>
-#include <signal.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <sys/un.h>
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <fcntl.h>
-#include <time.h>
-#include <unistd.h>
-
-static double now_us(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e6 + ts.tv_nsec / 1e3;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
+#include "common.h"
 
 static void report(double *lat, int n, double total_us) {
-    qsort(lat, n, sizeof(double), cmp_double);
-    printf("{\"n\":%d,\"p50_us\":%.2f,\"p99_us\":%.2f,\"per_sec\":%.0f}\n", n, lat[n / 2], lat[(int)(n * 0.99)],
-           n / (total_us / 1e6));
-}
-
-// A line reader over a socket. With `deadline_us` set (CLOCK_MONOTONIC µs), a read waits at most until
-// then, and at most `idle_us` without data; a timeout sets `timed_out` and returns NULL.
-#define READER_CAP (4 << 20)
-typedef struct {
-    int fd;
-    char buf[READER_CAP];
-    size_t start, end;
-    double deadline_us, idle_us;
-    int timed_out;
-} reader_t;
-
-static int wait_readable(reader_t *r) {
-    if (r->deadline_us <= 0) return 1;
-    double left = r->deadline_us - now_us();
-    if (r->idle_us > 0 && r->idle_us < left) left = r->idle_us;
-    if (left <= 0) return r->timed_out = 1, 0;
-    struct pollfd p = {.fd = r->fd, .events = POLLIN};
-    for (;;) {
-        int n = poll(&p, 1, (int)(left / 1000) + 1);
-        if (n > 0) return 1;
-        if (n < 0 && errno == EINTR) continue;
-        return r->timed_out = 1, 0;
-    }
-}
-
-// Returns a pointer to the next line (NUL-terminated, without '\n'), or NULL at EOF.
-static char *read_line(reader_t *r) {
-    for (;;) {
-        char *nl = memchr(r->buf + r->start, '\n', r->end - r->start);
-        if (nl) {
-            *nl = 0;
-            char *line = r->buf + r->start;
-            r->start = (nl - r->buf) + 1;
-            return line;
-        }
-        if (r->start > 0) {
-            memmove(r->buf, r->buf + r->start, r->end - r->start);
-            r->end -= r->start;
-            r->start = 0;
-        }
-        if (r->end == sizeof(r->buf)) return NULL;
-        if (!wait_readable(r)) return NULL;
-        ssize_t got = read(r->fd, r->buf + r->end, sizeof(r->buf) - r->end);
-        if (got <= 0) return NULL;
-        r->end += got;
-    }
-}
-
-static void write_all(int fd, const char *data, size_t len) {
-    while (len > 0) {
-        ssize_t n = write(fd, data, len);
-        if (n < 0) {
-            if (errno == EINTR) continue;
-            perror("write");
-            exit(1);
-        }
-        data += n;
-        len -= n;
-    }
-}
-
-static int connect_unix(const char *path) {
-    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    strncpy(addr.sun_path, path, sizeof(addr.sun_path) - 1);
-    if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0) {
-        perror(path);
-        exit(1);
-    }
-    return fd;
+    double p50, p99;
+    percentiles(lat, n, &p50, &p99);
+    printf("{\"n\":%d,\"p50_us\":%.2f,\"p99_us\":%.2f,\"per_sec\":%.0f}\n", n, p50, p99, n / (total_us / 1e6));
 }
 
 // The raw round trip: a line one way, a line back, between two processes over a Unix stream socket.
@@ -218,98 +131,13 @@ static int listener(const char *path, const char *event) {
 
 // ---- Throughput probes: bulk insert, event fan-out ----
 
-static double g_timeout_s = 60, g_idle_s = 10;
-
-// Prints {"error":"..."} (the message JSON-escaped, cut at 400 bytes) and exits 1.
-static void fail(const char *fmt, ...) {
-    char msg[512], out[1200];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
-    va_end(ap);
-    size_t o = 0;
-    for (const char *p = msg; *p && o < 400; p++) {
-        unsigned char c = *p;
-        if (c == '"' || c == '\\') out[o++] = '\\', out[o++] = c;
-        else if (c < 0x20) o += sprintf(out + o, "\\u%04x", c);
-        else out[o++] = c;
-    }
-    out[o] = 0;
-    printf("{\"error\":\"%s\"}\n", out);
-    exit(1);
-}
-
-static void arm(reader_t *r, int fd) {
-    r->fd = fd;
-    r->deadline_us = now_us() + g_timeout_s * 1e6;
-    r->idle_us = g_idle_s * 1e6;
-}
-
-// The next line, or exit with a reason.
-static char *expect_line(reader_t *r, const char *what) {
-    char *line = read_line(r);
-    if (line) return line;
-    if (r->timed_out) fail("timed out waiting for %s (limit %.0f s)", what, g_timeout_s);
-    fail("connection closed while waiting for %s", what);
-    return NULL;
-}
-
-// Reads the next response (skipping anything else); exits unless it is ok.
-static char *expect_ok(reader_t *r, const char *what) {
-    for (;;) {
-        char *line = expect_line(r, what);
-        if (!strstr(line, "\"type\":\"response\"")) continue;
-        if (!strstr(line, "\"ok\":true")) fail("%s: %s", what, line);
-        return line;
-    }
-}
-
-static int connect_evd(const char *path, reader_t *r) {
-    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    strncpy(addr.sun_path, path, sizeof(addr.sun_path) - 1);
-    if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0) fail("connect %s: %s", path, strerror(errno));
-    arm(r, fd);
-    char *hello = expect_line(r, "hello");
-    if (!strstr(hello, "\"type\":\"hello\"")) fail("expected hello, got: %s", hello);
-    return fd;
-}
-
-// A JSON string literal of s (with quotes) into out; returns its length.
-static size_t json_string(char *out, const char *s) {
-    size_t o = 0;
-    out[o++] = '"';
-    for (; *s; s++) {
-        unsigned char c = *s;
-        if (c == '"' || c == '\\') out[o++] = '\\', out[o++] = c;
-        else if (c < 0x20) o += sprintf(out + o, "\\u%04x", c);
-        else out[o++] = c;
-    }
-    out[o++] = '"';
-    out[o] = 0;
-    return o;
-}
-
-// The bench rows; bench-tools/benchrows.py makes the same ones for Datasette and SQLAlchemy.
-static const char *tags[] = {"alpha", "beta", "gamma", "delta"};
-static int bench_row(char *out, long i) {
-    return sprintf(out, "{\"id\":%ld,\"name\":\"name-%011ld\",\"score\":%.3f,\"tag\":\"%s\"}", i, i,
-                   (i % 1000) * 0.25 + 0.125, tags[i % 4]);
-}
-
 // create_table TABLE, then TOTAL rows in `insert` requests of BATCH rows, each waiting for its response.
 static int insert(const char *path, const char *table, long total, long batch) {
     static reader_t r;
     int fd = connect_evd(path, &r);
-    char tname[512], req[2048];
+    char tname[512];
     json_string(tname, table);
-    int len = snprintf(req, sizeof(req),
-                       "{\"op\":\"create_table\",\"id\":\"create\",\"table\":%s,\"columns\":["
-                       "{\"name\":\"id\",\"type\":\"integer\"},{\"name\":\"name\",\"type\":\"text\"},"
-                       "{\"name\":\"score\",\"type\":\"float\"},{\"name\":\"tag\",\"type\":\"text\"}],\"pk\":\"id\"}\n",
-                       tname);
-    write_all(fd, req, len);
-    expect_ok(&r, "create_table");
+    create_bench_table(fd, &r, table);
 
     long nb = (total + batch - 1) / batch;
     char **lines = malloc(sizeof(char *) * nb);
@@ -356,9 +184,7 @@ static int count(const char *path, const char *event, long expected, const char 
                  int with_rows) {
     static reader_t r;
     int fd = connect_evd(path, &r);
-    int big = 64 << 20;  // the daemon writes in bursts; let the kernel hold as much as it will
-    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &big, sizeof(big)) != 0)
-        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof(big));
+    big_rcvbuf(fd);  // the daemon writes in bursts; let the kernel hold as much as it will
     char ename[512], req[1024], opts[128] = "";
     json_string(ename, event);
     if (since >= 0) snprintf(opts, sizeof(opts), ",\"since\":%lld", since);
@@ -371,8 +197,7 @@ static int count(const char *path, const char *event, long expected, const char 
     char *hs = strstr(resp, "\"seq\":");
     long long head = hs ? atoll(hs + 6) : -1;
     r.idle_us = 0;  // until the first event, only the overall timeout: the work may take a while to commit
-    int rf = open(ready_file, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (rf >= 0) close(rf);
+    touch(ready_file);
 
     int by_rows = !strcmp(event, "insert-rows") || !strcmp(event, "upsert-rows");
     char want[600];
@@ -392,7 +217,8 @@ static int count(const char *path, const char *event, long expected, const char 
         }
         if (strncmp(line, "{\"type\":\"event\"", 15) != 0 && !strstr(line, "\"type\":\"event\"")) {
             if (strstr(line, "\"type\":\"notice\"") && strstr(line, "\"lagged\""))
-                fail("lagged after %ld of %ld %s: %s", seen, expected, by_rows ? "rows" : "events", line);
+                fail("lagged after %ld of %ld %s (%.0f events/s from the first until then): %s", seen, expected,
+                     by_rows ? "rows" : "events", events > 1 ? (events - 1) / ((now_us() - first) / 1e6) : 0.0, line);
             if (strstr(line, "\"type\":\"notice\"") && strstr(line, "\"gap\""))
                 fail("the journal no longer holds what the replay needs, after %ld of %ld %s: %s", seen, expected,
                      by_rows ? "rows" : "events", line);
@@ -451,6 +277,167 @@ static int exec_sql(const char *path, int nsql, char **sqls) {
     return 0;
 }
 
+// ---- Single-row inserts from one or more clients ----
+
+typedef struct {
+    const char *path, *table;
+    int clients;
+    long total;
+    double *lat;  // shared: lat[id - 1] is the latency of the request that inserted row id
+} inserts_arg_t;
+
+// One client: ids k+1, k+1+CLIENTS, ... one row per `insert` request, each waiting for its response.
+static int insert_client(int k, slot_t *slot, void *varg) {
+    inserts_arg_t *a = varg;
+    static reader_t r;
+    int fd = connect_evd(a->path, &r);
+    char tname[512];
+    json_string(tname, a->table);
+    long n = 0;
+    for (long id = k + 1; id <= a->total; id += a->clients) n++;
+    char **lines = malloc(sizeof(char *) * (n ? n : 1));
+    size_t *lens = malloc(sizeof(size_t) * (n ? n : 1));
+    long j = 0;
+    for (long id = k + 1; id <= a->total; id += a->clients, j++) {
+        char *p = lines[j] = malloc(1024);
+        size_t o = sprintf(p, "{\"op\":\"insert\",\"id\":%ld,\"table\":%s,\"rows\":[", id, tname);
+        o += bench_row(p + o, id);
+        o += sprintf(p + o, "]}\n");
+        lens[j] = o;
+    }
+    worker_ready();
+    worker_wait_go();
+    arm(&r, fd);
+    slot->start_us = now_us();
+    j = 0;
+    for (long id = k + 1; id <= a->total; id += a->clients, j++) {
+        double t = now_us();
+        write_all(fd, lines[j], lens[j]);
+        char *line = expect_ok(&r, "insert response");
+        a->lat[id - 1] = now_us() - t;
+        if (!strstr(line, "\"inserted\":1")) fail("insert of row %ld: %s", id, line);
+    }
+    slot->last_us = now_us();
+    slot->count = n;
+    return 0;
+}
+
+// create_table TABLE, then CLIENTS processes insert rows 1..TOTAL between them, one row per `insert`
+// request (each its own transaction). All connect and build their requests first, then start together;
+// per_sec is TOTAL over the time until the last one is done, p50/p99 over every request.
+static int inserts(const char *path, const char *table, int clients, long total) {
+    static reader_t r;
+    int fd = connect_evd(path, &r);
+    create_bench_table(fd, &r, table);
+    inserts_arg_t a = {path, table, clients, total, shared_alloc(sizeof(double) * total)};
+    workers_t w;
+    workers_start(&w, clients, insert_client, &a);
+    workers_wait_ready(&w, 30);
+    double start = workers_go(&w);
+    workers_join(&w, g_timeout_s + 5);
+    double end = start;
+    for (int k = 0; k < clients; k++)
+        if (w.slots[k].last_us > end) end = w.slots[k].last_us;
+    double p50, p99;
+    percentiles(a.lat, total, &p50, &p99);
+    printf("{\"clients\":%d,\"n\":%ld,\"start_us\":%.0f,\"end_us\":%.0f,\"p50_us\":%.2f,\"p99_us\":%.2f,\"per_sec\":%.0f}\n",
+           clients, total, start, end, p50, p99, total / ((end - start) / 1e6));
+    return 0;
+}
+
+// ---- Subscribers that cost the daemon something: plain, idle, stalled ----
+
+// Sends subscribe for EVENTS (a JSON array's inside) with EXTRA (",\"key\":value..." or "") and waits
+// for its OK.
+static void subscribe(int fd, reader_t *r, const char *events, const char *extra) {
+    char req[2048];
+    int len = snprintf(req, sizeof(req), "{\"op\":\"subscribe\",\"id\":\"sub\",\"events\":[%s]%s}\n", events, extra);
+    write_all(fd, req, len);
+    expect_ok(r, "subscribe");
+}
+
+// EVENT names as the inside of a JSON array.
+static void event_list(char *out, int n, char **events) {
+    size_t o = 0;
+    for (int i = 0; i < n; i++) {
+        if (i) out[o++] = ',';
+        o += json_string(out + o, events[i]);
+    }
+    out[o] = 0;
+}
+
+// A plain subscriber to EVENTS: reads and discards every event until killed. A `lagged` notice or a
+// closed connection makes it print {"error":...} and exit 1, so the bench knows it fell behind.
+static int drain(const char *path, const char *ready_file, int nev, char **events) {
+    static reader_t r;
+    int fd = connect_evd(path, &r);
+    big_rcvbuf(fd);
+    char list[2048];
+    event_list(list, nev, events);
+    subscribe(fd, &r, list, ",\"name\":\"bench-drain\"");
+    touch(ready_file);
+    r.deadline_us = 0;  // events come only while the bench runs its client; it kills this one after
+    long events_seen = 0;
+    char *line;
+    while ((line = read_line(&r))) {
+        if (!strncmp(line, "{\"type\":\"event\"", 15)) {
+            events_seen++;
+            continue;
+        }
+        if (strstr(line, "\"type\":\"notice\"") && strstr(line, "\"lagged\"")) fail("lagged after %ld events: %s", events_seen, line);
+    }
+    fail("connection closed after %ld events", events_seen);
+    return 1;
+}
+
+// N connections, each subscribed to EVENT, that then do nothing for TIMEOUT_S (or until killed).
+static int idle(const char *path, int n, const char *ready_file, const char *event) {
+    static reader_t r;
+    char list[600];
+    json_string(list, event);
+    for (int i = 0; i < n; i++) {
+        r.start = r.end = 0;
+        int fd = connect_evd(path, &r);
+        subscribe(fd, &r, list, ",\"name\":\"bench-idle\"");
+    }
+    touch(ready_file);
+    sleep((unsigned)g_timeout_s);
+    return 0;
+}
+
+// One subscriber to EVENT that never reads (a receive buffer as small as the kernel allows), with
+// on_overflow "drop": it stays connected, its queue full, for TIMEOUT_S (or until killed).
+static int stall(const char *path, const char *event, const char *ready_file) {
+    static reader_t r;
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    int small = 1;
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    strncpy(addr.sun_path, path, sizeof(addr.sun_path) - 1);
+    if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0) fail("connect %s: %s", path, strerror(errno));
+    arm(&r, fd);
+    if (!strstr(expect_line(&r, "hello"), "\"type\":\"hello\"")) fail("no hello");
+    char list[600];
+    json_string(list, event);
+    subscribe(fd, &r, list, ",\"name\":\"bench-stalled\",\"on_overflow\":\"drop\"");
+    touch(ready_file);
+    sleep((unsigned)g_timeout_s);
+    return 0;
+}
+
+// Sends one request line and prints its response.
+static int request(const char *path, const char *json) {
+    static reader_t r;
+    int fd = connect_evd(path, &r);
+    write_all(fd, json, strlen(json));
+    write_all(fd, "\n", 1);
+    char *line;
+    do line = expect_line(&r, "the response");
+    while (!strstr(line, "\"type\":\"response\""));
+    printf("%s\n", line);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -477,9 +464,26 @@ int main(int argc, char **argv) {
         if (!strncmp(argv[argc - 1], "TIMEOUT_S=", 10)) g_timeout_s = atof(argv[argc - 1] + 10), n--;
         return exec_sql(argv[2], n, argv + 3);
     }
+    if (argc >= 6 && !strcmp(argv[1], "inserts")) {
+        if (argc >= 7) g_timeout_s = atof(argv[6]);
+        return inserts(argv[2], argv[3], atoi(argv[4]), atol(argv[5]));
+    }
+    if (argc >= 5 && !strcmp(argv[1], "drain")) return drain(argv[2], argv[3], argc - 4, argv + 4);
+    if (argc >= 6 && !strcmp(argv[1], "idle")) {
+        if (argc >= 7) g_timeout_s = atof(argv[6]);
+        return idle(argv[2], atoi(argv[3]), argv[4], argv[5]);
+    }
+    if (argc >= 5 && !strcmp(argv[1], "stall")) {
+        if (argc >= 6) g_timeout_s = atof(argv[5]);
+        return stall(argv[2], argv[3], argv[4]);
+    }
+    if (argc >= 4 && !strcmp(argv[1], "request")) return request(argv[2], argv[3]);
     fprintf(stderr, "usage: evdbench pingpong N | client SOCKET N SQL | listener SOCKET EVENT\n"
                     "     | insert SOCKET TABLE TOTAL BATCH [TIMEOUT_S]\n"
                     "     | count SOCKET EVENT EXPECTED READY_FILE [TIMEOUT_S] [SINCE=S] [ROWS=1]\n"
-                    "     | exec SOCKET SQL... [TIMEOUT_S=N]\n");
+                    "     | exec SOCKET SQL... [TIMEOUT_S=N]\n"
+                    "     | inserts SOCKET TABLE CLIENTS TOTAL [TIMEOUT_S] | drain SOCKET READY_FILE EVENT...\n"
+                    "     | idle SOCKET N READY_FILE EVENT [TIMEOUT_S] | stall SOCKET EVENT READY_FILE [TIMEOUT_S]\n"
+                    "     | request SOCKET JSON\n");
     return 2;
 }

@@ -78,6 +78,34 @@ vetoed, vetoed_err = load("execute_veto")
 row("raw", "raw ping-pong (2 processes, Unix socket)", raw, raw_err)
 row("execute", "evd execute 'select 1' (no listener)", plain, plain_err)
 row("execute_veto", "evd execute 'select 1' (1 allow-all veto listener)", vetoed, vetoed_err, "per s = vetoes/s")
+subscribed, subscribed_err = load("execute_sub")
+row("execute_sub", "evd execute 'select 1' (1 plain subscriber, before/after_cursor_execute)", subscribed, subscribed_err,
+    "the subscriber reads both events of every statement")
+sal, sal_err = load("listener_sqlalchemy")
+row("listener_sqlalchemy", f"SQLAlchemy {sal[0]['version'] if sal else ''} Core 'select 1' in process, "
+    "listeners on before/after_cursor_execute".replace("  ", " "), sal, sal_err,
+    f"without listeners p50 {med(sal, 'plain_p50_us'):.1f} µs; added p50 {med(sal, 'added_p50_us'):.2f} µs, "
+    f"mean {med(sal, 'added_mean_us'):.2f} µs" if sal else "")
+
+# ---- Single-row inserts (issue 8) ----
+single_n, conc_n, clients = meta["single_inserts"], meta["concurrent_inserts"], meta["clients"]
+i1, i1_err = load("insert1_evd")
+row("insert1_evd", f"single-row insert, 1 client: evd insert ({single_n:,} requests)", i1, i1_err,
+    "one row per request, each its own transaction", "rows")
+d1, d1_err = load("insert1_datasette")
+row("insert1_datasette", f"single-row insert, 1 client: Datasette /-/insert ({meta['datasette_single']:,} requests)",
+    d1, d1_err, f"HTTP over a Unix socket, keep-alive; client CPU {100 * med(d1, 'client_cpu_share'):.0f}% of the time"
+    if d1 else "", "rows")
+i8, i8_err = load("insert8_evd")
+row("insert8_evd", f"single-row inserts, {clients} clients: evd insert ({conc_n:,} rows)", i8, i8_err,
+    f"{clients} client processes, one row per request (autocommit); p50/p99 per request", "rows")
+r8, r8_err = load("insert8_raw")
+row("insert8_raw", f"single-row inserts, {clients} clients: raw SQLite {r8[0]['version'] if r8 else ''} autocommit "
+    f"({conc_n:,} rows)".replace("  ", " "), r8, r8_err,
+    f"C, {clients} threads, a connection each; WAL, synchronous=NORMAL, busy_timeout=5000; p50/p99 per INSERT", "rows")
+ds8, ds8_err = load("insert8_datasette")
+row("insert8_datasette", f"single-row inserts, {clients} clients: Datasette /-/insert "
+    f"({meta['datasette_concurrent']:,} rows)", ds8, ds8_err, f"{clients} client processes, one row per request", "rows")
 
 def when(ms):
     return f"{ms:.1f} ms after" if ms >= 0 else f"{-ms:.1f} ms before"
@@ -117,6 +145,10 @@ sa, sa_err = load("insert_sqlalchemy")
 row("insert_sqlalchemy", f"bulk insert: SQLAlchemy {sa[0]['version'] if sa else ''} Core executemany x{batch}".replace("  ", " "),
     sa, sa_err, "p50/p99 per batch; in process, each batch committed, WAL + synchronous=NORMAL" if sa else "", "rows")
 
+rb, rb_err = load("insert_raw")
+row("insert_raw", f"bulk insert: raw SQLite {rb[0]['version'] if rb else ''} x{batch}, prepared INSERT".replace("  ", " "),
+    rb, rb_err, "p50/p99 per batch; C, one connection, each batch committed, WAL + synchronous=NORMAL" if rb else "", "rows")
+
 # ---- Update fan-out (events/s) ----
 fan_rows = meta["fanout_rows"]
 fo, fo_err = load("fanout_evd")
@@ -136,6 +168,22 @@ if fo_err and "lagged" in fo_err:
     fo_err += " -- the subscriber overflowed its 10,000-event outbox (a known issue)"
 row("fanout_evd", f"update fan-out: evd UPDATE of {fan_rows:,} rows, 1 update-row subscriber",
     fo, fo_err, note, "events")
+
+# ---- Events delivered to 1 and to 10 subscribers (issue 8) ----
+for subs in (1, 10):
+    for system, label in (("evd_update", f"evd UPDATE of {meta['pubsub_rows']:,} rows, update-row"),
+                          ("evd_emit", f"evd emit x{meta['emit_events']:,}, pipelined"),
+                          ("redis", f"Redis {meta['redis_version']} PUBLISH x{meta['pubsub_events']:,}, pipelined"),
+                          ("nats", f"NATS {meta['nats_version']} PUB x{meta['pubsub_events']:,}, pipelined")):
+        key = f"events_{system}_{subs}"
+        reps, err = load(key)
+        note = ""
+        if reps:
+            note = ((f"per s = deliveries to all {subs}; " if subs > 1 else "")
+                    + f"publisher done at {med(reps, 'pub_per_sec'):,.0f} messages/s; {med(reps, 'bytes_per_msg'):.0f} B/message")
+        if err and "lagged" in err:
+            err += " -- a subscriber overflowed its 10,000-event outbox"
+        row(key, f"events to {subs} subscriber{'s' if subs > 1 else ''}: {label}", reps, err, note, "events")
 
 # ---- Journal replay (events/s) ----
 replay_events = meta["replay_events"]
@@ -174,6 +222,44 @@ for r in rows:
           f"{fmt(r['per_sec'], '.0f', 10)} {fmt(r['p50_spread_us'], '.1f', 10)} {pct:>8}  {r['note']}")
 print()
 
+# ---- Memory (RSS) ----
+mem_rows = []
+
+
+def mem_row(key, name, field, note=""):
+    reps, err = load(key)
+    r = {"workload": name, "key": key, "mb": None, "mb_spread": None, "hwm_mb": None, "note": note, "error": err}
+    if reps:
+        r["mb"] = round(med(reps, field) / 1024, 1)
+        r["mb_spread"] = round(spread(reps, field) / 1024, 1)
+        r["hwm_mb"] = round(med(reps, "hwm_kb") / 1024, 1)
+    r["reps"] = reps
+    mem_rows.append(r)
+    return r
+
+
+stall_rows = meta["stall_rows"]
+m_idle = mem_row("mem_idle", "evd idle, 1 s after start", "rss_kb")
+m_subs = mem_row("mem_subs", f"evd with {meta['idle_subscribers']:,} idle subscribers (a connection each)", "rss_kb")
+m_upd = mem_row("mem_update", f"evd peak during an UPDATE of {stall_rows:,} rows, nobody subscribed", "peak_rss_kb")
+m_stall = mem_row("mem_stalled", f"evd peak during the same UPDATE, 1 stalled subscriber", "peak_rss_kb")
+for r in (m_upd, m_stall):
+    if r["reps"]:
+        r["note"] = f"before the UPDATE {med(r['reps'], 'start_rss_kb') / 1024:.0f} MB; the UPDATE took {med(r['reps'], 'update_ms'):,.0f} ms"
+if m_stall["reps"]:
+    drops = [x["drops"] for x in m_stall["reps"] if x.get("drops") is not None]
+    if drops:
+        m_stall["note"] += f"; {statistics.median(drops):,.0f} events dropped for it (on_overflow: drop)"
+w = max([w] + [len(r["workload"]) for r in mem_rows])
+print(f"{'memory (RSS)':{w}} {'MB':>9} {'spread':>9} {'VmHWM MB':>10}  note")
+for r in mem_rows:
+    if r["error"]:
+        print(f"{r['workload']:{w}} n/a ({r['error']})")
+        continue
+    print(f"{r['workload']:{w}} {r['mb']:9.1f} {r['mb_spread']:9.1f} {r['hwm_mb']:10.1f}  {r['note']}")
+print(f"{'':{w}} outbox limit: {meta['outbox_limit'] or 'unknown'}")
+print()
+
 ratios, targets = {}, {}
 
 
@@ -196,6 +282,47 @@ if raw and plain and vetoed:
 else:
     print("veto round trip added per statement: n/a (a latency probe failed)")
 
+if plain and subscribed:
+    added = med(subscribed, "p50_us") - med(plain, "p50_us")
+    ratios["subscriber_added_p50_us"] = round(added, 2)
+    targets["subscriber_added_p50_us <= 3"] = added <= 3
+    anchor = (f"; SQLAlchemy's in-process listeners add p50 {med(sal, 'added_p50_us'):.2f} µs, mean "
+              f"{med(sal, 'added_mean_us'):.2f} µs" if sal else f"; SQLAlchemy anchor n/a ({sal_err})")
+    if sal:
+        ratios["sqlalchemy_listener_added_p50_us"] = med(sal, "added_p50_us")
+        ratios["sqlalchemy_listener_added_mean_us"] = med(sal, "added_mean_us")
+    print(f"plain subscriber on before/after_cursor_execute, added per statement: p50 {added:.1f} µs "
+          f"(target <= 3 µs: {ok(added <= 3)}){anchor}")
+else:
+    print(f"plain subscriber on before/after_cursor_execute, added per statement: n/a ({subscribed_err or plain_err})")
+
+if i1 and raw:
+    r = med(i1, "p50_us") / med(raw, "p50_us")
+    ratios["insert1_p50_vs_raw"] = round(r, 2)
+    targets["insert1_p50_vs_raw <= 3"] = r <= 3
+    print(f"single-row insert, 1 client: evd p50 {med(i1, 'p50_us'):.1f} µs = {r:.2f}x the raw round trip (target <= 3x: "
+          f"{ok(r <= 3)})")
+else:
+    print(f"single-row insert, 1 client: evd vs raw ping-pong n/a ({i1_err or raw_err})")
+if i1 and d1:
+    r = med(d1, "p50_us") / med(i1, "p50_us")
+    ratios["insert1_datasette_p50_vs_evd"] = round(r, 2)
+    targets["insert1_faster_than_datasette >= 25"] = r >= 25
+    print(f"single-row insert, 1 client: Datasette p50 / evd p50 = {r:.1f}x (target >= 25x: {ok(r >= 25)})")
+else:
+    print(f"single-row insert, 1 client: evd vs Datasette n/a ({i1_err or d1_err})")
+if i8 and r8:
+    r = med(i8, "per_sec") / med(r8, "per_sec")
+    ratios["insert8_evd_vs_raw"] = round(r, 3)
+    targets["insert8_evd_vs_raw >= 0.45"] = r >= 0.45
+    print(f"single-row inserts, {clients} clients: evd = {100 * r:.0f}% of raw SQLite autocommit (target >= 45%: {ok(r >= 0.45)})")
+else:
+    print(f"single-row inserts, {clients} clients: evd vs raw SQLite n/a ({i8_err or r8_err})")
+if i8 and ds8:
+    r = med(i8, "per_sec") / med(ds8, "per_sec")
+    ratios["insert8_evd_vs_datasette"] = round(r, 2)
+    print(f"single-row inserts, {clients} clients: evd / Datasette = {r:.1f}x")
+
 e, d, s = (by_key[k]["per_sec"] for k in ("insert_evd", "insert_datasette", "insert_sqlalchemy"))
 if e is not None:
     targets["evd_insert_rows_per_sec >= 600000"] = e >= 600_000
@@ -210,9 +337,15 @@ else:
     print("bulk insert: evd / Datasette = n/a")
 if e is not None and s:
     ratios["insert_evd_vs_sqlalchemy"] = round(e / s, 2)
-    print(f"bulk insert: evd / SQLAlchemy = {e / s:.2f}x")
+    targets["insert_evd_vs_sqlalchemy >= 1.5"] = e / s >= 1.5
+    print(f"bulk insert: evd / SQLAlchemy = {e / s:.2f}x (target >= 1.5x: {ok(e / s >= 1.5)})")
 else:
     print("bulk insert: evd / SQLAlchemy = n/a")
+rbs = by_key["insert_raw"]["per_sec"]
+if e is not None and rbs:
+    ratios["insert_evd_vs_raw"] = round(e / rbs, 3)
+    print(f"bulk insert: evd = {100 * e / rbs:.0f}% of raw SQLite; SQLAlchemy = "
+          + (f"{100 * s / rbs:.0f}%" if s else "n/a"))
 if s and d:
     ratios["insert_sqlalchemy_vs_datasette"] = round(s / d, 2)
     print(f"bulk insert: SQLAlchemy / Datasette = {s / d:.1f}x")
@@ -260,8 +393,57 @@ for key, label in (("replay_evd", "journal replay"), ("replay_rows_evd", "journa
     else:
         print(f"{label}: n/a ({by_key[key]['error']})")
 
+# Events delivered: the better of evd's two ways against the targets, and against Redis and NATS.
+for subs, target in ((1, 1_200_000), (10, 4_500_000)):
+    evd = [(by_key[f"events_{k}_{subs}"]["per_sec"], name) for k, name in (("evd_update", "UPDATE"), ("evd_emit", "emit"))
+           if by_key[f"events_{k}_{subs}"]["per_sec"] is not None]
+    label = f"events to {subs} subscriber{'s' if subs > 1 else ''}"
+    if not evd:
+        print(f"{label}: evd n/a ({by_key[f'events_evd_update_{subs}']['error']})")
+        continue
+    best, how = max(evd)
+    if how != "UPDATE":
+        how += f"; the UPDATE row is n/a: {by_key[f'events_evd_update_{subs}']['error'].split(': {')[0][:120]}"
+    targets[f"events_{subs}_per_sec >= {target}"] = best >= target
+    parts = []
+    for peer, name in (("redis", "Redis"), ("nats", "NATS")):
+        p = by_key[f"events_{peer}_{subs}"]["per_sec"]
+        if p:
+            ratios[f"events_{subs}_evd_vs_{peer}"] = round(best / p, 3)
+            parts.append(f"{best / p:.2f}x {name}")
+            if peer == "redis":
+                targets[f"events_{subs}_evd_ahead_of_redis"] = best >= p
+        else:
+            parts.append(f"{name} n/a")
+    print(f"{label}: evd ({how}) {best:,.0f}/s (target >= {target:,}: {ok(best >= target)}) = " + ", ".join(parts))
+
+# Memory.
+for r, limit, key in ((m_idle, 20, "mem_idle_mb <= 20"), (m_subs, 60, "mem_1000_subscribers_mb <= 60")):
+    if r["mb"] is not None:
+        targets[key] = r["mb"] <= limit
+        print(f"memory: {r['workload']}: {r['mb']:.1f} MB (target <= {limit} MB: {ok(r['mb'] <= limit)})")
+    else:
+        print(f"memory: {r['workload']}: n/a ({r['error']})")
+if m_stall["mb"] is not None and m_upd["mb"] is not None:
+    import re
+    added = m_stall["mb"] - m_upd["mb"]
+    ratios["mem_stalled_added_mb"] = round(added, 1)
+    limit = re.search(r"(\d+) MiB", meta["outbox_limit"] or "")
+    verdict = "no outbox byte limit known"
+    if limit:
+        bound = int(limit.group(1)) * 1.048576  # MiB in MB
+        targets["mem_stalled_added_mb <= outbox limit"] = added <= bound
+        verdict = f"target: within the outbox limit of {limit.group(1)} MiB: {ok(added <= bound)}"
+    print(f"memory: a stalled subscriber adds {added:.1f} MB to the UPDATE's peak ({m_stall['mb']:.0f} vs "
+          f"{m_upd['mb']:.0f} MB; {verdict})")
+else:
+    print(f"memory: stalled subscriber n/a ({m_stall['error'] or m_upd['error']})")
+
 if want_json:
     for r in rows:
         del r["key"]
+    for r in mem_rows:
+        del r["key"], r["reps"]
     print(json.dumps({"n": meta["n"], "repetitions": meta["reps"], "insert_rows": total, "insert_batch": batch,
-                      "fanout_rows": fan_rows, "replay_events": replay_events, "rows": rows, "ratios": ratios, "targets_met": targets}))
+                      "fanout_rows": fan_rows, "replay_events": replay_events, "meta": meta, "rows": rows,
+                      "memory": mem_rows, "ratios": ratios, "targets_met": targets}))

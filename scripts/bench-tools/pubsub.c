@@ -1,0 +1,304 @@
+// Event delivery for scripts/bench: one publisher, SUBS subscribers (each a process of its own), N
+// messages, for evd and the pub/sub servers users would pick instead. The same client structure for
+// all: the subscribers connect, subscribe and confirm first; then the publisher sends everything,
+// pipelined (all its bytes are made before timing), reading acknowledgements as they come; each
+// subscriber reads until it has N messages. per_sec is N*SUBS over the time from the publisher's
+// first byte to the last subscriber's last message.
+//
+//   pubsub evd-emit   SOCKET     SUBS N [TIMEOUT_S]      N `emit` of bench.tick {"i":I}; each response awaited
+//                                                        as it comes (evd reads at most its pipeline limit ahead)
+//   pubsub evd-update SOCKET     SUBS N [TIMEOUT_S] SQL  one `execute` of SQL (an UPDATE of N rows); the
+//                                                        subscribers count update-row events
+//   pubsub redis      SOCKET     SUBS N [TIMEOUT_S]      PUBLISH bench.tick PAYLOAD, RESP, over a Unix socket;
+//                                                        the first reply must count SUBS receivers
+//   pubsub nats       HOST:PORT  SUBS N [TIMEOUT_S]      PUB bench.tick PAYLOAD, core NATS over TCP, then PING
+//                                                        (its PONG: the server has read every PUB)
+//
+// PAYLOAD is {"i":"NNNNNNNNNN"} (18 bytes); evd's emit carries {"i":I} as the event's data, inside evd's
+// event envelope. Prints {"system","subs","n","delivered","start_us","pub_end_us","last_us","per_sec",
+// "pub_per_sec","bytes_per_msg"} or {"error":...}. A subscriber that gets a `lagged` notice, an error
+// or a disconnect fails the run. Every wait is bounded by TIMEOUT_S (default 60) overall and 10 s
+// without data.
+#include "common.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+#define CHANNEL "bench.tick"
+#define PAYLOAD_LEN 18
+
+static const char *g_system, *g_address, *g_sql;
+static int g_subs;
+static long g_n;
+
+static int is(const char *system) { return !strcmp(g_system, system); }
+
+static int connect_tcp(const char *hostport) {
+    char host[256];
+    snprintf(host, sizeof(host), "%s", hostport);
+    char *colon = strrchr(host, ':');
+    if (!colon) fail("expected HOST:PORT, got %s", hostport);
+    *colon = 0;
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_port = htons(atoi(colon + 1))};
+    if (inet_pton(AF_INET, host, &addr.sin_addr) != 1) fail("bad address %s", host);
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0) fail("connect %s: %s", hostport, strerror(errno));
+    int one = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    return fd;
+}
+
+static int connect_plain_unix(const char *path) {
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    strncpy(addr.sun_path, path, sizeof(addr.sun_path) - 1);
+    if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) != 0) fail("connect %s: %s", path, strerror(errno));
+    return fd;
+}
+
+// Reads until the buffer holds WANT at its start (exactly), then consumes it.
+static void expect_bytes(reader_t *r, const char *want, const char *what) {
+    size_t len = strlen(want);
+    while (r->end - r->start < len)
+        if (!fill(r)) fail("%s: %s after %.*s", what, r->timed_out ? "timed out" : "connection closed",
+                           (int)(r->end - r->start), r->buf + r->start);
+    if (memcmp(r->buf + r->start, want, len) != 0)
+        fail("%s: expected %s, got %.*s", what, want, (int)(r->end - r->start < 200 ? r->end - r->start : 200),
+             r->buf + r->start);
+    r->start += len;
+}
+
+// NATS: reads the server's INFO line and sends CONNECT (no +OK acknowledgements).
+static void nats_hello(int fd, reader_t *r) {
+    char *info = expect_line(r, "INFO");
+    if (strncmp(info, "INFO ", 5) != 0) fail("expected INFO, got %s", info);
+    const char *connect = "CONNECT {\"verbose\":false,\"pedantic\":false,\"name\":\"evd-bench\"}\r\n";
+    write_all(fd, connect, strlen(connect));
+}
+
+// Counts frames of FRAME_LEN bytes that start with PREFIX until N have arrived; answers a NATS
+// server's PING; anything else fails.
+static void count_frames(int fd, reader_t *r, slot_t *slot, const char *prefix, size_t frame_len) {
+    size_t plen = strlen(prefix);
+    while (slot->count < g_n) {
+        while (r->end - r->start >= 6 && slot->count < g_n) {
+            char *f = r->buf + r->start;
+            if (r->end - r->start >= frame_len && memcmp(f, prefix, plen) == 0) {
+                r->start += frame_len;
+                if (!slot->count++) slot->first_us = now_us(), r->idle_us = g_idle_s * 1e6;
+                slot->bytes += frame_len;
+            } else if (!memcmp(f, "PING\r\n", 6)) {
+                write_all(fd, "PONG\r\n", 6);
+                r->start += 6;
+            } else if (r->end - r->start >= frame_len || *f == '-') {
+                char *end = memchr(f, '\n', r->end - r->start);
+                if (*f == '-' && !end) break;  // an error line, not whole yet
+                fail("after %ld of %ld messages, unexpected: %.*s", slot->count, g_n,
+                     (int)(end ? end - f : (r->end - r->start < 120 ? r->end - r->start : 120)), f);
+            } else {
+                break;
+            }
+        }
+        if (slot->count >= g_n) break;
+        if (!fill(r))
+            fail("%s after %ld of %ld messages", r->timed_out ? "timed out" : "connection closed", slot->count, g_n);
+    }
+}
+
+static int subscriber(int k, slot_t *slot, void *unused) {
+    (void)unused;
+    static reader_t r;
+    int fd;
+    if (is("evd-emit") || is("evd-update")) {
+        fd = connect_evd(g_address, &r);
+        big_rcvbuf(fd);
+        char req[256];
+        int len = snprintf(req, sizeof(req), "{\"op\":\"subscribe\",\"id\":\"sub\",\"events\":[\"%s\"],\"name\":\"bench-sub-%d\"}\n",
+                           is("evd-emit") ? CHANNEL : "update-row", k);
+        write_all(fd, req, len);
+        expect_ok(&r, "subscribe");
+        worker_ready();
+        r.idle_us = 0;  // until the first event, only the overall timeout
+        while (slot->count < g_n) {
+            char *line = read_line(&r);
+            if (!line)
+                fail("%s after %ld of %ld events", r.timed_out ? "timed out" : "connection closed", slot->count, g_n);
+            size_t len = strlen(line);
+            if (!strncmp(line, "{\"type\":\"event\"", 15)) {
+                if (!slot->count++) slot->first_us = now_us(), r.idle_us = g_idle_s * 1e6;
+                slot->bytes += len + 1;
+            } else if (strstr(line, "\"type\":\"notice\"") && strstr(line, "\"lagged\"")) {
+                fail("lagged after %ld of %ld events (%.0f/s from the first until then): %s", slot->count, g_n,
+                     slot->count > 1 ? (slot->count - 1) / ((now_us() - slot->first_us) / 1e6) : 0.0, line);
+            }
+        }
+    } else if (is("redis")) {
+        fd = connect_plain_unix(g_address);
+        big_rcvbuf(fd);
+        arm(&r, fd);
+        const char *sub = "SUBSCRIBE " CHANNEL "\r\n";
+        write_all(fd, sub, strlen(sub));
+        expect_bytes(&r, "*3\r\n$9\r\nsubscribe\r\n$10\r\n" CHANNEL "\r\n:1\r\n", "SUBSCRIBE");
+        worker_ready();
+        r.idle_us = 0;
+        count_frames(fd, &r, slot, "*3\r\n$7\r\nmessage\r\n$10\r\n" CHANNEL "\r\n$18\r\n",
+                     strlen("*3\r\n$7\r\nmessage\r\n$10\r\n" CHANNEL "\r\n$18\r\n") + PAYLOAD_LEN + 2);
+    } else {
+        fd = connect_tcp(g_address);
+        big_rcvbuf(fd);
+        arm(&r, fd);
+        nats_hello(fd, &r);
+        const char *sub = "SUB " CHANNEL " 1\r\nPING\r\n";
+        write_all(fd, sub, strlen(sub));
+        expect_bytes(&r, "PONG\r\n", "SUB");
+        worker_ready();
+        r.idle_us = 0;
+        count_frames(fd, &r, slot, "MSG " CHANNEL " 1 18\r\n", strlen("MSG " CHANNEL " 1 18\r\n") + PAYLOAD_LEN + 2);
+    }
+    slot->last_us = now_us();
+    return 0;
+}
+
+// Everything the publisher sends, and how many acknowledgements it then waits for.
+static char *build(size_t *len, long *acks) {
+    size_t cap = 256 + (size_t)g_n * 96 + (g_sql ? strlen(g_sql) * 6 : 0), o = 0;
+    char *buf = malloc(cap);
+    if (is("evd-emit")) {
+        for (long i = 0; i < g_n; i++)
+            o += sprintf(buf + o, "{\"op\":\"emit\",\"id\":%ld,\"event\":\"" CHANNEL "\",\"data\":{\"i\":%ld}}\n", i, i);
+        *acks = g_n;
+    } else if (is("evd-update")) {
+        o += sprintf(buf + o, "{\"op\":\"execute\",\"id\":\"update\",\"sql\":");
+        o += json_string(buf + o, g_sql);
+        o += sprintf(buf + o, "}\n");
+        *acks = 1;
+    } else if (is("redis")) {
+        for (long i = 0; i < g_n; i++)
+            o += sprintf(buf + o, "*3\r\n$7\r\nPUBLISH\r\n$10\r\n" CHANNEL "\r\n$18\r\n{\"i\":\"%010ld\"}\r\n", i);
+        *acks = g_n;
+    } else {
+        for (long i = 0; i < g_n; i++) o += sprintf(buf + o, "PUB " CHANNEL " 18\r\n{\"i\":\"%010ld\"}\r\n", i);
+        o += sprintf(buf + o, "PING\r\n");
+        *acks = 1;
+    }
+    *len = o;
+    return buf;
+}
+
+// Whether LINE (without its '\n') is an acknowledgement; fails on an error.
+static int is_ack(char *line, long seen) {
+    if (is("evd-emit") || is("evd-update")) {
+        if (!strstr(line, "\"type\":\"response\"")) return 0;
+        if (!strstr(line, "\"ok\":true")) fail("publisher, after %ld acknowledgements: %s", seen, line);
+        return 1;
+    }
+    if (is("redis")) {
+        if (line[0] != ':') fail("publisher, after %ld replies: %s", seen, line);
+        if (seen == 0 && atol(line + 1) != g_subs) fail("PUBLISH reached %ld subscribers, not %d", atol(line + 1), g_subs);
+        return 1;
+    }
+    if (!strncmp(line, "PONG", 4)) return 1;
+    if (line[0] == '-') fail("publisher: %s", line);
+    return 0;  // INFO (sent again on cluster changes), +OK
+}
+
+// Sends BUF while reading acknowledgements, until ACKS have come; returns when the last did.
+static double publish(int fd, reader_t *r, const char *buf, size_t len, long acks) {
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    size_t off = 0;
+    long seen = 0;
+    double deadline = now_us() + g_timeout_s * 1e6, last_data = now_us();
+    // evd answers a line at a time; lines left in the reader from the handshake come first
+    for (char *nl; (nl = memchr(r->buf + r->start, '\n', r->end - r->start));) {
+        *nl = 0;
+        seen += is_ack(r->buf + r->start, seen);
+        r->start = nl - r->buf + 1;
+    }
+    while (seen < acks) {
+        double now = now_us();
+        if (now > deadline) fail("publisher timed out after %ld of %ld acknowledgements (limit %.0f s)", seen, acks, g_timeout_s);
+        if (!is("evd-update") && now - last_data > g_idle_s * 1e6)  // one UPDATE may run long: only the deadline
+            fail("publisher: nothing for %.0f s after %ld of %ld acknowledgements", g_idle_s, seen, acks);
+        struct pollfd p = {.fd = fd, .events = POLLIN | (off < len ? POLLOUT : 0)};
+        int n = poll(&p, 1, 100);
+        if (n < 0 && errno != EINTR) fail("poll: %s", strerror(errno));
+        if (n <= 0) continue;
+        if (p.revents & POLLOUT) {
+            ssize_t w = write(fd, buf + off, len - off < (1 << 20) ? len - off : (1 << 20));
+            if (w > 0) off += w, last_data = now_us();
+            else if (w < 0 && errno != EAGAIN && errno != EINTR) fail("publisher write: %s", strerror(errno));
+        }
+        if (p.revents & (POLLIN | POLLHUP | POLLERR)) {
+            if (r->start > 0) {
+                memmove(r->buf, r->buf + r->start, r->end - r->start);
+                r->end -= r->start;
+                r->start = 0;
+            }
+            ssize_t got = read(fd, r->buf + r->end, sizeof(r->buf) - r->end);
+            if (got == 0) fail("publisher: connection closed after %ld of %ld acknowledgements", seen, acks);
+            if (got < 0 && errno != EAGAIN && errno != EINTR) fail("publisher read: %s", strerror(errno));
+            if (got > 0) {
+                r->end += got, last_data = now_us();
+                for (char *nl; (nl = memchr(r->buf + r->start, '\n', r->end - r->start));) {
+                    *nl = 0;
+                    seen += is_ack(r->buf + r->start, seen);
+                    r->start = nl - r->buf + 1;
+                }
+            }
+        }
+    }
+    return now_us();
+}
+
+int main(int argc, char **argv) {
+    signal(SIGPIPE, SIG_IGN);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    if (argc < 5) {
+        fprintf(stderr, "usage: pubsub evd-emit|evd-update|redis|nats ADDRESS SUBS N [TIMEOUT_S] [SQL]\n");
+        return 2;
+    }
+    g_system = argv[1], g_address = argv[2], g_subs = atoi(argv[3]), g_n = atol(argv[4]);
+    if (argc >= 6) g_timeout_s = atof(argv[5]);
+    if (argc >= 7) g_sql = argv[6];
+    if (!is("evd-emit") && !is("evd-update") && !is("redis") && !is("nats")) fail("unknown system %s", g_system);
+    if (is("evd-update") && !g_sql) fail("evd-update needs SQL");
+    if (g_subs < 1 || g_n < 1) fail("SUBS and N must be at least 1");
+
+    size_t len;
+    long acks;
+    char *buf = build(&len, &acks);
+    workers_t w;
+    workers_start(&w, g_subs, subscriber, NULL);
+    workers_wait_ready(&w, 30);
+
+    static reader_t r;
+    int fd;
+    if (is("evd-emit") || is("evd-update")) {
+        fd = connect_evd(g_address, &r);
+    } else if (is("redis")) {
+        fd = connect_plain_unix(g_address);
+        arm(&r, fd);
+    } else {
+        fd = connect_tcp(g_address);
+        arm(&r, fd);
+        nats_hello(fd, &r);
+    }
+    big_rcvbuf(fd);
+    double start = now_us();
+    double pub_end = publish(fd, &r, buf, len, acks);
+    workers_join(&w, g_timeout_s + 5);
+    double last = start;
+    long delivered = 0;
+    long long bytes = 0;
+    for (int k = 0; k < g_subs; k++) {
+        if (w.slots[k].last_us > last) last = w.slots[k].last_us;
+        delivered += w.slots[k].count;
+        bytes += w.slots[k].bytes;
+    }
+    printf("{\"system\":\"%s\",\"subs\":%d,\"n\":%ld,\"delivered\":%ld,\"start_us\":%.0f,\"pub_end_us\":%.0f,"
+           "\"last_us\":%.0f,\"per_sec\":%.0f,\"pub_per_sec\":%.0f,\"bytes_per_msg\":%.1f}\n",
+           g_system, g_subs, g_n, delivered, start, pub_end, last, delivered / ((last - start) / 1e6),
+           g_n / ((pub_end - start) / 1e6), delivered ? (double)bytes / delivered : 0);
+    return 0;
+}
