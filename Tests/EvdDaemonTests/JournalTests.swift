@@ -1,5 +1,6 @@
 import EvdClient
 import Foundation
+import Synchronization
 import Testing
 
 @testable import EvdDaemon
@@ -97,6 +98,71 @@ struct JournalTests {
                     #expect(ns == (0..<Int64(writes)).map { $0 })
                 }
                 try await group.waitForAll()
+            }
+        }
+    }
+
+    @Test("since while a big transaction's events go out in batches: what went out already is replayed, the rest follows live")
+    func sinceDuringBatchedDelivery() async throws {
+        // Queues big enough that no subscriber lags out: this is about the switch, not overflow.
+        try await withRunningDaemon(configure: { $0.outboxLimits = OutboxLimits(maxEventsPerSubscription: 1 << 20, maxBytes: 1 << 30) }) {
+            daemon in
+            let rows = 10000  // about twenty of the bus's delivery batches
+            try await daemon.request("execute", ["sql": "create table big(id integer primary key, v integer)"])
+            try await daemon.request("execute", [
+                "sql": .string("insert into big(id, v) with recursive c(x) as (select 1 union all select x + 1 from c where x < \(rows)) select x, 0 from c")
+            ])
+            let since = try #require(try await daemon.request("stats")["seq"]?.intValue)
+            final class Flag: Sendable { let value = Atomic<Bool>(false) }
+            let updated = Flag()
+            let delivering = Flag()
+            // Each subscriber returns the seqs of the update-row events it got after `since`.
+            let subscriber = { @Sendable (_ first: Bool) async throws -> [Int64] in
+                try await daemon.withClient { reader in
+                    _ = try await subscribeEvents(reader, ["update-row"], ["since": .int(since)])
+                    var (events, notices) = await collect(reader, events: first ? 1 : rows)
+                    if first {
+                        delivering.value.store(true, ordering: .relaxed)  // the batches are going out
+                        let rest = await collect(reader, events: rows - 1)
+                        events += rest.events
+                        notices += rest.notices
+                    }
+                    #expect(notices.isEmpty, "\(notices)")
+                    return events.compactMap { $0["seq"]?.intValue }
+                }
+            }
+            let (first, later) = try await withThrowingTaskGroup(of: (Int, [Int64]).self) { group in
+                // There before the UPDATE: the changes are recorded, and this one gets them all live.
+                group.addTask { (0, try await subscriber(true)) }
+                group.addTask {
+                    try await daemon.request("execute", ["sql": "update big set v = v + 1"])
+                    updated.value.store(true, ordering: .relaxed)
+                    return (2, [])
+                }
+                // Subscribers that arrive while the batches go out, until the UPDATE has answered.
+                while !delivering.value.load(ordering: .relaxed) && !updated.value.load(ordering: .relaxed) {
+                    try await Task.sleep(for: .milliseconds(1))
+                }
+                var started = 0
+                while !updated.value.load(ordering: .relaxed) && started < 10 {
+                    group.addTask { (1, try await subscriber(false)) }
+                    started += 1
+                    await Task.yield()
+                }
+                var first: [Int64] = []
+                var later: [[Int64]] = []
+                for try await (role, seqs) in group {
+                    if role == 0 { first = seqs } else if role == 1 { later.append(seqs) }
+                }
+                return (first, later)
+            }
+            let complete = first.count == rows && first == first.sorted() && Set(first).count == rows
+            #expect(complete, "the subscriber there from the start got \(first.count) of \(rows)")
+            for seqs in later {
+                // Every one of them, once, in order: none lost at the switch from replay to live.
+                #expect(seqs.count == rows, "got \(seqs.count) of \(rows)")
+                let same = seqs == first  // (compared outside #expect, which would print both lists)
+                #expect(same, "not the same events in the same order: \(seqs.first ?? -1)...\(seqs.last ?? -1)")
             }
         }
     }

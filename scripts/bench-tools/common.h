@@ -194,6 +194,19 @@ UNUSED static int connect_evd(const char *path, reader_t *r) {
     return fd;
 }
 
+// The `last_seq` of a `lagged` notice line, or -1.
+UNUSED static long long lagged_last_seq(const char *line) {
+    if (!strstr(line, "\"type\":\"notice\"") || !strstr(line, "\"lagged\"")) return -1;
+    const char *p = strstr(line, "\"last_seq\":");
+    return p ? atoll(p + 11) : -1;
+}
+
+// An event line's seq (the envelope's second key), or -1.
+UNUSED static long long event_seq(const char *line) {
+    const char *p = strstr(line, "\"seq\":");
+    return p ? atoll(p + 6) : -1;
+}
+
 // Asks the kernel for a large receive buffer: the servers write in bursts.
 UNUSED static void big_rcvbuf(int fd) {
     int big = 64 << 20;

@@ -158,14 +158,16 @@ if fo:
         ex, cnt = rep["exec"], rep["count"]
         combined.append({"per_sec": fan_rows / ((cnt["last_us"] - ex["start_us"]) / 1e6),
                          "update_ms": (ex["end_us"] - ex["start_us"]) / 1e3,
-                         "after_ms": (cnt["last_us"] - ex["end_us"]) / 1e3})
+                         "after_ms": (cnt["last_us"] - ex["end_us"]) / 1e3,
+                         "resumes": cnt.get("resumes", 0)})
     fo = combined
     note = (f"from sending the UPDATE to the subscriber's last event; the UPDATE's response took "
-            f"{med(fo, 'update_ms'):.0f} ms, the last event came {when(med(fo, 'after_ms'))} it")
+            f"{med(fo, 'update_ms'):.0f} ms, the last event came {when(med(fo, 'after_ms'))} it; "
+            f"the subscriber lagged out and resumed with since {med(fo, 'resumes'):.0f} times (median)")
 else:
     note = ""
 if fo_err and "lagged" in fo_err:
-    fo_err += " -- the subscriber overflowed its 10,000-event outbox (a known issue)"
+    fo_err += " -- the subscriber overflowed its outbox"
 row("fanout_evd", f"update fan-out: evd UPDATE of {fan_rows:,} rows, 1 update-row subscriber",
     fo, fo_err, note, "events")
 

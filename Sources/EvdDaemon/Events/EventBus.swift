@@ -109,6 +109,18 @@ public final class EventBus: Sendable {
         /// Events numbered after the oldest pending reservation, in seq order: they wait for it,
         /// so that every subscription receives seqs in order.
         var held: [NumberedEvent] = []
+        /// How far the oldest pending reservation has been delivered while its batches go out
+        /// (`complete` publishes a big transaction in batches): its first seq, and the last seq
+        /// delivered. Part of the stable point a new subscription replays up to.
+        var delivering: (first: Int64, through: Int64)?
+    }
+
+    /// The seq up to which every event has been delivered: later ones are pending or held and
+    /// will reach a subscription added now.
+    private static func stablePoint(_ state: State) -> Int64 {
+        guard let oldest = state.pending.first else { return state.seq }
+        if let delivering = state.delivering, delivering.first == oldest { return delivering.through }
+        return oldest - 1
     }
 
     /// An event with its seq, on its way to the subscriptions.
@@ -341,7 +353,14 @@ public final class EventBus: Sendable {
                         Self.dispatch(&state, numbered, wakeups: &wakeups)
                     }
                 }
-                if end == entries.count { Self.releaseHeld(&state, wakeups: &wakeups) }
+                if end == entries.count {
+                    if state.delivering?.first == reservation.first { state.delivering = nil }
+                    Self.releaseHeld(&state, wakeups: &wakeups)
+                } else if oldest {
+                    // Still pending, yet delivered this far: a subscription added before the next
+                    // batch must replay these from the journal, not wait for them live.
+                    state.delivering = (reservation.first, reservation.first + Int64(end) - 1)
+                }
             }
             for wakeup in wakeups { wakeup.resume() }
             start = end
@@ -470,7 +489,7 @@ public final class EventBus: Sendable {
             state.subscriptions[subscription.id] = subscription
             if let veto { state.vetoListeners[subscription.id] = veto(subscription.id) }
             self.rebuild(&state)
-            registered(subscription, state.seq, state.pending.first.map { $0 - 1 } ?? state.seq)
+            registered(subscription, state.seq, Self.stablePoint(state))
             return subscription
         }
     }
