@@ -36,18 +36,25 @@ final class Checkpointer: Sendable {
     /// Checkpoints run, for `stats`.
     let runs = Atomic<Int>(0)
 
-    init(path: String, threadPool: NIOThreadPool) {
+    /// Opened after every commit of a watched connection (the WAL hook runs once the write lock
+    /// is released).
+    let gate: WriteGate
+
+    init(path: String, threadPool: NIOThreadPool, gate: WriteGate) {
         self.path = path
         self.thread = threadPool
+        self.gate = gate
     }
 
     /// Installs the WAL hook on `connection`, which must not outlive this checkpointer (the pool
-    /// keeps both). Replaces SQLite's own autocheckpoint on that connection.
+    /// keeps both): it opens the write gate and schedules checkpoints. Replaces SQLite's own
+    /// autocheckpoint on that connection.
     func watch(_ connection: SQLiteConnection) {
         let context = Unmanaged.passUnretained(self).toOpaque()
         sqlite3_wal_hook(connection.handle, { context, db, _, pages in
             guard let context else { return SQLITE_OK }
             let checkpointer = Unmanaged<Checkpointer>.fromOpaque(context).takeUnretainedValue()
+            checkpointer.gate.committed()
             if pages >= Checkpointer.inlineThreshold {
                 sqlite3_wal_checkpoint_v2(db, nil, SQLITE_CHECKPOINT_PASSIVE, nil, nil)
             } else if pages >= Checkpointer.threshold {

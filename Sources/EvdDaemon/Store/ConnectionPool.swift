@@ -38,12 +38,22 @@ public final class PooledConnection: @unchecked Sendable {
     /// In a two-phase transaction: every change is recorded with whole rows (its redo log).
     var twoPhase = false
 
-    init(number: Int, sqlite: SQLiteConnection, observer: AuthorizerObserver, busyTimeoutMs: Int32) {
+    /// Waits for the write lock (the session's busy timeout) at the database's `WriteGate`.
+    let busy: BusyWaiter
+
+    init(number: Int, sqlite: SQLiteConnection, observer: AuthorizerObserver, busyTimeoutMs: Int32, gate: WriteGate) {
         self.number = number
         self.sqlite = sqlite
         self.observer = observer
         self.capture = ChangeCapture(connection: sqlite)
         self.busyTimeoutMs = busyTimeoutMs
+        self.busy = BusyWaiter(gate: gate, timeoutMs: busyTimeoutMs)
+        self.busy.install(on: sqlite)
+    }
+
+    deinit {
+        // The handler points at `busy`: take it away before either goes.
+        sqlite3_busy_handler(self.sqlite.handle, nil, nil)
     }
 
     /// Applies a session's `query_only` and `busy_timeout_ms`, touching SQLite only for what changed.
@@ -53,7 +63,7 @@ public final class PooledConnection: @unchecked Sendable {
             self.queryOnly = queryOnly
         }
         if busyTimeoutMs != self.busyTimeoutMs {
-            self.sqlite.setBusyTimeout(milliseconds: busyTimeoutMs)
+            self.busy.timeoutMs = busyTimeoutMs
             self.busyTimeoutMs = busyTimeoutMs
         }
     }
@@ -80,6 +90,8 @@ public final class ConnectionPool: Sendable {
     let journal: Journal?
     /// Checkpoints the WAL off the commit path (`nil` for an in-memory database).
     let checkpointer: Checkpointer?
+    /// Where connections wait for the write lock; opened at each commit.
+    let writeGate = WriteGate()
 
     private enum WaitResult {
         case connection(PooledConnection)
@@ -127,7 +139,7 @@ public final class ConnectionPool: Sendable {
         self.eventLoop = eventLoop
         self.checkoutTimeout = checkoutTimeout
         self.defaultBusyTimeoutMs = busyTimeoutMs
-        self.checkpointer = database.isInMemory ? nil : Checkpointer(path: database.path, threadPool: threadPool)
+        self.checkpointer = database.isInMemory ? nil : Checkpointer(path: database.path, threadPool: threadPool, gate: self.writeGate)
         self.pragmas = [
             "journal_mode": "wal", "synchronous": "normal", "foreign_keys": "on",
             "busy_timeout": .integer(busyTimeoutMs),
@@ -351,8 +363,11 @@ public final class ConnectionPool: Sendable {
         }
         if first { self.bus.emit(.firstConnect, origin) { self.poolProperties(number) } }
         self.bus.emit(.connect, origin) { self.poolProperties(number) }
+        // The pragma's busy timeout (a do_connect listener may have changed it) is what the
+        // connection's own busy handler waits.
+        let busyTimeoutMs = pragmas["busy_timeout"]?.intValue.map { Int32(clamping: $0) } ?? self.defaultBusyTimeoutMs
         return PooledConnection(
-            number: number, sqlite: sqlite, observer: observer, busyTimeoutMs: self.defaultBusyTimeoutMs)
+            number: number, sqlite: sqlite, observer: observer, busyTimeoutMs: busyTimeoutMs, gate: self.writeGate)
     }
 
     /// `PRAGMA name = value` for a name that is an identifier and a value that is a number, a
