@@ -270,9 +270,12 @@ extension Session {
             }
             for pattern in patterns where !pattern.isGlob && seen.insert(pattern.text).inserted { matched.append(pattern.text) }
             let vetoed = EventKind.allCases.filter { vetoKinds & (1 << UInt64($0.rawValue)) != 0 }.map { JSONValue.string($0.name) }
+            // `seq` is the stable point, not the head: seqs above it may be reserved by commits not
+            // yet published (journaled emits in flight, say), and those reach this subscription,
+            // whose events must all have a greater seq than the response says.
             let result: JSONValue = [
                 "subscription": .integer(subscription.id), "events": .array(matched.map(JSONValue.string)),
-                "veto": .array(vetoed), "seq": .int(head),
+                "veto": .array(vetoed), "seq": .int(stable),
             ]
             self.outbox.enqueue(line: Self.responseLine(id: id, result: result))
             guard let since else { return }

@@ -82,16 +82,15 @@ final class Session: Sendable {
         self.logger.debug("session ended")
     }
 
-    /// Publishes a committed event of the session's that belongs to no database transaction
-    /// (`login`, `logout`, a custom event named `name`): journaled first, then delivered; returns
-    /// its seq. Without a journal, a catalog event costs nothing (and gets no seq) unless someone
-    /// subscribed.
+    /// Publishes a catalog event of the session's that belongs to no database transaction
+    /// (`login`, `logout`, `create-token`): journaled first, then delivered; returns its seq.
+    /// Without a journal, it costs nothing (and gets no seq) unless someone subscribed. (Custom
+    /// events: `publishEmits`.)
     @discardableResult
-    func publishJournaled(_ kind: EventKind?, name: String? = nil, _ properties: JSONObject) async throws -> Int64? {
+    func publishJournaled(_ kind: EventKind, _ properties: JSONObject) async throws -> Int64? {
         let bus = self.core.bus
-        let name = name ?? kind!.name
-        if self.core.journal == nil, let kind, !bus.wants(kind) { return nil }
-        return try await bus.publishJournaled([(name, kind, properties)], origin: self.origin, journal: self.core.journal).first
+        if self.core.journal == nil, !bus.wants(kind) { return nil }
+        return try await bus.publishJournaled([(kind.name, kind, properties)], origin: self.origin, journal: self.core.journal).first
     }
 
     /// `login` or `logout` (the connection comes or goes, or the logout op): a failed journal write
