@@ -219,7 +219,9 @@ extension Evd {
         if let value = self.maxConnectionsPerUid ?? file.maxConnectionsPerUID { configuration.maxSessionsPerUID = value }
         if let value = self.maxSubscriptions ?? file.maxSubscriptions { configuration.maxSubscriptions = value }
         if let value = self.maxPendingRequests ?? file.maxPendingRequests { configuration.maxPipelinedRequests = value }
-        if let value = self.maxQueuedEvents ?? file.maxQueuedEvents { configuration.outboxLimits.maxEventsPerSubscription = value }
+        if let value = self.maxQueuedEvents ?? file.maxQueuedEvents {
+            configuration.outboxLimits.maxEventsPerSubscription = value
+        }
         if let value = self.maxQueuedBytes ?? file.maxQueuedBytes { configuration.outboxLimits.maxBytes = value }
         configuration.journal.enabled = !self.noJournal && (file.journalEnabled ?? true)
         configuration.journal.rowImages = !self.noJournalRows && (file.journalRows ?? true)

@@ -135,7 +135,11 @@ struct JournalTests {
                 var responses: [JSONObject] = []
                 var events: [JSONObject] = []
                 while responses.count < lines.count, let message = await evd.nextMessage(ofType: nil, within: 10) {
-                    if message["type"] == "response" { responses.append(message) } else if message["type"] == "event" { events.append(message) }
+                    if message["type"] == "response" {
+                        responses.append(message)
+                    } else if message["type"] == "event" {
+                        events.append(message)
+                    }
                 }
                 #expect(responses.map { $0["id"] } == [1, 2, 3, 4, 5, 6, 7, .null, 9])
                 #expect(responses.map { $0["ok"] } == [true, true, false, true, true, true, false, false, true])
@@ -421,7 +425,8 @@ private func pipelineEmits(_ evd: EvdConnection, publisher: Int, count: Int) asy
     var bytes: [UInt8] = []
     for i in 0..<count {
         let request: JSONValue = [
-            "op": "emit", "id": .string("\(publisher)-\(i)"), "event": .string("burst.p\(publisher)"), "data": ["i": .integer(i)],
+            "op": "emit", "id": .string("\(publisher)-\(i)"), "event": .string("burst.p\(publisher)"),
+            "data": ["i": .integer(i)],
         ]
         bytes += request.jsonBytes + [0x0a]
     }

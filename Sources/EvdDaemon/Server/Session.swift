@@ -90,7 +90,9 @@ final class Session: Sendable {
     func publishJournaled(_ kind: EventKind, _ properties: JSONObject) async throws -> Int64? {
         let bus = self.core.bus
         if self.core.journal == nil, !bus.wants(kind) { return nil }
-        return try await bus.publishJournaled([(kind.name, kind, properties)], origin: self.origin, journal: self.core.journal).first
+        let seqs = try await bus.publishJournaled(
+            [(kind.name, kind, properties)], origin: self.origin, journal: self.core.journal)
+        return seqs.first
     }
 
     /// `login` or `logout` (the connection comes or goes, or the logout op): a failed journal write

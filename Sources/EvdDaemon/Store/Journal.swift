@@ -105,7 +105,9 @@ public final class Journal: Sendable {
 
     /// The journal of the daemon's databases, its own in `stateDirectory`; the state database's
     /// writes run on `threadPool`.
-    public init(stateDirectory: String, databases: [DatabaseConfig], settings: JournalSettings, threadPool: NIOThreadPool) {
+    public init(
+        stateDirectory: String, databases: [DatabaseConfig], settings: JournalSettings, threadPool: NIOThreadPool
+    ) {
         self.threadPool = threadPool
         self.settings = settings
         self.statePath = stateDirectory + "/journal.db"
@@ -250,7 +252,9 @@ public final class Journal: Sendable {
             let group = self.appends.withLock { appends -> [Append] in
                 var group: [Append] = []
                 var events = 0
-                while let next = appends.waiting.first, group.isEmpty || events + next.entries.count <= Self.maxGroupEvents {
+                while let next = appends.waiting.first,
+                    group.isEmpty || events + next.entries.count <= Self.maxGroupEvents
+                {
                     group.append(appends.waiting.removeFirst())
                     events += next.entries.count
                 }
