@@ -61,6 +61,12 @@ struct Evd: AsyncParsableCommand {
     @Option(help: "The most requests one connection may have queued; evd stops reading from it until one finishes (default 256).")
     var maxPendingRequests: Int?
 
+    @Option(help: "The most events queued for one subscription before its overflow policy applies (default 10000).")
+    var maxQueuedEvents: Int?
+
+    @Option(help: "The most bytes of events queued for one connection before the overflow policy applies (at least 65536; default 16777216).")
+    var maxQueuedBytes: Int?
+
     @Option(help: "trace, debug, info, notice, warning, error or critical (default info).")
     var logLevel: String?
 
@@ -96,6 +102,12 @@ struct Evd: AsyncParsableCommand {
         if let maxSubscriptions, maxSubscriptions < 1 { throw ValidationError("--max-subscriptions must be at least 1") }
         if let maxPendingRequests, !(1...65_536).contains(maxPendingRequests) {
             throw ValidationError("--max-pending-requests must be between 1 and 65536")
+        }
+        if let maxQueuedEvents, !OutboxLimits.eventsRange.contains(maxQueuedEvents) {
+            throw ValidationError("--max-queued-events must be at least 1")
+        }
+        if let maxQueuedBytes, !OutboxLimits.bytesRange.contains(maxQueuedBytes) {
+            throw ValidationError("--max-queued-bytes must be at least 65536")
         }
         if let logLevel, Logger.Level(rawValue: logLevel) == nil {
             throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
@@ -207,6 +219,10 @@ extension Evd {
         if let value = self.maxConnectionsPerUid ?? file.maxConnectionsPerUID { configuration.maxSessionsPerUID = value }
         if let value = self.maxSubscriptions ?? file.maxSubscriptions { configuration.maxSubscriptions = value }
         if let value = self.maxPendingRequests ?? file.maxPendingRequests { configuration.maxPipelinedRequests = value }
+        if let value = self.maxQueuedEvents ?? file.maxQueuedEvents {
+            configuration.outboxLimits.maxEventsPerSubscription = value
+        }
+        if let value = self.maxQueuedBytes ?? file.maxQueuedBytes { configuration.outboxLimits.maxBytes = value }
         configuration.journal.enabled = !self.noJournal && (file.journalEnabled ?? true)
         configuration.journal.rowImages = !self.noJournalRows && (file.journalRows ?? true)
         if let value = self.journalKeepEvents ?? file.journalKeepEvents { configuration.journal.keepEvents = value }
@@ -244,6 +260,8 @@ extension Evd {
                 "max_connections_per_uid": .integer(configuration.maxSessionsPerUID),
                 "max_subscriptions": .integer(configuration.maxSubscriptions),
                 "max_pending_requests": .integer(configuration.maxPipelinedRequests),
+                "max_queued_events": .integer(configuration.outboxLimits.maxEventsPerSubscription),
+                "max_queued_bytes": .integer(configuration.outboxLimits.maxBytes),
             ],
             "journal": [
                 "enabled": .bool(configuration.journal.enabled), "rows": .bool(configuration.journal.rowImages),

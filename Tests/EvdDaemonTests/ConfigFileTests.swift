@@ -30,6 +30,8 @@ struct ConfigFileTests {
         max_connections_per_uid = 10
         max_subscriptions = 20
         max_pending_requests = 64
+        max_queued_events = 500
+        max_queued_bytes = 1048576
 
         [journal]
         enabled = true
@@ -72,6 +74,8 @@ struct ConfigFileTests {
         #expect(effective["pool_size"] == 3)
         #expect(effective["veto_budget_ms"] == 2000)
         #expect(effective["limits"]?["max_subscriptions"] == 20)
+        #expect(effective["limits"]?["max_queued_events"] == 500)
+        #expect(effective["limits"]?["max_queued_bytes"] == 1_048_576)
         #expect(effective["journal"]?["enabled"] == false)
         #expect(effective["journal"]?["rows"] == false)
         #expect(effective["journal"]?["keep_events"] == 5000)
@@ -99,6 +103,37 @@ struct ConfigFileTests {
         #expect(bad.stderr.contains("--metrics-listen"), "\(bad.stderr)")
     }
 
+    @Test("the subscriber queue bounds: [limits] keys, the flags win over them, the defaults without either")
+    func queueLimits() async throws {
+        let file = "[limits]\nmax_queued_events = 500\nmax_queued_bytes = 1048576"
+        let fromFile = try await self.check(file)
+        #expect(fromFile.status == 0, "\(fromFile.stderr)")
+        let read = try JSONValue(parsing: fromFile.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
+        #expect(read["limits"]?["max_queued_events"] == 500)
+        #expect(read["limits"]?["max_queued_bytes"] == 1_048_576)
+
+        let flagged = try await self.check(file, ["--max-queued-events", "7", "--max-queued-bytes", "65536"])
+        #expect(flagged.status == 0, "\(flagged.stderr)")
+        let overridden = try JSONValue(parsing: flagged.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
+        #expect(overridden["limits"]?["max_queued_events"] == 7)
+        #expect(overridden["limits"]?["max_queued_bytes"] == 65536)
+
+        let plain = try await self.check("pool_size = 2")
+        #expect(plain.status == 0, "\(plain.stderr)")
+        let defaults = try JSONValue(parsing: plain.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
+        #expect(defaults["limits"]?["max_queued_events"] == 10000)
+        #expect(defaults["limits"]?["max_queued_bytes"] == 16_777_216)
+
+        for (flag, message) in [
+            (["--max-queued-events", "0"], "--max-queued-events must be at least 1"),
+            (["--max-queued-bytes", "65535"], "--max-queued-bytes must be at least 65536"),
+        ] {
+            let bad = try await self.check(file, flag)
+            #expect(bad.status != 0, "\(flag)")
+            #expect(bad.stderr.contains(message), "\(flag): \(bad.stderr)")
+        }
+    }
+
     @Test("each kind of mistake stops evd, naming the key")
     func mistakes() async throws {
         let cases: [(String, String)] = [
@@ -110,6 +145,9 @@ struct ConfigFileTests {
             ("colour = \"blue\"", "colour"),
             ("[limits]\nmax_subscriptions = -1", "max_subscriptions"),
             ("[limits]\nmax_sessions = 5", "max_sessions"),
+            ("[limits]\nmax_queued_events = 0", "max_queued_events"),
+            ("[limits]\nmax_queued_bytes = 4096", "max_queued_bytes"),
+            ("[limits]\nmax_queued_bytes = \"16M\"", "max_queued_bytes"),
             ("[journal]\nenabled = \"yes\"", "enabled"),
             ("[metrics]\nlisten = \"localhost\"", "listen"),
             ("[metrics]\nlisten = \"127.0.0.1:70000\"", "listen"),

@@ -66,6 +66,94 @@ struct JournalTests {
         }
     }
 
+    @Test("emits pipelined from several connections at once: unique seqs rising per connection; each event once, in seq order, live, replayed and after a restart")
+    func pipelinedEmitsFromManyConnections() async throws {
+        let publishers = 4
+        let emitsEach = 1000
+        try await withTemporaryDirectory { directory in
+            let answered: [[Int64]] = try await withDaemon(in: directory) { daemon, _ in
+                try await daemon.withClient { subscriber in
+                    let (_, head) = try await subscribeEvents(subscriber, ["burst.*"])
+                    let answered = try await withThrowingTaskGroup(of: (Int, [Int64]).self) { group in
+                        for publisher in 0..<publishers {
+                            group.addTask {
+                                try await daemon.withClient { evd in
+                                    (publisher, try await pipelineEmits(evd, publisher: publisher, count: emitsEach))
+                                }
+                            }
+                        }
+                        var answered = Array(repeating: [Int64](), count: publishers)
+                        for try await (publisher, seqs) in group { answered[publisher] = seqs }
+                        return answered
+                    }
+                    checkAnswers(answered, count: emitsEach)
+                    let (live, notices) = await collect(subscriber, events: publishers * emitsEach)
+                    #expect(notices.isEmpty)
+                    checkEvents(live, answered)
+                    // A replay from before the burst on a new connection: the same, from the journal.
+                    try await daemon.withClient { reader in
+                        _ = try await subscribeEvents(reader, ["burst.*"], ["since": .int(head)])
+                        let (replayed, notices) = await collect(reader, events: publishers * emitsEach)
+                        #expect(notices.isEmpty)
+                        checkEvents(replayed, answered)
+                        #expect(replayed.map(withoutSubscription) == live.map(withoutSubscription))
+                    }
+                    return answered
+                }
+            }
+            // Every answered emit is in the journal after a restart, once.
+            try await withDaemon(in: directory) { daemon, _ in
+                try await daemon.withClient { evd in
+                    _ = try await subscribeEvents(evd, ["burst.*"], ["since": 0])
+                    let (replayed, notices) = await collect(evd, events: publishers * emitsEach)
+                    #expect(notices.isEmpty)
+                    checkEvents(replayed, answered)
+                    let extra = await evd.nextMessage(ofType: "event", within: 0.5)
+                    #expect(extra == nil)
+                }
+            }
+        }
+    }
+
+    @Test("a pipelined run of emits with refused ones and other requests among them is answered in request order")
+    func pipelinedEmitsWithRefusals() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.withClient { evd in
+                let (_, head) = try await subscribeEvents(evd, ["run.*"])
+                // ok, ok, refused (a catalog event), ok, a ping, ok, refused (a wildcard), refused (bad JSON), ok
+                let lines = [
+                    #"{"op":"emit","id":1,"event":"run.a","data":{"n":1}}"#,
+                    #"{"op":"emit","id":2,"event":"run.a","data":{"n":2}}"#,
+                    #"{"op":"emit","id":3,"event":"checkout"}"#,
+                    #"{"op":"emit","id":4,"event":"run.b","data":{"n":4}}"#,
+                    #"{"op":"ping","id":5}"#,
+                    #"{"op":"emit","id":6,"event":"run.a","data":{"n":6}}"#,
+                    #"{"op":"emit","id":7,"event":"run.*"}"#,
+                    #"{"op":"emit","id":8,"#,
+                    #"{"op":"emit","id":9,"event":"run.b","data":{"n":9}}"#,
+                ]
+                try await evd.sendRaw(Array((lines.joined(separator: "\n") + "\n").utf8))
+                var responses: [JSONObject] = []
+                var events: [JSONObject] = []
+                while responses.count < lines.count, let message = await evd.nextMessage(ofType: nil, within: 10) {
+                    if message["type"] == "response" {
+                        responses.append(message)
+                    } else if message["type"] == "event" {
+                        events.append(message)
+                    }
+                }
+                #expect(responses.map { $0["id"] } == [1, 2, 3, 4, 5, 6, 7, .null, 9])
+                #expect(responses.map { $0["ok"] } == [true, true, false, true, true, true, false, false, true])
+                let seqs = responses.compactMap { $0["result"]?["seq"]?.intValue }
+                #expect(seqs == Array((head + 1)...(head + 5)))
+                // Each event before its emit's answer, in seq order.
+                while events.count < 5, let event = await evd.nextMessage(ofType: "event", within: 10) { events.append(event) }
+                #expect(events.map { $0["seq"]?.intValue } == seqs.map { $0 })
+                #expect(events.map { $0["n"] } == [1, 2, 4, 6, 9])
+            }
+        }
+    }
+
     @Test("since replays exactly what follows it, then goes live: no gap and no duplicate while a writer is busy")
     func replayThenLiveUnderWrites() async throws {
         try await withRunningDaemon { daemon in
@@ -265,6 +353,9 @@ struct JournalTests {
                         try await group.waitForAll()
                     }
                 }
+                // The gate's session ends once the daemon has seen its connection close; until
+                // then it would be asked (and, gone, deny) this commit too.
+                try await waitUntilStats(daemon, "the gate to leave") { $0["veto_listeners"] == 0 }
                 try await evd.request("execute", ["sql": "insert into t(v) values ('kept')"])
             }
             try await daemon.withClient { evd in
@@ -391,5 +482,53 @@ struct EvtailResumeTests {
         let result = try await runProcess(binaryPath("evtail"), ["--resume", "--socket", "/nonexistent"])
         #expect(result.status != 0)
         #expect(result.stderr.contains("--resume needs --name"))
+    }
+}
+
+/// Sends `count` emits of `burst.p<publisher>` (data `i`) in one write, ids `<publisher>-<i>`,
+/// and returns the seqs of their answers, checking that each is OK and they come in order.
+private func pipelineEmits(_ evd: EvdConnection, publisher: Int, count: Int) async throws -> [Int64] {
+    var bytes: [UInt8] = []
+    for i in 0..<count {
+        let request: JSONValue = [
+            "op": "emit", "id": .string("\(publisher)-\(i)"), "event": .string("burst.p\(publisher)"),
+            "data": ["i": .integer(i)],
+        ]
+        bytes += request.jsonBytes + [0x0a]
+    }
+    try await evd.sendRaw(bytes)
+    var seqs: [Int64] = []
+    while seqs.count < count, let response = await evd.nextMessage(ofType: "response", within: 30) {
+        #expect(response["ok"] == true, "\(response)")
+        #expect(response["id"] == .string("\(publisher)-\(seqs.count)"))
+        seqs.append(response["result"]?["seq"]?.intValue ?? -1)
+    }
+    return seqs
+}
+
+/// Every emit answered, with a seq of its own, rising in the order each connection was answered.
+private func checkAnswers(_ answered: [[Int64]], count: Int, sourceLocation: SourceLocation = #_sourceLocation) {
+    for seqs in answered {
+        #expect(seqs.count == count, sourceLocation: sourceLocation)
+        #expect(zip(seqs, seqs.dropFirst()).allSatisfy { $0 < $1 }, "not rising: \(seqs)", sourceLocation: sourceLocation)
+    }
+    let all = answered.flatMap { $0 }
+    #expect(Set(all).count == all.count, "a seq was answered twice", sourceLocation: sourceLocation)
+}
+
+/// The events are exactly the answered emits, once each, in seq order, each with the seq its
+/// emit was answered with.
+private func checkEvents(_ events: [JSONObject], _ answered: [[Int64]], sourceLocation: SourceLocation = #_sourceLocation) {
+    let seqs = events.map { $0["seq"]?.intValue ?? -1 }
+    #expect(zip(seqs, seqs.dropFirst()).allSatisfy { $0 < $1 }, "not in seq order", sourceLocation: sourceLocation)
+    #expect(seqs.sorted() == answered.flatMap { $0 }.sorted(), sourceLocation: sourceLocation)
+    for event in events {
+        guard let name = event["event"]?.stringValue, name.hasPrefix("burst.p"), let publisher = Int(name.dropFirst(7)),
+            publisher < answered.count, let i = event["i"]?.intValue, i >= 0, Int(i) < answered[publisher].count
+        else {
+            Issue.record("unexpected event \(event)", sourceLocation: sourceLocation)
+            continue
+        }
+        #expect(event["seq"]?.intValue == answered[publisher][Int(i)], sourceLocation: sourceLocation)
     }
 }

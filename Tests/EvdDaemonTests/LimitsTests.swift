@@ -202,6 +202,8 @@ struct LimitsTests {
             (["--max-pending-requests", "0"], "--max-pending-requests must be between 1 and 65536"),
             (["--max-pending-requests", "65537"], "--max-pending-requests must be between 1 and 65536"),
             (["--max-subscriptions", "lots"], "--max-subscriptions"),
+            (["--max-queued-events", "0"], "--max-queued-events must be at least 1"),
+            (["--max-queued-bytes", "4096"], "--max-queued-bytes must be at least 65536"),
         ])
     func badFlag(flag: [String], message: String) async throws {
         try await withTemporaryDirectory { directory in
@@ -252,6 +254,75 @@ struct LimitsTests {
             daemon.process.terminate()
             let result = try await daemon.finish()
             #expect(result.status == 0, "\(result.stderr)")
+        }
+    }
+
+    // MARK: Queued events
+
+    @Test("queued events: with a small --max-queued-events, a subscriber that never reads lags out of a burst the default queue holds")
+    func smallQueueLagsSooner() async throws {
+        // Fewer events than the default 10,000 per subscription, and about 3 MB: under the default
+        // 16 MiB. With 10 queued events allowed, the socket's buffers (a few hundred KB) take a few
+        // hundred of these and the queue the next ten: the burst must overflow it.
+        let burst = 3000
+        let roomy = try await self.laggedDisconnects(flags: [], burst: burst)
+        #expect(roomy == 0)
+        let small = try await self.laggedDisconnects(flags: ["--max-queued-events", "10"], burst: burst)
+        #expect(small == 1)
+    }
+
+    /// Runs the evd binary with `flags`, subscribes a connection that never reads to `myapp.*`,
+    /// emits `burst` events of about 1 KiB from another, and returns `stats.lagged_disconnects`.
+    /// (An overflow is counted as the event is queued, before its emit is answered.)
+    private func laggedDisconnects(flags: [String], burst: Int) async throws -> Int64? {
+        try await self.withSpawnedDaemon(flags) { socket in
+            let stuck = try RawUnixSocket(path: socket, receiveBuffer: 4096)
+            defer { stuck.close() }
+            try stuck.send(#"{"op":"subscribe","events":["myapp.*"]}"# + "\n")
+            return try await EvdConnection.withConnection(socketPath: socket) { evd in
+                var subscribed = false
+                for _ in 0..<1000 where !subscribed {
+                    subscribed = try await evd.request("stats")["subscriptions"] == 1
+                    if !subscribed { try await Task.sleep(for: .milliseconds(10)) }
+                }
+                try #require(subscribed, "the stuck subscriber's subscribe never registered")
+                let padding = JSONValue.string(String(repeating: "x", count: 1000))
+                try await runWithDeadline(seconds: 120, "\(burst) emits beside a stuck subscriber") {
+                    for n in 0..<burst {
+                        try await evd.request("emit", ["event": "myapp.tick", "data": ["n": .integer(n), "padding": padding]])
+                    }
+                }
+                return try await evd.request("stats")["lagged_disconnects"]?.intValue
+            }
+        }
+    }
+
+    /// Runs the evd binary with `flags` on a fresh directory while `body` gets its socket path,
+    /// then stops it with SIGTERM and expects a clean exit.
+    private func withSpawnedDaemon<T: Sendable>(_ flags: [String], _ body: (String) async throws -> T) async throws -> T {
+        try await withTemporaryDirectory { directory in
+            let socket = directory + "/evd.sock"
+            let daemon = try Spawned(
+                self.evd,
+                ["--socket", socket, "--state-dir", directory + "/state", "--db", "main=\(directory)/main.db", "--log-level", "error"]
+                    + flags)
+            defer { if daemon.process.isRunning { daemon.process.terminate() } }
+            // Bounded wait for the daemon to listen.
+            var listening = false
+            for _ in 0..<1500 where !listening {
+                do {
+                    try await EvdConnection.withConnection(socketPath: socket) { _ in }
+                    listening = true
+                } catch is EvdConnection.ConnectionError {
+                    try await Task.sleep(for: .milliseconds(20))
+                }
+            }
+            try #require(listening, "evd \(flags) did not start listening")
+            let result = try await body(socket)
+            daemon.process.terminate()
+            let exit = try await daemon.finish()
+            #expect(exit.status == 0, "\(exit.stderr)")
+            return result
         }
     }
 }

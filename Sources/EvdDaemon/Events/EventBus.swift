@@ -377,25 +377,27 @@ public final class EventBus: Sendable {
         for wakeup in wakeups { wakeup.resume() }
     }
 
-    /// Journals a committed event that belongs to no database transaction (a custom event,
-    /// `login`, `logout`, `create-token`) in `journal`'s state database, then publishes it.
-    /// Blocks on the write: call it off the event loops. Returns its seq.
+    /// Journals committed events of one origin that belong to no database transaction (custom
+    /// events, `login`, `logout`, `create-token`) in `journal`'s state database, then publishes
+    /// them; returns their seqs, in order. Journaled, they have consecutive seqs (one reservation)
+    /// and share one commit, with other callers' too (`Journal.appendToState`).
     func publishJournaled(
-        name: String, kind: EventKind?, origin: EventOrigin, properties: JSONObject, journal: Journal?
-    ) throws(SQLiteError) -> Int64 {
+        _ events: [(name: String, kind: EventKind?, properties: JSONObject)], origin: EventOrigin, journal: Journal?
+    ) async throws(SQLiteError) -> [Int64] {
         guard let journal, journal.settings.enabled else {
-            return self.publish(name: name, kind: kind, origin: origin, properties: properties)
+            return events.map { self.publish(name: $0.name, kind: $0.kind, origin: origin, properties: $0.properties) }
         }
-        let entry = self.entry(name: name, kind: kind, origin: origin, properties: properties)
-        let reservation = self.reserve(1)
+        guard !events.isEmpty else { return [] }
+        let entries = events.map { self.entry(name: $0.name, kind: $0.kind, origin: origin, properties: $0.properties) }
+        let reservation = self.reserve(entries.count)
         do {
-            try journal.appendToState([entry], reservation)
+            try await journal.appendToState(entries, reservation)
         } catch {
             self.cancel(reservation)
             throw error
         }
-        self.complete(reservation, [entry])
-        return reservation.first
+        self.complete(reservation, entries)
+        return (0..<Int64(entries.count)).map { reservation.first + $0 }
     }
 
     /// An event's bytes after the subscription number: the envelope's origin, the properties, the

@@ -46,7 +46,7 @@ public struct EventPattern: Sendable, Hashable {
 
 /// Whether `name` is a custom event's name: it has a namespace (`myapp.deployed`, `myapp/deployed`).
 public func isNamespacedEventName(_ name: String) -> Bool {
-    name.contains(".") || name.contains("/")
+    name.utf8.contains { $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: "/") }
 }
 
 /// The catalog name closest to `name` (for `unknown_event`'s suggestion), if any is close.

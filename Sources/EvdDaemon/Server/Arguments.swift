@@ -5,7 +5,8 @@ import EvdClient
 /// `bad_request` it throws, and `finish()` rejects arguments no reader asked for.
 struct Arguments {
     let object: JSONObject
-    private var used: Set<String> = ["op", "id"]
+    /// The keys read so far. A request has a handful: an array is cheaper than hashing each.
+    private var used: [String] = ["op", "id"]
 
     init(_ object: JSONObject) {
         self.object = object
@@ -13,7 +14,7 @@ struct Arguments {
 
     /// The raw value of `key`, marking it used.
     mutating func value(_ key: String) -> JSONValue? {
-        self.used.insert(key)
+        if !self.used.contains(key) { self.used.append(key) }
         return self.object[key]
     }
 

@@ -34,6 +34,8 @@ public struct ConfigFile: Sendable {
     public var maxConnectionsPerUID: Int?
     public var maxSubscriptions: Int?
     public var maxPendingRequests: Int?
+    public var maxQueuedEvents: Int?
+    public var maxQueuedBytes: Int?
     public var journalEnabled: Bool?
     public var journalRows: Bool?
     public var journalKeepEvents: Int?
@@ -121,11 +123,16 @@ public struct ConfigFile: Sendable {
             config.databases = list
         }
         if let limits = try top.table("limits") {
-            try limits.only(["max_connections", "max_connections_per_uid", "max_subscriptions", "max_pending_requests"])
+            try limits.only([
+                "max_connections", "max_connections_per_uid", "max_subscriptions", "max_pending_requests",
+                "max_queued_events", "max_queued_bytes",
+            ])
             config.maxConnections = try limits.int("max_connections", 1...Int(Int32.max))
             config.maxConnectionsPerUID = try limits.int("max_connections_per_uid", 1...Int(Int32.max))
             config.maxSubscriptions = try limits.int("max_subscriptions", 1...Int(Int32.max))
             config.maxPendingRequests = try limits.int("max_pending_requests", 1...65_536)
+            config.maxQueuedEvents = try limits.int("max_queued_events", OutboxLimits.eventsRange)
+            config.maxQueuedBytes = try limits.int("max_queued_bytes", OutboxLimits.bytesRange)
         }
         if let journal = try top.table("journal") {
             try journal.only(["enabled", "rows", "keep_events", "keep_seconds"])

@@ -154,7 +154,7 @@ public final class Daemon: Service, CustomStringConvertible {
     private func openJournal(on threadPool: NIOThreadPool) async throws -> (Journal, head: Int64) {
         let journal = Journal(
             stateDirectory: self.configuration.stateDirectory, databases: self.configuration.databases,
-            settings: self.configuration.journal)
+            settings: self.configuration.journal, threadPool: threadPool)
         do {
             let head = try await threadPool.runIfActive { try journal.open() }
             return (journal, head)

@@ -12,12 +12,18 @@ public enum OverflowPolicy: String, Sendable {
     case drop
 }
 
-/// Bounds on one connection's queued output.
+/// Bounds on one connection's queued output (`--max-queued-events`, `--max-queued-bytes`).
 public struct OutboxLimits: Sendable {
     /// Events queued for one subscription before its overflow policy applies.
     public var maxEventsPerSubscription: Int
     /// Bytes of events queued for the connection before the overflow policy applies.
     public var maxBytes: Int
+
+    /// What `--max-queued-events` accepts.
+    public static let eventsRange = 1...Int.max
+    /// What `--max-queued-bytes` accepts: at least 64 KiB, since an event larger than the bound
+    /// overflows even an empty queue.
+    public static let bytesRange = (64 << 10)...Int.max
 
     public init(maxEventsPerSubscription: Int = 10_000, maxBytes: Int = 16 << 20) {
         self.maxEventsPerSubscription = maxEventsPerSubscription

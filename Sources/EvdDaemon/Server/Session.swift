@@ -82,22 +82,17 @@ final class Session: Sendable {
         self.logger.debug("session ended")
     }
 
-    /// Publishes a committed event of the session's that belongs to no database transaction
-    /// (`login`, `logout`, a custom event named `name`): journaled first, on the thread pool, then
-    /// delivered; returns its seq. Without a journal, a catalog event costs nothing (and gets no
-    /// seq) unless someone subscribed.
+    /// Publishes a catalog event of the session's that belongs to no database transaction
+    /// (`login`, `logout`, `create-token`): journaled first, then delivered; returns its seq.
+    /// Without a journal, it costs nothing (and gets no seq) unless someone subscribed. (Custom
+    /// events: `publishEmits`.)
     @discardableResult
-    func publishJournaled(_ kind: EventKind?, name: String? = nil, _ properties: JSONObject) async throws -> Int64? {
+    func publishJournaled(_ kind: EventKind, _ properties: JSONObject) async throws -> Int64? {
         let bus = self.core.bus
-        let origin = self.origin
-        let name = name ?? kind!.name
-        guard let journal = self.core.journal else {
-            if let kind, !bus.wants(kind) { return nil }
-            return bus.publish(name: name, kind: kind, origin: origin, properties: properties)
-        }
-        return try await self.core.threadPool.runIfActive {
-            try bus.publishJournaled(name: name, kind: kind, origin: origin, properties: properties, journal: journal)
-        }
+        if self.core.journal == nil, !bus.wants(kind) { return nil }
+        let seqs = try await bus.publishJournaled(
+            [(kind.name, kind, properties)], origin: self.origin, journal: self.core.journal)
+        return seqs.first
     }
 
     /// `login` or `logout` (the connection comes or goes, or the logout op): a failed journal write
@@ -133,23 +128,46 @@ final class Session: Sendable {
         }
     }
 
+    /// What the executor does with a line the reader queued.
+    enum Admission {
+        /// Answer it with this error; it does not run.
+        case refuse(id: JSONValue, EvdError)
+        /// Run it.
+        case run(id: JSONValue, JSONObject)
+    }
+
+    /// Counts a queued line as a request and checks what every request must pass before it runs:
+    /// valid JSON, a scalar `id`, the daemon not stopping.
+    private func admit(_ item: Inbound) -> Admission {
+        self.core.requests.add(1, ordering: .relaxed)
+        switch item {
+        case .failure(let error):
+            return .refuse(id: .null, error)
+        case .request(let request):
+            let id = request["id"] ?? .null
+            guard id.isScalar else { return .refuse(id: .null, .badRequest(field: "id", "'id' must be a JSON scalar")) }
+            if self.core.shuttingDown.load(ordering: .relaxed) {
+                return .refuse(id: id, EvdError(.shuttingDown, "evd is shutting down"))
+            }
+            return .run(id: id, request)
+        }
+    }
+
     private func execute(channel: any Channel) async {
         var state = SessionState()
         while let item = await self.inbox.pop() {
-            self.core.requests.add(1, ordering: .relaxed)
-            switch item {
-            case .failure(let error):
-                self.respond(id: .null, .failure(error))
-            case .request(let request):
-                let id = request["id"] ?? .null
-                guard id.isScalar else {
-                    self.respond(id: .null, .failure(.badRequest(field: "id", "'id' must be a JSON scalar")))
-                    continue
+            switch self.admit(item) {
+            case .refuse(let id, let error):
+                self.respond(id: id, .failure(error))
+            case .run(let id, let request) where Self.isEmit(request):
+                // The emits queued right behind this one are journaled with it (`executeEmits`).
+                let following = self.inbox.popQueued { item in
+                    if case .request(let request) = item { return Self.isEmit(request) } else { return false }
                 }
-                if self.core.shuttingDown.load(ordering: .relaxed) {
-                    self.respond(id: id, .failure(EvdError(.shuttingDown, "evd is shutting down")))
-                    continue
-                }
+                self.busy.store(true, ordering: .relaxed)
+                await self.executeEmits([.run(id: id, request)] + following.map { self.admit($0) })
+                self.busy.store(false, ordering: .relaxed)
+            case .run(let id, let request):
                 self.busy.store(true, ordering: .relaxed)
                 let outcome: Outcome
                 do {

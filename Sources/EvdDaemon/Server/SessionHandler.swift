@@ -200,6 +200,21 @@ final class RequestInbox: Sendable {
         return room
     }
 
+    /// Takes the requests at the front of the queue for as long as they satisfy `wanted`, without
+    /// waiting: a run of requests the executor handles together (none if the first does not).
+    func popQueued(while wanted: (Session.Inbound) -> Bool) -> [Session.Inbound] {
+        let (items, room) = self.state.withLock { state -> ([Session.Inbound], (@Sendable () -> Void)?) in
+            var items: [Session.Inbound] = []
+            while let first = state.items.first, wanted(first) {
+                items.append(first)
+                state.items.removeFirst()
+            }
+            return (items, items.isEmpty ? nil : Self.madeRoom(&state))
+        }
+        room?()
+        return items
+    }
+
     /// No more requests will come; `pop` returns `nil` once the rest are taken.
     func finish() {
         let consumer = self.state.withLock { state in

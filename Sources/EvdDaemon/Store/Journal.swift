@@ -4,7 +4,9 @@ import Glibc
 import Musl
 #endif
 import CSQLite
+import DequeModule
 import EvdClient
+import NIOPosix
 import Synchronization
 
 /// How the journal keeps committed events (PROTOCOL.md §5; `evd --journal-*`).
@@ -96,9 +98,17 @@ public final class Journal: Sendable {
     /// The highest seq retention may have removed.
     private let floorValue = Atomic<Int64>(0)
     let lease: SeqLease
+    /// Events waiting for the state database's writer (`appendToState`).
+    private let appends = Mutex(Appends())
+    /// Where the state database's writer runs.
+    private let threadPool: NIOThreadPool
 
-    /// The journal of the daemon's databases, its own in `stateDirectory`.
-    public init(stateDirectory: String, databases: [DatabaseConfig], settings: JournalSettings) {
+    /// The journal of the daemon's databases, its own in `stateDirectory`; the state database's
+    /// writes run on `threadPool`.
+    public init(
+        stateDirectory: String, databases: [DatabaseConfig], settings: JournalSettings, threadPool: NIOThreadPool
+    ) {
+        self.threadPool = threadPool
         self.settings = settings
         self.statePath = stateDirectory + "/journal.db"
         var sources = [Source(database: nil, path: self.statePath)]
@@ -192,14 +202,89 @@ public final class Journal: Sendable {
         }
     }
 
-    /// Journals events that belong to no database transaction in the state database, durably,
-    /// before they are published.
-    func appendToState(_ entries: [JournalEntry], _ reservation: SeqReservation) throws(SQLiteError) {
+    /// One caller's events, waiting for the state database's writer.
+    private struct Append {
+        let entries: [JournalEntry]
+        let reservation: SeqReservation
+        let done: CheckedContinuation<Result<Void, SQLiteError>, Never>
+    }
+
+    /// The group commit's queue: the appends that wait, and whether a writer is at work.
+    private struct Appends {
+        var waiting: Deque<Append> = []
+        var writing = false
+    }
+
+    /// The most events one group commit takes (a caller's own batch may be larger, and is taken
+    /// whole): the first callers of a crowd are not kept waiting for the last.
+    static let maxGroupEvents = 8192
+
+    /// Journals events that belong to no database transaction (custom events, `login`, `logout`,
+    /// `create-token`) in the state database, durably, before they are published: returns once
+    /// the COMMIT holding them has succeeded.
+    ///
+    /// **Group commit.** A commit costs about the same whatever it holds (BEGIN, the WAL frames,
+    /// COMMIT; with synchronous=NORMAL no fsync), so callers share commits: a caller that finds no
+    /// writer at work becomes the writer — a thread-pool job that commits every append waiting by
+    /// then in one transaction, then again whatever queued meanwhile, until nothing waits — and
+    /// every other caller only queues and waits on a continuation (no thread held). Nobody is
+    /// resumed before the COMMIT that holds its events, and a failed one fails everyone in it
+    /// (each caller then cancels its reservation: nothing of theirs was journaled). Callers bring
+    /// batches of their own too: a session journals the `emit`s it has already read in one call
+    /// (`Session.executeEmits`).
+    func appendToState(_ entries: [JournalEntry], _ reservation: SeqReservation) async throws(SQLiteError) {
+        let result = await withCheckedContinuation { (done: CheckedContinuation<Result<Void, SQLiteError>, Never>) in
+            let lead = self.appends.withLock { appends -> Bool in
+                appends.waiting.append(Append(entries: entries, reservation: reservation, done: done))
+                guard !appends.writing else { return false }
+                appends.writing = true
+                return true
+            }
+            if lead { self.threadPool.submit { state in self.writeAppends(cancelled: state == .cancelled) } }
+        }
+        try result.get()
+    }
+
+    /// The writer: commits what waits, a group per transaction, until nothing does. (`cancelled`:
+    /// the thread pool has stopped, so everything waiting fails.)
+    private func writeAppends(cancelled: Bool) {
+        while true {
+            let group = self.appends.withLock { appends -> [Append] in
+                var group: [Append] = []
+                var events = 0
+                while let next = appends.waiting.first,
+                    group.isEmpty || events + next.entries.count <= Self.maxGroupEvents
+                {
+                    group.append(appends.waiting.removeFirst())
+                    events += next.entries.count
+                }
+                if group.isEmpty { appends.writing = false }
+                return group
+            }
+            guard !group.isEmpty else { return }
+            let result: Result<Void, SQLiteError>
+            do throws(SQLiteError) {
+                if cancelled { throw SQLiteError(code: SQLITE_MISUSE, message: "the journal's writer has stopped") }
+                try self.commit(group)
+                result = .success(())
+            } catch {
+                result = .failure(error)
+            }
+            for append in group { append.done.resume(returning: result) }
+        }
+    }
+
+    /// Writes a group's events in one transaction of the state database.
+    private func commit(_ group: [Append]) throws(SQLiteError) {
         try self.state.withLock { state throws(SQLiteError) in
             guard let state else { throw SQLiteError(code: SQLITE_MISUSE, message: "the journal is closed") }
             try state.connection.exec("BEGIN IMMEDIATE")
             do throws(SQLiteError) {
-                try Self.write(entries, first: reservation.first, time: reservation.timeText, using: state.insert)
+                for append in group {
+                    try Self.write(
+                        append.entries, first: append.reservation.first, time: append.reservation.timeText,
+                        using: state.insert)
+                }
                 state.insert.reset()
                 try state.connection.exec("COMMIT")
             } catch {
