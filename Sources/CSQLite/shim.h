@@ -18,4 +18,13 @@ static inline int evd_sqlite_enable_triggers(sqlite3 *db, int on) {
     return sqlite3_db_config(db, SQLITE_DBCONFIG_ENABLE_TRIGGER, on, (int *)0);
 }
 
+/// glibc's malloc_trim (its header is not part of the Glibc module): gives the heap memory that is
+/// free back to the system, as glibc keeps it for reuse. A no-op elsewhere.
+#ifdef __GLIBC__
+#include <malloc.h>
+static inline int evd_malloc_trim(void) { return malloc_trim(0); }
+#else
+static inline int evd_malloc_trim(void) { return 0; }
+#endif
+
 #endif
