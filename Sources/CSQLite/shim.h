@@ -19,7 +19,9 @@ static inline int evd_sqlite_enable_triggers(sqlite3 *db, int on) {
 }
 
 /// glibc's malloc_trim (its header is not part of the Glibc module): gives the heap memory that is
-/// free back to the system, as glibc keeps it for reuse. A no-op elsewhere.
+/// free back to the system, as glibc keeps it for reuse. A no-op elsewhere. (`stdlib.h` first: it
+/// defines `__GLIBC__`.)
+#include <stdlib.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 static inline int evd_malloc_trim(void) { return malloc_trim(0); }

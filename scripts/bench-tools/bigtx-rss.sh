@@ -3,7 +3,7 @@
 # `big(id integer primary key, v integer not null)` with ROWS rows (default 1,000,000), then runs
 # `update big set v = v + 1` UPDATES times (default 2), and reports after each step VmHWM (the
 # kernel's peak RSS since the last step: it is reset before each) and VmRSS (now, 1 s after the
-# step's response) from /proc/PID/status, in MB.
+# step's response, with its anonymous, file-backed and shared parts) from /proc/PID/status, in MB.
 #
 #   scripts/bench-tools/bigtx-rss.sh [-- EVD_FLAGS...]
 #
@@ -41,7 +41,7 @@ def status():
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
                 fields[key] = int(value.split()[0]) // 1024
     return fields
 
@@ -89,6 +89,7 @@ def step(name, sql):
     time.sleep(1)
     figures = status()
     print(f"{name:<8} {took:6.2f} s   peak (VmHWM) {figures['VmHWM']:5d} MB   after (VmRSS) {figures['VmRSS']:5d} MB"
+          f" (anon {figures['RssAnon']}, file {figures['RssFile']}, shmem {figures['RssShmem']})"
           + (f"   events received {events[0]}" if subscribe else ""), flush=True)
 
 figures = status()
