@@ -8,7 +8,8 @@
 #   scripts/bench-tools/bigtx-rss.sh [-- EVD_FLAGS...]
 #
 # Environment: ROWS, UPDATES, SUBSCRIBE=1 (one update-row subscriber that reads and discards every
-# event, `rows: true` with SUBSCRIBE=rows), EVD_BENCH_SCRATCH (scratch path, .build).
+# event, `rows: true` with SUBSCRIBE=rows), EVD_BENCH_SCRATCH (scratch path, .build), EVD (the evd
+# binary to run instead of the release build's, e.g. an older one to compare).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROWS="${ROWS:-1000000}"
@@ -16,7 +17,7 @@ UPDATES="${UPDATES:-2}"
 SUBSCRIBE="${SUBSCRIBE:-}"
 scratch="${EVD_BENCH_SCRATCH:-.build}"
 [ "${1:-}" = "--" ] && shift
-bin="$(swift build -c release --scratch-path "$scratch" --show-bin-path)"
+evd_binary="${EVD:-$(swift build -c release --scratch-path "$scratch" --show-bin-path)/evd}"
 work="$(mktemp -d /tmp/evd-bigtx-XXXXXX)"
 pids=()
 cleanup() {
@@ -26,7 +27,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-"$bin/evd" --socket "$work/evd.sock" --state-dir "$work/state" --log-level warning "$@" &
+"$evd_binary" --socket "$work/evd.sock" --state-dir "$work/state" --log-level warning "$@" &
 evd=$!
 pids+=($evd)
 for _ in $(seq 100); do [ -S "$work/evd.sock" ] && break; sleep 0.05; done
