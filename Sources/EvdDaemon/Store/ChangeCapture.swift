@@ -152,45 +152,38 @@ struct CommittedEvent: Sendable {
 /// big transaction's memory stays about what its capture needs (see `PooledConnection.commit`).
 /// Valid until the capture is discarded.
 struct CommittedEvents {
-    private enum Source {
-        case recorded(ChangeCapture, CommittedEventPlan)
-        case listed([CommittedEvent])
-    }
-
-    private let source: Source
+    /// The capture the plan reads, or nil for events made already.
+    private let capture: ChangeCapture?
+    private let plan: CommittedEventPlan
+    private let listed: [CommittedEvent]
 
     /// Events made already (a prepared transaction's, from its log).
     init(_ events: [CommittedEvent]) {
-        self.source = .listed(events)
+        self.capture = nil
+        self.plan = CommittedEventPlan(database: "", images: false)
+        self.listed = events
     }
 
     fileprivate init(capture: ChangeCapture, plan: CommittedEventPlan) {
-        self.source = .recorded(capture, plan)
+        self.capture = capture
+        self.plan = plan
+        self.listed = []
     }
 
-    var count: Int {
-        switch self.source {
-        case .recorded(_, let plan): plan.slots.count
-        case .listed(let events): events.count
-        }
-    }
+    var count: Int { self.capture == nil ? self.listed.count : self.plan.slots.count }
 
     var isEmpty: Bool { self.count == 0 }
 
     /// The catalog event of event `index`, without making the event.
     func kind(at index: Int) -> EventKind {
-        switch self.source {
-        case .recorded(let capture, let plan): capture.kind(of: plan.slots[index], in: plan)
-        case .listed(let events): events[index].kind
-        }
+        guard let capture = self.capture else { return self.listed[index].kind }
+        return capture.kind(of: self.plan.slots[index], in: self.plan)
     }
 
     /// Event `index`.
     func event(at index: Int) -> CommittedEvent {
-        switch self.source {
-        case .recorded(let capture, let plan): capture.event(plan.slots[index], in: plan)
-        case .listed(let events): events[index]
-        }
+        guard let capture = self.capture else { return self.listed[index] }
+        return capture.event(self.plan.slots[index], in: self.plan)
     }
 
     /// Every event, made at once (a prepared transaction's log keeps them).

@@ -406,8 +406,10 @@ extension PooledConnection {
     static let eventChunk = 4096
 
     /// A transaction that changed at least this many rows gives the memory it used back to the
-    /// system once it ended (glibc keeps freed memory for reuse, and a million-row transaction
-    /// frees hundreds of megabytes).
+    /// system once it ended. Its big buffers went back when freed (`Daemon` maps each on its own),
+    /// but glibc keeps the pages of the many small allocations its events made for reuse:
+    /// `malloc_trim` returns them (megabytes for a million rows; without it RSS creeps up by as
+    /// much with each such transaction). Not after small ones: it walks every arena, for little.
     static let trimAfterRows = 10_000
 
     /// COMMITs the open transaction with its committed events: journaled inside the transaction
