@@ -361,7 +361,7 @@ public final class EventBus: Sendable {
                     // someone may want them by the time they are released.
                     let needed = oldest ? self.interest.load(ordering: .relaxed) : .max
                     guard needed & ~wanted == 0 else {
-                        wanted = needed
+                        wanted |= needed  // only grows: the batch is made again at most 64 times
                         return false
                     }
                     if end == reservation.count { state.pending.removeAll { $0 == reservation.first } }
