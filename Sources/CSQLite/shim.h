@@ -18,4 +18,20 @@ static inline int evd_sqlite_enable_triggers(sqlite3 *db, int on) {
     return sqlite3_db_config(db, SQLITE_DBCONFIG_ENABLE_TRIGGER, on, (int *)0);
 }
 
+/// glibc's malloc tuning (its header is not part of the Glibc module); no-ops elsewhere.
+/// (`stdlib.h` first: it defines `__GLIBC__`.)
+#include <stdlib.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+/// Gives the heap memory that is free back to the system (glibc keeps it for reuse).
+static inline int evd_malloc_trim(void) { return malloc_trim(0); }
+/// Serves every allocation of `bytes` or more with its own mapping, returned to the system as soon
+/// as it is freed. (A fixed threshold: glibc's own rises to 32 MiB after the first large free, and
+/// then keeps such buffers in its arenas, where `malloc_trim` cannot return all of them.)
+static inline int evd_malloc_mmap_threshold(int bytes) { return mallopt(M_MMAP_THRESHOLD, bytes); }
+#else
+static inline int evd_malloc_trim(void) { return 0; }
+static inline int evd_malloc_mmap_threshold(int bytes) { (void)bytes; return 0; }
+#endif
+
 #endif

@@ -318,6 +318,83 @@ struct JournalTests {
         }
     }
 
+    @Test("a transaction of more events than are made at once: delivered in seq order, as journaled, with where and rows")
+    func transactionOfSeveralChunks() async throws {
+        // More than two chunks (`PooledConnection.eventChunk`): journaled a chunk at a time, then made
+        // again for publishing — only the events someone wants (nobody subscribes to delete-row).
+        let rows = 2 * PooledConnection.eventChunk + 500
+        let deletes = rows / 1000
+        try await withRunningDaemon(configure: { $0.outboxLimits.maxEventsPerSubscription = 100_000 }) { daemon in
+            try await daemon.request("execute", ["sql": "create table t(id integer primary key, n integer, s text)"])
+            try await daemon.request("execute", ["sql": "create table u(a text, b integer, primary key (a, b)) without rowid"])
+            try await daemon.request("execute", [
+                "sql": .string(
+                    "insert into t(id, n, s) with recursive c(x) as (select 1 union all select x + 1 from c where x < \(rows)) select x, 0, 'é' || x from c"
+                )
+            ])
+            try await daemon.request("execute", ["sql": "insert into u values ('x', 1), ('y', 2)"])
+            // One transaction: every row of t, an insert (one insert-rows), rows of a WITHOUT ROWID
+            // table, a schema change, deletes.
+            let transaction = """
+                update t set n = n + 1, s = s || '"'; insert into t(n) values (1), (2); update u set b = b * 10;
+                create table v(x); delete from t where id % 1000 = 0
+                """
+            let all: JSONObject = ["events": ["update-row", "insert-rows", "create-table"]]
+            let filtered: JSONObject = ["events": ["update-row"], "where": ["table": "t"], "rows": true]
+            let expected = (all: rows + 1 + 2 + 1, filtered: rows)
+            let (live, head) = try await daemon.withClient { a in
+                try await daemon.withClient { b in
+                    let (_, head) = try await subscribeEvents(a, ["update-row", "insert-rows", "create-table"])
+                    _ = try await subscribeEvents(b, ["update-row"], ["where": ["table": "t"], "rows": true])
+                    try await daemon.request("execute", ["sql": .string(transaction)])
+                    let all = await collect(a, events: expected.all)
+                    let filtered = await collect(b, events: expected.filtered)
+                    #expect(all.notices.isEmpty && filtered.notices.isEmpty)
+                    return ((all.events, filtered.events), head)
+                }
+            }
+            #expect(live.0.count == expected.all && live.1.count == expected.filtered)
+            // The transaction's events have consecutive seqs, its deletes last; each arrives in order.
+            let first = try #require(live.0.first?["seq"]?.intValue)
+            let seqs = live.0.compactMap { $0["seq"]?.intValue }
+            let consecutive = seqs == Array(first..<(first + Int64(expected.all)))
+            #expect(consecutive)
+            let filteredSeqs = live.1.compactMap { $0["seq"]?.intValue }
+            let filteredConsecutive = filteredSeqs == Array(first..<(first + Int64(rows)))
+            #expect(filteredConsecutive)
+            let names = live.0.map { $0["event"]?.stringValue ?? "" }
+            let inOrder = names == Array(repeating: "update-row", count: rows) + ["insert-rows", "update-row", "update-row", "create-table"]
+            #expect(inOrder)
+            #expect(live.0[rows]["num_rows"] == 2)
+            #expect(live.0[rows + 1]["table"] == "u" && live.0[rows + 1]["pks"] == ["x", 1])
+            #expect(live.0[rows - 1]["pks"] == .array([.int(Int64(rows))]) && live.0[rows - 1]["before"] == nil)
+            let last = try #require(live.1.last)
+            #expect(last["pks"] == .array([.int(Int64(rows))]))
+            #expect(last["before"]?["s"] == .string("é\(rows)") && last["after"]?["s"] == .string("é\(rows)\""))
+            #expect(last["after"]?["n"] == 1)
+            // A replay gives what was delivered, byte for byte, and the deletes nobody received live.
+            for (arguments, delivered) in [(all, live.0), (filtered, live.1)] {
+                try await daemon.withClient { evd in
+                    var arguments = arguments
+                    arguments["since"] = .int(head)
+                    try await evd.request("subscribe", arguments)
+                    let (replayed, notices) = await collect(evd, events: delivered.count)
+                    #expect(notices.isEmpty)
+                    #expect(replayed.count == delivered.count)
+                    // The first event that differs, if any (not the whole lists: thousands of events).
+                    let differs = zip(replayed, delivered).enumerated().first { withoutSubscription($1.0) != withoutSubscription($1.1) }
+                    #expect(differs == nil, "event \(differs?.offset ?? 0): replayed \(differs?.element.0 ?? [:]), delivered \(differs?.element.1 ?? [:])")
+                }
+            }
+            try await daemon.withClient { evd in
+                try await evd.request("subscribe", ["events": ["delete-row"], "since": .int(head)])
+                let (replayed, _) = await collect(evd, events: deletes)
+                #expect(replayed.map { $0["pks"] } == (1...deletes).map { .array([.int(Int64($0 * 1000))]) })
+                #expect(replayed.map { $0["seq"]?.intValue } == (0..<deletes).map { first + Int64(expected.all + $0) })
+            }
+        }
+    }
+
     @Test("a subscription from the head, or with a since beyond what was journaled, replays nothing and goes live")
     func sinceAtHead() async throws {
         try await withRunningDaemon { daemon in

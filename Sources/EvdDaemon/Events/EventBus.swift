@@ -253,17 +253,18 @@ public final class EventBus: Sendable {
 
     /// Publishes a transaction's committed events when the journal is off, in order, with
     /// consecutive seqs unless other events interleave between batches. Subscriptions with
-    /// `rows: true` also get the images.
-    func publishCommitted(_ events: [CommittedEvent], origin: EventOrigin) {
+    /// `rows: true` also get the images. The events are made a batch at a time, and only those
+    /// someone wants.
+    func publishCommitted(_ events: CommittedEvents, origin: EventOrigin) {
         let rowsInterest = self.rowsInterest.load(ordering: .relaxed)
         var start = 0
         while start < events.count {
             // Serialize a batch outside the lock, then number and queue it under one lock.
-            let batch = events[start..<min(events.count, start + 512)]
-            start = batch.endIndex
-            let serialized = batch.compactMap { event -> JournalEntry? in
-                guard self.wants(event.kind) else { return nil }
-                var event = event
+            let batch = start..<min(events.count, start + 512)
+            start = batch.upperBound
+            let serialized = batch.compactMap { index -> JournalEntry? in
+                guard self.wants(events.kind(at: index)) else { return nil }
+                var event = events.event(at: index)
                 if rowsInterest & (1 << UInt64(event.kind.rawValue)) == 0 { event.images = nil }
                 return self.entry(for: event, origin: origin)
             }
@@ -310,6 +311,20 @@ public final class EventBus: Sendable {
             imagesBody: nil)
     }
 
+    /// The entries of `events[range]`. Only the catalog events in `wanted` get their bytes: the
+    /// others are left bare (name and origin), for a publication that nobody will receive.
+    func entries(
+        of events: CommittedEvents, _ range: Range<Int>, origin: EventOrigin, wanted: UInt64 = .max
+    ) -> [JournalEntry] {
+        range.map { index in
+            let kind = events.kind(at: index)
+            guard wanted & (1 << UInt64(kind.rawValue)) != 0 else {
+                return JournalEntry(name: kind.name, kind: kind, origin: origin, properties: [:], body: [], imagesBody: nil)
+            }
+            return self.entry(for: events.event(at: index), origin: origin)
+        }
+    }
+
     /// Hands out `count` consecutive seqs for events to be journaled before they are published.
     /// Until `complete` or `cancel`, events numbered later are held back.
     func reserve(_ count: Int) -> SeqReservation {
@@ -329,42 +344,67 @@ public final class EventBus: Sendable {
     /// Publishes a reservation's events (journaled and committed), then what was held back for it.
     func complete(_ reservation: SeqReservation, _ entries: [JournalEntry]) {
         precondition(entries.count == reservation.count, "a reservation's events are all published")
+        self.complete(reservation) { range, _ in Array(entries[range]) }
+    }
+
+    /// Publishes a reservation's events, made a batch at a time by `make` (so that a huge
+    /// transaction's events need not all exist at once), then what was held back for it. `make`
+    /// returns the entries of the range it is given; it may leave bare those of catalog events not
+    /// in `wanted` (`entries(of:_:origin:wanted:)`): nobody would receive them. Should a
+    /// subscription that wants them come before they are queued, the batch is made again.
+    func complete(_ reservation: SeqReservation, making make: (Range<Int>, _ wanted: UInt64) -> [JournalEntry]) {
         var start = 0
         repeat {
             // In batches, so that one huge transaction does not hold the lock for long; later
             // events stay held until the last batch.
-            let end = min(entries.count, start + 512)
+            let end = min(reservation.count, start + 512)
+            var wanted = self.interest.load(ordering: .relaxed)
+            var entries = make(start..<end, wanted)
+            precondition(entries.count == end - start, "a reservation's events are all published")
             var wakeups: [Outbox.Wakeup] = []
-            self.state.withLock { state in
-                if end == entries.count { state.pending.removeAll { $0 == reservation.first } }
-                // When no older reservation is pending, this one's events go out now: after those
-                // of its earlier batches that waited for an older one. (Held back behind their own
-                // reservation, a batch would reach subscribers after the last one.)
-                let oldest = state.pending.first.map { $0 >= reservation.first } ?? true
-                if oldest { Self.releaseHeld(&state, below: reservation.first + Int64(start), wakeups: &wakeups) }
-                for index in start..<end {
-                    let entry = entries[index]
-                    state.published[entry.name, default: 0] += 1
-                    if entry.kind == nil { state.customNames.append(entry.name) }
-                    let numbered = NumberedEvent(seq: reservation.first + Int64(index), event: entry, time: reservation.time)
-                    if oldest {
-                        Self.deliver(&state, numbered, wakeups: &wakeups)
-                    } else {
-                        Self.dispatch(&state, numbered, wakeups: &wakeups)
+            while true {
+                let queued = self.state.withLock { state -> Bool in
+                    // When no older reservation is pending, this one's events go out now: after those
+                    // of its earlier batches that waited for an older one. (Held back behind their own
+                    // reservation, a batch would reach subscribers after the last one.)
+                    let oldest = state.pending.first.map { $0 >= reservation.first } ?? true
+                    // What the batch must have bytes for: the events someone wants now (the interest
+                    // changes only under this lock), or all of them if they are held back, as
+                    // someone may want them by the time they are released.
+                    let needed = oldest ? self.interest.load(ordering: .relaxed) : .max
+                    guard needed & ~wanted == 0 else {
+                        wanted |= needed  // only grows: the batch is made again at most 64 times
+                        return false
                     }
+                    if end == reservation.count { state.pending.removeAll { $0 == reservation.first } }
+                    if oldest { Self.releaseHeld(&state, below: reservation.first + Int64(start), wakeups: &wakeups) }
+                    for (offset, entry) in entries.enumerated() {
+                        state.published[entry.name, default: 0] += 1
+                        if entry.kind == nil { state.customNames.append(entry.name) }
+                        let numbered = NumberedEvent(
+                            seq: reservation.first + Int64(start + offset), event: entry, time: reservation.time)
+                        if oldest {
+                            Self.deliver(&state, numbered, wakeups: &wakeups)
+                        } else {
+                            Self.dispatch(&state, numbered, wakeups: &wakeups)
+                        }
+                    }
+                    if end == reservation.count {
+                        if state.delivering?.first == reservation.first { state.delivering = nil }
+                        Self.releaseHeld(&state, wakeups: &wakeups)
+                    } else if oldest {
+                        // Still pending, yet delivered this far: a subscription added before the
+                        // next batch must replay these from the journal, not wait for them live.
+                        state.delivering = (reservation.first, reservation.first + Int64(end) - 1)
+                    }
+                    return true
                 }
-                if end == entries.count {
-                    if state.delivering?.first == reservation.first { state.delivering = nil }
-                    Self.releaseHeld(&state, wakeups: &wakeups)
-                } else if oldest {
-                    // Still pending, yet delivered this far: a subscription added before the next
-                    // batch must replay these from the journal, not wait for them live.
-                    state.delivering = (reservation.first, reservation.first + Int64(end) - 1)
-                }
+                if queued { break }
+                entries = make(start..<end, wanted)
             }
             for wakeup in wakeups { wakeup.resume() }
             start = end
-        } while start < entries.count
+        } while start < reservation.count
     }
 
     /// Gives a reservation up (its transaction did not commit): its seqs are never used.

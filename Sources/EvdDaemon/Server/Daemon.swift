@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CSQLite
 import EvdClient
 import Logging
 import NIOCore
@@ -58,6 +59,10 @@ public final class Daemon: Service, CustomStringConvertible {
     }
 
     private func serve() async throws {
+        // A big transaction's capture and events are a few large buffers: each gets a mapping of
+        // its own, so that the memory goes back to the system when the transaction ends (see
+        // `PooledConnection.commit`). Small allocations, all the common work makes, are unaffected.
+        _ = evd_malloc_mmap_threshold(1 << 20)
         try self.prepareDirectories()
         let tokens = try self.openTokenSecret()
         let totalConnections = self.configuration.poolSize * self.configuration.databases.count

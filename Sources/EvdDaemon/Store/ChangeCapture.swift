@@ -30,30 +30,70 @@ struct StatementIntent: Sendable, Equatable {
 }
 
 /// One row SQLite changed, as the pre-update hook saw it.
+///
+/// Kept small (56 bytes, no allocation of its own in the common case): a transaction may record
+/// millions of them, and they stay until it ends. The row images live in the capture's one byte
+/// buffer; values are kept only while a table's shape is unknown, or for a key that is not the rowid.
 struct RowChange {
     enum Operation: UInt8 { case insert, update, delete }
-    var operation: Operation
-    /// Index into `ChangeCapture.tables`.
-    var table: Int32
-    /// Trigger depth: 0 for the statement's own changes.
-    var depth: Int32
-    var unit: Int32
+    /// The key when it is not the rowid, and the whole rows while the table's shape is unknown.
+    var values: RowValues?
     /// The old rowid (update, delete) or the new one (insert).
     var rowid: Int64
     /// An update's new rowid (the same as `rowid` unless the update moved the row).
     var newRowid: Int64 = 0
-    /// The primary key values, in key order (old ones for update/delete); `nil` while the table's
-    /// shape is unknown, and for rowid tables without a declared key (the key is `[rowid]`).
-    var key: [JSONValue]?
-    /// The whole row before the change (while the table's shape is unknown).
-    var before: [JSONValue]?
-    /// The whole row after the change (while the shape is unknown).
-    var after: [JSONValue]?
-    /// The row images, written as JSON objects into `ChangeCapture.imageBytes` when images are
-    /// recorded and the shape is known: the row before the change (update, delete) and after it
-    /// (insert, update).
-    var beforeImage: Range<Int>?
-    var afterImage: Range<Int>?
+    /// Where the row images start in `ChangeCapture.imageBytes`, when images are recorded and the
+    /// shape is known: the JSON object of the row before the change (update, delete), `beforeCount`
+    /// bytes, then the one after it (insert, update), `afterCount` bytes. 0: no such image.
+    var imageStart = 0
+    var beforeCount: UInt32 = 0
+    var afterCount: UInt32 = 0
+    /// Index into `ChangeCapture.tables`.
+    var table: Int32
+    var unit: Int32
+    /// Trigger depth: 0 for the statement's own changes.
+    var depth: Int32
+    var operation: Operation
+    /// The key is `[rowid]` (the table's shape was known and says so).
+    var keyIsRowid = false
+
+    init(operation: Operation, table: Int32, depth: Int32, unit: Int32, rowid: Int64, newRowid: Int64) {
+        self.operation = operation
+        self.table = table
+        self.depth = depth
+        self.unit = unit
+        self.rowid = rowid
+        self.newRowid = newRowid
+    }
+
+    /// The primary key values, in key order (old ones for update/delete), when recorded as values.
+    var key: [JSONValue]? { self.values?.key }
+    /// The whole row before the change (while the table's shape was unknown).
+    var before: [JSONValue]? { self.values?.before }
+    /// The whole row after the change (while the shape was unknown).
+    var after: [JSONValue]? { self.values?.after }
+
+    var beforeImage: Range<Int>? {
+        self.beforeCount == 0 ? nil : self.imageStart..<(self.imageStart + Int(self.beforeCount))
+    }
+
+    var afterImage: Range<Int>? {
+        let start = self.imageStart + Int(self.beforeCount)
+        return self.afterCount == 0 ? nil : start..<(start + Int(self.afterCount))
+    }
+}
+
+/// The values a `RowChange` keeps, out of line: most changes need none.
+final class RowValues {
+    let key: [JSONValue]?
+    let before: [JSONValue]?
+    let after: [JSONValue]?
+
+    init(key: [JSONValue]?, before: [JSONValue]?, after: [JSONValue]?) {
+        self.key = key
+        self.before = before
+        self.after = after
+    }
 }
 
 /// A table's columns and primary key, as the committed events need them.
@@ -100,6 +140,77 @@ struct CommittedEvent: Sendable {
     /// The row images as members that follow the properties, written out: `,"rows":[…]` or
     /// `,"before":{…},"after":{…}`.
     var images: [UInt8]?
+}
+
+/// A transaction's committed events, in order.
+///
+/// Those the capture recorded are not made all at once: a transaction of a million rows would
+/// have a million events — each with its properties, images and bytes, over a kilobyte — alive
+/// together. Instead this is a compact plan (a slot per event, the grouped inserts made whole)
+/// over what the capture keeps anyway, and the events are made as they are asked for, a chunk at
+/// a time (`events(_:)`): to journal them before COMMIT, and again to publish them after it. So a
+/// big transaction's memory stays about what its capture needs (see `PooledConnection.commit`).
+/// Valid until the capture is discarded.
+struct CommittedEvents {
+    /// The capture the plan reads, or nil for events made already.
+    private let capture: ChangeCapture?
+    private let plan: CommittedEventPlan
+    private let listed: [CommittedEvent]
+
+    /// Events made already (a prepared transaction's, from its log).
+    init(_ events: [CommittedEvent]) {
+        self.capture = nil
+        self.plan = CommittedEventPlan(database: "", images: false)
+        self.listed = events
+    }
+
+    fileprivate init(capture: ChangeCapture, plan: CommittedEventPlan) {
+        self.capture = capture
+        self.plan = plan
+        self.listed = []
+    }
+
+    var count: Int { self.capture == nil ? self.listed.count : self.plan.slots.count }
+
+    var isEmpty: Bool { self.count == 0 }
+
+    /// The catalog event of event `index`, without making the event.
+    func kind(at index: Int) -> EventKind {
+        guard let capture = self.capture else { return self.listed[index].kind }
+        return capture.kind(of: self.plan.slots[index], in: self.plan)
+    }
+
+    /// Event `index`.
+    func event(at index: Int) -> CommittedEvent {
+        guard let capture = self.capture else { return self.listed[index] }
+        return capture.event(self.plan.slots[index], in: self.plan)
+    }
+
+    /// Every event, made at once (a prepared transaction's log keeps them).
+    var all: [CommittedEvent] { (0..<self.count).map { self.event(at: $0) } }
+}
+
+/// How a transaction's committed events are made from its capture (`ChangeCapture.committedEvents`).
+struct CommittedEventPlan {
+    /// A grouped `insert-rows` / `upsert-rows` (or one a structured insert reports without rows),
+    /// made whole: its images are those of all its rows.
+    struct Group {
+        let kind: EventKind
+        var properties: JSONObject
+        var rows: Int
+        /// `,"rows":[…]`, when images are recorded.
+        var images: [UInt8]?
+    }
+
+    let database: String
+    /// Whether the events carry row images.
+    let images: Bool
+    /// Per event, in order: the position of its entry in the capture (a schema change, an updated
+    /// or deleted row), or `~index` of its group.
+    var slots: [Int] = []
+    var groups: [Group] = []
+    /// The shapes of the tables changed, read once: the events are made twice, alike.
+    var shapes: [Int32: TableShape?] = [:]
 }
 
 /// Records the rows and schema changes one connection makes inside its transaction, so that they
@@ -170,6 +281,9 @@ final class ChangeCapture: @unchecked Sendable {
 
     /// Whether nothing was recorded.
     var isEmpty: Bool { self.entries.isEmpty }
+
+    /// How many row and schema changes were recorded.
+    var recordedCount: Int { self.entries.count }
 
     // MARK: Units and savepoints
 
@@ -286,12 +400,17 @@ final class ChangeCapture: @unchecked Sendable {
         let shape = self.shapes[index]
         let count = Int(sqlite3_preupdate_count(db))
         if let shape, shape.columns.count == count {
-            if op != .insert {
-                change.key = Self.key(shape, rowid: oldRowid) { Self.value(db, $0, old: true) }
-            } else if self.intents[self.unit]?.replace == true, change.depth == 0 {
-                // Only a REPLACE needs an insert's key: to tell the row it replaced from others it removed.
-                change.key = Self.key(shape, rowid: newRowid) { Self.value(db, $0, old: false) }
+            var key: [JSONValue]?
+            // Only a REPLACE needs an insert's key: to tell the row it replaced from others it removed.
+            if op != .insert || (self.intents[self.unit]?.replace == true && change.depth == 0) {
+                if shape.keyIsRowid {
+                    change.keyIsRowid = true  // `rowid` is the old one, or an insert's new one
+                } else {
+                    key = shape.keyColumns.map { Self.value(db, Int32($0), old: op != .insert) }
+                }
             }
+            var before: [JSONValue]?
+            var after: [JSONValue]?
             if self.images {
                 // The images, written out at once: no value is kept for them. (After the key: the
                 // images may read text as a blob. Out of `self` while written: each access to a
@@ -299,14 +418,29 @@ final class ChangeCapture: @unchecked Sendable {
                 var bytes: [UInt8] = []
                 swap(&bytes, &self.imageBytes)
                 let utf8 = self.textIsUTF8
-                if op != .insert { change.beforeImage = Self.writeImage(db, shape, old: true, utf8: utf8, into: &bytes) }
-                if op != .delete { change.afterImage = Self.writeImage(db, shape, old: false, utf8: utf8, into: &bytes) }
+                let start = bytes.count
+                let beforeCount = op == .insert ? 0 : Self.writeImage(db, shape, old: true, utf8: utf8, into: &bytes)
+                let afterCount = op == .delete ? 0 : Self.writeImage(db, shape, old: false, utf8: utf8, into: &bytes)
+                if let beforeCount = UInt32(exactly: beforeCount), let afterCount = UInt32(exactly: afterCount) {
+                    change.imageStart = start
+                    change.beforeCount = beforeCount
+                    change.afterCount = afterCount
+                } else {
+                    // An image of 4 GiB or more: kept as values instead.
+                    bytes.removeSubrange(start...)
+                    if op != .insert { before = Self.values(db, count, old: true) }
+                    if op != .delete { after = Self.values(db, count, old: false) }
+                }
                 swap(&bytes, &self.imageBytes)
+            }
+            if key != nil || before != nil || after != nil {
+                change.values = RowValues(key: key, before: before, after: after)
             }
         } else {
             // Whole rows: the key (and the images) are taken from them once the shape is known.
-            if op != .insert { change.before = Self.values(db, count, old: true) }
-            if op != .delete { change.after = Self.values(db, count, old: false) }
+            change.values = RowValues(
+                key: nil, before: op != .insert ? Self.values(db, count, old: true) : nil,
+                after: op != .delete ? Self.values(db, count, old: false) : nil)
         }
         self.entries.append(.row(change))
     }
@@ -330,16 +464,12 @@ final class ChangeCapture: @unchecked Sendable {
         return index
     }
 
-    private static func key(_ shape: TableShape, rowid: Int64, _ value: (Int32) -> JSONValue) -> [JSONValue] {
-        shape.keyIsRowid ? [.int(rowid)] : shape.keyColumns.map { value(Int32($0)) }
-    }
-
     /// Writes the row the hook sees (before or after the change) as a JSON object into `bytes`;
-    /// returns where it is.
+    /// returns its length.
     /// `utf8`: the database keeps text in UTF-8 (`textIsUTF8`).
     private static func writeImage(
         _ db: OpaquePointer, _ shape: TableShape, old: Bool, utf8: Bool, into bytes: inout [UInt8]
-    ) -> Range<Int> {
+    ) -> Int {
         let start = bytes.count
         shape.imageKeys.withUnsafeBufferPointer { keys in
             var keyStart = 0
@@ -358,7 +488,7 @@ final class ChangeCapture: @unchecked Sendable {
         }
         if shape.imageKeyEnds.isEmpty { bytes.append(UInt8(ascii: "{")) }
         bytes.append(UInt8(ascii: "}"))
-        return start..<bytes.count
+        return bytes.count - start
     }
 
     private static func values(_ db: OpaquePointer, _ count: Int, old: Bool) -> [JSONValue] {
@@ -445,17 +575,17 @@ final class ChangeCapture: @unchecked Sendable {
     // MARK: Committed events
 
     /// The committed events of everything recorded, in order. Call just before COMMIT (the
-    /// events are journaled inside the transaction), and `discardAll` once it committed.
+    /// events are journaled inside the transaction), and `discardAll` once they are published:
+    /// they are made from what the capture keeps, as they are asked for.
     ///
     /// Inserts a statement made directly are one `insert-rows` (or `upsert-rows`) per table, at the
     /// place of the first; updates and deletes are one event per row. A row a `REPLACE` removed to
     /// put the new row with the same key in its place is part of the insert, not a `delete-row`.
-    func committedEvents(database: String) -> [CommittedEvent] {
-        guard !self.entries.isEmpty || !self.intents.isEmpty else { return [] }
+    func committedEvents(database: String) -> CommittedEvents {
+        guard !self.entries.isEmpty || !self.intents.isEmpty else { return CommittedEvents([]) }
         let replacedKeys = self.replacedKeys()
-        var events: [CommittedEvent] = []
-        struct Group { let key: GroupKey; var event: Int; var rows: Int; var images: [UInt8] }
-        var groups: [Group] = []
+        var plan = CommittedEventPlan(database: database, images: self.images)
+        var groupKeys: [GroupKey] = []
         var groupIndex: [GroupKey: Int] = [:]
         var reportedUnits: Set<Int32> = []
         // Rows come in long runs of one statement and table: what the last row needed is kept.
@@ -463,97 +593,126 @@ final class ChangeCapture: @unchecked Sendable {
         var lastUnit: (unit: Int32, intent: StatementIntent)?
         var lastShape: (table: Int32, shape: TableShape?)?
         for (position, entry) in self.entries.enumerated() {
-            switch entry {
-            case .schema(let change):
-                var properties: JSONObject = ["database": .string(database)]
-                properties.merge(change.properties) { _, new in new }
-                events.append(CommittedEvent(kind: change.kind, properties: properties))
-            case .row(let change):
-                let tableName = self.tables[Int(change.table)]
-                if lastShape?.table != change.table { lastShape = (change.table, self.shape(change.table)) }
-                let shape = lastShape!.shape
-                var intent = StatementIntent.other
-                if change.depth == 0 {
-                    if lastUnit?.unit != change.unit { lastUnit = (change.unit, self.intents[change.unit] ?? .other) }
-                    intent = lastUnit!.intent
-                }
-                switch change.operation {
-                case .insert,
-                    .update where intent.kind == .upsert:
-                    let kind: EventKind = intent.kind == .upsert ? .upsertRows : .insertRows
-                    let groupKey = GroupKey(unit: intent.group ?? change.unit, table: change.table, direct: change.depth == 0)
-                    if let index = lastGroup?.key == groupKey ? lastGroup!.index : groupIndex[groupKey] {
-                        lastGroup = (groupKey, index)
-                        // In place: copying the group out and back would copy its images per row.
-                        groups[index].rows += 1
-                        if self.images {
-                            groups[index].images.append(UInt8(ascii: ","))
-                            self.appendImage(change.afterImage, change.after, shape, to: &groups[index].images)
-                        }
-                    } else {
-                        var properties: JSONObject = ["database": .string(database), "table": .string(tableName), "num_rows": 0]
-                        if kind == .insertRows {
-                            properties["ignore"] = .bool(intent.ignore)
-                            properties["replace"] = .bool(intent.replace)
-                        }
-                        events.append(CommittedEvent(kind: kind, properties: properties))
-                        var images: [UInt8] = []
-                        if self.images { self.appendImage(change.afterImage, change.after, shape, to: &images) }
-                        groups.append(Group(key: groupKey, event: events.count - 1, rows: 1, images: images))
-                        groupIndex[groupKey] = groups.count - 1
-                        lastGroup = (groupKey, groups.count - 1)
-                        if change.depth == 0 { reportedUnits.insert(intent.group ?? change.unit) }
+            guard case .row(let change) = entry else {
+                plan.slots.append(position)
+                continue
+            }
+            if lastShape?.table != change.table {
+                if plan.shapes.index(forKey: change.table) == nil { plan.shapes[change.table] = self.shape(change.table) }
+                lastShape = (change.table, plan.shapes[change.table]!)
+            }
+            let shape = lastShape!.shape
+            var intent = StatementIntent.other
+            if change.depth == 0 {
+                if lastUnit?.unit != change.unit { lastUnit = (change.unit, self.intents[change.unit] ?? .other) }
+                intent = lastUnit!.intent
+            }
+            switch change.operation {
+            case .insert,
+                .update where intent.kind == .upsert:
+                let groupKey = GroupKey(unit: intent.group ?? change.unit, table: change.table, direct: change.depth == 0)
+                if let index = lastGroup?.key == groupKey ? lastGroup!.index : groupIndex[groupKey] {
+                    lastGroup = (groupKey, index)
+                    // In place: copying the group out and back would copy its images per row.
+                    plan.groups[index].rows += 1
+                    if plan.images {
+                        plan.groups[index].images!.append(UInt8(ascii: ","))
+                        self.appendImage(change.afterImage, change.after, shape, to: &plan.groups[index].images!)
                     }
-                case .update, .delete:
-                    if change.operation == .delete, replacedKeys.contains(position) { continue }
-                    let key = change.key ?? Self.key(change, shape)
+                } else {
+                    let kind: EventKind = intent.kind == .upsert ? .upsertRows : .insertRows
+                    var properties: JSONObject = [
+                        "database": .string(database), "table": .string(self.tables[Int(change.table)]), "num_rows": 0,
+                    ]
+                    if kind == .insertRows {
+                        properties["ignore"] = .bool(intent.ignore)
+                        properties["replace"] = .bool(intent.replace)
+                    }
                     var images: [UInt8]?
-                    if self.images {
-                        var members: [UInt8] = []
-                        JSONWriter.appendASCII(#","before":"#, to: &members)
-                        self.appendImage(change.beforeImage, change.before, shape, to: &members)
-                        if change.operation == .update {
-                            JSONWriter.appendASCII(#","after":"#, to: &members)
-                            self.appendImage(change.afterImage, change.after, shape, to: &members)
-                        }
+                    if plan.images {
+                        var members = Array(#","rows":["#.utf8)
+                        self.appendImage(change.afterImage, change.after, shape, to: &members)
                         images = members
                     }
-                    let kind: EventKind = change.operation == .update ? .updateRow : .deleteRow
-                    let properties: JSONObject = ["database": .string(database), "table": .string(tableName), "pks": .array(key)]
-                    events.append(CommittedEvent(kind: kind, properties: properties, images: images))
+                    plan.slots.append(~plan.groups.count)
+                    plan.groups.append(CommittedEventPlan.Group(kind: kind, properties: properties, rows: 1, images: images))
+                    groupKeys.append(groupKey)
+                    groupIndex[groupKey] = plan.groups.count - 1
+                    lastGroup = (groupKey, plan.groups.count - 1)
+                    if change.depth == 0 { reportedUnits.insert(intent.group ?? change.unit) }
                 }
+            case .update, .delete:
+                if change.operation == .delete, replacedKeys.contains(position) { continue }
+                plan.slots.append(position)
             }
         }
-        for group in groups {
-            events[group.event].properties["num_rows"] = .integer(group.rows)
-            if self.images {
-                var members: [UInt8] = []
-                members.reserveCapacity(group.images.count + 10)
-                JSONWriter.appendASCII(#","rows":["#, to: &members)
-                members += group.images
-                members.append(UInt8(ascii: "]"))
-                events[group.event].images = members
-            }
+        for index in plan.groups.indices {
+            plan.groups[index].properties["num_rows"] = .integer(plan.groups[index].rows)
+            plan.groups[index].images?.append(UInt8(ascii: "]"))
         }
         // A structured insert reports the rows it was given, even those SQLite ignored.
         var reportedGroups: Set<Int32> = []
         for (unit, intent) in self.intents.sorted(by: { $0.key < $1.key }) {
             let unit = intent.group ?? unit
             guard let reported = intent.reportedRows, let table = intent.table, reportedGroups.insert(unit).inserted else { continue }
-            if let group = groups.first(where: { $0.key.unit == unit && $0.key.direct }) {
-                events[group.event].properties["num_rows"] = .integer(reported)
+            if let group = groupKeys.firstIndex(where: { $0.unit == unit && $0.direct }) {
+                plan.groups[group].properties["num_rows"] = .integer(reported)
             } else if !reportedUnits.contains(unit), intent.kind != .other {
                 var properties: JSONObject = ["database": .string(database), "table": .string(table), "num_rows": .integer(reported)]
                 if intent.kind == .insert {
                     properties["ignore"] = .bool(intent.ignore)
                     properties["replace"] = .bool(intent.replace)
                 }
-                events.append(
-                    CommittedEvent(kind: intent.kind == .upsert ? .upsertRows : .insertRows, properties: properties,
-                                   images: self.images ? Array(#","rows":[]"#.utf8) : nil))
+                plan.slots.append(~plan.groups.count)
+                plan.groups.append(
+                    CommittedEventPlan.Group(
+                        kind: intent.kind == .upsert ? .upsertRows : .insertRows, properties: properties, rows: 0,
+                        images: plan.images ? Array(#","rows":[]"#.utf8) : nil))
             }
         }
-        return events
+        return CommittedEvents(capture: self, plan: plan)
+    }
+
+    /// The catalog event of `plan`'s slot `slot`.
+    fileprivate func kind(of slot: Int, in plan: CommittedEventPlan) -> EventKind {
+        if slot < 0 { return plan.groups[~slot].kind }
+        switch self.entries[slot] {
+        case .schema(let change): return change.kind
+        case .row(let change): return change.operation == .delete ? .deleteRow : .updateRow
+        }
+    }
+
+    /// The committed event of `plan`'s slot `slot`, made from what the capture keeps.
+    fileprivate func event(_ slot: Int, in plan: CommittedEventPlan) -> CommittedEvent {
+        if slot < 0 {
+            let group = plan.groups[~slot]
+            return CommittedEvent(kind: group.kind, properties: group.properties, images: group.images)
+        }
+        switch self.entries[slot] {
+        case .schema(let change):
+            var properties: JSONObject = ["database": .string(plan.database)]
+            properties.merge(change.properties) { _, new in new }
+            return CommittedEvent(kind: change.kind, properties: properties)
+        case .row(let change):
+            let shape = plan.shapes[change.table] ?? nil
+            var images: [UInt8]?
+            if plan.images {
+                var members: [UInt8] = []
+                members.reserveCapacity(Int(change.beforeCount) + Int(change.afterCount) + 20)
+                JSONWriter.appendASCII(#","before":"#, to: &members)
+                self.appendImage(change.beforeImage, change.before, shape, to: &members)
+                if change.operation == .update {
+                    JSONWriter.appendASCII(#","after":"#, to: &members)
+                    self.appendImage(change.afterImage, change.after, shape, to: &members)
+                }
+                images = members
+            }
+            let properties: JSONObject = [
+                "database": .string(plan.database), "table": .string(self.tables[Int(change.table)]),
+                "pks": .array(Self.key(change, shape)),
+            ]
+            return CommittedEvent(kind: change.operation == .update ? .updateRow : .deleteRow, properties: properties, images: images)
+        }
     }
 
     private struct GroupKey: Hashable {
@@ -573,9 +732,9 @@ final class ChangeCapture: @unchecked Sendable {
             let shape = self.shape(change.table)
             switch change.operation {
             case .delete:
-                pendingDeletes[change.unit, default: []].append((position, change.key ?? Self.key(change, shape)))
+                pendingDeletes[change.unit, default: []].append((position, Self.key(change, shape)))
             case .insert:
-                let key = change.key ?? Self.key(change, shape, new: true)
+                let key = Self.key(change, shape, new: true)
                 if let match = pendingDeletes[change.unit]?.firstIndex(where: { $0.key == key }) {
                     replaced.insert(pendingDeletes[change.unit]![match].position)
                     pendingDeletes[change.unit]!.remove(at: match)
@@ -587,8 +746,11 @@ final class ChangeCapture: @unchecked Sendable {
         return replaced
     }
 
-    /// A change's key from its whole row, once the shape is known.
+    /// A change's key: `[rowid]`, the key values recorded, or (recorded while the shape was
+    /// unknown) the key taken from its whole row now that the shape is known.
     private static func key(_ change: RowChange, _ shape: TableShape?, new: Bool = false) -> [JSONValue] {
+        if change.keyIsRowid { return [.int(change.rowid)] }
+        if let key = change.key { return key }
         guard let shape, !shape.keyIsRowid else { return [.int(change.rowid)] }
         guard let row = new || change.operation == .insert ? change.after : change.before else { return [.int(change.rowid)] }
         return shape.keyColumns.map { $0 < row.count ? row[$0] : .null }

@@ -483,6 +483,20 @@ final class SeqLease: Sendable {
 }
 
 extension PooledConnection {
+    /// How many committed events are made, journaled and published at a time. A transaction with
+    /// more never has all its events made at once: they are made for the journal a chunk at a
+    /// time, and made again for publishing after COMMIT (only those someone wants), so that its
+    /// memory stays about what its capture holds (`CommittedEvents`). One with fewer makes them
+    /// once and keeps them until they are published.
+    static let eventChunk = 4096
+
+    /// A transaction that changed at least this many rows gives the memory it used back to the
+    /// system once it ended. Its big buffers went back when freed (`Daemon` maps each on its own),
+    /// but glibc keeps the pages of the many small allocations its events made for reuse:
+    /// `malloc_trim` returns them (megabytes for a million rows; without it RSS creeps up by as
+    /// much with each such transaction). Not after small ones: it walks every arena, for little.
+    static let trimAfterRows = 10_000
+
     /// COMMITs the open transaction with its committed events: journaled inside the transaction
     /// (when the journal is on), then published once the COMMIT succeeded. On a failed COMMIT
     /// that leaves the transaction open (busy, a deferred constraint), the journal rows are taken
@@ -491,15 +505,21 @@ extension PooledConnection {
     func commit(
         database: String, origin: EventOrigin, bus: EventBus, journal: Journal?, events prepared: [CommittedEvent]? = nil
     ) throws(SQLiteError) {
-        let events = prepared ?? self.capture.committedEvents(database: database)
+        let events = prepared.map(CommittedEvents.init) ?? self.capture.committedEvents(database: database)
+        let large = self.capture.recordedCount >= Self.trimAfterRows || events.count > Self.eventChunk
+        defer {
+            // Once the capture is discarded (on a failed COMMIT it stays, and so does its memory).
+            if large, self.capture.isEmpty { _ = evd_malloc_trim() }
+        }
         guard let journal, journal.settings.enabled, !events.isEmpty else {
             try self.sqlite.exec("COMMIT")
-            self.capture.discardAll()
             if !events.isEmpty { bus.publishCommitted(events, origin: origin) }
+            self.capture.discardAll()
             return
         }
-        let entries = events.map { bus.entry(for: $0, origin: origin) }
-        let reservation = bus.reserve(entries.count)
+        let reservation = bus.reserve(events.count)
+        // A small transaction's entries are made once, kept for publishing.
+        var kept: [JournalEntry]?
         // The journal's own rows (and taking them back out) are not changes of the client's.
         try self.capture.withoutRecording { () throws(SQLiteError) in
             do throws(SQLiteError) {
@@ -507,7 +527,15 @@ extension PooledConnection {
                     try self.sqlite.exec(Journal.createSQL)  // a database created after start-up
                     self.journalInsert = try self.sqlite.prepare(SQLText(Journal.insertSQL), from: 0)
                 }
-                try Journal.write(entries, first: reservation.first, time: reservation.timeText, using: self.journalInsert!)
+                let time = reservation.timeText
+                var start = 0
+                while start < events.count {
+                    let chunk = start..<min(events.count, start + Self.eventChunk)
+                    let entries = bus.entries(of: events, chunk, origin: origin)
+                    try Journal.write(entries, first: reservation.first + Int64(start), time: time, using: self.journalInsert!)
+                    if chunk.count == events.count { kept = entries }
+                    start = chunk.upperBound
+                }
                 try self.sqlite.exec("COMMIT")
             } catch {
                 if self.sqlite.inTransaction {
@@ -518,7 +546,13 @@ extension PooledConnection {
                 throw error
             }
         }
+        if let kept {
+            bus.complete(reservation, kept)
+        } else {
+            // Made again, a batch at a time, from the capture (so before it is discarded): the same
+            // bytes as journaled. Events nobody subscribed to are not made at all.
+            bus.complete(reservation) { range, wanted in bus.entries(of: events, range, origin: origin, wanted: wanted) }
+        }
         self.capture.discardAll()
-        bus.complete(reservation, entries)
     }
 }

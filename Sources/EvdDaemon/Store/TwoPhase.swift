@@ -254,7 +254,7 @@ extension PooledConnection {
             throw SQLiteError(code: SQLITE_CONSTRAINT | (3 << 8), message: "FOREIGN KEY constraint failed").evdError  // SQLITE_CONSTRAINT_FOREIGNKEY
         }
         var record = PreparedRecord(
-            xid: xid, database: database, origin: origin, events: self.capture.committedEvents(database: database),
+            xid: xid, database: database, origin: origin, events: self.capture.committedEvents(database: database).all,
             changes: redo.changes, columns: redo.columns)
         guard let log else { return record }
         record.token = try log.save(record)
