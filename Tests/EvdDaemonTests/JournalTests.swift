@@ -12,6 +12,30 @@ private func withoutSubscription(_ event: JSONObject) -> JSONObject {
     return event
 }
 
+/// Subscribes with `arguments` and `since`, and expects the replay to be `delivered` (the same
+/// subscription's live events) event for event, apart from the subscription number, in seq order.
+private func expectReplay(
+    _ daemon: RunningDaemon, _ arguments: JSONObject, since: Int64, equals delivered: [JSONObject],
+    sourceLocation: SourceLocation = #_sourceLocation
+) async throws {
+    try await daemon.withClient { evd in
+        var arguments = arguments
+        arguments["since"] = .int(since)
+        try await evd.request("subscribe", arguments)
+        let (replayed, notices) = await collect(evd, events: delivered.count)
+        #expect(notices.isEmpty, sourceLocation: sourceLocation)
+        let seqs = replayed.compactMap { $0["seq"]?.intValue }
+        #expect(seqs == seqs.sorted() && Set(seqs).count == seqs.count, sourceLocation: sourceLocation)
+        #expect(replayed.count == delivered.count, sourceLocation: sourceLocation)
+        // The first event that differs, if any (not the whole lists: thousands of events).
+        let differs = zip(replayed, delivered).enumerated().first { withoutSubscription($1.0) != withoutSubscription($1.1) }
+        #expect(
+            differs == nil,
+            "event \(differs?.offset ?? 0): replayed \(differs?.element.0 ?? [:]), delivered \(differs?.element.1 ?? [:])",
+            sourceLocation: sourceLocation)
+    }
+}
+
 /// The events of a subscription that follow its response, with any notices among them, until
 /// `count` events arrived (or nothing more comes within `seconds`).
 private func collect(_ evd: EvdConnection, events count: Int, within seconds: Double = 20) async -> (
@@ -295,25 +319,7 @@ struct JournalTests {
                 #expect(seqs == seqs.sorted())
             }
             for (arguments, delivered) in [(all, live.0), (filtered, live.1)] {
-                try await daemon.withClient { evd in
-                    var arguments = arguments
-                    arguments["since"] = .int(head)
-                    try await evd.request("subscribe", arguments)
-                    let (replayed, notices) = await collect(evd, events: delivered.count)
-                    #expect(notices.isEmpty)
-                    let seqs = replayed.compactMap { $0["seq"]?.intValue }
-                    #expect(seqs == seqs.sorted() && Set(seqs).count == seqs.count)
-                    #expect(replayed.count == delivered.count)
-                    // The first event that differs, if any (not the whole lists: thousands of events).
-                    var differs: String?
-                    for (index, event) in replayed.enumerated() where index < delivered.count {
-                        if withoutSubscription(event) != withoutSubscription(delivered[index]) {
-                            differs = "event \(index): replayed \(event), delivered \(delivered[index])"
-                            break
-                        }
-                    }
-                    #expect(differs == nil)
-                }
+                try await expectReplay(daemon, arguments, since: head, equals: delivered)
             }
         }
     }
@@ -374,17 +380,7 @@ struct JournalTests {
             #expect(last["after"]?["n"] == 1)
             // A replay gives what was delivered, byte for byte, and the deletes nobody received live.
             for (arguments, delivered) in [(all, live.0), (filtered, live.1)] {
-                try await daemon.withClient { evd in
-                    var arguments = arguments
-                    arguments["since"] = .int(head)
-                    try await evd.request("subscribe", arguments)
-                    let (replayed, notices) = await collect(evd, events: delivered.count)
-                    #expect(notices.isEmpty)
-                    #expect(replayed.count == delivered.count)
-                    // The first event that differs, if any (not the whole lists: thousands of events).
-                    let differs = zip(replayed, delivered).enumerated().first { withoutSubscription($1.0) != withoutSubscription($1.1) }
-                    #expect(differs == nil, "event \(differs?.offset ?? 0): replayed \(differs?.element.0 ?? [:]), delivered \(differs?.element.1 ?? [:])")
-                }
+                try await expectReplay(daemon, arguments, since: head, equals: delivered)
             }
             try await daemon.withClient { evd in
                 try await evd.request("subscribe", ["events": ["delete-row"], "since": .int(head)])
