@@ -54,20 +54,26 @@ class Failure(Exception):
     pass
 
 
+def post_each(conn, path, bodies, headers, clock):
+    """POSTs the bodies one after another on conn; returns each one's latency by clock (seconds)."""
+    lat = []
+    for body in bodies:
+        t = clock()
+        status, data = request(conn, "POST", path, body, headers)
+        lat.append(clock() - t)
+        if status != 201:
+            raise Failure(f"POST {path}: {status} {data[:300]!r}")
+    return lat
+
+
 def concurrent_client(sock, path, headers, bodies, timeout, barrier, results):
     """One client of the concurrent workload: its bodies one after another, after the barrier."""
     try:
         conn = UnixHTTPConnection(sock, timeout=timeout)
         conn.connect()
-        lat = []
         barrier.wait(timeout)
         start = time.monotonic()
-        for body in bodies:
-            t = time.monotonic()
-            status, data = request(conn, "POST", path, body, headers)
-            lat.append(time.monotonic() - t)
-            if status != 201:
-                raise Failure(f"POST {path}: {status} {data[:300]!r}")
+        lat = post_each(conn, path, bodies, headers, time.monotonic)
         results.put({"start": start, "end": time.monotonic(), "lat": lat})
     except Exception as e:  # noqa: BLE001 -- any failure is the row's reason
         results.put({"error": f"{type(e).__name__}: {e}"})
@@ -196,15 +202,9 @@ def main():
                         conn.close()  # idle meanwhile: the server may have closed it (keep-alive timeout)
                         out.update({"clients": args.clients, "version": version})
                     else:
-                        lat = []
                         cpu0 = time.process_time()
                         start = time.perf_counter()
-                        for body in bodies:
-                            t = time.perf_counter()
-                            status, data = request(conn, "POST", path, body, headers)
-                            lat.append(time.perf_counter() - t)
-                            if status != 201:
-                                raise Failure(f"POST {path}: {status} {data[:300]!r}")
+                        lat = post_each(conn, path, bodies, headers, time.perf_counter)
                         elapsed = time.perf_counter() - start
                         cpu = time.process_time() - cpu0
                         out = benchrows.summary(total, batch, lat, elapsed, version=version,
