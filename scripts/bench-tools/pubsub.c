@@ -141,7 +141,8 @@ static int subscriber(int k, slot_t *slot, void *unused) {
                     last_seq = seq;
                     if (!slot->count++) slot->first_us = now_us(), r.idle_us = g_idle_s * 1e6;
                     slot->bytes += len + 1;
-                } else if ((since = lagged_last_seq(line)) >= 0) {
+                } else if (lagged_last_seq(line) >= 0) {
+                    since = lagged_last_seq(line);
                     if (++resumes > 1000) fail("lagged more than 1000 times, after %ld of %ld events", slot->count, g_n);
                     break;
                 }

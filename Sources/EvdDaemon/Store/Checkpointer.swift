@@ -33,8 +33,6 @@ final class Checkpointer: Sendable {
     }
     /// Used only on `thread`, and by `close`.
     private let state = Mutex(State())
-    /// Checkpoints run, for `stats`.
-    let runs = Atomic<Int>(0)
 
     /// Opened after every commit of a watched connection (the WAL hook runs once the write lock
     /// is released).
@@ -83,7 +81,6 @@ final class Checkpointer: Sendable {
             // SQLITE_BUSY (another checkpoint is running) and a partial checkpoint (a reader still
             // needs old frames) are both fine: the next commit past the threshold asks again.
             sqlite3_wal_checkpoint_v2(connection.handle, nil, SQLITE_CHECKPOINT_PASSIVE, nil, nil)
-            self.runs.add(1, ordering: .relaxed)
         }
     }
 

@@ -32,7 +32,6 @@ public final class PooledConnection: @unchecked Sendable {
     /// The rows and schema changes of the open transaction, for its committed events.
     let capture: ChangeCapture
     var queryOnly = false
-    var busyTimeoutMs: Int32
     /// The journal's insert, prepared on first commit with events.
     var journalInsert: SQLiteStatement?
     /// In a two-phase transaction: every change is recorded with whole rows (its redo log).
@@ -46,7 +45,6 @@ public final class PooledConnection: @unchecked Sendable {
         self.sqlite = sqlite
         self.observer = observer
         self.capture = ChangeCapture(connection: sqlite)
-        self.busyTimeoutMs = busyTimeoutMs
         self.busy = BusyWaiter(gate: gate, timeoutMs: busyTimeoutMs)
         self.busy.install(on: sqlite)
     }
@@ -56,16 +54,14 @@ public final class PooledConnection: @unchecked Sendable {
         sqlite3_busy_handler(self.sqlite.handle, nil, nil)
     }
 
-    /// Applies a session's `query_only` and `busy_timeout_ms`, touching SQLite only for what changed.
+    /// Applies a session's `query_only` (touching SQLite only if it changed) and `busy_timeout_ms`
+    /// (what the connection's `BusyWaiter` waits).
     func apply(queryOnly: Bool, busyTimeoutMs: Int32) throws(SQLiteError) {
         if queryOnly != self.queryOnly {
             try self.sqlite.exec("PRAGMA query_only = \(queryOnly ? 1 : 0)")
             self.queryOnly = queryOnly
         }
-        if busyTimeoutMs != self.busyTimeoutMs {
-            self.busy.timeoutMs = busyTimeoutMs
-            self.busyTimeoutMs = busyTimeoutMs
-        }
+        self.busy.timeoutMs = busyTimeoutMs
     }
 }
 
