@@ -122,6 +122,10 @@ final class Outbox: Sendable {
         var parkedBytes = 0
         /// A replay waiting in `drained()` for the queue to be written.
         var drainWaiters: [CheckedContinuation<Void, Never>] = []
+        /// Where a line is written at once by whoever queues it, when nothing is ahead of it.
+        var writeThrough: WriteThrough?
+        /// Batches taken by the event loop whose write has not completed (`written()`).
+        var inFlight = 0
     }
 
     private let state = Mutex(State())
@@ -143,14 +147,34 @@ final class Outbox: Sendable {
         wakeup?.resume()
     }
 
-    /// Queues a response or notice line (never dropped).
+    /// Lets lines be written on the calling thread when nothing is ahead of them (see `WriteThrough`).
+    func adopt(_ writeThrough: WriteThrough) {
+        self.state.withLock { state in
+            if !state.closing { state.writeThrough = writeThrough }
+        }
+    }
+
+    /// Queues a response, notice or veto line (never dropped). When nothing is queued or being
+    /// written, the line is written at once on this thread, and the event loop is not woken.
     func enqueue(line: [UInt8]) {
         let wakeup = self.state.withLock { state -> Wakeup? in
             guard !state.closing else { return nil }
+            var line = line
+            if let writeThrough = state.writeThrough, state.chunks.isEmpty, state.inFlight == 0 {
+                switch writeThrough.write(line) {
+                case .all: return nil
+                case .part(let count): line.removeFirst(count)
+                }
+            }
             state.chunks.append(.line(line))
             return Self.scheduleFlush(&state)
         }
         wakeup?.resume()
+    }
+
+    /// The event loop finished writing a batch `take()` returned.
+    func written() {
+        self.state.withLock { $0.inFlight -= 1 }
     }
 
     /// Queues an event for `subscription`, applying its overflow policy when the queue is full.
@@ -187,6 +211,7 @@ final class Outbox: Sendable {
                     ]
                     state.chunks.append(.line(notice.jsonBytes + [0x0a]))
                     state.closing = true
+                    state.writeThrough = nil
                     state.laggedOut = true
                     // Resuming only schedules the watcher's task, so it is safe under the lock.
                     state.closeWatcher?.resume(returning: true)
@@ -281,6 +306,7 @@ final class Outbox: Sendable {
     func close() {
         let (wakeup, watcher, laggedOut, drainWaiters) = self.state.withLock { state in
             state.closing = true
+            state.writeThrough = nil
             let watcher = state.closeWatcher
             state.closeWatcher = nil
             defer { state.drainWaiters = [] }
@@ -324,6 +350,7 @@ final class Outbox: Sendable {
             }
             state.queuedEvents.removeAll(keepingCapacity: true)
             state.queuedBytes = state.parkedBytes
+            state.inFlight += 1
             defer { state.drainWaiters = [] }
             return (.batch(chunks, closeAfter: state.closing), state.drainWaiters)
         }

@@ -47,6 +47,9 @@ final class SessionHandler: ChannelDuplexHandler {
         let eventLoop = context.eventLoop
         session.outbox.attach { eventLoop.execute { handler.value.flush() } }
         session.inbox.onRoom { eventLoop.execute { handler.value.resumeReading() } }
+        WriteThrough.make(for: context.channel).whenSuccess { writeThrough in
+            if let writeThrough { session.outbox.adopt(writeThrough) }
+        }
         for frame in self.early { self.receive(frame, session) }
         self.early = []
         if !context.channel.isActive {
@@ -146,14 +149,14 @@ final class SessionHandler: ChannelDuplexHandler {
             case .batch(let chunks, let closeAfter):
                 var buffer = context.channel.allocator.buffer(capacity: chunks.reduce(0) { $0 + $1.byteCount })
                 for chunk in chunks { chunk.write(into: &buffer) }
+                // Until the batch is written, lines must queue behind it (`Outbox.enqueue(line:)`).
+                let written = context.writeAndFlush(self.wrapOutboundOut(buffer))
+                written.whenComplete { _ in outbox.written() }
                 if closeAfter {
                     let channel = context.channel
-                    context.writeAndFlush(self.wrapOutboundOut(buffer)).whenComplete { _ in
-                        channel.close(promise: nil)
-                    }
+                    written.whenComplete { _ in channel.close(promise: nil) }
                     return
                 }
-                context.writeAndFlush(self.wrapOutboundOut(buffer), promise: nil)
             }
         }
     }
