@@ -62,14 +62,9 @@ enum SQLParameters: Sendable {
             if count > 0 { throw .badRequest(field: "params", "the SQL takes \(count) parameter(s) but none were given") }
             return .array([])
         case .positional(let values):
-            guard cursor + count <= values.count else {
-                throw .badRequest(
-                    field: "params", "the SQL takes at least \(cursor + count) parameter(s), \(values.count) given")
-            }
-            let slice = Array(values[cursor..<(cursor + count)])
-            for (offset, value) in slice.enumerated() { try Self.bind(value, statement, offset + 1) }
-            cursor += count
-            return .array(slice)
+            let start = cursor
+            try self.bindPositional(values, statement, count: count, cursor: &cursor)
+            return .array(start == 0 && count == values.count ? values : Array(values[start..<cursor]))
         case .named(let object):
             var bound = JSONObject()
             for index in stride(from: 1, through: count, by: 1) {
@@ -85,6 +80,26 @@ enum SQLParameters: Sendable {
             }
             return .object(bound)
         }
+    }
+
+    /// Binds this statement's parameters like `bind`, without making the events' copy of them (an
+    /// executemany's sets are in its events already).
+    func bindOnly(_ statement: SQLiteStatement, cursor: inout Int) throws(EvdError) {
+        if case .positional(let values) = self {
+            try self.bindPositional(values, statement, count: statement.parameterCount, cursor: &cursor)
+        } else {
+            _ = try self.bind(statement, cursor: &cursor)
+        }
+    }
+
+    private func bindPositional(
+        _ values: [JSONValue], _ statement: SQLiteStatement, count: Int, cursor: inout Int
+    ) throws(EvdError) {
+        guard cursor + count <= values.count else {
+            throw .badRequest(field: "params", "the SQL takes at least \(cursor + count) parameter(s), \(values.count) given")
+        }
+        for offset in 0..<count { try Self.bind(values[cursor + offset], statement, offset + 1) }
+        cursor += count
     }
 
     private static func bind(_ value: JSONValue, _ statement: SQLiteStatement, _ index: Int) throws(EvdError) {
@@ -426,7 +441,7 @@ struct SQLRun {
                     var cursor = 0
                     statement.reset()
                     do {
-                        _ = try set.bind(statement, cursor: &cursor)
+                        try set.bindOnly(statement, cursor: &cursor)
                     } catch {
                         var error = error
                         error.extra["field"] = .string("params[\(index)]")

@@ -220,7 +220,7 @@ public final class SQLiteStatement: @unchecked Sendable {
         case .int(let n): rc = sqlite3_bind_int64(self.handle, i, n)
         case .double(let d): rc = sqlite3_bind_double(self.handle, i, d)
         case .string(let s):
-            rc = sqlite3_bind_text64(self.handle, i, s, UInt64(s.utf8.count), evd_sqlite_transient(), UInt8(SQLITE_UTF8))
+            rc = self.bindText(s, at: i)
         case .object(let o):
             // The only object a parameter may be: a blob {"$base64": "..."}; callers validated it.
             let bytes = o["$base64"]?.stringValue.flatMap(Base64.decode) ?? []
@@ -245,9 +245,22 @@ public final class SQLiteStatement: @unchecked Sendable {
 
     /// Binds text to parameter `index` (1-based).
     func bind(text value: String, at index: Int32) throws(SQLiteError) {
-        let rc = sqlite3_bind_text64(
-            self.handle, index, value, UInt64(value.utf8.count), evd_sqlite_transient(), UInt8(SQLITE_UTF8))
+        let rc = self.bindText(value, at: index)
         if rc != SQLITE_OK { throw self.connection.lastError(rc, sql: self.sql) }
+    }
+
+    /// Binds a string's UTF-8 bytes where they are (SQLite copies them), not through a C-string
+    /// copy of its own as passing a `String` for a `char *` would make.
+    private func bindText(_ value: String, at index: Int32) -> Int32 {
+        var value = value
+        return value.withUTF8 { bytes in
+            // An empty string still needs a pointer: NULL would bind NULL, not ''.
+            guard let base = bytes.baseAddress, !bytes.isEmpty else {
+                return sqlite3_bind_text64(self.handle, index, "", 0, evd_sqlite_transient(), UInt8(SQLITE_UTF8))
+            }
+            let text = UnsafeRawPointer(base).assumingMemoryBound(to: CChar.self)
+            return sqlite3_bind_text64(self.handle, index, text, UInt64(bytes.count), evd_sqlite_transient(), UInt8(SQLITE_UTF8))
+        }
     }
 
     /// Binds bytes as a blob (`nil`: NULL) to parameter `index` (1-based).

@@ -173,14 +173,22 @@ enum StructuredOp: Sendable {
         return specs
     }
 
+    /// The rows of `insert`/`upsert`/`create_table`, each value already as SQLite stores it (`cell`).
     private static func rowObjects(_ values: [JSONValue]) throws(EvdError) -> [JSONObject] {
         var rows: [JSONObject] = []
         rows.reserveCapacity(values.count)
         for (index, value) in values.enumerated() {
-            guard case .object(let row) = value else {
+            guard case .object(var row) = value else {
                 throw .badRequest(field: "rows[\(index)]", "rows must be a list of objects, rows[\(index)] is \(value.typeName)")
             }
-            for (column, cell) in row { _ = try Self.cell(cell, field: "rows[\(index)].\(column)") }
+            for position in row.values.indices {
+                switch row.values[position] {
+                case .null, .int, .double, .string:
+                    continue  // stored as it is
+                case let cell:
+                    row.values[position] = try Self.cell(cell, field: "rows[\(index)].\(row.keys[position])")
+                }
+            }
             rows.append(row)
         }
         return rows
@@ -366,7 +374,11 @@ extension SQLRun {
         intent.table = table
         intent.group = self.connection.capture.newGroup()
         var columnNames: OrderedSet<String> = []
-        for row in rows { for key in row.keys { columnNames.append(key) } }
+        var previous: OrderedSet<String>? = nil
+        for row in rows where previous.map({ !row.keys.elementsEqual($0) }) ?? true {
+            for key in row.keys { columnNames.append(key) }
+            previous = row.keys
+        }
         var columns = try self.columns(of: table)
         let shape = try self.shape(of: table)
         let isRowidTable = shape.keyColumns.isEmpty
@@ -452,14 +464,8 @@ extension SQLRun {
             sql += updates.isEmpty ? "NOTHING" : "UPDATE SET " + updates.map { "\(SQLIdentifier.quote($0)) = excluded.\(SQLIdentifier.quote($0))" }.joined(separator: ", ")
         }
         if returning { sql += " RETURNING *" }
-        var sets: [[JSONValue]] = []
-        sets.reserveCapacity(rows.count)
-        for (offset, row) in rows.enumerated() {
-            var values: [JSONValue] = []
-            values.reserveCapacity(names.count)
-            for (name, value) in row { values.append(try StructuredOp.cell(value, field: "rows[\(first + offset)].\(name)")) }
-            sets.append(values)
-        }
+        // The values are stored as they are (`rowObjects` made them so), in `names` order.
+        let sets = rows.map(\.values.elements)
         var returned: [JSONValue] = []
         let changed = try self.runStatement(sql, sets, intent: intent) { statement in
             if returning { returned.append(Self.rowObject(statement)) }
