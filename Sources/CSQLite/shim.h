@@ -34,4 +34,12 @@ static inline int evd_malloc_trim(void) { return 0; }
 static inline int evd_malloc_mmap_threshold(int bytes) { (void)bytes; return 0; }
 #endif
 
+/// Names the calling thread (what `top -H` and `perf` show); prctl is variadic and does not import.
+#ifdef __linux__
+#include <sys/prctl.h>
+static inline void evd_set_thread_name(const char *name) { prctl(PR_SET_NAME, name, 0, 0, 0); }
+#else
+static inline void evd_set_thread_name(const char *name) { (void)name; }
+#endif
+
 #endif

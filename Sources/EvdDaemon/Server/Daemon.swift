@@ -71,12 +71,17 @@ public final class Daemon: Service, CustomStringConvertible {
         // replays, retention).
         let threadPool = NIOThreadPool(numberOfThreads: totalConnections + self.configuration.databases.count + 2)
         threadPool.start()
+        // Sessions' requests, SQLite work included: a thread per pooled connection (each may
+        // block in SQLite), and two for the requests that hold no connection meanwhile.
+        let databaseThreads = DatabaseThreads(count: totalConnections + 2)
+        databaseThreads.start()
+        defer { databaseThreads.shutdown() }
         let group = MultiThreadedEventLoopGroup.singleton
         let (journal, head) = try await self.openJournal(on: threadPool)
         let bus = EventBus(lastSeq: head, lease: journal.lease, vetoLatency: self.metrics.observeVetoLatency)
         let core = DaemonCore(
             configuration: self.configuration, bus: bus, journal: journal.settings.enabled ? journal : nil,
-            threadPool: threadPool, eventLoop: group.next(), tokens: tokens)
+            threadPool: threadPool, databaseThreads: databaseThreads, eventLoop: group.next(), tokens: tokens)
 
         let server: NIOAsyncChannel<any Channel, Never>
         let createdPath: String?

@@ -17,6 +17,8 @@ final class DaemonCore: Sendable {
     let journal: Journal?
     /// Runs blocking work (SQLite) off the event loops and the cooperative pool.
     let threadPool: NIOThreadPool
+    /// Where sessions run their requests, SQLite work included (see `DatabaseThreads`).
+    let databaseThreads: DatabaseThreads
     /// The pools in `--db` order; the first is the default database.
     let pools: OrderedDictionary<String, ConnectionPool>
     let permissions: Permissions
@@ -33,8 +35,9 @@ final class DaemonCore: Sendable {
 
     init(
         configuration: EvdConfiguration, bus: EventBus, journal: Journal?, threadPool: NIOThreadPool,
-        eventLoop: any EventLoop, tokens: TokenAuthority
+        databaseThreads: DatabaseThreads, eventLoop: any EventLoop, tokens: TokenAuthority
     ) {
+        self.databaseThreads = databaseThreads
         self.configuration = configuration
         self.bus = bus
         self.journal = journal

@@ -73,7 +73,10 @@ final class Session: Sendable {
         }
         await withTaskGroup(of: Void.self) { group in
             group.addTask { await self.cutOffIfLagged(channel) }
-            await self.execute(channel: channel)
+            // The requests run on a database thread, SQLite work and all (`DatabaseThreads`).
+            await withTaskExecutorPreference(self.core.databaseThreads) {
+                await self.execute(channel: channel)
+            }
             await group.waitForAll()
         }
         try? await channel.closeFuture.get()

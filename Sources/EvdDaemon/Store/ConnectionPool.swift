@@ -142,9 +142,11 @@ public final class ConnectionPool: Sendable {
         ]
     }
 
-    /// Runs blocking SQLite work on the thread pool.
+    /// Runs blocking SQLite work: right here on a session's database thread (`DatabaseThreads`),
+    /// else on the thread pool.
     func run<T: Sendable>(_ body: @escaping @Sendable () throws -> T) async throws -> T {
-        try await self.threadPool.runIfActive(body)
+        if DatabaseThreads.isCurrentThread { return try body() }
+        return try await self.threadPool.runIfActive(body)
     }
 
     private func poolProperties(_ number: Int) -> JSONObject {
