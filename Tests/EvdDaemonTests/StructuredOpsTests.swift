@@ -998,4 +998,43 @@ struct StructuredOpsTests {
             }
         }
     }
+
+    // The structured ops read the schema through a per-connection cache (`SchemaCache`): these
+    // change the schema every way a cached read could go stale, and check what the ops then see.
+
+    @Test("the structured ops see a schema change made by raw SQL, by another connection, and after a rolled-back one")
+    func schemaChangesReachTheOps() async throws {
+        try await withStructuredClient(dogsSQL) { daemon, evd in
+            #expect(try await evd.request("insert", ["table": "dogs", "rows": [["id": 1, "name": "Rex"]]])["inserted"] == 1)
+            // A column added by raw SQL is known to the next insert.
+            try await evd.request("execute", ["sql": "alter table dogs add column color text"])
+            #expect(try await evd.request("insert", ["table": "dogs", "rows": [["id": 2, "name": "Fido", "color": "red"]]])["inserted"] == 1)
+            // A table created and rolled back in a transaction: the insert into it fails afterwards.
+            try await evd.request("begin")
+            try await evd.request("execute", ["sql": "create table cats(id integer primary key, name text)"])
+            #expect(try await evd.request("insert", ["table": "cats", "rows": [["id": 1, "name": "Tom"]]])["inserted"] == 1)
+            try await evd.request("rollback")
+            let gone = try await evd.expectError("insert", ["table": "cats", "rows": [["id": 1, "name": "Tom"]]])
+            #expect(gone.code == "no_such_table", "\(gone)")
+            // Another connection creates a different table (the schema cookie reaches the value the
+            // rolled-back one had): this connection's ops see that one, not the rolled-back one.
+            try await daemon.withClient { other in
+                try await other.request("execute", ["sql": "create table birds(id integer primary key, song text)"])
+            }
+            #expect(try await evd.request("insert", ["table": "birds", "rows": [["id": 1, "song": "tweet"]]])["inserted"] == 1)
+            let stillGone = try await evd.expectError("insert", ["table": "cats", "rows": [["id": 2, "name": "Tom"]]])
+            #expect(stillGone.code == "no_such_table", "\(stillGone)")
+            // A savepoint rolled back inside a transaction takes its column with it.
+            try await evd.request("begin")
+            try await evd.request("savepoint", ["name": "s"])
+            try await evd.request("execute", ["sql": "alter table birds add column wings integer"])
+            #expect(try await evd.request("insert", ["table": "birds", "rows": [["id": 2, "song": "caw", "wings": 2]]])["inserted"] == 1)
+            try await evd.request("rollback_savepoint", ["name": "s"])
+            let noColumn = try await evd.expectError("insert", ["table": "birds", "rows": [["id": 3, "song": "coo", "wings": 2]]])
+            #expect(noColumn.code == "bad_request" && noColumn.message.contains("wings"), "\(noColumn)")
+            try await evd.request("commit")
+            #expect(try await describeColumns(evd, "birds").count == 2)
+            #expect(try await evd.rows("select id, name, color from dogs order by id") == [[1, "Rex", .null], [2, "Fido", "red"]])
+        }
+    }
 }

@@ -198,6 +198,7 @@ extension Session {
         let connection = transaction.connection
         try? await transaction.pool.run {
             connection.capture.discardAll()
+            connection.schema.clear()  // the schema cookie goes back (see `SchemaCache`)
             try connection.sqlite.exec("ROLLBACK")
         }
         if let xid = transaction.xid {

@@ -122,6 +122,7 @@ extension Session {
                     // Forgotten first: a crash after it rolls back all the same.
                     if record.token != 0 { try log.remove(token: record.token) }
                     try connection.sqlite.exec("ROLLBACK")
+                    connection.schema.clear()
                 }
             }
         } catch {

@@ -31,6 +31,8 @@ public final class PooledConnection: @unchecked Sendable {
     let observer: AuthorizerObserver
     /// The rows and schema changes of the open transaction, for its committed events.
     let capture: ChangeCapture
+    /// The schema reads evd's own work needs, kept while the schema stays the same.
+    let schema = SchemaCache()
     var queryOnly = false
     /// The journal's insert, prepared on first commit with events.
     var journalInsert: SQLiteStatement?
@@ -279,7 +281,10 @@ public final class ConnectionPool: Sendable {
         do {
             rolledBack = try await self.run {
                 let open = connection.sqlite.inTransaction
-                if open { try? connection.sqlite.exec("ROLLBACK") }
+                if open {
+                    try? connection.sqlite.exec("ROLLBACK")
+                    connection.schema.clear()  // the schema cookie went back (see `SchemaCache`)
+                }
                 connection.capture.discardAll()
                 connection.twoPhase = false
                 try? connection.apply(queryOnly: false, busyTimeoutMs: self.defaultBusyTimeoutMs)

@@ -309,6 +309,9 @@ struct SQLRun {
         capture.beginUnit(intent)
         do {
             if actions.isEmpty { return try body() }
+            // A savepoint rolled back since may have taken the schema cookie back to where this
+            // statement takes it again, with another schema (see `SchemaCache`).
+            self.connection.schema.clear()
             return try self.withSchemaEvents(sql: statement.sql, actions: actions, body)
         } catch {
             capture.failUnit()
@@ -318,6 +321,7 @@ struct SQLRun {
 
     private func rollback() {
         self.connection.capture.discardAll()
+        self.connection.schema.clear()  // the schema cookie goes back (see `SchemaCache`)
         try? self.sqlite.exec("ROLLBACK")
         self.bus.emit(.rollback, self.origin) { self.transactionProperties() }
     }

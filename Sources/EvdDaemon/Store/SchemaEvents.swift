@@ -123,39 +123,45 @@ extension SQLRun {
 
     /// `sqlite_schema` of the main database, by lower-cased name (SQLite's names ignore case).
     func schemaSnapshot() throws(EvdError) -> [String: SchemaEntry] {
-        var entries: [String: SchemaEntry] = [:]
+        let sqlite = self.sqlite
         do {
-            guard let statement = try self.sqlite.prepare(SQLText("SELECT type, name, sql FROM main.sqlite_schema"), from: 0)
-            else { return [:] }
-            while try statement.step() {
-                let entry = SchemaEntry(
-                    type: statement.column(0).stringValue ?? "", name: statement.column(1).stringValue ?? "",
-                    sql: statement.column(2).stringValue)
-                entries[entry.name.lowercased()] = entry
+            return try self.connection.schema.snapshot(sqlite) { () throws(SQLiteError) in
+                var entries: [String: SchemaEntry] = [:]
+                guard let statement = try sqlite.prepare(SQLText("SELECT type, name, sql FROM main.sqlite_schema"), from: 0)
+                else { return [:] }
+                while try statement.step() {
+                    let entry = SchemaEntry(
+                        type: statement.column(0).stringValue ?? "", name: statement.column(1).stringValue ?? "",
+                        sql: statement.column(2).stringValue)
+                    entries[entry.name.lowercased()] = entry
+                }
+                return entries
             }
         } catch {
             throw error.evdError
         }
-        return entries
     }
 
     /// A table's columns, as `describe` and the attach events give them.
     func columns(of table: String) throws(EvdError) -> [ColumnInfo] {
+        let sqlite = self.sqlite
         do {
-            guard
-                let statement = try self.sqlite.prepare(
-                    SQLText("SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_info(\(SQLIdentifier.literal(table)), 'main')"),
-                    from: 0)
-            else { return [] }
-            var columns: [ColumnInfo] = []
-            while try statement.step() {
-                columns.append(
-                    ColumnInfo(
-                        name: statement.column(0).stringValue ?? "", type: statement.column(1).stringValue ?? "",
-                        notNull: statement.column(2).intValue == 1, defaultValue: statement.column(3),
-                        pk: statement.column(4).intValue ?? 0))
+            return try self.connection.schema.columns(of: table, sqlite) { () throws(SQLiteError) in
+                guard
+                    let statement = try sqlite.prepare(
+                        SQLText("SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_info(\(SQLIdentifier.literal(table)), 'main')"),
+                        from: 0)
+                else { return [] }
+                var columns: [ColumnInfo] = []
+                while try statement.step() {
+                    columns.append(
+                        ColumnInfo(
+                            name: statement.column(0).stringValue ?? "", type: statement.column(1).stringValue ?? "",
+                            notNull: statement.column(2).intValue == 1, defaultValue: statement.column(3),
+                            pk: statement.column(4).intValue ?? 0))
+                }
+                return columns
             }
-            return columns
         } catch {
             throw error.evdError
         }
@@ -203,5 +209,73 @@ struct ColumnInfo: Sendable, Equatable {
 
     var jsonObject: JSONObject {
         ["name": .string(self.name), "type": .string(self.type), "notnull": .bool(self.notNull), "default": self.defaultValue, "pk": .int(self.pk)]
+    }
+}
+
+/// What evd reads of a connection's schema for its own work (the tables, their columns and keys),
+/// kept while the schema stays the same: a one-row insert would otherwise spend most of its time
+/// preparing and running these reads again.
+///
+/// Every use first compares the schema cookie (`PRAGMA schema_version`, a prepared statement kept
+/// here: about a microsecond), which moves with every schema change, committed by any connection
+/// or made inside this connection's transaction. A rolled-back change takes the cookie back to a
+/// number it may reach again with a different schema, so a rollback forgets everything (`clear`).
+/// `@unchecked Sendable`: like its connection, used by one thread at a time.
+final class SchemaCache: @unchecked Sendable {
+    private var version: Int64 = -1
+    private var versionStatement: SQLiteStatement?
+    private var snapshot: [String: SchemaEntry]?
+    private var columns: [String: [ColumnInfo]] = [:]
+    private var shapes: [String: TableShape] = [:]
+
+    /// Forgets everything read so far.
+    func clear() {
+        self.version = -1
+        self.snapshot = nil
+        self.columns = [:]
+        self.shapes = [:]
+    }
+
+    /// Forgets what was read under another schema than the current one.
+    private func validate(_ sqlite: SQLiteConnection) throws(SQLiteError) {
+        if self.versionStatement == nil {
+            self.versionStatement = try sqlite.prepare(SQLText("PRAGMA main.schema_version"), from: 0)
+        }
+        guard let statement = self.versionStatement else { return self.clear() }
+        statement.reset()
+        defer { statement.reset() }
+        let current = try statement.step() ? statement.column(0).intValue ?? -1 : -1
+        if current != self.version || current == -1 {
+            self.clear()
+            self.version = current
+        }
+    }
+
+    func snapshot(_ sqlite: SQLiteConnection, read: () throws(SQLiteError) -> [String: SchemaEntry]) throws(SQLiteError)
+        -> [String: SchemaEntry]
+    {
+        try self.validate(sqlite)
+        if let snapshot = self.snapshot { return snapshot }
+        let snapshot = try read()
+        self.snapshot = snapshot
+        return snapshot
+    }
+
+    func columns(of table: String, _ sqlite: SQLiteConnection, read: () throws(SQLiteError) -> [ColumnInfo])
+        throws(SQLiteError) -> [ColumnInfo]
+    {
+        try self.validate(sqlite)
+        if let columns = self.columns[table] { return columns }
+        let columns = try read()
+        self.columns[table] = columns
+        return columns
+    }
+
+    func shape(of table: String, _ sqlite: SQLiteConnection) throws(SQLiteError) -> TableShape? {
+        try self.validate(sqlite)
+        if let shape = self.shapes[table] { return shape }
+        let shape = try TableShape.read(table, on: sqlite)
+        if let shape { self.shapes[table] = shape }
+        return shape
     }
 }

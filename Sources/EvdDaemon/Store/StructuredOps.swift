@@ -578,7 +578,7 @@ extension SQLRun {
 
     private func shape(of table: String) throws(EvdError) -> TableShape {
         do {
-            guard let shape = try TableShape.read(table, on: self.sqlite) else {
+            guard let shape = try self.connection.schema.shape(of: table, self.sqlite) else {
                 throw EvdError(.noSuchTable, "Table not found: \(table)", extra: ["table": .string(table)])
             }
             return shape

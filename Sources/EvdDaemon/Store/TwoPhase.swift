@@ -223,6 +223,7 @@ extension PooledConnection {
             return try self.sqlite.scalarInt("PRAGMA main.schema_version") ?? 0
         } catch {
             try? self.sqlite.exec("ROLLBACK")
+            self.schema.clear()
             throw error
         }
     }
@@ -321,6 +322,7 @@ extension PooledConnection {
             try self.writeMarker(record)
         } catch {
             try? self.sqlite.exec("ROLLBACK")
+            self.schema.clear()
             try? self.sqlite.exec("PRAGMA foreign_keys = ON")
             self.twoPhase = false
             throw error as? TwoPhaseError ?? TwoPhaseError(description: "\(error)")
@@ -564,7 +566,10 @@ extension PreparedTransaction {
         let connection = self.connection
         if self.recovered {
             _ = try? await self.pool.run {
-                if connection.sqlite.inTransaction { try? connection.sqlite.exec("ROLLBACK") }
+                if connection.sqlite.inTransaction {
+                    try? connection.sqlite.exec("ROLLBACK")
+                    connection.schema.clear()
+                }
                 try? connection.sqlite.exec("PRAGMA foreign_keys = ON")
             }
         }
