@@ -322,6 +322,24 @@ struct JSONParserTests {
         #expect(value.jsonString == #"{"a":3,"b":2}"#)
     }
 
+    /// Consecutive objects share the keys of the one before when they are the same (the rows of an
+    /// insert); each object must still come out exactly as written.
+    @Test func consecutiveObjectsWithSimilarKeys() throws {
+        let text = #"[{"a":1,"b":2},{"a":3,"b":4},{"a":5,"bc":6},{"ab":7,"b":8},{"a":9},{"a":1,"b":2,"c":3},"#
+            + #"{"a\"b":1,"b":2},{"a\"b":3,"b":4},{"a":0,"b":1,"a":2},{"a":1,"b":2},{},{"a":1,"b":{"a":2,"b":3}},"#
+            + #"{"é":1,"b":2},{"é":3,"b":4},{"":1},{"":2},{"a":1,"b" :2},{"a" : 3 ,"b":4}]"#
+        let value = try JSONValue(parsing: text)
+        let expected: JSONValue = [
+            ["a": 1, "b": 2], ["a": 3, "b": 4], ["a": 5, "bc": 6], ["ab": 7, "b": 8], ["a": 9], ["a": 1, "b": 2, "c": 3],
+            ["a\"b": 1, "b": 2], ["a\"b": 3, "b": 4], ["a": 2, "b": 1], ["a": 1, "b": 2], [:], ["a": 1, "b": ["a": 2, "b": 3]],
+            ["é": 1, "b": 2], ["é": 3, "b": 4], ["": 1], ["": 2], ["a": 1, "b": 2], ["a": 3, "b": 4],
+        ]
+        #expect(value == expected)  // `OrderedDictionary`'s == compares the order of the keys too
+        // A key that is a prefix of the cached one, or longer, or at the end of the input, is no match.
+        #expect(parseError(#"[{"ab":1},{"a"#)?.message.hasPrefix("unterminated string") == true)
+        #expect(throws: JSONParseError.self) { try JSONValue(parsing: #"[{"ab":1},{"ab"#) }
+    }
+
     @Test func keyOrderIsKept() throws {
         let value = try JSONValue(parsing: #"{"z":1,"a":2,"m":3,"b":{"y":1,"x":2}}"#)
         #expect(value.objectValue?.keys.elements == ["z", "a", "m", "b"])

@@ -1,3 +1,10 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import OrderedCollections
 // A strict RFC 8259 JSON parser over raw bytes.
 //
@@ -114,6 +121,10 @@ private struct _JSONParser {
     var frames: [_Frame] = []
     /// Reused buffer for strings that contain escapes.
     var scratch: [UInt8] = []
+    /// The keys of the last object closed, when none of them needs escaping: the next object
+    /// often has the same ones (the rows of an `insert`), and then shares them instead of making
+    /// each key and the list of keys again.
+    var lastKeys: ContiguousArray<String> = []
 
     init(base: UnsafePointer<UInt8>, count: Int) {
         self.base = base
@@ -244,13 +255,36 @@ private struct _JSONParser {
         guard index < count, base[index] == ASCII.quote else {
             throw unexpected(at: index, expected: "a string key")
         }
-        keys.append(try parseString())
+        let position = keys.count - (frames.last?.keyStart ?? 0)
+        if position < lastKeys.count, let length = plainKeyLength(matching: lastKeys[position]) {
+            keys.append(lastKeys[position])
+            index += length + 2
+        } else {
+            keys.append(try parseString())
+        }
         skipWhitespace()
         guard index < count, base[index] == ASCII.colon else {
             throw unexpected(at: index, expected: "':'")
         }
         index += 1
         skipWhitespace()
+    }
+
+    /// The byte length of `key` when the input at `index` is exactly `"key"` (a key of the last
+    /// object, which needs no escaping, so its bytes are its JSON text).
+    func plainKeyLength(matching key: String) -> Int? {
+        var key = key
+        return key.withUTF8 { bytes -> Int? in
+            let end = index + 1 + bytes.count
+            guard end < count, base[end] == ASCII.quote else { return nil }
+            guard bytes.isEmpty || memcmp(base + index + 1, bytes.baseAddress!, bytes.count) == 0 else { return nil }
+            return bytes.count
+        }
+    }
+
+    /// Whether a key's JSON text is its bytes between quotes (no quote, backslash or control byte).
+    static func isPlain(_ key: String) -> Bool {
+        key.utf8.allSatisfy { $0 >= 0x20 && $0 != ASCII.quote && $0 != ASCII.backslash }
     }
 
     /// Pops the innermost frame and builds its array or object from the tails of the stacks.
@@ -262,10 +296,15 @@ private struct _JSONParser {
         do {
             // `names` must be gone before `keys` is mutated below, or that would copy `keys`.
             let names = keys[frame.keyStart...]
-            if names.count <= 16, Self.allDifferent(names) {
+            if !names.isEmpty, names.elementsEqual(lastKeys) {
+                // The same keys as the last object: share them.
+                object = JSONObject(uncheckedUniqueKeys: lastKeys, values: elements)
+            } else if names.count <= 16, Self.allDifferent(names) {
                 // Fast path: a small object whose keys are all different (the usual case)
                 // is built in one go.
-                object = JSONObject(uncheckedUniqueKeys: names, values: elements)
+                let unique = ContiguousArray(names)
+                object = JSONObject(uncheckedUniqueKeys: unique, values: elements)
+                lastKeys = unique.allSatisfy(Self.isPlain) ? unique : []
             } else {
                 // One by one: for a repeated key the last value wins and the first position is kept.
                 var members = JSONObject(minimumCapacity: names.count)
