@@ -135,7 +135,7 @@ extension Session {
             try await self.vetoable(.begin, on: pool) { self.transactionProperties(transaction) }
             try await pool.run {
                 try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
-                try connection.sqlite.exec("BEGIN")
+                try connection.run(own: "BEGIN")
             }
         } catch {
             await self.checkin(connection, to: pool)

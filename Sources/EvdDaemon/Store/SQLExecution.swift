@@ -291,7 +291,7 @@ struct SQLRun {
     func beginImplicit(immediate: Bool) throws(EvdError) {
         try self.vetoable(.begin) { self.transactionProperties() }
         do {
-            try self.sqlite.exec(immediate ? "BEGIN IMMEDIATE" : "BEGIN")
+            try self.connection.run(own: immediate ? "BEGIN IMMEDIATE" : "BEGIN")
         } catch {
             throw self.failed(error, statement: immediate ? "BEGIN IMMEDIATE" : "BEGIN", parameters: .array([]))
         }

@@ -175,7 +175,9 @@ extension SQLRun {
     /// Runs evd's own SQL (savepoints, not a client's statement: no events).
     func evdSQL(_ sql: String) throws(EvdError) {
         do {
-            try self.sqlite.exec(sql)
+            // One statement is prepared once per connection; a script (`ROLLBACK TO x; RELEASE x`,
+            // on failures only) is run as it is.
+            if sql.contains(";") { try self.sqlite.exec(sql) } else { try self.connection.run(own: sql) }
         } catch {
             throw error.evdError
         }
