@@ -5,6 +5,7 @@ import Musl
 #endif
 import CSQLite
 import EvdClient
+import NIOCore
 
 /// Row images in the compact binary form the pre-update hook records and the journal keeps; JSON
 /// is made from it only for a `rows: true` subscriber, live or replaying, and always by
@@ -498,7 +499,7 @@ struct RunDelivery {
         return bytes
     }
 
-    /// The same events from `index` of the run on (what fits when the rest overflows).
+    /// The first `count` of these events (what fits when the rest overflows).
     func prefix(_ count: Int) -> RunDelivery {
         RunDelivery(
             run: self.run, range: self.range.lowerBound..<(self.range.lowerBound + count), seq: self.seq, time: self.time,
@@ -506,7 +507,24 @@ struct RunDelivery {
     }
 
     /// Every event's line, one after another.
+    func write(into buffer: inout ByteBuffer) {
+        var line: [UInt8] = []
+        line.reserveCapacity(512)
+        self.forEachLine(into: &line) { line in
+            buffer.writeBytes(line)
+            line.removeAll(keepingCapacity: true)
+        }
+    }
+
+    /// Every event's line, one after another.
     func write(into out: inout [UInt8]) {
+        out.reserveCapacity(out.count + self.byteCount)
+        self.forEachLine(into: &out) { _ in }
+    }
+
+    /// Appends each event's line to `out`, then calls `written` (which may take the bytes and
+    /// empty it).
+    private func forEachLine(into out: inout [UInt8], _ written: (inout [UInt8]) -> Void) {
         // `,"event":…,"time":…,"subscription":N`: the same for every event of the run.
         var middle: [UInt8] = []
         var name = self.run.kind.name
@@ -514,7 +532,6 @@ struct RunDelivery {
         middle += self.time
         JSONWriter.appendASCII(EventBus.subscriptionKey, to: &middle)
         JSONWriter.appendInt(Int64(self.subscription), to: &middle)
-        out.reserveCapacity(out.count + self.byteCount)
         let run = self.run
         run.tails.withUnsafeBufferPointer { tails in
             run.images.withUnsafeBytes { images in
@@ -525,6 +542,7 @@ struct RunDelivery {
                         common: run.common, tail: UnsafeBufferPointer(rebasing: tails[run.tailRange(index)]),
                         image: self.rows ? UnsafeRawBufferPointer(rebasing: images[run.imageRange(index)]) : nil,
                         kind: run.kind, columns: run.columns, to: &out)
+                    written(&out)
                 }
             }
         }

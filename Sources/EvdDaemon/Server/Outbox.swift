@@ -66,9 +66,7 @@ enum OutboundChunk {
         case .events(let page):
             buffer.writeBytes(page.bytes)
         case .run(let run):
-            var bytes: [UInt8] = []
-            run.write(into: &bytes)
-            buffer.writeBytes(bytes)
+            run.write(into: &buffer)
         }
     }
 

@@ -250,12 +250,19 @@ final class ChangeCapture: @unchecked Sendable {
     private var imageBytes: [UInt8] = []
     private(set) var tables: [String] = []
     private var tableIndex: [String: Int32] = [:]
-    private var shapes: [Int32: TableShape] = [:]
+    private var shapes: [Int32: TableShape] = [:] {
+        didSet { self.lastShape = nil }
+    }
     /// The column names the recorded images use (`RowChange.columns`): each shape's, once it wrote
     /// an image. Emptied with the entries.
     private(set) var columnSets: [ColumnKeys] = []
     /// The column set of each table's current shape, once it has one (forgotten with the shapes).
-    private var shapeColumns: [Int32: Int32] = [:]
+    private var shapeColumns: [Int32: Int32] = [:] {
+        didSet { self.lastShape = nil }
+    }
+    /// The shape and column set (-1: none yet) of the table the hook saw last, to skip two
+    /// dictionary lookups per row for runs of one table.
+    private var lastShape: (table: Int32, shape: TableShape?, columns: Int32)?
     /// The last table the hook saw, to skip the dictionary lookup for runs of one table.
     private var lastTable: (name: [CChar], index: Int32)?
     /// Statement units: each statement (or each executemany) is one; `intents[unit]` is its meaning.
@@ -417,7 +424,8 @@ final class ChangeCapture: @unchecked Sendable {
         var change = RowChange(
             operation: op, table: index, depth: sqlite3_preupdate_depth(db), unit: self.unit,
             rowid: op == .insert ? newRowid : oldRowid, newRowid: newRowid)
-        let shape = self.shapes[index]
+        if self.lastShape?.table != index { self.lastShape = (index, self.shapes[index], self.shapeColumns[index] ?? -1) }
+        let shape = self.lastShape!.shape
         let count = Int(sqlite3_preupdate_count(db))
         if let shape, shape.columns.count == count {
             var key: [JSONValue]?
@@ -445,7 +453,11 @@ final class ChangeCapture: @unchecked Sendable {
                     change.imageStart = start
                     change.beforeCount = beforeCount
                     change.afterCount = afterCount
-                    change.columns = self.columnSet(of: index, shape)
+                    if self.lastShape!.columns < 0 {
+                        let set = self.columnSet(of: index, shape)
+                        self.lastShape = (index, shape, set)
+                    }
+                    change.columns = self.lastShape!.columns
                 } else {
                     // An image of 4 GiB or more: kept as values instead.
                     bytes.removeSubrange(start...)
@@ -705,6 +717,7 @@ final class ChangeCapture: @unchecked Sendable {
         _ plan: CommittedEventPlan, _ range: Range<Int>, origin: EventOrigin, wanted: UInt64
     ) -> [Publication] {
         var builder = RunBuilder(origin: origin, images: plan.images)
+        var lastShape: (table: Int32, shape: TableShape?)?
         for slot in plan.slots[range] {
             let kind = self.kind(of: slot, in: plan)
             guard wanted & (1 << UInt64(kind.rawValue)) != 0 else {
@@ -743,7 +756,8 @@ final class ChangeCapture: @unchecked Sendable {
                 }
                 builder.endEvent()
             case .row(let change):
-                let shape = plan.shapes[change.table] ?? nil
+                if lastShape?.table != change.table { lastShape = (change.table, plan.shapes[change.table] ?? nil) }
+                let shape = lastShape!.shape
                 builder.start(kind, table: change.table) { common in
                     JSONWriter.appendASCII(#","database":"#, to: &common)
                     JSONWriter.appendString(plan.database, to: &common)
@@ -857,10 +871,14 @@ private struct RunBuilder {
         private var fromCapture: [Int32: Int] = [:]
         private var byNames: [[String]: Int] = [:]
 
+        private var last: (capture: Int32, local: Int)?
+
+        @inline(__always)
         mutating func local(capture set: Int32, _ sets: [ColumnKeys]) -> Int {
-            if let known = self.fromCapture[set] { return known }
-            let local = self.local(names: sets[Int(set)].names, keys: sets[Int(set)])
+            if let last = self.last, last.capture == set { return last.local }
+            let local = self.fromCapture[set] ?? self.local(names: sets[Int(set)].names, keys: sets[Int(set)])
             self.fromCapture[set] = local
+            self.last = (set, local)
             return local
         }
 
