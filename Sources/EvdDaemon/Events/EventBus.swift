@@ -123,10 +123,10 @@ public final class EventBus: Sendable {
         return oldest - 1
     }
 
-    /// An event with its seq, on its way to the subscriptions.
+    /// Events with their seqs (a run's first), on their way to the subscriptions.
     struct NumberedEvent {
         let seq: Int64
-        let event: JournalEntry
+        let event: Publication
         /// The time, quoted; `nil`: the moment it is delivered.
         var time: [UInt8]?
     }
@@ -184,7 +184,7 @@ public final class EventBus: Sendable {
             state.seq += 1
             state.published[name, default: 0] += 1
             if kind == nil { state.customNames.append(name) }
-            Self.dispatch(&state, NumberedEvent(seq: state.seq, event: event), wakeups: &wakeups)
+            Self.dispatch(&state, NumberedEvent(seq: state.seq, event: .entry(event)), wakeups: &wakeups)
             return state.seq
         }
         for wakeup in wakeups { wakeup.resume() }
@@ -252,29 +252,27 @@ public final class EventBus: Sendable {
     }
 
     /// Publishes a transaction's committed events when the journal is off, in order, with
-    /// consecutive seqs unless other events interleave between batches. Subscriptions with
-    /// `rows: true` also get the images. The events are made a batch at a time, and only those
-    /// someone wants.
+    /// consecutive seqs unless other events interleave between batches. The events are made a
+    /// batch at a time, and only those someone wants (the others get no seq).
     func publishCommitted(_ events: CommittedEvents, origin: EventOrigin) {
-        let rowsInterest = self.rowsInterest.load(ordering: .relaxed)
         var start = 0
         while start < events.count {
-            // Serialize a batch outside the lock, then number and queue it under one lock.
-            let batch = start..<min(events.count, start + 512)
+            // Made outside the lock, then numbered and queued under one lock.
+            let batch = start..<min(events.count, start + PooledConnection.eventChunk)
             start = batch.upperBound
-            let serialized = batch.compactMap { index -> JournalEntry? in
-                guard self.wants(events.kind(at: index)) else { return nil }
-                var event = events.event(at: index)
-                if rowsInterest & (1 << UInt64(event.kind.rawValue)) == 0 { event.images = nil }
-                return self.entry(for: event, origin: origin)
+            let made = events.publications(batch, origin: origin, wanted: self.interest.load(ordering: .relaxed)).filter {
+                if case .unwanted = $0 { return false } else { return true }
             }
-            guard !serialized.isEmpty else { continue }
+            guard !made.isEmpty else { continue }
+            var time: [UInt8] = []
+            EventTime.appendNow(to: &time)
             var wakeups: [Outbox.Wakeup] = []
             let seq = self.state.withLock { state in
-                for event in serialized {
-                    state.seq += 1
-                    state.published[event.name, default: 0] += 1
-                    Self.dispatch(&state, NumberedEvent(seq: state.seq, event: event), wakeups: &wakeups)
+                for publication in made {
+                    let first = state.seq + 1
+                    state.seq += Int64(publication.count)
+                    state.published[publication.name, default: 0] += publication.count
+                    Self.dispatch(&state, NumberedEvent(seq: first, event: publication, time: time), wakeups: &wakeups)
                 }
                 return state.seq
             }
@@ -285,8 +283,9 @@ public final class EventBus: Sendable {
 
     // MARK: Journaled events
 
-    /// A committed event's bytes, made once for the journal and every subscriber.
-    func entry(for event: CommittedEvent, origin: EventOrigin) -> JournalEntry {
+    /// A committed event's bytes, made once for the journal and every subscriber (a prepared
+    /// transaction's events, kept as properties and JSON images).
+    static func entry(for event: CommittedEvent, origin: EventOrigin) -> JournalEntry {
         let body = Self.body(origin, event.properties)
         var imagesBody: [UInt8]?
         if let images = event.images {
@@ -311,20 +310,6 @@ public final class EventBus: Sendable {
             imagesBody: nil)
     }
 
-    /// The entries of `events[range]`. Only the catalog events in `wanted` get their bytes: the
-    /// others are left bare (name and origin), for a publication that nobody will receive.
-    func entries(
-        of events: CommittedEvents, _ range: Range<Int>, origin: EventOrigin, wanted: UInt64 = .max
-    ) -> [JournalEntry] {
-        range.map { index in
-            let kind = events.kind(at: index)
-            guard wanted & (1 << UInt64(kind.rawValue)) != 0 else {
-                return JournalEntry(name: kind.name, kind: kind, origin: origin, properties: [:], body: [], imagesBody: nil)
-            }
-            return self.entry(for: events.event(at: index), origin: origin)
-        }
-    }
-
     /// Hands out `count` consecutive seqs for events to be journaled before they are published.
     /// Until `complete` or `cancel`, events numbered later are held back.
     func reserve(_ count: Int) -> SeqReservation {
@@ -344,7 +329,12 @@ public final class EventBus: Sendable {
     /// Publishes a reservation's events (journaled and committed), then what was held back for it.
     func complete(_ reservation: SeqReservation, _ entries: [JournalEntry]) {
         precondition(entries.count == reservation.count, "a reservation's events are all published")
-        self.complete(reservation) { range, _ in Array(entries[range]) }
+        self.complete(reservation) { range, _ in entries[range].map { .entry($0) } }
+    }
+
+    /// Publishes a reservation's events made already (and journaled), in one batch.
+    func complete(_ reservation: SeqReservation, _ publications: [Publication]) {
+        self.complete(reservation, batch: reservation.count) { _, _ in publications }
     }
 
     /// Publishes a reservation's events, made a batch at a time by `make` (so that a huge
@@ -352,15 +342,17 @@ public final class EventBus: Sendable {
     /// returns the entries of the range it is given; it may leave bare those of catalog events not
     /// in `wanted` (`entries(of:_:origin:wanted:)`): nobody would receive them. Should a
     /// subscription that wants them come before they are queued, the batch is made again.
-    func complete(_ reservation: SeqReservation, making make: (Range<Int>, _ wanted: UInt64) -> [JournalEntry]) {
+    func complete(
+        _ reservation: SeqReservation, batch: Int = 512, making make: (Range<Int>, _ wanted: UInt64) -> [Publication]
+    ) {
         var start = 0
         repeat {
             // In batches, so that one huge transaction does not hold the lock for long; later
             // events stay held until the last batch.
-            let end = min(reservation.count, start + 512)
+            let end = min(reservation.count, start + max(1, batch))
             var wanted = self.interest.load(ordering: .relaxed)
             var entries = make(start..<end, wanted)
-            precondition(entries.count == end - start, "a reservation's events are all published")
+            precondition(entries.reduce(0) { $0 + $1.count } == end - start, "a reservation's events are all published")
             var wakeups: [Outbox.Wakeup] = []
             while true {
                 let queued = self.state.withLock { state -> Bool in
@@ -378,11 +370,12 @@ public final class EventBus: Sendable {
                     }
                     if end == reservation.count { state.pending.removeAll { $0 == reservation.first } }
                     if oldest { Self.releaseHeld(&state, below: reservation.first + Int64(start), wakeups: &wakeups) }
-                    for (offset, entry) in entries.enumerated() {
-                        state.published[entry.name, default: 0] += 1
+                    var offset = start
+                    for entry in entries {
+                        state.published[entry.name, default: 0] += entry.count
                         if entry.kind == nil { state.customNames.append(entry.name) }
-                        let numbered = NumberedEvent(
-                            seq: reservation.first + Int64(start + offset), event: entry, time: reservation.time)
+                        let numbered = NumberedEvent(seq: reservation.first + Int64(offset), event: entry, time: reservation.time)
+                        offset += entry.count
                         if oldest {
                             Self.deliver(&state, numbered, wakeups: &wakeups)
                         } else {
@@ -493,22 +486,58 @@ public final class EventBus: Sendable {
     /// What follows an event's quoted time, before its subscription number.
     static let subscriptionKey: StaticString = #","subscription":"#
 
-    /// Queues a numbered event to its subscribers that pass their filters (under the lock);
-    /// `imagesBody`, when given, goes to those with `rows: true`.
+    /// Queues numbered events to their subscribers that pass their filters (under the lock);
+    /// those with `rows: true` get the row images.
     private static func deliver(_ state: inout State, _ numbered: NumberedEvent, wakeups: inout [Outbox.Wakeup]) {
-        let event = numbered.event
-        let subscribers = Self.subscribers(&state, name: event.name, kind: event.kind)
-        guard !subscribers.isEmpty else { return }
-        let prefix = Self.prefix(seq: numbered.seq, name: event.name, time: numbered.time)
-        for subscription in subscribers
-        where subscription.acceptsAll
-            || subscription.accepts(name: event.name, origin: event.origin, properties: event.properties)
-        {
-            let chosen = subscription.wantsRows ? event.imagesBody ?? event.body : event.body
-            let queued = QueuedEvent(prefix: prefix, subscription: subscription.id, body: chosen, seq: numbered.seq)
-            if let wakeup = subscription.outbox.enqueue(event: queued, policy: subscription.overflow) {
-                wakeups.append(wakeup)
+        switch numbered.event {
+        case .entry(let event):
+            let subscribers = Self.subscribers(&state, name: event.name, kind: event.kind)
+            guard !subscribers.isEmpty else { return }
+            let prefix = Self.prefix(seq: numbered.seq, name: event.name, time: numbered.time)
+            for subscription in subscribers
+            where subscription.acceptsAll
+                || subscription.accepts(name: event.name, origin: event.origin, properties: event.properties)
+            {
+                let chosen = subscription.wantsRows ? event.imagesBody ?? event.body : event.body
+                let queued = QueuedEvent(prefix: prefix, subscription: subscription.id, body: chosen, seq: numbered.seq)
+                if let wakeup = subscription.outbox.enqueue(event: queued, policy: subscription.overflow) {
+                    wakeups.append(wakeup)
+                }
             }
+        case .run(let run):
+            let subscribers = state.byKind[run.kind.rawValue]
+            guard !subscribers.isEmpty else { return }
+            var time = numbered.time ?? []
+            if numbered.time == nil { EventTime.appendNow(to: &time) }
+            // Read back from the bodies once, if a filter needs them.
+            var properties: [JSONObject]?
+            for subscription in subscribers {
+                var accepted: [Range<Int>] = [0..<run.count]
+                if !subscription.acceptsAll {
+                    if properties == nil { properties = (0..<run.count).map { run.properties(at: $0) } }
+                    accepted = []
+                    var from: Int?
+                    for index in 0..<run.count {
+                        let passes = subscription.accepts(name: run.kind.name, origin: run.origin, properties: properties![index])
+                        if passes, from == nil { from = index }
+                        if !passes, let start = from {
+                            accepted.append(start..<index)
+                            from = nil
+                        }
+                    }
+                    if let start = from { accepted.append(start..<run.count) }
+                }
+                for range in accepted {
+                    let delivery = RunDelivery(
+                        run: run, range: range, seq: numbered.seq, time: time, subscription: subscription.id,
+                        rows: subscription.wantsRows)
+                    if let wakeup = subscription.outbox.enqueue(run: delivery, policy: subscription.overflow) {
+                        wakeups.append(wakeup)
+                    }
+                }
+            }
+        case .unwanted:
+            break  // made for nobody: nobody wanted it when the batch was made, nor when queued
         }
     }
 

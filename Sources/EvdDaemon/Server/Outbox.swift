@@ -49,6 +49,8 @@ enum OutboundChunk {
     case event(QueuedEvent)
     /// Consecutive events of one subscription, already written out whole (a page of a replay).
     case events(ReplayPage)
+    /// Consecutive events of a run for one subscription, written out when taken.
+    case run(RunDelivery)
 
     /// Appends the chunk's bytes to `buffer`.
     func write(into buffer: inout ByteBuffer) {
@@ -63,6 +65,8 @@ enum OutboundChunk {
             buffer.writeBytes(event.body)
         case .events(let page):
             buffer.writeBytes(page.bytes)
+        case .run(let run):
+            run.write(into: &buffer)
         }
     }
 
@@ -71,6 +75,17 @@ enum OutboundChunk {
         case .line(let bytes): return bytes.count
         case .event(let event): return event.byteCount
         case .events(let page): return page.bytes.count
+        case .run(let run): return run.byteCount
+        }
+    }
+
+    /// The subscription and first seq of the events it holds (`nil`: a line).
+    var firstEvent: (subscription: Int, seq: Int64)? {
+        switch self {
+        case .line: return nil
+        case .event(let event): return (event.subscription, event.seq)
+        case .events(let page): return (page.subscription, page.firstSeq)
+        case .run(let run): return (run.subscription, run.firstSeq)
         }
     }
 }
@@ -116,8 +131,11 @@ final class Outbox: Sendable {
         var laggedOut = false
         /// The session's watcher, waiting in `closed()`.
         var closeWatcher: CheckedContinuation<Bool, Never>?
-        /// Live events of subscriptions whose replay is running: they follow the replay.
-        var parked: [Int: Deque<QueuedEvent>] = [:]
+        /// Live events of subscriptions whose replay is running: they follow the replay (`event`
+        /// and `run` chunks).
+        var parked: [Int: Deque<OutboundChunk>] = [:]
+        /// How many events `parked` holds, per subscription.
+        var parkedEvents: [Int: Int] = [:]
         /// The bytes of `parked` (part of `queuedBytes`).
         var parkedBytes = 0
         /// A replay waiting in `drained()` for the queue to be written.
@@ -184,69 +202,111 @@ final class Outbox: Sendable {
     func enqueue(event: QueuedEvent, policy: OverflowPolicy) -> Wakeup? {
         self.state.withLock { state -> Wakeup? in
             guard !state.closing else { return nil }
-            let queued = state.queuedEvents[event.subscription, default: 0] + (state.parked[event.subscription]?.count ?? 0)
+            let queued = state.queuedEvents[event.subscription, default: 0] + state.parkedEvents[event.subscription, default: 0]
             if queued >= self.limits.maxEventsPerSubscription || state.queuedBytes + event.byteCount > self.limits.maxBytes {
-                switch policy {
-                case .disconnect:
-                    self.stats.laggedDisconnects.add(1, ordering: .relaxed)
-                    self.stats.dropped.add(queued + 1, ordering: .relaxed)
-                    // Drop the queued events (the client resumes with `since`), keep responses, say why, close.
-                    // Nothing delivered yet: `last_seq` is the seq before the first event it misses,
-                    // so that resuming with `since: last_seq` still misses nothing.
-                    let firstMissed = state.chunks.lazy.compactMap { chunk -> Int64? in
-                        switch chunk {
-                        case .event(let queued) where queued.subscription == event.subscription: return queued.seq
-                        case .events(let page) where page.subscription == event.subscription: return page.firstSeq
-                        default: return nil
-                        }
-                    }.first ?? event.seq
-                    let last = state.lastDelivered[event.subscription] ?? firstMissed - 1
-                    state.chunks.removeAll { if case .line = $0 { return false } else { return true } }
-                    state.queuedEvents = [:]
-                    state.queuedBytes = 0
-                    state.parked = [:]
-                    state.parkedBytes = 0
-                    let notice: JSONValue = [
-                        "type": "notice", "code": "lagged", "subscription": .integer(event.subscription), "last_seq": .int(last),
-                    ]
-                    state.chunks.append(.line(notice.jsonBytes + [0x0a]))
-                    state.closing = true
-                    state.writeThrough = nil
-                    state.laggedOut = true
-                    // Resuming only schedules the watcher's task, so it is safe under the lock.
-                    state.closeWatcher?.resume(returning: true)
-                    state.closeWatcher = nil
-                case .drop:
-                    self.stats.dropped.add(1, ordering: .relaxed)
-                    if var record = state.drops[event.subscription] {
-                        record.count += 1
-                        record.to = event.seq
-                        state.drops[event.subscription] = record
-                    } else {
-                        state.drops[event.subscription] = DropRecord(count: 1, from: event.seq, to: event.seq)
-                    }
-                    return nil
-                }
-                return Self.scheduleFlush(&state)
+                return self.overflow(&state, subscription: event.subscription, policy: policy, queued: queued, from: event.seq, to: event.seq)
             }
-            if state.parked[event.subscription] != nil {
-                state.parked[event.subscription]!.append(event)
-                state.queuedBytes += event.byteCount
-                state.parkedBytes += event.byteCount
-                return nil
+            return self.append(&state, .event(event), subscription: event.subscription, events: 1, bytes: event.byteCount)
+        }
+    }
+
+    /// Queues a run's events for their subscription: those that fit, then (when the queue is
+    /// full) the subscription's overflow policy for the rest, as if they came one at a time.
+    func enqueue(run: RunDelivery, policy: OverflowPolicy) -> Wakeup? {
+        guard run.count > 0 else { return nil }
+        return self.state.withLock { state -> Wakeup? in
+            guard !state.closing else { return nil }
+            let subscription = run.subscription
+            let queued = state.queuedEvents[subscription, default: 0] + state.parkedEvents[subscription, default: 0]
+            var fits = min(run.count, max(0, self.limits.maxEventsPerSubscription - queued))
+            let bytes = run.byteCount
+            if fits == run.count, state.queuedBytes + bytes <= self.limits.maxBytes {
+                return self.append(&state, .run(run), subscription: subscription, events: run.count, bytes: bytes)
             }
-            if let record = state.drops.removeValue(forKey: event.subscription) {
-                let notice: JSONValue = [
-                    "type": "notice", "code": "lagged", "subscription": .integer(event.subscription),
-                    "dropped": .integer(record.count), "from": .int(record.from), "to": .int(record.to),
-                ]
-                state.chunks.append(.line(notice.jsonBytes + [0x0a]))
+            // Events take about the same room each: as many as the bytes left allow.
+            let room = self.limits.maxBytes - state.queuedBytes
+            fits = min(fits, room <= 0 ? 0 : Int(Int64(room) * Int64(run.count) / Int64(max(1, bytes))))
+            var wakeup: Wakeup?
+            if fits > 0 {
+                let part = run.prefix(fits)
+                wakeup = self.append(&state, .run(part), subscription: subscription, events: fits, bytes: part.byteCount)
             }
-            state.chunks.append(.event(event))
-            state.queuedEvents[event.subscription] = queued + 1
-            state.queuedBytes += event.byteCount
-            self.stats.delivered.add(1, ordering: .relaxed)
+            let more = self.overflow(
+                &state, subscription: subscription, policy: policy, queued: queued + fits, from: run.firstSeq + Int64(fits),
+                to: run.lastSeq, count: run.count - fits)
+            return wakeup ?? more
+        }
+    }
+
+    /// Queues a chunk of events that fit (parked while the subscription's replay runs).
+    private func append(_ state: inout State, _ chunk: OutboundChunk, subscription: Int, events: Int, bytes: Int) -> Wakeup? {
+        if state.parked[subscription] != nil {
+            state.parked[subscription]!.append(chunk)
+            state.parkedEvents[subscription, default: 0] += events
+            state.queuedBytes += bytes
+            state.parkedBytes += bytes
+            return nil
+        }
+        if let record = state.drops.removeValue(forKey: subscription) {
+            let notice: JSONValue = [
+                "type": "notice", "code": "lagged", "subscription": .integer(subscription),
+                "dropped": .integer(record.count), "from": .int(record.from), "to": .int(record.to),
+            ]
+            state.chunks.append(.line(notice.jsonBytes + [0x0a]))
+        }
+        state.chunks.append(chunk)
+        state.queuedEvents[subscription, default: 0] += events
+        state.queuedBytes += bytes
+        self.stats.delivered.add(events, ordering: .relaxed)
+        return Self.scheduleFlush(&state)
+    }
+
+    /// A subscription's queue is full for events `from...to` (`count` of them): its overflow
+    /// policy decides. `queued`: how many of its events are queued.
+    private func overflow(
+        _ state: inout State, subscription: Int, policy: OverflowPolicy, queued: Int, from: Int64, to: Int64, count: Int = 1
+    ) -> Wakeup? {
+        switch policy {
+        case .disconnect:
+            self.stats.laggedDisconnects.add(1, ordering: .relaxed)
+            self.stats.dropped.add(queued + count, ordering: .relaxed)
+            // Drop the queued events (the client resumes with `since`), keep responses, say why, close.
+            // Nothing delivered yet: `last_seq` is the seq before the first event it misses,
+            // so that resuming with `since: last_seq` still misses nothing.
+            let parkedFirst = state.parked[subscription]?.lazy.compactMap { $0.firstEvent?.seq }.first
+            let firstMissed =
+                state.chunks.lazy.compactMap { chunk -> Int64? in
+                    guard let first = chunk.firstEvent, first.subscription == subscription else { return nil }
+                    return first.seq
+                }.first ?? parkedFirst ?? from
+            let last = state.lastDelivered[subscription] ?? firstMissed - 1
+            state.chunks.removeAll { if case .line = $0 { return false } else { return true } }
+            state.queuedEvents = [:]
+            state.queuedBytes = 0
+            state.parked = [:]
+            state.parkedEvents = [:]
+            state.parkedBytes = 0
+            let notice: JSONValue = [
+                "type": "notice", "code": "lagged", "subscription": .integer(subscription), "last_seq": .int(last),
+            ]
+            state.chunks.append(.line(notice.jsonBytes + [0x0a]))
+            state.closing = true
+            state.writeThrough = nil
+            state.laggedOut = true
+            // Resuming only schedules the watcher's task, so it is safe under the lock.
+            state.closeWatcher?.resume(returning: true)
+            state.closeWatcher = nil
             return Self.scheduleFlush(&state)
+        case .drop:
+            self.stats.dropped.add(count, ordering: .relaxed)
+            if var record = state.drops[subscription] {
+                record.count += count
+                record.to = to
+                state.drops[subscription] = record
+            } else {
+                state.drops[subscription] = DropRecord(count: count, from: from, to: to)
+            }
+            return nil
         }
     }
 
@@ -257,6 +317,7 @@ final class Outbox: Sendable {
     func park(_ subscription: Int, after since: Int64) {
         self.state.withLock { state in
             state.parked[subscription] = []
+            state.parkedEvents[subscription] = 0
             state.lastDelivered[subscription] = since
         }
     }
@@ -277,13 +338,14 @@ final class Outbox: Sendable {
     /// The replay is over: the live events held back for `subscription` follow it.
     func unpark(_ subscription: Int) {
         let wakeup = self.state.withLock { state -> Wakeup? in
+            let events = state.parkedEvents.removeValue(forKey: subscription) ?? 0
             guard let parked = state.parked.removeValue(forKey: subscription), !parked.isEmpty else { return nil }
-            for event in parked {
-                state.chunks.append(.event(event))
-                state.parkedBytes -= event.byteCount
+            for chunk in parked {
+                state.chunks.append(chunk)
+                state.parkedBytes -= chunk.byteCount
             }
-            state.queuedEvents[subscription, default: 0] += parked.count
-            self.stats.delivered.add(parked.count, ordering: .relaxed)
+            state.queuedEvents[subscription, default: 0] += events
+            self.stats.delivered.add(events, ordering: .relaxed)
             return Self.scheduleFlush(&state)
         }
         wakeup?.resume()
@@ -345,6 +407,7 @@ final class Outbox: Sendable {
                 switch chunk {
                 case .event(let event): state.lastDelivered[event.subscription] = event.seq
                 case .events(let page): state.lastDelivered[page.subscription] = page.lastSeq
+                case .run(let run): state.lastDelivered[run.subscription] = run.lastSeq
                 case .line: break
                 }
             }

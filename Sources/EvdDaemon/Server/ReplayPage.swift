@@ -9,16 +9,18 @@ import EvdClient
 ///
 /// Hot path: a row's stored body is spliced into the line as it is (the journal keeps the bytes
 /// live delivery wrote), so a replayed event costs its envelope's few fields and two copies of its
-/// body: out of SQLite, and into the socket's buffer. Only a `where` filter parses the body.
+/// body: out of SQLite, and into the socket's buffer. A run's events are written as live delivery
+/// writes them (`EventLine`), row images made from their binary form the same way. Only a
+/// `where` filter parses the body.
 struct ReplayPage: Sendable {
     let subscription: Int
     /// The events' lines, one after another.
     private(set) var bytes: [UInt8] = []
     /// Each event's seq and the offset of its line in `bytes`, in seq order.
     private var starts: [Start] = []
-    /// How many journaled rows the page read, matched or not (0: the replay is complete).
+    /// How many journaled events the page read, matched or not (0: the replay is complete).
     private(set) var read = 0
-    /// The seq of the last row read.
+    /// The seq of the last event read.
     private(set) var lastRead: Int64 = 0
     /// The journal's floor, loaded after the rows were read: what is at or below it may be missing.
     private(set) var floor: Int64 = 0
@@ -39,7 +41,7 @@ struct ReplayPage: Sendable {
     /// The seq of the last event (0 when there is none).
     var lastSeq: Int64 { self.starts.last?.seq ?? 0 }
 
-    /// Reads the next page (at most `limit` rows) of `reader` for `subscription`, then the floor of
+    /// Reads the next page (at most `limit` events) of `reader` for `subscription`, then the floor of
     /// `journal` (capped at `through`). Blocks on SQLite: call it off the event loops.
     static func read(
         _ reader: Journal.Reader, limit: Int, for subscription: Subscription, journal: Journal, through: Int64
@@ -51,10 +53,20 @@ struct ReplayPage: Sendable {
         JSONWriter.appendASCII(EventBus.subscriptionKey, to: &tail)
         JSONWriter.appendInt(Int64(subscription.id), to: &tail)
         var names = NameCache()
-        let read = try reader.next(limit: limit) { row in
+        let read = try reader.next(limit: limit) { row, from, to, budget in
+            guard let name = names.lookUp(row.name, for: subscription) else {
+                let taken = min(budget, Int(to - from + 1))
+                page.lastRead = from + Int64(taken) - 1
+                return taken
+            }
+            if row.isRun {
+                let taken = page.append(run: row, from: from, to: to, budget: budget, name: name, tail: tail, for: subscription)
+                page.lastRead = from + Int64(taken) - 1
+                return taken
+            }
             page.lastRead = row.seq
-            guard let name = names.lookUp(row.name, for: subscription) else { return }
             page.append(row, name: name, tail: tail, for: subscription)
+            return 1
         }
         page.read = read
         // Retention raises the floor before it deletes: loaded after the read, it covers every
@@ -98,6 +110,58 @@ struct ReplayPage: Sendable {
         }
     }
 
+    /// Appends the events `from...to` (at most `budget`) of a row that holds a run, as
+    /// `subscription` receives them (`RunDelivery` writes them live); returns how many it read.
+    private mutating func append(
+        run row: Journal.Reader.Row, from: Int64, to: Int64, budget: Int, name: NameCache.Name, tail: [UInt8],
+        for subscription: Subscription
+    ) -> Int {
+        let wanted = min(budget, Int(to - from + 1))
+        guard let kind = name.kind, let run = PackedRun(UnsafeRawBufferPointer(row.stored)) else { return wanted }
+        let columns = subscription.wantsRows ? run.columnNames.map(ColumnKeys.init) : []
+        let skip = Int(from - row.first)
+        var taken = 0
+        _ = run.forEach { index, eventTail, image in
+            guard index >= skip else { return true }
+            let seq = row.first + Int64(index)
+            let eventTail = eventTail.bindMemory(to: UInt8.self)
+            if !subscription.acceptsAll {
+                var object: [UInt8] = [UInt8(ascii: "{")]
+                EventLine.appendBody(common: run.common, tail: eventTail, image: nil, kind: kind, columns: [], to: &object)
+                if object.count > 1 { object[1] = UInt8(ascii: " ") }  // the body's leading comma
+                if let properties = (try? JSONValue(parsing: object))?.objectValue,
+                    subscription.visibility?.allows(properties) ?? true,
+                    Subscription.passes(
+                        subscription.filter, name: name.text, session: properties["session"] ?? .null,
+                        actor: properties["actor"]?["id"] ?? .null, properties: properties)
+                {
+                    self.appendRunEvent(seq, name, row.time, tail, run.common, eventTail, image, kind, columns, subscription)
+                }
+            } else {
+                self.appendRunEvent(seq, name, row.time, tail, run.common, eventTail, image, kind, columns, subscription)
+            }
+            taken += 1
+            return taken < wanted
+        }
+        // A run shorter than its seqs say (it never is: evd wrote it) has nothing more to give.
+        return max(taken, wanted)
+    }
+
+    private mutating func appendRunEvent(
+        _ seq: Int64, _ name: NameCache.Name, _ time: UnsafeBufferPointer<UInt8>, _ tail: [UInt8],
+        _ common: UnsafeRawBufferPointer, _ eventTail: UnsafeBufferPointer<UInt8>, _ image: UnsafeRawBufferPointer,
+        _ kind: EventKind, _ columns: [ColumnKeys], _ subscription: Subscription
+    ) {
+        self.starts.append(Start(seq: seq, offset: self.bytes.count))
+        EventBus.appendStart(seq: seq, to: &self.bytes)
+        self.bytes += name.head
+        self.bytes.append(contentsOf: time)
+        self.bytes += tail
+        EventLine.appendBody(
+            common: common, tail: eventTail, image: subscription.wantsRows ? image : nil, kind: kind, columns: columns,
+            to: &self.bytes)
+    }
+
     /// Drops the events at or below `seq` (retention removed rows up to it: a notice `gap` says so).
     mutating func drop(through seq: Int64) {
         guard let kept = self.starts.firstIndex(where: { $0.seq > seq }) else {
@@ -116,6 +180,8 @@ struct ReplayPage: Sendable {
     private struct NameCache {
         struct Name {
             let text: String
+            /// The catalog event (`nil`: a custom one).
+            let kind: EventKind?
             /// `,"event":…,"time":"` (`EventBus.appendName` and the time's opening quote).
             let head: [UInt8]
         }
@@ -133,7 +199,8 @@ struct ReplayPage: Sendable {
             self.last = Array(bytes)
             let text = String(decoding: bytes, as: UTF8.self)
             let wanted: Bool
-            if let kind = EventKind(name: text) {
+            let kind = EventKind(name: text)
+            if let kind {
                 wanted = subscription.kinds & (1 << UInt64(kind.rawValue)) != 0
             } else {
                 wanted = subscription.matches(customName: text)
@@ -141,7 +208,7 @@ struct ReplayPage: Sendable {
             var head: [UInt8] = []
             EventBus.appendName(bytes, to: &head)
             head.append(UInt8(ascii: "\""))
-            self.lastName = wanted ? Name(text: text, head: head) : nil
+            self.lastName = wanted ? Name(text: text, kind: kind, head: head) : nil
             return self.lastName
         }
     }

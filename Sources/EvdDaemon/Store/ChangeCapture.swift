@@ -43,16 +43,18 @@ struct RowChange {
     /// An update's new rowid (the same as `rowid` unless the update moved the row).
     var newRowid: Int64 = 0
     /// Where the row images start in `ChangeCapture.imageBytes`, when images are recorded and the
-    /// shape is known: the JSON object of the row before the change (update, delete), `beforeCount`
-    /// bytes, then the one after it (insert, update), `afterCount` bytes. 0: no such image.
+    /// shape is known: the row before the change (update, delete), `beforeCount` bytes, then the
+    /// one after it (insert, update), `afterCount` bytes, in binary (`RowImage`). 0: no such image.
     var imageStart = 0
     var beforeCount: UInt32 = 0
     var afterCount: UInt32 = 0
     /// Index into `ChangeCapture.tables`.
     var table: Int32
     var unit: Int32
-    /// Trigger depth: 0 for the statement's own changes.
-    var depth: Int32
+    /// The column names of the images: an index into `ChangeCapture.columnSets`.
+    var columns: Int32 = -1
+    /// Trigger depth: 0 for the statement's own changes (SQLite allows at most 1000).
+    var depth: Int16
     var operation: Operation
     /// The key is `[rowid]` (the table's shape was known and says so).
     var keyIsRowid = false
@@ -60,7 +62,7 @@ struct RowChange {
     init(operation: Operation, table: Int32, depth: Int32, unit: Int32, rowid: Int64, newRowid: Int64) {
         self.operation = operation
         self.table = table
-        self.depth = depth
+        self.depth = Int16(clamping: depth)
         self.unit = unit
         self.rowid = rowid
         self.newRowid = newRowid
@@ -103,26 +105,6 @@ struct TableShape: Sendable {
     let keyColumns: [Int]
     /// The key is the rowid (no declared key, or an `INTEGER PRIMARY KEY` alias).
     let keyIsRowid: Bool
-    /// What precedes each column's value in a row image, one after another: `{"first":`, then
-    /// `,"next":`; column `i`'s ends at `imageKeyEnds[i]`.
-    let imageKeys: [UInt8]
-    let imageKeyEnds: [Int]
-
-    init(columns: [String], keyColumns: [Int], keyIsRowid: Bool) {
-        self.columns = columns
-        self.keyColumns = keyColumns
-        self.keyIsRowid = keyIsRowid
-        var keys: [UInt8] = []
-        var ends: [Int] = []
-        for (index, name) in columns.enumerated() {
-            keys.append(UInt8(ascii: index == 0 ? "{" : ","))
-            JSONWriter.appendString(name, to: &keys)
-            keys.append(UInt8(ascii: ":"))
-            ends.append(keys.count)
-        }
-        self.imageKeys = keys
-        self.imageKeyEnds = ends
-    }
 }
 
 /// A schema change that becomes a committed event (`create-table`, `drop-table`, `alter-table`,
@@ -132,8 +114,8 @@ struct SchemaChange: Sendable {
     let properties: JSONObject
 }
 
-/// A committed event ready to publish: its properties, and the row images `rows: true`
-/// subscriptions also get.
+/// A committed event as properties and JSON images: what a prepared transaction's log keeps
+/// (`TwoPhase`), and how its events are published after a restart.
 struct CommittedEvent: Sendable {
     let kind: EventKind
     var properties: JSONObject
@@ -145,12 +127,12 @@ struct CommittedEvent: Sendable {
 /// A transaction's committed events, in order.
 ///
 /// Those the capture recorded are not made all at once: a transaction of a million rows would
-/// have a million events — each with its properties, images and bytes, over a kilobyte — alive
-/// together. Instead this is a compact plan (a slot per event, the grouped inserts made whole)
-/// over what the capture keeps anyway, and the events are made as they are asked for, a chunk at
-/// a time (`events(_:)`): to journal them before COMMIT, and again to publish them after it. So a
-/// big transaction's memory stays about what its capture needs (see `PooledConnection.commit`).
-/// Valid until the capture is discarded.
+/// have a million events alive together. Instead this is a compact plan (a slot per event, the
+/// grouped inserts made whole) over what the capture keeps anyway, and the events are made as
+/// they are asked for, a chunk at a time, as runs (`publications(_:origin:wanted:)`): to journal
+/// them before COMMIT, and again to publish them after it. So a big transaction's memory stays
+/// about what its capture needs (see `PooledConnection.commit`). Valid until the capture is
+/// discarded.
 struct CommittedEvents {
     /// The capture the plan reads, or nil for events made already.
     private let capture: ChangeCapture?
@@ -180,14 +162,44 @@ struct CommittedEvents {
         return capture.kind(of: self.plan.slots[index], in: self.plan)
     }
 
-    /// Event `index`.
-    func event(at index: Int) -> CommittedEvent {
-        guard let capture = self.capture else { return self.listed[index] }
-        return capture.event(self.plan.slots[index], in: self.plan)
+    /// The events of `range`, made for `origin`: runs of events that share their name and the
+    /// start of their body (`EventRun`). Events of catalog events not in `wanted` are left
+    /// unmade (`Publication.unwanted`): nobody would receive them.
+    func publications(_ range: Range<Int>, origin: EventOrigin, wanted: UInt64 = .max) -> [Publication] {
+        guard let capture = self.capture else {
+            return self.listed[range].map { event in
+                wanted & (1 << UInt64(event.kind.rawValue)) != 0
+                    ? .entry(EventBus.entry(for: event, origin: origin)) : .unwanted(event.kind, count: 1)
+            }
+        }
+        return capture.publications(self.plan, range, origin: origin, wanted: wanted)
     }
 
-    /// Every event, made at once (a prepared transaction's log keeps them).
-    var all: [CommittedEvent] { (0..<self.count).map { self.event(at: $0) } }
+    /// Every event as properties and JSON images (a prepared transaction's log keeps them).
+    var all: [CommittedEvent] {
+        guard self.capture != nil else { return self.listed }
+        var events: [CommittedEvent] = []
+        for publication in self.publications(0..<self.count, origin: .daemon) {
+            guard case .run(let run) = publication else { continue }
+            for index in 0..<run.count {
+                var properties = run.properties(at: index)
+                properties.removeValue(forKey: "session")
+                properties.removeValue(forKey: "actor")
+                var images: [UInt8]?
+                if !run.imageRange(index).isEmpty {
+                    var rendered: [UInt8] = []
+                    run.images.withUnsafeBytes { bytes in
+                        _ = RowImage.render(
+                            event: UnsafeRawBufferPointer(rebasing: bytes[run.imageRange(index)]), kind: run.kind,
+                            columns: run.columns, into: &rendered)
+                    }
+                    images = rendered
+                }
+                events.append(CommittedEvent(kind: run.kind, properties: properties, images: images))
+            }
+        }
+        return events
+    }
 }
 
 /// How a transaction's committed events are made from its capture (`ChangeCapture.committedEvents`).
@@ -197,9 +209,9 @@ struct CommittedEventPlan {
     struct Group {
         let kind: EventKind
         var properties: JSONObject
-        var rows: Int
-        /// `,"rows":[…]`, when images are recorded.
-        var images: [UInt8]?
+        /// The positions in the capture of its rows, when images are recorded.
+        var rows: [Int]
+        var count: Int
     }
 
     let database: String
@@ -238,7 +250,19 @@ final class ChangeCapture: @unchecked Sendable {
     private var imageBytes: [UInt8] = []
     private(set) var tables: [String] = []
     private var tableIndex: [String: Int32] = [:]
-    private var shapes: [Int32: TableShape] = [:]
+    private var shapes: [Int32: TableShape] = [:] {
+        didSet { self.lastShape = nil }
+    }
+    /// The column names the recorded images use (`RowChange.columns`): each shape's, once it wrote
+    /// an image. Emptied with the entries.
+    private(set) var columnSets: [ColumnKeys] = []
+    /// The column set of each table's current shape, once it has one (forgotten with the shapes).
+    private var shapeColumns: [Int32: Int32] = [:] {
+        didSet { self.lastShape = nil }
+    }
+    /// The shape and column set (-1: none yet) of the table the hook saw last, to skip two
+    /// dictionary lookups per row for runs of one table.
+    private var lastShape: (table: Int32, shape: TableShape?, columns: Int32)?
     /// The last table the hook saw, to skip the dictionary lookup for runs of one table.
     private var lastTable: (name: [CChar], index: Int32)?
     /// Statement units: each statement (or each executemany) is one; `intents[unit]` is its meaning.
@@ -353,6 +377,8 @@ final class ChangeCapture: @unchecked Sendable {
     func discardAll() {
         self.entries.removeAll(keepingCapacity: self.entries.count < 4096)
         self.imageBytes.removeAll(keepingCapacity: self.imageBytes.count < 1 << 20)
+        self.columnSets.removeAll()
+        self.shapeColumns.removeAll()
         self.intents.removeAll()
         self.savepoints.removeAll()
         self.unit = 0
@@ -377,6 +403,7 @@ final class ChangeCapture: @unchecked Sendable {
         }
         // The columns of a table may have changed.
         self.shapes.removeAll()
+        self.shapeColumns.removeAll()
         self.lastTable = nil
     }
 
@@ -397,7 +424,8 @@ final class ChangeCapture: @unchecked Sendable {
         var change = RowChange(
             operation: op, table: index, depth: sqlite3_preupdate_depth(db), unit: self.unit,
             rowid: op == .insert ? newRowid : oldRowid, newRowid: newRowid)
-        let shape = self.shapes[index]
+        if self.lastShape?.table != index { self.lastShape = (index, self.shapes[index], self.shapeColumns[index] ?? -1) }
+        let shape = self.lastShape!.shape
         let count = Int(sqlite3_preupdate_count(db))
         if let shape, shape.columns.count == count {
             var key: [JSONValue]?
@@ -412,19 +440,24 @@ final class ChangeCapture: @unchecked Sendable {
             var before: [JSONValue]?
             var after: [JSONValue]?
             if self.images {
-                // The images, written out at once: no value is kept for them. (After the key: the
-                // images may read text as a blob. Out of `self` while written: each access to a
-                // class's property is checked for exclusivity.)
+                // The images, written out at once in binary: no value is kept for them. (After the
+                // key: the images may read text as a blob. Out of `self` while written: each access
+                // to a class's property is checked for exclusivity.)
                 var bytes: [UInt8] = []
                 swap(&bytes, &self.imageBytes)
                 let utf8 = self.textIsUTF8
                 let start = bytes.count
-                let beforeCount = op == .insert ? 0 : Self.writeImage(db, shape, old: true, utf8: utf8, into: &bytes)
-                let afterCount = op == .delete ? 0 : Self.writeImage(db, shape, old: false, utf8: utf8, into: &bytes)
+                let beforeCount = op == .insert ? 0 : Self.writeImage(db, count, old: true, utf8: utf8, into: &bytes)
+                let afterCount = op == .delete ? 0 : Self.writeImage(db, count, old: false, utf8: utf8, into: &bytes)
                 if let beforeCount = UInt32(exactly: beforeCount), let afterCount = UInt32(exactly: afterCount) {
                     change.imageStart = start
                     change.beforeCount = beforeCount
                     change.afterCount = afterCount
+                    if self.lastShape!.columns < 0 {
+                        let set = self.columnSet(of: index, shape)
+                        self.lastShape = (index, shape, set)
+                    }
+                    change.columns = self.lastShape!.columns
                 } else {
                     // An image of 4 GiB or more: kept as values instead.
                     bytes.removeSubrange(start...)
@@ -464,30 +497,33 @@ final class ChangeCapture: @unchecked Sendable {
         return index
     }
 
-    /// Writes the row the hook sees (before or after the change) as a JSON object into `bytes`;
-    /// returns its length.
-    /// `utf8`: the database keeps text in UTF-8 (`textIsUTF8`).
+    /// The column set (`columnSets`) of table `index`'s current shape.
+    private func columnSet(of index: Int32, _ shape: TableShape) -> Int32 {
+        if let known = self.shapeColumns[index] { return known }
+        let set = Int32(self.columnSets.count)
+        self.columnSets.append(ColumnKeys(shape.columns))
+        self.shapeColumns[index] = set
+        return set
+    }
+
+    /// Writes the row the hook sees (before or after the change), `count` values, in binary
+    /// (`RowImage`) into `bytes`; returns its length. `utf8`: the database keeps text in UTF-8
+    /// (`textIsUTF8`).
+    @inline(__always)
     private static func writeImage(
-        _ db: OpaquePointer, _ shape: TableShape, old: Bool, utf8: Bool, into bytes: inout [UInt8]
+        _ db: OpaquePointer, _ count: Int, old: Bool, utf8: Bool, into bytes: inout [UInt8]
     ) -> Int {
         let start = bytes.count
-        shape.imageKeys.withUnsafeBufferPointer { keys in
-            var keyStart = 0
-            for column in 0..<Int32(shape.imageKeyEnds.count) {
-                let keyEnd = shape.imageKeyEnds[Int(column)]
-                bytes.append(contentsOf: UnsafeBufferPointer(rebasing: keys[keyStart..<keyEnd]))
-                keyStart = keyEnd
-                var value: OpaquePointer?
-                let rc = old ? sqlite3_preupdate_old(db, column, &value) : sqlite3_preupdate_new(db, column, &value)
-                if rc == SQLITE_OK, let value {
-                    JSONValue.write(sqliteValue: value, textIsUTF8: utf8, into: &bytes)
-                } else {
-                    JSONWriter.appendASCII("null", to: &bytes)
-                }
+        RowImage.appendVarint(count, to: &bytes)
+        for column in 0..<Int32(count) {
+            var value: OpaquePointer?
+            let rc = old ? sqlite3_preupdate_old(db, column, &value) : sqlite3_preupdate_new(db, column, &value)
+            if rc == SQLITE_OK, let value {
+                RowImage.append(sqliteValue: value, textIsUTF8: utf8, to: &bytes)
+            } else {
+                bytes.append(RowImage.null)
             }
         }
-        if shape.imageKeyEnds.isEmpty { bytes.append(UInt8(ascii: "{")) }
-        bytes.append(UInt8(ascii: "}"))
         return bytes.count - start
     }
 
@@ -514,6 +550,7 @@ final class ChangeCapture: @unchecked Sendable {
         // table whose shape it does not know; the shapes are read at commit.
         guard sqlite3_txn_state(self.connection.handle, "main") != SQLITE_TXN_NONE else {
             self.shapes.removeAll()
+            self.shapeColumns.removeAll()
             self.lastTable = nil
             self.shapesSchemaVersion = -1
             self.textIsUTF8 = false
@@ -522,6 +559,7 @@ final class ChangeCapture: @unchecked Sendable {
         let version = (try? self.connection.scalarInt("PRAGMA main.schema_version")) ?? -1
         if version != self.shapesSchemaVersion {
             self.shapes.removeAll()
+            self.shapeColumns.removeAll()
             self.lastTable = nil
             self.shapesSchemaVersion = version
             // Fixed once the database has a table (so for every table with a shape).
@@ -565,11 +603,11 @@ final class ChangeCapture: @unchecked Sendable {
         return (changes, columns)
     }
 
-    /// A row image the hook wrote, read back as its values in column order (exact: the writer
-    /// keeps integers and reals apart, and blobs are `{"$base64": ...}`).
+    /// A row image the hook wrote, read back as its values in column order (exact: integers and
+    /// reals stay apart, and blobs are `{"$base64": ...}`).
     private func values(of image: Range<Int>?) -> [JSONValue]? {
-        guard let image, let object = try? JSONValue(parsing: Array(self.imageBytes[image])).objectValue else { return nil }
-        return Array(object.values)
+        guard let image else { return nil }
+        return self.imageBytes.withUnsafeBytes { RowImage.values(ofRow: UnsafeRawBufferPointer(rebasing: $0[image])) }
     }
 
     // MARK: Committed events
@@ -591,17 +629,16 @@ final class ChangeCapture: @unchecked Sendable {
         // Rows come in long runs of one statement and table: what the last row needed is kept.
         var lastGroup: (key: GroupKey, index: Int)?
         var lastUnit: (unit: Int32, intent: StatementIntent)?
-        var lastShape: (table: Int32, shape: TableShape?)?
+        var lastShape: Int32?
         for (position, entry) in self.entries.enumerated() {
             guard case .row(let change) = entry else {
                 plan.slots.append(position)
                 continue
             }
-            if lastShape?.table != change.table {
+            if lastShape != change.table {
                 if plan.shapes.index(forKey: change.table) == nil { plan.shapes[change.table] = self.shape(change.table) }
-                lastShape = (change.table, plan.shapes[change.table]!)
+                lastShape = change.table
             }
-            let shape = lastShape!.shape
             var intent = StatementIntent.other
             if change.depth == 0 {
                 if lastUnit?.unit != change.unit { lastUnit = (change.unit, self.intents[change.unit] ?? .other) }
@@ -613,12 +650,8 @@ final class ChangeCapture: @unchecked Sendable {
                 let groupKey = GroupKey(unit: intent.group ?? change.unit, table: change.table, direct: change.depth == 0)
                 if let index = lastGroup?.key == groupKey ? lastGroup!.index : groupIndex[groupKey] {
                     lastGroup = (groupKey, index)
-                    // In place: copying the group out and back would copy its images per row.
-                    plan.groups[index].rows += 1
-                    if plan.images {
-                        plan.groups[index].images!.append(UInt8(ascii: ","))
-                        self.appendImage(change.afterImage, change.after, shape, to: &plan.groups[index].images!)
-                    }
+                    plan.groups[index].count += 1
+                    if plan.images { plan.groups[index].rows.append(position) }
                 } else {
                     let kind: EventKind = intent.kind == .upsert ? .upsertRows : .insertRows
                     var properties: JSONObject = [
@@ -628,14 +661,9 @@ final class ChangeCapture: @unchecked Sendable {
                         properties["ignore"] = .bool(intent.ignore)
                         properties["replace"] = .bool(intent.replace)
                     }
-                    var images: [UInt8]?
-                    if plan.images {
-                        var members = Array(#","rows":["#.utf8)
-                        self.appendImage(change.afterImage, change.after, shape, to: &members)
-                        images = members
-                    }
                     plan.slots.append(~plan.groups.count)
-                    plan.groups.append(CommittedEventPlan.Group(kind: kind, properties: properties, rows: 1, images: images))
+                    plan.groups.append(
+                        CommittedEventPlan.Group(kind: kind, properties: properties, rows: plan.images ? [position] : [], count: 1))
                     groupKeys.append(groupKey)
                     groupIndex[groupKey] = plan.groups.count - 1
                     lastGroup = (groupKey, plan.groups.count - 1)
@@ -647,8 +675,7 @@ final class ChangeCapture: @unchecked Sendable {
             }
         }
         for index in plan.groups.indices {
-            plan.groups[index].properties["num_rows"] = .integer(plan.groups[index].rows)
-            plan.groups[index].images?.append(UInt8(ascii: "]"))
+            plan.groups[index].properties["num_rows"] = .integer(plan.groups[index].count)
         }
         // A structured insert reports the rows it was given, even those SQLite ignored.
         var reportedGroups: Set<Int32> = []
@@ -666,8 +693,7 @@ final class ChangeCapture: @unchecked Sendable {
                 plan.slots.append(~plan.groups.count)
                 plan.groups.append(
                     CommittedEventPlan.Group(
-                        kind: intent.kind == .upsert ? .upsertRows : .insertRows, properties: properties, rows: 0,
-                        images: plan.images ? Array(#","rows":[]"#.utf8) : nil))
+                        kind: intent.kind == .upsert ? .upsertRows : .insertRows, properties: properties, rows: [], count: 0))
             }
         }
         return CommittedEvents(capture: self, plan: plan)
@@ -682,36 +708,114 @@ final class ChangeCapture: @unchecked Sendable {
         }
     }
 
-    /// The committed event of `plan`'s slot `slot`, made from what the capture keeps.
-    fileprivate func event(_ slot: Int, in plan: CommittedEventPlan) -> CommittedEvent {
-        if slot < 0 {
-            let group = plan.groups[~slot]
-            return CommittedEvent(kind: group.kind, properties: group.properties, images: group.images)
-        }
-        switch self.entries[slot] {
-        case .schema(let change):
-            var properties: JSONObject = ["database": .string(plan.database)]
-            properties.merge(change.properties) { _, new in new }
-            return CommittedEvent(kind: change.kind, properties: properties)
-        case .row(let change):
-            let shape = plan.shapes[change.table] ?? nil
-            var images: [UInt8]?
-            if plan.images {
-                var members: [UInt8] = []
-                members.reserveCapacity(Int(change.beforeCount) + Int(change.afterCount) + 20)
-                JSONWriter.appendASCII(#","before":"#, to: &members)
-                self.appendImage(change.beforeImage, change.before, shape, to: &members)
-                if change.operation == .update {
-                    JSONWriter.appendASCII(#","after":"#, to: &members)
-                    self.appendImage(change.afterImage, change.after, shape, to: &members)
-                }
-                images = members
+    /// The events of `plan`'s slots `range`, made from what the capture keeps, as runs.
+    ///
+    /// Hot path (a million-row UPDATE makes a million `update-row`s): a row's event is its key
+    /// written after the start its table's events share, and its images copied as the hook wrote
+    /// them; nothing else is made per event.
+    fileprivate func publications(
+        _ plan: CommittedEventPlan, _ range: Range<Int>, origin: EventOrigin, wanted: UInt64
+    ) -> [Publication] {
+        var builder = RunBuilder(origin: origin, images: plan.images)
+        var lastShape: (table: Int32, shape: TableShape?)?
+        for slot in plan.slots[range] {
+            let kind = self.kind(of: slot, in: plan)
+            guard wanted & (1 << UInt64(kind.rawValue)) != 0 else {
+                builder.skip(kind)
+                continue
             }
-            let properties: JSONObject = [
-                "database": .string(plan.database), "table": .string(self.tables[Int(change.table)]),
-                "pks": .array(Self.key(change, shape)),
-            ]
-            return CommittedEvent(kind: change.operation == .update ? .updateRow : .deleteRow, properties: properties, images: images)
+            if slot < 0 {
+                // A grouped insert: its properties, then all its rows' images.
+                let group = plan.groups[~slot]
+                builder.start(kind, table: -1) { _ in }
+                builder.tail { tail in
+                    Self.appendProperties(group.properties, to: &tail)
+                    tail += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+                }
+                if plan.images {
+                    builder.image { image, columns in
+                        RowImage.appendVarint(group.count == 0 ? 0 : group.rows.count, to: &image)
+                        for position in group.rows {
+                            guard case .row(let change) = self.entries[position] else { continue }
+                            self.appendSlot(change.afterImage, change.after, change, plan, &columns, to: &image)
+                        }
+                    }
+                } else {
+                    builder.endEvent()
+                }
+                continue
+            }
+            switch self.entries[slot] {
+            case .schema(let change):
+                builder.start(kind, table: -1) { _ in }
+                builder.tail { tail in
+                    var properties: JSONObject = ["database": .string(plan.database)]
+                    properties.merge(change.properties) { _, new in new }
+                    Self.appendProperties(properties, to: &tail)
+                    tail += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+                }
+                builder.endEvent()
+            case .row(let change):
+                if lastShape?.table != change.table { lastShape = (change.table, plan.shapes[change.table] ?? nil) }
+                let shape = lastShape!.shape
+                builder.start(kind, table: change.table) { common in
+                    JSONWriter.appendASCII(#","database":"#, to: &common)
+                    JSONWriter.appendString(plan.database, to: &common)
+                    JSONWriter.appendASCII(#","table":"#, to: &common)
+                    JSONWriter.appendString(self.tables[Int(change.table)], to: &common)
+                    JSONWriter.appendASCII(#","pks":"#, to: &common)
+                }
+                builder.tail { tail in
+                    if change.keyIsRowid {
+                        tail.append(UInt8(ascii: "["))
+                        JSONWriter.appendInt(change.rowid, to: &tail)
+                        tail.append(UInt8(ascii: "]"))
+                    } else {
+                        JSONValue.array(Self.key(change, shape)).write(into: &tail)
+                    }
+                    tail += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+                }
+                if plan.images {
+                    builder.image { image, columns in
+                        self.appendSlot(change.beforeImage, change.before, change, plan, &columns, to: &image)
+                        if change.operation == .update {
+                            self.appendSlot(change.afterImage, change.after, change, plan, &columns, to: &image)
+                        }
+                    }
+                } else {
+                    builder.endEvent()
+                }
+            }
+        }
+        return builder.finish()
+    }
+
+    /// Writes properties as the members of an event's body: `,"key":value` each.
+    private static func appendProperties(_ properties: JSONObject, to bytes: inout [UInt8]) {
+        for (key, value) in properties {
+            bytes.append(UInt8(ascii: ","))
+            JSONWriter.appendString(key, to: &bytes)
+            bytes.append(UInt8(ascii: ":"))
+            value.write(into: &bytes)
+        }
+    }
+
+    /// Appends a row slot of an event's image (`RowImage.render(event:…)`): the image the hook
+    /// wrote, or one made of the row's values (recorded while the shape was unknown, named by
+    /// the shape read at commit); none (`null`) without either.
+    private func appendSlot(
+        _ written: Range<Int>?, _ row: [JSONValue]?, _ change: RowChange, _ plan: CommittedEventPlan,
+        _ columns: inout RunBuilder.Columns, to image: inout [UInt8]
+    ) {
+        if let written, change.columns >= 0 {
+            RowImage.appendVarint(columns.local(capture: change.columns, self.columnSets) + 1, to: &image)
+            self.imageBytes.withUnsafeBufferPointer { image.append(contentsOf: UnsafeBufferPointer(rebasing: $0[written])) }
+        } else if let row {
+            let names = (plan.shapes[change.table] ?? nil)?.columns ?? []
+            RowImage.appendVarint(columns.local(names: names) + 1, to: &image)
+            RowImage.append(row: row, to: &image)
+        } else {
+            RowImage.appendVarint(0, to: &image)
         }
     }
 
@@ -755,26 +859,124 @@ final class ChangeCapture: @unchecked Sendable {
         guard let row = new || change.operation == .insert ? change.after : change.before else { return [.int(change.rowid)] }
         return shape.keyColumns.map { $0 < row.count ? row[$0] : .null }
     }
+}
 
-    /// Appends a row image: the one the hook wrote, or one made of the row's values (recorded
-    /// while the shape was unknown); `null` without either.
-    private func appendImage(_ written: Range<Int>?, _ row: [JSONValue]?, _ shape: TableShape?, to bytes: inout [UInt8]) {
-        if let written {
-            bytes += self.imageBytes[written]
-        } else {
-            Self.object(row, shape).write(into: &bytes)
+/// Makes runs of events (`EventRun`) one event at a time: an event of the same catalog event and
+/// table as the one before joins its run, sharing the start of its body.
+private struct RunBuilder {
+    /// The column sets a run's images use, numbered for the run.
+    struct Columns {
+        var sets: [ColumnKeys] = []
+        /// The capture's set numbers, to the run's.
+        private var fromCapture: [Int32: Int] = [:]
+        private var byNames: [[String]: Int] = [:]
+
+        private var last: (capture: Int32, local: Int)?
+
+        @inline(__always)
+        mutating func local(capture set: Int32, _ sets: [ColumnKeys]) -> Int {
+            if let last = self.last, last.capture == set { return last.local }
+            let local = self.fromCapture[set] ?? self.local(names: sets[Int(set)].names, keys: sets[Int(set)])
+            self.fromCapture[set] = local
+            self.last = (set, local)
+            return local
+        }
+
+        mutating func local(names: [String], keys: ColumnKeys? = nil) -> Int {
+            if let known = self.byNames[names] { return known }
+            self.sets.append(keys ?? ColumnKeys(names))
+            self.byNames[names] = self.sets.count - 1
+            return self.sets.count - 1
         }
     }
 
-    /// A row as an object of column → value.
-    private static func object(_ row: [JSONValue]?, _ shape: TableShape?) -> JSONValue {
-        guard let row else { return .null }
-        var object = JSONObject()
-        for (index, value) in row.enumerated() {
-            let name = shape.flatMap { index < $0.columns.count ? $0.columns[index] : nil } ?? "column\(index)"
-            object[name] = value
+    let origin: EventOrigin
+    let images: Bool
+    private var output: [Publication] = []
+    private var kind: EventKind?
+    private var table: Int32 = -1
+    private var common: [UInt8] = []
+    private var tails: [UInt8] = []
+    private var tailEnds: [Int] = []
+    private var imageBytes: [UInt8] = []
+    private var imageEnds: [Int] = []
+    private var columns = Columns()
+    private var unwanted: (kind: EventKind, count: Int)?
+
+    init(origin: EventOrigin, images: Bool) {
+        self.origin = origin
+        self.images = images
+    }
+
+    /// An event nobody wants: counted, not made.
+    mutating func skip(_ kind: EventKind) {
+        self.flushRun()
+        if let unwanted = self.unwanted, unwanted.kind == kind {
+            self.unwanted!.count += 1
+        } else {
+            self.flushUnwanted()
+            self.unwanted = (kind, 1)
         }
-        return .object(object)
+    }
+
+    /// Starts an event of `kind` about `table` (-1: none in its common start): it joins the run
+    /// when the one before was the same, else a new run starts with the common start
+    /// `writeCommon` appends after the origin's.
+    @inline(__always)
+    mutating func start(_ kind: EventKind, table: Int32, _ writeCommon: (inout [UInt8]) -> Void) {
+        self.flushUnwanted()
+        if self.kind == kind, self.table == table, self.tailEnds.count < Journal.maxRunEvents { return }
+        self.flushRun()
+        self.kind = kind
+        self.table = table
+        self.common = self.origin.envelopeFragment
+        writeCommon(&self.common)
+    }
+
+    @inline(__always)
+    mutating func tail(_ write: (inout [UInt8]) -> Void) {
+        write(&self.tails)
+        self.tailEnds.append(self.tails.count)
+    }
+
+    /// The event's images, then its end.
+    @inline(__always)
+    mutating func image(_ write: (inout [UInt8], inout Columns) -> Void) {
+        write(&self.imageBytes, &self.columns)
+        self.imageEnds.append(self.imageBytes.count)
+    }
+
+    /// The end of an event without images.
+    @inline(__always)
+    mutating func endEvent() {
+        self.imageEnds.append(self.imageBytes.count)
+    }
+
+    private mutating func flushRun() {
+        guard let kind = self.kind, !self.tailEnds.isEmpty else { return }
+        self.output.append(
+            .run(
+                EventRun(
+                    kind: kind, origin: self.origin, common: self.common, tails: self.tails, tailEnds: self.tailEnds,
+                    images: self.imageBytes, imageEnds: self.imageEnds, columns: self.columns.sets)))
+        self.kind = nil
+        self.tails = []
+        self.tailEnds = []
+        self.imageBytes = []
+        self.imageEnds = []
+        self.columns = Columns()
+    }
+
+    private mutating func flushUnwanted() {
+        guard let unwanted = self.unwanted else { return }
+        self.output.append(.unwanted(unwanted.kind, count: unwanted.count))
+        self.unwanted = nil
+    }
+
+    mutating func finish() -> [Publication] {
+        self.flushRun()
+        self.flushUnwanted()
+        return self.output
     }
 }
 

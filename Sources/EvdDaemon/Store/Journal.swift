@@ -64,6 +64,14 @@ struct JournalEntry: Sendable {
 /// replay that asks for what is gone gets notice `gap`, never a silent hole.
 public final class Journal: Sendable {
     /// The table, in each database and in the state database.
+    ///
+    /// A row holds one event, or a run of events of one name (`EventRun`):
+    /// - one event: `seq` is its seq, `body` its body as delivered (the bytes after
+    ///   `"subscription":N`); with row images, `body` has them and `plain` is the length of the
+    ///   body without them (the same bytes up to its closing brace). `first` is NULL.
+    /// - a run: `first` is its first seq and `seq` its last (so a range of `seq` finds every run
+    ///   that reaches into it), `body` the run packed (`EventRun.packed`: the start the bodies
+    ///   share once, then each event's tail and its row images in binary), `plain` NULL.
     static let table = "_evd_journal"
     static let createSQL = """
         CREATE TABLE IF NOT EXISTS _evd_journal (
@@ -71,10 +79,22 @@ public final class Journal: Sendable {
           event TEXT NOT NULL,
           time TEXT NOT NULL,
           body BLOB NOT NULL,
-          plain INTEGER
+          plain INTEGER,
+          first INTEGER
         )
         """
-    static let insertSQL = "INSERT INTO _evd_journal (seq, event, time, body, plain) VALUES (?, ?, ?, ?, ?)"
+    static let insertSQL = "INSERT INTO _evd_journal (seq, event, time, body, plain, first) VALUES (?, ?, ?, ?, ?, ?)"
+
+    /// The most events one journal row holds (a run longer than this is split).
+    static let maxRunEvents = 4096
+
+    /// Creates the journal table on `connection`, or adds what an older evd's lacks (`first`).
+    static func prepareTable(on connection: SQLiteConnection) throws(SQLiteError) {
+        try connection.exec(Self.createSQL)
+        if try connection.scalarInt("SELECT count(*) FROM pragma_table_info('_evd_journal') WHERE name = 'first'") == 0 {
+            try connection.exec("ALTER TABLE _evd_journal ADD COLUMN first INTEGER")
+        }
+    }
 
     /// A journal to read and prune: a database's, or the state database's (`database` nil).
     struct Source: Sendable {
@@ -130,14 +150,14 @@ public final class Journal: Sendable {
         let state = try SQLiteConnection(path: self.statePath, flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)
         try state.exec("PRAGMA journal_mode = wal; PRAGMA synchronous = normal")
         try state.exec("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-        try state.exec(Self.createSQL)
+        try Self.prepareTable(on: state)
         let leased = try state.scalarInt("SELECT value FROM meta WHERE key = 'seq_lease'") ?? 0
         let floor = try state.scalarInt("SELECT value FROM meta WHERE key = 'journal_floor'") ?? 0
         var head = max(leased, floor)
         if self.settings.enabled {
             for source in self.sources {
                 let connection = source.database == nil ? state : try self.maintenanceConnection(source)
-                if source.database != nil { try connection.exec(Self.createSQL) }
+                if source.database != nil { try Self.prepareTable(on: connection) }
                 head = max(head, try connection.scalarInt("SELECT max(seq) FROM _evd_journal") ?? 0)
             }
         }
@@ -185,21 +205,66 @@ public final class Journal: Sendable {
         _ entries: [JournalEntry], first: Int64, time: String, using insert: SQLiteStatement
     ) throws(SQLiteError) {
         for (offset, entry) in entries.enumerated() {
-            insert.reset()
-            try insert.bind(int: first + Int64(offset), at: 1)
-            try insert.bind(text: entry.name, at: 2)
-            try insert.bind(text: time, at: 3)
-            // With images, the body with them is stored, and the length of the one without: that
-            // one is the same bytes up to its closing `}` (see `EventBus.body`).
-            if let images = entry.imagesBody {
-                try insert.bind(blob: images, at: 4)
-                try insert.bind(int: Int64(entry.body.count), at: 5)
-            } else {
-                try insert.bind(blob: entry.body, at: 4)
-                try insert.bind(blob: nil, at: 5)
-            }
-            _ = try insert.step()
+            try Self.write(entry, seq: first + Int64(offset), time: time, using: insert)
         }
+    }
+
+    /// Writes events (all made: none `unwanted`) with consecutive seqs from `first`: a row per
+    /// entry, and one per run.
+    static func write(
+        _ publications: [Publication], first: Int64, time: String, using insert: SQLiteStatement
+    ) throws(SQLiteError) {
+        var seq = first
+        for publication in publications {
+            switch publication {
+            case .entry(let entry):
+                try Self.write(entry, seq: seq, time: time, using: insert)
+            case .run(let run):
+                insert.reset()
+                let name = run.kind.name
+                if run.count == 1, !run.hasImages {
+                    // One event without images: its body, as a single event's row.
+                    try insert.bind(int: seq, at: 1)
+                    try insert.bind(text: name, at: 2)
+                    try insert.bind(text: time, at: 3)
+                    var body = run.common
+                    body += run.tails
+                    try insert.bind(blob: body, at: 4)
+                    try insert.bind(blob: nil, at: 5)
+                    try insert.bind(blob: nil, at: 6)
+                } else {
+                    try insert.bind(int: seq + Int64(run.count) - 1, at: 1)
+                    try insert.bind(text: name, at: 2)
+                    try insert.bind(text: time, at: 3)
+                    try insert.bind(blob: run.packed(), at: 4)
+                    try insert.bind(blob: nil, at: 5)
+                    try insert.bind(int: seq, at: 6)
+                }
+                _ = try insert.step()
+            case .unwanted:
+                preconditionFailure("every journaled event is made")
+            }
+            seq += Int64(publication.count)
+        }
+    }
+
+    /// Writes one event as a row of its own.
+    private static func write(_ entry: JournalEntry, seq: Int64, time: String, using insert: SQLiteStatement) throws(SQLiteError) {
+        insert.reset()
+        try insert.bind(int: seq, at: 1)
+        try insert.bind(text: entry.name, at: 2)
+        try insert.bind(text: time, at: 3)
+        // With images, the body with them is stored, and the length of the one without: that
+        // one is the same bytes up to its closing `}` (see `EventBus.body`).
+        if let images = entry.imagesBody {
+            try insert.bind(blob: images, at: 4)
+            try insert.bind(int: Int64(entry.body.count), at: 5)
+        } else {
+            try insert.bind(blob: entry.body, at: 4)
+            try insert.bind(blob: nil, at: 5)
+        }
+        try insert.bind(blob: nil, at: 6)
+        _ = try insert.step()
     }
 
     /// One caller's events, waiting for the state database's writer.
@@ -301,21 +366,27 @@ public final class Journal: Sendable {
     ///
     /// Rows are not copied: a page visits each one where SQLite keeps it (`Row`), so a replay can
     /// splice the stored bytes into its output. Between pages no statement stays open, so a
-    /// replay holds no read snapshot while it waits for its client.
+    /// replay holds no read snapshot while it waits for its client. A row may hold a run of
+    /// events (`EventRun`), which a page may take only in part: the next one goes on inside it.
     ///
     /// `@unchecked Sendable`: a replay uses its reader from one task, one page at a time.
     final class Reader: @unchecked Sendable {
-        /// One journaled event, borrowed from SQLite: valid only while it is being visited.
+        /// One journaled row, borrowed from SQLite: valid only while it is being visited.
         struct Row {
+            /// Its first seq, and its last (the same for a row of one event).
+            let first: Int64
             let seq: Int64
             /// The event's name (UTF-8).
             let name: UnsafeBufferPointer<UInt8>
             /// The event's time, unquoted.
             let time: UnsafeBufferPointer<UInt8>
-            /// What `_evd_journal.body` holds: the body with the row images when they were recorded.
+            /// What `_evd_journal.body` holds: one event's body (with the row images when they
+            /// were recorded), or a run packed (`isRun`).
             let stored: UnsafeBufferPointer<UInt8>
             /// The length of the body without the images, when `stored` has them.
             let plain: Int?
+            /// `stored` is a run (`EventRun.packed`).
+            let isRun: Bool
         }
 
         private struct Cursor {
@@ -336,30 +407,36 @@ public final class Journal: Sendable {
             for source in journal.sources {
                 let connection = try SQLiteConnection(
                     path: source.path, flags: SQLITE_OPEN_READONLY | SQLITE_OPEN_URI)
-                // A range of the rowid: no sort, and no LIMIT needed (a page stops stepping).
-                let sql = "SELECT seq, event, time, body, plain FROM _evd_journal WHERE seq > ? AND seq <= ? ORDER BY seq"
+                // A range of the rowid: no sort, and no LIMIT needed (a page stops stepping). A
+                // run's row has its last seq: one that starts by `through` may end after it.
+                let sql = "SELECT seq, event, time, body, plain, first FROM _evd_journal WHERE seq > ? AND seq <= ? ORDER BY seq"
                 guard let statement = try? connection.prepare(SQLText(sql), from: 0) else { continue }  // no journal there yet
                 self.cursors.append(Cursor(connection: connection, statement: statement))
             }
         }
 
         /// Visits the next events in seq order, at most `limit`; returns how many it visited (0
-        /// when the replay is complete).
-        func next(limit: Int, _ visit: (Row) -> Void) throws(SQLiteError) -> Int {
+        /// when the replay is complete). `visit` is given a row and the seqs of it to take, in
+        /// order, at most `budget` of them; it returns how many it took, from `from` on.
+        func next(
+            limit: Int, _ visit: (_ row: Row, _ from: Int64, _ to: Int64, _ budget: Int) -> Int
+        ) throws(SQLiteError) -> Int {
             // Each source that has rows left is positioned on its first row after the position.
             var live: [Int] = []
             defer { for index in live { self.cursors[index].statement.reset() } }
+            let bound = self.through > Int64.max - Int64(Journal.maxRunEvents) ? Int64.max : self.through + Int64(Journal.maxRunEvents)
             for index in self.cursors.indices where !self.cursors[index].done {
                 let statement = self.cursors[index].statement
                 statement.reset()
                 try statement.bind(int: self.position, at: 1)
-                try statement.bind(int: self.through, at: 2)
+                try statement.bind(int: bound, at: 2)
                 live.append(index)
                 if try !statement.step() { self.cursors[index].done = true }
             }
             var visited = 0
             while visited < limit {
-                // The source whose current row has the lowest seq (mostly there is only one).
+                // The source whose current row has the lowest seq (mostly there is only one). Runs
+                // never overlap: the seqs of one are a transaction's, consecutive.
                 var chosen: SQLiteStatement?
                 var chosenIndex = 0
                 var seq = Int64.max
@@ -373,14 +450,31 @@ public final class Journal: Sendable {
                     }
                 }
                 guard let statement = chosen else { break }
+                // NULL reads as 0, which is no seq.
+                let runFirst = statement.int(at: 5)
+                let first = runFirst > 0 ? min(runFirst, seq) : seq
+                guard first <= self.through else {
+                    self.cursors[chosenIndex].done = true
+                    continue
+                }
                 let stored = statement.rawBytes(at: 3)
                 var plain: Int?
                 // NULL reads as 0, which is no length.
                 if case let length = Int(statement.int(at: 4)), length >= 2, length <= stored.count { plain = length }
-                visit(Row(seq: seq, name: statement.rawBytes(at: 1), time: statement.rawBytes(at: 2), stored: stored, plain: plain))
-                visited += 1
-                self.position = seq
-                if try !statement.step() { self.cursors[chosenIndex].done = true }
+                let row = Row(
+                    first: first, seq: seq, name: statement.rawBytes(at: 1), time: statement.rawBytes(at: 2), stored: stored,
+                    plain: plain, isRun: runFirst > 0)
+                let from = max(first, self.position + 1)
+                let to = min(seq, self.through)
+                let taken = from > to ? 0 : min(visit(row, from, to, limit - visited), Int(to - from + 1))
+                visited += taken
+                if taken > 0 { self.position = from + Int64(taken) - 1 }
+                if from + Int64(taken) <= to { break }  // the page is full inside the row
+                if seq > self.through {
+                    self.cursors[chosenIndex].done = true
+                } else if try !statement.step() {
+                    self.cursors[chosenIndex].done = true
+                }
             }
             return visited
         }
@@ -397,9 +491,7 @@ public final class Journal: Sendable {
         for source in self.sources {
             try self.withConnection(source) { connection throws(SQLiteError) in
                 if self.settings.keepEvents > 0 {
-                    let nth = try connection.scalarInt(
-                        "SELECT seq FROM _evd_journal ORDER BY seq DESC LIMIT 1 OFFSET \(self.settings.keepEvents)")
-                    cutoff = max(cutoff, nth ?? 0)
+                    cutoff = max(cutoff, try Self.seqBeforeNewest(self.settings.keepEvents, on: connection))
                 }
                 if self.settings.keepSeconds > 0 {
                     let before = EventTime.text(secondsAgo: self.settings.keepSeconds)
@@ -419,6 +511,23 @@ public final class Journal: Sendable {
                 } while connection.changes == 10_000
             }
         }
+    }
+
+    /// The seq of the newest event older than the newest `count` events of `connection`'s
+    /// journal (0 when it holds no more than `count`): rows are walked from the newest, a run
+    /// counting all its events.
+    private static func seqBeforeNewest(_ count: Int, on connection: SQLiteConnection) throws(SQLiteError) -> Int64 {
+        guard let rows = try connection.prepare(SQLText("SELECT seq, first FROM _evd_journal ORDER BY seq DESC"), from: 0)
+        else { return 0 }
+        var kept: Int64 = 0
+        while try rows.step() {
+            let last = rows.int(at: 0)
+            let first = rows.int(at: 1)
+            let events = first > 0 && first <= last ? last - first + 1 : 1
+            if kept + events > Int64(count) { return last - (Int64(count) - kept) }
+            kept += events
+        }
+        return 0
     }
 
     /// Runs `body` with a writable connection to `source`: the state database's own (under its
@@ -518,22 +627,22 @@ extension PooledConnection {
             return
         }
         let reservation = bus.reserve(events.count)
-        // A small transaction's entries are made once, kept for publishing.
-        var kept: [JournalEntry]?
+        // A small transaction's events are made once, kept for publishing.
+        var kept: [Publication]?
         // The journal's own rows (and taking them back out) are not changes of the client's.
         try self.capture.withoutRecording { () throws(SQLiteError) in
             do throws(SQLiteError) {
                 if self.journalInsert == nil {
-                    try self.sqlite.exec(Journal.createSQL)  // a database created after start-up
+                    try Journal.prepareTable(on: self.sqlite)  // a database created after start-up
                     self.journalInsert = try self.sqlite.prepare(SQLText(Journal.insertSQL), from: 0)
                 }
                 let time = reservation.timeText
                 var start = 0
                 while start < events.count {
                     let chunk = start..<min(events.count, start + Self.eventChunk)
-                    let entries = bus.entries(of: events, chunk, origin: origin)
-                    try Journal.write(entries, first: reservation.first + Int64(start), time: time, using: self.journalInsert!)
-                    if chunk.count == events.count { kept = entries }
+                    let made = events.publications(chunk, origin: origin)
+                    try Journal.write(made, first: reservation.first + Int64(start), time: time, using: self.journalInsert!)
+                    if chunk.count == events.count { kept = made }
                     start = chunk.upperBound
                 }
                 try self.sqlite.exec("COMMIT")
@@ -549,9 +658,11 @@ extension PooledConnection {
         if let kept {
             bus.complete(reservation, kept)
         } else {
-            // Made again, a batch at a time, from the capture (so before it is discarded): the same
+            // Made again, a chunk at a time, from the capture (so before it is discarded): the same
             // bytes as journaled. Events nobody subscribed to are not made at all.
-            bus.complete(reservation) { range, wanted in bus.entries(of: events, range, origin: origin, wanted: wanted) }
+            bus.complete(reservation, batch: Self.eventChunk) { range, wanted in
+                events.publications(range, origin: origin, wanted: wanted)
+            }
         }
         self.capture.discardAll()
     }

@@ -61,7 +61,7 @@ extension Journal {
     ///
     /// Blocking (run it on the thread pool). Each source is read on a connection of its own,
     /// read-only and short-lived, as a replay does: writers are never held up. The count walks
-    /// the journal table's pages; the seqs are two rowid lookups.
+    /// the journal table's rows (a run's counts all its events); the seqs are two rowid lookups.
     func measure() -> Figures {
         var figures = Figures(floor: self.floor)
         for source in self.sources {
@@ -72,9 +72,13 @@ extension Journal {
             if let connection = try? SQLiteConnection(path: source.path, flags: SQLITE_OPEN_READONLY | SQLITE_OPEN_URI) {
                 connection.setBusyTimeout(milliseconds: 1000)
                 // No journal table there yet (a database created after start-up): nothing held.
-                if let count = try? connection.scalarInt("SELECT count(*) FROM _evd_journal") {
+                // A row holds one event, or a run of them from `first` to `seq`.
+                if let count = try? connection.scalarInt(
+                    "SELECT coalesce(sum(CASE WHEN first > 0 THEN seq - first + 1 ELSE 1 END), 0) FROM _evd_journal")
+                {
                     measured.events = Int(count)
-                    measured.firstSeq = try? connection.scalarInt("SELECT min(seq) FROM _evd_journal")
+                    measured.firstSeq = try? connection.scalarInt(
+                        "SELECT CASE WHEN first > 0 THEN first ELSE seq END FROM _evd_journal ORDER BY seq LIMIT 1")
                     measured.lastSeq = try? connection.scalarInt("SELECT max(seq) FROM _evd_journal")
                 }
                 if source.database != nil,
