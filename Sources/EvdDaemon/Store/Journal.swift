@@ -621,7 +621,7 @@ extension PooledConnection {
             if large, self.capture.isEmpty { _ = evd_malloc_trim() }
         }
         guard let journal, journal.settings.enabled, !events.isEmpty else {
-            try self.sqlite.exec("COMMIT")
+            try self.run(own: "COMMIT")
             if !events.isEmpty { bus.publishCommitted(events, origin: origin) }
             self.capture.discardAll()
             return
@@ -645,7 +645,7 @@ extension PooledConnection {
                     if chunk.count == events.count { kept = made }
                     start = chunk.upperBound
                 }
-                try self.sqlite.exec("COMMIT")
+                try self.run(own: "COMMIT")
             } catch {
                 if self.sqlite.inTransaction {
                     try? self.sqlite.exec(
