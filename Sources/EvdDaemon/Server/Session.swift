@@ -9,7 +9,9 @@ import Synchronization
 /// Two parts serve it. On the event loop, its `SessionHandler` parses lines (a `reply` is handled
 /// the moment it arrives: a client that is its own veto listener must not deadlock), queues every
 /// other request in the inbox, and flushes the outbox, many messages per write. The executor task
-/// runs queued requests one after another, as a database session does.
+/// runs queued requests one after another, as a database session does, on a database thread
+/// (`DatabaseThreads`), which also writes a response straight to the socket when nothing is
+/// queued ahead of it (`WriteThrough`).
 final class Session: Sendable {
     let id: UInt64
     let core: DaemonCore

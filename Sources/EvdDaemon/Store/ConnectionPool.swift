@@ -90,8 +90,9 @@ public final class PooledConnection: @unchecked Sendable {
 /// One database's pool of SQLite connections, and the pool events of PROTOCOL.md §6.1.
 ///
 /// Connections are opened lazily up to `size`; a session that finds none free waits (in order)
-/// up to `checkoutTimeout`, then gets `timeout`. Every blocking SQLite call runs on the
-/// `NIOThreadPool`, never on an event loop.
+/// up to `checkoutTimeout`, then gets `timeout`. Every blocking SQLite call runs on a session's
+/// database thread (`DatabaseThreads`) or the `NIOThreadPool`, never on an event loop or a thread
+/// of Swift's cooperative pool.
 public final class ConnectionPool: Sendable {
     public let database: DatabaseConfig
     public let size: Int

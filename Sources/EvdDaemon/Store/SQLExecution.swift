@@ -140,7 +140,7 @@ struct ExecuteResult: Sendable {
 /// (`before_execute` is decided by the session before it hands the request here, since a listener
 /// may rewrite the request itself.)
 ///
-/// Everything here blocks and runs on the thread pool, one request's SQL in one hop. A vetoable
+/// Everything here blocks and runs on the session's database thread (`DatabaseThreads`). A vetoable
 /// event with listeners blocks this thread while they decide: it is the thread of the one
 /// connection the work runs on, so nothing else waits for it.
 struct SQLRun {
