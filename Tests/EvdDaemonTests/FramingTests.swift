@@ -183,6 +183,30 @@ struct FramingTests {
         }
     }
 
+    /// Responses are written by the thread that makes them when nothing is queued ahead
+    /// (`WriteThrough`); one the socket cannot take whole must still arrive whole, and everything
+    /// after it behind it.
+    @Test("pipelined responses larger than the socket holds, read only after all are sent: each whole, in order")
+    func bigResponsesInOrder() async throws {
+        try await withRunningDaemon { daemon in
+            let client = try LineClient(path: daemon.socketPath)
+            let big = 400_000  // hex digits: more than a Unix socket buffers
+            for i in 0..<6 {
+                try client.send(["op": "execute", "id": .integer(2 * i), "sql": .string("select hex(zeroblob(\(big / 2))) as x")])
+                try client.send(["op": "ping", "id": .integer(2 * i + 1)])
+            }
+            for i in 0..<12 {
+                let response = try await client.response()
+                #expect(response["id"] == .integer(i), "response \(i) out of order: id \(response["id"] ?? .null)")
+                #expect(response["ok"] == true)
+                if i % 2 == 0 {
+                    let text = response["result"]?["rows"]?.arrayValue?.first?.arrayValue?.first?.stringValue
+                    #expect(text?.utf8.count == big, "response \(i) is not whole")
+                }
+            }
+        }
+    }
+
     @Test("a partial line then a disconnect: the line is not run and the daemon serves others")
     func partialLineThenDisconnect() async throws {
         try await withRunningDaemon { daemon in

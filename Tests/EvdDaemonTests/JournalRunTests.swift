@@ -9,8 +9,8 @@ import Testing
 /// thread of their own (`offPool`): the daemon runs in this process, on the same cooperative
 /// threads as the tests.
 ///
-/// `@unchecked Sendable`: one test uses it, one call at a time.
-private final class LineClient: @unchecked Sendable {
+/// `@unchecked Sendable`: one test uses it, one call at a time. (Also used by FramingTests.)
+final class LineClient: @unchecked Sendable {
     struct Failure: Error, CustomStringConvertible {
         let description: String
     }
