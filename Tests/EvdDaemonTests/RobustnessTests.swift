@@ -294,6 +294,39 @@ struct RobustnessTests {
         }
         raw.close()
     }
+
+    /// Requests run on the database threads, one per pooled connection and two more
+    /// (`DatabaseThreads`); a thread blocks while its SQLite work waits for the write lock. With
+    /// every other connection waiting, the lock holder must still commit and everyone else be served.
+    @Test("while every other pooled connection waits for the write lock, other sessions are served and the holder commits")
+    func blockedConnectionsDoNotStarveOthers() async throws {
+        try await withRunningDaemon(configure: { $0.poolSize = 3 }) { daemon in
+            try await daemon.request("execute", ["sql": "create table t(x)"])
+            try await daemon.withClient { holder in
+                try await holder.request("begin")
+                try await holder.request("execute", ["sql": "insert into t values (0)"])
+                try await withThrowingTaskGroup(of: Void.self) { group in
+                    // The two other connections wait for the lock (up to 20 s) on their threads.
+                    for value in 1...2 {
+                        group.addTask {
+                            try await daemon.withClient { waiter in
+                                try await waiter.request("execution_options", ["options": ["busy_timeout_ms": 20_000]])
+                                try await waiter.request("execute", ["sql": "insert into t values (?)", "params": [.integer(value)]])
+                            }
+                        }
+                    }
+                    try await waitUntilStats(daemon, "both waiters to hold a connection") {
+                        $0["pools"]?["main"]?["in_use"]?.intValue == 3
+                    }
+                    // Requests that need no connection are answered meanwhile, from other sessions.
+                    for _ in 0..<20 { #expect(try await daemon.request("ping") == [:]) }
+                    try await holder.request("commit")
+                    try await group.waitForAll()
+                }
+                #expect(try await holder.request("execute", ["sql": "select x from t order by x"])["rows"] == [[0], [1], [2]])
+            }
+        }
+    }
 }
 
 // MARK: Helpers
