@@ -144,7 +144,13 @@ final class SessionHandler: ChannelDuplexHandler {
             case .idle:
                 return
             case .close:
-                context.close(promise: nil)
+                // Not at once: what was handed to the channel before (a `lagged` notice, the last
+                // responses) may still wait for the socket, and closing now would drop it. An empty
+                // write completes after every write before it.
+                let channel = context.channel
+                context.writeAndFlush(self.wrapOutboundOut(channel.allocator.buffer(capacity: 0))).whenComplete { _ in
+                    channel.close(promise: nil)
+                }
                 return
             case .batch(let chunks, let closeAfter):
                 var buffer = context.channel.allocator.buffer(capacity: chunks.reduce(0) { $0 + $1.byteCount })
