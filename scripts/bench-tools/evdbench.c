@@ -4,9 +4,10 @@
 //   evdbench pingpong N            raw Unix-socket ping-pong between two processes (the physical limit)
 //   evdbench client SOCKET N SQL   N sequential `execute` requests to evd, one at a time
 //   evdbench listener SOCKET EVENT a veto listener that allows every veto of EVENT, until killed
-//   evdbench insert SOCKET TABLE TOTAL BATCH [TIMEOUT_S]
+//   evdbench insert SOCKET TABLE TOTAL BATCH [TIMEOUT_S] [DEPTH=N]
 //                                  create_table TABLE, then TOTAL rows as `insert` requests of BATCH rows,
-//                                  one after another (all request lines are built before timing)
+//                                  one after another (all request lines are built before timing); with
+//                                  DEPTH=N, up to N requests are sent ahead of their responses (pipelined)
 //   evdbench count SOCKET EVENT EXPECTED READY_FILE [TIMEOUT_S] [SINCE=S] [ROWS=1]
 //                                  subscribes to EVENT, creates READY_FILE once subscribed, and exits when
 //                                  it has seen EXPECTED rows (insert-rows/upsert-rows: the sum of num_rows)
@@ -131,8 +132,9 @@ static int listener(const char *path, const char *event) {
 
 // ---- Throughput probes: bulk insert, event fan-out ----
 
-// create_table TABLE, then TOTAL rows in `insert` requests of BATCH rows, each waiting for its response.
-static int insert(const char *path, const char *table, long total, long batch) {
+// create_table TABLE, then TOTAL rows in `insert` requests of BATCH rows, with at most DEPTH requests
+// sent and not yet answered (1: each waits for the last one's response).
+static int insert(const char *path, const char *table, long total, long batch, long depth) {
     static reader_t r;
     int fd = connect_evd(path, &r);
     char tname[512];
@@ -156,13 +158,18 @@ static int insert(const char *path, const char *table, long total, long batch) {
         lens[b] = o;
     }
     double *lat = malloc(sizeof(double) * nb);
+    double *sent_at = malloc(sizeof(double) * nb);
     arm(&r, fd);
     double start = now_us();
+    long sent = 0;
     for (long b = 0; b < nb; b++) {
-        double t = now_us();
-        write_all(fd, lines[b], lens[b]);
+        while (sent < nb && sent - b < depth) {
+            sent_at[sent] = now_us();
+            write_all(fd, lines[sent], lens[sent]);
+            sent++;
+        }
         char *line = expect_ok(&r, "insert response");
-        lat[b] = now_us() - t;
+        lat[b] = now_us() - sent_at[b];
         char idkey[40], idend[40];
         snprintf(idkey, sizeof(idkey), "\"id\":%ld,", b);
         snprintf(idend, sizeof(idend), "\"id\":%ld}", b);
@@ -171,9 +178,9 @@ static int insert(const char *path, const char *table, long total, long batch) {
     }
     double end = now_us();
     qsort(lat, nb, sizeof(double), cmp_double);
-    printf("{\"n\":%ld,\"batch\":%ld,\"batches\":%ld,\"start_us\":%.0f,\"end_us\":%.0f,\"p50_us\":%.2f,"
-           "\"p99_us\":%.2f,\"per_sec\":%.0f}\n",
-           total, batch, nb, start, end, lat[nb / 2], lat[(long)(nb * 0.99)], total / ((end - start) / 1e6));
+    printf("{\"n\":%ld,\"batch\":%ld,\"batches\":%ld,\"depth\":%ld,\"start_us\":%.0f,\"end_us\":%.0f,"
+           "\"p50_us\":%.2f,\"p99_us\":%.2f,\"per_sec\":%.0f}\n",
+           total, batch, nb, depth, start, end, lat[nb / 2], lat[(long)(nb * 0.99)], total / ((end - start) / 1e6));
     return 0;
 }
 
@@ -469,7 +476,10 @@ int main(int argc, char **argv) {
     if (argc >= 4 && !strcmp(argv[1], "listener")) return listener(argv[2], argv[3]);
     if (argc >= 6 && !strcmp(argv[1], "insert")) {
         if (argc >= 7) g_timeout_s = atof(argv[6]);
-        return insert(argv[2], argv[3], atol(argv[4]), atol(argv[5]));
+        long depth = 1;
+        for (int i = 7; i < argc; i++)
+            if (!strncmp(argv[i], "DEPTH=", 6)) depth = atol(argv[i] + 6);
+        return insert(argv[2], argv[3], atol(argv[4]), atol(argv[5]), depth < 1 ? 1 : depth);
     }
     if (argc >= 6 && !strcmp(argv[1], "count")) {
         long long since = -1;
