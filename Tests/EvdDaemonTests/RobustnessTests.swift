@@ -137,6 +137,37 @@ struct RobustnessTests {
         }
     }
 
+    /// After a lagged disconnect the notice is the last thing written before the close; a close
+    /// that did not wait for earlier writes dropped it (and the events before it) whenever the
+    /// outbox drained while they still waited for a slow reader's socket. One UPDATE of many rows
+    /// overruns the default queue at once, with much written but not yet read.
+    @Test("a slow reader that lags out gets every event up to last_seq and the notice before the connection ends")
+    func laggedNoticeReachesASlowReader() async throws {
+        try await withRunningDaemon { daemon in
+            let rows = 40_000
+            try await daemon.request("execute", ["sql": "create table big(id integer primary key, v integer)"])
+            try await daemon.request(
+                "execute",
+                ["sql": .string("insert into big with recursive c(x) as (select 1 union all select x + 1 from c where x < \(rows)) select x, 0 from c")])
+            let raw = try RawUnixSocket(path: daemon.socketPath, receiveBuffer: 4096)
+            defer { raw.close() }
+            try raw.send(#"{"op":"subscribe","events":["update-row"]}"# + "\n")
+            try await waitUntilStats(daemon, "the raw subscription") { $0["subscriptions"] == 1 }
+            // Reads throughout, slower than the UPDATE makes events.
+            let reader = Task.detached { raw.receiveSlowly(chunk: 8192, pauseMicroseconds: 500, seconds: 60) }
+            try await daemon.request("execute", ["sql": "update big set v = v + 1"])
+            let bytes = await reader.value
+            let lines = bytes.split(separator: 0x0a)
+            let messages = try lines.map { line in try #require(try JSONValue(parsing: Array(line)).objectValue) }
+            let notice = try #require(messages.last)
+            #expect(notice["type"] == "notice" && notice["code"] == "lagged", "the last message: \(notice)")
+            let seqs = messages.filter { $0["type"] == "event" }.compactMap { $0["seq"]?.intValue }
+            #expect(!seqs.isEmpty)
+            #expect(notice["last_seq"] == .int(seqs.last ?? -1))
+            #expect(zip(seqs, seqs.dropFirst()).allSatisfy { $0 + 1 == $1 }, "events up to last_seq arrive with no hole")
+        }
+    }
+
     @Test("a lagging subscriber gets notice lagged with last_seq, the last event it received, then the connection ends")
     func laggedNotice() async throws {
         try await withRunningDaemon(configure: Self.smallOutbox) { daemon in
@@ -407,6 +438,24 @@ final class RawUnixSocket: Sendable {
             guard written > 0 else { throw Failure(description: "send: \(String(cString: strerror(errno)))") }
             bytes = bytes.dropFirst(written)
         }
+    }
+
+    /// Reads until the daemon closes the connection (or `seconds` pass), `chunk` bytes at a time
+    /// with a pause after each: a slow reader. Blocks: call it off the cooperative pool.
+    func receiveSlowly(chunk: Int, pauseMicroseconds: UInt32, seconds: Double) -> [UInt8] {
+        let deadline = ContinuousClock.now + .milliseconds(Int(seconds * 1000))
+        var received: [UInt8] = []
+        var buffer = [UInt8](repeating: 0, count: chunk)
+        while ContinuousClock.now < deadline {
+            var poll = pollfd(fd: self.fd, events: Int16(POLLIN), revents: 0)
+            guard Glibc.poll(&poll, 1, 100) >= 0 else { break }
+            if poll.revents == 0 { continue }
+            let count = buffer.withUnsafeMutableBytes { recv(self.fd, $0.baseAddress, $0.count, 0) }
+            if count <= 0 { break }
+            received += buffer[..<count]
+            usleep(pauseMicroseconds)
+        }
+        return received
     }
 
     /// Closes the socket (once).
