@@ -16,6 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchrows  # noqa: E402
+import sqlalchemy_engine  # noqa: E402
 
 
 def main():
@@ -25,25 +26,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    try:
-        import sqlalchemy as sa
-    except ImportError as e:
-        print(json.dumps({"error": f"sqlalchemy is not installed: {e}"}), flush=True)
-        sys.exit(1)
-
-    os.makedirs(args.work, exist_ok=True)
-    db = os.path.join(args.work, "sqlalchemy.sqlite")
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(db + suffix):
-            os.remove(db + suffix)
-    engine = sa.create_engine(f"sqlite:///{db}")
-
-    @sa.event.listens_for(engine, "connect")
-    def pragmas(dbapi_conn, _record):
-        cur = dbapi_conn.cursor()
-        for pragma in ("journal_mode = wal", "synchronous = normal", "foreign_keys = on"):
-            cur.execute(f"pragma {pragma}")
-        cur.close()
+    sa, engine = sqlalchemy_engine.fresh_engine(args.work, "sqlalchemy.sqlite")
 
     types = {"integer": sa.Integer, "text": sa.Text, "float": sa.Float}
     batches = benchrows.batches(args.total, args.batch)

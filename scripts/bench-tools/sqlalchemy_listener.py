@@ -16,6 +16,9 @@ import os
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import sqlalchemy_engine  # noqa: E402
+
 
 def timed(conn, stmt, n):
     """Per-statement latencies (s) of N executions, and their total (s)."""
@@ -34,22 +37,7 @@ def main():
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
-    try:
-        import sqlalchemy as sa
-    except ImportError as e:
-        print(json.dumps({"error": f"sqlalchemy is not installed: {e}"}), flush=True)
-        sys.exit(1)
-
-    os.makedirs(args.work, exist_ok=True)
-    db = os.path.join(args.work, "listener.sqlite")
-    engine = sa.create_engine(f"sqlite:///{db}")
-
-    @sa.event.listens_for(engine, "connect")
-    def pragmas(dbapi_conn, _record):
-        cur = dbapi_conn.cursor()
-        for pragma in ("journal_mode = wal", "synchronous = normal", "foreign_keys = on"):
-            cur.execute(f"pragma {pragma}")
-        cur.close()
+    sa, engine = sqlalchemy_engine.fresh_engine(args.work, "listener.sqlite")
 
     calls = [0, 0]
 
