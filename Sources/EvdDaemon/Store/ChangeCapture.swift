@@ -280,9 +280,14 @@ final class ChangeCapture: @unchecked Sendable {
     private var textIsUTF8 = false
 
     private let connection: SQLiteConnection
+    /// The connection's schema reads: the shapes come from there (read once per schema for the
+    /// structured ops and the capture alike); the capture keeps them by table index for the hook,
+    /// which must not run SQL.
+    private let schema: SchemaCache
 
-    init(connection: SQLiteConnection) {
+    init(connection: SQLiteConnection, schema: SchemaCache) {
         self.connection = connection
+        self.schema = schema
         let context = Unmanaged.passUnretained(self).toOpaque()
         sqlite3_preupdate_hook(
             connection.handle,
@@ -556,7 +561,7 @@ final class ChangeCapture: @unchecked Sendable {
             self.textIsUTF8 = false
             return
         }
-        let version = (try? self.connection.scalarInt("PRAGMA main.schema_version")) ?? -1
+        let version = (try? self.schema.version(self.connection)) ?? -1
         if version != self.shapesSchemaVersion {
             self.shapes.removeAll()
             self.shapeColumns.removeAll()
@@ -567,7 +572,7 @@ final class ChangeCapture: @unchecked Sendable {
         }
         for name in names {
             let index = self.intern(name)
-            if self.shapes[index] == nil, let shape = try? TableShape.read(name, on: self.connection) {
+            if self.shapes[index] == nil, let shape = try? self.schema.shape(of: name, self.connection) {
                 self.shapes[index] = shape
             }
         }
@@ -576,7 +581,7 @@ final class ChangeCapture: @unchecked Sendable {
     /// The shape of table `index` (reading it if needed).
     func shape(_ index: Int32) -> TableShape? {
         if let shape = self.shapes[index] { return shape }
-        guard let shape = try? TableShape.read(self.tables[Int(index)], on: self.connection) else { return nil }
+        guard let shape = try? self.schema.shape(of: self.tables[Int(index)], self.connection) else { return nil }
         self.shapes[index] = shape
         return shape
     }

@@ -46,7 +46,7 @@ public final class PooledConnection: @unchecked Sendable {
         self.number = number
         self.sqlite = sqlite
         self.observer = observer
-        self.capture = ChangeCapture(connection: sqlite)
+        self.capture = ChangeCapture(connection: sqlite, schema: self.schema)
         self.busy = BusyWaiter(gate: gate, timeoutMs: busyTimeoutMs)
         self.busy.install(on: sqlite)
     }

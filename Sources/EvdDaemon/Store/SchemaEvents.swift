@@ -238,6 +238,12 @@ final class SchemaCache: @unchecked Sendable {
         self.shapes = [:]
     }
 
+    /// The schema cookie now (forgetting what was read under another).
+    func version(_ sqlite: SQLiteConnection) throws(SQLiteError) -> Int64 {
+        try self.validate(sqlite)
+        return self.version
+    }
+
     /// Forgets what was read under another schema than the current one.
     private func validate(_ sqlite: SQLiteConnection) throws(SQLiteError) {
         if self.versionStatement == nil {
