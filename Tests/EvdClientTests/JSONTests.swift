@@ -559,3 +559,103 @@ struct JSONRoundTripTests {
         #expect(try JSONValue(parsing: value.jsonBytes) == value)
     }
 }
+
+/// `JSONValue.parsing(_:flatteningRowsOf:)`: the rows of an insert read flat must be exactly what the
+/// general parser reads, and anything it cannot read flat must come out as the general parser has it.
+@Suite("JSON parser, flat rows")
+struct JSONFlatRowsTests {
+    /// Parses `text` both ways and checks they agree; returns the flat rows.
+    @discardableResult
+    private func flatten(_ text: String, sourceLocation: SourceLocation = #_sourceLocation) throws -> JSONRows? {
+        let general = try JSONValue(parsing: text)
+        let (value, rows) = try Array(text.utf8).withUnsafeBytes { try JSONValue.parsing($0, flatteningRowsOf: "rows") }
+        var whole = value
+        if let rows, case .object(var object) = value {
+            #expect(object["rows"] == nil, "flat rows are left out of the object", sourceLocation: sourceLocation)
+            object["rows"] = rows.jsonValue
+            // The general parser keeps `rows` where it was written; compare without the order.
+            whole = .object(object)
+            #expect(Set(object.keys) == Set(general.objectValue?.keys ?? []), sourceLocation: sourceLocation)
+            for (key, member) in object { #expect(general[key] == member, "member \(key)", sourceLocation: sourceLocation) }
+        } else {
+            #expect(whole == general, sourceLocation: sourceLocation)
+        }
+        return rows
+    }
+
+    @Test func rowsWithTheSameKeysAreOneRun() throws {
+        let rows = try #require(try flatten(#"{"op":"insert","rows":[{"id":1,"n":"a"},{"id":2,"n":"b"},{"id":3,"n":null}],"x":true}"#))
+        #expect(rows.count == 3)
+        #expect(rows.runs.count == 1)
+        #expect(rows.runs[0].keys == ["id", "n"])
+        #expect(rows.values == [1, "a", 2, "b", 3, nil])
+        #expect(rows[1] == ["id": 2, "n": "b"])
+    }
+
+    @Test func rowsWithOtherKeysStartRuns() throws {
+        let text = #"{"rows":[{"a":1,"b":2},{"a":3,"b":4},{"a":5,"bc":6},{"ab":7,"b":8},{"a":9},{"a":1,"b":2,"c":3},"#
+            + #"{"a\"b":1,"b":2},{"a\"b":3,"b":4},{"a":1,"b":2},{},{},{"é":1,"b":2},{"é":3,"b":4},{"":1},{"":2},"#
+            + #"{"a":1,"b" :2},{"a" : 3 ,"b":4},{"\u0061":5,"b":6},{"b":7,"a":8}]}"#
+        let rows = try #require(try flatten(text))
+        #expect(rows.count == 19)
+        #expect(rows.runs.map(\.rows.count) == [2, 1, 1, 1, 1, 2, 1, 2, 2, 2, 3, 1])
+        #expect(rows.runs.last?.keys == ["b", "a"])
+        #expect(rows[17] == ["a": 5, "b": 6])  // the same key, written with an escape
+        #expect(rows.column("b") == [2, 4, 8, 2, 2, 4, 2, 2, 4, 2, 4, 6, 7])
+    }
+
+    @Test func scalarsOfEveryKind() throws {
+        let rows = try #require(try flatten(#"{"rows":[{"a":-1.5e3,"b":true,"c":false,"d":"x\ny","e":9223372036854775807,"f":1e300}]}"#))
+        #expect(rows.values == [-1500.0, true, false, "x\ny", 9_223_372_036_854_775_807, 1e300])
+    }
+
+    @Test func whatIsNotFlatStaysInTheObject() throws {
+        // A nested value, a repeated key in a row, an element that is not an object, rows that are
+        // not an array: the general parser's reading.
+        for text in [
+            #"{"rows":[{"a":1},{"a":[1,2]}]}"#, #"{"rows":[{"a":1},{"a":{"b":1}}]}"#, #"{"rows":[{"a":1,"a":2}]}"#,
+            #"{"rows":[{"a":1},2]}"#, #"{"rows":{"a":1}}"#, #"{"rows":5}"#, #"{"x":{"rows":[{"a":1}]}}"#,
+            #"[{"rows":[{"a":1}]}]"#,
+        ] {
+            #expect(try flatten(text) == nil, "\(text)")
+        }
+    }
+
+    @Test func theLastOfARepeatedKeyCounts() throws {
+        #expect(try flatten(#"{"rows":[{"a":1}],"rows":[{"b":2}]}"#)?.values == [2])
+        #expect(try flatten(#"{"rows":[{"a":1}],"rows":[{"b":[2]}]}"#) == nil)
+        #expect(try flatten(#"{"rows":[{"a":[1]}],"rows":[{"b":2}]}"#)?.values == [2])
+    }
+
+    @Test func emptyRows() throws {
+        let rows = try #require(try flatten(#"{"rows":[]}"#))
+        #expect(rows.isEmpty && rows.count == 0)
+    }
+
+    @Test func invalidJSONFailsAsTheGeneralParserDoes() throws {
+        for text in [
+            #"{"rows":[{"a":1},{"a"#, #"{"rows":[{"a":1},{"a":}]}"#, #"{"rows":[{"a":1},]}"#, #"{"rows":[{"a":01}]}"#,
+            #"{"rows":[{"a":1}"#, #"{"rows":[{"a":"x}]}"#, #"{"rows":[{"ab":1},{"a"":2}]}"#,
+            #"{"rows":[{"a\"":1},{"a"":2}]}"#, #"{"rows":[{"a":1} {"a":2}]}"#, #"{"rows":[{"a":tru}]}"#,
+        ] {
+            let general = parseError(text)
+            #expect(general != nil, "\(text)")
+            let flat: JSONParseError?
+            do {
+                _ = try Array(text.utf8).withUnsafeBytes { try JSONValue.parsing($0, flatteningRowsOf: "rows") }
+                flat = nil
+            } catch {
+                flat = error as? JSONParseError
+            }
+            #expect(flat?.message == general?.message, "\(text)")
+        }
+    }
+
+    @Test func rowsBuiltFromObjects() throws {
+        let array: [JSONValue] = [["a": 1], ["a": 2], ["b": 3]]
+        let rows = try #require(JSONRows(objects: array))
+        #expect(rows.jsonValue == .array(array))
+        #expect(rows.run(of: 2).keys == ["b"])
+        #expect(JSONRows(objects: [["a": 1], 2]) == nil)
+    }
+}

@@ -181,8 +181,8 @@ struct LimitsTests {
         let inbox = RequestInbox(capacity: 2)
         let rooms = Counter()
         inbox.onRoom { rooms.value.add(1, ordering: .relaxed) }
-        #expect(inbox.offer(.request(["op": "ping"])))
-        #expect(!inbox.offer(.request(["op": "ping"])))  // full: the reader pauses
+        #expect(inbox.offer(.request(Session.Request(["op": "ping"]))))
+        #expect(!inbox.offer(.request(Session.Request(["op": "ping"]))))  // full: the reader pauses
         #expect(rooms.value.load(ordering: .relaxed) == 0)
         _ = await inbox.pop()
         #expect(rooms.value.load(ordering: .relaxed) == 1)  // room again: the reader resumes

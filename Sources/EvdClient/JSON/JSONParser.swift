@@ -53,6 +53,26 @@ extension JSONValue {
         self = try parser.parseDocument()
     }
 
+    /// Parses exactly one JSON value, as ``init(parsing:)-(UnsafeRawBufferPointer)`` does, except
+    /// that when it is an object whose member `key` is an array of objects holding only scalars,
+    /// that member is left out of the object and returned as `rows`, flat.
+    ///
+    /// It is how evd reads a request: the thousand rows of an `insert` become one array of values
+    /// instead of a thousand dictionaries. Any other value of `key` stays in the object.
+    public static func parsing(
+        _ bytes: UnsafeRawBufferPointer, flatteningRowsOf key: String
+    ) throws(JSONParseError) -> (value: JSONValue, rows: JSONRows?) {
+        guard let base = bytes.baseAddress, bytes.count > 0 else {
+            throw JSONParseError(message: "empty input", offset: 0)
+        }
+        var parser = _JSONParser(base: base.assumingMemoryBound(to: UInt8.self), count: bytes.count)
+        parser.flatKey = key
+        let value = try parser.parseDocument()
+        guard let rows = parser.flatRows, case .object(var object) = value else { return (value, nil) }
+        object.removeValue(forKey: key)
+        return (.object(object), rows)
+    }
+
     /// Parses exactly one JSON value from UTF-8 bytes; see ``init(parsing:)-(UnsafeRawBufferPointer)``.
     public init(parsing bytes: [UInt8]) throws(JSONParseError) {
         let result = bytes.withUnsafeBytes { buffer in
@@ -125,6 +145,12 @@ private struct _JSONParser {
     /// often has the same ones (the rows of an `insert`), and then shares them instead of making
     /// each key and the list of keys again.
     var lastKeys: ContiguousArray<String> = []
+    /// The member of the outermost object whose array of objects is read into `flatRows`
+    /// (`JSONValue.parsing(_:flatteningRowsOf:)`); nil to read everything into values.
+    var flatKey: String?
+    /// The rows of `flatKey` when its value (the last one, if the key repeats) was an array of
+    /// objects whose values are all scalars.
+    var flatRows: JSONRows?
 
     init(base: UnsafePointer<UInt8>, count: Int) {
         self.base = base
@@ -191,37 +217,41 @@ private struct _JSONParser {
             guard index < count else { throw unexpected(at: index, expected: "a value") }
             let byte = base[index]
             var value: JSONValue
-            switch byte {
-            case ASCII.openBracket, ASCII.openBrace:
-                if frames.count == JSONValue.maximumParsingDepth {
-                    throw error("nesting deeper than \(JSONValue.maximumParsingDepth)", at: index)
-                }
-                let isObject = byte == ASCII.openBrace
-                frames.append(_Frame(isObject: isObject, valueStart: values.count, keyStart: keys.count))
-                index += 1
-                skipWhitespace()
-                if index < count, base[index] == (isObject ? ASCII.closeBrace : ASCII.closeBracket) {
+            if frames.count == 1, flatKey != nil, takesFlatRows(at: byte) {
+                value = .null  // a placeholder: the rows come out apart, in `flatRows`
+            } else {
+                switch byte {
+                case ASCII.openBracket, ASCII.openBrace:
+                    if frames.count == JSONValue.maximumParsingDepth {
+                        throw error("nesting deeper than \(JSONValue.maximumParsingDepth)", at: index)
+                    }
+                    let isObject = byte == ASCII.openBrace
+                    frames.append(_Frame(isObject: isObject, valueStart: values.count, keyStart: keys.count))
                     index += 1
-                    value = closeContainer()
-                } else {
-                    if isObject { try parseKeyAndColon() }
-                    continue parsing
+                    skipWhitespace()
+                    if index < count, base[index] == (isObject ? ASCII.closeBrace : ASCII.closeBracket) {
+                        index += 1
+                        value = closeContainer()
+                    } else {
+                        if isObject { try parseKeyAndColon() }
+                        continue parsing
+                    }
+                case ASCII.quote:
+                    value = .string(try parseString())
+                case ASCII.minus, ASCII.zero...ASCII.nine:
+                    value = try parseNumber()
+                case UInt8(ascii: "t"):
+                    try expectLiteral("true")
+                    value = .bool(true)
+                case UInt8(ascii: "f"):
+                    try expectLiteral("false")
+                    value = .bool(false)
+                case UInt8(ascii: "n"):
+                    try expectLiteral("null")
+                    value = .null
+                default:
+                    throw unexpected(at: index, expected: "a value")
                 }
-            case ASCII.quote:
-                value = .string(try parseString())
-            case ASCII.minus, ASCII.zero...ASCII.nine:
-                value = try parseNumber()
-            case UInt8(ascii: "t"):
-                try expectLiteral("true")
-                value = .bool(true)
-            case UInt8(ascii: "f"):
-                try expectLiteral("false")
-                value = .bool(false)
-            case UInt8(ascii: "n"):
-                try expectLiteral("null")
-                value = .null
-            default:
-                throw unexpected(at: index, expected: "a value")
             }
 
             // After a complete value: add it to the innermost container, closing containers
@@ -247,6 +277,128 @@ private struct _JSONParser {
                 }
                 throw unexpected(at: index, expected: frame.isObject ? "',' or '}'" : "',' or ']'")
             }
+        }
+    }
+
+    // MARK: Flat rows
+
+    /// At the start of a member's value in the outermost object: when the member is `flatKey`,
+    /// whether its value was read into `flatRows` (an array of objects of scalars). Anything else
+    /// (another value, a nested array or object in a row, a repeated key in a row, invalid JSON)
+    /// leaves `index` where it was for the general parser, which reads it (and reports its errors)
+    /// as usual.
+    mutating func takesFlatRows(at byte: UInt8) -> Bool {
+        guard frames[0].isObject, keys.last == flatKey else { return false }
+        flatRows = nil  // a repeated key: the last value counts
+        guard byte == ASCII.openBracket else { return false }
+        let start = index
+        if let rows = parseFlatRows() {
+            flatRows = rows
+            return true
+        }
+        index = start
+        return false
+    }
+
+    /// Reads an array of objects whose values are scalars, from its `[` on; nil for anything else.
+    mutating func parseFlatRows() -> JSONRows? {
+        var rows = JSONRows.Builder()
+        index += 1
+        skipWhitespace()
+        if index < count, base[index] == ASCII.closeBracket {
+            index += 1
+            return rows.rows
+        }
+        // The last run's keys, and whether their JSON text is their bytes (so the next row's
+        // keys can be matched against the input as they are; see `plainKeyLength`).
+        var lastKeys: [String] = []
+        var lastKeysArePlain = false
+        do {
+            while true {
+                guard index < count, base[index] == ASCII.openBrace else { return nil }
+                index += 1
+                skipWhitespace()
+                let firstValue = rows.valueCount
+                // This row's keys, once they differ from the last run's (nil while they match).
+                var keys: [String]?
+                var position = 0
+                if index < count, base[index] == ASCII.closeBrace {
+                    index += 1
+                } else {
+                    members: while true {
+                        guard index < count, base[index] == ASCII.quote else { return nil }
+                        if keys == nil, lastKeysArePlain, position < lastKeys.count,
+                            let length = plainKeyLength(matching: lastKeys[position])
+                        {
+                            index += length + 2
+                        } else {
+                            let key = try parseString()
+                            if keys == nil {
+                                if position < lastKeys.count && key == lastKeys[position] {
+                                    // the same key, written with escapes
+                                } else {
+                                    keys = Array(lastKeys.prefix(position))
+                                    keys!.append(key)
+                                }
+                            } else {
+                                keys!.append(key)
+                            }
+                        }
+                        skipWhitespace()
+                        guard index < count, base[index] == ASCII.colon else { return nil }
+                        index += 1
+                        skipWhitespace()
+                        guard index < count else { return nil }
+                        switch base[index] {
+                        case ASCII.quote: rows.appendValue(.string(try parseString()))
+                        case ASCII.minus, ASCII.zero...ASCII.nine: rows.appendValue(try parseNumber())
+                        case UInt8(ascii: "t"):
+                            try expectLiteral("true")
+                            rows.appendValue(.bool(true))
+                        case UInt8(ascii: "f"):
+                            try expectLiteral("false")
+                            rows.appendValue(.bool(false))
+                        case UInt8(ascii: "n"):
+                            try expectLiteral("null")
+                            rows.appendValue(.null)
+                        default:
+                            return nil  // a nested array or object, or not JSON
+                        }
+                        position += 1
+                        skipWhitespace()
+                        guard index < count else { return nil }
+                        if base[index] == ASCII.comma {
+                            index += 1
+                            skipWhitespace()
+                            continue members
+                        }
+                        guard base[index] == ASCII.closeBrace else { return nil }
+                        index += 1
+                        break members
+                    }
+                }
+                if keys == nil && (position != lastKeys.count || rows.rows.isEmpty) {
+                    keys = Array(lastKeys.prefix(position))  // fewer keys than the last run (or the first row)
+                }
+                if let keys {
+                    if keys.count > 1 && !Self.allDifferent(keys[...]) { return nil }
+                    lastKeys = keys
+                    lastKeysArePlain = keys.allSatisfy(Self.isPlain)
+                }
+                rows.endRow(keys: lastKeys, firstValue: firstValue)
+                skipWhitespace()
+                guard index < count else { return nil }
+                if base[index] == ASCII.comma {
+                    index += 1
+                    skipWhitespace()
+                    continue
+                }
+                guard base[index] == ASCII.closeBracket else { return nil }
+                index += 1
+                return rows.rows
+            }
+        } catch {
+            return nil
         }
     }
 
@@ -320,6 +472,7 @@ private struct _JSONParser {
 
     /// Whether no two of a few strings are equal (pairwise: cheaper than hashing for ≤ 16).
     static func allDifferent(_ names: ArraySlice<String>) -> Bool {
+        if names.count > 16 { return Set(names).count == names.count }
         var i = names.startIndex + 1
         while i < names.endIndex {
             for j in names.startIndex..<i where names[j] == names[i] { return false }

@@ -7,7 +7,8 @@ extension Session {
     /// with a message saying so, rather than pretending.
     static let notYetImplemented: Set<String> = []
 
-    func dispatch(_ request: JSONObject, _ state: inout SessionState) async throws -> Outcome {
+    func dispatch(_ whole: Request, _ state: inout SessionState) async throws -> Outcome {
+        let request = whole.object  // what every op but the row ops reads (`Request`)
         guard let opValue = request["op"], !opValue.isNull else {
             throw EvdError.badRequest(field: "op", "missing required argument 'op'")
         }
@@ -37,15 +38,15 @@ extension Session {
             self.hasSubscriptions.subtract(1, ordering: .relaxed)
             return .result([:])
         case "execute", "executemany":
-            let work = try Self.parseSQL(request)  // every argument is checked before permissions and SQL
+            let work = try Self.parseSQL(whole)  // every argument is checked before permissions and SQL
             // Then each statement's actions on each table, as SQLite prepares it.
             try self.require(.executeSQL, on: Resource(database: try self.core.pool(work.database).database.name))
-            return .result(try await self.withSQL(request: request, &state, parse: Self.parseSQL))
+            return .result(try await self.withSQL(request: whole, &state, parse: Self.parseSQL))
         case "create_table", "insert", "upsert", "update", "delete", "drop_table", "describe":
-            let (op, work) = try Self.parseStructured(request)  // every argument is checked before permissions and SQL
+            let (op, work) = try Self.parseStructured(whole)  // every argument is checked before permissions and SQL
             let resource = Resource(database: try self.core.pool(work.database).database.name, table: op.table)
             for action in op.actions { try self.require(action, on: resource) }
-            return .result(try await self.withSQL(request: request, &state) { try Self.parseStructured($0).work })
+            return .result(try await self.withSQL(request: whole, &state) { try Self.parseStructured($0).work })
         case "begin":
             let database = try args.string("database")
             try args.finish()
@@ -119,17 +120,17 @@ extension Session {
     }
 
     /// Parses a structured op's request into the op and the work it asks for.
-    static func parseStructured(_ request: JSONObject) throws -> (op: StructuredOp, work: SQLWork) {
-        var args = Arguments(request)
-        let op = try StructuredOp.parse(request["op"]?.stringValue ?? "", &args)
+    static func parseStructured(_ request: Request) throws -> (op: StructuredOp, work: SQLWork) {
+        var args = Arguments(request.object)
+        let op = try StructuredOp.parse(request["op"]?.stringValue ?? "", &args, flatRows: request.rows)
         let database = try args.string("database")
         try args.finish()
         return (op, SQLWork(database: database, run: { run in try run.perform(op) }))
     }
 
     /// Parses an `execute` or `executemany` request into the work it asks for.
-    static func parseSQL(_ request: JSONObject) throws -> SQLWork {
-        var args = Arguments(request)
+    static func parseSQL(_ request: Request) throws -> SQLWork {
+        var args = Arguments(request.whole)
         let sql = SQLText(try args.requiredString("sql"))
         let work: @Sendable (SQLRun) throws -> JSONValue
         if request["op"] == "executemany" {
@@ -375,7 +376,7 @@ extension Session {
             case .run(let id, let request):
                 do {
                     try self.checkTokenExpiry("emit")
-                    var args = Arguments(request)
+                    var args = Arguments(request.object)
                     checked.append((id, try self.checkEmit(&args)))
                     continue
                 } catch {

@@ -29,7 +29,7 @@ extension Session {
     /// a listener may deny the request, or rewrite it, in which case it is parsed again with `parse`
     /// and the rewritten request is what runs.
     func withSQL(
-        request: JSONObject, _ state: inout SessionState, parse: (JSONObject) throws -> SQLWork
+        request: Request, _ state: inout SessionState, parse: (Request) throws -> SQLWork
     ) async throws -> JSONValue {
         var work = try parse(request)
         let options = self.effectiveOptions(state)
@@ -44,13 +44,13 @@ extension Session {
         do {
             var finalRequest = request
             let verdict = try await self.vetoable(.beforeExecute, on: pool) {
-                var properties: JSONObject = ["database": .string(pool.database.name), "request": .object(request)]
+                var properties: JSONObject = ["database": .string(pool.database.name), "request": .object(request.whole)]
                 if !options.isEmpty { properties["execution_options"] = .object(options) }
                 return properties
             }
-            if let rewritten = verdict?.properties["request"]?.objectValue, rewritten != request {
-                finalRequest = rewritten
-                finalRequest["op"] = request["op"] ?? .null  // a listener rewrites the request, not the op
+            if let rewritten = verdict?.properties["request"]?.objectValue, rewritten != request.whole {
+                finalRequest = Request(rewritten)
+                finalRequest.object["op"] = request["op"] ?? .null  // a listener rewrites the request, not the op
                 work = try parse(finalRequest)
                 if let database = work.database, database != pool.database.name {
                     throw EvdError(.vetoed, "a before_execute listener moved the request to another database")

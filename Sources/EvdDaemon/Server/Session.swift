@@ -53,8 +53,34 @@ final class Session: Sendable {
 
     /// A line the reader hands to the executor.
     enum Inbound: Sendable {
-        case request(JSONObject)
+        case request(Request)
         case failure(EvdError)
+    }
+
+    /// A request as read from its line: its members, and apart from them the `rows` of an
+    /// `insert`, `upsert` or `create_table`, held flat (`JSONRows`: no dictionary per row).
+    struct Request: Sendable {
+        /// The members (without `rows` when `rows` holds them).
+        var object: JSONObject
+        var rows: JSONRows?
+
+        /// The ops whose `rows` are read flat.
+        static let rowOps: Set<String> = ["insert", "upsert", "create_table"]
+
+        init(_ object: JSONObject, rows: JSONRows? = nil) {
+            self.object = object
+            self.rows = rows
+        }
+
+        subscript(key: String) -> JSONValue? { self.object[key] }
+
+        /// The request whole, as the events show it (`rows` last).
+        var whole: JSONObject {
+            guard let rows else { return self.object }
+            var object = self.object
+            object["rows"] = rows.jsonValue
+            return object
+        }
     }
 
     /// Serves the connection until the client leaves or the daemon stops. The channel's
@@ -122,11 +148,16 @@ final class Session: Sendable {
         buffer.withUnsafeReadableBytes { bytes -> Inbound? in
             if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0d }) { return nil }
             do {
-                let value = try JSONValue(parsing: bytes)
+                let (value, rows) = try JSONValue.parsing(bytes, flatteningRowsOf: "rows")
                 guard case .object(let object) = value else {
                     return .failure(EvdError(.badJSON, "a request must be a JSON object, not \(value.typeName)"))
                 }
-                return .request(object)
+                let request = Request(object, rows: rows)
+                // Only the ops that insert rows read them flat; any other sees its request whole.
+                if rows != nil, !Request.rowOps.contains(object["op"]?.stringValue ?? "") {
+                    return .request(Request(request.whole))
+                }
+                return .request(request)
             } catch {
                 return .failure(EvdError(.badJSON, "not valid JSON: \((error as? JSONParseError)?.message ?? "\(error)")"))
             }
@@ -138,7 +169,7 @@ final class Session: Sendable {
         /// Answer it with this error; it does not run.
         case refuse(id: JSONValue, EvdError)
         /// Run it.
-        case run(id: JSONValue, JSONObject)
+        case run(id: JSONValue, Request)
     }
 
     /// Counts a queued line as a request and checks what every request must pass before it runs:
@@ -164,10 +195,10 @@ final class Session: Sendable {
             switch self.admit(item) {
             case .refuse(let id, let error):
                 self.respond(id: id, .failure(error))
-            case .run(let id, let request) where Self.isEmit(request):
+            case .run(let id, let request) where Self.isEmit(request.object):
                 // The emits queued right behind this one are journaled with it (`executeEmits`).
                 let following = self.inbox.popQueued { item in
-                    if case .request(let request) = item { return Self.isEmit(request) } else { return false }
+                    if case .request(let request) = item { return Self.isEmit(request.object) } else { return false }
                 }
                 self.busy.store(true, ordering: .relaxed)
                 await self.executeEmits([.run(id: id, request)] + following.map { self.admit($0) })

@@ -88,7 +88,7 @@ final class SessionHandler: ChannelDuplexHandler {
         case .line(let buffer):
             guard let parsed = Session.parse(buffer) else { return }
             if case .request(let request) = parsed, request["op"] == "reply" {
-                session.handleReply(request)
+                session.handleReply(request.object)
                 return
             }
             item = parsed

@@ -102,7 +102,7 @@ enum SQLParameters: Sendable {
         cursor += count
     }
 
-    private static func bind(_ value: JSONValue, _ statement: SQLiteStatement, _ index: Int) throws(EvdError) {
+    static func bind(_ value: JSONValue, _ statement: SQLiteStatement, _ index: Int) throws(EvdError) {
         do {
             try statement.bind(value, at: index)
         } catch {
@@ -114,6 +114,68 @@ enum SQLParameters: Sendable {
     var positionalCount: Int? {
         if case .positional(let values) = self { return values.count }
         return nil
+    }
+}
+
+/// The parameter sets of an executemany: a client's `params`, or the rows of a structured insert
+/// that have the same columns, their values back to back (`width` to a row), bound from where the
+/// parser put them.
+enum ParameterSets {
+    case sets([SQLParameters])
+    case flat(ArraySlice<JSONValue>, width: Int, count: Int)
+
+    /// The rows of `rows`' run `run`.
+    init(_ rows: JSONRows, run: JSONRows.Run) {
+        self = .flat(rows.values[run.values], width: run.keys.count, count: run.rows.count)
+    }
+
+    var count: Int {
+        switch self {
+        case .sets(let sets): sets.count
+        case .flat(_, _, let count): count
+        }
+    }
+
+    /// Every set as the events show them: made only when an event is sent.
+    var jsonValue: JSONValue {
+        switch self {
+        case .sets(let sets):
+            return .array(sets.map(\.jsonValue))
+        case .flat(let values, let width, let count):
+            return .array((0..<count).map { row in
+                let start = values.startIndex + row * width
+                return .array(Array(values[start..<(start + width)]))
+            })
+        }
+    }
+
+    /// Binds set `index` to `statement`, checking that it fills the statement's parameters exactly.
+    func bind(_ index: Int, to statement: SQLiteStatement) throws(EvdError) {
+        var cursor = 0
+        let total: Int?
+        do throws(EvdError) {
+            switch self {
+            case .sets(let sets):
+                try sets[index].bindOnly(statement, cursor: &cursor)
+                total = sets[index].positionalCount
+            case .flat(let values, let width, _):
+                let count = statement.parameterCount
+                guard count <= width else {
+                    throw EvdError.badRequest(field: "params", "the SQL takes at least \(count) parameter(s), \(width) given")
+                }
+                let start = values.startIndex + index * width
+                for offset in 0..<count { try SQLParameters.bind(values[start + offset], statement, offset + 1) }
+                cursor = count
+                total = width
+            }
+        } catch {
+            var error = error
+            error.extra["field"] = .string("params[\(index)]")
+            throw error
+        }
+        if let total, total != cursor {
+            throw EvdError.badRequest(field: "params[\(index)]", "\(total) parameter(s) given, the SQL takes \(cursor)")
+        }
     }
 }
 
@@ -149,7 +211,7 @@ struct SQLRun {
     let connection: PooledConnection
     let origin: EventOrigin
     /// The client's request (as `before_execute` listeners left it), for `after_execute`.
-    let request: JSONObject
+    let request: Session.Request
     let executionOptions: JSONObject
     /// Whether this request is its own transaction (no `begin` op is open).
     let implicitTransaction: Bool
@@ -169,7 +231,7 @@ struct SQLRun {
     }
 
     private func requestProperties() -> JSONObject {
-        var properties: JSONObject = ["database": .string(self.database), "request": .object(self.request)]
+        var properties: JSONObject = ["database": .string(self.database), "request": .object(self.request.whole)]
         if !self.executionOptions.isEmpty { properties["execution_options"] = .object(self.executionOptions) }
         return properties
     }
@@ -230,14 +292,7 @@ struct SQLRun {
                 throw EvdError.badRequest(field: "sql", "executemany takes exactly one statement")
             }
             if self.implicitTransaction { try self.beginImplicit(immediate: !statement.isReadOnly) }
-            var sets = parameterSets
-            var all: JSONValue = .array(sets.map(\.jsonValue))
-            if let verdict = try self.beforeCursorExecute(statement.sql, all, executemany: true) {
-                (statement, sets, all) = try self.rewriteMany(statement, sets, all, to: verdict.properties)
-            }
-            let changed = try self.capturing(statement, intent: SQLScanner.intent(of: statement.sql)) { () throws(EvdError) in
-                try self.run(statement, parameters: all, executemany: true, parameterSets: sets)
-            }
+            let changed = try self.runMany(statement, .sets(parameterSets), intent: SQLScanner.intent(of: statement.sql))
             return (changed, changed)
         }
     }
@@ -371,36 +426,54 @@ struct SQLRun {
     }
 
     /// `before_cursor_execute`: listeners may deny, or rewrite `statement` and `parameters`.
-    func beforeCursorExecute(_ sql: String, _ parameters: JSONValue, executemany: Bool) throws(EvdError)
+    func beforeCursorExecute(_ sql: String, _ parameters: @autoclosure () -> JSONValue, executemany: Bool) throws(EvdError)
         -> VetoVerdict?
     {
         try self.vetoable(.beforeCursorExecute) {
             var properties = self.base()
             properties["statement"] = .string(sql)
-            properties["parameters"] = parameters
+            properties["parameters"] = parameters()
             properties["executemany"] = .bool(executemany)
             return properties
         }
     }
 
-    /// The statement and parameter sets a `modify` of an executemany's `before_cursor_execute` asked for.
-    func rewriteMany(
-        _ statement: SQLiteStatement, _ sets: [SQLParameters], _ all: JSONValue, to properties: JSONObject
-    ) throws(EvdError) -> (SQLiteStatement, [SQLParameters], JSONValue) {
-        var result = (statement, sets, all)
-        if let text = properties["statement"]?.stringValue, text != statement.sql {
-            result.0 = try self.prepareReplacement(text)
+    /// Runs one statement once per parameter set (an executemany), with its events:
+    /// `before_cursor_execute` (whose listeners may rewrite the statement and the sets), the
+    /// dialect events, and the changes captured. The sets are made into JSON only for an event
+    /// someone listens to. `onRow` sees each result row of the statement that runs. Returns the
+    /// rows it changed directly.
+    func runMany(
+        _ statement: SQLiteStatement, _ sets: ParameterSets, intent: StatementIntent,
+        onRow: (SQLiteStatement) -> Void = { _ in }
+    ) throws(EvdError) -> Int64 {
+        var statement = statement
+        var sets = sets
+        var all: JSONValue?
+        let json = { () -> JSONValue in
+            if let all { return all }
+            let made = sets.jsonValue
+            all = made
+            return made
         }
-        if let replaced = properties["parameters"], replaced != all {
-            guard let list = replaced.arrayValue else {
-                throw EvdError(.vetoed, "a listener set executemany's parameters to something that is not a list")
+        if let verdict = try self.beforeCursorExecute(statement.sql, json(), executemany: true) {
+            if let text = verdict.properties["statement"]?.stringValue, text != statement.sql {
+                statement = try self.prepareReplacement(text)
             }
-            result.1 = try list.enumerated().map { (index, set) throws(EvdError) in
-                try SQLParameters(set, field: "parameters[\(index)]")
+            if let replaced = verdict.properties["parameters"], replaced != json() {
+                guard let list = replaced.arrayValue else {
+                    throw EvdError(.vetoed, "a listener set executemany's parameters to something that is not a list")
+                }
+                sets = .sets(try list.enumerated().map { (index, set) throws(EvdError) in
+                    try SQLParameters(set, field: "parameters[\(index)]")
+                })
+                all = replaced
             }
-            result.2 = replaced
         }
-        return result
+        let run = statement
+        return try self.capturing(run, intent: intent) { () throws(EvdError) in
+            try self.run(run, parameters: json, executemany: true, sets: sets) { onRow(run) }
+        }
     }
 
     /// The statement and parameters a `modify` asked for: what then runs.
@@ -425,8 +498,16 @@ struct SQLRun {
     /// dialect and `after_cursor_execute` events; `onRow` sees each result row. Returns the rows it
     /// changed directly.
     func run(
-        _ statement: SQLiteStatement, parameters: JSONValue, executemany: Bool,
-        parameterSets: [SQLParameters] = [], onRow: () -> Void = {}
+        _ statement: SQLiteStatement, parameters: JSONValue, executemany: Bool, onRow: () -> Void = {}
+    ) throws(EvdError) -> Int64 {
+        try self.run(statement, parameters: { parameters }, executemany: executemany, sets: nil, onRow: onRow)
+    }
+
+    /// `run` with the events' `parameters` made only when an event is sent, and for an
+    /// executemany the sets to bind.
+    private func run(
+        _ statement: SQLiteStatement, parameters: () -> JSONValue, executemany: Bool, sets: ParameterSets?,
+        onRow: () -> Void
     ) throws(EvdError) -> Int64 {
         let sql = statement.sql
         let dialectEvent: EventKind =
@@ -434,34 +515,23 @@ struct SQLRun {
         try self.vetoable(dialectEvent) {
             var properties = self.base()
             properties["statement"] = .string(sql)
-            properties["parameters"] = parameters
+            properties["parameters"] = parameters()
             return properties
         }
         let start = ContinuousClock.now
         var changed: Int64 = 0
         do {
-            if executemany {
-                for (index, set) in parameterSets.enumerated() {
-                    var cursor = 0
+            if let sets {
+                for index in 0..<sets.count {
                     statement.reset()
-                    do {
-                        try set.bindOnly(statement, cursor: &cursor)
-                    } catch {
-                        var error = error
-                        error.extra["field"] = .string("params[\(index)]")
-                        throw error
-                    }
-                    if let total = set.positionalCount, total != cursor {
-                        throw EvdError.badRequest(
-                            field: "params[\(index)]", "\(total) parameter(s) given, the SQL takes \(cursor)")
-                    }
+                    try sets.bind(index, to: statement)
                     changed += try self.step(statement, onRow)
                 }
             } else {
                 changed = try self.step(statement, onRow)
             }
         } catch let error as SQLiteError {
-            throw self.failed(error, statement: sql, parameters: parameters)
+            throw self.failed(error, statement: sql, parameters: parameters())
         } catch let error as EvdError {
             throw error
         } catch {
@@ -472,7 +542,7 @@ struct SQLRun {
         self.bus.emit(.afterCursorExecute, self.origin) {
             var properties = self.base()
             properties["statement"] = .string(sql)
-            properties["parameters"] = parameters
+            properties["parameters"] = parameters()
             properties["executemany"] = .bool(executemany)
             properties["rowcount"] = .int(readOnly && changed == 0 ? -1 : changed)
             let (seconds, attoseconds) = elapsed.components

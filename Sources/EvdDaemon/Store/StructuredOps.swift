@@ -11,9 +11,9 @@ import OrderedCollections
 /// `before_cursor_execute` included), the DDL events, and the captured changes that become the
 /// committed events. Each op is its own transaction unless the session has one open.
 enum StructuredOp: Sendable {
-    case createTable(table: String, columns: [ColumnSpec]?, rows: [JSONObject]?, keys: [String], ignore: Bool, replace: Bool, alter: Bool)
-    case insert(table: String, rows: [JSONObject], ignore: Bool, replace: Bool, alter: Bool, returning: Bool)
-    case upsert(table: String, rows: [JSONObject], alter: Bool, returning: Bool)
+    case createTable(table: String, columns: [ColumnSpec]?, rows: JSONRows?, keys: [String], ignore: Bool, replace: Bool, alter: Bool)
+    case insert(table: String, rows: JSONRows, ignore: Bool, replace: Bool, alter: Bool, returning: Bool)
+    case upsert(table: String, rows: JSONRows, alter: Bool, returning: Bool)
     case update(table: String, key: [JSONValue], update: JSONObject, alter: Bool, returning: Bool)
     case delete(table: String, key: [JSONValue])
     case dropTable(table: String)
@@ -51,13 +51,14 @@ enum StructuredOp: Sendable {
 
     // MARK: Parsing
 
-    /// Parses a structured op's request (its `database` aside).
-    static func parse(_ op: String, _ args: inout Arguments) throws(EvdError) -> StructuredOp {
+    /// Parses a structured op's request (its `database` aside). `flatRows`: the request's `rows`
+    /// when the parser read them flat (`Request`).
+    static func parse(_ op: String, _ args: inout Arguments, flatRows: JSONRows? = nil) throws(EvdError) -> StructuredOp {
         let table = try Self.tableName(&args)
         switch op {
         case "create_table":
             let columnsValue = try args.array("columns")
-            let rowsValue = try args.array("rows")
+            let rowsValue = try Self.rows(flatRows, &args)
             let pk = try args.string("pk")
             let pks = try args.strings("pks")
             let ignore = try args.bool("ignore")
@@ -71,11 +72,8 @@ enum StructuredOp: Sendable {
             }
             var columns: [ColumnSpec]?
             if let columnsValue { columns = try Self.columnSpecs(columnsValue) }
-            var rows: [JSONObject]?
-            if let rowsValue {
-                guard !rowsValue.isEmpty else { throw .badRequest(field: "rows", "columns or rows is required") }
-                rows = try Self.rowObjects(rowsValue)
-            }
+            if let rowsValue, rowsValue.isEmpty { throw .badRequest(field: "rows", "columns or rows is required") }
+            let rows = rowsValue
             if pk != nil && pks != nil { throw .badRequest(field: "pks", "Cannot specify both pk and pks") }
             let keys = pks ?? pk.map { [$0] } ?? []
             if Set(keys).count != keys.count { throw .badRequest(field: "pks", "pks must not repeat a column") }
@@ -96,10 +94,9 @@ enum StructuredOp: Sendable {
                 table: table, columns: columns, rows: rows, keys: keys, ignore: ignore ?? false, replace: replace ?? false,
                 alter: alter)
         case "insert", "upsert":
-            guard let rowsValue = try args.array("rows") else {
+            guard let rows = try Self.rows(flatRows, &args) else {
                 throw .badRequest(field: "rows", "missing required argument 'rows'")
             }
-            let rows = try Self.rowObjects(rowsValue)
             let ignore = try args.bool("ignore")
             let replace = try args.bool("replace")
             let alter = try args.bool("alter") ?? false
@@ -173,23 +170,34 @@ enum StructuredOp: Sendable {
         return specs
     }
 
-    /// The rows of `insert`/`upsert`/`create_table`, each value already as SQLite stores it (`cell`).
-    private static func rowObjects(_ values: [JSONValue]) throws(EvdError) -> [JSONObject] {
-        var rows: [JSONObject] = []
-        rows.reserveCapacity(values.count)
-        for (index, value) in values.enumerated() {
-            guard case .object(var row) = value else {
+    /// The rows of `insert`/`upsert`/`create_table` (`nil` when the request has none): as the
+    /// parser read them flat, or from the request's array (a `before_execute` listener's rewrite,
+    /// rows with nested values); each value as SQLite stores it (`cell`).
+    private static func rows(_ flat: JSONRows?, _ args: inout Arguments) throws(EvdError) -> JSONRows? {
+        var rows: JSONRows
+        if let flat {
+            rows = flat
+        } else if let array = try args.array("rows") {
+            for (index, value) in array.enumerated() where value.objectValue == nil {
                 throw .badRequest(field: "rows[\(index)]", "rows must be a list of objects, rows[\(index)] is \(value.typeName)")
             }
-            for position in row.values.indices {
-                switch row.values[position] {
-                case .null, .int, .double, .string:
-                    continue  // stored as it is
-                case let cell:
-                    row.values[position] = try Self.cell(cell, field: "rows[\(index)].\(row.keys[position])")
+            rows = JSONRows(objects: array) ?? JSONRows()
+        } else {
+            return nil
+        }
+        let stored = rows.values.allSatisfy { value in
+            switch value {
+            case .null, .int, .double, .string: true
+            default: false
+            }
+        }
+        if !stored {
+            try rows.replaceValues { (value, row, key) throws(EvdError) -> JSONValue? in
+                switch value {
+                case .null, .int, .double, .string: nil
+                default: try Self.cell(value, field: "rows[\(row)].\(key)")
                 }
             }
-            rows.append(row)
         }
         return rows
     }
@@ -310,7 +318,7 @@ extension SQLRun {
     // MARK: The ops
 
     private func createTable(
-        _ table: String, columns: [StructuredOp.ColumnSpec]?, rows: [JSONObject]?, keys: [String], ignore: Bool, replace: Bool,
+        _ table: String, columns: [StructuredOp.ColumnSpec]?, rows: JSONRows?, keys: [String], ignore: Bool, replace: Bool,
         alter: Bool
     ) throws(EvdError) -> (JSONValue, Int64) {
         let existing = try self.schemaSnapshot()[table.lowercased()]
@@ -336,7 +344,7 @@ extension SQLRun {
             let types = ["text": "TEXT", "integer": "INTEGER", "float": "REAL", "blob": "BLOB"]
             definitions = columns.map { ($0.name, types[$0.type] ?? "TEXT") }
         } else {
-            definitions = Self.inferColumns(rows ?? [])
+            definitions = Self.inferColumns(rows ?? JSONRows())
         }
         if keys.count == 1, !definitions.contains(where: { $0.name.lowercased() == keys[0].lowercased() }) {
             definitions.insert((keys[0], "INTEGER"), at: 0)  // sqlite-utils adds a missing key first
@@ -367,17 +375,15 @@ extension SQLRun {
     /// columns; a row without a column gets NULL for it, as in Datasette. Returns the rows SQLite
     /// changed, and with `returning` the rows as stored.
     private func insertRows(
-        _ table: String, _ rows: [JSONObject], mode: InsertMode, alter: Bool, returning: Bool
+        _ table: String, _ rows: JSONRows, mode: InsertMode, alter: Bool, returning: Bool
     ) throws(EvdError) -> (Int64, [JSONValue]?) {
         var intent = StatementIntent(kind: mode == .upsert ? .upsert : .insert, ignore: mode == .ignore, replace: mode == .replace)
         intent.reportedRows = rows.count
         intent.table = table
         intent.group = self.connection.capture.newGroup()
         var columnNames: OrderedSet<String> = []
-        var previous: OrderedSet<String>? = nil
-        for row in rows where previous.map({ !row.keys.elementsEqual($0) }) ?? true {
-            for key in row.keys { columnNames.append(key) }
-            previous = row.keys
+        for run in rows.runs {
+            for key in run.keys { columnNames.append(key) }
         }
         var columns = try self.columns(of: table)
         let shape = try self.shape(of: table)
@@ -386,14 +392,19 @@ extension SQLRun {
         if mode == .upsert {
             let keyNames = isRowidTable ? ["rowid"] : shape.keyColumns.map { shape.columns[$0] }
             var problems: [String] = []
-            for (index, row) in rows.enumerated() {
-                let missing = keyNames.filter { row[$0] == nil }
-                if !missing.isEmpty {
-                    problems.append("Row \(index) is missing primary key column(s): \(missing.map { "\"\($0)\"" }.joined(separator: ", "))")
-                    continue
+            for run in rows.runs {
+                let missing = keyNames.filter { !run.keys.contains($0) }
+                let positions = keyNames.compactMap { run.keys.firstIndex(of: $0) }
+                for index in run.rows {
+                    if !missing.isEmpty {
+                        problems.append("Row \(index) is missing primary key column(s): \(missing.map { "\"\($0)\"" }.joined(separator: ", "))")
+                        continue
+                    }
+                    let null = positions.filter { rows.values[run.valueIndex(row: index, keyIndex: $0)] == .null }
+                    if !null.isEmpty {
+                        problems.append("Row \(index) has null primary key column(s): \(null.map { "\"\(run.keys[$0])\"" }.joined(separator: ", "))")
+                    }
                 }
-                let null = keyNames.filter { row[$0] == .null }
-                if !null.isEmpty { problems.append("Row \(index) has null primary key column(s): \(null.map { "\"\($0)\"" }.joined(separator: ", "))") }
             }
             if !problems.isEmpty { throw EvdError.badRequest(field: "rows", problems.joined(separator: "; ")) }
         }
@@ -401,16 +412,17 @@ extension SQLRun {
         if !unknown.isEmpty {
             guard alter else {
                 var problems: [String] = []
-                for (index, row) in rows.enumerated() {
-                    let bad = row.keys.filter { !known.contains($0) }.sorted()
-                    if !bad.isEmpty { problems.append("Row \(index) has invalid columns: \(bad.joined(separator: ", "))") }
+                for run in rows.runs {
+                    let bad = run.keys.filter { !known.contains($0) }.sorted()
+                    if bad.isEmpty { continue }
+                    for index in run.rows { problems.append("Row \(index) has invalid columns: \(bad.joined(separator: ", "))") }
                 }
                 throw EvdError.badRequest(field: "rows", problems.joined(separator: "; ") + " (alter: true adds them)")
             }
             self.connection.capture.coalescesAlters = true
             defer { self.connection.capture.coalescesAlters = false }
             for name in unknown {
-                let type = StructuredOp.inferredType(rows.compactMap { $0[name] })
+                let type = StructuredOp.inferredType(rows.column(name))
                 _ = try self.runStatement("ALTER TABLE \(SQLIdentifier.quote(table)) ADD COLUMN \(SQLIdentifier.quote(name)) \(type)", [[]])
             }
             columns = try self.columns(of: table)
@@ -423,25 +435,20 @@ extension SQLRun {
         // column's default (insert) or keeps its value (upsert).
         var changed: Int64 = 0
         var returned: [JSONValue] = []
-        var start = 0
-        while start < rows.count {
-            let keys = Array(rows[start].keys)
-            var end = start + 1
-            while end < rows.count && rows[end].count == keys.count && rows[end].keys.elementsEqual(keys) { end += 1 }
-            let (count, stored) = try self.insertRun(
-                table, rows[start..<end], first: start, names: keys, shape: shape, mode: mode, intent: intent, returning: returning)
+        for run in rows.runs {
+            let (count, stored) = try self.insertRun(table, rows, run, shape: shape, mode: mode, intent: intent, returning: returning)
             changed += count
             returned += stored
-            start = end
         }
         return (changed, returning ? returned : nil)
     }
 
-    /// Inserts rows that all have the columns `names` with one prepared statement.
+    /// Inserts a run of rows (all with the same columns) with one prepared statement.
     private func insertRun(
-        _ table: String, _ rows: ArraySlice<JSONObject>, first: Int, names: [String], shape: TableShape, mode: InsertMode,
-        intent: StatementIntent, returning: Bool
+        _ table: String, _ rows: JSONRows, _ run: JSONRows.Run, shape: TableShape, mode: InsertMode, intent: StatementIntent,
+        returning: Bool
     ) throws(EvdError) -> (Int64, [JSONValue]) {
+        let names = run.keys
         let isRowidTable = shape.keyColumns.isEmpty
         let quotedNames = names.map(SQLIdentifier.quote).joined(separator: ", ")
         let placeholders = Array(repeating: "?", count: names.count).joined(separator: ", ")
@@ -458,32 +465,30 @@ extension SQLRun {
             let updates = names.filter { !keySet.contains($0.lowercased()) }
             if isRowidTable {
                 // A rowid is no conflict target: update by rowid, insert what was not there.
-                return try self.upsertByRowid(table, rows, first: first, names: names, intent: intent, returning: returning)
+                return try self.upsertByRowid(table, rows, run, intent: intent, returning: returning)
             }
             sql += " ON CONFLICT(\(keyNames.map(SQLIdentifier.quote).joined(separator: ", "))) DO "
             sql += updates.isEmpty ? "NOTHING" : "UPDATE SET " + updates.map { "\(SQLIdentifier.quote($0)) = excluded.\(SQLIdentifier.quote($0))" }.joined(separator: ", ")
         }
         if returning { sql += " RETURNING *" }
-        // The values are stored as they are (`rowObjects` made them so), in `names` order.
-        let sets = rows.map(\.values.elements)
+        // The values are stored as they are (`StructuredOp.rows` made them so), in `names` order.
         var returned: [JSONValue] = []
-        let changed = try self.runStatement(sql, sets, intent: intent) { statement in
+        let changed = try self.runStatement(sql, many: ParameterSets(rows, run: run), intent: intent) { statement in
             if returning { returned.append(Self.rowObject(statement)) }
         }
         return (changed, returned)
     }
 
     private func upsertByRowid(
-        _ table: String, _ rows: ArraySlice<JSONObject>, first: Int, names: [String], intent: StatementIntent, returning: Bool
+        _ table: String, _ rows: JSONRows, _ run: JSONRows.Run, intent: StatementIntent, returning: Bool
     ) throws(EvdError) -> (Int64, [JSONValue]) {
         var changed: Int64 = 0
         var returned: [JSONValue] = []
-        let others = names.filter { $0.lowercased() != "rowid" }
-        for (offset, row) in rows.enumerated() {
-            let index = first + offset
-            let rowid = try StructuredOp.cell(row["rowid"] ?? .null, field: "rows[\(index)].rowid")
-            var values: [JSONValue] = []
-            for name in others { values.append(try StructuredOp.cell(row[name] ?? .null, field: "rows[\(index)].\(name)")) }
+        let others = run.keys.filter { $0.lowercased() != "rowid" }
+        for index in run.rows {
+            let row = rows[index]
+            let rowid = row["rowid"] ?? .null
+            let values = others.map { row[$0] ?? .null }
             let tail = returning ? " RETURNING rowid, *" : ""
             let collect: (SQLiteStatement) -> Void = { if returning { returned.append(Self.rowObject($0)) } }
             var done: Int64 = 0
@@ -613,10 +618,10 @@ extension SQLRun {
         return found
     }
 
-    private static func inferColumns(_ rows: [JSONObject]) -> [(name: String, type: String)] {
-        var order: OrderedDictionary<String, [JSONValue]> = [:]
-        for row in rows { for (key, value) in row { order[key, default: []].append(value) } }
-        return order.map { ($0.key, StructuredOp.inferredType($0.value)) }
+    private static func inferColumns(_ rows: JSONRows) -> [(name: String, type: String)] {
+        var names: OrderedSet<String> = []
+        for run in rows.runs { names.append(contentsOf: run.keys) }
+        return names.map { ($0, StructuredOp.inferredType(rows.column($0))) }
     }
 
     private static func rowObject(_ statement: SQLiteStatement) -> JSONValue {
@@ -646,14 +651,16 @@ extension SQLRun {
                 try self.run(run, parameters: bound, executemany: false) { onRow(run) }
             }
         }
-        var parameterSets = sets.map(SQLParameters.positional)
-        var all: JSONValue = .array(sets.map(JSONValue.array))
-        if let verdict = try self.beforeCursorExecute(statement.sql, all, executemany: true) {
-            (statement, parameterSets, all) = try self.rewriteMany(statement, parameterSets, all, to: verdict.properties)
+        return try self.runStatement(sql, many: .sets(sets.map(SQLParameters.positional)), intent: intent, onRow: onRow)
+    }
+
+    /// `runStatement` for an executemany: the statement once per parameter set.
+    func runStatement(
+        _ sql: String, many sets: ParameterSets, intent: StatementIntent, onRow: (SQLiteStatement) -> Void = { _ in }
+    ) throws(EvdError) -> Int64 {
+        guard let statement = try self.prepare(SQLText(sql), from: 0) else {
+            throw EvdError(.sqlError, "evd wrote an empty statement: \(sql)")
         }
-        let run = statement
-        return try self.capturing(run, intent: intent) { () throws(EvdError) in
-            try self.run(run, parameters: all, executemany: true, parameterSets: parameterSets) { onRow(run) }
-        }
+        return try self.runMany(statement, sets, intent: intent, onRow: onRow)
     }
 }
