@@ -1000,7 +1000,9 @@ struct VetoTests {
     func bogusReplyFlood() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { listener in
-                try await listener.request("subscribe", ["veto": ["before_cursor_execute"], "on_timeout": "allow"])
+                // A long timeout: on a loaded machine the flood can keep the listener past the default.
+                try await listener.request(
+                    "subscribe", ["veto": ["before_cursor_execute"], "on_timeout": "allow", "timeout_ms": 30_000])
                 var lines: [UInt8] = []
                 for n in 0..<1000 {
                     let reply: JSONValue = ["op": "reply", "id": .string("bogus-\(n)"), "seq": .integer(1_000_000 + n), "action": "allow"]

@@ -302,17 +302,18 @@ private struct _JSONParser {
 
     /// Reads an array of objects whose values are scalars, from its `[` on; nil for anything else.
     mutating func parseFlatRows() -> JSONRows? {
-        var rows = JSONRows.Builder()
+        // Room for the values of rows like an insert's: a value per 16 bytes of what is left.
+        var rows = JSONRows.Builder(capacity: (count - index) / 16)
         index += 1
         skipWhitespace()
         if index < count, base[index] == ASCII.closeBracket {
             index += 1
             return rows.rows
         }
-        // The last run's keys, and whether their JSON text is their bytes (so the next row's
-        // keys can be matched against the input as they are; see `plainKeyLength`).
+        // The last run's keys, and when their JSON text is their bytes, those bytes: the next
+        // row's keys are matched against the input as they are (see `plainKeyLength`).
         var lastKeys: [String] = []
-        var lastKeysArePlain = false
+        var lastKeyBytes: [[UInt8]] = []
         do {
             while true {
                 guard index < count, base[index] == ASCII.openBrace else { return nil }
@@ -327,9 +328,7 @@ private struct _JSONParser {
                 } else {
                     members: while true {
                         guard index < count, base[index] == ASCII.quote else { return nil }
-                        if keys == nil, lastKeysArePlain, position < lastKeys.count,
-                            let length = plainKeyLength(matching: lastKeys[position])
-                        {
+                        if keys == nil, position < lastKeyBytes.count, let length = plainKeyLength(matching: lastKeyBytes[position]) {
                             index += length + 2
                         } else {
                             let key = try parseString()
@@ -383,7 +382,7 @@ private struct _JSONParser {
                 if let keys {
                     if keys.count > 1 && !Self.allDifferent(keys[...]) { return nil }
                     lastKeys = keys
-                    lastKeysArePlain = keys.allSatisfy(Self.isPlain)
+                    lastKeyBytes = keys.allSatisfy(Self.isPlain) ? keys.map { Array($0.utf8) } : []
                 }
                 rows.endRow(keys: lastKeys, firstValue: firstValue)
                 skipWhitespace()
@@ -427,6 +426,16 @@ private struct _JSONParser {
     func plainKeyLength(matching key: String) -> Int? {
         var key = key
         return key.withUTF8 { bytes -> Int? in
+            let end = index + 1 + bytes.count
+            guard end < count, base[end] == ASCII.quote else { return nil }
+            guard bytes.isEmpty || memcmp(base + index + 1, bytes.baseAddress!, bytes.count) == 0 else { return nil }
+            return bytes.count
+        }
+    }
+
+    /// `plainKeyLength(matching:)` for a key's bytes.
+    func plainKeyLength(matching key: [UInt8]) -> Int? {
+        key.withUnsafeBufferPointer { bytes -> Int? in
             let end = index + 1 + bytes.count
             guard end < count, base[end] == ASCII.quote else { return nil }
             guard bytes.isEmpty || memcmp(base + index + 1, bytes.baseAddress!, bytes.count) == 0 else { return nil }

@@ -127,6 +127,10 @@ extension JSONRows {
     struct Builder {
         var rows = JSONRows()
 
+        init(capacity: Int) {
+            rows.values.reserveCapacity(capacity)
+        }
+
         /// Where the next row's values start.
         var valueCount: Int { rows.values.count }
 

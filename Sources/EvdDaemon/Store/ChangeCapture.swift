@@ -245,9 +245,10 @@ final class ChangeCapture: @unchecked Sendable {
     /// Whether whole rows are recorded (a `rows: true` subscription wants the images).
     var images = false
     private(set) var entries: [Entry] = []
-    /// The row images the hook wrote (`RowChange.beforeImage`, `afterImage`); emptied with the
-    /// entries, at the end of the transaction.
-    private var imageBytes: [UInt8] = []
+    /// The row images the hook wrote (`RowChange.beforeImage`, `afterImage`), in memory of C's
+    /// (`evd_append_preupdate_image` appends to it); emptied with the entries, at the end of the
+    /// transaction, and freed with the capture.
+    private var imageBytes = evd_bytes(bytes: nil, count: 0, capacity: 0)
     private(set) var tables: [String] = []
     private var tableIndex: [String: Int32] = [:]
     private var shapes: [Int32: TableShape] = [:] {
@@ -284,6 +285,10 @@ final class ChangeCapture: @unchecked Sendable {
     /// structured ops and the capture alike); the capture keeps them by table index for the hook,
     /// which must not run SQL.
     private let schema: SchemaCache
+
+    deinit {
+        free(self.imageBytes.bytes)
+    }
 
     init(connection: SQLiteConnection, schema: SchemaCache) {
         self.connection = connection
@@ -381,7 +386,11 @@ final class ChangeCapture: @unchecked Sendable {
     /// The transaction ended without committing, or its events were taken.
     func discardAll() {
         self.entries.removeAll(keepingCapacity: self.entries.count < 4096)
-        self.imageBytes.removeAll(keepingCapacity: self.imageBytes.count < 1 << 20)
+        self.imageBytes.count = 0
+        if self.imageBytes.capacity >= 1 << 20 {
+            free(self.imageBytes.bytes)
+            self.imageBytes = evd_bytes(bytes: nil, count: 0, capacity: 0)
+        }
         self.columnSets.removeAll()
         self.shapeColumns.removeAll()
         self.intents.removeAll()
@@ -446,14 +455,12 @@ final class ChangeCapture: @unchecked Sendable {
             var after: [JSONValue]?
             if self.images {
                 // The images, written out at once in binary: no value is kept for them. (After the
-                // key: the images may read text as a blob. Out of `self` while written: each access
-                // to a class's property is checked for exclusivity.)
-                var bytes: [UInt8] = []
-                swap(&bytes, &self.imageBytes)
-                let utf8 = self.textIsUTF8
-                let start = bytes.count
-                let beforeCount = op == .insert ? 0 : Self.writeImage(db, count, old: true, utf8: utf8, into: &bytes)
-                let afterCount = op == .delete ? 0 : Self.writeImage(db, count, old: false, utf8: utf8, into: &bytes)
+                // key: the images may read text as a blob.)
+                let utf8: Int32 = self.textIsUTF8 ? 1 : 0
+                let start = Int(self.imageBytes.count)
+                let beforeCount = op == .insert ? 0 : evd_append_preupdate_image(db, Int32(count), 1, utf8, &self.imageBytes)
+                let afterCount =
+                    op == .delete || beforeCount < 0 ? 0 : evd_append_preupdate_image(db, Int32(count), 0, utf8, &self.imageBytes)
                 if let beforeCount = UInt32(exactly: beforeCount), let afterCount = UInt32(exactly: afterCount) {
                     change.imageStart = start
                     change.beforeCount = beforeCount
@@ -464,12 +471,11 @@ final class ChangeCapture: @unchecked Sendable {
                     }
                     change.columns = self.lastShape!.columns
                 } else {
-                    // An image of 4 GiB or more: kept as values instead.
-                    bytes.removeSubrange(start...)
+                    // An image of 4 GiB or more (or no memory for it): kept as values instead.
+                    self.imageBytes.count = start
                     if op != .insert { before = Self.values(db, count, old: true) }
                     if op != .delete { after = Self.values(db, count, old: false) }
                 }
-                swap(&bytes, &self.imageBytes)
             }
             if key != nil || before != nil || after != nil {
                 change.values = RowValues(key: key, before: before, after: after)
@@ -511,25 +517,9 @@ final class ChangeCapture: @unchecked Sendable {
         return set
     }
 
-    /// Writes the row the hook sees (before or after the change), `count` values, in binary
-    /// (`RowImage`) into `bytes`; returns its length. `utf8`: the database keeps text in UTF-8
-    /// (`textIsUTF8`).
-    @inline(__always)
-    private static func writeImage(
-        _ db: OpaquePointer, _ count: Int, old: Bool, utf8: Bool, into bytes: inout [UInt8]
-    ) -> Int {
-        let start = bytes.count
-        RowImage.appendVarint(count, to: &bytes)
-        for column in 0..<Int32(count) {
-            var value: OpaquePointer?
-            let rc = old ? sqlite3_preupdate_old(db, column, &value) : sqlite3_preupdate_new(db, column, &value)
-            if rc == SQLITE_OK, let value {
-                RowImage.append(sqliteValue: value, textIsUTF8: utf8, to: &bytes)
-            } else {
-                bytes.append(RowImage.null)
-            }
-        }
-        return bytes.count - start
+    /// Bytes of the images the hook wrote; valid until the next image is written.
+    private func imageBytes(_ range: Range<Int>) -> UnsafeRawBufferPointer {
+        UnsafeRawBufferPointer(start: self.imageBytes.bytes.map { $0 + range.lowerBound }, count: range.count)
     }
 
     private static func values(_ db: OpaquePointer, _ count: Int, old: Bool) -> [JSONValue] {
@@ -612,7 +602,7 @@ final class ChangeCapture: @unchecked Sendable {
     /// reals stay apart, and blobs are `{"$base64": ...}`).
     private func values(of image: Range<Int>?) -> [JSONValue]? {
         guard let image else { return nil }
-        return self.imageBytes.withUnsafeBytes { RowImage.values(ofRow: UnsafeRawBufferPointer(rebasing: $0[image])) }
+        return RowImage.values(ofRow: self.imageBytes(image))
     }
 
     // MARK: Committed events
@@ -814,7 +804,7 @@ final class ChangeCapture: @unchecked Sendable {
     ) {
         if let written, change.columns >= 0 {
             RowImage.appendVarint(columns.local(capture: change.columns, self.columnSets) + 1, to: &image)
-            self.imageBytes.withUnsafeBufferPointer { image.append(contentsOf: UnsafeBufferPointer(rebasing: $0[written])) }
+            image.append(contentsOf: self.imageBytes(written))
         } else if let row {
             let names = (plan.shapes[change.table] ?? nil)?.columns ?? []
             RowImage.appendVarint(columns.local(names: names) + 1, to: &image)
