@@ -1,3 +1,10 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
 import NIOCore
 
 /// One inbound frame of the NDJSON stream.
@@ -29,10 +36,14 @@ public struct LineFrameDecoder: ByteToMessageDecoder {
     }
 
     public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        let readable = buffer.readableBytesView
-        let searchStart = readable.startIndex + self.scanned
-        if let newline = readable[searchStart...].firstIndex(of: UInt8(ascii: "\n")) {
-            let length = newline - readable.startIndex
+        let scanned = self.scanned
+        // memchr: a request's line can be megabytes long.
+        let found = buffer.withUnsafeReadableBytes { bytes -> Int? in
+            guard bytes.count > scanned, let base = bytes.baseAddress else { return nil }
+            guard let hit = memchr(base + scanned, 0x0A, bytes.count - scanned) else { return nil }
+            return base.distance(to: UnsafeRawPointer(hit))
+        }
+        if let length = found {
             self.scanned = 0
             if self.discarding {
                 self.discarding = false

@@ -269,6 +269,8 @@ final class ChangeCapture: @unchecked Sendable {
     /// Statement units: each statement (or each executemany) is one; `intents[unit]` is its meaning.
     private var unit: Int32 = 0
     private(set) var intents: [Int32: StatementIntent] = [:]
+    /// Whether the current unit's intent is a REPLACE (`intents[unit]?.replace`, asked per row).
+    private var unitReplaces = false
     private var unitMark = 0
     private var unitTotalChanges: Int64 = 0
     /// Open savepoints (the client's and evd's own), innermost last, with where their changes start.
@@ -326,6 +328,7 @@ final class ChangeCapture: @unchecked Sendable {
         guard self.active else { return }
         self.unit += 1
         if intent != .other { self.intents[self.unit] = intent }
+        self.unitReplaces = intent.replace
         self.unitMark = self.entries.count
         self.unitTotalChanges = self.connection.totalChanges
     }
@@ -341,6 +344,7 @@ final class ChangeCapture: @unchecked Sendable {
             self.entries.removeSubrange(self.unitMark...)
         }
         self.intents.removeValue(forKey: self.unit)
+        self.unitReplaces = false
     }
 
     /// Drops the current unit's changes: evd rolled its statement back (a vetoed column).
@@ -394,6 +398,7 @@ final class ChangeCapture: @unchecked Sendable {
         self.columnSets.removeAll()
         self.shapeColumns.removeAll()
         self.intents.removeAll()
+        self.unitReplaces = false
         self.savepoints.removeAll()
         self.unit = 0
         self.unitMark = 0
@@ -444,7 +449,7 @@ final class ChangeCapture: @unchecked Sendable {
         if let shape, shape.columns.count == count {
             var key: [JSONValue]?
             // Only a REPLACE needs an insert's key: to tell the row it replaced from others it removed.
-            if op != .insert || (self.intents[self.unit]?.replace == true && change.depth == 0) {
+            if op != .insert || (self.unitReplaces && change.depth == 0) {
                 if shape.keyIsRowid {
                     change.keyIsRowid = true  // `rowid` is the old one, or an insert's new one
                 } else {

@@ -523,7 +523,7 @@ struct SQLRun {
         do {
             if let sets {
                 for index in 0..<sets.count {
-                    statement.reset()
+                    if case .flat = sets { statement.rewind() } else { statement.reset() }  // a flat set binds every parameter
                     try sets.bind(index, to: statement)
                     changed += try self.step(statement, onRow)
                 }

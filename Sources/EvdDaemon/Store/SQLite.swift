@@ -210,6 +210,11 @@ public final class SQLiteStatement: @unchecked Sendable {
         sqlite3_clear_bindings(self.handle)
     }
 
+    /// Rewinds, keeping the bindings: for a caller that binds every parameter again.
+    func rewind() {
+        sqlite3_reset(self.handle)
+    }
+
     /// Binds a JSON value to parameter `index` (1-based).
     public func bind(_ value: JSONValue, at index: Int) throws(SQLiteError) {
         let i = Int32(index)
