@@ -347,6 +347,32 @@ struct StructuredOpsTests {
         }
     }
 
+    @Test(
+        "insert: every kind of value is stored as written, from rows the parser reads flat (escapes, empty and non-ASCII text, bools, numbers) and from rows it does not (a blob, a nested value)"
+    )
+    func insertValueKinds() async throws {
+        try await withStructuredClient("create table v (id integer primary key, t)") { _, evd in
+            // Written by hand, with the escapes a client may write.
+            let flat = #"{"op":"insert","id":"flat","table":"v","rows":[{"id":1,"t":"a\"b\\c\n\u00e9"},{"id":2,"t":""},"#
+                + #"{"id":3,"t":"é😀"},{"id":4,"t":true},{"id":5,"t":null},{"id":6,"t":-2.5},{"id":7,"t":9007199254740993},"#
+                + #"{"t":"no id","id":8}]}"#
+            let nested = #"{"op":"insert","id":"nested","table":"v","rows":[{"id":9,"t":{"$base64":"AAEC"}},"#
+                + #"{"id":10,"t":{"a":[1,"x"]}},{"id":11,"t":"plain"}]}"#
+            try await evd.sendRaw(Array((flat + "\n" + nested + "\n").utf8))
+            for (id, inserted) in [("flat", 8), ("nested", 3)] as [(JSONValue, JSONValue)] {
+                let response = try #require(await evd.nextMessage(ofType: "response", within: 10))
+                #expect(response["id"] == id)
+                #expect(response["result"] == ["inserted": inserted])
+            }
+            #expect(
+                try await evd.rows("select id, typeof(t), t from v order by id") == [
+                    [1, "text", "a\"b\\c\né"], [2, "text", ""], [3, "text", "é😀"], [4, "integer", 1], [5, "null", nil],
+                    [6, "real", -2.5], [7, "integer", 9_007_199_254_740_993], [8, "text", "no id"],
+                    [9, "blob", ["$base64": "AAEC"]], [10, "text", #"{"a":[1,"x"]}"#], [11, "text", "plain"],
+                ])
+        }
+    }
+
     @Test("insert with return: the rows as stored, defaults and assigned keys included")
     func insertReturn() async throws {
         try await withStructuredClient(dogsSQL) { _, evd in

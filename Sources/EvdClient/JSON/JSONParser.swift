@@ -349,17 +349,23 @@ private struct _JSONParser {
                         skipWhitespace()
                         guard index < count else { return nil }
                         switch base[index] {
-                        case ASCII.quote: rows.appendValue(.string(try parseString()))
-                        case ASCII.minus, ASCII.zero...ASCII.nine: rows.appendValue(try parseNumber())
+                        case ASCII.quote:
+                            try rows.appendText { (text) throws(JSONParseError) in try self.parseString(into: &text) }
+                        case ASCII.minus, ASCII.zero...ASCII.nine:
+                            switch try parseNumber() {
+                            case .int(let int): rows.append(.int(int))
+                            case .double(let double): rows.append(.double(double))
+                            default: return nil
+                            }
                         case UInt8(ascii: "t"):
                             try expectLiteral("true")
-                            rows.appendValue(.bool(true))
+                            rows.append(.bool(true))
                         case UInt8(ascii: "f"):
                             try expectLiteral("false")
-                            rows.appendValue(.bool(false))
+                            rows.append(.bool(false))
                         case UInt8(ascii: "n"):
                             try expectLiteral("null")
-                            rows.appendValue(.null)
+                            rows.append(.null)
                         default:
                             return nil  // a nested array or object, or not JSON
                         }
@@ -664,11 +670,47 @@ private struct _JSONParser {
         // Slow path: escapes. Copy the plain prefix into `scratch` and decode from here on.
         scratch.removeAll(keepingCapacity: true)
         scratch.append(contentsOf: UnsafeBufferPointer(start: base + contentStart, count: index - contentStart))
+        try decodeEscapedRest(ofStringAt: start)
+        return String(decoding: scratch, as: UTF8.self)
+    }
+
+    /// Parses a string like `parseString`, appending its UTF-8 to `bytes` instead of making a
+    /// `String` of it.
+    mutating func parseString(into bytes: inout [UInt8]) throws(JSONParseError) {
+        let start = index
+        index += 1
+        let contentStart = index
+        while index < count {
+            let byte = base[index]
+            if byte == ASCII.quote {
+                bytes.append(contentsOf: UnsafeBufferPointer(start: base + contentStart, count: index - contentStart))
+                index += 1
+                return
+            }
+            if byte == ASCII.backslash { break }
+            if byte < 0x20 { throw controlCharacterError(byte) }
+            if byte < 0x80 {
+                index += 1
+            } else {
+                index += try validateUTF8()
+            }
+        }
+        guard index < count else { throw error("unterminated string starting", at: start) }
+        // Escapes: decoded where `decodeEscapedRest` writes (`scratch`), which is `bytes` meanwhile.
+        swap(&scratch, &bytes)
+        defer { swap(&scratch, &bytes) }
+        scratch.append(contentsOf: UnsafeBufferPointer(start: base + contentStart, count: index - contentStart))
+        try decodeEscapedRest(ofStringAt: start)
+    }
+
+    /// Decodes the rest of the string that starts at `start` (`index` is at its first escape),
+    /// appending it to `scratch`; `index` ends after the closing quote.
+    mutating func decodeEscapedRest(ofStringAt start: Int) throws(JSONParseError) {
         while index < count {
             let byte = base[index]
             if byte == ASCII.quote {
                 index += 1
-                return String(decoding: scratch, as: UTF8.self)
+                return
             }
             if byte == ASCII.backslash {
                 try parseEscape()

@@ -117,22 +117,16 @@ enum SQLParameters: Sendable {
     }
 }
 
-/// The parameter sets of an executemany: a client's `params`, or the rows of a structured insert
-/// that have the same columns, their values back to back (`width` to a row), bound from where the
-/// parser put them.
+/// The parameter sets of an executemany: a client's `params`, or a run of a structured insert's
+/// rows (`JSONRows`), each row a set, bound from its cells where the parser put them.
 enum ParameterSets {
     case sets([SQLParameters])
-    case flat(ArraySlice<JSONValue>, width: Int, count: Int)
-
-    /// The rows of `rows`' run `run`.
-    init(_ rows: JSONRows, run: JSONRows.Run) {
-        self = .flat(rows.values[run.values], width: run.keys.count, count: run.rows.count)
-    }
+    case rows(JSONRows, JSONRows.Run)
 
     var count: Int {
         switch self {
         case .sets(let sets): sets.count
-        case .flat(_, _, let count): count
+        case .rows(_, let run): run.rows.count
         }
     }
 
@@ -141,41 +135,61 @@ enum ParameterSets {
         switch self {
         case .sets(let sets):
             return .array(sets.map(\.jsonValue))
-        case .flat(let values, let width, let count):
-            return .array((0..<count).map { row in
-                let start = values.startIndex + row * width
-                return .array(Array(values[start..<(start + width)]))
+        case .rows(let rows, let run):
+            return .array(run.rows.map { row in
+                .array(run.keys.indices.map { rows.value(at: run.valueIndex(row: row, keyIndex: $0)) })
             })
         }
     }
 
-    /// Binds set `index` to `statement`, checking that it fills the statement's parameters exactly.
-    func bind(_ index: Int, to statement: SQLiteStatement) throws(EvdError) {
-        var cursor = 0
-        let total: Int?
-        do throws(EvdError) {
-            switch self {
-            case .sets(let sets):
-                try sets[index].bindOnly(statement, cursor: &cursor)
-                total = sets[index].positionalCount
-            case .flat(let values, let width, _):
-                let count = statement.parameterCount
-                guard count <= width else {
-                    throw EvdError.badRequest(field: "params", "the SQL takes at least \(count) parameter(s), \(width) given")
+    /// Binds each set to `statement` in turn, checking that it fills the statement's parameters
+    /// exactly, and calls `step` after each.
+    func forEach(_ statement: SQLiteStatement, _ step: () throws -> Void) throws {
+        switch self {
+        case .sets(let sets):
+            for (index, set) in sets.enumerated() {
+                statement.reset()
+                var cursor = 0
+                do {
+                    try set.bindOnly(statement, cursor: &cursor)
+                } catch {
+                    throw Self.located(error, index)
                 }
-                let start = values.startIndex + index * width
-                for offset in 0..<count { try SQLParameters.bind(values[start + offset], statement, offset + 1) }
-                cursor = count
-                total = width
+                if let total = set.positionalCount, total != cursor {
+                    throw EvdError.badRequest(field: "params[\(index)]", "\(total) parameter(s) given, the SQL takes \(cursor)")
+                }
+                try step()
             }
-        } catch {
-            var error = error
-            error.extra["field"] = .string("params[\(index)]")
-            throw error
+        case .rows(let rows, let run):
+            let width = run.keys.count
+            let count = statement.parameterCount
+            guard count == width else {
+                throw EvdError.badRequest(field: "params[0]", "\(width) parameter(s) given, the SQL takes \(count)")
+            }
+            // Text binds from where it lies in `rows` (no copy), so no binding outlives this.
+            defer { statement.clearBindings() }
+            try rows.withUnsafeText { text in
+                var cell = run.firstValue
+                for index in 0..<run.rows.count {
+                    statement.rewind()  // every parameter is bound again
+                    for parameter in 0..<width {
+                        do throws(SQLiteError) {
+                            try statement.bind(rows.cells[cell], of: rows, text: text, at: Int32(parameter + 1))
+                        } catch {
+                            throw Self.located(error.evdError, index)
+                        }
+                        cell += 1
+                    }
+                    try step()
+                }
+            }
         }
-        if let total, total != cursor {
-            throw EvdError.badRequest(field: "params[\(index)]", "\(total) parameter(s) given, the SQL takes \(cursor)")
-        }
+    }
+
+    private static func located(_ error: EvdError, _ index: Int) -> EvdError {
+        var error = error
+        error.extra["field"] = .string("params[\(index)]")
+        return error
     }
 }
 
@@ -522,11 +536,7 @@ struct SQLRun {
         var changed: Int64 = 0
         do {
             if let sets {
-                for index in 0..<sets.count {
-                    if case .flat = sets { statement.rewind() } else { statement.reset() }  // a flat set binds every parameter
-                    try sets.bind(index, to: statement)
-                    changed += try self.step(statement, onRow)
-                }
+                try sets.forEach(statement) { changed += try self.step(statement, onRow) }
             } else {
                 changed = try self.step(statement, onRow)
             }

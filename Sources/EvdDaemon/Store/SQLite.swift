@@ -215,6 +215,35 @@ public final class SQLiteStatement: @unchecked Sendable {
         sqlite3_reset(self.handle)
     }
 
+    /// Sets every parameter to NULL.
+    func clearBindings() {
+        sqlite3_clear_bindings(self.handle)
+    }
+
+    /// Binds a cell of `rows` to parameter `index` (1-based); its text from `text` (`rows.text`)
+    /// where it lies, without a copy: `text` must stay where it is until the statement is stepped,
+    /// and the parameter bound anew (or cleared) before `text` goes.
+    func bind(_ cell: JSONRows.Cell, of rows: JSONRows, text: UnsafeBufferPointer<UInt8>, at index: Int32) throws(SQLiteError) {
+        let rc: Int32
+        switch cell.kind {
+        case .null: rc = sqlite3_bind_null(self.handle, index)
+        case .bool, .int: rc = sqlite3_bind_int64(self.handle, index, cell.int)
+        case .double: rc = sqlite3_bind_double(self.handle, index, cell.double)
+        case .text:
+            let range = cell.textRange
+            if range.isEmpty {
+                rc = sqlite3_bind_text64(self.handle, index, "", 0, evd_sqlite_transient(), UInt8(SQLITE_UTF8))
+            } else {
+                let start = UnsafeRawPointer(text.baseAddress! + range.lowerBound).assumingMemoryBound(to: CChar.self)
+                rc = sqlite3_bind_text64(self.handle, index, start, UInt64(range.count), nil, UInt8(SQLITE_UTF8))
+            }
+        case .other:
+            try self.bind(rows.other(cell), at: Int(index))  // a blob {"$base64": ...}
+            return
+        }
+        if rc != SQLITE_OK { throw self.connection.lastError(rc, sql: self.sql) }
+    }
+
     /// Binds a JSON value to parameter `index` (1-based).
     public func bind(_ value: JSONValue, at index: Int) throws(SQLiteError) {
         let i = Int32(index)

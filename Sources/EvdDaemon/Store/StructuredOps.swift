@@ -185,10 +185,10 @@ enum StructuredOp: Sendable {
         } else {
             return nil
         }
-        let stored = rows.values.allSatisfy { value in
-            switch value {
-            case .null, .int, .double, .string: true
-            default: false
+        let stored = rows.cells.allSatisfy { cell in
+            switch cell.kind {
+            case .null, .int, .double, .text: true
+            case .bool, .other: false
             }
         }
         if !stored {
@@ -400,7 +400,7 @@ extension SQLRun {
                         problems.append("Row \(index) is missing primary key column(s): \(missing.map { "\"\($0)\"" }.joined(separator: ", "))")
                         continue
                     }
-                    let null = positions.filter { rows.values[run.valueIndex(row: index, keyIndex: $0)] == .null }
+                    let null = positions.filter { rows.cells[run.valueIndex(row: index, keyIndex: $0)].kind == .null }
                     if !null.isEmpty {
                         problems.append("Row \(index) has null primary key column(s): \(null.map { "\"\(run.keys[$0])\"" }.joined(separator: ", "))")
                     }
@@ -473,7 +473,7 @@ extension SQLRun {
         if returning { sql += " RETURNING *" }
         // The values are stored as they are (`StructuredOp.rows` made them so), in `names` order.
         var returned: [JSONValue] = []
-        let changed = try self.runStatement(sql, many: ParameterSets(rows, run: run), intent: intent) { statement in
+        let changed = try self.runStatement(sql, many: .rows(rows, run), intent: intent) { statement in
             if returning { returned.append(Self.rowObject(statement)) }
         }
         return (changed, returned)
