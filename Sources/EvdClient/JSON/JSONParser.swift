@@ -310,10 +310,13 @@ private struct _JSONParser {
             index += 1
             return rows.rows
         }
-        // The last run's keys, and when their JSON text is their bytes, those bytes: the next
-        // row's keys are matched against the input as they are (see `plainKeyLength`).
+        // The last run's keys, and when their JSON text is their bytes, those bytes back to back
+        // (`keyText`, where key `i` is `keyRanges[i]`): the next row's keys are matched against the
+        // input as they are (as `plainKeyLength` does), without touching a reference count.
         var lastKeys: [String] = []
-        var lastKeyBytes: [[UInt8]] = []
+        var keyText = UnsafeMutableBufferPointer<UInt8>(start: nil, count: 0)
+        var keyRanges: [Range<Int>] = []
+        defer { keyText.deallocate() }
         do {
             while true {
                 guard index < count, base[index] == ASCII.openBrace else { return nil }
@@ -328,8 +331,11 @@ private struct _JSONParser {
                 } else {
                     members: while true {
                         guard index < count, base[index] == ASCII.quote else { return nil }
-                        if keys == nil, position < lastKeyBytes.count, let length = plainKeyLength(matching: lastKeyBytes[position]) {
-                            index += length + 2
+                        if keys == nil, position < keyRanges.count, case let key = keyRanges[position],
+                            index + 1 + key.count < count, base[index + 1 + key.count] == ASCII.quote,
+                            key.isEmpty || memcmp(base + index + 1, keyText.baseAddress! + key.lowerBound, key.count) == 0
+                        {
+                            index += key.count + 2
                         } else {
                             let key = try parseString()
                             if keys == nil {
@@ -388,7 +394,20 @@ private struct _JSONParser {
                 if let keys {
                     if keys.count > 1 && !Self.allDifferent(keys[...]) { return nil }
                     lastKeys = keys
-                    lastKeyBytes = keys.allSatisfy(Self.isPlain) ? keys.map { Array($0.utf8) } : []
+                    keyText.deallocate()
+                    keyRanges = []
+                    if keys.allSatisfy(Self.isPlain) {
+                        let bytes = keys.flatMap(\.utf8)
+                        keyText = .allocate(capacity: bytes.count)
+                        _ = keyText.initialize(from: bytes)
+                        var start = 0
+                        for key in keys {
+                            keyRanges.append(start..<(start + key.utf8.count))
+                            start += key.utf8.count
+                        }
+                    } else {
+                        keyText = UnsafeMutableBufferPointer(start: nil, count: 0)
+                    }
                 }
                 rows.endRow(keys: lastKeys, firstValue: firstValue)
                 skipWhitespace()
@@ -432,16 +451,6 @@ private struct _JSONParser {
     func plainKeyLength(matching key: String) -> Int? {
         var key = key
         return key.withUTF8 { bytes -> Int? in
-            let end = index + 1 + bytes.count
-            guard end < count, base[end] == ASCII.quote else { return nil }
-            guard bytes.isEmpty || memcmp(base + index + 1, bytes.baseAddress!, bytes.count) == 0 else { return nil }
-            return bytes.count
-        }
-    }
-
-    /// `plainKeyLength(matching:)` for a key's bytes.
-    func plainKeyLength(matching key: [UInt8]) -> Int? {
-        key.withUnsafeBufferPointer { bytes -> Int? in
             let end = index + 1 + bytes.count
             guard end < count, base[end] == ASCII.quote else { return nil }
             guard bytes.isEmpty || memcmp(base + index + 1, bytes.baseAddress!, bytes.count) == 0 else { return nil }
