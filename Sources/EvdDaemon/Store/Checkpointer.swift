@@ -76,6 +76,10 @@ final class Checkpointer: Sendable {
             guard !state.closed else { return }
             if state.connection == nil {
                 state.connection = try? SQLiteConnection(path: self.path, flags: SQLITE_OPEN_READWRITE)
+                // A connection that has not read the database yet does not know it is in WAL mode:
+                // a checkpoint on it does nothing at all (SQLITE_OK, -1 frames). One read opens
+                // the WAL for good.
+                try? state.connection?.exec("PRAGMA main.schema_version")
             }
             guard let connection = state.connection else { return }
             // SQLITE_BUSY (another checkpoint is running) and a partial checkpoint (a reader still
