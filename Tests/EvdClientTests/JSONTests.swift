@@ -651,6 +651,35 @@ struct JSONFlatRowsTests {
         }
     }
 
+    /// Random rows, strings of every kind and length around the 8-byte words the string scanner
+    /// reads at a time: the flat reading is the general one.
+    @Test func randomRowsReadAsTheGeneralParserDoes() throws {
+        var generator = SystemRandomNumberGenerator()
+        let pieces = ["a", "xyz", "\"", "\\", "\n", "\u{1}", "\u{1F}", "é", "😀", "\u{7F}", " ", "/", "0123456", "\u{2028}"]
+        let keys = ["id", "name", "a\"b", "longer_key_name", "", "é"]
+        for _ in 0..<20 {
+            var rows: [JSONValue] = []
+            for _ in 0..<50 {
+                var row = JSONObject()
+                for key in keys.shuffled(using: &generator).prefix(Int.random(in: 1...keys.count, using: &generator)) {
+                    switch Int.random(in: 0..<6, using: &generator) {
+                    case 0: row[key] = .int(Int64.random(in: Int64.min...Int64.max, using: &generator))
+                    case 1: row[key] = .double(Double.random(in: -1e6...1e6, using: &generator))
+                    case 2: row[key] = .bool(Bool.random(using: &generator))
+                    case 3: row[key] = .null
+                    default:
+                        let count = Int.random(in: 0...20, using: &generator)
+                        row[key] = .string((0..<count).map { _ in pieces.randomElement(using: &generator)! }.joined())
+                    }
+                }
+                rows.append(.object(row))
+            }
+            let request: JSONValue = ["op": "insert", "rows": .array(rows)]
+            let rowsOut = try #require(try flatten(request.jsonString))
+            #expect(rowsOut.jsonValue == .array(rows))
+        }
+    }
+
     @Test func rowsBuiltFromObjects() throws {
         let array: [JSONValue] = [["a": 1], ["a": 2], ["b": 3]]
         let rows = try #require(JSONRows(objects: array))

@@ -308,7 +308,7 @@ private struct _JSONParser {
         skipWhitespace()
         if index < count, base[index] == ASCII.closeBracket {
             index += 1
-            return rows.rows
+            return rows.finish()
         }
         // The last run's keys, and when their JSON text is their bytes, those bytes back to back
         // (`keyText`, where key `i` is `keyRanges[i]`): the next row's keys are matched against the
@@ -316,6 +316,9 @@ private struct _JSONParser {
         var lastKeys: [String] = []
         var keyText = UnsafeMutableBufferPointer<UInt8>(start: nil, count: 0)
         var keyRanges: [Range<Int>] = []
+        // Each key's first eight bytes as a little-endian word (zero-padded): what a short key
+        // is compared with.
+        var keyWords: [UInt64] = []
         defer { keyText.deallocate() }
         do {
             while true {
@@ -333,7 +336,9 @@ private struct _JSONParser {
                         guard index < count, base[index] == ASCII.quote else { return nil }
                         if keys == nil, position < keyRanges.count, case let key = keyRanges[position],
                             index + 1 + key.count < count, base[index + 1 + key.count] == ASCII.quote,
-                            key.isEmpty || memcmp(base + index + 1, keyText.baseAddress! + key.lowerBound, key.count) == 0
+                            key.count <= 8 && index + 9 <= count
+                                ? Self.firstBytes(base + index + 1, key.count) == keyWords[position]
+                                : memcmp(base + index + 1, keyText.baseAddress! + key.lowerBound, key.count) == 0
                         {
                             index += key.count + 2
                         } else {
@@ -356,7 +361,7 @@ private struct _JSONParser {
                         guard index < count else { return nil }
                         switch base[index] {
                         case ASCII.quote:
-                            try rows.appendText { (text) throws(JSONParseError) in try self.parseString(into: &text) }
+                            rows.appendText(try parseStringBytes())
                         case ASCII.minus, ASCII.zero...ASCII.nine:
                             switch try parseNumber() {
                             case .int(let int): rows.append(.int(int))
@@ -388,7 +393,7 @@ private struct _JSONParser {
                         break members
                     }
                 }
-                if keys == nil && (position != lastKeys.count || rows.rows.isEmpty) {
+                if keys == nil && (position != lastKeys.count || rows.isEmpty) {
                     keys = Array(lastKeys.prefix(position))  // fewer keys than the last run (or the first row)
                 }
                 if let keys {
@@ -396,6 +401,7 @@ private struct _JSONParser {
                     lastKeys = keys
                     keyText.deallocate()
                     keyRanges = []
+                    keyWords = []
                     if keys.allSatisfy(Self.isPlain) {
                         let bytes = keys.flatMap(\.utf8)
                         keyText = .allocate(capacity: bytes.count)
@@ -404,12 +410,15 @@ private struct _JSONParser {
                         for key in keys {
                             keyRanges.append(start..<(start + key.utf8.count))
                             start += key.utf8.count
+                            var word: UInt64 = 0
+                            for (i, byte) in key.utf8.prefix(8).enumerated() { word |= UInt64(byte) << (8 * UInt64(i)) }
+                            keyWords.append(word)
                         }
                     } else {
                         keyText = UnsafeMutableBufferPointer(start: nil, count: 0)
                     }
                 }
-                rows.endRow(keys: lastKeys, firstValue: firstValue)
+                rows.endRow(keys: lastKeys, firstValue: firstValue, newRun: keys != nil)
                 skipWhitespace()
                 guard index < count else { return nil }
                 if base[index] == ASCII.comma {
@@ -419,7 +428,7 @@ private struct _JSONParser {
                 }
                 guard base[index] == ASCII.closeBracket else { return nil }
                 index += 1
-                return rows.rows
+                return rows.finish()
             }
         } catch {
             return nil
@@ -683,18 +692,26 @@ private struct _JSONParser {
         return String(decoding: scratch, as: UTF8.self)
     }
 
-    /// Parses a string like `parseString`, appending its UTF-8 to `bytes` instead of making a
-    /// `String` of it.
-    mutating func parseString(into bytes: inout [UInt8]) throws(JSONParseError) {
+    /// Parses a string like `parseString`, returning its UTF-8 where it lies instead of making a
+    /// `String` of it: in the input when it has no escapes, else decoded in `scratch` (valid until
+    /// the next string is parsed).
+    mutating func parseStringBytes() throws(JSONParseError) -> UnsafeBufferPointer<UInt8> {
         let start = index
         index += 1
         let contentStart = index
         while index < count {
+            // Eight bytes at a time while none of them is a quote, a backslash, a control byte or
+            // part of a multi-byte character.
+            while index + 8 <= count {
+                let word = UnsafeRawPointer(base + index).loadUnaligned(as: UInt64.self)
+                if Self.mayEndPlainText(word) { break }
+                index += 8
+            }
+            guard index < count else { break }
             let byte = base[index]
             if byte == ASCII.quote {
-                bytes.append(contentsOf: UnsafeBufferPointer(start: base + contentStart, count: index - contentStart))
                 index += 1
-                return
+                return UnsafeBufferPointer(start: base + contentStart, count: index - 1 - contentStart)
             }
             if byte == ASCII.backslash { break }
             if byte < 0x20 { throw controlCharacterError(byte) }
@@ -705,11 +722,29 @@ private struct _JSONParser {
             }
         }
         guard index < count else { throw error("unterminated string starting", at: start) }
-        // Escapes: decoded where `decodeEscapedRest` writes (`scratch`), which is `bytes` meanwhile.
-        swap(&scratch, &bytes)
-        defer { swap(&scratch, &bytes) }
+        scratch.removeAll(keepingCapacity: true)
         scratch.append(contentsOf: UnsafeBufferPointer(start: base + contentStart, count: index - contentStart))
         try decodeEscapedRest(ofStringAt: start)
+        return scratch.withUnsafeBufferPointer { $0 }  // `scratch` stays put until it is changed
+    }
+
+    /// The first `n` (at most 8) bytes at `bytes` as a little-endian word, zero-padded; reads
+    /// eight bytes.
+    @inline(__always)
+    static func firstBytes(_ bytes: UnsafePointer<UInt8>, _ n: Int) -> UInt64 {
+        let word = UInt64(littleEndian: UnsafeRawPointer(bytes).loadUnaligned(as: UInt64.self))
+        return n >= 8 ? word : word & ((1 << (UInt64(n) * 8)) &- 1)
+    }
+
+    /// Whether one of the eight bytes of `word` is a quote, a backslash, below 0x20 or above 0x7F
+    /// (what ends a run of plain ASCII in a string; SWAR: all eight are tested at once).
+    @inline(__always)
+    static func mayEndPlainText(_ word: UInt64) -> Bool {
+        let ones: UInt64 = 0x0101_0101_0101_0101
+        let highs: UInt64 = 0x8080_8080_8080_8080
+        func hasZeroByte(_ x: UInt64) -> Bool { (x &- ones) & ~x & highs != 0 }
+        let control = (word &- ones &* 0x20) & ~word & highs  // a byte below 0x20
+        return word & highs != 0 || control != 0 || hasZeroByte(word ^ (ones &* 0x22)) || hasZeroByte(word ^ (ones &* 0x5C))
     }
 
     /// Decodes the rest of the string that starts at `start` (`index` is at its first escape),

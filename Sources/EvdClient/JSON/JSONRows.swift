@@ -1,3 +1,11 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// A list of JSON objects (the `rows` of an insert) held flat: every row's values, row after row,
 /// in one array of compact cells whose text lies in one byte buffer, and the keys once per run of
 /// consecutive rows that have the same keys in the same order.
@@ -214,31 +222,79 @@ public struct JSONRows: Sendable, Hashable {
 }
 
 extension JSONRows {
-    /// Builds a list as the parser reads it: cells and text go straight into the list, and each
-    /// row ends with its keys.
-    struct Builder {
-        var rows = JSONRows()
+    /// Builds a list as the parser reads it: cells go straight into the list, text into a buffer
+    /// of the builder's own (copied into the list once, at the end), and each row ends with its
+    /// keys.
+    struct Builder: ~Copyable {
+        private var rows = JSONRows()
+        private var cells: UnsafeMutablePointer<Cell>
+        private var cellCount = 0
+        private var cellCapacity: Int
+        private var text: UnsafeMutablePointer<UInt8>
+        private var textCount = 0
+        private var textCapacity: Int
 
         init(capacity: Int) {
-            rows.cells.reserveCapacity(capacity)
-            rows.text.reserveCapacity(capacity * 8)
+            cellCapacity = max(capacity, 16)
+            cells = .allocate(capacity: cellCapacity)
+            textCapacity = cellCapacity * 8
+            text = .allocate(capacity: textCapacity)
+        }
+
+        deinit {
+            cells.deallocate()
+            text.deallocate()
         }
 
         /// Where the next row's values start.
-        var valueCount: Int { rows.cells.count }
+        var valueCount: Int { cellCount }
 
-        mutating func append(_ cell: Cell) { rows.cells.append(cell) }
+        var isEmpty: Bool { rows.isEmpty }
 
-        /// Appends text whose UTF-8 the parser writes into `text` (`write` appends it).
-        mutating func appendText(_ write: (inout [UInt8]) throws(JSONParseError) -> Void) throws(JSONParseError) {
-            let start = rows.text.count
-            try write(&rows.text)
-            rows.cells.append(Cell(.text, UInt64(start), length: UInt32(rows.text.count - start)))
+        mutating func append(_ cell: Cell) {
+            if cellCount == cellCapacity {
+                let grown = UnsafeMutablePointer<Cell>.allocate(capacity: cellCapacity * 2)
+                grown.moveInitialize(from: cells, count: cellCount)
+                cells.deallocate()
+                cells = grown
+                cellCapacity *= 2
+            }
+            (cells + cellCount).initialize(to: cell)
+            cellCount += 1
         }
 
-        /// Ends the row whose values start at `firstValue`.
-        mutating func endRow(keys: [String], firstValue: Int) {
-            rows.endRow(keys: keys, firstValue: firstValue)
+        /// Appends a text value, copying its UTF-8.
+        mutating func appendText(_ bytes: UnsafeBufferPointer<UInt8>) {
+            if textCount + bytes.count > textCapacity {
+                let capacity = max(textCapacity * 2, textCount + bytes.count)
+                let grown = UnsafeMutablePointer<UInt8>.allocate(capacity: capacity)
+                grown.update(from: text, count: textCount)
+                text.deallocate()
+                text = grown
+                textCapacity = capacity
+            }
+            if let source = bytes.baseAddress { memcpy(text + textCount, source, bytes.count) }
+            self.append(Cell(.text, UInt64(textCount), length: UInt32(bytes.count)))
+            textCount += bytes.count
+        }
+
+        /// Ends the row whose values start at `firstValue`; `newRun`: its keys may differ from the
+        /// last run's (else they are the same).
+        mutating func endRow(keys: [String], firstValue: Int, newRun: Bool) {
+            if newRun || rows.runs.isEmpty {
+                rows.runs.append(Run(keys: keys, rows: rows.count..<(rows.count + 1), firstValue: firstValue))
+            } else {
+                let last = rows.runs.count - 1
+                rows.runs[last].rows = rows.runs[last].rows.lowerBound..<(rows.runs[last].rows.upperBound + 1)
+            }
+        }
+
+        /// The list.
+        consuming func finish() -> JSONRows {
+            var rows = self.rows
+            rows.cells = Array(UnsafeBufferPointer(start: cells, count: cellCount))
+            rows.text = Array(UnsafeBufferPointer(start: text, count: textCount))
+            return rows
         }
     }
 }
