@@ -292,6 +292,49 @@ struct CommittedEventsTests {
         }
     }
 
+    /// A structured insert's after-images are written from the values bound where SQLite stores
+    /// them as bound (`ChangeCapture.BoundImages`), and read back from SQLite everywhere else:
+    /// either way they must be what the same rows inserted by raw SQL give, value for value.
+    @Test("row images of a structured insert are those of the same raw INSERT, for every column type and value")
+    func structuredInsertImages() async throws {
+        try await withRunningDaemon { daemon in
+            let columns = "(id integer primary key, i integer, r real, t text, n numeric, b blob, x, nn text not null default 'd')"
+            try await daemon.request("execute", ["sql": .string("create table a \(columns); create table b \(columns)")])
+            let names = ["id", "i", "r", "t", "n", "b", "x", "nn"]
+            let rows: [[JSONValue]] = [
+                [1, 5, 2.5, "s", 7, "text", 3.25, "v"],  // each stored as bound
+                [2, "12", 3, 42, "3.0", 1.5, "y", "w"],  // converted by the column's affinity
+                [3, 2.0, 4.0, -0.5, 2.5, nil, nil, "z"],  // whole reals: a REAL column keeps 4.0 as an integer
+                [nil, nil, nil, "", nil, ["$base64": "AAEC"], true, "é😀"],  // a new rowid, a blob, a bool
+                [5, .int(.max), -1e300, "a\"b\n", .int(.min), "", 1e-300, "q"],
+                [6, -7, -0.001, "é😀\"\u{0}", .int(.min), "", -2.75, "ok"],  // as bound again
+                [7, 0, 1e-300, "", nil, nil, nil, "x"],
+            ]
+            try await withChangeWatcher(daemon, rows: true) { watcher in
+                let structured = try await watcher.changes {
+                    let objects = rows.map { row in JSONValue.object(JSONObject(uniqueKeysWithValues: zip(names, row))) }
+                    try await daemon.request("insert", ["table": "a", "rows": .array(objects)])
+                    // Another order of the columns, and one left to its default: read back from SQLite.
+                    try await daemon.request("insert", ["table": "a", "rows": [["t": "late", "id": 10, "r": 1.5]]])
+                }
+                let raw = try await watcher.changes {
+                    let placeholders = names.map { _ in "?" }.joined(separator: ", ")
+                    try await daemon.request(
+                        "executemany",
+                        ["sql": .string("insert into b (\(names.joined(separator: ", "))) values (\(placeholders))"),
+                         "params": .array(rows.map { .array($0) })])
+                    try await daemon.request("execute", ["sql": "insert into b (t, id, r) values ('late', 10, 1.5)"])
+                }
+                #expect(structured.count == 2 && raw.count == 2)
+                for (ours, theirs) in zip(structured, raw) {
+                    #expect(ours["event"] == "insert-rows")
+                    #expect(ours["rows"] != nil)
+                    #expect(ours["rows"] == theirs["rows"])
+                }
+            }
+        }
+    }
+
     @Test("schema: raw CREATE, ALTER ... ADD COLUMN, RENAME and DROP give create-, alter-, rename- and drop-table")
     func schemaEvents() async throws {
         try await withRunningDaemon { daemon in

@@ -463,9 +463,17 @@ final class ChangeCapture: @unchecked Sendable {
                 // key: the images may read text as a blob.)
                 let utf8: Int32 = self.textIsUTF8 ? 1 : 0
                 let start = Int(self.imageBytes.count)
-                let beforeCount = op == .insert ? 0 : evd_append_preupdate_image(db, Int32(count), 1, utf8, &self.imageBytes)
-                let afterCount =
-                    op == .delete || beforeCount < 0 ? 0 : evd_append_preupdate_image(db, Int32(count), 0, utf8, &self.imageBytes)
+                let beforeCount: Int
+                let afterCount: Int
+                if op == .insert, change.depth == 0, let bound = self.bound, bound.table == index, self.textIsUTF8,
+                    bound.columns.count == count, let written = self.appendBoundImage(bound, row: self.boundRow)
+                {
+                    (beforeCount, afterCount) = (0, written)
+                } else {
+                    beforeCount = op == .insert ? 0 : evd_append_preupdate_image(db, Int32(count), 1, utf8, &self.imageBytes)
+                    afterCount =
+                        op == .delete || beforeCount < 0 ? 0 : evd_append_preupdate_image(db, Int32(count), 0, utf8, &self.imageBytes)
+                }
                 if let beforeCount = UInt32(exactly: beforeCount), let afterCount = UInt32(exactly: afterCount) {
                     change.imageStart = start
                     change.beforeCount = beforeCount
@@ -520,6 +528,145 @@ final class ChangeCapture: @unchecked Sendable {
         self.columnSets.append(ColumnKeys(shape.columns))
         self.shapeColumns[index] = set
         return set
+    }
+
+    // MARK: Images from the values bound
+
+    /// A structured insert's run of rows while it steps: the hook writes their after-images from
+    /// the values bound (`appendBoundImage`) rather than reading each back from SQLite, which
+    /// unpacks the row's whole record for it (most of what an image costs). Only where a value is
+    /// stored as it was bound: see `BoundColumn`.
+    struct BoundImages {
+        /// The table's number in `tables`.
+        let table: Int32
+        /// For each of the table's columns, in order.
+        let columns: [BoundColumn]
+        /// The run's cells, `width` to a row, and the rows' text: where they lie while the run steps.
+        let cells: UnsafeBufferPointer<JSONRows.Cell>
+        let text: UnsafeBufferPointer<UInt8>
+        let width: Int
+    }
+
+    /// A table column of an insert's run: where its value is in a row's cells, and which values
+    /// SQLite stores as they are bound. The column's affinity converts the others (text into an
+    /// INTEGER column, an integer into a REAL or TEXT one), a NOT NULL or key column may turn a
+    /// NULL into a default or a new rowid, and a REAL column keeps a whole number as an integer:
+    /// those rows are read back from SQLite.
+    struct BoundColumn {
+        let key: Int
+        let integer: Bool
+        let real: Bool
+        let text: Bool
+        let null: Bool
+
+        /// The column `info`, which takes the value at `key` of each row.
+        init(_ info: ColumnInfo, key: Int) {
+            self.key = key
+            // SQLite's rules for a declared type's affinity (sqlite3AffinityType), in order.
+            let type = info.type.uppercased()
+            let affinity: Character
+            if type.contains("INT") {
+                affinity = "i"
+            } else if type.contains("CHAR") || type.contains("CLOB") || type.contains("TEXT") {
+                affinity = "t"
+            } else if type.contains("BLOB") || type.isEmpty {
+                affinity = "b"  // none: values are stored as they are
+            } else if type.contains("REAL") || type.contains("FLOA") || type.contains("DOUB") {
+                affinity = "r"
+            } else {
+                affinity = "n"
+            }
+            self.integer = affinity == "i" || affinity == "n" || affinity == "b"
+            self.real = affinity != "t"  // a fraction (a whole number is left to SQLite)
+            self.text = affinity == "t" || affinity == "b"
+            self.null = !info.notNull && info.pk == 0
+        }
+    }
+
+    /// The run being stepped, while `withBoundImages` runs.
+    private var bound: BoundImages?
+    /// The row of `bound` being stepped (its index in the run).
+    var boundRow = 0
+
+    /// Runs `body` (which steps the run's rows, setting `boundRow` before each) with the hook
+    /// writing their after-images from `cells`. `columns`: `BoundColumn`s of `table`.
+    func withBoundImages<T>(
+        table: String, columns: [BoundColumn], cells: UnsafeBufferPointer<JSONRows.Cell>, text: UnsafeBufferPointer<UInt8>,
+        width: Int, _ body: () throws -> T
+    ) rethrows -> T {
+        guard self.active, self.images else { return try body() }
+        self.bound = BoundImages(table: self.intern(table), columns: columns, cells: cells, text: text, width: width)
+        self.boundRow = 0
+        defer { self.bound = nil }
+        return try body()
+    }
+
+    /// Writes row `row` of `bound` as an after-image, as `evd_append_preupdate_image` would have
+    /// read it back from SQLite; its length, or nil when a value would not be stored as bound.
+    private func appendBoundImage(_ bound: BoundImages, row: Int) -> Int? {
+        let first = row * bound.width
+        guard first + bound.width <= bound.cells.count else { return nil }
+        var textBytes = 0
+        for column in bound.columns {
+            let cell = bound.cells[first + column.key]
+            switch cell.kind {
+            case .null: if !column.null { return nil }
+            case .int: if !column.integer { return nil }
+            case .double:
+                let value = cell.double
+                if !column.real || !value.isFinite || value.rounded() == value { return nil }
+            case .text:
+                if !column.text { return nil }
+                textBytes += cell.textRange.count
+            case .bool, .other: return nil
+            }
+        }
+        guard evd_bytes_reserve(&self.imageBytes, 10 + bound.columns.count * 11 + textBytes) != 0 else { return nil }
+        let start = self.imageBytes.bytes + Int(self.imageBytes.count)
+        var at = start
+        func varint(_ value: UInt64) {
+            var value = value
+            while value >= 0x80 {
+                at.pointee = UInt8(truncatingIfNeeded: value) | 0x80
+                at += 1
+                value >>= 7
+            }
+            at.pointee = UInt8(value)
+            at += 1
+        }
+        func byte(_ value: UInt8) {
+            at.pointee = value
+            at += 1
+        }
+        varint(UInt64(bound.columns.count))
+        for column in bound.columns {
+            let cell = bound.cells[first + column.key]
+            switch cell.kind {
+            case .int:
+                byte(RowImage.integer)
+                let int = cell.int
+                varint(UInt64(bitPattern: (int << 1) ^ (int >> 63)))
+            case .double:
+                byte(RowImage.real)
+                withUnsafeBytes(of: cell.double.bitPattern.littleEndian) { bits in
+                    UnsafeMutableRawPointer(at).copyMemory(from: bits.baseAddress!, byteCount: 8)
+                }
+                at += 8
+            case .text:
+                byte(RowImage.text)
+                let range = cell.textRange
+                varint(UInt64(range.count))
+                if !range.isEmpty {
+                    UnsafeMutableRawPointer(at).copyMemory(from: bound.text.baseAddress! + range.lowerBound, byteCount: range.count)
+                    at += range.count
+                }
+            default:
+                byte(RowImage.null)
+            }
+        }
+        let written = at - start
+        self.imageBytes.count += written
+        return written
     }
 
     /// Bytes of the images the hook wrote; valid until the next image is written.

@@ -121,12 +121,14 @@ enum SQLParameters: Sendable {
 /// rows (`JSONRows`), each row a set, bound from its cells where the parser put them.
 enum ParameterSets {
     case sets([SQLParameters])
-    case rows(JSONRows, JSONRows.Run)
+    /// `images`: how the hook may write the rows' after-images from the values bound (when every
+    /// column of `table` is among the run's).
+    case rows(JSONRows, JSONRows.Run, images: (table: String, columns: [ChangeCapture.BoundColumn])? = nil)
 
     var count: Int {
         switch self {
         case .sets(let sets): sets.count
-        case .rows(_, let run): run.rows.count
+        case .rows(_, let run, _): run.rows.count
         }
     }
 
@@ -135,7 +137,7 @@ enum ParameterSets {
         switch self {
         case .sets(let sets):
             return .array(sets.map(\.jsonValue))
-        case .rows(let rows, let run):
+        case .rows(let rows, let run, _):
             return .array(run.rows.map { row in
                 .array(run.keys.indices.map { rows.value(at: run.valueIndex(row: row, keyIndex: $0)) })
             })
@@ -143,8 +145,8 @@ enum ParameterSets {
     }
 
     /// Binds each set to `statement` in turn, checking that it fills the statement's parameters
-    /// exactly, and calls `step` after each.
-    func forEach(_ statement: SQLiteStatement, _ step: () throws -> Void) throws {
+    /// exactly, and calls `step` after each. `capture`: the connection's, for `images`.
+    func forEach(_ statement: SQLiteStatement, capture: ChangeCapture, _ step: () throws -> Void) throws {
         switch self {
         case .sets(let sets):
             for (index, set) in sets.enumerated() {
@@ -160,7 +162,7 @@ enum ParameterSets {
                 }
                 try step()
             }
-        case .rows(let rows, let run):
+        case .rows(let rows, let run, let images):
             let width = run.keys.count
             let count = statement.parameterCount
             guard count == width else {
@@ -169,18 +171,27 @@ enum ParameterSets {
             // Text binds from where it lies in `rows` (no copy), so no binding outlives this.
             defer { statement.clearBindings() }
             try rows.withUnsafeText { text in
-                var cell = run.firstValue
-                for index in 0..<run.rows.count {
-                    statement.rewind()  // every parameter is bound again
-                    for parameter in 0..<width {
-                        do throws(SQLiteError) {
-                            try statement.bind(rows.cells[cell], of: rows, text: text, at: Int32(parameter + 1))
-                        } catch {
-                            throw Self.located(error.evdError, index)
+                try rows.cells.withUnsafeBufferPointer { cells in
+                    let runCells = UnsafeBufferPointer(rebasing: cells[run.values])
+                    func stepAll() throws {
+                        var cell = 0
+                        for index in 0..<run.rows.count {
+                            statement.rewind()  // every parameter is bound again
+                            for parameter in 0..<width {
+                                do throws(SQLiteError) {
+                                    try statement.bind(runCells[cell], of: rows, text: text, at: Int32(parameter + 1))
+                                } catch {
+                                    throw Self.located(error.evdError, index)
+                                }
+                                cell += 1
+                            }
+                            capture.boundRow = index
+                            try step()
                         }
-                        cell += 1
                     }
-                    try step()
+                    guard let images else { return try stepAll() }
+                    try capture.withBoundImages(
+                        table: images.table, columns: images.columns, cells: runCells, text: text, width: width, stepAll)
                 }
             }
         }
@@ -536,7 +547,7 @@ struct SQLRun {
         var changed: Int64 = 0
         do {
             if let sets {
-                try sets.forEach(statement) { changed += try self.step(statement, onRow) }
+                try sets.forEach(statement, capture: self.connection.capture) { changed += try self.step(statement, onRow) }
             } else {
                 changed = try self.step(statement, onRow)
             }

@@ -473,10 +473,24 @@ extension SQLRun {
         if returning { sql += " RETURNING *" }
         // The values are stored as they are (`StructuredOp.rows` made them so), in `names` order.
         var returned: [JSONValue] = []
-        let changed = try self.runStatement(sql, many: .rows(rows, run), intent: intent) { statement in
+        let changed = try self.runStatement(sql, many: .rows(rows, run, images: try self.boundImages(table, names)), intent: intent) { statement in
             if returning { returned.append(Self.rowObject(statement)) }
         }
         return (changed, returned)
+    }
+
+    /// How the hook may write the after-images of a run of rows with the columns `names` from
+    /// the values bound: when images are recorded and the run has every column of the table
+    /// (else SQLite fills in defaults the hook must read back).
+    private func boundImages(_ table: String, _ names: [String]) throws(EvdError) -> (table: String, columns: [ChangeCapture.BoundColumn])? {
+        guard self.connection.capture.active, self.connection.capture.images else { return nil }
+        let columns = try self.columns(of: table)
+        var bound: [ChangeCapture.BoundColumn] = []
+        for column in columns {
+            guard let key = names.firstIndex(of: column.name) else { return nil }
+            bound.append(ChangeCapture.BoundColumn(column, key: key))
+        }
+        return (table, bound)
     }
 
     private func upsertByRowid(
