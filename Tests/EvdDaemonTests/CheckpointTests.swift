@@ -17,7 +17,7 @@ struct CheckpointTests {
     /// checkpoint at close would hide a checkpointer that does nothing, so this looks before).
     @Test("a WAL past the threshold is checkpointed in the background: the database file takes the rows while evd runs")
     func backgroundCheckpoint() async throws {
-        try await withRunningDaemon { daemon in
+        try await withRunningDaemon(configure: { $0.checkpointPages = 1000 }) { daemon in
             try await daemon.withClient { evd in
                 try await evd.request("execute", ["sql": "create table big (id integer primary key, t text)"])
                 // About 1 KB a row: 6 MB, some 1500 pages of WAL, past the threshold of 1000.

@@ -30,6 +30,9 @@ public struct EvdConfiguration: Sendable {
     /// Requests a connection may have queued (pipelined) before evd stops reading from it.
     public var maxPipelinedRequests: Int = 256
     public var outboxLimits = OutboxLimits()
+    /// WAL pages past which a database's WAL is checkpointed in the background (`Checkpointer`);
+    /// a tuning knob without a flag (tests set it lower).
+    public var checkpointPages: Int = 4000
     /// How long a SQLite statement waits for another connection's lock.
     public var busyTimeoutMs: Int32 = 5000
     /// How long a request waits for a free pooled connection before it gets `timeout`.

@@ -48,7 +48,8 @@ final class DaemonCore: Sendable {
                 database: database, size: configuration.poolSize, bus: bus, threadPool: threadPool,
                 eventLoop: eventLoop, busyTimeoutMs: configuration.busyTimeoutMs,
                 checkoutTimeout: .milliseconds(Int64(configuration.checkoutTimeoutMs)),
-                vetoBudget: .milliseconds(configuration.vetoBudgetMs), journal: journal)
+                vetoBudget: .milliseconds(configuration.vetoBudgetMs), journal: journal,
+                checkpointPages: configuration.checkpointPages)
         }
         self.pools = pools
         self.permissions = Permissions(ownerUID: getuid(), grants: configuration.grants)

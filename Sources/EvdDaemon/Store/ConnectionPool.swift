@@ -147,7 +147,7 @@ public final class ConnectionPool: Sendable {
     init(
         database: DatabaseConfig, size: Int, bus: EventBus, threadPool: NIOThreadPool, eventLoop: any EventLoop,
         busyTimeoutMs: Int32 = 5000, checkoutTimeout: TimeAmount = .seconds(30), vetoBudget: Duration = .seconds(5),
-        journal: Journal? = nil
+        journal: Journal? = nil, checkpointPages: Int = 4000
     ) {
         self.vetoBudget = vetoBudget
         self.journal = journal
@@ -158,7 +158,8 @@ public final class ConnectionPool: Sendable {
         self.eventLoop = eventLoop
         self.checkoutTimeout = checkoutTimeout
         self.defaultBusyTimeoutMs = busyTimeoutMs
-        self.checkpointer = database.isInMemory ? nil : Checkpointer(path: database.path, threadPool: threadPool, gate: self.writeGate)
+        self.checkpointer = database.isInMemory ? nil : Checkpointer(
+            path: database.path, threadPool: threadPool, gate: self.writeGate, threshold: Int32(clamping: checkpointPages))
         self.pragmas = [
             "journal_mode": "wal", "synchronous": "normal", "foreign_keys": "on",
             "busy_timeout": .integer(busyTimeoutMs),
