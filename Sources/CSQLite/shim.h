@@ -116,6 +116,17 @@ static inline int evd_malloc_trim(void) { return 0; }
 static inline int evd_malloc_mmap_threshold(int bytes) { (void)bytes; return 0; }
 #endif
 
+/// Lowers the calling thread's scheduling priority to `nice` (Linux: a thread is a task of its
+/// own); a no-op elsewhere.
+#ifdef __linux__
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+static inline void evd_lower_thread_priority(int nice) { setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice); }
+#else
+static inline void evd_lower_thread_priority(int nice) { (void)nice; }
+#endif
+
 /// Names the calling thread (what `top -H` and `perf` show); prctl is variadic and does not import.
 #ifdef __linux__
 #include <sys/prctl.h>

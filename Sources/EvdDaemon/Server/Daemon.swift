@@ -66,10 +66,10 @@ public final class Daemon: Service, CustomStringConvertible {
         try self.prepareDirectories()
         let tokens = try self.openTokenSecret()
         let totalConnections = self.configuration.poolSize * self.configuration.databases.count
-        // One thread per pooled connection (a thread may block on SQLite's busy wait), one per
-        // database for its WAL checkpoints, and two for the journal's own work (custom events,
-        // replays, retention).
-        let threadPool = NIOThreadPool(numberOfThreads: totalConnections + self.configuration.databases.count + 2)
+        // One thread per pooled connection (a thread may block on SQLite's busy wait), and two
+        // for the journal's own work (custom events, replays, retention). (Each database's WAL
+        // checkpoints have a thread of their own: `Checkpointer`.)
+        let threadPool = NIOThreadPool(numberOfThreads: totalConnections + 2)
         threadPool.start()
         // Sessions' requests, SQLite work included: a thread per pooled connection (each may
         // block in SQLite), and two for the requests that hold no connection meanwhile.

@@ -29,8 +29,9 @@ final class Checkpointer: Sendable {
     let inlineThreshold: Int32
 
     let path: String
-    /// The daemon's thread pool, which has a thread to spare for each database's checkpoints.
-    private let thread: NIOThreadPool
+    /// The checkpoints' own thread, at a lower priority than the sessions' (`nice` 10): on a
+    /// machine with few cores a checkpoint takes the time the requests leave, not theirs.
+    private let thread = NIOThreadPool(numberOfThreads: 1)
     /// Whether a checkpoint is queued or running: many commits past the threshold ask for one.
     private let scheduled = Atomic<Bool>(false)
     private struct State {
@@ -44,11 +45,11 @@ final class Checkpointer: Sendable {
     /// is released).
     let gate: WriteGate
 
-    init(path: String, threadPool: NIOThreadPool, gate: WriteGate, threshold: Int32 = 4000) {
+    init(path: String, gate: WriteGate, threshold: Int32 = 4000) {
         self.threshold = threshold
         self.inlineThreshold = max(16_000, 4 * threshold)
         self.path = path
-        self.thread = threadPool
+        self.thread.start()
         self.gate = gate
     }
 
@@ -83,6 +84,7 @@ final class Checkpointer: Sendable {
         self.state.withLock { state in
             guard !state.closed else { return }
             if state.connection == nil {
+                evd_lower_thread_priority(10)  // the first checkpoint, on `thread`
                 state.connection = try? SQLiteConnection(path: self.path, flags: SQLITE_OPEN_READWRITE)
                 // A connection that has not read the database yet does not know it is in WAL mode:
                 // a checkpoint on it does nothing at all (SQLITE_OK, -1 frames). One read opens
@@ -105,5 +107,6 @@ final class Checkpointer: Sendable {
                 state.connection = nil
             }
         }
+        try? await self.thread.shutdownGracefully()
     }
 }

@@ -159,7 +159,7 @@ public final class ConnectionPool: Sendable {
         self.checkoutTimeout = checkoutTimeout
         self.defaultBusyTimeoutMs = busyTimeoutMs
         self.checkpointer = database.isInMemory ? nil : Checkpointer(
-            path: database.path, threadPool: threadPool, gate: self.writeGate, threshold: Int32(clamping: checkpointPages))
+            path: database.path, gate: self.writeGate, threshold: Int32(clamping: checkpointPages))
         self.pragmas = [
             "journal_mode": "wal", "synchronous": "normal", "foreign_keys": "on",
             "busy_timeout": .integer(busyTimeoutMs),
