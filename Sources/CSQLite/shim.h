@@ -111,9 +111,13 @@ static inline int evd_malloc_trim(void) { return malloc_trim(0); }
 /// as it is freed. (A fixed threshold: glibc's own rises to 32 MiB after the first large free, and
 /// then keeps such buffers in its arenas, where `malloc_trim` cannot return all of them.)
 static inline int evd_malloc_mmap_threshold(int bytes) { return mallopt(M_MMAP_THRESHOLD, bytes); }
+/// Keeps up to `bytes` of free memory at the top of a heap instead of giving it back at once
+/// (`malloc_trim` still gives it all back).
+static inline int evd_malloc_trim_threshold(int bytes) { return mallopt(M_TRIM_THRESHOLD, bytes); }
 #else
 static inline int evd_malloc_trim(void) { return 0; }
 static inline int evd_malloc_mmap_threshold(int bytes) { (void)bytes; return 0; }
+static inline int evd_malloc_trim_threshold(int bytes) { (void)bytes; return 0; }
 #endif
 
 /// Lowers the calling thread's scheduling priority to `nice` (Linux: a thread is a task of its
