@@ -153,6 +153,8 @@ struct RobustnessTests {
             defer { raw.close() }
             try raw.send(#"{"op":"subscribe","events":["update-row"]}"# + "\n")
             try await waitUntilStats(daemon, "the raw subscription") { $0["subscriptions"] == 1 }
+            // The newest seq before the UPDATE: its events come after it.
+            let head = try #require(try await daemon.request("stats")["seq"]?.intValue)
             // Reads throughout, slower than the UPDATE makes events.
             let reader = Task.detached { raw.receiveSlowly(chunk: 8192, pauseMicroseconds: 500, seconds: 60) }
             try await daemon.request("execute", ["sql": "update big set v = v + 1"])
@@ -162,8 +164,13 @@ struct RobustnessTests {
             let notice = try #require(messages.last)
             #expect(notice["type"] == "notice" && notice["code"] == "lagged", "the last message: \(notice)")
             let seqs = messages.filter { $0["type"] == "event" }.compactMap { $0["seq"]?.intValue }
-            #expect(!seqs.isEmpty)
-            #expect(notice["last_seq"] == .int(seqs.last ?? -1))
+            if let last = seqs.last {
+                #expect(notice["last_seq"] == .int(last))
+            } else {
+                // On a loaded machine the queue can overflow before the event loop wrote a single
+                // event: the notice then names a seq from before the UPDATE.
+                #expect((notice["last_seq"]?.intValue ?? .max) <= head)
+            }
             #expect(zip(seqs, seqs.dropFirst()).allSatisfy { $0 + 1 == $1 }, "events up to last_seq arrive with no hole")
         }
     }
