@@ -361,7 +361,9 @@ private struct _JSONParser {
                         guard index < count else { return nil }
                         switch base[index] {
                         case ASCII.quote:
-                            rows.appendText(try parseStringBytes())
+                            let text = try parseStringBytes()
+                            guard text.count <= Int(UInt32.max) else { return nil }  // a cell's length is 32 bits
+                            rows.appendText(text)
                         case ASCII.minus, ASCII.zero...ASCII.nine:
                             switch try parseNumber() {
                             case .int(let int): rows.append(.int(int))
