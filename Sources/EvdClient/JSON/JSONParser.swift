@@ -361,9 +361,13 @@ private struct _JSONParser {
                         guard index < count else { return nil }
                         switch base[index] {
                         case ASCII.quote:
-                            let text = try parseStringBytes()
-                            guard text.count <= Int(UInt32.max) else { return nil }  // a cell's length is 32 bits
-                            rows.appendText(text)
+                            // (A cell's length is 32 bits.)
+                            let fits = try parseString { text in
+                                guard text.count <= Int(UInt32.max) else { return false }
+                                rows.appendText(text)
+                                return true
+                            }
+                            guard fits else { return nil }
                         case ASCII.minus, ASCII.zero...ASCII.nine:
                             switch try parseNumber() {
                             case .int(let int): rows.append(.int(int))
@@ -665,17 +669,31 @@ private struct _JSONParser {
 
     /// Parses a string starting at the opening quote; `index` ends after the closing quote.
     mutating func parseString() throws(JSONParseError) -> String {
+        try parseString { String(decoding: $0, as: UTF8.self) }
+    }
+
+    /// Parses a string starting at the opening quote, handing `body` its UTF-8 where it lies: in
+    /// the input when it has no escapes (the common case: no copy), else decoded in `scratch`.
+    /// `index` ends after the closing quote.
+    @inline(__always)
+    mutating func parseString<R>(_ body: (UnsafeBufferPointer<UInt8>) -> R) throws(JSONParseError) -> R {
         let start = index
         index += 1
         let contentStart = index
-        // Fast path: a run of plain ASCII and validated multi-byte UTF-8 with no escapes
-        // becomes a String straight from the input bytes.
+        // Fast path: a run of plain ASCII and validated multi-byte UTF-8 with no escapes.
         while index < count {
+            // Eight bytes at a time while none of them is a quote, a backslash, a control byte or
+            // part of a multi-byte character.
+            while index + 8 <= count {
+                let word = UnsafeRawPointer(base + index).loadUnaligned(as: UInt64.self)
+                if Self.mayEndPlainText(word) { break }
+                index += 8
+            }
+            guard index < count else { break }
             let byte = base[index]
             if byte == ASCII.quote {
-                let string = String(decoding: UnsafeBufferPointer(start: base + contentStart, count: index - contentStart), as: UTF8.self)
                 index += 1
-                return string
+                return body(UnsafeBufferPointer(start: base + contentStart, count: index - 1 - contentStart))
             }
             if byte == ASCII.backslash { break }
             if byte < 0x20 { throw controlCharacterError(byte) }
@@ -691,43 +709,7 @@ private struct _JSONParser {
         scratch.removeAll(keepingCapacity: true)
         scratch.append(contentsOf: UnsafeBufferPointer(start: base + contentStart, count: index - contentStart))
         try decodeEscapedRest(ofStringAt: start)
-        return String(decoding: scratch, as: UTF8.self)
-    }
-
-    /// Parses a string like `parseString`, returning its UTF-8 where it lies instead of making a
-    /// `String` of it: in the input when it has no escapes, else decoded in `scratch` (valid until
-    /// the next string is parsed).
-    mutating func parseStringBytes() throws(JSONParseError) -> UnsafeBufferPointer<UInt8> {
-        let start = index
-        index += 1
-        let contentStart = index
-        while index < count {
-            // Eight bytes at a time while none of them is a quote, a backslash, a control byte or
-            // part of a multi-byte character.
-            while index + 8 <= count {
-                let word = UnsafeRawPointer(base + index).loadUnaligned(as: UInt64.self)
-                if Self.mayEndPlainText(word) { break }
-                index += 8
-            }
-            guard index < count else { break }
-            let byte = base[index]
-            if byte == ASCII.quote {
-                index += 1
-                return UnsafeBufferPointer(start: base + contentStart, count: index - 1 - contentStart)
-            }
-            if byte == ASCII.backslash { break }
-            if byte < 0x20 { throw controlCharacterError(byte) }
-            if byte < 0x80 {
-                index += 1
-            } else {
-                index += try validateUTF8()
-            }
-        }
-        guard index < count else { throw error("unterminated string starting", at: start) }
-        scratch.removeAll(keepingCapacity: true)
-        scratch.append(contentsOf: UnsafeBufferPointer(start: base + contentStart, count: index - contentStart))
-        try decodeEscapedRest(ofStringAt: start)
-        return scratch.withUnsafeBufferPointer { $0 }  // `scratch` stays put until it is changed
+        return scratch.withUnsafeBufferPointer(body)
     }
 
     /// The first `n` (at most 8) bytes at `bytes` as a little-endian word, zero-padded; reads

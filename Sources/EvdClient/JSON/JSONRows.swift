@@ -251,6 +251,7 @@ extension JSONRows {
 
         var isEmpty: Bool { rows.isEmpty }
 
+        @inline(__always)
         mutating func append(_ cell: Cell) {
             if cellCount == cellCapacity {
                 let grown = UnsafeMutablePointer<Cell>.allocate(capacity: cellCapacity * 2)
@@ -264,6 +265,7 @@ extension JSONRows {
         }
 
         /// Appends a text value, copying its UTF-8.
+        @inline(__always)
         mutating func appendText(_ bytes: UnsafeBufferPointer<UInt8>) {
             if textCount + bytes.count > textCapacity {
                 let capacity = max(textCapacity * 2, textCount + bytes.count)
@@ -280,6 +282,7 @@ extension JSONRows {
 
         /// Ends the row whose values start at `firstValue`; `newRun`: its keys may differ from the
         /// last run's (else they are the same).
+        @inline(__always)
         mutating func endRow(keys: [String], firstValue: Int, newRun: Bool) {
             if newRun || rows.runs.isEmpty {
                 rows.runs.append(Run(keys: keys, rows: rows.count..<(rows.count + 1), firstValue: firstValue))
