@@ -335,6 +335,27 @@ struct CommittedEventsTests {
         }
     }
 
+    /// SQLite's rules for a declared type's affinity (the first that applies): INT, then CHAR /
+    /// CLOB / TEXT, then BLOB or no type, then REAL / FLOA / DOUB, else NUMERIC; any case.
+    @Test(
+        "the affinity a bound image assumes is SQLite's for the declared type",
+        arguments: [
+            ("INTEGER", "i"), ("bigint", "i"), ("FLOATING POINT", "i"), ("VarChar(10)", "t"), ("clob", "t"),
+            ("CHARINT", "i"), ("text", "t"), ("", "b"), ("Blob", "b"), ("double precision", "r"), ("float", "r"),
+            ("real", "r"), ("numeric", "n"), ("decimal(10,2)", "n"), ("boolean", "n"), ("date", "n"),
+        ] as [(String, Character)])
+    func boundImageAffinity(type: String, affinity: Character) {
+        let column = ChangeCapture.BoundColumn(ColumnInfo(name: "c", type: type, notNull: false, defaultValue: .null, pk: 0), key: 0)
+        let expected: (integer: Bool, real: Bool, text: Bool) =
+            switch affinity {
+            case "i", "n": (true, true, false)
+            case "t": (false, false, true)
+            case "b": (true, true, true)
+            default: (false, true, false)  // "r"
+            }
+        #expect(column.integer == expected.integer && column.real == expected.real && column.text == expected.text)
+    }
+
     @Test("schema: raw CREATE, ALTER ... ADD COLUMN, RENAME and DROP give create-, alter-, rename- and drop-table")
     func schemaEvents() async throws {
         try await withRunningDaemon { daemon in

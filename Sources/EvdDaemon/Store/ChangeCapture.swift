@@ -563,15 +563,16 @@ final class ChangeCapture: @unchecked Sendable {
         init(_ info: ColumnInfo, key: Int) {
             self.key = key
             // SQLite's rules for a declared type's affinity (sqlite3AffinityType), in order.
-            let type = info.type.uppercased()
+            let type = Array(info.type.utf8)
+            func has(_ word: StaticString) -> Bool { Self.contains(type, word) }
             let affinity: Character
-            if type.contains("INT") {
+            if has("INT") {
                 affinity = "i"
-            } else if type.contains("CHAR") || type.contains("CLOB") || type.contains("TEXT") {
+            } else if has("CHAR") || has("CLOB") || has("TEXT") {
                 affinity = "t"
-            } else if type.contains("BLOB") || type.isEmpty {
+            } else if has("BLOB") || type.isEmpty {
                 affinity = "b"  // none: values are stored as they are
-            } else if type.contains("REAL") || type.contains("FLOA") || type.contains("DOUB") {
+            } else if has("REAL") || has("FLOA") || has("DOUB") {
                 affinity = "r"
             } else {
                 affinity = "n"
@@ -580,6 +581,20 @@ final class ChangeCapture: @unchecked Sendable {
             self.real = affinity != "t"  // a fraction (a whole number is left to SQLite)
             self.text = affinity == "t" || affinity == "b"
             self.null = !info.notNull && info.pk == 0
+        }
+
+        /// Whether `type` contains `word` (upper-case ASCII), ignoring ASCII case, as SQLite's
+        /// `sqlite3AffinityType` compares.
+        static func contains(_ type: [UInt8], _ word: StaticString) -> Bool {
+            let n = word.utf8CodeUnitCount
+            guard n <= type.count else { return false }
+            let letters = UnsafeBufferPointer(start: word.utf8Start, count: n)
+            for start in 0...(type.count - n) {
+                var i = 0
+                while i < n, type[start + i] & 0xDF == letters[i] { i += 1 }
+                if i == n { return true }
+            }
+            return false
         }
     }
 
