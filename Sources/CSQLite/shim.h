@@ -20,7 +20,7 @@ static inline int evd_sqlite_enable_triggers(sqlite3 *db, int on) {
     return sqlite3_db_config(db, SQLITE_DBCONFIG_ENABLE_TRIGGER, on, (int *)0);
 }
 
-/// A growable byte buffer owned by Swift code (`ImageBytes`), written by the C below.
+/// A growable byte buffer owned by Swift code (`ChangeCapture.imageBytes`), written by the C below.
 typedef struct {
     unsigned char *bytes;
     size_t count;
@@ -39,12 +39,23 @@ static inline int evd_bytes_reserve(evd_bytes *b, size_t more) {
     return 1;
 }
 
-static inline void evd_bytes_varint(evd_bytes *b, unsigned long long value) {
+/// Writes `value` as a varint (7 bits a byte, low first) at `at`; returns where it ends.
+static inline unsigned char *evd_write_varint(unsigned char *at, unsigned long long value) {
     while (value >= 0x80) {
-        b->bytes[b->count++] = (unsigned char)(value | 0x80);
+        *at++ = (unsigned char)(value | 0x80);
         value >>= 7;
     }
-    b->bytes[b->count++] = (unsigned char)value;
+    *at++ = (unsigned char)value;
+    return at;
+}
+
+/// An integer as a row image keeps it: zigzag, so that small negative numbers are short varints.
+static inline unsigned long long evd_zigzag(long long value) {
+    return ((unsigned long long)value << 1) ^ (unsigned long long)(value >> 63);
+}
+
+static inline void evd_bytes_varint(evd_bytes *b, unsigned long long value) {
+    b->count = (size_t)(evd_write_varint(b->bytes + b->count, value) - b->bytes);
 }
 
 /// Appends the row the pre-update hook sees (its old values when `old`, else its new ones), the
@@ -68,7 +79,7 @@ static inline long evd_append_preupdate_image(sqlite3 *db, int count, int old, i
         case SQLITE_INTEGER: {
             long long v = sqlite3_value_int64(value);
             b->bytes[b->count++] = 1;
-            evd_bytes_varint(b, ((unsigned long long)v << 1) ^ (unsigned long long)(v >> 63));
+            evd_bytes_varint(b, evd_zigzag(v));
             break;
         }
         case SQLITE_FLOAT: {

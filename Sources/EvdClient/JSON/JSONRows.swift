@@ -130,11 +130,17 @@ public struct JSONRows: Sendable, Hashable {
     /// Ends a row whose values were appended to `cells` from `firstValue` on: it joins the last
     /// run when it has that run's keys.
     fileprivate mutating func endRow(keys: [String], firstValue: Int) {
-        if let last = runs.indices.last, runs[last].keys == keys {
-            runs[last].rows = runs[last].rows.lowerBound..<(runs[last].rows.upperBound + 1)
+        if let last = runs.last, last.keys == keys {
+            extendLastRun()
         } else {
             runs.append(Run(keys: keys, rows: count..<(count + 1), firstValue: firstValue))
         }
+    }
+
+    /// Counts one more row in the last run.
+    fileprivate mutating func extendLastRun() {
+        let last = runs.count - 1
+        runs[last].rows = runs[last].rows.lowerBound..<(runs[last].rows.upperBound + 1)
     }
 
     /// The value of cell `index`.
@@ -287,8 +293,7 @@ extension JSONRows {
             if newRun || rows.runs.isEmpty {
                 rows.runs.append(Run(keys: keys, rows: rows.count..<(rows.count + 1), firstValue: firstValue))
             } else {
-                let last = rows.runs.count - 1
-                rows.runs[last].rows = rows.runs[last].rows.lowerBound..<(rows.runs[last].rows.upperBound + 1)
+                rows.extendLastRun()
             }
         }
 

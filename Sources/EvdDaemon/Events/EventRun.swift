@@ -40,36 +40,6 @@ enum RowImage {
         Self.appendVarint(UInt64(value), to: &bytes)
     }
 
-    /// Appends a SQLite value. `textIsUTF8`: the database keeps text in UTF-8, so its bytes are
-    /// taken as they are (read as a blob, which needs no terminating NUL and so no copy).
-    @inline(__always)
-    static func append(sqliteValue value: OpaquePointer, textIsUTF8: Bool, to bytes: inout [UInt8]) {
-        switch sqlite3_value_type(value) {
-        case SQLITE_INTEGER:
-            let int = sqlite3_value_int64(value)
-            bytes.append(Self.integer)
-            Self.appendVarint(UInt64(bitPattern: (int << 1) ^ (int >> 63)), to: &bytes)
-        case SQLITE_FLOAT:
-            bytes.append(Self.real)
-            let bits = sqlite3_value_double(value).bitPattern
-            withUnsafeBytes(of: bits.littleEndian) { bytes.append(contentsOf: $0) }
-        case SQLITE_TEXT:
-            let start = textIsUTF8 ? sqlite3_value_blob(value) : UnsafeRawPointer(sqlite3_value_text(value))
-            let count = Int(sqlite3_value_bytes(value))
-            bytes.append(Self.text)
-            Self.appendVarint(start == nil ? 0 : count, to: &bytes)
-            if let start, count > 0 { bytes.append(contentsOf: UnsafeRawBufferPointer(start: start, count: count)) }
-        case SQLITE_BLOB:
-            let start = sqlite3_value_blob(value)
-            let count = Int(sqlite3_value_bytes(value))
-            bytes.append(Self.blob)
-            Self.appendVarint(start == nil ? 0 : count, to: &bytes)
-            if let start, count > 0 { bytes.append(contentsOf: UnsafeRawBufferPointer(start: start, count: count)) }
-        default:
-            bytes.append(Self.null)
-        }
-    }
-
     /// Appends a value recorded as JSON (a row read while its table's shape was unknown).
     static func append(_ value: JSONValue, to bytes: inout [UInt8]) {
         switch value {
@@ -77,7 +47,7 @@ enum RowImage {
             bytes.append(Self.null)
         case .int(let int):
             bytes.append(Self.integer)
-            Self.appendVarint(UInt64(bitPattern: (int << 1) ^ (int >> 63)), to: &bytes)
+            Self.appendVarint(evd_zigzag(int), to: &bytes)
         case .double(let double):
             bytes.append(Self.real)
             withUnsafeBytes(of: double.bitPattern.littleEndian) { bytes.append(contentsOf: $0) }

@@ -639,28 +639,17 @@ final class ChangeCapture: @unchecked Sendable {
         guard evd_bytes_reserve(&self.imageBytes, 10 + bound.columns.count * 11 + textBytes) != 0 else { return nil }
         let start = self.imageBytes.bytes + Int(self.imageBytes.count)
         var at = start
-        func varint(_ value: UInt64) {
-            var value = value
-            while value >= 0x80 {
-                at.pointee = UInt8(truncatingIfNeeded: value) | 0x80
-                at += 1
-                value >>= 7
-            }
-            at.pointee = UInt8(value)
-            at += 1
-        }
         func byte(_ value: UInt8) {
             at.pointee = value
             at += 1
         }
-        varint(UInt64(bound.columns.count))
+        at = evd_write_varint(at, UInt64(bound.columns.count))
         for column in bound.columns {
             let cell = bound.cells[first + column.key]
             switch cell.kind {
             case .int:
                 byte(RowImage.integer)
-                let int = cell.int
-                varint(UInt64(bitPattern: (int << 1) ^ (int >> 63)))
+                at = evd_write_varint(at, evd_zigzag(cell.int))
             case .double:
                 byte(RowImage.real)
                 withUnsafeBytes(of: cell.double.bitPattern.littleEndian) { bits in
@@ -670,7 +659,7 @@ final class ChangeCapture: @unchecked Sendable {
             case .text:
                 byte(RowImage.text)
                 let range = cell.textRange
-                varint(UInt64(range.count))
+                at = evd_write_varint(at, UInt64(range.count))
                 if !range.isEmpty {
                     UnsafeMutableRawPointer(at).copyMemory(from: bound.text.baseAddress! + range.lowerBound, byteCount: range.count)
                     at += range.count

@@ -102,7 +102,7 @@ enum SQLParameters: Sendable {
         cursor += count
     }
 
-    static func bind(_ value: JSONValue, _ statement: SQLiteStatement, _ index: Int) throws(EvdError) {
+    private static func bind(_ value: JSONValue, _ statement: SQLiteStatement, _ index: Int) throws(EvdError) {
         do {
             try statement.bind(value, at: index)
         } catch {
@@ -123,7 +123,7 @@ enum ParameterSets {
     case sets([SQLParameters])
     /// `images`: how the hook may write the rows' after-images from the values bound (when every
     /// column of `table` is among the run's).
-    case rows(JSONRows, JSONRows.Run, images: (table: String, columns: [ChangeCapture.BoundColumn])? = nil)
+    case rows(JSONRows, JSONRows.Run, images: (table: String, columns: [ChangeCapture.BoundColumn])?)
 
     var count: Int {
         switch self {
@@ -310,7 +310,7 @@ struct SQLRun {
     /// `executemany`: one statement, stepped once per parameter set.
     func executemany(sql: SQLText, parameterSets: [SQLParameters]) throws(EvdError) -> Int64 {
         try self.inRequest { () throws(EvdError) -> (Int64, Int64) in
-            guard var statement = try self.prepare(sql, from: 0) else {
+            guard let statement = try self.prepare(sql, from: 0) else {
                 throw EvdError.badRequest(field: "sql", "the SQL has no statement")
             }
             guard sql.isBlank(from: statement.tailOffset) else {

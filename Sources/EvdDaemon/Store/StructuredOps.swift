@@ -58,22 +58,21 @@ enum StructuredOp: Sendable {
         switch op {
         case "create_table":
             let columnsValue = try args.array("columns")
-            let rowsValue = try Self.rows(flatRows, &args)
+            let rows = try Self.rows(flatRows, &args)
             let pk = try args.string("pk")
             let pks = try args.strings("pks")
             let ignore = try args.bool("ignore")
             let replace = try args.bool("replace")
             let alter = try args.bool("alter") ?? false
-            guard columnsValue != nil || rowsValue != nil else {
+            guard columnsValue != nil || rows != nil else {
                 throw .badRequest(field: "columns", "columns or rows is required")
             }
-            if columnsValue != nil && rowsValue != nil {
+            if columnsValue != nil && rows != nil {
                 throw .badRequest(field: "columns", "Cannot specify columns with rows")
             }
             var columns: [ColumnSpec]?
             if let columnsValue { columns = try Self.columnSpecs(columnsValue) }
-            if let rowsValue, rowsValue.isEmpty { throw .badRequest(field: "rows", "columns or rows is required") }
-            let rows = rowsValue
+            if let rows, rows.isEmpty { throw .badRequest(field: "rows", "columns or rows is required") }
             if pk != nil && pks != nil { throw .badRequest(field: "pks", "Cannot specify both pk and pks") }
             let keys = pks ?? pk.map { [$0] } ?? []
             if Set(keys).count != keys.count { throw .badRequest(field: "pks", "pks must not repeat a column") }
