@@ -20,6 +20,11 @@ static inline int evd_sqlite_enable_triggers(sqlite3 *db, int on) {
     return sqlite3_db_config(db, SQLITE_DBCONFIG_ENABLE_TRIGGER, on, (int *)0);
 }
 
+/// Sets one of the connection's on/off options (`SQLITE_DBCONFIG_DEFENSIVE`, ...); 0 on success.
+static inline int evd_sqlite_db_config_flag(sqlite3 *db, int option, int on) {
+    return sqlite3_db_config(db, option, on, (int *)0);
+}
+
 /// A growable byte buffer owned by Swift code (`ChangeCapture.imageBytes`), written by the C below.
 typedef struct {
     unsigned char *bytes;

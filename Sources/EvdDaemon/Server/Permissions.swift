@@ -160,9 +160,10 @@ struct Permissions: Sendable {
 }
 
 /// Who prepares client SQL (PROTOCOL.md §8): what each statement does to each table is checked
-/// by SQLite's authorizer while the statement is prepared — its triggers' and views' actions too,
-/// since SQLite codes them into the statement — so a raw `INSERT INTO dogs` needs `insert-row` on
-/// dogs, as the structured `insert` does.
+/// by SQLite's authorizer whenever the statement is compiled — when evd prepares it, and when
+/// SQLite prepares it again by itself because the schema changed — its triggers' and views'
+/// actions too, since SQLite codes them into the statement. So a raw `INSERT INTO dogs` needs
+/// `insert-row` on dogs, as the structured `insert` does. docs/security.md has the rules.
 struct SQLPolicy: Sendable {
     let actor: Actor
     let permissions: Permissions
@@ -172,57 +173,121 @@ struct SQLPolicy: Sendable {
         self.permissions.allows(self.actor, action, on: Resource(database: self.database, table: table))
     }
 
-    /// Pragmas that only describe one table (their argument): `view-table` on it. Every other
-    /// pragma needs `admin`.
+    /// Pragmas that only describe one table (their argument): `view-table` on it. `table_list`
+    /// needs nothing (the schema is not secret); every other pragma needs `admin`.
     static let describingPragmas: Set<String> = [
         "table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list",
     ]
 
-    /// The action an authorizer action code needs, on which table (`nil`: the whole database);
-    /// `nil` when it needs none (a SELECT as such, reading the schema, transaction control).
-    static func required(
-        _ code: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?
+    /// Table-valued functions that read no table: `json_each` and `json_tree` over their argument,
+    /// and the pragma functions that describe the schema (each such pragma function then runs its
+    /// pragma, which is judged like the `PRAGMA` statement: `view-table` on the table it describes).
+    static let tablelessFunctions: Set<String> = [
+        "json_each", "json_tree", "pragma_table_list", "pragma_table_info", "pragma_table_xinfo", "pragma_index_list",
+        "pragma_index_info", "pragma_index_xinfo", "pragma_foreign_key_list",
+    ]
+
+    /// SQL functions that reach memory, files, extensions or the build: `admin` only.
+    /// (`fts3_tokenizer` with two arguments replaces a tokenizer with a pointer, and is turned off
+    /// on every connection besides; with one it returns a pointer into libsqlite3.)
+    static let adminFunctions: Set<String> = [
+        "fts3_tokenizer", "load_extension", "readfile", "writefile", "edit", "fts5", "sqlite_compileoption_get",
+        "sqlite_compileoption_used",
+    ]
+
+    /// Names of SQLite's schema tables: DDL writes them (and is checked as DDL); SQLite refuses
+    /// every other write (`SQLITE_DBCONFIG_DEFENSIVE` keeps `writable_schema` off).
+    static func isSchemaTable(_ table: String) -> Bool {
+        ["sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema"].contains(table)
+    }
+
+    /// The first action an authorizer action code needs that the actor lacks, on which table
+    /// (`nil` table: the whole database); `nil` when the actor may go on. `facts`: what evd read of
+    /// the statement before preparing it; `changesSchema`: whether the statement is DDL (whose
+    /// bookkeeping writes SQLite's own tables).
+    func refusal(
+        _ code: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?, facts: StatementFacts,
+        changesSchema: Bool
     ) -> (Action, String?)? {
         func name(_ pointer: UnsafePointer<CChar>?) -> String? { pointer.map { String(cString: $0) } }
-        func isSchema(_ table: String?) -> Bool {
-            ["sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema"].contains(table?.lowercased() ?? "")
-        }
-        func isInternal(_ table: String?) -> Bool {
-            guard let table = table?.lowercased() else { return false }
-            return table.hasPrefix("sqlite_") || table.hasPrefix("_evd_")
+        func need(_ action: Action, _ table: String?) -> (Action, String?)? {
+            self.allows(action, table: table) ? nil : (action, table)
         }
         switch code {
         case SQLITE_READ:
-            let table = name(first)
-            if isSchema(table) { return nil }
-            // evd's own tables (the journal: every committed event) and SQLite's: for admins.
-            return isInternal(table) ? (.admin, nil) : (.viewTable, table)
+            guard let table = name(first) else { return nil }
+            let lower = table.lowercased()
+            if Self.isSchemaTable(lower) || Self.tablelessFunctions.contains(lower) { return nil }
+            // DDL reads sqlite_sequence (a DROP or RENAME of an AUTOINCREMENT table) as it changes it.
+            if changesSchema && lower.hasPrefix("sqlite_") { return nil }
+            // evd's own tables (the journal: every committed event), SQLite's, the pragma functions
+            // (database paths, options, the whole file checked) and dbstat: for admins.
+            if lower.hasPrefix("sqlite_") || lower.hasPrefix("_evd_") || lower.hasPrefix("pragma_") || lower == "dbstat" {
+                return need(.admin, nil)
+            }
+            return need(.viewTable, table)
         case SQLITE_INSERT, SQLITE_UPDATE, SQLITE_DELETE:
-            let table = name(first)
-            // SQLite's own tables change with DDL (checked as DDL) and AUTOINCREMENT; evd's own are
-            // protected from every client (`AuthorizerObserver.protectedTable`).
-            if table?.lowercased().hasPrefix("sqlite_") == true { return nil }
-            if isInternal(table) { return (.admin, nil) }
-            return (code == SQLITE_INSERT ? .insertRow : code == SQLITE_UPDATE ? .updateRow : .deleteRow, table)
+            guard let table = name(first) else { return nil }
+            let lower = table.lowercased()
+            if Self.isSchemaTable(lower) { return nil }
+            // sqlite_sequence and sqlite_stat*: kept by SQLite itself (a DROP or RENAME of an
+            // AUTOINCREMENT table updates sqlite_sequence); written directly, admins only.
+            if lower.hasPrefix("sqlite_") { return changesSchema ? nil : need(.admin, nil) }
+            if lower.hasPrefix("_evd_") { return need(.admin, nil) }
+            let action: Action = code == SQLITE_INSERT ? .insertRow : code == SQLITE_UPDATE ? .updateRow : .deleteRow
+            if let refused = need(action, table) { return refused }
+            // A write that can replace deletes the rows it conflicts with: as Datasette's replace,
+            // it needs the rights to update and delete as well.
+            guard code != SQLITE_DELETE, facts.replaces || facts.replacingTables.contains(lower) else { return nil }
+            return (code == SQLITE_INSERT ? need(.updateRow, table) : nil) ?? need(.deleteRow, table)
         case SQLITE_CREATE_TABLE, SQLITE_CREATE_TEMP_TABLE, SQLITE_CREATE_VIEW, SQLITE_CREATE_TEMP_VIEW:
-            return (.createTable, name(first))
+            return need(.createTable, name(first))
         case SQLITE_DROP_TABLE, SQLITE_DROP_TEMP_TABLE, SQLITE_DROP_VIEW, SQLITE_DROP_TEMP_VIEW:
-            return (.dropTable, name(first))
-        case SQLITE_CREATE_INDEX, SQLITE_CREATE_TEMP_INDEX, SQLITE_CREATE_TRIGGER, SQLITE_CREATE_TEMP_TRIGGER,
-            SQLITE_DROP_INDEX, SQLITE_DROP_TEMP_INDEX, SQLITE_DROP_TRIGGER, SQLITE_DROP_TEMP_TRIGGER, SQLITE_ALTER_TABLE:
-            // An index or a trigger changes its table (for ALTER TABLE, `second` is the table too).
-            return (.alterTable, name(second))
+            return need(.dropTable, name(first))
+        case SQLITE_CREATE_TRIGGER, SQLITE_DROP_TRIGGER:
+            // A trigger runs with the rights of whoever writes its table next, root included: only
+            // an admin may plant one (or take one away).
+            return need(.admin, nil)
+        case SQLITE_CREATE_TEMP_TRIGGER, SQLITE_DROP_TEMP_TRIGGER, SQLITE_CREATE_INDEX, SQLITE_CREATE_TEMP_INDEX,
+            SQLITE_DROP_INDEX, SQLITE_DROP_TEMP_INDEX:
+            // An index or a temporary trigger changes its table. (A temporary trigger fires only on
+            // the connection, for the statements of the session that made it, compiled under its
+            // rights; the connection is closed when the session gives it back.)
+            return need(.alterTable, name(second))
+        case SQLITE_ALTER_TABLE:
+            // `first` is the database's name, `second` the table's.
+            let table = name(second)
+            if let refused = need(.alterTable, table) { return refused }
+            guard let renamed = facts.renamedTo else { return nil }
+            return self.renameRefusal(from: table, to: renamed)
         case SQLITE_PRAGMA:
             let pragma = name(first)?.lowercased() ?? ""
             if pragma == "table_list" { return nil }
-            return Self.describingPragmas.contains(pragma) && second != nil ? (.viewTable, name(second)) : (.admin, nil)
-        case SQLITE_ATTACH, SQLITE_DETACH, SQLITE_ANALYZE, SQLITE_REINDEX, SQLITE_CREATE_VTABLE, SQLITE_DROP_VTABLE:
-            return (.admin, nil)
+            return Self.describingPragmas.contains(pragma) && second != nil ? need(.viewTable, name(second)) : need(.admin, nil)
+        case SQLITE_REINDEX:
+            // CREATE INDEX fills its index with a REINDEX of it.
+            return changesSchema ? nil : need(.admin, nil)
+        case SQLITE_ATTACH, SQLITE_DETACH, SQLITE_ANALYZE, SQLITE_CREATE_VTABLE, SQLITE_DROP_VTABLE:
+            return need(.admin, nil)
         case SQLITE_FUNCTION:
-            return name(second)?.lowercased() == "load_extension" ? (.admin, nil) : nil
+            guard let function = name(second)?.lowercased(), Self.adminFunctions.contains(function) else { return nil }
+            return need(.admin, nil)
         default:
             return nil
         }
+    }
+
+    /// A rename moves a table's rows under another name, and the grants go by name: renaming
+    /// needs `drop-table` on the old name, `create-table` (and `alter-table`) on the new one, and
+    /// must not give the actor a right over the rows it does not hold on the old name already.
+    private func renameRefusal(from old: String?, to new: String) -> (Action, String?)? {
+        if !self.allows(.dropTable, table: old) { return (.dropTable, old) }
+        for action in [Action.createTable, .alterTable] where !self.allows(action, table: new) { return (action, new) }
+        for action in [Action.viewTable, .insertRow, .updateRow, .deleteRow]
+        where self.allows(action, table: new) && !self.allows(action, table: old) {
+            return (action, old)
+        }
+        return nil
     }
 }
 

@@ -133,8 +133,12 @@ extension Session {
         let transaction = Transaction(pool: pool, connection: connection)
         do {
             try await self.vetoable(.begin, on: pool) { self.transactionProperties(transaction) }
+            let restricted = !self.core.permissions.isUnrestricted(self.actor)
             try await pool.run {
                 try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
+                // The policy's view of the schema for the transaction's first statement, which
+                // must not read before it writes (`SQLRun.facts`): read now, outside it.
+                if restricted { _ = try? connection.schema.replacingTables(connection.sqlite) }
                 try connection.run(own: "BEGIN")
             }
         } catch {

@@ -297,7 +297,9 @@ public final class ConnectionPool: Sendable {
     }
 
     /// Returns a connection: reset (rolling back anything open), checkin, then idle, handed to a
-    /// waiter, or closed if it was invalidated, soft-invalidated or detached meanwhile.
+    /// waiter, or closed if it was invalidated, soft-invalidated or detached meanwhile, or if its
+    /// session left state on it that the next session must not inherit (a temporary table or
+    /// trigger, an attached database, a pragma: `AuthorizerObserver.leftSessionState`).
     public func checkin(_ connection: PooledConnection, origin: EventOrigin) async {
         let rolledBack: Bool
         do {
@@ -324,9 +326,10 @@ public final class ConnectionPool: Sendable {
         self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) }
 
         enum Next { case idle, handOver(Waiter), close(EventKind, Waiter?) }
+        let leftSessionState = connection.observer.leftSessionState
         let next: Next = self.state.withLock { state in
             state.inUse -= 1
-            if let reason = state.closeOnCheckin.removeValue(forKey: connection.number) {
+            if let reason = state.closeOnCheckin.removeValue(forKey: connection.number) ?? (leftSessionState ? .close : nil) {
                 state.open -= 1
                 state.checkedOut.remove(connection.number)
                 return .close(reason, state.waiters.popFirst())

@@ -411,15 +411,14 @@ struct SQLRun {
     func prepare(_ sql: SQLText, from offset: Int) throws(EvdError) -> SQLiteStatement? {
         let observer = self.connection.observer
         observer.clearStatementRecord()
-        observer.preparingClientSQL = true
-        defer { observer.preparingClientSQL = false }
+        if observer.policy != nil { observer.facts = self.facts(of: sql, from: offset) }
+        observer.judgingClientSQL = true
+        defer { observer.judgingClientSQL = false }
         let statement: SQLiteStatement?
         do {
             statement = try self.sqlite.prepare(sql, from: offset)
         } catch {
-            if let refused = observer.refused, let policy = observer.policy {
-                throw Permissions.denied(policy.actor, refused.action, on: Resource(database: policy.database, table: refused.table))
-            }
+            if let refusal = self.policyRefusal() { throw refusal }
             if let table = observer.protectedTable {
                 throw EvdError(
                     .permissionDenied, "\(table) is evd's journal: clients may read it but not change it",
@@ -436,6 +435,24 @@ struct SQLRun {
                 field: "sql", "transaction control in SQL is not allowed: use the begin, commit, rollback and savepoint ops")
         }
         return statement
+    }
+
+    /// What the policy needs to know of the statement at `offset` that its compile does not tell.
+    private func facts(of sql: SQLText, from offset: Int) -> StatementFacts {
+        var facts = SQLScanner.facts(of: sql.utf8[offset..<(sql.utf8.count - 1)])
+        let schema = self.connection.schema
+        // A deferred transaction that has read nothing yet must not read now (see
+        // `ChangeCapture.loadShapes`): it goes by what was read before its BEGIN.
+        let mayRead = !self.sqlite.inTransaction || sqlite3_txn_state(self.sqlite.handle, "main") != SQLITE_TXN_NONE
+        facts.replacingTables = mayRead ? (try? schema.replacingTables(self.sqlite)) ?? schema.lastReplacing : schema.lastReplacing
+        return facts
+    }
+
+    /// The `permission_denied` error for what the policy refused while a statement compiled, if it did.
+    private func policyRefusal() -> EvdError? {
+        let observer = self.connection.observer
+        guard let refused = observer.refused, let policy = observer.policy else { return nil }
+        return Permissions.denied(policy.actor, refused.action, on: Resource(database: policy.database, table: refused.table))
     }
 
     /// Prepares a statement a listener substituted: exactly one statement, no transaction control.
@@ -545,6 +562,12 @@ struct SQLRun {
         }
         let start = ContinuousClock.now
         var changed: Int64 = 0
+        // Stepping may compile the statement again (the schema changed since it was prepared):
+        // that compile is judged as the first was.
+        let observer = self.connection.observer
+        observer.refused = nil
+        observer.judgingClientSQL = true
+        defer { observer.judgingClientSQL = false }
         do {
             if let sets {
                 try sets.forEach(statement, capture: self.connection.capture) { changed += try self.step(statement, onRow) }
@@ -552,6 +575,7 @@ struct SQLRun {
                 changed = try self.step(statement, onRow)
             }
         } catch let error as SQLiteError {
+            if let refusal = self.policyRefusal() { throw refusal }
             throw self.failed(error, statement: sql, parameters: parameters())
         } catch let error as EvdError {
             throw error

@@ -101,3 +101,135 @@ enum SQLScanner {
         return intent
     }
 }
+
+/// What the authorizer cannot tell from its action codes about a client's statement, read from the
+/// statement's text and its database's schema before it is prepared (for actors that do not hold
+/// everything: see `SQLPolicy`).
+struct StatementFacts: Sendable, Equatable {
+    /// The statement resolves conflicts by replacing rows (`REPLACE INTO`, `INSERT OR REPLACE`,
+    /// `UPDATE OR REPLACE`): its inserts and updates may delete rows.
+    var replaces = false
+    /// The new name `ALTER TABLE ... RENAME TO` gives its table.
+    var renamedTo: String?
+    /// The tables (lower-cased) with an `ON CONFLICT REPLACE` constraint: a plain INSERT or UPDATE
+    /// of them may delete rows too.
+    var replacingTables: Set<String> = []
+}
+
+extension SQLScanner {
+    /// One token of SQL text: a keyword or bare name (as written), a quoted name (as written
+    /// inside its quotes), or a punctuation byte. Comments and whitespace are skipped; a
+    /// single-quoted string yields `.name` (SQLite takes it for a name where one is due).
+    enum Token: Equatable {
+        case word(String)
+        case name(String)
+        case punctuation(UInt8)
+
+        /// Whether this is the bare word `keyword` (upper-case), in any case.
+        func `is`(_ keyword: String) -> Bool {
+            if case .word(let word) = self { return word.uppercased() == keyword }
+            return false
+        }
+
+        /// The name this token stands for, if it can stand for one.
+        var name: String? {
+            switch self {
+            case .word(let word), .name(let word): return word
+            case .punctuation: return nil
+            }
+        }
+    }
+
+    /// The tokens of `bytes`, stopping after `limit` tokens or at a top-level `;` if `oneStatement`.
+    static func tokens(_ bytes: some Collection<UInt8>, limit: Int = 4096, oneStatement: Bool = false) -> [Token] {
+        let bytes = Array(bytes)
+        var tokens: [Token] = []
+        var depth = 0
+        var i = 0
+        func isWordByte(_ b: UInt8) -> Bool {
+            (b >= 65 && b <= 90) || (b >= 97 && b <= 122) || (b >= 48 && b <= 57) || b == 95 || b == 36 || b >= 128
+        }
+        while i < bytes.count && tokens.count < limit {
+            let b = bytes[i]
+            switch b {
+            case UInt8(ascii: "-") where i + 1 < bytes.count && bytes[i + 1] == UInt8(ascii: "-"):
+                while i < bytes.count && bytes[i] != 10 { i += 1 }
+            case UInt8(ascii: "/") where i + 1 < bytes.count && bytes[i + 1] == UInt8(ascii: "*"):
+                i += 2
+                while i + 1 < bytes.count && !(bytes[i] == UInt8(ascii: "*") && bytes[i + 1] == UInt8(ascii: "/")) { i += 1 }
+                i += 2
+            case UInt8(ascii: "'"), UInt8(ascii: "\""), UInt8(ascii: "`"):
+                var text: [UInt8] = []
+                i += 1
+                while i < bytes.count {
+                    if bytes[i] == b {
+                        if i + 1 < bytes.count && bytes[i + 1] == b { text.append(b); i += 2; continue }
+                        break
+                    }
+                    text.append(bytes[i])
+                    i += 1
+                }
+                i += 1
+                tokens.append(.name(String(decoding: text, as: UTF8.self)))
+            case UInt8(ascii: "["):
+                let start = i + 1
+                while i < bytes.count && bytes[i] != UInt8(ascii: "]") { i += 1 }
+                tokens.append(.name(String(decoding: bytes[start..<min(i, bytes.count)], as: UTF8.self)))
+                i += 1
+            default:
+                if isWordByte(b) {
+                    let start = i
+                    while i < bytes.count && isWordByte(bytes[i]) { i += 1 }
+                    tokens.append(.word(String(decoding: bytes[start..<i], as: UTF8.self)))
+                } else {
+                    if b == UInt8(ascii: "(") { depth += 1 }
+                    if b == UInt8(ascii: ")") { depth = max(0, depth - 1) }
+                    if b == UInt8(ascii: ";") && depth == 0 && oneStatement { return tokens }
+                    if b > 32 { tokens.append(.punctuation(b)) }
+                    i += 1
+                }
+            }
+        }
+        return tokens
+    }
+
+    /// The facts of the statement that starts `bytes` (`replaces`, `renamedTo`; the schema's
+    /// `replacingTables` are the caller's to add).
+    static func facts(of bytes: some Collection<UInt8>) -> StatementFacts {
+        let tokens = self.tokens(bytes, oneStatement: true)
+        var facts = StatementFacts()
+        var depth = 0
+        for (index, token) in tokens.enumerated() {
+            switch token {
+            case .punctuation(UInt8(ascii: "(")): depth += 1
+            case .punctuation(UInt8(ascii: ")")): depth = max(0, depth - 1)
+            case let word where depth == 0 && word.is("REPLACE"):
+                // `REPLACE INTO`, `INSERT OR REPLACE`, `UPDATE OR REPLACE` (not the function replace()).
+                if index + 1 < tokens.count && tokens[index + 1].is("INTO") { facts.replaces = true }
+                if index >= 2, tokens[index - 1].is("OR"), tokens[index - 2].is("INSERT") || tokens[index - 2].is("UPDATE") {
+                    facts.replaces = true
+                }
+            default: break
+            }
+        }
+        // ALTER TABLE [schema.]table RENAME TO new (not RENAME [COLUMN] a TO b).
+        if tokens.count >= 5, tokens[0].is("ALTER"), tokens[1].is("TABLE"),
+            let rename = tokens.firstIndex(where: { $0.is("RENAME") }), rename + 2 < tokens.count, tokens[rename + 1].is("TO")
+        {
+            facts.renamedTo = tokens[rename + 2].name
+        }
+        return facts
+    }
+
+    /// Whether a `CREATE TABLE` statement declares a constraint that resolves conflicts by
+    /// replacing (`... ON CONFLICT REPLACE`, anywhere in its column or table constraints).
+    static func declaresReplace(_ createSQL: String) -> Bool {
+        let tokens = self.tokens(createSQL.utf8)
+        guard tokens.count >= 3 else { return false }
+        for index in 0..<(tokens.count - 2)
+        where tokens[index].is("ON") && tokens[index + 1].is("CONFLICT") && tokens[index + 2].is("REPLACE") {
+            return true
+        }
+        return false
+    }
+}

@@ -74,6 +74,11 @@ public final class SQLiteConnection: @unchecked Sendable {
             throw SQLiteError(code: rc, message: message)
         }
         sqlite3_extended_result_codes(db, 1)
+        // On every connection, evd's own too: no writable_schema, no writes to shadow tables or
+        // sqlite_dbpage (DEFENSIVE), no fts3_tokenizer() with a pointer (it crashed evd).
+        _ = evd_sqlite_db_config_flag(db, SQLITE_DBCONFIG_DEFENSIVE, 1)
+        _ = evd_sqlite_db_config_flag(db, SQLITE_DBCONFIG_ENABLE_FTS3_TOKENIZER, 0)
+        _ = evd_sqlite_db_config_flag(db, SQLITE_DBCONFIG_ENABLE_LOAD_EXTENSION, 0)
         self.handle = db
         self.path = path
     }
@@ -376,14 +381,21 @@ extension SQLiteConnection {
     }
 }
 
-/// Records what the statements being prepared do, as SQLite's authorizer reports them.
+/// Records what the statements being prepared do, as SQLite's authorizer reports them, and judges
+/// a client's statements by its actor's policy.
+///
+/// SQLite calls the authorizer whenever it compiles a statement: when evd prepares it, and again
+/// inside `sqlite3_step` when the schema changed since (another connection's DDL, say). Both are
+/// judged: `judgingClientSQL` stays on while a client's statement is stepped, not only while it
+/// is prepared, so that a statement recompiled with a trigger planted meanwhile is judged with it.
 ///
 /// `@unchecked Sendable`: it belongs to one connection and is only touched by the thread using it.
 public final class AuthorizerObserver: @unchecked Sendable {
     /// Whether a transaction-control statement (BEGIN, COMMIT, SAVEPOINT, ...) was prepared.
     public var sawTransactionControl = false
-    /// Whether the statements being prepared are a client's SQL (evd's own are not policed).
-    public var preparingClientSQL = false
+    /// Whether a client's statement is being prepared or stepped: then every compile is judged by
+    /// `policy` and recorded (evd's own statements are neither).
+    public var judgingClientSQL = false
     /// The execution-option pragma (`query_only`, `busy_timeout`) a client's statement tried to set,
     /// if any. evd sets those itself per session; a value set by raw SQL would outlive the session on
     /// the pooled connection (and bypass engine-wide options), so the prepare is denied.
@@ -396,10 +408,18 @@ public final class AuthorizerObserver: @unchecked Sendable {
     /// A table of evd's own (`_evd_journal`) that client SQL tried to change: denied.
     public var protectedTable: String?
     /// Who prepares client SQL, when they may not do everything: each action on a table is
-    /// checked as it is prepared (`nil`: the actor holds every action).
+    /// checked as it is compiled (`nil`: the actor holds every action).
     var policy: SQLPolicy?
-    /// The action the policy refused while preparing, for the `permission_denied` error.
+    /// What evd read of the client's statement before preparing it, for `policy`.
+    var facts = StatementFacts()
+    /// Whether the statement being judged creates, drops or alters a schema object.
+    private var changesSchema = false
+    /// The action the policy refused while compiling, for the `permission_denied` error.
     var refused: (action: Action, table: String?)?
+    /// Whether client SQL left something on the connection that would outlive its session: a
+    /// temporary table, view, index or trigger, an attached database, a pragma set. The pool closes
+    /// such a connection when it comes back instead of handing it to the next session.
+    public var leftSessionState = false
 
     /// Forgets what the last prepare recorded.
     func clearStatementRecord() {
@@ -409,6 +429,7 @@ public final class AuthorizerObserver: @unchecked Sendable {
         if !self.schemaActions.isEmpty { self.schemaActions.removeAll() }
         self.protectedTable = nil
         self.refused = nil
+        self.changesSchema = false
     }
 
     /// The table an action changes (its rows, its schema, its indexes or triggers), if any.
@@ -434,18 +455,20 @@ public final class AuthorizerObserver: @unchecked Sendable {
         _ action: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?, _ database: UnsafePointer<CChar>?
     ) -> Int32 {
         if action == SQLITE_TRANSACTION || action == SQLITE_SAVEPOINT { self.sawTransactionControl = true }
-        if self.preparingClientSQL, let policy = self.policy, let (needed, table) = SQLPolicy.required(action, first, second),
-            !policy.allows(needed, table: table)
+        guard self.judgingClientSQL else { return SQLITE_OK }
+        self.noteSchemaChangeAndState(action, first, second)
+        if let policy = self.policy,
+            let (needed, table) = policy.refusal(action, first, second, facts: self.facts, changesSchema: self.changesSchema)
         {
             self.refused = (needed, table)
             return SQLITE_DENY
         }
-        if self.preparingClientSQL, let table = Self.changedTable(action, first, second), strncmp(table, "_evd_", 5) == 0 {
+        if let table = Self.changedTable(action, first, second), strncmp(table, "_evd_", 5) == 0 {
             // The journal is evd's record of what committed: clients may read it, never change it.
             self.protectedTable = String(cString: table)
             return SQLITE_DENY
         }
-        if self.preparingClientSQL, let first {
+        if let first {
             let inMain = database.map { strcmp($0, "main") == 0 } ?? false
             switch action {
             case SQLITE_INSERT, SQLITE_UPDATE, SQLITE_DELETE:
@@ -462,7 +485,7 @@ public final class AuthorizerObserver: @unchecked Sendable {
             }
         }
         // For SQLITE_PRAGMA, `first` is the pragma's name and `second` its argument (nil for a read).
-        if action == SQLITE_PRAGMA, self.preparingClientSQL, second != nil, let first {
+        if action == SQLITE_PRAGMA, second != nil, let first {
             let name = String(cString: first).lowercased()
             if Self.executionOptionPragmas.contains(name) {
                 self.setExecutionOptionPragma = name
@@ -470,6 +493,28 @@ public final class AuthorizerObserver: @unchecked Sendable {
             }
         }
         return SQLITE_OK
+    }
+
+    /// Notes a DDL action (`changesSchema`), and state that would outlive the session on this
+    /// connection (`leftSessionState`).
+    private func noteSchemaChangeAndState(_ action: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?) {
+        switch action {
+        case SQLITE_CREATE_TEMP_TABLE, SQLITE_CREATE_TEMP_VIEW, SQLITE_CREATE_TEMP_INDEX, SQLITE_CREATE_TEMP_TRIGGER,
+            SQLITE_ATTACH:
+            self.leftSessionState = true
+            self.changesSchema = true
+        case SQLITE_CREATE_TABLE, SQLITE_CREATE_VIEW, SQLITE_CREATE_INDEX, SQLITE_CREATE_TRIGGER, SQLITE_DROP_TABLE,
+            SQLITE_DROP_VIEW, SQLITE_DROP_INDEX, SQLITE_DROP_TRIGGER, SQLITE_DROP_TEMP_TABLE, SQLITE_DROP_TEMP_VIEW,
+            SQLITE_DROP_TEMP_INDEX, SQLITE_DROP_TEMP_TRIGGER, SQLITE_ALTER_TABLE, SQLITE_CREATE_VTABLE, SQLITE_DROP_VTABLE:
+            self.changesSchema = true
+        case SQLITE_PRAGMA where second != nil:
+            // A pragma with an argument sets something, unless it describes a table.
+            if let first, !SQLPolicy.describingPragmas.contains(String(cString: first).lowercased()) {
+                self.leftSessionState = true
+            }
+        default:
+            break
+        }
     }
 }
 

@@ -230,12 +230,38 @@ final class SchemaCache: @unchecked Sendable {
     private var columns: [String: [ColumnInfo]] = [:]
     private var shapes: [String: TableShape] = [:]
 
+    private var replacing: Set<String>?
+    /// The tables with an `ON CONFLICT REPLACE` constraint as last read, kept when the rest is
+    /// forgotten: for a transaction that must not read yet (see `replacingTables`).
+    private(set) var lastReplacing: Set<String> = []
+
     /// Forgets everything read so far.
     func clear() {
         self.version = -1
         self.snapshot = nil
         self.columns = [:]
         self.shapes = [:]
+        self.replacing = nil
+    }
+
+    /// The tables (lower-cased) of the main database with an `ON CONFLICT REPLACE` constraint,
+    /// whose plain inserts and updates may delete rows (`SQLPolicy`).
+    func replacingTables(_ sqlite: SQLiteConnection) throws(SQLiteError) -> Set<String> {
+        try self.validate(sqlite)
+        if let replacing = self.replacing { return replacing }
+        var tables: Set<String> = []
+        if let statement = try sqlite.prepare(
+            SQLText("SELECT name, sql FROM main.sqlite_schema WHERE type = 'table' AND sql LIKE '%replace%'"), from: 0)
+        {
+            while try statement.step() {
+                if let name = statement.column(0).stringValue, SQLScanner.declaresReplace(statement.column(1).stringValue ?? "") {
+                    tables.insert(name.lowercased())
+                }
+            }
+        }
+        self.replacing = tables
+        self.lastReplacing = tables
+        return tables
     }
 
     /// The schema cookie now (forgetting what was read under another).
