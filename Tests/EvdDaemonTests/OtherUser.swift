@@ -11,10 +11,12 @@ import Testing
 /// gid with `setpriv`, talks to the daemon the tests run as root. It sends `requests` one after
 /// another, then reads on until an event named `until` arrives (or `linger` seconds pass), and
 /// prints every message it got as one JSON line (`{"connect_error": errno}` if it could not
-/// connect).
+/// connect). With a `reply` object, it answers every veto it reads with it (`{"op":"reply","seq":N}`
+/// and the object's members): a veto listener as another user.
 let otherUserClient = """
     import json, socket, sys, time
     path, requests, until, linger = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+    reply = json.loads(sys.argv[5]) if len(sys.argv) > 5 and sys.argv[5] else None
     s = socket.socket(socket.AF_UNIX)
     try:
         s.connect(path)
@@ -29,6 +31,8 @@ let otherUserClient = """
             return None
         message = json.loads(line)
         print(json.dumps(message), flush=True)
+        if reply is not None and message.get("type") == "veto":
+            s.sendall(json.dumps(dict(reply, op="reply", seq=message["seq"])).encode() + b"\\n")
         return message
     read()
     for number, request in enumerate(requests, 1):
@@ -48,12 +52,15 @@ let otherUserClient = """
     """
 
 /// Runs `otherUserClient` as nobody against `daemon`.
-func asNobody(_ daemon: RunningDaemon, _ requests: [JSONObject], until: String = "", linger: Double = 10) throws -> Spawned {
+func asNobody(
+    _ daemon: RunningDaemon, _ requests: [JSONObject], until: String = "", linger: Double = 10, reply: JSONObject? = nil
+) throws -> Spawned {
     let requestsJSON = String(decoding: JSONValue.array(requests.map(JSONValue.object)).jsonBytes, as: UTF8.self)
+    let replyJSON = reply.map { String(decoding: JSONValue.object($0).jsonBytes, as: UTF8.self) } ?? ""
     return try Spawned(
         "/usr/bin/setpriv",
         ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", otherUserClient, daemon.socketPath,
-         requestsJSON, until, String(linger)])
+         requestsJSON, until, String(linger), replyJSON])
 }
 
 /// The messages a finished `asNobody` client printed.

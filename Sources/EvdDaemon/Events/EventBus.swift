@@ -45,7 +45,8 @@ final class Subscription: Sendable {
 
     /// Whether an event with these properties passes the `where` filter and may be seen.
     func accepts(name: String, origin: EventOrigin, properties: JSONObject) -> Bool {
-        (self.visibility?.allows(properties) ?? true) && Self.passes(self.filter, name: name, origin: origin, properties: properties)
+        (self.visibility?.allows(properties, name: name, origin: origin) ?? true)
+            && Self.passes(self.filter, name: name, origin: origin, properties: properties)
     }
 
     /// Whether every event passes (no `where`, no visibility limit): no check is needed.

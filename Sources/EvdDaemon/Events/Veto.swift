@@ -32,13 +32,16 @@ final class VetoListener: Sendable {
     let filter: [(String, [JSONValue])]
     /// What its actor may see: it is asked only about those (`nil`: everything).
     let visibility: EventVisibility?
+    /// Where its actor's `veto` grant reaches: it is asked only about those (`nil`: everywhere).
+    let scope: EventVisibility?
 
     init(
         subscription: Int, session: UInt64, name: String?, kinds: UInt64, priority: Int64, timeout: Duration,
         onTimeout: VetoPolicy, dryRun: Bool, outbox: Outbox, filter: [(String, [JSONValue])] = [],
-        visibility: EventVisibility? = nil
+        visibility: EventVisibility? = nil, scope: EventVisibility? = nil
     ) {
         self.visibility = visibility
+        self.scope = scope
         self.filter = filter
         self.subscription = subscription
         self.session = session
@@ -53,7 +56,8 @@ final class VetoListener: Sendable {
 
     /// Whether this listener is asked about `kind` with these properties (its `where`).
     func accepts(_ kind: EventKind, origin: EventOrigin, properties: JSONObject) -> Bool {
-        (self.visibility?.allows(properties) ?? true)
+        (self.visibility?.allows(properties, name: kind.name, origin: origin) ?? true)
+            && (self.scope?.allows(properties, name: kind.name, origin: origin) ?? true)
             && (self.filter.isEmpty || Subscription.passes(self.filter, name: kind.name, origin: origin, properties: properties))
     }
 
@@ -217,6 +221,9 @@ struct VetoVerdict: Sendable {
     var dryRun: [JSONValue] = []
     /// The seq the vetoers saw.
     var seq: Int64
+    /// What each listener that modified the properties may see (listeners that see everything
+    /// are left out): what it rewrote must stay within it (`SQLPolicy(rewriter:)`).
+    var modifiers: [EventVisibility] = []
 
     var denied: Bool { self.action == "deny" }
 
@@ -329,6 +336,7 @@ struct VetoRun {
             for (key, value) in set { self.verdict.properties[key] = value }
             self.verdict.action = "modify"
             self.verdict.by = listener.name
+            if let visibility = listener.visibility { self.verdict.modifiers.append(visibility) }
         }
     }
 }

@@ -216,14 +216,17 @@ public final class Daemon: Service, CustomStringConvertible {
     }
 
     /// Once a second until shutdown, closes every session that holds subscriptions (or veto
-    /// listeners) under a token that has expired: its stream ends with the token. A session
-    /// without subscriptions is kept; its next request gets `token_expired`.
+    /// listeners) under a token that has expired — its current actor's, or the one a subscription
+    /// was made under before a `logout` or another `login`: its stream ends with the token. (Each
+    /// subscription's visibility already shows nothing from the expiry on.) A session without
+    /// subscriptions is kept; its next request gets `token_expired`.
     private func endExpiredSubscribers(_ core: DaemonCore) async {
         while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {
             let now = TokenAuthority.now()
             for session in core.sessions.all
-            where session.actor.token?.isExpired(at: now) == true && session.hasSubscriptions.load(ordering: .relaxed) > 0
-                && !session.outbox.isClosing
+            where (session.actor.token?.isExpired(at: now) == true
+                || Double(session.subscriptionsExpire.load(ordering: .relaxed)) <= now)
+                && session.hasSubscriptions.load(ordering: .relaxed) > 0 && !session.outbox.isClosing
             {
                 session.logger.debug("token expired: closing the session and its subscriptions")
                 session.close()

@@ -38,14 +38,12 @@ extension Session {
             self.hasSubscriptions.subtract(1, ordering: .relaxed)
             return .result([:])
         case "execute", "executemany":
-            let work = try Self.parseSQL(whole)  // every argument is checked before permissions and SQL
-            // Then each statement's actions on each table, as SQLite prepares it.
-            try self.require(.executeSQL, on: Resource(database: try self.core.pool(work.database).database.name))
+            // Every argument is checked before permissions and SQL; then (as SQLite prepares each
+            // statement) each statement's actions on each table.
+            try self.require(try Self.parseSQL(whole))
             return .result(try await self.withSQL(request: whole, &state, parse: Self.parseSQL))
         case "create_table", "insert", "upsert", "update", "delete", "drop_table", "describe":
-            let (op, work) = try Self.parseStructured(whole)  // every argument is checked before permissions and SQL
-            let resource = Resource(database: try self.core.pool(work.database).database.name, table: op.table)
-            for action in op.actions { try self.require(action, on: resource) }
+            try self.require(try Self.parseStructured(whole).work)  // every argument is checked first
             return .result(try await self.withSQL(request: whole, &state) { try Self.parseStructured($0).work })
         case "begin":
             let database = try args.string("database")
@@ -125,7 +123,7 @@ extension Session {
         let op = try StructuredOp.parse(request["op"]?.stringValue ?? "", &args, flatRows: request.rows)
         let database = try args.string("database")
         try args.finish()
-        return (op, SQLWork(database: database, run: { run in try run.perform(op) }))
+        return (op, SQLWork(database: database, table: op.table, actions: op.actions, run: { run in try run.perform(op) }))
     }
 
     /// Parses an `execute` or `executemany` request into the work it asks for.
@@ -152,7 +150,7 @@ extension Session {
         }
         let database = try args.string("database")
         try args.finish()
-        return SQLWork(database: database, run: work)
+        return SQLWork(database: database, table: nil, actions: [.executeSQL], run: work)
     }
 
     func require(_ action: Action, on resource: Resource = .daemon) throws(EvdError) {
@@ -160,6 +158,12 @@ extension Session {
     }
 
     /// `execute-sql` on `database` (the default database when nil).
+    /// Checks the actions a SQL request's op needs, on its database (and table).
+    func require(_ work: SQLWork) throws(EvdError) {
+        let resource = Resource(database: try self.core.pool(work.database).database.name, table: work.table)
+        for action in work.actions { try self.require(action, on: resource) }
+    }
+
     func requireSQL(on database: String?) throws(EvdError) {
         try self.require(.executeSQL, on: Resource(database: try self.core.pool(database).database.name))
     }
@@ -234,7 +238,8 @@ extension Session {
         }
         if !vetoPatterns.isEmpty { try permissions.requireSomewhere(actor, .veto) }
         // Each event is shown (or asked about) only where the actor may view it.
-        let visibility = permissions.isUnrestricted(actor) ? nil : EventVisibility(actor: actor, permissions: permissions)
+        let visibility = EventVisibility.of(actor, permissions)
+        let vetoScope = EventVisibility.of(actor, permissions, action: .veto)
         let maxSubscriptions = self.core.configuration.maxSubscriptions
         guard self.hasSubscriptions.load(ordering: .relaxed) < maxSubscriptions else {
             throw EvdError(
@@ -252,7 +257,7 @@ extension Session {
                 VetoListener(
                     subscription: subscription, session: session, name: name, kinds: vetoKinds, priority: priority,
                     timeout: .milliseconds(timeoutMs), onTimeout: onTimeout, dryRun: mode == "dry_run", outbox: outbox,
-                    filter: vetoFilter, visibility: visibility)
+                    filter: vetoFilter, visibility: visibility, scope: vetoScope)
             }
 
         // Registering and queueing the response happen under the bus's lock, so no event of the new
@@ -291,6 +296,8 @@ extension Session {
             }
         }
         self.hasSubscriptions.add(1, ordering: .relaxed)
+        // The subscription stays its maker's: a `logout` does not save it from its token's expiry.
+        if let expires = visibility?.expires { self.subscriptionsExpire.min(Int64(expires), ordering: .relaxed) }
         if let replay, let since, let journal {
             await self.replay(replay.subscription, after: since, through: replay.through, from: journal)
         }

@@ -96,6 +96,12 @@ public struct TokenRestrictions: Sendable, Equatable {
         return self.resources[database]?[table]?.contains(action) == true
     }
 
+    /// Whether any restriction names `action` within `database` (on it or one of its tables).
+    func allowsSomewhere(_ action: Action, in database: String) -> Bool {
+        self.isEmpty || self.all.contains(action) || self.databases[database]?.contains(action) == true
+            || self.resources[database]?.values.contains { $0.contains(action) } == true
+    }
+
     /// Whether any restriction names `action`, wherever.
     func allowsSomewhere(_ action: Action) -> Bool {
         self.isEmpty || self.all.contains(action) || self.databases.values.contains { $0.contains(action) }
@@ -133,6 +139,15 @@ struct Permissions: Sendable {
         return self.grants.contains { $0.actions.contains(action) && $0.applies(to: actor) }
     }
 
+    /// Whether the actor holds `action` on `database` or on any of its tables.
+    func allowsSomewhere(_ actor: Actor, _ action: Action, in database: String) -> Bool {
+        guard actor.restrictions.allSatisfy({ $0.allowsSomewhere(action, in: database) }) else { return false }
+        if actor.uid == 0 || actor.uid == self.ownerUID { return true }
+        return self.grants.contains {
+            $0.actions.contains(action) && $0.applies(to: actor) && ($0.database == nil || $0.database == database)
+        }
+    }
+
     func require(_ actor: Actor, _ action: Action, on resource: Resource = .daemon) throws(EvdError) {
         guard self.allows(actor, action, on: resource) else {
             throw Self.denied(actor, action, on: resource)
@@ -168,9 +183,37 @@ struct SQLPolicy: Sendable {
     let actor: Actor
     let permissions: Permissions
     let database: String
+    /// Judging what a veto listener rewrote a request or statement into (PROTOCOL.md §4): it must
+    /// stay within what the listener may see, so every action on a table needs `view-table` on it
+    /// (the listener decides about others' work; it need not be allowed to do it), and `admin`
+    /// stays `admin`. The requester's own policy judges the rewrite as well.
+    var rewriter = false
+
+    init(actor: Actor, permissions: Permissions, database: String) {
+        self.actor = actor
+        self.permissions = permissions
+        self.database = database
+    }
+
+    /// The policy a rewrite by the listener that sees `visibility` is judged by.
+    init(rewriter visibility: EventVisibility, database: String) {
+        self.init(actor: visibility.actor, permissions: visibility.permissions, database: database)
+        self.rewriter = true
+    }
 
     func allows(_ action: Action, table: String?) -> Bool {
-        self.permissions.allows(self.actor, action, on: Resource(database: self.database, table: table))
+        let action = self.rewriter && action != .admin ? .viewTable : action
+        return self.permissions.allows(self.actor, action, on: Resource(database: self.database, table: table))
+    }
+
+    /// The `permission_denied` error for an action this policy refused on `table`.
+    func refused(_ action: Action, table: String?) -> EvdError {
+        let action = self.rewriter && action != .admin ? .viewTable : action
+        var error = Permissions.denied(self.actor, action, on: Resource(database: self.database, table: table))
+        if self.rewriter {
+            error.message = "a veto listener rewrote the request into what it may not see itself: " + error.message
+        }
+        return error
     }
 
     /// Pragmas that only describe one table (their argument): `view-table` on it. `table_list`
@@ -294,19 +337,47 @@ struct SQLPolicy: Sendable {
 /// What one subscriber may see (PROTOCOL.md §8): an event about a table needs `view-table` on it,
 /// an event about a database but no one table (pool and connection events, statements and their
 /// parameters) needs `view-table` on the whole database; events about neither (`login`, `logout`,
-/// custom events) need only `subscribe`. A subscription of an actor that holds everything has none.
+/// custom events) need only `subscribe`. A subscription of an actor that holds everything and
+/// whose token (if any) never expires has none.
+///
+/// The same rule with `veto` instead of `view-table` says which events a listener is asked about:
+/// its `veto` grant must reach the event's table or database as well.
+///
+/// A subscription stays its maker's: it is judged as the actor that made it (a later `login` or
+/// `logout` on its connection changes nothing), and sees nothing once that actor's token expired.
 struct EventVisibility: Sendable {
     let actor: Actor
     let permissions: Permissions
+    /// `view-table` for what a subscriber sees, `veto` for what a listener is asked about.
+    var action: Action = .viewTable
 
-    func allows(_ properties: JSONObject) -> Bool {
+    /// When the actor's token expires (Unix seconds), if it does.
+    var expires: Double? { self.actor.token?.expires.map(Double.init) }
+
+    /// The visibility `actor` needs, or `nil` when it sees everything (no check is needed).
+    static func of(_ actor: Actor, _ permissions: Permissions, action: Action = .viewTable) -> EventVisibility? {
+        permissions.isUnrestricted(actor) && actor.token?.expires == nil
+            ? nil : EventVisibility(actor: actor, permissions: permissions, action: action)
+    }
+
+    /// Events about a session's own settings rather than any database: their options (a
+    /// `logging_token`, say) are the session's business, shown to its own user and to admins.
+    static let sessionPrivateEvents: Set<String> = ["set_connection_execution_options", "set_engine_execution_options"]
+
+    /// Whether the subscriber sees (or the listener is asked about) the event `name` from `origin`
+    /// with `properties`.
+    func allows(_ properties: JSONObject, name: String? = nil, origin: EventOrigin? = nil) -> Bool {
+        if let expires = self.expires, TokenAuthority.now() >= expires { return false }
+        if let name, Self.sessionPrivateEvents.contains(name) {
+            return origin?.actor?.uid == self.actor.uid || self.permissions.allows(self.actor, .admin)
+        }
         guard let database = properties["database"]?.stringValue else { return true }
         if let before = properties["before_name"]?.stringValue,
-            !self.permissions.allows(self.actor, .viewTable, on: Resource(database: database, table: before))
+            !self.permissions.allows(self.actor, self.action, on: Resource(database: database, table: before))
         {
             return false
         }
-        return self.permissions.allows(self.actor, .viewTable, on: Resource(database: database, table: Self.table(of: properties)))
+        return self.permissions.allows(self.actor, self.action, on: Resource(database: database, table: Self.table(of: properties)))
     }
 
     /// The table an event is about: `table`, a DDL event's table or view `target` (or a column's

@@ -6,6 +6,11 @@ extension Session {
     /// A parsed `execute`/`executemany`: its database and the work to run on a connection.
     struct SQLWork: Sendable {
         let database: String?
+        /// The table a structured op is about (`nil` for raw SQL).
+        let table: String?
+        /// What the op needs on its database (and table) before it runs; raw SQL's statements are
+        /// then checked table by table as SQLite compiles them.
+        let actions: [Action]
         let run: @Sendable (SQLRun) throws -> JSONValue
     }
 
@@ -43,6 +48,7 @@ extension Session {
         let busyTimeout = Int32(options["busy_timeout_ms"]?.intValue ?? Int64(pool.defaultBusyTimeoutMs))
         do {
             var finalRequest = request
+            var rewriters: [SQLPolicy] = []
             let verdict = try await self.vetoable(.beforeExecute, on: pool) {
                 var properties: JSONObject = ["database": .string(pool.database.name), "request": .object(request.whole)]
                 if !options.isEmpty { properties["execution_options"] = .object(options) }
@@ -55,6 +61,13 @@ extension Session {
                 if let database = work.database, database != pool.database.name {
                     throw EvdError(.vetoed, "a before_execute listener moved the request to another database")
                 }
+                // The rewritten request is the requester's, checked as the first was; and it must
+                // stay within what each listener that rewrote it may see.
+                try self.require(work)
+                rewriters = (verdict?.modifiers ?? []).map { SQLPolicy(rewriter: $0, database: pool.database.name) }
+                for rewriter in rewriters where !rewriter.allows(.viewTable, table: work.table) {
+                    throw rewriter.refused(.viewTable, table: work.table)
+                }
             }
             let actor = self.actor
             let permissions = self.core.permissions
@@ -62,7 +75,8 @@ extension Session {
                 bus: self.core.bus, pool: pool, connection: connection, origin: origin, request: finalRequest,
                 executionOptions: options, implicitTransaction: transaction == nil, vetoBudget: self.vetoBudget,
                 policy: permissions.isUnrestricted(actor)
-                    ? nil : SQLPolicy(actor: actor, permissions: permissions, database: pool.database.name))
+                    ? nil : SQLPolicy(actor: actor, permissions: permissions, database: pool.database.name),
+                rewriters: rewriters)
             let body = work.run
             let result = try await pool.run {
                 try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeout)

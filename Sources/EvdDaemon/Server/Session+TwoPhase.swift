@@ -20,6 +20,13 @@ extension Session {
                 .alreadyInTransaction, "the session is already in a transaction on '\(transaction.pool.database.name)'")
         }
         let pool = try self.core.pool(database)
+        // The transaction takes the write lock at once and, prepared, keeps it until decided: only
+        // an actor that may write somewhere in the database may begin one.
+        guard [Action.insertRow, .updateRow, .deleteRow].contains(where: {
+            self.core.permissions.allowsSomewhere(self.actor, $0, in: pool.database.name)
+        }) else {
+            throw Permissions.denied(self.actor, .insertRow, on: Resource(database: pool.database.name))
+        }
         try self.checkXidFree(xid, pool)
         let connection = try await self.checkout(pool)
         let options = self.effectiveOptions(state)
@@ -88,6 +95,10 @@ extension Session {
         guard let held = self.core.twoPhase.take(database: pool.database.name, xid: xid) else {
             throw EvdError.badRequest(field: "xid", "no transaction '\(xid)' is prepared on '\(pool.database.name)'")
         }
+        guard self.mayDecide(preparedBy: held.record.origin.actor, on: pool) else {
+            self.core.twoPhase.hold(held)
+            throw Permissions.denied(self.actor, .admin, on: Resource(database: pool.database.name))
+        }
         let log = self.core.twoPhase.log
         let record = held.record
         guard case .prepared(let prepared) = held else {
@@ -141,9 +152,19 @@ extension Session {
         }
     }
 
-    /// `recover`: the xids prepared on a database and awaiting a decision.
+    /// `recover`: the xids prepared on a database and awaiting a decision that this session's
+    /// actor may decide.
     func recoverTwoPhase(database: String?) throws -> JSONValue {
         let pool = try self.core.pool(database)
-        return ["xids": .array(self.core.twoPhase.xids(database: pool.database.name).map(JSONValue.string))]
+        let xids = self.core.twoPhase.awaiting(database: pool.database.name)
+            .filter { self.mayDecide(preparedBy: $0.preparedBy, on: pool) }.map(\.xid)
+        return ["xids": .array(xids.map(JSONValue.string))]
+    }
+
+    /// Whether this session's actor may commit or roll back a transaction `preparer` prepared: it
+    /// is the same user, or holds `admin` on the database.
+    private func mayDecide(preparedBy preparer: Actor?, on pool: ConnectionPool) -> Bool {
+        if let preparer, preparer.uid == self.actor.uid { return true }
+        return self.core.permissions.allows(self.actor, .admin, on: Resource(database: pool.database.name))
     }
 }

@@ -24,6 +24,9 @@ final class Session: Sendable {
     private let busy = Atomic<Bool>(false)
     /// Whether the session has any subscription (it then outlives a half-closed input).
     let hasSubscriptions = Atomic<Int>(0)
+    /// The earliest expiry (Unix seconds) of the tokens its subscriptions were made under
+    /// (`Int64.max`: none expires): the session closes then, whoever its actor is by that time.
+    let subscriptionsExpire = Atomic<Int64>(.max)
     /// The connection, for a forced close at shutdown.
     private let channel = Mutex<(any Channel)?>(nil)
 

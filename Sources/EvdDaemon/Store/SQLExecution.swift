@@ -247,6 +247,9 @@ struct SQLRun {
     let operationBudget: OperationVetoBudget? = OperationVetoBudget.current
     /// The session's actor, checked table by table as its SQL is prepared (`nil`: holds everything).
     var policy: SQLPolicy? = nil
+    /// The `before_execute` listeners that rewrote the request: its SQL must stay within what each
+    /// of them may see.
+    var rewriters: [SQLPolicy] = []
 
     var database: String { self.pool.database.name }
     var sqlite: SQLiteConnection { self.connection.sqlite }
@@ -289,7 +292,7 @@ struct SQLRun {
                     throw EvdError.badRequest(field: "params", "\(total) parameter(s) given, the SQL takes \(cursor)")
                 }
                 if let verdict = try self.beforeCursorExecute(statement.sql, bound, executemany: false) {
-                    (statement, bound) = try self.rewrite(statement, bound, to: verdict.properties)
+                    (statement, bound) = try self.rewrite(statement, bound, by: verdict)
                 }
                 var rows: [[JSONValue]] = []
                 let changed = try self.capturing(statement, intent: SQLScanner.intent(of: statement.sql)) { () throws(EvdError) in
@@ -408,10 +411,13 @@ struct SQLRun {
 
     /// Prepares the next statement, refusing transaction control (that is what the begin/commit/
     /// rollback/savepoint ops are for: evd must know where transactions start and end).
-    func prepare(_ sql: SQLText, from offset: Int) throws(EvdError) -> SQLiteStatement? {
+    func prepare(_ sql: SQLText, from offset: Int, rewrittenBy rewriters: [SQLPolicy] = []) throws(EvdError)
+        -> SQLiteStatement?
+    {
         let observer = self.connection.observer
         observer.clearStatementRecord()
-        if observer.policy != nil { observer.facts = self.facts(of: sql, from: offset) }
+        observer.rewriters = self.rewriters + rewriters
+        if observer.policy != nil || !observer.rewriters.isEmpty { observer.facts = self.facts(of: sql, from: offset) }
         observer.judgingClientSQL = true
         defer { observer.judgingClientSQL = false }
         let statement: SQLiteStatement?
@@ -450,15 +456,16 @@ struct SQLRun {
 
     /// The `permission_denied` error for what the policy refused while a statement compiled, if it did.
     private func policyRefusal() -> EvdError? {
-        let observer = self.connection.observer
-        guard let refused = observer.refused, let policy = observer.policy else { return nil }
-        return Permissions.denied(policy.actor, refused.action, on: Resource(database: policy.database, table: refused.table))
+        guard let refused = self.connection.observer.refused else { return nil }
+        return refused.policy.refused(refused.action, table: refused.table)
     }
 
-    /// Prepares a statement a listener substituted: exactly one statement, no transaction control.
-    func prepareReplacement(_ text: String) throws(EvdError) -> SQLiteStatement {
+    /// Prepares a statement the listeners that see `modifiers` substituted: exactly one statement,
+    /// no transaction control, and nothing they may not see.
+    func prepareReplacement(_ text: String, modifiers: [EventVisibility]) throws(EvdError) -> SQLiteStatement {
         let sql = SQLText(text)
-        guard let statement = try self.prepare(sql, from: 0) else {
+        let rewriters = modifiers.map { SQLPolicy(rewriter: $0, database: self.database) }
+        guard let statement = try self.prepare(sql, from: 0, rewrittenBy: rewriters) else {
             throw EvdError(.vetoed, "a listener replaced the statement with no statement")
         }
         guard sql.isBlank(from: statement.tailOffset) else {
@@ -500,7 +507,7 @@ struct SQLRun {
         }
         if let verdict = try self.beforeCursorExecute(statement.sql, json(), executemany: true) {
             if let text = verdict.properties["statement"]?.stringValue, text != statement.sql {
-                statement = try self.prepareReplacement(text)
+                statement = try self.prepareReplacement(text, modifiers: verdict.modifiers)
             }
             if let replaced = verdict.properties["parameters"], replaced != json() {
                 guard let list = replaced.arrayValue else {
@@ -519,13 +526,15 @@ struct SQLRun {
     }
 
     /// The statement and parameters a `modify` asked for: what then runs.
-    func rewrite(_ statement: SQLiteStatement, _ bound: JSONValue, to properties: JSONObject) throws(EvdError)
+    func rewrite(_ statement: SQLiteStatement, _ bound: JSONValue, by verdict: VetoVerdict) throws(EvdError)
         -> (SQLiteStatement, JSONValue)
     {
+        let properties = verdict.properties
         let text = properties["statement"]?.stringValue ?? statement.sql
         let parameters = properties["parameters"] ?? bound
         guard text != statement.sql || parameters != bound else { return (statement, bound) }
-        let replacement = text != statement.sql ? try self.prepareReplacement(text) : statement
+        let replacement =
+            text != statement.sql ? try self.prepareReplacement(text, modifiers: verdict.modifiers) : statement
         replacement.reset()
         let source = try SQLParameters(parameters, field: "parameters")
         var cursor = 0

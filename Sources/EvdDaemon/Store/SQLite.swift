@@ -410,12 +410,15 @@ public final class AuthorizerObserver: @unchecked Sendable {
     /// Who prepares client SQL, when they may not do everything: each action on a table is
     /// checked as it is compiled (`nil`: the actor holds every action).
     var policy: SQLPolicy?
-    /// What evd read of the client's statement before preparing it, for `policy`.
+    /// The veto listeners that rewrote the statement (or its request): it must stay within what
+    /// each may see, besides the requester's `policy`.
+    var rewriters: [SQLPolicy] = []
+    /// What evd read of the client's statement before preparing it, for `policy` and `rewriters`.
     var facts = StatementFacts()
     /// Whether the statement being judged creates, drops or alters a schema object.
     private var changesSchema = false
-    /// The action the policy refused while compiling, for the `permission_denied` error.
-    var refused: (action: Action, table: String?)?
+    /// The action a policy refused while compiling, for the `permission_denied` error.
+    var refused: (policy: SQLPolicy, action: Action, table: String?)?
     /// Whether client SQL left something on the connection that would outlive its session: a
     /// temporary table, view, index or trigger, an attached database, a pragma set. The pool closes
     /// such a connection when it comes back instead of handing it to the next session.
@@ -460,8 +463,14 @@ public final class AuthorizerObserver: @unchecked Sendable {
         if let policy = self.policy,
             let (needed, table) = policy.refusal(action, first, second, facts: self.facts, changesSchema: self.changesSchema)
         {
-            self.refused = (needed, table)
+            self.refused = (policy, needed, table)
             return SQLITE_DENY
+        }
+        for rewriter in self.rewriters {
+            if let (needed, table) = rewriter.refusal(action, first, second, facts: self.facts, changesSchema: self.changesSchema) {
+                self.refused = (rewriter, needed, table)
+                return SQLITE_DENY
+            }
         }
         if let table = Self.changedTable(action, first, second), strncmp(table, "_evd_", 5) == 0 {
             // The journal is evd's record of what committed: clients may read it, never change it.

@@ -657,7 +657,7 @@ extension SQLRun {
             var cursor = 0
             var bound = try SQLParameters.positional(sets[0]).bind(statement, cursor: &cursor)
             if let verdict = try self.beforeCursorExecute(statement.sql, bound, executemany: false) {
-                (statement, bound) = try self.rewrite(statement, bound, to: verdict.properties)
+                (statement, bound) = try self.rewrite(statement, bound, by: verdict)
             }
             let run = statement
             return try self.capturing(run, intent: intent) { () throws(EvdError) in

@@ -482,9 +482,12 @@ final class TwoPhaseTransactions: Sendable {
         self.held.withLock { $0.removeValue(forKey: Key(database: database, xid: xid)) }
     }
 
-    /// The xids awaiting a decision on `database`, oldest first.
-    func xids(database: String) -> [String] {
-        self.held.withLock { all in all.keys.filter { $0.database == database }.map(\.xid) }
+    /// The transactions awaiting a decision on `database`, oldest first: each xid, and who
+    /// prepared it (`nil`: not known, as for one that cannot be prepared again).
+    func awaiting(database: String) -> [(xid: String, preparedBy: Actor?)] {
+        self.held.withLock { all in
+            all.filter { $0.key.database == database }.map { ($0.key.xid, $0.value.record.origin.actor) }
+        }
     }
 
     func takeAll() -> [Held] {
