@@ -37,6 +37,17 @@ public struct EvdConfiguration: Sendable {
     public var busyTimeoutMs: Int32 = 5000
     /// How long a request waits for a free pooled connection before it gets `timeout`.
     public var checkoutTimeoutMs: Int = 30_000
+    /// How long one client statement may run before it is interrupted with `timeout` (0: no limit).
+    public var maxStatementMs: Int = 30_000
+    /// How long a transaction a client opened (`begin`) may sit without a request before it is
+    /// rolled back and the connection closed (0: no limit).
+    public var idleTransactionMs: Int = 60_000
+    /// How many of a pool's connections one uid may hold at once (root and evd's own uid are not
+    /// limited); `nil`: all but one (at least one).
+    public var maxPoolShare: Int?
+
+    /// `maxPoolShare`, or its default for `poolSize`.
+    public var poolShare: Int { self.maxPoolShare ?? max(1, self.poolSize - 1) }
     /// How long in-flight requests may run once shutdown begins.
     public var shutdownGraceMs: Int = 5000
     /// Whether and how long committed events are kept for replay.

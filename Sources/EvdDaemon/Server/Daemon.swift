@@ -117,6 +117,9 @@ public final class Daemon: Service, CustomStringConvertible {
                     tasks.addTask { await self.keepRetention(journal, core: core) }
                 }
                 tasks.addTask { await self.endExpiredSubscribers(core) }
+                if self.configuration.maxStatementMs > 0 {
+                    tasks.addTask { await self.interruptOverdueStatements(core) }
+                }
                 if let endpoint {
                     tasks.addTask { await endpoint.serve(self.metrics, core: core, logger: self.logger) }
                 }
@@ -235,6 +238,15 @@ public final class Daemon: Service, CustomStringConvertible {
         }
     }
 
+    /// Ten times a second until shutdown, interrupts every client statement that has run longer
+    /// than `--max-statement-ms` (its client gets `timeout`): so the limit holds within 100 ms.
+    private func interruptOverdueStatements(_ core: DaemonCore) async {
+        while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {
+            for pool in core.pools.values { pool.interruptOverdue() }
+            try? await Task.sleep(for: .milliseconds(100))
+        }
+    }
+
     /// Tells every session the daemon is stopping, waits for in-flight requests (within the
     /// grace period), then closes them all and waits (at most a second) until their queued
     /// output — responses, the shutdown notice — is written.
@@ -247,6 +259,13 @@ public final class Daemon: Service, CustomStringConvertible {
         for session in sessions { session.noticeShutdown() }
         let deadline = ContinuousClock.now + .milliseconds(self.configuration.shutdownGraceMs)
         while sessions.contains(where: \.isBusy) && ContinuousClock.now < deadline {
+            try? await Task.sleep(for: .milliseconds(10))
+        }
+        // What still runs past the grace period is interrupted: a statement that never ends must
+        // not keep the daemon from stopping.
+        for pool in core.pools.values { pool.interruptAll(.shutdown) }
+        let interrupted = ContinuousClock.now + .seconds(1)
+        while sessions.contains(where: \.isBusy) && ContinuousClock.now < interrupted {
             try? await Task.sleep(for: .milliseconds(10))
         }
         for session in core.sessions.all { session.close() }

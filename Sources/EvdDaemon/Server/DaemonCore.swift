@@ -49,7 +49,8 @@ final class DaemonCore: Sendable {
                 eventLoop: eventLoop, busyTimeoutMs: configuration.busyTimeoutMs,
                 checkoutTimeout: .milliseconds(Int64(configuration.checkoutTimeoutMs)),
                 vetoBudget: .milliseconds(configuration.vetoBudgetMs), journal: journal,
-                checkpointPages: configuration.checkpointPages)
+                checkpointPages: configuration.checkpointPages, share: configuration.poolShare,
+                unlimitedUIDs: [0, getuid()])
         }
         self.pools = pools
         self.permissions = Permissions(ownerUID: getuid(), grants: configuration.grants)

@@ -76,8 +76,11 @@ extension Session {
                 executionOptions: options, implicitTransaction: transaction == nil, vetoBudget: self.vetoBudget,
                 policy: permissions.isUnrestricted(actor)
                     ? nil : SQLPolicy(actor: actor, permissions: permissions, database: pool.database.name),
-                rewriters: rewriters)
+                rewriters: rewriters, statementLimitMs: self.core.configuration.maxStatementMs)
             let body = work.run
+            // While it runs, a disconnect interrupts the statement (`run(channel:)`).
+            self.runningWatch.withLock { $0 = connection.watch }
+            defer { self.runningWatch.withLock { $0 = nil } }
             let result = try await pool.run {
                 try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
                 return try body(run)
@@ -212,7 +215,7 @@ extension Session {
 
     /// Rolls the session's transaction back (its captured changes with it) and fires `rollback`
     /// (`rollback_twophase` for a two-phase one).
-    private func rollBack(_ transaction: Transaction) async {
+    func rollBack(_ transaction: Transaction) async {
         let connection = transaction.connection
         try? await transaction.pool.run {
             connection.capture.discardAll()

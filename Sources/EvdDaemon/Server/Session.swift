@@ -27,6 +27,8 @@ final class Session: Sendable {
     /// The earliest expiry (Unix seconds) of the tokens its subscriptions were made under
     /// (`Int64.max`: none expires): the session closes then, whoever its actor is by that time.
     let subscriptionsExpire = Atomic<Int64>(.max)
+    /// The statement watch of the connection the session's request runs SQL on, while it does.
+    let runningWatch = Mutex<StatementWatch?>(nil)
     /// The connection, for a forced close at shutdown.
     private let channel = Mutex<(any Channel)?>(nil)
 
@@ -90,6 +92,10 @@ final class Session: Sendable {
     /// `SessionHandler` does the reading and writing; this task runs the requests.
     func run(channel: any Channel) async {
         self.channel.withLock { $0 = channel }
+        // A client that goes away does not leave its statement running on a pooled connection.
+        // (Only when the connection is gone: a client that half-closed its input still waits for
+        // its response.)
+        channel.closeFuture.whenComplete { _ in self.runningWatch.withLock { $0 }?.interrupt(.disconnected) }
         self.logger.debug("session started")
         self.outbox.enqueue(line: self.helloLine())
         await self.publishSessionEvent(.login, ["method": "peercred"])
@@ -194,7 +200,13 @@ final class Session: Sendable {
 
     private func execute(channel: any Channel) async {
         var state = SessionState()
-        while let item = await self.inbox.pop() {
+        while let item = await self.next(inTransaction: state.transaction != nil) {
+            guard case .some(let item) = item else {
+                // The session's transaction sat idle past `--idle-transaction-ms`: it holds a pooled
+                // connection (and perhaps the write lock) that others wait for.
+                await self.endIdleTransaction(&state)
+                break
+            }
             switch self.admit(item) {
             case .refuse(let id, let error):
                 self.respond(id: id, .failure(error))
@@ -234,6 +246,50 @@ final class Session: Sendable {
         if self.hasSubscriptions.load(ordering: .relaxed) > 0 && !self.outbox.isClosing {
             try? await channel.closeFuture.get()
         }
+        self.outbox.close()
+    }
+
+    /// The next line to run: `nil` when the input ended, `.some(nil)` when a transaction is open and
+    /// no line came within `--idle-transaction-ms`.
+    private func next(inTransaction: Bool) async -> Inbound?? {
+        let limit = self.core.configuration.idleTransactionMs
+        guard inTransaction, limit > 0 else { return await self.inbox.pop().map { .some($0) } }
+        let inbox = self.inbox
+        return await withTaskGroup(of: Inbound??.self) { group in
+            group.addTask { await inbox.pop().map { .some($0) } }
+            group.addTask {
+                try? await Task.sleep(for: .milliseconds(limit))
+                return .some(nil)
+            }
+            let first = await group.next()!
+            group.cancelAll()
+            // A line the queue handed over as the timer fired is not lost: it wins.
+            let second = await group.next()!
+            if case .some(.some) = second { return second }
+            return first
+        }
+    }
+
+    /// Rolls back the session's transaction that sat idle too long, tells the client (notice
+    /// `idle_transaction_timeout`) and ends the session, as PostgreSQL's
+    /// `idle_in_transaction_session_timeout` does: its next request cannot be the one it meant for
+    /// a transaction that is gone.
+    private func endIdleTransaction(_ state: inout SessionState) async {
+        guard let transaction = state.transaction else { return }
+        state.transaction = nil
+        let limit = self.core.configuration.idleTransactionMs
+        self.logger.notice(
+            "rolled back a transaction idle for \(limit) ms (--idle-transaction-ms) and closed its session",
+            metadata: ["database": "\(transaction.pool.database.name)"])
+        await self.rollBack(transaction)
+        await transaction.pool.checkin(transaction.connection, origin: self.origin)
+        var line = Array(#"{"type":"notice","code":"idle_transaction_timeout","database":"#.utf8)
+        JSONWriter.appendString(transaction.pool.database.name, to: &line)
+        line += Array(#","max_ms":"#.utf8)
+        JSONWriter.appendInt(Int64(limit), to: &line)
+        line += Array("}\n".utf8)
+        self.outbox.enqueue(line: line)
+        self.inbox.finish()
         self.outbox.close()
     }
 

@@ -41,6 +41,8 @@ public final class PooledConnection: @unchecked Sendable {
 
     /// Waits for the write lock (the session's busy timeout) at the database's `WriteGate`.
     let busy: BusyWaiter
+    /// Interrupts a client statement that runs too long, or whose client or daemon goes away.
+    let watch: StatementWatch
 
     init(number: Int, sqlite: SQLiteConnection, observer: AuthorizerObserver, busyTimeoutMs: Int32, gate: WriteGate) {
         self.number = number
@@ -49,6 +51,7 @@ public final class PooledConnection: @unchecked Sendable {
         self.capture = ChangeCapture(connection: sqlite, schema: self.schema)
         self.busy = BusyWaiter(gate: gate, timeoutMs: busyTimeoutMs)
         self.busy.install(on: sqlite)
+        self.watch = StatementWatch(sqlite)
     }
 
     deinit {
@@ -111,6 +114,10 @@ public final class ConnectionPool: Sendable {
     let checkpointer: Checkpointer?
     /// Where connections wait for the write lock; opened at each commit.
     let writeGate = WriteGate()
+    /// How many connections one uid may hold at once (`--max-pool-share`), and the uids it does
+    /// not limit (root, evd's own): one uid cannot take the whole pool and lock the others out.
+    let share: Int
+    let unlimitedUIDs: Set<UInt32>
 
     private enum WaitResult {
         case connection(PooledConnection)
@@ -120,6 +127,8 @@ public final class ConnectionPool: Sendable {
 
     private struct Waiter {
         let id: Int
+        /// The uid it waits for, when its share of the pool is limited.
+        let uid: UInt32?
         let continuation: CheckedContinuation<WaitResult, Never>
     }
 
@@ -140,15 +149,45 @@ public final class ConnectionPool: Sendable {
         var waits = 0
         var checkouts = 0
         var disposed = false
+        /// How many connections each limited uid holds, and which uid holds which connection.
+        var held: [UInt32: Int] = [:]
+        var holders: [Int: UInt32] = [:]
+
+        /// Records that `uid` (if limited) holds connection `number` now.
+        mutating func take(_ number: Int, for uid: UInt32?) {
+            guard let uid else { return }
+            self.held[uid, default: 0] += 1
+            self.holders[number] = uid
+        }
+
+        /// Records that whoever held connection `number` gave it back.
+        mutating func give(_ number: Int) {
+            guard let uid = self.holders.removeValue(forKey: number) else { return }
+            let count = (self.held[uid] ?? 1) - 1
+            self.held[uid] = count > 0 ? count : nil
+        }
+
+        /// The first waiter that may take a connection now (its uid is below its share).
+        mutating func popEligibleWaiter(share: Int) -> Waiter? {
+            guard let index = self.waiters.firstIndex(where: { $0.uid.map { (self.held[$0] ?? 0) < share } ?? true }) else {
+                return nil
+            }
+            return self.waiters.remove(at: index)
+        }
     }
 
     private let state = Mutex(State())
+    /// The statement watch of every open connection, by number: what the watchdog and shutdown
+    /// interrupt (`interruptOverdue`, `interruptAll`).
+    private let watches = Mutex<[Int: StatementWatch]>([:])
 
     init(
         database: DatabaseConfig, size: Int, bus: EventBus, threadPool: NIOThreadPool, eventLoop: any EventLoop,
         busyTimeoutMs: Int32 = 5000, checkoutTimeout: TimeAmount = .seconds(30), vetoBudget: Duration = .seconds(5),
-        journal: Journal? = nil, checkpointPages: Int = 4000
+        journal: Journal? = nil, checkpointPages: Int = 4000, share: Int = .max, unlimitedUIDs: Set<UInt32> = []
     ) {
+        self.share = max(1, share)
+        self.unlimitedUIDs = unlimitedUIDs
         self.vetoBudget = vetoBudget
         self.journal = journal
         self.database = database
@@ -185,10 +224,16 @@ public final class ConnectionPool: Sendable {
     /// DisconnectionError): it is invalidated and another is tried, at most 2 attempts in all.
     public func checkout(origin: EventOrigin) async throws(EvdError) -> PooledConnection {
         var attempts = 0
+        let uid = origin.actor.flatMap { self.unlimitedUIDs.contains($0.uid) ? nil : $0.uid }
         while true {
-            enum Step { case idle(PooledConnection), open(Int), wait }
+            enum Step { case idle(PooledConnection), open(Int), wait(atShare: Bool) }
             let step: Step = self.state.withLock { state in
+                if let uid, state.held[uid] ?? 0 >= self.share {
+                    state.waits += 1
+                    return .wait(atShare: true)
+                }
                 if let connection = state.idle.popLast() {
+                    state.take(connection.number, for: uid)
                     state.inUse += 1
                     state.checkouts += 1
                     state.checkedOut.insert(connection.number)
@@ -199,11 +244,12 @@ public final class ConnectionPool: Sendable {
                     state.inUse += 1
                     state.checkouts += 1
                     state.checkedOut.insert(state.nextNumber)
+                    state.take(state.nextNumber, for: uid)
                     defer { state.nextNumber += 1 }
                     return .open(state.nextNumber)
                 }
                 state.waits += 1
-                return .wait
+                return .wait(atShare: false)
             }
             let connection: PooledConnection
             switch step {
@@ -219,8 +265,8 @@ public final class ConnectionPool: Sendable {
                     if let error = error as? EvdError { throw error }
                     throw EvdError(.shuttingDown, "the daemon is stopping")
                 }
-            case .wait:
-                switch await self.waitForConnection() {
+            case .wait(let atShare):
+                switch await self.waitForConnection(uid: uid, atShare: atShare) {
                 case .connection(let handedOver): connection = handedOver
                 case .retry: continue
                 case .failed(let error): throw error
@@ -250,25 +296,29 @@ public final class ConnectionPool: Sendable {
             state.inUse -= 1
             state.open -= 1
             state.checkedOut.remove(connection.number)
+            state.give(connection.number)
             state.closeOnCheckin.removeValue(forKey: connection.number)
-            return state.waiters.popFirst()
+            return state.popEligibleWaiter(share: self.share)
         }
         await self.close(connection, detached: false, origin: origin)
         waiter?.continuation.resume(returning: .retry)
     }
 
-    private func waitForConnection() async -> WaitResult {
+    /// Waits for a connection another session gives back; `atShare`: because `uid` holds its share.
+    private func waitForConnection(uid: UInt32?, atShare: Bool) async -> WaitResult {
         let id = self.state.withLock { state in
             state.nextWaiter += 1
             return state.nextWaiter
         }
         return await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<WaitResult, Never>) in
-                self.state.withLock { $0.waiters.append(Waiter(id: id, continuation: continuation)) }
+                self.state.withLock { $0.waiters.append(Waiter(id: id, uid: uid, continuation: continuation)) }
                 self.eventLoop.scheduleTask(in: self.checkoutTimeout) {
                     let milliseconds = self.checkoutTimeout.nanoseconds / 1_000_000
+                    let why = atShare
+                        ? " (uid \(uid ?? 0) holds \(self.share) of its connections, the most one uid may: --max-pool-share)" : ""
                     self.failWaiter(
-                        id: id, EvdError(.timeout, "no connection to \(self.database.name) was free within \(milliseconds) ms"))
+                        id: id, EvdError(.timeout, "no connection to \(self.database.name) was free within \(milliseconds) ms" + why))
                 }
             }
         } onCancel: {
@@ -290,8 +340,9 @@ public final class ConnectionPool: Sendable {
             state.open -= 1
             state.inUse -= 1
             state.checkedOut.remove(number)
+            state.give(number)
             state.closeOnCheckin.removeValue(forKey: number)
-            return state.waiters.popFirst()
+            return state.popEligibleWaiter(share: self.share)
         }
         waiter?.continuation.resume(returning: .retry)
     }
@@ -329,12 +380,14 @@ public final class ConnectionPool: Sendable {
         let leftSessionState = connection.observer.leftSessionState
         let next: Next = self.state.withLock { state in
             state.inUse -= 1
+            state.give(connection.number)
             if let reason = state.closeOnCheckin.removeValue(forKey: connection.number) ?? (leftSessionState ? .close : nil) {
                 state.open -= 1
                 state.checkedOut.remove(connection.number)
-                return .close(reason, state.waiters.popFirst())
+                return .close(reason, state.popEligibleWaiter(share: self.share))
             }
-            if let waiter = state.waiters.popFirst() {
+            if let waiter = state.popEligibleWaiter(share: self.share) {
+                state.take(connection.number, for: waiter.uid)
                 state.inUse += 1
                 state.checkouts += 1
                 return .handOver(waiter)  // it stays checked out, by the waiter now
@@ -394,8 +447,10 @@ public final class ConnectionPool: Sendable {
         // The pragma's busy timeout (a do_connect listener may have changed it) is what the
         // connection's own busy handler waits.
         let busyTimeoutMs = pragmas["busy_timeout"]?.intValue.map { Int32(clamping: $0) } ?? self.defaultBusyTimeoutMs
-        return PooledConnection(
+        let connection = PooledConnection(
             number: number, sqlite: sqlite, observer: observer, busyTimeoutMs: busyTimeoutMs, gate: self.writeGate)
+        self.watches.withLock { $0[number] = connection.watch }
+        return connection
     }
 
     /// `PRAGMA name = value` for a name that is an identifier and a value that is a number, a
@@ -416,6 +471,7 @@ public final class ConnectionPool: Sendable {
 
     /// Closes a connection that left the pool, with `close` or `close_detached`.
     private func close(_ connection: PooledConnection, detached: Bool, origin: EventOrigin) async {
+        self.watches.withLock { _ = $0.removeValue(forKey: connection.number) }
         // Dropping the last reference closes the SQLite handle; do it on the thread pool, since a
         // close may checkpoint the WAL.
         _ = try? await self.run { withExtendedLifetime(connection) {} }
@@ -494,6 +550,17 @@ public final class ConnectionPool: Sendable {
             self.bus.emit(.detach, origin) { self.poolProperties(n) }
         }
         self.wakeWaitersForFreedSlots(idle.count)
+    }
+
+    /// Interrupts every client statement that has run past the statement time limit.
+    func interruptOverdue() {
+        let now = ContinuousClock.now
+        for watch in self.watches.withLock({ Array($0.values) }) { watch.interruptIfOverdue(now: now) }
+    }
+
+    /// Interrupts every running client statement (the daemon is stopping).
+    func interruptAll(_ reason: StatementWatch.Reason) {
+        for watch in self.watches.withLock({ Array($0.values) }) { watch.interrupt(reason) }
     }
 
     /// Pool figures for `stats`.

@@ -250,6 +250,8 @@ struct SQLRun {
     /// The `before_execute` listeners that rewrote the request: its SQL must stay within what each
     /// of them may see.
     var rewriters: [SQLPolicy] = []
+    /// How long one client statement may run before it is interrupted (0: no limit).
+    var statementLimitMs = 0
 
     var database: String { self.pool.database.name }
     var sqlite: SQLiteConnection { self.connection.sqlite }
@@ -577,6 +579,10 @@ struct SQLRun {
         observer.refused = nil
         observer.judgingClientSQL = true
         defer { observer.judgingClientSQL = false }
+        let watch = self.connection.watch
+        watch.begin(limitMs: self.statementLimitMs)
+        var interrupted: StatementWatch.Reason?
+        defer { if interrupted == nil { watch.end() } }
         do {
             if let sets {
                 try sets.forEach(statement, capture: self.connection.capture) { changed += try self.step(statement, onRow) }
@@ -584,6 +590,8 @@ struct SQLRun {
                 changed = try self.step(statement, onRow)
             }
         } catch let error as SQLiteError {
+            interrupted = watch.end()
+            if let interrupted { throw self.failed(error, statement: sql, parameters: parameters(), as: interrupted.evdError) }
             if let refusal = self.policyRefusal() { throw refusal }
             throw self.failed(error, statement: sql, parameters: parameters())
         } catch let error as EvdError {
@@ -616,8 +624,10 @@ struct SQLRun {
     /// Turns a SQLite failure into the client's error: `dbapi_error`, then `handle_error` (whose
     /// listeners may rewrite the error the client receives), and the connection invalidated when the
     /// error means it can no longer be trusted.
-    private func failed(_ error: SQLiteError, statement: String, parameters: JSONValue) -> EvdError {
-        let evdError = error.evdError
+    private func failed(_ error: SQLiteError, statement: String, parameters: JSONValue, as wireError: EvdError? = nil)
+        -> EvdError
+    {
+        let evdError = wireError ?? error.evdError
         let errorObject: JSONValue = .object(evdError.jsonObject)
         func properties() -> JSONObject {
             var properties = self.base()
