@@ -29,13 +29,13 @@ final class VetoListener: Sendable {
     let dryRun: Bool
     let outbox: Outbox
     /// The subscription's `where`: the listener is asked only about events that pass it.
-    let filter: [(String, [JSONValue])]
+    let filter: WhereFilter
     /// What its actor may see: it is asked only about those (`nil`: everything).
     let visibility: EventVisibility?
 
     init(
         subscription: Int, session: UInt64, name: String?, kinds: UInt64, priority: Int64, timeout: Duration,
-        onTimeout: VetoPolicy, dryRun: Bool, outbox: Outbox, filter: [(String, [JSONValue])] = [],
+        onTimeout: VetoPolicy, dryRun: Bool, outbox: Outbox, filter: WhereFilter = .none,
         visibility: EventVisibility? = nil
     ) {
         self.visibility = visibility
