@@ -31,13 +31,14 @@ struct DoSTests {
     func unreadResponses() async throws {
         try await withEvdProcess { evd in
             let baseline = try #require(residentBytes(of: evd.pid))
-            let attack = try asNobodyRunning(pipelineWithoutReading, [evd.socketPath, "6", #"{"op":"events"}"#])
+            // The catalog is the largest answer one can get with no grant at all.
+            let attack = try asNobodyRunning(pipelineWithoutReading, [evd.socketPath, #"{"op":"events"}"#])
             let start = ContinuousClock.now
             var peak = baseline
             var pinged = false
             while attack.process.isRunning {
                 peak = max(peak, residentBytes(of: evd.pid) ?? 0)
-                if !pinged && ContinuousClock.now - start > .seconds(3) {
+                if !pinged && ContinuousClock.now - start > .seconds(2) {
                     // Mid-attack, another client is served as usual.
                     #expect(try await evd.ping())
                     pinged = true
@@ -45,14 +46,15 @@ struct DoSTests {
                 try await Task.sleep(for: .milliseconds(50))
             }
             #expect(pinged)
-            let report = try await attack.finish(within: 30)
+            let report = try await attack.finish(within: 90)
             #expect(report.status == 0, "\(report.stderr)")
-            let sent = (try? JSONValue(parsing: report.stdout.trimmingCharacters(in: .whitespacesAndNewlines)))?["sent"]?.intValue ?? 0
-            // The attacker got far enough to fill the output bound many times over, if evd had let it.
-            #expect(sent > 16 << 10, "the attacker sent only \(sent) bytes")
+            let outcome = try JSONValue(parsing: report.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
+            let sent = outcome["sent"]?.intValue ?? 0
+            // evd stopped reading: the attacker's writes stopped going anywhere, for good.
+            #expect(outcome["stalled"] == true, "evd read on: the attacker sent \(sent) bytes in 60 s")
             let grown = (peak - baseline) >> 20
             #expect(grown < 100, "evd grew by \(grown) MiB (from \(baseline >> 20) MiB) under unread pipelined responses")
-            print("unread responses: evd's RSS \(baseline >> 20) MiB → peak \(peak >> 20) MiB, attacker sent \(sent) bytes")
+            print("unread responses: evd's RSS \(baseline >> 20) MiB → peak \(peak >> 20) MiB; the attacker's writes stalled after \(sent) bytes")
             #expect(try await evd.ping())
         }
     }
@@ -196,27 +198,34 @@ struct DoSTests {
 
 // MARK: Helpers
 
-/// A client for the attacks on evd's memory, run as nobody: writes `argv[3]` (one request line)
-/// over and over for `argv[2]` seconds without ever reading, then prints how many bytes the
-/// socket took (`{"sent":N}`).
+/// A client for the attack on evd's memory, run as nobody: writes `argv[2]` (one request line)
+/// over and over without ever reading, until its writes have made no progress for 2 s (the
+/// socket is full: evd reads no more) or 60 s have passed; prints how many bytes the socket took
+/// and whether it stalled (`{"sent":N,"stalled":true}`), then holds the connection 3 s more.
 private let pipelineWithoutReading = """
     import json, socket, sys, time
-    path, seconds, line = sys.argv[1], float(sys.argv[2]), sys.argv[3].encode() + b"\\n"
+    path, line = sys.argv[1], sys.argv[2].encode() + b"\\n"
     s = socket.socket(socket.AF_UNIX)
     s.connect(path)
     s.setblocking(False)
     chunk, pending, sent = line * 256, b"", 0
-    end = time.time() + seconds
-    while time.time() < end:
+    start = last = time.time()
+    stalled = False
+    while time.time() < start + 60:
         if not pending:
             pending = chunk
         try:
             n = s.send(pending)
             pending = pending[n:]
             sent += n
+            last = time.time()
         except BlockingIOError:
+            if time.time() - last > 2:
+                stalled = True
+                break
             time.sleep(0.01)
-    print(json.dumps({"sent": sent}))
+    print(json.dumps({"sent": sent, "stalled": stalled}), flush=True)
+    time.sleep(3)
     """
 
 /// A client run as nobody: sends the requests of `argv[2]` (a JSON array) at once, then prints
