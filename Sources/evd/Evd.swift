@@ -82,7 +82,7 @@ struct Evd: AsyncParsableCommand {
     @Flag(help: "Journal row images only while a rows: true subscription exists (cheaper writes; replays may lack rows).")
     var noJournalRows = false
 
-    @Option(help: "Keep at least the newest N journaled events (0: no limit by count; default 1000000).")
+    @Option(help: "Keep at least the newest N journaled events of each retention window: each database's, logins and logouts, other events of evd's own (0: no limit by count; default 1000000).")
     var journalKeepEvents: Int?
 
     @Option(help: "Drop journaled events older than this many seconds (0: no limit by age; default 604800).")

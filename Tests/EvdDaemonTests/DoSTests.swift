@@ -194,6 +194,45 @@ struct DoSTests {
             #expect(seen.map { $0["n"] ?? .null } == [5, 1998, 0])
         }
     }
+
+    // MARK: Flags and config keys
+
+    @Test("--max-response-bytes and --max-filter-values: [limits] keys, the flags win over them, the defaults, the ranges")
+    func limitFlags() async throws {
+        try await withTemporaryDirectory { directory in
+            let path = directory + "/evd.toml"
+            try "[limits]\nmax_response_bytes = 1048576\nmax_filter_values = 50\n".write(toFile: path, atomically: true, encoding: .utf8)
+            func check(_ arguments: [String]) async throws -> ProcessResult {
+                try await runProcess(binaryPath("evd"), ["--state-dir", directory, "--check-config"] + arguments, timeout: 30)
+            }
+            func limits(_ result: ProcessResult) throws -> JSONValue? {
+                #expect(result.status == 0, "\(result.stderr)")
+                return try JSONValue(parsing: result.stdout.trimmingCharacters(in: .whitespacesAndNewlines))["limits"]
+            }
+            let defaults = try limits(try await check([]))
+            #expect(defaults?["max_response_bytes"] == .integer(64 << 20))
+            #expect(defaults?["max_filter_values"] == 1024)
+            let fromFile = try limits(try await check(["--config", path]))
+            #expect(fromFile?["max_response_bytes"] == 1_048_576)
+            #expect(fromFile?["max_filter_values"] == 50)
+            let flagged = try limits(
+                try await check(["--config", path, "--max-response-bytes", "65536", "--max-filter-values", "7"]))
+            #expect(flagged?["max_response_bytes"] == 65536)
+            #expect(flagged?["max_filter_values"] == 7)
+            for (arguments, message) in [
+                (["--max-response-bytes", "65535"], "--max-response-bytes must be at least 65536"),
+                (["--max-filter-values", "0"], "--max-filter-values must be between 1 and 1000000"),
+            ] {
+                let bad = try await check(arguments)
+                #expect(bad.status != 0, "\(arguments)")
+                #expect(bad.stderr.contains(message), "\(arguments): \(bad.stderr)")
+            }
+            try "[limits]\nmax_filter_values = 0\n".write(toFile: path, atomically: true, encoding: .utf8)
+            let badFile = try await check(["--config", path])
+            #expect(badFile.status != 0)
+            #expect(badFile.stderr.contains("max_filter_values"), "\(badFile.stderr)")
+        }
+    }
 }
 
 // MARK: Helpers

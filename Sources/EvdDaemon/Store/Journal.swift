@@ -14,9 +14,10 @@ public struct JournalSettings: Sendable {
     /// Whether committed events are journaled at all (`--no-journal` turns it off: then `since`
     /// can replay nothing and gets notice `gap`).
     public var enabled = true
-    /// Keep at least the newest this many journaled events; 0: no limit by count.
+    /// Keep at least the newest this many journaled events of each retention window
+    /// (`Journal.Window`); 0: no limit by count.
     public var keepEvents = 1_000_000
-    /// Drop journaled events older than this many seconds; 0: no limit by age.
+    /// Drop journaled events older than this many seconds (in every window); 0: no limit by age.
     public var keepSeconds = 7 * 86_400
     /// How often retention runs, in milliseconds.
     public var pruneIntervalMs = 1000
