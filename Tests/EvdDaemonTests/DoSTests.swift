@@ -27,7 +27,9 @@ import Testing
 struct DoSTests {
     // MARK: Unread responses (output backpressure)
 
-    @Test("pipelined events requests never read: evd stops reading the connection; its memory stays bounded and others are served")
+    @Test(
+        "pipelined events requests never read: evd stops reading the connection; its memory stays bounded and others are served"
+    )
     func unreadResponses() async throws {
         try await withEvdProcess { evd in
             let baseline = try #require(residentBytes(of: evd.pid))
@@ -53,22 +55,31 @@ struct DoSTests {
             // evd stopped reading: the attacker's writes stopped going anywhere, for good.
             #expect(outcome["stalled"] == true, "evd read on: the attacker sent \(sent) bytes in 60 s")
             let grown = (peak - baseline) >> 20
-            #expect(grown < 100, "evd grew by \(grown) MiB (from \(baseline >> 20) MiB) under unread pipelined responses")
-            print("unread responses: evd's RSS \(baseline >> 20) MiB → peak \(peak >> 20) MiB; the attacker's writes stalled after \(sent) bytes")
+            #expect(
+                grown < 100, "evd grew by \(grown) MiB (from \(baseline >> 20) MiB) under unread pipelined responses")
+            print(
+                "unread responses: evd's RSS \(baseline >> 20) MiB → peak \(peak >> 20) MiB; the attacker's writes stalled after \(sent) bytes"
+            )
             #expect(try await evd.ping())
         }
     }
 
-    @Test("a result larger than --max-response-bytes gets response_too_large, stops early (memory bounded), and the connection goes on")
+    @Test(
+        "a result larger than --max-response-bytes gets response_too_large, stops early (memory bounded), and the connection goes on"
+    )
     func hugeResult() async throws {
         let grant = #"[[grant]]\#nuid = 65534\#nactions = ["execute-sql"]\#n"#
         try await withEvdProcess(["--max-response-bytes", "\(8 << 20)"], config: grant) { evd in
             let baseline = try #require(residentBytes(of: evd.pid))
             // About 266 MB of result: a million rows of 256 hex digits.
-            let huge = "with recursive c(x) as (select 1 union all select x + 1 from c limit 1000000) select x, hex(randomblob(128)) from c"
+            let huge =
+                "with recursive c(x) as (select 1 union all select x + 1 from c limit 1000000) select x, hex(randomblob(128)) from c"
             let attack = try asNobodyRunning(
                 requestsThenRead,
-                [evd.socketPath, #"[{"op":"execute","id":1,"sql":"\#(huge)"},{"op":"execute","id":2,"sql":"select 42"}]"#])
+                [
+                    evd.socketPath,
+                    #"[{"op":"execute","id":1,"sql":"\#(huge)"},{"op":"execute","id":2,"sql":"select 42"}]"#,
+                ])
             var peak = baseline
             while attack.process.isRunning {
                 peak = max(peak, residentBytes(of: evd.pid) ?? 0)
@@ -76,7 +87,9 @@ struct DoSTests {
             }
             let report = try await attack.finish(within: 60)
             #expect(report.status == 0, "\(report.stderr)")
-            let got = report.stdout.split(separator: "\n").compactMap { try? JSONValue(parsing: String($0)).objectValue }
+            let got = report.stdout.split(separator: "\n").compactMap {
+                try? JSONValue(parsing: String($0)).objectValue
+            }
             let answers = responses(got)
             #expect(answers[1]?["ok"] == false)
             #expect(answers[1]?["error"]?["code"] == "response_too_large")
@@ -98,11 +111,13 @@ struct DoSTests {
         }) { daemon in
             let got = responses(
                 try await messages(
-                    try asNobody(daemon, [
-                        execute("select hex(zeroblob(40000))"),  // 80,000 hex digits in one row
-                        execute("select hex(zeroblob(20000))"),
-                        ["op": "events"],
-                    ])))
+                    try asNobody(
+                        daemon,
+                        [
+                            execute("select hex(zeroblob(40000))"),  // 80,000 hex digits in one row
+                            execute("select hex(zeroblob(20000))"),
+                            ["op": "events"],
+                        ])))
             #expect(got[1]?["error"]?["code"] == "response_too_large")
             #expect(got[1]?["error"]?["max"] == .integer(64 << 10))
             #expect(got[2]?["result"]?["rows"]?.arrayValue?.first?.arrayValue?.first?.stringValue?.utf8.count == 40000)
@@ -159,13 +174,16 @@ struct DoSTests {
 
     // MARK: Subscription filters
 
-    @Test("a where filter over --max-filter-values is refused at subscribe, naming the limit; one within it matches as before")
+    @Test(
+        "a where filter over --max-filter-values is refused at subscribe, naming the limit; one within it matches as before"
+    )
     func filterBound() async throws {
         let grants = [Grant(who: .uid(65534), actions: [.subscribe])]
         try await withRunningDaemon(configure: { openUp(&$0, grants: grants) }) { daemon in
             let tooMany: JSONValue = .array((0...1024).map { .integer($0) })  // 1025 values
             let refused = responses(
-                try await messages(try asNobody(daemon, [["op": "subscribe", "events": ["app.*"], "where": ["n": tooMany]]])))
+                try await messages(
+                    try asNobody(daemon, [["op": "subscribe", "events": ["app.*"], "where": ["n": tooMany]]])))
             #expect(refused[1]?["error"]?["code"] == "bad_request")
             #expect(refused[1]?["error"]?["field"] == "where")
             #expect(refused[1]?["error"]?["limit"] == "max-filter-values")
@@ -177,14 +195,21 @@ struct DoSTests {
             accepted.append(.double(5))
             let listener = try asNobody(
                 daemon,
-                [["op": "subscribe", "events": ["app.*"], "where": ["n": .array(accepted), "event": ["app.n", "app.end"]]]],
+                [
+                    [
+                        "op": "subscribe", "events": ["app.*"],
+                        "where": ["n": .array(accepted), "event": ["app.n", "app.end"]],
+                    ]
+                ],
                 until: "app.end")
             let deadline = ContinuousClock.now + .seconds(30)
             while try await daemon.request("stats")["subscriptions"] != 1 && ContinuousClock.now < deadline {
                 try await Task.sleep(for: .milliseconds(20))
             }
             try await daemon.withClient { evd in
-                for n: Int64 in [3, 5, 1998, 1999, 2000, 7] { try await evd.request("emit", ["event": "app.n", "data": ["n": .int(n)]]) }
+                for n: Int64 in [3, 5, 1998, 1999, 2000, 7] {
+                    try await evd.request("emit", ["event": "app.n", "data": ["n": .int(n)]])
+                }
                 try await evd.request("emit", ["event": "app.other", "data": ["n": 4]])
                 try await evd.request("emit", ["event": "app.n", "data": ["n": "4"]])
                 try await evd.request("emit", ["event": "app.n", "data": ["n": [4]]])
@@ -197,13 +222,17 @@ struct DoSTests {
 
     // MARK: Flags and config keys
 
-    @Test("--max-response-bytes and --max-filter-values: [limits] keys, the flags win over them, the defaults, the ranges")
+    @Test(
+        "--max-response-bytes and --max-filter-values: [limits] keys, the flags win over them, the defaults, the ranges"
+    )
     func limitFlags() async throws {
         try await withTemporaryDirectory { directory in
             let path = directory + "/evd.toml"
-            try "[limits]\nmax_response_bytes = 1048576\nmax_filter_values = 50\n".write(toFile: path, atomically: true, encoding: .utf8)
+            try "[limits]\nmax_response_bytes = 1048576\nmax_filter_values = 50\n".write(
+                toFile: path, atomically: true, encoding: .utf8)
             func check(_ arguments: [String]) async throws -> ProcessResult {
-                try await runProcess(binaryPath("evd"), ["--state-dir", directory, "--check-config"] + arguments, timeout: 30)
+                try await runProcess(
+                    binaryPath("evd"), ["--state-dir", directory, "--check-config"] + arguments, timeout: 30)
             }
             func limits(_ result: ProcessResult) throws -> JSONValue? {
                 #expect(result.status == 0, "\(result.stderr)")
@@ -311,13 +340,16 @@ private struct EvdProcess: Sendable {
 
 /// Starts `evd` (the built binary) with `arguments` in a fresh directory nobody can reach, and a
 /// config file with `config` when given; stops it after `body`.
-private func withEvdProcess(_ arguments: [String] = [], config: String? = nil, _ body: (EvdProcess) async throws -> Void)
+private func withEvdProcess(
+    _ arguments: [String] = [], config: String? = nil, _ body: (EvdProcess) async throws -> Void
+)
     async throws
 {
     try await withTemporaryDirectory { directory in
         #expect(chmod(directory, 0o755) == 0)
         var all = [
-            "--socket", directory + "/evd.sock", "--state-dir", directory + "/state", "--db", "main=\(directory)/main.db",
+            "--socket", directory + "/evd.sock", "--state-dir", directory + "/state", "--db",
+            "main=\(directory)/main.db",
             "--socket-mode", "0666", "--log-level", "error",
         ]
         if let config {

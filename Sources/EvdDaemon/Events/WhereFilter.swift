@@ -47,7 +47,8 @@ struct WhereFilter: Sendable {
         for (property, value) in object {
             let listed = value.arrayValue ?? [value]
             guard listed.allSatisfy(\.isScalar) else {
-                throw EvdError.badRequest(field: "where.\(property)", "a where value must be a scalar or a list of scalars")
+                throw EvdError.badRequest(
+                    field: "where.\(property)", "a where value must be a scalar or a list of scalars")
             }
             clauses.append(Clause(property: property, accepted: Set(listed.map(Self.key))))
         }

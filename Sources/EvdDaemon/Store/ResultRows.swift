@@ -40,7 +40,8 @@ struct ResultRows {
         case .int, .double: return 1
         case .string(let text): return text.utf8.count + 2
         case .array(let items): return items.reduce(2) { $0 + Self.minimumLength($1) + 1 }
-        case .object(let members): return members.reduce(2) { $0 + $1.key.utf8.count + 4 + Self.minimumLength($1.value) }
+        case .object(let members):
+            return members.reduce(2) { $0 + $1.key.utf8.count + 4 + Self.minimumLength($1.value) }
         }
     }
 }
