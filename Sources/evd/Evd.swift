@@ -64,8 +64,14 @@ struct Evd: AsyncParsableCommand {
     @Option(help: "The most events queued for one subscription before its overflow policy applies (default 10000).")
     var maxQueuedEvents: Int?
 
-    @Option(help: "The most bytes of events queued for one connection before the overflow policy applies (at least 65536; default 16777216).")
+    @Option(help: "One connection's output bound: the most bytes of events queued before the overflow policy applies, and of unwritten output (responses included) before evd stops reading the connection (at least 65536; default 16777216).")
     var maxQueuedBytes: Int?
+
+    @Option(help: "The largest response sent, in bytes; a larger one is refused with response_too_large (at least 65536; default 67108864).")
+    var maxResponseBytes: Int?
+
+    @Option(help: "The most values one subscription's where filter may list in all (1...1000000; default 1024).")
+    var maxFilterValues: Int?
 
     @Option(help: "trace, debug, info, notice, warning, error or critical (default info).")
     var logLevel: String?
@@ -76,7 +82,7 @@ struct Evd: AsyncParsableCommand {
     @Flag(help: "Journal row images only while a rows: true subscription exists (cheaper writes; replays may lack rows).")
     var noJournalRows = false
 
-    @Option(help: "Keep at least the newest N journaled events (0: no limit by count; default 1000000).")
+    @Option(help: "Keep at least the newest N journaled events of each retention window: each database's, logins and logouts, other events of evd's own (0: no limit by count; default 1000000).")
     var journalKeepEvents: Int?
 
     @Option(help: "Drop journaled events older than this many seconds (0: no limit by age; default 604800).")
@@ -108,6 +114,12 @@ struct Evd: AsyncParsableCommand {
         }
         if let maxQueuedBytes, !OutboxLimits.bytesRange.contains(maxQueuedBytes) {
             throw ValidationError("--max-queued-bytes must be at least 65536")
+        }
+        if let maxResponseBytes, !EvdConfiguration.responseBytesRange.contains(maxResponseBytes) {
+            throw ValidationError("--max-response-bytes must be at least 65536")
+        }
+        if let maxFilterValues, !EvdConfiguration.filterValuesRange.contains(maxFilterValues) {
+            throw ValidationError("--max-filter-values must be between 1 and 1000000")
         }
         if let logLevel, Logger.Level(rawValue: logLevel) == nil {
             throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
@@ -223,6 +235,8 @@ extension Evd {
             configuration.outboxLimits.maxEventsPerSubscription = value
         }
         if let value = self.maxQueuedBytes ?? file.maxQueuedBytes { configuration.outboxLimits.maxBytes = value }
+        if let value = self.maxResponseBytes ?? file.maxResponseBytes { configuration.maxResponseBytes = value }
+        if let value = self.maxFilterValues ?? file.maxFilterValues { configuration.maxFilterValues = value }
         configuration.journal.enabled = !self.noJournal && (file.journalEnabled ?? true)
         configuration.journal.rowImages = !self.noJournalRows && (file.journalRows ?? true)
         if let value = self.journalKeepEvents ?? file.journalKeepEvents { configuration.journal.keepEvents = value }
@@ -262,6 +276,8 @@ extension Evd {
                 "max_pending_requests": .integer(configuration.maxPipelinedRequests),
                 "max_queued_events": .integer(configuration.outboxLimits.maxEventsPerSubscription),
                 "max_queued_bytes": .integer(configuration.outboxLimits.maxBytes),
+                "max_response_bytes": .integer(configuration.maxResponseBytes),
+                "max_filter_values": .integer(configuration.maxFilterValues),
             ],
             "journal": [
                 "enabled": .bool(configuration.journal.enabled), "rows": .bool(configuration.journal.rowImages),

@@ -22,6 +22,8 @@ public enum ErrorCode: String, Sendable, CaseIterable, Codable {
     case tokenExpired = "token_expired"
     case tooManyConnections = "too_many_connections"
     case shuttingDown = "shutting_down"
+    /// Not in PROTOCOL.md §7: a response longer than `--max-response-bytes` (docs/protocol.md, "Limits").
+    case responseTooLarge = "response_too_large"
 }
 
 /// An error response: the code, a message for people, and the extra fields some codes carry

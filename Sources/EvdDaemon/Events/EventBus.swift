@@ -11,8 +11,8 @@ final class Subscription: Sendable {
     let patterns: [EventPattern]
     /// Catalog events matched by `patterns`, as a bit set over `EventKind.rawValue`.
     let kinds: UInt64
-    /// Property → accepted values; every listed property must match.
-    let filter: [(String, [JSONValue])]
+    /// Its `where`: property → accepted values; every listed property must match.
+    let filter: WhereFilter
     let overflow: OverflowPolicy
     let wantsRows: Bool
     let outbox: Outbox
@@ -20,7 +20,7 @@ final class Subscription: Sendable {
     let visibility: EventVisibility?
 
     init(
-        id: Int, session: UInt64, name: String?, patterns: [EventPattern], filter: [(String, [JSONValue])],
+        id: Int, session: UInt64, name: String?, patterns: [EventPattern], filter: WhereFilter,
         overflow: OverflowPolicy, wantsRows: Bool, outbox: Outbox, visibility: EventVisibility? = nil
     ) {
         self.visibility = visibility
@@ -53,35 +53,11 @@ final class Subscription: Sendable {
     var acceptsAll: Bool { self.filter.isEmpty && self.visibility == nil }
 
     /// Whether an event passes a `where` filter (plain subscriptions and veto listeners alike).
-    static func passes(_ filter: [(String, [JSONValue])], name: String, origin: EventOrigin, properties: JSONObject) -> Bool {
-        Self.passes(
-            filter, name: name, session: origin.session.map { .integer($0) } ?? .null,
+    static func passes(_ filter: WhereFilter, name: String, origin: EventOrigin, properties: JSONObject) -> Bool {
+        filter.passes(
+            name: name, session: origin.session.map { .integer($0) } ?? .null,
             actor: origin.actor.map { .string($0.id) } ?? .null, properties: properties)
     }
-
-    /// Whether an event passes a `where` filter, given its envelope's `session` and actor `id`
-    /// (a replay reads them from the journaled JSON).
-    static func passes(
-        _ filter: [(String, [JSONValue])], name: String, session: JSONValue, actor: JSONValue, properties: JSONObject
-    ) -> Bool {
-        for (key, accepted) in filter {
-            let value: JSONValue?
-            switch key {
-            case "event": value = .string(name)
-            case "session": value = session
-            case "actor": value = actor
-            default: value = properties[key]
-            }
-            guard let value, accepted.contains(where: { looselyEqual($0, value) }) else { return false }
-        }
-        return true
-    }
-}
-
-/// JSON equality where an integer equals the same real (`5 == 5.0`), as a filter user expects.
-func looselyEqual(_ a: JSONValue, _ b: JSONValue) -> Bool {
-    if let x = a.doubleValue, let y = b.doubleValue { return x == y }
-    return a == b
 }
 
 /// Routes every event to the subscriptions that asked for it, numbering events with one daemon-wide seq.
@@ -548,7 +524,7 @@ public final class EventBus: Sendable {
     /// subscriber before any event of the new subscription.
     @discardableResult
     func subscribe(
-        session: UInt64, name: String?, patterns: [EventPattern], filter: [(String, [JSONValue])],
+        session: UInt64, name: String?, patterns: [EventPattern], filter: WhereFilter,
         overflow: OverflowPolicy, wantsRows: Bool, outbox: Outbox, visibility: EventVisibility? = nil,
         veto: ((Int) -> VetoListener)? = nil,
         registered: (Subscription, _ head: Int64, _ stable: Int64) -> Void = { _, _, _ in }

@@ -29,7 +29,7 @@ final class VetoListener: Sendable {
     let dryRun: Bool
     let outbox: Outbox
     /// The subscription's `where`: the listener is asked only about events that pass it.
-    let filter: [(String, [JSONValue])]
+    let filter: WhereFilter
     /// What its actor may see: it is asked only about those (`nil`: everything).
     let visibility: EventVisibility?
     /// Where its actor's `veto` grant reaches: it is asked only about those (`nil`: everywhere).
@@ -37,7 +37,7 @@ final class VetoListener: Sendable {
 
     init(
         subscription: Int, session: UInt64, name: String?, kinds: UInt64, priority: Int64, timeout: Duration,
-        onTimeout: VetoPolicy, dryRun: Bool, outbox: Outbox, filter: [(String, [JSONValue])] = [],
+        onTimeout: VetoPolicy, dryRun: Bool, outbox: Outbox, filter: WhereFilter = .none,
         visibility: EventVisibility? = nil, scope: EventVisibility? = nil
     ) {
         self.visibility = visibility

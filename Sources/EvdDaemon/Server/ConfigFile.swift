@@ -36,6 +36,8 @@ public struct ConfigFile: Sendable {
     public var maxPendingRequests: Int?
     public var maxQueuedEvents: Int?
     public var maxQueuedBytes: Int?
+    public var maxResponseBytes: Int?
+    public var maxFilterValues: Int?
     public var journalEnabled: Bool?
     public var journalRows: Bool?
     public var journalKeepEvents: Int?
@@ -125,7 +127,7 @@ public struct ConfigFile: Sendable {
         if let limits = try top.table("limits") {
             try limits.only([
                 "max_connections", "max_connections_per_uid", "max_subscriptions", "max_pending_requests",
-                "max_queued_events", "max_queued_bytes",
+                "max_queued_events", "max_queued_bytes", "max_response_bytes", "max_filter_values",
             ])
             config.maxConnections = try limits.int("max_connections", 1...Int(Int32.max))
             config.maxConnectionsPerUID = try limits.int("max_connections_per_uid", 1...Int(Int32.max))
@@ -133,6 +135,8 @@ public struct ConfigFile: Sendable {
             config.maxPendingRequests = try limits.int("max_pending_requests", 1...65_536)
             config.maxQueuedEvents = try limits.int("max_queued_events", OutboxLimits.eventsRange)
             config.maxQueuedBytes = try limits.int("max_queued_bytes", OutboxLimits.bytesRange)
+            config.maxResponseBytes = try limits.int("max_response_bytes", EvdConfiguration.responseBytesRange)
+            config.maxFilterValues = try limits.int("max_filter_values", EvdConfiguration.filterValuesRange)
         }
         if let journal = try top.table("journal") {
             try journal.only(["enabled", "rows", "keep_events", "keep_seconds"])

@@ -29,7 +29,16 @@ public struct EvdConfiguration: Sendable {
     public var maxSubscriptions: Int = 256
     /// Requests a connection may have queued (pipelined) before evd stops reading from it.
     public var maxPipelinedRequests: Int = 256
+    /// Values one subscription's `where` may list in all; a longer filter gets `bad_request`.
+    public var maxFilterValues: Int = 1024
+    /// What `--max-filter-values` accepts.
+    public static let filterValuesRange = 1...1_000_000
     public var outboxLimits = OutboxLimits()
+    /// The largest response evd sends; a request whose response would be larger gets
+    /// `response_too_large` (a query's rows stop being read once they pass it).
+    public var maxResponseBytes: Int = 64 << 20
+    /// What `--max-response-bytes` accepts: at least 64 KiB, which the `events` catalog needs.
+    public static let responseBytesRange = (64 << 10)...Int.max
     /// WAL pages past which a database's WAL is checkpointed in the background (`Checkpointer`);
     /// a tuning knob without a flag (tests set it lower).
     public var checkpointPages: Int = 4000

@@ -211,14 +211,7 @@ extension Session {
         let onTimeout = try args.choice("on_timeout", ["allow", "deny"]).flatMap(VetoPolicy.init) ?? .deny
         let priority = try args.int("priority") ?? 0
         let overflow = try args.choice("on_overflow", ["disconnect", "drop"]).flatMap(OverflowPolicy.init) ?? .disconnect
-        var filter: [(String, [JSONValue])] = []
-        for (key, value) in try args.object("where") ?? [:] {
-            let accepted = value.arrayValue ?? [value]
-            guard accepted.allSatisfy(\.isScalar) else {
-                throw EvdError.badRequest(field: "where.\(key)", "a where value must be a scalar or a list of scalars")
-            }
-            filter.append((key, accepted))
-        }
+        let filter = try WhereFilter(try args.object("where") ?? [:], maxValues: self.core.configuration.maxFilterValues)
         try args.finish()
         guard !events.isEmpty || !veto.isEmpty else {
             throw EvdError.badRequest(field: "events", "subscribe needs 'events' or 'veto' (or both)")

@@ -16,7 +16,10 @@ public enum OverflowPolicy: String, Sendable {
 public struct OutboxLimits: Sendable {
     /// Events queued for one subscription before its overflow policy applies.
     public var maxEventsPerSubscription: Int
-    /// Bytes of events queued for the connection before the overflow policy applies.
+    /// The connection's output bound. Events: bytes of them queued before the overflow policy
+    /// applies. All output (responses, notices, vetoes and events, queued or being written): bytes
+    /// of it unwritten at which evd stops running the connection's requests and reading from it,
+    /// until the client has read enough (`Outbox.hasRoom`).
     public var maxBytes: Int
 
     /// What `--max-queued-events` accepts.
@@ -97,11 +100,19 @@ enum OutboundChunk {
 /// cannot slow anyone's database work. The first producer to queue into an idle outbox schedules
 /// one flush on the event loop (`attach(flush:)`); the flush takes everything queued by then and
 /// writes it with one syscall, so events are batched under load and a lone message costs one hop.
+///
+/// **Backpressure.** Responses are never dropped, so they are bounded another way: every byte
+/// not yet written — queued here or handed to the channel and not yet written to the socket —
+/// counts against `limits.maxBytes`, and while the connection is at that bound its session runs
+/// no further request (`waitForRoom()`) and its handler reads nothing (`hasRoom`). A client that
+/// pipelines requests and never reads the answers is thus held at the bound plus one response
+/// (`--max-response-bytes`) instead of growing evd's memory without limit.
 final class Outbox: Sendable {
     /// What the event loop's flush takes.
     enum Take {
-        /// Output to write; close the connection afterwards if `closeAfter`.
-        case batch([OutboundChunk], closeAfter: Bool)
+        /// Output to write (`bytes` of it: hand them back to `written(bytes:)` once written);
+        /// close the connection afterwards if `closeAfter`.
+        case batch([OutboundChunk], bytes: Int, closeAfter: Bool)
         /// The outbox is closed and drained: close the connection.
         case close
         /// Nothing to do.
@@ -144,6 +155,16 @@ final class Outbox: Sendable {
         var writeThrough: WriteThrough?
         /// Batches taken by the event loop whose write has not completed (`written()`).
         var inFlight = 0
+        /// The bytes of those batches.
+        var inFlightBytes = 0
+        /// The bytes of the lines (responses, notices, vetoes) in `chunks`.
+        var lineBytes = 0
+        /// Executors waiting in `waitForRoom()` for the output to fall below the bound.
+        var roomWaiters: [CheckedContinuation<Void, Never>] = []
+
+        /// Every byte of output not yet written to the socket: lines and events queued (parked
+        /// ones included) and batches being written.
+        var unwrittenBytes: Int { self.lineBytes + self.queuedBytes + self.inFlightBytes }
     }
 
     private let state = Mutex(State())
@@ -172,8 +193,9 @@ final class Outbox: Sendable {
         }
     }
 
-    /// Queues a response, notice or veto line (never dropped). When nothing is queued or being
-    /// written, the line is written at once on this thread, and the event loop is not woken.
+    /// Queues a response, notice or veto line (never dropped: it counts against the output bound
+    /// instead, see "Backpressure"). When nothing is queued or being written, the line is written
+    /// at once on this thread, and the event loop is not woken.
     func enqueue(line: [UInt8]) {
         let wakeup = self.state.withLock { state -> Wakeup? in
             guard !state.closing else { return nil }
@@ -184,15 +206,51 @@ final class Outbox: Sendable {
                 case .part(let count): line.removeFirst(count)
                 }
             }
+            state.lineBytes += line.count
             state.chunks.append(.line(line))
             return Self.scheduleFlush(&state)
         }
         wakeup?.resume()
     }
 
-    /// The event loop finished writing a batch `take()` returned.
-    func written() {
-        self.state.withLock { $0.inFlight -= 1 }
+    /// The event loop finished writing a batch of `bytes` that `take()` returned.
+    func written(bytes: Int) {
+        let waiters = self.state.withLock { state -> [CheckedContinuation<Void, Never>] in
+            state.inFlight -= 1
+            state.inFlightBytes -= bytes
+            return Self.takeRoomWaiters(&state, bound: self.limits.maxBytes)
+        }
+        for waiter in waiters { waiter.resume() }
+    }
+
+    // MARK: Backpressure
+
+    /// Whether the connection's unwritten output is below the bound (or the outbox is closing, when
+    /// nothing more will be written anyway): the handler reads from the socket only then.
+    var hasRoom: Bool {
+        self.state.withLock { $0.closing || $0.unwrittenBytes < self.limits.maxBytes }
+    }
+
+    /// Waits until the connection's unwritten output is below the bound (or the outbox closes):
+    /// the session runs its next request only then. Returns at once when it is.
+    func waitForRoom() async {
+        let room = self.state.withLock { $0.closing || $0.unwrittenBytes < self.limits.maxBytes }
+        guard !room else { return }
+        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+            let now = self.state.withLock { state -> Bool in
+                if state.closing || state.unwrittenBytes < self.limits.maxBytes { return true }
+                state.roomWaiters.append(continuation)
+                return false
+            }
+            if now { continuation.resume() }
+        }
+    }
+
+    /// The waiters to resume, when the output has fallen below `bound` (or the outbox is closing).
+    private static func takeRoomWaiters(_ state: inout State, bound: Int) -> [CheckedContinuation<Void, Never>] {
+        guard !state.roomWaiters.isEmpty, state.closing || state.unwrittenBytes < bound else { return [] }
+        defer { state.roomWaiters = [] }
+        return state.roomWaiters
     }
 
     /// Queues an event for `subscription`, applying its overflow policy when the queue is full.
@@ -252,7 +310,7 @@ final class Outbox: Sendable {
                 "type": "notice", "code": "lagged", "subscription": .integer(subscription),
                 "dropped": .integer(record.count), "from": .int(record.from), "to": .int(record.to),
             ]
-            state.chunks.append(.line(notice.jsonBytes + [0x0a]))
+            Self.appendLine(&state, notice.jsonBytes + [0x0a])
         }
         state.chunks.append(chunk)
         state.queuedEvents[subscription, default: 0] += events
@@ -289,13 +347,14 @@ final class Outbox: Sendable {
             let notice: JSONValue = [
                 "type": "notice", "code": "lagged", "subscription": .integer(subscription), "last_seq": .int(last),
             ]
-            state.chunks.append(.line(notice.jsonBytes + [0x0a]))
+            Self.appendLine(&state, notice.jsonBytes + [0x0a])
             state.closing = true
             state.writeThrough = nil
             state.laggedOut = true
-            // Resuming only schedules the watcher's task, so it is safe under the lock.
+            // Resuming only schedules the watcher's and the waiters' tasks, so it is safe under the lock.
             state.closeWatcher?.resume(returning: true)
             state.closeWatcher = nil
+            for waiter in Self.takeRoomWaiters(&state, bound: self.limits.maxBytes) { waiter.resume() }
             return Self.scheduleFlush(&state)
         case .drop:
             self.stats.dropped.add(count, ordering: .relaxed)
@@ -366,17 +425,18 @@ final class Outbox: Sendable {
 
     /// Stops accepting output; the connection closes once what is queued is written.
     func close() {
-        let (wakeup, watcher, laggedOut, drainWaiters) = self.state.withLock { state in
+        let (wakeup, watcher, laggedOut, waiters) = self.state.withLock { state in
             state.closing = true
             state.writeThrough = nil
             let watcher = state.closeWatcher
             state.closeWatcher = nil
-            defer { state.drainWaiters = [] }
-            return (Self.scheduleFlush(&state), watcher, state.laggedOut, state.drainWaiters)
+            let waiters = state.drainWaiters + Self.takeRoomWaiters(&state, bound: self.limits.maxBytes)
+            state.drainWaiters = []
+            return (Self.scheduleFlush(&state), watcher, state.laggedOut, waiters)
         }
         wakeup?.resume()
         watcher?.resume(returning: laggedOut)
-        for waiter in drainWaiters { waiter.resume() }
+        for waiter in waiters { waiter.resume() }
     }
 
     /// Waits until the outbox stops accepting output; returns whether that is because a
@@ -403,7 +463,9 @@ final class Outbox: Sendable {
             guard !state.chunks.isEmpty else { return (state.closing ? .close : .idle, []) }
             let chunks = Array(state.chunks)
             state.chunks.removeAll(keepingCapacity: true)
+            var bytes = 0
             for chunk in chunks {
+                bytes += chunk.byteCount
                 switch chunk {
                 case .event(let event): state.lastDelivered[event.subscription] = event.seq
                 case .events(let page): state.lastDelivered[page.subscription] = page.lastSeq
@@ -413,12 +475,20 @@ final class Outbox: Sendable {
             }
             state.queuedEvents.removeAll(keepingCapacity: true)
             state.queuedBytes = state.parkedBytes
+            state.lineBytes = 0
             state.inFlight += 1
+            state.inFlightBytes += bytes
             defer { state.drainWaiters = [] }
-            return (.batch(chunks, closeAfter: state.closing), state.drainWaiters)
+            return (.batch(chunks, bytes: bytes, closeAfter: state.closing), state.drainWaiters)
         }
         for waiter in drainWaiters { waiter.resume() }
         return take
+    }
+
+    /// Queues a line the outbox makes itself (a notice), counting its bytes.
+    private static func appendLine(_ state: inout State, _ line: [UInt8]) {
+        state.lineBytes += line.count
+        state.chunks.append(.line(line))
     }
 
     /// Marks a flush scheduled unless one already is; returns it, to run once the caller's locks

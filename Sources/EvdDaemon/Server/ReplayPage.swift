@@ -69,9 +69,10 @@ struct ReplayPage: Sendable {
             return 1
         }
         page.read = read
-        // Retention raises the floor before it deletes: loaded after the read, it covers every
-        // row the read may have missed.
-        page.floor = min(journal.floor, through)
+        // Retention raises a floor before it deletes: loaded after the read, it covers every
+        // row the read may have missed. Only the windows whose events the subscription can
+        // receive count: the churn of others' logins does not make a gap in its insert-rows.
+        page.floor = min(journal.floor(of: subscription.mayReceive(from:)), through)
         return page
     }
 
@@ -91,8 +92,8 @@ struct ReplayPage: Sendable {
             }
             guard let parsed = try? JSONValue(parsing: object), let properties = parsed.objectValue,
                 subscription.visibility?.allows(properties) ?? true,
-                Subscription.passes(
-                    subscription.filter, name: name.text, session: properties["session"] ?? .null,
+                subscription.filter.passes(
+                    name: name.text, session: properties["session"] ?? .null,
                     actor: properties["actor"]?["id"] ?? .null, properties: properties)
             else { return }
         }
@@ -131,8 +132,8 @@ struct ReplayPage: Sendable {
                 if object.count > 1 { object[1] = UInt8(ascii: " ") }  // the body's leading comma
                 if let properties = (try? JSONValue(parsing: object))?.objectValue,
                     subscription.visibility?.allows(properties) ?? true,
-                    Subscription.passes(
-                        subscription.filter, name: name.text, session: properties["session"] ?? .null,
+                    subscription.filter.passes(
+                        name: name.text, session: properties["session"] ?? .null,
                         actor: properties["actor"]?["id"] ?? .null, properties: properties)
                 {
                     self.appendRunEvent(seq, name, row.time, tail, run.common, eventTail, image, kind, columns, subscription)
@@ -210,6 +211,23 @@ struct ReplayPage: Sendable {
             head.append(UInt8(ascii: "\""))
             self.lastName = wanted ? Name(text: text, kind: kind, head: head) : nil
             return self.lastName
+        }
+    }
+}
+
+extension Subscription {
+    /// Whether any event of a journal's retention window can reach this subscription: its names
+    /// match some of the window's events, and (for a database's) its `where` allows the database.
+    func mayReceive(from window: Journal.Window) -> Bool {
+        switch window {
+        case .sessions:
+            return self.kinds & (1 << UInt64(EventKind.login.rawValue) | 1 << UInt64(EventKind.logout.rawValue)) != 0
+        case .state:
+            // `create-token`, or custom events: any glob might match one, and so does a namespaced name.
+            return self.kinds & 1 << UInt64(EventKind.createToken.rawValue) != 0
+                || self.patterns.contains { $0.isGlob || isNamespacedEventName($0.text) }
+        case .database(let name):
+            return self.kinds & EventKind.committedChanges != 0 && self.filter.mayPass("database", .string(name))
         }
     }
 }

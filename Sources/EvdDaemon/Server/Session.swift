@@ -200,8 +200,12 @@ final class Session: Sendable {
 
     private func execute(channel: any Channel) async {
         var state = SessionState()
-        while let item = await self.next(inTransaction: state.transaction != nil) {
-            guard case .some(let item) = item else {
+        while true {
+            // Backpressure: while the client has not read what it was sent up to the output bound,
+            // no request runs (and the handler reads nothing), so unread responses cannot grow.
+            await self.outbox.waitForRoom()
+            guard let next = await self.next(inTransaction: state.transaction != nil) else { break }
+            guard case .some(let item) = next else {
                 // The session's transaction sat idle past `--idle-transaction-ms`: it holds a pooled
                 // connection (and perhaps the write lock) that others wait for.
                 await self.endIdleTransaction(&state)
@@ -225,7 +229,9 @@ final class Session: Sendable {
                     // One veto budget for everything this request does (PROTOCOL.md §4).
                     let budget = OperationVetoBudget(.milliseconds(self.core.configuration.vetoBudgetMs))
                     outcome = try await OperationVetoBudget.$current.withValue(budget) {
-                        try await self.dispatch(request, &state)
+                        try await ResultRows.$maxResponseBytes.withValue(self.core.configuration.maxResponseBytes) {
+                            try await self.dispatch(request, &state)
+                        }
                     }
                 } catch {
                     outcome = .failure(Self.wireError(error))
@@ -316,12 +322,20 @@ final class Session: Sendable {
         case responded
     }
 
+    /// Queues the response to a request. One larger than `--max-response-bytes` is replaced by
+    /// `response_too_large`.
     func respond(id: JSONValue, _ outcome: Outcome) {
         switch outcome {
         case .responded:
             return
         case .result(let result):
-            self.outbox.enqueue(line: Self.responseLine(id: id, result: result))
+            let line = Self.responseLine(id: id, result: result)
+            let max = self.core.configuration.maxResponseBytes
+            guard line.count <= max else {
+                self.outbox.enqueue(line: Self.responseLine(id: id, error: .responseTooLarge(max: max)))
+                return
+            }
+            self.outbox.enqueue(line: line)
         case .failure(let error):
             self.outbox.enqueue(line: Self.responseLine(id: id, error: error))
         }

@@ -8,9 +8,11 @@ import Synchronization
 /// Everything latency-critical happens here, on the connection's event loop, without a hop to
 /// another thread: a line is parsed as it arrives, a veto `reply` is handled at once (it wakes the
 /// database thread waiting for it), other requests go to the session's inbox, and the outbox is
-/// flushed (one write for everything queued). The inbox applies back-pressure: while it holds
-/// `capacity` requests, the handler stops asking the socket for more, so a client that pipelines
-/// without reading answers is slowed down instead of growing memory.
+/// flushed (one write for everything queued). Two things apply back-pressure, and while either
+/// does the handler stops asking the socket for more, so a client that pipelines without reading
+/// answers is slowed down instead of growing memory: the inbox holding `capacity` requests, and
+/// the connection's unwritten output reaching its bound (`Outbox.hasRoom`; reading resumes once
+/// a write brings it below).
 final class SessionHandler: ChannelDuplexHandler {
     typealias InboundIn = LineFrame
     typealias OutboundIn = ByteBuffer
@@ -20,7 +22,8 @@ final class SessionHandler: ChannelDuplexHandler {
     private var context: ChannelHandlerContext?
     /// The inbox is full: reads wait until the executor takes a request.
     private var paused = false
-    /// A read was asked for while there was no session yet or the inbox was full.
+    /// A read was asked for while there was no session yet, the inbox was full or the output was
+    /// at its bound.
     private var readPending = false
     /// The client's input ended (half-close or close).
     private var inputEnded = false
@@ -63,11 +66,11 @@ final class SessionHandler: ChannelDuplexHandler {
     // MARK: Input
 
     func read(context: ChannelHandlerContext) {
-        if self.session == nil || self.paused {
+        guard let session, !self.paused, session.outbox.hasRoom else {
             self.readPending = true
-        } else {
-            context.read()
+            return
         }
+        context.read()
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -119,13 +122,18 @@ final class SessionHandler: ChannelDuplexHandler {
         self.session?.inputEnded()
     }
 
+    /// The inbox has room again (or the session has just been attached).
     private func resumeReading() {
-        guard let context, self.session != nil else { return }
+        guard self.session != nil else { return }
         self.paused = false
-        if self.readPending {
-            self.readPending = false
-            context.read()
-        }
+        self.readIfHeld()
+    }
+
+    /// Issues the read that was held back, once nothing holds it any more.
+    private func readIfHeld() {
+        guard let context, let session, self.readPending, !self.paused, session.outbox.hasRoom else { return }
+        self.readPending = false
+        context.read()
     }
 
     // MARK: Output
@@ -139,6 +147,7 @@ final class SessionHandler: ChannelDuplexHandler {
     /// rest waits for `channelWritabilityChanged`.
     private func flush() {
         guard let context, let outbox = self.session?.outbox else { return }
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
         while context.channel.isWritable {
             switch outbox.take() {
             case .idle:
@@ -152,12 +161,16 @@ final class SessionHandler: ChannelDuplexHandler {
                     channel.close(promise: nil)
                 }
                 return
-            case .batch(let chunks, let closeAfter):
-                var buffer = context.channel.allocator.buffer(capacity: chunks.reduce(0) { $0 + $1.byteCount })
+            case .batch(let chunks, let bytes, let closeAfter):
+                var buffer = context.channel.allocator.buffer(capacity: bytes)
                 for chunk in chunks { chunk.write(into: &buffer) }
                 // Until the batch is written, lines must queue behind it (`Outbox.enqueue(line:)`).
                 let written = context.writeAndFlush(self.wrapOutboundOut(buffer))
-                written.whenComplete { _ in outbox.written() }
+                written.whenComplete { _ in
+                    // Its bytes no longer count against the output bound: reading may resume.
+                    outbox.written(bytes: bytes)
+                    handler.value.readIfHeld()
+                }
                 if closeAfter {
                     let channel = context.channel
                     written.whenComplete { _ in channel.close(promise: nil) }

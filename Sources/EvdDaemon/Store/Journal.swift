@@ -14,9 +14,10 @@ public struct JournalSettings: Sendable {
     /// Whether committed events are journaled at all (`--no-journal` turns it off: then `since`
     /// can replay nothing and gets notice `gap`).
     public var enabled = true
-    /// Keep at least the newest this many journaled events; 0: no limit by count.
+    /// Keep at least the newest this many journaled events of each retention window
+    /// (`Journal.Window`); 0: no limit by count.
     public var keepEvents = 1_000_000
-    /// Drop journaled events older than this many seconds; 0: no limit by age.
+    /// Drop journaled events older than this many seconds (in every window); 0: no limit by age.
     public var keepSeconds = 7 * 86_400
     /// How often retention runs, in milliseconds.
     public var pruneIntervalMs = 1000
@@ -59,9 +60,15 @@ struct JournalEntry: Sendable {
 /// daemon hands out seqs only below a persisted bound, raised in large steps — and a restart
 /// continues from that bound.
 ///
-/// **Retention** keeps the newest `keepEvents` and drops those older than `keepSeconds`. The
-/// highest seq it may have dropped (the floor) is persisted before anything is deleted, so a
-/// replay that asks for what is gone gets notice `gap`, never a silent hole.
+/// **Retention** keeps the newest `keepEvents` and drops those older than `keepSeconds`, in each
+/// retention window on its own (`Window`): every database's changes, the state database's
+/// `login`/`logout`, and its other events. So nobody's churn evicts others' events: anyone who
+/// can connect makes `login` and `logout` (tens of thousands a second), and those push out only
+/// older `login`s and `logout`s, never a database's committed changes; a writer of one database
+/// pushes out only that database's older changes. Each window's floor (the highest seq retention
+/// may have dropped from it) is persisted before anything is deleted, so a replay that asks for
+/// what is gone gets notice `gap`, never a silent hole; a replay checks the floors of the windows
+/// whose events it can match (`floor(of:)`).
 public final class Journal: Sendable {
     /// The table, in each database and in the state database.
     ///
@@ -100,6 +107,44 @@ public final class Journal: Sendable {
     struct Source: Sendable {
         let database: String?
         let path: String
+
+        /// The retention windows its rows belong to.
+        var windows: [Window] {
+            self.database.map { [.database($0)] } ?? [.sessions, .state]
+        }
+    }
+
+    /// A part of the journal that retention keeps on its own: its newest `keepEvents`, and none
+    /// older than `keepSeconds`, with a floor of its own.
+    enum Window: Hashable, Sendable {
+        /// `login` and `logout`, in the state database: what anyone who can connect makes.
+        case sessions
+        /// The state database's other events: custom events and `create-token` (both need a grant).
+        case state
+        /// One database's committed changes.
+        case database(String)
+
+        /// The events of `sessions`.
+        static let sessionEvents: Set<String> = [EventKind.login.name, EventKind.logout.name]
+
+        /// The SQL condition that picks its rows in its source's `_evd_journal`.
+        var rows: String {
+            let names = Self.sessionEvents.sorted().map { "'\($0)'" }.joined(separator: ", ")
+            switch self {
+            case .sessions: return "event IN (\(names))"
+            case .state: return "event NOT IN (\(names))"
+            case .database: return "1"
+            }
+        }
+
+        /// The key of its floor in the state database's `meta` table.
+        var floorKey: String {
+            switch self {
+            case .sessions: return "journal_floor.sessions"
+            case .state: return "journal_floor.state"
+            case .database(let name): return "journal_floor.database." + name
+            }
+        }
     }
 
     let settings: JournalSettings
@@ -115,8 +160,13 @@ public final class Journal: Sendable {
     }
     /// Connections for retention's deletes, one per source, opened on first use.
     private let maintenance: Mutex<[String: SQLiteConnection]> = Mutex([:])
-    /// The highest seq retention may have removed.
+    /// The highest seq retention may have removed, from any window.
     private let floorValue = Atomic<Int64>(0)
+    /// The highest seq retention may have removed, per window.
+    private let floors: Mutex<[Window: Int64]> = Mutex([:])
+    /// The seq through which retention has deleted each window's rows since evd started (so that
+    /// it does not visit them again); absent: nothing yet, the first prune visits from the start.
+    private let swept: Mutex<[Window: Int64]> = Mutex([:])
     let lease: SeqLease
     /// Events waiting for the state database's writer (`appendToState`).
     private let appends = Mutex(Appends())
@@ -139,8 +189,14 @@ public final class Journal: Sendable {
         self.lease = SeqLease()
     }
 
-    /// The highest seq that retention may have removed: a replay from below it has a gap.
+    /// The highest seq that retention may have removed from any window (`stats`' `journal.floor`).
     var floor: Int64 { self.floorValue.load(ordering: .acquiring) }
+
+    /// The highest seq that retention may have removed from the windows `relevant` picks: a
+    /// replay of events of those windows from below it has a gap.
+    func floor(of relevant: (Window) -> Bool) -> Int64 {
+        self.floors.withLock { floors in floors.reduce(0) { relevant($1.key) ? max($0, $1.value) : $0 } }
+    }
 
     // MARK: Opening
 
@@ -153,6 +209,12 @@ public final class Journal: Sendable {
         try Self.prepareTable(on: state)
         let leased = try state.scalarInt("SELECT value FROM meta WHERE key = 'seq_lease'") ?? 0
         let floor = try state.scalarInt("SELECT value FROM meta WHERE key = 'journal_floor'") ?? 0
+        // Each window's floor; one without its own (a journal written by an evd that had one floor
+        // for all, or a database added since) starts at the highest, which is never too low.
+        var floors: [Window: Int64] = [:]
+        for window in self.sources.flatMap(\.windows) {
+            floors[window] = try state.scalarInt("SELECT value FROM meta WHERE key = '\(Self.quoted(window.floorKey))'") ?? floor
+        }
         var head = max(leased, floor)
         if self.settings.enabled {
             for source in self.sources {
@@ -162,10 +224,12 @@ public final class Journal: Sendable {
             }
         }
         self.floorValue.store(floor, ordering: .releasing)
+        self.floors.withLock { $0 = floors }
         guard let insert = try state.prepare(SQLText(Self.insertSQL), from: 0) else {
             throw SQLiteError(code: SQLITE_MISUSE, message: "the journal's insert prepared to nothing")
         }
         self.state.withLock { $0 = StateDatabase(connection: state, insert: insert) }
+        for (window, value) in floors { try self.setMeta(window.floorKey, value) }
         self.lease.start(after: head) { end throws(SQLiteError) in try self.setMeta("seq_lease", end) }
         try self.setMeta("seq_lease", self.lease.end)
         return head
@@ -183,8 +247,15 @@ public final class Journal: Sendable {
     private func setMeta(_ key: String, _ value: Int64) throws(SQLiteError) {
         try self.state.withLock { state throws(SQLiteError) in
             guard let state else { return }
-            try state.connection.exec("INSERT INTO meta (key, value) VALUES ('\(key)', \(value)) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+            try state.connection.exec(
+                "INSERT INTO meta (key, value) VALUES ('\(Self.quoted(key))', \(value)) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
         }
+    }
+
+    /// `text` with its single quotes doubled, for a SQL string literal (a database's name is in a
+    /// window's key).
+    private static func quoted(_ text: String) -> String {
+        text.split(separator: "'", omittingEmptySubsequences: false).joined(separator: "''")
     }
 
     private func maintenanceConnection(_ source: Source) throws(SQLiteError) -> SQLiteConnection {
@@ -482,42 +553,65 @@ public final class Journal: Sendable {
 
     // MARK: Retention
 
-    /// Drops what retention no longer keeps: first the floor is raised (durably), then the rows
-    /// at or below it are deleted, in small transactions so that writers are not held up.
-    /// Called from one task at a time (the daemon's retention loop).
+    /// Drops what retention no longer keeps, window by window: first the window's floor is raised
+    /// (durably), then its rows at or below it are deleted, in small transactions so that writers
+    /// are not held up. Called from one task at a time (the daemon's retention loop).
     func prune() throws(SQLiteError) {
         guard self.settings.enabled, self.settings.keepEvents > 0 || self.settings.keepSeconds > 0 else { return }
-        var cutoff: Int64 = 0
         for source in self.sources {
-            try self.withConnection(source) { connection throws(SQLiteError) in
-                if self.settings.keepEvents > 0 {
-                    cutoff = max(cutoff, try Self.seqBeforeNewest(self.settings.keepEvents, on: connection))
+            for window in source.windows {
+                var cutoff: Int64 = 0
+                try self.withConnection(source) { connection throws(SQLiteError) in
+                    cutoff = try self.cutoff(of: window, on: connection)
                 }
-                if self.settings.keepSeconds > 0 {
-                    let before = EventTime.text(secondsAgo: self.settings.keepSeconds)
-                    let old = try connection.scalarInt("SELECT max(seq) FROM _evd_journal WHERE time < '\(before)'")
-                    cutoff = max(cutoff, old ?? 0)
+                guard cutoff > self.floor(of: { $0 == window }) else { continue }
+                try self.setMeta(window.floorKey, cutoff)
+                let highest = self.floors.withLock { floors in
+                    floors[window] = cutoff
+                    return floors.values.max() ?? cutoff
                 }
-            }
-        }
-        guard cutoff > self.floor else { return }
-        try self.setMeta("journal_floor", cutoff)
-        self.floorValue.store(cutoff, ordering: .releasing)
-        for source in self.sources {
-            try self.withConnection(source) { connection throws(SQLiteError) in
-                repeat {
-                    try connection.exec(
-                        "DELETE FROM _evd_journal WHERE seq IN (SELECT seq FROM _evd_journal WHERE seq <= \(cutoff) ORDER BY seq LIMIT 10000)")
-                } while connection.changes == 10_000
+                // The single floor an older evd reads (the highest: never too low for any window).
+                try self.setMeta("journal_floor", highest)
+                self.floorValue.store(highest, ordering: .releasing)
+                // What an earlier prune deleted is not visited again (the rows of the source's
+                // other window stay among them).
+                let from = self.swept.withLock { $0[window] } ?? 0
+                try self.withConnection(source) { connection throws(SQLiteError) in
+                    repeat {
+                        try connection.exec(
+                            """
+                            DELETE FROM _evd_journal WHERE seq IN (SELECT seq FROM _evd_journal
+                            WHERE seq > \(from) AND seq <= \(cutoff) AND \(window.rows) ORDER BY seq LIMIT 10000)
+                            """)
+                    } while connection.changes == 10_000
+                }
+                self.swept.withLock { $0[window] = cutoff }
             }
         }
     }
 
-    /// The seq of the newest event older than the newest `count` events of `connection`'s
-    /// journal (0 when it holds no more than `count`): rows are walked from the newest, a run
-    /// counting all its events.
-    private static func seqBeforeNewest(_ count: Int, on connection: SQLiteConnection) throws(SQLiteError) -> Int64 {
-        guard let rows = try connection.prepare(SQLText("SELECT seq, first FROM _evd_journal ORDER BY seq DESC"), from: 0)
+    /// The highest seq of `window` that retention no longer keeps (0: none), on its source's
+    /// connection.
+    private func cutoff(of window: Window, on connection: SQLiteConnection) throws(SQLiteError) -> Int64 {
+        var cutoff: Int64 = 0
+        if self.settings.keepEvents > 0 {
+            cutoff = max(cutoff, try Self.seqBeforeNewest(self.settings.keepEvents, of: window, on: connection))
+        }
+        if self.settings.keepSeconds > 0 {
+            let before = EventTime.text(secondsAgo: self.settings.keepSeconds)
+            let old = try connection.scalarInt("SELECT max(seq) FROM _evd_journal WHERE time < '\(before)' AND \(window.rows)")
+            cutoff = max(cutoff, old ?? 0)
+        }
+        return cutoff
+    }
+
+    /// The seq of the newest event older than the newest `count` events of `window` in
+    /// `connection`'s journal (0 when it holds no more than `count`): rows are walked from the
+    /// newest, a run counting all its events.
+    private static func seqBeforeNewest(_ count: Int, of window: Window, on connection: SQLiteConnection) throws(SQLiteError) -> Int64 {
+        guard
+            let rows = try connection.prepare(
+                SQLText("SELECT seq, first FROM _evd_journal WHERE \(window.rows) ORDER BY seq DESC"), from: 0)
         else { return 0 }
         var kept: Int64 = 0
         while try rows.step() {

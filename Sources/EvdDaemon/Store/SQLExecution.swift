@@ -245,6 +245,9 @@ struct SQLRun {
     /// What is left of it for this request: taken from the session's task when the run is made,
     /// since the SQLite thread the run goes on cannot see the task's value.
     let operationBudget: OperationVetoBudget? = OperationVetoBudget.current
+    /// The largest response evd sends (`--max-response-bytes`): a result past it stops early.
+    /// Taken from the session's task, as `operationBudget` is.
+    let maxResponseBytes = ResultRows.maxResponseBytes
     /// The session's actor, checked table by table as its SQL is prepared (`nil`: holds everything).
     var policy: SQLPolicy? = nil
     /// The `before_execute` listeners that rewrote the request: its SQL must stay within what each
@@ -296,14 +299,16 @@ struct SQLRun {
                 if let verdict = try self.beforeCursorExecute(statement.sql, bound, executemany: false) {
                     (statement, bound) = try self.rewrite(statement, bound, by: verdict)
                 }
-                var rows: [[JSONValue]] = []
+                var rows = ResultRows(limit: self.maxResponseBytes)
                 let changed = try self.capturing(statement, intent: SQLScanner.intent(of: statement.sql)) { () throws(EvdError) in
-                    try self.run(statement, parameters: bound, executemany: false) { rows.append(statement.row()) }
+                    try self.run(statement, parameters: bound, executemany: false) { () throws(EvdError) in
+                        try rows.append(statement.row())
+                    }
                 }
                 result.changes += changed
                 if statement.columnCount > 0 {
                     result.columns = statement.columnNames
-                    result.rows = rows
+                    result.rows = rows.rows
                 }
             }
             if !begun { try self.beginImplicit(immediate: false) }  // empty SQL: still one (empty) transaction
@@ -551,7 +556,7 @@ struct SQLRun {
     /// dialect and `after_cursor_execute` events; `onRow` sees each result row. Returns the rows it
     /// changed directly.
     func run(
-        _ statement: SQLiteStatement, parameters: JSONValue, executemany: Bool, onRow: () -> Void = {}
+        _ statement: SQLiteStatement, parameters: JSONValue, executemany: Bool, onRow: () throws(EvdError) -> Void = {}
     ) throws(EvdError) -> Int64 {
         try self.run(statement, parameters: { parameters }, executemany: executemany, sets: nil, onRow: onRow)
     }
@@ -560,7 +565,7 @@ struct SQLRun {
     /// executemany the sets to bind.
     private func run(
         _ statement: SQLiteStatement, parameters: () -> JSONValue, executemany: Bool, sets: ParameterSets?,
-        onRow: () -> Void
+        onRow: () throws(EvdError) -> Void
     ) throws(EvdError) -> Int64 {
         let sql = statement.sql
         let dialectEvent: EventKind =
@@ -614,10 +619,10 @@ struct SQLRun {
         return changed
     }
 
-    /// Steps until done; returns the rows changed directly (not by triggers).
-    private func step(_ statement: SQLiteStatement, _ onRow: () -> Void) throws(SQLiteError) -> Int64 {
+    /// Steps until done (or `onRow` throws); returns the rows changed directly (not by triggers).
+    private func step(_ statement: SQLiteStatement, _ onRow: () throws(EvdError) -> Void) throws -> Int64 {
         let before = self.sqlite.totalChanges
-        while try statement.step() { onRow() }
+        while try statement.step() { try onRow() }
         return self.sqlite.totalChanges != before ? self.sqlite.changes : 0
     }
 
