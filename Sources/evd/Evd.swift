@@ -73,6 +73,15 @@ struct Evd: AsyncParsableCommand {
     @Option(help: "The most values one subscription's where filter may list in all (1...1000000; default 1024).")
     var maxFilterValues: Int?
 
+    @Option(help: "The longest one client statement may run before it is interrupted with timeout, in milliseconds (0: no limit; default 30000).")
+    var maxStatementMs: Int?
+
+    @Option(help: "The longest a transaction (begin) may wait for its next request before it is rolled back and its connection closed, in milliseconds (0: no limit; default 60000).")
+    var idleTransactionMs: Int?
+
+    @Option(help: "The most connections of a database's pool one uid may hold at once; root and evd's own uid are not limited (default: the pool size minus one, at least 1).")
+    var maxPoolShare: Int?
+
     @Option(help: "trace, debug, info, notice, warning, error or critical (default info).")
     var logLevel: String?
 
@@ -118,6 +127,13 @@ struct Evd: AsyncParsableCommand {
         if let maxResponseBytes, !EvdConfiguration.responseBytesRange.contains(maxResponseBytes) {
             throw ValidationError("--max-response-bytes must be at least 65536")
         }
+        if let maxStatementMs, !(0...86_400_000).contains(maxStatementMs) {
+            throw ValidationError("--max-statement-ms must be between 0 (no limit) and 86400000")
+        }
+        if let idleTransactionMs, !(0...86_400_000).contains(idleTransactionMs) {
+            throw ValidationError("--idle-transaction-ms must be between 0 (no limit) and 86400000")
+        }
+        if let maxPoolShare, !(1...256).contains(maxPoolShare) { throw ValidationError("--max-pool-share must be between 1 and 256") }
         if let maxFilterValues, !EvdConfiguration.filterValuesRange.contains(maxFilterValues) {
             throw ValidationError("--max-filter-values must be between 1 and 1000000")
         }
@@ -237,6 +253,9 @@ extension Evd {
         if let value = self.maxQueuedBytes ?? file.maxQueuedBytes { configuration.outboxLimits.maxBytes = value }
         if let value = self.maxResponseBytes ?? file.maxResponseBytes { configuration.maxResponseBytes = value }
         if let value = self.maxFilterValues ?? file.maxFilterValues { configuration.maxFilterValues = value }
+        if let value = self.maxStatementMs ?? file.maxStatementMs { configuration.maxStatementMs = value }
+        if let value = self.idleTransactionMs ?? file.idleTransactionMs { configuration.idleTransactionMs = value }
+        if let value = self.maxPoolShare ?? file.maxPoolShare { configuration.maxPoolShare = value }
         configuration.journal.enabled = !self.noJournal && (file.journalEnabled ?? true)
         configuration.journal.rowImages = !self.noJournalRows && (file.journalRows ?? true)
         if let value = self.journalKeepEvents ?? file.journalKeepEvents { configuration.journal.keepEvents = value }
@@ -278,6 +297,9 @@ extension Evd {
                 "max_queued_bytes": .integer(configuration.outboxLimits.maxBytes),
                 "max_response_bytes": .integer(configuration.maxResponseBytes),
                 "max_filter_values": .integer(configuration.maxFilterValues),
+                "max_statement_ms": .integer(configuration.maxStatementMs),
+                "idle_transaction_ms": .integer(configuration.idleTransactionMs),
+                "max_pool_share": .integer(configuration.poolShare),
             ],
             "journal": [
                 "enabled": .bool(configuration.journal.enabled), "rows": .bool(configuration.journal.rowImages),

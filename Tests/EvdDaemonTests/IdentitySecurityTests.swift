@@ -107,7 +107,7 @@ struct IdentitySecurityTests {
             try await daemon.request("execute", ["sql": "create table dogs(name)"])
             try await daemon.request("execute", ["sql": "create table secret(password)"])
             try await daemon.withClient { root in
-                try await root.request("subscribe", ["veto": ["before_execute"]])
+                try await root.request("subscribe", ["veto": ["before_execute"], "timeout_ms": 30000])
                 let requester = try asNobody(daemon, [["op": "describe", "table": "dogs"]])
                 let veto = try #require(await root.nextMessage(ofType: "veto", within: 20))
                 var request = try #require(veto["request"]?.objectValue)

@@ -38,6 +38,9 @@ public struct ConfigFile: Sendable {
     public var maxQueuedBytes: Int?
     public var maxResponseBytes: Int?
     public var maxFilterValues: Int?
+    public var maxStatementMs: Int?
+    public var idleTransactionMs: Int?
+    public var maxPoolShare: Int?
     public var journalEnabled: Bool?
     public var journalRows: Bool?
     public var journalKeepEvents: Int?
@@ -128,6 +131,7 @@ public struct ConfigFile: Sendable {
             try limits.only([
                 "max_connections", "max_connections_per_uid", "max_subscriptions", "max_pending_requests",
                 "max_queued_events", "max_queued_bytes", "max_response_bytes", "max_filter_values",
+                "max_statement_ms", "idle_transaction_ms", "max_pool_share",
             ])
             config.maxConnections = try limits.int("max_connections", 1...Int(Int32.max))
             config.maxConnectionsPerUID = try limits.int("max_connections_per_uid", 1...Int(Int32.max))
@@ -137,6 +141,9 @@ public struct ConfigFile: Sendable {
             config.maxQueuedBytes = try limits.int("max_queued_bytes", OutboxLimits.bytesRange)
             config.maxResponseBytes = try limits.int("max_response_bytes", EvdConfiguration.responseBytesRange)
             config.maxFilterValues = try limits.int("max_filter_values", EvdConfiguration.filterValuesRange)
+            config.maxStatementMs = try limits.int("max_statement_ms", 0...86_400_000)
+            config.idleTransactionMs = try limits.int("idle_transaction_ms", 0...86_400_000)
+            config.maxPoolShare = try limits.int("max_pool_share", 1...256)
         }
         if let journal = try top.table("journal") {
             try journal.only(["enabled", "rows", "keep_events", "keep_seconds"])

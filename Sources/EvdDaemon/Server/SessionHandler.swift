@@ -247,7 +247,8 @@ final class RequestInbox: Sendable {
         consumer?.resume(returning: nil)
     }
 
-    /// The next request, waiting while there is none; `nil` once finished and drained.
+    /// The next request, waiting while there is none; `nil` once finished and drained, or when the
+    /// waiting task is cancelled (so the executor can bound its wait: `--idle-transaction-ms`).
     func pop() async -> Session.Inbound? {
         let (ready, room) = self.state.withLock { state -> (Session.Inbound?, (@Sendable () -> Void)?) in
             guard let item = state.items.popFirst() else { return (nil, nil) }
@@ -257,23 +258,32 @@ final class RequestInbox: Sendable {
             room?()
             return ready
         }
-        return await withCheckedContinuation { (continuation: CheckedContinuation<Session.Inbound?, Never>) in
-            enum Step { case item(Session.Inbound, room: (@Sendable () -> Void)?), end, wait }
-            let step: Step = self.state.withLock { state in
-                if let item = state.items.popFirst() { return .item(item, room: Self.madeRoom(&state)) }
-                if state.finished { return .end }
-                state.consumer = continuation
-                return .wait
+        return await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Session.Inbound?, Never>) in
+                enum Step { case item(Session.Inbound, room: (@Sendable () -> Void)?), end, wait }
+                let step: Step = self.state.withLock { state in
+                    if let item = state.items.popFirst() { return .item(item, room: Self.madeRoom(&state)) }
+                    // Checked under the lock: a cancellation after this finds the consumer parked.
+                    if state.finished || Task.isCancelled { return .end }
+                    state.consumer = continuation
+                    return .wait
+                }
+                switch step {
+                case .item(let item, let room):
+                    room?()
+                    continuation.resume(returning: item)
+                case .end:
+                    continuation.resume(returning: nil)
+                case .wait:
+                    break
+                }
             }
-            switch step {
-            case .item(let item, let room):
-                room?()
-                continuation.resume(returning: item)
-            case .end:
-                continuation.resume(returning: nil)
-            case .wait:
-                break
+        } onCancel: {
+            let consumer = self.state.withLock { state in
+                defer { state.consumer = nil }
+                return state.consumer
             }
+            consumer?.resume(returning: nil)
         }
     }
 
