@@ -8,16 +8,6 @@ private func grant(_ actions: Set<Action>, database: String? = "main", table: St
     Grant(who: .uid(65534), actions: actions, database: database, table: table)
 }
 
-/// Waits (up to 20 s) until root's `stats` satisfy `condition`.
-private func waitForStats(_ daemon: RunningDaemon, _ condition: (JSONObject) -> Bool) async throws {
-    let deadline = ContinuousClock.now + .seconds(20)
-    while ContinuousClock.now < deadline {
-        if condition(try await daemon.request("stats")) { return }
-        try await Task.sleep(for: .milliseconds(20))
-    }
-    Issue.record("stats never showed what the test waited for")
-}
-
 /// The attacks of issue 17's "identity and events", each performed by another uid (nobody,
 /// through `setpriv`).
 @Suite("Identity and events (another uid)")

@@ -87,3 +87,14 @@ func openUp(_ configuration: inout EvdConfiguration, socketMode: mode_t = 0o666,
     configuration.socketMode = socketMode
     configuration.grants = grants
 }
+
+/// Waits (up to 20 s) until root's `stats` satisfy `condition`: for a test to know that another
+/// uid's client has got as far as it should.
+func waitForStats(_ daemon: RunningDaemon, _ condition: (JSONObject) -> Bool) async throws {
+    let deadline = ContinuousClock.now + .seconds(20)
+    while ContinuousClock.now < deadline {
+        if condition(try await daemon.request("stats")) { return }
+        try await Task.sleep(for: .milliseconds(20))
+    }
+    Issue.record("stats never showed what the test waited for")
+}

@@ -11,16 +11,6 @@ private func sqlUser(_ configuration: inout EvdConfiguration) {
     openUp(&configuration, grants: [Grant(who: .uid(65534), actions: [.executeSQL, .viewTable, .insertRow, .subscribe], database: "main")])
 }
 
-/// Waits (up to 20 s) until root's `stats` satisfy `condition`.
-private func waitForStats(_ daemon: RunningDaemon, _ condition: (JSONObject) -> Bool) async throws {
-    let deadline = ContinuousClock.now + .seconds(20)
-    while ContinuousClock.now < deadline {
-        if condition(try await daemon.request("stats")) { return }
-        try await Task.sleep(for: .milliseconds(20))
-    }
-    Issue.record("stats never showed what the test waited for")
-}
-
 private func inUse(_ stats: JSONObject) -> Int64? { stats["pools"]?["main"]?["in_use"]?.intValue }
 
 /// Issue 17's "the pool can be held hostage": a user with execute-sql (or less) must not be able

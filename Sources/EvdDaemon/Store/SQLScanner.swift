@@ -7,57 +7,16 @@
 /// `INSERT OR REPLACE` and `REPLACE` → `insert-rows` with `replace`;
 /// `ON CONFLICT ... DO UPDATE` (an upsert) → `upsert-rows`.
 enum SQLScanner {
-    /// The top-level words of `sql`, upper-cased, in order (at most `limit`).
+    /// The top-level words of `sql`, upper-cased, in order (at most `limit`); a quoted name is an
+    /// empty word (a word that is no keyword).
     static func topLevelWords(_ sql: String, limit: Int = 4096) -> [String] {
-        let bytes = Array(sql.utf8)
-        var words: [String] = []
-        var depth = 0
-        var i = 0
-        func isWordByte(_ b: UInt8) -> Bool {
-            (b >= 65 && b <= 90) || (b >= 97 && b <= 122) || (b >= 48 && b <= 57) || b == 95 || b >= 128
-        }
-        while i < bytes.count && words.count < limit {
-            let b = bytes[i]
-            switch b {
-            case UInt8(ascii: "-") where i + 1 < bytes.count && bytes[i + 1] == UInt8(ascii: "-"):
-                while i < bytes.count && bytes[i] != 10 { i += 1 }
-            case UInt8(ascii: "/") where i + 1 < bytes.count && bytes[i + 1] == UInt8(ascii: "*"):
-                i += 2
-                while i + 1 < bytes.count && !(bytes[i] == UInt8(ascii: "*") && bytes[i + 1] == UInt8(ascii: "/")) { i += 1 }
-                i += 2
-            case UInt8(ascii: "'"), UInt8(ascii: "\""), UInt8(ascii: "`"):
-                // A quoted string or name; a doubled quote inside it is part of it.
-                i += 1
-                while i < bytes.count {
-                    if bytes[i] == b {
-                        if i + 1 < bytes.count && bytes[i + 1] == b { i += 2; continue }
-                        break
-                    }
-                    i += 1
-                }
-                i += 1
-                if depth == 0 { words.append("") }  // a name: a word that is no keyword
-            case UInt8(ascii: "["):
-                while i < bytes.count && bytes[i] != UInt8(ascii: "]") { i += 1 }
-                i += 1
-                if depth == 0 { words.append("") }
-            case UInt8(ascii: "("):
-                depth += 1
-                i += 1
-            case UInt8(ascii: ")"):
-                depth = max(0, depth - 1)
-                i += 1
-            default:
-                if isWordByte(b) {
-                    let start = i
-                    while i < bytes.count && isWordByte(bytes[i]) { i += 1 }
-                    if depth == 0 { words.append(String(decoding: bytes[start..<i], as: UTF8.self).uppercased()) }
-                } else {
-                    i += 1
-                }
+        self.tokens(sql.utf8, limit: limit, topLevelOnly: true).compactMap { token in
+            switch token {
+            case .word(let word): word.uppercased()
+            case .name: ""
+            case .punctuation: nil
             }
         }
-        return words
     }
 
     /// What kind of write a raw statement is, for the committed events of its direct inserts.
@@ -140,8 +99,11 @@ extension SQLScanner {
         }
     }
 
-    /// The tokens of `bytes`, stopping after `limit` tokens or at a top-level `;` if `oneStatement`.
-    static func tokens(_ bytes: some Collection<UInt8>, limit: Int = 4096, oneStatement: Bool = false) -> [Token] {
+    /// The tokens of `bytes`, stopping after `limit` tokens or at a top-level `;` if `oneStatement`;
+    /// only those outside parentheses if `topLevelOnly` (and then no punctuation).
+    static func tokens(
+        _ bytes: some Collection<UInt8>, limit: Int = 4096, oneStatement: Bool = false, topLevelOnly: Bool = false
+    ) -> [Token] {
         let bytes = Array(bytes)
         var tokens: [Token] = []
         var depth = 0
@@ -159,33 +121,41 @@ extension SQLScanner {
                 while i + 1 < bytes.count && !(bytes[i] == UInt8(ascii: "*") && bytes[i + 1] == UInt8(ascii: "/")) { i += 1 }
                 i += 2
             case UInt8(ascii: "'"), UInt8(ascii: "\""), UInt8(ascii: "`"):
+                // A quoted string or name; a doubled quote inside it is part of it.
+                let kept = !topLevelOnly || depth == 0
                 var text: [UInt8] = []
                 i += 1
                 while i < bytes.count {
                     if bytes[i] == b {
-                        if i + 1 < bytes.count && bytes[i + 1] == b { text.append(b); i += 2; continue }
+                        if i + 1 < bytes.count && bytes[i + 1] == b {
+                            if kept { text.append(b) }
+                            i += 2
+                            continue
+                        }
                         break
                     }
-                    text.append(bytes[i])
+                    if kept { text.append(bytes[i]) }
                     i += 1
                 }
                 i += 1
-                tokens.append(.name(String(decoding: text, as: UTF8.self)))
+                if kept { tokens.append(.name(String(decoding: text, as: UTF8.self))) }
             case UInt8(ascii: "["):
                 let start = i + 1
                 while i < bytes.count && bytes[i] != UInt8(ascii: "]") { i += 1 }
-                tokens.append(.name(String(decoding: bytes[start..<min(i, bytes.count)], as: UTF8.self)))
+                if !topLevelOnly || depth == 0 {
+                    tokens.append(.name(String(decoding: bytes[start..<min(i, bytes.count)], as: UTF8.self)))
+                }
                 i += 1
             default:
                 if isWordByte(b) {
                     let start = i
                     while i < bytes.count && isWordByte(bytes[i]) { i += 1 }
-                    tokens.append(.word(String(decoding: bytes[start..<i], as: UTF8.self)))
+                    if !topLevelOnly || depth == 0 { tokens.append(.word(String(decoding: bytes[start..<i], as: UTF8.self))) }
                 } else {
                     if b == UInt8(ascii: "(") { depth += 1 }
                     if b == UInt8(ascii: ")") { depth = max(0, depth - 1) }
                     if b == UInt8(ascii: ";") && depth == 0 && oneStatement { return tokens }
-                    if b > 32 { tokens.append(.punctuation(b)) }
+                    if b > 32 && !topLevelOnly { tokens.append(.punctuation(b)) }
                     i += 1
                 }
             }
