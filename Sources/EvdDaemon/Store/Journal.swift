@@ -117,6 +117,8 @@ public final class Journal: Sendable {
     private let maintenance: Mutex<[String: SQLiteConnection]> = Mutex([:])
     /// The highest seq retention may have removed.
     private let floorValue = Atomic<Int64>(0)
+    /// What the journal holds, kept as events are journaled (for `stats` and `/metrics`).
+    let running = RunningFigures()
     let lease: SeqLease
     /// Events waiting for the state database's writer (`appendToState`).
     private let appends = Mutex(Appends())
@@ -352,6 +354,11 @@ public final class Journal: Sendable {
                 }
                 state.insert.reset()
                 try state.connection.exec("COMMIT")
+                for append in group {
+                    let timeBytes = append.reservation.time.count - 2
+                    let bytes = append.entries.reduce(0) { $0 + RunningFigures.bytes(of: $1, timeBytes: timeBytes) }
+                    self.running.add(database: nil, first: append.reservation.first, count: append.entries.count, bytes: bytes)
+                }
             } catch {
                 state.insert.reset()
                 try? state.connection.exec("ROLLBACK")
@@ -638,14 +645,17 @@ extension PooledConnection {
                 }
                 let time = reservation.timeText
                 var start = 0
+                var bytes = 0
                 while start < events.count {
                     let chunk = start..<min(events.count, start + Self.eventChunk)
                     let made = events.publications(chunk, origin: origin)
                     try Journal.write(made, first: reservation.first + Int64(start), time: time, using: self.journalInsert!)
+                    bytes += Journal.RunningFigures.bytes(of: made, timeBytes: time.utf8.count)
                     if chunk.count == events.count { kept = made }
                     start = chunk.upperBound
                 }
                 try self.run(own: "COMMIT")
+                journal.running.add(database: database, first: reservation.first, count: events.count, bytes: bytes)
             } catch {
                 if self.sqlite.inTransaction {
                     try? self.sqlite.exec(

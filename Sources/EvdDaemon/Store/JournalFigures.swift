@@ -4,11 +4,12 @@ import Glibc
 import Musl
 #endif
 import CSQLite
+import DequeModule
 import EvdClient
+import Synchronization
 
 extension Journal {
-    /// How much the journal holds, for `stats` and `/metrics`: measured when asked, never kept
-    /// up to date on the write path.
+    /// How much the journal holds, for `stats` and `/metrics`: a snapshot of `RunningFigures`.
     struct Figures: Sendable {
         /// One source's share: the state database's journal (`database` nil) or a database's.
         struct Source: Sendable {
@@ -54,47 +55,175 @@ extension Journal {
         }
     }
 
-    /// Counts the journaled events of every source, their lowest and highest seq, and the bytes
-    /// they take on disk: the state database's files (`journal.db` and its WAL) whole, and in each
-    /// database the pages of `_evd_journal` (SQLite's `dbstat`, which shares the file with the
-    /// user's tables).
+    /// The journal's figures, kept up to date as events are journaled and as retention raises the
+    /// floor, so that `stats` and a Prometheus scrape read them instead of counting.
     ///
-    /// Blocking (run it on the thread pool). Each source is read on a connection of its own,
-    /// read-only and short-lived, as a replay does: writers are never held up. The count walks
-    /// the journal table's rows (a run's counts all its events); the seqs are two rowid lookups.
-    func measure() -> Figures {
-        var figures = Figures(floor: self.floor)
-        for source in self.sources {
-            var measured = Figures.Source(database: source.database, path: source.path)
-            if source.database == nil {
-                measured.bytes = Self.fileSize(source.path) + Self.fileSize(source.path + "-wal")
-            }
-            if let connection = try? SQLiteConnection(path: source.path, flags: SQLITE_OPEN_READONLY | SQLITE_OPEN_URI) {
-                connection.setBusyTimeout(milliseconds: 1000)
-                // No journal table there yet (a database created after start-up): nothing held.
-                // A row holds one event, or a run of them from `first` to `seq`.
-                if let count = try? connection.scalarInt(
-                    "SELECT coalesce(sum(CASE WHEN first > 0 THEN seq - first + 1 ELSE 1 END), 0) FROM _evd_journal")
-                {
-                    measured.events = Int(count)
-                    measured.firstSeq = try? connection.scalarInt(
-                        "SELECT CASE WHEN first > 0 THEN first ELSE seq END FROM _evd_journal ORDER BY seq LIMIT 1")
-                    measured.lastSeq = try? connection.scalarInt("SELECT max(seq) FROM _evd_journal")
-                }
-                if source.database != nil,
-                    let pages = try? connection.scalarInt("SELECT sum(pgsize) FROM dbstat WHERE name = '_evd_journal'")
-                {
-                    measured.bytes = Int(pages)
-                }
-            }
-            figures.sources.append(measured)
+    /// **Why not count when asked.** Counting walks every row of every journal table (and `dbstat`
+    /// every page): with a million events a scrape cost a good part of a second of CPU, and anyone
+    /// who can reach the metrics endpoint may scrape as often as they like. So the journal is
+    /// walked once, at start (`load`), and from then on each COMMIT that journals events adds them
+    /// (`add`, a short lock and no I/O), and each snapshot first drops what lies at or below the
+    /// floor (`figures`): retention deletes exactly the rows whose seq is at or below it.
+    ///
+    /// **How.** Each source's events are kept as stretches of seqs (up to `stretchSeqs` wide, or one
+    /// commit when that is wider), each with its number of events and bytes; a few thousand
+    /// stretches for a million events. A stretch the floor cuts through is scaled by the part
+    /// above the floor: exact when its seqs are consecutive (one database's commits with nothing in
+    /// between), an estimate for that one stretch otherwise. The bytes are those of the rows' stored
+    /// body, event name and time (SQLite's own overhead per row and page not counted): the size of
+    /// what the journal holds, not of the file it shares with the user's tables.
+    final class RunningFigures: Sendable {
+        /// Seqs of one source journaled by consecutive commits.
+        struct Stretch {
+            var first: Int64
+            var last: Int64
+            var events: Int
+            var bytes: Int
         }
-        return figures
-    }
 
-    /// The size of the file at `path`, 0 when there is none.
-    private static func fileSize(_ path: String) -> Int {
-        var info = stat()
-        return stat(path, &info) == 0 ? Int(info.st_size) : 0
+        /// The widest stretch that several commits share.
+        static let stretchSeqs: Int64 = 1024
+
+        /// Each source's stretches, oldest first, by its database (nil: the state database).
+        private let stretches = Mutex<[String?: Deque<Stretch>]>([:])
+
+        init() {}
+
+        /// Adds `count` events with consecutive seqs from `first`, journaled in `database`'s
+        /// journal (nil: the state database's) by a COMMIT that succeeded.
+        func add(database: String?, first: Int64, count: Int, bytes: Int) {
+            guard count > 0 else { return }
+            let last = first + Int64(count) - 1
+            self.stretches.withLock { all in
+                var stretches = all.removeValue(forKey: database) ?? []
+                Self.add(Stretch(first: first, last: last, events: count, bytes: bytes), to: &stretches)
+                all[database] = stretches
+            }
+        }
+
+        private static func add(_ new: Stretch, to stretches: inout Deque<Stretch>) {
+            guard let tail = stretches.last else {
+                stretches.append(new)
+                return
+            }
+            if new.first > tail.last {
+                if new.last - tail.first < Self.stretchSeqs {
+                    stretches[stretches.count - 1].last = new.last
+                    stretches[stretches.count - 1].events += new.events
+                    stretches[stretches.count - 1].bytes += new.bytes
+                } else {
+                    stretches.append(new)
+                }
+                return
+            }
+            // Commits of one database end in seq order, but their figures may arrive a little out
+            // of it (each is added after its COMMIT, outside the write lock): the stretch that
+            // reaches to it takes it. Seqs are unique, so nothing is counted twice.
+            var index = stretches.count - 1
+            while index > 0 && stretches[index].first > new.last { index -= 1 }
+            stretches[index].first = min(stretches[index].first, new.first)
+            stretches[index].last = max(stretches[index].last, new.last)
+            stretches[index].events += new.events
+            stretches[index].bytes += new.bytes
+        }
+
+        /// The figures now, with everything at or below `floor` dropped (it is dropped from the
+        /// running figures too).
+        func figures(of journal: Journal, floor: Int64) -> Figures {
+            var figures = Figures(floor: floor)
+            self.stretches.withLock { all in
+                for source in journal.sources {
+                    var measured = Figures.Source(database: source.database, path: source.path)
+                    guard var stretches = all.removeValue(forKey: source.database) else {
+                        figures.sources.append(measured)
+                        continue
+                    }
+                    Self.cut(&stretches, at: floor)
+                    for stretch in stretches {
+                        measured.events += stretch.events
+                        measured.bytes += stretch.bytes
+                        measured.firstSeq = min(measured.firstSeq ?? stretch.first, stretch.first)
+                        measured.lastSeq = max(measured.lastSeq ?? stretch.last, stretch.last)
+                    }
+                    all[source.database] = stretches
+                    figures.sources.append(measured)
+                }
+            }
+            return figures
+        }
+
+        /// Drops the stretches at or below `floor` and scales the ones it cuts through.
+        private static func cut(_ stretches: inout Deque<Stretch>, at floor: Int64) {
+            while let first = stretches.first, first.last <= floor { stretches.removeFirst() }
+            // Out-of-order arrivals may leave stretches overlapping a little: look past the first.
+            for index in stretches.indices {
+                guard stretches[index].first <= floor else { break }
+                let stretch = stretches[index]
+                let width = stretch.last - stretch.first + 1
+                let kept = stretch.last - floor
+                stretches[index].events = Int((Int64(stretch.events) * kept + width - 1) / width)
+                stretches[index].bytes = Int((Int64(stretch.bytes) * kept + width - 1) / width)
+                stretches[index].first = floor + 1
+            }
+        }
+
+        /// Counts what each of `journal`'s sources holds above `floor` (at start, before any event
+        /// is added): one walk of each journal table, on a read-only connection of its own.
+        /// Blocking (run it on the thread pool).
+        func load(_ journal: Journal, floor: Int64) {
+            // Each group of `stretchSeqs` seqs (a run's row by its last seq) is a stretch; a run
+            // the floor cuts through counts its events above it.
+            let sql = """
+                SELECT min(max(CASE WHEN first > 0 THEN first ELSE seq END, ?1)), max(seq),
+                  sum(seq - max(CASE WHEN first > 0 THEN first ELSE seq END, ?1) + 1),
+                  sum(length(body) + length(event) + length(time))
+                FROM _evd_journal WHERE seq >= ?1 GROUP BY seq / \(Self.stretchSeqs) ORDER BY 2
+                """
+            var loaded: [String?: Deque<Stretch>] = [:]
+            for source in journal.sources {
+                var stretches: Deque<Stretch> = []
+                do throws(SQLiteError) {
+                    let connection = try SQLiteConnection(path: source.path, flags: SQLITE_OPEN_READONLY | SQLITE_OPEN_URI)
+                    connection.setBusyTimeout(milliseconds: 5000)
+                    if let statement = try connection.prepare(SQLText(sql), from: 0) {
+                        try statement.bind(int: floor + 1, at: 1)
+                        while try statement.step() {
+                            stretches.append(
+                                Stretch(
+                                    first: statement.int(at: 0), last: statement.int(at: 1),
+                                    events: Int(statement.int(at: 2)), bytes: Int(statement.int(at: 3))))
+                        }
+                    }
+                } catch {
+                    // No journal table there (yet): it holds nothing.
+                }
+                loaded[source.database] = stretches
+            }
+            // At start, before the daemon serves anyone: nothing has been added yet.
+            self.stretches.withLock { $0 = loaded }
+        }
+
+        /// The bytes a journal row keeps for each of `publications` (about: a run's packed
+        /// form is counted as its parts), with its event name and `timeBytes` of time.
+        static func bytes(of publications: [Publication], timeBytes: Int) -> Int {
+            var total = 0
+            for publication in publications {
+                switch publication {
+                case .entry(let entry):
+                    total += Self.bytes(of: entry, timeBytes: timeBytes)
+                case .run(let run):
+                    total += run.common.count + run.tails.count + run.images.count + 3 * run.count
+                        + run.kind.name.utf8.count + timeBytes
+                case .unwanted:
+                    break
+                }
+            }
+            return total
+        }
+
+        /// The bytes a journal row keeps for `entry`.
+        static func bytes(of entry: JournalEntry, timeBytes: Int) -> Int {
+            (entry.imagesBody ?? entry.body).count + entry.name.utf8.count + timeBytes
+        }
     }
 }
