@@ -62,27 +62,37 @@ extension Journal {
     /// every page): with a million events a scrape cost a good part of a second of CPU, and anyone
     /// who can reach the metrics endpoint may scrape as often as they like. So the journal is
     /// walked once, at start (`load`), and from then on each COMMIT that journals events adds them
-    /// (`add`, a short lock and no I/O), and each snapshot first drops what lies at or below the
-    /// floor (`figures`): retention deletes exactly the rows whose seq is at or below it.
+    /// (`add`: a short lock, no I/O), and each snapshot first drops what lies at or below the floor
+    /// (`figures`): retention deletes exactly the rows whose seq is at or below it.
     ///
-    /// **How.** Each source's events are kept as stretches of seqs (up to `stretchSeqs` wide, or one
-    /// commit when that is wider), each with its number of events and bytes; a few thousand
-    /// stretches for a million events. A stretch the floor cuts through is scaled by the part
-    /// above the floor: exact when its seqs are consecutive (one database's commits with nothing in
-    /// between), an estimate for that one stretch otherwise. The bytes are those of the rows' stored
-    /// body, event name and time (SQLite's own overhead per row and page not counted): the size of
-    /// what the journal holds, not of the file it shares with the user's tables.
+    /// **How.** Each source's events are kept as stretches of seqs with their number of events and
+    /// bytes: a commit whose seqs follow the last stretch's extends it, any other starts a new one.
+    /// While a source has at most `maxStretches` stretches the figures are exact; past that,
+    /// neighbouring stretches are merged into ones of at most about 1/2048 of what the source holds
+    /// (`compact`), so memory stays bounded (a few hundred KiB per source) and a stretch the floor
+    /// cuts through, whose share above the floor is then estimated, is off by at most that much.
+    /// The bytes are those of the rows' stored body, event name and time (SQLite's own overhead per
+    /// row and page not counted): the size of what the journal holds, not of the file it shares
+    /// with the user's tables.
     final class RunningFigures: Sendable {
-        /// Seqs of one source journaled by consecutive commits.
+        /// Seqs of one source, with the events and bytes journaled in them.
         struct Stretch {
             var first: Int64
             var last: Int64
             var events: Int
             var bytes: Int
+
+            /// Takes `other`'s events in (the two never share a seq).
+            mutating func absorb(_ other: Stretch) {
+                self.first = min(self.first, other.first)
+                self.last = max(self.last, other.last)
+                self.events += other.events
+                self.bytes += other.bytes
+            }
         }
 
-        /// The widest stretch that several commits share.
-        static let stretchSeqs: Int64 = 1024
+        /// The stretches a source keeps before they are compacted.
+        static let maxStretches = 8192
 
         /// Each source's stretches, oldest first, by its database (nil: the state database).
         private let stretches = Mutex<[String?: Deque<Stretch>]>([:])
@@ -93,38 +103,48 @@ extension Journal {
         /// journal (nil: the state database's) by a COMMIT that succeeded.
         func add(database: String?, first: Int64, count: Int, bytes: Int) {
             guard count > 0 else { return }
-            let last = first + Int64(count) - 1
+            let stretch = Stretch(first: first, last: first + Int64(count) - 1, events: count, bytes: bytes)
             self.stretches.withLock { all in
                 var stretches = all.removeValue(forKey: database) ?? []
-                Self.add(Stretch(first: first, last: last, events: count, bytes: bytes), to: &stretches)
+                Self.add(stretch, to: &stretches)
                 all[database] = stretches
             }
         }
 
         private static func add(_ new: Stretch, to stretches: inout Deque<Stretch>) {
-            guard let tail = stretches.last else {
-                stretches.append(new)
-                return
-            }
-            if new.first > tail.last {
-                if new.last - tail.first < Self.stretchSeqs {
-                    stretches[stretches.count - 1].last = new.last
-                    stretches[stretches.count - 1].events += new.events
-                    stretches[stretches.count - 1].bytes += new.bytes
+            if let tail = stretches.last, new.first <= tail.last + 1 {
+                if new.first == tail.last + 1 {
+                    stretches[stretches.count - 1].absorb(new)
                 } else {
-                    stretches.append(new)
+                    // Commits of one database end in seq order, but their figures may arrive a
+                    // little out of it (each is added after its COMMIT, outside the write lock):
+                    // the stretch that reaches to it takes it.
+                    var index = stretches.count - 1
+                    while index > 0 && stretches[index].first > new.last { index -= 1 }
+                    stretches[index].absorb(new)
                 }
-                return
+            } else {
+                stretches.append(new)
             }
-            // Commits of one database end in seq order, but their figures may arrive a little out
-            // of it (each is added after its COMMIT, outside the write lock): the stretch that
-            // reaches to it takes it. Seqs are unique, so nothing is counted twice.
-            var index = stretches.count - 1
-            while index > 0 && stretches[index].first > new.last { index -= 1 }
-            stretches[index].first = min(stretches[index].first, new.first)
-            stretches[index].last = max(stretches[index].last, new.last)
-            stretches[index].events += new.events
-            stretches[index].bytes += new.bytes
+            if stretches.count > Self.maxStretches + Self.maxStretches / 8 { Self.compact(&stretches) }
+        }
+
+        /// Merges neighbouring stretches while together they hold at most 4/`maxStretches` of the
+        /// source's events: at most about `maxStretches / 2` are left. Runs once per
+        /// `maxStretches / 8` new stretches at most.
+        private static func compact(_ stretches: inout Deque<Stretch>) {
+            let total = stretches.reduce(0) { $0 + $1.events }
+            let target = max(1, 4 * total / Self.maxStretches)
+            var merged: Deque<Stretch> = []
+            merged.reserveCapacity(Self.maxStretches / 2 + 1)
+            for stretch in stretches {
+                if let last = merged.last, last.events + stretch.events <= target {
+                    merged[merged.count - 1].absorb(stretch)
+                } else {
+                    merged.append(stretch)
+                }
+            }
+            stretches = merged
         }
 
         /// The figures now, with everything at or below `floor` dropped (it is dropped from the
@@ -134,25 +154,24 @@ extension Journal {
             self.stretches.withLock { all in
                 for source in journal.sources {
                     var measured = Figures.Source(database: source.database, path: source.path)
-                    guard var stretches = all.removeValue(forKey: source.database) else {
-                        figures.sources.append(measured)
-                        continue
+                    if var stretches = all.removeValue(forKey: source.database) {
+                        Self.cut(&stretches, at: floor)
+                        for stretch in stretches {
+                            measured.events += stretch.events
+                            measured.bytes += stretch.bytes
+                            measured.firstSeq = min(measured.firstSeq ?? stretch.first, stretch.first)
+                            measured.lastSeq = max(measured.lastSeq ?? stretch.last, stretch.last)
+                        }
+                        all[source.database] = stretches
                     }
-                    Self.cut(&stretches, at: floor)
-                    for stretch in stretches {
-                        measured.events += stretch.events
-                        measured.bytes += stretch.bytes
-                        measured.firstSeq = min(measured.firstSeq ?? stretch.first, stretch.first)
-                        measured.lastSeq = max(measured.lastSeq ?? stretch.last, stretch.last)
-                    }
-                    all[source.database] = stretches
                     figures.sources.append(measured)
                 }
             }
             return figures
         }
 
-        /// Drops the stretches at or below `floor` and scales the ones it cuts through.
+        /// Drops the stretches at or below `floor` and keeps the share above it of one it cuts
+        /// through: exact when its seqs are consecutive, else in proportion to the seqs kept.
         private static func cut(_ stretches: inout Deque<Stretch>, at floor: Int64) {
             while let first = stretches.first, first.last <= floor { stretches.removeFirst() }
             // Out-of-order arrivals may leave stretches overlapping a little: look past the first.
@@ -167,17 +186,15 @@ extension Journal {
             }
         }
 
-        /// Counts what each of `journal`'s sources holds above `floor` (at start, before any event
-        /// is added): one walk of each journal table, on a read-only connection of its own.
-        /// Blocking (run it on the thread pool).
+        /// Counts what each of `journal`'s sources holds above `floor`, a row at a time, at start
+        /// (before any event is added), on a read-only connection of its own. Blocking (run it on
+        /// the thread pool): the one walk of the journal tables evd makes.
         func load(_ journal: Journal, floor: Int64) {
-            // Each group of `stretchSeqs` seqs (a run's row by its last seq) is a stretch; a run
-            // the floor cuts through counts its events above it.
+            // A run's row holds the events from `first` to `seq`; the floor may cut through one.
             let sql = """
-                SELECT min(max(CASE WHEN first > 0 THEN first ELSE seq END, ?1)), max(seq),
-                  sum(seq - max(CASE WHEN first > 0 THEN first ELSE seq END, ?1) + 1),
-                  sum(length(body) + length(event) + length(time))
-                FROM _evd_journal WHERE seq >= ?1 GROUP BY seq / \(Self.stretchSeqs) ORDER BY 2
+                SELECT max(CASE WHEN first > 0 THEN first ELSE seq END, ?1), seq,
+                  length(body) + length(event) + length(time)
+                FROM _evd_journal WHERE seq >= ?1 ORDER BY seq
                 """
             var loaded: [String?: Deque<Stretch>] = [:]
             for source in journal.sources {
@@ -188,10 +205,11 @@ extension Journal {
                     if let statement = try connection.prepare(SQLText(sql), from: 0) {
                         try statement.bind(int: floor + 1, at: 1)
                         while try statement.step() {
-                            stretches.append(
-                                Stretch(
-                                    first: statement.int(at: 0), last: statement.int(at: 1),
-                                    events: Int(statement.int(at: 2)), bytes: Int(statement.int(at: 3))))
+                            let first = statement.int(at: 0)
+                            let last = statement.int(at: 1)
+                            Self.add(
+                                Stretch(first: first, last: last, events: Int(last - first + 1), bytes: Int(statement.int(at: 2))),
+                                to: &stretches)
                         }
                     }
                 } catch {
