@@ -1,6 +1,7 @@
 import EvdClient
 import Foundation
 import Logging
+import ServiceLifecycle
 import Testing
 
 @testable import EvdDaemon
@@ -45,6 +46,25 @@ func listeningUnixSocket(at path: String) throws -> Int32 {
         throw RawUnixSocket.Failure(description: "cannot listen on \(path): \(reason)")
     }
     return fd
+}
+
+/// Starts a daemon with `configuration` and returns why it refused to start; nil when it started
+/// (it is then stopped at once).
+func startupRefusal(_ configuration: EvdConfiguration) async -> String? {
+    let logger = Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() })
+    let daemon = Daemon(configuration: configuration, logger: logger)
+    let group = ServiceGroup(services: [daemon], logger: logger)
+    return await withTaskGroup(of: Void.self) { tasks in
+        tasks.addTask { try? await group.run() }
+        defer { tasks.cancelAll() }
+        do {
+            try await daemon.waitUntilReady()
+            await group.triggerGracefulShutdown()
+            return nil
+        } catch {
+            return "\(error)"
+        }
+    }
 }
 
 /// Waits (up to `seconds`) until `condition` holds.
@@ -369,18 +389,12 @@ struct FileSecurityTests {
     func daemonDirectoriesOfAnotherUser() async throws {
         try await withTemporaryDirectory { directory in
             chmod(directory, 0o755)
-            let logger = Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() })
             func start(_ configure: (inout EvdConfiguration) -> Void) async -> String? {
                 var configuration = EvdConfiguration(
                     socketPath: directory + "/run/evd.sock", databases: [DatabaseConfig(name: "main", path: directory + "/main.db")],
                     stateDirectory: directory + "/state")
                 configure(&configuration)
-                do {
-                    try await Daemon(configuration: configuration, logger: logger).run()
-                    return nil
-                } catch {
-                    return "\(error)"
-                }
+                return await startupRefusal(configuration)
             }
             // Made by nobody before evd's first start.
             chmod(directory, 0o777)
@@ -468,13 +482,8 @@ struct FileSecurityTests {
                 socketPath: sticky + "/evd.sock", databases: [DatabaseConfig(name: "main", path: directory + "/main.db")],
                 stateDirectory: directory + "/state")
             configuration.socketMode = 0o666
-            let logger = Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() })
-            do {
-                try await Daemon(configuration: configuration, logger: logger).run()
-                Issue.record("evd started over a symlink")
-            } catch {
-                #expect("\(error)".contains("exists and is not a socket"), "\(error)")
-            }
+            let refusal = await startupRefusal(configuration)
+            #expect(refusal?.contains("exists and is not a socket") == true, "\(refusal ?? "evd started over a symlink")")
             #expect(modeBits(victim) == 0o600)
         }
     }
