@@ -409,8 +409,8 @@ public final class Daemon: Service, CustomStringConvertible {
     static func prepareSocketDirectory(for path: String) throws {
         let directory = Self.parent(of: path)
         let rule: SocketDirectory.Rule = path == SocketPath.defaultPath ? .ownPrivate : .daemonOwned
-        // A symlink at the default directory's name is refused, not followed to create what it names.
-        if rule == .ownPrivate { try Self.checkDirectory(directory, rule: rule, what: "socket directory", missingIsFine: true) }
+        // A symlink at the default directory's name (dangling or not) is never made into a
+        // directory: `mkdir` does not follow it, and the check after refuses it.
         try Self.makeDirectories(directory, mode: 0o700)
         try Self.checkDirectory(directory, rule: rule, what: "socket directory")
     }
