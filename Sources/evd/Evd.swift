@@ -103,6 +103,9 @@ struct Evd: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Serve Prometheus metrics (GET /metrics) over HTTP on this TCP address, e.g. 127.0.0.1:9187.", valueName: "host:port"))
     var metricsListen: String?
 
+    @Option(help: "How long a metrics connection may take to send a whole request before it is closed, in milliseconds (default 5000).")
+    var metricsRequestTimeoutMs: Int?
+
     func validate() throws {
         if let poolSize, !(1...256).contains(poolSize) { throw ValidationError("--pool-size must be between 1 and 256") }
         if let socketMode, UInt32(socketMode, radix: 8).map({ $0 <= 0o777 }) != true {
@@ -139,6 +142,10 @@ struct Evd: AsyncParsableCommand {
         }
         if let logLevel, Logger.Level(rawValue: logLevel) == nil {
             throw ValidationError("--log-level must be one of trace, debug, info, notice, warning, error, critical")
+        }
+        if let metricsRequestTimeoutMs, !MetricsSettings.requestTimeoutRange.contains(metricsRequestTimeoutMs) {
+            let range = MetricsSettings.requestTimeoutRange
+            throw ValidationError("--metrics-request-timeout-ms must be between \(range.lowerBound) and \(range.upperBound)")
         }
         if let metricsSocket, metricsSocket.isEmpty { throw ValidationError("--metrics-socket needs a path") }
         if let metricsListen, HostPort(parsing: metricsListen) == nil {
@@ -262,6 +269,9 @@ extension Evd {
         if let value = self.journalKeepSeconds ?? file.journalKeepSeconds { configuration.journal.keepSeconds = value }
         configuration.metrics.socketPath = self.metricsSocket ?? file.metricsSocket
         configuration.metrics.listen = self.metricsListen.flatMap(HostPort.init(parsing:)) ?? file.metricsListen
+        if let value = self.metricsRequestTimeoutMs ?? file.metricsRequestTimeoutMs {
+            configuration.metrics.requestTimeoutMs = value
+        }
         return configuration
     }
 
@@ -309,6 +319,7 @@ extension Evd {
             "metrics": [
                 "socket": configuration.metrics.socketPath.map(JSONValue.string) ?? .null,
                 "listen": configuration.metrics.listen.map { .string($0.description) } ?? .null,
+                "request_timeout_ms": .integer(configuration.metrics.requestTimeoutMs),
             ],
             "grant": .array(grants),
         ]

@@ -42,6 +42,7 @@ struct ConfigFileTests {
         [metrics]
         socket = "/run/evd-test/metrics.sock"
         listen = "127.0.0.1:9187"
+        request_timeout_ms = 2500
 
         [[grant]]
         group = "nogroup"
@@ -82,6 +83,7 @@ struct ConfigFileTests {
         #expect(effective["grant"]?[0]?["group"] == "nogroup")
         #expect(effective["metrics"]?["socket"] == "/run/evd-test/metrics.sock")
         #expect(effective["metrics"]?["listen"] == "127.0.0.1:9187")
+        #expect(effective["metrics"]?["request_timeout_ms"] == 2500)
     }
 
     @Test("the metrics flags win over [metrics]; without either, there is no endpoint")
@@ -92,15 +94,26 @@ struct ConfigFileTests {
         #expect(effective["metrics"]?["listen"] == "[::1]:9100")
         #expect(effective["metrics"]?["socket"] == "/tmp/m.sock")
 
+        let timeout = try await self.check(Self.fullExample, ["--metrics-request-timeout-ms", "700"])
+        #expect(timeout.status == 0, "\(timeout.stderr)")
+        #expect(try JSONValue(parsing: timeout.stdout.trimmingCharacters(in: .whitespacesAndNewlines))["metrics"]?["request_timeout_ms"] == 700)
+
         let plain = try await self.check("pool_size = 2")
         #expect(plain.status == 0, "\(plain.stderr)")
         let defaults = try JSONValue(parsing: plain.stdout.trimmingCharacters(in: .whitespacesAndNewlines))
         #expect(defaults["metrics"]?["listen"] == .null)
         #expect(defaults["metrics"]?["socket"] == .null)
+        #expect(defaults["metrics"]?["request_timeout_ms"] == 5000)
 
         let bad = try await self.check("", ["--metrics-listen", "nowhere"])
         #expect(bad.status != 0)
         #expect(bad.stderr.contains("--metrics-listen"), "\(bad.stderr)")
+        let short = try await self.check("", ["--metrics-request-timeout-ms", "5"])
+        #expect(short.status != 0)
+        #expect(short.stderr.contains("--metrics-request-timeout-ms must be between 100 and 600000"), "\(short.stderr)")
+        let badFile = try await self.check("[metrics]\nrequest_timeout_ms = 0")
+        #expect(badFile.status != 0)
+        #expect(badFile.stderr.contains("request_timeout_ms must be an integer in 100...600000"), "\(badFile.stderr)")
     }
 
     @Test("the subscriber queue bounds: [limits] keys, the flags win over them, the defaults without either")

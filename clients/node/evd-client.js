@@ -17,6 +17,33 @@ function socketPath(env = process.env) {
   return `/tmp/evd-${process.getuid()}/evd.sock`;
 }
 
+// Refuses a socket whose directory another user could have made or can write: their socket there
+// would get this client's token and requests (PROTOCOL.md §1). The default /tmp/evd-$UID must be a
+// real directory owned by this user and writable by nobody else; any other directory that others
+// can write must be sticky and root's or this user's.
+function checkSocketDirectory(path) {
+  const fs = require('fs');
+  const directory = require('path').dirname(path);
+  const isDefault = path === `/tmp/evd-${process.getuid()}/evd.sock`;
+  let info;
+  try {
+    info = isDefault ? fs.lstatSync(directory) : fs.statSync(directory);
+  } catch (error) {
+    if (error.code === 'ENOENT') return;  // no socket there either: connecting says so
+    throw error;
+  }
+  const me = process.geteuid();
+  const mode = info.mode & 0o7777;
+  const othersWrite = (mode & 0o022) !== 0;
+  let problem = null;
+  if (info.isSymbolicLink()) problem = 'it is a symlink, not a directory; another user may have placed it to intercept evd\'s socket';
+  else if (!info.isDirectory()) problem = 'it is not a directory';
+  else if (isDefault && info.uid !== me) problem = `it belongs to uid ${info.uid}, not to uid ${me}; another user may have made it to intercept evd's socket (remove it, or set EVD_SOCKET)`;
+  else if (isDefault && othersWrite) problem = `its mode 0${mode.toString(8)} lets other users replace the socket in it (chmod 700 it)`;
+  else if (othersWrite && !((mode & 0o1000) && (info.uid === 0 || info.uid === me))) problem = `its mode 0${mode.toString(8)} (owner uid ${info.uid}) lets other users replace the socket in it with their own`;
+  if (problem) throw new Error(`refusing the socket directory ${directory}: ${problem}`);
+}
+
 class EvdError extends Error {
   constructor(error) {
     super(`${error.code}: ${error.message}`);
@@ -33,6 +60,7 @@ class EvdClient extends require('events').EventEmitter {
     this.nextId = 1;
     this.waiting = new Map();   // id -> {resolve, reject}
     this.buffer = '';
+    checkSocketDirectory(path);
     this.socket = net.createConnection(path);
     this.socket.setEncoding('utf8');
     this.ready = new Promise((resolve, reject) => {
@@ -120,7 +148,7 @@ async function main(argv) {
   console.error(`evd-client: session ${hello.session}, subscription ${result.subscription}`);
 }
 
-module.exports = { EvdClient, EvdError, socketPath };
+module.exports = { EvdClient, EvdError, socketPath, checkSocketDirectory };
 
 if (require.main === module) {
   process.stdout.on('error', () => process.exit(0));  // `| head -1`

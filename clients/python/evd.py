@@ -41,9 +41,10 @@ import json
 import logging
 import os
 import socket
+import stat
 
 __all__ = [
-    "Client", "EvdError", "ConnectionClosed", "socket_path", "connect",
+    "Client", "EvdError", "ConnectionClosed", "socket_path", "check_socket_directory", "connect",
     "ALLOW", "allow", "deny", "modify", "blob", "unblob",
 ]
 
@@ -66,6 +67,38 @@ def socket_path(explicit=None, environ=None):
     if env.get("XDG_RUNTIME_DIR"):
         return env["XDG_RUNTIME_DIR"] + "/evd.sock"
     return "/tmp/evd-%d/evd.sock" % os.getuid()
+
+
+def check_socket_directory(path):
+    """Refuses (ConnectionClosed) a socket whose directory another user could have made or can
+    write: their socket there would get this client's token and requests (PROTOCOL.md §1).
+
+    The default /tmp/evd-$UID must be a real directory owned by this user and writable by nobody
+    else; any other directory that others can write must be sticky and root's or this user's."""
+    directory = os.path.dirname(path) or "."
+    default = path == "/tmp/evd-%d/evd.sock" % os.getuid()
+    try:
+        info = os.lstat(directory) if default else os.stat(directory)
+    except FileNotFoundError:
+        return  # no socket there either: connecting says so
+    me = os.geteuid()
+    mode = stat.S_IMODE(info.st_mode)
+    others_write = mode & 0o022
+    problem = None
+    if stat.S_ISLNK(info.st_mode):
+        problem = "it is a symlink, not a directory; another user may have placed it to intercept evd's socket"
+    elif not stat.S_ISDIR(info.st_mode):
+        problem = "it is not a directory"
+    elif default and info.st_uid != me:
+        problem = ("it belongs to uid %d, not to uid %d; another user may have made it to intercept "
+                   "evd's socket (remove it, or set EVD_SOCKET)" % (info.st_uid, me))
+    elif default and others_write:
+        problem = "its mode 0%o lets other users replace the socket in it (chmod 700 it)" % mode
+    elif others_write and not (mode & stat.S_ISVTX and info.st_uid in (0, me)):
+        problem = "its mode 0%o (owner uid %d) lets other users replace the socket in it with their own" % (
+            mode, info.st_uid)
+    if problem:
+        raise ConnectionClosed("refusing the socket directory %s: %s" % (directory, problem))
 
 
 class EvdError(Exception):
@@ -163,6 +196,7 @@ class Client:
 
     def __init__(self, path=None, timeout=None, connect_timeout=5.0):
         self.path = socket_path(path)
+        check_socket_directory(self.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(connect_timeout)
         try:

@@ -11,6 +11,7 @@ import itertools
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import unittest
 
@@ -62,6 +63,17 @@ class SocketPathTests(unittest.TestCase):
         self.assertEqual(evd.socket_path(None, {"RUNTIME_DIRECTORY": "/r:/s", "XDG_RUNTIME_DIR": "/u"}), "/r/evd.sock")
         self.assertEqual(evd.socket_path(None, {"XDG_RUNTIME_DIR": "/run/user/7"}), "/run/user/7/evd.sock")
         self.assertEqual(evd.socket_path(None, {}), "/tmp/evd-%d/evd.sock" % os.getuid())
+
+    def test_refuses_a_directory_others_can_write(self):
+        with tempfile.TemporaryDirectory() as directory:
+            os.chmod(directory, 0o777)
+            with self.assertRaises(evd.ConnectionClosed) as refused:
+                evd.Client(directory + "/evd.sock")
+            self.assertIn("refusing the socket directory %s: its mode 0777" % directory, str(refused.exception))
+            os.chmod(directory, 0o1777)  # sticky and the user's own: accepted (nobody listens there)
+            with self.assertRaises(evd.ConnectionClosed) as unreachable:
+                evd.Client(directory + "/evd.sock")
+            self.assertIn("cannot connect", str(unreachable.exception))
 
     def test_no_daemon_is_connection_closed(self):
         with self.assertRaises(evd.ConnectionClosed):

@@ -41,6 +41,10 @@ public final class EvdConnection: Sendable {
     /// Connects to the daemon at `socketPath`, waits for its `hello`, logs in with `token` if one
     /// is given (a refused token is thrown as `EvdError`), runs `body`, then closes.
     ///
+    /// First the socket's directory is checked (`SocketDirectory.clientRule(for:)`): a socket in a
+    /// directory that another user could have made or can write may be theirs, and this connection
+    /// would hand them its token and requests. Such a directory is a `ConnectionError` naming it.
+    ///
     /// Events, vetoes and notices are buffered up to `messageCapacity`; beyond that the connection
     /// stops reading (and so, in time, the daemon's overflow policy applies), so a subscriber should
     /// keep calling `nextMessage()`.
@@ -48,6 +52,11 @@ public final class EvdConnection: Sendable {
         socketPath: String, token: String? = nil, messageCapacity: Int = 4096,
         _ body: (EvdConnection) async throws -> Result
     ) async throws -> Result {
+        do {
+            try SocketDirectory.checkParent(of: socketPath, rule: SocketDirectory.clientRule(for: socketPath))
+        } catch {
+            throw ConnectionError(description: "not connecting to \(socketPath): \(error)")
+        }
         let asyncChannel: NIOAsyncChannel<LineFrame, ByteBuffer>
         do {
             asyncChannel = try await ClientBootstrap(group: MultiThreadedEventLoopGroup.singleton)

@@ -12,8 +12,13 @@ public enum SocketPath {
     /// `$XDG_RUNTIME_DIR/evd.sock`, else `/tmp/evd-$UID/evd.sock`.
     public static func resolve(explicit: String?, environment: [String: String]) -> String {
         if let explicit, !explicit.isEmpty { return explicit }
-        return self.fromEnvironment(environment) ?? "/tmp/evd-\(getuid())/evd.sock"
+        return self.fromEnvironment(environment) ?? self.defaultPath
     }
+
+    /// `/tmp/evd-$UID/evd.sock`: where evd and its clients meet when nothing names a socket. Its
+    /// directory must be the user's own and private (`SocketDirectory.Rule.ownPrivate`): anyone
+    /// can make that name in `/tmp` first.
+    public static var defaultPath: String { "/tmp/evd-\(getuid())/evd.sock" }
 
     /// The path the environment names (`$EVD_SOCKET`, `$RUNTIME_DIRECTORY/evd.sock`,
     /// `$XDG_RUNTIME_DIR/evd.sock`), if any: the daemon lets it win over its config file's.

@@ -18,6 +18,7 @@ import TOMLKit
 /// [metrics]                   # the Prometheus endpoint: either or both
 /// socket = "/run/evd/metrics.sock"
 /// listen = "127.0.0.1:9187"
+/// request_timeout_ms = 5000   # a connection's whole request must arrive within this
 /// ```
 public struct ConfigFile: Sendable {
     public var grants: [Grant] = []
@@ -47,6 +48,7 @@ public struct ConfigFile: Sendable {
     public var journalKeepSeconds: Int?
     public var metricsSocket: String?
     public var metricsListen: HostPort?
+    public var metricsRequestTimeoutMs: Int?
 
     public init() {}
 
@@ -153,8 +155,9 @@ public struct ConfigFile: Sendable {
             config.journalKeepSeconds = try journal.int("keep_seconds", 0...Int.max)
         }
         if let metrics = try top.table("metrics") {
-            try metrics.only(["socket", "listen"])
+            try metrics.only(["socket", "listen", "request_timeout_ms"])
             config.metricsSocket = try metrics.path("socket")
+            config.metricsRequestTimeoutMs = try metrics.int("request_timeout_ms", MetricsSettings.requestTimeoutRange)
             if let listen = try metrics.string("listen") {
                 guard let address = HostPort(parsing: listen) else {
                     throw Invalid(description: "\(metrics.place): listen must be HOST:PORT such as \"127.0.0.1:9187\", not '\(listen)'")

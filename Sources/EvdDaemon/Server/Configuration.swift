@@ -96,6 +96,13 @@ public struct MetricsSettings: Sendable, Equatable {
     public var socketPath: String?
     /// A TCP address to serve HTTP on, e.g. 127.0.0.1:9187 (port 0: any free port, logged).
     public var listen: HostPort?
+    /// How long a connection may take to send a whole request (from its start, or from the end
+    /// of the previous response) before it is answered 408 and closed
+    /// (`--metrics-request-timeout-ms`, `[metrics] request_timeout_ms`).
+    public var requestTimeoutMs: Int = 5000
+
+    /// The range `requestTimeoutMs` may take.
+    public static let requestTimeoutRange = 100...600_000
 
     public init(socketPath: String? = nil, listen: HostPort? = nil) {
         self.socketPath = socketPath

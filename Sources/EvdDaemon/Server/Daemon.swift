@@ -68,6 +68,7 @@ public final class Daemon: Service, CustomStringConvertible {
         // faulted them in again for the next. Up to 8 MiB stay free for reuse instead.
         _ = evd_malloc_trim_threshold(8 << 20)
         try self.prepareDirectories()
+        self.narrowDatabaseFiles()
         let tokens = try self.openTokenSecret()
         let totalConnections = self.configuration.poolSize * self.configuration.databases.count
         // One thread per pooled connection (a thread may block on SQLite's busy wait), and two
@@ -173,7 +174,12 @@ public final class Daemon: Service, CustomStringConvertible {
             stateDirectory: self.configuration.stateDirectory, databases: self.configuration.databases,
             settings: self.configuration.journal, threadPool: threadPool)
         do {
-            let head = try await threadPool.runIfActive { try journal.open() }
+            let head = try await threadPool.runIfActive {
+                let head = try journal.open()
+                // The one count of what the journal holds; from now on it is kept up to date.
+                if journal.settings.enabled { journal.running.load(journal) }
+                return head
+            }
             return (journal, head)
         } catch {
             try? await threadPool.shutdownGracefully()
@@ -353,16 +359,38 @@ public final class Daemon: Service, CustomStringConvertible {
         }
         let path = self.configuration.socketPath
         try Self.removeStaleSocket(at: path)
-        let server: NIOAsyncChannel<any Channel, Never>
-        do {
-            server = try await bootstrap.bind(unixDomainSocketPath: path, childChannelInitializer: initializer)
-        } catch {
-            throw StartupError(description: "cannot listen on \(path): \(error)")
-        }
-        if chmod(path, self.configuration.socketMode) != 0 {
-            throw StartupError(description: "cannot set the mode of \(path): \(String(cString: strerror(errno)))")
+        let server = try await Self.bindSocketFile(at: path, mode: self.configuration.socketMode) { staging in
+            do {
+                return try await bootstrap.bind(unixDomainSocketPath: staging, childChannelInitializer: initializer)
+            } catch {
+                throw StartupError(description: "cannot listen on \(path): \(error)")
+            }
+        } close: {
+            try? await $0.channel.close()
         }
         return (server, path)
+    }
+
+    /// Binds a listening socket with `bind` (given the path to bind at) and puts it at `path` with
+    /// `mode` (`SocketFile`: never a `chmod` of a path another user could redirect).
+    static func bindSocketFile<Server>(
+        at path: String, mode: mode_t, _ bind: (String) async throws -> Server, close: (Server) async -> Void
+    ) async throws -> Server {
+        let file: SocketFile
+        do {
+            file = try SocketFile(path: path)
+        } catch {
+            throw StartupError(description: error.description)
+        }
+        defer { file.removeStaging() }
+        let server = try await bind(file.stagingPath)
+        do {
+            try file.install(mode: mode)
+        } catch {
+            await close(server)
+            throw StartupError(description: error.description)
+        }
+        return server
     }
 
     /// Refuses to start when a live daemon answers on `path`; removes a stale socket file.
@@ -382,15 +410,61 @@ public final class Daemon: Service, CustomStringConvertible {
         unlink(path)
     }
 
-    /// Creates the state directory, the socket's directory and each database's directory.
+    /// Creates the state directory, the socket's directory and each database's directory, and
+    /// refuses a state or socket directory that another user could have made or can write
+    /// (`SocketDirectory`): there they could delete the token secret, or put their own socket where
+    /// clients look for evd's.
     private func prepareDirectories() throws {
         try Self.makeDirectories(self.configuration.stateDirectory, mode: 0o700)
+        try Self.checkDirectory(self.configuration.stateDirectory, rule: .daemonOwned, what: "state directory")
         if self.configuration.listenFD == nil {
-            let socketDirectory = Self.parent(of: self.configuration.socketPath)
-            try Self.makeDirectories(socketDirectory, mode: 0o700)
+            try Self.prepareSocketDirectory(for: self.configuration.socketPath)
         }
         for database in self.configuration.databases where !database.path.hasPrefix("file:") && database.path != ":memory:" {
             try Self.makeDirectories(Self.parent(of: database.path), mode: 0o700)
+        }
+    }
+
+    /// Creates the directory of the socket at `path` and checks it: the default `/tmp/evd-$UID`
+    /// must be evd's own and private, any other must be evd's or root's and writable by nobody
+    /// else (unless sticky and root's, as `/tmp`).
+    static func prepareSocketDirectory(for path: String) throws {
+        let directory = Self.parent(of: path)
+        let rule: SocketDirectory.Rule = path == SocketPath.defaultPath ? .ownPrivate : .daemonOwned
+        // A symlink at the default directory's name (dangling or not) is never made into a
+        // directory: `mkdir` does not follow it, and the check after refuses it.
+        try Self.makeDirectories(directory, mode: 0o700)
+        try Self.checkDirectory(directory, rule: rule, what: "socket directory")
+    }
+
+    /// `SocketDirectory.check`, its refusal as a `StartupError`.
+    static func checkDirectory(
+        _ directory: String, rule: SocketDirectory.Rule, what: String, missingIsFine: Bool = false
+    ) throws {
+        do {
+            try SocketDirectory.check(directory, rule: rule, what: what, missingIsFine: missingIsFine)
+        } catch {
+            throw StartupError(description: error.description)
+        }
+    }
+
+    /// Narrows every database file evd serves or keeps (and their `-wal`, `-shm`) that other users
+    /// may read to 0600 (`DatabaseFiles`), and says so; one evd does not own is only reported.
+    private func narrowDatabaseFiles() {
+        let state = ["journal.db", "twophase.db"].map { self.configuration.stateDirectory + "/" + $0 }
+        for path in self.configuration.databases.map(\.path) + state {
+            for file in DatabaseFiles.narrow(path) {
+                let metadata: Logger.Metadata = [
+                    "file.path": "\(file.path)", "file.mode": "\(file.modeText)", "file.uid": "\(file.owner)",
+                ]
+                if file.narrowed {
+                    self.logger.warning("a database file was readable by other users: its mode is now 0600", metadata: metadata)
+                } else {
+                    self.logger.warning(
+                        "a database file is readable by other users and evd cannot narrow it (not its owner): chmod 600 it",
+                        metadata: metadata)
+                }
+            }
         }
     }
 

@@ -69,15 +69,16 @@ final class DaemonCore: Sendable {
         return pool
     }
 
-    /// The `stats` result, with the journal measured now (on the thread pool).
-    func statistics() async -> JSONValue {
-        self.statistics(journal: await self.measureJournal())
+    /// The `stats` result.
+    func statistics() -> JSONValue {
+        self.statistics(journal: self.journalFigures())
     }
 
-    /// What the journal holds now (`nil` with `--no-journal`, or once the thread pool has stopped).
-    func measureJournal() async -> Journal.Figures? {
+    /// What the journal holds now (`nil` with `--no-journal`): its running figures, never counted
+    /// when asked (`Journal.RunningFigures`).
+    func journalFigures() -> Journal.Figures? {
         guard let journal = self.journal else { return nil }
-        return try? await self.threadPool.runIfActive { journal.measure() }
+        return journal.running.figures(of: journal, floor: journal.floor)
     }
 
     /// The `stats` result with `journal` as measured: the counters are atomics and a few short

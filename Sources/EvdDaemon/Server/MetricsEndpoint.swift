@@ -57,8 +57,8 @@ final class DaemonMetrics: Sendable {
     }
 
     /// The Prometheus text format of the daemon's figures now.
-    func render(_ core: DaemonCore) async -> [UInt8] {
-        let journal = await core.measureJournal()
+    func render(_ core: DaemonCore) -> [UInt8] {
+        let journal = core.journalFigures()
         let stats = core.statistics(journal: journal)
         return self.scrape.withLock { state in
             self.update(from: stats, journal: journal, &state)
@@ -159,6 +159,14 @@ final class DaemonMetrics: Sendable {
 /// Every listener starts with the daemon (a failure to bind stops the start) and stops when the
 /// task serving it is cancelled, which the daemon does once its sessions are drained. The Unix
 /// socket it created is removed then; a stale one found at start is replaced (as the main socket's).
+///
+/// Anyone who can connect may scrape, without a token, so what a peer can make it hold or do is
+/// bounded (`MetricsConnectionGuard`): `maxConnections` at once; a connection that has not sent a
+/// whole request within `requestTimeoutMs` (from its start, or from the end of the previous
+/// answer) is answered 408 and closed, so that silent or trickling peers cannot keep the slots; and
+/// at most `maxPipelinedRequests` requests may wait for their answers on one connection (more are
+/// answered 429 and the connection closed). A scrape itself reads counters only: the journal's
+/// figures are kept up to date as events are journaled (`Journal.RunningFigures`), never counted.
 final class MetricsEndpoint: Sendable {
     typealias Connection = NIOAsyncChannel<HTTPServerRequestPart, HTTPServerResponsePart>
 
@@ -173,8 +181,8 @@ final class MetricsEndpoint: Sendable {
 
     /// Connections served at once, in all; more are closed at once.
     static let maxConnections = 64
-    /// A connection that sends nothing for this long is closed.
-    static let idleTimeout: TimeAmount = .seconds(60)
+    /// Requests one connection may have sent ahead of their answers (Prometheus sends one at a time).
+    static let maxPipelinedRequests = 4
 
     let listeners: [Listener]
     private let connections = Atomic<Int>(0)
@@ -196,18 +204,19 @@ final class MetricsEndpoint: Sendable {
                 guard path != configuration.socketPath || configuration.listenFD != nil else {
                     throw Daemon.StartupError(description: "the metrics socket cannot be evd's own socket (\(path))")
                 }
+                try Daemon.checkDirectory(Daemon.parent(of: path), rule: .daemonOwned, what: "metrics socket's directory", missingIsFine: true)
                 try Daemon.removeStaleSocket(at: path)
-                let server = try await Self.bootstrap(group).bind(unixDomainSocketPath: path) { Self.initialize($0) }
-                listeners.append(Listener(server: server, createdPath: path, address: path))
-                if chmod(path, configuration.socketMode) != 0 {
-                    throw Daemon.StartupError(
-                        description: "cannot set the mode of the metrics socket \(path): \(String(cString: strerror(errno)))")
+                let server = try await Daemon.bindSocketFile(at: path, mode: configuration.socketMode) { staging in
+                    try await Self.bootstrap(group).bind(unixDomainSocketPath: staging) { Self.initialize($0, settings) }
+                } close: {
+                    try? await $0.channel.close()
                 }
+                listeners.append(Listener(server: server, createdPath: path, address: path))
             }
             if let address = settings.listen {
                 let server = try await Self.bootstrap(group)
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-                    .bind(host: address.host, port: address.port) { Self.initialize($0) }
+                    .bind(host: address.host, port: address.port) { Self.initialize($0, settings) }
                 let bound = server.channel.localAddress.map(Self.describe) ?? address.description
                 listeners.append(Listener(server: server, createdPath: nil, address: bound))
             }
@@ -227,11 +236,15 @@ final class MetricsEndpoint: Sendable {
         ServerBootstrap(group: group).serverChannelOption(.backlog, value: 16)
     }
 
-    private static func initialize(_ channel: any Channel) -> EventLoopFuture<Connection> {
+    private static func initialize(_ channel: any Channel, _ settings: MetricsSettings) -> EventLoopFuture<Connection> {
         channel.eventLoop.makeCompletedFuture {
-            try channel.pipeline.syncOperations.addHandler(IdleStateHandler(readTimeout: Self.idleTimeout))
-            try channel.pipeline.syncOperations.addHandler(CloseWhenIdle())
-            try channel.pipeline.syncOperations.configureHTTPServerPipeline(withErrorHandling: true)
+            let pipeline = channel.pipeline.syncOperations
+            try pipeline.configureHTTPServerPipeline(withErrorHandling: true)
+            // Between the request decoder and the pipelining handler: it sees every request as
+            // it is decoded (the pipelining handler holds back all but the one being answered).
+            let guardHandler = MetricsConnectionGuard(
+                requestTimeout: .milliseconds(Int64(settings.requestTimeoutMs)), maxPipelined: Self.maxPipelinedRequests)
+            try pipeline.addHandler(guardHandler, position: .before(try pipeline.handler(type: HTTPServerPipelineHandler.self)))
             return try Connection(wrappingChannelSynchronously: channel)
         }
     }
@@ -341,7 +354,7 @@ final class MetricsEndpoint: Sendable {
             headers.add(name: "Content-Type", value: "text/plain; charset=utf-8")
         } else {
             status = .ok
-            body = await metrics.render(core)
+            body = metrics.render(core)
             headers.add(name: "Content-Type", value: "text/plain; version=0.0.4; charset=utf-8")
         }
         headers.add(name: "Content-Length", value: "\(body.count)")
@@ -356,15 +369,135 @@ final class MetricsEndpoint: Sendable {
     }
 }
 
-/// Closes a connection when `IdleStateHandler` says it has sent nothing for a while.
-private final class CloseWhenIdle: ChannelInboundHandler, Sendable {
-    typealias InboundIn = NIOAny
+/// Bounds what one metrics connection may hold: the time it takes to send a whole request, and
+/// the requests it sends ahead of their answers.
+///
+/// It sits between the HTTP request decoder and `HTTPServerPipelineHandler`, so it sees requests as
+/// they are decoded (a read may hold many) and the answers as they leave.
+/// - **Request timeout.** Whenever no whole request is waiting for its answer (from the start, and
+///   after each answer), a timer runs; a request's end stops it. When it fires, the peer has sent
+///   nothing, or only part of a request (a byte at a time keeps no idle timer from firing), for the
+///   whole `requestTimeout`: it gets `408 Request Timeout` and is closed.
+/// - **Pipelining.** A request that would be the `maxPipelined + 1`th sent ahead of its answer is
+///   not passed on, nor is anything after it: once the requests already passed on are answered,
+///   the peer gets `429 Too Many Requests` and is closed. Each request costs a render; this keeps
+///   one write of many requests from making evd render them all.
+final class MetricsConnectionGuard: ChannelDuplexHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias InboundOut = HTTPServerRequestPart
+    typealias OutboundIn = HTTPServerResponsePart
+    typealias OutboundOut = HTTPServerResponsePart
 
-    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
-        if event is IdleStateHandler.IdleStateEvent {
-            context.close(promise: nil)
-        } else {
-            context.fireUserInboundEventTriggered(event)
+    private let requestTimeout: TimeAmount
+    private let maxPipelined: Int
+    /// Requests passed on, whole requests passed on, and answers (their ends) written.
+    private var passed = 0
+    private var complete = 0
+    private var answered = 0
+    /// Over the pipelining bound: nothing more is passed on, and the connection ends after the
+    /// answers it owes.
+    private var refusing = false
+    /// The connection is being answered with an error and closed.
+    private var closing = false
+    private var timer: Scheduled<Void>?
+
+    init(requestTimeout: TimeAmount, maxPipelined: Int) {
+        self.requestTimeout = requestTimeout
+        self.maxPipelined = maxPipelined
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        if context.channel.isActive { self.startTimer(context) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if self.timer == nil { self.startTimer(context) }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        self.stopTimer()
+        context.fireChannelInactive()
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.stopTimer()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !self.refusing && !self.closing else { return }  // dropped: never answered
+        switch self.unwrapInboundIn(data) {
+        case .head:
+            if self.passed - self.answered >= self.maxPipelined {
+                self.refusing = true
+                if self.answered == self.complete && self.passed == self.complete {
+                    self.refuse(context, .tooManyRequests, Self.pipeliningMessage(self.maxPipelined))
+                }
+                return
+            }
+            self.passed += 1
+        case .body:
+            break
+        case .end:
+            self.complete += 1
+            self.stopTimer()
         }
+        context.fireChannelRead(data)
+    }
+
+    func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        guard case .end = self.unwrapOutboundIn(data) else {
+            context.write(data, promise: promise)
+            return
+        }
+        self.answered += 1
+        context.write(data, promise: promise)
+        if self.refusing && self.answered == self.passed {
+            self.refuse(context, .tooManyRequests, Self.pipeliningMessage(self.maxPipelined))
+        } else if self.answered == self.complete && !self.closing {
+            self.startTimer(context)
+        }
+    }
+
+    static func pipeliningMessage(_ max: Int) -> String {
+        "too many pipelined requests: evd's metrics endpoint answers at most \(max) requests sent ahead of their answers on one connection, and closes it\n"
+    }
+
+    static func timeoutMessage(_ timeout: TimeAmount) -> String {
+        "request timeout: evd's metrics endpoint closes a connection that has not sent a whole request within \(timeout.nanoseconds / 1_000_000) ms (--metrics-request-timeout-ms)\n"
+    }
+
+    private func startTimer(_ context: ChannelHandlerContext) {
+        self.stopTimer()
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let bound = NIOLoopBound(context, eventLoop: context.eventLoop)
+        self.timer = context.eventLoop.scheduleTask(in: self.requestTimeout) {
+            let guardHandler = handler.value
+            guardHandler.timer = nil
+            // A whole request is being answered: the timer restarts after its answer.
+            guard guardHandler.answered == guardHandler.complete, !guardHandler.closing else { return }
+            guardHandler.refuse(bound.value, .requestTimeout, Self.timeoutMessage(guardHandler.requestTimeout))
+        }
+    }
+
+    private func stopTimer() {
+        self.timer?.cancel()
+        self.timer = nil
+    }
+
+    /// Answers `status` with `message` (no answer is in progress) and closes the connection once
+    /// it is written.
+    private func refuse(_ context: ChannelHandlerContext, _ status: HTTPResponseStatus, _ message: String) {
+        guard !self.closing else { return }
+        self.closing = true
+        self.stopTimer()
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: "text/plain; charset=utf-8")
+        headers.add(name: "Content-Length", value: "\(message.utf8.count)")
+        headers.add(name: "Connection", value: "close")
+        context.write(self.wrapOutboundOut(.head(HTTPResponseHead(version: .http1_1, status: status, headers: headers))), promise: nil)
+        context.write(self.wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: message)))), promise: nil)
+        let channel = context.channel
+        context.writeAndFlush(self.wrapOutboundOut(.end(nil))).whenComplete { _ in channel.close(promise: nil) }
     }
 }

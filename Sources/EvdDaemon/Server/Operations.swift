@@ -25,7 +25,7 @@ extension Session {
         case "stats":
             try args.finish()
             try self.require(.admin)
-            return .result(await self.core.statistics())
+            return .result(self.core.statistics())
         case "subscribe":
             return try await self.subscribe(&args, id: request["id"] ?? .null)
         case "unsubscribe":

@@ -127,6 +127,9 @@ public final class Journal: Sendable {
         /// The events of `sessions`.
         static let sessionEvents: Set<String> = [EventKind.login.name, EventKind.logout.name]
 
+        /// The window of an event journaled in the state database.
+        static func of(stateEvent name: String) -> Window { Self.sessionEvents.contains(name) ? .sessions : .state }
+
         /// The SQL condition that picks its rows in its source's `_evd_journal`.
         var rows: String {
             let names = Self.sessionEvents.sorted().map { "'\($0)'" }.joined(separator: ", ")
@@ -167,6 +170,8 @@ public final class Journal: Sendable {
     /// The seq through which retention has deleted each window's rows since evd started (so that
     /// it does not visit them again); absent: nothing yet, the first prune visits from the start.
     private let swept: Mutex<[Window: Int64]> = Mutex([:])
+    /// What the journal holds, kept as events are journaled (for `stats` and `/metrics`).
+    let running = RunningFigures()
     let lease: SeqLease
     /// Events waiting for the state database's writer (`appendToState`).
     private let appends = Mutex(Appends())
@@ -191,6 +196,9 @@ public final class Journal: Sendable {
 
     /// The highest seq that retention may have removed from any window (`stats`' `journal.floor`).
     var floor: Int64 { self.floorValue.load(ordering: .acquiring) }
+
+    /// Each window's floor.
+    var windowFloors: [Window: Int64] { self.floors.withLock { $0 } }
 
     /// The highest seq that retention may have removed from the windows `relevant` picks: a
     /// replay of events of those windows from below it has a gap.
@@ -423,6 +431,10 @@ public final class Journal: Sendable {
                 }
                 state.insert.reset()
                 try state.connection.exec("COMMIT")
+                for append in group {
+                    self.running.addState(
+                        append.entries, first: append.reservation.first, timeBytes: append.reservation.time.count - 2)
+                }
             } catch {
                 state.insert.reset()
                 try? state.connection.exec("ROLLBACK")
@@ -732,14 +744,17 @@ extension PooledConnection {
                 }
                 let time = reservation.timeText
                 var start = 0
+                var bytes = 0
                 while start < events.count {
                     let chunk = start..<min(events.count, start + Self.eventChunk)
                     let made = events.publications(chunk, origin: origin)
                     try Journal.write(made, first: reservation.first + Int64(start), time: time, using: self.journalInsert!)
+                    bytes += Journal.RunningFigures.bytes(of: made, timeBytes: time.utf8.count)
                     if chunk.count == events.count { kept = made }
                     start = chunk.upperBound
                 }
                 try self.run(own: "COMMIT")
+                journal.running.add(.database(database), first: reservation.first, count: events.count, bytes: bytes)
             } catch {
                 if self.sqlite.inTransaction {
                     try? self.sqlite.exec(

@@ -63,9 +63,11 @@ public final class SQLiteConnection: @unchecked Sendable {
         _ = evd_sqlite_config_memstatus(0)
     }()
 
-    /// Opens `path` with `flags` (`SQLITE_OPEN_*`).
+    /// Opens `path` with `flags` (`SQLITE_OPEN_*`). With `SQLITE_OPEN_CREATE`, a database file that
+    /// does not exist is created 0600 first (`DatabaseFiles.createPrivately`), whatever the umask.
     public init(path: String, flags: Int32) throws(SQLiteError) {
         Self.configured
+        if flags & SQLITE_OPEN_CREATE != 0 { DatabaseFiles.createPrivately(path) }
         var db: OpaquePointer?
         let rc = sqlite3_open_v2(path, &db, flags | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE, nil)
         guard rc == SQLITE_OK, let db else {
