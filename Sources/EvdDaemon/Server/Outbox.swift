@@ -157,6 +157,8 @@ final class Outbox: Sendable {
         var inFlight = 0
         /// The bytes of those batches.
         var inFlightBytes = 0
+        /// Every byte the event loop has written to the socket so far: whether the peer reads.
+        var writtenBytes = 0
         /// The bytes of the lines (responses, notices, vetoes) in `chunks`.
         var lineBytes = 0
         /// Executors waiting in `waitForRoom()` for the output to fall below the bound.
@@ -218,10 +220,14 @@ final class Outbox: Sendable {
         let waiters = self.state.withLock { state -> [CheckedContinuation<Void, Never>] in
             state.inFlight -= 1
             state.inFlightBytes -= bytes
+            state.writtenBytes &+= bytes
             return Self.takeRoomWaiters(&state, bound: self.limits.maxBytes)
         }
         for waiter in waiters { waiter.resume() }
     }
+
+    /// Every byte written to the socket so far.
+    var writtenBytes: Int { self.state.withLock { $0.writtenBytes } }
 
     // MARK: Backpressure
 

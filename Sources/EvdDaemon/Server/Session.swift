@@ -302,14 +302,27 @@ final class Session: Sendable {
     /// How long a lagged-out subscriber has to take its `lagged` notice before the connection is cut.
     static let laggedCutoff: TimeAmount = .seconds(2)
 
-    /// After a lagged disconnect, gives the notice `laggedCutoff` to reach the peer, then closes the
-    /// connection anyway: a peer that reads nothing leaves the writer stuck on a full socket, and
-    /// must not keep its session (and its slot) forever.
+    /// After a lagged disconnect, lets the peer read what was queued (the events before the notice,
+    /// then the notice) for as long as it reads, and closes the connection once `laggedCutoff` passes
+    /// without a byte written: a peer that reads nothing leaves the writer stuck on a full socket,
+    /// and must not keep its session (and its slot) forever, while one that reads slowly (on a busy
+    /// machine, say) must still get its notice.
     private func cutOffIfLagged(_ channel: any Channel) async {
         guard await self.outbox.closed() else { return }
-        let cutoff = channel.eventLoop.scheduleTask(in: Self.laggedCutoff) { channel.close(promise: nil) }
-        try? await channel.closeFuture.get()
-        cutoff.cancel()
+        let cutoff = Duration.nanoseconds(Self.laggedCutoff.nanoseconds)
+        var written = self.outbox.writtenBytes
+        var stalledSince = ContinuousClock.now
+        while channel.isActive {
+            try? await Task.sleep(for: .milliseconds(100))
+            let now = self.outbox.writtenBytes
+            if now != written {
+                written = now
+                stalledSince = .now
+            } else if ContinuousClock.now - stalledSince >= cutoff {
+                channel.close(promise: nil)
+                return
+            }
+        }
     }
 
     // MARK: Output

@@ -19,6 +19,8 @@ extension Journal {
             var bytes = 0
             var firstSeq: Int64?
             var lastSeq: Int64?
+            /// The lowest floor of its retention windows: what it holds lies above it.
+            var floor: Int64 = 0
         }
 
         var sources: [Source] = []
@@ -49,6 +51,7 @@ extension Journal {
                             "bytes": .integer(source.bytes),
                             "first_seq": seq(source.firstSeq),
                             "last_seq": seq(source.lastSeq),
+                            "floor": .int(source.floor),
                         ]
                     }),
             ]
@@ -171,6 +174,7 @@ extension Journal {
             self.stretches.withLock { all in
                 for source in journal.sources {
                     var measured = Figures.Source(database: source.database, path: source.path)
+                    measured.floor = source.windows.map { floors[$0] ?? floor }.min() ?? floor
                     for window in source.windows {
                         guard var stretches = all.removeValue(forKey: window) else { continue }
                         Self.cut(&stretches, at: floors[window] ?? floor)
