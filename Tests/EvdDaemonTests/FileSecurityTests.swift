@@ -192,9 +192,12 @@ struct FileSecurityTests {
             }) { _, _ in
                 let got = try await lastJSON(
                     try asNobodyPython(Self.trickleThenScrape, [metricsPath, String(MetricsEndpoint.maxConnections), "30"]))
-                #expect(got["held"]?.intValue == Int64(MetricsEndpoint.maxConnections), "\(got)")
+                // (On a busy machine a connection beyond the limit may get its 408 before the accept
+                // loop reaches it to close it: then it counts as held, and answered.)
+                let held = got["held"]?.intValue ?? 0
+                #expect(held >= Int64(MetricsEndpoint.maxConnections), "\(got)")
                 #expect(got["scraped"] == true, "no scrape got through the trickling connections: \(got)")
-                #expect(got["timeouts"]?.intValue == Int64(MetricsEndpoint.maxConnections), "\(got)")
+                #expect(got["timeouts"]?.intValue == held, "every held connection is answered 408: \(got)")
                 let sample = got["sample"]?.stringValue ?? ""
                 #expect(sample.contains("request timeout") && sample.contains("1000 ms"), "\(sample)")
             }

@@ -16,10 +16,11 @@ struct IdentitySecurityTests {
     func logoutKeepsNoExpiredSubscription() async throws {
         try await withRunningDaemon(configure: { openUp(&$0) }) { daemon in
             try await daemon.request("execute", ["sql": "create table dogs(name)"])
-            let expires = (Date().timeIntervalSince1970 + 12).rounded(.up)
             let token = try #require(
                 try await daemon.request(
                     "create_token", ["expires_after": 12, "restrict_all": ["subscribe", "view-table", "veto"]])["token"]?.stringValue)
+            // The token expires at ceil(the daemon's now + 12), at the latest this.
+            let expires = (Date().timeIntervalSince1970 + 12).rounded(.up)
             try await daemon.withClient { root in
                 try await root.request("subscribe", ["events": ["logout"]])
                 // Nobody logs in with root's short-lived token, watches and vetoes, then logs out.
@@ -140,7 +141,7 @@ struct IdentitySecurityTests {
         try await withRunningDaemon(configure: { openUp(&$0, grants: [grant([.subscribe], database: nil)]) }) { daemon in
             let watcher = try asNobody(
                 daemon, [["op": "subscribe", "events": ["set_connection_execution_options", "app.done"]]], until: "app.done",
-                linger: 10)
+                linger: 30)
             try await waitForStats(daemon) { $0["subscriptions"] == 1 }
             try await daemon.withClient { root in
                 try await root.request("execution_options", ["options": ["logging_token": "root-secret-token"]])

@@ -299,8 +299,10 @@ final class Session: Sendable {
         self.outbox.close()
     }
 
-    /// How long a lagged-out subscriber has to take its `lagged` notice before the connection is cut.
-    static let laggedCutoff: TimeAmount = .seconds(2)
+    /// How long a lagged-out subscriber may read nothing before its connection is cut.
+    /// (10 s: a loaded machine can keep a reader from its socket for seconds, and the notice is
+    /// what tells it where to resume.)
+    static let laggedCutoff: TimeAmount = .seconds(10)
 
     /// After a lagged disconnect, lets the peer read what was queued (the events before the notice,
     /// then the notice) for as long as it reads, and closes the connection once `laggedCutoff` passes
