@@ -41,6 +41,42 @@ struct ConnectionFaultTests {
             #expect(try await evd.ping())
         }
     }
+
+    @Test("at its file-descriptor limit evd pauses accepting instead of spinning, says so once, and serves again once fds are free")
+    func descriptorLimitBacksOff() async throws {
+        // 64 descriptors: evd's own (databases, journal, epoll, eventfds) take a couple of dozen.
+        try await withEvd([], nofile: 64, logLevel: "notice") { evd in
+            var held: [Int32] = []
+            defer { for fd in held { close(fd) } }
+            // Far more than the limit: the rest wait in the listen backlog, each a failing accept.
+            for _ in 0..<120 {
+                guard let fd = connectNonBlocking(evd.socketPath) else { break }
+                held.append(fd)
+            }
+            #expect(held.count >= 100, "only \(held.count) connections could be made")
+            // evd has hit its limit: it accepted what it could.
+            try await Task.sleep(for: .milliseconds(500))
+            let start = try #require(cpuTicks(of: evd.pid))
+            let clock = ContinuousClock.now
+            try await Task.sleep(for: .seconds(2))
+            let used = try #require(cpuTicks(of: evd.pid)) - start
+            let wall = Double((ContinuousClock.now - clock).components.attoseconds) / 1e18
+                + Double((ContinuousClock.now - clock).components.seconds)
+            let share = Double(used) / Double(sysconf(Int32(_SC_CLK_TCK))) / wall
+            print("at the fd limit: evd used \(Int(share * 100))% of a core over \(String(format: "%.1f", wall)) s")
+            // A spin on accept took 97-99%.
+            #expect(share < 0.5, "evd used \(Int(share * 100))% of a core while at its descriptor limit")
+            for fd in held { close(fd) }
+            held = []
+            // Fds free again: a new client is served (within the pause and some).
+            let served = await eventually(within: 20) { (try? await evd.ping()) == true }
+            #expect(served, "evd does not serve again after the connections closed")
+            let log = evd.stderr()
+            let warnings = log.components(separatedBy: "out of file descriptors").count - 1
+            #expect(warnings == 1, "one warning per episode, got \(warnings): \(log.suffix(2000))")
+            #expect(log.contains("accepting connections again"), "\(log.suffix(2000))")
+        }
+    }
 }
 
 // MARK: A real evd
@@ -127,6 +163,18 @@ private func churn(_ socketPath: String, _ count: Int) async -> Int {
     }
 }
 
+/// A connection to `socketPath` that does not wait for evd to accept it (it may sit in the
+/// listen backlog); nil when even the backlog is full.
+private func connectNonBlocking(_ socketPath: String) -> Int32? {
+    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0)
+    guard fd >= 0 else { return nil }
+    guard connectUnixSocket(fd, to: socketPath) == 0 else {
+        close(fd)
+        return nil
+    }
+    return fd
+}
+
 /// The resident set size of process `pid` (`VmRSS`), in kB.
 private func residentKB(of pid: Int32) -> Int? {
     guard let status = try? String(contentsOfFile: "/proc/\(pid)/status", encoding: .utf8) else { return nil }
@@ -136,3 +184,14 @@ private func residentKB(of pid: Int32) -> Int? {
     return nil
 }
 
+/// The CPU time process `pid` has used, user and system (`/proc/PID/stat` fields 14 and 15), in
+/// clock ticks.
+private func cpuTicks(of pid: Int32) -> Int? {
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+        let close = stat.lastIndex(of: ")")
+    else { return nil }
+    // After the command's ")": field 3 (state) on; utime and stime are fields 14 and 15.
+    let fields = stat[stat.index(after: close)...].split(separator: " ")
+    guard fields.count > 12, let user = Int(fields[11]), let system = Int(fields[12]) else { return nil }
+    return user + system
+}
