@@ -244,6 +244,12 @@ def mem_row(key, name, field, note=""):
 stall_rows = meta["stall_rows"]
 m_idle = mem_row("mem_idle", "evd idle, 1 s after start", "rss_kb")
 m_subs = mem_row("mem_subs", f"evd with {meta['idle_subscribers']:,} idle subscribers (a connection each)", "rss_kb")
+churned = meta.get("churn_connections", 10000)
+m_churn = mem_row("mem_churn", f"KB per connection after {churned:,} connections (each reads hello and closes)", "rss_kb")
+if m_churn["reps"]:
+    m_churn["kb_per_connection"] = round(med(m_churn["reps"], "kb_per_connection"), 2)
+    m_churn["note"] = (f"{m_churn['kb_per_connection']:.2f} KB per connection: RSS from "
+                       f"{med(m_churn['reps'], 'start_rss_kb') / 1024:.1f} MB to this over them (after 1,000 to warm up)")
 m_upd = mem_row("mem_update", f"evd peak during an UPDATE of {stall_rows:,} rows, nobody subscribed", "peak_rss_kb")
 m_stall = mem_row("mem_stalled", f"evd peak during the same UPDATE, 1 stalled subscriber", "peak_rss_kb")
 for r in (m_upd, m_stall):
@@ -432,6 +438,9 @@ for r, limit, key in ((m_idle, 20, "mem_idle_mb <= 20"), (m_subs, 60, "mem_1000_
         print(f"memory: {r['workload']}: {r['mb']:.1f} MB (target <= {limit} MB: {ok(r['mb'] <= limit)})")
     else:
         print(f"memory: {r['workload']}: n/a ({r['error']})")
+if m_churn.get("kb_per_connection") is not None:
+    ratios["mem_kb_per_connection"] = m_churn["kb_per_connection"]
+    print(f"memory: {m_churn['kb_per_connection']:.2f} KB per connection after {churned:,} connections")
 if m_stall["mb"] is not None and m_upd["mb"] is not None:
     import re
     added = m_stall["mb"] - m_upd["mb"]

@@ -88,13 +88,14 @@ public final class Daemon: Service, CustomStringConvertible {
             configuration: self.configuration, bus: bus, journal: journal.settings.enabled ? journal : nil,
             threadPool: threadPool, databaseThreads: databaseThreads, eventLoop: group.next(), tokens: tokens)
 
+        let acceptPause = AcceptPause(logger: self.logger)
         let server: NIOAsyncChannel<any Channel, Never>
         let createdPath: String?
         var endpoint: MetricsEndpoint?
         do {
             try await self.recoverPreparedTransactions(core)
             endpoint = try await MetricsEndpoint.bind(self.configuration, group: group, logger: self.logger)
-            (server, createdPath) = try await self.bind(group: group)
+            (server, createdPath) = try await self.bind(group: group, acceptPause: acceptPause)
         } catch {
             endpoint?.close()
             await core.twoPhase.releaseAll()
@@ -138,7 +139,11 @@ public final class Daemon: Service, CustomStringConvertible {
                 do {
                     try await server.executeThenClose { inbound in
                         for try await connection in inbound {
-                            tasks.addTask { await self.serveConnection(connection, core: core) }
+                            tasks.addTask {
+                                await self.serveConnection(connection, core: core)
+                                // Its descriptor is free: at the fd limit, accepting resumes.
+                                acceptPause.connectionClosed()
+                            }
                         }
                     }
                 } catch {
@@ -339,12 +344,18 @@ public final class Daemon: Service, CustomStringConvertible {
     }
 
     /// Binds the socket, or adopts systemd's; returns the path to remove at exit (nil when adopted).
+    /// At its file-descriptor limit, evd pauses accepting (`AcceptPause`).
     private func bind(
-        group: MultiThreadedEventLoopGroup
+        group: MultiThreadedEventLoopGroup, acceptPause: AcceptPause
     ) async throws -> (NIOAsyncChannel<any Channel, Never>, String?) {
         let maxLineBytes = self.configuration.maxLineBytes
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
+            .serverChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(acceptPause.makeHandler())
+                }
+            }
             .childChannelOption(.allowRemoteHalfClosure, value: true)
         let initializer: @Sendable (any Channel) -> EventLoopFuture<any Channel> = { channel in
             channel.eventLoop.makeCompletedFuture {

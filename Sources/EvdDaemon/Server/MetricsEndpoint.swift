@@ -207,14 +207,14 @@ final class MetricsEndpoint: Sendable {
                 try Daemon.checkDirectory(Daemon.parent(of: path), rule: .daemonOwned, what: "metrics socket's directory", missingIsFine: true)
                 try Daemon.removeStaleSocket(at: path)
                 let server = try await Daemon.bindSocketFile(at: path, mode: configuration.socketMode) { staging in
-                    try await Self.bootstrap(group).bind(unixDomainSocketPath: staging) { Self.initialize($0, settings) }
+                    try await Self.bootstrap(group, logger: logger).bind(unixDomainSocketPath: staging) { Self.initialize($0, settings) }
                 } close: {
                     try? await $0.channel.close()
                 }
                 listeners.append(Listener(server: server, createdPath: path, address: path))
             }
             if let address = settings.listen {
-                let server = try await Self.bootstrap(group)
+                let server = try await Self.bootstrap(group, logger: logger)
                     .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
                     .bind(host: address.host, port: address.port) { Self.initialize($0, settings) }
                 let bound = server.channel.localAddress.map(Self.describe) ?? address.description
@@ -232,8 +232,15 @@ final class MetricsEndpoint: Sendable {
         return MetricsEndpoint(listeners: listeners)
     }
 
-    private static func bootstrap(_ group: any EventLoopGroup) -> ServerBootstrap {
+    /// At the file-descriptor limit a listener pauses accepting for a second at a time instead of
+    /// spinning (`AcceptPause`).
+    private static func bootstrap(_ group: any EventLoopGroup, logger: Logger) -> ServerBootstrap {
         ServerBootstrap(group: group).serverChannelOption(.backlog, value: 16)
+            .serverChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(AcceptPause(logger: logger).makeHandler())
+                }
+            }
     }
 
     private static func initialize(_ channel: any Channel, _ settings: MetricsSettings) -> EventLoopFuture<Connection> {
