@@ -14,98 +14,125 @@ struct VetoFaultTests {
     @Test("vetoes to a listener that never reads count against its outbox: beyond the bound on_timeout decides at once, memory stays bounded")
     func neverReadingListener() async throws {
         let requests = 2000
-        let bound = 4 << 20
-        try await withTemporaryDirectory { directory in
-            let socket = directory + "/evd.sock"
-            let metrics = directory + "/metrics.sock"
-            let evd = try EvdChild(
-                binaryPath("evd"),
-                [
-                    "--socket", socket, "--state-dir", directory + "/state", "--db", "main=\(directory)/main.db",
-                    "--log-level", "error", "--max-queued-bytes", "\(bound)", "--metrics-socket", metrics,
-                ],
-                directory: directory)
-            defer { evd.kill() }
-            let ready = await eventually(within: 60) {
-                (try? await EvdConnection.withConnection(socketPath: socket) { try await $0.request("ping") }) != nil
-            }
-            try #require(ready, "evd did not start")
-            let pid = evd.process.processIdentifier
+        let run = try await NeverReadingRun.run(bound: 4 << 20, requests: requests)
+        #expect(run.answered == requests, "every request is answered (the listener's on_timeout allows it)")
+        let stats = run.stats
+        let skipped = try #require(stats["vetoes"]?["skipped_outbox_full"]?.intValue)
+        // Each veto was waited for (and timed out), or sent to the listener once it was tripped,
+        // or — once its outbox was full — decided at once, not sent.
+        func sent(_ stats: JSONObject) -> Int64 {
+            (stats["vetoes"]?["timed_out"]?.intValue ?? 0) + (stats["vetoes"]?["skipped_tripped"]?.intValue ?? 0)
+        }
+        let warmSkipped = run.warmup["vetoes"]?["skipped_outbox_full"]?.intValue ?? 0
+        // Only what fits in the outbox (a 4 MiB bound: about 60 messages) is sent.
+        #expect(skipped - warmSkipped > Int64(requests / 2), "\(JSONValue.object(stats))")
+        #expect(sent(stats) - sent(run.warmup) + (skipped - warmSkipped) == Int64(requests), "\(JSONValue.object(stats))")
+        #expect(stats["vetoes_pending"] == 0)
+        // 2000 messages of 64 KiB are 125 MiB: queued, they would all stay. The bound holds 4.
+        let grown = run.after - run.before
+        #expect(grown < 48 << 20, "evd grew by \(grown >> 20) MiB (\(run.before >> 20) → \(run.after >> 20) MiB)")
+        #expect(run.metrics.contains("evd_vetoes_skipped_total{reason=\"outbox_full\"} \(skipped)"), "\(run.metrics)")
+    }
 
-            // Subscribes, then never reads again (a small receive buffer: it fills at once).
-            let stuck = try RawUnixSocket(path: socket, receiveBuffer: 4096)
-            defer { stuck.close() }
-            try stuck.send(
-                #"{"op":"subscribe","veto":["before_execute"],"name":"deaf","timeout_ms":1,"on_timeout":"allow"}"# + "\n")
-            try await EvdConnection.withConnection(socketPath: socket) { evd in
-                let subscribed = await eventually(within: 20) {
-                    (try? await evd.request("stats")["veto_listeners"]?.intValue) == 1
+    @Test("what a listener that never reads had queued is freed when it dies")
+    func neverReadingListenerDies() async throws {
+        // A bound large enough to queue every message: about 62 MiB of vetoes wait for the listener.
+        let run = try await NeverReadingRun.run(bound: 256 << 20, requests: 1000)
+        #expect(run.answered == 1000)
+        let grown = run.after - run.before
+        try #require(grown > 32 << 20, "the vetoes were queued: evd grew by \(grown >> 20) MiB")
+        #expect(
+            run.released - run.before < grown / 2,
+            "evd held \(run.released >> 20) MiB after the listener died (\(run.before >> 20) MiB before its vetoes, \(run.after >> 20) MiB with them)")
+    }
+
+    /// Runs the evd binary with `--max-queued-bytes bound`, subscribes a `before_execute` listener
+    /// (timeout 1 ms, on_timeout allow) that never reads, sends `requests` requests of 64 KiB from
+    /// four other clients, then closes the listener; measures evd's resident memory all along.
+    private struct NeverReadingRun {
+        /// Requests answered with their rows.
+        var answered = 0
+        /// evd's RSS before the requests, after them, and once the listener is gone.
+        var before = 0, after = 0, released = 0
+        /// `stats` before the requests (after a few to warm up), and after them.
+        var warmup: JSONObject = [:], stats: JSONObject = [:]
+        /// `GET /metrics` after the requests.
+        var metrics = ""
+
+        static func run(bound: Int, requests: Int) async throws -> NeverReadingRun {
+            try await withTemporaryDirectory { directory in
+                let socket = directory + "/evd.sock"
+                let metrics = directory + "/metrics.sock"
+                let evd = try EvdChild(
+                    binaryPath("evd"),
+                    [
+                        "--socket", socket, "--state-dir", directory + "/state", "--db", "main=\(directory)/main.db",
+                        "--log-level", "error", "--max-queued-bytes", "\(bound)", "--metrics-socket", metrics,
+                    ],
+                    directory: directory)
+                defer { evd.kill() }
+                let ready = await eventually(within: 60) {
+                    (try? await EvdConnection.withConnection(socketPath: socket) { try await $0.request("ping") }) != nil
                 }
-                try #require(subscribed, "the listener's subscribe never registered")
-            }
+                try #require(ready, "evd did not start")
+                let pid = evd.process.processIdentifier
+                var run = NeverReadingRun()
 
-            // 64 KiB requests from four clients: each veto message carries the whole request.
-            let padding = String(repeating: "x", count: 64 << 10)
-            let sql: JSONObject = ["sql": "select length(?)", "params": [.string(padding)]]
-            let warmup = try await EvdConnection.withConnection(socketPath: socket) { evd in
-                for _ in 0..<20 { _ = try await evd.request("execute", sql) }
-                return try await evd.request("stats")
-            }
-            let before = try #require(residentBytes(of: pid))
-            let answered = try await runWithDeadline(seconds: 300, "\(requests) large requests beside a listener that never reads") {
-                try await withThrowingTaskGroup(of: Int.self) { group in
-                    for _ in 0..<4 {
-                        group.addTask {
-                            try await EvdConnection.withConnection(socketPath: socket) { evd in
-                                var answered = 0
-                                for _ in 0..<(requests / 4) {
-                                    if try await evd.request("execute", sql)["rows"] == [[.integer(64 << 10)]] { answered += 1 }
+                // Subscribes, then never reads again (a small receive buffer: it fills at once).
+                let stuck = try RawUnixSocket(path: socket, receiveBuffer: 4096)
+                defer { stuck.close() }
+                try stuck.send(
+                    #"{"op":"subscribe","veto":["before_execute"],"name":"deaf","timeout_ms":1,"on_timeout":"allow"}"# + "\n")
+                try await Self.waitForListeners(1, socket)
+
+                // 64 KiB requests from four clients: each veto message carries the whole request.
+                let padding = String(repeating: "x", count: 64 << 10)
+                let sql: JSONObject = ["sql": "select length(?)", "params": [.string(padding)]]
+                run.warmup = try await EvdConnection.withConnection(socketPath: socket) { evd in
+                    for _ in 0..<20 { _ = try await evd.request("execute", sql) }
+                    return try await evd.request("stats")
+                }
+                run.before = try #require(residentBytes(of: pid))
+                run.answered = try await runWithDeadline(seconds: 300, "\(requests) large requests beside a listener that never reads") {
+                    try await withThrowingTaskGroup(of: Int.self) { group in
+                        for _ in 0..<4 {
+                            group.addTask {
+                                try await EvdConnection.withConnection(socketPath: socket) { evd in
+                                    var answered = 0
+                                    for _ in 0..<(requests / 4) {
+                                        if try await evd.request("execute", sql)["rows"] == [[.integer(64 << 10)]] { answered += 1 }
+                                    }
+                                    return answered
                                 }
-                                return answered
                             }
                         }
+                        return try await group.reduce(0, +)
                     }
-                    return try await group.reduce(0, +)
                 }
+                run.after = try #require(residentBytes(of: pid))
+                run.stats = try await EvdConnection.withConnection(socketPath: socket) { try await $0.request("stats") }
+                run.metrics = try await httpRequest(.unix(metrics), "GET /metrics").body
+
+                // The listener dies: what it had queued goes with it.
+                stuck.close()
+                try await Self.waitForListeners(0, socket)
+                run.released = try #require(residentBytes(of: pid))
+                print("VetoFaultTests: --max-queued-bytes \(bound >> 20) MiB, \(requests) requests of 64 KiB: RSS \(run.before >> 20) MiB before, \(run.after >> 20) MiB after, \(run.released >> 20) MiB once the listener is gone")
+                evd.signal(SIGTERM)
+                let result = try await evd.finish(within: 30)
+                #expect(result.status == 0, "\(result.stderr)")
+                return run
             }
-            let after = try #require(residentBytes(of: pid))
-            #expect(answered == requests, "every request is answered (the listener's on_timeout allows it)")
+        }
 
-            let stats = try await EvdConnection.withConnection(socketPath: socket) { try await $0.request("stats") }
-            let vetoes = try #require(stats["vetoes"])
-            let skipped = try #require(vetoes["skipped_outbox_full"]?.intValue)
-            // Each veto was waited for (and timed out), or sent to the listener once it was tripped,
-            // or — once its outbox was full — decided at once, not sent.
-            func sent(_ stats: JSONObject) -> Int64 {
-                (stats["vetoes"]?["timed_out"]?.intValue ?? 0) + (stats["vetoes"]?["skipped_tripped"]?.intValue ?? 0)
-            }
-            let warmSkipped = warmup["vetoes"]?["skipped_outbox_full"]?.intValue ?? 0
-            // Only what fits in the outbox (a 4 MiB bound: about 60 messages) is sent.
-            #expect(skipped - warmSkipped > Int64(requests / 2), "\(JSONValue.object(stats))")
-            #expect(sent(stats) - sent(warmup) + (skipped - warmSkipped) == Int64(requests), "\(JSONValue.object(stats))")
-            #expect(stats["vetoes_pending"] == 0)
-            // 2000 messages of 64 KiB are 125 MiB: queued, they would all stay. The bound holds 4.
-            let grown = after - before
-            #expect(grown < 48 << 20, "evd grew by \(grown >> 20) MiB (\(before >> 20) → \(after >> 20) MiB)")
-            print("VetoFaultTests: RSS \(before >> 20) MiB before, \(after >> 20) MiB after \(requests) requests")
-
-            let body = try await httpRequest(.unix(metrics), "GET /metrics").body
-            #expect(body.contains("evd_vetoes_skipped_total{reason=\"outbox_full\"} \(skipped)"), "\(body)")
-
-            // The listener dies: what it had queued goes with it.
-            stuck.close()
+        /// Waits until evd has `count` veto listeners.
+        private static func waitForListeners(_ count: Int64, _ socket: String) async throws {
             try await EvdConnection.withConnection(socketPath: socket) { evd in
-                let gone = await eventually(within: 20) {
-                    (try? await evd.request("stats")["veto_listeners"]?.intValue) == 0
+                let reached = await eventually(within: 20) {
+                    (try? await evd.request("stats")["veto_listeners"]?.intValue) == count
                 }
-                #expect(gone)
+                try #require(reached, "evd never had \(count) veto listeners")
             }
-            if let released = residentBytes(of: pid) {
-                print("VetoFaultTests: RSS \(released >> 20) MiB once the listener is gone")
-            }
-            evd.signal(SIGTERM)
-            let result = try await evd.finish(within: 30)
-            #expect(result.status == 0, "\(result.stderr)")
         }
     }
 
