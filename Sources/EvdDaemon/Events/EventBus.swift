@@ -625,17 +625,54 @@ public final class EventBus: Sendable {
         _ kind: EventKind, _ origin: EventOrigin, budget: Duration, eventLoop: any EventLoop,
         _ properties: () -> JSONObject
     ) async -> VetoVerdict? {
+        let budget = OperationVetoBudget.current?.remaining(cap: budget) ?? budget
+        guard var run = self.startVeto(kind, origin, budget: budget, emitPlainly: true, properties) else { return nil }
+        await self.runChain(&run, eventLoop: eventLoop)
+        self.endVeto(run)
+        return run.verdict
+    }
+
+    /// A chain decided ahead of the work it is about (`decideAhead`): its verdict (`nil`: no
+    /// listener was asked), and the event, which plain subscribers get only when `publish()` is
+    /// called — where the event belongs in the order they see.
+    struct DecidedAhead {
+        let verdict: VetoVerdict?
+        /// Emits the event to plain subscribers: with its `outcome` after a chain, else plainly.
+        let publish: () -> Void
+    }
+
+    /// Runs the veto chain for `kind` like `decide`, but leaves the event's publication to the
+    /// caller. `before_execute` is decided this way before a connection is checked out (a listener
+    /// never holds a pooled connection while it thinks), and published after the checkout, so that
+    /// plain subscribers still see SQLAlchemy's order: `checkout`, `engine_connect`, `before_execute`.
+    func decideAhead(
+        _ kind: EventKind, _ origin: EventOrigin, budget: Duration, eventLoop: any EventLoop,
+        _ properties: @escaping () -> JSONObject
+    ) async -> DecidedAhead {
+        let budget = OperationVetoBudget.current?.remaining(cap: budget) ?? budget
+        guard var run = self.startVeto(kind, origin, budget: budget, emitPlainly: false, properties) else {
+            return DecidedAhead(verdict: nil) { self.emit(kind, origin, properties) }
+        }
+        await self.runChain(&run, eventLoop: eventLoop)
+        let decided = run
+        return DecidedAhead(verdict: run.verdict) { self.endVeto(decided) }
+    }
+
+    /// Asks the chain's listeners one at a time from async code, drawing on the request's
+    /// budget (`OperationVetoBudget.current`).
+    private func runChain(_ run: inout VetoRun, eventLoop: any EventLoop) async {
         let operation = OperationVetoBudget.current
         let started = ContinuousClock.now
         defer { operation?.spend(.now - started) }
-        guard var run = self.startVeto(kind, origin, budget: operation?.remaining(cap: budget) ?? budget, properties)
-        else { return nil }
         while let (listener, timeout) = run.next() {
-            let veto = self.ask(listener, run)
-            let decision = await veto.wait(timeout: timeout, on: eventLoop)
-            self.finishAsking(veto, decision, into: &run)
+            switch self.ask(listener, run) {
+            case .answered(let decision):
+                self.finishAsking(nil, listener, decision, into: &run)
+            case .pending(let veto):
+                let decision = await veto.wait(timeout: timeout, on: eventLoop)
+                self.finishAsking(veto, listener, decision, into: &run)
+            }
         }
-        return self.endVeto(run)
     }
 
     /// The same as `decide`, for a SQLite thread: each wait blocks this thread (which serves the one
@@ -647,22 +684,28 @@ public final class EventBus: Sendable {
     ) -> VetoVerdict? {
         let started = ContinuousClock.now
         defer { operation?.spend(.now - started) }
-        guard var run = self.startVeto(kind, origin, budget: operation?.remaining(cap: budget) ?? budget, properties)
+        guard var run = self.startVeto(kind, origin, budget: operation?.remaining(cap: budget) ?? budget, emitPlainly: true, properties)
         else { return nil }
         while let (listener, timeout) = run.next() {
-            let veto = self.ask(listener, run)
-            let decision = veto.waitBlocking(timeout: timeout)
-            self.finishAsking(veto, decision, into: &run)
+            switch self.ask(listener, run) {
+            case .answered(let decision):
+                self.finishAsking(nil, listener, decision, into: &run)
+            case .pending(let veto):
+                let decision = veto.waitBlocking(timeout: timeout)
+                self.finishAsking(veto, listener, decision, into: &run)
+            }
         }
-        return self.endVeto(run)
+        self.endVeto(run)
+        return run.verdict
     }
 
-    /// Starts a chain, or (no listener) emits the event plainly and returns `nil`.
-    private func startVeto(_ kind: EventKind, _ origin: EventOrigin, budget: Duration, _ properties: () -> JSONObject)
-        -> VetoRun?
-    {
+    /// Starts a chain with `budget` (what is left of the request's), or (no listener) returns
+    /// `nil` — having emitted the event plainly if `emitPlainly`.
+    private func startVeto(
+        _ kind: EventKind, _ origin: EventOrigin, budget: Duration, emitPlainly: Bool, _ properties: () -> JSONObject
+    ) -> VetoRun? {
         guard self.wantsVeto(kind) else {
-            self.emit(kind, origin, properties)
+            if emitPlainly { self.emit(kind, origin, properties) }
             return nil
         }
         let properties = properties()
@@ -677,17 +720,24 @@ public final class EventBus: Sendable {
         }
         if seq != 0 { self.lease?.cover(seq) }
         guard !listeners.isEmpty else {
-            self.emit(kind, origin) { properties }
+            if emitPlainly { self.emit(kind, origin) { properties } }
             return nil
         }
         return VetoRun(kind: kind, seq: seq, origin: origin, properties: properties, listeners: listeners, budget: budget)
     }
 
-    /// Sends the veto message to `listener` and registers the pending veto its reply resolves.
-    private func ask(_ listener: VetoListener, _ run: VetoRun) -> PendingVeto {
-        let veto = PendingVeto(seq: run.verdict.seq, listener: listener, mutable: Set(run.kind.spec.mutable))
-        self.pendingVetoes.add(veto)
-        self.vetoStats.asked.add(1, ordering: .relaxed)
+    /// What asking a listener came to: a veto to wait for, or a decision made without waiting.
+    private enum Asked {
+        case pending(PendingVeto)
+        /// Decided by the listener's `on_timeout` at once: it is tripped, its outbox is full, or
+        /// it is gone.
+        case answered(VetoDecision)
+    }
+
+    /// Sends the veto message to `listener` and registers the pending veto its reply resolves —
+    /// unless the listener is tripped (the message is sent, not waited for), or its output is at
+    /// its bound (nothing is sent: `Outbox.enqueue(veto:)`).
+    private func ask(_ listener: VetoListener, _ run: VetoRun) -> Asked {
         let deadline = run.deadline - .now
         let deadlineMs = min(listener.timeout, deadline).components.seconds * 1000
             + min(listener.timeout, deadline).components.attoseconds / 1_000_000_000_000_000
@@ -709,24 +759,58 @@ public final class EventBus: Sendable {
             value.write(into: &line)
         }
         line += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
-        listener.outbox.enqueue(line: line)
-        return veto
+        if listener.isTripped {
+            // Sent so that a listener that comes back has something to reply to (its reply, late
+            // as it is, closes its circuit); not registered, not waited for.
+            switch listener.outbox.enqueue(veto: line) {
+            case .queued: return .answered(.noAnswer(.tripped))
+            case .full: return .answered(.noAnswer(.outboxFull))
+            case .closed: return .answered(.noAnswer(.disconnected))
+            }
+        }
+        // Registered before it is sent: the reply may come before `enqueue` returns.
+        let veto = PendingVeto(seq: run.verdict.seq, listener: listener, mutable: Set(run.kind.spec.mutable))
+        self.pendingVetoes.add(veto)
+        switch listener.outbox.enqueue(veto: line) {
+        case .queued:
+            self.vetoStats.asked.add(1, ordering: .relaxed)
+            return .pending(veto)
+        case .full:
+            self.pendingVetoes.remove(veto)
+            return .answered(.noAnswer(.outboxFull))
+        case .closed:
+            self.pendingVetoes.remove(veto)
+            return .answered(.noAnswer(.disconnected))
+        }
     }
 
-    private func finishAsking(_ veto: PendingVeto, _ decision: VetoDecision, into run: inout VetoRun) {
-        self.pendingVetoes.remove(veto)
-        self.vetoStats.record(decision, dryRun: veto.listener.dryRun, since: veto.askedAt)
-        run.record(decision, from: veto.listener)
+    /// Records one listener's decision: in the stats, its circuit, and the chain.
+    private func finishAsking(_ veto: PendingVeto?, _ listener: VetoListener, _ decision: VetoDecision, into run: inout VetoRun) {
+        if let veto { self.pendingVetoes.remove(veto) }
+        self.vetoStats.record(decision, dryRun: listener.dryRun, since: veto?.askedAt ?? .now)
+        listener.note(decision)
+        run.record(decision, from: listener)
     }
 
     /// Emits the event to plain subscribers with its final properties and `outcome`.
-    private func endVeto(_ run: VetoRun) -> VetoVerdict {
+    private func endVeto(_ run: VetoRun) {
         if self.wants(run.kind) {
             var properties = run.verdict.properties
             properties["outcome"] = run.verdict.outcome
             self.publish(name: run.kind.name, kind: run.kind, origin: run.origin, properties: properties)
         }
-        return run.verdict
+    }
+
+    /// `session` sent a `reply` that matched no pending veto (a late one, typically: it had timed
+    /// out): it is alive again, so its tripped listeners' circuits close.
+    func vetoListenersReplied(session: UInt64) {
+        let listeners = self.state.withLock { state in state.vetoListeners.values.filter { $0.session == session } }
+        for listener in listeners { listener.replied() }
+    }
+
+    /// Veto listeners that are tripped now, for `stats`.
+    var trippedVetoListenerCount: Int {
+        self.state.withLock { state in state.vetoListeners.values.count { $0.isTripped } }
     }
 
     /// Every veto listener, for `stats`.

@@ -35,6 +35,21 @@ final class VetoListener: Sendable {
     /// Where its actor's `veto` grant reaches: it is asked only about those (`nil`: everywhere).
     let scope: EventVisibility?
 
+    /// The listener's circuit: how many of its vetoes in a row timed out, and whether that run
+    /// has tripped it (see `tripAfter`).
+    private let circuit = Mutex(Circuit())
+
+    private struct Circuit {
+        var consecutiveTimeouts = 0
+        var tripped = false
+    }
+
+    /// Consecutive timeouts after which a listener is tripped: its vetoes are then still sent to
+    /// it but not waited for — its `on_timeout` decides each at once — until it replies again
+    /// (any `reply`, even a late one; PROTOCOL.md §4 "The daemon never hangs on a dead or
+    /// silent listener", docs/protocol.md "Vetoes").
+    static let tripAfter = 3
+
     init(
         subscription: Int, session: UInt64, name: String?, kinds: UInt64, priority: Int64, timeout: Duration,
         onTimeout: VetoPolicy, dryRun: Bool, outbox: Outbox, filter: WhereFilter = .none,
@@ -61,6 +76,35 @@ final class VetoListener: Sendable {
             && (self.filter.isEmpty || Subscription.passes(self.filter, name: kind.name, origin: origin, properties: properties))
     }
 
+    /// Whether the listener is tripped: its vetoes are decided by its `on_timeout` without waiting.
+    var isTripped: Bool { self.circuit.withLock { $0.tripped } }
+
+    /// Counts one of its vetoes' outcomes towards its circuit: a timeout adds to the run (and trips
+    /// it at `tripAfter`); an answer — valid or not — ends the run and closes the circuit. Other
+    /// outcomes (disconnect, shutdown, a full outbox, a skip while tripped) change nothing.
+    func note(_ decision: VetoDecision) {
+        switch decision {
+        case .noAnswer(.timeout):
+            self.circuit.withLock { circuit in
+                circuit.consecutiveTimeouts += 1
+                if circuit.consecutiveTimeouts >= Self.tripAfter { circuit.tripped = true }
+            }
+        case .allow, .deny, .modify, .noAnswer(.invalidReply):
+            self.replied()
+        case .noAnswer:
+            break
+        }
+    }
+
+    /// The listener replied (to any veto, even one already decided): its circuit closes and its
+    /// vetoes are waited for again.
+    func replied() {
+        self.circuit.withLock { circuit in
+            circuit.consecutiveTimeouts = 0
+            circuit.tripped = false
+        }
+    }
+
     /// Chain order: highest priority first, then subscription order.
     static func chainOrder(_ a: VetoListener, _ b: VetoListener) -> Bool {
         a.priority != b.priority ? a.priority > b.priority : a.subscription < b.subscription
@@ -78,6 +122,11 @@ enum VetoDecision: Sendable, Equatable {
 
     enum NoAnswer: String, Sendable {
         case timeout, disconnected, invalidReply = "invalid_reply", shutdown
+        /// The listener's unwritten output was at its bound (`--max-queued-bytes`): the veto was
+        /// not sent, nor waited for.
+        case outboxFull = "outbox_full"
+        /// The listener is tripped (`VetoListener.tripAfter`): the veto was sent, not waited for.
+        case tripped
     }
 }
 
@@ -350,6 +399,12 @@ final class VetoStats: Sendable {
     let timedOut = Atomic<Int>(0)
     let invalidReplies = Atomic<Int>(0)
     let dryRunDenied = Atomic<Int>(0)
+    /// Vetoes decided by `on_timeout` at once because the listener's output was at its bound
+    /// (`stats.vetoes.skipped_outbox_full`): not sent, not counted in `asked`.
+    let skippedOutboxFull = Atomic<Int>(0)
+    /// Vetoes decided by `on_timeout` at once because the listener was tripped
+    /// (`stats.vetoes.skipped_tripped`): sent, not waited for, not counted in `asked`.
+    let skippedTripped = Atomic<Int>(0)
     /// Reply latencies in power-of-two microsecond buckets: bucket i holds [2^i, 2^(i+1)) µs.
     private let buckets = Mutex<[Int]>(Array(repeating: 0, count: 32))
     /// Also told each latency (the Prometheus histogram, `evd_veto_latency_seconds`). A veto has
@@ -362,6 +417,12 @@ final class VetoStats: Sendable {
 
     func record(_ decision: VetoDecision, dryRun: Bool, since asked: ContinuousClock.Instant) {
         switch decision {
+        case .noAnswer(.outboxFull):
+            self.skippedOutboxFull.add(1, ordering: .relaxed)
+            return  // nobody was waited for: no latency
+        case .noAnswer(.tripped):
+            self.skippedTripped.add(1, ordering: .relaxed)
+            return
         case .allow: self.allowed.add(1, ordering: .relaxed)
         case .deny:
             self.denied.add(1, ordering: .relaxed)
@@ -398,6 +459,8 @@ final class VetoStats: Sendable {
             "timed_out": .integer(self.timedOut.load(ordering: .relaxed)),
             "invalid_replies": .integer(self.invalidReplies.load(ordering: .relaxed)),
             "dry_run_denied": .integer(self.dryRunDenied.load(ordering: .relaxed)),
+            "skipped_outbox_full": .integer(self.skippedOutboxFull.load(ordering: .relaxed)),
+            "skipped_tripped": .integer(self.skippedTripped.load(ordering: .relaxed)),
             "latency_us": ["p50": percentile(0.5), "p90": percentile(0.9), "p99": percentile(0.99), "max": percentile(1.0)],
         ]
     }

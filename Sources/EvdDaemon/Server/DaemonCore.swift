@@ -102,6 +102,7 @@ final class DaemonCore: Sendable {
             "requests": .integer(self.requests.load(ordering: .relaxed)),
             "vetoes": self.bus.vetoStats.jsonValue,
             "veto_listeners": .integer(self.bus.vetoListenerCount),
+            "veto_listeners_tripped": .integer(self.bus.trippedVetoListenerCount),
             "vetoes_pending": .integer(self.bus.pendingVetoes.count),
             "pools": .object(pools),
             "journal": (journal ?? Journal.Figures()).jsonValue(enabled: self.journal != nil),

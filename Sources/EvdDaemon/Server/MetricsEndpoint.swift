@@ -96,7 +96,16 @@ final class DaemonMetrics: Sendable {
         self.counter(
             "evd_veto_dry_run_denials_total", "Denials by dry-run listeners (recorded, not enforced).",
             to: int(vetoes?["dry_run_denied"]))
+        for (reason, key) in [("outbox_full", "skipped_outbox_full"), ("tripped", "skipped_tripped")] {
+            self.counter(
+                "evd_vetoes_skipped_total", [("reason", reason)],
+                "Vetoes decided by on_timeout at once, without waiting: the listener's output was at its bound, or the listener was tripped.",
+                to: int(vetoes?[key]))
+        }
         self.gauge("evd_veto_listeners", "Live veto listeners.", to: int(stats["veto_listeners"]))
+        self.gauge(
+            "evd_veto_listeners_tripped", "Veto listeners tripped by consecutive timeouts (not waited for until they reply).",
+            to: int(stats["veto_listeners_tripped"]))
         self.gauge("evd_vetoes_pending", "Vetoes waiting for a listener's reply.", to: int(stats["vetoes_pending"]))
 
         for (database, pool) in stats["pools"]?.objectValue ?? [:] {

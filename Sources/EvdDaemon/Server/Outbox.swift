@@ -201,18 +201,51 @@ final class Outbox: Sendable {
     func enqueue(line: [UInt8]) {
         let wakeup = self.state.withLock { state -> Wakeup? in
             guard !state.closing else { return nil }
-            var line = line
-            if let writeThrough = state.writeThrough, state.chunks.isEmpty, state.inFlight == 0 {
-                switch writeThrough.write(line) {
-                case .all: return nil
-                case .part(let count): line.removeFirst(count)
-                }
-            }
-            state.lineBytes += line.count
-            state.chunks.append(.line(line))
-            return Self.scheduleFlush(&state)
+            return Self.queue(&state, line: line)
         }
         wakeup?.resume()
+    }
+
+    /// What became of a veto message (`enqueue(veto:)`).
+    enum VetoQueued {
+        case queued
+        /// The connection's unwritten output is at its bound: the message was not queued.
+        case full
+        /// The outbox is closed (the listener is gone): the message was not queued.
+        case closed
+    }
+
+    /// Queues a veto message unless it would take the connection's unwritten output beyond its
+    /// bound (`limits.maxBytes`, counting every byte not yet written: lines, events, batches being
+    /// written). A veto counts against the listener's outbox as events do, but is never dropped
+    /// once queued: one that does not fit is not queued at all, and the caller decides it by the
+    /// listener's `on_timeout` at once (`VetoDecision.NoAnswer.outboxFull`). So a listener that
+    /// never reads holds at most the bound, however many vetoes it is asked. A message larger than
+    /// the bound is queued when nothing else is unwritten, as it could never be otherwise.
+    func enqueue(veto line: [UInt8]) -> VetoQueued {
+        let (queued, wakeup) = self.state.withLock { state -> (VetoQueued, Wakeup?) in
+            guard !state.closing else { return (.closed, nil) }
+            let unwritten = state.unwrittenBytes
+            guard unwritten == 0 || unwritten + line.count <= self.limits.maxBytes else { return (.full, nil) }
+            return (.queued, Self.queue(&state, line: line))
+        }
+        wakeup?.resume()
+        return queued
+    }
+
+    /// Queues a line (the outbox is open): written at once on this thread when nothing is queued
+    /// or being written, else queued behind the rest; returns the flush to schedule, if any.
+    private static func queue(_ state: inout State, line: [UInt8]) -> Wakeup? {
+        var line = line
+        if let writeThrough = state.writeThrough, state.chunks.isEmpty, state.inFlight == 0 {
+            switch writeThrough.write(line) {
+            case .all: return nil
+            case .part(let count): line.removeFirst(count)
+            }
+        }
+        state.lineBytes += line.count
+        state.chunks.append(.line(line))
+        return Self.scheduleFlush(&state)
     }
 
     /// The event loop finished writing a batch of `bytes` that `take()` returned.
@@ -443,6 +476,23 @@ final class Outbox: Sendable {
         wakeup?.resume()
         watcher?.resume(returning: laggedOut)
         for waiter in waiters { waiter.resume() }
+    }
+
+    /// The peer is gone: closes the outbox and lets go of everything queued for it (nothing can
+    /// be written any more), so that what a listener that never read had queued — vetoes and
+    /// events up to the bound — is freed when it dies, not when its session ends.
+    func discard() {
+        self.close()
+        self.state.withLock { state in
+            state.chunks = []
+            state.queuedEvents = [:]
+            state.queuedBytes = 0
+            state.lineBytes = 0
+            state.parked = [:]
+            state.parkedEvents = [:]
+            state.parkedBytes = 0
+            state.drops = [:]
+        }
     }
 
     /// Waits until the outbox stops accepting output; returns whether that is because a

@@ -30,9 +30,13 @@ extension Session {
     /// Runs a SQL request on a connection: the open transaction's, or one checked out for just this
     /// request (its own implicit transaction), with the session's options applied.
     ///
-    /// `before_execute` is decided here, once the connection is the session's (SQLAlchemy's order):
-    /// a listener may deny the request, or rewrite it, in which case it is parsed again with `parse`
-    /// and the rewritten request is what runs.
+    /// `before_execute` is decided first, before any connection is checked out: a veto needs none,
+    /// and a slow or silent listener must not hold one of the pool's while it thinks (every pending
+    /// veto would otherwise hold a connection, and a stopped listener would starve the pool). A
+    /// listener may deny the request — then no connection is checked out at all — or rewrite it,
+    /// in which case it is parsed again with `parse` and the rewritten request is what runs. Plain
+    /// subscribers get `before_execute` once the connection is the session's, as in SQLAlchemy
+    /// (`checkout`, `engine_connect`, `before_execute`); a denied request's comes without them.
     func withSQL(
         request: Request, _ state: inout SessionState, parse: (Request) throws -> SQLWork
     ) async throws -> JSONValue {
@@ -43,17 +47,36 @@ extension Session {
         let transaction = state.transaction
         if let transaction { try self.checkSameDatabase(work.database, transaction) }
         let pool = try transaction?.pool ?? self.core.pool(work.database)
+        let whole = request.whole
+        let decided = await self.core.bus.decideAhead(
+            .beforeExecute, origin, budget: self.vetoBudget, eventLoop: pool.eventLoop
+        ) {
+            var properties: JSONObject = ["database": .string(pool.database.name), "request": .object(whole)]
+            if !options.isEmpty { properties["execution_options"] = .object(options) }
+            return properties
+        }
+        let verdict = decided.verdict
+        if let verdict, verdict.denied {
+            decided.publish()
+            throw verdict.vetoedError(event: EventKind.beforeExecute.name)
+        }
         let connection: PooledConnection
-        if let transaction { connection = transaction.connection } else { connection = try await self.checkout(pool) }
+        if let transaction {
+            connection = transaction.connection
+        } else {
+            do {
+                connection = try await self.checkout(pool)
+            } catch {
+                // The listeners were asked: what they decided still reaches the audit log.
+                if verdict != nil { decided.publish() }
+                throw error
+            }
+        }
+        decided.publish()
         let busyTimeout = Int32(options["busy_timeout_ms"]?.intValue ?? Int64(pool.defaultBusyTimeoutMs))
         do {
             var finalRequest = request
             var rewriters: [SQLPolicy] = []
-            let verdict = try await self.vetoable(.beforeExecute, on: pool) {
-                var properties: JSONObject = ["database": .string(pool.database.name), "request": .object(request.whole)]
-                if !options.isEmpty { properties["execution_options"] = .object(options) }
-                return properties
-            }
             if let rewritten = verdict?.properties["request"]?.objectValue, rewritten != request.whole {
                 finalRequest = Request(rewritten)
                 finalRequest.object["op"] = request["op"] ?? .null  // a listener rewrites the request, not the op

@@ -422,6 +422,9 @@ final class Session: Sendable {
         do {
             let seq = try arguments.requiredInt("seq")
             guard let veto = self.core.bus.pendingVetoes.find(session: self.id, seq: seq) else {
+                // Late, most likely (it timed out, or was sent while the listener was tripped):
+                // still a sign of life, which closes a tripped listener's circuit.
+                self.core.bus.vetoListenersReplied(session: self.id)
                 throw EvdError.badRequest(field: "seq", "no veto is pending for this connection with seq \(seq)")
             }
             pending = veto

@@ -113,8 +113,8 @@ final class SessionHandler: ChannelDuplexHandler {
 
     func channelInactive(context: ChannelHandlerContext) {
         self.endInput()
-        // Nobody can receive output any more: stop queueing it (the peer is gone).
-        self.session?.outbox.close()
+        // Nobody can receive output any more: stop queueing it and free what is queued (the peer is gone).
+        self.session?.outbox.discard()
         context.fireChannelInactive()
     }
 
