@@ -78,7 +78,7 @@ struct PoolHostageTests {
 
     @Test("a transaction idle past --idle-transaction-ms is rolled back and its session closed")
     func idleTransaction() async throws {
-        try await withRunningDaemon(configure: { sqlUser(&$0); $0.idleTransactionMs = 300 }) { daemon in
+        try await withRunningDaemon(configure: { sqlUser(&$0); $0.idleTransactionMs = 1500 }) { daemon in
             try await daemon.request("execute", ["sql": "create table t(x)"])
             let idle = try asNobody(
                 daemon, [["op": "begin"], execute("insert into t values (1)")], until: "never", linger: 30)

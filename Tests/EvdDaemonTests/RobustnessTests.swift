@@ -349,11 +349,11 @@ struct RobustnessTests {
                 try await holder.request("begin")
                 try await holder.request("execute", ["sql": "insert into t values (0)"])
                 try await withThrowingTaskGroup(of: Void.self) { group in
-                    // The two other connections wait for the lock (up to 20 s) on their threads.
+                    // The two other connections wait for the lock (up to 120 s: a loaded run is slow) on their threads.
                     for value in 1...2 {
                         group.addTask {
                             try await daemon.withClient { waiter in
-                                try await waiter.request("execution_options", ["options": ["busy_timeout_ms": 20_000]])
+                                try await waiter.request("execution_options", ["options": ["busy_timeout_ms": 120_000]])
                                 try await waiter.request("execute", ["sql": "insert into t values (?)", "params": [.integer(value)]])
                             }
                         }

@@ -883,15 +883,15 @@ struct VetoTests {
     @Test("the budget counts time spent waiting for vetoes, not the SQL work between them")
     func budgetIgnoresSQLWork() async throws {
         // A budget large enough for two allow replies on a loaded machine, smaller than the first
-        // statement's own work (about two seconds here).
-        try await withRunningDaemon(configure: { $0.vetoBudgetMs = 1500 }) { daemon in
+        // statement's own work (about six seconds here).
+        try await withRunningDaemon(configure: { $0.vetoBudgetMs = 4000 }) { daemon in
             try await withVetoTestClient(
                 daemon, ["veto": ["before_cursor_execute"], "name": "prompt", "timeout_ms": 60000, "on_timeout": "deny"],
                 decide: VetoAnswer.always(VetoAnswer.allow)
             ) { listener in
                 // The first statement takes longer than the whole budget; the
                 // second statement's listener is still asked, and allows.
-                let slow = "with recursive c(x) as (select 1 union all select x + 1 from c where x < 8000000) select count(*) from c"
+                let slow = "with recursive c(x) as (select 1 union all select x + 1 from c where x < 24000000) select count(*) from c"
                 let result = try await daemon.request("execute", ["sql": .string(slow + "; select 2")])
                 #expect(result["rows"] == [[2]])
                 #expect(listener.vetoes.count == 2)
@@ -1032,7 +1032,8 @@ struct VetoTests {
 
     @Test("a client that is its own listener answers its own veto on the same connection, without deadlock")
     func ownListener() async throws {
-        try await withRunningDaemon { daemon in
+        // (A budget of a minute: on a loaded run the exchange below can outlast the default 5 s.)
+        try await withRunningDaemon(configure: { $0.vetoBudgetMs = 60_000 }) { daemon in
             try await daemon.withClient { evd in
                 try await evd.request("subscribe", ["veto": ["before_cursor_execute"], "name": "self", "timeout_ms": 60000])
                 let inFlight = VetoInFlight { try await evd.rawRequest("execute", ["sql": "select 1"]) }
