@@ -47,11 +47,11 @@ extension Session {
         let transaction = state.transaction
         if let transaction { try self.checkSameDatabase(work.database, transaction) }
         let pool = try transaction?.pool ?? self.core.pool(work.database)
-        let whole = request.whole
         let decided = await self.core.bus.decideAhead(
             .beforeExecute, origin, budget: self.vetoBudget, eventLoop: pool.eventLoop
         ) {
-            var properties: JSONObject = ["database": .string(pool.database.name), "request": .object(whole)]
+            // Made only for a listener or a subscriber: an insert's rows become JSON values here.
+            var properties: JSONObject = ["database": .string(pool.database.name), "request": .object(request.whole)]
             if !options.isEmpty { properties["execution_options"] = .object(options) }
             return properties
         }
