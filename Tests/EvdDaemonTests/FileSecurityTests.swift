@@ -29,8 +29,8 @@ func modeBits(_ path: String) -> mode_t? {
     return lstat(path, &info) == 0 ? info.st_mode & 0o7777 : nil
 }
 
-/// A listening Unix socket bound at `path` (its file made with the process's umask).
-func listeningUnixSocket(at path: String) throws -> Int32 {
+/// A Unix socket bound at `path` (its file made with the process's umask), not yet listening.
+func boundUnixSocket(at path: String) throws -> Int32 {
     let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
     var address = sockaddr_un()
     address.sun_family = sa_family_t(AF_UNIX)
@@ -40,12 +40,31 @@ func listeningUnixSocket(at path: String) throws -> Int32 {
     let bound = withUnsafePointer(to: &address) {
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
     }
-    guard bound == 0, listen(fd, 8) == 0 else {
+    guard bound == 0 else {
+        let reason = String(cString: strerror(errno))
+        close(fd)
+        throw RawUnixSocket.Failure(description: "cannot bind \(path): \(reason)")
+    }
+    return fd
+}
+
+/// A listening Unix socket bound at `path` (its file made with the process's umask).
+func listeningUnixSocket(at path: String) throws -> Int32 {
+    let fd = try boundUnixSocket(at: path)
+    guard listen(fd, 8) == 0 else {
         let reason = String(cString: strerror(errno))
         close(fd)
         throw RawUnixSocket.Failure(description: "cannot listen on \(path): \(reason)")
     }
     return fd
+}
+
+/// A file of root's, mode 0600, that an attack tries to have evd open up.
+func victimFile(in directory: String) -> String {
+    let victim = directory + "/victim"
+    FileManager.default.createFile(atPath: victim, contents: Data("secret".utf8))
+    chmod(victim, 0o600)
+    return victim
 }
 
 /// Starts a daemon with `configuration` and returns why it refused to start; nil when it started
@@ -455,9 +474,7 @@ struct FileSecurityTests {
             let shared = directory + "/shared"
             mkdir(shared, 0o777)
             chmod(shared, 0o777)
-            let victim = directory + "/victim"
-            FileManager.default.createFile(atPath: victim, contents: Data("secret".utf8))
-            chmod(victim, 0o600)
+            let victim = victimFile(in: directory)
             let path = shared + "/evd.sock"
             let swap = """
                 import os, sys
@@ -500,9 +517,7 @@ struct FileSecurityTests {
             let sticky = directory + "/sticky"
             mkdir(sticky, 0o777)
             chmod(sticky, 0o1777)
-            let victim = directory + "/victim"
-            FileManager.default.createFile(atPath: victim, contents: Data("secret".utf8))
-            chmod(victim, 0o600)
+            let victim = victimFile(in: directory)
             let placed = try await runProcess(
                 "/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "/bin/ln", "-s", victim, sticky + "/evd.sock"])
             #expect(placed.status == 0, "\(placed.stderr)")

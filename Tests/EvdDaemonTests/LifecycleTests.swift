@@ -30,17 +30,7 @@ struct LifecycleTests {
         try await withTemporaryDirectory { directory in
             // A socket file whose listener is gone: bound, then closed without unlinking.
             let path = directory + "/evd.sock"
-            let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-            var address = sockaddr_un()
-            address.sun_family = sa_family_t(AF_UNIX)
-            withUnsafeMutableBytes(of: &address.sun_path) { raw in
-                for (index, byte) in path.utf8.enumerated() { raw[index] = byte }
-            }
-            let bound = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-            }
-            #expect(bound == 0)
-            close(fd)
+            close(try boundUnixSocket(at: path))
             #expect(FileManager.default.fileExists(atPath: path))
             try await withDaemon(in: directory) { daemon, _ in
                 let pong = try await daemon.request("ping")
