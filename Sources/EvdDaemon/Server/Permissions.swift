@@ -240,9 +240,11 @@ struct SQLPolicy: Sendable {
 
     /// Names of SQLite's schema tables: DDL writes them (and is checked as DDL); SQLite refuses
     /// every other write (`SQLITE_DBCONFIG_DEFENSIVE` keeps `writable_schema` off).
-    static func isSchemaTable(_ table: String) -> Bool {
-        ["sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema"].contains(table)
-    }
+    static func isSchemaTable(_ table: String) -> Bool { Self.schemaTables.contains(table) }
+
+    /// SQLite's schema tables, by every name it knows them by (one set, not an array made per
+    /// authorizer call).
+    private static let schemaTables: Set<String> = ["sqlite_master", "sqlite_schema", "sqlite_temp_master", "sqlite_temp_schema"]
 
     /// The first action an authorizer action code needs that the actor lacks, on which table
     /// (`nil` table: the whole database); `nil` when the actor may go on. `facts`: what evd read of
