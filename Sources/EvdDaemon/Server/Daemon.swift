@@ -179,13 +179,17 @@ public final class Daemon: Service, CustomStringConvertible {
             stateDirectory: self.configuration.stateDirectory, databases: self.configuration.databases,
             settings: self.configuration.journal, threadPool: threadPool)
         do {
-            let head = try await threadPool.runIfActive {
-                let head = try journal.open()
+            let opening = try await threadPool.runIfActive {
+                let opening = try journal.open()
                 // The one count of what the journal holds; from now on it is kept up to date.
                 if journal.settings.enabled { journal.running.load(journal) }
-                return head
+                return opening
             }
-            return (journal, head)
+            if opening.stateWasLost {
+                self.logger.error(
+                    "the state directory \(self.configuration.stateDirectory) was lost (or emptied) since evd last ran: the databases show seqs up to \(opening.head), so seqs continue after that; the custom, login, logout and create-token events journaled there are gone (a replay of them gets notice gap), and so are tokens and prepared two-phase transactions")
+            }
+            return (journal, opening.head)
         } catch {
             try? await threadPool.shutdownGracefully()
             throw StartupError(description: "cannot open the journal in \(self.configuration.stateDirectory): \(error)")

@@ -329,6 +329,19 @@ extension Session {
                 }
                 page.drop(through: position)
                 guard page.read > 0 else { break }
+                if let damage = page.damage, damage.to > position {
+                    // A row that fails its checksum is never sent: its seqs are a gap, and the
+                    // damage is logged once (whoever replays it next gets the same gap).
+                    self.outbox.enqueue(line: Self.gapLine(from: max(damage.from, position + 1), to: damage.to))
+                    if journal.noteDamage(damage) {
+                        self.logger.error(
+                            "a journal row is damaged (its checksum does not match): its events are not replayed",
+                            metadata: [
+                                "journal": "\(damage.database.map { "database \($0)" } ?? "state")", "row_seq": "\(damage.seq)",
+                                "gap": "\(damage.from)...\(damage.to)",
+                            ])
+                    }
+                }
                 position = max(position, page.lastRead)
                 self.outbox.enqueue(replayed: page)
                 // The next page is read while this one is written (the reader is used by one task

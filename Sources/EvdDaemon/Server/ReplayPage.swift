@@ -24,6 +24,9 @@ struct ReplayPage: Sendable {
     private(set) var lastRead: Int64 = 0
     /// The journal's floor, loaded after the rows were read: what is at or below it may be missing.
     private(set) var floor: Int64 = 0
+    /// A damaged row the page passed instead of reading events (`Journal.Reader.Damage`): its seqs
+    /// are a gap.
+    private(set) var damage: Journal.Reader.Damage?
 
     private struct Start: Sendable {
         let seq: Int64
@@ -69,6 +72,10 @@ struct ReplayPage: Sendable {
             return 1
         }
         page.read = read
+        if let damage = reader.damage {
+            page.damage = damage
+            page.lastRead = damage.to
+        }
         // Retention raises a floor before it deletes: loaded after the read, it covers every
         // row the read may have missed. Only the windows whose events the subscription can
         // receive count: the churn of others' logins does not make a gap in its insert-rows.

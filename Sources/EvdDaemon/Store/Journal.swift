@@ -79,6 +79,9 @@ public final class Journal: Sendable {
     /// - a run: `first` is its first seq and `seq` its last (so a range of `seq` finds every run
     ///   that reaches into it), `body` the run packed (`EventRun.packed`: the start the bodies
     ///   share once, then each event's tail and its row images in binary), `plain` NULL.
+    ///
+    /// Every row also carries how many events it holds (`events`) and a checksum of all of it
+    /// (`crc`, `Checksum`), checked when a replay reads it: a row damaged on disk is never sent.
     static let table = "_evd_journal"
     static let createSQL = """
         CREATE TABLE IF NOT EXISTS _evd_journal (
@@ -87,19 +90,78 @@ public final class Journal: Sendable {
           time TEXT NOT NULL,
           body BLOB NOT NULL,
           plain INTEGER,
-          first INTEGER
+          first INTEGER,
+          events INTEGER,
+          crc INTEGER
         )
         """
-    static let insertSQL = "INSERT INTO _evd_journal (seq, event, time, body, plain, first) VALUES (?, ?, ?, ?, ?, ?)"
+    static let insertSQL = "INSERT INTO _evd_journal (seq, event, time, body, plain, first, events, crc) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+
+    /// The table of what a database's journal needs kept beside it, in each database: the seq
+    /// lease and its window's floor (so that neither goes back when the state directory is lost),
+    /// and the last seq written before rows had checksums. The state database has the same keys
+    /// in its `meta` table.
+    static let metaTable = "_evd_meta"
+    static let metaCreateSQL = "CREATE TABLE IF NOT EXISTS \(metaTable) (key TEXT PRIMARY KEY, value INTEGER NOT NULL)"
+
+    /// The meta key of the last seq journaled before this file's rows had checksums: a row at
+    /// or below it without one is an older evd's, one above it is damaged.
+    static let uncheckedThroughKey = "journal_unchecked_through"
 
     /// The most events one journal row holds (a run longer than this is split).
     static let maxRunEvents = 4096
 
-    /// Creates the journal table on `connection`, or adds what an older evd's lacks (`first`).
-    static func prepareTable(on connection: SQLiteConnection) throws(SQLiteError) {
+    /// Creates the journal table and its meta table (`meta`: the state database's `meta`, or
+    /// `_evd_meta`) on `connection`, or adds what an older evd's table lacks (`first`, `events`,
+    /// `crc`; its rows until then stay readable without a checksum).
+    static func prepareTable(on connection: SQLiteConnection, meta: String = Journal.metaTable) throws(SQLiteError) {
         try connection.exec(Self.createSQL)
-        if try connection.scalarInt("SELECT count(*) FROM pragma_table_info('_evd_journal') WHERE name = 'first'") == 0 {
+        if meta == Self.metaTable { try connection.exec(Self.metaCreateSQL) }
+        let columns = "SELECT count(*) FROM pragma_table_info('_evd_journal') WHERE name = "
+        if try connection.scalarInt(columns + "'first'") == 0 {
             try connection.exec("ALTER TABLE _evd_journal ADD COLUMN first INTEGER")
+        }
+        var unchecked: Int64 = 0
+        if try connection.scalarInt(columns + "'crc'") == 0 {
+            unchecked = try connection.scalarInt("SELECT max(seq) FROM _evd_journal") ?? 0
+            try connection.exec("ALTER TABLE _evd_journal ADD COLUMN events INTEGER; ALTER TABLE _evd_journal ADD COLUMN crc INTEGER")
+        }
+        // Kept once: a table made with checksums has none unchecked.
+        try connection.exec("INSERT OR IGNORE INTO \(meta) (key, value) VALUES ('\(Self.uncheckedThroughKey)', \(unchecked))")
+    }
+
+    /// The checksum of a journal row: CRC-32C of its seq, first seq, event count, plain length
+    /// and the lengths of its name, time and body, then of those bytes. (A field stored as NULL
+    /// counts as 0.)
+    enum Checksum {
+        static func of(
+            seq: Int64, first: Int64, events: Int64, plain: Int64,
+            name: UnsafeRawBufferPointer, time: UnsafeRawBufferPointer, body: UnsafeRawBufferPointer
+        ) -> Int64 {
+            var fields = (
+                seq.littleEndian, first.littleEndian, events.littleEndian, plain.littleEndian,
+                Int64(name.count).littleEndian, Int64(time.count).littleEndian, Int64(body.count).littleEndian
+            )
+            var crc = withUnsafeBytes(of: &fields) { evd_crc32c(0, $0.baseAddress, $0.count) }
+            crc = evd_crc32c(crc, name.baseAddress, name.count)
+            crc = evd_crc32c(crc, time.baseAddress, time.count)
+            crc = evd_crc32c(crc, body.baseAddress, body.count)
+            return Int64(crc)
+        }
+
+        /// The checksum of a row about to be written.
+        static func of(seq: Int64, first: Int64, events: Int64, plain: Int64, name: String, time: String, body: [UInt8]) -> Int64 {
+            var name = name
+            var time = time
+            return name.withUTF8 { name in
+                time.withUTF8 { time in
+                    body.withUnsafeBytes { body in
+                        Self.of(
+                            seq: seq, first: first, events: events, plain: plain, name: UnsafeRawBufferPointer(name),
+                            time: UnsafeRawBufferPointer(time), body: body)
+                    }
+                }
+            }
         }
     }
 
@@ -107,6 +169,10 @@ public final class Journal: Sendable {
     struct Source: Sendable {
         let database: String?
         let path: String
+
+        /// The table its journal's bookkeeping is kept in (`Journal.metaTable`; the state
+        /// database's own is `meta`).
+        var metaTable: String { self.database == nil ? "meta" : Journal.metaTable }
 
         /// The retention windows its rows belong to.
         var windows: [Window] {
@@ -170,6 +236,14 @@ public final class Journal: Sendable {
     /// The seq through which retention has deleted each window's rows since evd started (so that
     /// it does not visit them again); absent: nothing yet, the first prune visits from the start.
     private let swept: Mutex<[Window: Int64]> = Mutex([:])
+    /// The seq lease each database's `_evd_meta` holds (by path), as last written.
+    private let leaseKept: Mutex<[String: Int64]> = Mutex([:])
+    /// The damaged rows replays have found (by source path and seq), each logged once.
+    private let damagedRows: Mutex<Set<DamagedRow>> = Mutex([])
+    private struct DamagedRow: Hashable {
+        let database: String?
+        let seq: Int64
+    }
     /// What the journal holds, kept as events are journaled (for `stats` and `/metrics`).
     let running = RunningFigures()
     let lease: SeqLease
@@ -206,16 +280,40 @@ public final class Journal: Sendable {
         self.floors.withLock { floors in floors.reduce(0) { relevant($1.key) ? max($0, $1.value) : $0 } }
     }
 
+    /// Records a damaged row a replay found; `true` the first time, when the caller logs it.
+    func noteDamage(_ damage: Reader.Damage) -> Bool {
+        self.damagedRows.withLock { $0.insert(DamagedRow(database: damage.database, seq: damage.seq)).inserted }
+    }
+
+    /// How many damaged rows replays have found since evd started (`stats`' `journal.damaged_rows`).
+    var damagedRowCount: Int { self.damagedRows.withLock { $0.count } }
+
     // MARK: Opening
 
+    /// What `open` found.
+    struct Opening {
+        /// The last seq that may have been handed out: the daemon continues after it.
+        let head: Int64
+        /// The state database was missing (new) although a database shows that evd ran before:
+        /// the state directory was lost. Seqs still continue after every seq handed out (each
+        /// database keeps the lease too), and the state database's events up to `head`, gone with
+        /// it, are a gap to any replay.
+        let stateWasLost: Bool
+    }
+
     /// Opens the state database and every database's journal table (creating them), and returns
-    /// the last seq that may have been handed out: the daemon continues after it.
-    func open() throws(SQLiteError) -> Int64 {
+    /// where seqs continue.
+    ///
+    /// **Where the high-water mark lives.** The seq lease (the bound below which seqs are handed
+    /// out) is kept in the state database and in every database's `_evd_meta`, and so is each
+    /// database window's floor: losing one file — the state directory included — cannot make
+    /// seqs go back or a pruned range look whole.
+    func open() throws(SQLiteError) -> Opening {
         let state = try SQLiteConnection(path: self.statePath, flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE)
         try state.exec("PRAGMA journal_mode = wal; PRAGMA synchronous = normal")
         try state.exec("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL)")
-        try Self.prepareTable(on: state)
-        let leased = try state.scalarInt("SELECT value FROM meta WHERE key = 'seq_lease'") ?? 0
+        try Self.prepareTable(on: state, meta: "meta")
+        let stateLease = try state.scalarInt("SELECT value FROM meta WHERE key = 'seq_lease'")
         let floor = try state.scalarInt("SELECT value FROM meta WHERE key = 'journal_floor'") ?? 0
         // Each window's floor; one without its own (a journal written by an evd that had one floor
         // for all, or a database added since) starts at the highest, which is never too low.
@@ -223,24 +321,73 @@ public final class Journal: Sendable {
         for window in self.sources.flatMap(\.windows) {
             floors[window] = try state.scalarInt("SELECT value FROM meta WHERE key = '\(Self.quoted(window.floorKey))'") ?? floor
         }
-        var head = max(leased, floor)
+        var head = max(stateLease ?? 0, floor)
+        var ranBefore = false
         if self.settings.enabled {
+            head = max(head, try state.scalarInt("SELECT max(seq) FROM _evd_journal") ?? 0)
             for source in self.sources {
-                let connection = source.database == nil ? state : try self.maintenanceConnection(source)
-                if source.database != nil { try Self.prepareTable(on: connection) }
+                guard let database = source.database else { continue }
+                let connection = try self.maintenanceConnection(source)
+                try Self.prepareTable(on: connection)
                 head = max(head, try connection.scalarInt("SELECT max(seq) FROM _evd_journal") ?? 0)
+                if let lease = try connection.scalarInt("SELECT value FROM \(Self.metaTable) WHERE key = 'seq_lease'") {
+                    head = max(head, lease)
+                    ranBefore = true
+                }
+                if let kept = try connection.scalarInt("SELECT value FROM \(Self.metaTable) WHERE key = 'journal_floor'") {
+                    floors[.database(database)] = max(floors[.database(database)] ?? 0, kept)
+                    head = max(head, kept)
+                }
             }
         }
-        self.floorValue.store(floor, ordering: .releasing)
+        let stateWasLost = stateLease == nil && ranBefore
+        if stateWasLost {
+            // What the state database journaled went with it: a replay of its windows gets a gap.
+            for window in [Window.sessions, .state] { floors[window] = max(floors[window] ?? 0, head) }
+        }
+        let highest = floors.values.max() ?? floor
+        self.floorValue.store(max(floor, highest), ordering: .releasing)
         self.floors.withLock { $0 = floors }
         guard let insert = try state.prepare(SQLText(Self.insertSQL), from: 0) else {
             throw SQLiteError(code: SQLITE_MISUSE, message: "the journal's insert prepared to nothing")
         }
         self.state.withLock { $0 = StateDatabase(connection: state, insert: insert) }
         for (window, value) in floors { try self.setMeta(window.floorKey, value) }
+        try self.setMeta("journal_floor", max(floor, highest))
         self.lease.start(after: head) { end throws(SQLiteError) in try self.setMeta("seq_lease", end) }
         try self.setMeta("seq_lease", self.lease.end)
-        return head
+        if self.settings.enabled {
+            for source in self.sources {
+                guard let database = source.database else { continue }
+                let connection = try self.maintenanceConnection(source)
+                try Self.raiseMeta("seq_lease", to: self.lease.end, on: connection)
+                try Self.raiseMeta("journal_floor", to: floors[.database(database)] ?? 0, on: connection)
+                self.leaseKept.withLock { $0[source.path] = self.lease.end }
+            }
+        }
+        return Opening(head: head, stateWasLost: stateWasLost)
+    }
+
+    /// Raises `key` in `connection`'s `_evd_meta` to `value` (never lowers it).
+    private static func raiseMeta(_ key: String, to value: Int64, on connection: SQLiteConnection) throws(SQLiteError) {
+        try connection.exec(
+            """
+            INSERT INTO \(Self.metaTable) (key, value) VALUES ('\(Self.quoted(key))', \(value))
+            ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)
+            """)
+    }
+
+    /// Writes the seq lease into every database whose `_evd_meta` has an older one (after the
+    /// lease was raised: at most once per `SeqLease.block / 2` seqs). Retention's task does it,
+    /// the one that uses the databases' maintenance connections, well before the seqs reach the
+    /// old bound (half a block: millions of events).
+    private func keepLeaseInDatabases() throws(SQLiteError) {
+        let end = self.lease.end
+        for source in self.sources where source.database != nil {
+            guard self.leaseKept.withLock({ $0[source.path] ?? 0 }) < end else { continue }
+            try Self.raiseMeta("seq_lease", to: end, on: try self.maintenanceConnection(source))
+            self.leaseKept.withLock { $0[source.path] = end }
+        }
     }
 
     /// Closes the journal's own connections, checkpointing the state database's WAL.
@@ -299,27 +446,16 @@ public final class Journal: Sendable {
             case .entry(let entry):
                 try Self.write(entry, seq: seq, time: time, using: insert)
             case .run(let run):
-                insert.reset()
-                let name = run.kind.name
                 if run.count == 1, !run.hasImages {
                     // One event without images: its body, as a single event's row.
-                    try insert.bind(int: seq, at: 1)
-                    try insert.bind(text: name, at: 2)
-                    try insert.bind(text: time, at: 3)
                     var body = run.common
                     body += run.tails
-                    try insert.bind(blob: body, at: 4)
-                    try insert.bind(blob: nil, at: 5)
-                    try insert.bind(blob: nil, at: 6)
+                    try Self.insert(seq: seq, name: run.kind.name, time: time, body: body, using: insert)
                 } else {
-                    try insert.bind(int: seq + Int64(run.count) - 1, at: 1)
-                    try insert.bind(text: name, at: 2)
-                    try insert.bind(text: time, at: 3)
-                    try insert.bind(blob: run.packed(), at: 4)
-                    try insert.bind(blob: nil, at: 5)
-                    try insert.bind(int: seq, at: 6)
+                    try Self.insert(
+                        seq: seq + Int64(run.count) - 1, first: seq, events: run.count, name: run.kind.name, time: time,
+                        body: run.packed(), using: insert)
                 }
-                _ = try insert.step()
             case .unwanted:
                 preconditionFailure("every journaled event is made")
             }
@@ -329,20 +465,31 @@ public final class Journal: Sendable {
 
     /// Writes one event as a row of its own.
     private static func write(_ entry: JournalEntry, seq: Int64, time: String, using insert: SQLiteStatement) throws(SQLiteError) {
-        insert.reset()
-        try insert.bind(int: seq, at: 1)
-        try insert.bind(text: entry.name, at: 2)
-        try insert.bind(text: time, at: 3)
         // With images, the body with them is stored, and the length of the one without: that
         // one is the same bytes up to its closing `}` (see `EventBus.body`).
         if let images = entry.imagesBody {
-            try insert.bind(blob: images, at: 4)
-            try insert.bind(int: Int64(entry.body.count), at: 5)
+            try Self.insert(seq: seq, name: entry.name, time: time, body: images, plain: entry.body.count, using: insert)
         } else {
-            try insert.bind(blob: entry.body, at: 4)
-            try insert.bind(blob: nil, at: 5)
+            try Self.insert(seq: seq, name: entry.name, time: time, body: entry.body, using: insert)
         }
-        try insert.bind(blob: nil, at: 6)
+    }
+
+    /// Inserts a row (`createSQL` says what each field is), with its event count and checksum.
+    private static func insert(
+        seq: Int64, first: Int64? = nil, events: Int = 1, name: String, time: String, body: [UInt8], plain: Int? = nil,
+        using insert: SQLiteStatement
+    ) throws(SQLiteError) {
+        insert.reset()
+        try insert.bind(int: seq, at: 1)
+        try insert.bind(text: name, at: 2)
+        try insert.bind(text: time, at: 3)
+        try insert.bind(blob: body, at: 4)
+        if let plain { try insert.bind(int: Int64(plain), at: 5) } else { try insert.bind(blob: nil, at: 5) }
+        if let first { try insert.bind(int: first, at: 6) } else { try insert.bind(blob: nil, at: 6) }
+        try insert.bind(int: Int64(events), at: 7)
+        let crc = Checksum.of(
+            seq: seq, first: first ?? 0, events: Int64(events), plain: Int64(plain ?? 0), name: name, time: time, body: body)
+        try insert.bind(int: crc, at: 8)
         _ = try insert.step()
     }
 
@@ -472,9 +619,23 @@ public final class Journal: Sendable {
             let isRun: Bool
         }
 
+        /// A row that failed its check (`Checksum`, or its event count): its seqs from `from`
+        /// (or the first not yet read) through `to` are announced as a gap, never sent.
+        struct Damage: Sendable {
+            /// The database whose journal holds it (`nil`: the state database's).
+            let database: String?
+            let from: Int64
+            let to: Int64
+            /// The row's own seq (its last), which names it in the log.
+            let seq: Int64
+        }
+
         private struct Cursor {
             let connection: SQLiteConnection
             let statement: SQLiteStatement
+            let source: Source
+            /// The last seq journaled in this source before its rows had checksums.
+            let uncheckedThrough: Int64
             /// Its query has no rows left (up to `through`).
             var done = false
         }
@@ -482,6 +643,8 @@ public final class Journal: Sendable {
         private var cursors: [Cursor] = []
         private var position: Int64
         private let through: Int64
+        /// The damaged row the last `next` stopped at (and passed), if any.
+        private(set) var damage: Damage?
 
         /// Reads the events with seq in `after+1 ... through`.
         init(_ journal: Journal, after: Int64, through: Int64) throws(SQLiteError) {
@@ -492,18 +655,28 @@ public final class Journal: Sendable {
                     path: source.path, flags: SQLITE_OPEN_READONLY | SQLITE_OPEN_URI)
                 // A range of the rowid: no sort, and no LIMIT needed (a page stops stepping). A
                 // run's row has its last seq: one that starts by `through` may end after it.
-                let sql = "SELECT seq, event, time, body, plain, first FROM _evd_journal WHERE seq > ? AND seq <= ? ORDER BY seq"
+                let sql = """
+                    SELECT seq, event, time, body, plain, first, events, crc FROM _evd_journal
+                    WHERE seq > ? AND seq <= ? ORDER BY seq
+                    """
                 guard let statement = try? connection.prepare(SQLText(sql), from: 0) else { continue }  // no journal there yet
-                self.cursors.append(Cursor(connection: connection, statement: statement))
+                let unchecked = (try? connection.scalarInt(
+                    "SELECT value FROM \(source.metaTable) WHERE key = '\(Journal.uncheckedThroughKey)'")) ?? nil
+                self.cursors.append(
+                    Cursor(connection: connection, statement: statement, source: source, uncheckedThrough: unchecked ?? 0))
             }
         }
 
         /// Visits the next events in seq order, at most `limit`; returns how many it visited (0
         /// when the replay is complete). `visit` is given a row and the seqs of it to take, in
         /// order, at most `budget` of them; it returns how many it took, from `from` on.
+        ///
+        /// A damaged row ends the visit before it; the next call passes it, visiting nothing:
+        /// `damage` says which seqs it held, and the count returned covers them.
         func next(
             limit: Int, _ visit: (_ row: Row, _ from: Int64, _ to: Int64, _ budget: Int) -> Int
         ) throws(SQLiteError) -> Int {
+            self.damage = nil
             // Each source that has rows left is positioned on its first row after the position.
             var live: [Int] = []
             defer { for index in live { self.cursors[index].statement.reset() } }
@@ -540,6 +713,22 @@ public final class Journal: Sendable {
                     self.cursors[chosenIndex].done = true
                     continue
                 }
+                guard Self.isIntact(statement, seq: seq, uncheckedThrough: self.cursors[chosenIndex].uncheckedThrough) else {
+                    guard visited == 0 else { break }  // this page ends before it
+                    // Its seqs as far as they can be known: from its first, if that is believable,
+                    // else from the last one read (no other row lies between: this one has the
+                    // lowest seq left); never past `through`.
+                    let from = max(runFirst > 0 && runFirst <= seq ? runFirst : 0, self.position + 1)
+                    let to = min(seq, self.through)
+                    self.damage = Damage(database: self.cursors[chosenIndex].source.database, from: from, to: to, seq: seq)
+                    self.position = to
+                    if seq > self.through {
+                        self.cursors[chosenIndex].done = true
+                    } else if try !statement.step() {
+                        self.cursors[chosenIndex].done = true
+                    }
+                    return Int(to - from + 1)
+                }
                 let stored = statement.rawBytes(at: 3)
                 var plain: Int?
                 // NULL reads as 0, which is no length.
@@ -561,6 +750,21 @@ public final class Journal: Sendable {
             }
             return visited
         }
+
+        /// Whether the row `statement` is on holds what evd wrote: its checksum matches and its
+        /// event count fits its seqs. A row without a checksum passes only when an older evd wrote
+        /// it (at or below `uncheckedThrough`).
+        private static func isIntact(_ statement: SQLiteStatement, seq: Int64, uncheckedThrough: Int64) -> Bool {
+            guard !statement.isNull(at: 7) else { return seq <= uncheckedThrough }
+            let first = statement.int(at: 5)
+            let events = statement.int(at: 6)
+            guard events == (first > 0 ? seq - first + 1 : 1) else { return false }
+            let expected = Checksum.of(
+                seq: seq, first: first, events: events, plain: statement.int(at: 4),
+                name: UnsafeRawBufferPointer(statement.rawBytes(at: 1)), time: UnsafeRawBufferPointer(statement.rawBytes(at: 2)),
+                body: UnsafeRawBufferPointer(statement.rawBytes(at: 3)))
+            return expected == statement.int(at: 7)
+        }
     }
 
     // MARK: Retention
@@ -568,8 +772,12 @@ public final class Journal: Sendable {
     /// Drops what retention no longer keeps, window by window: first the window's floor is raised
     /// (durably), then its rows at or below it are deleted, in small transactions so that writers
     /// are not held up. Called from one task at a time (the daemon's retention loop).
+    ///
+    /// It first keeps the databases' copies of the seq lease up to date (`keepLeaseInDatabases`).
     func prune() throws(SQLiteError) {
-        guard self.settings.enabled, self.settings.keepEvents > 0 || self.settings.keepSeconds > 0 else { return }
+        guard self.settings.enabled else { return }
+        try self.keepLeaseInDatabases()
+        guard self.settings.keepEvents > 0 || self.settings.keepSeconds > 0 else { return }
         for source in self.sources {
             for window in source.windows {
                 var cutoff: Int64 = 0
@@ -578,6 +786,12 @@ public final class Journal: Sendable {
                 }
                 guard cutoff > self.floor(of: { $0 == window }) else { continue }
                 try self.setMeta(window.floorKey, cutoff)
+                if source.database != nil {
+                    // And in the database itself, which may outlive the state directory.
+                    try self.withConnection(source) { connection throws(SQLiteError) in
+                        try Self.raiseMeta("journal_floor", to: cutoff, on: connection)
+                    }
+                }
                 let highest = self.floors.withLock { floors in
                     floors[window] = cutoff
                     return floors.values.max() ?? cutoff

@@ -26,6 +26,8 @@ extension Journal {
         var sources: [Source] = []
         /// The highest seq retention may have removed.
         var floor: Int64 = 0
+        /// The damaged rows replays found since evd started (`Journal.noteDamage`).
+        var damagedRows = 0
 
         var events: Int { self.sources.reduce(0) { $0 + $1.events } }
         var bytes: Int { self.sources.reduce(0) { $0 + $1.bytes } }
@@ -42,6 +44,7 @@ extension Journal {
                 "first_seq": seq(self.firstSeq),
                 "last_seq": seq(self.lastSeq),
                 "floor": .int(self.floor),
+                "damaged_rows": .integer(self.damagedRows),
                 "sources": .array(
                     self.sources.map { source in
                         [
@@ -169,7 +172,7 @@ extension Journal {
         /// The figures now, each window's events at or below its floor dropped (from the running
         /// figures too); `floor`: the highest of them, as `stats` shows it.
         func figures(of journal: Journal, floor: Int64) -> Figures {
-            var figures = Figures(floor: floor)
+            var figures = Figures(floor: floor, damagedRows: journal.damagedRowCount)
             let floors = journal.windowFloors
             self.stretches.withLock { all in
                 for source in journal.sources {

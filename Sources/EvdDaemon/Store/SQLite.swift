@@ -321,6 +321,9 @@ public final class SQLiteStatement: @unchecked Sendable {
     /// Column `index` of the current row as an integer.
     func int(at index: Int32) -> Int64 { sqlite3_column_int64(self.handle, index) }
 
+    /// Whether column `index` of the current row is NULL.
+    func isNull(at index: Int32) -> Bool { sqlite3_column_type(self.handle, index) == SQLITE_NULL }
+
     /// Column `index` of the current row as raw bytes (text or blob; NULL reads as empty), where
     /// SQLite keeps them: valid only until the statement steps, resets or is finalized.
     func rawBytes(at index: Int32) -> UnsafeBufferPointer<UInt8> {
