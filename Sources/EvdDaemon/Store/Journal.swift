@@ -381,13 +381,21 @@ public final class Journal: Sendable {
     /// lease was raised: at most once per `SeqLease.block / 2` seqs). Retention's task does it,
     /// the one that uses the databases' maintenance connections, well before the seqs reach the
     /// old bound (half a block: millions of events).
+    /// A database that is busy (a long write transaction) is left for the next round; the others
+    /// are written meanwhile.
     private func keepLeaseInDatabases() throws(SQLiteError) {
         let end = self.lease.end
+        var failure: SQLiteError?
         for source in self.sources where source.database != nil {
             guard self.leaseKept.withLock({ $0[source.path] ?? 0 }) < end else { continue }
-            try Self.raiseMeta("seq_lease", to: end, on: try self.maintenanceConnection(source))
-            self.leaseKept.withLock { $0[source.path] = end }
+            do throws(SQLiteError) {
+                try Self.raiseMeta("seq_lease", to: end, on: try self.maintenanceConnection(source))
+                self.leaseKept.withLock { $0[source.path] = end }
+            } catch {
+                failure = error
+            }
         }
+        if let failure { throw failure }
     }
 
     /// Closes the journal's own connections, checkpointing the state database's WAL.
@@ -776,8 +784,13 @@ public final class Journal: Sendable {
     /// It first keeps the databases' copies of the seq lease up to date (`keepLeaseInDatabases`).
     func prune() throws(SQLiteError) {
         guard self.settings.enabled else { return }
-        try self.keepLeaseInDatabases()
-        guard self.settings.keepEvents > 0 || self.settings.keepSeconds > 0 else { return }
+        // Retention goes on when a database is busy; the error is reported after it.
+        var failure: SQLiteError?
+        do throws(SQLiteError) { try self.keepLeaseInDatabases() } catch { failure = error }
+        guard self.settings.keepEvents > 0 || self.settings.keepSeconds > 0 else {
+            if let failure { throw failure }
+            return
+        }
         for source in self.sources {
             for window in source.windows {
                 var cutoff: Int64 = 0
@@ -814,6 +827,7 @@ public final class Journal: Sendable {
                 self.swept.withLock { $0[window] = cutoff }
             }
         }
+        if let failure { throw failure }
     }
 
     /// The highest seq of `window` that retention no longer keeps (0: none), on its source's
