@@ -123,6 +123,9 @@ final class DaemonMetrics: Sendable {
 
         self.gauge("evd_journal_events", "Committed events the journal holds for replay.", to: Int64(journal?.events ?? 0))
         self.gauge("evd_journal_bytes", "Bytes the journal takes on disk.", to: Int64(journal?.bytes ?? 0))
+        self.counter(
+            "evd_journal_damaged_rows_total", "Journal rows that failed their checksum when a replay read them (not sent: notice gap).",
+            to: Int64(journal?.damagedRows ?? 0))
         // The lowest and highest seq held exist only while the journal holds something.
         for (name, help, value) in [
             ("evd_journal_first_seq", "The lowest seq the journal holds.", journal?.firstSeq),
