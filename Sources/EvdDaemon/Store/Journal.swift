@@ -627,8 +627,9 @@ public final class Journal: Sendable {
             let isRun: Bool
         }
 
-        /// A row that failed its check (`Checksum`, or its event count): its seqs from `from`
-        /// (or the first not yet read) through `to` are announced as a gap, never sent.
+        /// A row that failed its check (`Checksum`, or its event count): the seqs from the first
+        /// not yet read (`from`; the row's own first may be damaged) through its last (`to`, or
+        /// the replay's end) are announced as a gap, and nothing of it is sent.
         struct Damage: Sendable {
             /// The database whose journal holds it (`nil`: the state database's).
             let database: String?
@@ -716,17 +717,19 @@ public final class Journal: Sendable {
                 guard let statement = chosen else { break }
                 // NULL reads as 0, which is no seq.
                 let runFirst = statement.int(at: 5)
-                let first = runFirst > 0 ? min(runFirst, seq) : seq
-                guard first <= self.through else {
-                    self.cursors[chosenIndex].done = true
-                    continue
-                }
                 guard Self.isIntact(statement, seq: seq, uncheckedThrough: self.cursors[chosenIndex].uncheckedThrough) else {
+                    // Its first seq as stored (which may be damaged too): a row that ends after the
+                    // replay and says it starts after it too is left to live delivery's side.
+                    let stated = runFirst > 0 && runFirst <= seq ? runFirst : seq
+                    if seq > self.through && stated > self.through {
+                        self.cursors[chosenIndex].done = true
+                        continue
+                    }
                     guard visited == 0 else { break }  // this page ends before it
-                    // Its seqs as far as they can be known: from its first, if that is believable,
-                    // else from the last one read (no other row lies between: this one has the
-                    // lowest seq left); never past `through`.
-                    let from = max(runFirst > 0 && runFirst <= seq ? runFirst : 0, self.position + 1)
+                    // Its seqs from the first not yet read: no other row lies between (this one has
+                    // the lowest seq left, and runs never interleave), and its own `first` cannot
+                    // be trusted. Never past `through`.
+                    let from = self.position + 1
                     let to = min(seq, self.through)
                     self.damage = Damage(database: self.cursors[chosenIndex].source.database, from: from, to: to, seq: seq)
                     self.position = to
@@ -736,6 +739,11 @@ public final class Journal: Sendable {
                         self.cursors[chosenIndex].done = true
                     }
                     return Int(to - from + 1)
+                }
+                let first = runFirst > 0 ? min(runFirst, seq) : seq
+                guard first <= self.through else {
+                    self.cursors[chosenIndex].done = true
+                    continue
                 }
                 let stored = statement.rawBytes(at: 3)
                 var plain: Int?
