@@ -3,6 +3,7 @@ import EvdClient
 import Foundation
 import InMemoryLogging
 import Logging
+import NIOPosix
 import Testing
 
 @testable import EvdDaemon
@@ -233,6 +234,36 @@ struct JournalDamageTests {
                     #expect((first["to"]?.intValue ?? 0) >= floor)
                 }
             }
+        }
+    }
+
+    @Test("a raised seq lease reaches every database's _evd_meta at the next retention round, and a restart continues above it")
+    func leaseRaiseReachesDatabases() async throws {
+        try await withTemporaryDirectory { directory in
+            let threads = NIOThreadPool(numberOfThreads: 1)
+            threads.start()
+            let databases = [DatabaseConfig(name: "main", path: directory + "/main.db")]
+            let journal = Journal(stateDirectory: directory, databases: databases, settings: JournalSettings(), threadPool: threads)
+            _ = try journal.open()
+            let db = try SQLiteConnection(path: directory + "/main.db", flags: SQLITE_OPEN_READWRITE)
+            let kept = { try db.scalarInt("SELECT value FROM _evd_meta WHERE key = 'seq_lease'") }
+            let started = journal.lease.end
+            #expect(try kept() == started)
+            // Seqs reach half-way to the bound: it is raised (in the state database at once).
+            journal.lease.cover(started - SeqLease.block / 2 + 1)
+            let raised = journal.lease.end
+            #expect(raised > started)
+            try journal.prune()
+            #expect(try kept() == raised)
+            journal.close()
+            // Without the state database, a new journal starts above what the database kept.
+            try FileManager.default.removeItem(atPath: directory + "/journal.db")
+            let again = Journal(stateDirectory: directory, databases: databases, settings: JournalSettings(), threadPool: threads)
+            let opening = try again.open()
+            #expect(opening.stateWasLost)
+            #expect(opening.head >= raised)
+            again.close()
+            try await threads.shutdownGracefully()
         }
     }
 }
