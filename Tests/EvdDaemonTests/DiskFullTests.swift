@@ -281,7 +281,7 @@ private func withTmpfs<T>(size: String, _ body: (String) async throws -> T) asyn
 }
 
 /// The files under `directory` with their sizes, and the free space of its file system.
-func describeFiles(_ directory: String) -> String {
+private func describeFiles(_ directory: String) -> String {
     var free = statvfs()
     statvfs(directory, &free)
     let files = (FileManager.default.subpaths(atPath: directory) ?? []).sorted().map { path in
