@@ -216,13 +216,24 @@ extension Session {
                 }
             } catch {
                 // A failed COMMIT (busy, a deferred constraint) leaves the transaction open: the
-                // client may retry or roll back. If SQLite ended it anyway, so do we.
+                // client may retry or roll back. If SQLite ended it anyway (SQLITE_FULL: the disk
+                // filled up while the COMMIT wrote), so do we, and say so as `withSQL` does: the
+                // `rollback` event, and a message that tells the client not to retry or roll back
+                // (before, a COMMIT on a full disk only said "database or disk is full").
                 let stillOpen = (try? await transaction.pool.run { connection.sqlite.inTransaction }) ?? false
-                if !stillOpen {
-                    state.transaction = nil
-                    await self.checkin(connection, to: transaction.pool)
+                guard !stillOpen else { throw error }
+                state.transaction = nil
+                if let xid = transaction.xid {
+                    self.core.bus.emit(.rollbackTwophase, self.origin) {
+                        Self.twoPhaseProperties(transaction.pool, connection, xid: xid, isPrepared: false)
+                    }
+                } else {
+                    self.core.bus.emit(.rollback, self.origin) { self.transactionProperties(transaction) }
                 }
-                throw error
+                await self.checkin(connection, to: transaction.pool)
+                var ended = Self.wireError(error)
+                ended.message += " (SQLite rolled the transaction back: the session is no longer in a transaction)"
+                throw ended
             }
             if let xid = transaction.xid {
                 self.core.bus.emit(.commitTwophase, self.origin) {

@@ -71,7 +71,7 @@ public final class SQLiteConnection: @unchecked Sendable {
         var db: OpaquePointer?
         let rc = sqlite3_open_v2(path, &db, flags | SQLITE_OPEN_NOMUTEX | SQLITE_OPEN_EXRESCODE, nil)
         guard rc == SQLITE_OK, let db else {
-            let message = db.map { String(cString: sqlite3_errmsg($0)) } ?? String(cString: sqlite3_errstr(rc))
+            let message = db.map { Self.message($0, code: rc) } ?? String(cString: sqlite3_errstr(rc))
             if let db { sqlite3_close_v2(db) }
             throw SQLiteError(code: rc, message: message)
         }
@@ -90,10 +90,24 @@ public final class SQLiteConnection: @unchecked Sendable {
     }
 
     /// The current error as a `SQLiteError`.
+    ///
+    /// An I/O error's message gets the operating system's reason: SQLite's own is only "disk I/O
+    /// error", which is all evd said when a full disk kept it from making a database's `-shm`
+    /// file (`SQLITE_IOERR_SHMSIZE`) — SQLite reports ENOSPC as `SQLITE_FULL` ("database or disk
+    /// is full") only for its database, journal and WAL files.
     func lastError(_ rc: Int32, sql: String? = nil) -> SQLiteError {
         let extended = sqlite3_extended_errcode(self.handle)
-        return SQLiteError(
-            code: extended != 0 ? extended : rc, message: String(cString: sqlite3_errmsg(self.handle)), sql: sql)
+        let code = extended != 0 ? extended : rc
+        return SQLiteError(code: code, message: Self.message(self.handle, code: code), sql: sql)
+    }
+
+    /// SQLite's message for `code` on `db`, with the operating system's reason for an I/O error
+    /// or a file that could not be opened ("disk I/O error: No space left on device").
+    private static func message(_ db: OpaquePointer, code: Int32) -> String {
+        let message = String(cString: sqlite3_errmsg(db))
+        let systemErrno = sqlite3_system_errno(db)
+        guard code & 0xff == SQLITE_IOERR || code & 0xff == SQLITE_CANTOPEN, systemErrno != 0 else { return message }
+        return message + ": " + String(cString: strerror(systemErrno))
     }
 
     /// Runs one or more statements that return no rows (pragmas, BEGIN, COMMIT).
