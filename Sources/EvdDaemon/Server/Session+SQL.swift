@@ -45,7 +45,10 @@ extension Session {
         let queryOnly = options["query_only"]?.boolValue ?? false
         let origin = self.origin
         let transaction = state.transaction
-        if let transaction { try self.checkSameDatabase(work.database, transaction) }
+        if let transaction {
+            try self.checkSameDatabase(work.database, transaction)
+            try await self.endIfLost(transaction, &state)
+        }
         let pool = try transaction?.pool ?? self.core.pool(work.database)
         let decided = await self.core.bus.decideAhead(
             .beforeExecute, origin, budget: self.vetoBudget, eventLoop: pool.eventLoop
@@ -196,6 +199,7 @@ extension Session {
         try self.checkSameDatabase(database, transaction)
         let connection = transaction.connection
         if commit {
+            try await self.endIfLost(transaction, &state)
             do {
                 // A two-phase transaction committed in one phase fires `commit_twophase` instead.
                 if transaction.xid == nil {
@@ -215,6 +219,8 @@ extension Session {
                     try connection.commit(database: pool.database.name, origin: origin, bus: pool.bus, journal: pool.journal)
                 }
             } catch {
+                // Nothing commits into a file deleted or replaced under evd: the transaction is over.
+                try await self.endIfLost(transaction, &state)
                 // A failed COMMIT (busy, a deferred constraint) leaves the transaction open: the
                 // client may retry or roll back. If SQLite ended it anyway, so do we.
                 let stillOpen = (try? await transaction.pool.run { connection.sqlite.inTransaction }) ?? false
@@ -234,6 +240,20 @@ extension Session {
         }
         state.transaction = nil
         await self.checkin(connection, to: transaction.pool)
+    }
+
+    /// If the transaction's database was found lost (its file deleted or replaced under evd,
+    /// `DatabaseIdentity`): rolls the transaction back, gives its connection back (closed, not
+    /// pooled) and throws the database's error. The session is then no longer in a transaction.
+    func endIfLost(_ transaction: Transaction, _ state: inout SessionState) async throws(EvdError) {
+        let identity = transaction.pool.identity
+        guard identity.isLost else { return }
+        await self.rollBack(transaction)
+        state.transaction = nil
+        await self.checkin(transaction.connection, to: transaction.pool)
+        var error = identity.lostError.evdError
+        error.message += " (the transaction was rolled back: the session is no longer in a transaction)"
+        throw error
     }
 
     /// Rolls the session's transaction back (its captured changes with it) and fires `rollback`
