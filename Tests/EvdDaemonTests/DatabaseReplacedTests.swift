@@ -1,6 +1,8 @@
 import CSQLite
 import EvdClient
 import Foundation
+import InMemoryLogging
+import Logging
 import Testing
 
 @testable import EvdDaemon
@@ -64,6 +66,13 @@ struct DatabaseReplacedTests {
                 #expect(after["pools"]?["main"]?["lost"] == true)
                 #expect(after["pools"]?["main"]?["idle"] == 0)
                 #expect(after["pools"]?["main"]?["open"] == 0)
+                // One connection keeps the deleted file open, never used: its owner can still copy it from /proc.
+                let descriptors = try FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")
+                let kept = descriptors.contains { fd in
+                    (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/fd/" + fd))
+                        == daemon.databasePath + " (deleted)"
+                }
+                #expect(kept)
                 // The daemon itself goes on.
                 #expect(try await evd.request("ping") == [:])
             }
@@ -167,6 +176,40 @@ struct DatabaseReplacedTests {
                 // ... and this session's transaction ends at its next request.
                 expectMoved(try await evd.expectError("execute", ["sql": "insert into t values (2)"]))
                 #expect(try await evd.expectError("commit").code == "not_in_transaction")
+            }
+        }
+    }
+
+    @Test("one error is logged, not one per request, and the metric evd_database_lost says so")
+    func loggedOnce() async throws {
+        let logs = InMemoryLogHandler()
+        try await withTemporaryDirectory { directory in
+            try await withDaemon(
+                in: directory, configure: { $0.metrics.listen = HostPort(host: "127.0.0.1", port: 0) },
+                logger: Logger(label: "evd-test", factory: { _ in logs })
+            ) { daemon, _ in
+                let listening = logs.entries.first { $0.message.description == "metrics endpoint is listening" }
+                let address = try #require(listening?.metadata["metrics.address"]?.description)
+                let port = try #require(HostPort(parsing: address)?.port)
+                try await daemon.withClient { evd in
+                    try await evd.request("execute", ["sql": "create table t(x)"])
+                    let before = try await parseWithPrometheusClient(
+                        httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /metrics").body)
+                    #expect(before.value("evd_database_lost", ["database": "main"]) == 0)
+
+                    remove(databaseAt: daemon.databasePath)
+                    for value in 1...3 {
+                        expectMoved(try await evd.expectError("execute", ["sql": "insert into t values (?)", "params": [.int(Int64(value))]]))
+                    }
+                    let after = try await parseWithPrometheusClient(
+                        httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /metrics").body)
+                    #expect(after.value("evd_database_lost", ["database": "main"]) == 1)
+                }
+                let errors = logs.entries.filter { $0.level == .error }
+                #expect(errors.count == 1)
+                #expect(errors.first?.metadata["db.name"]?.description == "main")
+                #expect(errors.first?.metadata["db.loss"]?.description == "deleted")
+                #expect(errors.first?.metadata["db.path"]?.description == daemon.databasePath)
             }
         }
     }
