@@ -68,7 +68,8 @@ extension Session {
             connection = transaction.connection
         } else {
             do {
-                connection = try await self.checkout(pool)
+                // Its own transaction: the file is checked at its COMMIT (`DatabaseIdentity`).
+                connection = try await self.checkout(pool, verifyFile: false)
             } catch {
                 // The listeners were asked: what they decided still reaches the audit log.
                 if verdict != nil { decided.publish() }
@@ -133,9 +134,9 @@ extension Session {
     }
 
     /// Checks a connection out for this session: `checkout`, then `engine_connect`.
-    func checkout(_ pool: ConnectionPool) async throws -> PooledConnection {
+    func checkout(_ pool: ConnectionPool, verifyFile: Bool = true) async throws -> PooledConnection {
         let origin = self.origin
-        let connection = try await pool.checkout(origin: origin)
+        let connection = try await pool.checkout(origin: origin, verifyFile: verifyFile)
         self.core.bus.emit(.engineConnect, origin) {
             ["database": .string(pool.database.name), "connection": .integer(connection.number), "branch": false]
         }

@@ -235,11 +235,16 @@ public final class ConnectionPool: Sendable {
     ///
     /// `checkout` is vetoable: a deny means "this connection is no good" (SQLAlchemy's
     /// DisconnectionError): it is invalidated and another is tried, at most 2 attempts in all.
-    public func checkout(origin: EventOrigin) async throws(EvdError) -> PooledConnection {
+    ///
+    /// Fails with `SQLITE_READONLY_DBMOVED` once the database's file was deleted or replaced
+    /// (`DatabaseIdentity`). `verifyFile`: `stat` the path now; `false` only reads whether the
+    /// database was found lost before, for a request in its own transaction, whose COMMIT (which
+    /// it always runs, reads too, before its result is sent) checks the file anyway.
+    public func checkout(origin: EventOrigin, verifyFile: Bool = true) async throws(EvdError) -> PooledConnection {
         var attempts = 0
         let uid = origin.actor.flatMap { self.unlimitedUIDs.contains($0.uid) ? nil : $0.uid }
         while true {
-            try await self.checkServing(origin: origin)
+            try await self.checkServing(origin: origin, verifyFile: verifyFile)
             enum Step { case idle(PooledConnection), open(Int), wait(atShare: Bool) }
             let step: Step = self.state.withLock { state in
                 if let uid, state.held[uid] ?? 0 >= self.share {
@@ -284,7 +289,7 @@ public final class ConnectionPool: Sendable {
                 case .connection(let handedOver):
                     connection = handedOver
                     // The file may have gone while it waited.
-                    if (try? self.identity.check()) == nil {
+                    if (try? verifyFile ? self.identity.check() : self.identity.checkLost()) == nil {
                         await self.giveBackLost(connection, origin: origin)
                         continue
                     }
@@ -308,10 +313,11 @@ public final class ConnectionPool: Sendable {
     // MARK: A lost database file
 
     /// Throws `sql_error` `SQLITE_READONLY_DBMOVED` if the database's path no longer names the file
-    /// the pool opened (`DatabaseIdentity`): one `stat`. Its idle connections then leave the pool.
-    private func checkServing(origin: EventOrigin) async throws(EvdError) {
+    /// the pool opened (`DatabaseIdentity`): one `stat` (`verifyFile`), or only whether it was found
+    /// lost before. Its idle connections then leave the pool.
+    private func checkServing(origin: EventOrigin, verifyFile: Bool) async throws(EvdError) {
         do {
-            try self.identity.check()
+            if verifyFile { try self.identity.check() } else { try self.identity.checkLost() }
         } catch {
             let idle = self.state.withLock { state -> [PooledConnection] in
                 let idle = state.idle
