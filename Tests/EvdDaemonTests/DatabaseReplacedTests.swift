@@ -109,6 +109,29 @@ struct DatabaseReplacedTests {
         }
     }
 
+    @Test("a connection opened after the file was replaced is refused before it reads anything")
+    func newConnectionAfterReplace() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.withClient { evd in
+                try await evd.request("execute", ["sql": "create table t(x)"])
+                // The pool's only open connection is held: the next request opens a new one.
+                try await evd.request("begin")
+                try await evd.request("execute", ["sql": "insert into t values ('held')"])
+                let other = daemon.directory + "/other.db"
+                let bytes = try makeOtherDatabase(other)
+                #expect(rename(other, daemon.databasePath) == 0)
+                try await daemon.withClient { second in
+                    expectMoved(try await second.expectError("execute", ["sql": "insert into t values ('new')"]))
+                }
+                expectMoved(try await evd.expectError("commit"))
+                #expect(try Data(contentsOf: URL(fileURLWithPath: daemon.databasePath)) == bytes)
+                #expect(try rowsOfCopy(daemon.databasePath, in: daemon.directory) == 1)
+                let stats = try await evd.request("stats")
+                #expect(stats["pools"]?["main"]?["open"] == 0)
+            }
+        }
+    }
+
     @Test("with two databases, losing one leaves the other fully served")
     func otherDatabaseServed() async throws {
         try await withRunningDaemon(configure: { configuration in
@@ -229,8 +252,13 @@ struct DatabaseReplacedTests {
                     }
                     try await evd.request("begin")
                     try await evd.request("execute", ["sql": "insert into t values (21)"])
+                    // Meanwhile another session needs a second connection: opened through the link too.
+                    try await daemon.withClient { second in
+                        try await second.request("execute", ["sql": "select count(*) from t"])
+                    }
                     try await evd.request("commit")
                     #expect(try await evd.request("execute", ["sql": "select count(*) from t"])["rows"] == [[21]])
+                    #expect((try await evd.request("stats")["pools"]?["main"]?["open"]?.intValue ?? 0) >= 2)
                     let stats = try await evd.request("stats")
                     #expect(stats["pools"]?["main"]?["lost"] == false)
                 }

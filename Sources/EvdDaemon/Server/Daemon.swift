@@ -93,7 +93,7 @@ public final class Daemon: Service, CustomStringConvertible {
                     "a database file was deleted or replaced while evd had it open: evd stopped serving that database; put the right file in place and restart evd",
                     metadata: [
                         "db.name": "\(database)", "db.path": "\(file)", "db.loss": "\(loss.rawValue)",
-                        "hint": "until evd stops, a deleted file can still be copied from /proc/\(getpid())/fd",
+                        "db.recovery": "until evd stops, a deleted file can still be copied from /proc/\(getpid())/fd",
                     ])
             })
 
