@@ -70,7 +70,11 @@ public enum StatsFormatter {
 
         let pools = take("pools")?.objectValue ?? [:]
         let columns = ["size", "open", "in_use", "idle", "waiting", "waits", "checkouts"]
-        let poolRows = pools.map { name, pool in [name] + columns.map { self.number(pool[$0]) } }
+        // A database whose file was deleted or replaced under evd is no longer served.
+        let poolRows = pools.map { name, pool in
+            [pool["lost"]?.boolValue == true ? "\(name) (lost: file deleted or replaced)" : name]
+                + columns.map { self.number(pool[$0]) }
+        }
         section("Pools", self.table(header: ["database"] + columns.map { $0.replacingUnderscores() }, rows: poolRows))
 
         let journal = take("journal")

@@ -86,7 +86,16 @@ public final class Daemon: Service, CustomStringConvertible {
         let bus = EventBus(lastSeq: head, lease: journal.lease, vetoLatency: self.metrics.observeVetoLatency)
         let core = DaemonCore(
             configuration: self.configuration, bus: bus, journal: journal.settings.enabled ? journal : nil,
-            threadPool: threadPool, databaseThreads: databaseThreads, eventLoop: group.next(), tokens: tokens)
+            threadPool: threadPool, databaseThreads: databaseThreads, eventLoop: group.next(), tokens: tokens,
+            reportLost: { [logger] database, file, loss in
+                // Once per database: every later request on it fails with SQLITE_READONLY_DBMOVED.
+                logger.error(
+                    "a database file was deleted or replaced while evd had it open: evd stopped serving that database; put the right file in place and restart evd",
+                    metadata: [
+                        "db.name": "\(database)", "db.path": "\(file)", "db.loss": "\(loss.rawValue)",
+                        "db.recovery": "until evd stops, a deleted file can still be copied from /proc/\(getpid())/fd",
+                    ])
+            })
 
         let acceptPause = AcceptPause(logger: self.logger)
         let server: NIOAsyncChannel<any Channel, Never>

@@ -35,7 +35,8 @@ final class DaemonCore: Sendable {
 
     init(
         configuration: EvdConfiguration, bus: EventBus, journal: Journal?, threadPool: NIOThreadPool,
-        databaseThreads: DatabaseThreads, eventLoop: any EventLoop, tokens: TokenAuthority
+        databaseThreads: DatabaseThreads, eventLoop: any EventLoop, tokens: TokenAuthority,
+        reportLost: @escaping DatabaseIdentity.Report = { _, _, _ in }
     ) {
         self.databaseThreads = databaseThreads
         self.configuration = configuration
@@ -50,7 +51,7 @@ final class DaemonCore: Sendable {
                 checkoutTimeout: .milliseconds(Int64(configuration.checkoutTimeoutMs)),
                 vetoBudget: .milliseconds(configuration.vetoBudgetMs), journal: journal,
                 checkpointPages: configuration.checkpointPages, share: configuration.poolShare,
-                unlimitedUIDs: [0, getuid()])
+                unlimitedUIDs: [0, getuid()], reportLost: reportLost)
         }
         self.pools = pools
         self.permissions = Permissions(ownerUID: getuid(), grants: configuration.grants)

@@ -119,6 +119,10 @@ final class DaemonMetrics: Sendable {
             self.gauge("evd_pool_waiting", labels, "Requests waiting for a pooled connection now.", to: int(pool["waiting"]))
             self.counter("evd_pool_waits_total", labels, "Checkouts that had to wait for a connection.", to: int(pool["waits"]))
             self.counter("evd_pool_checkouts_total", labels, "Connections checked out of the pool.", to: int(pool["checkouts"]))
+            self.gauge(
+                "evd_database_lost", labels,
+                "1 once the database's file was deleted or replaced while evd had it open: evd no longer serves it.",
+                to: pool["lost"]?.boolValue == true ? 1 : 0)
         }
 
         self.gauge("evd_journal_events", "Committed events the journal holds for replay.", to: Int64(journal?.events ?? 0))

@@ -45,7 +45,10 @@ extension Session {
         let queryOnly = options["query_only"]?.boolValue ?? false
         let origin = self.origin
         let transaction = state.transaction
-        if let transaction { try self.checkSameDatabase(work.database, transaction) }
+        if let transaction {
+            try self.checkSameDatabase(work.database, transaction)
+            try await self.endIfLost(transaction, &state)
+        }
         let pool = try transaction?.pool ?? self.core.pool(work.database)
         let decided = await self.core.bus.decideAhead(
             .beforeExecute, origin, budget: self.vetoBudget, eventLoop: pool.eventLoop
@@ -65,7 +68,8 @@ extension Session {
             connection = transaction.connection
         } else {
             do {
-                connection = try await self.checkout(pool)
+                // Its own transaction: the file is checked at its COMMIT (`DatabaseIdentity`).
+                connection = try await self.checkout(pool, verifyFile: false)
             } catch {
                 // The listeners were asked: what they decided still reaches the audit log.
                 if verdict != nil { decided.publish() }
@@ -130,9 +134,9 @@ extension Session {
     }
 
     /// Checks a connection out for this session: `checkout`, then `engine_connect`.
-    func checkout(_ pool: ConnectionPool) async throws -> PooledConnection {
+    func checkout(_ pool: ConnectionPool, verifyFile: Bool = true) async throws -> PooledConnection {
         let origin = self.origin
-        let connection = try await pool.checkout(origin: origin)
+        let connection = try await pool.checkout(origin: origin, verifyFile: verifyFile)
         self.core.bus.emit(.engineConnect, origin) {
             ["database": .string(pool.database.name), "connection": .integer(connection.number), "branch": false]
         }
@@ -196,6 +200,7 @@ extension Session {
         try self.checkSameDatabase(database, transaction)
         let connection = transaction.connection
         if commit {
+            try await self.endIfLost(transaction, &state)
             do {
                 // A two-phase transaction committed in one phase fires `commit_twophase` instead.
                 if transaction.xid == nil {
@@ -215,6 +220,8 @@ extension Session {
                     try connection.commit(database: pool.database.name, origin: origin, bus: pool.bus, journal: pool.journal)
                 }
             } catch {
+                // Nothing commits into a file deleted or replaced under evd: the transaction is over.
+                try await self.endIfLost(transaction, &state)
                 // A failed COMMIT (busy, a deferred constraint) leaves the transaction open: the
                 // client may retry or roll back. If SQLite ended it anyway (SQLITE_FULL: the disk
                 // filled up while the COMMIT wrote), so do we, and say so as `withSQL` does: the
@@ -245,6 +252,20 @@ extension Session {
         }
         state.transaction = nil
         await self.checkin(connection, to: transaction.pool)
+    }
+
+    /// If the transaction's database was found lost (its file deleted or replaced under evd,
+    /// `DatabaseIdentity`): rolls the transaction back, gives its connection back (closed, not
+    /// pooled) and throws the database's error. The session is then no longer in a transaction.
+    func endIfLost(_ transaction: Transaction, _ state: inout SessionState) async throws(EvdError) {
+        let identity = transaction.pool.identity
+        guard identity.isLost else { return }
+        await self.rollBack(transaction)
+        state.transaction = nil
+        await self.checkin(transaction.connection, to: transaction.pool)
+        var error = identity.lostError.evdError
+        error.message += " (the transaction was rolled back: the session is no longer in a transaction)"
+        throw error
     }
 
     /// Rolls the session's transaction back (its captured changes with it) and fires `rollback`

@@ -69,13 +69,22 @@ extension Session {
         }
         let pool = transaction.pool
         try self.checkXidFree(xid, pool)
+        try await self.endIfLost(transaction, &state)
         let connection = transaction.connection
         let origin = self.origin
         let log = pool.database.isInMemory ? nil : self.core.twoPhase.log
         let schemaVersion = transaction.schemaVersion
-        let record = try await pool.run {
-            try connection.prepareTwoPhase(
-                xid: xid, database: pool.database.name, origin: origin, schemaVersion: schemaVersion, log: log)
+        let record: PreparedRecord
+        do {
+            record = try await pool.run {
+                // A prepared transaction must be able to commit: not into a file deleted or replaced.
+                try connection.identity.check()
+                return try connection.prepareTwoPhase(
+                    xid: xid, database: pool.database.name, origin: origin, schemaVersion: schemaVersion, log: log)
+            }
+        } catch {
+            try await self.endIfLost(transaction, &state)
+            throw error
         }
         self.core.twoPhase.hold(.prepared(PreparedTransaction(pool: pool, connection: connection, record: record, recovered: false)))
         state.transaction = nil

@@ -44,8 +44,12 @@ final class Checkpointer: Sendable {
     /// Opened after every commit of a watched connection (the WAL hook runs once the write lock
     /// is released).
     let gate: WriteGate
+    /// A checkpoint copies the WAL at the database's path into the file its connection opened:
+    /// never once the path names another file (`DatabaseIdentity`).
+    let identity: DatabaseIdentity
 
-    init(path: String, gate: WriteGate, threshold: Int32 = 4000) {
+    init(path: String, gate: WriteGate, identity: DatabaseIdentity, threshold: Int32 = 4000) {
+        self.identity = identity
         self.threshold = threshold
         self.inlineThreshold = max(16_000, 4 * threshold)
         self.path = path
@@ -82,10 +86,15 @@ final class Checkpointer: Sendable {
 
     private func checkpoint() {
         self.state.withLock { state in
-            guard !state.closed else { return }
+            guard !state.closed, (try? self.identity.check()) != nil else { return }
             if state.connection == nil {
                 evd_lower_thread_priority(10)  // the first checkpoint, on `thread`
-                state.connection = try? SQLiteConnection(path: self.path, flags: SQLITE_OPEN_READWRITE)
+                guard let connection = try? SQLiteConnection(path: self.path, flags: SQLITE_OPEN_READWRITE) else { return }
+                if (try? self.identity.opened(connection)) == nil {
+                    ConnectionPool.keepWALOnClose(connection)
+                    return
+                }
+                state.connection = connection
                 // A connection that has not read the database yet does not know it is in WAL mode:
                 // a checkpoint on it does nothing at all (SQLITE_OK, -1 frames). One read opens
                 // the WAL for good.

@@ -43,9 +43,15 @@ public final class PooledConnection: @unchecked Sendable {
     let busy: BusyWaiter
     /// Interrupts a client statement that runs too long, or whose client or daemon goes away.
     let watch: StatementWatch
+    /// Whether the database's path still names the file: checked right before every COMMIT.
+    let identity: DatabaseIdentity
 
-    init(number: Int, sqlite: SQLiteConnection, observer: AuthorizerObserver, busyTimeoutMs: Int32, gate: WriteGate) {
+    init(
+        number: Int, sqlite: SQLiteConnection, observer: AuthorizerObserver, busyTimeoutMs: Int32, gate: WriteGate,
+        identity: DatabaseIdentity
+    ) {
         self.number = number
+        self.identity = identity
         self.sqlite = sqlite
         self.observer = observer
         self.capture = ChangeCapture(connection: sqlite, schema: self.schema)
@@ -114,6 +120,8 @@ public final class ConnectionPool: Sendable {
     let checkpointer: Checkpointer?
     /// Where connections wait for the write lock; opened at each commit.
     let writeGate = WriteGate()
+    /// Whether the path still names the file the pool first opened (`DatabaseIdentity`).
+    let identity: DatabaseIdentity
     /// How many connections one uid may hold at once (`--max-pool-share`), and the uids it does
     /// not limit (root, evd's own): one uid cannot take the whole pool and lock the others out.
     let share: Int
@@ -149,6 +157,9 @@ public final class ConnectionPool: Sendable {
         var waits = 0
         var checkouts = 0
         var disposed = false
+        /// One connection of a lost database, kept open (never served) until the pool is disposed:
+        /// while evd holds a deleted file open, its owner can still copy it from `/proc/PID/fd`.
+        var retained: PooledConnection?
         /// How many connections each limited uid holds, and which uid holds which connection.
         var held: [UInt32: Int] = [:]
         var holders: [Int: UInt32] = [:]
@@ -184,8 +195,10 @@ public final class ConnectionPool: Sendable {
     init(
         database: DatabaseConfig, size: Int, bus: EventBus, threadPool: NIOThreadPool, eventLoop: any EventLoop,
         busyTimeoutMs: Int32 = 5000, checkoutTimeout: TimeAmount = .seconds(30), vetoBudget: Duration = .seconds(5),
-        journal: Journal? = nil, checkpointPages: Int = 4000, share: Int = .max, unlimitedUIDs: Set<UInt32> = []
+        journal: Journal? = nil, checkpointPages: Int = 4000, share: Int = .max, unlimitedUIDs: Set<UInt32> = [],
+        reportLost: @escaping DatabaseIdentity.Report = { _, _, _ in }
     ) {
+        self.identity = DatabaseIdentity(database: database.name, path: database.path, report: reportLost)
         self.share = max(1, share)
         self.unlimitedUIDs = unlimitedUIDs
         self.vetoBudget = vetoBudget
@@ -198,7 +211,7 @@ public final class ConnectionPool: Sendable {
         self.checkoutTimeout = checkoutTimeout
         self.defaultBusyTimeoutMs = busyTimeoutMs
         self.checkpointer = database.isInMemory ? nil : Checkpointer(
-            path: database.path, gate: self.writeGate, threshold: Int32(clamping: checkpointPages))
+            path: database.path, gate: self.writeGate, identity: self.identity, threshold: Int32(clamping: checkpointPages))
         self.pragmas = [
             "journal_mode": "wal", "synchronous": "normal", "foreign_keys": "on",
             "busy_timeout": .integer(busyTimeoutMs),
@@ -222,10 +235,16 @@ public final class ConnectionPool: Sendable {
     ///
     /// `checkout` is vetoable: a deny means "this connection is no good" (SQLAlchemy's
     /// DisconnectionError): it is invalidated and another is tried, at most 2 attempts in all.
-    public func checkout(origin: EventOrigin) async throws(EvdError) -> PooledConnection {
+    ///
+    /// Fails with `SQLITE_READONLY_DBMOVED` once the database's file was deleted or replaced
+    /// (`DatabaseIdentity`). `verifyFile`: `stat` the path now; `false` only reads whether the
+    /// database was found lost before, for a request in its own transaction, whose COMMIT (which
+    /// it always runs, reads too, before its result is sent) checks the file anyway.
+    public func checkout(origin: EventOrigin, verifyFile: Bool = true) async throws(EvdError) -> PooledConnection {
         var attempts = 0
         let uid = origin.actor.flatMap { self.unlimitedUIDs.contains($0.uid) ? nil : $0.uid }
         while true {
+            try await self.checkServing(origin: origin, verifyFile: verifyFile)
             enum Step { case idle(PooledConnection), open(Int), wait(atShare: Bool) }
             let step: Step = self.state.withLock { state in
                 if let uid, state.held[uid] ?? 0 >= self.share {
@@ -267,7 +286,13 @@ public final class ConnectionPool: Sendable {
                 }
             case .wait(let atShare):
                 switch await self.waitForConnection(uid: uid, atShare: atShare) {
-                case .connection(let handedOver): connection = handedOver
+                case .connection(let handedOver):
+                    connection = handedOver
+                    // The file may have gone while it waited.
+                    if (try? verifyFile ? self.identity.check() : self.identity.checkLost()) == nil {
+                        await self.giveBackLost(connection, origin: origin)
+                        continue
+                    }
                 case .retry: continue
                 case .failed(let error): throw error
                 }
@@ -283,6 +308,61 @@ public final class ConnectionPool: Sendable {
             }
             return connection
         }
+    }
+
+    // MARK: A lost database file
+
+    /// Throws `sql_error` `SQLITE_READONLY_DBMOVED` if the database's path no longer names the file
+    /// the pool opened (`DatabaseIdentity`): one `stat` (`verifyFile`), or only whether it was found
+    /// lost before. Its idle connections then leave the pool.
+    private func checkServing(origin: EventOrigin, verifyFile: Bool) async throws(EvdError) {
+        do {
+            if verifyFile { try self.identity.check() } else { try self.identity.checkLost() }
+        } catch {
+            let idle = self.state.withLock { state -> [PooledConnection] in
+                let idle = state.idle
+                state.idle = []
+                state.open -= idle.count
+                return idle
+            }
+            await self.retire(idle, origin: origin)
+            self.wakeWaitersForFreedSlots(idle.count)
+            throw error.evdError
+        }
+    }
+
+    /// Takes a connection handed over to a waiter out of the pool: its database was found lost.
+    private func giveBackLost(_ connection: PooledConnection, origin: EventOrigin) async {
+        let waiter = self.state.withLock { state -> Waiter? in
+            state.inUse -= 1
+            state.open -= 1
+            state.checkedOut.remove(connection.number)
+            state.give(connection.number)
+            state.closeOnCheckin.removeValue(forKey: connection.number)
+            return state.popEligibleWaiter(share: self.share)
+        }
+        await self.retire([connection], origin: origin)
+        waiter?.continuation.resume(returning: .retry)
+    }
+
+    /// Connections of a lost database, already out of the pool's counts: `invalidate`, then closed,
+    /// except one kept open, never served, until the pool is disposed (`State.retained`).
+    private func retire(_ connections: [PooledConnection], origin: EventOrigin) async {
+        guard !connections.isEmpty else { return }
+        let closing = self.state.withLock { state -> [PooledConnection] in
+            guard state.retained == nil else { return connections }
+            state.retained = connections[0]
+            return Array(connections.dropFirst())
+        }
+        let error: JSONValue = .object(self.identity.lostError.evdError.jsonObject)
+        for connection in connections {
+            self.bus.emit(.invalidate, origin) {
+                var properties = self.poolProperties(connection.number)
+                properties["error"] = error
+                return properties
+            }
+        }
+        for connection in closing { await self.close(connection, detached: false, origin: origin) }
     }
 
     /// Invalidates and closes a checked-out connection a `checkout` listener denied.
@@ -376,11 +456,21 @@ public final class ConnectionPool: Sendable {
         }
         self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) }
 
-        enum Next { case idle, handOver(Waiter), close(EventKind, Waiter?) }
+        enum Next { case idle, handOver(Waiter), close(EventKind, Waiter?), retire(Waiter?) }
         let leftSessionState = connection.observer.leftSessionState
+        let lost = self.identity.isLost
         let next: Next = self.state.withLock { state in
             state.inUse -= 1
             state.give(connection.number)
+            if lost {
+                // Not pooled again: nothing is served from a lost database.
+                state.open -= 1
+                state.checkedOut.remove(connection.number)
+                if state.closeOnCheckin.removeValue(forKey: connection.number) == .detach {
+                    return .close(.detach, state.popEligibleWaiter(share: self.share))
+                }
+                return .retire(state.popEligibleWaiter(share: self.share))
+            }
             if let reason = state.closeOnCheckin.removeValue(forKey: connection.number) ?? (leftSessionState ? .close : nil) {
                 state.open -= 1
                 state.checkedOut.remove(connection.number)
@@ -403,6 +493,9 @@ public final class ConnectionPool: Sendable {
             waiter.continuation.resume(returning: .connection(connection))
         case .close(let reason, let waiter):
             await self.close(connection, detached: reason == .detach, origin: origin)
+            waiter?.continuation.resume(returning: .retry)
+        case .retire(let waiter):
+            await self.retire([connection], origin: origin)
             waiter?.continuation.resume(returning: .retry)
         }
     }
@@ -431,8 +524,17 @@ public final class ConnectionPool: Sendable {
             }
             statements.append(statement)
         }
+        // A replaced file must not be opened (with the old one's WAL): checked before, and after,
+        // since it may have been replaced meanwhile; SQLite has read nothing yet.
+        try self.identity.check()
         let sqlite = try SQLiteConnection(
             path: self.database.path, flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI)
+        do {
+            try self.identity.opened(sqlite)
+        } catch {
+            Self.keepWALOnClose(sqlite)
+            throw error
+        }
         for statement in statements { try sqlite.exec(statement) }
         // A listener that set wal_autocheckpoint itself keeps SQLite's own checkpointing.
         if let checkpointer = self.checkpointer, pragmas["wal_autocheckpoint"] == nil { checkpointer.watch(sqlite) }
@@ -448,7 +550,8 @@ public final class ConnectionPool: Sendable {
         // connection's own busy handler waits.
         let busyTimeoutMs = pragmas["busy_timeout"]?.intValue.map { Int32(clamping: $0) } ?? self.defaultBusyTimeoutMs
         let connection = PooledConnection(
-            number: number, sqlite: sqlite, observer: observer, busyTimeoutMs: busyTimeoutMs, gate: self.writeGate)
+            number: number, sqlite: sqlite, observer: observer, busyTimeoutMs: busyTimeoutMs, gate: self.writeGate,
+            identity: self.identity)
         self.watches.withLock { $0[number] = connection.watch }
         return connection
     }
@@ -474,8 +577,20 @@ public final class ConnectionPool: Sendable {
         self.watches.withLock { _ = $0.removeValue(forKey: connection.number) }
         // Dropping the last reference closes the SQLite handle; do it on the thread pool, since a
         // close may checkpoint the WAL.
-        _ = try? await self.run { withExtendedLifetime(connection) {} }
+        let lost = self.identity.isLost
+        _ = try? await self.run {
+            if lost { Self.keepWALOnClose(connection.sqlite) }
+            withExtendedLifetime(connection) {}
+        }
         self.bus.emit(detached ? .closeDetached : .close, origin) { self.poolProperties(connection.number) }
+    }
+
+    /// Makes closing `sqlite` leave the WAL alone: the last connection of a file to close would
+    /// otherwise checkpoint the WAL at the database's path into its file and delete it, and once
+    /// the path names another file that WAL is not this file's (SQLite skips it by itself when
+    /// its own file has moved, not when a new connection opened the file that replaced it).
+    static func keepWALOnClose(_ sqlite: SQLiteConnection) {
+        _ = evd_sqlite_db_config_flag(sqlite.handle, SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
     }
 
     // MARK: Invalidation and disposal
@@ -539,13 +654,15 @@ public final class ConnectionPool: Sendable {
     /// ones detached (closed with `close_detached` when their session gives them back).
     func dispose(origin: EventOrigin) async {
         self.bus.emit(.engineDisposed, origin) { ["database": .string(self.database.name)] }
-        let (idle, inUse) = self.state.withLock { state -> ([PooledConnection], [Int]) in
+        let (idle, inUse, retained) = self.state.withLock { state -> ([PooledConnection], [Int], PooledConnection?) in
             let idle = state.idle
             state.idle = []
             state.open -= idle.count
-            return (idle, Self.markCheckedOut(&state, number: nil, as: .detach))
+            defer { state.retained = nil }
+            return (idle, Self.markCheckedOut(&state, number: nil, as: .detach), state.retained)
         }
         for connection in idle { await self.close(connection, detached: false, origin: origin) }
+        if let retained { await self.close(retained, detached: false, origin: origin) }
         for n in inUse {
             self.bus.emit(.detach, origin) { self.poolProperties(n) }
         }
@@ -570,6 +687,7 @@ public final class ConnectionPool: Sendable {
                 "size": .integer(self.size), "open": .integer(state.open), "in_use": .integer(state.inUse),
                 "idle": .integer(state.idle.count), "waiting": .integer(state.waiters.count),
                 "waits": .integer(state.waits), "checkouts": .integer(state.checkouts),
+                "lost": .bool(self.identity.isLost),
             ]
         }
     }

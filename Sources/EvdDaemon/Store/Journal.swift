@@ -963,6 +963,7 @@ extension PooledConnection {
             if large, self.capture.isEmpty { _ = evd_malloc_trim() }
         }
         guard let journal, journal.settings.enabled, !events.isEmpty else {
+            try self.identity.check()  // nothing is committed into a file deleted or replaced under evd
             try self.run(own: "COMMIT")
             if !events.isEmpty { bus.publishCommitted(events, origin: origin) }
             self.capture.discardAll()
@@ -989,6 +990,7 @@ extension PooledConnection {
                     if chunk.count == events.count { kept = made }
                     start = chunk.upperBound
                 }
+                try self.identity.check()  // nothing is committed into a file deleted or replaced under evd
                 try self.run(own: "COMMIT")
                 journal.running.add(.database(database), first: reservation.first, count: events.count, bytes: bytes)
             } catch {
