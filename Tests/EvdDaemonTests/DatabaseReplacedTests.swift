@@ -211,9 +211,7 @@ struct DatabaseReplacedTests {
                 in: directory, configure: { $0.metrics.listen = HostPort(host: "127.0.0.1", port: 0) },
                 logger: Logger(label: "evd-test", factory: { _ in logs })
             ) { daemon, _ in
-                let listening = logs.entries.first { $0.message.description == "metrics endpoint is listening" }
-                let address = try #require(listening?.metadata["metrics.address"]?.description)
-                let port = try #require(HostPort(parsing: address)?.port)
+                let port = try metricsAddress(loggedIn: logs).port
                 try await daemon.withClient { evd in
                     try await evd.request("execute", ["sql": "create table t(x)"])
                     let before = try await parseWithPrometheusClient(

@@ -163,9 +163,7 @@ struct MetricsTests {
                 in: directory, configure: { $0.metrics.listen = HostPort(host: "127.0.0.1", port: 0) },
                 logger: Logger(label: "evd-test", factory: { _ in logs })
             ) { daemon, _ in
-                let entry = logs.entries.first { $0.message.description == "metrics endpoint is listening" }
-                let address = try #require(entry?.metadata["metrics.address"]?.description)
-                let port = try #require(HostPort(parsing: address)?.port)
+                let (address, port) = try metricsAddress(loggedIn: logs)
                 #expect(address.hasPrefix("127.0.0.1:") && port > 0)
 
                 try await daemon.request("emit", ["event": "test.metrics"])
@@ -412,4 +410,11 @@ func parseWithPrometheusClient(_ text: String) async throws -> MetricFamilies {
         }
         return MetricFamilies(samples: samples)
     }
+}
+
+/// The address a daemon started with `metrics.listen` port 0 logged, and its port.
+func metricsAddress(loggedIn logs: InMemoryLogHandler) throws -> (address: String, port: Int) {
+    let entry = logs.entries.first { $0.message.description == "metrics endpoint is listening" }
+    let address = try #require(entry?.metadata["metrics.address"]?.description)
+    return (address, try #require(HostPort(parsing: address)?.port))
 }

@@ -333,14 +333,7 @@ public final class ConnectionPool: Sendable {
 
     /// Takes a connection handed over to a waiter out of the pool: its database was found lost.
     private func giveBackLost(_ connection: PooledConnection, origin: EventOrigin) async {
-        let waiter = self.state.withLock { state -> Waiter? in
-            state.inUse -= 1
-            state.open -= 1
-            state.checkedOut.remove(connection.number)
-            state.give(connection.number)
-            state.closeOnCheckin.removeValue(forKey: connection.number)
-            return state.popEligibleWaiter(share: self.share)
-        }
+        let waiter = self.takeOut(connection)
         await self.retire([connection], origin: origin)
         waiter?.continuation.resume(returning: .retry)
     }
@@ -372,7 +365,15 @@ public final class ConnectionPool: Sendable {
             properties["error"] = .object(verdict.vetoedError(event: EventKind.checkout.name).jsonObject)
             return properties
         }
-        let waiter = self.state.withLock { state -> Waiter? in
+        let waiter = self.takeOut(connection)
+        await self.close(connection, detached: false, origin: origin)
+        waiter?.continuation.resume(returning: .retry)
+    }
+
+    /// Takes a checked-out connection out of the pool's counts (it will not come back), and
+    /// returns the waiter that may now open one in its place.
+    private func takeOut(_ connection: PooledConnection) -> Waiter? {
+        self.state.withLock { state in
             state.inUse -= 1
             state.open -= 1
             state.checkedOut.remove(connection.number)
@@ -380,8 +381,6 @@ public final class ConnectionPool: Sendable {
             state.closeOnCheckin.removeValue(forKey: connection.number)
             return state.popEligibleWaiter(share: self.share)
         }
-        await self.close(connection, detached: false, origin: origin)
-        waiter?.continuation.resume(returning: .retry)
     }
 
     /// Waits for a connection another session gives back; `atShare`: because `uid` holds its share.
