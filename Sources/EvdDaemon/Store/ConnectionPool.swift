@@ -649,14 +649,17 @@ public final class ConnectionPool: Sendable {
         for waiter in waiters { waiter.continuation.resume(returning: .retry) }
     }
 
-    /// The admin op `dispose` and shutdown: `engine_disposed`, idle connections closed, checked-out
-    /// ones detached (closed with `close_detached` when their session gives them back).
+    /// The admin op `dispose` and shutdown, in SQLAlchemy's order (`Engine.dispose`: the old pool's
+    /// `dispose`, then `recreate`, then `engine_disposed`): idle connections closed, checked-out
+    /// ones detached (closed with `close_detached` when their session gives them back), then
+    /// `engine_disposed`. The pool that follows is a new one: its first connection fires
+    /// `first_connect` again.
     func dispose(origin: EventOrigin) async {
-        self.bus.emit(.engineDisposed, origin) { ["database": .string(self.database.name)] }
         let (idle, inUse, retained) = self.state.withLock { state -> ([PooledConnection], [Int], PooledConnection?) in
             let idle = state.idle
             state.idle = []
             state.open -= idle.count
+            state.firstConnectDone = false
             defer { state.retained = nil }
             return (idle, Self.markCheckedOut(&state, number: nil, as: .detach), state.retained)
         }
@@ -665,6 +668,7 @@ public final class ConnectionPool: Sendable {
         for n in inUse {
             self.bus.emit(.detach, origin) { self.poolProperties(n) }
         }
+        self.bus.emit(.engineDisposed, origin) { ["database": .string(self.database.name)] }
         self.wakeWaitersForFreedSlots(idle.count)
     }
 

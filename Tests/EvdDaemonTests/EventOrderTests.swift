@@ -1,0 +1,51 @@
+import EvdClient
+import Testing
+
+@testable import EvdDaemon
+
+/// Events exactly where the seeds fire them (issue 19, items 6–10): SQLAlchemy 2.x's engine and
+/// pool, Datasette 1.0a41's events, and evd's own `reply`.
+@Suite("Event order against the seeds")
+struct EventOrderTests {
+    /// The pool events and `engine_disposed`, for the dispose and detach tests.
+    static let poolEvents = [
+        "first_connect", "connect", "checkout", "checkin", "reset", "close", "detach", "close_detached", "engine_disposed",
+    ]
+
+    // MARK: Item 6: dispose
+
+    @Test("dispose closes the idle connections before engine_disposed; the new pool's first connection fires first_connect")
+    func disposeOrderAndFirstConnect() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.withClient { listener in
+                _ = try await subscribeEvents(listener, Self.poolEvents)
+                try await daemon.withClient { evd in
+                    try await evd.request("execute", ["sql": "select 1"])  // connection 1, then idle
+                    let first = try await collectEvents(listener, until: "checkin")
+                    #expect(eventNames(first) == ["first_connect", "connect", "checkout", "reset", "checkin"])
+
+                    // SQLAlchemy's Engine.dispose: pool.dispose() (closes the idle ones), recreate(), engine_disposed.
+                    try await evd.request("dispose")
+                    let disposed = try await collectEvents(listener, until: "engine_disposed")
+                    #expect(eventNames(disposed) == ["close", "engine_disposed"])
+                    #expect(eventProperties(disposed[0]) == ["database": "main", "connection": 1])
+
+                    // The recreated pool's first connect fires first_connect (a new pool, a new exec_once).
+                    try await evd.request("execute", ["sql": "select 1"])
+                    let fresh = try await collectEvents(listener, until: "checkin")
+                    #expect(eventNames(fresh) == ["first_connect", "connect", "checkout", "reset", "checkin"])
+                    #expect(fresh[0]["connection"] == 2)
+
+                    // Only the first connection of each pool: a second one fires connect alone.
+                    try await daemon.withClient { other in
+                        try await other.request("begin")
+                        try await evd.request("execute", ["sql": "select 1"])
+                        try await other.request("commit")
+                    }
+                    let more = try await collectEvents(listener, until: "checkin", occurrence: 2)
+                    #expect(eventNames(more).filter { $0.hasSuffix("connect") } == ["connect"])
+                }
+            }
+        }
+    }
+}
