@@ -48,4 +48,34 @@ struct EventOrderTests {
             }
         }
     }
+
+    // MARK: Item 7: detach
+
+    @Test("a detached connection's return fires reset and close_detached, never checkin")
+    func detachedReturnFiresNoCheckin() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.withClient { listener in
+                _ = try await subscribeEvents(listener, Self.poolEvents)
+                try await daemon.withClient { holder in
+                    try await holder.request("begin")
+                    _ = try await collectEvents(listener, until: "checkout")
+                    try await daemon.request("dispose")
+                    let disposed = try await collectEvents(listener, until: "engine_disposed")
+                    #expect(eventNames(disposed) == ["detach", "engine_disposed"])
+                    #expect(eventProperties(disposed[0]) == ["database": "main", "connection": 1])
+
+                    try await holder.request("commit")
+                    let returned = try await collectEvents(listener, until: "close_detached")
+                    #expect(eventNames(returned) == ["reset", "close_detached"])
+                    #expect(eventProperties(returned.last) == ["database": "main", "connection": 1])
+
+                    // Nothing else came for it: the next event is the next request's.
+                    try await holder.request("execute", ["sql": "select 1"])
+                    let next = try await collectEvents(listener, until: "checkin")
+                    #expect(eventNames(next) == ["first_connect", "connect", "checkout", "reset", "checkin"])
+                    #expect(next[0]["connection"] == 2)
+                }
+            }
+        }
+    }
 }

@@ -112,7 +112,7 @@ extension EventKind {
         s("first_connect", .pool, poolProps, "The first connection of a database's pool was opened (again after dispose, which makes a new pool)."),
         s("checkout", .pool, vetoable: true, poolProps,
           "A session took a connection from the pool; deny means the connection is no good: it is invalidated and another is tried (2 attempts in all)."),
-        s("checkin", .pool, poolProps, "A connection went back to the pool."),
+        s("checkin", .pool, poolProps, "A connection went back to the pool (not a detached one: it does not go back)."),
         s("reset", .pool, poolProps + [("rolled_back", "boolean: an open transaction was rolled back")],
           "A connection returned to the pool was reset (any open transaction rolled back)."),
         s("invalidate", .pool, poolProps + [errorProp],
@@ -121,7 +121,7 @@ extension EventKind {
           "A connection was marked to be closed when it is next checked in (the admin op invalidate with soft)."),
         s("close", .pool, poolProps, "A pooled connection was closed."),
         s("detach", .pool, poolProps,
-          "A checked-out connection was detached from its pool (the admin op dispose): it is closed when its session gives it back."),
+          "A checked-out connection was detached from its pool (the admin op dispose): when its session gives it back it is reset and closed (close_detached), with no checkin."),
         s("close_detached", .pool, poolProps, "A detached connection was closed."),
 
         s("engine_connect", .connection, poolProps + [("branch", "boolean: always false")],

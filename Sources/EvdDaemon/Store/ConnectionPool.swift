@@ -426,7 +426,8 @@ public final class ConnectionPool: Sendable {
         waiter?.continuation.resume(returning: .retry)
     }
 
-    /// Returns a connection: reset (rolling back anything open), checkin, then idle, handed to a
+    /// Returns a connection: reset (rolling back anything open), checkin (not for a detached one,
+    /// which is not the pool's any more), then idle, handed to a
     /// waiter, or closed if it was invalidated, soft-invalidated or detached meanwhile, or if its
     /// session left state on it that the next session must not inherit (a temporary table or
     /// trigger, an attached database, a pragma: `AuthorizerObserver.leftSessionState`).
@@ -453,7 +454,10 @@ public final class ConnectionPool: Sendable {
             properties["rolled_back"] = .bool(rolledBack)
             return properties
         }
-        self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) }
+        // A detached connection does not return to the pool: no `checkin` (SQLAlchemy's
+        // `_finalize_fairy` resets it, then fires only `close_detached`).
+        let detached = self.state.withLock { $0.closeOnCheckin[connection.number] == .detach }
+        if !detached { self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) } }
 
         enum Next { case idle, handOver(Waiter), close(EventKind, Waiter?), retire(Waiter?) }
         let leftSessionState = connection.observer.leftSessionState
