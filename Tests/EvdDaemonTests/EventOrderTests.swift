@@ -78,4 +78,24 @@ struct EventOrderTests {
             }
         }
     }
+
+    // MARK: Item 8: rename-table
+
+    @Test("rename-table carries Datasette's old_table and new_table")
+    func renameTableProperties() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.request("execute", ["sql": "create table t(id integer primary key)"])
+            try await daemon.withClient { evd in
+                _ = try await subscribeEvents(evd, ["rename-table"])
+                try await evd.request("execute", ["sql": "alter table t rename to u"])
+                let events = try await collectEvents(evd, until: "rename-table")
+                #expect(eventProperties(events.last) == ["database": "main", "old_table": "t", "new_table": "u"])
+
+                let catalog = try await evd.request("events")
+                let entry = catalog["events"]?.arrayValue?.first { $0["name"] == "rename-table" }
+                let properties = try #require(entry?["properties"]?.objectValue)
+                #expect(Set(properties.keys) == ["database", "old_table", "new_table"])
+            }
+        }
+    }
 }

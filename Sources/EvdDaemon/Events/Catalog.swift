@@ -209,6 +209,6 @@ extension EventKind {
         s("delete-row", .datasette,
           [db, ("table", "string"), ("pks", "array: the row's primary key values"), ("before", "object (rows: true)")],
           "A row was deleted."),
-        s("rename-table", .datasette, [db, ("before_name", "string"), ("after_name", "string")], "A table was renamed."),
+        s("rename-table", .datasette, [db, ("old_table", "string"), ("new_table", "string")], "A table was renamed."),
     ]
 }
