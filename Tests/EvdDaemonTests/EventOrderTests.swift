@@ -98,4 +98,74 @@ struct EventOrderTests {
             }
         }
     }
+
+    // MARK: Item 9: commit_twophase before the committed events
+
+    @Test("commit_twophase of a session's own unprepared transaction precedes its committed events")
+    func commitTwoPhaseOnePhaseOrder() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.request("execute", ["sql": "create table t(id integer primary key)"])
+            try await daemon.withClient { evd in
+                _ = try await subscribeEvents(evd, ["commit_twophase", "insert-rows"])
+                try await evd.request("begin_twophase", ["xid": "one"])
+                try await evd.request("execute", ["sql": "insert into t values (1)"])
+                try await evd.request("commit_twophase", ["xid": "one"])
+                let events = try await collectEvents(evd, until: "insert-rows")
+                try Self.expectCommitFirst(events, isPrepared: false)
+            }
+        }
+    }
+
+    @Test("commit_twophase of a prepared transaction precedes its committed events")
+    func commitTwoPhasePreparedOrder() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.request("execute", ["sql": "create table t(id integer primary key)"])
+            try await daemon.withClient { watcher in
+                _ = try await subscribeEvents(watcher, ["commit_twophase", "insert-rows"])
+                try await daemon.withClient { evd in
+                    try await evd.request("begin_twophase", ["xid": "two"])
+                    try await evd.request("execute", ["sql": "insert into t values (1)"])
+                    try await evd.request("prepare_twophase", ["xid": "two"])
+                }
+                try await daemon.request("commit_twophase", ["xid": "two"])
+                let events = try await collectEvents(watcher, until: "insert-rows")
+                try Self.expectCommitFirst(events, isPrepared: true)
+            }
+        }
+    }
+
+    @Test("commit_twophase of a transaction recovered after a restart precedes its committed events")
+    func commitTwoPhaseRecoveredOrder() async throws {
+        try await withTemporaryDirectory { directory in
+            try await withDaemon(in: directory) { daemon, _ in
+                try await daemon.withClient { evd in
+                    try await evd.request("execute", ["sql": "create table t(id integer primary key)"])
+                    try await evd.request("begin_twophase", ["xid": "kept"])
+                    try await evd.request("execute", ["sql": "insert into t values (1)"])
+                    try await evd.request("prepare_twophase", ["xid": "kept"])
+                }
+            }
+            try await withDaemon(in: directory) { daemon, _ in
+                try await daemon.withClient { evd in
+                    #expect(try await evd.request("recover") == ["xids": ["kept"]])
+                    _ = try await subscribeEvents(evd, ["commit_twophase", "insert-rows"])
+                    try await evd.request("commit_twophase", ["xid": "kept"])
+                    let events = try await collectEvents(evd, until: "insert-rows")
+                    try Self.expectCommitFirst(events, isPrepared: true)
+                }
+            }
+        }
+    }
+
+    /// `commit_twophase`, then the transaction's `insert-rows`, with the lower seq.
+    static func expectCommitFirst(
+        _ events: [JSONObject], isPrepared: Bool, sourceLocation: SourceLocation = #_sourceLocation
+    ) throws {
+        #expect(eventNames(events) == ["commit_twophase", "insert-rows"], sourceLocation: sourceLocation)
+        guard events.count == 2 else { return }
+        #expect(events[0]["is_prepared"] == .bool(isPrepared), sourceLocation: sourceLocation)
+        let commitSeq = try #require(events[0]["seq"]?.intValue)
+        let insertSeq = try #require(events[1]["seq"]?.intValue)
+        #expect(commitSeq < insertSeq, sourceLocation: sourceLocation)
+    }
 }

@@ -146,7 +146,7 @@ extension EventKind {
         s("begin_twophase", .connection, [db, conn, xid], "A two-phase transaction began."),
         s("prepare_twophase", .connection, [db, conn, xid], "A two-phase transaction was prepared."),
         s("commit_twophase", .connection, [db, conn, xid, ("is_prepared", "boolean")],
-          "A two-phase transaction was committed."),
+          "A two-phase transaction is committing: fired before the COMMIT, so its committed events follow it."),
         s("rollback_twophase", .connection, [db, conn, xid, ("is_prepared", "boolean")],
           "A two-phase transaction was rolled back."),
         s("handle_error", .connection, vetoable: true, mutable: ["error"], [db, conn] + stmt + [errorProp],
