@@ -168,4 +168,34 @@ struct EventOrderTests {
         let insertSeq = try #require(events[1]["seq"]?.intValue)
         #expect(commitSeq < insertSeq, sourceLocation: sourceLocation)
     }
+
+    // MARK: Item 10: reply without action
+
+    @Test("a reply without action is a bad_request naming action, whether or not its seq is pending")
+    func replyWithoutAction() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.withClient { evd in
+                try await evd.send(["op": "reply", "id": "r1", "seq": 12345])
+                let unknown = try #require(await evd.nextMessage(ofType: "response"))
+                #expect(unknown["id"] == "r1")
+                #expect(unknown["error"]?["code"] == "bad_request")
+                #expect(unknown["error"]?["field"] == "action")
+                #expect(unknown["error"]?["message"]?.stringValue?.contains("action") == true)
+            }
+            try await daemon.withClient { vetoer in
+                try await vetoer.request("subscribe", ["veto": ["checkout"], "timeout_ms": 20000, "on_timeout": "allow"])
+                try await daemon.withClient { evd in
+                    async let running = evd.request("execute", ["sql": "select 1"])
+                    let veto = try #require(await vetoer.nextMessage(ofType: "veto"))
+                    try await vetoer.send(["op": "reply", "id": "r2", "seq": veto["seq"] ?? nil])
+                    let pending = try #require(await vetoer.nextMessage(ofType: "response"))
+                    #expect(pending["id"] == "r2")
+                    #expect(pending["error"]?["code"] == "bad_request")
+                    #expect(pending["error"]?["field"] == "action")
+                    // It counted as no answer: on_timeout (allow) decided it.
+                    #expect(try await running["rows"] == [[1]])
+                }
+            }
+        }
+    }
 }
