@@ -109,7 +109,8 @@ extension EventKind {
     /// The catalog, in `EventKind` order.
     public static let specs: [EventSpec] = [
         s("connect", .pool, poolProps, "A new SQLite connection was opened for the pool."),
-        s("first_connect", .pool, poolProps, "The first connection of a database's pool was opened (again after dispose, which makes a new pool)."),
+        s("first_connect", .pool, poolProps,
+          "The first connection of a database's pool was opened (again after dispose, which makes a new pool)."),
         s("checkout", .pool, vetoable: true, poolProps,
           "A session took a connection from the pool; deny means the connection is no good: it is invalidated and another is tried (2 attempts in all)."),
         s("checkin", .pool, poolProps, "A connection went back to the pool (not a detached one: it does not go back)."),
@@ -153,7 +154,8 @@ extension EventKind {
           "A statement failed; error is what the client receives (a listener may rewrite it)."),
         s("dbapi_error", .connection, [db, conn] + stmt + [errorProp],
           "A statement failed (fired just before handle_error, as SQLAlchemy's legacy event)."),
-        s("engine_disposed", .connection, [db], "A database's pool was disposed (the admin op dispose, or shutdown): fired after its idle connections closed and its checked-out ones were detached."),
+        s("engine_disposed", .connection, [db],
+          "A database's pool was disposed (the admin op dispose, or shutdown): fired after its idle connections closed and its checked-out ones were detached."),
         s("set_connection_execution_options", .connection, [("options", "object: the options set")],
           "A session set execution options for itself."),
         s("set_engine_execution_options", .connection, [("options", "object: the options set")],
