@@ -378,7 +378,7 @@ struct CommittedEventsTests {
                 let changed20 = try await changes(of: watcher, "alter table t rename to u")
                 #expect(
                     changed20 == [
-                        ["event": "rename-table", "database": "main", "before_name": "t", "after_name": "u"]
+                        ["event": "rename-table", "database": "main", "old_table": "t", "new_table": "u"]
                     ])
                 // Indexes, views and triggers are no table's committed schema change.
                 let changed21 = try await changes(of: watcher, "create index ui on u(a); create view uv as select * from u")

@@ -339,7 +339,7 @@ struct LiveEventsTests {
 
     // MARK: Pool management
 
-    @Test("first_connect fires exactly once per database, connect once per opened connection")
+    @Test("first_connect fires exactly once per database's pool, connect once per opened connection")
     func firstConnectOncePerDatabase() async throws {
         try await withRunningDaemon(configure: { configuration in
             let directory = String(configuration.socketPath.dropLast("/evd.sock".count))
@@ -365,11 +365,12 @@ struct LiveEventsTests {
                         #expect(eventNames(other) == ["first_connect", "connect", "checkin"])
                         #expect(eventProperties(other[0]) == ["database": "other", "connection": 1])
 
-                        // After a dispose the pool opens new connections, but never a first one again.
+                        // A dispose makes a new pool (SQLAlchemy's `recreate`): its first connection
+                        // fires first_connect again, once.
                         try await one.request("dispose")
                         try await one.request("execute", ["sql": "select 1"])
                         let again = try await collectEvents(listener, until: "checkin")
-                        #expect(eventNames(again) == ["connect", "checkin"])
+                        #expect(eventNames(again) == ["first_connect", "connect", "checkin"])
                         #expect(eventProperties(again[0]) == ["database": "main", "connection": 3])
                     }
                 }
@@ -487,7 +488,7 @@ struct LiveEventsTests {
         }
     }
 
-    @Test("dispose: engine_disposed, close for idle connections, detach for held ones, close_detached at their checkin")
+    @Test("dispose: close for idle connections, detach for held ones, then engine_disposed; close_detached (no checkin) at their return")
     func dispose() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { listener in
@@ -499,16 +500,16 @@ struct LiveEventsTests {
                         _ = try await collectEvents(listener, until: "checkin")
 
                         try await admin.request("dispose")
-                        let disposed = try await collectEvents(listener, until: "detach")
-                        #expect(eventNames(disposed) == ["engine_disposed", "close", "detach"])
-                        #expect(eventProperties(disposed[0]) == ["database": "main"])
-                        #expect(eventProperties(disposed[1]) == ["database": "main", "connection": 2])
-                        #expect(eventProperties(disposed[2]) == ["database": "main", "connection": 1])
+                        let disposed = try await collectEvents(listener, until: "engine_disposed")
+                        #expect(eventNames(disposed) == ["close", "detach", "engine_disposed"])
+                        #expect(eventProperties(disposed[0]) == ["database": "main", "connection": 2])
+                        #expect(eventProperties(disposed[1]) == ["database": "main", "connection": 1])
+                        #expect(eventProperties(disposed[2]) == ["database": "main"])
                         for event in disposed { expectEnvelope(event, subscription: nil, causedBy: admin) }
 
                         try await holder.request("commit")
                         let detached = try await collectEvents(listener, until: "close_detached")
-                        #expect(eventNames(detached) == ["commit", "reset", "checkin", "close_detached"])
+                        #expect(eventNames(detached) == ["commit", "reset", "close_detached"])
                         #expect(eventProperties(detached.last) == ["database": "main", "connection": 1])
                         expectEnvelope(detached.last!, subscription: nil, causedBy: holder)
 
@@ -516,8 +517,8 @@ struct LiveEventsTests {
                         #expect(stats["pools"]?["main"]?["open"] == 0)
                         try await admin.request("execute", ["sql": "select 1"])
                         let fresh = try await collectEvents(listener, until: "checkin")
-                        #expect(Array(eventNames(fresh).prefix(3)) == ["do_connect", "connect", "checkout"])
-                        #expect(fresh[2]["connection"] == 3)
+                        #expect(Array(eventNames(fresh).prefix(4)) == ["do_connect", "first_connect", "connect", "checkout"])
+                        #expect(fresh[3]["connection"] == 3)
                     }
                 }
             }

@@ -109,10 +109,11 @@ extension EventKind {
     /// The catalog, in `EventKind` order.
     public static let specs: [EventSpec] = [
         s("connect", .pool, poolProps, "A new SQLite connection was opened for the pool."),
-        s("first_connect", .pool, poolProps, "The first connection of a database's pool was opened."),
+        s("first_connect", .pool, poolProps,
+          "The first connection of a database's pool was opened (again after dispose, which makes a new pool)."),
         s("checkout", .pool, vetoable: true, poolProps,
           "A session took a connection from the pool; deny means the connection is no good: it is invalidated and another is tried (2 attempts in all)."),
-        s("checkin", .pool, poolProps, "A connection went back to the pool."),
+        s("checkin", .pool, poolProps, "A connection went back to the pool (not a detached one: it does not go back)."),
         s("reset", .pool, poolProps + [("rolled_back", "boolean: an open transaction was rolled back")],
           "A connection returned to the pool was reset (any open transaction rolled back)."),
         s("invalidate", .pool, poolProps + [errorProp],
@@ -121,7 +122,7 @@ extension EventKind {
           "A connection was marked to be closed when it is next checked in (the admin op invalidate with soft)."),
         s("close", .pool, poolProps, "A pooled connection was closed."),
         s("detach", .pool, poolProps,
-          "A checked-out connection was detached from its pool (the admin op dispose): it is closed when its session gives it back."),
+          "A checked-out connection was detached from its pool (the admin op dispose): when its session gives it back it is reset and closed (close_detached), with no checkin."),
         s("close_detached", .pool, poolProps, "A detached connection was closed."),
 
         s("engine_connect", .connection, poolProps + [("branch", "boolean: always false")],
@@ -146,14 +147,15 @@ extension EventKind {
         s("begin_twophase", .connection, [db, conn, xid], "A two-phase transaction began."),
         s("prepare_twophase", .connection, [db, conn, xid], "A two-phase transaction was prepared."),
         s("commit_twophase", .connection, [db, conn, xid, ("is_prepared", "boolean")],
-          "A two-phase transaction was committed."),
+          "A two-phase transaction is committing: fired before the COMMIT, so its committed events follow it."),
         s("rollback_twophase", .connection, [db, conn, xid, ("is_prepared", "boolean")],
           "A two-phase transaction was rolled back."),
         s("handle_error", .connection, vetoable: true, mutable: ["error"], [db, conn] + stmt + [errorProp],
           "A statement failed; error is what the client receives (a listener may rewrite it)."),
         s("dbapi_error", .connection, [db, conn] + stmt + [errorProp],
           "A statement failed (fired just before handle_error, as SQLAlchemy's legacy event)."),
-        s("engine_disposed", .connection, [db], "A database's pool was disposed (the admin op dispose, or shutdown)."),
+        s("engine_disposed", .connection, [db],
+          "A database's pool was disposed (the admin op dispose, or shutdown): fired after its idle connections closed and its checked-out ones were detached."),
         s("set_connection_execution_options", .connection, [("options", "object: the options set")],
           "A session set execution options for itself."),
         s("set_engine_execution_options", .connection, [("options", "object: the options set")],
@@ -209,6 +211,6 @@ extension EventKind {
         s("delete-row", .datasette,
           [db, ("table", "string"), ("pks", "array: the row's primary key values"), ("before", "object (rows: true)")],
           "A row was deleted."),
-        s("rename-table", .datasette, [db, ("before_name", "string"), ("after_name", "string")], "A table was renamed."),
+        s("rename-table", .datasette, [db, ("old_table", "string"), ("new_table", "string")], "A table was renamed."),
     ]
 }

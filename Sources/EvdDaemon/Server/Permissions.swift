@@ -374,7 +374,8 @@ struct EventVisibility: Sendable {
             return origin?.actor?.uid == self.actor.uid || self.permissions.allows(self.actor, .admin)
         }
         guard let database = properties["database"]?.stringValue else { return true }
-        if let before = properties["before_name"]?.stringValue,
+        // `before_name`: what evd journaled before it used Datasette's names (a replay).
+        if let before = (properties["old_table"] ?? properties["before_name"])?.stringValue,
             !self.permissions.allows(self.actor, self.action, on: Resource(database: database, table: before))
         {
             return false
@@ -390,6 +391,6 @@ struct EventVisibility: Sendable {
             return target["name"]?.stringValue
         }
         if let parent = properties["parent"]?["name"]?.stringValue { return parent }
-        return properties["after_name"]?.stringValue
+        return (properties["new_table"] ?? properties["after_name"])?.stringValue
     }
 }

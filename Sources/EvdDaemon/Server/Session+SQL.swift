@@ -213,6 +213,13 @@ extension Session {
                 await self.checkin(connection, to: transaction.pool)
                 throw error
             }
+            // Like `commit`, `commit_twophase` is the moment before the COMMIT (SQLAlchemy's
+            // `_commit_twophase_impl`): the committed events follow it.
+            if let xid = transaction.xid {
+                self.core.bus.emit(.commitTwophase, self.origin) {
+                    Self.twoPhaseProperties(transaction.pool, transaction.connection, xid: xid, isPrepared: false)
+                }
+            }
             do {
                 let pool = transaction.pool
                 let origin = self.origin
@@ -241,11 +248,6 @@ extension Session {
                 var ended = Self.wireError(error)
                 ended.message += " (SQLite rolled the transaction back: the session is no longer in a transaction)"
                 throw ended
-            }
-            if let xid = transaction.xid {
-                self.core.bus.emit(.commitTwophase, self.origin) {
-                    Self.twoPhaseProperties(transaction.pool, transaction.connection, xid: xid, isPrepared: false)
-                }
             }
         } else {
             await self.rollBack(transaction)

@@ -123,6 +123,13 @@ extension Session {
         }
         let connection = prepared.connection
         let logger = self.logger
+        if commit {
+            // The moment before the COMMIT, as `commit` (SQLAlchemy's `_commit_twophase_impl`): the
+            // transaction's committed events follow it, also for one recovered after a restart.
+            self.core.bus.emit(.commitTwophase, self.origin) {
+                Self.twoPhaseProperties(pool, connection, xid: xid, isPrepared: true)
+            }
+        }
         do {
             try await pool.run {
                 if commit {
@@ -156,8 +163,10 @@ extension Session {
             throw error
         }
         await prepared.release(origin: self.origin)
-        self.core.bus.emit(commit ? .commitTwophase : .rollbackTwophase, self.origin) {
-            Self.twoPhaseProperties(pool, connection, xid: xid, isPrepared: true)
+        if !commit {
+            self.core.bus.emit(.rollbackTwophase, self.origin) {
+                Self.twoPhaseProperties(pool, connection, xid: xid, isPrepared: true)
+            }
         }
     }
 

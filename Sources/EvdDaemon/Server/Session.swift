@@ -421,17 +421,26 @@ final class Session: Sendable {
         var pending: PendingVeto?
         do {
             let seq = try arguments.requiredInt("seq")
+            // Missing or ill-typed arguments are reported first, as for every op; a reply that
+            // names a pending veto still resolves it (as no answer) below.
+            var parsed: (action: String, reason: String?, set: JSONObject?)?
+            var invalid: EvdError?
+            do throws(EvdError) {
+                parsed = (try arguments.requiredString("action"), try arguments.string("reason"), try arguments.object("set"))
+                try arguments.finish()
+            } catch {
+                invalid = error
+            }
             guard let veto = self.core.bus.pendingVetoes.find(session: self.id, seq: seq) else {
                 // Late, most likely (it timed out, or was sent while the listener was tripped):
                 // still a sign of life, which closes a tripped listener's circuit.
                 self.core.bus.vetoListenersReplied(session: self.id)
-                throw EvdError.badRequest(field: "seq", "no veto is pending for this connection with seq \(seq)")
+                throw invalid ?? EvdError.badRequest(field: "seq", "no veto is pending for this connection with seq \(seq)")
             }
             pending = veto
-            let action = try arguments.requiredString("action")
-            let reason = try arguments.string("reason")
-            let set = try arguments.object("set")
-            try arguments.finish()
+            if let invalid { throw invalid }
+            guard let parsed else { return }
+            let (action, reason, set) = parsed
             let decision: VetoDecision
             switch action {
             case "allow":

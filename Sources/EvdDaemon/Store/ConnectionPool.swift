@@ -426,7 +426,8 @@ public final class ConnectionPool: Sendable {
         waiter?.continuation.resume(returning: .retry)
     }
 
-    /// Returns a connection: reset (rolling back anything open), checkin, then idle, handed to a
+    /// Returns a connection: reset (rolling back anything open), checkin (not for a detached one,
+    /// which is not the pool's any more), then idle, handed to a
     /// waiter, or closed if it was invalidated, soft-invalidated or detached meanwhile, or if its
     /// session left state on it that the next session must not inherit (a temporary table or
     /// trigger, an attached database, a pragma: `AuthorizerObserver.leftSessionState`).
@@ -453,7 +454,10 @@ public final class ConnectionPool: Sendable {
             properties["rolled_back"] = .bool(rolledBack)
             return properties
         }
-        self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) }
+        // A detached connection does not return to the pool: no `checkin` (SQLAlchemy's
+        // `_finalize_fairy` resets it, then fires only `close_detached`).
+        let detached = self.state.withLock { $0.closeOnCheckin[connection.number] == .detach }
+        if !detached { self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) } }
 
         enum Next { case idle, handOver(Waiter), close(EventKind, Waiter?), retire(Waiter?) }
         let leftSessionState = connection.observer.leftSessionState
@@ -649,14 +653,17 @@ public final class ConnectionPool: Sendable {
         for waiter in waiters { waiter.continuation.resume(returning: .retry) }
     }
 
-    /// The admin op `dispose` and shutdown: `engine_disposed`, idle connections closed, checked-out
-    /// ones detached (closed with `close_detached` when their session gives them back).
+    /// The admin op `dispose` and shutdown, in SQLAlchemy's order (`Engine.dispose`: the old pool's
+    /// `dispose`, then `recreate`, then `engine_disposed`): idle connections closed, checked-out
+    /// ones detached (closed with `close_detached` when their session gives them back), then
+    /// `engine_disposed`. The pool that follows is a new one: its first connection fires
+    /// `first_connect` again.
     func dispose(origin: EventOrigin) async {
-        self.bus.emit(.engineDisposed, origin) { ["database": .string(self.database.name)] }
         let (idle, inUse, retained) = self.state.withLock { state -> ([PooledConnection], [Int], PooledConnection?) in
             let idle = state.idle
             state.idle = []
             state.open -= idle.count
+            state.firstConnectDone = false
             defer { state.retained = nil }
             return (idle, Self.markCheckedOut(&state, number: nil, as: .detach), state.retained)
         }
@@ -665,6 +672,7 @@ public final class ConnectionPool: Sendable {
         for n in inUse {
             self.bus.emit(.detach, origin) { self.poolProperties(n) }
         }
+        self.bus.emit(.engineDisposed, origin) { ["database": .string(self.database.name)] }
         self.wakeWaitersForFreedSlots(idle.count)
     }
 

@@ -96,7 +96,7 @@ extension SQLRun {
             changes.append(
                 SchemaChange(
                     kind: .renameTable,
-                    properties: ["before_name": .string(old[removed[0]]!.name), "after_name": .string(new[added[0]]!.name)]))
+                    properties: ["old_table": .string(old[removed[0]]!.name), "new_table": .string(new[added[0]]!.name)]))
             removed = []
             added = []
         }
