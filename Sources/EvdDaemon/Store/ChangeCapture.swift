@@ -1230,12 +1230,7 @@ extension JSONValue {
                 return
             }
             let utf8 = UnsafeBufferPointer(start: start, count: Int(sqlite3_value_bytes(value)))
-            if utf8.allSatisfy({ $0 < 0x80 }) {
-                JSONWriter.appendEscaped(utf8, to: &bytes)
-            } else {
-                // Not only ASCII: through `String`, which repairs invalid UTF-8 as the value would.
-                JSONWriter.appendString(String(decoding: utf8, as: UTF8.self), to: &bytes)
-            }
+            JSONWriter.appendText(utf8, to: &bytes)  // not UTF-8: {"$text_base64": ...}, as the value would
         case SQLITE_NULL:
             JSONWriter.appendASCII("null", to: &bytes)
         default:
@@ -1256,7 +1251,7 @@ extension JSONValue {
                 self = .string("")
                 return
             }
-            self = .string(String(decoding: UnsafeBufferPointer(start: text, count: count), as: UTF8.self))
+            self = JSONValue(text: UnsafeBufferPointer(start: text, count: count))
         case SQLITE_BLOB:
             let count = Int(sqlite3_value_bytes(value))
             guard let blob = sqlite3_value_blob(value) else {

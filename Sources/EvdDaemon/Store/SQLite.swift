@@ -276,8 +276,19 @@ public final class SQLiteStatement: @unchecked Sendable {
         case .double(let d): rc = sqlite3_bind_double(self.handle, i, d)
         case .string(let s):
             rc = self.bindText(s, at: i)
+        case .object(let o) where o["$text_base64"] != nil:
+            // TEXT whose bytes are not UTF-8 {"$text_base64": "..."} (`ValueForms`): those bytes.
+            let bytes = ValueForms.textBytes(o) ?? []
+            rc = bytes.withUnsafeBytes { raw in
+                guard let start = raw.baseAddress, raw.count > 0 else { return self.bindText("", at: i) }
+                return sqlite3_bind_text64(
+                    self.handle, i, start.assumingMemoryBound(to: CChar.self), UInt64(raw.count), evd_sqlite_transient(),
+                    UInt8(SQLITE_UTF8))
+            }
+        case .object(let o) where o["$real"] != nil:
+            rc = sqlite3_bind_double(self.handle, i, ValueForms.real(o) ?? .nan)  // (validated: a NaN binds NULL)
         case .object(let o):
-            // The only object a parameter may be: a blob {"$base64": "..."}; callers validated it.
+            // Else the only object a parameter may be: a blob {"$base64": "..."}; callers validated it.
             let bytes = o["$base64"]?.stringValue.flatMap(Base64.decode) ?? []
             if bytes.isEmpty {
                 rc = sqlite3_bind_zeroblob64(self.handle, i, 0)  // an empty blob, not NULL
@@ -286,8 +297,8 @@ public final class SQLiteStatement: @unchecked Sendable {
                     sqlite3_bind_blob64(self.handle, i, raw.baseAddress, UInt64(raw.count), evd_sqlite_transient())
                 }
             }
-        case .array:
-            rc = SQLITE_MISMATCH
+        case .array, .number:
+            rc = SQLITE_MISMATCH  // (an integer beyond 64 bits: `ValueForms` refuses it first)
         }
         if rc != SQLITE_OK { throw self.connection.lastError(rc, sql: self.sql) }
     }
@@ -357,7 +368,8 @@ public final class SQLiteStatement: @unchecked Sendable {
         }
     }
 
-    /// Column `index` of the current row as a JSON value (blobs as `{"$base64": ...}`).
+    /// Column `index` of the current row as a JSON value (blobs as `{"$base64": ...}`, text that
+    /// is not UTF-8 as `{"$text_base64": ...}`; an infinite real is written `{"$real": ...}`).
     public func column(_ index: Int) -> JSONValue {
         let i = Int32(index)
         switch sqlite3_column_type(self.handle, i) {
@@ -368,7 +380,7 @@ public final class SQLiteStatement: @unchecked Sendable {
         case SQLITE_TEXT:
             let count = Int(sqlite3_column_bytes(self.handle, i))
             guard let text = sqlite3_column_text(self.handle, i) else { return .string("") }
-            return .string(String(decoding: UnsafeBufferPointer(start: text, count: count), as: UTF8.self))
+            return JSONValue(text: UnsafeBufferPointer(start: text, count: count))  // not UTF-8: {"$text_base64": ...}
         case SQLITE_BLOB:
             let count = Int(sqlite3_column_bytes(self.handle, i))
             guard let blob = sqlite3_column_blob(self.handle, i) else { return ["$base64": ""] }
