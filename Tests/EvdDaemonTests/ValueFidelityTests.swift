@@ -74,7 +74,7 @@ struct ValueFidelityTests {
         }
     }
 
-    @Test("the insert op's return rows and execute rows write a REAL column's whole number as 1.0")
+    @Test("return rows (insert, upsert, update, RETURNING in execute) and execute rows write a REAL column's whole number as 1.0")
     func realReturnedRows() async throws {
         try await withRunningDaemon { daemon in
             let lines = await responses(daemon, [
@@ -84,13 +84,17 @@ struct ValueFidelityTests {
                 #"{"op":"insert","id":4,"table":"v","rows":[{"id":7,"r":2}],"return":true}"#,
                 #"{"op":"execute","id":5,"sql":"select r from u union all select r from v"}"#,
                 #"{"op":"update","id":6,"table":"v","pks":[7],"update":{"r":3},"return":true}"#,
+                #"{"op":"execute","id":7,"sql":"insert into u values ('y', 4) returning *, r + 1, a"}"#,
+                #"{"op":"upsert","id":8,"table":"v","rows":[{"id":7,"r":5},{"id":8,"r":6}],"return":true}"#,
             ])
-            #expect(lines.count == 6)
-            guard lines.count == 6 else { return }
+            #expect(lines.count == 8)
+            guard lines.count == 8 else { return }
             #expect(lines[2].contains(#""rows":[{"a":"x","r":1.0}]"#), "\(lines[2])")
             #expect(lines[3].contains(#""rows":[{"id":7,"r":2.0}]"#), "\(lines[3])")
             #expect(lines[4].contains(#""rows":[[1.0],[2.0]]"#), "\(lines[4])")
             #expect(lines[5].contains(#""r":3.0"#), "\(lines[5])")
+            #expect(lines[6].contains(#""rows":[["y",4.0,5.0,"y"]]"#), "\(lines[6])")
+            #expect(lines[7].contains(#""rows":[{"id":7,"r":5.0},{"id":8,"r":6.0}]"#), "\(lines[7])")
         }
     }
 

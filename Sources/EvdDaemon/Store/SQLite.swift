@@ -213,6 +213,31 @@ public final class SQLiteStatement: @unchecked Sendable {
     public var isReadOnly: Bool { sqlite3_stmt_readonly(self.handle) != 0 }
     /// The number of result columns (0 for statements that return no rows).
     public var columnCount: Int { Int(sqlite3_column_count(self.handle)) }
+
+    /// For a statement that writes and returns rows (`RETURNING`), which result columns are
+    /// table columns of REAL affinity; empty for any other statement (and when there are none).
+    /// `RETURNING` gives such a column's whole number as an integer, as the record keeps it, where
+    /// a `SELECT` reads the real it is (`column` makes it one). Read at the first integer
+    /// (`realsRead`), so that a `SELECT` pays a comparison or two per integer.
+    private var realResultColumns: [Bool] = []
+    private var realsRead = false
+
+    /// Whether result column `index` is one of `realResultColumns`.
+    private func isRealResultColumn(_ index: Int) -> Bool {
+        if !self.realsRead {
+            self.realsRead = true
+            let count = sqlite3_column_count(self.handle)
+            if count > 0, sqlite3_stmt_readonly(self.handle) == 0 {
+                let flags = (0..<count).map { column in
+                    sqlite3_column_decltype(self.handle, column).map { ColumnAffinity(declaredType: String(cString: $0)) == .real }
+                        ?? false
+                }
+                if flags.contains(true) { self.realResultColumns = flags }
+            }
+        }
+        return !self.realResultColumns.isEmpty && index < self.realResultColumns.count && self.realResultColumns[index]
+    }
+
     /// The result column names.
     public var columnNames: [String] {
         (0..<Int32(self.columnCount)).map { String(cString: sqlite3_column_name(self.handle, $0)) }
@@ -374,7 +399,8 @@ public final class SQLiteStatement: @unchecked Sendable {
         let i = Int32(index)
         switch sqlite3_column_type(self.handle, i) {
         case SQLITE_INTEGER:
-            return .int(sqlite3_column_int64(self.handle, i))
+            let int = sqlite3_column_int64(self.handle, i)
+            return self.isRealResultColumn(index) ? .double(Double(int)) : .int(int)
         case SQLITE_FLOAT:
             return .double(sqlite3_column_double(self.handle, i))
         case SQLITE_TEXT:

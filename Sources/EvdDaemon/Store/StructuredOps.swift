@@ -476,9 +476,8 @@ extension SQLRun {
         if returning { sql += " RETURNING *" }
         // The values are stored as they are (`StructuredOp.rows` made them so), in `names` order.
         var returned: [JSONValue] = []
-        let reals = returning ? try self.realColumns(table) : []
         let changed = try self.runStatement(sql, many: .rows(rows, run, images: try self.boundImages(table, names)), intent: intent) { statement in
-            if returning { returned.append(Self.rowObject(statement, reals: reals)) }
+            if returning { returned.append(Self.rowObject(statement)) }
         }
         return (changed, returned)
     }
@@ -503,13 +502,12 @@ extension SQLRun {
         var changed: Int64 = 0
         var returned: [JSONValue] = []
         let others = run.keys.filter { $0.lowercased() != "rowid" }
-        let reals = returning ? try self.realColumns(table) : []
         for index in run.rows {
             let row = rows[index]
             let rowid = row["rowid"] ?? .null
             let values = others.map { row[$0] ?? .null }
             let tail = returning ? " RETURNING rowid, *" : ""
-            let collect: (SQLiteStatement) -> Void = { if returning { returned.append(Self.rowObject($0, reals: reals)) } }
+            let collect: (SQLiteStatement) -> Void = { if returning { returned.append(Self.rowObject($0)) } }
             var done: Int64 = 0
             if !others.isEmpty {
                 let assignments = others.map { "\(SQLIdentifier.quote($0)) = ?" }.joined(separator: ", ")
@@ -562,13 +560,12 @@ extension SQLRun {
         }
         let isRowidTable = shape.keyColumns.isEmpty
         let tail = returning ? (isRowidTable ? " RETURNING rowid, *" : " RETURNING *") : ""
-        let reals = returning ? try self.realColumns(table) : []
         var returned: [JSONValue] = []
         let updated = try self.runStatement(
             "UPDATE \(SQLIdentifier.quote(table)) SET \(assignments.joined(separator: ", ")) WHERE \(clause)\(tail)",
             [values + keyValues]
         ) { statement in
-            if returning { returned.append(Self.rowObject(statement, reals: reals)) }
+            if returning { returned.append(Self.rowObject(statement)) }
         }
         guard updated > 0 else { throw self.noSuchRow(table, key) }
         var result: JSONObject = ["updated": .int(updated)]
@@ -644,22 +641,10 @@ extension SQLRun {
         return names.map { ($0, StructuredOp.inferredType(rows.column($0))) }
     }
 
-    /// A row `RETURNING` gave, by column name. `reals`: the table's columns of REAL affinity,
-    /// whose whole numbers SQLite may return as integers there (it keeps them so in the record);
-    /// they are reals, as a `SELECT` reads them.
-    private static func rowObject(_ statement: SQLiteStatement, reals: Set<String> = []) -> JSONValue {
+    private static func rowObject(_ statement: SQLiteStatement) -> JSONValue {
         var object = JSONObject()
-        for (index, name) in statement.columnNames.enumerated() {
-            var value = statement.column(index)
-            if case .int(let int) = value, reals.contains(name) { value = .double(Double(int)) }
-            object[name] = value
-        }
+        for (index, name) in statement.columnNames.enumerated() { object[name] = statement.column(index) }
         return .object(object)
-    }
-
-    /// The names of `table`'s columns of REAL affinity (`rowObject`).
-    private func realColumns(_ table: String) throws(EvdError) -> Set<String> {
-        Set(try self.columns(of: table).filter { ColumnAffinity(declaredType: $0.type) == .real }.map(\.name))
     }
 
     /// Runs a statement evd wrote, once per parameter set, the way a client's statement runs: the
