@@ -68,9 +68,13 @@ static inline void evd_bytes_varint(evd_bytes *b, unsigned long long value) {
 /// back): a varint of the count, then each value as a type byte (0 null, 1 integer, 2 real,
 /// 3 text, 4 blob) and its bytes (a zigzag varint; 8 bytes little-endian; a varint length and the
 /// bytes). `text_is_utf8`: the database keeps text in UTF-8, so its bytes are taken as they are.
+/// `reals` (NULL when the table has none): `count` flags, non-zero for a column of REAL affinity,
+/// whose integer is written as the real it is (SQLite keeps a whole real as an integer in the
+/// record, which is where `sqlite3_preupdate_new` reads an inserted row from).
 /// The hot path of change capture, hence in C: one call per row instead of one per value.
 /// Returns the bytes appended, or -1 when out of memory (nothing appended).
-static inline long evd_append_preupdate_image(sqlite3 *db, int count, int old, int text_is_utf8, evd_bytes *b) {
+static inline long evd_append_preupdate_image(
+    sqlite3 *db, int count, int old, int text_is_utf8, const unsigned char *reals, evd_bytes *b) {
     size_t start = b->count;
     if (!evd_bytes_reserve(b, 10 + (size_t)count * 10)) return -1;
     evd_bytes_varint(b, (unsigned long long)count);
@@ -80,7 +84,10 @@ static inline long evd_append_preupdate_image(sqlite3 *db, int count, int old, i
         // Room for a type byte, a 10-byte varint or 8 bytes of a real, before any text's bytes.
         if (!evd_bytes_reserve(b, 11)) { b->count = start; return -1; }
         if (rc != SQLITE_OK || !value) { b->bytes[b->count++] = 0; continue; }
-        switch (sqlite3_value_type(value)) {
+        int type = sqlite3_value_type(value);
+        // An integer of a REAL column is the real it reads as (`sqlite3_value_double` converts it).
+        if (type == SQLITE_INTEGER && reals && reals[column]) type = SQLITE_FLOAT;
+        switch (type) {
         case SQLITE_INTEGER: {
             long long v = sqlite3_value_int64(value);
             b->bytes[b->count++] = 1;
@@ -97,7 +104,7 @@ static inline long evd_append_preupdate_image(sqlite3 *db, int count, int old, i
         }
         case SQLITE_TEXT:
         case SQLITE_BLOB: {
-            int text = sqlite3_value_type(value) == SQLITE_TEXT;
+            int text = type == SQLITE_TEXT;
             const void *data = text && !text_is_utf8 ? (const void *)sqlite3_value_text(value) : sqlite3_value_blob(value);
             size_t n = data ? (size_t)sqlite3_value_bytes(value) : 0;
             b->bytes[b->count++] = text ? 3 : 4;

@@ -87,11 +87,14 @@ struct JSONParserTests {
         #expect(parse("0") == .int(0))
         #expect(parse("-7") == .int(-7))
         #expect(parse("9223372036854775807") == .int(Int64.max))
-        #expect(parse("9223372036854775808") == .double(9223372036854775808.0))
+        // Integers beyond Int64 keep their text: a Double would round them, and make them reals.
+        #expect(parse("9223372036854775808") == .number("9223372036854775808"))
         #expect(parse("-9223372036854775808") == .int(Int64.min))
-        #expect(parse("-9223372036854775809") == .double(-9223372036854775809.0))
-        #expect(parse("99999999999999999999") == .double(1e20))
-        #expect(parse("1000000000000000000000000") == .double(1e24))
+        #expect(parse("-9223372036854775809") == .number("-9223372036854775809"))
+        #expect(parse("99999999999999999999") == .number("99999999999999999999"))
+        #expect(parse("1000000000000000000000000") == .number("1000000000000000000000000"))
+        #expect(parse("1e24") == .double(1e24))
+        #expect(written(parse("100000000000000000000") ?? .null) == "100000000000000000000")
         // -0.0 stays a double and keeps its sign.
         guard case .double(let negativeZero) = try JSONValue(parsing: "-0.0") else {
             Issue.record("-0.0 is not a double")
@@ -107,7 +110,7 @@ struct JSONParserTests {
         #expect(parse("1.7976931348623157e308") == .double(.greatestFiniteMagnitude))
         #expect(parse("5e-324") == .double(.leastNonzeroMagnitude))
         #expect(parse("2.2250738585072014e-308") == .double(.leastNormalMagnitude))
-        #expect(parse("123456789012345678901234567890") == .double(1.2345678901234568e29))
+        #expect(parse("123456789012345678901234567890.0") == .double(1.2345678901234568e29))
         #expect(parse("3.14159265358979323846264338327950288") == .double(.pi))
         #expect(parse("9007199254740993.0") == .double(9007199254740992.0))
         #expect(parse("0.000001") == .double(0.000001))
@@ -139,6 +142,8 @@ struct JSONParserTests {
             let expected = Double(text)!
             if !hasFraction && !hasExponent, let int = Int64(text) {
                 #expect(try JSONValue(parsing: text) == .int(int), "\(text)")
+            } else if !hasFraction && !hasExponent {
+                #expect(try JSONValue(parsing: text) == .number(text), "\(text)")  // beyond Int64: its text
             } else if expected.isFinite {
                 guard case .double(let d) = try JSONValue(parsing: text) else {
                     Issue.record("\(text) did not parse as a double")
@@ -465,9 +470,9 @@ struct JSONWriterTests {
         #expect(writtenDouble(.leastNonzeroMagnitude) == "5e-324")
         #expect(writtenDouble(.greatestFiniteMagnitude) == "1.7976931348623157e+308")
         #expect(writtenDouble(.nan) == "null")
-        #expect(writtenDouble(.infinity) == "null")
-        #expect(writtenDouble(-.infinity) == "null")
-        #expect(written([.double(.nan), .double(.infinity)]) == "[null,null]")
+        #expect(writtenDouble(.infinity) == #"{"$real":"Infinity"}"#)
+        #expect(writtenDouble(-.infinity) == #"{"$real":"-Infinity"}"#)
+        #expect(written([.double(.nan), .double(.infinity)]) == #"[null,{"$real":"Infinity"}]"#)
     }
 
     /// Every finite double is written as valid JSON that reads back as the same bits.
@@ -686,5 +691,40 @@ struct JSONFlatRowsTests {
         #expect(rows.jsonValue == .array(array))
         #expect(rows.run(of: 2).keys == ["b"])
         #expect(JSONRows(objects: [["a": 1], 2]) == nil)
+    }
+}
+
+@Suite("JSON values JSON cannot hold as plain values (issue 19)")
+struct JSONValueFormsTests {
+    @Test func textIsAStringOnlyWhenItIsUTF8() {
+        func text(_ bytes: [UInt8]) -> String {
+            var out: [UInt8] = []
+            bytes.withUnsafeBufferPointer { JSONWriter.appendText($0, to: &out) }
+            return String(decoding: out, as: UTF8.self)
+        }
+        #expect(text(Array("plain \"ascii\"".utf8)) == #""plain \"ascii\"""#)
+        #expect(text(Array("é😀".utf8)) == #""é😀""#)
+        #expect(text([0xff]) == #"{"$text_base64":"/w=="}"#)
+        #expect(text([0xc3]) == #"{"$text_base64":"ww=="}"#)  // cut short
+        #expect(text([0xc0, 0x80]) == #"{"$text_base64":"wIA="}"#)  // overlong
+        #expect(text([0xed, 0xa0, 0x80]) == #"{"$text_base64":"7aCA"}"#)  // a surrogate
+        #expect(text([0xf4, 0x90, 0x80, 0x80]) == #"{"$text_base64":"9JCAgA=="}"#)  // above U+10FFFF
+        #expect([0xff, 0x41].withUnsafeBufferPointer { JSONValue(text: $0) } == ["$text_base64": "/0E="])
+        #expect(Array("é".utf8).withUnsafeBufferPointer { JSONValue(text: $0) } == "é")
+    }
+
+    @Test func aRequestIDKeepsItsText() throws {
+        for id in ["1.50", "1e2", "-0", "18446744073709551616", "0.1"] {
+            let (value, _) = try Array(#"{"id":\#(id),"n":1.50}"#.utf8).withUnsafeBytes { bytes in
+                try JSONValue.parsing(bytes, flatteningRowsOf: "rows", keepingNumberTextOf: "id")
+            }
+            #expect(value["id"] == .number(id))
+            #expect(value["n"] == .double(1.5))  // only the key asked for
+            #expect(value.jsonString == #"{"id":\#(id),"n":1.5}"#)
+        }
+        let (value, _) = try Array(#"{"id":12}"#.utf8).withUnsafeBytes { bytes in
+            try JSONValue.parsing(bytes, flatteningRowsOf: "rows", keepingNumberTextOf: "id")
+        }
+        #expect(value["id"] == .int(12))
     }
 }

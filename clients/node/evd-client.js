@@ -148,7 +148,36 @@ async function main(argv) {
   console.error(`evd-client: session ${hello.session}, subscription ${result.subscription}`);
 }
 
-module.exports = { EvdClient, EvdError, socketPath, checkSocketDirectory };
+// Values (docs/protocol.md, "Values"): a BLOB is {"$base64": ...}, ±Infinity {"$real": "Infinity"}
+// or {"$real": "-Infinity"}, TEXT that is not valid UTF-8 {"$text_base64": ...}. decodeValue makes
+// them a Buffer, ±Infinity and a TextBytes (the text's exact bytes, which no JS string can hold);
+// encodeValue makes them parameters again, so a value read can be written back unchanged.
+// (JSON.parse reads an integer beyond 2^53 inexactly: evd writes it exactly, in emit data.)
+class TextBytes {
+  constructor(bytes) { this.bytes = Buffer.from(bytes); }
+  toString() { return this.bytes.toString('utf8'); }
+}
+
+function decodeValue(value) {
+  if (value === null || typeof value !== 'object' || Array.isArray(value)) return value;
+  const keys = Object.keys(value);
+  if (keys.length !== 1) return value;
+  if (keys[0] === '$base64') return Buffer.from(value.$base64, 'base64');
+  if (keys[0] === '$real' && value.$real === 'Infinity') return Infinity;
+  if (keys[0] === '$real' && value.$real === '-Infinity') return -Infinity;
+  if (keys[0] === '$text_base64') return new TextBytes(Buffer.from(value.$text_base64, 'base64'));
+  return value;
+}
+
+function encodeValue(value) {
+  if (value instanceof TextBytes) return { $text_base64: value.bytes.toString('base64') };
+  if (Buffer.isBuffer(value) || value instanceof Uint8Array) return { $base64: Buffer.from(value).toString('base64') };
+  if (value === Infinity) return { $real: 'Infinity' };
+  if (value === -Infinity) return { $real: '-Infinity' };
+  return value;
+}
+
+module.exports = { EvdClient, EvdError, TextBytes, decodeValue, encodeValue, socketPath, checkSocketDirectory };
 
 if (require.main === module) {
   process.stdout.on('error', () => process.exit(0));  // `| head -1`

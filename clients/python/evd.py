@@ -173,6 +173,46 @@ def unblob(value):
     return value
 
 
+def decode_value(value):
+    """A SQLite value as evd writes it (docs/protocol.md, "Values") as Python's value:
+    {"$base64": ...} as bytes, {"$real": "Infinity"} and {"$real": "-Infinity"} as float('inf')
+    and float('-inf'), {"$text_base64": ...} (TEXT that is not valid UTF-8) as a str holding the
+    invalid bytes as lone surrogates ('surrogateescape', as os.fsdecode does); any other value as it
+    is. encode_value undoes it, so a value read can be written back unchanged."""
+    if isinstance(value, dict) and len(value) == 1:
+        if "$base64" in value:
+            return base64.b64decode(value["$base64"])
+        if "$real" in value and value["$real"] in ("Infinity", "-Infinity"):
+            return float(value["$real"].lower().replace("infinity", "inf"))
+        if "$text_base64" in value:
+            return base64.b64decode(value["$text_base64"]).decode("utf-8", "surrogateescape")
+    return value
+
+
+def encode_value(value):
+    """A Python value as an evd parameter or row value: bytes as {"$base64": ...}, ±inf as
+    {"$real": ...}, a str that is not valid Unicode text (decode_value's lone surrogates) as
+    {"$text_base64": ...}; any other value as it is. (NaN has no SQLite form: SQLite stores NULL.)"""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return blob(value)
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return {"$real": "Infinity" if value > 0 else "-Infinity"}
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            data = value.encode("utf-8", "surrogateescape")
+            return {"$text_base64": base64.b64encode(data).decode("ascii")}
+    return value
+
+
+def decode_row(row):
+    """decode_value of each value of a row (a list, or an object of a row image)."""
+    if isinstance(row, dict):
+        return {key: decode_value(value) for key, value in row.items()}
+    return [decode_value(value) for value in row]
+
+
 def _decision(result):
     if result is None or result is True:
         return ALLOW

@@ -99,6 +99,20 @@ class RequestTests(unittest.TestCase):
             self.assertEqual(evd.unblob(rows[0][1]), b"\x00\xff")
             self.assertEqual(c.execute("select :a + :b", {"a": 40, "b": 2})["rows"], [[42]])
 
+    def test_values_that_plain_json_cannot_hold(self):
+        # docs/protocol.md "Values": ±inf, TEXT that is not UTF-8, a whole REAL; read, then written back.
+        with client() as c:
+            c.execute("create table if not exists py_values(id integer primary key, r real, t text)")
+            rows = c.execute("select 1e999, -1e999, cast(x'ff41' as text), 2.0")["rows"]
+            values = evd.decode_row(rows[0])
+            self.assertEqual(values[:2], [float("inf"), float("-inf")])
+            self.assertEqual(values[2].encode("utf-8", "surrogateescape"), b"\xffA")
+            self.assertIsInstance(values[3], float)
+            c.request("insert", table="py_values", rows=[{"id": 1, "r": evd.encode_value(values[0]), "t": evd.encode_value(values[2])}])
+            stored = c.execute("select typeof(r), r, typeof(t), hex(t) from py_values where id = 1")["rows"][0]
+            self.assertEqual(evd.decode_row(stored), ["real", float("inf"), "text", "FF41"])
+            self.assertEqual(evd.encode_value("plain"), "plain")
+
     def test_errors(self):
         with client() as c:
             with self.assertRaises(evd.EvdError) as caught:

@@ -43,7 +43,8 @@ extension JSONValue {
     /// Strict RFC 8259: no comments, no trailing commas, no NaN/Infinity, no leading zeros,
     /// strings must be valid UTF-8 without raw control characters, nesting is limited to
     /// ``maximumParsingDepth``. Integers that fit `Int64` (no fraction, no exponent) become
-    /// `.int`, all other numbers `.double`. In an object with a repeated key the last value
+    /// `.int`, larger integers `.number` (their text: a `Double` would round them), all other
+    /// numbers `.double`. In an object with a repeated key the last value
     /// wins and the key keeps the position of its first occurrence.
     public init(parsing bytes: UnsafeRawBufferPointer) throws(JSONParseError) {
         guard let base = bytes.baseAddress, bytes.count > 0 else {
@@ -59,14 +60,18 @@ extension JSONValue {
     ///
     /// It is how evd reads a request: the thousand rows of an `insert` become one array of values
     /// instead of a thousand dictionaries. Any other value of `key` stays in the object.
+    ///
+    /// `textKey`: a member of that object whose value, when a number other than an `Int64`, is
+    /// kept as its text (`.number`), byte for byte: a request's `id`, which evd echoes as it came.
     public static func parsing(
-        _ bytes: UnsafeRawBufferPointer, flatteningRowsOf key: String
+        _ bytes: UnsafeRawBufferPointer, flatteningRowsOf key: String, keepingNumberTextOf textKey: String? = nil
     ) throws(JSONParseError) -> (value: JSONValue, rows: JSONRows?) {
         guard let base = bytes.baseAddress, bytes.count > 0 else {
             throw JSONParseError(message: "empty input", offset: 0)
         }
         var parser = _JSONParser(base: base.assumingMemoryBound(to: UInt8.self), count: bytes.count)
         parser.flatKey = key
+        parser.textKey = textKey
         let value = try parser.parseDocument()
         guard let rows = parser.flatRows, case .object(var object) = value else { return (value, nil) }
         object.removeValue(forKey: key)
@@ -151,6 +156,8 @@ private struct _JSONParser {
     /// The rows of `flatKey` when its value (the last one, if the key repeats) was an array of
     /// objects whose values are all scalars.
     var flatRows: JSONRows?
+    /// The member of the outermost object whose number value is kept as its text (`.number`).
+    var textKey: String?
 
     init(base: UnsafePointer<UInt8>, count: Int) {
         self.base = base
@@ -239,7 +246,11 @@ private struct _JSONParser {
                 case ASCII.quote:
                     value = .string(try parseString())
                 case ASCII.minus, ASCII.zero...ASCII.nine:
+                    let start = index
                     value = try parseNumber()
+                    if frames.count == 1, textKey != nil, frames[0].isObject, keys.last == textKey, Self.keepsText(value, base[start]) {
+                        value = .number(String(decoding: UnsafeBufferPointer(start: base + start, count: index - start), as: UTF8.self))
+                    }
                 case UInt8(ascii: "t"):
                     try expectLiteral("true")
                     value = .bool(true)
@@ -372,7 +383,7 @@ private struct _JSONParser {
                             switch try parseNumber() {
                             case .int(let int): rows.append(.int(int))
                             case .double(let double): rows.append(.double(double))
-                            default: return nil
+                            default: return nil  // an integer beyond Int64: read by the general parser
                             }
                         case UInt8(ascii: "t"):
                             try expectLiteral("true")
@@ -628,7 +639,8 @@ private struct _JSONParser {
 
         if isInteger {
             // Fast path: at most 19 digits are in `mantissa`; check them against Int64's range.
-            // More digits than that can never fit Int64.
+            // More digits than that can never fit Int64. An integer beyond it keeps its text:
+            // as a `Double` it would be rounded, and read as a real.
             if !truncated {
                 if negative {
                     if mantissa <= UInt64(Int64.max) + 1 { return .int(Int64(bitPattern: 0 &- mantissa)) }
@@ -636,7 +648,7 @@ private struct _JSONParser {
                     return .int(Int64(mantissa))
                 }
             }
-            return .double(try slowDouble(from: start))
+            return .number(String(decoding: UnsafeBufferPointer(start: base + start, count: index - start), as: UTF8.self))
         }
 
         // Fast path (Clinger): an integer ≤ 2^53 and a power of ten ≤ 10^22 are both exact
@@ -647,6 +659,13 @@ private struct _JSONParser {
             return .double(negative ? -d : d)
         }
         return .double(try slowDouble(from: start))
+    }
+
+    /// Whether a number read as `value` (its first byte `first`) reads back as other text: all
+    /// but an `int`, and `-0` (an `int` 0, echoed as `0`).
+    static func keepsText(_ value: JSONValue, _ first: UInt8) -> Bool {
+        guard case .int(let int) = value else { return true }
+        return int == 0 && first == ASCII.minus
     }
 
     @inline(__always)

@@ -114,7 +114,7 @@ public struct JSONRows: Sendable, Hashable {
         case .int(let i): return .int(i)
         case .double(let d): return .double(d)
         case .string(var s) where s.utf8.count <= Int(UInt32.max): return s.withUTF8 { self.textCell($0) }
-        case .string, .array, .object:  // (a text cell's length is 32 bits)
+        case .string, .number, .array, .object:  // (a text cell's length is 32 bits)
             self.others.append(value)
             return Cell(.other, UInt64(self.others.count - 1))
         }

@@ -7,11 +7,18 @@ public typealias JSONObject = OrderedDictionary<String, JSONValue>
 ///
 /// Integers and reals are kept apart (`int` vs `double`) because SQLite keeps them apart:
 /// an INTEGER column must come back as `5`, never `5.0`, and a bound `true` is not the number 1.
+///
+/// `number` keeps a number as the text it was written in, where neither `int` nor `double` can
+/// hold it unchanged: an integer beyond `Int64` (which a `Double` would round, and turn into a
+/// real), or a number whose every byte counts (a request's `id`, echoed as it came). It is written
+/// back as that text.
 public enum JSONValue: Sendable, Hashable {
     case null
     case bool(Bool)
     case int(Int64)
     case double(Double)
+    /// A number as its JSON text (valid JSON number grammar), e.g. `"18446744073709551616"`.
+    case number(String)
     case string(String)
     case array([JSONValue])
     case object(JSONObject)
@@ -44,6 +51,7 @@ extension JSONValue {
         switch self {
         case .int(let i): return Double(i)
         case .double(let d): return d
+        case .number(let text): return Double(text)
         default: return nil
         }
     }
@@ -87,6 +95,7 @@ extension JSONValue {
         case .bool: return "a boolean"
         case .int: return "an integer"
         case .double: return "a number"
+        case .number(let text): return text.contains(where: { ".eE".contains($0) }) ? "a number" : "an integer beyond 64 bits"
         case .string: return "a string"
         case .array: return "an array"
         case .object: return "an object"

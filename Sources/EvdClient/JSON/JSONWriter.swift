@@ -4,7 +4,8 @@ import OrderedCollections
 extension JSONValue {
     /// Appends this value as compact JSON (no spaces, object keys in stored order) to `bytes`.
     ///
-    /// Non-finite doubles (NaN, ±infinity) have no JSON form and are written as `null`.
+    /// ±infinity, which JSON has no number for, is written as `{"$real":"Infinity"}` or
+    /// `{"$real":"-Infinity"}`; NaN as `null` (SQLite has no NaN: it stores one as NULL).
     public func write(into bytes: inout [UInt8]) {
         switch self {
         case .null:
@@ -15,6 +16,8 @@ extension JSONValue {
             JSONWriter.appendInt(i, to: &bytes)
         case .double(let d):
             JSONWriter.appendDouble(d, to: &bytes)
+        case .number(let text):
+            bytes.append(contentsOf: text.utf8)
         case .string(let s):
             JSONWriter.appendString(s, to: &bytes)
         case .array(let elements):
@@ -92,14 +95,20 @@ public enum JSONWriter {
     }
 
     /// Appends `d` as the shortest text that reads back as the same `Double`
-    /// ("0.1", "1.0", "1e-05", "1e+16", "5e-324"); NaN and ±infinity are written as `null`.
+    /// ("0.1", "1.0", "1e-05", "1e+16", "5e-324"); ±infinity as `{"$real":"Infinity"}` and
+    /// `{"$real":"-Infinity"}` (JSON has no number for them; `null` would read as SQL NULL), NaN
+    /// as `null` (SQLite stores a NaN as NULL, so none comes out of it).
     ///
     /// The text is Swift's `description`, which for finite values always matches JSON's
     /// number grammar. A finite double always keeps a `.` or an exponent, so it reads back
     /// as `.double`, never `.int`.
     public static func appendDouble(_ d: Double, to bytes: inout [UInt8]) {
         guard d.isFinite else {
-            appendASCII("null", to: &bytes)
+            if d.isNaN {
+                appendASCII("null", to: &bytes)
+            } else {
+                appendASCII(d < 0 ? #"{"$real":"-Infinity"}"# : #"{"$real":"Infinity"}"#, to: &bytes)
+            }
             return
         }
         // Fast path: whole numbers below 10^15 print as their digits plus ".0", exactly as
@@ -139,6 +148,20 @@ public enum JSONWriter {
             }
         }
         bytes.append(contentsOf: d.description.utf8)
+    }
+
+    /// Appends a TEXT value's bytes: as a JSON string when they are valid UTF-8 (almost always),
+    /// else as `{"$text_base64":"..."}`, so that no byte is lost (a string would need U+FFFD in
+    /// place of the invalid ones, and the value written back would not be the one read).
+    public static func appendText(_ utf8: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
+        // Fast path: ASCII (most text) is valid UTF-8 and needs no further look.
+        if utf8.allSatisfy({ $0 < 0x80 }) || isValidUTF8(utf8) {
+            appendEscaped(utf8, to: &bytes)
+        } else {
+            appendASCII(#"{"$text_base64":""#, to: &bytes)
+            bytes += Base64.encode(utf8).utf8
+            appendASCII(#""}"#, to: &bytes)
+        }
     }
 
     /// Appends an ASCII literal such as `null` (or a fixed piece of JSON) as is.
@@ -189,5 +212,60 @@ public enum JSONWriter {
             bytes.append(contentsOf: UnsafeBufferPointer(rebasing: utf8[runStart..<count]))
         }
         bytes.append(UInt8(ascii: "\""))
+    }
+}
+
+extension JSONWriter {
+    /// Whether `bytes` are well-formed UTF-8 (no overlong forms, surrogates, code points above
+    /// U+10FFFF or sequences cut short), as the JSON parser requires of a string.
+    public static func isValidUTF8(_ bytes: UnsafeBufferPointer<UInt8>) -> Bool {
+        var i = 0
+        let count = bytes.count
+        @inline(__always) func continuation(_ at: Int) -> Bool { at < count && bytes[at] & 0xC0 == 0x80 }
+        while i < count {
+            let lead = bytes[i]
+            switch lead {
+            case 0x00...0x7F:
+                i += 1
+            case 0xC2...0xDF:
+                guard continuation(i + 1) else { return false }
+                i += 2
+            case 0xE0...0xEF:
+                guard i + 1 < count else { return false }
+                let second = bytes[i + 1]
+                switch lead {
+                case 0xE0: guard second >= 0xA0 && second <= 0xBF else { return false }  // no overlongs
+                case 0xED: guard second >= 0x80 && second <= 0x9F else { return false }  // no surrogates
+                default: guard second & 0xC0 == 0x80 else { return false }
+                }
+                guard continuation(i + 2) else { return false }
+                i += 3
+            case 0xF0...0xF4:
+                guard i + 1 < count else { return false }
+                let second = bytes[i + 1]
+                switch lead {
+                case 0xF0: guard second >= 0x90 && second <= 0xBF else { return false }  // no overlongs
+                case 0xF4: guard second >= 0x80 && second <= 0x8F else { return false }  // ≤ U+10FFFF
+                default: guard second & 0xC0 == 0x80 else { return false }
+                }
+                guard continuation(i + 2), continuation(i + 3) else { return false }
+                i += 4
+            default:
+                return false  // 80..BF (a continuation), C0, C1 (overlong), F5..FF
+            }
+        }
+        return true
+    }
+}
+
+extension JSONValue {
+    /// A TEXT value from its bytes: a string when they are valid UTF-8, else
+    /// `{"$text_base64": "..."}` (see ``JSONWriter/appendText(_:to:)``).
+    public init(text utf8: UnsafeBufferPointer<UInt8>) {
+        if let string = String(validating: utf8, as: UTF8.self) {
+            self = .string(string)
+        } else {
+            self = ["$text_base64": .string(Base64.encode(utf8))]
+        }
     }
 }

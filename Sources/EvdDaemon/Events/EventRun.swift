@@ -116,12 +116,7 @@ enum RowImage {
             guard let count = Self.readLength(bytes, &position) else { return false }
             let utf8 = UnsafeRawBufferPointer(rebasing: bytes[position..<(position + count)]).bindMemory(to: UInt8.self)
             position += count
-            if utf8.allSatisfy({ $0 < 0x80 }) {
-                JSONWriter.appendEscaped(utf8, to: &out)
-            } else {
-                // Not only ASCII: through `String`, which repairs invalid UTF-8.
-                JSONWriter.appendString(String(decoding: utf8, as: UTF8.self), to: &out)
-            }
+            JSONWriter.appendText(utf8, to: &out)  // not UTF-8: {"$text_base64": ...}, nothing lost
         case Self.blob:
             guard let count = Self.readLength(bytes, &position) else { return false }
             JSONWriter.appendASCII(#"{"$base64":""#, to: &out)
@@ -153,7 +148,7 @@ enum RowImage {
             position += 1
             guard let count = Self.readLength(bytes, &position) else { return nil }
             defer { position += count }
-            return .string(String(decoding: UnsafeRawBufferPointer(rebasing: bytes[position..<(position + count)]), as: UTF8.self))
+            return JSONValue(text: UnsafeRawBufferPointer(rebasing: bytes[position..<(position + count)]).bindMemory(to: UInt8.self))
         default:
             // The others as their JSON reads back (a real stays a real: the writer keeps a `.`).
             var json: [UInt8] = []

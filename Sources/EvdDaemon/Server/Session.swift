@@ -157,7 +157,8 @@ final class Session: Sendable {
         buffer.withUnsafeReadableBytes { bytes -> Inbound? in
             if bytes.allSatisfy({ $0 == 0x20 || $0 == 0x09 || $0 == 0x0d }) { return nil }
             do {
-                let (value, rows) = try JSONValue.parsing(bytes, flatteningRowsOf: "rows")
+                // `id` is echoed as it came: a number keeps its text.
+                let (value, rows) = try JSONValue.parsing(bytes, flatteningRowsOf: "rows", keepingNumberTextOf: "id")
                 guard case .object(let object) = value else {
                     return .failure(EvdError(.badJSON, "a request must be a JSON object, not \(value.typeName)"))
                 }

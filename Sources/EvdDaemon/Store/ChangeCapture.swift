@@ -105,6 +105,42 @@ struct TableShape: Sendable {
     let keyColumns: [Int]
     /// The key is the rowid (no declared key, or an `INTEGER PRIMARY KEY` alias).
     let keyIsRowid: Bool
+    /// For each column, 1 when it has REAL affinity, else 0; empty when none has. SQLite keeps a
+    /// whole number in such a column as an integer in the record, and the pre-update hook reads
+    /// an inserted row from the record (`sqlite3_preupdate_new`), so the images make it a real
+    /// again, as a `SELECT` reads it.
+    var reals: [UInt8] = []
+
+    /// `row` (as the hook read it) with the integers of REAL columns as the reals they are.
+    func realified(_ row: [JSONValue]) -> [JSONValue] {
+        guard !self.reals.isEmpty, row.count == self.reals.count else { return row }
+        var row = row
+        for index in row.indices where self.reals[index] != 0 {
+            if case .int(let int) = row[index] { row[index] = .double(Double(int)) }
+        }
+        return row
+    }
+}
+
+/// A column's type affinity, by SQLite's rules for its declared type (`sqlite3AffinityType`).
+enum ColumnAffinity {
+    case integer, text, blob, real, numeric
+
+    init(declaredType: String) {
+        let type = Array(declaredType.utf8)
+        func has(_ word: StaticString) -> Bool { ChangeCapture.BoundColumn.contains(type, word) }
+        if has("INT") {
+            self = .integer
+        } else if has("CHAR") || has("CLOB") || has("TEXT") {
+            self = .text
+        } else if has("BLOB") || type.isEmpty {
+            self = .blob  // none: values are stored as they are
+        } else if has("REAL") || has("FLOA") || has("DOUB") {
+            self = .real
+        } else {
+            self = .numeric
+        }
+    }
 }
 
 /// A schema change that becomes a committed event (`create-table`, `drop-table`, `alter-table`,
@@ -470,9 +506,14 @@ final class ChangeCapture: @unchecked Sendable {
                 {
                     (beforeCount, afterCount) = (0, written)
                 } else {
-                    beforeCount = op == .insert ? 0 : evd_append_preupdate_image(db, Int32(count), 1, utf8, &self.imageBytes)
-                    afterCount =
-                        op == .delete || beforeCount < 0 ? 0 : evd_append_preupdate_image(db, Int32(count), 0, utf8, &self.imageBytes)
+                    (beforeCount, afterCount) = shape.reals.withUnsafeBufferPointer { reals in
+                        let reals = reals.isEmpty ? nil : reals.baseAddress  // (an empty array's may not be nil)
+                        let before = op == .insert ? 0 : evd_append_preupdate_image(db, Int32(count), 1, utf8, reals, &self.imageBytes)
+                        let after =
+                            op == .delete || before < 0
+                            ? 0 : evd_append_preupdate_image(db, Int32(count), 0, utf8, reals, &self.imageBytes)
+                        return (before, after)
+                    }
                 }
                 if let beforeCount = UInt32(exactly: beforeCount), let afterCount = UInt32(exactly: afterCount) {
                     change.imageStart = start
@@ -486,8 +527,8 @@ final class ChangeCapture: @unchecked Sendable {
                 } else {
                     // An image of 4 GiB or more (or no memory for it): kept as values instead.
                     self.imageBytes.count = start
-                    if op != .insert { before = Self.values(db, count, old: true) }
-                    if op != .delete { after = Self.values(db, count, old: false) }
+                    if op != .insert { before = shape.realified(Self.values(db, count, old: true)) }
+                    if op != .delete { after = shape.realified(Self.values(db, count, old: false)) }
                 }
             }
             if key != nil || before != nil || after != nil {
@@ -548,38 +589,31 @@ final class ChangeCapture: @unchecked Sendable {
     }
 
     /// A table column of an insert's run: where its value is in a row's cells, and which values
-    /// SQLite stores as they are bound. The column's affinity converts the others (text into an
-    /// INTEGER column, an integer into a REAL or TEXT one), a NOT NULL or key column may turn a
-    /// NULL into a default or a new rowid, and a REAL column keeps a whole number as an integer:
+    /// SQLite stores as they are bound, or as a real. The column's affinity converts the others
+    /// (text into an INTEGER column, a whole real into an INTEGER or NUMERIC one, a number into a
+    /// TEXT one), and a NOT NULL or key column may turn a NULL into a default or a new rowid:
     /// those rows are read back from SQLite.
     struct BoundColumn {
         let key: Int
         let integer: Bool
+        /// An integer is stored as a real (REAL affinity).
+        let integerAsReal: Bool
+        /// A real with a fraction is stored as it is.
         let real: Bool
+        /// A whole real is stored as a real too (REAL affinity, or none).
+        let wholeReal: Bool
         let text: Bool
         let null: Bool
 
         /// The column `info`, which takes the value at `key` of each row.
         init(_ info: ColumnInfo, key: Int) {
             self.key = key
-            // SQLite's rules for a declared type's affinity (sqlite3AffinityType), in order.
-            let type = Array(info.type.utf8)
-            func has(_ word: StaticString) -> Bool { Self.contains(type, word) }
-            let affinity: Character
-            if has("INT") {
-                affinity = "i"
-            } else if has("CHAR") || has("CLOB") || has("TEXT") {
-                affinity = "t"
-            } else if has("BLOB") || type.isEmpty {
-                affinity = "b"  // none: values are stored as they are
-            } else if has("REAL") || has("FLOA") || has("DOUB") {
-                affinity = "r"
-            } else {
-                affinity = "n"
-            }
-            self.integer = affinity == "i" || affinity == "n" || affinity == "b"
-            self.real = affinity != "t"  // a fraction (a whole number is left to SQLite)
-            self.text = affinity == "t" || affinity == "b"
+            let affinity = ColumnAffinity(declaredType: info.type)
+            self.integer = affinity == .integer || affinity == .numeric || affinity == .blob
+            self.integerAsReal = affinity == .real
+            self.real = affinity != .text
+            self.wholeReal = affinity == .real || affinity == .blob
+            self.text = affinity == .text || affinity == .blob
             self.null = !info.notNull && info.pk == 0
         }
 
@@ -626,10 +660,10 @@ final class ChangeCapture: @unchecked Sendable {
             let cell = bound.cells[first + column.key]
             switch cell.kind {
             case .null: if !column.null { return nil }
-            case .int: if !column.integer { return nil }
+            case .int: if !column.integer && !column.integerAsReal { return nil }
             case .double:
                 let value = cell.double
-                if !column.real || !value.isFinite || value.rounded() == value { return nil }
+                if !column.real || !value.isFinite || (!column.wholeReal && value.rounded() == value) { return nil }
             case .text:
                 if !column.text { return nil }
                 textBytes += cell.textRange.count
@@ -647,12 +681,14 @@ final class ChangeCapture: @unchecked Sendable {
         for column in bound.columns {
             let cell = bound.cells[first + column.key]
             switch cell.kind {
-            case .int:
+            case .int where column.integer:
                 byte(RowImage.integer)
                 at = evd_write_varint(at, evd_zigzag(cell.int))
-            case .double:
+            case .int, .double:
+                // (An integer here goes into a REAL column: SQLite reads it as this real.)
+                let real = cell.kind == .int ? Double(cell.int) : cell.double
                 byte(RowImage.real)
-                withUnsafeBytes(of: cell.double.bitPattern.littleEndian) { bits in
+                withUnsafeBytes(of: real.bitPattern.littleEndian) { bits in
                     UnsafeMutableRawPointer(at).copyMemory(from: bits.baseAddress!, byteCount: 8)
                 }
                 at += 8
@@ -962,9 +998,9 @@ final class ChangeCapture: @unchecked Sendable {
             RowImage.appendVarint(columns.local(capture: change.columns, self.columnSets) + 1, to: &image)
             image.append(contentsOf: self.imageBytes(written))
         } else if let row {
-            let names = (plan.shapes[change.table] ?? nil)?.columns ?? []
-            RowImage.appendVarint(columns.local(names: names) + 1, to: &image)
-            RowImage.append(row: row, to: &image)
+            let shape = plan.shapes[change.table] ?? nil
+            RowImage.appendVarint(columns.local(names: shape?.columns ?? []) + 1, to: &image)
+            RowImage.append(row: shape?.realified(row) ?? row, to: &image)
         } else {
             RowImage.appendVarint(0, to: &image)
         }
@@ -1138,12 +1174,14 @@ extension TableShape {
         guard let info = try connection.prepare(SQLText("PRAGMA main.table_xinfo(\(quoted))"), from: 0) else { return nil }
         var columns: [String] = []
         var keyed: [(position: Int64, column: Int, type: String)] = []
+        var reals: [UInt8] = []
         while try info.step() {
             let name = info.column(1).stringValue ?? ""
             let type = info.column(2).stringValue ?? ""
             let pk = info.column(5).intValue ?? 0
             if pk > 0 { keyed.append((pk, columns.count, type)) }
             columns.append(name)
+            reals.append(ColumnAffinity(declaredType: type) == .real ? 1 : 0)
         }
         guard !columns.isEmpty else { return nil }
         keyed.sort { $0.position < $1.position }
@@ -1155,7 +1193,9 @@ extension TableShape {
             withoutRowid = list.column(0).intValue == 1
         }
         let rowidAlias = !withoutRowid && keyed.count == 1 && keyed[0].type.uppercased() == "INTEGER"
-        return TableShape(columns: columns, keyColumns: keyed.map(\.column), keyIsRowid: keyed.isEmpty || rowidAlias)
+        return TableShape(
+            columns: columns, keyColumns: keyed.map(\.column), keyIsRowid: keyed.isEmpty || rowidAlias,
+            reals: reals.contains(1) ? reals : [])
     }
 }
 
@@ -1190,12 +1230,7 @@ extension JSONValue {
                 return
             }
             let utf8 = UnsafeBufferPointer(start: start, count: Int(sqlite3_value_bytes(value)))
-            if utf8.allSatisfy({ $0 < 0x80 }) {
-                JSONWriter.appendEscaped(utf8, to: &bytes)
-            } else {
-                // Not only ASCII: through `String`, which repairs invalid UTF-8 as the value would.
-                JSONWriter.appendString(String(decoding: utf8, as: UTF8.self), to: &bytes)
-            }
+            JSONWriter.appendText(utf8, to: &bytes)  // not UTF-8: {"$text_base64": ...}, as the value would
         case SQLITE_NULL:
             JSONWriter.appendASCII("null", to: &bytes)
         default:
@@ -1216,7 +1251,7 @@ extension JSONValue {
                 self = .string("")
                 return
             }
-            self = .string(String(decoding: UnsafeBufferPointer(start: text, count: count), as: UTF8.self))
+            self = JSONValue(text: UnsafeBufferPointer(start: text, count: count))
         case SQLITE_BLOB:
             let count = Int(sqlite3_value_bytes(value))
             guard let blob = sqlite3_value_blob(value) else {

@@ -38,6 +38,7 @@ struct ResultRows {
         switch value {
         case .null, .bool: return 4
         case .int, .double: return 1
+        case .number(let text): return text.utf8.count
         case .string(let text): return text.utf8.count + 2
         case .array(let items): return items.reduce(2) { $0 + Self.minimumLength($1) + 1 }
         case .object(let members):

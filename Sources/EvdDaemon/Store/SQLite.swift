@@ -213,6 +213,31 @@ public final class SQLiteStatement: @unchecked Sendable {
     public var isReadOnly: Bool { sqlite3_stmt_readonly(self.handle) != 0 }
     /// The number of result columns (0 for statements that return no rows).
     public var columnCount: Int { Int(sqlite3_column_count(self.handle)) }
+
+    /// For a statement that writes and returns rows (`RETURNING`), which result columns are
+    /// table columns of REAL affinity; empty for any other statement (and when there are none).
+    /// `RETURNING` gives such a column's whole number as an integer, as the record keeps it, where
+    /// a `SELECT` reads the real it is (`column` makes it one). Read at the first integer
+    /// (`realsRead`), so that a `SELECT` pays a comparison or two per integer.
+    private var realResultColumns: [Bool] = []
+    private var realsRead = false
+
+    /// Whether result column `index` is one of `realResultColumns`.
+    private func isRealResultColumn(_ index: Int) -> Bool {
+        if !self.realsRead {
+            self.realsRead = true
+            let count = sqlite3_column_count(self.handle)
+            if count > 0, sqlite3_stmt_readonly(self.handle) == 0 {
+                let flags = (0..<count).map { column in
+                    sqlite3_column_decltype(self.handle, column).map { ColumnAffinity(declaredType: String(cString: $0)) == .real }
+                        ?? false
+                }
+                if flags.contains(true) { self.realResultColumns = flags }
+            }
+        }
+        return !self.realResultColumns.isEmpty && index < self.realResultColumns.count && self.realResultColumns[index]
+    }
+
     /// The result column names.
     public var columnNames: [String] {
         (0..<Int32(self.columnCount)).map { String(cString: sqlite3_column_name(self.handle, $0)) }
@@ -276,8 +301,19 @@ public final class SQLiteStatement: @unchecked Sendable {
         case .double(let d): rc = sqlite3_bind_double(self.handle, i, d)
         case .string(let s):
             rc = self.bindText(s, at: i)
+        case .object(let o) where o["$text_base64"] != nil:
+            // TEXT whose bytes are not UTF-8 {"$text_base64": "..."} (`ValueForms`): those bytes.
+            let bytes = ValueForms.textBytes(o) ?? []
+            rc = bytes.withUnsafeBytes { raw in
+                guard let start = raw.baseAddress, raw.count > 0 else { return self.bindText("", at: i) }
+                return sqlite3_bind_text64(
+                    self.handle, i, start.assumingMemoryBound(to: CChar.self), UInt64(raw.count), evd_sqlite_transient(),
+                    UInt8(SQLITE_UTF8))
+            }
+        case .object(let o) where o["$real"] != nil:
+            rc = sqlite3_bind_double(self.handle, i, ValueForms.real(o) ?? .nan)  // (validated: a NaN binds NULL)
         case .object(let o):
-            // The only object a parameter may be: a blob {"$base64": "..."}; callers validated it.
+            // Else the only object a parameter may be: a blob {"$base64": "..."}; callers validated it.
             let bytes = o["$base64"]?.stringValue.flatMap(Base64.decode) ?? []
             if bytes.isEmpty {
                 rc = sqlite3_bind_zeroblob64(self.handle, i, 0)  // an empty blob, not NULL
@@ -286,8 +322,8 @@ public final class SQLiteStatement: @unchecked Sendable {
                     sqlite3_bind_blob64(self.handle, i, raw.baseAddress, UInt64(raw.count), evd_sqlite_transient())
                 }
             }
-        case .array:
-            rc = SQLITE_MISMATCH
+        case .array, .number:
+            rc = SQLITE_MISMATCH  // (an integer beyond 64 bits: `ValueForms` refuses it first)
         }
         if rc != SQLITE_OK { throw self.connection.lastError(rc, sql: self.sql) }
     }
@@ -357,18 +393,20 @@ public final class SQLiteStatement: @unchecked Sendable {
         }
     }
 
-    /// Column `index` of the current row as a JSON value (blobs as `{"$base64": ...}`).
+    /// Column `index` of the current row as a JSON value (blobs as `{"$base64": ...}`, text that
+    /// is not UTF-8 as `{"$text_base64": ...}`; an infinite real is written `{"$real": ...}`).
     public func column(_ index: Int) -> JSONValue {
         let i = Int32(index)
         switch sqlite3_column_type(self.handle, i) {
         case SQLITE_INTEGER:
-            return .int(sqlite3_column_int64(self.handle, i))
+            let int = sqlite3_column_int64(self.handle, i)
+            return self.isRealResultColumn(index) ? .double(Double(int)) : .int(int)
         case SQLITE_FLOAT:
             return .double(sqlite3_column_double(self.handle, i))
         case SQLITE_TEXT:
             let count = Int(sqlite3_column_bytes(self.handle, i))
             guard let text = sqlite3_column_text(self.handle, i) else { return .string("") }
-            return .string(String(decoding: UnsafeBufferPointer(start: text, count: count), as: UTF8.self))
+            return JSONValue(text: UnsafeBufferPointer(start: text, count: count))  // not UTF-8: {"$text_base64": ...}
         case SQLITE_BLOB:
             let count = Int(sqlite3_column_bytes(self.handle, i))
             guard let blob = sqlite3_column_blob(self.handle, i) else { return ["$base64": ""] }

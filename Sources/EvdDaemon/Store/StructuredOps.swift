@@ -215,10 +215,14 @@ enum StructuredOp: Sendable {
     }
 
     /// A row's value as SQLite stores it: scalars as they are, `true`/`false` as 1/0, a blob
-    /// `{"$base64": ...}` as bytes, any other object or array as its JSON text (as Datasette does).
+    /// `{"$base64": ...}` as bytes, `{"$real": ...}` and `{"$text_base64": ...}` as what they stand
+    /// for (`ValueForms`), any other object or array as its JSON text (as Datasette does). An
+    /// integer beyond 64 bits is `bad_request`.
     static func cell(_ value: JSONValue, field: @autoclosure () -> String) throws(EvdError) -> JSONValue {
+        if let decoded = try ValueForms.decoded(value, field: field()) { return decoded }
         switch value {
         case .null, .int, .double, .string: return value
+        case .number: return value  // (refused by `ValueForms.decoded`)
         case .bool(let b): return .int(b ? 1 : 0)
         case .object(let object) where object.count == 1 && object["$base64"] != nil:
             guard let text = object["$base64"]?.stringValue, Base64.decode(text) != nil else {
@@ -236,7 +240,7 @@ enum StructuredOp: Sendable {
         for value in values {
             switch value {
             case .null: continue
-            case .int: kinds.insert("int")
+            case .int, .number: kinds.insert("int")
             case .bool: kinds.insert("bool")
             case .double: kinds.insert("float")
             case .string, .array: kinds.insert("str")
