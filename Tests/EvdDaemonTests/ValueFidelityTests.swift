@@ -224,11 +224,7 @@ struct ValueFidelityTests {
             let lines = await responses(daemon, [
                 #"{"op":"execute","id":1,"sql":"select typeof(?1), hex(?1)","params":[{"$text_base64":"/0E="}]}"#
             ])
-            // Needs `SQLParameters.check` (SQLExecution.swift, not this branch's to change) to let
-            // the form through; see docs/protocol.md.
-            withKnownIssue("SQLParameters.check refuses {\"$text_base64\": ...} until SQLExecution.swift lets it through") {
-                #expect(lines.first?.contains(#""rows":[["text","FF41"]]"#) == true, "\(lines)")
-            }
+            #expect(lines.first?.contains(#""rows":[["text","FF41"]]"#) == true, "\(lines)")
         }
     }
 }

@@ -140,13 +140,12 @@ extension Session {
                 guard set.arrayValue != nil || set.objectValue != nil else {
                     throw EvdError.badRequest(field: "params[\(index)]", "each parameter set must be an array or an object")
                 }
-                let set = try ValueForms.parameters(set, field: "params[\(index)]")
                 parameterSets.append(try SQLParameters(set, field: "params[\(index)]"))
             }
             let all = parameterSets
             work = { run in ["changes": .int(try run.executemany(sql: sql, parameterSets: all))] }
         } else {
-            let parameters = try SQLParameters(ValueForms.parameters(args.value("params")))
+            let parameters = try SQLParameters(args.value("params"))
             work = { run in try run.execute(sql: sql, parameters: parameters).jsonValue }
         }
         let database = try args.string("database")

@@ -10,7 +10,7 @@ enum SQLParameters: Sendable {
 
     /// Validates a request's `params` value: an array or object of scalars and `{"$base64": ...}` blobs.
     init(_ value: JSONValue?, field: String = "params") throws(EvdError) {
-        switch value {
+        switch try ValueForms.parameters(value, field: field) {
         case nil, .null?:
             self = .none
         case .array(let values)?:
@@ -24,13 +24,15 @@ enum SQLParameters: Sendable {
         }
     }
 
-    /// A parameter value is a scalar or a blob `{"$base64": "..."}`; `true`/`false` bind as 1/0.
+    /// A parameter value is a scalar, a blob `{"$base64": "..."}` or TEXT `{"$text_base64": "..."}`
+    /// (`ValueForms`); `true`/`false` bind as 1/0.
     private static func check(_ value: JSONValue, field: String) throws(EvdError) {
         switch value {
         case .null, .bool, .int, .double, .string:
             return
         case .object(let object) where object.count == 1:
-            guard let text = object["$base64"]?.stringValue, Base64.decode(text) != nil else { fallthrough }
+            guard let text = (object["$base64"] ?? object["$text_base64"])?.stringValue, Base64.decode(text) != nil
+            else { fallthrough }
         default:
             throw .badRequest(field: field, "a parameter must be a scalar or {\"$base64\": \"...\"}, not \(value.typeName)")
         }
