@@ -323,15 +323,16 @@ struct SQLRun {
                 var listenerParameters = false
                 while let range = sql.nextStatement(from: offset) {
                     offset = range.upperBound
-                    let text = String(decoding: sql.utf8[range], as: UTF8.self)
+                    let own = sql.statement(range)
+                    let text = own.text
                     let given = parameters.remaining(from: cursor)
-                    var finalText = text
+                    var final = own
                     var finalParameters = given
                     var modifiers: [EventVisibility]?
                     var replaced: SQLParameters?
                     if let verdict = try self.beforeCursorExecute(text, given, executemany: false) {
                         if let changed = verdict.properties["statement"]?.stringValue, changed != text {
-                            finalText = changed
+                            final = SQLText(changed)
                             modifiers = verdict.modifiers  // prepared within their grants too
                         }
                         if let changed = verdict.properties["parameters"], changed != given {
@@ -340,8 +341,10 @@ struct SQLRun {
                             listenerParameters = true
                         }
                     }
+                    let shown = finalParameters
                     let statement = try self.prepareStatement(
-                        finalText, rewrittenBy: modifiers, parameters: finalParameters)
+                        final, rewrittenBy: modifiers,
+                        dialect: SQLParameters.isEmptyJSON(shown) ? .doExecuteNoParams : .doExecute, parameters: { shown })
                     try self.runOne(
                         statement, parameters: parameters, replaced: replaced, cursor: &cursor, sqlBegun: &sqlBegun,
                         result: &result)
@@ -403,22 +406,18 @@ struct SQLRun {
     /// prepare it, `do_execute*` fires (where SQLAlchemy's dialect calls `cursor.execute`, which
     /// prepares), then `dbapi_error` and `handle_error`.
     private func prepareStatement(
-        _ text: String, rewrittenBy modifiers: [EventVisibility]?, parameters: JSONValue, executemany: Bool = false
+        _ sql: SQLText, rewrittenBy modifiers: [EventVisibility]?, dialect: EventKind, parameters: @escaping () -> JSONValue
     ) throws(EvdError) -> SQLiteStatement {
-        let sql = SQLText(text)
         let rewriters = (modifiers ?? []).map { SQLPolicy(rewriter: $0, database: self.database) }
-        let dialectEvent: EventKind =
-            executemany ? .doExecutemany : (SQLParameters.isEmptyJSON(parameters) ? .doExecuteNoParams : .doExecute)
-        let prepared = try self.prepare(
-            sql, from: 0, rewrittenBy: rewriters, failing: (dialectEvent, parameters))
+        let prepared = try self.prepare(sql, from: 0, rewrittenBy: rewriters, failing: (dialect, parameters))
         guard let statement = prepared else {
             if modifiers != nil { throw EvdError(.vetoed, "a listener replaced the statement with no statement") }
             throw EvdError.badRequest(field: "sql", "the SQL has no statement")
         }
         guard sql.isBlank(from: statement.tailOffset) else {
             if modifiers != nil { throw EvdError(.vetoed, "a listener replaced the statement with more than one statement") }
-            throw EvdError.badRequest(
-                field: "sql", executemany ? "executemany takes exactly one statement" : "evd could not split the SQL into statements")
+            // `nextStatement` and SQLite disagree on where the statement ends: run nothing.
+            throw EvdError.badRequest(field: "sql", "evd could not split the SQL into statements")
         }
         return statement
     }
@@ -440,32 +439,38 @@ struct SQLRun {
                 guard sql.nextStatement(from: range.upperBound) == nil else {
                     throw EvdError.badRequest(field: "sql", "executemany takes exactly one statement")
                 }
-                let text = String(decoding: sql.utf8[range], as: UTF8.self)
+                let own = sql.statement(range)
+                let text = own.text
                 var sets = ParameterSets.sets(parameterSets)
-                let given = sets.jsonValue
-                var finalText = text
+                // The sets become JSON only for an event someone gets.
+                var all: JSONValue?
+                let json = { () -> JSONValue in
+                    if let all { return all }
+                    let made = sets.jsonValue
+                    all = made
+                    return made
+                }
+                var final = own
                 var modifiers: [EventVisibility]?
-                var all = given
-                if let verdict = try self.beforeCursorExecute(text, given, executemany: true) {
+                if let verdict = try self.beforeCursorExecute(text, json(), executemany: true) {
                     if let changed = verdict.properties["statement"]?.stringValue, changed != text {
-                        finalText = changed
+                        final = SQLText(changed)
                         modifiers = verdict.modifiers
                     }
-                    if let replaced = verdict.properties["parameters"], replaced != given {
+                    if let replaced = verdict.properties["parameters"], replaced != json() {
                         sets = try Self.parameterSets(replaced)
                         all = replaced
                     }
                 }
                 let statement = try self.prepareStatement(
-                    finalText, rewrittenBy: modifiers, parameters: all, executemany: true)
+                    final, rewrittenBy: modifiers, dialect: .doExecutemany, parameters: json)
                 if !sqlBegun {
                     sqlBegun = true
                     try self.beginSQL(immediate: !statement.isReadOnly)
                 }
-                let decided = all
                 let changed = try self.capturing(statement, intent: SQLScanner.intent(of: statement.sql)) {
                     () throws(EvdError) in
-                    try self.run(statement, parameters: { decided }, executemany: true, sets: sets) {}
+                    try self.run(statement, parameters: json, executemany: true, sets: sets) {}
                 }
                 return (changed, changed)
             }
@@ -588,7 +593,7 @@ struct SQLRun {
     /// `dbapi_error` and `handle_error`, when SQLite cannot prepare it (`prepareStatement`).
     func prepare(
         _ sql: SQLText, from offset: Int, rewrittenBy rewriters: [SQLPolicy] = [],
-        failing dialect: (event: EventKind, parameters: JSONValue)? = nil
+        failing dialect: (event: EventKind, parameters: () -> JSONValue)? = nil
     ) throws(EvdError) -> SQLiteStatement? {
         let observer = self.connection.observer
         observer.clearStatementRecord()
@@ -614,10 +619,10 @@ struct SQLRun {
             try self.vetoable(dialect.event) {
                 var properties = self.base()
                 properties["statement"] = .string(sql.text)
-                properties["parameters"] = dialect.parameters
+                properties["parameters"] = dialect.parameters()
                 return properties
             }
-            throw self.failed(error, statement: sql.text, parameters: dialect.parameters)
+            throw self.failed(error, statement: sql.text, parameters: dialect.parameters())
         }
         if observer.sawTransactionControl {
             throw EvdError.badRequest(
@@ -829,6 +834,11 @@ struct SQLRun {
 }
 
 extension SQLText {
+    /// The statement at `range` (from `nextStatement`) as text of its own: `self` when it is all of it.
+    func statement(_ range: Range<Int>) -> SQLText {
+        range == 0..<(self.utf8.count - 1) ? self : SQLText(String(decoding: self.utf8[range], as: UTF8.self))
+    }
+
     /// The bytes of the next statement of a script from `offset`: from its first byte that is not
     /// whitespace (or the `;` of an empty statement) to its `;`, or to the end of the text; `nil`
     /// when nothing but whitespace, comments and `;` remains. Found before anything is prepared, so
