@@ -40,6 +40,16 @@ struct PrepareVetoTests {
         let trigger = "create trigger g after insert on t begin insert into u values (1); delete from v; end;"
         #expect(split(trigger + " selec broken") == [trigger, "selec broken"])
         #expect(split("select 'unterminated; select 2") == ["select 'unterminated; select 2"])
+        // A trigger whose body has "end;" that does not end it; then one that does.
+        let tricky = "create temp trigger h after insert on t begin select 1 end; select [end]; select 'end'; end ;"
+        #expect(split(tricky + "select 3") == [tricky, "select 3"])
+        #expect(split("explain create trigger k after insert on t begin select 1; end; select 4") == [
+            "explain create trigger k after insert on t begin select 1; end;", "select 4",
+        ])
+        // A long trigger body is split in one pass (sqlite3_complete is not asked at each of its `;`).
+        let body = String(repeating: "select 1;", count: 50_000)
+        let long = "create trigger l after insert on t begin " + body + " end;"
+        #expect(split(long + " select 5").count == 2)
     }
 
     @Test("a statement with a syntax error, or on a table that does not exist yet, rewritten into a valid one, runs")

@@ -429,15 +429,16 @@ struct SQLRun {
         var sqlBegun = !self.implicitTransaction
         do {
             return try self.inRequest { () throws(EvdError) -> (Int64, Int64) in
-                if self.implicitTransaction {
-                    try self.beginEvent()
-                    begunOnlyAsEvent = true
-                }
+                // A request that cannot be an executemany is refused before its transaction begins.
                 guard let range = sql.nextStatement(from: 0) else {
                     throw EvdError.badRequest(field: "sql", "the SQL has no statement")
                 }
                 guard sql.nextStatement(from: range.upperBound) == nil else {
                     throw EvdError.badRequest(field: "sql", "executemany takes exactly one statement")
+                }
+                if self.implicitTransaction {
+                    try self.beginEvent()
+                    begunOnlyAsEvent = true
                 }
                 let own = sql.statement(range)
                 let text = own.text
@@ -846,16 +847,32 @@ extension SQLText {
     /// statement when `sqlite3_complete` says the text up to it is complete (a `;` in a string, a
     /// quoted name, a comment or a trigger's body does not). What runs is prepared from exactly
     /// these bytes, and must be exactly one statement (`SQLRun.prepareStatement`).
+    ///
+    /// `sqlite3_complete` is asked only at a statement's first `;` (which ends any statement but a
+    /// trigger) and at a `;` after `; END` (the only `;` that ends a trigger), not at every `;` of a
+    /// trigger's body: asking it at each, about all the text so far, took time quadratic in the
+    /// body's length.
     func nextStatement(from offset: Int) -> Range<Int>? {
+        enum Token { case semicolon, end, other }
         let bytes = self.utf8
         let end = bytes.count - 1
         func isSpace(_ b: UInt8) -> Bool { b == 32 || (9...13).contains(b) }
+        func isWordByte(_ b: UInt8) -> Bool {
+            (b >= 65 && b <= 90) || (b >= 97 && b <= 122) || (b >= 48 && b <= 57) || b == 95 || b == 36 || b >= 128
+        }
         var i = offset
         var start = offset
-        var sawToken = false
+        var last: Token?
+        var beforeLast: Token?
+        var semicolons = 0
+        func note(_ token: Token) {
+            beforeLast = last
+            last = token
+        }
         func skipEmpty() {
             while i < end && (isSpace(bytes[i]) || bytes[i] == UInt8(ascii: ";")) { i += 1 }
             start = i
+            (last, beforeLast, semicolons) = (nil, nil, 0)
         }
         skipEmpty()
         while i < end {
@@ -869,7 +886,7 @@ extension SQLText {
                 i = min(i + 2, end)
             case UInt8(ascii: "'"), UInt8(ascii: "\""), UInt8(ascii: "`"), UInt8(ascii: "["):
                 let close = b == UInt8(ascii: "[") ? UInt8(ascii: "]") : b
-                sawToken = true
+                note(.other)
                 i += 1
                 while i < end {
                     if bytes[i] == close {
@@ -884,10 +901,14 @@ extension SQLText {
                 i = min(i + 1, end)
             case UInt8(ascii: ";"):
                 i += 1
-                if !sawToken {
+                guard last != nil else {
                     skipEmpty()  // an empty statement (comments and a `;`)
                     continue
                 }
+                semicolons += 1
+                let mayEnd = semicolons == 1 || (last == .end && beforeLast == .semicolon)
+                note(.semicolon)
+                guard mayEnd else { continue }
                 var prefix = Array(bytes[start..<i])
                 prefix.append(0)
                 let complete = prefix.withUnsafeBufferPointer { buffer in
@@ -895,10 +916,18 @@ extension SQLText {
                 }
                 if complete { return start..<i }
             default:
-                if !isSpace(b) { sawToken = true }
-                i += 1
+                if isWordByte(b) {
+                    let wordStart = i
+                    while i < end && isWordByte(bytes[i]) { i += 1 }
+                    let isEnd = i - wordStart == 3 && (bytes[wordStart] | 0x20) == UInt8(ascii: "e")
+                        && (bytes[wordStart + 1] | 0x20) == UInt8(ascii: "n") && (bytes[wordStart + 2] | 0x20) == UInt8(ascii: "d")
+                    note(isEnd ? .end : .other)
+                } else {
+                    if !isSpace(b) { note(.other) }
+                    i += 1
+                }
             }
         }
-        return sawToken ? start..<end : nil
+        return last != nil ? start..<end : nil
     }
 }
