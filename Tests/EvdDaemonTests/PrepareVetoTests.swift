@@ -192,4 +192,28 @@ struct PrepareVetoTests {
             #expect(try await daemon.request("execute", ["sql": "select count(*) from mine"])["rows"] == [[1]])
         }
     }
+
+    @Test("a broken statement rewritten by a listener that is another uid stays within what the listener may do")
+    func rewriteJudgedAsListener() async throws {
+        let grants = [Grant(who: .uid(65534), actions: [.subscribe, .veto, .viewTable], database: "main", table: nil)]
+        try await withRunningDaemon(configure: { openUp(&$0, grants: grants) }) { daemon in
+            try await daemon.request("execute", ["sql": "create table dogs(name)"])
+            let listener = try asNobody(
+                daemon,
+                [["op": "subscribe", "events": ["app.stop"], "veto": ["before_cursor_execute"], "timeout_ms": 30000, "on_timeout": "allow"]],
+                until: "app.stop", linger: 30,
+                reply: ["action": "modify", "set": ["statement": "SELECT file FROM pragma_database_list"]])
+            try await waitForStats(daemon) { $0["veto_listeners"] == 1 }
+            // Root may read the database list; the listener (no admin) may not put that in place.
+            let error = await #expect(throws: EvdError.self) {
+                try await daemon.request("execute", ["sql": "selec name fro dogs"])
+            }
+            #expect(error?.code == "permission_denied", "\(String(describing: error))")
+            #expect(error?.extra["action"] == "admin")
+            #expect(error?.message.contains("a veto listener rewrote") == true, "\(String(describing: error))")
+            try await daemon.request("emit", ["event": "app.stop"])
+            let got = try await messages(listener)
+            #expect(got.contains { $0["type"] == "veto" && $0["statement"] == "selec name fro dogs" }, "\(got)")
+        }
+    }
 }
