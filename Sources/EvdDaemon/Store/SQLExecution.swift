@@ -745,7 +745,7 @@ struct SQLRun {
 
     /// `run` with the events' `parameters` made only when an event is sent, and for an
     /// executemany the sets to bind.
-    func run(
+    private func run(
         _ statement: SQLiteStatement, parameters: () -> JSONValue, executemany: Bool, sets: ParameterSets?,
         onRow: () throws(EvdError) -> Void
     ) throws(EvdError) -> Int64 {
