@@ -206,15 +206,16 @@ struct LiveEventsTests {
                         eventProperties(byName["rollback"]) == ["database": "main", "connection": 1, "implicit": true])
                     #expect(byName["reset"]?["rolled_back"] == false)
 
-                    // SQL that does not even prepare: the errors, but no transaction was begun.
+                    // SQL that does not even prepare: SQLAlchemy's order still, since the cursor
+                    // events come before evd prepares (a listener may rewrite the statement).
                     let missing = try await evd.expectError("execute", ["sql": "select * from nosuch"])
                     #expect(missing.code == "sql_error")
                     #expect(missing.extra["sqlite_code"] == "SQLITE_ERROR")
                     let unprepared = try await collectEvents(listener, until: "checkin")
                     #expect(
                         eventNames(unprepared) == [
-                            "checkout", "engine_connect", "before_execute", "dbapi_error", "handle_error", "reset",
-                            "checkin",
+                            "checkout", "engine_connect", "before_execute", "begin", "before_cursor_execute",
+                            "do_execute_no_params", "dbapi_error", "handle_error", "rollback", "reset", "checkin",
                         ])
                     #expect(
                         indexByName(unprepared)["handle_error"]?["error"]

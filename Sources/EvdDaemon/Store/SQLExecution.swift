@@ -112,6 +112,25 @@ enum SQLParameters: Sendable {
         }
     }
 
+    /// The parameters a script's statement is shown before it is prepared (`before_cursor_execute`):
+    /// the positional ones not taken by the statements before it, or all the named ones.
+    func remaining(from cursor: Int) -> JSONValue {
+        switch self {
+        case .none: return .array([])
+        case .positional(let values): return .array(cursor == 0 ? values : Array(values[min(cursor, values.count)...]))
+        case .named(let object): return .object(object)
+        }
+    }
+
+    /// Whether events' `parameters` hold none (`do_execute_no_params` rather than `do_execute`).
+    static func isEmptyJSON(_ value: JSONValue) -> Bool {
+        switch value {
+        case .array(let values): return values.isEmpty
+        case .object(let object): return object.isEmpty
+        default: return true
+        }
+    }
+
     /// How many positional parameters there are (for the "all consumed" check).
     var positionalCount: Int? {
         if case .positional(let values) = self { return values.count }
@@ -224,8 +243,10 @@ struct ExecuteResult: Sendable {
 
 /// Runs a request's SQL on one checked-out connection, firing the connection and dialect events
 /// (PROTOCOL.md §6.2–6.3) in SQLAlchemy's order:
-/// [`begin`], per statement `before_cursor_execute`, `do_execute*`, `after_cursor_execute`
-/// (or `dbapi_error`, `handle_error`), `after_execute`, [`commit` | `rollback`].
+/// [`begin`], per statement `before_cursor_execute` (before the statement is prepared: a listener
+/// may rewrite one SQLite cannot prepare), the prepare, `do_execute*`, `after_cursor_execute` (or,
+/// when the prepare or the step fails, `dbapi_error`, `handle_error`), `after_execute`,
+/// [`commit` | `rollback`].
 /// (`before_execute` is decided by the session before it hands the request here, since a listener
 /// may rewrite the request itself.)
 ///
@@ -281,57 +302,195 @@ struct SQLRun {
     }
 
     /// `execute`: every statement of `sql`, with the rows of the last one that returns columns.
+    ///
+    /// As SQLAlchemy's `execute`, which takes one statement, each statement of a script is one
+    /// cursor execute: `begin` (once, for the request's own transaction), then per statement
+    /// `before_cursor_execute` with its text, before SQLite ever sees it (a listener may rewrite a
+    /// statement that would not prepare), then the prepare, judged by the authorizer, of what will
+    /// really run, `do_execute*`, and the step (`after_cursor_execute`) or, when SQLite cannot
+    /// prepare or step it, `dbapi_error` and `handle_error`. The script is split into statements
+    /// before anything is prepared (`SQLText.nextStatement`).
     func execute(sql: SQLText, parameters: SQLParameters) throws(EvdError) -> ExecuteResult {
-        try self.inRequest { () throws(EvdError) -> (ExecuteResult, Int64) in
-            var result = ExecuteResult()
-            var offset = 0
-            var cursor = 0
-            var begun = !self.implicitTransaction
-            while !sql.isBlank(from: offset) {
-                guard var statement = try self.prepare(sql, from: offset) else { break }
-                offset = statement.tailOffset
-                if !begun {
-                    try self.beginImplicit(immediate: !statement.isReadOnly)
-                    begun = true
+        var begunOnlyAsEvent = false  // `begin` fired, SQLite's BEGIN not yet run
+        var sqlBegun = !self.implicitTransaction
+        do {
+            return try self.inRequest { () throws(EvdError) -> (ExecuteResult, Int64) in
+                if self.implicitTransaction {
+                    try self.beginEvent()
+                    begunOnlyAsEvent = true
                 }
-                var bound = try parameters.bind(statement, cursor: &cursor)
-                if sql.isBlank(from: offset), let total = parameters.positionalCount, cursor != total {
+                var result = ExecuteResult()
+                var offset = 0
+                var cursor = 0
+                var listenerParameters = false
+                while let range = sql.nextStatement(from: offset) {
+                    offset = range.upperBound
+                    let own = sql.statement(range)
+                    let text = own.text
+                    let given = parameters.remaining(from: cursor)
+                    var final = own
+                    var finalParameters = given
+                    var modifiers: [EventVisibility]?
+                    var replaced: SQLParameters?
+                    if let verdict = try self.beforeCursorExecute(text, given, executemany: false) {
+                        if let changed = verdict.properties["statement"]?.stringValue, changed != text {
+                            final = SQLText(changed)
+                            modifiers = verdict.modifiers  // prepared within their grants too
+                        }
+                        if let changed = verdict.properties["parameters"], changed != given {
+                            replaced = try SQLParameters(changed, field: "parameters")
+                            finalParameters = changed
+                            listenerParameters = true
+                        }
+                    }
+                    let shown = finalParameters
+                    let statement = try self.prepareStatement(
+                        final, rewrittenBy: modifiers,
+                        dialect: SQLParameters.isEmptyJSON(shown) ? .doExecuteNoParams : .doExecute, parameters: { shown })
+                    try self.runOne(
+                        statement, parameters: parameters, replaced: replaced, cursor: &cursor, sqlBegun: &sqlBegun,
+                        result: &result)
+                }
+                if !listenerParameters, let total = parameters.positionalCount, cursor != total {
                     throw EvdError.badRequest(field: "params", "\(total) parameter(s) given, the SQL takes \(cursor)")
                 }
-                if let verdict = try self.beforeCursorExecute(statement.sql, bound, executemany: false) {
-                    (statement, bound) = try self.rewrite(statement, bound, by: verdict)
+                if !sqlBegun {  // no statement ran: still one (empty) transaction
+                    sqlBegun = true
+                    try self.beginSQL(immediate: false)
                 }
-                var rows = ResultRows(limit: self.maxResponseBytes)
-                let changed = try self.capturing(statement, intent: SQLScanner.intent(of: statement.sql)) { () throws(EvdError) in
-                    try self.run(statement, parameters: bound, executemany: false) { () throws(EvdError) in
-                        try rows.append(statement.row())
-                    }
-                }
-                result.changes += changed
-                if statement.columnCount > 0 {
-                    result.columns = statement.columnNames
-                    result.rows = rows.rows
-                }
+                result.lastInsertRowid = self.sqlite.lastInsertRowid
+                return (result, result.changes)
             }
-            if !begun { try self.beginImplicit(immediate: false) }  // empty SQL: still one (empty) transaction
-            result.lastInsertRowid = self.sqlite.lastInsertRowid
-            return (result, result.changes)
+        } catch {
+            // `begin` fired but SQLite's BEGIN never ran (the first statement failed before it
+            // could): the request's transaction still ends, as in SQLAlchemy, with `rollback`.
+            if begunOnlyAsEvent && !sqlBegun { self.bus.emit(.rollback, self.origin) { self.transactionProperties() } }
+            throw error
         }
     }
 
-    /// `executemany`: one statement, stepped once per parameter set.
-    func executemany(sql: SQLText, parameterSets: [SQLParameters]) throws(EvdError) -> Int64 {
-        try self.inRequest { () throws(EvdError) -> (Int64, Int64) in
-            guard let statement = try self.prepare(sql, from: 0) else {
-                throw EvdError.badRequest(field: "sql", "the SQL has no statement")
-            }
-            guard sql.isBlank(from: statement.tailOffset) else {
-                throw EvdError.badRequest(field: "sql", "executemany takes exactly one statement")
-            }
-            if self.implicitTransaction { try self.beginImplicit(immediate: !statement.isReadOnly) }
-            let changed = try self.runMany(statement, .sets(parameterSets), intent: SQLScanner.intent(of: statement.sql))
-            return (changed, changed)
+    /// Binds and runs one prepared statement of `execute`, opening the request's own transaction
+    /// in SQLite before the first (`BEGIN IMMEDIATE` if it writes).
+    private func runOne(
+        _ statement: SQLiteStatement, parameters: SQLParameters, replaced: SQLParameters?, cursor: inout Int,
+        sqlBegun: inout Bool, result: inout ExecuteResult
+    ) throws(EvdError) {
+        if !sqlBegun {
+            sqlBegun = true
+            try self.beginSQL(immediate: !statement.isReadOnly)
         }
+        let bound: JSONValue
+        if let replaced {
+            // A listener's parameters are this statement's, exactly; it takes none of the request's.
+            var own = 0
+            bound = try replaced.bind(statement, cursor: &own)
+            if let total = replaced.positionalCount, total != own {
+                throw EvdError(.vetoed, "a listener's parameters (\(total)) do not fit the statement (\(own))")
+            }
+        } else {
+            bound = try parameters.bind(statement, cursor: &cursor)
+        }
+        var rows = ResultRows(limit: self.maxResponseBytes)
+        let changed = try self.capturing(statement, intent: SQLScanner.intent(of: statement.sql)) { () throws(EvdError) in
+            try self.run(statement, parameters: bound, executemany: false) { () throws(EvdError) in
+                try rows.append(statement.row())
+            }
+        }
+        result.changes += changed
+        if statement.columnCount > 0 {
+            result.columns = statement.columnNames
+            result.rows = rows.rows
+        }
+    }
+
+    /// Prepares one client statement (exactly one), after its `before_cursor_execute`: `modifiers`
+    /// are the listeners that rewrote it (`nil`: it is the client's own). When SQLite cannot
+    /// prepare it, `do_execute*` fires (where SQLAlchemy's dialect calls `cursor.execute`, which
+    /// prepares), then `dbapi_error` and `handle_error`.
+    private func prepareStatement(
+        _ sql: SQLText, rewrittenBy modifiers: [EventVisibility]?, dialect: EventKind, parameters: @escaping () -> JSONValue
+    ) throws(EvdError) -> SQLiteStatement {
+        let rewriters = (modifiers ?? []).map { SQLPolicy(rewriter: $0, database: self.database) }
+        let prepared = try self.prepare(sql, from: 0, rewrittenBy: rewriters, failing: (dialect, parameters))
+        guard let statement = prepared else {
+            if modifiers != nil { throw EvdError(.vetoed, "a listener replaced the statement with no statement") }
+            throw EvdError.badRequest(field: "sql", "the SQL has no statement")
+        }
+        guard sql.isBlank(from: statement.tailOffset) else {
+            if modifiers != nil { throw EvdError(.vetoed, "a listener replaced the statement with more than one statement") }
+            // `nextStatement` and SQLite disagree on where the statement ends: run nothing.
+            throw EvdError.badRequest(field: "sql", "evd could not split the SQL into statements")
+        }
+        return statement
+    }
+
+    /// `executemany`: one statement, stepped once per parameter set. `before_cursor_execute` comes
+    /// before the prepare, as `execute`'s.
+    func executemany(sql: SQLText, parameterSets: [SQLParameters]) throws(EvdError) -> Int64 {
+        var begunOnlyAsEvent = false  // `begin` fired, SQLite's BEGIN not yet run
+        var sqlBegun = !self.implicitTransaction
+        do {
+            return try self.inRequest { () throws(EvdError) -> (Int64, Int64) in
+                // A request that cannot be an executemany is refused before its transaction begins.
+                guard let range = sql.nextStatement(from: 0) else {
+                    throw EvdError.badRequest(field: "sql", "the SQL has no statement")
+                }
+                guard sql.nextStatement(from: range.upperBound) == nil else {
+                    throw EvdError.badRequest(field: "sql", "executemany takes exactly one statement")
+                }
+                if self.implicitTransaction {
+                    try self.beginEvent()
+                    begunOnlyAsEvent = true
+                }
+                let own = sql.statement(range)
+                let text = own.text
+                var sets = ParameterSets.sets(parameterSets)
+                // The sets become JSON only for an event someone gets.
+                var all: JSONValue?
+                let json = { () -> JSONValue in
+                    if let all { return all }
+                    let made = sets.jsonValue
+                    all = made
+                    return made
+                }
+                var final = own
+                var modifiers: [EventVisibility]?
+                if let verdict = try self.beforeCursorExecute(text, json(), executemany: true) {
+                    if let changed = verdict.properties["statement"]?.stringValue, changed != text {
+                        final = SQLText(changed)
+                        modifiers = verdict.modifiers
+                    }
+                    if let replaced = verdict.properties["parameters"], replaced != json() {
+                        sets = try Self.parameterSets(replaced)
+                        all = replaced
+                    }
+                }
+                let statement = try self.prepareStatement(
+                    final, rewrittenBy: modifiers, dialect: .doExecutemany, parameters: json)
+                if !sqlBegun {
+                    sqlBegun = true
+                    try self.beginSQL(immediate: !statement.isReadOnly)
+                }
+                let changed = try self.capturing(statement, intent: SQLScanner.intent(of: statement.sql)) {
+                    () throws(EvdError) in
+                    try self.run(statement, parameters: json, executemany: true, sets: sets) {}
+                }
+                return (changed, changed)
+            }
+        } catch {
+            if begunOnlyAsEvent && !sqlBegun { self.bus.emit(.rollback, self.origin) { self.transactionProperties() } }
+            throw error
+        }
+    }
+
+    /// An executemany's parameter sets as a listener replaced them.
+    private static func parameterSets(_ replaced: JSONValue) throws(EvdError) -> ParameterSets {
+        guard let list = replaced.arrayValue else {
+            throw EvdError(.vetoed, "a listener set executemany's parameters to something that is not a list")
+        }
+        return .sets(try list.enumerated().map { (index, set) throws(EvdError) in
+            try SQLParameters(set, field: "parameters[\(index)]")
+        })
     }
 
     /// Wraps a request: the body, `after_execute`, and the implicit transaction's end.
@@ -381,7 +540,19 @@ struct SQLRun {
 
     /// Opens the request's own transaction (`begin`, vetoable).
     func beginImplicit(immediate: Bool) throws(EvdError) {
+        try self.beginEvent()
+        try self.beginSQL(immediate: immediate)
+    }
+
+    /// The request's own transaction begins (`begin`, vetoable): SQLAlchemy's `Connection.begin`,
+    /// before any execute. SQLite's `BEGIN` comes with the first statement (`beginSQL`), once evd
+    /// knows whether it writes, as pysqlite's implicit BEGIN does.
+    func beginEvent() throws(EvdError) {
         try self.vetoable(.begin) { self.transactionProperties() }
+    }
+
+    /// SQLite's `BEGIN` of the request's own transaction, after its `begin` event.
+    func beginSQL(immediate: Bool) throws(EvdError) {
         do {
             try self.connection.run(own: immediate ? "BEGIN IMMEDIATE" : "BEGIN")
         } catch {
@@ -420,9 +591,13 @@ struct SQLRun {
 
     /// Prepares the next statement, refusing transaction control (that is what the begin/commit/
     /// rollback/savepoint ops are for: evd must know where transactions start and end).
-    func prepare(_ sql: SQLText, from offset: Int, rewrittenBy rewriters: [SQLPolicy] = []) throws(EvdError)
-        -> SQLiteStatement?
-    {
+    ///
+    /// `failing`: for a client's statement, the dialect event and parameters that fire, before
+    /// `dbapi_error` and `handle_error`, when SQLite cannot prepare it (`prepareStatement`).
+    func prepare(
+        _ sql: SQLText, from offset: Int, rewrittenBy rewriters: [SQLPolicy] = [],
+        failing dialect: (event: EventKind, parameters: () -> JSONValue)? = nil
+    ) throws(EvdError) -> SQLiteStatement? {
         let observer = self.connection.observer
         observer.clearStatementRecord()
         observer.rewriters = self.rewriters + rewriters
@@ -443,7 +618,14 @@ struct SQLRun {
                 throw EvdError.badRequest(
                     field: "sql", "PRAGMA \(pragma) cannot be set in SQL: it is an execution option (use the execution_options op)")
             }
-            throw self.failed(error, statement: sql.text, parameters: .array([]))
+            guard let dialect else { throw self.failed(error, statement: sql.text, parameters: .array([])) }
+            try self.vetoable(dialect.event) {
+                var properties = self.base()
+                properties["statement"] = .string(sql.text)
+                properties["parameters"] = dialect.parameters()
+                return properties
+            }
+            throw self.failed(error, statement: sql.text, parameters: dialect.parameters())
         }
         if observer.sawTransactionControl {
             throw EvdError.badRequest(
@@ -651,5 +833,103 @@ struct SQLRun {
             return EvdError(object: rewritten)
         }
         return evdError
+    }
+}
+
+extension SQLText {
+    /// The statement at `range` (from `nextStatement`) as text of its own: `self` when it is all of it.
+    func statement(_ range: Range<Int>) -> SQLText {
+        range == 0..<(self.utf8.count - 1) ? self : SQLText(String(decoding: self.utf8[range], as: UTF8.self))
+    }
+
+    /// The bytes of the next statement of a script from `offset`: from its first byte that is not
+    /// whitespace (or the `;` of an empty statement) to its `;`, or to the end of the text; `nil`
+    /// when nothing but whitespace, comments and `;` remains. Found before anything is prepared, so
+    /// that `before_cursor_execute` can show a statement SQLite cannot prepare: a `;` ends the
+    /// statement when `sqlite3_complete` says the text up to it is complete (a `;` in a string, a
+    /// quoted name, a comment or a trigger's body does not). What runs is prepared from exactly
+    /// these bytes, and must be exactly one statement (`SQLRun.prepareStatement`).
+    ///
+    /// `sqlite3_complete` is asked only at a statement's first `;` (which ends any statement but a
+    /// trigger) and at a `;` after `; END` (the only `;` that ends a trigger), not at every `;` of a
+    /// trigger's body: asking it at each, about all the text so far, took time quadratic in the
+    /// body's length.
+    func nextStatement(from offset: Int) -> Range<Int>? {
+        enum Token { case semicolon, end, other }
+        let bytes = self.utf8
+        let end = bytes.count - 1
+        func isSpace(_ b: UInt8) -> Bool { b == 32 || (9...13).contains(b) }
+        func isWordByte(_ b: UInt8) -> Bool {
+            (b >= 65 && b <= 90) || (b >= 97 && b <= 122) || (b >= 48 && b <= 57) || b == 95 || b == 36 || b >= 128
+        }
+        var i = offset
+        var start = offset
+        var last: Token?
+        var beforeLast: Token?
+        var semicolons = 0
+        func note(_ token: Token) {
+            beforeLast = last
+            last = token
+        }
+        func skipEmpty() {
+            while i < end && (isSpace(bytes[i]) || bytes[i] == UInt8(ascii: ";")) { i += 1 }
+            start = i
+            (last, beforeLast, semicolons) = (nil, nil, 0)
+        }
+        skipEmpty()
+        while i < end {
+            let b = bytes[i]
+            switch b {
+            case UInt8(ascii: "-") where i + 1 < end && bytes[i + 1] == UInt8(ascii: "-"):
+                while i < end && bytes[i] != 10 { i += 1 }
+            case UInt8(ascii: "/") where i + 1 < end && bytes[i + 1] == UInt8(ascii: "*"):
+                i += 2
+                while i + 1 < end && !(bytes[i] == UInt8(ascii: "*") && bytes[i + 1] == UInt8(ascii: "/")) { i += 1 }
+                i = min(i + 2, end)
+            case UInt8(ascii: "'"), UInt8(ascii: "\""), UInt8(ascii: "`"), UInt8(ascii: "["):
+                let close = b == UInt8(ascii: "[") ? UInt8(ascii: "]") : b
+                note(.other)
+                i += 1
+                while i < end {
+                    if bytes[i] == close {
+                        if close != UInt8(ascii: "]") && i + 1 < end && bytes[i + 1] == close {
+                            i += 2
+                            continue
+                        }
+                        break
+                    }
+                    i += 1
+                }
+                i = min(i + 1, end)
+            case UInt8(ascii: ";"):
+                i += 1
+                guard last != nil else {
+                    skipEmpty()  // an empty statement (comments and a `;`)
+                    continue
+                }
+                semicolons += 1
+                let mayEnd = semicolons == 1 || (last == .end && beforeLast == .semicolon)
+                note(.semicolon)
+                guard mayEnd else { continue }
+                var prefix = Array(bytes[start..<i])
+                prefix.append(0)
+                let complete = prefix.withUnsafeBufferPointer { buffer in
+                    buffer.withMemoryRebound(to: CChar.self) { sqlite3_complete($0.baseAddress!) != 0 }
+                }
+                if complete { return start..<i }
+            default:
+                if isWordByte(b) {
+                    let wordStart = i
+                    while i < end && isWordByte(bytes[i]) { i += 1 }
+                    let isEnd = i - wordStart == 3 && (bytes[wordStart] | 0x20) == UInt8(ascii: "e")
+                        && (bytes[wordStart + 1] | 0x20) == UInt8(ascii: "n") && (bytes[wordStart + 2] | 0x20) == UInt8(ascii: "d")
+                    note(isEnd ? .end : .other)
+                } else {
+                    if !isSpace(b) { note(.other) }
+                    i += 1
+                }
+            }
+        }
+        return last != nil ? start..<end : nil
     }
 }
