@@ -136,7 +136,7 @@ struct DatabaseReplacedTests {
     func otherDatabaseServed() async throws {
         try await withRunningDaemon(configure: { configuration in
             configuration.databases.append(
-                DatabaseConfig(name: "second", path: Daemon.parent(of: configuration.databases[0].path) + "/second.db"))
+                DatabaseConfig(name: "second", path: SocketDirectory.parent(of: configuration.databases[0].path) + "/second.db"))
         }) { daemon in
             try await daemon.withClient { evd in
                 try await evd.request("execute", ["sql": "create table t(x)"])

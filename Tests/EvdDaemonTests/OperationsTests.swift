@@ -642,7 +642,7 @@ struct OperationsTests {
     func severalDatabases() async throws {
         try await withRunningDaemon(configure: { configuration in
             configuration.databases.append(
-                DatabaseConfig(name: "other", path: Daemon.parent(of: configuration.databases[0].path) + "/other.db"))
+                DatabaseConfig(name: "other", path: SocketDirectory.parent(of: configuration.databases[0].path) + "/other.db"))
         }) { daemon in
             try await daemon.withClient { evd in
                 #expect(evd.hello["databases"] == ["main", "other"])

@@ -294,7 +294,7 @@ final class TokenAuthority: Sendable {
             throw SecretError(description: "cannot write the token secret \(path): \(reason)")
         }
         // Make the rename durable too.
-        let directory = open(Daemon.parent(of: path), O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        let directory = open(SocketDirectory.parent(of: path), O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         if directory >= 0 {
             fsync(directory)
             close(directory)

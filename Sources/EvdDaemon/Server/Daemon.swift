@@ -445,7 +445,7 @@ public final class Daemon: Service, CustomStringConvertible {
             try Self.prepareSocketDirectory(for: self.configuration.socketPath)
         }
         for database in self.configuration.databases where !database.path.hasPrefix("file:") && database.path != ":memory:" {
-            try Self.makeDirectories(Self.parent(of: database.path), mode: 0o700)
+            try Self.makeDirectories(SocketDirectory.parent(of: database.path), mode: 0o700)
         }
     }
 
@@ -453,7 +453,7 @@ public final class Daemon: Service, CustomStringConvertible {
     /// must be evd's own and private, any other must be evd's or root's and writable by nobody
     /// else (unless sticky and root's, as `/tmp`).
     static func prepareSocketDirectory(for path: String) throws {
-        let directory = Self.parent(of: path)
+        let directory = SocketDirectory.parent(of: path)
         let rule: SocketDirectory.Rule = path == SocketPath.defaultPath ? .ownPrivate : .daemonOwned
         // A symlink at the default directory's name (dangling or not) is never made into a
         // directory: `mkdir` does not follow it, and the check after refuses it.
@@ -492,11 +492,6 @@ public final class Daemon: Service, CustomStringConvertible {
         }
     }
 
-    static func parent(of path: String) -> String {
-        guard let slash = path.lastIndex(of: "/") else { return "." }
-        return slash == path.startIndex ? "/" : String(path[..<slash])
-    }
-
     /// `mkdir -p` with `mode` for the directories it creates.
     static func makeDirectories(_ path: String, mode: mode_t) throws {
         var info = stat()
@@ -504,7 +499,7 @@ public final class Daemon: Service, CustomStringConvertible {
             guard (info.st_mode & S_IFMT) == S_IFDIR else { throw StartupError(description: "\(path) is not a directory") }
             return
         }
-        let parent = Self.parent(of: path)
+        let parent = SocketDirectory.parent(of: path)
         if parent != path && parent != "." && parent != "/" { try makeDirectories(parent, mode: mode) }
         if mkdir(path, mode) != 0 && errno != EEXIST {
             throw StartupError(description: "cannot create \(path): \(String(cString: strerror(errno)))")

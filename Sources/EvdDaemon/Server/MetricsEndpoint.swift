@@ -220,7 +220,7 @@ final class MetricsEndpoint: Sendable {
                 guard path != configuration.socketPath || configuration.listenFD != nil else {
                     throw Daemon.StartupError(description: "the metrics socket cannot be evd's own socket (\(path))")
                 }
-                try Daemon.checkDirectory(Daemon.parent(of: path), rule: .daemonOwned, what: "metrics socket's directory", missingIsFine: true)
+                try Daemon.checkDirectory(SocketDirectory.parent(of: path), rule: .daemonOwned, what: "metrics socket's directory", missingIsFine: true)
                 try Daemon.removeStaleSocket(at: path)
                 let server = try await Daemon.bindSocketFile(at: path, mode: configuration.socketMode) { staging in
                     try await Self.bootstrap(group, logger: logger).bind(unixDomainSocketPath: staging) { Self.initialize($0, settings) }

@@ -7,28 +7,6 @@ import CSQLite
 import EvdClient
 import OrderedCollections
 
-/// What one statement means for the committed events its rows produce (PROTOCOL.md §6.5).
-///
-/// Raw SQL gets its intent from the statement's text (`SQLIntent.of`); the structured ops set
-/// theirs. Inserts made directly by the statement (not by its triggers) are reported together as
-/// one `insert-rows` — or `upsert-rows` for an upsert — per table.
-struct StatementIntent: Sendable, Equatable {
-    enum Kind: Sendable, Equatable { case insert, upsert, other }
-    var kind: Kind = .other
-    var ignore = false
-    var replace = false
-    /// The row count to report instead of the rows SQLite changed: Datasette's `num_rows` is the
-    /// number of rows the request gave (ignored ones included).
-    var reportedRows: Int?
-    /// The table that `reportedRows` and an event with no changed rows are about.
-    var table: String?
-    /// Statements with the same group report their inserts together (one structured op that
-    /// runs several statements); `nil`: the statement alone.
-    var group: Int32?
-
-    static let other = StatementIntent()
-}
-
 /// One row SQLite changed, as the pre-update hook saw it.
 ///
 /// Kept small (56 bytes, no allocation of its own in the common case): a transaction may record
