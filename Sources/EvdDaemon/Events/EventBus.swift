@@ -228,57 +228,31 @@ public final class EventBus: Sendable {
         self.rowsInterest.load(ordering: .relaxed) & EventKind.committedChanges != 0
     }
 
-    /// Publishes a transaction's committed events when the journal is off, in order, with
-    /// consecutive seqs unless other events interleave between batches. The events are made a
-    /// batch at a time, and only those someone wants (the others get no seq).
-    func publishCommitted(_ events: CommittedEvents, origin: EventOrigin) {
-        var start = 0
-        while start < events.count {
-            // Made outside the lock, then numbered and queued under one lock.
-            let batch = start..<min(events.count, start + PooledConnection.eventChunk)
-            start = batch.upperBound
-            let made = events.publications(batch, origin: origin, wanted: self.interest.load(ordering: .relaxed)).filter {
-                if case .unwanted = $0 { return false } else { return true }
+    /// The events some subscription wants, as a bit set of `EventKind` raw values (what
+    /// `CommittedEvents.publications(_:origin:wanted:)` makes).
+    var wanted: UInt64 { self.interest.load(ordering: .relaxed) }
+
+    /// Numbers and queues events made outside the lock (none `unwanted`), in order, under one
+    /// lock: consecutive seqs, one time for all.
+    func publish(_ made: [Publication]) {
+        guard !made.isEmpty else { return }
+        var time: [UInt8] = []
+        EventTime.appendNow(to: &time)
+        var wakeups: [Outbox.Wakeup] = []
+        let seq = self.state.withLock { state in
+            for publication in made {
+                let first = state.seq + 1
+                state.seq += Int64(publication.count)
+                state.published[publication.name, default: 0] += publication.count
+                Self.dispatch(&state, NumberedEvent(seq: first, event: publication, time: time), wakeups: &wakeups)
             }
-            guard !made.isEmpty else { continue }
-            var time: [UInt8] = []
-            EventTime.appendNow(to: &time)
-            var wakeups: [Outbox.Wakeup] = []
-            let seq = self.state.withLock { state in
-                for publication in made {
-                    let first = state.seq + 1
-                    state.seq += Int64(publication.count)
-                    state.published[publication.name, default: 0] += publication.count
-                    Self.dispatch(&state, NumberedEvent(seq: first, event: publication, time: time), wakeups: &wakeups)
-                }
-                return state.seq
-            }
-            for wakeup in wakeups { wakeup.resume() }
-            self.lease?.cover(seq)
+            return state.seq
         }
+        for wakeup in wakeups { wakeup.resume() }
+        self.lease?.cover(seq)
     }
 
     // MARK: Journaled events
-
-    /// A committed event's bytes, made once for the journal and every subscriber (a prepared
-    /// transaction's events, kept as properties and JSON images).
-    static func entry(for event: CommittedEvent, origin: EventOrigin) -> JournalEntry {
-        let body = Self.body(origin, event.properties)
-        var imagesBody: [UInt8]?
-        if let images = event.images {
-            // The same bytes up to the closing brace, then the images.
-            var bytes: [UInt8] = []
-            bytes.reserveCapacity(body.count + images.count)
-            bytes += body[..<(body.count - 2)]
-            bytes += images
-            bytes.append(UInt8(ascii: "}"))
-            bytes.append(UInt8(ascii: "\n"))
-            imagesBody = bytes
-        }
-        return JournalEntry(
-            name: event.kind.name, kind: event.kind, origin: origin, properties: event.properties, body: body,
-            imagesBody: imagesBody)
-    }
 
     /// A custom (or daemon) event's bytes, made once for the journal and every subscriber.
     func entry(name: String, kind: EventKind?, origin: EventOrigin, properties: JSONObject) -> JournalEntry {
@@ -392,16 +366,16 @@ public final class EventBus: Sendable {
     /// them; returns their seqs, in order. Journaled, they have consecutive seqs (one reservation)
     /// and share one commit, with other callers' too (`Journal.appendToState`).
     func publishJournaled(
-        _ events: [(name: String, kind: EventKind?, properties: JSONObject)], origin: EventOrigin, journal: Journal?
-    ) async throws(SQLiteError) -> [Int64] {
-        guard let journal, journal.settings.enabled else {
+        _ events: [(name: String, kind: EventKind?, properties: JSONObject)], origin: EventOrigin, journal: (any StateJournal)?
+    ) async throws -> [Int64] {
+        guard let journal, journal.isEnabled else {
             return events.map { self.publish(name: $0.name, kind: $0.kind, origin: origin, properties: $0.properties) }
         }
         guard !events.isEmpty else { return [] }
         let entries = events.map { self.entry(name: $0.name, kind: $0.kind, origin: origin, properties: $0.properties) }
         let reservation = self.reserve(entries.count)
         do {
-            try await journal.appendToState(entries, reservation)
+            try await journal.append(entries, reservation)
         } catch {
             self.cancel(reservation)
             throw error

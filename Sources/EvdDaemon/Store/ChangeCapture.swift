@@ -183,7 +183,7 @@ struct CommittedEvents {
         guard let capture = self.capture else {
             return self.listed[range].map { event in
                 wanted & (1 << UInt64(event.kind.rawValue)) != 0
-                    ? .entry(EventBus.entry(for: event, origin: origin)) : .unwanted(event.kind, count: 1)
+                    ? .entry(event.entry(origin: origin)) : .unwanted(event.kind, count: 1)
             }
         }
         return capture.publications(self.plan, range, origin: origin, wanted: wanted)

@@ -953,3 +953,51 @@ extension PooledConnection {
         self.capture.discardAll()
     }
 }
+
+extension EventBus {
+    /// Publishes a transaction's committed events when the journal is off, in order, with
+    /// consecutive seqs unless other events interleave between batches. The events are made a
+    /// batch at a time, and only those someone wants (the others get no seq).
+    func publishCommitted(_ events: CommittedEvents, origin: EventOrigin) {
+        var start = 0
+        while start < events.count {
+            // Made outside the lock, then numbered and queued under one lock.
+            let batch = start..<min(events.count, start + PooledConnection.eventChunk)
+            start = batch.upperBound
+            self.publish(
+                events.publications(batch, origin: origin, wanted: self.wanted).filter {
+                    if case .unwanted = $0 { return false } else { return true }
+                })
+        }
+    }
+}
+
+extension CommittedEvent {
+    /// Its bytes, made once for the journal and every subscriber (a prepared transaction's
+    /// events, kept as properties and JSON images).
+    func entry(origin: EventOrigin) -> JournalEntry {
+        let body = EventBus.body(origin, self.properties)
+        var imagesBody: [UInt8]?
+        if let images = self.images {
+            // The same bytes up to the closing brace, then the images.
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(body.count + images.count)
+            bytes += body[..<(body.count - 2)]
+            bytes += images
+            bytes.append(UInt8(ascii: "}"))
+            bytes.append(UInt8(ascii: "\n"))
+            imagesBody = bytes
+        }
+        return JournalEntry(
+            name: self.kind.name, kind: self.kind, origin: origin, properties: self.properties, body: body,
+            imagesBody: imagesBody)
+    }
+}
+
+extension Journal: StateJournal {
+    var isEnabled: Bool { self.settings.enabled }
+
+    func append(_ entries: [JournalEntry], _ reservation: SeqReservation) async throws {
+        try await self.appendToState(entries, reservation)
+    }
+}
