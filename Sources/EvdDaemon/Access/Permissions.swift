@@ -366,12 +366,12 @@ struct EventVisibility: Sendable {
     /// `logging_token`, say) are the session's business, shown to its own user and to admins.
     static let sessionPrivateEvents: Set<String> = ["set_connection_execution_options", "set_engine_execution_options"]
 
-    /// Whether the subscriber sees (or the listener is asked about) the event `name` from `origin`
-    /// with `properties`.
-    func allows(_ properties: JSONObject, name: String? = nil, origin: EventOrigin? = nil) -> Bool {
+    /// Whether the subscriber sees (or the listener is asked about) the event `name` caused by
+    /// `actor` (its origin's), with `properties`.
+    func allows(_ properties: JSONObject, name: String? = nil, actor: Actor? = nil) -> Bool {
         if let expires = self.expires, TokenAuthority.now() >= expires { return false }
         if let name, Self.sessionPrivateEvents.contains(name) {
-            return origin?.actor?.uid == self.actor.uid || self.permissions.allows(self.actor, .admin)
+            return actor?.uid == self.actor.uid || self.permissions.allows(self.actor, .admin)
         }
         guard let database = properties["database"]?.stringValue else { return true }
         // `before_name`: what evd journaled before it used Datasette's names (a replay).

@@ -45,7 +45,7 @@ final class Subscription: Sendable {
 
     /// Whether an event with these properties passes the `where` filter and may be seen.
     func accepts(name: String, origin: EventOrigin, properties: JSONObject) -> Bool {
-        (self.visibility?.allows(properties, name: name, origin: origin) ?? true)
+        (self.visibility?.allows(properties, name: name, actor: origin.actor) ?? true)
             && Self.passes(self.filter, name: name, origin: origin, properties: properties)
     }
 

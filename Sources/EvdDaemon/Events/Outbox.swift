@@ -46,12 +46,25 @@ struct QueuedEvent {
     var byteCount: Int { self.prefix.count + self.body.count + 8 }
 }
 
+/// A page of replayed events, as the lines its subscriber reads, one after another
+/// (`ReplayPage`, which the server reads from the journal).
+protocol ReplayedEvents: Sendable {
+    var subscription: Int { get }
+    /// The events' lines.
+    var bytes: [UInt8] { get }
+    /// How many events the lines hold.
+    var count: Int { get }
+    /// The seq of the first event, and of the last (0 when there is none).
+    var firstSeq: Int64 { get }
+    var lastSeq: Int64 { get }
+}
+
 /// One piece of a connection's output, in the order it must be written.
 enum OutboundChunk {
     case line([UInt8])
     case event(QueuedEvent)
     /// Consecutive events of one subscription, already written out whole (a page of a replay).
-    case events(ReplayPage)
+    case events(any ReplayedEvents)
     /// Consecutive events of a run for one subscription, written out when taken.
     case run(RunDelivery)
 
@@ -428,7 +441,7 @@ final class Outbox: Sendable {
     }
 
     /// Queues a page of replayed events (bounded by the replay itself, which waits in `drained()`).
-    func enqueue(replayed page: ReplayPage) {
+    func enqueue(replayed page: any ReplayedEvents) {
         guard page.count > 0 else { return }
         let wakeup = self.state.withLock { state -> Wakeup? in
             guard !state.closing else { return nil }

@@ -71,8 +71,8 @@ final class VetoListener: Sendable {
 
     /// Whether this listener is asked about `kind` with these properties (its `where`).
     func accepts(_ kind: EventKind, origin: EventOrigin, properties: JSONObject) -> Bool {
-        (self.visibility?.allows(properties, name: kind.name, origin: origin) ?? true)
-            && (self.scope?.allows(properties, name: kind.name, origin: origin) ?? true)
+        (self.visibility?.allows(properties, name: kind.name, actor: origin.actor) ?? true)
+            && (self.scope?.allows(properties, name: kind.name, actor: origin.actor) ?? true)
             && (self.filter.isEmpty || Subscription.passes(self.filter, name: kind.name, origin: origin, properties: properties))
     }
 

@@ -12,7 +12,7 @@ import EvdClient
 /// body: out of SQLite, and into the socket's buffer. A run's events are written as live delivery
 /// writes them (`EventLine`), row images made from their binary form the same way. Only a
 /// `where` filter parses the body.
-struct ReplayPage: Sendable {
+struct ReplayPage: ReplayedEvents {
     let subscription: Int
     /// The events' lines, one after another.
     private(set) var bytes: [UInt8] = []

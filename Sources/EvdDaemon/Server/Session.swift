@@ -62,31 +62,8 @@ final class Session: Sendable {
         case failure(EvdError)
     }
 
-    /// A request as read from its line: its members, and apart from them the `rows` of an
-    /// `insert`, `upsert` or `create_table`, held flat (`JSONRows`: no dictionary per row).
-    struct Request: Sendable {
-        /// The members (without `rows` when `rows` holds them).
-        var object: JSONObject
-        var rows: JSONRows?
-
-        /// The ops whose `rows` are read flat.
-        static let rowOps: Set<String> = ["insert", "upsert", "create_table"]
-
-        init(_ object: JSONObject, rows: JSONRows? = nil) {
-            self.object = object
-            self.rows = rows
-        }
-
-        subscript(key: String) -> JSONValue? { self.object[key] }
-
-        /// The request whole, as the events show it (`rows` last).
-        var whole: JSONObject {
-            guard let rows else { return self.object }
-            var object = self.object
-            object["rows"] = rows.jsonValue
-            return object
-        }
-    }
+    /// A request as read from its line (`EvdRequest`).
+    typealias Request = EvdRequest
 
     /// Serves the connection until the client leaves or the daemon stops. The channel's
     /// `SessionHandler` does the reading and writing; this task runs the requests.

@@ -259,7 +259,7 @@ struct SQLRun {
     let connection: PooledConnection
     let origin: EventOrigin
     /// The client's request (as `before_execute` listeners left it), for `after_execute`.
-    let request: Session.Request
+    let request: EvdRequest
     let executionOptions: JSONObject
     /// Whether this request is its own transaction (no `begin` op is open).
     let implicitTransaction: Bool

@@ -1,78 +1,77 @@
 import OrderedCollections
-import EvdClient
 
 /// A request's arguments, read with validation: every reader names the argument in the
 /// `bad_request` it throws, and `finish()` rejects arguments no reader asked for.
-struct Arguments {
+public struct Arguments {
     let object: JSONObject
     /// The keys read so far. A request has a handful: an array is cheaper than hashing each.
     private var used: [String] = ["op", "id"]
 
-    init(_ object: JSONObject) {
+    public init(_ object: JSONObject) {
         self.object = object
     }
 
     /// The raw value of `key`, marking it used.
-    mutating func value(_ key: String) -> JSONValue? {
+    public mutating func value(_ key: String) -> JSONValue? {
         if !self.used.contains(key) { self.used.append(key) }
         return self.object[key]
     }
 
-    mutating func required(_ key: String) throws(EvdError) -> JSONValue {
+    public mutating func required(_ key: String) throws(EvdError) -> JSONValue {
         guard let value = self.value(key), !value.isNull else {
             throw .badRequest(field: key, "missing required argument '\(key)'")
         }
         return value
     }
 
-    mutating func string(_ key: String) throws(EvdError) -> String? {
+    public mutating func string(_ key: String) throws(EvdError) -> String? {
         guard let value = self.value(key), !value.isNull else { return nil }
         guard case .string(let s) = value else { throw Self.wrongType(key, "a string", value) }
         return s
     }
 
-    mutating func requiredString(_ key: String) throws(EvdError) -> String {
+    public mutating func requiredString(_ key: String) throws(EvdError) -> String {
         let value = try self.required(key)
         guard case .string(let s) = value else { throw Self.wrongType(key, "a string", value) }
         return s
     }
 
-    mutating func bool(_ key: String) throws(EvdError) -> Bool? {
+    public mutating func bool(_ key: String) throws(EvdError) -> Bool? {
         guard let value = self.value(key), !value.isNull else { return nil }
         guard case .bool(let b) = value else { throw Self.wrongType(key, "a boolean", value) }
         return b
     }
 
     /// An integer in `range`; out-of-range values are rejected, never clamped.
-    mutating func int(_ key: String, in range: ClosedRange<Int64>? = nil) throws(EvdError) -> Int64? {
+    public mutating func int(_ key: String, in range: ClosedRange<Int64>? = nil) throws(EvdError) -> Int64? {
         guard let value = self.value(key), !value.isNull else { return nil }
         return try Self.integer(value, field: key, in: range)
     }
 
-    mutating func requiredInt(_ key: String, in range: ClosedRange<Int64>? = nil) throws(EvdError) -> Int64 {
+    public mutating func requiredInt(_ key: String, in range: ClosedRange<Int64>? = nil) throws(EvdError) -> Int64 {
         try Self.integer(try self.required(key), field: key, in: range)
     }
 
-    mutating func object(_ key: String) throws(EvdError) -> JSONObject? {
+    public mutating func object(_ key: String) throws(EvdError) -> JSONObject? {
         guard let value = self.value(key), !value.isNull else { return nil }
         guard case .object(let o) = value else { throw Self.wrongType(key, "an object", value) }
         return o
     }
 
-    mutating func requiredObject(_ key: String) throws(EvdError) -> JSONObject {
+    public mutating func requiredObject(_ key: String) throws(EvdError) -> JSONObject {
         let value = try self.required(key)
         guard case .object(let o) = value else { throw Self.wrongType(key, "an object", value) }
         return o
     }
 
-    mutating func array(_ key: String) throws(EvdError) -> [JSONValue]? {
+    public mutating func array(_ key: String) throws(EvdError) -> [JSONValue]? {
         guard let value = self.value(key), !value.isNull else { return nil }
         guard case .array(let a) = value else { throw Self.wrongType(key, "an array", value) }
         return a
     }
 
     /// A string that must be one of `choices`.
-    mutating func choice(_ key: String, _ choices: [String]) throws(EvdError) -> String? {
+    public mutating func choice(_ key: String, _ choices: [String]) throws(EvdError) -> String? {
         guard let s = try self.string(key) else { return nil }
         guard choices.contains(s) else {
             throw .badRequest(field: key, "'\(key)' must be one of \(choices.joined(separator: ", ")), not '\(s)'")
@@ -81,7 +80,7 @@ struct Arguments {
     }
 
     /// A string, or an array of strings (a single name is accepted where a list is expected).
-    mutating func strings(_ key: String) throws(EvdError) -> [String]? {
+    public mutating func strings(_ key: String) throws(EvdError) -> [String]? {
         guard let value = self.value(key), !value.isNull else { return nil }
         switch value {
         case .string(let s):
@@ -101,13 +100,13 @@ struct Arguments {
     }
 
     /// Rejects any argument that no reader asked for.
-    func finish() throws(EvdError) {
+    public func finish() throws(EvdError) {
         for key in self.object.keys where !self.used.contains(key) {
             throw .badRequest(field: key, "unknown argument '\(key)'")
         }
     }
 
-    static func integer(_ value: JSONValue, field: String, in range: ClosedRange<Int64>?) throws(EvdError) -> Int64 {
+    public static func integer(_ value: JSONValue, field: String, in range: ClosedRange<Int64>?) throws(EvdError) -> Int64 {
         guard case .int(let n) = value else { throw wrongType(field, "an integer", value) }
         if let range, !range.contains(n) {
             throw .badRequest(field: field, "'\(field)' must be between \(range.lowerBound) and \(range.upperBound), not \(n)")
@@ -115,7 +114,7 @@ struct Arguments {
         return n
     }
 
-    static func wrongType(_ key: String, _ expected: String, _ value: JSONValue) -> EvdError {
+    public static func wrongType(_ key: String, _ expected: String, _ value: JSONValue) -> EvdError {
         .badRequest(field: key, "'\(key)' must be \(expected), not \(value.typeName)")
     }
 }
