@@ -8,31 +8,34 @@ enum SQLParameters: Sendable {
     case positional([JSONValue])
     case named(JSONObject)
 
-    /// Validates a request's `params` value: an array or object of scalars and `{"$base64": ...}` blobs.
+    /// Validates a request's `params` value: an array or object of scalars, `{"$base64": ...}`
+    /// blobs and the other forms of `ValueForms`, each kept as it binds.
     init(_ value: JSONValue?, field: String = "params") throws(EvdError) {
-        switch try ValueForms.parameters(value, field: field) {
+        switch value {
         case nil, .null?:
             self = .none
-        case .array(let values)?:
-            for (index, value) in values.enumerated() { try Self.check(value, field: "\(field)[\(index)]") }
+        case .array(var values)?:
+            for index in values.indices { values[index] = try Self.checked(values[index], field: "\(field)[\(index)]") }
             self = .positional(values)
-        case .object(let object)?:
-            for (key, value) in object { try Self.check(value, field: "\(field).\(key)") }
+        case .object(var object)?:
+            for (key, value) in object { object[key] = try Self.checked(value, field: "\(field).\(key)") }
             self = .named(object)
         case let other?:
             throw Arguments.wrongType(field, "an array or an object", other)
         }
     }
 
-    /// A parameter value is a scalar, a blob `{"$base64": "..."}` or TEXT `{"$text_base64": "..."}`
-    /// (`ValueForms`); `true`/`false` bind as 1/0.
-    private static func check(_ value: JSONValue, field: String) throws(EvdError) {
+    /// A parameter value as it binds: a scalar, a blob `{"$base64": "..."}`, or a form
+    /// `ValueForms.decoded` reads (`{"$real": ...}` as its double, `{"$text_base64": ...}` checked;
+    /// an integer beyond 64 bits refused); `true`/`false` bind as 1/0.
+    private static func checked(_ value: JSONValue, field: String) throws(EvdError) -> JSONValue {
+        if let decoded = try ValueForms.decoded(value, field: field) { return decoded }
         switch value {
         case .null, .bool, .int, .double, .string:
-            return
+            return value
         case .object(let object) where object.count == 1:
-            guard let text = (object["$base64"] ?? object["$text_base64"])?.stringValue, Base64.decode(text) != nil
-            else { fallthrough }
+            guard let text = object["$base64"]?.stringValue, Base64.decode(text) != nil else { fallthrough }
+            return value
         default:
             throw .badRequest(field: field, "a parameter must be a scalar or {\"$base64\": \"...\"}, not \(value.typeName)")
         }
@@ -701,12 +704,7 @@ struct SQLRun {
                 statement = try self.prepareReplacement(text, modifiers: verdict.modifiers)
             }
             if let replaced = verdict.properties["parameters"], replaced != json() {
-                guard let list = replaced.arrayValue else {
-                    throw EvdError(.vetoed, "a listener set executemany's parameters to something that is not a list")
-                }
-                sets = .sets(try list.enumerated().map { (index, set) throws(EvdError) in
-                    try SQLParameters(set, field: "parameters[\(index)]")
-                })
+                sets = try Self.parameterSets(replaced)
                 all = replaced
             }
         }

@@ -45,23 +45,4 @@ enum ValueForms {
             return nil
         }
     }
-
-    /// A request's `params` (an array or an object of values) with each value as it binds
-    /// (`decoded`); any other `params` as it is, for `SQLParameters` to judge.
-    static func parameters(_ params: JSONValue?, field: String = "params") throws(EvdError) -> JSONValue? {
-        switch params {
-        case .array(var values)?:
-            for index in values.indices {
-                if let decoded = try Self.decoded(values[index], field: "\(field)[\(index)]") { values[index] = decoded }
-            }
-            return .array(values)
-        case .object(var object)?:
-            for (key, value) in object {
-                if let decoded = try Self.decoded(value, field: "\(field).\(key)") { object[key] = decoded }
-            }
-            return .object(object)
-        default:
-            return params
-        }
-    }
 }
