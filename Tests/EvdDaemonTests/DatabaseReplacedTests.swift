@@ -205,33 +205,26 @@ struct DatabaseReplacedTests {
 
     @Test("one error is logged, not one per request, and the metric evd_database_lost says so")
     func loggedOnce() async throws {
-        let logs = InMemoryLogHandler()
-        try await withTemporaryDirectory { directory in
-            try await withDaemon(
-                in: directory, configure: { $0.metrics.listen = HostPort(host: "127.0.0.1", port: 0) },
-                logger: Logger(label: "evd-test", factory: { _ in logs })
-            ) { daemon, _ in
-                let port = try metricsAddress(loggedIn: logs).port
-                try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "create table t(x)"])
-                    let before = try await parseWithPrometheusClient(
-                        httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /metrics").body)
-                    #expect(before.value("evd_database_lost", ["database": "main"]) == 0)
+        try await withTCPMetricsDaemon { daemon, logs, _, port in
+            try await daemon.withClient { evd in
+                try await evd.request("execute", ["sql": "create table t(x)"])
+                let before = try await parseWithPrometheusClient(
+                    httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /metrics").body)
+                #expect(before.value("evd_database_lost", ["database": "main"]) == 0)
 
-                    remove(databaseAt: daemon.databasePath)
-                    for value in 1...3 {
-                        expectMoved(try await evd.expectError("execute", ["sql": "insert into t values (?)", "params": [.int(Int64(value))]]))
-                    }
-                    let after = try await parseWithPrometheusClient(
-                        httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /metrics").body)
-                    #expect(after.value("evd_database_lost", ["database": "main"]) == 1)
+                remove(databaseAt: daemon.databasePath)
+                for value in 1...3 {
+                    expectMoved(try await evd.expectError("execute", ["sql": "insert into t values (?)", "params": [.int(Int64(value))]]))
                 }
-                let errors = logs.entries.filter { $0.level == .error }
-                #expect(errors.count == 1)
-                #expect(errors.first?.metadata["db.name"]?.description == "main")
-                #expect(errors.first?.metadata["db.loss"]?.description == "deleted")
-                #expect(errors.first?.metadata["db.path"]?.description == daemon.databasePath)
+                let after = try await parseWithPrometheusClient(
+                    httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /metrics").body)
+                #expect(after.value("evd_database_lost", ["database": "main"]) == 1)
             }
+            let errors = logs.entries.filter { $0.level == .error }
+            #expect(errors.count == 1)
+            #expect(errors.first?.metadata["db.name"]?.description == "main")
+            #expect(errors.first?.metadata["db.loss"]?.description == "deleted")
+            #expect(errors.first?.metadata["db.path"]?.description == daemon.databasePath)
         }
     }
 

@@ -157,36 +157,29 @@ struct MetricsTests {
 
     @Test("--metrics-listen serves /metrics over TCP (port 0: the bound port is logged)")
     func metricsOverTCP() async throws {
-        let logs = InMemoryLogHandler()
-        try await withTemporaryDirectory { directory in
-            try await withDaemon(
-                in: directory, configure: { $0.metrics.listen = HostPort(host: "127.0.0.1", port: 0) },
-                logger: Logger(label: "evd-test", factory: { _ in logs })
-            ) { daemon, _ in
-                let (address, port) = try metricsAddress(loggedIn: logs)
-                #expect(address.hasPrefix("127.0.0.1:") && port > 0)
+        try await withTCPMetricsDaemon { daemon, _, address, port in
+            #expect(address.hasPrefix("127.0.0.1:") && port > 0)
 
-                try await daemon.request("emit", ["event": "test.metrics"])
-                // A label value with what the text format must escape.
-                let awkward = "test/\"quoted\"\\name"
-                try await daemon.request("emit", ["event": .string(awkward)])
-                try await daemon.request("emit", ["event": .string(awkward)])
-                let reply = try await httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /metrics")
-                #expect(reply.status == 200)
-                let families = try await parseWithPrometheusClient(reply.body)
-                #expect(families.value("evd_events_published_total", ["event": "test.metrics"]) == 1)
-                #expect(families.value("evd_events_published_total", ["event": awkward]) == 2)
-                let missing = try await httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /")
-                #expect(missing.status == 404)
+            try await daemon.request("emit", ["event": "test.metrics"])
+            // A label value with what the text format must escape.
+            let awkward = "test/\"quoted\"\\name"
+            try await daemon.request("emit", ["event": .string(awkward)])
+            try await daemon.request("emit", ["event": .string(awkward)])
+            let reply = try await httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /metrics")
+            #expect(reply.status == 200)
+            let families = try await parseWithPrometheusClient(reply.body)
+            #expect(families.value("evd_events_published_total", ["event": "test.metrics"]) == 1)
+            #expect(families.value("evd_events_published_total", ["event": awkward]) == 2)
+            let missing = try await httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /")
+            #expect(missing.status == 404)
 
-                // Keep-alive and pipelining: two requests in one write, two answers in order.
-                let both = try await httpExchange(
-                    .tcp(host: "127.0.0.1", port: port),
-                    "GET /metrics HTTP/1.1\r\nHost: evd\r\n\r\nGET /other HTTP/1.1\r\nHost: evd\r\nConnection: close\r\n\r\n")
-                // (HTTP's lines end with \r\n, the metrics' own with \n.)
-                let statusLines = both.split(whereSeparator: \.isNewline).filter { $0.hasPrefix("HTTP/1.1 ") }
-                #expect(statusLines == ["HTTP/1.1 200 OK", "HTTP/1.1 404 Not Found"])
-            }
+            // Keep-alive and pipelining: two requests in one write, two answers in order.
+            let both = try await httpExchange(
+                .tcp(host: "127.0.0.1", port: port),
+                "GET /metrics HTTP/1.1\r\nHost: evd\r\n\r\nGET /other HTTP/1.1\r\nHost: evd\r\nConnection: close\r\n\r\n")
+            // (HTTP's lines end with \r\n, the metrics' own with \n.)
+            let statusLines = both.split(whereSeparator: \.isNewline).filter { $0.hasPrefix("HTTP/1.1 ") }
+            #expect(statusLines == ["HTTP/1.1 200 OK", "HTTP/1.1 404 Not Found"])
         }
     }
 
@@ -412,9 +405,20 @@ func parseWithPrometheusClient(_ text: String) async throws -> MetricFamilies {
     }
 }
 
-/// The address a daemon started with `metrics.listen` port 0 logged, and its port.
-func metricsAddress(loggedIn logs: InMemoryLogHandler) throws -> (address: String, port: Int) {
-    let entry = logs.entries.first { $0.message.description == "metrics endpoint is listening" }
-    let address = try #require(entry?.metadata["metrics.address"]?.description)
-    return (address, try #require(HostPort(parsing: address)?.port))
+/// Runs a daemon serving `/metrics` over TCP on a free loopback port (`metrics.listen` port 0) for
+/// `body`, with its log, and the address it logged for the endpoint, and that address's port.
+func withTCPMetricsDaemon(
+    _ body: @Sendable (RunningDaemon, _ logs: InMemoryLogHandler, _ address: String, _ port: Int) async throws -> Void
+) async throws {
+    let logs = InMemoryLogHandler()
+    try await withTemporaryDirectory { directory in
+        try await withDaemon(
+            in: directory, configure: { $0.metrics.listen = HostPort(host: "127.0.0.1", port: 0) },
+            logger: Logger(label: "evd-test", factory: { _ in logs })
+        ) { daemon, _ in
+            let entry = logs.entries.first { $0.message.description == "metrics endpoint is listening" }
+            let address = try #require(entry?.metadata["metrics.address"]?.description)
+            try await body(daemon, logs, address, try #require(HostPort(parsing: address)?.port))
+        }
+    }
 }
