@@ -578,6 +578,34 @@ struct OperationsTests {
         }
     }
 
+    @Test("a two-phase transaction SQLite rolls back itself ends with rollback_twophase, not rollback")
+    func sqliteEndsATwoPhaseTransaction() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.request(
+                "execute",
+                [
+                    "sql": """
+                    create table t(x); create table u(y);
+                    create trigger refuse before insert on t begin select raise(rollback, 'refused'); end;
+                    """
+                ])
+            try await daemon.withClient { listener in
+                _ = try await subscribeEvents(listener, ["rollback", "rollback_twophase"])
+                try await daemon.withClient { evd in
+                    try await evd.request("begin_twophase", ["xid": "x1"])
+                    try await evd.request("execute", ["sql": "alter table u add column z"])
+                    let error = try await evd.expectError("execute", ["sql": "insert into t values (1)"])
+                    #expect(error.message.contains("no longer in a transaction"))
+                    // The column added inside it went with it.
+                    #expect(try await evd.expectError("execute", ["sql": "insert into u(z) values (1)"]).code == "sql_error")
+                }
+                let ended = try #require(await listener.nextMessage(ofType: "event"))
+                #expect(ended["event"] == "rollback_twophase")
+                #expect(ended["xid"] == "x1")
+            }
+        }
+    }
+
     @Test("a session that disconnects inside a transaction has it rolled back")
     func disconnectRollsBack() async throws {
         try await withRunningDaemon { daemon in

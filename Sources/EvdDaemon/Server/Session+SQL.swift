@@ -119,18 +119,37 @@ extension Session {
                 await self.checkin(connection, to: pool)
                 throw error
             }
-            // Some errors make SQLite roll the whole transaction back (RAISE(ROLLBACK) in a trigger,
-            // SQLITE_FULL, ...). Then the session's transaction is over: its later requests must not
-            // autocommit on a connection the client believes is still in a transaction.
-            let stillOpen = (try? await transaction.pool.run { connection.sqlite.inTransaction }) ?? false
-            guard !stillOpen else { throw error }
-            state.transaction = nil
-            self.core.bus.emit(.rollback, origin) { self.transactionProperties(transaction) }
-            await self.checkin(connection, to: transaction.pool)
-            var ended = Self.wireError(error)
-            ended.message += " (SQLite rolled the transaction back: the session is no longer in a transaction)"
-            throw ended
+            throw await self.endIfRolledBackBySQLite(transaction, error, &state)
         }
+    }
+
+    /// After a request of the session's transaction failed: if SQLite rolled the whole transaction
+    /// back itself (RAISE(ROLLBACK) in a trigger, SQLITE_FULL, a COMMIT that could not be written),
+    /// the transaction is over — its later requests must not autocommit on a connection the client
+    /// believes is still in a transaction. Then this fires `rollback` (`rollback_twophase`), forgets
+    /// the schema read inside it (the schema cookie went back, see `SchemaCache`), gives the
+    /// connection back, and returns the error saying so, so that the client neither retries nor
+    /// rolls back. Otherwise it returns `error` as it is: the transaction stays open.
+    private func endIfRolledBackBySQLite(_ transaction: Transaction, _ error: any Error, _ state: inout SessionState) async -> any Error {
+        let connection = transaction.connection
+        let stillOpen = (try? await transaction.pool.run { () -> Bool in
+            let open = connection.sqlite.inTransaction
+            if !open { connection.schema.clear() }
+            return open
+        }) ?? false
+        guard !stillOpen else { return error }
+        state.transaction = nil
+        if let xid = transaction.xid {
+            self.core.bus.emit(.rollbackTwophase, self.origin) {
+                Self.twoPhaseProperties(transaction.pool, connection, xid: xid, isPrepared: false)
+            }
+        } else {
+            self.core.bus.emit(.rollback, self.origin) { self.transactionProperties(transaction) }
+        }
+        await self.checkin(connection, to: transaction.pool)
+        var ended = Self.wireError(error)
+        ended.message += " (SQLite rolled the transaction back: the session is no longer in a transaction)"
+        return ended
     }
 
     /// Checks a connection out for this session: `checkout`, then `engine_connect`.
@@ -231,23 +250,8 @@ extension Session {
                 try await self.endIfLost(transaction, &state)
                 // A failed COMMIT (busy, a deferred constraint) leaves the transaction open: the
                 // client may retry or roll back. If SQLite ended it anyway (SQLITE_FULL: the disk
-                // filled up while the COMMIT wrote), so do we, and say so as `withSQL` does: the
-                // `rollback` event, and a message that tells the client not to retry or roll back
-                // (before, a COMMIT on a full disk only said "database or disk is full").
-                let stillOpen = (try? await transaction.pool.run { connection.sqlite.inTransaction }) ?? false
-                guard !stillOpen else { throw error }
-                state.transaction = nil
-                if let xid = transaction.xid {
-                    self.core.bus.emit(.rollbackTwophase, self.origin) {
-                        Self.twoPhaseProperties(transaction.pool, connection, xid: xid, isPrepared: false)
-                    }
-                } else {
-                    self.core.bus.emit(.rollback, self.origin) { self.transactionProperties(transaction) }
-                }
-                await self.checkin(connection, to: transaction.pool)
-                var ended = Self.wireError(error)
-                ended.message += " (SQLite rolled the transaction back: the session is no longer in a transaction)"
-                throw ended
+                // filled up while the COMMIT wrote), so do we, as for any request.
+                throw await self.endIfRolledBackBySQLite(transaction, error, &state)
             }
         } else {
             await self.rollBack(transaction)
