@@ -66,6 +66,35 @@ struct SQLSecurityTests {
         }
     }
 
+    @Test("evd's own tables, _evd_meta (the seq bound, floors, checksum start) and _evd_journal, cannot be changed by a uid granted every other action")
+    func evdTablesAreProtected() async throws {
+        let everything: Set<Action> = [
+            .executeSQL, .viewTable, .insertRow, .updateRow, .deleteRow, .createTable, .alterTable, .dropTable,
+        ]
+        try await withRunningDaemon(configure: { openUp(&$0, grants: [grant(everything)]) }) { daemon in
+            try await setUp(daemon, ["create table t(x)", "insert into t values (1)"])
+            let meta = try await rows(daemon, "select key, value from _evd_meta order by key")
+            let journal = try await rows(daemon, "select seq, crc from _evd_journal order by seq")
+            #expect(!meta.isEmpty && !journal.isEmpty)
+            let attacks = [
+                "update _evd_meta set value = 0",
+                "delete from _evd_meta",
+                "insert or replace into _evd_meta (key, value) values ('journal_unchecked_through', 9223372036854775807)",
+                "drop table _evd_meta",
+                "update _evd_journal set crc = null",
+                "delete from _evd_journal",
+                "alter table _evd_meta rename to x",
+            ]
+            let got = try await nobodyResponses(daemon, attacks.map(execute))
+            for (index, sql) in attacks.enumerated() {
+                let response = got[Int64(index + 1)]
+                #expect(response?["error"]?["code"] == "permission_denied", "\(sql): \(String(describing: response))")
+            }
+            #expect(try await rows(daemon, "select key, value from _evd_meta order by key") == meta)
+            #expect(try await rows(daemon, "select seq, crc from _evd_journal order by seq") == journal)
+        }
+    }
+
     @Test("only an admin may create or drop a trigger: one planted with alter-table would run as the next writer")
     func triggersNeedAdmin() async throws {
         let grants = [
