@@ -18,20 +18,23 @@ struct GlobalOptions: ParsableArguments {
     var socketPath: String { SocketPath.resolve(explicit: self.socket, environment: SocketPath.processEnvironment) }
 
     /// Sends one request and prints its result as JSON; an error goes to stderr (`ExitStatus`).
-    func call(_ op: String, _ arguments: JSONObject = [:]) async throws {
-        let result = try await self.send(op, arguments)
+    /// `operation` may throw what the daemon would answer (a parameter no SQLite value can hold,
+    /// say): it is reported the same way, and nothing is sent.
+    func call(_ operation: () throws(EvdError) -> Operation) async throws {
+        let result = try await self.send(operation)
         Terminal.writeStdout(JSONValue.object(result).jsonBytes + [0x0a])
     }
 
     /// Sends one request (after logging in with the token, if any) and returns its result. An error
     /// reply goes to stderr with `ExitStatus.errorReply`; no daemon, or a connection that ends before
     /// the reply, with `ExitStatus.unavailable`.
-    func send(_ op: String, _ arguments: JSONObject = [:]) async throws -> JSONObject {
+    func send(_ operation: () throws(EvdError) -> Operation) async throws -> JSONObject {
         let token = TokenSource.resolve(explicit: self.token, environment: SocketPath.processEnvironment)
         do {
+            let request = try operation()
             return try await EvdConnection.withConnection(socketPath: self.socketPath) { evd in
                 if let token { try await evd.login(token: token) }
-                return try await evd.request(op, arguments)
+                return try await evd.request(request)
             }
         } catch let error as EvdError {
             Terminal.writeStderr("evctl: \(error)")
@@ -127,10 +130,10 @@ extension Evctl {
         @Argument(help: "Parameters: each parses as JSON if it can (42, null, \"x\"), else is a string.") var params: [String] = []
 
         func run() async throws {
-            var arguments: JSONObject = ["sql": .string(self.sql)]
-            if !self.params.isEmpty { arguments["params"] = .array(self.params.map(Terminal.argumentValue)) }
-            if let database { arguments["database"] = .string(database) }
-            try await self.global.call("execute", arguments)
+            try await self.global.call { () throws(EvdError) in
+                let params = self.params.isEmpty ? SQLParameters.none : try SQLParameters(.array(self.params.map(Terminal.argumentValue)))
+                return .execute(.init(sql: self.sql, params: params, database: self.database))
+            }
         }
     }
 
@@ -155,13 +158,11 @@ extension Evctl {
                 default: throw ValidationError("each ROW must be a JSON object or an array of objects: \(text)")
                 }
             }
-            var arguments: JSONObject = ["table": .string(self.table), "rows": .array(all)]
-            if self.ignore { arguments["ignore"] = true }
-            if self.replace { arguments["replace"] = true }
-            if self.alter { arguments["alter"] = true }
-            if self.returning { arguments["return"] = true }
-            if let database { arguments["database"] = .string(database) }
-            try await self.global.call("insert", arguments)
+            let rows = JSONRows(objects: all) ?? JSONRows()
+            let insert = StructuredOp.insert(
+                table: self.table, rows: rows, ignore: self.ignore, replace: self.replace, alter: self.alter,
+                returning: self.returning)
+            try await self.global.call { .structured(insert, database: self.database) }
         }
     }
 
@@ -172,9 +173,7 @@ extension Evctl {
         @Argument(help: "The table.") var table: String
 
         func run() async throws {
-            var arguments: JSONObject = ["table": .string(self.table)]
-            if let database { arguments["database"] = .string(database) }
-            try await self.global.call("describe", arguments)
+            try await self.global.call { .structured(.describe(table: self.table), database: self.database) }
         }
     }
 
@@ -186,14 +185,14 @@ extension Evctl {
         @Argument(help: "Its properties, a JSON object.") var data: String?
 
         func run() async throws {
-            var arguments: JSONObject = ["event": .string(self.event)]
+            var emit = Operation.Emit(event: self.event)
             if let data {
                 guard case .object(let object) = Terminal.argumentValue(data) else {
                     throw ValidationError("the event's data must be a JSON object")
                 }
-                arguments["data"] = .object(object)
+                emit.data = object
             }
-            try await self.global.call("emit", arguments)
+            try await self.global.call { .emit(emit) }
         }
     }
 
@@ -225,9 +224,8 @@ extension Evctl {
             var json = false
 
             func run() async throws {
-                var arguments: JSONObject = [:]
-                if let expiresAfter { arguments["expires_after"] = .int(expiresAfter) }
-                if !self.restrictAll.isEmpty { arguments["restrict_all"] = .array(self.restrictAll.map(JSONValue.string)) }
+                var request = Operation.CreateToken(expiresAfter: self.expiresAfter)
+                if !self.restrictAll.isEmpty { request.restrictAll = .array(self.restrictAll.map(JSONValue.string)) }
                 var databases = JSONObject()
                 for item in self.restrictDatabase {
                     guard let colon = item.lastIndex(of: ":"), colon != item.startIndex else {
@@ -236,7 +234,7 @@ extension Evctl {
                     let database = String(item[..<colon])
                     databases[database] = .array((databases[database]?.arrayValue ?? []) + [.string(String(item[item.index(after: colon)...]))])
                 }
-                if !databases.isEmpty { arguments["restrict_database"] = .object(databases) }
+                if !databases.isEmpty { request.restrictDatabase = databases }
                 var resources = JSONObject()
                 for item in self.restrictResource {
                     guard let first = item.firstIndex(of: ":"), let last = item.lastIndex(of: ":"), first < last,
@@ -250,8 +248,8 @@ extension Evctl {
                     tables[table] = .array((tables[table]?.arrayValue ?? []) + [.string(String(item[item.index(after: last)...]))])
                     resources[database] = .object(tables)
                 }
-                if !resources.isEmpty { arguments["restrict_resource"] = .object(resources) }
-                let result = try await self.global.send("create_token", arguments)
+                if !resources.isEmpty { request.restrictResource = resources }
+                let result = try await self.global.send { .createToken(request) }
                 if self.json {
                     Terminal.writeStdout(JSONValue.object(result).jsonBytes + [0x0a])
                 } else {
@@ -265,7 +263,7 @@ extension Evctl {
     struct Events: AsyncParsableCommand {
         static let configuration = CommandConfiguration(commandName: "events", abstract: "Print the event catalog.")
         @OptionGroup var global: GlobalOptions
-        func run() async throws { try await self.global.call("events") }
+        func run() async throws { try await self.global.call { .events } }
     }
 
     struct Stats: AsyncParsableCommand {
@@ -282,7 +280,7 @@ extension Evctl {
         @Flag(help: "Print readable sections, even into a pipe.") var human = false
 
         func run() async throws {
-            let result = try await self.global.send("stats")
+            let result = try await self.global.send { .stats }
             if self.json || (!self.human && isatty(STDOUT_FILENO) == 0) {
                 Terminal.writeStdout(JSONValue.object(result).jsonBytes + [0x0a])
             } else {
@@ -294,6 +292,6 @@ extension Evctl {
     struct Ping: AsyncParsableCommand {
         static let configuration = CommandConfiguration(commandName: "ping", abstract: "Check that evd answers.")
         @OptionGroup var global: GlobalOptions
-        func run() async throws { try await self.global.call("ping") }
+        func run() async throws { try await self.global.call { .ping } }
     }
 }

@@ -120,16 +120,16 @@ struct Evtail: AsyncParsableCommand {
     func run() async throws {
         Terminal.exitQuietlyOnSignals()
         let socketPath = SocketPath.resolve(explicit: self.socket, environment: SocketPath.processEnvironment)
-        var arguments: JSONObject = [:]
+        var subscribe = Operation.Subscribe()
         if !self.events.isEmpty || self.vetoEvents.isEmpty {
-            arguments["events"] = .array((self.events.isEmpty ? ["*"] : self.events).map(JSONValue.string))
+            subscribe.events = self.events.isEmpty ? ["*"] : self.events
         }
         if !self.vetoEvents.isEmpty {
-            arguments["veto"] = .array(self.vetoEvents.map(JSONValue.string))
-            if let timeoutMs { arguments["timeout_ms"] = .integer(timeoutMs) }
-            if let onTimeout { arguments["on_timeout"] = .string(onTimeout) }
-            if let priority { arguments["priority"] = .integer(priority) }
-            if self.dryRun { arguments["mode"] = "dry_run" }
+            subscribe.veto = self.vetoEvents
+            subscribe.timeoutMs = self.timeoutMs.map(Int64.init)
+            subscribe.onTimeout = self.onTimeout.flatMap(Operation.Subscribe.OnTimeout.init)
+            subscribe.priority = self.priority.map(Int64.init)
+            if self.dryRun { subscribe.mode = .dryRun }
         }
         var filter = JSONObject()
         for item in self.filters {
@@ -142,10 +142,10 @@ struct Evtail: AsyncParsableCommand {
             case let existing?: filter[key] = .array([existing, value])
             }
         }
-        if !filter.isEmpty { arguments["where"] = .object(filter) }
+        if !filter.isEmpty { subscribe.where = filter }
         let position = self.positionPath().map(ResumePosition.init)
-        if let since = try position?.load() ?? self.since { arguments["since"] = .int(since) }
-        if let name { arguments["name"] = .string(name) }
+        subscribe.since = try position?.load() ?? self.since
+        subscribe.name = self.name
         let readable = !self.json && Terminal.stdoutIsTerminal
         let limit = self.count
         let policy: VetoPolicyRunner? =
@@ -155,7 +155,7 @@ struct Evtail: AsyncParsableCommand {
         let outcome: Int32 = try await EvdConnection.withConnection(socketPath: socketPath) { evd in
             do {
                 if let token { try await evd.login(token: token) }
-                try await evd.request("subscribe", arguments)
+                try await evd.request(.subscribe(subscribe))
             } catch let error as EvdError {
                 Terminal.writeStderr("evtail: \(error)")
                 return 1

@@ -123,11 +123,10 @@ struct TokenTests {
     @Test("restrict_database and restrict_resource: allowed only where named, and every set of a token's chain must allow")
     func restrictDatabaseAndResource() async throws {
         let authority = TokenAuthority(key: SymmetricKey(size: .bits256))
-        var arguments = Arguments([
-            "restrict_database": ["main": ["view-table", "insert-row"]],
-            "restrict_resource": ["other": ["dogs": ["delete-row"]]],
-        ])
-        let (restrictions, given) = try TokenRestrictions.parse(&arguments)
+        let request = Operation.CreateToken(
+            restrictDatabase: ["main": ["view-table", "insert-row"]],
+            restrictResource: ["other": ["dogs": ["delete-row"]]])
+        let (restrictions, given) = try TokenRestrictions.parse(request)
         #expect(given == "restrict_database")
         let root = Actor(uid: 0, gid: 0, pid: 1, user: "root")
         let token = authority.sign(TokenPayload(actor: root, restrictions: [restrictions], created: 0, expires: nil))

@@ -1088,7 +1088,7 @@ struct VetoTests {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { listener in
                 // A generous timeout: the default 1 s can pass before a loaded machine runs the listener's task.
-                let vetoes = try await listener.vetoes(["before_cursor_execute"], options: ["name": "x", "timeout_ms": 20000])
+                let vetoes = try await listener.vetoes(["before_cursor_execute"], options: .init(name: "x", timeoutMs: 20000))
                 #expect(vetoes.subscription > 0)
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     group.addTask {

@@ -140,18 +140,45 @@ public final class EvdConnection: Sendable {
         self.helloSignal.finish()
     }
 
-    /// Sends a request and returns its `result`; an error response is thrown as `EvdError`.
+    /// Sends an operation and returns its `result`; an error response is thrown as `EvdError`.
+    ///
+    /// ```swift
+    /// let result = try await evd.request(.execute(.init(sql: "select 1")))
+    /// ```
+    @discardableResult
+    public func request(_ operation: Operation) async throws -> JSONObject {
+        try Self.result(of: try await self.rawRequest(members: operation.request))
+    }
+
+    /// Sends an operation and returns the whole response object (`ok`, `result` or `error`).
+    public func rawRequest(_ operation: Operation) async throws -> JSONObject {
+        try await self.rawRequest(members: operation.request)
+    }
+
+    /// Sends a request by its op's name and arguments, as they are: for what `Operation` cannot
+    /// express (a test's malformed request, an op of a newer daemon). Returns its `result`; an
+    /// error response is thrown as `EvdError`.
     @discardableResult
     public func request(_ op: String, _ arguments: JSONObject = [:]) async throws -> JSONObject {
-        let response = try await self.rawRequest(op, arguments)
+        try Self.result(of: try await self.rawRequest(op, arguments))
+    }
+
+    /// Sends a request by its op's name and arguments and returns the whole response object.
+    public func rawRequest(_ op: String, _ arguments: JSONObject = [:]) async throws -> JSONObject {
+        var members = arguments
+        members["op"] = .string(op)
+        return try await self.rawRequest(members: members)
+    }
+
+    private static func result(of response: JSONObject) throws -> JSONObject {
         if response["ok"] == true {
             return response["result"]?.objectValue ?? [:]
         }
         throw EvdError(object: response["error"]?.objectValue ?? [:])
     }
 
-    /// Sends a request and returns the whole response object (`ok`, `result` or `error`).
-    public func rawRequest(_ op: String, _ arguments: JSONObject = [:]) async throws -> JSONObject {
+    /// Sends a request's members (with `op`; the connection adds `id`) and waits for its response.
+    private func rawRequest(members: JSONObject) async throws -> JSONObject {
         try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<JSONObject, any Error>) in
             let id: Int64? = self.pending.withLock { state in
                 guard !state.closed else { return nil }
@@ -163,8 +190,7 @@ public final class EvdConnection: Sendable {
                 continuation.resume(throwing: ConnectionError(description: "the connection to evd is closed"))
                 return
             }
-            var request = arguments
-            request["op"] = .string(op)
+            var request = members
             request["id"] = .int(id)
             var bytes = JSONValue.object(request).jsonBytes
             bytes.append(0x0a)
@@ -180,7 +206,7 @@ public final class EvdConnection: Sendable {
     /// `token_expired`).
     @discardableResult
     public func login(token: String) async throws -> JSONObject {
-        try await self.request("login", ["token": .string(token)])["actor"]?.objectValue ?? [:]
+        try await self.request(.login(token: token))["actor"]?.objectValue ?? [:]
     }
 
     /// Sends a message that gets no response when valid (a veto `reply`).

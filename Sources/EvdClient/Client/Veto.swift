@@ -24,25 +24,22 @@ public struct Veto: Sendable {
 
     /// Lets the action go on.
     public func allow() async throws {
-        try await self.reply(["action": "allow"])
+        try await self.reply(.allow)
     }
 
     /// Stops the action; the client that caused it gets `vetoed` with this reason.
     public func deny(_ reason: String? = nil) async throws {
-        var reply: JSONObject = ["action": "deny"]
-        if let reason { reply["reason"] = .string(reason) }
-        try await self.reply(reply)
+        try await self.reply(.deny, reason: reason)
     }
 
     /// Lets the action go on with these mutable properties replaced (`["statement": "..."]`).
     public func modify(_ set: JSONObject) async throws {
-        try await self.reply(["action": "modify", "set": .object(set)])
+        try await self.reply(.modify, set: set)
     }
 
-    private func reply(_ fields: JSONObject) async throws {
-        var reply: JSONObject = ["op": "reply", "seq": .int(self.seq)]
-        for (key, value) in fields { reply[key] = value }
-        try await self.connection.send(reply)
+    private func reply(_ action: Operation.Reply.Action, reason: String? = nil, set: JSONObject? = nil) async throws {
+        let reply = Operation.reply(.init(seq: self.seq, action: action, reason: reason, set: set))
+        try await self.connection.send(reply.request)
     }
 }
 
@@ -54,12 +51,12 @@ extension EvdConnection {
     /// for try await veto in try await evd.vetoes(["before_drop"]) { try await veto.deny("no drops") }
     /// ```
     ///
-    /// `options` are the other `subscribe` arguments (`name`, `priority`, `timeout_ms`, `on_timeout`,
-    /// `mode`). Events, notices and responses that are not vetoes are skipped.
-    public func vetoes(_ events: [String], options: JSONObject = [:]) async throws -> Vetoes {
-        var arguments = options
-        arguments["veto"] = .array(events.map(JSONValue.string))
-        let result = try await self.request("subscribe", arguments)
+    /// `options` are the other `subscribe` arguments (`name`, `priority`, `timeoutMs`, `onTimeout`,
+    /// `mode`); its `veto` is `events`. Events, notices and responses that are not vetoes are skipped.
+    public func vetoes(_ events: [String], options: Operation.Subscribe = .init()) async throws -> Vetoes {
+        var subscribe = options
+        subscribe.veto = events
+        let result = try await self.request(.subscribe(subscribe))
         return Vetoes(connection: self, subscription: result["subscription"]?.intValue ?? 0)
     }
 

@@ -131,8 +131,12 @@ extension TokenRestrictions {
         guard let object = json.objectValue, object.count == 3 else { return nil }
         do {
             var arguments = Arguments(object)
-            self = try Self.parse(&arguments).restrictions
+            let request = Operation.CreateToken(
+                restrictAll: arguments.value("restrict_all").flatMap { $0.isNull ? nil : $0 },
+                restrictDatabase: try arguments.object("restrict_database"),
+                restrictResource: try arguments.object("restrict_resource"))
             try arguments.finish()
+            self = try Self.parse(request).restrictions
         } catch {
             return nil
         }
@@ -141,20 +145,20 @@ extension TokenRestrictions {
     /// Reads `restrict_all`, `restrict_database` and `restrict_resource` from a request, checking
     /// every type and action name (`bad_request` naming the field at fault). `given` names the
     /// first of them present (nil: none).
-    static func parse(_ args: inout Arguments) throws(EvdError) -> (restrictions: TokenRestrictions, given: String?) {
+    static func parse(_ request: Operation.CreateToken) throws(EvdError) -> (restrictions: TokenRestrictions, given: String?) {
         var restrictions = TokenRestrictions()
         var given: String?
-        if let all = args.value("restrict_all"), !all.isNull {
+        if let all = request.restrictAll {
             given = "restrict_all"
             restrictions.all = try Self.actions(all, field: "restrict_all")
         }
-        if let databases = try args.object("restrict_database") {
+        if let databases = request.restrictDatabase {
             given = given ?? "restrict_database"
             for (database, actions) in databases {
                 restrictions.databases[database] = try Self.actions(actions, field: "restrict_database.\(database)")
             }
         }
-        if let resources = try args.object("restrict_resource") {
+        if let resources = request.restrictResource {
             given = given ?? "restrict_resource"
             for (database, tables) in resources {
                 guard case .object(let tables) = tables else {

@@ -3,15 +3,29 @@ import EvdClient
 
 /// Connections and transactions for a session's SQL.
 extension Session {
-    /// A parsed `execute`/`executemany`: its database and the work to run on a connection.
+    /// A SQL request, parsed: its database and what it runs there.
     struct SQLWork: Sendable {
         let database: String?
-        /// The table a structured op is about (`nil` for raw SQL).
-        let table: String?
-        /// What the op needs on its database (and table) before it runs; raw SQL's statements are
-        /// then checked table by table as SQLite compiles them.
-        let actions: [Action]
-        let run: @Sendable (SQLRun) throws -> JSONValue
+        let command: SQLCommand
+
+        /// The SQL work of a parsed operation (`nil` for an op that runs no SQL).
+        init?(_ operation: Operation) {
+            switch operation {
+            case .execute(let execute):
+                self.init(database: execute.database, command: .execute(SQLText(execute.sql), execute.params))
+            case .executemany(let many):
+                self.init(database: many.database, command: .executemany(SQLText(many.sql), many.parameterSets))
+            case .structured(let op, let database):
+                self.init(database: database, command: .structured(op))
+            default:
+                return nil
+            }
+        }
+
+        init(database: String?, command: SQLCommand) {
+            self.database = database
+            self.command = command
+        }
     }
 
     /// The daemon's veto budget for one operation.
@@ -28,19 +42,20 @@ extension Session {
     }
 
     /// Runs a SQL request on a connection: the open transaction's, or one checked out for just this
-    /// request (its own implicit transaction), with the session's options applied.
+    /// request (its own implicit transaction), with the session's options applied. Every argument
+    /// was checked (`Operation`); the actions the op needs are checked first, then (as SQLite
+    /// prepares each statement) each statement's actions on each table.
     ///
     /// `before_execute` is decided first, before any connection is checked out: a veto needs none,
     /// and a slow or silent listener must not hold one of the pool's while it thinks (every pending
     /// veto would otherwise hold a connection, and a stopped listener would starve the pool). A
     /// listener may deny the request — then no connection is checked out at all — or rewrite it,
-    /// in which case it is parsed again with `parse` and the rewritten request is what runs. Plain
-    /// subscribers get `before_execute` once the connection is the session's, as in SQLAlchemy
-    /// (`checkout`, `engine_connect`, `before_execute`); a denied request's comes without them.
-    func withSQL(
-        request: Request, _ state: inout SessionState, parse: (Request) throws -> SQLWork
-    ) async throws -> JSONValue {
-        var work = try parse(request)
+    /// in which case it is parsed again and the rewritten request is what runs. Plain subscribers
+    /// get `before_execute` once the connection is the session's, as in SQLAlchemy (`checkout`,
+    /// `engine_connect`, `before_execute`); a denied request's comes without them.
+    func runSQL(_ parsed: SQLWork, request: Request, _ state: inout SessionState) async throws -> JSONValue {
+        try self.require(parsed)
+        var work = parsed
         let options = self.effectiveOptions(state)
         let queryOnly = options["query_only"]?.boolValue ?? false
         let origin = self.origin
@@ -84,7 +99,10 @@ extension Session {
             if let rewritten = verdict?.properties["request"]?.objectValue, rewritten != request.whole {
                 finalRequest = Request(rewritten)
                 finalRequest.object["op"] = request["op"] ?? .null  // a listener rewrites the request, not the op
-                work = try parse(finalRequest)
+                guard let rewrittenWork = SQLWork(try Operation(parsing: finalRequest)) else {
+                    throw EvdError(.vetoed, "a before_execute listener rewrote the request into another op")
+                }
+                work = rewrittenWork
                 if let database = work.database, database != pool.database.name {
                     throw EvdError(.vetoed, "a before_execute listener moved the request to another database")
                 }
@@ -92,8 +110,8 @@ extension Session {
                 // stay within what each listener that rewrote it may see.
                 try self.require(work)
                 rewriters = (verdict?.modifiers ?? []).map { SQLPolicy(rewriter: $0, database: pool.database.name) }
-                for rewriter in rewriters where !rewriter.allows(.viewTable, table: work.table) {
-                    throw rewriter.refused(.viewTable, table: work.table)
+                for rewriter in rewriters where !rewriter.allows(.viewTable, table: work.command.table) {
+                    throw rewriter.refused(.viewTable, table: work.command.table)
                 }
             }
             let actor = self.actor
@@ -104,14 +122,10 @@ extension Session {
                 policy: permissions.isUnrestricted(actor)
                     ? nil : SQLPolicy(actor: actor, permissions: permissions, database: pool.database.name),
                 rewriters: rewriters, statementLimitMs: self.core.configuration.maxStatementMs)
-            let body = work.run
             // While it runs, a disconnect interrupts the statement (`run(channel:)`).
             self.runningWatch.withLock { $0 = connection.watch }
             defer { self.runningWatch.withLock { $0 = nil } }
-            let result = try await pool.run {
-                try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
-                return try body(run)
-            }
+            let result = try await run.run(work.command, queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
             if transaction == nil { await self.checkin(connection, to: pool) }
             return result
         } catch {
@@ -130,14 +144,9 @@ extension Session {
     /// the schema read inside it (the schema cookie went back, see `SchemaCache`), gives the
     /// connection back, and returns the error saying so, so that the client neither retries nor
     /// rolls back. Otherwise it returns `error` as it is: the transaction stays open.
-    private func endIfRolledBackBySQLite(_ transaction: Transaction, _ error: any Error, _ state: inout SessionState) async -> any Error {
+    func endIfRolledBackBySQLite(_ transaction: Transaction, _ error: any Error, _ state: inout SessionState) async -> any Error {
         let connection = transaction.connection
-        let stillOpen = (try? await transaction.pool.run { () -> Bool in
-            let open = connection.sqlite.inTransaction
-            if !open { connection.schema.clear() }
-            return open
-        }) ?? false
-        guard !stillOpen else { return error }
+        guard !(await transaction.pool.isInTransaction(connection)) else { return error }
         state.transaction = nil
         if let xid = transaction.xid {
             self.core.bus.emit(.rollbackTwophase, self.origin) {
@@ -173,159 +182,5 @@ extension Session {
                 field: "database",
                 "the session's transaction is on '\(transaction.pool.database.name)'; commit or roll back before using '\(database)'")
         }
-    }
-
-    private func transactionProperties(_ transaction: Transaction) -> JSONObject {
-        [
-            "database": .string(transaction.pool.database.name),
-            "connection": .integer(transaction.connection.number), "implicit": false,
-        ]
-    }
-
-    /// `begin`: the session keeps one connection until `commit` or `rollback`.
-    func begin(database: String?, _ state: inout SessionState) async throws {
-        if let transaction = state.transaction {
-            throw EvdError(
-                .alreadyInTransaction, "the session is already in a transaction on '\(transaction.pool.database.name)'")
-        }
-        let pool = try self.core.pool(database)
-        let connection = try await self.checkout(pool)
-        let options = self.effectiveOptions(state)
-        let queryOnly = options["query_only"]?.boolValue ?? false
-        let busyTimeout = Int32(options["busy_timeout_ms"]?.intValue ?? Int64(pool.defaultBusyTimeoutMs))
-        let transaction = Transaction(pool: pool, connection: connection)
-        do {
-            try await self.vetoable(.begin, on: pool) { self.transactionProperties(transaction) }
-            let restricted = !self.core.permissions.isUnrestricted(self.actor)
-            try await pool.run {
-                try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
-                // The policy's view of the schema for the transaction's first statement, which
-                // must not read before it writes (`SQLRun.facts`): read now, outside it.
-                if restricted { _ = try? connection.schema.replacingTables(connection.sqlite) }
-                try connection.run(own: "BEGIN")
-            }
-        } catch {
-            await self.checkin(connection, to: pool)
-            throw error
-        }
-        state.transaction = transaction
-    }
-
-    /// `commit` or `rollback`: ends the transaction and gives the connection back.
-    func end(commit: Bool, database: String?, _ state: inout SessionState) async throws {
-        guard let transaction = state.transaction else {
-            throw EvdError(.notInTransaction, "the session is not in a transaction (use begin first)")
-        }
-        try self.checkSameDatabase(database, transaction)
-        let connection = transaction.connection
-        if commit {
-            try await self.endIfLost(transaction, &state)
-            do {
-                // A two-phase transaction committed in one phase fires `commit_twophase` instead.
-                if transaction.xid == nil {
-                    try await self.vetoable(.commit, on: transaction.pool) { self.transactionProperties(transaction) }
-                }
-            } catch {
-                // A denied commit rolls the transaction back: nothing becomes visible.
-                await self.rollBack(transaction)
-                state.transaction = nil
-                await self.checkin(connection, to: transaction.pool)
-                throw error
-            }
-            // Like `commit`, `commit_twophase` is the moment before the COMMIT (SQLAlchemy's
-            // `_commit_twophase_impl`): the committed events follow it.
-            if let xid = transaction.xid {
-                self.core.bus.emit(.commitTwophase, self.origin) {
-                    Self.twoPhaseProperties(transaction.pool, transaction.connection, xid: xid, isPrepared: false)
-                }
-            }
-            do {
-                let pool = transaction.pool
-                let origin = self.origin
-                try await pool.run {
-                    try connection.commit(database: pool.database.name, origin: origin, bus: pool.bus, journal: pool.journal)
-                }
-            } catch {
-                // Nothing commits into a file deleted or replaced under evd: the transaction is over.
-                try await self.endIfLost(transaction, &state)
-                // A failed COMMIT (busy, a deferred constraint) leaves the transaction open: the
-                // client may retry or roll back. If SQLite ended it anyway (SQLITE_FULL: the disk
-                // filled up while the COMMIT wrote), so do we, as for any request.
-                throw await self.endIfRolledBackBySQLite(transaction, error, &state)
-            }
-        } else {
-            await self.rollBack(transaction)
-        }
-        state.transaction = nil
-        await self.checkin(connection, to: transaction.pool)
-    }
-
-    /// If the transaction's database was found lost (its file deleted or replaced under evd,
-    /// `DatabaseIdentity`): rolls the transaction back, gives its connection back (closed, not
-    /// pooled) and throws the database's error. The session is then no longer in a transaction.
-    func endIfLost(_ transaction: Transaction, _ state: inout SessionState) async throws(EvdError) {
-        let identity = transaction.pool.identity
-        guard identity.isLost else { return }
-        await self.rollBack(transaction)
-        state.transaction = nil
-        await self.checkin(transaction.connection, to: transaction.pool)
-        var error = identity.lostError.evdError
-        error.message += " (the transaction was rolled back: the session is no longer in a transaction)"
-        throw error
-    }
-
-    /// Rolls the session's transaction back (its captured changes with it) and fires `rollback`
-    /// (`rollback_twophase` for a two-phase one).
-    func rollBack(_ transaction: Transaction) async {
-        let connection = transaction.connection
-        try? await transaction.pool.run {
-            connection.capture.discardAll()
-            connection.schema.clear()  // the schema cookie goes back (see `SchemaCache`)
-            try connection.sqlite.exec("ROLLBACK")
-        }
-        if let xid = transaction.xid {
-            self.core.bus.emit(.rollbackTwophase, self.origin) {
-                Self.twoPhaseProperties(transaction.pool, connection, xid: xid, isPrepared: false)
-            }
-        } else {
-            self.core.bus.emit(.rollback, self.origin) { self.transactionProperties(transaction) }
-        }
-    }
-
-    /// `savepoint`, `release_savepoint`, `rollback_savepoint` inside the open transaction.
-    func savepoint(_ op: String, name: String, _ state: inout SessionState) async throws {
-        guard let transaction = state.transaction else {
-            throw EvdError(.notInTransaction, "savepoints need a transaction (use begin first)")
-        }
-        guard !name.isEmpty else { throw EvdError.badRequest(field: "name", "'name' must not be empty") }
-        let quoted = SQLIdentifier.quote(name)
-        let sql: String
-        let kind: EventKind
-        switch op {
-        case "savepoint": (sql, kind) = ("SAVEPOINT \(quoted)", .savepoint)
-        case "release_savepoint": (sql, kind) = ("RELEASE SAVEPOINT \(quoted)", .releaseSavepoint)
-        default: (sql, kind) = ("ROLLBACK TO SAVEPOINT \(quoted)", .rollbackSavepoint)
-        }
-        let connection = transaction.connection
-        func properties() -> JSONObject {
-            var properties = self.transactionProperties(transaction)
-            properties.removeValue(forKey: "implicit")
-            properties["name"] = .string(name)
-            return properties
-        }
-        if kind == .savepoint {
-            // SQLAlchemy's savepoint event comes before the SAVEPOINT; a deny means there is none.
-            try await self.vetoable(.savepoint, on: transaction.pool, properties)
-        }
-        try await transaction.pool.run {
-            try connection.sqlite.exec(sql)
-            // The changes since a savepoint that is rolled back will never commit.
-            switch kind {
-            case .savepoint: connection.capture.savepoint(name)
-            case .releaseSavepoint: connection.capture.release(name)
-            default: connection.capture.rollback(to: name)
-            }
-        }
-        if kind != .savepoint { self.core.bus.emit(kind, self.origin, properties) }
     }
 }

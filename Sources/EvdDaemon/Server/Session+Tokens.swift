@@ -5,10 +5,7 @@ import OrderedCollections
 extension Session {
     /// Ops a session whose token has expired may still send: they need no permission, and `login`
     /// and `logout` are how it gets out of that state.
-    static let opsAfterTokenExpiry: Set<String> = ["ping", "events", "login", "logout"]
-
-    /// The longest `expires_after` (100 years, in seconds): beyond it, ask for no expiry.
-    static let maxExpiresAfter: Int64 = 100 * 365 * 86_400
+    static let opsAfterTokenExpiry: Set<String> = Set([Operation.Name.ping, .events, .login, .logout].map(\.rawValue))
 
     /// Throws `token_expired` when the session logged in with a token that has expired since,
     /// unless `op` is one of `opsAfterTokenExpiry`.
@@ -22,9 +19,7 @@ extension Session {
     }
 
     /// `login {token}`: the session's actor becomes the token's (with the connection's pid).
-    func login(_ args: inout Arguments) async throws -> JSONValue {
-        let token = try args.requiredString("token")
-        try args.finish()
+    func login(token: String) async throws -> JSONValue {
         let payload: TokenPayload
         do {
             payload = try self.core.tokens.verify(token, now: TokenAuthority.now())
@@ -48,10 +43,9 @@ extension Session {
 
     /// `create_token`: a token for the session's actor, narrowed by the restrictions asked for and
     /// by every restriction the session's own token carries, expiring no later than that token.
-    func createToken(_ args: inout Arguments) async throws -> JSONValue {
-        let expiresAfter = try args.int("expires_after", in: 1...Self.maxExpiresAfter)
-        let (restrictions, given) = try TokenRestrictions.parse(&args)
-        try args.finish()
+    func createToken(_ request: Operation.CreateToken) async throws -> JSONValue {
+        let expiresAfter = request.expiresAfter
+        let (restrictions, given) = try TokenRestrictions.parse(request)
         if let field = given, !restrictions.namesAnyAction {
             throw EvdError.badRequest(
                 field: field, "the restrictions name no action, so the token could do nothing; name at least one action")

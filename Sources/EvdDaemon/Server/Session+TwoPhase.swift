@@ -12,6 +12,16 @@ extension Session {
         return properties
     }
 
+    /// The two-phase ops: `begin_twophase`, `prepare_twophase`, `commit_twophase`, `rollback_twophase`.
+    func twoPhase(_ request: Operation.TwoPhase, _ state: inout SessionState) async throws {
+        let (xid, database) = (request.xid, request.database)
+        switch request.op {
+        case .beginTwophase: try await self.beginTwoPhase(xid: xid, database: database, &state)
+        case .prepareTwophase: try await self.prepareTwoPhase(xid: xid, database: database, &state)
+        default: try await self.decideTwoPhase(commit: request.op == .commitTwophase, xid: xid, database: database, &state)
+        }
+    }
+
     /// `begin_twophase`: like `begin`, but the write lock is taken at once and every change is
     /// recorded whole, so that the transaction can be prepared.
     func beginTwoPhase(xid: String, database: String?, _ state: inout SessionState) async throws {
@@ -32,13 +42,9 @@ extension Session {
         let options = self.effectiveOptions(state)
         let queryOnly = options["query_only"]?.boolValue ?? false
         let busyTimeout = Int32(options["busy_timeout_ms"]?.intValue ?? Int64(pool.defaultBusyTimeoutMs))
-        let logged = !pool.database.isInMemory
         let schemaVersion: Int64
         do {
-            schemaVersion = try await pool.run {
-                try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
-                return try connection.beginTwoPhase(logged: logged)
-            }
+            schemaVersion = try await pool.beginTwoPhase(connection, queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
         } catch {
             await self.checkin(connection, to: pool)
             throw error
@@ -76,12 +82,8 @@ extension Session {
         let schemaVersion = transaction.schemaVersion
         let record: PreparedRecord
         do {
-            record = try await pool.run {
-                // A prepared transaction must be able to commit: not into a file deleted or replaced.
-                try connection.identity.check()
-                return try connection.prepareTwoPhase(
-                    xid: xid, database: pool.database.name, origin: origin, schemaVersion: schemaVersion, log: log)
-            }
+            // A prepared transaction must be able to commit: not into a file deleted or replaced.
+            record = try await pool.prepareTwoPhase(connection, xid: xid, origin: origin, schemaVersion: schemaVersion, log: log)
         } catch {
             try await self.endIfLost(transaction, &state)
             throw error
@@ -117,7 +119,7 @@ extension Session {
                 throw EvdError.badRequest(
                     field: "xid", "'\(xid)' cannot be committed: evd could not prepare it again after a restart (\(reason)); roll it back")
             }
-            try await pool.run { try log.remove(token: record.token) }
+            try await pool.forget(record, log: log)
             self.core.bus.emit(.rollbackTwophase, self.origin) { Self.twoPhaseProperties(pool, nil, xid: xid, isPrepared: true) }
             return
         }
@@ -131,31 +133,10 @@ extension Session {
             }
         }
         do {
-            try await pool.run {
-                if commit {
-                    // The marker commits with the transaction, so the log can be forgotten after it:
-                    // if evd dies before, the next start finds the marker and knows.
-                    try connection.commit(
-                        database: pool.database.name, origin: record.origin, bus: pool.bus, journal: pool.journal,
-                        events: record.events)
-                    guard record.token != 0 else { return }
-                    do {
-                        try log.remove(token: record.token)
-                        connection.removeMarker(token: record.token)
-                    } catch {
-                        logger.warning("a committed two-phase transaction stays in the log until the next start", metadata: ["xid": "\(xid)", "error": "\(error)"])
-                    }
-                } else {
-                    // Forgotten first: a crash after it rolls back all the same.
-                    if record.token != 0 { try log.remove(token: record.token) }
-                    try connection.sqlite.exec("ROLLBACK")
-                    connection.schema.clear()
-                }
-            }
+            try await pool.finishPrepared(connection, record, commit: commit, log: log, logger: logger)
         } catch {
             // A COMMIT that failed and left the transaction open (an I/O error, say): still prepared.
-            let stillOpen = (try? await pool.run { connection.sqlite.inTransaction }) ?? false
-            if stillOpen {
+            if await pool.isInTransaction(connection) {
                 self.core.twoPhase.hold(held)
             } else {
                 await prepared.release(origin: self.origin)

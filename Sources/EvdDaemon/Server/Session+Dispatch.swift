@@ -1,0 +1,96 @@
+import EvdClient
+
+/// The ops of PROTOCOL.md §3: a request parsed once (`Operation`), then its permission, then its
+/// handler. Each handler lives with its concern: `Session+SQL` (SQL and structured ops),
+/// `Session+Transactions`, `Session+TwoPhase`, `Session+Subscriptions`, `Session+Emit`,
+/// `Session+Tokens`, `Session+Admin`.
+extension Session {
+    func dispatch(_ request: Request, _ state: inout SessionState) async throws -> Outcome {
+        // An expired token refuses every op but a few, known or not, before its arguments are read.
+        try self.checkTokenExpiry(try Operation.name(of: request.object))
+        let operation = try Operation(parsing: request)
+        switch operation {
+        case .ping:
+            return .result([:])
+        case .events:
+            return .result(self.catalog())
+        case .stats:
+            try self.require(.admin)
+            return .result(self.core.statistics())
+        case .subscribe(let subscribe):
+            return try await self.subscribe(subscribe, id: request["id"] ?? .null)
+        case .unsubscribe(let subscription):
+            try self.require(.subscribe)
+            try self.unsubscribe(subscription)
+            return .result([:])
+        case .execute, .executemany, .structured:
+            return .result(try await self.runSQL(SQLWork(operation)!, request: request, &state))
+        case .begin(let database):
+            try self.requireSQL(on: database)
+            try await self.begin(database: database, &state)
+            return .result([:])
+        case .commit(let database):
+            try self.requireSQL(on: database)
+            try await self.end(commit: true, database: database, &state)
+            return .result([:])
+        case .rollback(let database):
+            try self.requireSQL(on: database)
+            try await self.end(commit: false, database: database, &state)
+            return .result([:])
+        case .savepoint(let savepoint):
+            try self.requireSQL(on: state.transaction?.pool.database.name)
+            try await self.savepoint(savepoint, &state)
+            return .result([:])
+        case .twoPhase(let twoPhase):
+            try self.requireSQL(on: twoPhase.database)
+            try await self.twoPhase(twoPhase, &state)
+            return .result([:])
+        case .recover(let database):
+            try self.requireSQL(on: database)
+            return .result(try self.recoverTwoPhase(database: database))
+        case .executionOptions(let options):
+            return .result(try self.executionOptions(options, &state))
+        case .emit(let emit):
+            // (The executor runs emits in groups, `executeEmits`; this is the same for one.)
+            return .result(["seq": .int(try await self.publishEmits([try self.checkEmit(emit)])[0])])
+        case .login(let token):
+            return .result(try await self.login(token: token))
+        case .logout:
+            await self.logout()
+            return .result([:])
+        case .createToken(let request):
+            return .result(try await self.createToken(request))
+        case .invalidate(let invalidate):
+            try self.require(.admin)
+            return .result(try await self.invalidate(invalidate))
+        case .dispose(let database):
+            try self.require(.admin)
+            try await self.core.pool(database).dispose(origin: self.origin)
+            return .result([:])
+        case .reply:
+            // `SessionHandler` answers a `reply` on the event loop (`handleReply`): none reaches here.
+            assertionFailure("a reply reached the executor")
+            throw EvdError.badRequest(field: "op", "a reply is handled as it arrives, never queued")
+        }
+    }
+
+    func require(_ action: Action, on resource: Resource = .daemon) throws(EvdError) {
+        try self.core.permissions.require(self.actor, action, on: resource)
+    }
+
+    /// Checks the actions a SQL request needs, on its database (and table): `execute-sql` for raw
+    /// SQL, whose statements are then checked table by table as SQLite compiles them; a structured
+    /// op's own actions.
+    func require(_ work: SQLWork) throws(EvdError) {
+        let resource = Resource(database: try self.core.pool(work.database).database.name, table: work.command.table)
+        switch work.command {
+        case .execute, .executemany: try self.require(.executeSQL, on: resource)
+        case .structured(let op): for action in op.actions { try self.require(action, on: resource) }
+        }
+    }
+
+    /// `execute-sql` on `database` (the default database when nil).
+    func requireSQL(on database: String?) throws(EvdError) {
+        try self.require(.executeSQL, on: Resource(database: try self.core.pool(database).database.name))
+    }
+}

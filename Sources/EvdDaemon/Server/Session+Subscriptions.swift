@@ -1,0 +1,202 @@
+import EvdClient
+import OrderedCollections
+
+/// `events`, `subscribe` with its replay from the journal, `unsubscribe` (PROTOCOL.md §3, §5).
+extension Session {
+    func catalog() -> JSONValue {
+        var events = EventKind.specs.map(\.jsonValue)
+        for name in self.core.bus.customNames {
+            events.append([
+                "name": .string(name), "family": "custom", "vetoable": false, "mutable": [], "properties": [:],
+                "description": "A custom event published with emit.",
+            ])
+        }
+        return ["events": .array(events)]
+    }
+
+    /// Checks event names for `events`/`veto`: known names, namespaced custom names and globs pass.
+    private func patterns(_ names: [String], field: String) throws(EvdError) -> [EventPattern] {
+        var patterns: [EventPattern] = []
+        for name in names {
+            let pattern = EventPattern(name)
+            if !pattern.isGlob && EventKind(name: name) == nil && !isNamespacedEventName(name) {
+                var extra: JSONObject = ["field": .string(field), "event": .string(name)]
+                var message = "unknown event '\(name)'"
+                if let suggestion = closestEventName(to: name) {
+                    extra["suggestion"] = .string(suggestion)
+                    message += "; did you mean '\(suggestion)'?"
+                }
+                throw EvdError(.unknownEvent, message, extra: extra)
+            }
+            patterns.append(pattern)
+        }
+        return patterns
+    }
+
+    func subscribe(_ request: Operation.Subscribe, id: JSONValue) async throws -> Outcome {
+        let events = request.events ?? []
+        let veto = request.veto ?? []
+        let mode = request.mode ?? .enforce
+        let since = request.since
+        let rows = request.rows ?? false
+        let name = request.name
+        let timeoutMs = request.timeoutMs ?? 1000
+        let onTimeout = request.onTimeout.flatMap { VetoPolicy(rawValue: $0.rawValue) } ?? .deny
+        let priority = request.priority ?? 0
+        let overflow = request.onOverflow.flatMap { OverflowPolicy(rawValue: $0.rawValue) } ?? .disconnect
+        let filter = try WhereFilter(request.where ?? [:], maxValues: self.core.configuration.maxFilterValues)
+        guard !events.isEmpty || !veto.isEmpty else {
+            throw EvdError.badRequest(field: "events", "subscribe needs 'events' or 'veto' (or both)")
+        }
+        let patterns = try self.patterns(events, field: "events")
+        let vetoPatterns = try self.patterns(veto, field: "veto")
+        for pattern in vetoPatterns where !EventKind.allCases.contains(where: { $0.spec.vetoable && pattern.matches($0.name) }) {
+            throw EvdError(
+                .notVetoable, "'\(pattern.text)' names no vetoable event", extra: ["field": "veto", "event": .string(pattern.text)])
+        }
+        let actor = self.actor
+        let permissions = self.core.permissions
+        try permissions.requireSomewhere(actor, .subscribe)
+        var vetoKinds: UInt64 = 0
+        for kind in EventKind.allCases where kind.spec.vetoable && vetoPatterns.contains(where: { $0.matches(kind.name) }) {
+            vetoKinds |= 1 << UInt64(kind.rawValue)
+        }
+        if !vetoPatterns.isEmpty { try permissions.requireSomewhere(actor, .veto) }
+        // Each event is shown (or asked about) only where the actor may view it.
+        let visibility = EventVisibility.of(actor, permissions)
+        let vetoScope = EventVisibility.of(actor, permissions, action: .veto)
+        let maxSubscriptions = self.core.configuration.maxSubscriptions
+        guard self.hasSubscriptions.load(ordering: .relaxed) < maxSubscriptions else {
+            throw EvdError(
+                .badRequest,
+                "this connection already has \(maxSubscriptions) subscriptions, the most evd allows (--max-subscriptions); unsubscribe one first",
+                extra: ["limit": "max-subscriptions", "max": .integer(maxSubscriptions)])
+        }
+        let session = self.id
+        let outbox = self.outbox
+        let vetoFilter = filter  // `where` narrows the vetoes too
+        let makeListener: ((Int) -> VetoListener)? =
+            vetoPatterns.isEmpty
+            ? nil
+            : { subscription in
+                VetoListener(
+                    subscription: subscription, session: session, name: name, kinds: vetoKinds, priority: priority,
+                    timeout: .milliseconds(timeoutMs), onTimeout: onTimeout, dryRun: mode == .dryRun, outbox: outbox,
+                    filter: vetoFilter, visibility: visibility, scope: vetoScope)
+            }
+
+        // Registering and queueing the response happen under the bus's lock, so no event of the new
+        // subscription can reach the client before the response that names it.
+        let customNames = self.core.bus.customNames
+        let journal = self.core.journal
+        var replay: (subscription: Subscription, through: Int64)?
+        _ = self.core.bus.subscribe(
+            session: self.id, name: name, patterns: patterns, filter: filter, overflow: overflow, wantsRows: rows,
+            outbox: self.outbox, visibility: visibility, veto: makeListener
+        ) { subscription, head, stable in
+            var matched = EventKind.allCases.filter { subscription.kinds & (1 << UInt64($0.rawValue)) != 0 }.map(\.name)
+            var seen = Set(matched)
+            for custom in customNames where subscription.matches(customName: custom) && seen.insert(custom).inserted {
+                matched.append(custom)
+            }
+            for pattern in patterns where !pattern.isGlob && seen.insert(pattern.text).inserted { matched.append(pattern.text) }
+            let vetoed = EventKind.allCases.filter { vetoKinds & (1 << UInt64($0.rawValue)) != 0 }.map { JSONValue.string($0.name) }
+            // `seq` is the stable point, not the head: seqs above it may be reserved by commits not
+            // yet published (journaled emits in flight, say), and those reach this subscription,
+            // whose events must all have a greater seq than the response says.
+            let result: JSONValue = [
+                "subscription": .integer(subscription.id), "events": .array(matched.map(JSONValue.string)),
+                "veto": .array(vetoed), "seq": .int(stable),
+            ]
+            self.outbox.enqueue(line: Self.responseLine(id: id, result: result))
+            guard let since else { return }
+            if journal == nil {
+                // No journal is kept (`--no-journal`): everything at or before head is gone.
+                if since < head { self.outbox.enqueue(line: Self.gapLine(from: since + 1, to: head)) }
+            } else if since < stable {
+                // Events after `stable` reach the subscription live; its replay covers the rest,
+                // and its live events wait until the replay is done.
+                self.outbox.park(subscription.id, after: since)
+                replay = (subscription, stable)
+            }
+        }
+        self.hasSubscriptions.add(1, ordering: .relaxed)
+        // The subscription stays its maker's: a `logout` does not save it from its token's expiry.
+        if let expires = visibility?.expires { self.subscriptionsExpire.min(Int64(expires), ordering: .relaxed) }
+        if let replay, let since, let journal {
+            await self.replay(replay.subscription, after: since, through: replay.through, from: journal)
+        }
+        return .responded
+    }
+
+    /// `unsubscribe`: ends one of this session's subscriptions.
+    func unsubscribe(_ subscription: Int64) throws(EvdError) {
+        guard self.core.bus.unsubscribe(id: Int(subscription), session: self.id) else {
+            throw EvdError.badRequest(field: "subscription", "this session has no subscription \(subscription)")
+        }
+        self.hasSubscriptions.subtract(1, ordering: .relaxed)
+    }
+
+    static func gapLine(from: Int64, to: Int64) -> [UInt8] {
+        let gap: JSONValue = ["type": "notice", "code": "gap", "from": .int(from), "to": .int(to)]
+        return gap.jsonBytes + [0x0a]
+    }
+
+    /// Replays the journaled events with seq in `since+1 ... through` that `subscription` matches,
+    /// in seq order, then lets its live events (held back meanwhile) follow. What retention removed
+    /// is announced with notice `gap`. The session's next request waits for the replay; the replay
+    /// waits for the client to read (it queues a page and reads the next, then waits until the
+    /// queued one is written: at most two pages wait in the outbox and the reader).
+    private func replay(_ subscription: Subscription, after since: Int64, through: Int64, from journal: Journal) async {
+        defer { self.outbox.unpark(subscription.id) }
+        let pool = self.core.threadPool
+        var position = since
+        do {
+            let reader = try await pool.runIfActive { try Journal.Reader(journal, after: since, through: through) }
+            let read = { @Sendable () async throws -> ReplayPage in
+                try await pool.runIfActive {
+                    try ReplayPage.read(reader, limit: Self.replayPageRows, for: subscription, journal: journal, through: through)
+                }
+            }
+            var next = try await read()
+            while !self.outbox.isClosing {
+                var page = next
+                // A page read before the floor moved past it may lack rows, so everything up to the
+                // floor counts as gone.
+                if page.floor > position {
+                    self.outbox.enqueue(line: Self.gapLine(from: position + 1, to: page.floor))
+                    position = page.floor
+                }
+                page.drop(through: position)
+                guard page.read > 0 else { break }
+                if let damage = page.damage, damage.to > position {
+                    // A row that fails its checksum is never sent: its seqs are a gap, and the
+                    // damage is logged once (whoever replays it next gets the same gap).
+                    self.outbox.enqueue(line: Self.gapLine(from: max(damage.from, position + 1), to: damage.to))
+                    if journal.noteDamage(damage) {
+                        self.logger.error(
+                            "a journal row is damaged (its checksum does not match): its events are not replayed",
+                            metadata: [
+                                "journal": "\(damage.database.map { "database \($0)" } ?? "state")", "row_seq": "\(damage.seq)",
+                                "gap": "\(damage.from)...\(damage.to)",
+                            ])
+                    }
+                }
+                position = max(position, page.lastRead)
+                self.outbox.enqueue(replayed: page)
+                // The next page is read while this one is written (the reader is used by one task
+                // at a time: this one waits for it).
+                async let following = read()
+                await self.outbox.drained()
+                next = try await following
+            }
+        } catch {
+            self.logger.warning("replay failed", metadata: ["subscription": "\(subscription.id)", "error": "\(error)"])
+            self.outbox.enqueue(line: Self.gapLine(from: position + 1, to: through))
+        }
+    }
+
+    /// The journaled rows a replay reads per page.
+    static let replayPageRows = 4096
+
+}
