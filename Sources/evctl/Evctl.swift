@@ -20,7 +20,7 @@ struct GlobalOptions: ParsableArguments {
     /// Sends one request and prints its result as JSON; an error goes to stderr (`ExitStatus`).
     /// `operation` may throw what the daemon would answer (a parameter no SQLite value can hold,
     /// say): it is reported the same way, and nothing is sent.
-    func call(_ operation: () throws(EvdError) -> Operation) async throws {
+    func call(_ operation: () throws(EvdError) -> EvdOperation) async throws {
         let result = try await self.send(operation)
         Terminal.writeStdout(JSONValue.object(result).jsonBytes + [0x0a])
     }
@@ -28,7 +28,7 @@ struct GlobalOptions: ParsableArguments {
     /// Sends one request (after logging in with the token, if any) and returns its result. An error
     /// reply goes to stderr with `ExitStatus.errorReply`; no daemon, or a connection that ends before
     /// the reply, with `ExitStatus.unavailable`.
-    func send(_ operation: () throws(EvdError) -> Operation) async throws -> JSONObject {
+    func send(_ operation: () throws(EvdError) -> EvdOperation) async throws -> JSONObject {
         let token = TokenSource.resolve(explicit: self.token, environment: SocketPath.processEnvironment)
         do {
             let request = try operation()
@@ -185,7 +185,7 @@ extension Evctl {
         @Argument(help: "Its properties, a JSON object.") var data: String?
 
         func run() async throws {
-            var emit = Operation.Emit(event: self.event)
+            var emit = EvdOperation.Emit(event: self.event)
             if let data {
                 guard case .object(let object) = Terminal.argumentValue(data) else {
                     throw ValidationError("the event's data must be a JSON object")
@@ -224,7 +224,7 @@ extension Evctl {
             var json = false
 
             func run() async throws {
-                var request = Operation.CreateToken(expiresAfter: self.expiresAfter)
+                var request = EvdOperation.CreateToken(expiresAfter: self.expiresAfter)
                 if !self.restrictAll.isEmpty { request.restrictAll = .array(self.restrictAll.map(JSONValue.string)) }
                 var databases = JSONObject()
                 for item in self.restrictDatabase {

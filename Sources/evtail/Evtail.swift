@@ -120,14 +120,14 @@ struct Evtail: AsyncParsableCommand {
     func run() async throws {
         Terminal.exitQuietlyOnSignals()
         let socketPath = SocketPath.resolve(explicit: self.socket, environment: SocketPath.processEnvironment)
-        var subscribe = Operation.Subscribe()
+        var subscribe = EvdOperation.Subscribe()
         if !self.events.isEmpty || self.vetoEvents.isEmpty {
             subscribe.events = self.events.isEmpty ? ["*"] : self.events
         }
         if !self.vetoEvents.isEmpty {
             subscribe.veto = self.vetoEvents
             subscribe.timeoutMs = self.timeoutMs.map(Int64.init)
-            subscribe.onTimeout = self.onTimeout.flatMap(Operation.Subscribe.OnTimeout.init)
+            subscribe.onTimeout = self.onTimeout.flatMap(EvdOperation.Subscribe.OnTimeout.init)
             subscribe.priority = self.priority.map(Int64.init)
             if self.dryRun { subscribe.mode = .dryRun }
         }

@@ -123,7 +123,7 @@ struct TokenTests {
     @Test("restrict_database and restrict_resource: allowed only where named, and every set of a token's chain must allow")
     func restrictDatabaseAndResource() async throws {
         let authority = TokenAuthority(key: SymmetricKey(size: .bits256))
-        let request = Operation.CreateToken(
+        let request = EvdOperation.CreateToken(
             restrictDatabase: ["main": ["view-table", "insert-row"]],
             restrictResource: ["other": ["dogs": ["delete-row"]]])
         let (restrictions, given) = try TokenRestrictions.parse(request)

@@ -146,16 +146,16 @@ public final class EvdConnection: Sendable {
     /// let result = try await evd.request(.execute(.init(sql: "select 1")))
     /// ```
     @discardableResult
-    public func request(_ operation: Operation) async throws -> JSONObject {
+    public func request(_ operation: EvdOperation) async throws -> JSONObject {
         try Self.result(of: try await self.rawRequest(members: operation.request))
     }
 
     /// Sends an operation and returns the whole response object (`ok`, `result` or `error`).
-    public func rawRequest(_ operation: Operation) async throws -> JSONObject {
+    public func rawRequest(_ operation: EvdOperation) async throws -> JSONObject {
         try await self.rawRequest(members: operation.request)
     }
 
-    /// Sends a request by its op's name and arguments, as they are: for what `Operation` cannot
+    /// Sends a request by its op's name and arguments, as they are: for what `EvdOperation` cannot
     /// express (a test's malformed request, an op of a newer daemon). Returns its `result`; an
     /// error response is thrown as `EvdError`.
     @discardableResult

@@ -37,8 +37,8 @@ public struct Veto: Sendable {
         try await self.reply(.modify, set: set)
     }
 
-    private func reply(_ action: Operation.Reply.Action, reason: String? = nil, set: JSONObject? = nil) async throws {
-        let reply = Operation.reply(.init(seq: self.seq, action: action, reason: reason, set: set))
+    private func reply(_ action: EvdOperation.Reply.Action, reason: String? = nil, set: JSONObject? = nil) async throws {
+        let reply = EvdOperation.reply(.init(seq: self.seq, action: action, reason: reason, set: set))
         try await self.connection.send(reply.request)
     }
 }
@@ -53,7 +53,7 @@ extension EvdConnection {
     ///
     /// `options` are the other `subscribe` arguments (`name`, `priority`, `timeoutMs`, `onTimeout`,
     /// `mode`); its `veto` is `events`. Events, notices and responses that are not vetoes are skipped.
-    public func vetoes(_ events: [String], options: Operation.Subscribe = .init()) async throws -> Vetoes {
+    public func vetoes(_ events: [String], options: EvdOperation.Subscribe = .init()) async throws -> Vetoes {
         var subscribe = options
         subscribe.veto = events
         let result = try await self.request(.subscribe(subscribe))

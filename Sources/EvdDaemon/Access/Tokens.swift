@@ -131,7 +131,7 @@ extension TokenRestrictions {
         guard let object = json.objectValue, object.count == 3 else { return nil }
         do {
             var arguments = Arguments(object)
-            let request = Operation.CreateToken(
+            let request = EvdOperation.CreateToken(
                 restrictAll: arguments.value("restrict_all").flatMap { $0.isNull ? nil : $0 },
                 restrictDatabase: try arguments.object("restrict_database"),
                 restrictResource: try arguments.object("restrict_resource"))
@@ -145,7 +145,7 @@ extension TokenRestrictions {
     /// Reads `restrict_all`, `restrict_database` and `restrict_resource` from a request, checking
     /// every type and action name (`bad_request` naming the field at fault). `given` names the
     /// first of them present (nil: none).
-    static func parse(_ request: Operation.CreateToken) throws(EvdError) -> (restrictions: TokenRestrictions, given: String?) {
+    static func parse(_ request: EvdOperation.CreateToken) throws(EvdError) -> (restrictions: TokenRestrictions, given: String?) {
         var restrictions = TokenRestrictions()
         var given: String?
         if let all = request.restrictAll {

@@ -3,7 +3,7 @@ import OrderedCollections
 
 /// `execution_options`, `stats`, `invalidate`, `dispose`: the session's and the daemon's settings and pools.
 extension Session {
-    func executionOptions(_ request: Operation.ExecutionOptions, _ state: inout SessionState) throws -> JSONValue {
+    func executionOptions(_ request: EvdOperation.ExecutionOptions, _ state: inout SessionState) throws -> JSONValue {
         try request.checkKnownOptions()
         let options = request.options
         if request.scope == .engine {
@@ -21,7 +21,7 @@ extension Session {
     }
 
     /// `invalidate`: closes one pooled connection (or all of a database's) as it comes back.
-    func invalidate(_ request: Operation.Invalidate) async throws -> JSONValue {
+    func invalidate(_ request: EvdOperation.Invalidate) async throws -> JSONValue {
         let pool = try self.core.pool(request.database)
         let numbers = await pool.invalidate(
             number: request.connection.map(Int.init), soft: request.soft ?? false, origin: self.origin)

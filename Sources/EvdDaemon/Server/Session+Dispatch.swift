@@ -1,14 +1,14 @@
 import EvdClient
 
-/// The ops of PROTOCOL.md §3: a request parsed once (`Operation`), then its permission, then its
+/// The ops of PROTOCOL.md §3: a request parsed once (`EvdOperation`), then its permission, then its
 /// handler. Each handler lives with its concern: `Session+SQL` (SQL and structured ops),
 /// `Session+Transactions`, `Session+TwoPhase`, `Session+Subscriptions`, `Session+Emit`,
 /// `Session+Tokens`, `Session+Admin`.
 extension Session {
     func dispatch(_ request: Request, _ state: inout SessionState) async throws -> Outcome {
         // An expired token refuses every op but a few, known or not, before its arguments are read.
-        try self.checkTokenExpiry(try Operation.name(of: request.object))
-        let operation = try Operation(parsing: request)
+        try self.checkTokenExpiry(try EvdOperation.name(of: request.object))
+        let operation = try EvdOperation(parsing: request)
         switch operation {
         case .ping:
             return .result([:])

@@ -31,7 +31,7 @@ extension Session {
             case .run(let id, let request):
                 do {
                     try self.checkTokenExpiry("emit")
-                    checked.append((id, try self.checkEmit(try Operation.Emit(arguments: request.object))))
+                    checked.append((id, try self.checkEmit(try EvdOperation.Emit(arguments: request.object))))
                     continue
                 } catch {
                     refusal = (id, Self.wireError(error))
@@ -57,7 +57,7 @@ extension Session {
     }
 
     /// Checks an `emit` request's arguments and the session's permission.
-    func checkEmit(_ request: Operation.Emit) throws -> CustomEvent {
+    func checkEmit(_ request: EvdOperation.Emit) throws -> CustomEvent {
         let name = request.event
         let data = request.data ?? [:]
         guard isNamespacedEventName(name) else {
@@ -86,7 +86,7 @@ extension Session {
     }
 
     /// Whether a request is an `emit` (which the executor runs in groups).
-    static func isEmit(_ request: JSONObject) -> Bool { request["op"] == .string(Operation.Name.emit.rawValue) }
+    static func isEmit(_ request: JSONObject) -> Bool { request["op"] == .string(EvdOperation.Name.emit.rawValue) }
 
     static let envelopeKeys: Set<String> = ["type", "seq", "event", "time", "subscription", "session", "actor"]
 }

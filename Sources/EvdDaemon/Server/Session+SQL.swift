@@ -9,7 +9,7 @@ extension Session {
         let command: SQLCommand
 
         /// The SQL work of a parsed operation (`nil` for an op that runs no SQL).
-        init?(_ operation: Operation) {
+        init?(_ operation: EvdOperation) {
             switch operation {
             case .execute(let execute):
                 self.init(database: execute.database, command: .execute(SQLText(execute.sql), execute.params))
@@ -43,7 +43,7 @@ extension Session {
 
     /// Runs a SQL request on a connection: the open transaction's, or one checked out for just this
     /// request (its own implicit transaction), with the session's options applied. Every argument
-    /// was checked (`Operation`); the actions the op needs are checked first, then (as SQLite
+    /// was checked (`EvdOperation`); the actions the op needs are checked first, then (as SQLite
     /// prepares each statement) each statement's actions on each table.
     ///
     /// `before_execute` is decided first, before any connection is checked out: a veto needs none,
@@ -99,7 +99,7 @@ extension Session {
             if let rewritten = verdict?.properties["request"]?.objectValue, rewritten != request.whole {
                 finalRequest = Request(rewritten)
                 finalRequest.object["op"] = request["op"] ?? .null  // a listener rewrites the request, not the op
-                guard let rewrittenWork = SQLWork(try Operation(parsing: finalRequest)) else {
+                guard let rewrittenWork = SQLWork(try EvdOperation(parsing: finalRequest)) else {
                     throw EvdError(.vetoed, "a before_execute listener rewrote the request into another op")
                 }
                 work = rewrittenWork

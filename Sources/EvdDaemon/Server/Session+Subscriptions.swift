@@ -33,7 +33,7 @@ extension Session {
         return patterns
     }
 
-    func subscribe(_ request: Operation.Subscribe, id: JSONValue) async throws -> Outcome {
+    func subscribe(_ request: EvdOperation.Subscribe, id: JSONValue) async throws -> Outcome {
         let events = request.events ?? []
         let veto = request.veto ?? []
         let mode = request.mode ?? .enforce

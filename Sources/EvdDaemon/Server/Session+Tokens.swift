@@ -5,7 +5,7 @@ import OrderedCollections
 extension Session {
     /// Ops a session whose token has expired may still send: they need no permission, and `login`
     /// and `logout` are how it gets out of that state.
-    static let opsAfterTokenExpiry: Set<String> = Set([Operation.Name.ping, .events, .login, .logout].map(\.rawValue))
+    static let opsAfterTokenExpiry: Set<String> = Set([EvdOperation.Name.ping, .events, .login, .logout].map(\.rawValue))
 
     /// Throws `token_expired` when the session logged in with a token that has expired since,
     /// unless `op` is one of `opsAfterTokenExpiry`.
@@ -43,7 +43,7 @@ extension Session {
 
     /// `create_token`: a token for the session's actor, narrowed by the restrictions asked for and
     /// by every restriction the session's own token carries, expiring no later than that token.
-    func createToken(_ request: Operation.CreateToken) async throws -> JSONValue {
+    func createToken(_ request: EvdOperation.CreateToken) async throws -> JSONValue {
         let expiresAfter = request.expiresAfter
         let (restrictions, given) = try TokenRestrictions.parse(request)
         if let field = given, !restrictions.namesAnyAction {

@@ -109,7 +109,7 @@ extension Session {
     }
 
     /// `savepoint`, `release_savepoint`, `rollback_savepoint` inside the open transaction.
-    func savepoint(_ request: Operation.Savepoint, _ state: inout SessionState) async throws {
+    func savepoint(_ request: EvdOperation.Savepoint, _ state: inout SessionState) async throws {
         guard let transaction = state.transaction else {
             throw EvdError(.notInTransaction, "savepoints need a transaction (use begin first)")
         }

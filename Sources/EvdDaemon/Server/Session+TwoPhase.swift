@@ -13,7 +13,7 @@ extension Session {
     }
 
     /// The two-phase ops: `begin_twophase`, `prepare_twophase`, `commit_twophase`, `rollback_twophase`.
-    func twoPhase(_ request: Operation.TwoPhase, _ state: inout SessionState) async throws {
+    func twoPhase(_ request: EvdOperation.TwoPhase, _ state: inout SessionState) async throws {
         let (xid, database) = (request.xid, request.database)
         switch request.op {
         case .beginTwophase: try await self.beginTwoPhase(xid: xid, database: database, &state)

@@ -97,7 +97,7 @@ final class SessionHandler: ChannelDuplexHandler {
             item = .failure(EvdError(.lineTooLong, "line longer than \(limit) bytes"))
         case .line(let buffer):
             guard let parsed = Session.parse(buffer) else { return }
-            if case .request(let request) = parsed, request["op"] == .string(Operation.Name.reply.rawValue) {
+            if case .request(let request) = parsed, request["op"] == .string(EvdOperation.Name.reply.rawValue) {
                 session.handleReply(request.object)
                 return
             }

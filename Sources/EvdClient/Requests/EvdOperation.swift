@@ -9,7 +9,7 @@ import OrderedCollections
 /// problem is the one reported, as `bad_request` naming the argument). What needs the daemon
 /// (permissions, whether an event name is in the catalog, a table's shape) is checked by the
 /// daemon's handler afterwards.
-public enum Operation: Sendable, Hashable {
+public enum EvdOperation: Sendable, Hashable {
     case ping
     case events
     case stats
@@ -199,7 +199,7 @@ public enum Operation: Sendable, Hashable {
 
 // MARK: The request types
 
-extension Operation {
+extension EvdOperation {
     /// `subscribe` (PROTOCOL.md §3, §5). Absent arguments are nil: the daemon's defaults apply.
     public struct Subscribe: Sendable, Hashable {
         public enum Mode: String, Sendable { case enforce, dryRun = "dry_run" }
@@ -465,7 +465,7 @@ extension Operation {
 
 extension StructuredOp {
     /// The op's name.
-    public var name: Operation.Name {
+    public var name: EvdOperation.Name {
         switch self {
         case .createTable: .createTable
         case .insert: .insert
