@@ -172,7 +172,7 @@ struct ChangeCaptureUnitTests {
         }
     }
 
-    @Test("triggers and cascades are recorded for their own tables, in the order SQLite made them")
+    @Test("triggers and cascades are recorded for their own tables, in the order SQLite made them (the parent row before its cascade)")
     func triggersAndCascades() async throws {
         let schema = """
             pragma foreign_keys = on;
@@ -188,8 +188,11 @@ struct ChangeCaptureUnitTests {
             bench.capture.discardAll()
             try bench.run("delete from parent where id = 1", writes: ["parent", "child"])
             #expect(
-                bench.events().map { "\($0["event"]?.stringValue ?? "") \($0["table"]?.stringValue ?? "") \($0["pks"]?.arrayValue ?? [])" }
-                    == ["delete-row child [10]", "delete-row child [11]", "delete-row parent [1]"])
+                bench.events() == [
+                    ["event": "delete-row", "database": "main", "table": "parent", "pks": [1]],
+                    ["event": "delete-row", "database": "main", "table": "child", "pks": [10]],
+                    ["event": "delete-row", "database": "main", "table": "child", "pks": [11]],
+                ])
             try bench.sqlite.exec("COMMIT")
             #expect(try bench.count("child") == 1)
         }

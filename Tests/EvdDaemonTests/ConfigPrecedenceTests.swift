@@ -15,7 +15,7 @@ private func effective(_ flags: [String] = [], file toml: String = "", environme
 }
 
 /// One setting a flag and the file can both give: its flag, its file text, and how to read it.
-private struct Setting: Sendable, CustomTestStringConvertible {
+struct ConfigSetting: Sendable, CustomTestStringConvertible {
     let flag: [String]
     let file: String
     let read: @Sendable (EvdConfiguration) -> String
@@ -25,74 +25,74 @@ private struct Setting: Sendable, CustomTestStringConvertible {
     var testDescription: String { self.flag[0] }
 }
 
-private let settings: [Setting] = [
-    Setting(flag: ["--pool-size", "3"], file: "pool_size = 8", read: { "\($0.poolSize)" }, defaultValue: "4", fileValue: "8", flagValue: "3"),
-    Setting(
+let configSettings: [ConfigSetting] = [
+    ConfigSetting(flag: ["--pool-size", "3"], file: "pool_size = 8", read: { "\($0.poolSize)" }, defaultValue: "4", fileValue: "8", flagValue: "3"),
+    ConfigSetting(
         flag: ["--socket-mode", "0660"], file: #"socket_mode = "0640""#, read: { String($0.socketMode, radix: 8) }, defaultValue: "600",
         fileValue: "640", flagValue: "660"),
-    Setting(
+    ConfigSetting(
         flag: ["--max-line-bytes", "4096"], file: "max_line_bytes = 2048", read: { "\($0.maxLineBytes)" }, defaultValue: "1048576",
         fileValue: "2048", flagValue: "4096"),
-    Setting(
+    ConfigSetting(
         flag: ["--veto-budget-ms", "200"], file: "veto_budget_ms = 100", read: { "\($0.vetoBudgetMs)" }, defaultValue: "5000",
         fileValue: "100", flagValue: "200"),
-    Setting(
+    ConfigSetting(
         flag: ["--max-connections", "20"], file: "[limits]\nmax_connections = 10", read: { "\($0.maxSessions)" },
         defaultValue: "1024", fileValue: "10", flagValue: "20"),
-    Setting(
+    ConfigSetting(
         flag: ["--max-connections-per-uid", "6"], file: "[limits]\nmax_connections_per_uid = 5",
         read: { "\($0.maxSessionsPerUID)" }, defaultValue: "256", fileValue: "5", flagValue: "6"),
-    Setting(
+    ConfigSetting(
         flag: ["--max-subscriptions", "8"], file: "[limits]\nmax_subscriptions = 7", read: { "\($0.maxSubscriptions)" },
         defaultValue: "256", fileValue: "7", flagValue: "8"),
-    Setting(
+    ConfigSetting(
         flag: ["--max-pending-requests", "10"], file: "[limits]\nmax_pending_requests = 9", read: { "\($0.maxPipelinedRequests)" },
         defaultValue: "256", fileValue: "9", flagValue: "10"),
-    Setting(
+    ConfigSetting(
         flag: ["--max-queued-events", "12"], file: "[limits]\nmax_queued_events = 11",
         read: { "\($0.outboxLimits.maxEventsPerSubscription)" }, defaultValue: "10000", fileValue: "11", flagValue: "12"),
-    Setting(
+    ConfigSetting(
         flag: ["--max-queued-bytes", "196608"], file: "[limits]\nmax_queued_bytes = 131072", read: { "\($0.outboxLimits.maxBytes)" },
         defaultValue: "16777216", fileValue: "131072", flagValue: "196608"),
-    Setting(
+    ConfigSetting(
         flag: ["--max-response-bytes", "327680"], file: "[limits]\nmax_response_bytes = 262144", read: { "\($0.maxResponseBytes)" },
         defaultValue: "67108864", fileValue: "262144", flagValue: "327680"),
-    Setting(
+    ConfigSetting(
         flag: ["--max-filter-values", "14"], file: "[limits]\nmax_filter_values = 13", read: { "\($0.maxFilterValues)" },
         defaultValue: "1024", fileValue: "13", flagValue: "14"),
     // 0 means "no limit": a 0 in the file is a value, not an absent one; a flag's 0 wins too.
-    Setting(
+    ConfigSetting(
         flag: ["--max-statement-ms", "15"], file: "[limits]\nmax_statement_ms = 0", read: { "\($0.maxStatementMs)" },
         defaultValue: "30000", fileValue: "0", flagValue: "15"),
-    Setting(
+    ConfigSetting(
         flag: ["--idle-transaction-ms", "0"], file: "[limits]\nidle_transaction_ms = 16", read: { "\($0.idleTransactionMs)" },
         defaultValue: "60000", fileValue: "16", flagValue: "0"),
     // The default share follows the pool size (4 - 1).
-    Setting(
+    ConfigSetting(
         flag: ["--max-pool-share", "1"], file: "[limits]\nmax_pool_share = 2", read: { "\($0.poolShare)" }, defaultValue: "3",
         fileValue: "2", flagValue: "1"),
-    Setting(
+    ConfigSetting(
         flag: ["--journal-keep-events", "0"], file: "[journal]\nkeep_events = 17", read: { "\($0.journal.keepEvents)" },
         defaultValue: "1000000", fileValue: "17", flagValue: "0"),
-    Setting(
+    ConfigSetting(
         flag: ["--journal-keep-seconds", "19"], file: "[journal]\nkeep_seconds = 18", read: { "\($0.journal.keepSeconds)" },
         defaultValue: "604800", fileValue: "18", flagValue: "19"),
-    Setting(
+    ConfigSetting(
         flag: ["--metrics-request-timeout-ms", "2000"], file: "[metrics]\nrequest_timeout_ms = 1000",
         read: { "\($0.metrics.requestTimeoutMs)" }, defaultValue: "5000", fileValue: "1000", flagValue: "2000"),
-    Setting(
+    ConfigSetting(
         flag: ["--metrics-socket", "/tmp/flag-metrics.sock"], file: "[metrics]\nsocket = \"/run/file-metrics.sock\"",
         read: { $0.metrics.socketPath ?? "none" }, defaultValue: "none", fileValue: "/run/file-metrics.sock",
         flagValue: "/tmp/flag-metrics.sock"),
-    Setting(
+    ConfigSetting(
         flag: ["--metrics-listen", "[::1]:9001"], file: "[metrics]\nlisten = \"127.0.0.1:9000\"",
         read: { $0.metrics.listen?.description ?? "none" }, defaultValue: "none", fileValue: "127.0.0.1:9000", flagValue: "[::1]:9001"),
 ]
 
 @Suite("Configuration precedence (flags over environment over file over defaults)")
 struct ConfigPrecedenceTests {
-    @Test("each setting: the default alone, the file over the default, the flag over the file", arguments: settings)
-    func flagOverFileOverDefault(_ setting: Setting) throws {
+    @Test("each setting: the default alone, the file over the default, the flag over the file", arguments: configSettings)
+    func flagOverFileOverDefault(_ setting: ConfigSetting) throws {
         #expect(setting.read(try effective()) == setting.defaultValue)
         #expect(setting.read(try effective(file: setting.file)) == setting.fileValue)
         #expect(setting.read(try effective(setting.flag, file: setting.file)) == setting.flagValue)

@@ -144,8 +144,7 @@ struct EventBusOrderingTests {
                 // Between the first batch (seqs 1...2, delivered) and the second.
                 bus.subscribe(
                     session: 2, name: nil, patterns: [EventPattern("*")], filter: .none, overflow: .drop, wantsRows: false,
-                    outbox: late
-                ) { _, head, stable in registeredAt = (head, stable) }
+                    outbox: late, registered: { _, head, stable in registeredAt = (head, stable) })
                 bus.publish(name: "live", kind: nil, origin: .daemon, properties: [:])  // 6: held
             }
             return range.map { .entry(entry(bus, "r.\($0 + 1)")) }
