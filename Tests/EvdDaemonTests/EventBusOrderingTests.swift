@@ -174,6 +174,29 @@ struct EventBusOrderingTests {
         #expect(summary(try delivered(all)) == ["2#1:app.a", "2#2:app.a", "2#4:app.b", "2#5:app.b", "2#6:app.c"])
     }
 
+    @Test("interest bits: a catalog event is wanted only while a subscription's patterns match it")
+    func interest() throws {
+        let bus = EventBus()
+        let box = outbox()
+        #expect(!bus.wants(.insertRows) && !bus.wantsCommittedChanges)
+        let rows = try subscribe(bus, box, ["insert-*"])
+        #expect(bus.wants(.insertRows) && !bus.wants(.updateRow) && bus.wantsCommittedChanges)
+        // emit builds nothing for an unwanted event: its properties closure is not called.
+        var built = 0
+        bus.emit(.updateRow, .daemon) {
+            built += 1
+            return [:]
+        }
+        bus.emit(.insertRows, .daemon) {
+            built += 1
+            return ["table": "t"]
+        }
+        #expect(built == 1)
+        #expect(summary(try delivered(box)) == ["1#1:insert-rows"])
+        #expect(bus.unsubscribe(id: rows.id, session: 1))
+        #expect(!bus.wants(.insertRows) && !bus.wantsCommittedChanges)
+    }
+
     @Test("unsubscribe stops delivery to that subscription only; another session's cannot be removed")
     func unsubscribe() throws {
         let bus = EventBus()

@@ -245,6 +245,21 @@ struct OutboxTests {
         #expect(try take(outbox)?.messages == [])
     }
 
+    @Test("drop while parked: the lagged notice comes after the parked events, before the next live one")
+    func dropWhileParked() throws {
+        let (outbox, stats) = makeOutbox(events: 2)
+        outbox.park(1, after: 0)
+        for seq in Int64(1)...4 { outbox.enqueue(event: event(seq, subscription: 1), policy: .drop)?.resume() }
+        #expect(stats.dropped.load(ordering: .relaxed) == 2)
+        #expect(try take(outbox) == nil)
+        outbox.unpark(1)
+        #expect(try take(outbox)?.summary == ["1#1", "1#2"])
+        outbox.enqueue(event: event(5, subscription: 1), policy: .drop)?.resume()
+        let batch = try #require(try take(outbox))
+        #expect(batch.summary == ["notice:lagged", "1#5"])
+        #expect(batch.messages[0] == ["type": "notice", "code": "lagged", "subscription": 1, "dropped": 2, "from": 3, "to": 4])
+    }
+
     @Test("parked events still fill the byte bound after a take (drop policy)")
     func parkedBytesStayQueued() throws {
         let size = event(1, subscription: 1).byteCount
