@@ -40,6 +40,15 @@ let package = Package(
             ],
             linkerSettings: [.linkedLibrary("m")]
         ),
+        // The command-line tools' shared helpers (terminal output, evtail's event lines, evctl's stats text,
+        // the token source): internal to this package, not part of the EvdClient library.
+        .target(
+            name: "EvdCLI",
+            dependencies: [
+                "EvdClient",
+                .product(name: "OrderedCollections", package: "swift-collections"),
+            ]
+        ),
         // Everything evd does, as a library so that tests run the real thing in-process.
         .target(
             name: "EvdDaemon",
@@ -77,6 +86,7 @@ let package = Package(
             name: "evtail",
             dependencies: [
                 "EvdClient",
+                "EvdCLI",
                 .product(name: "OrderedCollections", package: "swift-collections"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
@@ -85,17 +95,31 @@ let package = Package(
             name: "evctl",
             dependencies: [
                 "EvdClient",
+                "EvdCLI",
                 .product(name: "OrderedCollections", package: "swift-collections"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
-        .testTarget(name: "EvdClientTests", dependencies: ["EvdClient", .product(name: "OrderedCollections", package: "swift-collections")]),
+        .testTarget(
+            name: "EvdClientTests",
+            dependencies: [
+                "EvdClient",
+                "EvdCLI",
+                .product(name: "OrderedCollections", package: "swift-collections"),
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
+        ),
         .testTarget(
             name: "EvdDaemonTests",
             dependencies: [
                 "EvdDaemon",
                 "EvdClient",
+                "EvdCLI",
+                // ConfigPrecedenceTests calls evd's `configuration(file:environment:)` directly.
+                "evd",
                 "CSQLite",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "OrderedCollections", package: "swift-collections"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "InMemoryLogging", package: "swift-log"),

@@ -5,6 +5,7 @@ import Musl
 #endif
 import OrderedCollections
 import ArgumentParser
+import EvdCLI
 import EvdClient
 
 /// Options every evctl subcommand takes, before or after the subcommand's name.

@@ -1,5 +1,6 @@
 import OrderedCollections
 import ArgumentParser
+import EvdCLI
 import EvdClient
 import Foundation
 import OrderedCollections

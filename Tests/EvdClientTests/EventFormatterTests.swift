@@ -1,3 +1,4 @@
+import EvdCLI
 import EvdClient
 import OrderedCollections
 import Testing

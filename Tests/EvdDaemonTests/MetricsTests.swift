@@ -1,3 +1,4 @@
+import EvdCLI
 import EvdClient
 import Foundation
 import InMemoryLogging

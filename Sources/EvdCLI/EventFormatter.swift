@@ -1,3 +1,4 @@
+import EvdClient
 import OrderedCollections
 /// One readable line per message, for `evtail` on a terminal:
 /// `10:00:00.123456 #1235 insert-rows database=main table=dogs num_rows=2  (uid:1000 s17)`.

@@ -1,5 +1,5 @@
+import EvdClient
 #if canImport(Glibc)
-import OrderedCollections
 import Glibc
 #elseif canImport(Musl)
 import Musl

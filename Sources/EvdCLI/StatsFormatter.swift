@@ -1,3 +1,4 @@
+import EvdClient
 import OrderedCollections
 
 /// `evctl stats` for people: the `stats` object (docs/protocol.md) in titled sections of aligned
