@@ -3,7 +3,6 @@ import EvdClient
 /// Delivery: a numbered event's bytes queued into the outbox of each subscription that passes
 /// its filters (under the bus's lock; the outboxes' wake-ups run after it is released).
 extension EventBus {
-
     /// Queues numbered events to their subscribers that pass their filters (under the lock);
     /// those with `rows: true` get the row images.
     static func deliver(_ state: inout State, _ numbered: NumberedEvent, wakeups: inout [Outbox.Wakeup]) {
@@ -56,4 +55,6 @@ extension EventBus {
             }
         case .unwanted:
             break  // made for nobody: nobody wanted it when the batch was made, nor when queued
+        }
+    }
 }

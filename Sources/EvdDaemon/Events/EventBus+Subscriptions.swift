@@ -12,9 +12,6 @@ extension EventBus {
         return subscribers
     }
 
-
-    }
-
     /// Adds a subscription, then runs `registered` with the head seq at that moment and the stable
     /// point — the seq up to which every event has been delivered (later ones are pending or held,
     /// and will reach the new subscription). `registered` runs after the bus's lock is released (it
@@ -110,7 +107,6 @@ extension EventBus {
             if state.vetoListeners.count != before { self.rebuild(&state) }
         }
         self.pendingVetoes.resolveAll(session: session, .noAnswer(.disconnected))
-
     }
 
     /// `session` sent a `reply` that matched no pending veto (a late one, typically: it had timed
