@@ -36,19 +36,29 @@ final class Outbox: Sendable {
         var to: Int64
     }
 
-    /// The outbox's state. Its lifecycle is carried by a few fields rather than an enum (the
-    /// queue, counts and waiters are data every state has):
+    /// The outbox's state: its lifecycle is `phase` (an enum whose two transitions are
+    /// `adopt(_:)` and `close(laggedOut:)`); the queue, counts and waiters are data every phase has.
     ///
     /// - **detached** (`flush == nil`): output is queued; `attach` schedules the first flush.
-    /// - **open** (`closing == false`): a flush is scheduled or not (`flushScheduled`); lines are
+    /// - **open** (`Phase.open`): a flush is scheduled or not (`flushScheduled`); lines are
     ///   written through on the caller's thread (`writeThrough`, set by `adopt`) when nothing is
     ///   queued or in flight.
-    /// - **closing** (`closing == true`, for good): `close`, `discard` or a `disconnect` overflow
-    ///   (which also sets `laggedOut`) set it; `writeThrough` is dropped, nothing more is
-    ///   accepted, `take` drains what is queued and then answers `.close`.
+    /// - **closing** (`Phase.closing`, for good): `close`, `discard` or a `disconnect` overflow
+    ///   (`laggedOut: true`) enter it; nothing is written through or accepted any more, `take`
+    ///   drains what is queued and then answers `.close`.
     ///
     /// Orthogonal to these: a subscription whose replay runs is **parked** (`parked[id]`), and the
     /// connection is **held** while a subscription is registered (`held != nil`, `holds > 0`).
+    /// An outbox's lifecycle: open (accepting output), then closing, for good.
+    private enum Phase {
+        /// Output is accepted; lines are written through `writeThrough` (once `adopt` gave one)
+        /// when nothing is queued or in flight.
+        case open(writeThrough: WriteThrough?)
+        /// No more output is accepted and nothing is written through; what is queued is written,
+        /// then the connection closes. `laggedOut`: a `disconnect` overflow closed it.
+        case closing(laggedOut: Bool)
+    }
+
     private struct State {
         var chunks: Deque<OutboundChunk> = []
         var queuedEvents: [Int: Int] = [:]
@@ -60,10 +70,8 @@ final class Outbox: Sendable {
         var flush: (@Sendable () -> Void)?
         /// A flush is scheduled and has not yet taken the queue.
         var flushScheduled = false
-        /// No more output is accepted; the connection closes after what is queued is written.
-        var closing = false
-        /// A subscription overflowed with `on_overflow: disconnect`.
-        var laggedOut = false
+        /// Open or closing (see `Phase`); changed only by `adopt(_:)` and `close(laggedOut:)`.
+        private(set) var phase = Phase.open(writeThrough: nil)
         /// The session's watcher, waiting in `closed()`.
         var closeWatcher: CheckedContinuation<Bool, Never>?
         /// Live events of subscriptions whose replay is running: they follow the replay (`event`
@@ -75,8 +83,6 @@ final class Outbox: Sendable {
         var parkedBytes = 0
         /// A replay waiting in `drained()` for the queue to be written.
         var drainWaiters: [CheckedContinuation<Void, Never>] = []
-        /// Where a line is written at once by whoever queues it, when nothing is ahead of it.
-        var writeThrough: WriteThrough?
         /// Batches taken by the event loop whose write has not completed (`written()`).
         var inFlight = 0
         /// The bytes of those batches.
@@ -98,6 +104,34 @@ final class Outbox: Sendable {
         /// The bytes of the events in `held` (part of `queuedBytes`), and of its lines.
         var heldEventBytes = 0
         var heldLineBytes = 0
+
+        /// No more output is accepted; the connection closes after what is queued is written.
+        var closing: Bool {
+            if case .closing = self.phase { return true }
+            return false
+        }
+
+        /// A subscription overflowed with `on_overflow: disconnect` (and so the outbox is closing).
+        var laggedOut: Bool {
+            if case .closing(let laggedOut) = self.phase { return laggedOut }
+            return false
+        }
+
+        /// Where a line is written at once by whoever queues it, when nothing is ahead of it.
+        var writeThrough: WriteThrough? {
+            if case .open(let writeThrough) = self.phase { return writeThrough }
+            return nil
+        }
+
+        /// Lets lines be written through (an open outbox only: a closing one stays closing).
+        mutating func adopt(_ writeThrough: WriteThrough) {
+            if case .open = self.phase { self.phase = .open(writeThrough: writeThrough) }
+        }
+
+        /// Closes for good; a lagged-out outbox stays lagged out.
+        mutating func close(laggedOut: Bool) {
+            self.phase = .closing(laggedOut: laggedOut || self.laggedOut)
+        }
 
         /// Every byte of output not yet written to the socket: lines and events queued (parked
         /// ones included) and batches being written.
@@ -126,7 +160,7 @@ final class Outbox: Sendable {
     /// Lets lines be written on the calling thread when nothing is ahead of them (see `WriteThrough`).
     func adopt(_ writeThrough: WriteThrough) {
         self.state.withLock { state in
-            if !state.closing { state.writeThrough = writeThrough }
+            state.adopt(writeThrough)
         }
     }
 
@@ -355,9 +389,7 @@ final class Outbox: Sendable {
             state.heldEvents = [:]
             state.heldEventBytes = 0
             Self.appendLine(&state, WireLines.laggedDisconnectNotice(subscription: subscription, lastSeq: last))
-            state.closing = true
-            state.writeThrough = nil
-            state.laggedOut = true
+            state.close(laggedOut: true)
             // Resuming only schedules the watcher's and the waiters' tasks, so it is safe under the lock.
             state.closeWatcher?.resume(returning: true)
             state.closeWatcher = nil
@@ -485,8 +517,7 @@ final class Outbox: Sendable {
     /// Stops accepting output; the connection closes once what is queued is written.
     func close() {
         let (wakeup, watcher, laggedOut, waiters) = self.state.withLock { state in
-            state.closing = true
-            state.writeThrough = nil
+            state.close(laggedOut: false)
             let watcher = state.closeWatcher
             state.closeWatcher = nil
             let waiters = state.drainWaiters + Self.takeRoomWaiters(&state, bound: self.limits.maxBytes)
