@@ -85,8 +85,23 @@ struct EventsUnitTests {
         lease.settle()
         #expect(lease.end == SeqLease.block)
         fail.store(false, ordering: .relaxed)
+        // Right after a failure, the next raise waits a moment (`retryDelayNs`)...
         lease.cover(SeqLease.block / 2 + 2)
         lease.settle()
-        #expect(lease.end == SeqLease.block / 2 + 2 + SeqLease.block)
+        #expect(lease.end == SeqLease.block)
+        // ...then goes ahead.
+        usleep(UInt32(SeqLease.retryDelayNs / 1000) + 20_000)
+        lease.cover(SeqLease.block / 2 + 3)
+        lease.settle()
+        #expect(lease.end == SeqLease.block / 2 + 3 + SeqLease.block)
+        // At the hard margin, the caller raises at once, failure or not before.
+        fail.store(true, ordering: .relaxed)
+        lease.cover(lease.end - SeqLease.block / 2 + 1)
+        lease.settle()
+        let before = lease.end
+        fail.store(false, ordering: .relaxed)
+        let near = before - SeqLease.hardMargin + 1
+        lease.cover(near)
+        #expect(lease.end == near + SeqLease.block)
     }
 }

@@ -9,6 +9,11 @@ import Synchronization
 /// to costs a load and a mask — no properties built, no JSON written. A wanted event's body
 /// (everything after the subscription number) is serialized once, outside the lock; under the lock
 /// it gets its seq and is queued, in seq order, to each matching subscriber's outbox.
+///
+/// Its concerns live in files of their own: subscriptions and listeners
+/// (`EventBus+Subscriptions.swift`), numbering and ordering (`EventBus+Sequencing.swift`), delivery
+/// into outboxes (`EventBus+Delivery.swift`), the veto chain (`VetoChain.swift`), the bytes
+/// (`Wire/WireLines.swift`).
 public final class EventBus: Sendable {
     struct State {
         var seq: Int64
@@ -51,10 +56,17 @@ public final class EventBus: Sendable {
         var time: [UInt8]?
     }
 
+    // The bus's files (EventBus+Subscriptions, +Sequencing, +Delivery, VetoChain) share these;
+    // nothing outside them touches `state` or the interest bits.
+
+    /// The catalog events some subscription wants, as a bit set (written under `state`'s lock).
     let interest = Atomic<UInt64>(0)
+    /// The catalog events some veto listener decides.
     let vetoInterest = Atomic<UInt64>(0)
     /// The catalog events some `rows: true` subscription wants.
     let rowsInterest = Atomic<UInt64>(0)
+    /// Subscriptions, listeners, the seq and what is held back. Lock order: this, then an
+    /// `Outbox`'s (delivery, `Outbox.hold`); no I/O is done under it.
     let state: Mutex<State>
     let deliveryStats = DeliveryStats()
     let vetoStats: VetoStats

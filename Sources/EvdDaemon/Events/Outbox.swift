@@ -282,7 +282,7 @@ final class Outbox: Sendable {
             guard !state.closing else { return nil }
             let queued =
                 state.queuedEvents[event.subscription, default: 0] + state.parkedEvents[event.subscription, default: 0]
-                + state.heldEvents[event.subscription, default: 0]
+                + (state.held == nil ? 0 : state.heldEvents[event.subscription, default: 0])  // held: rarely
             if queued >= self.limits.maxEventsPerSubscription || state.queuedBytes + event.byteCount > self.limits.maxBytes {
                 return self.overflow(&state, subscription: event.subscription, policy: policy, queued: queued, from: event.seq, to: event.seq)
             }
@@ -299,7 +299,7 @@ final class Outbox: Sendable {
             let subscription = run.subscription
             let queued =
                 state.queuedEvents[subscription, default: 0] + state.parkedEvents[subscription, default: 0]
-                + state.heldEvents[subscription, default: 0]
+                + (state.held == nil ? 0 : state.heldEvents[subscription, default: 0])  // held: rarely
             var fits = min(run.count, max(0, self.limits.maxEventsPerSubscription - queued))
             let bytes = run.byteCount
             if fits == run.count, state.queuedBytes + bytes <= self.limits.maxBytes {

@@ -36,6 +36,11 @@ final class SeqLease: Sendable {
     private let endValue = Atomic<Int64>(Int64.max)
     /// Whether a raise runs on its own thread now (at most one does).
     private let raising = Atomic<Bool>(false)
+    /// After a raise on its own thread failed: no other starts before this (monotonic ns), so a
+    /// failing state database (a full disk) does not cost a thread per event.
+    private let retryAfter = Atomic<Int64>(0)
+    /// How long after a failed raise the next one starts (the hard margin does not wait for it).
+    static let retryDelayNs: Int64 = 100_000_000
     /// Held while the bound is written: the raise in flight and a caller at the hard margin take
     /// it in turn. Lock order: this, then the journal's state lock (inside `persist`).
     private let persist = Mutex<(@Sendable (Int64) throws -> Void)?>(nil)
@@ -63,10 +68,13 @@ final class SeqLease: Sendable {
             self.persist(above: seq, needed: Self.hardMargin)
             return
         }
-        guard self.raising.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
-        else { return }  // one raise is on its way
+        guard Self.monotonicNs() >= self.retryAfter.load(ordering: .relaxed),
+            self.raising.compareExchange(expected: false, desired: true, ordering: .acquiringAndReleasing).exchanged
+        else { return }  // one raise is on its way, or the last one failed a moment ago
         let started = Self.detach {
-            self.persist(above: seq, needed: Self.block / 2)
+            if !self.persist(above: seq, needed: Self.block / 2) {
+                self.retryAfter.store(Self.monotonicNs() + Self.retryDelayNs, ordering: .relaxed)
+            }
             self.raising.store(false, ordering: .releasing)
         }
         if !started {
@@ -98,14 +106,24 @@ final class SeqLease: Sendable {
         return true
     }
 
-    /// Writes the bound `seq + block` unless the bound is `needed` above `seq` already.
-    private func persist(above seq: Int64, needed: Int64) {
+    /// Writes the bound `seq + block` unless the bound is `needed` above `seq` already; returns
+    /// `false` if the write failed.
+    @discardableResult
+    private func persist(above seq: Int64, needed: Int64) -> Bool {
         self.persist.withLock { persist in
-            guard let persist, seq + needed > self.endValue.load(ordering: .relaxed) else { return }
+            guard let persist, seq + needed > self.endValue.load(ordering: .relaxed) else { return true }
             let end = seq + Self.block
             // A failed write keeps the old bound: a later event tries again.
-            if (try? persist(end)) != nil { self.endValue.store(end, ordering: .relaxed) }
+            guard (try? persist(end)) != nil else { return false }
+            self.endValue.store(end, ordering: .relaxed)
+            return true
         }
+    }
+
+    private static func monotonicNs() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Int64(ts.tv_sec) * 1_000_000_000 + Int64(ts.tv_nsec)
     }
 
     /// Waits until no raise is in flight (tests, and a caller that wants the bound written now).
