@@ -304,7 +304,7 @@ final class EventRun: Sendable {
     /// Whether any event has row images.
     var hasImages: Bool { !self.images.isEmpty }
 
-    /// Event `index`'s body (as `EventBus.body` writes it), with its row images when `rows`.
+    /// Event `index`'s body (as `WireLines.body` writes it), with its row images when `rows`.
     func appendBody(_ index: Int, rows: Bool, to out: inout [UInt8]) {
         self.tails.withUnsafeBufferPointer { tails in
             self.images.withUnsafeBytes { images in
@@ -493,15 +493,15 @@ struct RunDelivery {
         // `,"event":…,"time":…,"subscription":N`: the same for every event of the run.
         var middle: [UInt8] = []
         var name = self.run.kind.name
-        name.withUTF8 { EventBus.appendName($0, to: &middle) }
+        name.withUTF8 { WireLines.appendName($0, to: &middle) }
         middle += self.time
-        JSONWriter.appendASCII(EventBus.subscriptionKey, to: &middle)
+        JSONWriter.appendASCII(WireLines.subscriptionKey, to: &middle)
         JSONWriter.appendInt(Int64(self.subscription), to: &middle)
         let run = self.run
         run.tails.withUnsafeBufferPointer { tails in
             run.images.withUnsafeBytes { images in
                 for index in self.range {
-                    EventBus.appendStart(seq: self.seq + Int64(index), to: &out)
+                    WireLines.appendStart(seq: self.seq + Int64(index), to: &out)
                     out += middle
                     EventLine.appendBody(
                         common: run.common, tail: UnsafeBufferPointer(rebasing: tails[run.tailRange(index)]),

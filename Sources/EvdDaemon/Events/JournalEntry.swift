@@ -8,7 +8,7 @@ struct JournalEntry: Sendable {
     let origin: EventOrigin
     /// For `where` filters of live subscribers.
     let properties: JSONObject
-    /// The event after its envelope's subscription number (`EventBus.body`).
+    /// The event after its envelope's subscription number (`WireLines.body`).
     let body: [UInt8]
     /// The same with the row images, for `rows: true` subscribers.
     let imagesBody: [UInt8]?

@@ -4,108 +4,6 @@ import EvdClient
 import NIOCore
 import Synchronization
 
-/// What a subscriber does when its queue is full (PROTOCOL.md §5).
-public enum OverflowPolicy: String, Sendable {
-    /// Send notice `lagged` with the last seq it received, then close the connection.
-    case disconnect
-    /// Discard events, and later send notice `lagged` with how many and which were dropped.
-    case drop
-}
-
-/// Bounds on one connection's queued output (`--max-queued-events`, `--max-queued-bytes`).
-public struct OutboxLimits: Sendable {
-    /// Events queued for one subscription before its overflow policy applies.
-    public var maxEventsPerSubscription: Int
-    /// The connection's output bound. Events: bytes of them queued before the overflow policy
-    /// applies. All output (responses, notices, vetoes and events, queued or being written): bytes
-    /// of it unwritten at which evd stops running the connection's requests and reading from it,
-    /// until the client has read enough (`Outbox.hasRoom`).
-    public var maxBytes: Int
-
-    /// What `--max-queued-events` accepts.
-    public static let eventsRange = 1...Int.max
-    /// What `--max-queued-bytes` accepts: at least 64 KiB, since an event larger than the bound
-    /// overflows even an empty queue.
-    public static let bytesRange = (64 << 10)...Int.max
-
-    public init(maxEventsPerSubscription: Int = 10_000, maxBytes: Int = 16 << 20) {
-        self.maxEventsPerSubscription = maxEventsPerSubscription
-        self.maxBytes = maxBytes
-    }
-}
-
-/// One event queued for one subscription: the shared bytes around the subscription's number.
-///
-/// `prefix` and `body` are the same arrays for every subscriber of the event (copy-on-write shares
-/// them), so an event is serialized once however many subscribe.
-struct QueuedEvent {
-    let prefix: [UInt8]
-    let subscription: Int
-    let body: [UInt8]
-    let seq: Int64
-    var byteCount: Int { self.prefix.count + self.body.count + 8 }
-}
-
-/// A page of replayed events, as the lines its subscriber reads, one after another
-/// (`ReplayPage`, which the server reads from the journal).
-protocol ReplayedEvents: Sendable {
-    var subscription: Int { get }
-    /// The events' lines.
-    var bytes: [UInt8] { get }
-    /// How many events the lines hold.
-    var count: Int { get }
-    /// The seq of the first event, and of the last (0 when there is none).
-    var firstSeq: Int64 { get }
-    var lastSeq: Int64 { get }
-}
-
-/// One piece of a connection's output, in the order it must be written.
-enum OutboundChunk {
-    case line([UInt8])
-    case event(QueuedEvent)
-    /// Consecutive events of one subscription, already written out whole (a page of a replay).
-    case events(any ReplayedEvents)
-    /// Consecutive events of a run for one subscription, written out when taken.
-    case run(RunDelivery)
-
-    /// Appends the chunk's bytes to `buffer`.
-    func write(into buffer: inout ByteBuffer) {
-        switch self {
-        case .line(let bytes):
-            buffer.writeBytes(bytes)
-        case .event(let event):
-            buffer.writeBytes(event.prefix)
-            var digits: [UInt8] = []
-            JSONWriter.appendInt(Int64(event.subscription), to: &digits)
-            buffer.writeBytes(digits)
-            buffer.writeBytes(event.body)
-        case .events(let page):
-            buffer.writeBytes(page.bytes)
-        case .run(let run):
-            run.write(into: &buffer)
-        }
-    }
-
-    var byteCount: Int {
-        switch self {
-        case .line(let bytes): return bytes.count
-        case .event(let event): return event.byteCount
-        case .events(let page): return page.bytes.count
-        case .run(let run): return run.byteCount
-        }
-    }
-
-    /// The subscription and first seq of the events it holds (`nil`: a line).
-    var firstEvent: (subscription: Int, seq: Int64)? {
-        switch self {
-        case .line: return nil
-        case .event(let event): return (event.subscription, event.seq)
-        case .events(let page): return (page.subscription, page.firstSeq)
-        case .run(let run): return (run.subscription, run.firstSeq)
-        }
-    }
-}
-
 /// A connection's outbound queue: responses, notices and events, drained on the connection's event loop.
 ///
 /// Producers (the request executor, and any thread publishing an event) never wait: events beyond
@@ -138,6 +36,29 @@ final class Outbox: Sendable {
         var to: Int64
     }
 
+    /// The outbox's state: its lifecycle is `phase` (an enum whose two transitions are
+    /// `adopt(_:)` and `close(laggedOut:)`); the queue, counts and waiters are data every phase has.
+    ///
+    /// - **detached** (`flush == nil`): output is queued; `attach` schedules the first flush.
+    /// - **open** (`Phase.open`): a flush is scheduled or not (`flushScheduled`); lines are
+    ///   written through on the caller's thread (`writeThrough`, set by `adopt`) when nothing is
+    ///   queued or in flight.
+    /// - **closing** (`Phase.closing`, for good): `close`, `discard` or a `disconnect` overflow
+    ///   (`laggedOut: true`) enter it; nothing is written through or accepted any more, `take`
+    ///   drains what is queued and then answers `.close`.
+    ///
+    /// Orthogonal to these: a subscription whose replay runs is **parked** (`parked[id]`), and the
+    /// connection is **held** while a subscription is registered (`held != nil`, `holds > 0`).
+    /// An outbox's lifecycle: open (accepting output), then closing, for good.
+    private enum Phase {
+        /// Output is accepted; lines are written through `writeThrough` (once `adopt` gave one)
+        /// when nothing is queued or in flight.
+        case open(writeThrough: WriteThrough?)
+        /// No more output is accepted and nothing is written through; what is queued is written,
+        /// then the connection closes. `laggedOut`: a `disconnect` overflow closed it.
+        case closing(laggedOut: Bool)
+    }
+
     private struct State {
         var chunks: Deque<OutboundChunk> = []
         var queuedEvents: [Int: Int] = [:]
@@ -149,10 +70,8 @@ final class Outbox: Sendable {
         var flush: (@Sendable () -> Void)?
         /// A flush is scheduled and has not yet taken the queue.
         var flushScheduled = false
-        /// No more output is accepted; the connection closes after what is queued is written.
-        var closing = false
-        /// A subscription overflowed with `on_overflow: disconnect`.
-        var laggedOut = false
+        /// Open or closing (see `Phase`); changed only by `adopt(_:)` and `close(laggedOut:)`.
+        private(set) var phase = Phase.open(writeThrough: nil)
         /// The session's watcher, waiting in `closed()`.
         var closeWatcher: CheckedContinuation<Bool, Never>?
         /// Live events of subscriptions whose replay is running: they follow the replay (`event`
@@ -164,8 +83,6 @@ final class Outbox: Sendable {
         var parkedBytes = 0
         /// A replay waiting in `drained()` for the queue to be written.
         var drainWaiters: [CheckedContinuation<Void, Never>] = []
-        /// Where a line is written at once by whoever queues it, when nothing is ahead of it.
-        var writeThrough: WriteThrough?
         /// Batches taken by the event loop whose write has not completed (`written()`).
         var inFlight = 0
         /// The bytes of those batches.
@@ -176,10 +93,49 @@ final class Outbox: Sendable {
         var lineBytes = 0
         /// Executors waiting in `waitForRoom()` for the output to fall below the bound.
         var roomWaiters: [CheckedContinuation<Void, Never>] = []
+        /// Events and vetoes held back while a subscription is registered (`hold()`, `release()`),
+        /// in the order they came; `nil`: none is. Lines (`enqueue(line:)`) go on meanwhile: the
+        /// `subscribe` response precedes them.
+        var held: Deque<OutboundChunk>?
+        /// How many `hold()`s are not yet released.
+        var holds = 0
+        /// How many events `held` holds, per subscription.
+        var heldEvents: [Int: Int] = [:]
+        /// The bytes of the events in `held` (part of `queuedBytes`), and of its lines.
+        var heldEventBytes = 0
+        var heldLineBytes = 0
+
+        /// No more output is accepted; the connection closes after what is queued is written.
+        var closing: Bool {
+            if case .closing = self.phase { return true }
+            return false
+        }
+
+        /// A subscription overflowed with `on_overflow: disconnect` (and so the outbox is closing).
+        var laggedOut: Bool {
+            if case .closing(let laggedOut) = self.phase { return laggedOut }
+            return false
+        }
+
+        /// Where a line is written at once by whoever queues it, when nothing is ahead of it.
+        var writeThrough: WriteThrough? {
+            if case .open(let writeThrough) = self.phase { return writeThrough }
+            return nil
+        }
+
+        /// Lets lines be written through (an open outbox only: a closing one stays closing).
+        mutating func adopt(_ writeThrough: WriteThrough) {
+            if case .open = self.phase { self.phase = .open(writeThrough: writeThrough) }
+        }
+
+        /// Closes for good; a lagged-out outbox stays lagged out.
+        mutating func close(laggedOut: Bool) {
+            self.phase = .closing(laggedOut: laggedOut || self.laggedOut)
+        }
 
         /// Every byte of output not yet written to the socket: lines and events queued (parked
         /// ones included) and batches being written.
-        var unwrittenBytes: Int { self.lineBytes + self.queuedBytes + self.inFlightBytes }
+        var unwrittenBytes: Int { self.lineBytes + self.heldLineBytes + self.queuedBytes + self.inFlightBytes }
     }
 
     private let state = Mutex(State())
@@ -204,7 +160,7 @@ final class Outbox: Sendable {
     /// Lets lines be written on the calling thread when nothing is ahead of them (see `WriteThrough`).
     func adopt(_ writeThrough: WriteThrough) {
         self.state.withLock { state in
-            if !state.closing { state.writeThrough = writeThrough }
+            state.adopt(writeThrough)
         }
     }
 
@@ -240,6 +196,11 @@ final class Outbox: Sendable {
             guard !state.closing else { return (.closed, nil) }
             let unwritten = state.unwrittenBytes
             guard unwritten == 0 || unwritten + line.count <= self.limits.maxBytes else { return (.full, nil) }
+            if state.held != nil {
+                state.held!.append(.line(line))
+                state.heldLineBytes += line.count
+                return (.queued, nil)
+            }
             return (.queued, Self.queue(&state, line: line))
         }
         wakeup?.resume()
@@ -319,7 +280,9 @@ final class Outbox: Sendable {
     func enqueue(event: QueuedEvent, policy: OverflowPolicy) -> Wakeup? {
         self.state.withLock { state -> Wakeup? in
             guard !state.closing else { return nil }
-            let queued = state.queuedEvents[event.subscription, default: 0] + state.parkedEvents[event.subscription, default: 0]
+            let queued =
+                state.queuedEvents[event.subscription, default: 0] + state.parkedEvents[event.subscription, default: 0]
+                + (state.held == nil ? 0 : state.heldEvents[event.subscription, default: 0])  // held: rarely
             if queued >= self.limits.maxEventsPerSubscription || state.queuedBytes + event.byteCount > self.limits.maxBytes {
                 return self.overflow(&state, subscription: event.subscription, policy: policy, queued: queued, from: event.seq, to: event.seq)
             }
@@ -334,7 +297,9 @@ final class Outbox: Sendable {
         return self.state.withLock { state -> Wakeup? in
             guard !state.closing else { return nil }
             let subscription = run.subscription
-            let queued = state.queuedEvents[subscription, default: 0] + state.parkedEvents[subscription, default: 0]
+            let queued =
+                state.queuedEvents[subscription, default: 0] + state.parkedEvents[subscription, default: 0]
+                + (state.held == nil ? 0 : state.heldEvents[subscription, default: 0])  // held: rarely
             var fits = min(run.count, max(0, self.limits.maxEventsPerSubscription - queued))
             let bytes = run.byteCount
             if fits == run.count, state.queuedBytes + bytes <= self.limits.maxBytes {
@@ -355,8 +320,23 @@ final class Outbox: Sendable {
         }
     }
 
-    /// Queues a chunk of events that fit (parked while the subscription's replay runs).
+    /// Queues a chunk of events that fit (held while a subscription is registered, parked while
+    /// the subscription's replay runs).
     private func append(_ state: inout State, _ chunk: OutboundChunk, subscription: Int, events: Int, bytes: Int) -> Wakeup? {
+        if state.held != nil {
+            // The notice of what was dropped goes where the chunk goes, just before it.
+            if state.parked[subscription] == nil, let record = state.drops.removeValue(forKey: subscription) {
+                let notice = WireLines.laggedDroppedNotice(
+                    subscription: subscription, dropped: record.count, from: record.from, to: record.to)
+                state.held!.append(.line(notice))
+                state.heldLineBytes += notice.count
+            }
+            state.held!.append(chunk)
+            state.heldEvents[subscription, default: 0] += events
+            state.heldEventBytes += bytes
+            state.queuedBytes += bytes
+            return nil
+        }
         if state.parked[subscription] != nil {
             state.parked[subscription]!.append(chunk)
             state.parkedEvents[subscription, default: 0] += events
@@ -365,11 +345,9 @@ final class Outbox: Sendable {
             return nil
         }
         if let record = state.drops.removeValue(forKey: subscription) {
-            let notice: JSONValue = [
-                "type": "notice", "code": "lagged", "subscription": .integer(subscription),
-                "dropped": .integer(record.count), "from": .int(record.from), "to": .int(record.to),
-            ]
-            Self.appendLine(&state, notice.jsonBytes + [0x0a])
+            Self.appendLine(
+                &state,
+                WireLines.laggedDroppedNotice(subscription: subscription, dropped: record.count, from: record.from, to: record.to))
         }
         state.chunks.append(chunk)
         state.queuedEvents[subscription, default: 0] += events
@@ -391,11 +369,15 @@ final class Outbox: Sendable {
             // Nothing delivered yet: `last_seq` is the seq before the first event it misses,
             // so that resuming with `since: last_seq` still misses nothing.
             let parkedFirst = state.parked[subscription]?.lazy.compactMap { $0.firstEvent?.seq }.first
+            let heldFirst = state.held?.lazy.compactMap { chunk -> Int64? in
+                guard let first = chunk.firstEvent, first.subscription == subscription else { return nil }
+                return first.seq
+            }.first
             let firstMissed =
                 state.chunks.lazy.compactMap { chunk -> Int64? in
                     guard let first = chunk.firstEvent, first.subscription == subscription else { return nil }
                     return first.seq
-                }.first ?? parkedFirst ?? from
+                }.first ?? parkedFirst ?? heldFirst ?? from
             let last = state.lastDelivered[subscription] ?? firstMissed - 1
             state.chunks.removeAll { if case .line = $0 { return false } else { return true } }
             state.queuedEvents = [:]
@@ -403,13 +385,11 @@ final class Outbox: Sendable {
             state.parked = [:]
             state.parkedEvents = [:]
             state.parkedBytes = 0
-            let notice: JSONValue = [
-                "type": "notice", "code": "lagged", "subscription": .integer(subscription), "last_seq": .int(last),
-            ]
-            Self.appendLine(&state, notice.jsonBytes + [0x0a])
-            state.closing = true
-            state.writeThrough = nil
-            state.laggedOut = true
+            state.held?.removeAll { if case .line = $0 { return false } else { return true } }
+            state.heldEvents = [:]
+            state.heldEventBytes = 0
+            Self.appendLine(&state, WireLines.laggedDisconnectNotice(subscription: subscription, lastSeq: last))
+            state.close(laggedOut: true)
             // Resuming only schedules the watcher's and the waiters' tasks, so it is safe under the lock.
             state.closeWatcher?.resume(returning: true)
             state.closeWatcher = nil
@@ -426,6 +406,58 @@ final class Outbox: Sendable {
             }
             return nil
         }
+    }
+
+    // MARK: Holding output while a subscription is registered
+
+    /// Holds events and vetoes back, in order, until `release()`; lines still go out. The bus
+    /// calls it under its lock when it adds a subscription of this connection, and releases it
+    /// once the `subscribe` response (written outside the bus's lock) is queued: so that response
+    /// precedes the new subscription's first event and its first veto. Holds nest.
+    func hold() {
+        self.state.withLock { state in
+            state.holds += 1
+            if state.held == nil { state.held = [] }
+        }
+    }
+
+    /// Ends a `hold()`; at the last one, what was held is queued as if it came now (events of a
+    /// subscription parked meanwhile go to its parked queue).
+    func release() {
+        let wakeup = self.state.withLock { state -> Wakeup? in
+            precondition(state.holds > 0, "an outbox releases only what it holds")
+            state.holds -= 1
+            guard state.holds == 0, let held = state.held else { return nil }
+            state.held = nil
+            state.heldEvents = [:]
+            state.queuedBytes -= state.heldEventBytes
+            state.heldEventBytes = 0
+            state.heldLineBytes = 0
+            var wakeup: Wakeup?
+            for chunk in held {
+                switch chunk {
+                case .line(let line):
+                    if state.closing {
+                        Self.appendLine(&state, line)
+                    } else if let flush = Self.queue(&state, line: line) {
+                        wakeup = flush
+                    }
+                case .event, .run, .events:
+                    guard !state.closing, let first = chunk.firstEvent else { continue }
+                    let events: Int
+                    switch chunk {
+                    case .run(let run): events = run.count
+                    case .events(let page): events = page.count
+                    default: events = 1
+                    }
+                    if let flush = self.append(&state, chunk, subscription: first.subscription, events: events, bytes: chunk.byteCount) {
+                        wakeup = flush
+                    }
+                }
+            }
+            return wakeup ?? (state.chunks.isEmpty ? nil : Self.scheduleFlush(&state))
+        }
+        wakeup?.resume()
     }
 
     // MARK: Replay
@@ -485,8 +517,7 @@ final class Outbox: Sendable {
     /// Stops accepting output; the connection closes once what is queued is written.
     func close() {
         let (wakeup, watcher, laggedOut, waiters) = self.state.withLock { state in
-            state.closing = true
-            state.writeThrough = nil
+            state.close(laggedOut: false)
             let watcher = state.closeWatcher
             state.closeWatcher = nil
             let waiters = state.drainWaiters + Self.takeRoomWaiters(&state, bound: self.limits.maxBytes)
@@ -512,6 +543,10 @@ final class Outbox: Sendable {
             state.parkedEvents = [:]
             state.parkedBytes = 0
             state.drops = [:]
+            if state.held != nil { state.held = [] }
+            state.heldEvents = [:]
+            state.heldEventBytes = 0
+            state.heldLineBytes = 0
         }
     }
 
@@ -550,7 +585,7 @@ final class Outbox: Sendable {
                 }
             }
             state.queuedEvents.removeAll(keepingCapacity: true)
-            state.queuedBytes = state.parkedBytes
+            state.queuedBytes = state.parkedBytes + state.heldEventBytes
             state.lineBytes = 0
             state.inFlight += 1
             state.inFlightBytes += bytes
@@ -580,12 +615,4 @@ final class Outbox: Sendable {
         let flush: @Sendable () -> Void
         func resume() { self.flush() }
     }
-}
-
-/// Daemon-wide delivery counters for `stats`.
-public final class DeliveryStats: Sendable {
-    let delivered = Atomic<Int>(0)
-    let dropped = Atomic<Int>(0)
-    let laggedDisconnects = Atomic<Int>(0)
-    public init() {}
 }

@@ -53,7 +53,7 @@ struct ReplayPage: ReplayedEvents {
         page.bytes.reserveCapacity(limit * 160)
         // What follows the time: its closing quote and the subscription number.
         var tail: [UInt8] = [UInt8(ascii: "\"")]
-        JSONWriter.appendASCII(EventBus.subscriptionKey, to: &tail)
+        JSONWriter.appendASCII(WireLines.subscriptionKey, to: &tail)
         JSONWriter.appendInt(Int64(subscription.id), to: &tail)
         var names = NameCache()
         let read = try reader.next(limit: limit) { row, from, to, budget in
@@ -105,7 +105,7 @@ struct ReplayPage: ReplayedEvents {
             else { return }
         }
         self.starts.append(Start(seq: row.seq, offset: self.bytes.count))
-        EventBus.appendStart(seq: row.seq, to: &self.bytes)
+        WireLines.appendStart(seq: row.seq, to: &self.bytes)
         self.bytes += name.head
         self.bytes.append(contentsOf: row.time)
         self.bytes += tail
@@ -161,7 +161,7 @@ struct ReplayPage: ReplayedEvents {
         _ kind: EventKind, _ columns: [ColumnKeys], _ subscription: Subscription
     ) {
         self.starts.append(Start(seq: seq, offset: self.bytes.count))
-        EventBus.appendStart(seq: seq, to: &self.bytes)
+        WireLines.appendStart(seq: seq, to: &self.bytes)
         self.bytes += name.head
         self.bytes.append(contentsOf: time)
         self.bytes += tail
@@ -190,7 +190,7 @@ struct ReplayPage: ReplayedEvents {
             let text: String
             /// The catalog event (`nil`: a custom one).
             let kind: EventKind?
-            /// `,"event":…,"time":"` (`EventBus.appendName` and the time's opening quote).
+            /// `,"event":…,"time":"` (`WireLines.appendName` and the time's opening quote).
             let head: [UInt8]
         }
 
@@ -214,7 +214,7 @@ struct ReplayPage: ReplayedEvents {
                 wanted = subscription.matches(customName: text)
             }
             var head: [UInt8] = []
-            EventBus.appendName(bytes, to: &head)
+            WireLines.appendName(bytes, to: &head)
             head.append(UInt8(ascii: "\""))
             self.lastName = wanted ? Name(text: text, kind: kind, head: head) : nil
             return self.lastName

@@ -460,7 +460,7 @@ public final class Journal: Sendable {
     /// Writes one event as a row of its own.
     private static func write(_ entry: JournalEntry, seq: Int64, time: String, using insert: SQLiteStatement) throws(SQLiteError) {
         // With images, the body with them is stored, and the length of the one without: that
-        // one is the same bytes up to its closing `}` (see `EventBus.body`).
+        // one is the same bytes up to its closing `}` (see `WireLines.body`).
         if let images = entry.imagesBody {
             try Self.insert(seq: seq, name: entry.name, time: time, body: images, plain: entry.body.count, using: insert)
         } else {
@@ -976,7 +976,7 @@ extension CommittedEvent {
     /// Its bytes, made once for the journal and every subscriber (a prepared transaction's
     /// events, kept as properties and JSON images).
     func entry(origin: EventOrigin) -> JournalEntry {
-        let body = EventBus.body(origin, self.properties)
+        let body = WireLines.body(origin, self.properties)
         var imagesBody: [UInt8]?
         if let images = self.images {
             // The same bytes up to the closing brace, then the images.

@@ -1,0 +1,81 @@
+import EvdClient
+
+// MARK: Responses and hello
+
+extension WireLines {
+    /// A successful response: `{"type":"response","id":…,"ok":true,"result":…}`.
+    static func response(id: JSONValue, result: JSONValue) -> [UInt8] {
+        var bytes: [UInt8] = Array(#"{"type":"response","id":"#.utf8)
+        id.write(into: &bytes)
+        bytes += Array(#","ok":true,"result":"#.utf8)
+        result.write(into: &bytes)
+        bytes += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+        return bytes
+    }
+
+    /// A failed response: `{"type":"response","id":…,"ok":false,"error":{…}}`.
+    static func response(id: JSONValue, error: EvdError) -> [UInt8] {
+        var bytes: [UInt8] = Array(#"{"type":"response","id":"#.utf8)
+        id.write(into: &bytes)
+        bytes += Array(#","ok":false,"error":"#.utf8)
+        JSONValue.object(error.jsonObject).write(into: &bytes)
+        bytes += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+        return bytes
+    }
+
+    /// The first line of every connection (PROTOCOL.md §2).
+    static func hello(version: String, session: UInt64, actor: Actor, databases: [String], seq: Int64) -> [UInt8] {
+        let hello: JSONValue = [
+            "type": "hello", "server": "evd", "version": .string(version), "protocol": 1,
+            "session": .integer(session), "actor": actor.jsonValue,
+            "databases": .array(databases.map(JSONValue.string)),
+            "seq": .int(seq),
+        ]
+        return hello.jsonBytes + [0x0a]
+    }
+}
+
+// MARK: Notices
+
+extension WireLines {
+    /// Notice `shutdown`: the daemon is stopping.
+    static func shutdownNotice() -> [UInt8] {
+        Array(#"{"type":"notice","code":"shutdown"}"#.utf8) + [0x0a]
+    }
+
+    /// Notice `idle_transaction_timeout`: the session's transaction on `database` sat idle longer
+    /// than `maxMs` and was rolled back.
+    static func idleTransactionTimeoutNotice(database: String, maxMs: Int) -> [UInt8] {
+        var line = Array(#"{"type":"notice","code":"idle_transaction_timeout","database":"#.utf8)
+        JSONWriter.appendString(database, to: &line)
+        line += Array(#","max_ms":"#.utf8)
+        JSONWriter.appendInt(Int64(maxMs), to: &line)
+        line += Array("}\n".utf8)
+        return line
+    }
+
+    /// Notice `gap`: events `from...to` are gone (retention, or no journal) and will not be replayed.
+    static func gapNotice(from: Int64, to: Int64) -> [UInt8] {
+        let gap: JSONValue = ["type": "notice", "code": "gap", "from": .int(from), "to": .int(to)]
+        return gap.jsonBytes + [0x0a]
+    }
+
+    /// Notice `lagged` for `on_overflow: drop`: `dropped` events of `subscription`, `from...to`,
+    /// were discarded.
+    static func laggedDroppedNotice(subscription: Int, dropped: Int, from: Int64, to: Int64) -> [UInt8] {
+        let notice: JSONValue = [
+            "type": "notice", "code": "lagged", "subscription": .integer(subscription),
+            "dropped": .integer(dropped), "from": .int(from), "to": .int(to),
+        ]
+        return notice.jsonBytes + [0x0a]
+    }
+
+    /// Notice `lagged` for `on_overflow: disconnect`: `subscription` overflowed; `lastSeq` is where
+    /// to resume (`since`). The connection closes after it.
+    static func laggedDisconnectNotice(subscription: Int, lastSeq: Int64) -> [UInt8] {
+        let notice: JSONValue = [
+            "type": "notice", "code": "lagged", "subscription": .integer(subscription), "last_seq": .int(lastSeq),
+        ]
+        return notice.jsonBytes + [0x0a]
+    }
+}
