@@ -351,7 +351,7 @@ public final class Daemon: Service, CustomStringConvertible {
                 extra: ["limit": "max-connections-per-uid", "max": .integer(limit)])
         }
         var buffer = channel.allocator.buffer(capacity: 256)
-        buffer.writeBytes(Session.responseLine(id: .null, error: error))
+        buffer.writeBytes(WireLines.response(id: .null, error: error))
         try? await channel.writeAndFlush(buffer)
         try? await channel.close()
     }

@@ -85,8 +85,9 @@ extension Session {
                     filter: vetoFilter, visibility: visibility, scope: vetoScope)
             }
 
-        // Registering and queueing the response happen under the bus's lock, so no event of the new
-        // subscription can reach the client before the response that names it.
+        // The bus holds the session's events and vetoes back while `registered` queues the response
+        // (after its lock is released), so none of the new subscription's reaches the client before
+        // the response that names it (`Outbox.hold`).
         let customNames = self.core.bus.customNames
         let journal = self.core.journal
         var replay: (subscription: Subscription, through: Int64)?
@@ -108,11 +109,11 @@ extension Session {
                 "subscription": .integer(subscription.id), "events": .array(matched.map(JSONValue.string)),
                 "veto": .array(vetoed), "seq": .int(stable),
             ]
-            self.outbox.enqueue(line: Self.responseLine(id: id, result: result))
+            self.outbox.enqueue(line: WireLines.response(id: id, result: result))
             guard let since else { return }
             if journal == nil {
                 // No journal is kept (`--no-journal`): everything at or before head is gone.
-                if since < head { self.outbox.enqueue(line: Self.gapLine(from: since + 1, to: head)) }
+                if since < head { self.outbox.enqueue(line: WireLines.gapNotice(from: since + 1, to: head)) }
             } else if since < stable {
                 // Events after `stable` reach the subscription live; its replay covers the rest,
                 // and its live events wait until the replay is done.
@@ -137,11 +138,6 @@ extension Session {
         self.hasSubscriptions.subtract(1, ordering: .relaxed)
     }
 
-    static func gapLine(from: Int64, to: Int64) -> [UInt8] {
-        let gap: JSONValue = ["type": "notice", "code": "gap", "from": .int(from), "to": .int(to)]
-        return gap.jsonBytes + [0x0a]
-    }
-
     /// Replays the journaled events with seq in `since+1 ... through` that `subscription` matches,
     /// in seq order, then lets its live events (held back meanwhile) follow. What retention removed
     /// is announced with notice `gap`. The session's next request waits for the replay; the replay
@@ -164,7 +160,7 @@ extension Session {
                 // A page read before the floor moved past it may lack rows, so everything up to the
                 // floor counts as gone.
                 if page.floor > position {
-                    self.outbox.enqueue(line: Self.gapLine(from: position + 1, to: page.floor))
+                    self.outbox.enqueue(line: WireLines.gapNotice(from: position + 1, to: page.floor))
                     position = page.floor
                 }
                 page.drop(through: position)
@@ -172,7 +168,7 @@ extension Session {
                 if let damage = page.damage, damage.to > position {
                     // A row that fails its checksum is never sent: its seqs are a gap, and the
                     // damage is logged once (whoever replays it next gets the same gap).
-                    self.outbox.enqueue(line: Self.gapLine(from: max(damage.from, position + 1), to: damage.to))
+                    self.outbox.enqueue(line: WireLines.gapNotice(from: max(damage.from, position + 1), to: damage.to))
                     if journal.noteDamage(damage) {
                         self.logger.error(
                             "a journal row is damaged (its checksum does not match): its events are not replayed",
@@ -192,7 +188,7 @@ extension Session {
             }
         } catch {
             self.logger.warning("replay failed", metadata: ["subscription": "\(subscription.id)", "error": "\(error)"])
-            self.outbox.enqueue(line: Self.gapLine(from: position + 1, to: through))
+            self.outbox.enqueue(line: WireLines.gapNotice(from: position + 1, to: through))
         }
     }
 

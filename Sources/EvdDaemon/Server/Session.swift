@@ -30,7 +30,7 @@ final class Session: Sendable {
     /// The statement watch of the connection the session's request runs SQL on, while it does.
     let runningWatch = Mutex<StatementWatch?>(nil)
     /// The connection, for a forced close at shutdown.
-    private let channel = Mutex<(any Channel)?>(nil)
+    let channel = Mutex<(any Channel)?>(nil)
 
     init(id: UInt64, actor: Actor, core: DaemonCore, logger: Logger) {
         self.id = id
@@ -267,11 +267,7 @@ final class Session: Sendable {
             metadata: ["database": "\(transaction.pool.database.name)"])
         await self.rollBack(transaction)
         await transaction.pool.checkin(transaction.connection, origin: self.origin)
-        var line = Array(#"{"type":"notice","code":"idle_transaction_timeout","database":"#.utf8)
-        JSONWriter.appendString(transaction.pool.database.name, to: &line)
-        line += Array(#","max_ms":"#.utf8)
-        JSONWriter.appendInt(Int64(limit), to: &line)
-        line += Array("}\n".utf8)
+        let line = WireLines.idleTransactionTimeoutNotice(database: transaction.pool.database.name, maxMs: limit)
         self.outbox.enqueue(line: line)
         self.inbox.finish()
         self.outbox.close()
@@ -302,161 +298,6 @@ final class Session: Sendable {
                 channel.close(promise: nil)
                 return
             }
-        }
-    }
-
-    // MARK: Output
-
-    /// What a request produced.
-    enum Outcome {
-        case result(JSONValue)
-        case failure(EvdError)
-        /// The handler queued its response itself (`subscribe`, so no event can overtake it).
-        case responded
-    }
-
-    /// Queues the response to a request. One larger than `--max-response-bytes` is replaced by
-    /// `response_too_large`.
-    func respond(id: JSONValue, _ outcome: Outcome) {
-        switch outcome {
-        case .responded:
-            return
-        case .result(let result):
-            let line = Self.responseLine(id: id, result: result)
-            let max = self.core.configuration.maxResponseBytes
-            guard line.count <= max else {
-                self.outbox.enqueue(line: Self.responseLine(id: id, error: .responseTooLarge(max: max)))
-                return
-            }
-            self.outbox.enqueue(line: line)
-        case .failure(let error):
-            self.outbox.enqueue(line: Self.responseLine(id: id, error: error))
-        }
-    }
-
-    static func responseLine(id: JSONValue, result: JSONValue) -> [UInt8] {
-        var bytes: [UInt8] = Array(#"{"type":"response","id":"#.utf8)
-        id.write(into: &bytes)
-        bytes += Array(#","ok":true,"result":"#.utf8)
-        result.write(into: &bytes)
-        bytes += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
-        return bytes
-    }
-
-    static func responseLine(id: JSONValue, error: EvdError) -> [UInt8] {
-        var bytes: [UInt8] = Array(#"{"type":"response","id":"#.utf8)
-        id.write(into: &bytes)
-        bytes += Array(#","ok":false,"error":"#.utf8)
-        JSONValue.object(error.jsonObject).write(into: &bytes)
-        bytes += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
-        return bytes
-    }
-
-    private func helloLine() -> [UInt8] {
-        let hello: JSONValue = [
-            "type": "hello", "server": "evd", "version": .string(evdVersion), "protocol": 1,
-            "session": .integer(self.id), "actor": self.actor.jsonValue,
-            "databases": .array(self.core.pools.keys.map(JSONValue.string)),
-            "seq": .int(self.core.bus.headSeq),
-        ]
-        return hello.jsonBytes + [0x0a]
-    }
-
-    /// Tells the client the daemon is stopping.
-    func noticeShutdown() {
-        self.outbox.enqueue(line: Array(#"{"type":"notice","code":"shutdown"}"#.utf8) + [0x0a])
-    }
-
-    /// Ends the session: what is queued is written, then the connection closes.
-    func close() {
-        self.outbox.close()
-    }
-
-    /// Closes the connection now, dropping unwritten output: for a peer that stopped reading, whose
-    /// writer would otherwise wait on a full socket forever.
-    func forceClose() {
-        self.outbox.close()
-        self.channel.withLock { $0 }?.close(promise: nil)
-    }
-
-    /// Any error as the wire's error.
-    static func wireError(_ error: any Error) -> EvdError {
-        switch error {
-        case let error as EvdError: return error
-        case let error as SQLiteError: return error.evdError
-        default: return EvdError(.shuttingDown, "the request could not run: \(error)")
-        }
-    }
-
-    // MARK: Veto replies
-
-    /// Handles a `reply` at once, even while this connection's own request runs. A valid reply gets
-    /// no response; an invalid one gets an error response (with the reply's `id`) and, when it
-    /// names a pending veto, counts as no answer: the listener's `on_timeout` decides.
-    func handleReply(_ request: JSONObject) {
-        let id = request["id"] ?? .null
-        var arguments = Arguments(request)
-        var pending: PendingVeto?
-        do {
-            let seq = try arguments.requiredInt("seq")
-            // Missing or ill-typed arguments are reported first, as for every op; a reply that
-            // names a pending veto still resolves it (as no answer) below.
-            var parsed: (action: String, reason: String?, set: JSONObject?)?
-            var invalid: EvdError?
-            do throws(EvdError) {
-                parsed = (try arguments.requiredString("action"), try arguments.string("reason"), try arguments.object("set"))
-                try arguments.finish()
-            } catch {
-                invalid = error
-            }
-            guard let veto = self.core.bus.pendingVetoes.find(session: self.id, seq: seq) else {
-                // Late, most likely (it timed out, or was sent while the listener was tripped):
-                // still a sign of life, which closes a tripped listener's circuit.
-                self.core.bus.vetoListenersReplied(session: self.id)
-                throw invalid ?? EvdError.badRequest(field: "seq", "no veto is pending for this connection with seq \(seq)")
-            }
-            pending = veto
-            if let invalid { throw invalid }
-            guard let parsed else { return }
-            let (action, reason, set) = parsed
-            let decision: VetoDecision
-            switch action {
-            case "allow":
-                decision = .allow
-            case "deny":
-                decision = .deny(reason: reason)
-            case "modify":
-                guard let set else { throw EvdError.badRequest(field: "set", "modify needs 'set': the properties to replace") }
-                for key in set.keys where !veto.mutable.contains(key) {
-                    let allowed = veto.mutable.isEmpty ? "none" : veto.mutable.sorted().joined(separator: ", ")
-                    throw EvdError.badRequest(field: "set.\(key)", "'\(key)' is not a mutable property of this event (mutable: \(allowed))")
-                }
-                try Self.checkModification(set)
-                decision = .modify(set)
-            default:
-                throw EvdError.badRequest(field: "action", "'action' must be one of allow, deny, modify, not '\(action)'")
-            }
-            if !veto.resolve(decision) {
-                throw EvdError.badRequest(field: "seq", "the veto with seq \(seq) was already decided (it timed out)")
-            }
-        } catch {
-            pending?.resolve(.noAnswer(.invalidReply))
-            self.respond(id: id.isScalar ? id : .null, .failure(Self.wireError(error)))
-        }
-    }
-
-    /// Checks the type of each replaced property: what evd then runs must make sense.
-    static func checkModification(_ set: JSONObject) throws(EvdError) {
-        for (key, value) in set {
-            let ok: Bool
-            switch key {
-            case "statement": ok = value.stringValue != nil
-            case "parameters": ok = value.arrayValue != nil || value.objectValue != nil
-            case "request", "pragmas", "column": ok = value.objectValue != nil
-            case "error": ok = value["code"]?.stringValue != nil && value["message"]?.stringValue != nil
-            default: ok = true
-            }
-            if !ok { throw EvdError.badRequest(field: "set.\(key)", "'\(key)' has the wrong type (\(value.typeName))") }
         }
     }
 }
