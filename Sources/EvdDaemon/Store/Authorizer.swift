@@ -10,7 +10,11 @@ import EvdClient
 /// Registers the authorizer observer a connection uses to learn what a statement does while it is prepared.
 extension SQLiteConnection {
     /// Installs `observer` as this connection's authorizer; it sees every action of every prepare.
+    /// The connection keeps `observer` until it closes, which removes the authorizer first.
     public func setAuthorizer(_ observer: AuthorizerObserver) {
+        #if DEBUG
+        observer.connection = self
+        #endif
         let context = Unmanaged.passUnretained(observer).toOpaque()
         sqlite3_set_authorizer(
             self.handle,
@@ -19,6 +23,7 @@ extension SQLiteConnection {
                 return observer.authorize(action, first, second, database)
             },
             context)
+        self.installed(.authorizer, owner: observer)
     }
 }
 
@@ -30,8 +35,16 @@ extension SQLiteConnection {
 /// judged: `judgingClientSQL` stays on while a client's statement is stepped, not only while it
 /// is prepared, so that a statement recompiled with a trigger planted meanwhile is judged with it.
 ///
-/// `@unchecked Sendable`: it belongs to one connection and is only touched by the thread using it.
+/// `@unchecked Sendable`: it belongs to one connection and shares its exclusive use (one thread
+/// inside at a time): its settings are made by the request running on the connection, and SQLite
+/// calls `authorize` inside that request's `prepare` or `step`. Debug builds check that every
+/// call comes from inside a use of the connection.
 public final class AuthorizerObserver: @unchecked Sendable {
+    #if DEBUG
+    /// The connection it is installed on (debug builds: to check the claim). Not retained: the
+    /// connection keeps the observer, and removes the authorizer before it goes.
+    unowned(unsafe) var connection: SQLiteConnection?
+    #endif
     /// Whether a transaction-control statement (BEGIN, COMMIT, SAVEPOINT, ...) was prepared.
     public var sawTransactionControl = false
     /// Whether a client's statement is being prepared or stepped: then every compile is judged by
@@ -98,6 +111,9 @@ public final class AuthorizerObserver: @unchecked Sendable {
     func authorize(
         _ action: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?, _ database: UnsafePointer<CChar>?
     ) -> Int32 {
+        #if DEBUG
+        self.connection?.exclusiveUse.assertInside()
+        #endif
         if action == SQLITE_TRANSACTION || action == SQLITE_SAVEPOINT { self.sawTransactionControl = true }
         guard self.judgingClientSQL else { return SQLITE_OK }
         self.noteSchemaChangeAndState(action, first, second)

@@ -91,7 +91,13 @@ struct SchemaChange: Sendable {
 /// kept in order with marks for savepoints and for each statement, so a rolled-back savepoint or
 /// a failed statement drops exactly its changes.
 ///
-/// `@unchecked Sendable`: it belongs to one connection and is only used by the thread using it.
+/// `@unchecked Sendable`: it belongs to one connection and shares its exclusive use (one thread
+/// inside at a time, `SQLiteConnection`): the request running on the connection drives it, and
+/// SQLite calls the hook (`record`) inside that request's `step`. Debug builds check that every
+/// hook call comes from inside a use of the connection.
+///
+/// The hook is installed by `init` and registered with the connection, which keeps the capture
+/// while the hook points at it and removes the hook when it closes.
 final class ChangeCapture: @unchecked Sendable {
     enum Entry {
         case row(RowChange)
@@ -162,6 +168,7 @@ final class ChangeCapture: @unchecked Sendable {
                 capture.record(db, operation, database, table, oldRowid, newRowid)
             },
             context)
+        connection.installed(.preUpdate, owner: self)
     }
 
     /// Runs `body` with the hook recording nothing: evd's own rows (the journal, the two-phase
@@ -290,6 +297,7 @@ final class ChangeCapture: @unchecked Sendable {
         _ db: OpaquePointer, _ operation: Int32, _ database: UnsafePointer<CChar>, _ table: UnsafePointer<CChar>,
         _ oldRowid: Int64, _ newRowid: Int64
     ) {
+        self.connection.exclusiveUse.assertInside()
         guard self.active, strcmp(database, "main") == 0, strncmp(table, "sqlite_", 7) != 0 else { return }
         let index = self.index(of: table)
         let op: RowChange.Operation

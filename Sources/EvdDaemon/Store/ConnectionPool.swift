@@ -488,12 +488,12 @@ public final class ConnectionPool: Sendable {
     /// Closes a connection that left the pool, with `close` or `close_detached`.
     private func close(_ connection: PooledConnection, detached: Bool, origin: EventOrigin) async {
         self.watches.withLock { _ = $0.removeValue(forKey: connection.number) }
-        // Dropping the last reference closes the SQLite handle; do it on the thread pool, since a
-        // close may checkpoint the WAL.
+        // Closed here, explicitly (its hooks first), on the thread pool, since a close may
+        // checkpoint the WAL.
         let lost = self.identity.isLost
         _ = try? await self.run {
             if lost { Self.keepWALOnClose(connection.sqlite) }
-            withExtendedLifetime(connection) {}
+            connection.close()
         }
         self.bus.emit(detached ? .closeDetached : .close, origin) { self.poolProperties(connection.number) }
     }

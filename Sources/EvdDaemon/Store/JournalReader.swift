@@ -19,8 +19,12 @@ extension Journal {
     /// replay holds no read snapshot while it waits for its client. A row may hold a run of
     /// events (`EventRun`), which a page may take only in part: the next one goes on inside it.
     ///
-    /// `@unchecked Sendable`: a replay uses its reader from one task, one page at a time.
+    /// `@unchecked Sendable`: in exclusive use: a replay uses its reader from one task, one page at
+    /// a time (the task may be on another thread at each page). Debug builds check it: each page
+    /// (`next`) is a use (`exclusiveUse`), and its connections check their own.
     final class Reader: @unchecked Sendable {
+        /// Checks the claim of exclusive use in debug builds (nothing in release builds).
+        private let exclusiveUse = ExclusiveUse("Journal.Reader")
         /// One journaled row, borrowed from SQLite: valid only while it is being visited.
         struct Row {
             /// Its first seq, and its last (the same for a row of one event).
@@ -97,6 +101,8 @@ extension Journal {
         func next(
             limit: Int, _ visit: (_ row: Row, _ from: Int64, _ to: Int64, _ budget: Int) -> Int
         ) throws(SQLiteError) -> Int {
+            let entered = self.exclusiveUse.enter()
+            defer { self.exclusiveUse.leave(entered) }
             self.damage = nil
             // Each source that has rows left is positioned on its first row after the position.
             var live: [Int] = []

@@ -8,8 +8,16 @@ import Synchronization
 
 /// A connection of the pool, with the per-session settings currently applied to it.
 ///
-/// `@unchecked Sendable`: like its `SQLiteConnection`, it is used by one session (and so one thread)
-/// at a time; the pool hands it over under its lock.
+/// `@unchecked Sendable`: like its `SQLiteConnection`, it is in exclusive use: checked out to one
+/// session, which runs one request at a time, so one thread is inside it at a time (a session's
+/// task may move to another database thread between uses); the pool hands it over under its lock.
+/// Its own state (`queryOnly`, `ownStatements`, ...) is touched only inside such a use: debug
+/// builds check `run(own:)` and `apply` with the connection's `exclusiveUse`, and every SQLite
+/// call it makes.
+///
+/// Closing: `close` (the pool's, on the thread pool) closes the SQLite connection, which removes
+/// the hooks of its `capture`, `observer`, `busy` and the checkpointer first; `deinit` does it at
+/// the latest.
 public final class PooledConnection: @unchecked Sendable {
     /// The connection's number within its database's pool (the events' `connection`).
     public let number: Int
@@ -47,8 +55,15 @@ public final class PooledConnection: @unchecked Sendable {
     }
 
     deinit {
-        // The handler points at `busy`: take it away before either goes.
-        sqlite3_busy_handler(self.sqlite.handle, nil, nil)
+        // The hooks point at `capture`, `observer` and `busy` (and the connection keeps them until
+        // it closes): the connection must close before they can go.
+        self.sqlite.close()
+    }
+
+    /// Closes the SQLite connection: its hooks first (`SQLiteConnection.close`). Blocks (a close
+    /// may checkpoint the WAL); nothing may use the connection afterwards.
+    func close() {
+        self.sqlite.close()
     }
 
     /// evd's own single statements (`BEGIN`, `SAVEPOINT evd_op`, ...), prepared once each: parsing
@@ -59,6 +74,8 @@ public final class PooledConnection: @unchecked Sendable {
 
     /// Runs one of evd's own statements (one statement, no parameters, no rows).
     func run(own sql: String) throws(SQLiteError) {
+        let entered = self.sqlite.exclusiveUse.enter()
+        defer { self.sqlite.exclusiveUse.leave(entered) }
         let statement: SQLiteStatement
         if let prepared = self.ownStatements[sql] {
             statement = prepared
@@ -74,6 +91,8 @@ public final class PooledConnection: @unchecked Sendable {
     /// Applies a session's `query_only` (touching SQLite only if it changed) and `busy_timeout_ms`
     /// (what the connection's `BusyWaiter` waits).
     func apply(queryOnly: Bool, busyTimeoutMs: Int32) throws(SQLiteError) {
+        let entered = self.sqlite.exclusiveUse.enter()
+        defer { self.sqlite.exclusiveUse.leave(entered) }
         if queryOnly != self.queryOnly {
             try self.sqlite.exec("PRAGMA query_only = \(queryOnly ? 1 : 0)")
             self.queryOnly = queryOnly

@@ -10,12 +10,35 @@ import EvdClient
 /// One SQLite connection (`sqlite3*`).
 ///
 /// `@unchecked Sendable`: SQLite is opened with `SQLITE_OPEN_NOMUTEX` (multi-thread mode), which is
-/// safe as long as one thread at a time uses the connection. The pool guarantees that: a connection
-/// is checked out to exactly one session, and a session runs one request at a time.
+/// safe as long as the connection is in exclusive use: one thread inside it at a time (not one
+/// thread: a session's task may resume on another database thread after each suspension; the
+/// executor's hand-over orders one thread's use before the next's). The pool guarantees that: a
+/// connection is checked out to exactly one session, and a session runs one request at a time.
+/// Debug builds check it (`exclusiveUse`, entered by `exec`, `prepare` and its statements' `step`
+/// and `reset`).
+///
+/// **Hooks.** The C callbacks evd installs on the connection (the pre-update hook of
+/// `ChangeCapture`, the authorizer, the WAL hook of `Checkpointer`, the busy handler of
+/// `BusyWaiter`) are registered here (`installed(_:owner:)`): the connection keeps each hook's
+/// object alive while the hook points at it, and `close` removes every hook before it closes the
+/// handle, so SQLite can never call back into a freed object.
 public final class SQLiteConnection: @unchecked Sendable {
     let handle: OpaquePointer
     /// The path it was opened on.
     public let path: String
+    /// Checks the claim of exclusive use in debug builds (nothing in release builds).
+    let exclusiveUse = ExclusiveUse("SQLiteConnection")
+
+    /// A C hook evd installs on a connection.
+    enum Hook: CaseIterable, Sendable {
+        case preUpdate, authorizer, wal, busy
+    }
+
+    /// The objects the installed hooks' callbacks point at, kept alive until `close` (or
+    /// `uninstallHooks`) removes the hooks. The owners hold this connection in turn: the cycle
+    /// is broken by `close` (`PooledConnection` closes its connection at the latest in its deinit).
+    private var hookOwners: [Hook: AnyObject] = [:]
+    private var closed = false
 
     /// SQLite's process-wide settings, made before the first connection opens (they cannot change
     /// once SQLite is initialized). Memory statistics are off: evd reads none, and keeping them
@@ -48,8 +71,45 @@ public final class SQLiteConnection: @unchecked Sendable {
     }
 
     deinit {
+        self.close()
+    }
+
+    /// Records that `hook` is installed with `owner` as its callback's context: the connection
+    /// keeps `owner` alive until the hook is removed.
+    func installed(_ hook: Hook, owner: AnyObject) {
+        self.hookOwners[hook] = owner
+    }
+
+    /// The hooks installed now (`installed(_:owner:)`).
+    var installedHooks: Set<Hook> { Set(self.hookOwners.keys) }
+
+    /// Removes every C hook evd installed, and lets their objects go.
+    func uninstallHooks() {
+        self.exclusiveUse.run {
+            for hook in self.hookOwners.keys {
+                switch hook {
+                case .preUpdate: sqlite3_preupdate_hook(self.handle, nil, nil)
+                case .authorizer: sqlite3_set_authorizer(self.handle, nil, nil)
+                case .wal: sqlite3_wal_hook(self.handle, nil, nil)
+                case .busy: sqlite3_busy_handler(self.handle, nil, nil)
+                }
+            }
+            self.hookOwners.removeAll()
+        }
+    }
+
+    /// Closes the connection (once; later calls do nothing): first every hook is removed, then the
+    /// handle is closed (`sqlite3_close_v2`: statements not finalized yet keep it until they are;
+    /// nothing may step them). A close may checkpoint the WAL: not on an event loop.
+    public func close() {
+        guard !self.closed else { return }
+        self.uninstallHooks()
+        self.closed = true
         sqlite3_close_v2(self.handle)
     }
+
+    /// Whether `close` ran.
+    var isClosed: Bool { self.closed }
 
     /// The current error as a `SQLiteError`.
     ///
@@ -74,7 +134,7 @@ public final class SQLiteConnection: @unchecked Sendable {
 
     /// Runs one or more statements that return no rows (pragmas, BEGIN, COMMIT).
     public func exec(_ sql: String) throws(SQLiteError) {
-        let rc = sqlite3_exec(self.handle, sql, nil, nil, nil)
+        let rc = self.exclusiveUse.run { sqlite3_exec(self.handle, sql, nil, nil, nil) }
         if rc != SQLITE_OK { throw self.lastError(rc, sql: sql) }
     }
 
@@ -112,6 +172,8 @@ public final class SQLiteConnection: @unchecked Sendable {
     /// Prepares the first statement of `sql` starting at byte `offset`; returns `nil` when only
     /// whitespace and comments remain.
     public func prepare(_ sql: SQLText, from offset: Int) throws(SQLiteError) -> SQLiteStatement? {
+        let entered = self.exclusiveUse.enter()
+        defer { self.exclusiveUse.leave(entered) }
         var result: Result<SQLiteStatement?, SQLiteError> = .success(nil)
         // Skip the whitespace before the statement, so that its text (the events' `statement`) starts
         // with the statement itself.

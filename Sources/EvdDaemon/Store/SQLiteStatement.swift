@@ -7,7 +7,11 @@ import Musl
 import CSQLite
 import EvdClient
 
-/// A prepared statement. Finalized when released; used by one thread at a time, as its connection.
+/// A prepared statement. Finalized when released.
+///
+/// `@unchecked Sendable`: in exclusive use with its connection (one thread inside at a time, as
+/// `SQLiteConnection` says); `step`, `reset` and `rewind` enter the connection's `exclusiveUse`,
+/// so debug builds check it.
 public final class SQLiteStatement: @unchecked Sendable {
     let handle: OpaquePointer
     let connection: SQLiteConnection
@@ -69,13 +73,15 @@ public final class SQLiteStatement: @unchecked Sendable {
 
     /// Clears bindings and rewinds, ready for another set of parameters.
     public func reset() {
-        sqlite3_reset(self.handle)
-        sqlite3_clear_bindings(self.handle)
+        self.connection.exclusiveUse.run {
+            sqlite3_reset(self.handle)
+            sqlite3_clear_bindings(self.handle)
+        }
     }
 
     /// Rewinds, keeping the bindings: for a caller that binds every parameter again.
     func rewind() {
-        sqlite3_reset(self.handle)
+        self.connection.exclusiveUse.run { _ = sqlite3_reset(self.handle) }
     }
 
     /// Sets every parameter to NULL.
@@ -202,7 +208,7 @@ public final class SQLiteStatement: @unchecked Sendable {
 
     /// Advances to the next row: `true` for a row, `false` when done.
     public func step() throws(SQLiteError) -> Bool {
-        let rc = sqlite3_step(self.handle)
+        let rc = self.connection.exclusiveUse.run { sqlite3_step(self.handle) }
         switch rc {
         case SQLITE_ROW: return true
         case SQLITE_DONE: return false
