@@ -132,7 +132,8 @@ import Testing
         let shared = Shared()
         let entered = shared.use.enter()
         #expect(entered)
-        #expect(!shared.use.enter())  // the same thread again: allowed, and not a use of its own
+        let again = shared.use.enter()
+        #expect(!again)  // the same thread again: allowed, and not a use of its own
         shared.use.assertInside()
         #expect(!Self.onAnotherThread { shared.use.tryEnter() })
         shared.use.leave(entered)
@@ -142,6 +143,8 @@ import Testing
             shared.use.leave(took)
             return took
         })
-        #expect(shared.use.enter())
+        let afterwards = shared.use.enter()
+        #expect(afterwards)
+        shared.use.leave(afterwards)
     }
 }
