@@ -57,9 +57,9 @@ final class Checkpointer: Sendable {
         self.gate = gate
     }
 
-    /// Installs the WAL hook on `connection`, which must not outlive this checkpointer (the pool
-    /// keeps both): it opens the write gate and schedules checkpoints. Replaces SQLite's own
-    /// autocheckpoint on that connection.
+    /// Installs the WAL hook on `connection`: it opens the write gate and schedules checkpoints.
+    /// Replaces SQLite's own autocheckpoint on that connection. The connection keeps this
+    /// checkpointer until it closes, which removes the hook first.
     func watch(_ connection: SQLiteConnection) {
         let context = Unmanaged.passUnretained(self).toOpaque()
         sqlite3_wal_hook(connection.handle, { context, db, _, pages in
@@ -73,6 +73,7 @@ final class Checkpointer: Sendable {
             }
             return SQLITE_OK
         }, context)
+        connection.installed(.wal, owner: self)
     }
 
     /// Queues a checkpoint unless one is already queued or running.

@@ -6,96 +6,6 @@ import NIOCore
 import NIOPosix
 import Synchronization
 
-/// A database evd serves: `--db NAME=PATH`.
-public struct DatabaseConfig: Sendable, Equatable {
-    public var name: String
-    public var path: String
-
-    public init(name: String, path: String) {
-        self.name = name
-        self.path = path
-    }
-
-    /// An in-memory database: nothing of it survives the daemon.
-    var isInMemory: Bool { self.path == ":memory:" || self.path.contains("mode=memory") }
-}
-
-/// A connection of the pool, with the per-session settings currently applied to it.
-///
-/// `@unchecked Sendable`: like its `SQLiteConnection`, it is used by one session (and so one thread)
-/// at a time; the pool hands it over under its lock.
-public final class PooledConnection: @unchecked Sendable {
-    /// The connection's number within its database's pool (the events' `connection`).
-    public let number: Int
-    public let sqlite: SQLiteConnection
-    let observer: AuthorizerObserver
-    /// The rows and schema changes of the open transaction, for its committed events.
-    let capture: ChangeCapture
-    /// The schema reads evd's own work needs, kept while the schema stays the same.
-    let schema = SchemaCache()
-    var queryOnly = false
-    /// The journal's insert, prepared on first commit with events.
-    var journalInsert: SQLiteStatement?
-    /// In a two-phase transaction: every change is recorded with whole rows (its redo log).
-    var twoPhase = false
-
-    /// Waits for the write lock (the session's busy timeout) at the database's `WriteGate`.
-    let busy: BusyWaiter
-    /// Interrupts a client statement that runs too long, or whose client or daemon goes away.
-    let watch: StatementWatch
-    /// Whether the database's path still names the file: checked right before every COMMIT.
-    let identity: DatabaseIdentity
-
-    init(
-        number: Int, sqlite: SQLiteConnection, observer: AuthorizerObserver, busyTimeoutMs: Int32, gate: WriteGate,
-        identity: DatabaseIdentity
-    ) {
-        self.number = number
-        self.identity = identity
-        self.sqlite = sqlite
-        self.observer = observer
-        self.capture = ChangeCapture(connection: sqlite, schema: self.schema)
-        self.busy = BusyWaiter(gate: gate, timeoutMs: busyTimeoutMs)
-        self.busy.install(on: sqlite)
-        self.watch = StatementWatch(sqlite)
-    }
-
-    deinit {
-        // The handler points at `busy`: take it away before either goes.
-        sqlite3_busy_handler(self.sqlite.handle, nil, nil)
-    }
-
-    /// evd's own single statements (`BEGIN`, `SAVEPOINT evd_op`, ...), prepared once each: parsing
-    /// them again at every request was a tenth of a one-row insert's CPU. (Here, not on the
-    /// `SQLiteConnection`: a statement keeps its connection alive, so the connection must not keep
-    /// its statements.)
-    private var ownStatements: [String: SQLiteStatement] = [:]
-
-    /// Runs one of evd's own statements (one statement, no parameters, no rows).
-    func run(own sql: String) throws(SQLiteError) {
-        let statement: SQLiteStatement
-        if let prepared = self.ownStatements[sql] {
-            statement = prepared
-        } else {
-            guard let prepared = try self.sqlite.prepare(SQLText(sql), from: 0) else { return }
-            self.ownStatements[sql] = prepared
-            statement = prepared
-        }
-        defer { statement.reset() }
-        while try statement.step() {}
-    }
-
-    /// Applies a session's `query_only` (touching SQLite only if it changed) and `busy_timeout_ms`
-    /// (what the connection's `BusyWaiter` waits).
-    func apply(queryOnly: Bool, busyTimeoutMs: Int32) throws(SQLiteError) {
-        if queryOnly != self.queryOnly {
-            try self.sqlite.exec("PRAGMA query_only = \(queryOnly ? 1 : 0)")
-            self.queryOnly = queryOnly
-        }
-        self.busy.timeoutMs = busyTimeoutMs
-    }
-}
-
 /// One database's pool of SQLite connections, and the pool events of PROTOCOL.md §6.1.
 ///
 /// Connections are opened lazily up to `size`; a session that finds none free waits (in order)
@@ -578,12 +488,12 @@ public final class ConnectionPool: Sendable {
     /// Closes a connection that left the pool, with `close` or `close_detached`.
     private func close(_ connection: PooledConnection, detached: Bool, origin: EventOrigin) async {
         self.watches.withLock { _ = $0.removeValue(forKey: connection.number) }
-        // Dropping the last reference closes the SQLite handle; do it on the thread pool, since a
-        // close may checkpoint the WAL.
+        // Closed here, explicitly (its hooks first), on the thread pool, since a close may
+        // checkpoint the WAL.
         let lost = self.identity.isLost
         _ = try? await self.run {
             if lost { Self.keepWALOnClose(connection.sqlite) }
-            withExtendedLifetime(connection) {}
+            connection.close()
         }
         self.bus.emit(detached ? .closeDetached : .close, origin) { self.poolProperties(connection.number) }
     }

@@ -20,6 +20,12 @@ import Synchronization
 /// Blocking here is allowed, as on the thread pool it replaces: a thread blocks only while SQLite
 /// work of a checked-out connection waits (for the write lock, or a veto reply), so with more
 /// threads than pooled connections there is always one free for everything else.
+///
+/// `@unchecked Sendable`: shared by every session and safe from any thread: the queue and the
+/// stopping flag live in `jobs` (a `Mutex`), `queued` is a semaphore, `count` is a `let`, and
+/// `threads`, the one plain `var`, is written only by `start` (before any session can enqueue a
+/// job) and by `shutdown` (after the daemon's sessions are gone), both from the one task that
+/// owns the executor (`Daemon.run`).
 final class DatabaseThreads: TaskExecutor, @unchecked Sendable {
     private let jobs = Mutex<(queue: Deque<UnownedJob>, stopping: Bool)>(([], false))
     /// Counts the queued jobs (and, at shutdown, one wake-up per thread).

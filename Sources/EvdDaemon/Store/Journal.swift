@@ -9,27 +9,6 @@ import EvdClient
 import NIOPosix
 import Synchronization
 
-/// How the journal keeps committed events (PROTOCOL.md §5; `evd --journal-*`).
-public struct JournalSettings: Sendable {
-    /// Whether committed events are journaled at all (`--no-journal` turns it off: then `since`
-    /// can replay nothing and gets notice `gap`).
-    public var enabled = true
-    /// Keep at least the newest this many journaled events of each retention window
-    /// (`Journal.Window`); 0: no limit by count.
-    public var keepEvents = 1_000_000
-    /// Drop journaled events older than this many seconds (in every window); 0: no limit by age.
-    public var keepSeconds = 7 * 86_400
-    /// How often retention runs, in milliseconds.
-    public var pruneIntervalMs = 1000
-    /// Whether row images are journaled with every change (`--no-journal-rows` turns it off):
-    /// then a `rows: true` subscriber that replays gets them even for changes made while nobody
-    /// asked for them — what a cache rebuilt from the journal needs. Off, changes record only
-    /// their keys unless a `rows: true` subscription exists at the time.
-    public var rowImages = true
-
-    public init() {}
-}
-
 /// The journal: every committed event, stored durably with the commit that caused it (PROTOCOL.md §5).
 ///
 /// **Where events live.** A database's committed events (the Datasette family) go into the table
@@ -206,22 +185,22 @@ public final class Journal: Sendable {
     let sources: [Source]
     private let statePath: String
     /// The state database: its meta table (lease, floor) and its journal.
-    private let state: Mutex<StateDatabase?> = Mutex(nil)
+    let state: Mutex<StateDatabase?> = Mutex(nil)
 
     /// The state database's connection and its journal insert, prepared once.
-    private struct StateDatabase {
+    struct StateDatabase {
         let connection: SQLiteConnection
         let insert: SQLiteStatement
     }
     /// Connections for retention's deletes, one per source, opened on first use.
     private let maintenance: Mutex<[String: SQLiteConnection]> = Mutex([:])
     /// The highest seq retention may have removed, from any window.
-    private let floorValue = Atomic<Int64>(0)
+    let floorValue = Atomic<Int64>(0)
     /// The highest seq retention may have removed, per window.
-    private let floors: Mutex<[Window: Int64]> = Mutex([:])
+    let floors: Mutex<[Window: Int64]> = Mutex([:])
     /// The seq through which retention has deleted each window's rows since evd started (so that
     /// it does not visit them again); absent: nothing yet, the first prune visits from the start.
-    private let swept: Mutex<[Window: Int64]> = Mutex([:])
+    let swept: Mutex<[Window: Int64]> = Mutex([:])
     /// The seq lease each database's `_evd_meta` holds (by path), as last written.
     private let leaseKept: Mutex<[String: Int64]> = Mutex([:])
     /// The damaged rows replays have found (by source path and seq), each logged once.
@@ -355,7 +334,7 @@ public final class Journal: Sendable {
     }
 
     /// Raises `key` in `connection`'s `_evd_meta` to `value` (never lowers it).
-    private static func raiseMeta(_ key: String, to value: Int64, on connection: SQLiteConnection) throws(SQLiteError) {
+    static func raiseMeta(_ key: String, to value: Int64, on connection: SQLiteConnection) throws(SQLiteError) {
         try connection.exec(
             """
             INSERT INTO \(Self.metaTable) (key, value) VALUES ('\(Self.quoted(key))', \(value))
@@ -369,7 +348,7 @@ public final class Journal: Sendable {
     /// old bound (half a block: millions of events).
     /// A database that is busy (a long write transaction) is left for the next round; the others
     /// are written meanwhile.
-    private func keepLeaseInDatabases() throws(SQLiteError) {
+    func keepLeaseInDatabases() throws(SQLiteError) {
         let end = self.lease.end
         var failure: SQLiteError?
         for source in self.sources where source.database != nil {
@@ -393,7 +372,7 @@ public final class Journal: Sendable {
         self.maintenance.withLock { $0.removeAll() }
     }
 
-    private func setMeta(_ key: String, _ value: Int64) throws(SQLiteError) {
+    func setMeta(_ key: String, _ value: Int64) throws(SQLiteError) {
         try self.state.withLock { state throws(SQLiteError) in
             guard let state else { return }
             try state.connection.exec(
@@ -407,7 +386,7 @@ public final class Journal: Sendable {
         text.split(separator: "'", omittingEmptySubsequences: false).joined(separator: "''")
     }
 
-    private func maintenanceConnection(_ source: Source) throws(SQLiteError) -> SQLiteConnection {
+    func maintenanceConnection(_ source: Source) throws(SQLiteError) -> SQLiteConnection {
         if let connection = self.maintenance.withLock({ $0[source.path] }) { return connection }
         let connection = try SQLiteConnection(
             path: source.path, flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI)
@@ -582,415 +561,6 @@ public final class Journal: Sendable {
                 throw error
             }
         }
-    }
-
-    // MARK: Reading
-
-    /// Reads journaled events in seq order, merged from every source, for one replay.
-    ///
-    /// Rows are not copied: a page visits each one where SQLite keeps it (`Row`), so a replay can
-    /// splice the stored bytes into its output. Between pages no statement stays open, so a
-    /// replay holds no read snapshot while it waits for its client. A row may hold a run of
-    /// events (`EventRun`), which a page may take only in part: the next one goes on inside it.
-    ///
-    /// `@unchecked Sendable`: a replay uses its reader from one task, one page at a time.
-    final class Reader: @unchecked Sendable {
-        /// One journaled row, borrowed from SQLite: valid only while it is being visited.
-        struct Row {
-            /// Its first seq, and its last (the same for a row of one event).
-            let first: Int64
-            let seq: Int64
-            /// The event's name (UTF-8).
-            let name: UnsafeBufferPointer<UInt8>
-            /// The event's time, unquoted.
-            let time: UnsafeBufferPointer<UInt8>
-            /// What `_evd_journal.body` holds: one event's body (with the row images when they
-            /// were recorded), or a run packed (`isRun`).
-            let stored: UnsafeBufferPointer<UInt8>
-            /// The length of the body without the images, when `stored` has them.
-            let plain: Int?
-            /// `stored` is a run (`EventRun.packed`).
-            let isRun: Bool
-        }
-
-        /// A row that failed its check (`Checksum`, or its event count): the seqs from the first
-        /// not yet read (`from`; the row's own first may be damaged) through its last (`to`, or
-        /// the replay's end) are announced as a gap, and nothing of it is sent.
-        struct Damage: Sendable {
-            /// The database whose journal holds it (`nil`: the state database's).
-            let database: String?
-            let from: Int64
-            let to: Int64
-            /// The row's own seq (its last), which names it in the log.
-            let seq: Int64
-        }
-
-        private struct Cursor {
-            let connection: SQLiteConnection
-            let statement: SQLiteStatement
-            let source: Source
-            /// The last seq journaled in this source before its rows had checksums.
-            let uncheckedThrough: Int64
-            /// Its query has no rows left (up to `through`).
-            var done = false
-        }
-
-        private var cursors: [Cursor] = []
-        private var position: Int64
-        private let through: Int64
-        /// The damaged row the last `next` stopped at (and passed), if any.
-        private(set) var damage: Damage?
-
-        /// Reads the events with seq in `after+1 ... through`.
-        init(_ journal: Journal, after: Int64, through: Int64) throws(SQLiteError) {
-            self.position = after
-            self.through = through
-            for source in journal.sources {
-                let connection = try SQLiteConnection(
-                    path: source.path, flags: SQLITE_OPEN_READONLY | SQLITE_OPEN_URI)
-                // A range of the rowid: no sort, and no LIMIT needed (a page stops stepping). A
-                // run's row has its last seq: one that starts by `through` may end after it.
-                let sql = """
-                    SELECT seq, event, time, body, plain, first, events, crc FROM _evd_journal
-                    WHERE seq > ? AND seq <= ? ORDER BY seq
-                    """
-                guard let statement = try? connection.prepare(SQLText(sql), from: 0) else { continue }  // no journal there yet
-                let unchecked = (try? connection.scalarInt(
-                    "SELECT value FROM \(source.metaTable) WHERE key = '\(Journal.uncheckedThroughKey)'")) ?? nil
-                self.cursors.append(
-                    Cursor(connection: connection, statement: statement, source: source, uncheckedThrough: unchecked ?? 0))
-            }
-        }
-
-        /// Visits the next events in seq order, at most `limit`; returns how many it visited (0
-        /// when the replay is complete). `visit` is given a row and the seqs of it to take, in
-        /// order, at most `budget` of them; it returns how many it took, from `from` on.
-        ///
-        /// A damaged row ends the visit before it; the next call passes it, visiting nothing:
-        /// `damage` says which seqs it held, and the count returned covers them.
-        func next(
-            limit: Int, _ visit: (_ row: Row, _ from: Int64, _ to: Int64, _ budget: Int) -> Int
-        ) throws(SQLiteError) -> Int {
-            self.damage = nil
-            // Each source that has rows left is positioned on its first row after the position.
-            var live: [Int] = []
-            defer { for index in live { self.cursors[index].statement.reset() } }
-            let bound = self.through > Int64.max - Int64(Journal.maxRunEvents) ? Int64.max : self.through + Int64(Journal.maxRunEvents)
-            for index in self.cursors.indices where !self.cursors[index].done {
-                let statement = self.cursors[index].statement
-                statement.reset()
-                try statement.bind(int: self.position, at: 1)
-                try statement.bind(int: bound, at: 2)
-                live.append(index)
-                if try !statement.step() { self.cursors[index].done = true }
-            }
-            var visited = 0
-            while visited < limit {
-                // The source whose current row has the lowest seq (mostly there is only one). Runs
-                // never overlap: the seqs of one are a transaction's, consecutive.
-                var chosen: SQLiteStatement?
-                var chosenIndex = 0
-                var seq = Int64.max
-                for index in live where !self.cursors[index].done {
-                    let statement = self.cursors[index].statement
-                    let candidate = statement.int(at: 0)
-                    if candidate < seq {
-                        seq = candidate
-                        chosen = statement
-                        chosenIndex = index
-                    }
-                }
-                guard let statement = chosen else { break }
-                // NULL reads as 0, which is no seq.
-                let runFirst = statement.int(at: 5)
-                guard Self.isIntact(statement, seq: seq, uncheckedThrough: self.cursors[chosenIndex].uncheckedThrough) else {
-                    // Its first seq as stored (which may be damaged too): a row that ends after the
-                    // replay and says it starts after it too is left to live delivery's side.
-                    let stated = runFirst > 0 && runFirst <= seq ? runFirst : seq
-                    if seq > self.through && stated > self.through {
-                        self.cursors[chosenIndex].done = true
-                        continue
-                    }
-                    guard visited == 0 else { break }  // this page ends before it
-                    // Its seqs from the first not yet read: no other row lies between (this one has
-                    // the lowest seq left, and runs never interleave), and its own `first` cannot
-                    // be trusted. Never past `through`.
-                    let from = self.position + 1
-                    let to = min(seq, self.through)
-                    self.damage = Damage(database: self.cursors[chosenIndex].source.database, from: from, to: to, seq: seq)
-                    self.position = to
-                    if seq > self.through {
-                        self.cursors[chosenIndex].done = true
-                    } else if try !statement.step() {
-                        self.cursors[chosenIndex].done = true
-                    }
-                    return Int(to - from + 1)
-                }
-                let first = runFirst > 0 ? min(runFirst, seq) : seq
-                guard first <= self.through else {
-                    self.cursors[chosenIndex].done = true
-                    continue
-                }
-                let stored = statement.rawBytes(at: 3)
-                var plain: Int?
-                // NULL reads as 0, which is no length.
-                if case let length = Int(statement.int(at: 4)), length >= 2, length <= stored.count { plain = length }
-                let row = Row(
-                    first: first, seq: seq, name: statement.rawBytes(at: 1), time: statement.rawBytes(at: 2), stored: stored,
-                    plain: plain, isRun: runFirst > 0)
-                let from = max(first, self.position + 1)
-                let to = min(seq, self.through)
-                let taken = from > to ? 0 : min(visit(row, from, to, limit - visited), Int(to - from + 1))
-                visited += taken
-                if taken > 0 { self.position = from + Int64(taken) - 1 }
-                if from + Int64(taken) <= to { break }  // the page is full inside the row
-                if seq > self.through {
-                    self.cursors[chosenIndex].done = true
-                } else if try !statement.step() {
-                    self.cursors[chosenIndex].done = true
-                }
-            }
-            return visited
-        }
-
-        /// Whether the row `statement` is on holds what evd wrote: its checksum matches and its
-        /// event count fits its seqs. A row without a checksum passes only when an older evd wrote
-        /// it (at or below `uncheckedThrough`).
-        private static func isIntact(_ statement: SQLiteStatement, seq: Int64, uncheckedThrough: Int64) -> Bool {
-            guard !statement.isNull(at: 7) else { return seq <= uncheckedThrough }
-            let first = statement.int(at: 5)
-            let events = statement.int(at: 6)
-            guard events == (first > 0 ? seq - first + 1 : 1) else { return false }
-            let expected = Checksum.of(
-                seq: seq, first: first, events: events, plain: statement.int(at: 4),
-                name: UnsafeRawBufferPointer(statement.rawBytes(at: 1)), time: UnsafeRawBufferPointer(statement.rawBytes(at: 2)),
-                body: UnsafeRawBufferPointer(statement.rawBytes(at: 3)))
-            return expected == statement.int(at: 7)
-        }
-    }
-
-    // MARK: Retention
-
-    /// Drops what retention no longer keeps, window by window: first the window's floor is raised
-    /// (durably), then its rows at or below it are deleted, in small transactions so that writers
-    /// are not held up. Called from one task at a time (the daemon's retention loop).
-    ///
-    /// It first keeps the databases' copies of the seq lease up to date (`keepLeaseInDatabases`).
-    func prune() throws(SQLiteError) {
-        guard self.settings.enabled else { return }
-        // Retention goes on when a database is busy; the error is reported after it.
-        var failure: SQLiteError?
-        do throws(SQLiteError) { try self.keepLeaseInDatabases() } catch { failure = error }
-        guard self.settings.keepEvents > 0 || self.settings.keepSeconds > 0 else {
-            if let failure { throw failure }
-            return
-        }
-        for source in self.sources {
-            for window in source.windows {
-                var cutoff: Int64 = 0
-                try self.withConnection(source) { connection throws(SQLiteError) in
-                    cutoff = try self.cutoff(of: window, on: connection)
-                }
-                guard cutoff > self.floor(of: { $0 == window }) else { continue }
-                try self.setMeta(window.floorKey, cutoff)
-                if source.database != nil {
-                    // And in the database itself, which may outlive the state directory.
-                    try self.withConnection(source) { connection throws(SQLiteError) in
-                        try Self.raiseMeta("journal_floor", to: cutoff, on: connection)
-                    }
-                }
-                let highest = self.floors.withLock { floors in
-                    floors[window] = cutoff
-                    return floors.values.max() ?? cutoff
-                }
-                // The single floor an older evd reads (the highest: never too low for any window).
-                try self.setMeta("journal_floor", highest)
-                self.floorValue.store(highest, ordering: .releasing)
-                // What an earlier prune deleted is not visited again (the rows of the source's
-                // other window stay among them).
-                let from = self.swept.withLock { $0[window] } ?? 0
-                try self.withConnection(source) { connection throws(SQLiteError) in
-                    repeat {
-                        try connection.exec(
-                            """
-                            DELETE FROM _evd_journal WHERE seq IN (SELECT seq FROM _evd_journal
-                            WHERE seq > \(from) AND seq <= \(cutoff) AND \(window.rows) ORDER BY seq LIMIT 10000)
-                            """)
-                    } while connection.changes == 10_000
-                }
-                self.swept.withLock { $0[window] = cutoff }
-            }
-        }
-        if let failure { throw failure }
-    }
-
-    /// The highest seq of `window` that retention no longer keeps (0: none), on its source's
-    /// connection.
-    private func cutoff(of window: Window, on connection: SQLiteConnection) throws(SQLiteError) -> Int64 {
-        var cutoff: Int64 = 0
-        if self.settings.keepEvents > 0 {
-            cutoff = max(cutoff, try Self.seqBeforeNewest(self.settings.keepEvents, of: window, on: connection))
-        }
-        if self.settings.keepSeconds > 0 {
-            let before = EventTime.text(secondsAgo: self.settings.keepSeconds)
-            let old = try connection.scalarInt("SELECT max(seq) FROM _evd_journal WHERE time < '\(before)' AND \(window.rows)")
-            cutoff = max(cutoff, old ?? 0)
-        }
-        return cutoff
-    }
-
-    /// The seq of the newest event older than the newest `count` events of `window` in
-    /// `connection`'s journal (0 when it holds no more than `count`): rows are walked from the
-    /// newest, a run counting all its events.
-    private static func seqBeforeNewest(_ count: Int, of window: Window, on connection: SQLiteConnection) throws(SQLiteError) -> Int64 {
-        guard
-            let rows = try connection.prepare(
-                SQLText("SELECT seq, first FROM _evd_journal WHERE \(window.rows) ORDER BY seq DESC"), from: 0)
-        else { return 0 }
-        var kept: Int64 = 0
-        while try rows.step() {
-            let last = rows.int(at: 0)
-            let first = rows.int(at: 1)
-            let events = first > 0 && first <= last ? last - first + 1 : 1
-            if kept + events > Int64(count) { return last - (Int64(count) - kept) }
-            kept += events
-        }
-        return 0
-    }
-
-    /// Runs `body` with a writable connection to `source`: the state database's own (under its
-    /// lock), or the source's maintenance connection (only retention uses those, from one task).
-    private func withConnection(_ source: Source, _ body: (SQLiteConnection) throws(SQLiteError) -> Void) throws(SQLiteError) {
-        if source.database == nil {
-            try self.state.withLock { state throws(SQLiteError) in
-                guard let state else { return }
-                try body(state.connection)
-            }
-        } else {
-            try body(try self.maintenanceConnection(source))
-        }
-    }
-}
-
-extension PooledConnection {
-    /// How many committed events are made, journaled and published at a time. A transaction with
-    /// more never has all its events made at once: they are made for the journal a chunk at a
-    /// time, and made again for publishing after COMMIT (only those someone wants), so that its
-    /// memory stays about what its capture holds (`CommittedEvents`). One with fewer makes them
-    /// once and keeps them until they are published.
-    static let eventChunk = 4096
-
-    /// A transaction that changed at least this many rows gives the memory it used back to the
-    /// system once it ended. Its big buffers went back when freed (`Daemon` maps each on its own),
-    /// but glibc keeps the pages of the many small allocations its events made for reuse:
-    /// `malloc_trim` returns them (megabytes for a million rows; without it RSS creeps up by as
-    /// much with each such transaction). Not after small ones: it walks every arena, for little.
-    static let trimAfterRows = 10_000
-
-    /// COMMITs the open transaction with its committed events: journaled inside the transaction
-    /// (when the journal is on), then published once the COMMIT succeeded. On a failed COMMIT
-    /// that leaves the transaction open (busy, a deferred constraint), the journal rows are taken
-    /// back out and the captured changes stay, so the client may retry. `events`: those a prepared
-    /// transaction's log holds, instead of what the capture recorded.
-    func commit(
-        database: String, origin: EventOrigin, bus: EventBus, journal: Journal?, events prepared: [CommittedEvent]? = nil
-    ) throws(SQLiteError) {
-        let events = prepared.map(CommittedEvents.init) ?? self.capture.committedEvents(database: database)
-        let large = self.capture.recordedCount >= Self.trimAfterRows || events.count > Self.eventChunk
-        defer {
-            // Once the capture is discarded (on a failed COMMIT it stays, and so does its memory).
-            if large, self.capture.isEmpty { _ = evd_malloc_trim() }
-        }
-        guard let journal, journal.settings.enabled, !events.isEmpty else {
-            try self.identity.check()  // nothing is committed into a file deleted or replaced under evd
-            try self.run(own: "COMMIT")
-            if !events.isEmpty { bus.publishCommitted(events, origin: origin) }
-            self.capture.discardAll()
-            return
-        }
-        let reservation = bus.reserve(events.count)
-        // A small transaction's events are made once, kept for publishing.
-        var kept: [Publication]?
-        // The journal's own rows (and taking them back out) are not changes of the client's.
-        try self.capture.withoutRecording { () throws(SQLiteError) in
-            do throws(SQLiteError) {
-                if self.journalInsert == nil {
-                    try Journal.prepareTable(on: self.sqlite)  // a database created after start-up
-                    self.journalInsert = try self.sqlite.prepare(SQLText(Journal.insertSQL), from: 0)
-                }
-                let time = reservation.timeText
-                var start = 0
-                var bytes = 0
-                while start < events.count {
-                    let chunk = start..<min(events.count, start + Self.eventChunk)
-                    let made = events.publications(chunk, origin: origin)
-                    try Journal.write(made, first: reservation.first + Int64(start), time: time, using: self.journalInsert!)
-                    bytes += Journal.RunningFigures.bytes(of: made, timeBytes: time.utf8.count)
-                    if chunk.count == events.count { kept = made }
-                    start = chunk.upperBound
-                }
-                try self.identity.check()  // nothing is committed into a file deleted or replaced under evd
-                try self.run(own: "COMMIT")
-                journal.running.add(.database(database), first: reservation.first, count: events.count, bytes: bytes)
-            } catch {
-                if self.sqlite.inTransaction {
-                    try? self.sqlite.exec(
-                        "DELETE FROM _evd_journal WHERE seq BETWEEN \(reservation.first) AND \(reservation.last)")
-                }
-                bus.cancel(reservation)
-                throw error
-            }
-        }
-        if let kept {
-            bus.complete(reservation, kept)
-        } else {
-            // Made again, a chunk at a time, from the capture (so before it is discarded): the same
-            // bytes as journaled. Events nobody subscribed to are not made at all.
-            bus.complete(reservation, batch: Self.eventChunk) { range, wanted in
-                events.publications(range, origin: origin, wanted: wanted)
-            }
-        }
-        self.capture.discardAll()
-    }
-}
-
-extension EventBus {
-    /// Publishes a transaction's committed events when the journal is off, in order, with
-    /// consecutive seqs unless other events interleave between batches. The events are made a
-    /// batch at a time, and only those someone wants (the others get no seq).
-    func publishCommitted(_ events: CommittedEvents, origin: EventOrigin) {
-        var start = 0
-        while start < events.count {
-            // Made outside the lock, then numbered and queued under one lock.
-            let batch = start..<min(events.count, start + PooledConnection.eventChunk)
-            start = batch.upperBound
-            self.publish(
-                events.publications(batch, origin: origin, wanted: self.wanted).filter {
-                    if case .unwanted = $0 { return false } else { return true }
-                })
-        }
-    }
-}
-
-extension CommittedEvent {
-    /// Its bytes, made once for the journal and every subscriber (a prepared transaction's
-    /// events, kept as properties and JSON images).
-    func entry(origin: EventOrigin) -> JournalEntry {
-        let body = WireLines.body(origin, self.properties)
-        var imagesBody: [UInt8]?
-        if let images = self.images {
-            // The same bytes up to the closing brace, then the images.
-            var bytes: [UInt8] = []
-            bytes.reserveCapacity(body.count + images.count)
-            bytes += body[..<(body.count - 2)]
-            bytes += images
-            bytes.append(UInt8(ascii: "}"))
-            bytes.append(UInt8(ascii: "\n"))
-            imagesBody = bytes
-        }
-        return JournalEntry(
-            name: self.kind.name, kind: self.kind, origin: origin, properties: self.properties, body: body,
-            imagesBody: imagesBody)
     }
 }
 

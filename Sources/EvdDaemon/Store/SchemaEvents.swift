@@ -222,8 +222,12 @@ struct ColumnInfo: Sendable, Equatable {
 /// here: about a microsecond), which moves with every schema change, committed by any connection
 /// or made inside this connection's transaction. A rolled-back change takes the cookie back to a
 /// number it may reach again with a different schema, so a rollback forgets everything (`clear`).
-/// `@unchecked Sendable`: like its connection, used by one thread at a time.
+/// `@unchecked Sendable`: it belongs to one connection (`PooledConnection.schema`) and shares its
+/// exclusive use (one thread inside at a time, `SQLiteConnection`). Debug builds check it: each
+/// method is a use of its own (`exclusiveUse`).
 final class SchemaCache: @unchecked Sendable {
+    /// Checks the claim of exclusive use in debug builds (nothing in release builds).
+    private let exclusiveUse = ExclusiveUse("SchemaCache")
     private var version: Int64 = -1
     private var versionStatement: SQLiteStatement?
     private var snapshot: [String: SchemaEntry]?
@@ -237,6 +241,8 @@ final class SchemaCache: @unchecked Sendable {
 
     /// Forgets everything read so far.
     func clear() {
+        let entered = self.exclusiveUse.enter()
+        defer { self.exclusiveUse.leave(entered) }
         self.version = -1
         self.snapshot = nil
         self.columns = [:]
@@ -247,6 +253,8 @@ final class SchemaCache: @unchecked Sendable {
     /// The tables (lower-cased) of the main database with an `ON CONFLICT REPLACE` constraint,
     /// whose plain inserts and updates may delete rows (`SQLPolicy`).
     func replacingTables(_ sqlite: SQLiteConnection) throws(SQLiteError) -> Set<String> {
+        let entered = self.exclusiveUse.enter()
+        defer { self.exclusiveUse.leave(entered) }
         try self.validate(sqlite)
         if let replacing = self.replacing { return replacing }
         var tables: Set<String> = []
@@ -266,6 +274,8 @@ final class SchemaCache: @unchecked Sendable {
 
     /// The schema cookie now (forgetting what was read under another).
     func version(_ sqlite: SQLiteConnection) throws(SQLiteError) -> Int64 {
+        let entered = self.exclusiveUse.enter()
+        defer { self.exclusiveUse.leave(entered) }
         try self.validate(sqlite)
         return self.version
     }
@@ -288,6 +298,8 @@ final class SchemaCache: @unchecked Sendable {
     func snapshot(_ sqlite: SQLiteConnection, read: () throws(SQLiteError) -> [String: SchemaEntry]) throws(SQLiteError)
         -> [String: SchemaEntry]
     {
+        let entered = self.exclusiveUse.enter()
+        defer { self.exclusiveUse.leave(entered) }
         try self.validate(sqlite)
         if let snapshot = self.snapshot { return snapshot }
         let snapshot = try read()
@@ -298,6 +310,8 @@ final class SchemaCache: @unchecked Sendable {
     func columns(of table: String, _ sqlite: SQLiteConnection, read: () throws(SQLiteError) -> [ColumnInfo])
         throws(SQLiteError) -> [ColumnInfo]
     {
+        let entered = self.exclusiveUse.enter()
+        defer { self.exclusiveUse.leave(entered) }
         try self.validate(sqlite)
         if let columns = self.columns[table] { return columns }
         let columns = try read()
@@ -306,6 +320,8 @@ final class SchemaCache: @unchecked Sendable {
     }
 
     func shape(of table: String, _ sqlite: SQLiteConnection) throws(SQLiteError) -> TableShape? {
+        let entered = self.exclusiveUse.enter()
+        defer { self.exclusiveUse.leave(entered) }
         try self.validate(sqlite)
         if let shape = self.shapes[table] { return shape }
         let shape = try TableShape.read(table, on: sqlite)

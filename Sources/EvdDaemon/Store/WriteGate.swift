@@ -4,6 +4,7 @@ import Glibc
 import Musl
 #endif
 import CSQLite
+import Synchronization
 
 /// Wakes evd's connections that wait for a database's write lock the moment one of them commits.
 ///
@@ -13,6 +14,10 @@ import CSQLite
 /// this gate, which the WAL hook opens after each commit (when SQLite has released the lock), and
 /// tries again at once. A commit it cannot see (another process's, a rollback) is caught by the
 /// wait's short bound, `retryInterval`.
+///
+/// `@unchecked Sendable`: shared by every connection of a database and safe from any thread: its
+/// one mutable field, `commits`, is read and written only with `mutex` held, and the mutex and
+/// condition are allocated once (they must not move) and freed only in `deinit`.
 final class WriteGate: @unchecked Sendable {
     /// The longest one wait lasts before the lock is tried again, seen or not.
     static let retryIntervalNs: UInt64 = 500_000
@@ -73,32 +78,55 @@ final class WriteGate: @unchecked Sendable {
 ///
 /// Installing it replaces SQLite's own handler, so `PRAGMA busy_timeout` reads 0 on pooled
 /// connections; `timeoutMs` is the setting that counts.
+///
+/// `@unchecked Sendable`: its state is atomic (`timeoutMs`, written by the connection's session
+/// in `PooledConnection.apply`, read by SQLite's callback; the wait's start, written and read by
+/// the callback), so it needs no claim of its own; they were plain `var`s, safe only under the
+/// connection's exclusive use. `gate` is shared and safe (`WriteGate`). The one `var`, the
+/// debug builds' `connection`, is set once by `install`, before SQLite can call back.
 final class BusyWaiter: @unchecked Sendable {
     let gate: WriteGate
-    /// Set by the connection's session (`PooledConnection.apply`); read by SQLite's callback on
-    /// the same thread.
-    var timeoutMs: Int32
-    private var startedNs: UInt64 = 0
+    private let timeout: Atomic<Int32>
+    private let startedNs = Atomic<UInt64>(0)
+    #if DEBUG
+    /// The connection it is installed on (debug builds: the callback checks that it runs inside
+    /// a use of it). Not retained: the connection keeps the waiter, and removes the handler
+    /// before it goes.
+    private unowned(unsafe) var connection: SQLiteConnection?
+    #endif
+
+    /// Set by the connection's session (`PooledConnection.apply`); read by SQLite's callback.
+    var timeoutMs: Int32 {
+        get { self.timeout.load(ordering: .relaxed) }
+        set { self.timeout.store(newValue, ordering: .relaxed) }
+    }
 
     init(gate: WriteGate, timeoutMs: Int32) {
         self.gate = gate
-        self.timeoutMs = timeoutMs
+        self.timeout = Atomic(timeoutMs)
     }
 
-    /// Installs the handler on `connection`, which must not outlive this waiter (its
-    /// `PooledConnection` keeps both).
+    /// Installs the handler on `connection`. The connection keeps this waiter until it closes,
+    /// which removes the handler first.
     func install(on connection: SQLiteConnection) {
+        #if DEBUG
+        self.connection = connection
+        #endif
         sqlite3_busy_handler(connection.handle, { context, attempts in
             guard let context else { return 0 }
             return Unmanaged<BusyWaiter>.fromOpaque(context).takeUnretainedValue().retry(after: attempts) ? 1 : 0
         }, Unmanaged.passUnretained(self).toOpaque())
+        connection.installed(.busy, owner: self)
     }
 
     /// Whether SQLite should try to take the lock again, after waiting for a commit.
     private func retry(after attempts: Int32) -> Bool {
+        #if DEBUG
+        self.connection?.exclusiveUse.assertInside()
+        #endif
         let now = WriteGate.monotonicNanoseconds()
-        if attempts == 0 { self.startedNs = now }
-        let deadline = self.startedNs + UInt64(max(self.timeoutMs, 0)) * 1_000_000
+        if attempts == 0 { self.startedNs.store(now, ordering: .relaxed) }
+        let deadline = self.startedNs.load(ordering: .relaxed) + UInt64(max(self.timeoutMs, 0)) * 1_000_000
         guard now < deadline else { return false }
         self.gate.waitForCommit(atMost: min(deadline - now, WriteGate.retryIntervalNs))
         return true

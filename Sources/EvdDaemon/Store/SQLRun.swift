@@ -2,153 +2,6 @@ import OrderedCollections
 import CSQLite
 import EvdClient
 
-/// Binding a request's parameters (EvdClient's `SQLParameters`) to a statement.
-extension SQLParameters {
-    /// Binds this statement's parameters, taking positional ones from `cursor` on; returns what was
-    /// bound, as the events' `parameters`.
-    func bind(_ statement: SQLiteStatement, cursor: inout Int) throws(EvdError) -> JSONValue {
-        let count = statement.parameterCount
-        switch self {
-        case .none:
-            if count > 0 { throw .badRequest(field: "params", "the SQL takes \(count) parameter(s) but none were given") }
-            return .array([])
-        case .positional(let values):
-            let start = cursor
-            try self.bindPositional(values, statement, count: count, cursor: &cursor)
-            return .array(start == 0 && count == values.count ? values : Array(values[start..<cursor]))
-        case .named(let object):
-            var bound = JSONObject()
-            for index in stride(from: 1, through: count, by: 1) {
-                guard let name = statement.parameterName(index) else {
-                    throw .badRequest(field: "params", "the SQL uses positional parameters (?) but params is an object")
-                }
-                let key = String(name.dropFirst())
-                guard let value = object[key] else {
-                    throw .badRequest(field: "params", "missing parameter '\(name)'")
-                }
-                try Self.bind(value, statement, index)
-                bound[key] = value
-            }
-            return .object(bound)
-        }
-    }
-
-    /// Binds this statement's parameters like `bind`, without making the events' copy of them (an
-    /// executemany's sets are in its events already).
-    func bindOnly(_ statement: SQLiteStatement, cursor: inout Int) throws(EvdError) {
-        if case .positional(let values) = self {
-            try self.bindPositional(values, statement, count: statement.parameterCount, cursor: &cursor)
-        } else {
-            _ = try self.bind(statement, cursor: &cursor)
-        }
-    }
-
-    private func bindPositional(
-        _ values: [JSONValue], _ statement: SQLiteStatement, count: Int, cursor: inout Int
-    ) throws(EvdError) {
-        guard cursor + count <= values.count else {
-            throw .badRequest(field: "params", "the SQL takes at least \(cursor + count) parameter(s), \(values.count) given")
-        }
-        for offset in 0..<count { try Self.bind(values[cursor + offset], statement, offset + 1) }
-        cursor += count
-    }
-
-    private static func bind(_ value: JSONValue, _ statement: SQLiteStatement, _ index: Int) throws(EvdError) {
-        do {
-            try statement.bind(value, at: index)
-        } catch {
-            throw error.evdError
-        }
-    }
-}
-
-/// The parameter sets of an executemany: a client's `params`, or a run of a structured insert's
-/// rows (`JSONRows`), each row a set, bound from its cells where the parser put them.
-enum ParameterSets {
-    case sets([SQLParameters])
-    /// `images`: how the hook may write the rows' after-images from the values bound (when every
-    /// column of `table` is among the run's).
-    case rows(JSONRows, JSONRows.Run, images: (table: String, columns: [ChangeCapture.BoundColumn])?)
-
-    var count: Int {
-        switch self {
-        case .sets(let sets): sets.count
-        case .rows(_, let run, _): run.rows.count
-        }
-    }
-
-    /// Every set as the events show them: made only when an event is sent.
-    var jsonValue: JSONValue {
-        switch self {
-        case .sets(let sets):
-            return .array(sets.map(\.jsonValue))
-        case .rows(let rows, let run, _):
-            return .array(run.rows.map { row in
-                .array(run.keys.indices.map { rows.value(at: run.valueIndex(row: row, keyIndex: $0)) })
-            })
-        }
-    }
-
-    /// Binds each set to `statement` in turn, checking that it fills the statement's parameters
-    /// exactly, and calls `step` after each. `capture`: the connection's, for `images`.
-    func forEach(_ statement: SQLiteStatement, capture: ChangeCapture, _ step: () throws -> Void) throws {
-        switch self {
-        case .sets(let sets):
-            for (index, set) in sets.enumerated() {
-                statement.reset()
-                var cursor = 0
-                do {
-                    try set.bindOnly(statement, cursor: &cursor)
-                } catch {
-                    throw Self.located(error, index)
-                }
-                if let total = set.positionalCount, total != cursor {
-                    throw EvdError.badRequest(field: "params[\(index)]", "\(total) parameter(s) given, the SQL takes \(cursor)")
-                }
-                try step()
-            }
-        case .rows(let rows, let run, let images):
-            let width = run.keys.count
-            let count = statement.parameterCount
-            guard count == width else {
-                throw EvdError.badRequest(field: "params[0]", "\(width) parameter(s) given, the SQL takes \(count)")
-            }
-            // Text binds from where it lies in `rows` (no copy), so no binding outlives this.
-            defer { statement.clearBindings() }
-            try rows.withUnsafeText { text in
-                try rows.cells.withUnsafeBufferPointer { cells in
-                    let runCells = UnsafeBufferPointer(rebasing: cells[run.values])
-                    func stepAll() throws {
-                        var cell = 0
-                        for index in 0..<run.rows.count {
-                            statement.rewind()  // every parameter is bound again
-                            for parameter in 0..<width {
-                                do throws(SQLiteError) {
-                                    try statement.bind(runCells[cell], of: rows, text: text, at: Int32(parameter + 1))
-                                } catch {
-                                    throw Self.located(error.evdError, index)
-                                }
-                                cell += 1
-                            }
-                            capture.boundRow = index
-                            try step()
-                        }
-                    }
-                    guard let images else { return try stepAll() }
-                    try capture.withBoundImages(
-                        table: images.table, columns: images.columns, cells: runCells, text: text, width: width, stepAll)
-                }
-            }
-        }
-    }
-
-    private static func located(_ error: EvdError, _ index: Int) -> EvdError {
-        var error = error
-        error.extra["field"] = .string("params[\(index)]")
-        return error
-    }
-}
-
 /// What `execute` returns.
 struct ExecuteResult: Sendable {
     var columns: [String] = []
@@ -210,7 +63,7 @@ struct SQLRun {
         ["database": .string(self.database), "connection": .integer(self.connection.number)]
     }
 
-    private func requestProperties() -> JSONObject {
+    func requestProperties() -> JSONObject {
         var properties: JSONObject = ["database": .string(self.database), "request": .object(self.request.whole)]
         if !self.executionOptions.isEmpty { properties["execution_options"] = .object(self.executionOptions) }
         return properties
@@ -417,73 +270,6 @@ struct SQLRun {
         })
     }
 
-    /// Wraps a request: the body, `after_execute`, and the implicit transaction's end.
-    func inRequest<T>(_ body: () throws(EvdError) -> (T, Int64)) throws(EvdError) -> T {
-        let capture = self.connection.capture
-        self.connection.observer.policy = self.policy
-        defer { self.connection.observer.policy = nil }
-        let twoPhase = self.connection.twoPhase  // its redo log needs every change, whole
-        capture.active = twoPhase || self.pool.journal != nil || self.bus.wantsCommittedChanges || !capture.isEmpty
-        capture.images = twoPhase || self.bus.wantsRowImages || self.pool.journal?.settings.rowImages == true
-        let value: T
-        let changes: Int64
-        do {
-            (value, changes) = try body()
-        } catch {
-            if self.implicitTransaction && self.sqlite.inTransaction { self.rollback() }
-            throw error
-        }
-        self.bus.emit(.afterExecute, self.origin) {
-            var properties = self.requestProperties()
-            properties["changes"] = .int(changes)
-            return properties
-        }
-        if self.implicitTransaction {
-            do {
-                try self.vetoable(.commit) { self.transactionProperties() }
-            } catch {
-                self.rollback()  // a denied commit rolls back: nothing becomes visible
-                throw error
-            }
-            do {
-                try self.connection.commit(
-                    database: self.database, origin: self.origin, bus: self.bus, journal: self.pool.journal)
-            } catch {
-                self.rollback()
-                throw self.failed(error, statement: "COMMIT", parameters: .array([]))
-            }
-        }
-        return value
-    }
-
-    private func transactionProperties() -> JSONObject {
-        var properties = self.base()
-        properties["implicit"] = .bool(self.implicitTransaction)
-        return properties
-    }
-
-    /// Opens the request's own transaction (`begin`, vetoable).
-    func beginImplicit(immediate: Bool) throws(EvdError) {
-        try self.beginEvent()
-        try self.beginSQL(immediate: immediate)
-    }
-
-    /// The request's own transaction begins (`begin`, vetoable): SQLAlchemy's `Connection.begin`,
-    /// before any execute. SQLite's `BEGIN` comes with the first statement (`beginSQL`), once evd
-    /// knows whether it writes, as pysqlite's implicit BEGIN does.
-    func beginEvent() throws(EvdError) {
-        try self.vetoable(.begin) { self.transactionProperties() }
-    }
-
-    /// SQLite's `BEGIN` of the request's own transaction, after its `begin` event.
-    func beginSQL(immediate: Bool) throws(EvdError) {
-        do {
-            try self.connection.run(own: immediate ? "BEGIN IMMEDIATE" : "BEGIN")
-        } catch {
-            throw self.failed(error, statement: immediate ? "BEGIN IMMEDIATE" : "BEGIN", parameters: .array([]))
-        }
-    }
-
     /// Runs one statement's `body` as one unit of captured changes, with the schema events of the
     /// DDL it does (the authorizer told, while it was prepared).
     func capturing<T>(
@@ -504,13 +290,6 @@ struct SQLRun {
             capture.failUnit()
             throw error
         }
-    }
-
-    private func rollback() {
-        self.connection.capture.discardAll()
-        self.connection.schema.clear()  // the schema cookie goes back (see `SchemaCache`)
-        try? self.sqlite.exec("ROLLBACK")
-        self.bus.emit(.rollback, self.origin) { self.transactionProperties() }
     }
 
     /// Prepares the next statement, refusing transaction control (that is what the begin/commit/
@@ -732,7 +511,7 @@ struct SQLRun {
     /// Turns a SQLite failure into the client's error: `dbapi_error`, then `handle_error` (whose
     /// listeners may rewrite the error the client receives), and the connection invalidated when the
     /// error means it can no longer be trusted.
-    private func failed(_ error: SQLiteError, statement: String, parameters: JSONValue, as wireError: EvdError? = nil)
+    func failed(_ error: SQLiteError, statement: String, parameters: JSONValue, as wireError: EvdError? = nil)
         -> EvdError
     {
         let evdError = wireError ?? error.evdError
@@ -752,103 +531,5 @@ struct SQLRun {
             return EvdError(object: rewritten)
         }
         return evdError
-    }
-}
-
-extension SQLText {
-    /// The statement at `range` (from `nextStatement`) as text of its own: `self` when it is all of it.
-    func statement(_ range: Range<Int>) -> SQLText {
-        range == 0..<(self.utf8.count - 1) ? self : SQLText(String(decoding: self.utf8[range], as: UTF8.self))
-    }
-
-    /// The bytes of the next statement of a script from `offset`: from its first byte that is not
-    /// whitespace (or the `;` of an empty statement) to its `;`, or to the end of the text; `nil`
-    /// when nothing but whitespace, comments and `;` remains. Found before anything is prepared, so
-    /// that `before_cursor_execute` can show a statement SQLite cannot prepare: a `;` ends the
-    /// statement when `sqlite3_complete` says the text up to it is complete (a `;` in a string, a
-    /// quoted name, a comment or a trigger's body does not). What runs is prepared from exactly
-    /// these bytes, and must be exactly one statement (`SQLRun.prepareStatement`).
-    ///
-    /// `sqlite3_complete` is asked only at a statement's first `;` (which ends any statement but a
-    /// trigger) and at a `;` after `; END` (the only `;` that ends a trigger), not at every `;` of a
-    /// trigger's body: asking it at each, about all the text so far, took time quadratic in the
-    /// body's length.
-    func nextStatement(from offset: Int) -> Range<Int>? {
-        enum Token { case semicolon, end, other }
-        let bytes = self.utf8
-        let end = bytes.count - 1
-        func isSpace(_ b: UInt8) -> Bool { b == 32 || (9...13).contains(b) }
-        func isWordByte(_ b: UInt8) -> Bool {
-            (b >= 65 && b <= 90) || (b >= 97 && b <= 122) || (b >= 48 && b <= 57) || b == 95 || b == 36 || b >= 128
-        }
-        var i = offset
-        var start = offset
-        var last: Token?
-        var beforeLast: Token?
-        var semicolons = 0
-        func note(_ token: Token) {
-            beforeLast = last
-            last = token
-        }
-        func skipEmpty() {
-            while i < end && (isSpace(bytes[i]) || bytes[i] == UInt8(ascii: ";")) { i += 1 }
-            start = i
-            (last, beforeLast, semicolons) = (nil, nil, 0)
-        }
-        skipEmpty()
-        while i < end {
-            let b = bytes[i]
-            switch b {
-            case UInt8(ascii: "-") where i + 1 < end && bytes[i + 1] == UInt8(ascii: "-"):
-                while i < end && bytes[i] != 10 { i += 1 }
-            case UInt8(ascii: "/") where i + 1 < end && bytes[i + 1] == UInt8(ascii: "*"):
-                i += 2
-                while i + 1 < end && !(bytes[i] == UInt8(ascii: "*") && bytes[i + 1] == UInt8(ascii: "/")) { i += 1 }
-                i = min(i + 2, end)
-            case UInt8(ascii: "'"), UInt8(ascii: "\""), UInt8(ascii: "`"), UInt8(ascii: "["):
-                let close = b == UInt8(ascii: "[") ? UInt8(ascii: "]") : b
-                note(.other)
-                i += 1
-                while i < end {
-                    if bytes[i] == close {
-                        if close != UInt8(ascii: "]") && i + 1 < end && bytes[i + 1] == close {
-                            i += 2
-                            continue
-                        }
-                        break
-                    }
-                    i += 1
-                }
-                i = min(i + 1, end)
-            case UInt8(ascii: ";"):
-                i += 1
-                guard last != nil else {
-                    skipEmpty()  // an empty statement (comments and a `;`)
-                    continue
-                }
-                semicolons += 1
-                let mayEnd = semicolons == 1 || (last == .end && beforeLast == .semicolon)
-                note(.semicolon)
-                guard mayEnd else { continue }
-                var prefix = Array(bytes[start..<i])
-                prefix.append(0)
-                let complete = prefix.withUnsafeBufferPointer { buffer in
-                    buffer.withMemoryRebound(to: CChar.self) { sqlite3_complete($0.baseAddress!) != 0 }
-                }
-                if complete { return start..<i }
-            default:
-                if isWordByte(b) {
-                    let wordStart = i
-                    while i < end && isWordByte(bytes[i]) { i += 1 }
-                    let isEnd = i - wordStart == 3 && (bytes[wordStart] | 0x20) == UInt8(ascii: "e")
-                        && (bytes[wordStart + 1] | 0x20) == UInt8(ascii: "n") && (bytes[wordStart + 2] | 0x20) == UInt8(ascii: "d")
-                    note(isEnd ? .end : .other)
-                } else {
-                    if !isSpace(b) { note(.other) }
-                    i += 1
-                }
-            }
-        }
-        return last != nil ? start..<end : nil
     }
 }

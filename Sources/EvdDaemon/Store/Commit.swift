@@ -1,0 +1,132 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CSQLite
+import DequeModule
+import EvdClient
+import NIOPosix
+import Synchronization
+
+extension PooledConnection {
+    /// How many committed events are made, journaled and published at a time. A transaction with
+    /// more never has all its events made at once: they are made for the journal a chunk at a
+    /// time, and made again for publishing after COMMIT (only those someone wants), so that its
+    /// memory stays about what its capture holds (`CommittedEvents`). One with fewer makes them
+    /// once and keeps them until they are published.
+    static let eventChunk = 4096
+
+    /// A transaction that changed at least this many rows gives the memory it used back to the
+    /// system once it ended. Its big buffers went back when freed (`Daemon` maps each on its own),
+    /// but glibc keeps the pages of the many small allocations its events made for reuse:
+    /// `malloc_trim` returns them (megabytes for a million rows; without it RSS creeps up by as
+    /// much with each such transaction). Not after small ones: it walks every arena, for little.
+    static let trimAfterRows = 10_000
+
+    /// COMMITs the open transaction with its committed events: journaled inside the transaction
+    /// (when the journal is on), then published once the COMMIT succeeded. On a failed COMMIT
+    /// that leaves the transaction open (busy, a deferred constraint), the journal rows are taken
+    /// back out and the captured changes stay, so the client may retry. `events`: those a prepared
+    /// transaction's log holds, instead of what the capture recorded.
+    func commit(
+        database: String, origin: EventOrigin, bus: EventBus, journal: Journal?, events prepared: [CommittedEvent]? = nil
+    ) throws(SQLiteError) {
+        let events = prepared.map(CommittedEvents.init) ?? self.capture.committedEvents(database: database)
+        let large = self.capture.recordedCount >= Self.trimAfterRows || events.count > Self.eventChunk
+        defer {
+            // Once the capture is discarded (on a failed COMMIT it stays, and so does its memory).
+            if large, self.capture.isEmpty { _ = evd_malloc_trim() }
+        }
+        guard let journal, journal.settings.enabled, !events.isEmpty else {
+            try self.identity.check()  // nothing is committed into a file deleted or replaced under evd
+            try self.run(own: "COMMIT")
+            if !events.isEmpty { bus.publishCommitted(events, origin: origin) }
+            self.capture.discardAll()
+            return
+        }
+        let reservation = bus.reserve(events.count)
+        // A small transaction's events are made once, kept for publishing.
+        var kept: [Publication]?
+        // The journal's own rows (and taking them back out) are not changes of the client's.
+        try self.capture.withoutRecording { () throws(SQLiteError) in
+            do throws(SQLiteError) {
+                if self.journalInsert == nil {
+                    try Journal.prepareTable(on: self.sqlite)  // a database created after start-up
+                    self.journalInsert = try self.sqlite.prepare(SQLText(Journal.insertSQL), from: 0)
+                }
+                let time = reservation.timeText
+                var start = 0
+                var bytes = 0
+                while start < events.count {
+                    let chunk = start..<min(events.count, start + Self.eventChunk)
+                    let made = events.publications(chunk, origin: origin)
+                    try Journal.write(made, first: reservation.first + Int64(start), time: time, using: self.journalInsert!)
+                    bytes += Journal.RunningFigures.bytes(of: made, timeBytes: time.utf8.count)
+                    if chunk.count == events.count { kept = made }
+                    start = chunk.upperBound
+                }
+                try self.identity.check()  // nothing is committed into a file deleted or replaced under evd
+                try self.run(own: "COMMIT")
+                journal.running.add(.database(database), first: reservation.first, count: events.count, bytes: bytes)
+            } catch {
+                if self.sqlite.inTransaction {
+                    try? self.sqlite.exec(
+                        "DELETE FROM _evd_journal WHERE seq BETWEEN \(reservation.first) AND \(reservation.last)")
+                }
+                bus.cancel(reservation)
+                throw error
+            }
+        }
+        if let kept {
+            bus.complete(reservation, kept)
+        } else {
+            // Made again, a chunk at a time, from the capture (so before it is discarded): the same
+            // bytes as journaled. Events nobody subscribed to are not made at all.
+            bus.complete(reservation, batch: Self.eventChunk) { range, wanted in
+                events.publications(range, origin: origin, wanted: wanted)
+            }
+        }
+        self.capture.discardAll()
+    }
+}
+
+extension EventBus {
+    /// Publishes a transaction's committed events when the journal is off, in order, with
+    /// consecutive seqs unless other events interleave between batches. The events are made a
+    /// batch at a time, and only those someone wants (the others get no seq).
+    func publishCommitted(_ events: CommittedEvents, origin: EventOrigin) {
+        var start = 0
+        while start < events.count {
+            // Made outside the lock, then numbered and queued under one lock.
+            let batch = start..<min(events.count, start + PooledConnection.eventChunk)
+            start = batch.upperBound
+            self.publish(
+                events.publications(batch, origin: origin, wanted: self.wanted).filter {
+                    if case .unwanted = $0 { return false } else { return true }
+                })
+        }
+    }
+}
+
+extension CommittedEvent {
+    /// Its bytes, made once for the journal and every subscriber (a prepared transaction's
+    /// events, kept as properties and JSON images).
+    func entry(origin: EventOrigin) -> JournalEntry {
+        let body = WireLines.body(origin, self.properties)
+        var imagesBody: [UInt8]?
+        if let images = self.images {
+            // The same bytes up to the closing brace, then the images.
+            var bytes: [UInt8] = []
+            bytes.reserveCapacity(body.count + images.count)
+            bytes += body[..<(body.count - 2)]
+            bytes += images
+            bytes.append(UInt8(ascii: "}"))
+            bytes.append(UInt8(ascii: "\n"))
+            imagesBody = bytes
+        }
+        return JournalEntry(
+            name: self.kind.name, kind: self.kind, origin: origin, properties: self.properties, body: body,
+            imagesBody: imagesBody)
+    }
+}
