@@ -181,12 +181,9 @@ struct OutboxTests {
         #expect(await outbox.closed() == true)
         #expect(stats.laggedDisconnects.load(ordering: .relaxed) == 1)
         // Its two queued events, the one that overflowed, and subscription 2's queued event 3: the
-        // disconnect discards every queued event of the connection (docs/protocol.md: `drops`
-        // counts copies an overflow policy discarded), but counts only the lagging subscription's.
-        withKnownIssue("a lagged disconnect does not count the other subscriptions' queued events it discards") {
-            #expect(stats.dropped.load(ordering: .relaxed) == 4)
-        }
-        #expect(stats.dropped.load(ordering: .relaxed) >= 3)
+        // disconnect discards every queued event of the connection, and each is a drop
+        // (docs/protocol.md: `drops` counts copies an overflow policy discarded).
+        #expect(stats.dropped.load(ordering: .relaxed) == 4)
         // Nothing more is accepted.
         outbox.enqueue(line: line("r3"))
         outbox.enqueue(event: event(6, subscription: 2), policy: .drop)?.resume()

@@ -364,7 +364,13 @@ final class Outbox: Sendable {
         switch policy {
         case .disconnect:
             self.stats.laggedDisconnects.add(1, ordering: .relaxed)
-            self.stats.dropped.add(queued + count, ordering: .relaxed)
+            // Every event queued for the connection is discarded, every subscription's: all are
+            // drops (`queued` is the lagging subscription's share of them).
+            let discarded =
+                state.queuedEvents.values.reduce(0, +) + state.parkedEvents.values.reduce(0, +)
+                + (state.held == nil ? 0 : state.heldEvents.values.reduce(0, +))
+            assert(discarded >= queued)
+            self.stats.dropped.add(discarded + count, ordering: .relaxed)
             // Drop the queued events (the client resumes with `since`), keep responses, say why, close.
             // Nothing delivered yet: `last_seq` is the seq before the first event it misses,
             // so that resuming with `since: last_seq` still misses nothing.
