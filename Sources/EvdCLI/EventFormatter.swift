@@ -1,5 +1,6 @@
 import EvdClient
 import OrderedCollections
+
 /// One readable line per message, for `evtail` on a terminal:
 /// `10:00:00.123456 #1235 insert-rows database=main table=dogs num_rows=2  (uid:1000 s17)`.
 public enum EventFormatter {
@@ -8,10 +9,11 @@ public enum EventFormatter {
     public static func line(_ message: JSONObject) -> String {
         switch message["type"]?.stringValue {
         case "event", "veto":
-            let time = message["time"]?.stringValue.map { text -> String in
-                guard let t = text.firstIndex(of: "T") else { return text }
-                return String(text[text.index(after: t)...].dropLast())
-            } ?? "-"
+            let time =
+                message["time"]?.stringValue.map { text -> String in
+                    guard let t = text.firstIndex(of: "T") else { return text }
+                    return String(text[text.index(after: t)...].dropLast())
+                } ?? "-"
             var parts = [time, "#\(message["seq"]?.intValue.map(String.init) ?? "?")", message["event"]?.stringValue ?? "?"]
             if message["type"] == "veto" { parts.append("VETO?") }
             for (key, value) in message where !envelope.contains(key) {

@@ -31,7 +31,8 @@ public enum StatsFormatter {
                 ("accepted since start", self.number(sessions?["total"])),
                 ("requests answered", self.number(requests)),
                 ("subscriptions", self.number(take("subscriptions"))),
-            ]))
+            ])
+        )
 
         var events: [(String, String)] = [("head seq", self.number(seq))]
         let published = take("events")?.objectValue ?? [:]
@@ -46,7 +47,8 @@ public enum StatsFormatter {
                 ("copies queued", self.number(take("deliveries"))),
                 ("copies dropped", self.number(take("drops"))),
                 ("lagged disconnects", self.number(take("lagged_disconnects"))),
-            ]))
+            ])
+        )
 
         let vetoes = take("vetoes")
         var vetoLines: [(String, String)] = [
@@ -104,7 +106,8 @@ public enum StatsFormatter {
                             source["database"]?.stringValue ?? "(evd's own)", self.number(source["events"]),
                             self.bytes(source["bytes"]?.intValue), seqs ?? "-", source["path"]?.stringValue ?? "",
                         ]
-                    })
+                    }
+                )
             }
         }
         section("Journal", journalLines)

@@ -1,4 +1,5 @@
 import EvdClient
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)

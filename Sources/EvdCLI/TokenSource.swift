@@ -1,4 +1,5 @@
 import EvdClient
+
 /// Where a command-line tool takes its token from: `--token TOKEN`, else `$EVD_TOKEN`; none when
 /// both are empty or unset (the connection then acts as the peer's own uid).
 public enum TokenSource {

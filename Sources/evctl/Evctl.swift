@@ -1,16 +1,19 @@
+import ArgumentParser
+import EvdCLI
+import EvdClient
+import OrderedCollections
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import OrderedCollections
-import ArgumentParser
-import EvdCLI
-import EvdClient
 
 /// Options every evctl subcommand takes, before or after the subcommand's name.
 struct GlobalOptions: ParsableArguments {
-    @Option(help: "The daemon's socket (default: $EVD_SOCKET, $RUNTIME_DIRECTORY/evd.sock, $XDG_RUNTIME_DIR/evd.sock, /tmp/evd-$UID/evd.sock).")
+    @Option(
+        help: "The daemon's socket (default: $EVD_SOCKET, $RUNTIME_DIRECTORY/evd.sock, $XDG_RUNTIME_DIR/evd.sock, /tmp/evd-$UID/evd.sock)."
+    )
     var socket: String?
 
     @Option(help: ArgumentHelp("Log in with this token first (default: $EVD_TOKEN).", valueName: "token"))
@@ -124,7 +127,9 @@ struct Evctl: AsyncParsableCommand {
 extension Evctl {
     struct SQL: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "sql", abstract: "Run SQL; PARAMs bind to its ? placeholders (JSON values, else strings).")
+            commandName: "sql",
+            abstract: "Run SQL; PARAMs bind to its ? placeholders (JSON values, else strings)."
+        )
         @OptionGroup var global: GlobalOptions
         @Option(help: "The database (default: the daemon's first).") var database: String?
         @Argument(help: "The SQL statement(s).") var sql: String
@@ -140,7 +145,9 @@ extension Evctl {
 
     struct Insert: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "insert", abstract: "Insert rows into a table: each ROW is a JSON object (or a JSON array of them).")
+            commandName: "insert",
+            abstract: "Insert rows into a table: each ROW is a JSON object (or a JSON array of them)."
+        )
         @OptionGroup var global: GlobalOptions
         @Option(help: "The database (default: the daemon's first).") var database: String?
         @Flag(help: "Skip rows whose primary key exists.") var ignore = false
@@ -161,8 +168,13 @@ extension Evctl {
             }
             let rows = JSONRows(objects: all) ?? JSONRows()
             let insert = StructuredOp.insert(
-                table: self.table, rows: rows, ignore: self.ignore, replace: self.replace, alter: self.alter,
-                returning: self.returning)
+                table: self.table,
+                rows: rows,
+                ignore: self.ignore,
+                replace: self.replace,
+                alter: self.alter,
+                returning: self.returning
+            )
             try await self.global.call { .structured(insert, database: self.database) }
         }
     }
@@ -180,7 +192,9 @@ extension Evctl {
 
     struct Emit: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "emit", abstract: "Publish a custom event (its name has a namespace: myapp.deployed).")
+            commandName: "emit",
+            abstract: "Publish a custom event (its name has a namespace: myapp.deployed)."
+        )
         @OptionGroup var global: GlobalOptions
         @Argument(help: "The event's name.") var event: String
         @Argument(help: "Its properties, a JSON object.") var data: String?
@@ -199,7 +213,10 @@ extension Evctl {
 
     struct Token: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "token", abstract: "Make tokens: a token acts as you, narrowed.", subcommands: [Create.self])
+            commandName: "token",
+            abstract: "Make tokens: a token acts as you, narrowed.",
+            subcommands: [Create.self]
+        )
 
         struct Create: AsyncParsableCommand {
             static let configuration = CommandConfiguration(
@@ -211,7 +228,8 @@ extension Evctl {
                       evctl token create --expires-after 3600 --restrict-all view-table
                       evctl token create --restrict-database main:insert-row --restrict-resource main:dogs:delete-row
                       EVD_TOKEN=$(evctl token create --restrict-all subscribe) evtail insert-rows
-                    """)
+                    """
+            )
             @OptionGroup var global: GlobalOptions
             @Option(help: "Seconds until the token expires (default: never, or when your own token does).")
             var expiresAfter: Int64?
@@ -233,7 +251,9 @@ extension Evctl {
                         throw ValidationError("--restrict-database takes DB:ACTION, not '\(item)'")
                     }
                     let database = String(item[..<colon])
-                    databases[database] = .array((databases[database]?.arrayValue ?? []) + [.string(String(item[item.index(after: colon)...]))])
+                    databases[database] = .array(
+                        (databases[database]?.arrayValue ?? []) + [.string(String(item[item.index(after: colon)...]))]
+                    )
                 }
                 if !databases.isEmpty { request.restrictDatabase = databases }
                 var resources = JSONObject()
@@ -269,13 +289,15 @@ extension Evctl {
 
     struct Stats: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
-            commandName: "stats", abstract: "Print the daemon's counters: readable sections on a terminal, JSON otherwise.",
+            commandName: "stats",
+            abstract: "Print the daemon's counters: readable sections on a terminal, JSON otherwise.",
             discussion: """
                 On a terminal: sections \(StatsFormatter.sections.joined(separator: ", ")). Into a pipe or a \
                 file, like every evctl command: the `stats` result as the daemon sends it, one line of JSON \
                 (its keys are listed in docs/protocol.md). --json and --human choose either way. Needs the \
                 admin action.
-                """)
+                """
+        )
         @OptionGroup var global: GlobalOptions
         @Flag(help: "Print the raw stats object as one line of JSON, even on a terminal.") var json = false
         @Flag(help: "Print readable sections, even into a pipe.") var human = false

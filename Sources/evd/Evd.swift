@@ -64,22 +64,36 @@ struct Evd: AsyncParsableCommand {
     @Option(help: "The most events queued for one subscription before its overflow policy applies (default 10000).")
     var maxQueuedEvents: Int?
 
-    @Option(help: "One connection's output bound: the most bytes of events queued before the overflow policy applies, and of unwritten output (responses included) before evd stops reading the connection (at least 65536; default 16777216).")
+    @Option(
+        help:
+            "One connection's output bound: the most bytes of events queued before the overflow policy applies, and of unwritten output (responses included) before evd stops reading the connection (at least 65536; default 16777216)."
+    )
     var maxQueuedBytes: Int?
 
-    @Option(help: "The largest response sent, in bytes; a larger one is refused with response_too_large (at least 65536; default 67108864).")
+    @Option(
+        help: "The largest response sent, in bytes; a larger one is refused with response_too_large (at least 65536; default 67108864)."
+    )
     var maxResponseBytes: Int?
 
     @Option(help: "The most values one subscription's where filter may list in all (1...1000000; default 1024).")
     var maxFilterValues: Int?
 
-    @Option(help: "The longest one client statement may run before it is interrupted with timeout, in milliseconds (0: no limit; default 30000).")
+    @Option(
+        help:
+            "The longest one client statement may run before it is interrupted with timeout, in milliseconds (0: no limit; default 30000)."
+    )
     var maxStatementMs: Int?
 
-    @Option(help: "The longest a transaction (begin) may wait for its next request before it is rolled back and its connection closed, in milliseconds (0: no limit; default 60000).")
+    @Option(
+        help:
+            "The longest a transaction (begin) may wait for its next request before it is rolled back and its connection closed, in milliseconds (0: no limit; default 60000)."
+    )
     var idleTransactionMs: Int?
 
-    @Option(help: "The most connections of a database's pool one uid may hold at once; root and evd's own uid are not limited (default: the pool size minus one, at least 1).")
+    @Option(
+        help:
+            "The most connections of a database's pool one uid may hold at once; root and evd's own uid are not limited (default: the pool size minus one, at least 1)."
+    )
     var maxPoolShare: Int?
 
     @Option(help: "trace, debug, info, notice, warning, error or critical (default info).")
@@ -91,7 +105,10 @@ struct Evd: AsyncParsableCommand {
     @Flag(help: "Journal row images only while a rows: true subscription exists (cheaper writes; replays may lack rows).")
     var noJournalRows = false
 
-    @Option(help: "Keep at least the newest N journaled events of each retention window: each database's, logins and logouts, other events of evd's own (0: no limit by count; default 1000000).")
+    @Option(
+        help:
+            "Keep at least the newest N journaled events of each retention window: each database's, logins and logouts, other events of evd's own (0: no limit by count; default 1000000)."
+    )
     var journalKeepEvents: Int?
 
     @Option(help: "Drop journaled events older than this many seconds (0: no limit by age; default 604800).")
@@ -100,7 +117,12 @@ struct Evd: AsyncParsableCommand {
     @Option(help: ArgumentHelp("Serve Prometheus metrics (GET /metrics) over HTTP on this Unix socket.", valueName: "path"))
     var metricsSocket: String?
 
-    @Option(help: ArgumentHelp("Serve Prometheus metrics (GET /metrics) over HTTP on this TCP address, e.g. 127.0.0.1:9187.", valueName: "host:port"))
+    @Option(
+        help: ArgumentHelp(
+            "Serve Prometheus metrics (GET /metrics) over HTTP on this TCP address, e.g. 127.0.0.1:9187.",
+            valueName: "host:port"
+        )
+    )
     var metricsListen: String?
 
     @Option(help: "How long a metrics connection may take to send a whole request before it is closed, in milliseconds (default 5000).")
@@ -112,7 +134,9 @@ struct Evd: AsyncParsableCommand {
             throw ValidationError("--socket-mode must be an octal mode such as 0600, not '\(socketMode)'")
         }
         if let maxLineBytes, maxLineBytes < 1024 { throw ValidationError("--max-line-bytes must be at least 1024") }
-        if let vetoBudgetMs, !(1...600_000).contains(vetoBudgetMs) { throw ValidationError("--veto-budget-ms must be between 1 and 600000") }
+        if let vetoBudgetMs, !(1...600_000).contains(vetoBudgetMs) {
+            throw ValidationError("--veto-budget-ms must be between 1 and 600000")
+        }
         if let maxConnections, maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
         if let journalKeepEvents, journalKeepEvents < 0 { throw ValidationError("--journal-keep-events must be 0 or more") }
         if let journalKeepSeconds, journalKeepSeconds < 0 { throw ValidationError("--journal-keep-seconds must be 0 or more") }
@@ -149,7 +173,9 @@ struct Evd: AsyncParsableCommand {
         }
         if let metricsSocket, metricsSocket.isEmpty { throw ValidationError("--metrics-socket needs a path") }
         if let metricsListen, HostPort(parsing: metricsListen) == nil {
-            throw ValidationError("--metrics-listen takes HOST:PORT such as 127.0.0.1:9187 (an IPv6 host in brackets), not '\(metricsListen)'")
+            throw ValidationError(
+                "--metrics-listen takes HOST:PORT such as 127.0.0.1:9187 (an IPv6 host in brackets), not '\(metricsListen)'"
+            )
         }
         for spec in self.databases {
             guard let eq = spec.firstIndex(of: "="), eq != spec.startIndex, spec.index(after: eq) != spec.endIndex else {
@@ -189,7 +215,9 @@ struct Evd: AsyncParsableCommand {
             configuration: .init(
                 services: [.init(service: daemon)],
                 gracefulShutdownSignals: [.sigterm, .sigint],
-                logger: logger))
+                logger: logger
+            )
+        )
         do {
             try await group.run()
         } catch let error as Daemon.StartupError {
@@ -241,7 +269,9 @@ extension Evd {
 
         var configuration = EvdConfiguration(
             socketPath: SocketPath.resolve(explicit: socket, environment: environment),
-            databases: databases, stateDirectory: stateDirectory)
+            databases: databases,
+            stateDirectory: stateDirectory
+        )
         configuration.listenFD = Systemd.listenFD(environment: environment)
         configuration.grants = file.grants
         if let value = self.poolSize ?? file.poolSize { configuration.poolSize = value }
@@ -282,7 +312,9 @@ extension Evd {
             switch grant.who {
             case .uid(let uid): object["uid"] = .integer(uid)
             case .user(let user): object["user"] = .string(user)
-            case .group(let name, let gid): object["group"] = .string(name); object["gid"] = .integer(gid)
+            case .group(let name, let gid):
+                object["group"] = .string(name)
+                object["gid"] = .integer(gid)
             }
             object["actions"] = .array(grant.actions.map(\.rawValue).sorted().map(JSONValue.string))
             if let database = grant.database { object["database"] = .string(database) }

@@ -1,4 +1,3 @@
-import OrderedCollections
 import ArgumentParser
 import EvdCLI
 import EvdClient
@@ -34,7 +33,9 @@ struct Evtail: AsyncParsableCommand {
     @Argument(help: "Events to watch: names or globs (* and ?).")
     var events: [String] = []
 
-    @Option(help: "The daemon's socket (default: $EVD_SOCKET, $RUNTIME_DIRECTORY/evd.sock, $XDG_RUNTIME_DIR/evd.sock, /tmp/evd-$UID/evd.sock).")
+    @Option(
+        help: "The daemon's socket (default: $EVD_SOCKET, $RUNTIME_DIRECTORY/evd.sock, $XDG_RUNTIME_DIR/evd.sock, /tmp/evd-$UID/evd.sock)."
+    )
     var socket: String?
 
     @Option(help: ArgumentHelp("Log in with this token first (default: $EVD_TOKEN).", valueName: "token"))
@@ -113,7 +114,8 @@ struct Evtail: AsyncParsableCommand {
         guard self.resume else { return nil }
         if let positionFile { return positionFile }
         let environment = ProcessInfo.processInfo.environment
-        let base = environment["XDG_STATE_HOME"].flatMap { $0.isEmpty ? nil : $0 }
+        let base =
+            environment["XDG_STATE_HOME"].flatMap { $0.isEmpty ? nil : $0 }
             ?? (environment["HOME"] ?? "/tmp") + "/.local/state"
         return base + "/evtail/" + self.name! + ".seq"
     }
@@ -178,7 +180,9 @@ struct Evtail: AsyncParsableCommand {
                     }
                     if type == "notice" && message["code"] == "shutdown" { return 0 }
                     if type == "notice" && message["code"] == "gap" {
-                        Terminal.writeStderr("evtail: events \(message["from"]?.intValue ?? 0)...\(message["to"]?.intValue ?? 0) are no longer journaled")
+                        Terminal.writeStderr(
+                            "evtail: events \(message["from"]?.intValue ?? 0)...\(message["to"]?.intValue ?? 0) are no longer journaled"
+                        )
                     }
                     if type == "event", let position, let seq = message["seq"]?.intValue {
                         // After the event is written: a crash in between shows it again, never loses it.
@@ -213,7 +217,8 @@ struct VetoPolicyRunner: Sendable {
             }
             // Leave a little of the deadline for the reply to travel.
             let budget = Duration.milliseconds(max(1, veto.deadlineMs - max(5, veto.deadlineMs / 20)))
-            guard let outcome = await ScriptRun.run(command: command, input: JSONValue.object(veto.message).jsonBytes, timeout: budget) else {
+            guard let outcome = await ScriptRun.run(command: command, input: JSONValue.object(veto.message).jsonBytes, timeout: budget)
+            else {
                 Terminal.writeStderr("evtail: '\(command)' gave no answer for seq \(veto.seq) in time; the daemon's on_timeout decides")
                 return
             }

@@ -10,22 +10,55 @@ struct EvdOperationTests {
     /// One of each op, with its arguments set where it has any.
     static let examples: [EvdOperation] = [
         .ping, .events, .stats, .logout,
-        .subscribe(.init(
-            events: ["insert-rows", "sql.*"], veto: ["before_execute"], mode: .dryRun, since: 7, rows: true, name: "audit",
-            timeoutMs: 500, onTimeout: .allow, priority: 3, onOverflow: .drop, where: ["table": "dogs"])),
+        .subscribe(
+            .init(
+                events: ["insert-rows", "sql.*"],
+                veto: ["before_execute"],
+                mode: .dryRun,
+                since: 7,
+                rows: true,
+                name: "audit",
+                timeoutMs: 500,
+                onTimeout: .allow,
+                priority: 3,
+                onOverflow: .drop,
+                where: ["table": "dogs"]
+            )
+        ),
         .subscribe(.init(events: ["*"])),
         .unsubscribe(subscription: 4),
         .execute(.init(sql: "select ?", params: .positional([1, "x", ["$base64": "AAE="]]), database: "main")),
         .execute(.init(sql: "select :n", params: .named(["n": 5]))),
         .execute(.init(sql: "select 1")),
         .executemany(.init(sql: "insert into t values (?)", parameterSets: [.positional([1]), .positional([2])])),
-        .structured(.insert(table: "dogs", rows: JSONRows(objects: [["id": 1, "name": "Cleo"]])!, ignore: true, replace: false, alter: true, returning: true), database: "main"),
+        .structured(
+            .insert(
+                table: "dogs",
+                rows: JSONRows(objects: [["id": 1, "name": "Cleo"]])!,
+                ignore: true,
+                replace: false,
+                alter: true,
+                returning: true
+            ),
+            database: "main"
+        ),
         .structured(.upsert(table: "dogs", rows: JSONRows(objects: [["id": 1]])!, alter: false, returning: false), database: nil),
         .structured(.update(table: "dogs", key: [1], update: ["name": "Pancakes"], alter: false, returning: true), database: nil),
         .structured(.delete(table: "dogs", key: ["a", 2]), database: nil),
         .structured(.dropTable(table: "dogs"), database: "other"),
         .structured(.describe(table: "dogs"), database: nil),
-        .structured(.createTable(table: "t", columns: [.init(name: "id", type: "integer"), .init(name: "x", type: "text")], rows: nil, keys: ["id"], ignore: false, replace: false, alter: false), database: nil),
+        .structured(
+            .createTable(
+                table: "t",
+                columns: [.init(name: "id", type: "integer"), .init(name: "x", type: "text")],
+                rows: nil,
+                keys: ["id"],
+                ignore: false,
+                replace: false,
+                alter: false
+            ),
+            database: nil
+        ),
         .begin(database: "main"), .commit(database: nil), .rollback(database: nil),
         .savepoint(.init(.savepoint, name: "a")), .savepoint(.init(.releaseSavepoint, name: "a")),
         .savepoint(.init(.rollbackSavepoint, name: "a")),

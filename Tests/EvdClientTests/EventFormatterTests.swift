@@ -8,11 +8,13 @@ struct EventFormatterTests {
     @Test("an event reads as time, seq, name, properties, then who")
     func eventLine() throws {
         let event = try JSONValue(
-            parsing: #"{"type":"event","seq":1235,"event":"insert-rows","time":"2026-11-21T10:00:00.123456Z","subscription":3,"session":17,"actor":{"id":"uid:1000","uid":1000},"database":"main","table":"dogs","num_rows":2,"note":"two words"}"#
+            parsing:
+                #"{"type":"event","seq":1235,"event":"insert-rows","time":"2026-11-21T10:00:00.123456Z","subscription":3,"session":17,"actor":{"id":"uid:1000","uid":1000},"database":"main","table":"dogs","num_rows":2,"note":"two words"}"#
         ).objectValue!
         #expect(
             EventFormatter.line(event)
-                == #"10:00:00.123456 #1235 insert-rows database=main table=dogs num_rows=2 note="two words"  (uid:1000 s17)"#)
+                == #"10:00:00.123456 #1235 insert-rows database=main table=dogs num_rows=2 note="two words"  (uid:1000 s17)"#
+        )
     }
 
     @Test("a notice reads as its code and fields")

@@ -1,5 +1,5 @@
-import OrderedCollections
 import EvdClient
+import OrderedCollections
 import Testing
 
 // MARK: - Helpers
@@ -204,24 +204,26 @@ struct JSONParserTests {
         #expect(parse("\"a\u{7F}b\"") == .string("a\u{7F}b"))
     }
 
-    @Test(arguments: [
-        [0x22, 0xFF, 0x22],                // never valid
-        [0x22, 0xC0, 0xAF, 0x22],          // overlong '/'
-        [0x22, 0xC1, 0xBF, 0x22],          // overlong
-        [0x22, 0xE0, 0x80, 0xAF, 0x22],    // overlong, 3 bytes
-        [0x22, 0xF0, 0x80, 0x80, 0xAF, 0x22], // overlong, 4 bytes
-        [0x22, 0xED, 0xA0, 0x80, 0x22],    // UTF-16 surrogate U+D800
-        [0x22, 0xED, 0xBF, 0xBF, 0x22],    // UTF-16 surrogate U+DFFF
-        [0x22, 0xE2, 0x82, 0x22],          // truncated €
-        [0x22, 0xE2, 0x82],                // truncated at end of input
-        [0x22, 0xF0, 0x9F, 0x98],          // truncated 😀 at end of input
-        [0x22, 0x80, 0x22],                // lone continuation byte
-        [0x22, 0xF4, 0x90, 0x80, 0x80, 0x22], // above U+10FFFF
-        [0x22, 0xF5, 0x80, 0x80, 0x80, 0x22], // F5 lead
-        [0x22, 0x5C, 0x6E, 0xFF, 0x22],    // after an escape (slow path)
-        [0xFF],                            // outside a string
-        [0x5B, 0xC0, 0x5D],                // outside a string, in an array
-    ] as [[UInt8]])
+    @Test(
+        arguments: [
+            [0x22, 0xFF, 0x22],  // never valid
+            [0x22, 0xC0, 0xAF, 0x22],  // overlong '/'
+            [0x22, 0xC1, 0xBF, 0x22],  // overlong
+            [0x22, 0xE0, 0x80, 0xAF, 0x22],  // overlong, 3 bytes
+            [0x22, 0xF0, 0x80, 0x80, 0xAF, 0x22],  // overlong, 4 bytes
+            [0x22, 0xED, 0xA0, 0x80, 0x22],  // UTF-16 surrogate U+D800
+            [0x22, 0xED, 0xBF, 0xBF, 0x22],  // UTF-16 surrogate U+DFFF
+            [0x22, 0xE2, 0x82, 0x22],  // truncated €
+            [0x22, 0xE2, 0x82],  // truncated at end of input
+            [0x22, 0xF0, 0x9F, 0x98],  // truncated 😀 at end of input
+            [0x22, 0x80, 0x22],  // lone continuation byte
+            [0x22, 0xF4, 0x90, 0x80, 0x80, 0x22],  // above U+10FFFF
+            [0x22, 0xF5, 0x80, 0x80, 0x80, 0x22],  // F5 lead
+            [0x22, 0x5C, 0x6E, 0xFF, 0x22],  // after an escape (slow path)
+            [0xFF],  // outside a string
+            [0x5B, 0xC0, 0x5D],  // outside a string, in an array
+        ] as [[UInt8]]
+    )
     func invalidUTF8IsRejected(bytes: [UInt8]) {
         let error = parseError(bytes)
         #expect(error?.message.contains("UTF-8") == true, "\(bytes): \(String(describing: error))")
@@ -260,10 +262,12 @@ struct JSONParserTests {
         #expect(error?.offset == 512)
 
         // Objects count too.
-        let objects = String(repeating: #"{"a":"#, count: 256) + String(repeating: "[", count: 256) + "1"
+        let objects =
+            String(repeating: #"{"a":"#, count: 256) + String(repeating: "[", count: 256) + "1"
             + String(repeating: "]", count: 256) + String(repeating: "}", count: 256)
         #expect(parseError(objects) == nil)
-        let deeperObjects = String(repeating: #"{"a":"#, count: 257) + String(repeating: "[", count: 256) + "1"
+        let deeperObjects =
+            String(repeating: #"{"a":"#, count: 257) + String(repeating: "[", count: 256) + "1"
             + String(repeating: "]", count: 256) + String(repeating: "}", count: 257)
         #expect(parseError(deeperObjects)?.message.hasPrefix("nesting deeper than 512") == true)
     }
@@ -330,7 +334,8 @@ struct JSONParserTests {
     /// Consecutive objects share the keys of the one before when they are the same (the rows of an
     /// insert); each object must still come out exactly as written.
     @Test func consecutiveObjectsWithSimilarKeys() throws {
-        let text = #"[{"a":1,"b":2},{"a":3,"b":4},{"a":5,"bc":6},{"ab":7,"b":8},{"a":9},{"a":1,"b":2,"c":3},"#
+        let text =
+            #"[{"a":1,"b":2},{"a":3,"b":4},{"a":5,"bc":6},{"ab":7,"b":8},{"a":9},{"a":1,"b":2,"c":3},"#
             + #"{"a\"b":1,"b":2},{"a\"b":3,"b":4},{"a":0,"b":1,"a":2},{"a":1,"b":2},{},{"a":1,"b":{"a":2,"b":3}},"#
             + #"{"é":1,"b":2},{"é":3,"b":4},{"":1},{"":2},{"a":1,"b" :2},{"a" : 3 ,"b":4}]"#
         let value = try JSONValue(parsing: text)
@@ -516,8 +521,10 @@ struct JSONRoundTripTests {
         case 3:
             var d: Double
             repeat { d = Double(bitPattern: rng.next()) } while !d.isFinite
-            return .double([d, Double(Int.random(in: -1000...1000, using: &rng)) / 4, 0.1, -0.0, 1e16]
-                .randomElement(using: &rng)!)
+            return .double(
+                [d, Double(Int.random(in: -1000...1000, using: &rng)) / 4, 0.1, -0.0, 1e16]
+                    .randomElement(using: &rng)!
+            )
         case 4, 5: return .string(randomString(&rng))
         case 6:
             return .array((0..<Int.random(in: 0...6, using: &rng)).map { _ in randomValue(&rng, depth: depth - 1) })
@@ -531,8 +538,10 @@ struct JSONRoundTripTests {
     }
 
     private static func randomString(_ rng: inout SplitMix64) -> String {
-        let pool: [Unicode.Scalar] = ["a", "Z", "0", " ", "\"", "\\", "/", "\n", "\r", "\t", "\u{08}", "\u{0C}",
-                                      "\u{00}", "\u{01}", "\u{1F}", "\u{7F}", "é", "€", "\u{FFFF}", "😀", "\u{10FFFF}"]
+        let pool: [Unicode.Scalar] = [
+            "a", "Z", "0", " ", "\"", "\\", "/", "\n", "\r", "\t", "\u{08}", "\u{0C}",
+            "\u{00}", "\u{01}", "\u{1F}", "\u{7F}", "é", "€", "\u{FFFF}", "😀", "\u{10FFFF}",
+        ]
         var scalars = String.UnicodeScalarView()
         for _ in 0..<Int.random(in: 0...12, using: &rng) {
             if Bool.random(using: &rng) {
@@ -598,7 +607,8 @@ struct JSONFlatRowsTests {
     }
 
     @Test func rowsWithOtherKeysStartRuns() throws {
-        let text = #"{"rows":[{"a":1,"b":2},{"a":3,"b":4},{"a":5,"bc":6},{"ab":7,"b":8},{"a":9},{"a":1,"b":2,"c":3},"#
+        let text =
+            #"{"rows":[{"a":1,"b":2},{"a":3,"b":4},{"a":5,"bc":6},{"ab":7,"b":8},{"a":9},{"a":1,"b":2,"c":3},"#
             + #"{"a\"b":1,"b":2},{"a\"b":3,"b":4},{"a":1,"b":2},{},{},{"é":1,"b":2},{"é":3,"b":4},{"":1},{"":2},"#
             + #"{"a":1,"b" :2},{"a" : 3 ,"b":4},{"\u0061":5,"b":6},{"b":7,"a":8}]}"#
         let rows = try #require(try flatten(text))

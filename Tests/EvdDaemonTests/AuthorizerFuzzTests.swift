@@ -75,9 +75,11 @@ private struct SQLFuzzer {
         case 14: return "ALTER TABLE \(target) RENAME TO \(self.pick(["scratch", "pub", "stolen", "ro"]))"
         case 15: return "ALTER TABLE \(target) ADD COLUMN extra"
         case 16:
-            return "CREATE TRIGGER t\(self.random.next() % 1000) AFTER INSERT ON \(self.pick(["pub", "scratch", "ro"])) BEGIN INSERT INTO pub(x) SELECT x FROM \(self.table()); END"
+            return
+                "CREATE TRIGGER t\(self.random.next() % 1000) AFTER INSERT ON \(self.pick(["pub", "scratch", "ro"])) BEGIN INSERT INTO pub(x) SELECT x FROM \(self.table()); END"
         case 17:
-            return "CREATE TEMP TRIGGER tt\(self.random.next() % 1000) AFTER INSERT ON \(self.pick(["main.pub", "main.ro"])) BEGIN INSERT INTO pub(x) SELECT x FROM \(self.table()); END"
+            return
+                "CREATE TEMP TRIGGER tt\(self.random.next() % 1000) AFTER INSERT ON \(self.pick(["main.pub", "main.ro"])) BEGIN INSERT INTO pub(x) SELECT x FROM \(self.table()); END"
         case 18: return "CREATE TEMP TABLE \(self.pick(["tt", "pub", "secret"])) AS \(self.select())"
         case 19: return "PRAGMA \(self.pick(Self.pragmas))"
         case 20: return "ATTACH DATABASE '\(self.pick(["/tmp/evd-fuzz.db", ":memory:", "file:/etc/passwd?mode=ro"]))' AS other"
@@ -106,10 +108,16 @@ struct AuthorizerFuzzTests {
             Grant(who: .uid(65534), actions: [.viewTable], database: "main", table: "ro"),
             Grant(who: .uid(65534), actions: [.insertRow], database: "main", table: "wo"),
             Grant(
-                who: .uid(65534), actions: [.viewTable, .insertRow, .updateRow, .deleteRow, .createTable, .alterTable, .dropTable],
-                database: "main", table: "scratch"),
+                who: .uid(65534),
+                actions: [.viewTable, .insertRow, .updateRow, .deleteRow, .createTable, .alterTable, .dropTable],
+                database: "main",
+                table: "scratch"
+            ),
         ]
-        try await withRunningDaemon(configure: { openUp(&$0, grants: grants); $0.poolSize = 2 }) { daemon in
+        try await withRunningDaemon(configure: {
+            openUp(&$0, grants: grants)
+            $0.poolSize = 2
+        }) { daemon in
             let setup = [
                 "create table pub(id integer primary key, x)", "create table ro(id integer primary key, x)",
                 "create table wo(id integer primary key, x)", "create table secret(id integer primary key, x)",

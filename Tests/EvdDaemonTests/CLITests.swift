@@ -29,14 +29,24 @@ struct CLITests {
     func evctlSQL() async throws {
         try await withRunningDaemon { daemon in
             let env = ["EVD_SOCKET": daemon.socketPath]
-            let create = try await runProcess(self.evctl, ["sql", "create table dogs(id integer primary key, name text, age)"], environment: env)
+            let create = try await runProcess(
+                self.evctl,
+                ["sql", "create table dogs(id integer primary key, name text, age)"],
+                environment: env
+            )
             #expect(create.status == 0, "\(create.stderr)")
-            let insert = try await runProcess(self.evctl, ["sql", "insert into dogs(name, age) values (?, ?)", "Rex", "4"], environment: env)
+            let insert = try await runProcess(
+                self.evctl,
+                ["sql", "insert into dogs(name, age) values (?, ?)", "Rex", "4"],
+                environment: env
+            )
             #expect(insert.status == 0)
             #expect(jsonLines(insert.stdout).first?["changes"] == 1)
             // The socket given before the subcommand works as well as after it.
             let select = try await runProcess(
-                self.evctl, ["--socket", daemon.socketPath, "sql", "select name, age, ? from dogs", "\"42\""])
+                self.evctl,
+                ["--socket", daemon.socketPath, "sql", "select name, age, ? from dogs", "\"42\""]
+            )
             #expect(select.status == 0, "\(select.stderr)")
             #expect(jsonLines(select.stdout).first?["rows"] == [["Rex", 4, "42"]])
             let after = try await runProcess(self.evctl, ["sql", "select count(*) from dogs", "--socket", daemon.socketPath])
@@ -48,14 +58,22 @@ struct CLITests {
     func evctlInsert() async throws {
         try await withRunningDaemon { daemon in
             let env = ["EVD_SOCKET": daemon.socketPath]
-            try await daemon.request("create_table", ["table": "dogs", "columns": [["name": "id", "type": "integer"], ["name": "name"]], "pk": "id"])
+            try await daemon.request(
+                "create_table",
+                ["table": "dogs", "columns": [["name": "id", "type": "integer"], ["name": "name"]], "pk": "id"]
+            )
             let insert = try await runProcess(
-                self.evctl, ["insert", "dogs", #"{"id": 1, "name": "Cleo"}"#, #"[{"id": 2, "name": "Rex"}, {"id": 3, "name": "Max"}]"#],
-                environment: env)
+                self.evctl,
+                ["insert", "dogs", #"{"id": 1, "name": "Cleo"}"#, #"[{"id": 2, "name": "Rex"}, {"id": 3, "name": "Max"}]"#],
+                environment: env
+            )
             #expect(insert.status == 0, "\(insert.stderr)")
             #expect(jsonLines(insert.stdout).first?["inserted"] == 3)
             let altered = try await runProcess(
-                self.evctl, ["insert", "dogs", "--alter", "--return", #"{"id": 4, "name": "Fido", "age": 3}"#], environment: env)
+                self.evctl,
+                ["insert", "dogs", "--alter", "--return", #"{"id": 4, "name": "Fido", "age": 3}"#],
+                environment: env
+            )
             #expect(altered.status == 0, "\(altered.stderr)")
             #expect(jsonLines(altered.stdout).first?["rows"] == [["id": 4, "name": "Fido", "age": 3]])
             let unknown = try await runProcess(self.evctl, ["insert", "dogs", #"{"id": 5, "colour": "red"}"#], environment: env)
@@ -169,7 +187,9 @@ struct CLITests {
     func evctlHelpExitStatuses() async throws {
         let help = try await runProcess(self.evctl, ["--help"])
         #expect(help.status == 0)
-        for line in ["Exit status:", "0   the request succeeded", "1   evd answered with an error", "64  usage", "69  evd could not be reached"] {
+        for line in [
+            "Exit status:", "0   the request succeeded", "1   evd answered with an error", "64  usage", "69  evd could not be reached",
+        ] {
             #expect(help.stdout.contains(line), "\(line)\n\(help.stdout)")
         }
     }
@@ -196,7 +216,8 @@ struct CLITests {
         try await withRunningDaemon { daemon in
             let tail = try Spawned(
                 self.evtail,
-                ["--socket", daemon.socketPath, "--count", "2", "--where", "statement=select 2", "*_cursor_execute"])
+                ["--socket", daemon.socketPath, "--count", "2", "--where", "statement=select 2", "*_cursor_execute"]
+            )
             try await waitForSubscriptions(daemon, atLeast: 1)
             try await daemon.request("execute", ["sql": "select 1"])
             try await daemon.request("execute", ["sql": "select 2"])
@@ -226,7 +247,9 @@ struct CLITests {
     func evtailClosedPipe() async throws {
         try await withRunningDaemon { daemon in
             let shell = try Spawned(
-                "/bin/bash", ["-c", "set -o pipefail; '\(self.evtail)' --socket '\(daemon.socketPath)' '*_cursor_execute' | head -1"])
+                "/bin/bash",
+                ["-c", "set -o pipefail; '\(self.evtail)' --socket '\(daemon.socketPath)' '*_cursor_execute' | head -1"]
+            )
             try await waitForSubscriptions(daemon, atLeast: 1)
             // Keep events coming until head has exited and evtail has noticed the closed pipe.
             for _ in 0..<500 where shell.process.isRunning {
@@ -255,7 +278,8 @@ struct CLITests {
             let python = try Spawned(
                 "/usr/bin/env",
                 ["python3", repositoryRoot + "/scripts/examples/subscribe.py", "--count", "2", "*_cursor_execute"],
-                environment: ["EVD_SOCKET": daemon.socketPath])
+                environment: ["EVD_SOCKET": daemon.socketPath]
+            )
             try await waitForSubscriptions(daemon, atLeast: 1)
             try await daemon.request("execute", ["sql": "select 40 + 2"])
             let result = try await python.finish()

@@ -21,8 +21,10 @@ struct CatalogDocsTests {
         var family = ""
         var events: [DocumentedEvent] = []
         func names(_ cell: String) -> [String] {
-            cell.split(separator: ",").map { $0.trimmingCharacters(in: .whitespaces).trimmingCharacters(in: CharacterSet(charactersIn: "`")) }
-                .filter { !$0.isEmpty && $0 != "–" }
+            cell.split(separator: ",").map {
+                $0.trimmingCharacters(in: .whitespaces).trimmingCharacters(in: CharacterSet(charactersIn: "`"))
+            }
+            .filter { !$0.isEmpty && $0 != "–" }
         }
         for line in text.split(separator: "\n", omittingEmptySubsequences: false) {
             if line.hasPrefix("## ") {
@@ -36,8 +38,13 @@ struct CatalogDocsTests {
             guard cells.count >= 6 else { continue }
             events.append(
                 DocumentedEvent(
-                    name: cells[1].trimmingCharacters(in: CharacterSet(charactersIn: "`")), family: family,
-                    vetoable: cells[2] == "yes", mutable: names(cells[3]), properties: names(cells[4])))
+                    name: cells[1].trimmingCharacters(in: CharacterSet(charactersIn: "`")),
+                    family: family,
+                    vetoable: cells[2] == "yes",
+                    mutable: names(cells[3]),
+                    properties: names(cells[4])
+                )
+            )
         }
         return events
     }
@@ -47,8 +54,12 @@ struct CatalogDocsTests {
         let documented = try Self.documentedEvents()
         let catalog = EventKind.allCases.map { kind in
             DocumentedEvent(
-                name: kind.name, family: kind.spec.family.rawValue, vetoable: kind.spec.vetoable,
-                mutable: kind.spec.mutable, properties: kind.spec.properties.map(\.0))
+                name: kind.name,
+                family: kind.spec.family.rawValue,
+                vetoable: kind.spec.vetoable,
+                mutable: kind.spec.mutable,
+                properties: kind.spec.properties.map(\.0)
+            )
         }
         #expect(documented.count == catalog.count)
         for event in catalog {
@@ -64,7 +75,10 @@ struct CatalogDocsTests {
     func catalogIsComplete() {
         let names = EventKind.allCases.map(\.name)
         #expect(Set(names).count == names.count)
-        let pool = ["connect", "first_connect", "checkout", "checkin", "reset", "invalidate", "soft_invalidate", "close", "detach", "close_detached"]
+        let pool = [
+            "connect", "first_connect", "checkout", "checkin", "reset", "invalidate", "soft_invalidate", "close", "detach",
+            "close_detached",
+        ]
         let connection = [
             "engine_connect", "before_execute", "after_execute", "before_cursor_execute", "after_cursor_execute", "begin",
             "commit", "rollback", "savepoint", "release_savepoint", "rollback_savepoint", "begin_twophase",
@@ -72,7 +86,9 @@ struct CatalogDocsTests {
             "set_connection_execution_options", "set_engine_execution_options",
         ]
         let dialect = ["do_connect", "do_execute", "do_execute_no_params", "do_executemany"]
-        let ddl = ["before_create", "after_create", "before_drop", "after_drop", "before_parent_attach", "after_parent_attach", "column_reflect"]
+        let ddl = [
+            "before_create", "after_create", "before_drop", "after_drop", "before_parent_attach", "after_parent_attach", "column_reflect",
+        ]
         let datasette = [
             "login", "logout", "create-token", "create-table", "drop-table", "alter-table", "insert-rows", "upsert-rows",
             "update-row", "delete-row", "rename-table",
@@ -84,7 +100,8 @@ struct CatalogDocsTests {
                 "checkout", "before_execute", "before_cursor_execute", "begin", "commit", "savepoint", "handle_error",
                 "do_connect", "do_execute", "do_execute_no_params", "do_executemany", "before_create", "before_drop",
                 "before_parent_attach", "column_reflect",
-            ])
+            ]
+        )
         #expect(EventKind(name: "before_cursor_execute")?.spec.mutable == ["statement", "parameters"])
         #expect(EventKind(name: "handle_error")?.spec.mutable == ["error"])
         #expect(EventKind(name: "do_connect")?.spec.mutable == ["pragmas"])

@@ -71,7 +71,8 @@ struct ChangeCaptureUnitTests {
                     ["event": "update-row", "database": "main", "table": "t", "pks": [2]],
                     ["event": "update-row", "database": "main", "table": "t", "pks": [3]],
                     ["event": "delete-row", "database": "main", "table": "t", "pks": [1]],
-                ])
+                ]
+            )
             // No images asked for: none made.
             #expect(bench.images() == [nil, nil, nil, nil])
             try bench.sqlite.exec("COMMIT")
@@ -93,7 +94,8 @@ struct ChangeCaptureUnitTests {
                     ["event": "insert-rows", "database": "main", "table": "t", "num_rows": 2, "ignore": false, "replace": false],
                     ["event": "update-row", "database": "main", "table": "t", "pks": ["y"]],
                     ["event": "delete-row", "database": "main", "table": "t", "pks": ["x"]],
-                ])
+                ]
+            )
             try bench.sqlite.exec("COMMIT")
         }
     }
@@ -113,15 +115,23 @@ struct ChangeCaptureUnitTests {
                     RedoChange(table: "dogs", operation: .insert, rowid: 1, newRowid: 1, before: nil, after: [1, "Rex", 30.0]),
                     RedoChange(table: "dogs", operation: .insert, rowid: 2, newRowid: 2, before: nil, after: [2, "Fido", 12.5]),
                     RedoChange(
-                        table: "dogs", operation: .update, rowid: 1, newRowid: 1, before: [1, "Rex", 30.0], after: [1, "REX", 30.0]),
+                        table: "dogs",
+                        operation: .update,
+                        rowid: 1,
+                        newRowid: 1,
+                        before: [1, "Rex", 30.0],
+                        after: [1, "REX", 30.0]
+                    ),
                     RedoChange(table: "dogs", operation: .delete, rowid: 2, newRowid: 2, before: [2, "Fido", 12.5], after: nil),
-                ])
+                ]
+            )
             #expect(
                 bench.images() == [
                     #","rows":[{"id":1,"name":"Rex","weight":30.0},{"id":2,"name":"Fido","weight":12.5}]"#,
                     #","before":{"id":1,"name":"Rex","weight":30.0},"after":{"id":1,"name":"REX","weight":30.0}"#,
                     #","before":{"id":2,"name":"Fido","weight":12.5}"#,
-                ])
+                ]
+            )
             try bench.sqlite.exec("COMMIT")
         }
     }
@@ -150,7 +160,8 @@ struct ChangeCaptureUnitTests {
                 bench.events() == [
                     ["event": "insert-rows", "database": "main", "table": "t", "num_rows": 1, "ignore": false, "replace": false],
                     ["event": "insert-rows", "database": "main", "table": "t", "num_rows": 1, "ignore": false, "replace": false],
-                ])
+                ]
+            )
             try bench.sqlite.exec("COMMIT")
         }
     }
@@ -167,7 +178,8 @@ struct ChangeCaptureUnitTests {
             #expect(
                 bench.events() == [
                     ["event": "insert-rows", "database": "main", "table": "t", "num_rows": 1, "ignore": false, "replace": false]
-                ])
+                ]
+            )
             try bench.sqlite.exec("COMMIT")
         }
     }
@@ -192,7 +204,8 @@ struct ChangeCaptureUnitTests {
                     ["event": "delete-row", "database": "main", "table": "parent", "pks": [1]],
                     ["event": "delete-row", "database": "main", "table": "child", "pks": [10]],
                     ["event": "delete-row", "database": "main", "table": "child", "pks": [11]],
-                ])
+                ]
+            )
             try bench.sqlite.exec("COMMIT")
             #expect(try bench.count("child") == 1)
         }

@@ -44,7 +44,9 @@ func changes(of watcher: ChangeWatcher, _ sql: String, _ params: JSONValue? = ni
 }
 
 func withChangeWatcher<T: Sendable>(
-    _ daemon: RunningDaemon, rows: Bool = false, _ body: (ChangeWatcher) async throws -> T
+    _ daemon: RunningDaemon,
+    rows: Bool = false,
+    _ body: (ChangeWatcher) async throws -> T
 ) async throws -> T {
     try await withVetoTestClient(daemon, ["events": ["*-*"], "rows": .bool(rows)]) { client in
         try await body(ChangeWatcher(client: client, daemon: daemon))
@@ -65,18 +67,21 @@ struct CommittedEventsTests {
                 #expect(
                     changed1 == [
                         ["event": "insert-rows", "database": "main", "table": "t", "num_rows": 3, "ignore": false, "replace": false]
-                    ])
+                    ]
+                )
                 let changed2 = try await changes(of: watcher, "update t set name = upper(name) where id >= ?", [2])
                 #expect(
                     changed2 == [
                         ["event": "update-row", "database": "main", "table": "t", "pks": [2]],
                         ["event": "update-row", "database": "main", "table": "t", "pks": [3]],
-                    ])
+                    ]
+                )
                 let changed3 = try await changes(of: watcher, "delete from t where id = 1")
                 #expect(
                     changed3 == [
                         ["event": "delete-row", "database": "main", "table": "t", "pks": [1]]
-                    ])
+                    ]
+                )
                 // A read changes nothing.
                 let changed4 = try await changes(of: watcher, "select * from t")
                 #expect(changed4.isEmpty)
@@ -105,14 +110,24 @@ struct CommittedEventsTests {
             try await daemon.request("execute", ["sql": "insert into t values (1, 'a')"])
             try await withChangeWatcher(daemon) { watcher in
                 let ignored = try await changes(of: watcher, "insert or ignore into t values (1, 'x'), (2, 'b')")
-                #expect(ignored == [["event": "insert-rows", "database": "main", "table": "t", "num_rows": 1, "ignore": true, "replace": false]])
+                #expect(
+                    ignored == [
+                        ["event": "insert-rows", "database": "main", "table": "t", "num_rows": 1, "ignore": true, "replace": false]
+                    ]
+                )
                 let nothing = try await changes(of: watcher, "insert into t values (2, 'y'), (3, 'c') on conflict do nothing")
                 #expect(nothing.first?["ignore"] == true)
                 // The row REPLACE put in place of the one with the same key is part of the insert, not a delete.
                 let replaced = try await changes(of: watcher, "replace into t values (1, 'z')")
-                #expect(replaced == [["event": "insert-rows", "database": "main", "table": "t", "num_rows": 1, "ignore": false, "replace": true]])
+                #expect(
+                    replaced == [
+                        ["event": "insert-rows", "database": "main", "table": "t", "num_rows": 1, "ignore": false, "replace": true]
+                    ]
+                )
                 let upserted = try await changes(
-                    of: watcher, "insert into t values (1, 'u'), (9, 'n') on conflict(id) do update set v = excluded.v")
+                    of: watcher,
+                    "insert into t values (1, 'u'), (9, 'n') on conflict(id) do update set v = excluded.v"
+                )
                 #expect(upserted == [["event": "upsert-rows", "database": "main", "table": "t", "num_rows": 2]])
                 let withCTE = try await changes(of: watcher, "with s(x) as (select 10) insert or replace into t select x, 'w' from s")
                 #expect(withCTE.first?["replace"] == true)
@@ -138,7 +153,9 @@ struct CommittedEventsTests {
     func keys() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.request(
-                "execute", ["sql": "create table pairs(b text, a integer, v, primary key (a, b)) without rowid"])
+                "execute",
+                ["sql": "create table pairs(b text, a integer, v, primary key (a, b)) without rowid"]
+            )
             try await daemon.request("execute", ["sql": "create table plain(v)"])
             try await daemon.request("execute", ["sql": "create table named(code text primary key, v)"])
             try await daemon.request("execute", ["sql": "insert into pairs values ('x', 1, 0), ('y', 2, 0)"])
@@ -169,7 +186,8 @@ struct CommittedEventsTests {
                     create table audit(what text);
                     create trigger log_parent after insert on parent begin insert into audit values ('parent ' || new.id); end;
                     """
-                ])
+                ]
+            )
             try await withChangeWatcher(daemon) { watcher in
                 let inserted = try await changes(of: watcher, "insert into parent values (1), (2)")
                 #expect(inserted.map { $0["table"] } == ["parent", "audit"])
@@ -177,7 +195,11 @@ struct CommittedEventsTests {
                 try await daemon.request("execute", ["sql": "insert into child values (10, 1), (11, 1), (12, 2)"])
                 let deleted = try await changes(of: watcher, "delete from parent where id = 1")
                 #expect(deleted.map { $0["event"] } == ["delete-row", "delete-row", "delete-row"])
-                #expect(Set(deleted.map { "\($0["table"]?.stringValue ?? ""):\($0["pks"]?.arrayValue?.first?.intValue ?? 0)" }) == ["parent:1", "child:10", "child:11"])
+                #expect(
+                    Set(deleted.map { "\($0["table"]?.stringValue ?? ""):\($0["pks"]?.arrayValue?.first?.intValue ?? 0)" }) == [
+                        "parent:1", "child:10", "child:11",
+                    ]
+                )
             }
         }
     }
@@ -321,8 +343,11 @@ struct CommittedEventsTests {
                     let placeholders = names.map { _ in "?" }.joined(separator: ", ")
                     try await daemon.request(
                         "executemany",
-                        ["sql": .string("insert into b (\(names.joined(separator: ", "))) values (\(placeholders))"),
-                         "params": .array(rows.map { .array($0) })])
+                        [
+                            "sql": .string("insert into b (\(names.joined(separator: ", "))) values (\(placeholders))"),
+                            "params": .array(rows.map { .array($0) }),
+                        ]
+                    )
                     try await daemon.request("execute", ["sql": "insert into b (t, id, r) values ('late', 10, 1.5)"])
                 }
                 #expect(structured.count == 2 && raw.count == 2)
@@ -343,7 +368,8 @@ struct CommittedEventsTests {
             ("INTEGER", "i"), ("bigint", "i"), ("FLOATING POINT", "i"), ("VarChar(10)", "t"), ("clob", "t"),
             ("CHARINT", "i"), ("text", "t"), ("", "b"), ("Blob", "b"), ("double precision", "r"), ("float", "r"),
             ("real", "r"), ("numeric", "n"), ("decimal(10,2)", "n"), ("boolean", "n"), ("date", "n"),
-        ] as [(String, Character)])
+        ] as [(String, Character)]
+    )
     func boundImageAffinity(type: String, affinity: Character) {
         let column = ChangeCapture.BoundColumn(ColumnInfo(name: "c", type: type, notNull: false, defaultValue: .null, pk: 0), key: 0)
         let expected: (integer: Bool, real: Bool, text: Bool) =
@@ -364,7 +390,8 @@ struct CommittedEventsTests {
                 #expect(
                     changed17 == [
                         ["event": "create-table", "database": "main", "table": "t", "schema": "CREATE TABLE t(a)"]
-                    ])
+                    ]
+                )
                 let changed18 = try await changes(of: watcher, "create table if not exists t(a)")
                 #expect(changed18.isEmpty)
                 let changed19 = try await changes(of: watcher, "alter table t add column b text")
@@ -374,12 +401,14 @@ struct CommittedEventsTests {
                             "event": "alter-table", "database": "main", "table": "t", "before_schema": "CREATE TABLE t(a)",
                             "after_schema": "CREATE TABLE t(a, b text)",
                         ]
-                    ])
+                    ]
+                )
                 let changed20 = try await changes(of: watcher, "alter table t rename to u")
                 #expect(
                     changed20 == [
                         ["event": "rename-table", "database": "main", "old_table": "t", "new_table": "u"]
-                    ])
+                    ]
+                )
                 // Indexes, views and triggers are no table's committed schema change.
                 let changed21 = try await changes(of: watcher, "create index ui on u(a); create view uv as select * from u")
                 #expect(changed21.isEmpty)
@@ -408,14 +437,17 @@ struct DDLEventsTests {
                 ]
                 for sql in statements { try await daemon.request("execute", ["sql": .string(sql)]) }
                 try await listener.sync()
-                let seen = listener.events.map { "\($0["event"]?.stringValue ?? "") \($0["target"]?["kind"]?.stringValue ?? "") \($0["target"]?["name"]?.stringValue ?? "")" }
+                let seen = listener.events.map {
+                    "\($0["event"]?.stringValue ?? "") \($0["target"]?["kind"]?.stringValue ?? "") \($0["target"]?["name"]?.stringValue ?? "")"
+                }
                 #expect(
                     seen == [
                         "before_create table t", "after_create table t", "before_create index ti", "after_create index ti",
                         "before_create view tv", "after_create view tv", "before_create trigger tt", "after_create trigger tt",
                         "before_drop trigger tt", "after_drop trigger tt", "before_drop view tv", "after_drop view tv",
                         "before_drop index ti", "after_drop index ti", "before_drop table t", "after_drop table t",
-                    ])
+                    ]
+                )
                 #expect(listener.events.first?["sql"] == "create table t(a)")
                 #expect(listener.events.first?["database"] == "main")
             }
@@ -451,7 +483,9 @@ struct DDLEventsTests {
                     let events = try await watcher.changes {
                         let drop = try await daemon.withClient { try await $0.rawRequest("execute", ["sql": "drop table keep"]) }
                         #expect(drop["error"]?["code"] == "vetoed")
-                        let create = try await daemon.withClient { try await $0.rawRequest("execute", ["sql": "create table forbidden(a)"]) }
+                        let create = try await daemon.withClient {
+                            try await $0.rawRequest("execute", ["sql": "create table forbidden(a)"])
+                        }
                         #expect(create["error"]?["code"] == "vetoed")
                         let add = try await daemon.withClient {
                             try await $0.rawRequest("execute", ["sql": "alter table keep add column secret text"])
@@ -462,7 +496,10 @@ struct DDLEventsTests {
                     #expect(events.isEmpty)
                 }
             }
-            let tables = try await daemon.request("execute", ["sql": "select name from sqlite_schema where type = 'table' and name not like '\\_evd\\_%' escape '\\' order by name"])
+            let tables = try await daemon.request(
+                "execute",
+                ["sql": "select name from sqlite_schema where type = 'table' and name not like '\\_evd\\_%' escape '\\' order by name"]
+            )
             #expect(tables["rows"] == [["keep"]])
             let columns = try await daemon.request("execute", ["sql": "select name from pragma_table_info('keep')"])
             #expect(columns["rows"] == [["a"]])
@@ -486,7 +523,8 @@ struct SQLIntentTests {
             ("-- replace\n insert into \"replace\" values ('or ignore')", .insert, false, false),
             ("update t set v = 1", .other, false, false),
             ("select 'insert'", .other, false, false),
-        ])
+        ]
+    )
     func classify(sql: String, kind: StatementIntent.Kind, ignore: Bool, replace: Bool) {
         let intent = SQLScanner.intent(of: sql)
         #expect(intent.kind == kind)

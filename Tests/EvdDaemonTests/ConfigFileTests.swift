@@ -58,8 +58,10 @@ struct ConfigFileTests {
             try text.write(toFile: path, atomically: true, encoding: .utf8)
             let unset = ["EVD_SOCKET", "RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR", "STATE_DIRECTORY", "XDG_STATE_HOME"]
             return try await runProcess(
-                "/usr/bin/env", unset.flatMap { ["-u", $0] } + [binaryPath("evd"), "--config", path, "--check-config"] + flags,
-                timeout: 30)
+                "/usr/bin/env",
+                unset.flatMap { ["-u", $0] } + [binaryPath("evd"), "--config", path, "--check-config"] + flags,
+                timeout: 30
+            )
         }
     }
 
@@ -96,7 +98,9 @@ struct ConfigFileTests {
 
         let timeout = try await self.check(Self.fullExample, ["--metrics-request-timeout-ms", "700"])
         #expect(timeout.status == 0, "\(timeout.stderr)")
-        #expect(try JSONValue(parsing: timeout.stdout.trimmingCharacters(in: .whitespacesAndNewlines))["metrics"]?["request_timeout_ms"] == 700)
+        #expect(
+            try JSONValue(parsing: timeout.stdout.trimmingCharacters(in: .whitespacesAndNewlines))["metrics"]?["request_timeout_ms"] == 700
+        )
 
         let plain = try await self.check("pool_size = 2")
         #expect(plain.status == 0, "\(plain.stderr)")

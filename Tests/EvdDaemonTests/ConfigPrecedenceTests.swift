@@ -7,7 +7,11 @@ import Testing
 
 /// The effective configuration `evd FLAGS` builds with the config file `toml` in `environment`:
 /// `Evd.configuration(file:environment:)`, where precedence is decided, called directly.
-private func effective(_ flags: [String] = [], file toml: String = "", environment: [String: String] = [:]) throws
+private func effective(
+    _ flags: [String] = [],
+    file toml: String = "",
+    environment: [String: String] = [:]
+) throws
     -> EvdConfiguration
 {
     let command = try Evd.parse(flags)
@@ -26,67 +30,168 @@ struct ConfigSetting: Sendable, CustomTestStringConvertible {
 }
 
 let configSettings: [ConfigSetting] = [
-    ConfigSetting(flag: ["--pool-size", "3"], file: "pool_size = 8", read: { "\($0.poolSize)" }, defaultValue: "4", fileValue: "8", flagValue: "3"),
     ConfigSetting(
-        flag: ["--socket-mode", "0660"], file: #"socket_mode = "0640""#, read: { String($0.socketMode, radix: 8) }, defaultValue: "600",
-        fileValue: "640", flagValue: "660"),
+        flag: ["--pool-size", "3"],
+        file: "pool_size = 8",
+        read: { "\($0.poolSize)" },
+        defaultValue: "4",
+        fileValue: "8",
+        flagValue: "3"
+    ),
     ConfigSetting(
-        flag: ["--max-line-bytes", "4096"], file: "max_line_bytes = 2048", read: { "\($0.maxLineBytes)" }, defaultValue: "1048576",
-        fileValue: "2048", flagValue: "4096"),
+        flag: ["--socket-mode", "0660"],
+        file: #"socket_mode = "0640""#,
+        read: { String($0.socketMode, radix: 8) },
+        defaultValue: "600",
+        fileValue: "640",
+        flagValue: "660"
+    ),
     ConfigSetting(
-        flag: ["--veto-budget-ms", "200"], file: "veto_budget_ms = 100", read: { "\($0.vetoBudgetMs)" }, defaultValue: "5000",
-        fileValue: "100", flagValue: "200"),
+        flag: ["--max-line-bytes", "4096"],
+        file: "max_line_bytes = 2048",
+        read: { "\($0.maxLineBytes)" },
+        defaultValue: "1048576",
+        fileValue: "2048",
+        flagValue: "4096"
+    ),
     ConfigSetting(
-        flag: ["--max-connections", "20"], file: "[limits]\nmax_connections = 10", read: { "\($0.maxSessions)" },
-        defaultValue: "1024", fileValue: "10", flagValue: "20"),
+        flag: ["--veto-budget-ms", "200"],
+        file: "veto_budget_ms = 100",
+        read: { "\($0.vetoBudgetMs)" },
+        defaultValue: "5000",
+        fileValue: "100",
+        flagValue: "200"
+    ),
     ConfigSetting(
-        flag: ["--max-connections-per-uid", "6"], file: "[limits]\nmax_connections_per_uid = 5",
-        read: { "\($0.maxSessionsPerUID)" }, defaultValue: "256", fileValue: "5", flagValue: "6"),
+        flag: ["--max-connections", "20"],
+        file: "[limits]\nmax_connections = 10",
+        read: { "\($0.maxSessions)" },
+        defaultValue: "1024",
+        fileValue: "10",
+        flagValue: "20"
+    ),
     ConfigSetting(
-        flag: ["--max-subscriptions", "8"], file: "[limits]\nmax_subscriptions = 7", read: { "\($0.maxSubscriptions)" },
-        defaultValue: "256", fileValue: "7", flagValue: "8"),
+        flag: ["--max-connections-per-uid", "6"],
+        file: "[limits]\nmax_connections_per_uid = 5",
+        read: { "\($0.maxSessionsPerUID)" },
+        defaultValue: "256",
+        fileValue: "5",
+        flagValue: "6"
+    ),
     ConfigSetting(
-        flag: ["--max-pending-requests", "10"], file: "[limits]\nmax_pending_requests = 9", read: { "\($0.maxPipelinedRequests)" },
-        defaultValue: "256", fileValue: "9", flagValue: "10"),
+        flag: ["--max-subscriptions", "8"],
+        file: "[limits]\nmax_subscriptions = 7",
+        read: { "\($0.maxSubscriptions)" },
+        defaultValue: "256",
+        fileValue: "7",
+        flagValue: "8"
+    ),
     ConfigSetting(
-        flag: ["--max-queued-events", "12"], file: "[limits]\nmax_queued_events = 11",
-        read: { "\($0.outboxLimits.maxEventsPerSubscription)" }, defaultValue: "10000", fileValue: "11", flagValue: "12"),
+        flag: ["--max-pending-requests", "10"],
+        file: "[limits]\nmax_pending_requests = 9",
+        read: { "\($0.maxPipelinedRequests)" },
+        defaultValue: "256",
+        fileValue: "9",
+        flagValue: "10"
+    ),
     ConfigSetting(
-        flag: ["--max-queued-bytes", "196608"], file: "[limits]\nmax_queued_bytes = 131072", read: { "\($0.outboxLimits.maxBytes)" },
-        defaultValue: "16777216", fileValue: "131072", flagValue: "196608"),
+        flag: ["--max-queued-events", "12"],
+        file: "[limits]\nmax_queued_events = 11",
+        read: { "\($0.outboxLimits.maxEventsPerSubscription)" },
+        defaultValue: "10000",
+        fileValue: "11",
+        flagValue: "12"
+    ),
     ConfigSetting(
-        flag: ["--max-response-bytes", "327680"], file: "[limits]\nmax_response_bytes = 262144", read: { "\($0.maxResponseBytes)" },
-        defaultValue: "67108864", fileValue: "262144", flagValue: "327680"),
+        flag: ["--max-queued-bytes", "196608"],
+        file: "[limits]\nmax_queued_bytes = 131072",
+        read: { "\($0.outboxLimits.maxBytes)" },
+        defaultValue: "16777216",
+        fileValue: "131072",
+        flagValue: "196608"
+    ),
     ConfigSetting(
-        flag: ["--max-filter-values", "14"], file: "[limits]\nmax_filter_values = 13", read: { "\($0.maxFilterValues)" },
-        defaultValue: "1024", fileValue: "13", flagValue: "14"),
+        flag: ["--max-response-bytes", "327680"],
+        file: "[limits]\nmax_response_bytes = 262144",
+        read: { "\($0.maxResponseBytes)" },
+        defaultValue: "67108864",
+        fileValue: "262144",
+        flagValue: "327680"
+    ),
+    ConfigSetting(
+        flag: ["--max-filter-values", "14"],
+        file: "[limits]\nmax_filter_values = 13",
+        read: { "\($0.maxFilterValues)" },
+        defaultValue: "1024",
+        fileValue: "13",
+        flagValue: "14"
+    ),
     // 0 means "no limit": a 0 in the file is a value, not an absent one; a flag's 0 wins too.
     ConfigSetting(
-        flag: ["--max-statement-ms", "15"], file: "[limits]\nmax_statement_ms = 0", read: { "\($0.maxStatementMs)" },
-        defaultValue: "30000", fileValue: "0", flagValue: "15"),
+        flag: ["--max-statement-ms", "15"],
+        file: "[limits]\nmax_statement_ms = 0",
+        read: { "\($0.maxStatementMs)" },
+        defaultValue: "30000",
+        fileValue: "0",
+        flagValue: "15"
+    ),
     ConfigSetting(
-        flag: ["--idle-transaction-ms", "0"], file: "[limits]\nidle_transaction_ms = 16", read: { "\($0.idleTransactionMs)" },
-        defaultValue: "60000", fileValue: "16", flagValue: "0"),
+        flag: ["--idle-transaction-ms", "0"],
+        file: "[limits]\nidle_transaction_ms = 16",
+        read: { "\($0.idleTransactionMs)" },
+        defaultValue: "60000",
+        fileValue: "16",
+        flagValue: "0"
+    ),
     // The default share follows the pool size (4 - 1).
     ConfigSetting(
-        flag: ["--max-pool-share", "1"], file: "[limits]\nmax_pool_share = 2", read: { "\($0.poolShare)" }, defaultValue: "3",
-        fileValue: "2", flagValue: "1"),
+        flag: ["--max-pool-share", "1"],
+        file: "[limits]\nmax_pool_share = 2",
+        read: { "\($0.poolShare)" },
+        defaultValue: "3",
+        fileValue: "2",
+        flagValue: "1"
+    ),
     ConfigSetting(
-        flag: ["--journal-keep-events", "0"], file: "[journal]\nkeep_events = 17", read: { "\($0.journal.keepEvents)" },
-        defaultValue: "1000000", fileValue: "17", flagValue: "0"),
+        flag: ["--journal-keep-events", "0"],
+        file: "[journal]\nkeep_events = 17",
+        read: { "\($0.journal.keepEvents)" },
+        defaultValue: "1000000",
+        fileValue: "17",
+        flagValue: "0"
+    ),
     ConfigSetting(
-        flag: ["--journal-keep-seconds", "19"], file: "[journal]\nkeep_seconds = 18", read: { "\($0.journal.keepSeconds)" },
-        defaultValue: "604800", fileValue: "18", flagValue: "19"),
+        flag: ["--journal-keep-seconds", "19"],
+        file: "[journal]\nkeep_seconds = 18",
+        read: { "\($0.journal.keepSeconds)" },
+        defaultValue: "604800",
+        fileValue: "18",
+        flagValue: "19"
+    ),
     ConfigSetting(
-        flag: ["--metrics-request-timeout-ms", "2000"], file: "[metrics]\nrequest_timeout_ms = 1000",
-        read: { "\($0.metrics.requestTimeoutMs)" }, defaultValue: "5000", fileValue: "1000", flagValue: "2000"),
+        flag: ["--metrics-request-timeout-ms", "2000"],
+        file: "[metrics]\nrequest_timeout_ms = 1000",
+        read: { "\($0.metrics.requestTimeoutMs)" },
+        defaultValue: "5000",
+        fileValue: "1000",
+        flagValue: "2000"
+    ),
     ConfigSetting(
-        flag: ["--metrics-socket", "/tmp/flag-metrics.sock"], file: "[metrics]\nsocket = \"/run/file-metrics.sock\"",
-        read: { $0.metrics.socketPath ?? "none" }, defaultValue: "none", fileValue: "/run/file-metrics.sock",
-        flagValue: "/tmp/flag-metrics.sock"),
+        flag: ["--metrics-socket", "/tmp/flag-metrics.sock"],
+        file: "[metrics]\nsocket = \"/run/file-metrics.sock\"",
+        read: { $0.metrics.socketPath ?? "none" },
+        defaultValue: "none",
+        fileValue: "/run/file-metrics.sock",
+        flagValue: "/tmp/flag-metrics.sock"
+    ),
     ConfigSetting(
-        flag: ["--metrics-listen", "[::1]:9001"], file: "[metrics]\nlisten = \"127.0.0.1:9000\"",
-        read: { $0.metrics.listen?.description ?? "none" }, defaultValue: "none", fileValue: "127.0.0.1:9000", flagValue: "[::1]:9001"),
+        flag: ["--metrics-listen", "[::1]:9001"],
+        file: "[metrics]\nlisten = \"127.0.0.1:9000\"",
+        read: { $0.metrics.listen?.description ?? "none" },
+        defaultValue: "none",
+        fileValue: "127.0.0.1:9000",
+        flagValue: "[::1]:9001"
+    ),
 ]
 
 @Suite("Configuration precedence (flags over environment over file over defaults)")
@@ -141,7 +246,9 @@ struct ConfigPrecedenceTests {
         #expect(try effective().socketPath == SocketPath.defaultPath)
     }
 
-    @Test("state directory: --state-dir, then $STATE_DIRECTORY, $XDG_STATE_HOME/evd, then the file, then ~/.local/state/evd; the default database lives there")
+    @Test(
+        "state directory: --state-dir, then $STATE_DIRECTORY, $XDG_STATE_HOME/evd, then the file, then ~/.local/state/evd; the default database lives there"
+    )
     func stateDirectory() throws {
         let file = #"state_dir = "/var/lib/file-evd""#
         let environment = ["STATE_DIRECTORY": "/var/lib/evd:/var/lib/more", "XDG_STATE_HOME": "/home/u/.state", "HOME": "/home/u"]

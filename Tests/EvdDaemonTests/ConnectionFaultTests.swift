@@ -5,9 +5,9 @@ import Testing
 @testable import EvdDaemon
 
 #if canImport(Glibc)
-    import Glibc
+import Glibc
 #elseif canImport(Musl)
-    import Musl
+import Musl
 #endif
 
 /// Faults of the connection layer that outside testers provoked on a real `evd` process: a daemon
@@ -60,7 +60,8 @@ struct ConnectionFaultTests {
             let clock = ContinuousClock.now
             try await Task.sleep(for: .seconds(2))
             let used = try #require(cpuTicks(of: evd.pid)) - start
-            let wall = Double((ContinuousClock.now - clock).components.attoseconds) / 1e18
+            let wall =
+                Double((ContinuousClock.now - clock).components.attoseconds) / 1e18
                 + Double((ContinuousClock.now - clock).components.seconds)
             let share = Double(used) / Double(sysconf(Int32(_SC_CLK_TCK))) / wall
             print("at the fd limit: evd used \(Int(share * 100))% of a core over \(String(format: "%.1f", wall)) s")
@@ -111,7 +112,10 @@ private struct RunningEvd: Sendable {
 /// limit of `nofile` when given (`prlimit`, which then runs evd itself: same pid); stops it after
 /// `body`.
 private func withEvd(
-    _ arguments: [String], nofile: Int? = nil, logLevel: String = "warning", _ body: (RunningEvd) async throws -> Void
+    _ arguments: [String],
+    nofile: Int? = nil,
+    logLevel: String = "warning",
+    _ body: (RunningEvd) async throws -> Void
 ) async throws {
     try await withTemporaryDirectory { directory in
         let all =

@@ -30,8 +30,11 @@ private func rowsOfCopy(_ path: String, in directory: String) throws -> Int64? {
 private func expectMoved(_ error: EvdError, sourceLocation: SourceLocation = #_sourceLocation) {
     #expect(error.code == "sql_error", sourceLocation: sourceLocation)
     #expect(error.extra["sqlite_code"]?.stringValue == "SQLITE_READONLY_DBMOVED", sourceLocation: sourceLocation)
-    #expect(error.message.contains("deleted or replaced") || error.message.contains("was deleted")
-        || error.message.contains("was replaced"), sourceLocation: sourceLocation)
+    #expect(
+        error.message.contains("deleted or replaced") || error.message.contains("was deleted")
+            || error.message.contains("was replaced"),
+        sourceLocation: sourceLocation
+    )
 }
 
 private func remove(databaseAt path: String) {
@@ -82,30 +85,30 @@ struct DatabaseReplacedTests {
     @Test("another file renamed over main.db: writes are refused and the new file is left untouched")
     func replaced() async throws {
         try await withTemporaryDirectory { directory in
-          let bytes = try await withDaemon(in: directory) { daemon, _ in
-            try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x)"])
-                try await evd.request("execute", ["sql": "insert into t values ('ours')"])
+            let bytes = try await withDaemon(in: directory) { daemon, _ in
+                try await daemon.withClient { evd in
+                    try await evd.request("execute", ["sql": "create table t(x)"])
+                    try await evd.request("execute", ["sql": "insert into t values ('ours')"])
 
-                let other = daemon.directory + "/other.db"
-                let bytes = try makeOtherDatabase(other)
-                #expect(rename(other, daemon.databasePath) == 0)
+                    let other = daemon.directory + "/other.db"
+                    let bytes = try makeOtherDatabase(other)
+                    #expect(rename(other, daemon.databasePath) == 0)
 
-                expectMoved(try await evd.expectError("execute", ["sql": "insert into t values ('lost')"]))
-                expectMoved(try await evd.expectError("executemany", ["sql": "insert into t values (?)", "params": [[1], [2]]]))
-                expectMoved(try await evd.expectError("execute", ["sql": "select x from t"]))
-                // Other sessions are refused too.
-                try await daemon.withClient { second in
-                    expectMoved(try await second.expectError("execute", ["sql": "delete from t"]))
+                    expectMoved(try await evd.expectError("execute", ["sql": "insert into t values ('lost')"]))
+                    expectMoved(try await evd.expectError("executemany", ["sql": "insert into t values (?)", "params": [[1], [2]]]))
+                    expectMoved(try await evd.expectError("execute", ["sql": "select x from t"]))
+                    // Other sessions are refused too.
+                    try await daemon.withClient { second in
+                        expectMoved(try await second.expectError("execute", ["sql": "delete from t"]))
+                    }
+                    #expect(try Data(contentsOf: URL(fileURLWithPath: daemon.databasePath)) == bytes)
+                    #expect(try rowsOfCopy(daemon.databasePath, in: daemon.directory) == 1)
+                    return bytes
                 }
-                #expect(try Data(contentsOf: URL(fileURLWithPath: daemon.databasePath)) == bytes)
-                #expect(try rowsOfCopy(daemon.databasePath, in: daemon.directory) == 1)
-                return bytes
             }
-          }
-          // The daemon stopped, its connections closed: the old WAL was not checkpointed into the new file.
-          #expect(try Data(contentsOf: URL(fileURLWithPath: directory + "/main.db")) == bytes)
-          #expect(try rowsOfCopy(directory + "/main.db", in: directory) == 1)
+            // The daemon stopped, its connections closed: the old WAL was not checkpointed into the new file.
+            #expect(try Data(contentsOf: URL(fileURLWithPath: directory + "/main.db")) == bytes)
+            #expect(try rowsOfCopy(directory + "/main.db", in: directory) == 1)
         }
     }
 
@@ -136,7 +139,8 @@ struct DatabaseReplacedTests {
     func otherDatabaseServed() async throws {
         try await withRunningDaemon(configure: { configuration in
             configuration.databases.append(
-                DatabaseConfig(name: "second", path: SocketDirectory.parent(of: configuration.databases[0].path) + "/second.db"))
+                DatabaseConfig(name: "second", path: SocketDirectory.parent(of: configuration.databases[0].path) + "/second.db")
+            )
         }) { daemon in
             try await daemon.withClient { evd in
                 try await evd.request("execute", ["sql": "create table t(x)"])
@@ -209,7 +213,8 @@ struct DatabaseReplacedTests {
             try await daemon.withClient { evd in
                 try await evd.request("execute", ["sql": "create table t(x)"])
                 let before = try await parseWithPrometheusClient(
-                    httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /metrics").body)
+                    httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /metrics").body
+                )
                 #expect(before.value("evd_database_lost", ["database": "main"]) == 0)
 
                 remove(databaseAt: daemon.databasePath)
@@ -217,7 +222,8 @@ struct DatabaseReplacedTests {
                     expectMoved(try await evd.expectError("execute", ["sql": "insert into t values (?)", "params": [.int(Int64(value))]]))
                 }
                 let after = try await parseWithPrometheusClient(
-                    httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /metrics").body)
+                    httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /metrics").body
+                )
                 #expect(after.value("evd_database_lost", ["database": "main"]) == 1)
             }
             let errors = logs.entries.filter { $0.level == .error }
@@ -233,9 +239,12 @@ struct DatabaseReplacedTests {
         try await withTemporaryDirectory { directory in
             try FileManager.default.createDirectory(atPath: directory + "/real", withIntermediateDirectories: true)
             #expect(symlink(directory + "/real/data.db", directory + "/link.db") == 0)
-            try await withDaemon(in: directory, configure: { configuration in
-                configuration.databases = [DatabaseConfig(name: "main", path: directory + "/link.db")]
-            }) { daemon, _ in
+            try await withDaemon(
+                in: directory,
+                configure: { configuration in
+                    configuration.databases = [DatabaseConfig(name: "main", path: directory + "/link.db")]
+                }
+            ) { daemon, _ in
                 try await daemon.withClient { evd in
                     try await evd.request("execute", ["sql": "create table t(x)"])
                     for value in 1...20 {

@@ -5,9 +5,9 @@ import Testing
 @testable import EvdDaemon
 
 #if canImport(Glibc)
-    import Glibc
+import Glibc
 #elseif canImport(Musl)
-    import Musl
+import Musl
 #endif
 
 /// A full disk (issue 18): a real daemon whose socket, database and state directory live on a
@@ -22,14 +22,17 @@ import Testing
 @Suite(
     "Full disk",
     .serialized,
-    .enabled("needs root and a mountable tmpfs") { tmpfsMountable() })
+    .enabled("needs root and a mountable tmpfs") { tmpfsMountable() }
+)
 struct DiskFullTests {
     /// Each row's payload: big enough that the disk fills after some dozens of inserts.
     static let payload = String(repeating: "evd-disk-full ", count: 1200)
     /// Each fill emit's padding, so that the state database's journal grows as well.
     static let padding = String(repeating: "p", count: 4096)
 
-    @Test("every acknowledged insert and emit keeps its events, a write that does not fit fails with SQLITE_FULL, and writes resume when space returns, also after a restart")
+    @Test(
+        "every acknowledged insert and emit keeps its events, a write that does not fit fails with SQLITE_FULL, and writes resume when space returns, also after a restart"
+    )
     func fullDisk() async throws {
         try await withTmpfs(size: "7m") { directory in
             let fillers = [directory + "/filler-1", directory + "/filler-2"]
@@ -82,7 +85,8 @@ struct DiskFullTests {
         var ledger = Ledger()
         try await evd.request(
             "create_table",
-            ["table": "t", "pk": "n", "columns": [["name": "n", "type": "integer"], ["name": "payload", "type": "text"]]])
+            ["table": "t", "pk": "n", "columns": [["name": "n", "type": "integer"], ["name": "payload", "type": "text"]]]
+        )
         for _ in 0..<3 { try await ledger.write(.emit, evd) }
         // The space given back later, a filler at a time.
         for filler in fillers {
@@ -123,7 +127,10 @@ struct DiskFullTests {
     /// still fit in what a failed one left allocated), and evd answers pings and reads, with
     /// exactly the rows acknowledged so far.
     private static func everyWriteFails(
-        _ evd: EvdConnection, _ ledger: inout Ledger, _ failures: inout [String: EvdError], _ when: String
+        _ evd: EvdConnection,
+        _ ledger: inout Ledger,
+        _ failures: inout [String: EvdError],
+        _ when: String
     ) async throws {
         for kind in Ledger.Kind.allCases {
             let failure = try #require(try await ledger.untilFailure(kind, evd), "\(kind) never failed \(when)")
@@ -207,7 +214,9 @@ private struct Ledger: Sendable {
             switch kind {
             case .insert:
                 let result = try await evd.request(
-                    "insert", ["table": "t", "rows": [["n": .int(number), "payload": .string(DiskFullTests.payload)]]])
+                    "insert",
+                    ["table": "t", "rows": [["n": .int(number), "payload": .string(DiskFullTests.payload)]]]
+                )
                 #expect(result["inserted"] == 1)
             case .raw:
                 let result = try await evd.request("execute", ["sql": .string(insert), "params": row])
@@ -226,13 +235,16 @@ private struct Ledger: Sendable {
                         #expect(rollback.code == "not_in_transaction", "rollback after \(error): \(rollback)")
                         #expect(
                             error.message.contains("no longer in a transaction"),
-                            "the transaction ended, but its error did not say so: \(error)")
+                            "the transaction ended, but its error did not say so: \(error)"
+                        )
                     }
                     throw error
                 }
             case .emit:
                 let result = try await evd.request(
-                    "emit", ["event": "test.x", "data": ["i": .int(number), "padding": .string(DiskFullTests.padding)]])
+                    "emit",
+                    ["event": "test.x", "data": ["i": .int(number), "padding": .string(DiskFullTests.padding)]]
+                )
                 #expect(result["seq"]?.intValue != nil)
             }
         } catch let error as EvdError {

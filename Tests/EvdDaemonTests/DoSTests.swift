@@ -5,9 +5,9 @@ import Testing
 @testable import EvdDaemon
 
 #if canImport(Glibc)
-    import Glibc
+import Glibc
 #elseif canImport(Musl)
-    import Musl
+import Musl
 #endif
 
 /// Denial of service by a local user of another uid (nobody): what a peer can make evd hold or do
@@ -23,7 +23,9 @@ import Testing
     .enabled(
         if: getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
             && FileManager.default.isExecutableFile(atPath: "/usr/bin/python3"),
-        "needs root, setpriv and /usr/bin/python3 to attack as another uid"))
+        "needs root, setpriv and /usr/bin/python3 to attack as another uid"
+    )
+)
 struct DoSTests {
     // MARK: Unread responses (output backpressure)
 
@@ -56,7 +58,9 @@ struct DoSTests {
             #expect(outcome["stalled"] == true, "evd read on: the attacker sent \(sent) bytes in 60 s")
             let grown = (peak - baseline) >> 20
             #expect(
-                grown < 100, "evd grew by \(grown) MiB (from \(baseline >> 20) MiB) under unread pipelined responses")
+                grown < 100,
+                "evd grew by \(grown) MiB (from \(baseline >> 20) MiB) under unread pipelined responses"
+            )
             print(
                 "unread responses: evd's RSS \(baseline >> 20) MiB → peak \(peak >> 20) MiB; the attacker's writes stalled after \(sent) bytes"
             )
@@ -79,7 +83,8 @@ struct DoSTests {
                 [
                     evd.socketPath,
                     #"[{"op":"execute","id":1,"sql":"\#(huge)"},{"op":"execute","id":2,"sql":"select 42"}]"#,
-                ])
+                ]
+            )
             var peak = baseline
             while attack.process.isRunning {
                 peak = max(peak, residentBytes(of: evd.pid) ?? 0)
@@ -117,7 +122,10 @@ struct DoSTests {
                             execute("select hex(zeroblob(40000))"),  // 80,000 hex digits in one row
                             execute("select hex(zeroblob(20000))"),
                             ["op": "events"],
-                        ])))
+                        ]
+                    )
+                )
+            )
             #expect(got[1]?["error"]?["code"] == "response_too_large")
             #expect(got[1]?["error"]?["max"] == .integer(64 << 10))
             #expect(got[2]?["result"]?["rows"]?.arrayValue?.first?.arrayValue?.first?.stringValue?.utf8.count == 40000)
@@ -183,7 +191,9 @@ struct DoSTests {
             let tooMany: JSONValue = .array((0...1024).map { .integer($0) })  // 1025 values
             let refused = responses(
                 try await messages(
-                    try asNobody(daemon, [["op": "subscribe", "events": ["app.*"], "where": ["n": tooMany]]])))
+                    try asNobody(daemon, [["op": "subscribe", "events": ["app.*"], "where": ["n": tooMany]]])
+                )
+            )
             #expect(refused[1]?["error"]?["code"] == "bad_request")
             #expect(refused[1]?["error"]?["field"] == "where")
             #expect(refused[1]?["error"]?["limit"] == "max-filter-values")
@@ -201,7 +211,8 @@ struct DoSTests {
                         "where": ["n": .array(accepted), "event": ["app.n", "app.end"]],
                     ]
                 ],
-                until: "app.end")
+                until: "app.end"
+            )
             let deadline = ContinuousClock.now + .seconds(30)
             while try await daemon.request("stats")["subscriptions"] != 1 && ContinuousClock.now < deadline {
                 try await Task.sleep(for: .milliseconds(20))
@@ -229,10 +240,16 @@ struct DoSTests {
         try await withTemporaryDirectory { directory in
             let path = directory + "/evd.toml"
             try "[limits]\nmax_response_bytes = 1048576\nmax_filter_values = 50\n".write(
-                toFile: path, atomically: true, encoding: .utf8)
+                toFile: path,
+                atomically: true,
+                encoding: .utf8
+            )
             func check(_ arguments: [String]) async throws -> ProcessResult {
                 try await runProcess(
-                    binaryPath("evd"), ["--state-dir", directory, "--check-config"] + arguments, timeout: 30)
+                    binaryPath("evd"),
+                    ["--state-dir", directory, "--check-config"] + arguments,
+                    timeout: 30
+                )
             }
             func limits(_ result: ProcessResult) throws -> JSONValue? {
                 #expect(result.status == 0, "\(result.stderr)")
@@ -245,7 +262,8 @@ struct DoSTests {
             #expect(fromFile?["max_response_bytes"] == 1_048_576)
             #expect(fromFile?["max_filter_values"] == 50)
             let flagged = try limits(
-                try await check(["--config", path, "--max-response-bytes", "65536", "--max-filter-values", "7"]))
+                try await check(["--config", path, "--max-response-bytes", "65536", "--max-filter-values", "7"])
+            )
             #expect(flagged?["max_response_bytes"] == 65536)
             #expect(flagged?["max_filter_values"] == 7)
             for (arguments, message) in [
@@ -323,7 +341,8 @@ private let requestsThenRead = """
 private func asNobodyRunning(_ script: String, _ arguments: [String]) throws -> Spawned {
     try Spawned(
         "/usr/bin/setpriv",
-        ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", script] + arguments)
+        ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", script] + arguments
+    )
 }
 
 /// A running `evd` process serving a socket nobody may connect to.
@@ -341,7 +360,9 @@ private struct EvdProcess: Sendable {
 /// Starts `evd` (the built binary) with `arguments` in a fresh directory nobody can reach, and a
 /// config file with `config` when given; stops it after `body`.
 private func withEvdProcess(
-    _ arguments: [String] = [], config: String? = nil, _ body: (EvdProcess) async throws -> Void
+    _ arguments: [String] = [],
+    config: String? = nil,
+    _ body: (EvdProcess) async throws -> Void
 )
     async throws
 {

@@ -184,7 +184,9 @@ struct ErrorCodeTests {
             try await daemon.withClient { evd in
                 try await evd.request("execute", ["sql": "create table t(x)"])
                 let error = try await evd.expectError(
-                    "execute", ["sql": "insert into t values (1); insert into t values (?)", "params": []])
+                    "execute",
+                    ["sql": "insert into t values (1); insert into t values (?)", "params": []]
+                )
                 #expect(error.code == "bad_request")
                 #expect(error.extra["field"] == "params")
                 let control = try await evd.expectError("execute", ["sql": "insert into t values (1); COMMIT"])
@@ -278,14 +280,18 @@ struct ErrorCodeTests {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
                 try await evd.request(
-                    "execute", ["sql": "create table dogs(name text); create unique index dogs_name on dogs(name)"])
+                    "execute",
+                    ["sql": "create table dogs(name text); create unique index dogs_name on dogs(name)"]
+                )
                 try await evd.request("execute", ["sql": "insert into dogs values ('Rex')"])
                 let error = try await evd.expectError("execute", ["sql": "insert into dogs values ('Rex')"])
                 #expect(error.code == "sql_error")
                 #expect(error.extra["sqlite_code"] == "SQLITE_CONSTRAINT_UNIQUE")
                 #expect(error.message.contains("UNIQUE"))
                 let many = try await evd.expectError(
-                    "executemany", ["sql": "insert into dogs values (?)", "params": [["Fido"], ["Rex"]]])
+                    "executemany",
+                    ["sql": "insert into dogs values (?)", "params": [["Fido"], ["Rex"]]]
+                )
                 #expect(many.code == "sql_error")
                 #expect(many.extra["sqlite_code"] == "SQLITE_CONSTRAINT_UNIQUE")
                 // The whole executemany rolled back: Fido is not there.
@@ -319,7 +325,9 @@ struct ErrorCodeTests {
                 #expect(execute.code == "no_such_database")
                 #expect(execute.message.contains("nope"))
                 let many = try await evd.expectError(
-                    "executemany", ["sql": "select ?", "params": [[1]], "database": "nope"])
+                    "executemany",
+                    ["sql": "select ?", "params": [[1]], "database": "nope"]
+                )
                 #expect(many.code == "no_such_database")
                 let begin = try await evd.expectError("begin", ["database": "nope"])
                 #expect(begin.code == "no_such_database")
@@ -396,7 +404,8 @@ struct ErrorCodeTests {
                     try await a.request("commit")
                     try await b.request("execute", ["sql": "insert into t values (2)"])
                     #expect(
-                        try await b.request("execute", ["sql": "select x from t order by x"])["rows"] == [[1], [2]])
+                        try await b.request("execute", ["sql": "select x from t order by x"])["rows"] == [[1], [2]]
+                    )
                 }
             }
         }
@@ -491,4 +500,3 @@ struct ShutdownNoticeTests {
         }
     }
 }
-

@@ -25,11 +25,21 @@ private func outbox() -> Outbox { Outbox(limits: OutboxLimits(), stats: Delivery
 
 @discardableResult
 private func subscribe(
-    _ bus: EventBus, _ outbox: Outbox, _ patterns: [String], where filter: JSONObject = [:], session: UInt64 = 1
+    _ bus: EventBus,
+    _ outbox: Outbox,
+    _ patterns: [String],
+    where filter: JSONObject = [:],
+    session: UInt64 = 1
 ) throws -> Subscription {
     bus.subscribe(
-        session: session, name: nil, patterns: patterns.map(EventPattern.init), filter: try WhereFilter(filter, maxValues: 100),
-        overflow: .drop, wantsRows: false, outbox: outbox)
+        session: session,
+        name: nil,
+        patterns: patterns.map(EventPattern.init),
+        filter: try WhereFilter(filter, maxValues: 100),
+        overflow: .drop,
+        wantsRows: false,
+        outbox: outbox
+    )
 }
 
 /// A custom event's entry, made outside the bus's lock as a journaled event is.
@@ -143,8 +153,15 @@ struct EventBusOrderingTests {
             if range.lowerBound == 2, registeredAt == nil {
                 // Between the first batch (seqs 1...2, delivered) and the second.
                 bus.subscribe(
-                    session: 2, name: nil, patterns: [EventPattern("*")], filter: .none, overflow: .drop, wantsRows: false,
-                    outbox: late, registered: { _, head, stable in registeredAt = (head, stable) })
+                    session: 2,
+                    name: nil,
+                    patterns: [EventPattern("*")],
+                    filter: .none,
+                    overflow: .drop,
+                    wantsRows: false,
+                    outbox: late,
+                    registered: { _, head, stable in registeredAt = (head, stable) }
+                )
                 bus.publish(name: "live", kind: nil, origin: .daemon, properties: [:])  // 6: held
             }
             return range.map { .entry(entry(bus, "r.\($0 + 1)")) }

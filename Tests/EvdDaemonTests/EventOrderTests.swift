@@ -159,7 +159,9 @@ struct EventOrderTests {
 
     /// `commit_twophase`, then the transaction's `insert-rows`, with the lower seq.
     static func expectCommitFirst(
-        _ events: [JSONObject], isPrepared: Bool, sourceLocation: SourceLocation = #_sourceLocation
+        _ events: [JSONObject],
+        isPrepared: Bool,
+        sourceLocation: SourceLocation = #_sourceLocation
     ) throws {
         #expect(eventNames(events) == ["commit_twophase", "insert-rows"], sourceLocation: sourceLocation)
         guard events.count == 2 else { return }

@@ -1,14 +1,15 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import EvdClient
 import NIOCore
 import Synchronization
 import Testing
 
 @testable import EvdDaemon
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// Unit seams of Events: the outbox's holding while a subscription is registered, and the seq
 /// lease raised ahead of need.

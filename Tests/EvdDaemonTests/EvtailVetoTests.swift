@@ -14,7 +14,9 @@ struct EvtailVetoTests {
     /// Runs evtail with `arguments` against `daemon` while `body` runs, then stops it (SIGTERM) and
     /// returns its output.
     func withEvtail(
-        _ daemon: RunningDaemon, _ arguments: [String], _ body: () async throws -> Void
+        _ daemon: RunningDaemon,
+        _ arguments: [String],
+        _ body: () async throws -> Void
     ) async throws -> ProcessResult {
         let before = try await daemon.request("stats")["subscriptions"]?.intValue ?? 0
         let tail = try Spawned(self.evtail, ["--socket", daemon.socketPath] + arguments)
@@ -36,7 +38,10 @@ struct EvtailVetoTests {
     @Test("--deny REASON: the request fails with vetoed and that reason")
     func deny() async throws {
         try await withRunningDaemon { daemon in
-            let result = try await self.withEvtail(daemon, ["--veto", "before_cursor_execute", "--deny", "no way", "--name", "policy", "--timeout-ms", "20000"]) {
+            let result = try await self.withEvtail(
+                daemon,
+                ["--veto", "before_cursor_execute", "--deny", "no way", "--name", "policy", "--timeout-ms", "20000"]
+            ) {
                 try await daemon.withClient { evd in
                     let error = try await evd.expectError("execute", ["sql": "select 1"])
                     vetoExpectVetoed(error, event: "before_cursor_execute", by: "policy", reason: "no way")
@@ -53,7 +58,11 @@ struct EvtailVetoTests {
     func denyWhere() async throws {
         try await withRunningDaemon { daemon in
             _ = try await self.withEvtail(
-                daemon, ["--veto", "before_cursor_execute", "--where", "statement=select 1", "--deny", "not this", "--name", "p", "--timeout-ms", "20000"]
+                daemon,
+                [
+                    "--veto", "before_cursor_execute", "--where", "statement=select 1", "--deny", "not this", "--name", "p", "--timeout-ms",
+                    "20000",
+                ]
             ) {
                 try await daemon.withClient { evd in
                     let allowed = try await evd.request("execute", ["sql": "select 2"])
@@ -94,7 +103,8 @@ struct EvtailVetoTests {
             // Allows, and the veto's JSON reached the command.
             let seen = daemon.directory + "/seen.json"
             _ = try await self.withEvtail(
-                daemon, ["--veto", "before_cursor_execute", "--exec", "cat > '\(seen)'; exit 0", "--timeout-ms", "20000"]
+                daemon,
+                ["--veto", "before_cursor_execute", "--exec", "cat > '\(seen)'; exit 0", "--timeout-ms", "20000"]
             ) {
                 let result = try await daemon.request("execute", ["sql": "select 1"])
                 #expect(result["rows"] == [[1]])
@@ -117,7 +127,8 @@ struct EvtailVetoTests {
     func execPastDeadline() async throws {
         try await withRunningDaemon { daemon in
             let result = try await self.withEvtail(
-                daemon, ["--veto", "before_cursor_execute", "--timeout-ms", "300", "--on-timeout", "allow", "--exec", "sleep 5"]
+                daemon,
+                ["--veto", "before_cursor_execute", "--timeout-ms", "300", "--on-timeout", "allow", "--exec", "sleep 5"]
             ) {
                 try await daemon.withClient { evd in
                     for n in 1...2 {

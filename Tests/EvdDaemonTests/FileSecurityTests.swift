@@ -12,7 +12,9 @@ import Testing
 /// Runs the system Python `script` (its arguments after it) as nobody.
 func asNobodyPython(_ script: String, _ arguments: [String]) throws -> Spawned {
     try Spawned(
-        "/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", script] + arguments)
+        "/usr/bin/setpriv",
+        ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", script] + arguments
+    )
 }
 
 /// The one JSON object a finished script printed last.
@@ -204,13 +206,17 @@ struct FileSecurityTests {
     func metricsRequestTimeout() async throws {
         try await withTemporaryDirectory { directory in
             let metricsPath = directory + "/metrics.sock"
-            try await withDaemon(in: directory, configure: {
-                openUp(&$0)
-                $0.metrics.socketPath = metricsPath
-                $0.metrics.requestTimeoutMs = 1000
-            }) { _, _ in
+            try await withDaemon(
+                in: directory,
+                configure: {
+                    openUp(&$0)
+                    $0.metrics.socketPath = metricsPath
+                    $0.metrics.requestTimeoutMs = 1000
+                }
+            ) { _, _ in
                 let got = try await lastJSON(
-                    try asNobodyPython(Self.trickleThenScrape, [metricsPath, String(MetricsEndpoint.maxConnections), "30"]))
+                    try asNobodyPython(Self.trickleThenScrape, [metricsPath, String(MetricsEndpoint.maxConnections), "30"])
+                )
                 // (On a busy machine a connection beyond the limit may get its 408 before the accept
                 // loop reaches it to close it: then it counts as held, and answered.)
                 let held = got["held"]?.intValue ?? 0
@@ -251,10 +257,13 @@ struct FileSecurityTests {
     func metricsPipeliningBound() async throws {
         try await withTemporaryDirectory { directory in
             let metricsPath = directory + "/metrics.sock"
-            try await withDaemon(in: directory, configure: {
-                openUp(&$0)
-                $0.metrics.socketPath = metricsPath
-            }) { _, _ in
+            try await withDaemon(
+                in: directory,
+                configure: {
+                    openUp(&$0)
+                    $0.metrics.socketPath = metricsPath
+                }
+            ) { _, _ in
                 let got = try await lastJSON(try asNobodyPython(Self.pipeline, [metricsPath, "40"]))
                 let answered = got["ok"]?.intValue ?? 0
                 #expect(answered >= 1 && answered <= Int64(MetricsEndpoint.maxPipelinedRequests), "\(got)")
@@ -276,13 +285,17 @@ struct FileSecurityTests {
                 // that retention leaves them be): a scrape that counted would see them.
                 let forged = try await runProcess(
                     "/usr/bin/python3",
-                    ["-c", """
-                    import sqlite3, sys
-                    db = sqlite3.connect(sys.argv[1])
-                    db.executemany("insert into _evd_journal (seq, event, time, body) values (?, 'forged', '', x'00')",
-                                   [(-i,) for i in range(1, 1001)])
-                    db.commit()
-                    """, daemon.databasePath])
+                    [
+                        "-c",
+                        """
+                        import sqlite3, sys
+                        db = sqlite3.connect(sys.argv[1])
+                        db.executemany("insert into _evd_journal (seq, event, time, body) values (?, 'forged', '', x'00')",
+                                       [(-i,) for i in range(1, 1001)])
+                        db.commit()
+                        """, daemon.databasePath,
+                    ]
+                )
                 #expect(forged.status == 0, "\(forged.stderr)")
                 let after = try await evd.request("stats")["journal"]
                 // (A logout of an earlier connection may be journaled meanwhile: a few more, not 1000.)
@@ -315,13 +328,19 @@ struct FileSecurityTests {
                     let floor = main?["floor"]?.intValue ?? -1
                     let held = try await evd.request(
                         "execute",
-                        ["sql": .string(
-                            "select coalesce(sum(seq - max(case when first > 0 then first else seq end, \(floor) + 1) + 1), 0), min(max(case when first > 0 then first else seq end, \(floor) + 1)) from _evd_journal where seq > \(floor)")])
+                        [
+                            "sql": .string(
+                                "select coalesce(sum(seq - max(case when first > 0 then first else seq end, \(floor) + 1) + 1), 0), min(max(case when first > 0 then first else seq end, \(floor) + 1)) from _evd_journal where seq > \(floor)"
+                            )
+                        ]
+                    )
                     let row = held["rows"]?.arrayValue?.first?.arrayValue
                     let again = try await evd.request("stats")["journal"]?["sources"]?.arrayValue?
                         .first { $0["database"] == "main" }?["floor"]?.intValue
-                    seen = [floor, main?["events"]?.intValue ?? -1, row?.first?.intValue ?? -2,
-                            main?["first_seq"]?.intValue ?? -1, row?.last?.intValue ?? -2]
+                    seen = [
+                        floor, main?["events"]?.intValue ?? -1, row?.first?.intValue ?? -2,
+                        main?["first_seq"]?.intValue ?? -1, row?.last?.intValue ?? -2,
+                    ]
                     return floor > 0 && again == floor && seen[1] == seen[2] && seen[3] == seen[4]
                 }
                 #expect(settled, "the running figures never matched the journal: [floor, events, held, first_seq, held's first] \(seen)")
@@ -375,24 +394,30 @@ struct FileSecurityTests {
             var made = try await lastJSON(try asNobodyPython(Self.impostor, [directory, "", "0"]))
             #expect(made["received"] == [])
             let evd = try Spawned(
-                "/usr/bin/setpriv", asVictim + [binaryPath("evd"), "--state-dir", home + "/state", "--db", "main=\(home)/main.db"])
+                "/usr/bin/setpriv",
+                asVictim + [binaryPath("evd"), "--state-dir", home + "/state", "--db", "main=\(home)/main.db"]
+            )
             let refused = try await evd.finish(within: 30)
             #expect(refused.status == 1)
             #expect(
                 refused.stderr.contains("refusing the socket directory \(directory): it belongs to uid 65534"),
-                "\(refused.stderr)")
+                "\(refused.stderr)"
+            )
             try FileManager.default.removeItem(atPath: directory)
 
             // The attacker serves there: evctl (default path, and the same path named) sends it nothing.
             let impostor = try asNobodyPython(Self.impostor, [directory, "serve", "6"])
             #expect(await eventually { access(directory + "/evd.sock", F_OK) == 0 })
             let viaDefault = try await runProcess(
-                "/usr/bin/setpriv", asVictim + ["EVD_TOKEN=evd_secret-of-the-victim", binaryPath("evctl"), "ping"])
+                "/usr/bin/setpriv",
+                asVictim + ["EVD_TOKEN=evd_secret-of-the-victim", binaryPath("evctl"), "ping"]
+            )
             #expect(viaDefault.status == 69)
             #expect(viaDefault.stderr.contains("refusing the socket directory \(directory)"), "\(viaDefault.stderr)")
             let named = try await runProcess(
                 "/usr/bin/setpriv",
-                asVictim + ["EVD_TOKEN=evd_secret-of-the-victim", binaryPath("evctl"), "--socket", directory + "/evd.sock", "ping"])
+                asVictim + ["EVD_TOKEN=evd_secret-of-the-victim", binaryPath("evctl"), "--socket", directory + "/evd.sock", "ping"]
+            )
             #expect(named.status == 69)
             #expect(named.stderr.contains("refusing the socket directory \(directory)"), "\(named.stderr)")
             made = try await lastJSON(impostor)
@@ -401,7 +426,9 @@ struct FileSecurityTests {
 
             // Without the attacker, evd makes the directory its own (0700) and evctl reaches it.
             let serving = try Spawned(
-                "/usr/bin/setpriv", asVictim + [binaryPath("evd"), "--state-dir", home + "/state", "--db", "main=\(home)/main.db"])
+                "/usr/bin/setpriv",
+                asVictim + [binaryPath("evd"), "--state-dir", home + "/state", "--db", "main=\(home)/main.db"]
+            )
             defer { serving.process.terminate() }
             #expect(await eventually { access(directory + "/evd.sock", F_OK) == 0 })
             #expect(modeBits(directory) == 0o700)
@@ -425,7 +452,9 @@ struct FileSecurityTests {
                 Issue.record("connected to a socket in a directory anyone may write")
             } catch {
                 #expect(
-                    "\(error)".contains("refusing the socket directory \(shared): its mode 0777 (owner uid 65534)"), "\(error)")
+                    "\(error)".contains("refusing the socket directory \(shared): its mode 0777 (owner uid 65534)"),
+                    "\(error)"
+                )
             }
             let got = try await lastJSON(impostor)
             #expect(got["received"] == [], "the impostor got: \(got)")
@@ -438,8 +467,10 @@ struct FileSecurityTests {
             chmod(directory, 0o755)
             func start(_ configure: (inout EvdConfiguration) -> Void) async -> String? {
                 var configuration = EvdConfiguration(
-                    socketPath: directory + "/run/evd.sock", databases: [DatabaseConfig(name: "main", path: directory + "/main.db")],
-                    stateDirectory: directory + "/state")
+                    socketPath: directory + "/run/evd.sock",
+                    databases: [DatabaseConfig(name: "main", path: directory + "/main.db")],
+                    stateDirectory: directory + "/state"
+                )
                 configure(&configuration)
                 return await startupRefusal(configuration)
             }
@@ -447,15 +478,21 @@ struct FileSecurityTests {
             chmod(directory, 0o777)
             let made = try await runProcess(
                 "/usr/bin/setpriv",
-                ["--reuid=65534", "--regid=65534", "--clear-groups", "/bin/mkdir", "-m", "755", directory + "/state", directory + "/run"])
+                ["--reuid=65534", "--regid=65534", "--clear-groups", "/bin/mkdir", "-m", "755", directory + "/state", directory + "/run"]
+            )
             #expect(made.status == 0, "\(made.stderr)")
             chmod(directory, 0o755)
             let state = await start { _ in }
-            #expect(state?.contains("refusing the state directory \(directory)/state: it belongs to uid 65534") == true, "\(state ?? "started")")
+            #expect(
+                state?.contains("refusing the state directory \(directory)/state: it belongs to uid 65534") == true,
+                "\(state ?? "started")"
+            )
             #expect(access(directory + "/state/token-secret", F_OK) != 0)
             let socket = await start { $0.stateDirectory = directory + "/own-state" }
             #expect(
-                socket?.contains("refusing the socket directory \(directory)/run: it belongs to uid 65534") == true, "\(socket ?? "started")")
+                socket?.contains("refusing the socket directory \(directory)/run: it belongs to uid 65534") == true,
+                "\(socket ?? "started")"
+            )
             // Root's, but anyone may write it (and it is not sticky).
             mkdir(directory + "/open", 0o777)
             chmod(directory + "/open", 0o777)
@@ -519,11 +556,15 @@ struct FileSecurityTests {
             chmod(sticky, 0o1777)
             let victim = victimFile(in: directory)
             let placed = try await runProcess(
-                "/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", "/bin/ln", "-s", victim, sticky + "/evd.sock"])
+                "/usr/bin/setpriv",
+                ["--reuid=65534", "--regid=65534", "--clear-groups", "/bin/ln", "-s", victim, sticky + "/evd.sock"]
+            )
             #expect(placed.status == 0, "\(placed.stderr)")
             var configuration = EvdConfiguration(
-                socketPath: sticky + "/evd.sock", databases: [DatabaseConfig(name: "main", path: directory + "/main.db")],
-                stateDirectory: directory + "/state")
+                socketPath: sticky + "/evd.sock",
+                databases: [DatabaseConfig(name: "main", path: directory + "/main.db")],
+                stateDirectory: directory + "/state"
+            )
             configuration.socketMode = 0o666
             let refusal = await startupRefusal(configuration)
             #expect(refusal?.contains("exists and is not a socket") == true, "\(refusal ?? "evd started over a symlink")")
@@ -562,8 +603,11 @@ struct FileSecurityTests {
             chmod(other, 0o644)
             let evd = try Spawned(
                 "/bin/sh",
-                ["-c", "umask 022; exec \"$0\" \"$@\"", binaryPath("evd"), "--socket", socket, "--db", "main=\(directory)/main.db",
-                 "--db", "other=\(other)", "--state-dir", state])
+                [
+                    "-c", "umask 022; exec \"$0\" \"$@\"", binaryPath("evd"), "--socket", socket, "--db", "main=\(directory)/main.db",
+                    "--db", "other=\(other)", "--state-dir", state,
+                ]
+            )
             defer { evd.process.terminate() }
             let up = await eventually { access(socket, F_OK) == 0 }
             #expect(up, "evd did not start")

@@ -83,7 +83,8 @@ struct FramingTests {
 
     @Test(
         "invalid UTF-8 gets bad_json",
-        arguments: [[0xff, 0xfe], [0xc3], [0xc0, 0xaf], [0xed, 0xa0, 0x80]] as [[UInt8]])
+        arguments: [[0xff, 0xfe], [0xc3], [0xc0, 0xaf], [0xed, 0xa0, 0x80]] as [[UInt8]]
+    )
     func invalidUTF8(_ bad: [UInt8]) async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
@@ -102,7 +103,8 @@ struct FramingTests {
 
     @Test(
         "a JSON value that is not an object gets bad_json",
-        arguments: [#"[1,2]"#, "42", #""ping""#, "null", "true", "[]"])
+        arguments: [#"[1,2]"#, "42", #""ping""#, "null", "true", "[]"]
+    )
     func notAnObject(_ line: String) async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
@@ -233,7 +235,8 @@ struct FramingTests {
 
     @Test(
         "a request whose id is not a scalar gets bad_request (field id) with id null",
-        arguments: [#"[1]"#, #"{"a":1}"#])
+        arguments: [#"[1]"#, #"{"a":1}"#]
+    )
     func nonScalarID(_ id: String) async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
@@ -269,7 +272,10 @@ struct PlainSocketTests {
         try await withRunningDaemon { daemon in
             let requests = #"{"op":"ping","id":1}"# + "\n" + #"{"op":"execute","id":2,"sql":"select 'ok'"}"# + "\n"
             let (bytes, sawEOF) = await plainSocketExchange(
-                socketPath: daemon.socketPath, send: Array(requests.utf8), halfClose: true)
+                socketPath: daemon.socketPath,
+                send: Array(requests.utf8),
+                halfClose: true
+            )
             #expect(sawEOF)
             let messages = try bytes.split(separator: 0x0a).map { try JSONValue(parsing: Array($0)) }
             #expect(messages.count == 3)
@@ -284,8 +290,11 @@ struct PlainSocketTests {
         try await withRunningDaemon { daemon in
             let subscribe = #"{"op":"subscribe","id":"s","events":["app.*"]}"# + "\n"
             async let exchange = plainSocketExchange(
-                socketPath: daemon.socketPath, send: Array(subscribe.utf8), halfClose: true,
-                until: { String(decoding: $0, as: UTF8.self).contains(#""event":"app.ping""#) })
+                socketPath: daemon.socketPath,
+                send: Array(subscribe.utf8),
+                halfClose: true,
+                until: { String(decoding: $0, as: UTF8.self).contains(#""event":"app.ping""#) }
+            )
             try await daemon.withClient { evd in
                 var subscriptions: JSONValue? = nil
                 for _ in 0..<500 {

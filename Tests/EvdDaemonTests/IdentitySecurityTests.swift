@@ -18,7 +18,10 @@ struct IdentitySecurityTests {
             try await daemon.request("execute", ["sql": "create table dogs(name)"])
             let token = try #require(
                 try await daemon.request(
-                    "create_token", ["expires_after": 12, "restrict_all": ["subscribe", "view-table", "veto"]])["token"]?.stringValue)
+                    "create_token",
+                    ["expires_after": 12, "restrict_all": ["subscribe", "view-table", "veto"]]
+                )["token"]?.stringValue
+            )
             // The token expires at ceil(the daemon's now + 12), at the latest this.
             let expires = (Date().timeIntervalSince1970 + 12).rounded(.up)
             try await daemon.withClient { root in
@@ -30,7 +33,11 @@ struct IdentitySecurityTests {
                         ["op": "login", "token": .string(token)],
                         ["op": "subscribe", "events": ["insert-rows"], "veto": ["before_execute"], "on_timeout": "allow"],
                         ["op": "logout"],
-                    ], until: "insert-rows", linger: 15, reply: ["action": "deny", "reason": "mine now"])
+                    ],
+                    until: "insert-rows",
+                    linger: 15,
+                    reply: ["action": "deny", "reason": "mine now"]
+                )
                 var loggedOut = false
                 while !loggedOut, let event = await root.nextMessage(ofType: "event", within: 20) {
                     loggedOut = event["actor"]?["token"] != nil
@@ -59,9 +66,17 @@ struct IdentitySecurityTests {
             try await daemon.request("execute", ["sql": "create table secret(x)", "database": "other"])
             try await daemon.request("execute", ["sql": "insert into secret values (1)", "database": "other"])
             let listener = try asNobody(
-                daemon, [["op": "subscribe", "events": ["app.stop"], "veto": ["before_cursor_execute"], "timeout_ms": 30000, "on_timeout": "allow"]],
-                until: "app.stop", linger: 30,
-                reply: ["action": "modify", "set": ["statement": "DELETE FROM secret"]])
+                daemon,
+                [
+                    [
+                        "op": "subscribe", "events": ["app.stop"], "veto": ["before_cursor_execute"], "timeout_ms": 30000,
+                        "on_timeout": "allow",
+                    ]
+                ],
+                until: "app.stop",
+                linger: 30,
+                reply: ["action": "modify", "set": ["statement": "DELETE FROM secret"]]
+            )
             try await waitForStats(daemon) { $0["veto_listeners"] == 1 }
             try await daemon.request("execute", ["sql": "insert into t values (1)", "database": "other"])
             try await daemon.request("emit", ["event": "app.stop"])
@@ -77,9 +92,17 @@ struct IdentitySecurityTests {
         try await withRunningDaemon(configure: { openUp(&$0, grants: [grant([.subscribe, .veto, .viewTable])]) }) { daemon in
             try await daemon.request("execute", ["sql": "create table dogs(name)"])
             let listener = try asNobody(
-                daemon, [["op": "subscribe", "events": ["app.stop"], "veto": ["before_cursor_execute"], "timeout_ms": 30000, "on_timeout": "allow"]],
-                until: "app.stop", linger: 30,
-                reply: ["action": "modify", "set": ["statement": "SELECT file FROM pragma_database_list"]])
+                daemon,
+                [
+                    [
+                        "op": "subscribe", "events": ["app.stop"], "veto": ["before_cursor_execute"], "timeout_ms": 30000,
+                        "on_timeout": "allow",
+                    ]
+                ],
+                until: "app.stop",
+                linger: 30,
+                reply: ["action": "modify", "set": ["statement": "SELECT file FROM pragma_database_list"]]
+            )
             try await waitForStats(daemon) { $0["veto_listeners"] == 1 }
             let error = await #expect(throws: EvdError.self) {
                 try await daemon.request("execute", ["sql": "select name from dogs"])
@@ -121,10 +144,17 @@ struct IdentitySecurityTests {
                 try await root.request("execute", ["sql": "insert into ledger values (1)"])
                 try await root.request("prepare_twophase", ["xid": "root-1"])
             }
-            let got = try responses(await messages(asNobody(daemon, [
-                ["op": "recover"], ["op": "rollback_twophase", "xid": "root-1"], ["op": "commit_twophase", "xid": "root-1"],
-                ["op": "begin_twophase", "xid": "mine"],
-            ])))
+            let got = try responses(
+                await messages(
+                    asNobody(
+                        daemon,
+                        [
+                            ["op": "recover"], ["op": "rollback_twophase", "xid": "root-1"], ["op": "commit_twophase", "xid": "root-1"],
+                            ["op": "begin_twophase", "xid": "mine"],
+                        ]
+                    )
+                )
+            )
             #expect(got[1]?["result"]?["xids"] == [], "\(String(describing: got[1]))")
             #expect(got[2]?["error"]?["code"] == "permission_denied", "\(String(describing: got[2]))")
             #expect(got[3]?["error"]?["code"] == "permission_denied", "\(String(describing: got[3]))")
@@ -140,8 +170,11 @@ struct IdentitySecurityTests {
     func executionOptionsArePrivate() async throws {
         try await withRunningDaemon(configure: { openUp(&$0, grants: [grant([.subscribe], database: nil)]) }) { daemon in
             let watcher = try asNobody(
-                daemon, [["op": "subscribe", "events": ["set_connection_execution_options", "app.done"]]], until: "app.done",
-                linger: 30)
+                daemon,
+                [["op": "subscribe", "events": ["set_connection_execution_options", "app.done"]]],
+                until: "app.done",
+                linger: 30
+            )
             try await waitForStats(daemon) { $0["subscriptions"] == 1 }
             try await daemon.withClient { root in
                 try await root.request("execution_options", ["options": ["logging_token": "root-secret-token"]])

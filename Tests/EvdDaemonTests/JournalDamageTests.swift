@@ -23,7 +23,12 @@ struct JournalDamageTests {
             for n in 0..<3 { try await evd.request("execute", ["sql": .string("insert into t(v) values ('before \(n)')")]) }
             try await evd.request(
                 "execute",
-                ["sql": .string("with recursive c(x) as (select 4 union all select x + 1 from c where x < \(rows)) insert into t(v) select 'row ' || x from c")])
+                [
+                    "sql": .string(
+                        "with recursive c(x) as (select 4 union all select x + 1 from c where x < \(rows)) insert into t(v) select 'row ' || x from c"
+                    )
+                ]
+            )
             try await evd.request("execute", ["sql": "update t set v = v || ' changed'"])
             let updates = try await collectEvents(evd, until: "update-row", occurrence: rows, within: 30)
             try await evd.request("emit", ["event": "test.end"])
@@ -41,7 +46,10 @@ struct JournalDamageTests {
         }
         var messages: [JSONObject] = []
         for line in bytes.split(separator: 0x0a) {
-            let parsed = try #require(try? JSONValue(parsing: Array(line)), "not JSON: \(String(decoding: line.prefix(200), as: UTF8.self))")
+            let parsed = try #require(
+                try? JSONValue(parsing: Array(line)),
+                "not JSON: \(String(decoding: line.prefix(200), as: UTF8.self))"
+            )
             messages.append(try #require(parsed.objectValue))
         }
         return messages
@@ -128,7 +136,9 @@ struct JournalDamageTests {
         }
     }
 
-    @Test("a row's event count or checksum changed alone, or its checksum gone, is damage; an older evd's rows without checksums replay as before")
+    @Test(
+        "a row's event count or checksum changed alone, or its checksum gone, is damage; an older evd's rows without checksums replay as before"
+    )
     func countsAndOlderRows() async throws {
         try await withTemporaryDirectory { directory in
             let rows = 50
@@ -148,7 +158,8 @@ struct JournalDamageTests {
                 """
                 ALTER TABLE _evd_journal DROP COLUMN crc; ALTER TABLE _evd_journal DROP COLUMN events;
                 DELETE FROM _evd_meta WHERE key = 'journal_unchecked_through'
-                """)
+                """
+            )
             try await withDaemon(in: directory) { daemon, _ in
                 let messages = try await Self.replayLines(daemon)
                 #expect(messages.filter { $0["type"] == "notice" }.isEmpty)
@@ -208,10 +219,13 @@ struct JournalDamageTests {
     @Test("the state directory lost after retention pruned a database's journal: the floor kept in the database still gives notice gap")
     func floorSurvivesStateLoss() async throws {
         try await withTemporaryDirectory { directory in
-            let floor: Int64 = try await withDaemon(in: directory, configure: {
-                $0.journal.keepEvents = 5
-                $0.journal.pruneIntervalMs = 20
-            }) { daemon, _ in
+            let floor: Int64 = try await withDaemon(
+                in: directory,
+                configure: {
+                    $0.journal.keepEvents = 5
+                    $0.journal.pruneIntervalMs = 20
+                }
+            ) { daemon, _ in
                 try await daemon.request("execute", ["sql": "create table t(id integer primary key, v text)"])
                 for n in 0..<20 { try await daemon.request("execute", ["sql": .string("insert into t(v) values ('\(n)')")]) }
                 let deadline = ContinuousClock.now + .seconds(60)

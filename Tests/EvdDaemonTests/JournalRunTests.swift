@@ -156,24 +156,30 @@ struct JournalRunTests {
                 var head: Int64 = 0
                 for (client, arguments) in zip(clients, subscriptions) { head = try await client.subscribe(arguments) }
                 // Values of every kind, text that needs escaping and text that is not ASCII.
-                try await daemon.request("execute", [
-                    "sql": """
+                try await daemon.request(
+                    "execute",
+                    [
+                        "sql": """
                         insert into t values (1, -5, 0.1, 'plain', x'00ff', null),
                           (2, 9223372036854775806, -0.0, 'é "quoted" \\ back', x'', 1.5),
                           (3, -9223372036854775808, 1e300, 'line' || char(10) || 'break' || char(9, 1) || '中文', null, 'text');
                         insert into t(id, n, r, s) with recursive c(x) as (select 4 union all select x + 1 from c where x < 3000)
                           select x, x * 7, x / 3.0, 'row ' || x from c
                         """
-                ])
+                    ]
+                )
                 // One transaction: runs of several tables, a schema change between two updates of
                 // one table (its images change columns), deletes, a new table.
-                try await daemon.request("execute", [
-                    "sql": """
+                try await daemon.request(
+                    "execute",
+                    [
+                        "sql": """
                         update t set n = n + 1, s = s || '!'; insert into u values ('x', 1), ('y', 2); update u set b = b * 10;
                         alter table t add column w; update t set w = id where id <= 10; delete from t where id % 500 = 0;
                         create table v(x)
                         """
-                ])
+                    ]
+                )
                 let expected = 2 + 3000 + 1 + 2 + 1 + 10 + 6 + 1
                 let plain = await clients[0].events(expected)
                 let rows = await clients[1].events(expected)
@@ -229,9 +235,14 @@ struct JournalRunTests {
         let rows = 3 * Journal.maxRunEvents + 100
         try await withRunningDaemon(configure: { $0.outboxLimits.maxEventsPerSubscription = 100_000 }) { daemon in
             try await daemon.request("execute", ["sql": "create table t(id integer primary key, n integer)"])
-            try await daemon.request("execute", [
-                "sql": .string("insert into t(id, n) with recursive c(x) as (select 1 union all select x + 1 from c where x < \(rows)) select x, 0 from c")
-            ])
+            try await daemon.request(
+                "execute",
+                [
+                    "sql": .string(
+                        "insert into t(id, n) with recursive c(x) as (select 1 union all select x + 1 from c where x < \(rows)) select x, 0 from c"
+                    )
+                ]
+            )
             let client = try LineClient(path: daemon.socketPath)
             _ = try await client.subscribe(["events": ["update-row"]])
             try await daemon.request("execute", ["sql": "update t set n = n + 1"])
@@ -257,9 +268,14 @@ struct JournalRunTests {
             $0.journal.pruneIntervalMs = 20
         }) { daemon in
             try await daemon.request("execute", ["sql": "create table t(id integer primary key, n integer)"])
-            try await daemon.request("execute", [
-                "sql": .string("insert into t(id, n) with recursive c(x) as (select 1 union all select x + 1 from c where x < \(rows)) select x, 0 from c")
-            ])
+            try await daemon.request(
+                "execute",
+                [
+                    "sql": .string(
+                        "insert into t(id, n) with recursive c(x) as (select 1 union all select x + 1 from c where x < \(rows)) select x, 0 from c"
+                    )
+                ]
+            )
             try await daemon.request("execute", ["sql": "update t set n = n + 1"])
             let deadline = ContinuousClock.now + .seconds(30)
             var checked = false

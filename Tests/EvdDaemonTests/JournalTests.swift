@@ -15,7 +15,10 @@ private func withoutSubscription(_ event: JSONObject) -> JSONObject {
 /// Subscribes with `arguments` and `since`, and expects the replay to be `delivered` (the same
 /// subscription's live events) event for event, apart from the subscription number, in seq order.
 private func expectReplay(
-    _ daemon: RunningDaemon, _ arguments: JSONObject, since: Int64, equals delivered: [JSONObject],
+    _ daemon: RunningDaemon,
+    _ arguments: JSONObject,
+    since: Int64,
+    equals delivered: [JSONObject],
     sourceLocation: SourceLocation = #_sourceLocation
 ) async throws {
     try await daemon.withClient { evd in
@@ -32,13 +35,18 @@ private func expectReplay(
         #expect(
             differs == nil,
             "event \(differs?.offset ?? 0): replayed \(differs?.element.0 ?? [:]), delivered \(differs?.element.1 ?? [:])",
-            sourceLocation: sourceLocation)
+            sourceLocation: sourceLocation
+        )
     }
 }
 
 /// The events of a subscription that follow its response, with any notices among them, until
 /// `count` events arrived (or nothing more comes within `seconds`).
-private func collect(_ evd: EvdConnection, events count: Int, within seconds: Double = 20) async -> (
+private func collect(
+    _ evd: EvdConnection,
+    events count: Int,
+    within seconds: Double = 20
+) async -> (
     events: [JSONObject], notices: [JSONObject]
 ) {
     var events: [JSONObject] = []
@@ -73,7 +81,8 @@ struct JournalTests {
             #expect(
                 live.map { $0["event"] } == [
                     "create-table", "insert-rows", "update-row", "update-row", "delete-row", "app.deployed",
-                ])
+                ]
+            )
             let lastSeq = try #require(live.last?["seq"]?.intValue)
             try await withDaemon(in: directory) { daemon, _ in
                 try await daemon.withClient { evd in
@@ -90,7 +99,9 @@ struct JournalTests {
         }
     }
 
-    @Test("emits pipelined from several connections at once: unique seqs rising per connection; each event once, in seq order, live, replayed and after a restart")
+    @Test(
+        "emits pipelined from several connections at once: unique seqs rising per connection; each event once, in seq order, live, replayed and after a restart"
+    )
     func pipelinedEmitsFromManyConnections() async throws {
         let publishers = 4
         let emitsEach = 1000
@@ -221,9 +232,14 @@ struct JournalTests {
             daemon in
             let rows = 10000  // about twenty of the bus's delivery batches
             try await daemon.request("execute", ["sql": "create table big(id integer primary key, v integer)"])
-            try await daemon.request("execute", [
-                "sql": .string("insert into big(id, v) with recursive c(x) as (select 1 union all select x + 1 from c where x < \(rows)) select x, 0 from c")
-            ])
+            try await daemon.request(
+                "execute",
+                [
+                    "sql": .string(
+                        "insert into big(id, v) with recursive c(x) as (select 1 union all select x + 1 from c where x < \(rows)) select x, 0 from c"
+                    )
+                ]
+            )
             let since = try #require(try await daemon.request("stats")["seq"]?.intValue)
             final class Flag: Sendable { let value = Atomic<Bool>(false) }
             let updated = Flag()
@@ -279,13 +295,19 @@ struct JournalTests {
         }
     }
 
-    @Test("a replay of several pages merges the state journal's events with the database's in seq order, as delivered live, with where and rows")
+    @Test(
+        "a replay of several pages merges the state journal's events with the database's in seq order, as delivered live, with where and rows"
+    )
     func replayAcrossPagesAndSources() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.request("execute", ["sql": "create table t(id integer primary key, n integer, s text)"])
-            try await daemon.request("execute", [
-                "sql": "insert into t(id, n, s) with recursive c(x) as (select 1 union all select x + 1 from c where x < 3000) select x, 0, 'é' || x from c"
-            ])
+            try await daemon.request(
+                "execute",
+                [
+                    "sql":
+                        "insert into t(id, n, s) with recursive c(x) as (select 1 union all select x + 1 from c where x < 3000) select x, 0, 'é' || x from c"
+                ]
+            )
             let all: JSONObject = ["events": ["update-row", "insert-rows", "app.*"]]
             let filtered: JSONObject = ["events": ["update-row"], "where": ["table": "t"], "rows": true]
             // More events than a replay page holds, custom ones (the state journal) between them.
@@ -333,11 +355,14 @@ struct JournalTests {
         try await withRunningDaemon(configure: { $0.outboxLimits.maxEventsPerSubscription = 100_000 }) { daemon in
             try await daemon.request("execute", ["sql": "create table t(id integer primary key, n integer, s text)"])
             try await daemon.request("execute", ["sql": "create table u(a text, b integer, primary key (a, b)) without rowid"])
-            try await daemon.request("execute", [
-                "sql": .string(
-                    "insert into t(id, n, s) with recursive c(x) as (select 1 union all select x + 1 from c where x < \(rows)) select x, 0, 'é' || x from c"
-                )
-            ])
+            try await daemon.request(
+                "execute",
+                [
+                    "sql": .string(
+                        "insert into t(id, n, s) with recursive c(x) as (select 1 union all select x + 1 from c where x < \(rows)) select x, 0, 'é' || x from c"
+                    )
+                ]
+            )
             try await daemon.request("execute", ["sql": "insert into u values ('x', 1), ('y', 2)"])
             // One transaction: every row of t, an insert (one insert-rows), rows of a WITHOUT ROWID
             // table, a schema change, deletes.
@@ -369,7 +394,8 @@ struct JournalTests {
             let filteredConsecutive = filteredSeqs == Array(first..<(first + Int64(rows)))
             #expect(filteredConsecutive)
             let names = live.0.map { $0["event"]?.stringValue ?? "" }
-            let inOrder = names == Array(repeating: "update-row", count: rows) + ["insert-rows", "update-row", "update-row", "create-table"]
+            let inOrder =
+                names == Array(repeating: "update-row", count: rows) + ["insert-rows", "update-row", "update-row", "create-table"]
             #expect(inOrder)
             #expect(live.0[rows]["num_rows"] == 2)
             #expect(live.0[rows + 1]["table"] == "u" && live.0[rows + 1]["pks"] == ["x", 1])
@@ -512,7 +538,9 @@ struct JournalTests {
                 for n in 1...3 { try await evd.request("emit", ["event": "app.n", "data": ["n": .integer(Int64(n))]]) }
             }
             let result = try await runProcess(
-                binaryPath("evtail"), ["--socket", daemon.socketPath, "--since", "0", "--count", "3", "app.n"])
+                binaryPath("evtail"),
+                ["--socket", daemon.socketPath, "--since", "0", "--count", "3", "app.n"]
+            )
             #expect(result.status == 0, "\(result.stderr)")
             let lines = result.stdout.split(separator: "\n").map { try? JSONValue(parsing: Array($0.utf8)) }
             #expect(lines.map { $0?["n"] } == [1, 2, 3])
@@ -533,7 +561,8 @@ struct EvtailResumeTests {
                 let result = try await runProcess(
                     binaryPath("evtail"),
                     ["--socket", daemon.socketPath, "--name", "audit", "--resume", "--since", "0", "--count", "\(count)", "app.n"],
-                    environment: environment)
+                    environment: environment
+                )
                 #expect(result.status == 0, "\(result.stderr)")
                 return result.stdout.split(separator: "\n").map { try? JSONValue(parsing: Array($0.utf8))["n"]?.intValue ?? nil }
             }

@@ -41,7 +41,9 @@ struct LifecycleTests {
         }
     }
 
-    @Test("graceful shutdown: a pending veto resolves by its on_timeout at once, in-flight work finishes and commits, clients get notice shutdown")
+    @Test(
+        "graceful shutdown: a pending veto resolves by its on_timeout at once, in-flight work finishes and commits, clients get notice shutdown"
+    )
     func shutdownWithInFlightWorkAndPendingVeto() async throws {
         try await withTemporaryDirectory { directory in
             try await withDaemon(in: directory) { daemon, stop in
@@ -49,7 +51,8 @@ struct LifecycleTests {
                 try await daemon.withClient { listener in
                     try await listener.request(
                         "subscribe",
-                        ["veto": ["before_cursor_execute"], "name": "silent", "timeout_ms": 60000, "on_timeout": "allow"])
+                        ["veto": ["before_cursor_execute"], "name": "silent", "timeout_ms": 60000, "on_timeout": "allow"]
+                    )
                     try await daemon.withClient { writer in
                         let inFlight = VetoInFlight { try await writer.rawRequest("execute", ["sql": "insert into t values (1)"]) }
                         // The veto is pending: the listener never answers it.

@@ -7,9 +7,9 @@ import Testing
 @testable import EvdDaemon
 
 #if canImport(Glibc)
-    import Glibc
+import Glibc
 #elseif canImport(Musl)
-    import Musl
+import Musl
 #endif
 
 /// The limits against abuse (docs/protocol.md, "Limits"): connections in all and per uid,
@@ -71,7 +71,9 @@ struct LimitsTests {
         .enabled(
             if: getuid() == 0 && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
                 && FileManager.default.isExecutableFile(atPath: "/usr/bin/python3"),
-            "needs root, setpriv and /usr/bin/python3 to connect as another uid"))
+            "needs root, setpriv and /usr/bin/python3 to connect as another uid"
+        )
+    )
     func otherUIDServed() async throws {
         try await withRunningDaemon(configure: {
             $0.maxSessionsPerUID = 1
@@ -88,7 +90,8 @@ struct LimitsTests {
                     """
                 let nobody = try await runProcess(
                     "/usr/bin/setpriv",
-                    ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", script, daemon.socketPath])
+                    ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", script, daemon.socketPath]
+                )
                 #expect(nobody.status == 0, "\(nobody.stderr)")
                 let hello = try #require(jsonLines(nobody.stdout).first)
                 #expect(hello["type"] == "hello")
@@ -160,13 +163,17 @@ struct LimitsTests {
             let count = 2000
             var lines = ""
             for id in 1...count {
-                lines += id % 10 == 0
+                lines +=
+                    id % 10 == 0
                     ? #"{"op":"execute","id":\#(id),"sql":"insert into t(id) values (\#(id))"}"# + "\n"
                     : #"{"op":"ping","id":\#(id)}"# + "\n"
             }
             let (bytes, _) = await plainSocketExchange(
-                socketPath: daemon.socketPath, send: Array(lines.utf8), halfClose: true,
-                until: { received in received.reduce(0) { $0 + ($1 == 0x0a ? 1 : 0) } > count })
+                socketPath: daemon.socketPath,
+                send: Array(lines.utf8),
+                halfClose: true,
+                until: { received in received.reduce(0) { $0 + ($1 == 0x0a ? 1 : 0) } > count }
+            )
             let messages = try bytes.split(separator: 0x0a).map { try JSONValue(parsing: Array($0)) }
             #expect(messages.first?["type"] == "hello")
             let responses = messages.dropFirst()
@@ -204,11 +211,15 @@ struct LimitsTests {
             (["--max-subscriptions", "lots"], "--max-subscriptions"),
             (["--max-queued-events", "0"], "--max-queued-events must be at least 1"),
             (["--max-queued-bytes", "4096"], "--max-queued-bytes must be at least 65536"),
-        ])
+        ]
+    )
     func badFlag(flag: [String], message: String) async throws {
         try await withTemporaryDirectory { directory in
             let result = try await runProcess(
-                self.evd, ["--socket", directory + "/evd.sock", "--state-dir", directory + "/state"] + flag, timeout: 30)
+                self.evd,
+                ["--socket", directory + "/evd.sock", "--state-dir", directory + "/state"] + flag,
+                timeout: 30
+            )
             #expect(result.status != 0)
             #expect(result.stderr.contains(message), "\(result.stderr)")
             #expect(!FileManager.default.fileExists(atPath: directory + "/evd.sock"))
@@ -225,7 +236,8 @@ struct LimitsTests {
                     "--socket", socket, "--state-dir", directory + "/state", "--db", "main=\(directory)/main.db",
                     "--max-connections-per-uid", "1", "--max-subscriptions", "1", "--max-pending-requests", "1",
                     "--log-level", "error",
-                ])
+                ]
+            )
             defer { if daemon.process.isRunning { daemon.process.terminate() } }
             var served = false
             // Bounded wait for the daemon to listen; the first connection made is the test's.
@@ -305,7 +317,8 @@ struct LimitsTests {
             let daemon = try Spawned(
                 self.evd,
                 ["--socket", socket, "--state-dir", directory + "/state", "--db", "main=\(directory)/main.db", "--log-level", "error"]
-                    + flags)
+                    + flags
+            )
             defer { if daemon.process.isRunning { daemon.process.terminate() } }
             // Bounded wait for the daemon to listen.
             var listening = false
@@ -334,7 +347,9 @@ private final class Counter: Sendable {
 
 /// Opens `count` connections, one inside the other, and runs `body` with them all open.
 private func withClients<T: Sendable>(
-    _ daemon: RunningDaemon, count: Int, _ body: ([EvdConnection]) async throws -> T
+    _ daemon: RunningDaemon,
+    count: Int,
+    _ body: ([EvdConnection]) async throws -> T
 ) async throws -> T {
     guard count > 0 else { return try await body([]) }
     return try await daemon.withClient { first in
@@ -346,7 +361,8 @@ private func withClients<T: Sendable>(
 /// A closed session frees its slot a moment after the client closes, so the first tries may be
 /// refused; the wait is bounded.
 private func withAdmittedClient(
-    _ daemon: RunningDaemon, _ body: (EvdConnection) async throws -> Void
+    _ daemon: RunningDaemon,
+    _ body: (EvdConnection) async throws -> Void
 ) async throws -> Bool {
     for _ in 0..<500 {
         do {

@@ -26,7 +26,8 @@ struct LiveEventsTests {
                             "do_connect", "first_connect", "connect", "checkout", "engine_connect", "before_execute",
                             "begin", "before_cursor_execute", "do_execute_no_params", "after_cursor_execute",
                             "after_execute", "commit", "reset", "checkin",
-                        ])
+                        ]
+                    )
                     let byName = indexByName(first)
                     #expect(
                         eventProperties(byName["do_connect"]) == [
@@ -36,13 +37,15 @@ struct LiveEventsTests {
                                 "journal_mode": "wal", "synchronous": "normal", "foreign_keys": "on",
                                 "busy_timeout": 5000,
                             ],
-                        ])
+                        ]
+                    )
                     #expect(eventProperties(byName["first_connect"]) == ["database": "main", "connection": 1])
                     #expect(eventProperties(byName["connect"]) == ["database": "main", "connection": 1])
                     #expect(
                         eventProperties(byName["do_execute_no_params"]) == [
                             "database": "main", "connection": 1, "statement": .string(create), "parameters": [],
-                        ])
+                        ]
+                    )
                     #expect(byName["after_cursor_execute"]?["rowcount"] == 0)
 
                     let insert = "insert into t(name) values (?)"
@@ -53,7 +56,8 @@ struct LiveEventsTests {
                         eventNames(second) == [
                             "checkout", "engine_connect", "before_execute", "begin", "before_cursor_execute",
                             "do_execute", "after_cursor_execute", "after_execute", "commit", "reset", "checkin",
-                        ])
+                        ]
+                    )
                     let events = indexByName(second)
                     let pool: [String: JSONValue] = ["database": "main", "connection": 1]
                     let request: JSONValue = ["sql": .string(insert), "params": ["Rex"], "op": "execute", "id": 2]
@@ -63,12 +67,14 @@ struct LiveEventsTests {
                     #expect(
                         eventProperties(events["after_execute"]) == [
                             "database": "main", "request": request, "changes": 1,
-                        ])
+                        ]
+                    )
                     #expect(eventProperties(events["begin"]) == pool.merging(["implicit": true]) { $1 })
                     let cursor = pool.merging(["statement": .string(insert), "parameters": ["Rex"]]) { $1 }
                     #expect(
                         eventProperties(events["before_cursor_execute"])
-                            == cursor.merging(["executemany": false]) { $1 })
+                            == cursor.merging(["executemany": false]) { $1 }
+                    )
                     #expect(eventProperties(events["do_execute"]) == cursor)
                     var after = eventProperties(events["after_cursor_execute"])
                     let removed = after.removeValue(forKey: "duration_us")
@@ -133,12 +139,14 @@ struct LiveEventsTests {
                         eventNames(statement) == [
                             "before_execute", "before_cursor_execute", "do_execute_no_params", "after_cursor_execute",
                             "after_execute",
-                        ])
+                        ]
+                    )
                     try await evd.request("commit")
                     let committed = try await collectEvents(listener, until: "checkin")
                     #expect(eventNames(committed) == ["commit", "reset", "checkin"])
                     #expect(
-                        eventProperties(committed.first) == ["database": "main", "connection": 1, "implicit": false])
+                        eventProperties(committed.first) == ["database": "main", "connection": 1, "implicit": false]
+                    )
                     #expect(committed[1]["rolled_back"] == false)
                     let rows = try await evd.request("execute", ["sql": "select count(*) from t"])
                     #expect(rows["rows"] == [[1]])
@@ -182,7 +190,9 @@ struct LiveEventsTests {
                     _ = try await collectEvents(listener, until: "checkin", occurrence: 2)
 
                     let error = try await evd.expectError(
-                        "execute", ["sql": "insert into t(id) values (?)", "params": [1]])
+                        "execute",
+                        ["sql": "insert into t(id) values (?)", "params": [1]]
+                    )
                     #expect(error.code == "sql_error")
                     #expect(error.extra["sqlite_code"] == "SQLITE_CONSTRAINT_PRIMARYKEY")
                     let events = try await collectEvents(listener, until: "checkin")
@@ -190,7 +200,8 @@ struct LiveEventsTests {
                         eventNames(events) == [
                             "checkout", "engine_connect", "before_execute", "begin", "before_cursor_execute",
                             "do_execute", "dbapi_error", "handle_error", "rollback", "reset", "checkin",
-                        ])
+                        ]
+                    )
                     let byName = indexByName(events)
                     let expected: [String: JSONValue] = [
                         "database": "main", "connection": 1, "statement": "insert into t(id) values (?)",
@@ -203,7 +214,8 @@ struct LiveEventsTests {
                     #expect(eventProperties(byName["dbapi_error"]) == expected)
                     #expect(eventProperties(byName["handle_error"]) == expected)
                     #expect(
-                        eventProperties(byName["rollback"]) == ["database": "main", "connection": 1, "implicit": true])
+                        eventProperties(byName["rollback"]) == ["database": "main", "connection": 1, "implicit": true]
+                    )
                     #expect(byName["reset"]?["rolled_back"] == false)
 
                     // SQL that does not even prepare: SQLAlchemy's order still, since the cursor
@@ -216,12 +228,14 @@ struct LiveEventsTests {
                         eventNames(unprepared) == [
                             "checkout", "engine_connect", "before_execute", "begin", "before_cursor_execute",
                             "do_execute_no_params", "dbapi_error", "handle_error", "rollback", "reset", "checkin",
-                        ])
+                        ]
+                    )
                     #expect(
                         indexByName(unprepared)["handle_error"]?["error"]
                             == [
                                 "code": "sql_error", "message": .string(missing.message), "sqlite_code": "SQLITE_ERROR",
-                            ])
+                            ]
+                    )
                 }
             }
         }
@@ -294,7 +308,8 @@ struct LiveEventsTests {
                     #expect(
                         eventProperties(namedEvents["do_execute"]) == [
                             "database": "main", "connection": 1, "statement": .string(named), "parameters": ["id": 2],
-                        ])
+                        ]
+                    )
                     #expect(namedEvents["after_cursor_execute"]?["rowcount"] == -1)
                     #expect(namedEvents["after_cursor_execute"]?["executemany"] == false)
 
@@ -322,7 +337,9 @@ struct LiveEventsTests {
                     expectEnvelope(connection[0], subscription: nil, causedBy: evd)
 
                     let engine = try await evd.request(
-                        "execution_options", ["options": ["busy_timeout_ms": 250], "scope": "engine"])
+                        "execution_options",
+                        ["options": ["busy_timeout_ms": 250], "scope": "engine"]
+                    )
                     #expect(engine["options"] == ["busy_timeout_ms": 250, "logging_token": "tok"])
                     let engineEvents = try await collectEvents(listener, until: "set_engine_execution_options")
                     #expect(eventNames(engineEvents) == ["set_engine_execution_options"])
@@ -437,7 +454,9 @@ struct LiveEventsTests {
                             let result = try await admin.request("invalidate", ["soft": .bool(soft)])
                             #expect(result["invalidated"] == [.int(number)])
                             let marked = try await collectEvents(
-                                listener, until: soft ? "soft_invalidate" : "invalidate")
+                                listener,
+                                until: soft ? "soft_invalidate" : "invalidate"
+                            )
                             #expect(eventNames(marked) == [soft ? "soft_invalidate" : "invalidate"])
                             #expect(marked.first?["connection"] == .int(number))
                             expectEnvelope(marked[0], subscription: nil, causedBy: admin)
@@ -465,7 +484,9 @@ struct LiveEventsTests {
                 _ = try await subscribeToLiveEvents(listener)
                 try await daemon.withClient { vetoer in
                     try await vetoer.request(
-                        "subscribe", ["veto": ["checkout"], "timeout_ms": 20000, "on_timeout": "allow"])
+                        "subscribe",
+                        ["veto": ["checkout"], "timeout_ms": 20000, "on_timeout": "allow"]
+                    )
                     try await daemon.withClient { evd in
                         try await daemon.withClient { admin in
                             async let running = evd.request("execute", ["sql": "select 1"])
@@ -600,8 +621,7 @@ let envelopeKeys = ["type", "seq", "event", "time", "subscription", "session", "
 
 /// Subscribes to `events` and returns the subscription number and the head seq.
 @discardableResult
-func subscribeEvents(_ evd: EvdConnection, _ events: [String], _ more: JSONObject = [:]) async throws -> (Int64, Int64)
-{
+func subscribeEvents(_ evd: EvdConnection, _ events: [String], _ more: JSONObject = [:]) async throws -> (Int64, Int64) {
     var arguments = more
     arguments["events"] = .array(events.map(JSONValue.string))
     let result = try await evd.request("subscribe", arguments)
@@ -617,7 +637,10 @@ func subscribeToLiveEvents(_ evd: EvdConnection) async throws -> (Int64, Int64) 
 
 /// Events until the `occurrence`th one named `last` (inclusive); fails the test if it does not come.
 func collectEvents(
-    _ evd: EvdConnection, until last: String, occurrence: Int = 1, within seconds: Double = 10,
+    _ evd: EvdConnection,
+    until last: String,
+    occurrence: Int = 1,
+    within seconds: Double = 10,
     sourceLocation: SourceLocation = #_sourceLocation
 ) async throws -> [JSONObject] {
     var collected: [JSONObject] = []
@@ -630,7 +653,9 @@ func collectEvents(
         }
     }
     Issue.record(
-        "no \(last) (#\(occurrence)) within \(seconds)s; got \(eventNames(collected))", sourceLocation: sourceLocation)
+        "no \(last) (#\(occurrence)) within \(seconds)s; got \(eventNames(collected))",
+        sourceLocation: sourceLocation
+    )
     throw DeadlineExceeded(description: "waiting for \(last)")
 }
 
@@ -657,7 +682,9 @@ func eventProperties(_ event: JSONObject?) -> [String: JSONValue] {
 /// Checks the envelope: its keys in order, `type`, the subscription, the time's format, and that
 /// `session` and `actor` are those of `client` (from its hello).
 func expectEnvelope(
-    _ event: JSONObject, subscription: Int64?, causedBy client: EvdConnection,
+    _ event: JSONObject,
+    subscription: Int64?,
+    causedBy client: EvdConnection,
     sourceLocation: SourceLocation = #_sourceLocation
 ) {
     #expect(Array(event.keys.prefix(envelopeKeys.count)) == envelopeKeys, sourceLocation: sourceLocation)
@@ -670,8 +697,10 @@ func expectEnvelope(
     #expect(event["actor"]?["id"] == .string("uid:\(getuid())"), sourceLocation: sourceLocation)
     let time = event["time"]?.stringValue ?? ""
     #expect(
-        time.wholeMatch(of: /\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z/) != nil, "time \(time)",
-        sourceLocation: sourceLocation)
+        time.wholeMatch(of: /\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z/) != nil,
+        "time \(time)",
+        sourceLocation: sourceLocation
+    )
 }
 
 /// Raised by `runWithDeadline` when its body runs too long.
@@ -682,7 +711,9 @@ struct DeadlineExceeded: Error, CustomStringConvertible {
 /// Runs `body`, failing with `DeadlineExceeded` if it has not finished within `seconds` — even when
 /// the body is stuck somewhere that ignores cancellation (it is then cancelled and abandoned).
 func runWithDeadline<T: Sendable>(
-    seconds: Double, _ what: String, _ body: @escaping @Sendable () async throws -> T
+    seconds: Double,
+    _ what: String,
+    _ body: @escaping @Sendable () async throws -> T
 ) async throws -> T {
     let once = DeadlineResumeOnce<T>()
     return try await withCheckedThrowingContinuation { continuation in

@@ -78,7 +78,8 @@ struct MetricsTests {
             for key in stats.keys {
                 #expect(
                     documentation.contains("| `\(key)`") || documentation.contains("| `\(key).") || documentation.contains(", `\(key)` |"),
-                    "stats key \(key) is not in docs/protocol.md's table")
+                    "stats key \(key) is not in docs/protocol.md's table"
+                )
             }
         }
     }
@@ -177,7 +178,8 @@ struct MetricsTests {
             // Keep-alive and pipelining: two requests in one write, two answers in order.
             let both = try await httpExchange(
                 .tcp(host: "127.0.0.1", port: port),
-                "GET /metrics HTTP/1.1\r\nHost: evd\r\n\r\nGET /other HTTP/1.1\r\nHost: evd\r\nConnection: close\r\n\r\n")
+                "GET /metrics HTTP/1.1\r\nHost: evd\r\n\r\nGET /other HTTP/1.1\r\nHost: evd\r\nConnection: close\r\n\r\n"
+            )
             // (HTTP's lines end with \r\n, the metrics' own with \n.)
             let statusLines = both.split(whereSeparator: \.isNewline).filter { $0.hasPrefix("HTTP/1.1 ") }
             #expect(statusLines == ["HTTP/1.1 200 OK", "HTTP/1.1 404 Not Found"])
@@ -190,7 +192,8 @@ struct MetricsTests {
             var configuration = EvdConfiguration(
                 socketPath: first.directory + "/second.sock",
                 databases: [DatabaseConfig(name: "main", path: first.directory + "/second.db")],
-                stateDirectory: first.directory + "/second-state")
+                stateDirectory: first.directory + "/second-state"
+            )
             configuration.metrics.socketPath = first.socketPath  // the first daemon answers there
             let daemon = Daemon(configuration: configuration, logger: Logger(label: "t", factory: { _ in SwiftLogNoOpLogHandler() }))
             await #expect(throws: Daemon.StartupError.self) { try await daemon.run() }
@@ -400,7 +403,8 @@ func parseWithPrometheusClient(_ text: String) async throws -> MetricFamilies {
                 family: sample["family"]?.stringValue ?? "",
                 labels: (sample["labels"]?.objectValue ?? [:]).reduce(into: [:]) { $0[$1.key] = $1.value.stringValue },
                 value: sample["value"]?.doubleValue ?? .nan,
-                type: sample["type"]?.stringValue ?? "")
+                type: sample["type"]?.stringValue ?? ""
+            )
         }
         return MetricFamilies(samples: samples)
     }
@@ -414,7 +418,8 @@ func withTCPMetricsDaemon(
     let logs = InMemoryLogHandler()
     try await withTemporaryDirectory { directory in
         try await withDaemon(
-            in: directory, configure: { $0.metrics.listen = HostPort(host: "127.0.0.1", port: 0) },
+            in: directory,
+            configure: { $0.metrics.listen = HostPort(host: "127.0.0.1", port: 0) },
             logger: Logger(label: "evd-test", factory: { _ in logs })
         ) { daemon, _ in
             let entry = logs.entries.first { $0.message.description == "metrics endpoint is listening" }

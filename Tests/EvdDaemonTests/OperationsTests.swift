@@ -136,7 +136,8 @@ struct OperationsTests {
                     result["events"] == [
                         "checkin", "before_execute", "before_cursor_execute", "before_create", "before_drop",
                         "before_parent_attach", "app.custom",
-                    ])
+                    ]
+                )
 
                 let all = try await evd.request("subscribe", ["events": "*"])
                 let allNames = try #require(all["events"]?.arrayValue)
@@ -157,17 +158,24 @@ struct OperationsTests {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { listener in
                 let one = try await listener.request(
-                    "subscribe", ["events": ["app.paint"], "where": ["color": "red"], "name": "reds"])
+                    "subscribe",
+                    ["events": ["app.paint"], "where": ["color": "red"], "name": "reds"]
+                )
                 let many = try await listener.request(
-                    "subscribe", ["events": ["app.*"], "where": ["color": ["red", "green"], "size": 2]])
+                    "subscribe",
+                    ["events": ["app.*"], "where": ["color": ["red", "green"], "size": 2]]
+                )
                 try await daemon.withClient { emitter in
                     for (n, color) in ["blue", "red", "green", "red"].enumerated() {
                         try await emitter.request(
                             "emit",
-                            ["event": "app.paint", "data": ["n": .integer(n), "color": .string(color), "size": 2]])
+                            ["event": "app.paint", "data": ["n": .integer(n), "color": .string(color), "size": 2]]
+                        )
                     }
                     try await emitter.request(
-                        "emit", ["event": "app.paint", "data": ["n": 4, "color": "green", "size": 3]])
+                        "emit",
+                        ["event": "app.paint", "data": ["n": 4, "color": "green", "size": 3]]
+                    )
                     try await emitter.request("emit", ["event": "app.done", "data": ["color": "red", "size": 2]])
                 }
                 let events = await listener.events(until: "app.done")
@@ -186,7 +194,9 @@ struct OperationsTests {
                 let session = try #require(evd.hello["session"])
                 let byName = try await evd.request("subscribe", ["events": ["app.*"], "where": ["event": "app.b"]])
                 let bySession = try await evd.request(
-                    "subscribe", ["events": ["app.*"], "where": ["session": session]])
+                    "subscribe",
+                    ["events": ["app.*"], "where": ["session": session]]
+                )
                 let byNumber = try await evd.request("subscribe", ["events": ["app.*"], "where": ["size": 2.0]])
                 _ = try await daemon.withClient { other in
                     try await other.request("emit", ["event": "app.a", "data": ["size": 2]])
@@ -254,7 +264,8 @@ struct OperationsTests {
                     let firstID = try #require(first["subscription"])
                     _ = try #require(await listener.nextMessage(ofType: "event"))
                     try await listener.sendRaw(
-                        Array(#"{"op":"subscribe","id":"second","events":["app.tick"]}"#.utf8) + [0x0a])
+                        Array(#"{"op":"subscribe","id":"second","events":["app.tick"]}"#.utf8) + [0x0a]
+                    )
                     var response: JSONObject? = nil
                     var laterEvents = 0
                     while laterEvents < 3 {
@@ -268,7 +279,9 @@ struct OperationsTests {
                         guard message["type"] == "event", message["subscription"] != firstID else { continue }
                         // An event of the new subscription: its response must have come first.
                         let result = try #require(
-                            response?["result"], "an event of the new subscription came before its response")
+                            response?["result"],
+                            "an event of the new subscription came before its response"
+                        )
                         #expect(message["subscription"] == result["subscription"])
                         #expect((message["seq"]?.intValue ?? 0) > (result["seq"]?.intValue ?? .max))
                         laterEvents += 1
@@ -367,7 +380,8 @@ struct OperationsTests {
                             9_223_372_036_854_775_807, 1, 1.5, 2.0, "héllo 🐕", .null, .null, blob, blob, blob, true,
                             false, -7,
                         ],
-                    ])
+                    ]
+                )
                 let expected: [JSONValue] = [
                     9_223_372_036_854_775_807, "integer", 1.5, "real", "héllo 🐕", .null, "null",
                     blob, "blob", 4, 1, 0, -7,
@@ -375,7 +389,9 @@ struct OperationsTests {
                 #expect(result["rows"] == [.array(expected)])
                 #expect(result["columns"]?.arrayValue?.count == 13)
                 let literals = try await evd.request(
-                    "execute", ["sql": "select 2.0 as r, 2 as i, x'00ff10' as b, '' as e"])
+                    "execute",
+                    ["sql": "select 2.0 as r, 2 as i, x'00ff10' as b, '' as e"]
+                )
                 #expect(literals["columns"] == ["r", "i", "b", "e"])
                 #expect(literals["rows"] == [[.double(2.0), .int(2), ["$base64": "AP8Q"], ""]])
                 #expect(literals["changes"] == 0)
@@ -403,7 +419,9 @@ struct OperationsTests {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
                 let result = try await evd.request(
-                    "execute", ["sql": "select :a, @b, $c, :a + @b", "params": ["a": 1, "b": "two", "c": 3.5]])
+                    "execute",
+                    ["sql": "select :a, @b, $c, :a + @b", "params": ["a": 1, "b": "two", "c": 3.5]]
+                )
                 #expect(result["rows"] == [[1, "two", 3.5, 1]])
                 let positional = try await evd.request("execute", ["sql": "select ?, ?1, ?2", "params": [5, 6]])
                 #expect(positional["rows"] == [[5, 5, 6]])
@@ -425,13 +443,16 @@ struct OperationsTests {
                         select id, name from dogs order by id;
                         """,
                         "params": ["Rex", "Fido", "Spot"],
-                    ])
+                    ]
+                )
                 #expect(created["columns"] == ["id", "name"])
                 #expect(created["rows"] == [[1, "Rex"], [2, "Fido"], [3, "Spot"]])
                 #expect(created["changes"] == 3)
                 #expect(created["last_insert_rowid"] == 3)
                 let update = try await evd.request(
-                    "execute", ["sql": "update dogs set name = upper(name) where id > 1"])
+                    "execute",
+                    ["sql": "update dogs set name = upper(name) where id > 1"]
+                )
                 #expect(update["changes"] == 2)
                 #expect(update["columns"] == [])
                 #expect(update["rows"] == [])
@@ -491,7 +512,9 @@ struct OperationsTests {
             try await daemon.withClient { evd in
                 try await evd.request("execute", ["sql": "create table t(x integer unique)"])
                 let error = try await evd.expectError(
-                    "execute", ["sql": "insert into t values (1); insert into t values (1)"])
+                    "execute",
+                    ["sql": "insert into t values (1); insert into t values (1)"]
+                )
                 #expect(error.code == "sql_error")
                 let count = try await evd.request("execute", ["sql": "select count(*) from t"])
                 #expect(count["rows"] == [[0]])
@@ -506,14 +529,18 @@ struct OperationsTests {
                 try await evd.request("execute", ["sql": "create table t(a, b)"])
                 let arrays = try await evd.request(
                     "executemany",
-                    ["sql": "insert into t values (?, ?)", "params": [[1, "x"], [2, "y"], [3, .null]]])
+                    ["sql": "insert into t values (?, ?)", "params": [[1, "x"], [2, "y"], [3, .null]]]
+                )
                 #expect(arrays == ["changes": 3])
                 let objects = try await evd.request(
                     "executemany",
-                    ["sql": "insert into t values (:a, $b)", "params": [["a": 4, "b": "z"], ["a": 5, "b": true]]])
+                    ["sql": "insert into t values (:a, $b)", "params": [["a": 4, "b": "z"], ["a": 5, "b": true]]]
+                )
                 #expect(objects == ["changes": 2])
                 let update = try await evd.request(
-                    "executemany", ["sql": "update t set b = 'u' where a <= ?", "params": [[2], [4]]])
+                    "executemany",
+                    ["sql": "update t set b = 'u' where a <= ?", "params": [[2], [4]]]
+                )
                 #expect(update == ["changes": 6])  // 2 rows, then 4 rows
                 let rows = try await evd.request("execute", ["sql": "select a, b from t order by a"])
                 #expect(rows["rows"] == [[1, "u"], [2, "u"], [3, "u"], [4, "u"], [5, 1]])
@@ -559,7 +586,8 @@ struct OperationsTests {
                         create table t(x); create table u(y);
                         create trigger refuse before insert on t begin select raise(rollback, 'refused'); end;
                         """
-                    ])
+                    ]
+                )
                 try await evd.request("begin")
                 try await evd.request("execute", ["sql": "insert into u values (1)"])
                 let error = try await evd.expectError("execute", ["sql": "insert into t values (1)"])
@@ -588,7 +616,8 @@ struct OperationsTests {
                     create table t(x); create table u(y);
                     create trigger refuse before insert on t begin select raise(rollback, 'refused'); end;
                     """
-                ])
+                ]
+            )
             try await daemon.withClient { listener in
                 _ = try await subscribeEvents(listener, ["rollback", "rollback_twophase"])
                 try await daemon.withClient { evd in
@@ -670,7 +699,8 @@ struct OperationsTests {
     func severalDatabases() async throws {
         try await withRunningDaemon(configure: { configuration in
             configuration.databases.append(
-                DatabaseConfig(name: "other", path: SocketDirectory.parent(of: configuration.databases[0].path) + "/other.db"))
+                DatabaseConfig(name: "other", path: SocketDirectory.parent(of: configuration.databases[0].path) + "/other.db")
+            )
         }) { daemon in
             try await daemon.withClient { evd in
                 #expect(evd.hello["databases"] == ["main", "other"])
@@ -691,7 +721,8 @@ struct OperationsTests {
                 #expect(commitElsewhere.extra["field"] == "database")
                 #expect(
                     try await evd.expectError("execute", ["sql": "select 1", "database": "nope"]).code
-                        == "no_such_database")
+                        == "no_such_database"
+                )
                 #expect(try await evd.request("commit", ["database": "other"]) == [:])
                 let stats = try await evd.request("stats")
                 #expect(stats["pools"]?["main"]?["size"] == 4)
@@ -743,16 +774,22 @@ struct OperationsTests {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
                 let first = try await evd.request(
-                    "execution_options", ["options": ["logging_token": "abc", "busy_timeout_ms": 100]])
+                    "execution_options",
+                    ["options": ["logging_token": "abc", "busy_timeout_ms": 100]]
+                )
                 #expect(first == ["options": ["logging_token": "abc", "busy_timeout_ms": 100]])
                 let second = try await evd.request(
-                    "execution_options", ["options": ["query_only": false], "scope": "connection"])
+                    "execution_options",
+                    ["options": ["query_only": false], "scope": "connection"]
+                )
                 #expect(second["options"]?["logging_token"] == "abc")
                 #expect(second["options"]?["busy_timeout_ms"] == 100)
                 #expect(second["options"]?["query_only"] == false)
 
                 let subscription = try await evd.request(
-                    "subscribe", ["events": ["before_execute", "set_connection_execution_options"]])
+                    "subscribe",
+                    ["events": ["before_execute", "set_connection_execution_options"]]
+                )
                 try await evd.request("execution_options", ["options": ["logging_token": "def"]])
                 let setEvent = try #require(await evd.nextMessage(ofType: "event"))
                 #expect(setEvent["event"] == "set_connection_execution_options")
@@ -774,7 +811,9 @@ struct OperationsTests {
             try await daemon.withClient { admin in
                 let events = try await admin.request("subscribe", ["events": ["set_engine_execution_options"]])
                 let set = try await admin.request(
-                    "execution_options", ["options": ["logging_token": "engine"], "scope": "engine"])
+                    "execution_options",
+                    ["options": ["logging_token": "engine"], "scope": "engine"]
+                )
                 #expect(set["options"]?["logging_token"] == "engine")
                 let event = try #require(await admin.nextMessage(ofType: "event"))
                 #expect(event["event"] == "set_engine_execution_options")
@@ -827,7 +866,9 @@ struct OperationsTests {
                 let (result, hello) = try await daemon.withClient { emitter in
                     (
                         try await emitter.request(
-                            "emit", ["event": "myapp.deployed", "data": ["version": "2.0", "ok": true, "n": 3]]),
+                            "emit",
+                            ["event": "myapp.deployed", "data": ["version": "2.0", "ok": true, "n": 3]]
+                        ),
                         emitter.hello
                     )
                 }

@@ -53,14 +53,21 @@ let otherUserClient = """
 
 /// Runs `otherUserClient` as nobody against `daemon`.
 func asNobody(
-    _ daemon: RunningDaemon, _ requests: [JSONObject], until: String = "", linger: Double = 10, reply: JSONObject? = nil
+    _ daemon: RunningDaemon,
+    _ requests: [JSONObject],
+    until: String = "",
+    linger: Double = 10,
+    reply: JSONObject? = nil
 ) throws -> Spawned {
     let requestsJSON = String(decoding: JSONValue.array(requests.map(JSONValue.object)).jsonBytes, as: UTF8.self)
     let replyJSON = reply.map { String(decoding: JSONValue.object($0).jsonBytes, as: UTF8.self) } ?? ""
     return try Spawned(
         "/usr/bin/setpriv",
-        ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", otherUserClient, daemon.socketPath,
-         requestsJSON, until, String(linger), replyJSON])
+        [
+            "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", otherUserClient, daemon.socketPath,
+            requestsJSON, until, String(linger), replyJSON,
+        ]
+    )
 }
 
 /// The messages a finished `asNobody` client printed.

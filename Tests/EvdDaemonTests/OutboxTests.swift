@@ -10,7 +10,10 @@ import Testing
 private func event(_ seq: Int64, subscription: Int, padding: Int = 0) -> QueuedEvent {
     QueuedEvent(
         prefix: Array(#"{"type":"event","seq":\#(seq),"pad":"\#(String(repeating: "x", count: padding))","subscription":"#.utf8),
-        subscription: subscription, body: Array("}\n".utf8), seq: seq)
+        subscription: subscription,
+        body: Array("}\n".utf8),
+        seq: seq
+    )
 }
 
 /// A line (a response or notice) with a marker.
@@ -132,7 +135,9 @@ struct OutboxTests {
         #expect(flushes.value == 3)
     }
 
-    @Test("drop: events beyond a subscription's count bound are dropped, and a lagged notice with how many and which precedes its next event")
+    @Test(
+        "drop: events beyond a subscription's count bound are dropped, and a lagged notice with how many and which precedes its next event"
+    )
     func dropByCount() throws {
         let (outbox, stats) = makeOutbox(events: 2)
         for seq in Int64(1)...5 { outbox.enqueue(event: event(seq, subscription: 1), policy: .drop)?.resume() }
@@ -288,7 +293,12 @@ struct OutboxTests {
         #expect(outbox.writtenBytes == 0)
         let waiter = Task { await outbox.waitForRoom() }
         outbox.written(bytes: batch.bytes)
-        #expect(await firstValue(within: 10) { await waiter.value; return true } == true)
+        #expect(
+            await firstValue(within: 10) {
+                await waiter.value
+                return true
+            } == true
+        )
         #expect(outbox.hasRoom)
         #expect(outbox.writtenBytes == batch.bytes)
         await outbox.waitForRoom()
@@ -349,7 +359,10 @@ struct OutboxTests {
         let (outbox, _) = makeOutbox()
         await outbox.drained()
         outbox.enqueue(replayed: Page(subscription: 1, firstSeq: 1, lastSeq: 3))
-        let drained = Task { await outbox.drained(); return true }
+        let drained = Task {
+            await outbox.drained()
+            return true
+        }
         #expect(try take(outbox)?.summary == ["1#1", "1#2", "1#3"])
         #expect(await firstValue(within: 10) { await drained.value } == true)
     }

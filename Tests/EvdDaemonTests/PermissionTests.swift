@@ -26,7 +26,10 @@ struct PermissionTests {
                             ["op": "ping"], ["op": "events"], execute("select 1"), ["op": "subscribe", "events": ["*"]],
                             ["op": "emit", "event": "app.x"], ["op": "insert", "table": "dogs", "rows": [["name": "Rex"]]],
                             ["op": "stats"], ["op": "begin"],
-                        ])))
+                        ]
+                    )
+                )
+            )
             #expect(got[1]?["ok"] == true)
             #expect(got[2]?["ok"] == true)
             let expected: [Int64: String] = [3: "execute-sql", 4: "subscribe", 5: "emit", 6: "insert-row", 7: "admin", 8: "execute-sql"]
@@ -118,7 +121,8 @@ struct PermissionTests {
             try await daemon.request("emit", ["event": "test.end"])
             let seen = try await messages(live).filter { $0["type"] == "event" }
             let replay = try await messages(
-                try asNobody(daemon, [["op": "subscribe", "events": ["*"], "rows": true, "since": 0]], until: "test.end"))
+                try asNobody(daemon, [["op": "subscribe", "events": ["*"], "rows": true, "since": 0]], until: "test.end")
+            )
             for (label, events) in [("live", seen), ("replay", replay.filter { $0["type"] == "event" })] {
                 #expect(events.contains { $0["event"] == "insert-rows" && $0["table"] == "dogs" }, "\(label)")
                 #expect(events.contains { $0["event"] == "test.end" }, "\(label)")
@@ -147,7 +151,10 @@ struct PermissionTests {
                         [
                             ["op": "create_token", "restrict_all": ["view-table", "execute-sql"]],
                             ["op": "create_token", "restrict_all": ["admin"], "expires_after": 1],
-                        ])))
+                        ]
+                    )
+                )
+            )
             let readOnly = try #require(made[1]?["result"]?["token"]?.stringValue)
             let adminToken = try #require(made[2]?["result"]?["token"]?.stringValue)
             var forged = Array(readOnly.utf8)
@@ -163,7 +170,10 @@ struct PermissionTests {
                             ["op": "login", "token": .string(adminToken)],
                             ["op": "stats"],
                             ["op": "login", "token": .string(String(decoding: forged, as: UTF8.self))],
-                        ])))
+                        ]
+                    )
+                )
+            )
             #expect(got[1]?["result"]?["actor"]?["uid"] == 65534)
             #expect(got[2]?["ok"] == true)
             #expect(got[3]?["error"]?["code"] == "permission_denied", "\(got[3] ?? [:])")
@@ -191,13 +201,15 @@ struct PermissionTests {
             [[grant]]
             group = "nogroup"
             actions = ["emit"]
-            """)
+            """
+        )
         #expect(
             config.grants == [
                 Grant(who: .user("nobody"), actions: [.subscribe, .viewTable], database: "main", table: "dogs"),
                 Grant(who: .uid(1000), actions: [.admin]),
                 Grant(who: .group(name: "nogroup", gid: 65534), actions: [.emit]),
-            ])
+            ]
+        )
         let invalid: [(String, String)] = [
             ("[[grant]]\nuser = \"nobody\"\nuid = 3\nactions = []", "exactly one"),
             ("[[grant]]\nuser = \"nobody\"\nactions = [\"fly\"]", "unknown action 'fly'"),
@@ -223,7 +235,9 @@ struct PermissionTests {
             try "[[grant]]\nuser = \"nobody\"\nactions = [\"fly\"]\n".write(toFile: path, atomically: true, encoding: .utf8)
             let result = try await runProcess(
                 binaryPath("evd"),
-                ["--config", path, "--socket", directory + "/evd.sock", "--state-dir", directory + "/state"], timeout: 30)
+                ["--config", path, "--socket", directory + "/evd.sock", "--state-dir", directory + "/state"],
+                timeout: 30
+            )
             #expect(result.status != 0)
             #expect(result.stderr.contains("unknown action 'fly'"), "\(result.stderr)")
         }

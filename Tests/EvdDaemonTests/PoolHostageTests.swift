@@ -19,7 +19,11 @@ private func inUse(_ stats: JSONObject) -> Int64? { stats["pools"]?["main"]?["in
 struct PoolHostageTests {
     @Test("a statement that runs past --max-statement-ms is interrupted with timeout; others are served meanwhile")
     func statementTimeLimit() async throws {
-        try await withRunningDaemon(configure: { sqlUser(&$0); $0.maxStatementMs = 300; $0.poolSize = 2 }) { daemon in
+        try await withRunningDaemon(configure: {
+            sqlUser(&$0)
+            $0.maxStatementMs = 300
+            $0.poolSize = 2
+        }) { daemon in
             let attacker = try asNobody(daemon, [execute(endless)], linger: 30)
             #expect(try await daemon.request("execute", ["sql": "select 1"])["rows"] == [[1]])
             let got = responses(try await messages(attacker))
@@ -39,8 +43,11 @@ struct PoolHostageTests {
             // The client gives up after a second and exits, its query still running.
             let attacker = try Spawned(
                 "/usr/bin/setpriv",
-                ["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", otherUserClient, daemon.socketPath,
-                 String(decoding: JSONValue.array([.object(execute(endless))]).jsonBytes, as: UTF8.self), "", "1"])
+                [
+                    "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", otherUserClient, daemon.socketPath,
+                    String(decoding: JSONValue.array([.object(execute(endless))]).jsonBytes, as: UTF8.self), "", "1",
+                ]
+            )
             _ = try await attacker.finish(within: 30)
             #expect(try await daemon.request("execute", ["sql": "select 1"])["rows"] == [[1]])
         }
@@ -48,8 +55,13 @@ struct PoolHostageTests {
 
     @Test("stopping the daemon interrupts what still runs after the grace period")
     func shutdownInterrupts() async throws {
-        try await withStoppableDaemon(configure: { sqlUser(&$0); $0.maxStatementMs = 0; $0.shutdownGraceMs = 200 }) {
-            daemon, stop in
+        try await withStoppableDaemon(configure: {
+            sqlUser(&$0)
+            $0.maxStatementMs = 0
+            $0.shutdownGraceMs = 200
+        }) {
+            daemon,
+            stop in
             let attacker = try asNobody(daemon, [execute(endless)], linger: 60)
             try await waitForStats(daemon) { inUse($0) == 1 }
             // (Without the interrupt, this waits for the query forever.)
@@ -61,9 +73,17 @@ struct PoolHostageTests {
 
     @Test("one uid cannot hold the whole pool: its share is the pool less one (--max-pool-share)")
     func poolShare() async throws {
-        try await withRunningDaemon(configure: { sqlUser(&$0); $0.poolSize = 2; $0.checkoutTimeoutMs = 2000 }) { daemon in
+        try await withRunningDaemon(configure: {
+            sqlUser(&$0)
+            $0.poolSize = 2
+            $0.checkoutTimeoutMs = 2000
+        }) { daemon in
             let first = try asNobody(
-                daemon, [["op": "begin"], ["op": "subscribe", "events": ["app.stop"]]], until: "app.stop", linger: 30)
+                daemon,
+                [["op": "begin"], ["op": "subscribe", "events": ["app.stop"]]],
+                until: "app.stop",
+                linger: 30
+            )
             try await waitForStats(daemon) { inUse($0) == 1 }
             let second = try asNobody(daemon, [["op": "begin"]], linger: 30)
             // Root still gets the pool's other connection, while nobody's second begin waits.
@@ -78,10 +98,17 @@ struct PoolHostageTests {
 
     @Test("a transaction idle past --idle-transaction-ms is rolled back and its session closed")
     func idleTransaction() async throws {
-        try await withRunningDaemon(configure: { sqlUser(&$0); $0.idleTransactionMs = 1500 }) { daemon in
+        try await withRunningDaemon(configure: {
+            sqlUser(&$0)
+            $0.idleTransactionMs = 1500
+        }) { daemon in
             try await daemon.request("execute", ["sql": "create table t(x)"])
             let idle = try asNobody(
-                daemon, [["op": "begin"], execute("insert into t values (1)")], until: "never", linger: 30)
+                daemon,
+                [["op": "begin"], execute("insert into t values (1)")],
+                until: "never",
+                linger: 30
+            )
             let got = try await messages(idle)
             let notices = got.filter { $0["type"] == "notice" }.map { $0["code"] }
             #expect(notices.contains("idle_transaction_timeout"), "\(got)")

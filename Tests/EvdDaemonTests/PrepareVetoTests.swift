@@ -43,9 +43,11 @@ struct PrepareVetoTests {
         // A trigger whose body has "end;" that does not end it; then one that does.
         let tricky = "create temp trigger h after insert on t begin select 1 end; select [end]; select 'end'; end ;"
         #expect(split(tricky + "select 3") == [tricky, "select 3"])
-        #expect(split("explain create trigger k after insert on t begin select 1; end; select 4") == [
-            "explain create trigger k after insert on t begin select 1; end;", "select 4",
-        ])
+        #expect(
+            split("explain create trigger k after insert on t begin select 1; end; select 4") == [
+                "explain create trigger k after insert on t begin select 1; end;", "select 4",
+            ]
+        )
         // A long trigger body is split in one pass (sqlite3_complete is not asked at each of its `;`).
         let body = String(repeating: "select 1;", count: 50_000)
         let long = "create trigger l after insert on t begin " + body + " end;"
@@ -77,7 +79,9 @@ struct PrepareVetoTests {
                     #expect(try await evd.request("execute", ["sql": "select x from t order by x"])["rows"] == [[7], [9], [10]])
                     // executemany too.
                     let many = try await evd.request(
-                        "executemany", ["sql": "insert into t_next values (?)", "params": [[11], [12]]])
+                        "executemany",
+                        ["sql": "insert into t_next values (?)", "params": [[11], [12]]]
+                    )
                     #expect(many["changes"] == 2)
                 }
                 let statements = listener.vetoes.compactMap { $0["statement"]?.stringValue }
@@ -95,7 +99,11 @@ struct PrepareVetoTests {
     func brokenStatementNotFixed() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.request("execute", ["sql": "select 1"])  // the pool's connection is open
-            try await withVetoTestClient(daemon, ["veto": ["before_cursor_execute"], "name": "watcher"], decide: VetoAnswer.always(VetoAnswer.allow)) {
+            try await withVetoTestClient(
+                daemon,
+                ["veto": ["before_cursor_execute"], "name": "watcher"],
+                decide: VetoAnswer.always(VetoAnswer.allow)
+            ) {
                 listener in
                 try await daemon.withClient { events in
                     _ = try await subscribeToLiveEvents(events)
@@ -109,7 +117,8 @@ struct PrepareVetoTests {
                             eventNames(got) == [
                                 "checkout", "engine_connect", "before_execute", "begin", "before_cursor_execute",
                                 "do_execute_no_params", "dbapi_error", "handle_error", "rollback", "reset", "checkin",
-                            ])
+                            ]
+                        )
                         let byName = indexByName(got)
                         #expect(byName["handle_error"]?["statement"] == "select * from nosuch")
                         #expect(byName["handle_error"]?["error"]?["code"] == "sql_error")
@@ -124,7 +133,8 @@ struct PrepareVetoTests {
                             eventNames(second) == [
                                 "checkout", "engine_connect", "before_execute", "begin", "before_cursor_execute",
                                 "do_execute", "dbapi_error", "handle_error", "rollback", "reset", "checkin",
-                            ])
+                            ]
+                        )
                         #expect(indexByName(second)["handle_error"]?["parameters"] == [1])
                     }
                 }
@@ -139,7 +149,11 @@ struct PrepareVetoTests {
         try await withRunningDaemon { daemon in
             try await daemon.request("execute", ["sql": "create table t(x)"])
             let decide = Self.rewriting(["insert into t valus (1)": "insert into t values (1)"])
-            try await withVetoTestClient(daemon, ["veto": ["before_cursor_execute"], "events": ["do_execute_no_params", "handle_error"]], decide: decide) {
+            try await withVetoTestClient(
+                daemon,
+                ["veto": ["before_cursor_execute"], "events": ["do_execute_no_params", "handle_error"]],
+                decide: decide
+            ) {
                 listener in
                 try await daemon.withClient { evd in
                     try await evd.request("begin")
@@ -149,7 +163,11 @@ struct PrepareVetoTests {
                     try await evd.request("commit")
                 }
                 try await listener.sync()
-                #expect(listener.events.map { $0["event"]?.stringValue ?? "" } == ["do_execute_no_params", "do_execute_no_params", "handle_error"])
+                #expect(
+                    listener.events.map { $0["event"]?.stringValue ?? "" } == [
+                        "do_execute_no_params", "do_execute_no_params", "handle_error",
+                    ]
+                )
                 #expect(listener.events.first?["statement"] == "insert into t values (1)")
             }
             #expect(try await daemon.request("execute", ["sql": "select x from t"])["rows"] == [[1]])
@@ -174,11 +192,18 @@ struct PrepareVetoTests {
             ])
             try await withVetoTestClient(daemon, ["veto": ["before_cursor_execute"], "name": "root-rewriter"], decide: decide) {
                 _ in
-                let got = responses(try await messages(try asNobody(daemon, [
-                    execute("selec x fro mine"),
-                    execute("insert into mine valus (1)"),
-                    execute("select x from secret"),
-                ])))
+                let got = responses(
+                    try await messages(
+                        try asNobody(
+                            daemon,
+                            [
+                                execute("selec x fro mine"),
+                                execute("insert into mine valus (1)"),
+                                execute("select x from secret"),
+                            ]
+                        )
+                    )
+                )
                 // A broken statement rewritten into a read of a table nobody may not view.
                 #expect(got[1]?["error"]?["code"] == "permission_denied", "\(String(describing: got[1]))")
                 #expect(got[1]?["error"]?["action"] == "view-table")
@@ -200,9 +225,16 @@ struct PrepareVetoTests {
             try await daemon.request("execute", ["sql": "create table dogs(name)"])
             let listener = try asNobody(
                 daemon,
-                [["op": "subscribe", "events": ["app.stop"], "veto": ["before_cursor_execute"], "timeout_ms": 30000, "on_timeout": "allow"]],
-                until: "app.stop", linger: 30,
-                reply: ["action": "modify", "set": ["statement": "SELECT file FROM pragma_database_list"]])
+                [
+                    [
+                        "op": "subscribe", "events": ["app.stop"], "veto": ["before_cursor_execute"], "timeout_ms": 30000,
+                        "on_timeout": "allow",
+                    ]
+                ],
+                until: "app.stop",
+                linger: 30,
+                reply: ["action": "modify", "set": ["statement": "SELECT file FROM pragma_database_list"]]
+            )
             try await waitForStats(daemon) { $0["veto_listeners"] == 1 }
             // Root may read the database list; the listener (no admin) may not put that in place.
             let error = await #expect(throws: EvdError.self) {

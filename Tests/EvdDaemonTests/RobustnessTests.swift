@@ -7,9 +7,9 @@ import Testing
 @testable import EvdDaemon
 
 #if canImport(Glibc)
-    import Glibc
+import Glibc
 #elseif canImport(Musl)
-    import Musl
+import Musl
 #endif
 
 /// Clients that misbehave or crowd in: the daemon keeps its promises (PROTOCOL.md §3, §5) and keeps serving.
@@ -60,7 +60,9 @@ struct RobustnessTests {
         // test is about everyone succeeding, not about the timeout.
         try await withRunningDaemon(configure: { $0.busyTimeoutMs = 60_000 }) { daemon in
             try await daemon.request(
-                "execute", ["sql": "create table t(id integer primary key, writer integer, n integer)"])
+                "execute",
+                ["sql": "create table t(id integer primary key, writer integer, n integer)"]
+            )
             let failures = try await runWithDeadline(seconds: 120, "50 writers") {
                 try await withThrowingTaskGroup(of: [String].self) { group in
                     for writer in 0..<writers {
@@ -76,7 +78,8 @@ struct RobustnessTests {
                                             [
                                                 "sql": "insert into t(writer, n) values (?, ?)",
                                                 "params": [.integer(writer), .integer(n)],
-                                            ])
+                                            ]
+                                        )
                                         if result["changes"] != 1 { failures.append("writer \(writer): \(result)") }
                                     }
                                     if explicit { try await evd.request("commit") }
@@ -117,7 +120,9 @@ struct RobustnessTests {
                     try await evd.request("execute", ["sql": "create table t(id integer primary key, v integer)"])
                     for n in 0..<inserts {
                         try await evd.request(
-                            "execute", ["sql": "insert into t(v) values (?)", "params": [.integer(n)]])
+                            "execute",
+                            ["sql": "insert into t(v) values (?)", "params": [.integer(n)]]
+                        )
                     }
                 }
             }
@@ -148,7 +153,12 @@ struct RobustnessTests {
             try await daemon.request("execute", ["sql": "create table big(id integer primary key, v integer)"])
             try await daemon.request(
                 "execute",
-                ["sql": .string("insert into big with recursive c(x) as (select 1 union all select x + 1 from c where x < \(rows)) select x, 0 from c")])
+                [
+                    "sql": .string(
+                        "insert into big with recursive c(x) as (select 1 union all select x + 1 from c where x < \(rows)) select x, 0 from c"
+                    )
+                ]
+            )
             let raw = try RawUnixSocket(path: daemon.socketPath, receiveBuffer: 4096)
             defer { raw.close() }
             try raw.send(#"{"op":"subscribe","events":["update-row"]}"# + "\n")
@@ -329,7 +339,9 @@ struct RobustnessTests {
                     let blob = String(repeating: "x", count: 4000)
                     for _ in 0..<200 {
                         try await evd.request(
-                            "execute", ["sql": "insert into t(v) values (?)", "params": [.string(blob)]])
+                            "execute",
+                            ["sql": "insert into t(v) values (?)", "params": [.string(blob)]]
+                        )
                     }
                 }
                 return raw
@@ -376,8 +388,11 @@ struct RobustnessTests {
 
 /// Polls `stats` (on fresh connections) until `condition` holds; fails the test after `seconds`.
 func waitUntilStats(
-    _ daemon: RunningDaemon, _ what: String, within seconds: Double = 20,
-    sourceLocation: SourceLocation = #_sourceLocation, _ condition: (JSONObject) -> Bool
+    _ daemon: RunningDaemon,
+    _ what: String,
+    within seconds: Double = 20,
+    sourceLocation: SourceLocation = #_sourceLocation,
+    _ condition: (JSONObject) -> Bool
 ) async throws {
     let deadline = ContinuousClock.now + .seconds(seconds)
     var stats: JSONObject = [:]
@@ -392,13 +407,17 @@ func waitUntilStats(
 
 /// Runs lone inserts (each fires a dozen events) until `stats` satisfies `condition`, at most 20000 requests.
 func floodUntil(
-    _ daemon: RunningDaemon, _ what: String, sourceLocation: SourceLocation = #_sourceLocation,
+    _ daemon: RunningDaemon,
+    _ what: String,
+    sourceLocation: SourceLocation = #_sourceLocation,
     _ condition: @escaping @Sendable (JSONObject) -> Bool
 ) async throws {
     let reached = try await runWithDeadline(seconds: 120, "flooding until \(what)") {
         try await daemon.withClient { evd in
             try await evd.request(
-                "execute", ["sql": "create table if not exists flood(id integer primary key, v text)"])
+                "execute",
+                ["sql": "create table if not exists flood(id integer primary key, v text)"]
+            )
             for round in 0..<20_000 {
                 try await evd.request("execute", ["sql": "insert into flood(v) values ('some text to make it longer')"])
                 if round % 20 == 19, condition(try await evd.request("stats")) { return true }

@@ -17,7 +17,9 @@ import Testing
     }
 
     private static func installHooks(
-        on connection: SQLiteConnection, gate: WriteGate, checkpointer: Checkpointer
+        on connection: SQLiteConnection,
+        gate: WriteGate,
+        checkpointer: Checkpointer
     ) throws -> Installed {
         let capture = ChangeCapture(connection: connection, schema: SchemaCache())
         let observer = AuthorizerObserver()
@@ -92,8 +94,13 @@ import Testing
                 let observer = AuthorizerObserver()
                 sqlite.setAuthorizer(observer)
                 let pooled = PooledConnection(
-                    number: 1, sqlite: sqlite, observer: observer, busyTimeoutMs: 100, gate: gate,
-                    identity: DatabaseIdentity(database: "main", path: path))
+                    number: 1,
+                    sqlite: sqlite,
+                    observer: observer,
+                    busyTimeoutMs: 100,
+                    gate: gate,
+                    identity: DatabaseIdentity(database: "main", path: path)
+                )
                 capture = pooled.capture
                 #expect(sqlite.installedHooks == [.preUpdate, .authorizer, .busy])
             }
@@ -138,11 +145,13 @@ import Testing
         #expect(!Self.onAnotherThread { shared.use.tryEnter() })
         shared.use.leave(entered)
         // Exclusive use, not one thread: another thread may use it once the first has left.
-        #expect(Self.onAnotherThread {
-            let took = shared.use.tryEnter()
-            shared.use.leave(took)
-            return took
-        })
+        #expect(
+            Self.onAnotherThread {
+                let took = shared.use.tryEnter()
+                shared.use.leave(took)
+                return took
+            }
+        )
         let afterwards = shared.use.enter()
         #expect(afterwards)
         shared.use.leave(afterwards)

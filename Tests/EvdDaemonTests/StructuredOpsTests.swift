@@ -16,7 +16,8 @@ private let pairsSQL = "create table pairs(a text, b integer, v text, primary ke
 
 /// Runs `body` against a real daemon with one client connection, after running `setup` SQL on it.
 private func withStructuredClient(
-    _ setup: String? = nil, _ body: @Sendable @escaping (RunningDaemon, EvdConnection) async throws -> Void
+    _ setup: String? = nil,
+    _ body: @Sendable @escaping (RunningDaemon, EvdConnection) async throws -> Void
 ) async throws {
     try await withRunningDaemon { daemon in
         try await daemon.withClient { evd in
@@ -40,7 +41,10 @@ extension EvdConnection {
 
 /// Asserts a `bad_request` naming `field`, whose message contains `message` when given.
 private func expectBadRequest(
-    _ error: EvdError, field: String, message: String? = nil, sourceLocation: SourceLocation = #_sourceLocation
+    _ error: EvdError,
+    field: String,
+    message: String? = nil,
+    sourceLocation: SourceLocation = #_sourceLocation
 ) {
     #expect(error.code == "bad_request", "\(error)", sourceLocation: sourceLocation)
     #expect(error.extra["field"] == .string(field), "\(error)", sourceLocation: sourceLocation)
@@ -93,7 +97,9 @@ private struct ChangeListener: Sendable {
 
 /// Subscribes a connection to the committed change events (with row images if `rows`) for `body`.
 private func withChangeListener<T: Sendable>(
-    _ daemon: RunningDaemon, rows: Bool = false, _ body: (ChangeListener) async throws -> T
+    _ daemon: RunningDaemon,
+    rows: Bool = false,
+    _ body: (ChangeListener) async throws -> T
 ) async throws -> T {
     try await withVetoTestClient(daemon, ["events": changeEventNames, "rows": .bool(rows)]) { client in
         try await body(ChangeListener(client: client))
@@ -142,14 +148,17 @@ struct StructuredOpsTests {
                         ["name": "id", "type": "integer"], ["name": "name", "type": "text"], ["name": "weight", "type": "float"],
                         ["name": "photo", "type": "blob"],
                     ],
-                ])
-            let schema = "CREATE TABLE \"dogs\" (\n   \"id\" INTEGER PRIMARY KEY,\n   \"name\" TEXT,\n   \"weight\" REAL,\n   \"photo\" BLOB\n)"
+                ]
+            )
+            let schema =
+                "CREATE TABLE \"dogs\" (\n   \"id\" INTEGER PRIMARY KEY,\n   \"name\" TEXT,\n   \"weight\" REAL,\n   \"photo\" BLOB\n)"
             #expect(result == ["table": "dogs", "schema": .string(schema), "created": true, "inserted": 0])
             #expect(try await evd.rows("select sql from sqlite_schema where name = 'dogs'") == [[.string(schema)]])
             #expect(
                 try await describeColumns(evd, "dogs") == [
                     column("id", "INTEGER", pk: 1), column("name", "TEXT"), column("weight", "REAL"), column("photo", "BLOB"),
-                ])
+                ]
+            )
         }
     }
 
@@ -157,7 +166,8 @@ struct StructuredOpsTests {
         "create_table: each column type maps to its SQLite type (a missing type is text)",
         arguments: [
             ("text", "TEXT"), ("integer", "INTEGER"), ("float", "REAL"), ("blob", "BLOB"), ("INTEGER", "INTEGER"), (nil, "TEXT"),
-        ] as [(String?, String)])
+        ] as [(String?, String)]
+    )
     func columnTypes(given: String?, stored: String) async throws {
         try await withStructuredClient { _, evd in
             var spec: JSONObject = ["name": "c"]
@@ -175,12 +185,14 @@ struct StructuredOpsTests {
                 [
                     "table": "pairs", "pks": ["a", "b"],
                     "columns": [["name": "a", "type": "text"], ["name": "b", "type": "integer"], ["name": "v"]],
-                ])
+                ]
+            )
             let schema = "CREATE TABLE \"pairs\" (\n   \"a\" TEXT,\n   \"b\" INTEGER,\n   \"v\" TEXT,\n   PRIMARY KEY (\"a\", \"b\")\n)"
             #expect(result["schema"] == .string(schema))
             #expect(result["created"] == true)
             #expect(
-                try await describeColumns(evd, "pairs") == [column("a", "TEXT", pk: 1), column("b", "INTEGER", pk: 2), column("v", "TEXT")])
+                try await describeColumns(evd, "pairs") == [column("a", "TEXT", pk: 1), column("b", "INTEGER", pk: 2), column("v", "TEXT")]
+            )
         }
     }
 
@@ -198,7 +210,8 @@ struct StructuredOpsTests {
                         ],
                         ["i": 2, "f": 2.5, "m": 2.5, "b": false, "n": nil, "s": "y", "o": ["k": 3], "blob": ["$base64": "AwQ="]],
                     ],
-                ])
+                ]
+            )
             let schema =
                 "CREATE TABLE \"typed\" (\n   \"i\" INTEGER,\n   \"f\" REAL,\n   \"m\" REAL,\n   \"b\" INTEGER,\n   \"n\" TEXT,\n"
                 + "   \"s\" TEXT,\n   \"o\" TEXT,\n   \"blob\" BLOB\n)"
@@ -207,7 +220,8 @@ struct StructuredOpsTests {
                 try await evd.rows("select i, f, m, b, n, s, o, blob, typeof(o), typeof(blob) from typed order by rowid") == [
                     [1, 1.5, 1.0, 1, nil, "x", #"{"k":[1,2]}"#, ["$base64": "AAEC"], "text", "blob"],
                     [2, 2.5, 2.5, 0, nil, "y", #"{"k":3}"#, ["$base64": "AwQ="], "text", "blob"],
-                ])
+                ]
+            )
         }
     }
 
@@ -226,7 +240,8 @@ struct StructuredOpsTests {
             TypeInference(values: [["nested": ["a": 1]]], type: "TEXT"),
             TypeInference(values: [[1, 2]], type: "TEXT"),
             TypeInference(values: [["$base64": "AAEC"]], type: "BLOB"),
-        ])
+        ]
+    )
     func typeInference(_ inference: TypeInference) async throws {
         try await withStructuredClient { _, evd in
             let rows = inference.values.map { JSONValue.object(["v": $0]) }
@@ -240,8 +255,14 @@ struct StructuredOpsTests {
     func nestedAndBoolValues() async throws {
         try await withStructuredClient { _, evd in
             try await evd.request(
-                "create_table", ["table": "t", "rows": [["o": ["a": ["b": "c"]], "flag": true], ["o": ["x"], "flag": false]]])
-            #expect(try await evd.rows("select o, json_valid(o), flag from t order by rowid") == [[#"{"a":{"b":"c"}}"#, 1, 1], [#"["x"]"#, 1, 0]])
+                "create_table",
+                ["table": "t", "rows": [["o": ["a": ["b": "c"]], "flag": true], ["o": ["x"], "flag": false]]]
+            )
+            #expect(
+                try await evd.rows("select o, json_valid(o), flag from t order by rowid") == [
+                    [#"{"a":{"b":"c"}}"#, 1, 1], [#"["x"]"#, 1, 0],
+                ]
+            )
         }
     }
 
@@ -249,7 +270,9 @@ struct StructuredOpsTests {
     func createAddsMissingKey() async throws {
         try await withStructuredClient { _, evd in
             let result = try await evd.request(
-                "create_table", ["table": "dogs", "pk": "id", "rows": [["name": "Rex", "v": 3], ["name": "Fido", "v": 4]]])
+                "create_table",
+                ["table": "dogs", "pk": "id", "rows": [["name": "Rex", "v": 3], ["name": "Fido", "v": 4]]]
+            )
             let schema = "CREATE TABLE \"dogs\" (\n   \"id\" INTEGER PRIMARY KEY,\n   \"name\" TEXT,\n   \"v\" INTEGER\n)"
             #expect(result == ["table": "dogs", "schema": .string(schema), "created": true, "inserted": 2])
             #expect(try await evd.rows("select id, name, v from dogs order by id") == [[1, "Rex", 3], [2, "Fido", 4]])
@@ -260,7 +283,9 @@ struct StructuredOpsTests {
     func createOnExistingInserts() async throws {
         try await withStructuredClient(dogsSQL) { _, evd in
             let result = try await evd.request(
-                "create_table", ["table": "dogs", "pk": "id", "rows": [["id": 1, "name": "Rex"], ["id": 2, "name": "Fido", "age": 9]]])
+                "create_table",
+                ["table": "dogs", "pk": "id", "rows": [["id": 1, "name": "Rex"], ["id": 2, "name": "Fido", "age": 9]]]
+            )
             #expect(result == ["table": "dogs", "schema": .string(dogsSchema), "created": false, "inserted": 2])
             #expect(try await evd.rows("select id, name, age from dogs order by id") == [[1, "Rex", 3], [2, "Fido", 9]])
         }
@@ -285,45 +310,92 @@ struct StructuredOpsTests {
     }
 
     static let createTableRejections: [CreateTableRejection] = [
-        .init(testDescription: "missing table", arguments: ["rows": [["a": 1]]], field: "table", message: "missing required argument 'table'"),
+        .init(
+            testDescription: "missing table",
+            arguments: ["rows": [["a": 1]]],
+            field: "table",
+            message: "missing required argument 'table'"
+        ),
         .init(testDescription: "empty table", arguments: ["table": "", "rows": [["a": 1]]], field: "table", message: "Table is required"),
         .init(
-            testDescription: "sqlite_ prefix", arguments: ["table": "sqlite_mine", "rows": [["a": 1]]], field: "table",
-            message: "Invalid table name"),
-        .init(testDescription: "neither columns nor rows", arguments: ["table": "t"], field: "columns", message: "columns or rows is required"),
+            testDescription: "sqlite_ prefix",
+            arguments: ["table": "sqlite_mine", "rows": [["a": 1]]],
+            field: "table",
+            message: "Invalid table name"
+        ),
         .init(
-            testDescription: "both columns and rows", arguments: ["table": "t", "columns": [["name": "a"]], "rows": [["a": 1]]],
-            field: "columns", message: "Cannot specify columns with rows"),
+            testDescription: "neither columns nor rows",
+            arguments: ["table": "t"],
+            field: "columns",
+            message: "columns or rows is required"
+        ),
+        .init(
+            testDescription: "both columns and rows",
+            arguments: ["table": "t", "columns": [["name": "a"]], "rows": [["a": 1]]],
+            field: "columns",
+            message: "Cannot specify columns with rows"
+        ),
         .init(testDescription: "rows: []", arguments: ["table": "t", "rows": []], field: "rows", message: "columns or rows is required"),
-        .init(testDescription: "columns: []", arguments: ["table": "t", "columns": []], field: "columns", message: "columns or rows is required"),
         .init(
-            testDescription: "duplicate column", arguments: ["table": "t", "columns": [["name": "a"], ["name": "b"], ["name": "a"]]],
-            field: "columns", message: "Duplicate column name: a"),
+            testDescription: "columns: []",
+            arguments: ["table": "t", "columns": []],
+            field: "columns",
+            message: "columns or rows is required"
+        ),
         .init(
-            testDescription: "bad column type", arguments: ["table": "t", "columns": [["name": "a", "type": "varchar"]]],
-            field: "columns[0].type", message: "Unsupported column type: varchar"),
+            testDescription: "duplicate column",
+            arguments: ["table": "t", "columns": [["name": "a"], ["name": "b"], ["name": "a"]]],
+            field: "columns",
+            message: "Duplicate column name: a"
+        ),
         .init(
-            testDescription: "column not an object", arguments: ["table": "t", "columns": [["name": "a"], "b"]], field: "columns[1]",
-            message: "columns must be a list of objects"),
+            testDescription: "bad column type",
+            arguments: ["table": "t", "columns": [["name": "a", "type": "varchar"]]],
+            field: "columns[0].type",
+            message: "Unsupported column type: varchar"
+        ),
         .init(
-            testDescription: "pk and pks", arguments: ["table": "t", "rows": [["a": 1]], "pk": "a", "pks": ["a"]], field: "pks",
-            message: "Cannot specify both pk and pks"),
+            testDescription: "column not an object",
+            arguments: ["table": "t", "columns": [["name": "a"], "b"]],
+            field: "columns[1]",
+            message: "columns must be a list of objects"
+        ),
+        .init(
+            testDescription: "pk and pks",
+            arguments: ["table": "t", "rows": [["a": 1]], "pk": "a", "pks": ["a"]],
+            field: "pks",
+            message: "Cannot specify both pk and pks"
+        ),
         .init(
             testDescription: "ignore and replace",
-            arguments: ["table": "t", "rows": [["a": 1]], "pk": "a", "ignore": true, "replace": true], field: "replace",
-            message: "ignore and replace are mutually exclusive"),
+            arguments: ["table": "t", "rows": [["a": 1]], "pk": "a", "ignore": true, "replace": true],
+            field: "replace",
+            message: "ignore and replace are mutually exclusive"
+        ),
         .init(
-            testDescription: "ignore without pk", arguments: ["table": "t", "rows": [["a": 1]], "ignore": true], field: "ignore",
-            message: "ignore and replace require pk or pks"),
+            testDescription: "ignore without pk",
+            arguments: ["table": "t", "rows": [["a": 1]], "ignore": true],
+            field: "ignore",
+            message: "ignore and replace require pk or pks"
+        ),
         .init(
-            testDescription: "replace without pk", arguments: ["table": "t", "rows": [["a": 1]], "replace": true], field: "replace",
-            message: "ignore and replace require pk or pks"),
+            testDescription: "replace without pk",
+            arguments: ["table": "t", "rows": [["a": 1]], "replace": true],
+            field: "replace",
+            message: "ignore and replace require pk or pks"
+        ),
         .init(
-            testDescription: "ignore without rows", arguments: ["table": "t", "columns": [["name": "a"]], "pk": "a", "ignore": true],
-            field: "ignore", message: "ignore and replace require rows"),
+            testDescription: "ignore without rows",
+            arguments: ["table": "t", "columns": [["name": "a"]], "pk": "a", "ignore": true],
+            field: "ignore",
+            message: "ignore and replace require rows"
+        ),
         .init(
-            testDescription: "unknown argument", arguments: ["table": "t", "rows": [["a": 1]], "return": true], field: "return",
-            message: "unknown argument 'return'"),
+            testDescription: "unknown argument",
+            arguments: ["table": "t", "rows": [["a": 1]], "return": true],
+            field: "return",
+            message: "unknown argument 'return'"
+        ),
     ]
 
     @Test("create_table validation: bad_request naming the field, and no table is created", arguments: Self.createTableRejections)
@@ -341,7 +413,9 @@ struct StructuredOpsTests {
     func insert() async throws {
         try await withStructuredClient(dogsSQL) { _, evd in
             let result = try await evd.request(
-                "insert", ["table": "dogs", "rows": [["id": 1, "name": "Rex", "age": 5], ["id": 2, "name": "Fido"], ["name": "Auto"]]])
+                "insert",
+                ["table": "dogs", "rows": [["id": 1, "name": "Rex", "age": 5], ["id": 2, "name": "Fido"], ["name": "Auto"]]]
+            )
             #expect(result == ["inserted": 3])
             #expect(try await evd.rows("select id, name, age from dogs order by id") == [[1, "Rex", 5], [2, "Fido", 3], [3, "Auto", 3]])
         }
@@ -353,10 +427,12 @@ struct StructuredOpsTests {
     func insertValueKinds() async throws {
         try await withStructuredClient("create table v (id integer primary key, t)") { _, evd in
             // Written by hand, with the escapes a client may write.
-            let flat = #"{"op":"insert","id":"flat","table":"v","rows":[{"id":1,"t":"a\"b\\c\n\u00e9"},{"id":2,"t":""},"#
+            let flat =
+                #"{"op":"insert","id":"flat","table":"v","rows":[{"id":1,"t":"a\"b\\c\n\u00e9"},{"id":2,"t":""},"#
                 + #"{"id":3,"t":"é😀"},{"id":4,"t":true},{"id":5,"t":null},{"id":6,"t":-2.5},{"id":7,"t":9007199254740993},"#
                 + #"{"t":"no id","id":8}]}"#
-            let nested = #"{"op":"insert","id":"nested","table":"v","rows":[{"id":9,"t":{"$base64":"AAEC"}},"#
+            let nested =
+                #"{"op":"insert","id":"nested","table":"v","rows":[{"id":9,"t":{"$base64":"AAEC"}},"#
                 + #"{"id":10,"t":{"a":[1,"x"]}},{"id":11,"t":"plain"}]}"#
             try await evd.sendRaw(Array((flat + "\n" + nested + "\n").utf8))
             for (id, inserted) in [("flat", 8), ("nested", 3)] as [(JSONValue, JSONValue)] {
@@ -369,7 +445,8 @@ struct StructuredOpsTests {
                     [1, "text", "a\"b\\c\né"], [2, "text", ""], [3, "text", "é😀"], [4, "integer", 1], [5, "null", nil],
                     [6, "real", -2.5], [7, "integer", 9_007_199_254_740_993], [8, "text", "no id"],
                     [9, "blob", ["$base64": "AAEC"]], [10, "text", #"{"a":[1,"x"]}"#], [11, "text", "plain"],
-                ])
+                ]
+            )
         }
     }
 
@@ -377,11 +454,14 @@ struct StructuredOpsTests {
     func insertReturn() async throws {
         try await withStructuredClient(dogsSQL) { _, evd in
             let result = try await evd.request(
-                "insert", ["table": "dogs", "return": true, "rows": [["name": "Rex"], ["id": 7, "name": "Fido", "age": 1]]])
+                "insert",
+                ["table": "dogs", "return": true, "rows": [["name": "Rex"], ["id": 7, "name": "Fido", "age": 1]]]
+            )
             #expect(
                 result == [
                     "inserted": 2, "rows": [["id": 1, "name": "Rex", "age": 3], ["id": 7, "name": "Fido", "age": 1]],
-                ])
+                ]
+            )
         }
     }
 
@@ -390,7 +470,9 @@ struct StructuredOpsTests {
         try await withStructuredClient(dogsSQL) { _, evd in
             try await evd.request("insert", ["table": "dogs", "rows": [["id": 1, "name": "Rex"]]])
             let result = try await evd.request(
-                "insert", ["table": "dogs", "ignore": true, "rows": [["id": 1, "name": "Other"], ["id": 2, "name": "New"]]])
+                "insert",
+                ["table": "dogs", "ignore": true, "rows": [["id": 1, "name": "Other"], ["id": 2, "name": "New"]]]
+            )
             #expect(result == ["inserted": 1])
             #expect(try await evd.rows("select id, name from dogs order by id") == [[1, "Rex"], [2, "New"]])
         }
@@ -404,13 +486,16 @@ struct StructuredOpsTests {
             try await withChangeListener(daemon) { watcher in
                 let events = try await watcher.events {
                     let result = try await daemon.request(
-                        "insert", ["table": "dogs", "replace": true, "rows": [["id": 1, "name": "Max"]]])
+                        "insert",
+                        ["table": "dogs", "replace": true, "rows": [["id": 1, "name": "Max"]]]
+                    )
                     #expect(result == ["inserted": 1])
                 }
                 #expect(
                     events == [
                         ["event": "insert-rows", "database": "main", "table": "dogs", "num_rows": 1, "ignore": false, "replace": true]
-                    ])
+                    ]
+                )
             }
             // REPLACE deletes and inserts: the column not given gets its default again.
             #expect(try await daemon.request("execute", ["sql": "select id, name, age from dogs"])["rows"] == [[1, "Max", 3]])
@@ -422,7 +507,8 @@ struct StructuredOpsTests {
         try await withStructuredClient(dogsSQL) { _, evd in
             let error = try await evd.expectError(
                 "insert",
-                ["table": "dogs", "rows": [["name": "a", "color": "x"], ["name": "b"], ["name": "c", "zzz": 1, "color": "y"]]])
+                ["table": "dogs", "rows": [["name": "a", "color": "x"], ["name": "b"], ["name": "c", "zzz": 1, "color": "y"]]]
+            )
             expectBadRequest(error, field: "rows", message: "Row 0 has invalid columns: color; Row 2 has invalid columns: color, zzz")
             #expect(try await evd.rows("select count(*) from dogs") == [[0]])
             #expect(try await describeColumns(evd, "dogs").count == 3)
@@ -435,7 +521,10 @@ struct StructuredOpsTests {
             try await daemon.request("execute", ["sql": .string(dogsSQL)])
             try await withChangeListener(daemon) { watcher in
                 let events = try await watcher.events {
-                    let result = try await daemon.request("insert", ["table": "dogs", "alter": true, "rows": [["name": "Rex", "color": "brown"]]])
+                    let result = try await daemon.request(
+                        "insert",
+                        ["table": "dogs", "alter": true, "rows": [["name": "Rex", "color": "brown"]]]
+                    )
                     #expect(result == ["inserted": 1])
                 }
                 #expect(
@@ -445,7 +534,8 @@ struct StructuredOpsTests {
                             "after_schema": .string(dogsSchema.dropLast() + #", "color" TEXT)"#),
                         ],
                         ["event": "insert-rows", "database": "main", "table": "dogs", "num_rows": 1, "ignore": false, "replace": false],
-                    ])
+                    ]
+                )
             }
             try await daemon.withClient { evd in
                 let columns = try await describeColumns(evd, "dogs")
@@ -462,7 +552,9 @@ struct StructuredOpsTests {
             try await withChangeListener(daemon) { watcher in
                 let events = try await watcher.events {
                     let result = try await daemon.request(
-                        "insert", ["table": "dogs", "alter": true, "rows": [["name": "Rex", "color": "brown", "weight": 4.5]]])
+                        "insert",
+                        ["table": "dogs", "alter": true, "rows": [["name": "Rex", "color": "brown", "weight": 4.5]]]
+                    )
                     #expect(result == ["inserted": 1])
                 }
                 // Datasette reports the op's schema change as one alter-table.
@@ -483,7 +575,9 @@ struct StructuredOpsTests {
     func insertIgnoreAndReplace() async throws {
         try await withStructuredClient(dogsSQL) { _, evd in
             let error = try await evd.expectError(
-                "insert", ["table": "dogs", "ignore": true, "replace": true, "rows": [["id": 1, "name": "Rex"]]])
+                "insert",
+                ["table": "dogs", "ignore": true, "replace": true, "rows": [["id": 1, "name": "Rex"]]]
+            )
             expectBadRequest(error, field: "replace", message: #"Cannot use "ignore" and "replace" at the same time"#)
         }
     }
@@ -526,7 +620,11 @@ struct StructuredOpsTests {
             // Two runs of keys: the first statement succeeds, the second fails on its last row.
             let error = try await evd.expectError(
                 "insert",
-                ["table": "dogs", "rows": [["id": 10, "name": "a"], ["id": 11, "name": "b", "age": 1], ["id": 1, "name": "dup", "age": 2]]])
+                [
+                    "table": "dogs",
+                    "rows": [["id": 10, "name": "a"], ["id": 11, "name": "b", "age": 1], ["id": 1, "name": "dup", "age": 2]],
+                ]
+            )
             #expect(error.code == "sql_error", "\(error)")
             #expect(try await evd.rows("select id from dogs order by id") == [[1]])
         }
@@ -541,7 +639,11 @@ struct StructuredOpsTests {
                 try await evd.request("insert", ["table": "dogs", "rows": [["id": 5, "name": "early"]]])
                 let error = try await evd.expectError(
                     "insert",
-                    ["table": "dogs", "rows": [["id": 6, "name": "x"], ["id": 7, "name": "y", "age": 1], ["id": 5, "name": "dup", "age": 1]]])
+                    [
+                        "table": "dogs",
+                        "rows": [["id": 6, "name": "x"], ["id": 7, "name": "y", "age": 1], ["id": 5, "name": "dup", "age": 1]],
+                    ]
+                )
                 #expect(error.code == "sql_error", "\(error)")
                 #expect(try await evd.rows("select id from dogs order by id") == [[5]])
                 try await evd.request("insert", ["table": "dogs", "rows": [["id": 8, "name": "late"]]])
@@ -556,12 +658,18 @@ struct StructuredOpsTests {
     @Test("upsert: rows with a new key are inserted, existing ones updated; only the given columns change")
     func upsert() async throws {
         try await withStructuredClient(dogsSQL) { _, evd in
-            try await evd.request("insert", ["table": "dogs", "rows": [["id": 1, "name": "Rex", "age": 5], ["id": 2, "name": "Fido", "age": 7]]])
+            try await evd.request(
+                "insert",
+                ["table": "dogs", "rows": [["id": 1, "name": "Rex", "age": 5], ["id": 2, "name": "Fido", "age": 7]]]
+            )
             let result = try await evd.request(
-                "upsert", ["table": "dogs", "rows": [["id": 1, "name": "Rex2"], ["id": 3, "name": "New", "age": 1]]])
+                "upsert",
+                ["table": "dogs", "rows": [["id": 1, "name": "Rex2"], ["id": 3, "name": "New", "age": 1]]]
+            )
             #expect(result == ["upserted": 2])
             #expect(
-                try await evd.rows("select id, name, age from dogs order by id") == [[1, "Rex2", 5], [2, "Fido", 7], [3, "New", 1]])
+                try await evd.rows("select id, name, age from dogs order by id") == [[1, "Rex2", 5], [2, "Fido", 7], [3, "New", 1]]
+            )
         }
     }
 
@@ -569,9 +677,14 @@ struct StructuredOpsTests {
     func upsertKeepsMissingColumns() async throws {
         // No NOT NULL column here: SQLite checks NOT NULL before it sees the conflict.
         try await withStructuredClient("create table pets(id integer primary key, name text, age integer)") { _, evd in
-            try await evd.request("insert", ["table": "pets", "rows": [["id": 1, "name": "Rex", "age": 5], ["id": 2, "name": "Fido", "age": 7]]])
+            try await evd.request(
+                "insert",
+                ["table": "pets", "rows": [["id": 1, "name": "Rex", "age": 5], ["id": 2, "name": "Fido", "age": 7]]]
+            )
             let result = try await evd.request(
-                "upsert", ["table": "pets", "rows": [["id": 1, "name": "A"], ["id": 2, "age": 9], ["id": 1, "age": 6]]])
+                "upsert",
+                ["table": "pets", "rows": [["id": 1, "name": "A"], ["id": 2, "age": 9], ["id": 1, "age": 6]]]
+            )
             #expect(result == ["upserted": 3])
             #expect(try await evd.rows("select id, name, age from pets order by id") == [[1, "A", 6], [2, "Fido", 9]])
         }
@@ -586,7 +699,8 @@ struct StructuredOpsTests {
                 [["name": "x"], ["id": nil]],
                 #"Row 0 is missing primary key column(s): "id"; Row 1 has null primary key column(s): "id""#
             ),
-        ] as [(JSONValue, String)])
+        ] as [(JSONValue, String)]
+    )
     func upsertWithoutKey(rows: JSONValue, message: String) async throws {
         try await withStructuredClient(dogsSQL) { _, evd in
             let error = try await evd.expectError("upsert", ["table": "dogs", "rows": rows])
@@ -620,14 +734,21 @@ struct StructuredOpsTests {
 
     @Test("upsert on a rowid table: rows carry \"rowid\"; an existing rowid is updated, a new one inserted")
     func upsertRowidTable() async throws {
-        try await withStructuredClient("create table notes(body text, n integer); insert into notes values ('one', 1), ('two', 2)") { _, evd in
+        try await withStructuredClient("create table notes(body text, n integer); insert into notes values ('one', 1), ('two', 2)") {
+            _,
+            evd in
             let missing = try await evd.expectError("upsert", ["table": "notes", "rows": [["body": "x"]]])
             expectBadRequest(missing, field: "rows", message: #"Row 0 is missing primary key column(s): "rowid""#)
             let result = try await evd.request(
-                "upsert", ["table": "notes", "rows": [["rowid": 1, "body": "changed"], ["rowid": 5, "body": "new"]]])
+                "upsert",
+                ["table": "notes", "rows": [["rowid": 1, "body": "changed"], ["rowid": 5, "body": "new"]]]
+            )
             #expect(result == ["upserted": 2])
             #expect(
-                try await evd.rows("select rowid, body, n from notes order by rowid") == [[1, "changed", 1], [2, "two", 2], [5, "new", nil]])
+                try await evd.rows("select rowid, body, n from notes order by rowid") == [
+                    [1, "changed", 1], [2, "two", 2], [5, "new", nil],
+                ]
+            )
         }
     }
 
@@ -636,9 +757,12 @@ struct StructuredOpsTests {
         try await withStructuredClient(dogsSQL) { _, evd in
             try await evd.request("insert", ["table": "dogs", "rows": [["id": 1, "name": "Rex", "age": 5]]])
             let result = try await evd.request(
-                "upsert", ["table": "dogs", "return": true, "rows": [["id": 1, "name": "R"], ["id": 4, "name": "Four"]]])
+                "upsert",
+                ["table": "dogs", "return": true, "rows": [["id": 1, "name": "R"], ["id": 4, "name": "Four"]]]
+            )
             #expect(
-                result == ["upserted": 2, "rows": [["id": 1, "name": "R", "age": 5], ["id": 4, "name": "Four", "age": 3]]])
+                result == ["upserted": 2, "rows": [["id": 1, "name": "R", "age": 5], ["id": 4, "name": "Four", "age": 3]]]
+            )
         }
     }
 
@@ -656,10 +780,14 @@ struct StructuredOpsTests {
 
     @Test("update by a composite primary key, its values in key order")
     func updateComposite() async throws {
-        try await withStructuredClient(pairsSQL + "; insert into pairs values ('x', 1, 'old'), ('x', 2, 'other'), ('y', 1, 'third')") { _, evd in
+        try await withStructuredClient(pairsSQL + "; insert into pairs values ('x', 1, 'old'), ('x', 2, 'other'), ('y', 1, 'third')") {
+            _,
+            evd in
             let result = try await evd.request("update", ["table": "pairs", "pks": ["x", 1], "update": ["v": "new"]])
             #expect(result == ["updated": 1])
-            #expect(try await evd.rows("select a, b, v from pairs order by a, b") == [["x", 1, "new"], ["x", 2, "other"], ["y", 1, "third"]])
+            #expect(
+                try await evd.rows("select a, b, v from pairs order by a, b") == [["x", 1, "new"], ["x", 2, "other"], ["y", 1, "third"]]
+            )
         }
     }
 
@@ -768,7 +896,9 @@ struct StructuredOpsTests {
         try await withRunningDaemon { daemon in
             try await daemon.request("execute", ["sql": .string(dogsSQL)])
             try await withVetoTestClient(
-                daemon, ["veto": ["before_drop"], "name": "keeper"], decide: VetoAnswer.always(VetoAnswer.deny("no"))
+                daemon,
+                ["veto": ["before_drop"], "name": "keeper"],
+                decide: VetoAnswer.always(VetoAnswer.deny("no"))
             ) { listener in
                 try await daemon.withClient { evd in
                     let error = try await evd.expectError("drop_table", ["table": "dogs"])
@@ -792,7 +922,8 @@ struct StructuredOpsTests {
                 columns == [
                     column("id", "INTEGER", pk: 1), column("name", "TEXT", notnull: true, default: "'anon'"),
                     column("score", "REAL", default: "1.5"), column("note", ""),
-                ])
+                ]
+            )
         }
     }
 
@@ -813,7 +944,8 @@ struct StructuredOpsTests {
                         columns == [
                             column("id", "INTEGER", pk: 1), column("name", "VARCHAR(20)", notnull: true, default: "'?'"),
                             column("age", "INTEGER", default: "3"),
-                        ])
+                        ]
+                    )
                 }
                 #expect(listener.vetoes.count == 3)
                 #expect(listener.vetoes.first?["table"] == "dogs")
@@ -844,24 +976,34 @@ struct StructuredOpsTests {
                 #expect(
                     fromColumns == [
                         ["event": "create-table", "database": "main", "table": "a", "schema": "CREATE TABLE \"a\" (\n   \"x\" INTEGER\n)"]
-                    ])
+                    ]
+                )
                 let fromRows = try await watcher.events {
                     try await daemon.request("create_table", ["table": "b", "pk": "id", "rows": [["id": 1], ["id": 2]]])
                 }
                 #expect(
                     fromRows == [
-                        ["event": "create-table", "database": "main", "table": "b", "schema": "CREATE TABLE \"b\" (\n   \"id\" INTEGER PRIMARY KEY\n)"],
+                        [
+                            "event": "create-table", "database": "main", "table": "b",
+                            "schema": "CREATE TABLE \"b\" (\n   \"id\" INTEGER PRIMARY KEY\n)",
+                        ],
                         ["event": "insert-rows", "database": "main", "table": "b", "num_rows": 2, "ignore": false, "replace": false],
-                    ])
+                    ]
+                )
                 // On an existing table, only the rows: insert-rows counts the rows given, ignored ones included.
                 let existing = try await watcher.events {
                     let result = try await daemon.request(
-                        "create_table", ["table": "b", "pk": "id", "ignore": true, "rows": [["id": 2], ["id": 3]]])
+                        "create_table",
+                        ["table": "b", "pk": "id", "ignore": true, "rows": [["id": 2], ["id": 3]]]
+                    )
                     #expect(result["created"] == false)
                     #expect(result["inserted"] == 1)
                 }
                 #expect(
-                    existing == [["event": "insert-rows", "database": "main", "table": "b", "num_rows": 2, "ignore": true, "replace": false]])
+                    existing == [
+                        ["event": "insert-rows", "database": "main", "table": "b", "num_rows": 2, "ignore": true, "replace": false]
+                    ]
+                )
             }
         }
     }
@@ -872,25 +1014,44 @@ struct StructuredOpsTests {
             try await daemon.request("execute", ["sql": .string(dogsSQL)])
             try await withChangeListener(daemon) { watcher in
                 let plain = try await watcher.events {
-                    try await daemon.request("insert", ["table": "dogs", "rows": [["id": 1, "name": "Rex"], ["name": "Fido", "age": 2]]])
+                    try await daemon.request(
+                        "insert",
+                        ["table": "dogs", "rows": [["id": 1, "name": "Rex"], ["name": "Fido", "age": 2]]]
+                    )
                 }
                 #expect(
-                    plain == [["event": "insert-rows", "database": "main", "table": "dogs", "num_rows": 2, "ignore": false, "replace": false]])
+                    plain == [
+                        ["event": "insert-rows", "database": "main", "table": "dogs", "num_rows": 2, "ignore": false, "replace": false]
+                    ]
+                )
                 let ignored = try await watcher.events {
                     let result = try await daemon.request(
-                        "insert", ["table": "dogs", "ignore": true, "rows": [["id": 1, "name": "x"], ["id": 2, "name": "y"], ["id": 3, "name": "z"]]])
+                        "insert",
+                        [
+                            "table": "dogs", "ignore": true,
+                            "rows": [["id": 1, "name": "x"], ["id": 2, "name": "y"], ["id": 3, "name": "z"]],
+                        ]
+                    )
                     #expect(result == ["inserted": 1])
                 }
                 #expect(
-                    ignored == [["event": "insert-rows", "database": "main", "table": "dogs", "num_rows": 3, "ignore": true, "replace": false]])
+                    ignored == [
+                        ["event": "insert-rows", "database": "main", "table": "dogs", "num_rows": 3, "ignore": true, "replace": false]
+                    ]
+                )
                 let allIgnored = try await watcher.events {
                     let result = try await daemon.request("insert", ["table": "dogs", "ignore": true, "rows": [["id": 1, "name": "x"]]])
                     #expect(result == ["inserted": 0])
                 }
                 #expect(
-                    allIgnored == [["event": "insert-rows", "database": "main", "table": "dogs", "num_rows": 1, "ignore": true, "replace": false]])
+                    allIgnored == [
+                        ["event": "insert-rows", "database": "main", "table": "dogs", "num_rows": 1, "ignore": true, "replace": false]
+                    ]
+                )
                 let failed = try await watcher.events {
-                    _ = try await daemon.withClient { try await $0.expectError("insert", ["table": "dogs", "rows": [["id": 1, "name": "x"]]]) }
+                    _ = try await daemon.withClient {
+                        try await $0.expectError("insert", ["table": "dogs", "rows": [["id": 1, "name": "x"]]])
+                    }
                 }
                 #expect(failed.isEmpty)
             }
@@ -904,7 +1065,10 @@ struct StructuredOpsTests {
             try await daemon.request("insert", ["table": "dogs", "rows": [["id": 1, "name": "Rex"]]])
             try await withChangeListener(daemon) { watcher in
                 let events = try await watcher.events {
-                    try await daemon.request("upsert", ["table": "dogs", "rows": [["id": 1, "name": "R"], ["id": 2, "name": "New", "age": 4]]])
+                    try await daemon.request(
+                        "upsert",
+                        ["table": "dogs", "rows": [["id": 1, "name": "R"], ["id": 2, "name": "New", "age": 4]]]
+                    )
                 }
                 #expect(events == [["event": "upsert-rows", "database": "main", "table": "dogs", "num_rows": 2]])
             }
@@ -949,7 +1113,8 @@ struct StructuredOpsTests {
                             "after_schema": #"CREATE TABLE t(a text, "n" INTEGER)"#,
                         ],
                         ["event": "insert-rows", "database": "main", "table": "t", "num_rows": 1, "ignore": false, "replace": false],
-                    ])
+                    ]
+                )
                 let dropped = try await watcher.events { _ = try await daemon.request("drop_table", ["table": "t"]) }
                 #expect(dropped == [["event": "drop-table", "database": "main", "table": "t"]])
             }
@@ -962,10 +1127,16 @@ struct StructuredOpsTests {
             try await daemon.request("execute", ["sql": .string(dogsSQL)])
             try await withChangeListener(daemon) { plain in
                 try await withChangeListener(daemon, rows: true) { images in
-                    try await daemon.request("insert", ["table": "dogs", "rows": [["id": 1, "name": "Rex"], ["id": 2, "name": "Fido", "age": 7]]])
+                    try await daemon.request(
+                        "insert",
+                        ["table": "dogs", "rows": [["id": 1, "name": "Rex"], ["id": 2, "name": "Fido", "age": 7]]]
+                    )
                     try await daemon.request("update", ["table": "dogs", "pks": [1], "update": ["name": "Max"]])
                     try await daemon.request("delete", ["table": "dogs", "pks": [2]])
-                    try await daemon.request("upsert", ["table": "dogs", "rows": [["id": 1, "name": "Max", "age": 4], ["id": 5, "name": "Five"]]])
+                    try await daemon.request(
+                        "upsert",
+                        ["table": "dogs", "rows": [["id": 1, "name": "Max", "age": 4], ["id": 5, "name": "Five"]]]
+                    )
                     let withImages = try await images.all()
                     #expect(eventNames(withImages) == ["insert-rows", "update-row", "delete-row", "upsert-rows"])
                     guard withImages.count == 4 else { return }
@@ -993,14 +1164,16 @@ struct StructuredOpsTests {
             try await withVetoTestClient(daemon, ["events": ddlEventNames]) { listener in
                 try await daemon.request(
                     "create_table",
-                    ["table": "dogs", "pk": "id", "columns": [["name": "id", "type": "integer"], ["name": "name", "type": "text"]]])
+                    ["table": "dogs", "pk": "id", "columns": [["name": "id", "type": "integer"], ["name": "name", "type": "text"]]]
+                )
                 try await listener.sync()
                 let created = listener.events
                 #expect(
                     eventNames(created) == [
                         "before_create", "before_parent_attach", "before_parent_attach", "after_parent_attach", "after_parent_attach",
                         "after_create",
-                    ])
+                    ]
+                )
                 let sql = "CREATE TABLE \"dogs\" (\n   \"id\" INTEGER PRIMARY KEY,\n   \"name\" TEXT\n)"
                 for event in created where ["before_create", "after_create"].contains(event["event"]?.stringValue) {
                     #expect(event["target"] == ["kind": "table", "name": "dogs"], "\(event)")
@@ -1011,10 +1184,12 @@ struct StructuredOpsTests {
                 #expect(
                     attached.map { $0["target"] } == [
                         ["kind": "column", "name": "id", "type": "INTEGER"], ["kind": "column", "name": "name", "type": "TEXT"],
-                    ])
+                    ]
+                )
                 #expect(attached.allSatisfy { $0["parent"] == ["kind": "table", "name": "dogs"] })
                 #expect(
-                    created.filter { $0["event"] == "before_parent_attach" }.map { $0["target"]?["name"] } == ["id", "name"])
+                    created.filter { $0["event"] == "before_parent_attach" }.map { $0["target"]?["name"] } == ["id", "name"]
+                )
 
                 try await daemon.request("drop_table", ["table": "dogs"])
                 try await listener.sync()
@@ -1034,7 +1209,9 @@ struct StructuredOpsTests {
             #expect(try await evd.request("insert", ["table": "dogs", "rows": [["id": 1, "name": "Rex"]]])["inserted"] == 1)
             // A column added by raw SQL is known to the next insert.
             try await evd.request("execute", ["sql": "alter table dogs add column color text"])
-            #expect(try await evd.request("insert", ["table": "dogs", "rows": [["id": 2, "name": "Fido", "color": "red"]]])["inserted"] == 1)
+            #expect(
+                try await evd.request("insert", ["table": "dogs", "rows": [["id": 2, "name": "Fido", "color": "red"]]])["inserted"] == 1
+            )
             // A table created and rolled back in a transaction: the insert into it fails afterwards.
             try await evd.request("begin")
             try await evd.request("execute", ["sql": "create table cats(id integer primary key, name text)"])

@@ -22,8 +22,11 @@ struct SystemdTests {
             let listener = try NotifyListener(address: directory + "/notify.sock", probing: socket)
             defer { listener.stop() }
             let daemon = try EvdChild(
-                self.evd, Self.arguments(directory), directory: directory,
-                environment: ["NOTIFY_SOCKET": listener.address])
+                self.evd,
+                Self.arguments(directory),
+                directory: directory,
+                environment: ["NOTIFY_SOCKET": listener.address]
+            )
             defer { daemon.kill() }
 
             #expect(await listener.wait { $0.contains { $0.lines.contains("READY=1") } })
@@ -82,8 +85,11 @@ struct SystemdTests {
             defer { listener.stop() }
             // WATCHDOG_PID unset: the pings are for whoever reads WATCHDOG_USEC (sd_watchdog_enabled(3)).
             let daemon = try EvdChild(
-                self.evd, Self.arguments(directory), directory: directory,
-                environment: ["NOTIFY_SOCKET": name, "WATCHDOG_USEC": "400000"])
+                self.evd,
+                Self.arguments(directory),
+                directory: directory,
+                environment: ["NOTIFY_SOCKET": name, "WATCHDOG_USEC": "400000"]
+            )
             defer { daemon.kill() }
 
             #expect(await listener.wait { $0.contains { $0.lines.contains("READY=1") } })
@@ -115,7 +121,8 @@ struct SystemdTests {
         let counts = StatusReporter.Counts(sessions: 12, subscriptions: 30, vetoListeners: 2, seq: 48812)
         #expect(
             StatusReporter.line(counts, eventsPerSecond: 1520)
-                == "12 sessions, 30 subscriptions, 2 veto listeners, 1520 events/s, seq 48812")
+                == "12 sessions, 30 subscriptions, 2 veto listeners, 1520 events/s, seq 48812"
+        )
         let one = StatusReporter.Counts(sessions: 1, subscriptions: 1, vetoListeners: 1, seq: 0)
         #expect(StatusReporter.line(one, eventsPerSecond: 0) == "1 session, 1 subscription, 1 veto listener, 0 events/s, seq 0")
         #expect(StatusReporter.rate(from: 100, to: 3140, over: .seconds(2)) == 1520)
@@ -132,13 +139,18 @@ struct SystemdTests {
         let activate = try #require(
             ["/usr/bin/systemd-socket-activate", "/lib/systemd/systemd-socket-activate"].first {
                 FileManager.default.isExecutableFile(atPath: $0)
-            }, "systemd-socket-activate is not installed")
+            },
+            "systemd-socket-activate is not installed"
+        )
         try await withTemporaryDirectory { directory in
             let socket = directory + "/activated.sock"
             // --socket names a path evd must not use: the passed fd wins.
             let unused = directory + "/unused.sock"
             let daemon = try EvdChild(
-                activate, ["-l", socket, self.evd] + Self.arguments(directory, socket: unused), directory: directory)
+                activate,
+                ["-l", socket, self.evd] + Self.arguments(directory, socket: unused),
+                directory: directory
+            )
             defer { daemon.kill() }
             // systemd-socket-activate binds and listens, then waits for the first connection
             // before it execs evd (same pid) with the socket as fd 3.
@@ -151,7 +163,9 @@ struct SystemdTests {
                     let subscribed = try await subscriber.request("subscribe", ["events": ["insert-rows"]])
                     #expect(subscribed["subscription"]?.intValue != nil)
                     _ = try await writer.request(
-                        "create_table", ["table": "dogs", "columns": [["name": "id", "type": "integer"], ["name": "name"]], "pk": "id"])
+                        "create_table",
+                        ["table": "dogs", "columns": [["name": "id", "type": "integer"], ["name": "name"]], "pk": "id"]
+                    )
                     let inserted = try await writer.request("insert", ["table": "dogs", "rows": [["id": 1, "name": "Rex"]]])
                     #expect(inserted["inserted"] == 1)
                     let event = await subscriber.nextMessage(ofType: "event", within: 60)
@@ -184,7 +198,10 @@ struct SystemdTests {
         case elsewhere
     }
 
-    @Test("with JOURNAL_STREAM naming stderr, log lines carry a <N> priority and no timestamp; otherwise a timestamp", arguments: Journal.allCases)
+    @Test(
+        "with JOURNAL_STREAM naming stderr, log lines carry a <N> priority and no timestamp; otherwise a timestamp",
+        arguments: Journal.allCases
+    )
     func journalLogging(journal: Journal) async throws {
         try await withTemporaryDirectory { directory in
             let socket = directory + "/evd.sock"
@@ -198,7 +215,12 @@ struct SystemdTests {
             case .elsewhere: environment["JOURNAL_STREAM"] = "\(identity.device):\(identity.inode + 1)"
             }
             let daemon = try EvdChild(
-                self.evd, Self.arguments(directory), directory: directory, environment: environment, stderr: stderrPath)
+                self.evd,
+                Self.arguments(directory),
+                directory: directory,
+                environment: environment,
+                stderr: stderrPath
+            )
             defer { daemon.kill() }
             #expect(await Self.serves(socket))
             daemon.signal(SIGTERM)
@@ -223,8 +245,10 @@ struct SystemdTests {
 
     @Test("the journal format: a priority per line, metadata after the message, sorted")
     func journalFormat() {
-        #expect(JournalLogHandler.format(level: .info, message: "evd is ready", metadata: ["socket": "fd 3", "databases": "main=/x"])
-            == "<6>evd is ready databases=main=/x socket=fd 3\n")
+        #expect(
+            JournalLogHandler.format(level: .info, message: "evd is ready", metadata: ["socket": "fd 3", "databases": "main=/x"])
+                == "<6>evd is ready databases=main=/x socket=fd 3\n"
+        )
         #expect(JournalLogHandler.format(level: .warning, message: "two\nlines", metadata: [:]) == "<4>two\n<4>lines\n")
         #expect(Logger.Level.allCases.map(JournalLogHandler.priority) == [7, 7, 6, 5, 4, 3, 2])
         #expect(!Systemd.stderrIsJournal(environment: [:]))
@@ -428,7 +452,10 @@ final class EvdChild: Sendable {
     private let stderrPath: String
 
     init(
-        _ path: String, _ arguments: [String], directory: String, environment: [String: String] = [:],
+        _ path: String,
+        _ arguments: [String],
+        directory: String,
+        environment: [String: String] = [:],
         stderr: String? = nil
     ) throws {
         self.stdoutPath = directory + "/child.stdout"
@@ -436,7 +463,12 @@ final class EvdChild: Sendable {
         var env = ["PATH": "/usr/bin:/bin", "HOME": directory]
         for (key, value) in environment { env[key] = value }
         self.process = try ChildProcess(
-            path: path, arguments: arguments, environment: env, stdout: self.stdoutPath, stderr: self.stderrPath)
+            path: path,
+            arguments: arguments,
+            environment: env,
+            stdout: self.stdoutPath,
+            stderr: self.stderrPath
+        )
     }
 
     func signal(_ signal: Int32) {
@@ -456,7 +488,9 @@ final class EvdChild: Sendable {
         }
         let stderr = FileManager.default.contents(atPath: self.stderrPath) ?? Data()
         return Result(
-            status: self.process.terminationStatus, reason: self.process.terminationReason,
-            stderr: String(decoding: stderr, as: UTF8.self))
+            status: self.process.terminationStatus,
+            reason: self.process.terminationReason,
+            stderr: String(decoding: stderr, as: UTF8.self)
+        )
     }
 }

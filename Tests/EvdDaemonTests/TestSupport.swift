@@ -66,7 +66,8 @@ func withDaemon<T: Sendable>(
     var configuration = EvdConfiguration(
         socketPath: directory + "/evd.sock",
         databases: [DatabaseConfig(name: "main", path: directory + "/main.db")],
-        stateDirectory: directory + "/state")
+        stateDirectory: directory + "/state"
+    )
     configuration.poolSize = 4
     configure(&configuration)
     let logger = logger ?? Logger(label: "evd-test", factory: { _ in SwiftLogNoOpLogHandler() })
@@ -164,7 +165,12 @@ struct ProcessResult: Sendable {
 }
 
 /// Runs a program to completion and captures its output.
-func runProcess(_ path: String, _ arguments: [String], environment: [String: String] = [:], timeout: Double = 60)
+func runProcess(
+    _ path: String,
+    _ arguments: [String],
+    environment: [String: String] = [:],
+    timeout: Double = 60
+)
     async throws -> ProcessResult
 {
     try await Spawned(path, arguments, environment: environment).finish(within: timeout)
@@ -189,7 +195,12 @@ final class Spawned: @unchecked Sendable {
         var env = ProcessInfo.processInfo.environment
         for (key, value) in environment { env[key] = value }
         self.process = try ChildProcess(
-            path: path, arguments: arguments, environment: env, stdout: self.stdoutPath, stderr: self.stderrPath)
+            path: path,
+            arguments: arguments,
+            environment: env,
+            stdout: self.stdoutPath,
+            stderr: self.stderrPath
+        )
     }
 
     /// Waits (bounded) for the process to exit and returns its status and output.
@@ -210,8 +221,10 @@ final class Spawned: @unchecked Sendable {
         let stdout = FileManager.default.contents(atPath: self.stdoutPath) ?? Data()
         let stderr = FileManager.default.contents(atPath: self.stderrPath) ?? Data()
         return ProcessResult(
-            status: self.process.terminationStatus, stdout: String(decoding: stdout, as: UTF8.self),
-            stderr: String(decoding: stderr, as: UTF8.self))
+            status: self.process.terminationStatus,
+            stdout: String(decoding: stdout, as: UTF8.self),
+            stderr: String(decoding: stderr, as: UTF8.self)
+        )
     }
 }
 
@@ -227,7 +240,10 @@ final class Spawned: @unchecked Sendable {
 /// the stream made "a subscriber that half-closes its input still gets its events" flaky: the
 /// daemon wrote the event, but the reader had already given up after `hello` and the response.
 func plainSocketExchange(
-    socketPath: String, send: [UInt8], halfClose: Bool, until: @escaping @Sendable ([UInt8]) -> Bool = { _ in false }
+    socketPath: String,
+    send: [UInt8],
+    halfClose: Bool,
+    until: @escaping @Sendable ([UInt8]) -> Bool = { _ in false }
 ) async -> ([UInt8], Bool) {
     await withCheckedContinuation { (continuation: CheckedContinuation<([UInt8], Bool), Never>) in
         Thread.detachNewThread {
@@ -237,7 +253,10 @@ func plainSocketExchange(
 }
 
 private func blockingExchange(
-    _ socketPath: String, _ send: [UInt8], _ halfClose: Bool, _ until: ([UInt8]) -> Bool
+    _ socketPath: String,
+    _ send: [UInt8],
+    _ halfClose: Bool,
+    _ until: ([UInt8]) -> Bool
 ) -> ([UInt8], Bool) {
     let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
     guard fd >= 0 else { return ([], false) }

@@ -125,7 +125,8 @@ struct TokenTests {
         let authority = TokenAuthority(key: SymmetricKey(size: .bits256))
         let request = EvdOperation.CreateToken(
             restrictDatabase: ["main": ["view-table", "insert-row"]],
-            restrictResource: ["other": ["dogs": ["delete-row"]]])
+            restrictResource: ["other": ["dogs": ["delete-row"]]]
+        )
         let (restrictions, given) = try TokenRestrictions.parse(request)
         #expect(given == "restrict_database")
         let root = Actor(uid: 0, gid: 0, pid: 1, user: "root")
@@ -176,7 +177,8 @@ struct TokenTests {
                 [
                     "restrict_database": ["main": ["execute-sql", "view-table"]],
                     "restrict_resource": ["main": ["dogs": ["insert-row"]]],
-                ])
+                ]
+            )
             try await daemon.withClient { evd in
                 try await evd.login(token: token)
                 try await evd.request("execute", ["sql": "insert into dogs(name) values ('Rex')"])
@@ -232,7 +234,9 @@ struct TokenTests {
 
     // MARK: Expiry, forgery
 
-    @Test("expiry: a token with expires_after 1 gets token_expired at login once it has expired, and a session logged in with a token gets token_expired on its next request once it expires")
+    @Test(
+        "expiry: a token with expires_after 1 gets token_expired at login once it has expired, and a session logged in with a token gets token_expired on its next request once it expires"
+    )
     func expiry() async throws {
         try await withRunningDaemon { daemon in
             let token = try await createToken(daemon, ["expires_after": 1])
@@ -301,7 +305,8 @@ struct TokenTests {
                 return String(decoding: bytes, as: UTF8.self)
             }
             let otherSecret = TokenAuthority(key: SymmetricKey(size: .bits256)).sign(
-                TokenPayload(actor: Actor(uid: 0, gid: 0, pid: 1, user: "root"), restrictions: [], created: 0, expires: nil))
+                TokenPayload(actor: Actor(uid: 0, gid: 0, pid: 1, user: "root"), restrictions: [], created: 0, expires: nil)
+            )
             let forged: [String] = [
                 widened,
                 flip(token, at: 10),  // a payload byte
@@ -467,9 +472,12 @@ struct TokenTests {
             let env = ["EVD_SOCKET": daemon.socketPath]
             let created = try await runProcess(
                 self.evctl,
-                ["token", "create", "--expires-after", "600", "--restrict-all", "view-table", "--restrict-all", "subscribe",
-                 "--restrict-database", "main:insert-row", "--restrict-resource", "main:dogs:delete-row"],
-                environment: env)
+                [
+                    "token", "create", "--expires-after", "600", "--restrict-all", "view-table", "--restrict-all", "subscribe",
+                    "--restrict-database", "main:insert-row", "--restrict-resource", "main:dogs:delete-row",
+                ],
+                environment: env
+            )
             #expect(created.status == 0, "\(created.stderr)")
             let token = created.stdout.trimmingCharacters(in: .whitespacesAndNewlines)
             #expect(token.hasPrefix("evd_"))
@@ -504,7 +512,11 @@ struct TokenTests {
             #expect(badShape.status != 0)
 
             // evtail subscribes as the token: subscribe is allowed, and its login event shows it.
-            let tail = try Spawned(self.evtail, ["--socket", daemon.socketPath, "--count", "1", "myapp.*"], environment: ["EVD_TOKEN": token])
+            let tail = try Spawned(
+                self.evtail,
+                ["--socket", daemon.socketPath, "--count", "1", "myapp.*"],
+                environment: ["EVD_TOKEN": token]
+            )
             try await waitForSubscriptions(daemon, atLeast: 1)
             try await daemon.request("emit", ["event": "myapp.seen"])
             let result = try await tail.finish()

@@ -84,7 +84,9 @@ struct TwoPhaseTests {
                     let mark = try await evd.request("emit", ["event": "app.mark"])
                     try await evd.request("begin_twophase", ["xid": "survivor"])
                     try await evd.request(
-                        "execute", ["sql": "insert into plain(n, b, s) values (?, ?, ?)", "params": [1.0, ["$base64": "AP8="], "é"]])
+                        "execute",
+                        ["sql": "insert into plain(n, b, s) values (?, ?, ?)", "params": [1.0, ["$base64": "AP8="], "é"]]
+                    )
                     try await evd.request("execute", ["sql": "update nokey set b = 'uno', rowid = 7 where a = 1"])
                     try await evd.request("execute", ["sql": "delete from nokey where a = 2"])
                     try await evd.request("execute", ["sql": "update pairs set k2 = 2, v = 'new' where k1 = 'x'"])
@@ -120,7 +122,8 @@ struct TwoPhaseTests {
                     #expect(
                         events.map { $0["event"] } == [
                             "insert-rows", "insert-rows", "update-row", "delete-row", "update-row", "delete-row", "delete-row",
-                        ])
+                        ]
+                    )
                     #expect(events[0]["table"] == "plain")
                     #expect(events[1]["table"] == "audit")
                 }
@@ -143,8 +146,11 @@ struct TwoPhaseTests {
     func rollbackPrepared() async throws {
         try await withTemporaryDirectory { directory in
             try await self.prepareThenStop(
-                in: directory, setup: ["create table t(id integer primary key)"], xid: "doomed",
-                work: ["insert into t values (1)"])
+                in: directory,
+                setup: ["create table t(id integer primary key)"],
+                xid: "doomed",
+                work: ["insert into t values (1)"]
+            )
             try await withDaemon(in: directory) { daemon, _ in
                 try await daemon.withClient { evd in
                     _ = try await subscribeEvents(evd, ["rollback_twophase", "insert-rows", "app.done"])
@@ -194,7 +200,12 @@ struct TwoPhaseTests {
             try await daemon.withClient { evd in
                 try await evd.request("execute", ["sql": "create table parent(id integer primary key)"])
                 try await evd.request(
-                    "execute", ["sql": "create table child(id integer primary key, parent integer references parent(id) deferrable initially deferred)"])
+                    "execute",
+                    [
+                        "sql":
+                            "create table child(id integer primary key, parent integer references parent(id) deferrable initially deferred)"
+                    ]
+                )
 
                 let missing = try await evd.expectError("begin_twophase", [:])
                 #expect(missing.code == "bad_request")
@@ -237,8 +248,11 @@ struct TwoPhaseTests {
     func committedBeforeCrash() async throws {
         try await withTemporaryDirectory { directory in
             try await self.prepareThenStop(
-                in: directory, setup: ["create table t(id integer primary key)"], xid: "done",
-                work: ["insert into t values (1)"])
+                in: directory,
+                setup: ["create table t(id integer primary key)"],
+                xid: "done",
+                work: ["insert into t values (1)"]
+            )
             // What a crash between the COMMIT and forgetting the log leaves: the changes and the
             // marker committed, the log entry still there.
             let log = try SQLiteConnection(path: directory + "/state/twophase.db", flags: SQLITE_OPEN_READWRITE)
@@ -265,8 +279,11 @@ struct TwoPhaseTests {
     func unrecoverable() async throws {
         try await withTemporaryDirectory { directory in
             try await self.prepareThenStop(
-                in: directory, setup: ["create table t(id integer primary key, v)", "insert into t values (1, 'a')"],
-                xid: "stale", work: ["update t set v = 'b' where id = 1"])
+                in: directory,
+                setup: ["create table t(id integer primary key, v)", "insert into t values (1, 'a')"],
+                xid: "stale",
+                work: ["update t set v = 'b' where id = 1"]
+            )
             // Changed outside evd while it was down: the row the transaction updated is gone.
             let database = try SQLiteConnection(path: directory + "/main.db", flags: SQLITE_OPEN_READWRITE)
             try database.exec("DELETE FROM t")

@@ -10,7 +10,9 @@ import Testing
 /// Sends `requests` (one JSON text each) on one plain connection, and returns the lines evd wrote
 /// (`hello` first) once `done` holds for them.
 private func exchange(
-    _ daemon: RunningDaemon, _ requests: [String], until done: @escaping @Sendable ([String]) -> Bool
+    _ daemon: RunningDaemon,
+    _ requests: [String],
+    until done: @escaping @Sendable ([String]) -> Bool
 ) async -> [String] {
     let send = Array(requests.map { $0 + "\n" }.joined().utf8)
     let (bytes, _) = await plainSocketExchange(socketPath: daemon.socketPath, send: send, halfClose: false) { received in
@@ -54,14 +56,18 @@ struct ValueFidelityTests {
             try await daemon.request("execute", ["sql": "create table t(r REAL)"])
             try await daemon.request("execute", ["sql": "create table u(a, r REAL)"])
             try await daemon.request("execute", ["sql": "create table v(id INTEGER PRIMARY KEY, r REAL)"])
-            let (live, replayed) = await insertImages(daemon, count: 6, [
-                #"{"op":"execute","id":1,"sql":"insert into t values (1)"}"#,
-                #"{"op":"execute","id":2,"sql":"insert into t values (?)","params":[2.0]}"#,
-                #"{"op":"insert","id":3,"table":"t","rows":[{"r":3}]}"#,
-                #"{"op":"insert","id":4,"table":"t","rows":[{"r":4.0}]}"#,
-                #"{"op":"insert","id":5,"table":"u","rows":[{"a":"x","r":5}]}"#,
-                #"{"op":"insert","id":6,"table":"v","rows":[{"id":1,"r":6.0}]}"#,
-            ])
+            let (live, replayed) = await insertImages(
+                daemon,
+                count: 6,
+                [
+                    #"{"op":"execute","id":1,"sql":"insert into t values (1)"}"#,
+                    #"{"op":"execute","id":2,"sql":"insert into t values (?)","params":[2.0]}"#,
+                    #"{"op":"insert","id":3,"table":"t","rows":[{"r":3}]}"#,
+                    #"{"op":"insert","id":4,"table":"t","rows":[{"r":4.0}]}"#,
+                    #"{"op":"insert","id":5,"table":"u","rows":[{"a":"x","r":5}]}"#,
+                    #"{"op":"insert","id":6,"table":"v","rows":[{"id":1,"r":6.0}]}"#,
+                ]
+            )
             let expected = [
                 #""rows":[{"r":1.0}]"#, #""rows":[{"r":2.0}]"#, #""rows":[{"r":3.0}]"#, #""rows":[{"r":4.0}]"#,
                 #""rows":[{"a":"x","r":5.0}]"#, #""rows":[{"id":1,"r":6.0}]"#,
@@ -77,16 +83,19 @@ struct ValueFidelityTests {
     @Test("return rows (insert, upsert, update, RETURNING in execute) and execute rows write a REAL column's whole number as 1.0")
     func realReturnedRows() async throws {
         try await withRunningDaemon { daemon in
-            let lines = await responses(daemon, [
-                #"{"op":"execute","id":1,"sql":"create table u(a, r REAL)"}"#,
-                #"{"op":"execute","id":2,"sql":"create table v(id INTEGER PRIMARY KEY, r REAL)"}"#,
-                #"{"op":"insert","id":3,"table":"u","rows":[{"a":"x","r":1}],"return":true}"#,
-                #"{"op":"insert","id":4,"table":"v","rows":[{"id":7,"r":2}],"return":true}"#,
-                #"{"op":"execute","id":5,"sql":"select r from u union all select r from v"}"#,
-                #"{"op":"update","id":6,"table":"v","pks":[7],"update":{"r":3},"return":true}"#,
-                #"{"op":"execute","id":7,"sql":"insert into u values ('y', 4) returning *, r + 1, a"}"#,
-                #"{"op":"upsert","id":8,"table":"v","rows":[{"id":7,"r":5},{"id":8,"r":6}],"return":true}"#,
-            ])
+            let lines = await responses(
+                daemon,
+                [
+                    #"{"op":"execute","id":1,"sql":"create table u(a, r REAL)"}"#,
+                    #"{"op":"execute","id":2,"sql":"create table v(id INTEGER PRIMARY KEY, r REAL)"}"#,
+                    #"{"op":"insert","id":3,"table":"u","rows":[{"a":"x","r":1}],"return":true}"#,
+                    #"{"op":"insert","id":4,"table":"v","rows":[{"id":7,"r":2}],"return":true}"#,
+                    #"{"op":"execute","id":5,"sql":"select r from u union all select r from v"}"#,
+                    #"{"op":"update","id":6,"table":"v","pks":[7],"update":{"r":3},"return":true}"#,
+                    #"{"op":"execute","id":7,"sql":"insert into u values ('y', 4) returning *, r + 1, a"}"#,
+                    #"{"op":"upsert","id":8,"table":"v","rows":[{"id":7,"r":5},{"id":8,"r":6}],"return":true}"#,
+                ]
+            )
             #expect(lines.count == 8)
             guard lines.count == 8 else { return }
             #expect(lines[2].contains(#""rows":[{"a":"x","r":1.0}]"#), "\(lines[2])")
@@ -127,15 +136,18 @@ struct ValueFidelityTests {
     @Test("an integer parameter beyond int64 is bad_request naming it, never a REAL; a fraction still binds as REAL")
     func bigIntegerParameters() async throws {
         try await withRunningDaemon { daemon in
-            let lines = await responses(daemon, [
-                #"{"op":"execute","id":1,"sql":"select ?","params":[9223372036854775808]}"#,
-                #"{"op":"execute","id":2,"sql":"select :n","params":{"n":-9223372036854775809}}"#,
-                #"{"op":"executemany","id":3,"sql":"select ?","params":[[1],[18446744073709551616]]}"#,
-                #"{"op":"execute","id":4,"sql":"create table t(v)"}"#,
-                #"{"op":"insert","id":5,"table":"t","rows":[{"v":1},{"v":9223372036854775808}]}"#,
-                #"{"op":"execute","id":6,"sql":"select typeof(?), ?","params":[9223372036854775808.0, 9223372036854775807]}"#,
-                #"{"op":"execute","id":7,"sql":"select count(*) from t"}"#,
-            ])
+            let lines = await responses(
+                daemon,
+                [
+                    #"{"op":"execute","id":1,"sql":"select ?","params":[9223372036854775808]}"#,
+                    #"{"op":"execute","id":2,"sql":"select :n","params":{"n":-9223372036854775809}}"#,
+                    #"{"op":"executemany","id":3,"sql":"select ?","params":[[1],[18446744073709551616]]}"#,
+                    #"{"op":"execute","id":4,"sql":"create table t(v)"}"#,
+                    #"{"op":"insert","id":5,"table":"t","rows":[{"v":1},{"v":9223372036854775808}]}"#,
+                    #"{"op":"execute","id":6,"sql":"select typeof(?), ?","params":[9223372036854775808.0, 9223372036854775807]}"#,
+                    #"{"op":"execute","id":7,"sql":"select count(*) from t"}"#,
+                ]
+            )
             #expect(lines.count == 7)
             guard lines.count == 7 else { return }
             for (index, field) in [(0, "params[0]"), (1, "params.n"), (2, "params[1][0]"), (4, "rows[1].v")] {
@@ -153,11 +165,15 @@ struct ValueFidelityTests {
     func infinity() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.request("execute", ["sql": "create table f(id INTEGER PRIMARY KEY, r REAL)"])
-            let (live, replayed) = await insertImages(daemon, count: 3, [
-                #"{"op":"execute","id":1,"sql":"insert into f values (1, 1e999)"}"#,
-                #"{"op":"execute","id":2,"sql":"insert into f values (2, ?)","params":[{"$real":"-Infinity"}]}"#,
-                #"{"op":"insert","id":3,"table":"f","rows":[{"id":3,"r":{"$real":"Infinity"}}]}"#,
-            ])
+            let (live, replayed) = await insertImages(
+                daemon,
+                count: 3,
+                [
+                    #"{"op":"execute","id":1,"sql":"insert into f values (1, 1e999)"}"#,
+                    #"{"op":"execute","id":2,"sql":"insert into f values (2, ?)","params":[{"$real":"-Infinity"}]}"#,
+                    #"{"op":"insert","id":3,"table":"f","rows":[{"id":3,"r":{"$real":"Infinity"}}]}"#,
+                ]
+            )
             let expected = [
                 #""rows":[{"id":1,"r":{"$real":"Infinity"}}]"#, #""rows":[{"id":2,"r":{"$real":"-Infinity"}}]"#,
                 #""rows":[{"id":3,"r":{"$real":"Infinity"}}]"#,
@@ -166,19 +182,24 @@ struct ValueFidelityTests {
                 #expect(live.count > index && live[index].contains(images), "live: \(live)")
                 #expect(replayed.count > index && replayed[index].contains(images), "replayed: \(replayed)")
             }
-            let lines = await responses(daemon, [
-                #"{"op":"execute","id":1,"sql":"select 1e999, -1e999, null"}"#,
-                #"{"op":"execute","id":2,"sql":"select id, typeof(r), r from f order by id"}"#,
-                #"{"op":"execute","id":3,"sql":"select ?","params":[{"$real":"NaN"}]}"#,
-                #"{"op":"update","id":4,"table":"f","pks":[3],"update":{"r":{"$real":"-Infinity"}},"return":true}"#,
-            ])
+            let lines = await responses(
+                daemon,
+                [
+                    #"{"op":"execute","id":1,"sql":"select 1e999, -1e999, null"}"#,
+                    #"{"op":"execute","id":2,"sql":"select id, typeof(r), r from f order by id"}"#,
+                    #"{"op":"execute","id":3,"sql":"select ?","params":[{"$real":"NaN"}]}"#,
+                    #"{"op":"update","id":4,"table":"f","pks":[3],"update":{"r":{"$real":"-Infinity"}},"return":true}"#,
+                ]
+            )
             #expect(lines.count == 4)
             guard lines.count == 4 else { return }
             #expect(lines[0].contains(#""rows":[[{"$real":"Infinity"},{"$real":"-Infinity"},null]]"#), "\(lines[0])")
             #expect(
                 lines[1].contains(
-                    #""rows":[[1,"real",{"$real":"Infinity"}],[2,"real",{"$real":"-Infinity"}],[3,"real",{"$real":"Infinity"}]]"#),
-                "\(lines[1])")
+                    #""rows":[[1,"real",{"$real":"Infinity"}],[2,"real",{"$real":"-Infinity"}],[3,"real",{"$real":"Infinity"}]]"#
+                ),
+                "\(lines[1])"
+            )
             #expect(lines[2].contains(#""field":"params[0]""#), "\(lines[2])")
             #expect(lines[3].contains(#""r":{"$real":"-Infinity"}"#), "\(lines[3])")
         }
@@ -190,11 +211,15 @@ struct ValueFidelityTests {
     func invalidUTF8() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.request("execute", ["sql": "create table s(id INTEGER PRIMARY KEY, t TEXT)"])
-            let (live, replayed) = await insertImages(daemon, count: 3, [
-                #"{"op":"execute","id":1,"sql":"insert into s values (1, cast(x'ff41' as text))"}"#,
-                #"{"op":"insert","id":2,"table":"s","rows":[{"id":2,"t":{"$text_base64":"/0E="}}]}"#,
-                #"{"op":"insert","id":3,"table":"s","rows":[{"id":3,"t":"é\u0001"}]}"#,
-            ])
+            let (live, replayed) = await insertImages(
+                daemon,
+                count: 3,
+                [
+                    #"{"op":"execute","id":1,"sql":"insert into s values (1, cast(x'ff41' as text))"}"#,
+                    #"{"op":"insert","id":2,"table":"s","rows":[{"id":2,"t":{"$text_base64":"/0E="}}]}"#,
+                    #"{"op":"insert","id":3,"table":"s","rows":[{"id":3,"t":"é\u0001"}]}"#,
+                ]
+            )
             let expected = [
                 #""rows":[{"id":1,"t":{"$text_base64":"/0E="}}]"#, #""rows":[{"id":2,"t":{"$text_base64":"/0E="}}]"#,
                 #""rows":[{"id":3,"t":"é\u0001"}]"#,
@@ -203,12 +228,15 @@ struct ValueFidelityTests {
                 #expect(live.count > index && live[index].contains(images), "live: \(live)")
                 #expect(replayed.count > index && replayed[index].contains(images), "replayed: \(replayed)")
             }
-            let lines = await responses(daemon, [
-                #"{"op":"execute","id":1,"sql":"select cast(x'ff' as text), 'é', cast(x'c3a9' as text), cast(x'eda080' as text)"}"#,
-                #"{"op":"execute","id":2,"sql":"select id, typeof(t), hex(t) from s order by id"}"#,
-                #"{"op":"insert","id":3,"table":"s","rows":[{"id":4,"t":{"$text_base64":"not base64!"}}]}"#,
-                #"{"op":"update","id":4,"table":"s","pks":[2],"update":{"t":{"$text_base64":"gA=="}},"return":true}"#,
-            ])
+            let lines = await responses(
+                daemon,
+                [
+                    #"{"op":"execute","id":1,"sql":"select cast(x'ff' as text), 'é', cast(x'c3a9' as text), cast(x'eda080' as text)"}"#,
+                    #"{"op":"execute","id":2,"sql":"select id, typeof(t), hex(t) from s order by id"}"#,
+                    #"{"op":"insert","id":3,"table":"s","rows":[{"id":4,"t":{"$text_base64":"not base64!"}}]}"#,
+                    #"{"op":"update","id":4,"table":"s","pks":[2],"update":{"t":{"$text_base64":"gA=="}},"return":true}"#,
+                ]
+            )
             #expect(lines.count == 4)
             guard lines.count == 4 else { return }
             #expect(lines[0].contains(#""rows":[[{"$text_base64":"/w=="},"é","é",{"$text_base64":"7aCA"}]]"#), "\(lines[0])")
@@ -221,9 +249,12 @@ struct ValueFidelityTests {
     @Test("execute binds {\"$text_base64\":...} as TEXT of those bytes")
     func invalidUTF8Parameter() async throws {
         try await withRunningDaemon { daemon in
-            let lines = await responses(daemon, [
-                #"{"op":"execute","id":1,"sql":"select typeof(?1), hex(?1)","params":[{"$text_base64":"/0E="}]}"#
-            ])
+            let lines = await responses(
+                daemon,
+                [
+                    #"{"op":"execute","id":1,"sql":"select typeof(?1), hex(?1)","params":[{"$text_base64":"/0E="}]}"#
+                ]
+            )
             #expect(lines.first?.contains(#""rows":[["text","FF41"]]"#) == true, "\(lines)")
         }
     }

@@ -11,7 +11,9 @@ import Testing
 struct VetoFaultTests {
     // MARK: A listener that never reads
 
-    @Test("vetoes to a listener that never reads count against its outbox: beyond the bound on_timeout decides at once, memory stays bounded")
+    @Test(
+        "vetoes to a listener that never reads count against its outbox: beyond the bound on_timeout decides at once, memory stays bounded"
+    )
     func neverReadingListener() async throws {
         let requests = 2000
         let run = try await NeverReadingRun.run(bound: 4 << 20, requests: requests)
@@ -43,7 +45,8 @@ struct VetoFaultTests {
         try #require(grown > 32 << 20, "the vetoes were queued: evd grew by \(grown >> 20) MiB")
         #expect(
             run.released - run.before < grown / 2,
-            "evd held \(run.released >> 20) MiB after the listener died (\(run.before >> 20) MiB before its vetoes, \(run.after >> 20) MiB with them)")
+            "evd held \(run.released >> 20) MiB after the listener died (\(run.before >> 20) MiB before its vetoes, \(run.after >> 20) MiB with them)"
+        )
     }
 
     /// Runs the evd binary with `--max-queued-bytes bound`, subscribes a `before_execute` listener
@@ -69,7 +72,8 @@ struct VetoFaultTests {
                         "--socket", socket, "--state-dir", directory + "/state", "--db", "main=\(directory)/main.db",
                         "--log-level", "error", "--max-queued-bytes", "\(bound)", "--metrics-socket", metrics,
                     ],
-                    directory: directory)
+                    directory: directory
+                )
                 defer { evd.kill() }
                 let ready = await eventually(within: 60) {
                     (try? await EvdConnection.withConnection(socketPath: socket) { try await $0.request("ping") }) != nil
@@ -82,7 +86,8 @@ struct VetoFaultTests {
                 let stuck = try RawUnixSocket(path: socket, receiveBuffer: 4096)
                 defer { stuck.close() }
                 try stuck.send(
-                    #"{"op":"subscribe","veto":["before_execute"],"name":"deaf","timeout_ms":1,"on_timeout":"allow"}"# + "\n")
+                    #"{"op":"subscribe","veto":["before_execute"],"name":"deaf","timeout_ms":1,"on_timeout":"allow"}"# + "\n"
+                )
                 try await Self.waitForListeners(1, socket)
 
                 // 64 KiB requests from four clients: each veto message carries the whole request.
@@ -125,7 +130,9 @@ struct VetoFaultTests {
                     return released - before < (after - before) / 2
                 }
                 run.released = released
-                print("VetoFaultTests: --max-queued-bytes \(bound >> 20) MiB, \(requests) requests of 64 KiB: RSS \(run.before >> 20) MiB before, \(run.after >> 20) MiB after, \(run.released >> 20) MiB once the listener is gone")
+                print(
+                    "VetoFaultTests: --max-queued-bytes \(bound >> 20) MiB, \(requests) requests of 64 KiB: RSS \(run.before >> 20) MiB before, \(run.after >> 20) MiB after, \(run.released >> 20) MiB once the listener is gone"
+                )
                 evd.signal(SIGTERM)
                 let result = try await evd.finish(within: 30)
                 #expect(result.status == 0, "\(result.stderr)")
@@ -159,7 +166,10 @@ struct VetoFaultTests {
                 }
             ) { daemon, _ in
                 let listener = try EvdChild(
-                    "/usr/bin/python3", ["-c", allowingListener, daemon.socketPath], directory: directory)
+                    "/usr/bin/python3",
+                    ["-c", allowingListener, daemon.socketPath],
+                    directory: directory
+                )
                 defer { listener.kill() }
                 try await waitUntilStats(daemon, "the listener to subscribe") { $0["veto_listeners"] == 1 }
                 // It answers while it runs.

@@ -48,7 +48,9 @@ final class VetoTestClient: Sendable {
     /// Waits (bounded) until `predicate` holds for the messages received so far.
     @discardableResult
     func waitUntil(
-        _ what: String, within seconds: Double = 10, _ predicate: ([JSONObject]) -> Bool
+        _ what: String,
+        within seconds: Double = 10,
+        _ predicate: ([JSONObject]) -> Bool
     ) async throws -> Bool {
         let deadline = ContinuousClock.now + .seconds(seconds)
         while ContinuousClock.now < deadline {
@@ -61,7 +63,9 @@ final class VetoTestClient: Sendable {
 
     /// The first event named `name`, waiting for it (bounded).
     func event(_ name: String, within seconds: Double = 10) async throws -> JSONObject? {
-        try await self.waitUntil("event \(name)", within: seconds) { $0.contains { $0["event"]?.stringValue == name && $0["type"] == "event" } }
+        try await self.waitUntil("event \(name)", within: seconds) {
+            $0.contains { $0["event"]?.stringValue == name && $0["type"] == "event" }
+        }
         return self.events.first { $0["event"]?.stringValue == name }
     }
 
@@ -77,7 +81,9 @@ final class VetoTestClient: Sendable {
 /// Opens a connection, subscribes it with `subscribe`, and answers its vetoes with `decide` while
 /// `body` runs; the connection closes when `body` returns.
 func withVetoTestClient<T: Sendable>(
-    _ daemon: RunningDaemon, _ subscribe: JSONObject, decide: @escaping VetoDecider = VetoAnswer.silent,
+    _ daemon: RunningDaemon,
+    _ subscribe: JSONObject,
+    decide: @escaping VetoDecider = VetoAnswer.silent,
     _ body: (VetoTestClient) async throws -> T
 ) async throws -> T {
     var subscribe = subscribe
@@ -127,7 +133,8 @@ func withVetoTestClient<T: Sendable>(
 
 /// `withVetoTestClient` for several clients, subscribed in the order given.
 func withVetoTestClients<T: Sendable>(
-    _ daemon: RunningDaemon, _ specs: [(subscribe: JSONObject, decide: VetoDecider)],
+    _ daemon: RunningDaemon,
+    _ specs: [(subscribe: JSONObject, decide: VetoDecider)],
     _ body: ([VetoTestClient]) async throws -> T
 ) async throws -> T {
     func open(_ index: Int, _ opened: [VetoTestClient]) async throws -> T {
@@ -178,7 +185,10 @@ func vetoStatistics(_ daemon: RunningDaemon) async throws -> JSONObject {
 
 /// Asserts a `vetoed` error with its `event`, `by` and (when given) `reason`.
 func expectVetoed(
-    _ error: JSONObject, event: String, by: String, reason: String?? = .none,
+    _ error: JSONObject,
+    event: String,
+    by: String,
+    reason: String?? = .none,
     sourceLocation: SourceLocation = #_sourceLocation
 ) {
     #expect(error["code"] == "vetoed", "\(error)", sourceLocation: sourceLocation)
@@ -190,7 +200,10 @@ func expectVetoed(
 }
 
 func vetoExpectVetoed(
-    _ error: EvdError, event: String, by: String, reason: String?? = .none,
+    _ error: EvdError,
+    event: String,
+    by: String,
+    reason: String?? = .none,
     sourceLocation: SourceLocation = #_sourceLocation
 ) {
     var object = error.extra
@@ -283,7 +296,9 @@ struct VetoTests {
                     // A multi-statement request: the first insert ran, the second was denied; the
                     // request is one transaction, so neither stays.
                     let two = try await evd.expectError(
-                        "execute", ["sql": "create table u(y); insert into t values (3)"])
+                        "execute",
+                        ["sql": "create table u(y); insert into t values (3)"]
+                    )
                     vetoExpectVetoed(two, event: "before_cursor_execute", by: "guard", reason: "no inserts")
                     #expect(try await evd.request("execute", ["sql": "select count(*) from t"])["rows"] == [[0]])
                     let tables = try await evd.request("execute", ["sql": "select count(*) from sqlite_master where name = 'u'"])
@@ -301,7 +316,11 @@ struct VetoTests {
                 try await daemon.withClient { evd in
                     let error = try await evd.expectError("execute", ["sql": "select 1"])
                     vetoExpectVetoed(
-                        error, event: "before_cursor_execute", by: "subscription:\(listener.subscription)", reason: .some(nil))
+                        error,
+                        event: "before_cursor_execute",
+                        by: "subscription:\(listener.subscription)",
+                        reason: .some(nil)
+                    )
                 }
             }
         }
@@ -378,7 +397,9 @@ struct VetoTests {
     func checkoutDenyAlways() async throws {
         try await withRunningDaemon(configure: { $0.poolSize = 1 }) { daemon in
             try await withVetoTestClient(
-                daemon, ["veto": ["checkout"], "name": "pool-guard"], decide: VetoAnswer.always(VetoAnswer.deny("broken"))
+                daemon,
+                ["veto": ["checkout"], "name": "pool-guard"],
+                decide: VetoAnswer.always(VetoAnswer.deny("broken"))
             ) { listener in
                 try await daemon.withClient { evd in
                     let error = try await evd.expectError("execute", ["sql": "select 1"])
@@ -399,7 +420,9 @@ struct VetoTests {
         try await withRunningDaemon(configure: { $0.poolSize = 1 }) { daemon in
             try await daemon.request("execute", ["sql": "create table t(x)"])
             try await withVetoTestClient(
-                daemon, ["veto": ["begin"], "name": "no-tx"], decide: VetoAnswer.always(VetoAnswer.deny("maintenance"))
+                daemon,
+                ["veto": ["begin"], "name": "no-tx"],
+                decide: VetoAnswer.always(VetoAnswer.deny("maintenance"))
             ) { listener in
                 try await daemon.withClient { evd in
                     let error = try await evd.expectError("begin")
@@ -454,7 +477,9 @@ struct VetoTests {
         try await withRunningDaemon { daemon in
             try await daemon.request("execute", ["sql": "create table t(x)"])
             try await withVetoTestClient(
-                daemon, ["veto": ["savepoint"], "name": "flat"], decide: VetoAnswer.always(VetoAnswer.deny("no nesting"))
+                daemon,
+                ["veto": ["savepoint"], "name": "flat"],
+                decide: VetoAnswer.always(VetoAnswer.deny("no nesting"))
             ) { listener in
                 try await daemon.withClient { evd in
                     try await evd.request("begin")
@@ -480,7 +505,9 @@ struct VetoTests {
     func doConnectDeny() async throws {
         try await withRunningDaemon(configure: { $0.poolSize = 1 }) { daemon in
             try await withVetoTestClient(
-                daemon, ["veto": ["do_connect"], "name": "no-connect"], decide: VetoAnswer.always(VetoAnswer.deny("closed"))
+                daemon,
+                ["veto": ["do_connect"], "name": "no-connect"],
+                decide: VetoAnswer.always(VetoAnswer.deny("closed"))
             ) { listener in
                 try await daemon.withClient { evd in
                     let error = try await evd.expectError("execute", ["sql": "select 1"])
@@ -502,7 +529,9 @@ struct VetoTests {
             #expect(try await daemon.request("execute", ["sql": "PRAGMA foreign_keys"])["rows"] == [[1]])
             let pragmas: JSONObject = ["journal_mode": "wal", "busy_timeout": 1234, "foreign_keys": "off"]
             try await withVetoTestClient(
-                daemon, ["veto": ["do_connect"], "name": "tuner"], decide: VetoAnswer.always(VetoAnswer.modify(["pragmas": .object(pragmas)]))
+                daemon,
+                ["veto": ["do_connect"], "name": "tuner"],
+                decide: VetoAnswer.always(VetoAnswer.modify(["pragmas": .object(pragmas)]))
             ) { listener in
                 try await daemon.withClient { evd in
                     try await evd.request("dispose")
@@ -524,7 +553,9 @@ struct VetoTests {
                     ? VetoAnswer.allow : VetoAnswer.deny("no \(veto["event"]?.stringValue ?? "?")")
             }
             try await withVetoTestClient(
-                daemon, ["veto": ["do_execute", "do_execute_no_params", "do_executemany"], "name": "dialect"], decide: decide
+                daemon,
+                ["veto": ["do_execute", "do_execute_no_params", "do_executemany"], "name": "dialect"],
+                decide: decide
             ) { listener in
                 #expect(listener.subscribed["veto"] == ["do_execute", "do_execute_no_params", "do_executemany"])
                 try await daemon.withClient { evd in
@@ -533,7 +564,9 @@ struct VetoTests {
                     let none = try await evd.expectError("execute", ["sql": "insert into t values (2)"])
                     vetoExpectVetoed(none, event: "do_execute_no_params", by: "dialect", reason: "no do_execute_no_params")
                     let many = try await evd.expectError(
-                        "executemany", ["sql": "insert into t values (?)", "params": [[3], [4]]])
+                        "executemany",
+                        ["sql": "insert into t values (?)", "params": [[3], [4]]]
+                    )
                     vetoExpectVetoed(many, event: "do_executemany", by: "dialect", reason: "no do_executemany")
                     #expect(try await evd.request("execute", ["sql": "select count(*) from t"])["rows"] == [[0]])
                 }
@@ -579,7 +612,8 @@ struct VetoTests {
                 let glob = try await evd.request("subscribe", ["veto": ["before_*"]])
                 let matched = Set((glob["veto"]?.arrayValue ?? []).compactMap(\.stringValue))
                 #expect(
-                    matched == ["before_execute", "before_cursor_execute", "before_create", "before_drop", "before_parent_attach"])
+                    matched == ["before_execute", "before_cursor_execute", "before_create", "before_drop", "before_parent_attach"]
+                )
             }
         }
     }
@@ -588,7 +622,8 @@ struct VetoTests {
     func vetoWhere() async throws {
         try await withRunningDaemon { daemon in
             try await withVetoTestClient(
-                daemon, ["veto": ["before_cursor_execute"], "where": ["statement": ["select 1", "select 3"]], "name": "narrow"],
+                daemon,
+                ["veto": ["before_cursor_execute"], "where": ["statement": ["select 1", "select 3"]], "name": "narrow"],
                 decide: VetoAnswer.always(VetoAnswer.deny("not that one"))
             ) { listener in
                 try await daemon.withClient { evd in
@@ -751,7 +786,8 @@ struct VetoTests {
     func timeout(onTimeout: String) async throws {
         try await withRunningDaemon { daemon in
             try await withVetoTestClient(
-                daemon, ["veto": ["before_cursor_execute"], "name": "sleepy", "timeout_ms": 100, "on_timeout": .string(onTimeout)]
+                daemon,
+                ["veto": ["before_cursor_execute"], "name": "sleepy", "timeout_ms": 100, "on_timeout": .string(onTimeout)]
             ) { listener in
                 try await daemon.withClient { evd in
                     let response = try await evd.rawRequest("execute", ["sql": "select 1"])
@@ -804,7 +840,8 @@ struct VetoTests {
                 let inFlight = try await daemon.withClient { listener -> VetoInFlight<JSONObject> in
                     try await listener.request(
                         "subscribe",
-                        ["veto": ["before_cursor_execute"], "name": "doomed", "timeout_ms": 60000, "on_timeout": .string(onTimeout)])
+                        ["veto": ["before_cursor_execute"], "name": "doomed", "timeout_ms": 60000, "on_timeout": .string(onTimeout)]
+                    )
                     let inFlight = VetoInFlight { try await evd.rawRequest("execute", ["sql": "select 1"]) }
                     #expect(await listener.nextMessage(ofType: "veto", within: 10) != nil)
                     return inFlight
@@ -886,7 +923,8 @@ struct VetoTests {
         // statement's own work (about six seconds here).
         try await withRunningDaemon(configure: { $0.vetoBudgetMs = 4000 }) { daemon in
             try await withVetoTestClient(
-                daemon, ["veto": ["before_cursor_execute"], "name": "prompt", "timeout_ms": 60000, "on_timeout": "deny"],
+                daemon,
+                ["veto": ["before_cursor_execute"], "name": "prompt", "timeout_ms": 60000, "on_timeout": "deny"],
                 decide: VetoAnswer.always(VetoAnswer.allow)
             ) { listener in
                 // The first statement takes longer than the whole budget; the
@@ -906,7 +944,9 @@ struct VetoTests {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { listener in
                 try await listener.request(
-                    "subscribe", ["veto": ["before_cursor_execute"], "name": "picky", "timeout_ms": 60000, "on_timeout": "deny"])
+                    "subscribe",
+                    ["veto": ["before_cursor_execute"], "name": "picky", "timeout_ms": 60000, "on_timeout": "deny"]
+                )
                 func replyError(_ reply: JSONObject) async throws -> JSONObject {
                     var reply = reply
                     reply["op"] = "reply"
@@ -958,7 +998,9 @@ struct VetoTests {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { listener in
                 try await listener.request(
-                    "subscribe", ["veto": ["before_cursor_execute"], "timeout_ms": 100, "on_timeout": "allow"])
+                    "subscribe",
+                    ["veto": ["before_cursor_execute"], "timeout_ms": 100, "on_timeout": "allow"]
+                )
                 let result = try await daemon.request("execute", ["sql": "select 1"])
                 #expect(result["rows"] == [[1]])
                 let veto = try #require(await listener.nextMessage(ofType: "veto", within: 10))
@@ -976,7 +1018,9 @@ struct VetoTests {
     func replyFromAnotherConnection() async throws {
         try await withRunningDaemon { daemon in
             try await withVetoTestClient(
-                daemon, ["veto": ["before_cursor_execute"], "name": "owner"], decide: { _, _ in nil }
+                daemon,
+                ["veto": ["before_cursor_execute"], "name": "owner"],
+                decide: { _, _ in nil }
             ) { listener in
                 try await daemon.withClient { evd in
                     let inFlight = VetoInFlight { try await evd.rawRequest("execute", ["sql": "select 1"]) }
@@ -1002,7 +1046,9 @@ struct VetoTests {
             try await daemon.withClient { listener in
                 // A long timeout: on a loaded machine the flood can keep the listener past the default.
                 try await listener.request(
-                    "subscribe", ["veto": ["before_cursor_execute"], "on_timeout": "allow", "timeout_ms": 30_000])
+                    "subscribe",
+                    ["veto": ["before_cursor_execute"], "on_timeout": "allow", "timeout_ms": 30_000]
+                )
                 var lines: [UInt8] = []
                 for n in 0..<1000 {
                     let reply: JSONValue = ["op": "reply", "id": .string("bogus-\(n)"), "seq": .integer(1_000_000 + n), "action": "allow"]
@@ -1021,7 +1067,9 @@ struct VetoTests {
                 try await daemon.withClient { evd in
                     let inFlight = VetoInFlight { try await evd.request("execute", ["sql": "select 1"]) }
                     let veto = try #require(await listener.nextMessage(ofType: "veto", within: 10))
-                    try await listener.send(["op": "reply", "seq": veto["seq"] ?? .null, "action": "modify", "set": ["statement": "select 5"]])
+                    try await listener.send([
+                        "op": "reply", "seq": veto["seq"] ?? .null, "action": "modify", "set": ["statement": "select 5"],
+                    ])
                     #expect(try await inFlight.value(within: 20)?["rows"] == [[5]])
                 }
             }
@@ -1055,7 +1103,9 @@ struct VetoTests {
     func notVetoable() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                for names: JSONValue in [["after_execute"], ["after_*"], ["insert-rows"], ["myapp.deployed"], ["before_execute", "commit", "rollback"]] {
+                for names: JSONValue in [
+                    ["after_execute"], ["after_*"], ["insert-rows"], ["myapp.deployed"], ["before_execute", "commit", "rollback"],
+                ] {
                     let error = try await evd.expectError("subscribe", ["veto": names])
                     #expect(error.code == "not_vetoable", "\(names): \(error)")
                     #expect(error.extra["field"] == "veto", "\(names): \(error)")

@@ -13,7 +13,10 @@ struct WireLinesTests {
     /// The line with its time (quoted, as the envelope writes it) replaced by `"T"`.
     private static func timeless(_ bytes: [UInt8]) -> String {
         Self.text(bytes).replacingOccurrences(
-            of: #""time":"[0-9T:.\-Z]+""#, with: #""time":"T""#, options: .regularExpression)
+            of: #""time":"[0-9T:.\-Z]+""#,
+            with: #""time":"T""#,
+            options: .regularExpression
+        )
     }
 
     private let actor = Actor(uid: 1000, gid: 1000, pid: 42, user: "ann")
@@ -26,7 +29,8 @@ struct WireLinesTests {
         let prefix = WireLines.prefix(seq: 12, name: "insert-rows", time: time)
         #expect(
             Self.text(prefix)
-                == #"{"type":"event","seq":12,"event":"insert-rows","time":"2026-01-02T03:04:05.000006Z","subscription":"#)
+                == #"{"type":"event","seq":12,"event":"insert-rows","time":"2026-01-02T03:04:05.000006Z","subscription":"#
+        )
         let body = WireLines.body(origin, ["table": "t", "rows": 1])
         #expect(Self.text(body) == #","session":7,"actor":"# + self.actorJSON + #","table":"t","rows":1}"# + "\n")
         #expect(Self.text(WireLines.body(.daemon, [:])) == #","session":null,"actor":null}"# + "\n")
@@ -50,16 +54,24 @@ struct WireLinesTests {
     func veto() {
         let origin = EventOrigin(session: 3, actor: nil)
         let line = WireLines.veto(
-            seq: 99, name: "commit", subscription: 4, origin: origin, deadlineMs: 0, properties: ["database": "main"])
+            seq: 99,
+            name: "commit",
+            subscription: 4,
+            origin: origin,
+            deadlineMs: 0,
+            properties: ["database": "main"]
+        )
         #expect(
             Self.timeless(line)
                 == #"{"type":"veto","seq":99,"event":"commit","time":"T","subscription":4,"session":3,"actor":null,"deadline_ms":1,"database":"main"}"#
-                + "\n")
+                + "\n"
+        )
         let later = WireLines.veto(seq: 1, name: "checkout", subscription: 2, origin: .daemon, deadlineMs: 250, properties: [:])
         #expect(
             Self.timeless(later)
                 == #"{"type":"veto","seq":1,"event":"checkout","time":"T","subscription":2,"session":null,"actor":null,"deadline_ms":250}"#
-                + "\n")
+                + "\n"
+        )
     }
 
     @Test("responses")
@@ -71,7 +83,8 @@ struct WireLinesTests {
         let failed = WireLines.response(id: .int(5), error: error)
         #expect(
             Self.text(failed)
-                == #"{"type":"response","id":5,"ok":false,"error":{"code":"bad_request","message":"no","field":"sql"}}"# + "\n")
+                == #"{"type":"response","id":5,"ok":false,"error":{"code":"bad_request","message":"no","field":"sql"}}"# + "\n"
+        )
         #expect(Self.text(WireLines.response(id: .null, result: .null)) == #"{"type":"response","id":null,"ok":true,"result":null}"# + "\n")
     }
 
@@ -81,7 +94,8 @@ struct WireLinesTests {
         #expect(
             Self.text(line)
                 == #"{"type":"hello","server":"evd","version":""# + evdVersion + #"","protocol":1,"session":8,"actor":"#
-                + self.actorJSON + #","databases":["main","logs"],"seq":41}"# + "\n")
+                + self.actorJSON + #","databases":["main","logs"],"seq":41}"# + "\n"
+        )
     }
 
     @Test("notices")
@@ -89,13 +103,16 @@ struct WireLinesTests {
         #expect(Self.text(WireLines.shutdownNotice()) == #"{"type":"notice","code":"shutdown"}"# + "\n")
         #expect(
             Self.text(WireLines.idleTransactionTimeoutNotice(database: "main", maxMs: 30000))
-                == #"{"type":"notice","code":"idle_transaction_timeout","database":"main","max_ms":30000}"# + "\n")
+                == #"{"type":"notice","code":"idle_transaction_timeout","database":"main","max_ms":30000}"# + "\n"
+        )
         #expect(Self.text(WireLines.gapNotice(from: 3, to: 9)) == #"{"type":"notice","code":"gap","from":3,"to":9}"# + "\n")
         #expect(
             Self.text(WireLines.laggedDroppedNotice(subscription: 2, dropped: 5, from: 10, to: 14))
-                == #"{"type":"notice","code":"lagged","subscription":2,"dropped":5,"from":10,"to":14}"# + "\n")
+                == #"{"type":"notice","code":"lagged","subscription":2,"dropped":5,"from":10,"to":14}"# + "\n"
+        )
         #expect(
             Self.text(WireLines.laggedDisconnectNotice(subscription: 2, lastSeq: 9))
-                == #"{"type":"notice","code":"lagged","subscription":2,"last_seq":9}"# + "\n")
+                == #"{"type":"notice","code":"lagged","subscription":2,"last_seq":9}"# + "\n"
+        )
     }
 }

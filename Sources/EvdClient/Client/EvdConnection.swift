@@ -1,6 +1,6 @@
-import OrderedCollections
 import NIOCore
 import NIOPosix
+import OrderedCollections
 import Synchronization
 
 /// A connection to evd: requests with their responses, and the stream of events, vetoes and notices.
@@ -49,7 +49,9 @@ public final class EvdConnection: Sendable {
     /// stops reading (and so, in time, the daemon's overflow policy applies), so a subscriber should
     /// keep calling `nextMessage()`.
     public static func withConnection<Result: Sendable>(
-        socketPath: String, token: String? = nil, messageCapacity: Int = 4096,
+        socketPath: String,
+        token: String? = nil,
+        messageCapacity: Int = 4096,
         _ body: (EvdConnection) async throws -> Result
     ) async throws -> Result {
         do {
@@ -65,7 +67,8 @@ public final class EvdConnection: Sendable {
                     channel.eventLoop.makeCompletedFuture {
                         // Responses can be far larger than a request: allow 1 GiB lines.
                         try channel.pipeline.syncOperations.addHandler(
-                            ByteToMessageHandler(LineFrameDecoder(maxLineBytes: 1 << 30)))
+                            ByteToMessageHandler(LineFrameDecoder(maxLineBytes: 1 << 30))
+                        )
                         return try NIOAsyncChannel<LineFrame, ByteBuffer>(wrappingChannelSynchronously: channel)
                     }
                 }

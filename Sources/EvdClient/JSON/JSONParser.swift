@@ -1,3 +1,5 @@
+import OrderedCollections
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -5,7 +7,6 @@ import Musl
 #elseif canImport(Darwin)
 import Darwin
 #endif
-import OrderedCollections
 // A strict RFC 8259 JSON parser over raw bytes.
 //
 // The parser is iterative: containers being built live on explicit stacks
@@ -64,7 +65,9 @@ extension JSONValue {
     /// `textKey`: a member of that object whose value, when a number other than an `Int64`, is
     /// kept as its text (`.number`), byte for byte: a request's `id`, which evd echoes as it came.
     public static func parsing(
-        _ bytes: UnsafeRawBufferPointer, flatteningRowsOf key: String, keepingNumberTextOf textKey: String? = nil
+        _ bytes: UnsafeRawBufferPointer,
+        flatteningRowsOf key: String,
+        keepingNumberTextOf textKey: String? = nil
     ) throws(JSONParseError) -> (value: JSONValue, rows: JSONRows?) {
         guard let base = bytes.baseAddress, bytes.count > 0 else {
             throw JSONParseError(message: "empty input", offset: 0)
@@ -94,7 +97,8 @@ extension JSONValue {
             }
         }
         // Native Swift strings are contiguous UTF-8; the copy is only for bridged/foreign strings.
-        let result = string.utf8.withContiguousStorageIfAvailable(parse)
+        let result =
+            string.utf8.withContiguousStorageIfAvailable(parse)
             ?? Array(string.utf8).withUnsafeBufferPointer(parse)
         self = try result.get()
     }
@@ -113,20 +117,20 @@ private struct _Frame {
 }
 
 private enum ASCII {
-    static let quote: UInt8 = 0x22        // "
-    static let backslash: UInt8 = 0x5C    // \
-    static let slash: UInt8 = 0x2F        // /
-    static let comma: UInt8 = 0x2C        // ,
-    static let colon: UInt8 = 0x3A        // :
+    static let quote: UInt8 = 0x22  // "
+    static let backslash: UInt8 = 0x5C  // \
+    static let slash: UInt8 = 0x2F  // /
+    static let comma: UInt8 = 0x2C  // ,
+    static let colon: UInt8 = 0x3A  // :
     static let openBracket: UInt8 = 0x5B  // [
-    static let closeBracket: UInt8 = 0x5D // ]
-    static let openBrace: UInt8 = 0x7B    // {
-    static let closeBrace: UInt8 = 0x7D   // }
-    static let minus: UInt8 = 0x2D        // -
-    static let plus: UInt8 = 0x2B         // +
-    static let dot: UInt8 = 0x2E          // .
-    static let zero: UInt8 = 0x30         // 0
-    static let nine: UInt8 = 0x39         // 9
+    static let closeBracket: UInt8 = 0x5D  // ]
+    static let openBrace: UInt8 = 0x7B  // {
+    static let closeBrace: UInt8 = 0x7D  // }
+    static let minus: UInt8 = 0x2D  // -
+    static let plus: UInt8 = 0x2B  // +
+    static let dot: UInt8 = 0x2E  // .
+    static let zero: UInt8 = 0x30  // 0
+    static let nine: UInt8 = 0x39  // 9
     static let space: UInt8 = 0x20
     static let tab: UInt8 = 0x09
     static let newline: UInt8 = 0x0A
@@ -573,9 +577,9 @@ private struct _JSONParser {
         // While validating, collect the first 19 significant digits in `mantissa` and the
         // power of ten that scales it, for the integer and the fast double paths.
         var mantissa: UInt64 = 0
-        var significantDigits = 0   // digits from the first non-zero one on, at most 19
-        var truncated = false       // more than 19 significant digits: use the slow path
-        var power = 0               // value == mantissa * 10^power (when not truncated)
+        var significantDigits = 0  // digits from the first non-zero one on, at most 19
+        var truncated = false  // more than 19 significant digits: use the slow path
+        var power = 0  // value == mantissa * 10^power (when not truncated)
 
         guard index < count, Self.isDigit(base[index]) else {
             throw unexpected(at: index, expected: "a digit after '-'")
@@ -876,8 +880,8 @@ private struct _JSONParser {
             let second = byte(1)
             let secondOK: Bool
             switch lead {
-            case 0xE0: secondOK = second >= 0xA0 && second <= 0xBF   // no overlongs
-            case 0xED: secondOK = second >= 0x80 && second <= 0x9F   // no surrogates
+            case 0xE0: secondOK = second >= 0xA0 && second <= 0xBF  // no overlongs
+            case 0xED: secondOK = second >= 0x80 && second <= 0x9F  // no surrogates
             default: secondOK = isContinuation(second)
             }
             return secondOK && isContinuation(byte(2)) ? 3 : 0
@@ -885,8 +889,8 @@ private struct _JSONParser {
             let second = byte(1)
             let secondOK: Bool
             switch lead {
-            case 0xF0: secondOK = second >= 0x90 && second <= 0xBF   // no overlongs
-            case 0xF4: secondOK = second >= 0x80 && second <= 0x8F   // ≤ U+10FFFF
+            case 0xF0: secondOK = second >= 0x90 && second <= 0xBF  // no overlongs
+            case 0xF4: secondOK = second >= 0x80 && second <= 0x8F  // ≤ U+10FFFF
             default: secondOK = isContinuation(second)
             }
             return secondOK && isContinuation(byte(2)) && isContinuation(byte(3)) ? 4 : 0

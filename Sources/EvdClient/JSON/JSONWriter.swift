@@ -1,4 +1,5 @@
 import OrderedCollections
+
 // Compact JSON output into a byte array. No Foundation.
 
 extension JSONValue {

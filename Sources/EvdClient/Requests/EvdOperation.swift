@@ -40,15 +40,35 @@ public enum EvdOperation: Sendable, Hashable {
 
     /// The ops by name.
     public enum Name: String, Sendable, CaseIterable {
-        case ping, events, stats, subscribe, unsubscribe, execute, executemany
-        case createTable = "create_table", insert, upsert, update, delete, dropTable = "drop_table", describe
-        case begin, commit, rollback
-        case savepoint, releaseSavepoint = "release_savepoint", rollbackSavepoint = "rollback_savepoint"
-        case beginTwophase = "begin_twophase", prepareTwophase = "prepare_twophase"
-        case commitTwophase = "commit_twophase", rollbackTwophase = "rollback_twophase"
+        case ping
+        case events
+        case stats
+        case subscribe
+        case unsubscribe
+        case execute
+        case executemany
+        case createTable = "create_table"
+        case insert
+        case upsert
+        case update
+        case delete
+        case dropTable = "drop_table"
+        case describe
+        case begin
+        case commit
+        case rollback
+        case savepoint
+        case releaseSavepoint = "release_savepoint"
+        case rollbackSavepoint = "rollback_savepoint"
+        case beginTwophase = "begin_twophase"
+        case prepareTwophase = "prepare_twophase"
+        case commitTwophase = "commit_twophase"
+        case rollbackTwophase = "rollback_twophase"
         case recover
         case executionOptions = "execution_options"
-        case emit, login, logout
+        case emit
+        case login
+        case logout
         case createToken = "create_token"
         case invalidate, dispose, reply
     }
@@ -202,7 +222,10 @@ public enum EvdOperation: Sendable, Hashable {
 extension EvdOperation {
     /// `subscribe` (PROTOCOL.md §3, §5). Absent arguments are nil: the daemon's defaults apply.
     public struct Subscribe: Sendable, Hashable {
-        public enum Mode: String, Sendable { case enforce, dryRun = "dry_run" }
+        public enum Mode: String, Sendable {
+            case enforce
+            case dryRun = "dry_run"
+        }
         public enum OnTimeout: String, Sendable { case allow, deny }
         public enum OnOverflow: String, Sendable { case disconnect, drop }
 
@@ -222,9 +245,17 @@ extension EvdOperation {
         public static let timeoutRange: ClosedRange<Int64> = 1...60_000
 
         public init(
-            events: [String]? = nil, veto: [String]? = nil, mode: Mode? = nil, since: Int64? = nil, rows: Bool? = nil,
-            name: String? = nil, timeoutMs: Int64? = nil, onTimeout: OnTimeout? = nil, priority: Int64? = nil,
-            onOverflow: OnOverflow? = nil, where filter: JSONObject? = nil
+            events: [String]? = nil,
+            veto: [String]? = nil,
+            mode: Mode? = nil,
+            since: Int64? = nil,
+            rows: Bool? = nil,
+            name: String? = nil,
+            timeoutMs: Int64? = nil,
+            onTimeout: OnTimeout? = nil,
+            priority: Int64? = nil,
+            onOverflow: OnOverflow? = nil,
+            where filter: JSONObject? = nil
         ) {
             self.events = events
             self.veto = veto
@@ -399,7 +430,9 @@ extension EvdOperation {
         public static let maxExpiresAfter: Int64 = 100 * 365 * 86_400
 
         public init(
-            expiresAfter: Int64? = nil, restrictAll: JSONValue? = nil, restrictDatabase: JSONObject? = nil,
+            expiresAfter: Int64? = nil,
+            restrictAll: JSONValue? = nil,
+            restrictDatabase: JSONObject? = nil,
             restrictResource: JSONObject? = nil
         ) {
             self.expiresAfter = expiresAfter
@@ -486,7 +519,11 @@ extension StructuredOp {
                 object["columns"] = .array(columns.map { ["name": .string($0.name), "type": .string($0.type)] })
             }
             if let rows { object["rows"] = rows.jsonValue }
-            if keys.count == 1 { object["pk"] = .string(keys[0]) } else if !keys.isEmpty { object["pks"] = .array(keys.map(JSONValue.string)) }
+            if keys.count == 1 {
+                object["pk"] = .string(keys[0])
+            } else if !keys.isEmpty {
+                object["pks"] = .array(keys.map(JSONValue.string))
+            }
             if ignore { object["ignore"] = true }
             if replace { object["replace"] = true }
             if alter { object["alter"] = true }

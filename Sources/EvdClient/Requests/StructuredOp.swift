@@ -78,8 +78,14 @@ public enum StructuredOp: Sendable, Hashable {
                 }
             }
             return .createTable(
-                table: table, columns: columns, rows: rows, keys: keys, ignore: ignore ?? false, replace: replace ?? false,
-                alter: alter)
+                table: table,
+                columns: columns,
+                rows: rows,
+                keys: keys,
+                ignore: ignore ?? false,
+                replace: replace ?? false,
+                alter: alter
+            )
         case "insert", "upsert":
             guard let rows = try Self.rows(flatRows, &args) else {
                 throw .badRequest(field: "rows", "missing required argument 'rows'")
@@ -98,7 +104,13 @@ public enum StructuredOp: Sendable, Hashable {
                 throw .badRequest(field: "replace", "Cannot use \"ignore\" and \"replace\" at the same time")
             }
             return .insert(
-                table: table, rows: rows, ignore: ignore ?? false, replace: replace ?? false, alter: alter, returning: returning)
+                table: table,
+                rows: rows,
+                ignore: ignore ?? false,
+                replace: replace ?? false,
+                alter: alter,
+                returning: returning
+            )
         case "update":
             let key = try Self.keyValues(&args)
             let update = try args.requiredObject("update")

@@ -30,7 +30,8 @@ public enum ValueForms {
         case .number(let text):
             throw .badRequest(
                 field: field(),
-                "\(text) is outside SQLite's 64-bit integer range; send it as a string, or with a fraction or exponent for a REAL")
+                "\(text) is outside SQLite's 64-bit integer range; send it as a string, or with a fraction or exponent for a REAL"
+            )
         case .object(let object) where object.count == 1 && object["$real"] != nil:
             guard let real = Self.real(object) else {
                 throw .badRequest(field: field(), #"$real must be "Infinity" or "-Infinity""#)

@@ -15,11 +15,13 @@ public final class AsyncQueue<Element: Sendable>: Sendable {
     }
 
     private enum PushStep {
-        case delivered(CheckedContinuation<Element?, Never>?), full, finished
+        case delivered(CheckedContinuation<Element?, Never>?)
+        case full, finished
     }
 
     private enum PopStep {
-        case item(Element, CheckedContinuation<Void, Never>?), end, wait
+        case item(Element, CheckedContinuation<Void, Never>?)
+        case end, wait
     }
 
     private let state = Mutex(State())

@@ -35,14 +35,22 @@ public enum EventTime {
         var seconds = seconds
         var parts = tm()
         gmtime_r(&seconds, &parts)
-        func two(_ n: Int32) { bytes.append(UInt8(48 + n / 10)); bytes.append(UInt8(48 + n % 10)) }
+        func two(_ n: Int32) {
+            bytes.append(UInt8(48 + n / 10))
+            bytes.append(UInt8(48 + n % 10))
+        }
         let year = Int(parts.tm_year) + 1900
         for divisor in [1000, 100, 10, 1] { bytes.append(UInt8(48 + (year / divisor) % 10)) }
-        bytes.append(UInt8(ascii: "-")); two(parts.tm_mon + 1)
-        bytes.append(UInt8(ascii: "-")); two(parts.tm_mday)
-        bytes.append(UInt8(ascii: "T")); two(parts.tm_hour)
-        bytes.append(UInt8(ascii: ":")); two(parts.tm_min)
-        bytes.append(UInt8(ascii: ":")); two(parts.tm_sec)
+        bytes.append(UInt8(ascii: "-"))
+        two(parts.tm_mon + 1)
+        bytes.append(UInt8(ascii: "-"))
+        two(parts.tm_mday)
+        bytes.append(UInt8(ascii: "T"))
+        two(parts.tm_hour)
+        bytes.append(UInt8(ascii: ":"))
+        two(parts.tm_min)
+        bytes.append(UInt8(ascii: ":"))
+        two(parts.tm_sec)
         bytes.append(UInt8(ascii: "."))
         for divisor in [100_000, 10_000, 1000, 100, 10, 1] { bytes.append(UInt8(48 + (micros / divisor) % 10)) }
         bytes.append(UInt8(ascii: "Z"))

@@ -44,14 +44,19 @@ public enum SocketDirectory {
     /// effective uid. A directory that does not exist passes: there is no socket in it to connect to,
     /// and connecting then fails with its own error. `what` names the directory's role in errors.
     public static func checkParent(
-        of path: String, rule: Rule, what: String = "socket directory"
+        of path: String,
+        rule: Rule,
+        what: String = "socket directory"
     ) throws(Untrusted) {
         try self.check(self.parent(of: path), rule: rule, what: what, missingIsFine: true)
     }
 
     /// Checks `directory` by `rule`; `missingIsFine` lets a directory that does not exist pass.
     public static func check(
-        _ directory: String, rule: Rule, what: String, missingIsFine: Bool = false
+        _ directory: String,
+        rule: Rule,
+        what: String,
+        missingIsFine: Bool = false
     ) throws(Untrusted) {
         var info = stat()
         // The default directory is looked at itself (a symlink there is someone's trap); the
@@ -69,7 +74,8 @@ public enum SocketDirectory {
         if rule == .ownPrivate && (info.st_mode & S_IFMT) == S_IFLNK {
             throw Untrusted(
                 description: "refusing the \(what) \(directory): it is a symlink, not a directory; another user may have "
-                    + "placed it to intercept evd's socket (remove it, or name a socket with --socket or $EVD_SOCKET)")
+                    + "placed it to intercept evd's socket (remove it, or name a socket with --socket or $EVD_SOCKET)"
+            )
         }
         guard (info.st_mode & S_IFMT) == S_IFDIR else {
             throw Untrusted(description: "refusing the \(what) \(directory): it is not a directory")
@@ -80,29 +86,34 @@ public enum SocketDirectory {
                 throw Untrusted(
                     description: "refusing the \(what) \(directory): it belongs to uid \(info.st_uid), not to uid \(me); "
                         + "another user may have made it to intercept evd's socket (remove it, or name a socket with "
-                        + "--socket or $EVD_SOCKET)")
+                        + "--socket or $EVD_SOCKET)"
+                )
             }
             guard !othersWrite else {
                 throw Untrusted(
                     description: "refusing the \(what) \(directory): its mode \(modeText) lets other users replace the "
-                        + "socket in it (chmod 700 it)")
+                        + "socket in it (chmod 700 it)"
+                )
             }
         case .daemonOwned:
             guard info.st_uid == me || info.st_uid == 0 else {
                 throw Untrusted(
                     description: "refusing the \(what) \(directory): it belongs to uid \(info.st_uid), not to evd's uid "
-                        + "\(me) or root, and its owner could replace or delete what evd keeps there")
+                        + "\(me) or root, and its owner could replace or delete what evd keeps there"
+                )
             }
             guard !othersWrite || (sticky && info.st_uid == 0) else {
                 throw Untrusted(
                     description: "refusing the \(what) \(directory): its mode \(modeText) lets other users replace or "
-                        + "delete what evd keeps there (chmod go-w it, or use a directory only evd's user can write)")
+                        + "delete what evd keeps there (chmod go-w it, or use a directory only evd's user can write)"
+                )
             }
         case .clientShared:
             guard !othersWrite || (sticky && (info.st_uid == 0 || info.st_uid == me)) else {
                 throw Untrusted(
                     description: "refusing the \(what) \(directory): its mode \(modeText) (owner uid \(info.st_uid)) "
-                        + "lets other users replace the socket in it with their own")
+                        + "lets other users replace the socket in it with their own"
+                )
             }
         }
     }

@@ -1,9 +1,10 @@
+import EvdClient
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import EvdClient
 
 /// The process on the other end of a connection, from its peer credentials (PROTOCOL.md §8).
 public struct Actor: Sendable, Equatable {

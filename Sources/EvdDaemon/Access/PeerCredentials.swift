@@ -1,9 +1,10 @@
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import NIOCore
 
 /// Mirror of Linux's `struct ucred` (Glibc does not export it to Swift): what `SO_PEERCRED` returns.
 struct PeerCredentials: Sendable, Equatable {

@@ -1,10 +1,11 @@
+import CSQLite
+import EvdClient
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import EvdClient
 
 /// The actions of PROTOCOL.md §8, by Datasette's names.
 public enum Action: String, Sendable, CaseIterable {
@@ -251,7 +252,10 @@ struct SQLPolicy: Sendable {
     /// the statement before preparing it; `changesSchema`: whether the statement is DDL (whose
     /// bookkeeping writes SQLite's own tables).
     func refusal(
-        _ code: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?, facts: StatementFacts,
+        _ code: Int32,
+        _ first: UnsafePointer<CChar>?,
+        _ second: UnsafePointer<CChar>?,
+        facts: StatementFacts,
         changesSchema: Bool
     ) -> (Action, String?)? {
         func name(_ pointer: UnsafePointer<CChar>?) -> String? { pointer.map { String(cString: $0) } }

@@ -102,7 +102,10 @@ extension SQLScanner {
     /// The tokens of `bytes`, stopping after `limit` tokens or at a top-level `;` if `oneStatement`;
     /// only those outside parentheses if `topLevelOnly` (and then no punctuation).
     static func tokens(
-        _ bytes: some Collection<UInt8>, limit: Int = 4096, oneStatement: Bool = false, topLevelOnly: Bool = false
+        _ bytes: some Collection<UInt8>,
+        limit: Int = 4096,
+        oneStatement: Bool = false,
+        topLevelOnly: Bool = false
     ) -> [Token] {
         let bytes = Array(bytes)
         var tokens: [Token] = []

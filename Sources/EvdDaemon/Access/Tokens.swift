@@ -1,10 +1,11 @@
+import Crypto
+import EvdClient
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import Crypto
-import EvdClient
 
 /// What a token actor shows of its token on the wire (`"token":{"expires":…}`); never the token.
 public struct ActorToken: Sendable, Equatable {
@@ -134,7 +135,8 @@ extension TokenRestrictions {
             let request = EvdOperation.CreateToken(
                 restrictAll: arguments.value("restrict_all").flatMap { $0.isNull ? nil : $0 },
                 restrictDatabase: try arguments.object("restrict_database"),
-                restrictResource: try arguments.object("restrict_resource"))
+                restrictResource: try arguments.object("restrict_resource")
+            )
             try arguments.finish()
             self = try Self.parse(request).restrictions
         } catch {
@@ -250,7 +252,9 @@ final class TokenAuthority: Sendable {
         }
         guard info.st_mode & 0o077 == 0 else {
             throw SecretError(
-                description: "the token secret \(path) has mode 0\(String(info.st_mode & 0o777, radix: 8)): others may read it; chmod 600 it (or delete it to revoke every token)")
+                description:
+                    "the token secret \(path) has mode 0\(String(info.st_mode & 0o777, radix: 8)): others may read it; chmod 600 it (or delete it to revoke every token)"
+            )
         }
         guard info.st_uid == geteuid() else {
             throw SecretError(description: "the token secret \(path) belongs to uid \(info.st_uid), not to evd's uid \(geteuid())")
@@ -267,7 +271,10 @@ final class TokenAuthority: Sendable {
             count += n
         }
         guard count == Self.secretBytes else {
-            throw SecretError(description: "the token secret \(path) holds \(count == bytes.count ? "more than \(Self.secretBytes)" : "\(count)") bytes, not \(Self.secretBytes)")
+            throw SecretError(
+                description:
+                    "the token secret \(path) holds \(count == bytes.count ? "more than \(Self.secretBytes)" : "\(count)") bytes, not \(Self.secretBytes)"
+            )
         }
         return SymmetricKey(data: bytes.prefix(Self.secretBytes))
     }

@@ -1,5 +1,5 @@
-import OrderedCollections
 import EvdClient
+import OrderedCollections
 
 /// The families of PROTOCOL.md §6.
 public enum EventFamily: String, Sendable, CaseIterable {
@@ -98,119 +98,279 @@ extension EventKind {
     ]
 
     private static func s(
-        _ name: String, _ family: EventFamily, vetoable: Bool = false, mutable: [String] = [],
-        _ properties: P, _ description: String
+        _ name: String,
+        _ family: EventFamily,
+        vetoable: Bool = false,
+        mutable: [String] = [],
+        _ properties: P,
+        _ description: String
     ) -> EventSpec {
         EventSpec(
-            name: name, family: family, vetoable: vetoable, mutable: mutable,
-            properties: properties, description: description)
+            name: name,
+            family: family,
+            vetoable: vetoable,
+            mutable: mutable,
+            properties: properties,
+            description: description
+        )
     }
 
     /// The catalog, in `EventKind` order.
     public static let specs: [EventSpec] = [
         s("connect", .pool, poolProps, "A new SQLite connection was opened for the pool."),
-        s("first_connect", .pool, poolProps,
-          "The first connection of a database's pool was opened (again after dispose, which makes a new pool)."),
-        s("checkout", .pool, vetoable: true, poolProps,
-          "A session took a connection from the pool; deny means the connection is no good: it is invalidated and another is tried (2 attempts in all)."),
+        s(
+            "first_connect",
+            .pool,
+            poolProps,
+            "The first connection of a database's pool was opened (again after dispose, which makes a new pool)."
+        ),
+        s(
+            "checkout",
+            .pool,
+            vetoable: true,
+            poolProps,
+            "A session took a connection from the pool; deny means the connection is no good: it is invalidated and another is tried (2 attempts in all)."
+        ),
         s("checkin", .pool, poolProps, "A connection went back to the pool (not a detached one: it does not go back)."),
-        s("reset", .pool, poolProps + [("rolled_back", "boolean: an open transaction was rolled back")],
-          "A connection returned to the pool was reset (any open transaction rolled back)."),
-        s("invalidate", .pool, poolProps + [errorProp],
-          "A connection was invalidated and closed: an I/O, corruption or not-a-database error, a denied checkout, or the admin op invalidate."),
-        s("soft_invalidate", .pool, poolProps + [errorProp],
-          "A connection was marked to be closed when it is next checked in (the admin op invalidate with soft)."),
+        s(
+            "reset",
+            .pool,
+            poolProps + [("rolled_back", "boolean: an open transaction was rolled back")],
+            "A connection returned to the pool was reset (any open transaction rolled back)."
+        ),
+        s(
+            "invalidate",
+            .pool,
+            poolProps + [errorProp],
+            "A connection was invalidated and closed: an I/O, corruption or not-a-database error, a denied checkout, or the admin op invalidate."
+        ),
+        s(
+            "soft_invalidate",
+            .pool,
+            poolProps + [errorProp],
+            "A connection was marked to be closed when it is next checked in (the admin op invalidate with soft)."
+        ),
         s("close", .pool, poolProps, "A pooled connection was closed."),
-        s("detach", .pool, poolProps,
-          "A checked-out connection was detached from its pool (the admin op dispose): when its session gives it back it is reset and closed (close_detached), with no checkin."),
+        s(
+            "detach",
+            .pool,
+            poolProps,
+            "A checked-out connection was detached from its pool (the admin op dispose): when its session gives it back it is reset and closed (close_detached), with no checkin."
+        ),
         s("close_detached", .pool, poolProps, "A detached connection was closed."),
 
-        s("engine_connect", .connection, poolProps + [("branch", "boolean: always false")],
-          "A session began using a pooled connection (for a request, or from begin to commit/rollback)."),
-        s("before_execute", .connection, vetoable: true, mutable: ["request"], request,
-          "A request that runs SQL is about to run."),
-        s("after_execute", .connection, request + [("changes", "integer: rows changed")],
-          "A request that runs SQL has run."),
-        s("before_cursor_execute", .connection, vetoable: true, mutable: ["statement", "parameters"], cursor,
-          "A statement is about to be executed."),
-        s("after_cursor_execute", .connection,
-          cursor + [("rowcount", "integer: rows changed (-1 for a read)"), ("duration_us", "integer: microseconds")],
-          "A statement was executed."),
-        s("begin", .connection, vetoable: true, [db, conn, ("implicit", "boolean: the request's own transaction")],
-          "A transaction began."),
-        s("commit", .connection, vetoable: true, [db, conn, ("implicit", "boolean")],
-          "A transaction is committing; deny rolls it back."),
+        s(
+            "engine_connect",
+            .connection,
+            poolProps + [("branch", "boolean: always false")],
+            "A session began using a pooled connection (for a request, or from begin to commit/rollback)."
+        ),
+        s(
+            "before_execute",
+            .connection,
+            vetoable: true,
+            mutable: ["request"],
+            request,
+            "A request that runs SQL is about to run."
+        ),
+        s(
+            "after_execute",
+            .connection,
+            request + [("changes", "integer: rows changed")],
+            "A request that runs SQL has run."
+        ),
+        s(
+            "before_cursor_execute",
+            .connection,
+            vetoable: true,
+            mutable: ["statement", "parameters"],
+            cursor,
+            "A statement is about to be executed."
+        ),
+        s(
+            "after_cursor_execute",
+            .connection,
+            cursor + [("rowcount", "integer: rows changed (-1 for a read)"), ("duration_us", "integer: microseconds")],
+            "A statement was executed."
+        ),
+        s(
+            "begin",
+            .connection,
+            vetoable: true,
+            [db, conn, ("implicit", "boolean: the request's own transaction")],
+            "A transaction began."
+        ),
+        s(
+            "commit",
+            .connection,
+            vetoable: true,
+            [db, conn, ("implicit", "boolean")],
+            "A transaction is committing; deny rolls it back."
+        ),
         s("rollback", .connection, [db, conn, ("implicit", "boolean")], "A transaction was rolled back."),
         s("savepoint", .connection, vetoable: true, [db, conn, ("name", "string")], "A savepoint was set."),
         s("release_savepoint", .connection, [db, conn, ("name", "string")], "A savepoint was released."),
         s("rollback_savepoint", .connection, [db, conn, ("name", "string")], "A savepoint was rolled back to."),
         s("begin_twophase", .connection, [db, conn, xid], "A two-phase transaction began."),
         s("prepare_twophase", .connection, [db, conn, xid], "A two-phase transaction was prepared."),
-        s("commit_twophase", .connection, [db, conn, xid, ("is_prepared", "boolean")],
-          "A two-phase transaction is committing: fired before the COMMIT, so its committed events follow it."),
-        s("rollback_twophase", .connection, [db, conn, xid, ("is_prepared", "boolean")],
-          "A two-phase transaction was rolled back."),
-        s("handle_error", .connection, vetoable: true, mutable: ["error"], [db, conn] + stmt + [errorProp],
-          "A statement failed; error is what the client receives (a listener may rewrite it)."),
-        s("dbapi_error", .connection, [db, conn] + stmt + [errorProp],
-          "A statement failed (fired just before handle_error, as SQLAlchemy's legacy event)."),
-        s("engine_disposed", .connection, [db],
-          "A database's pool was disposed (the admin op dispose, or shutdown): fired after its idle connections closed and its checked-out ones were detached."),
-        s("set_connection_execution_options", .connection, [("options", "object: the options set")],
-          "A session set execution options for itself."),
-        s("set_engine_execution_options", .connection, [("options", "object: the options set")],
-          "An admin set execution options for every session."),
+        s(
+            "commit_twophase",
+            .connection,
+            [db, conn, xid, ("is_prepared", "boolean")],
+            "A two-phase transaction is committing: fired before the COMMIT, so its committed events follow it."
+        ),
+        s(
+            "rollback_twophase",
+            .connection,
+            [db, conn, xid, ("is_prepared", "boolean")],
+            "A two-phase transaction was rolled back."
+        ),
+        s(
+            "handle_error",
+            .connection,
+            vetoable: true,
+            mutable: ["error"],
+            [db, conn] + stmt + [errorProp],
+            "A statement failed; error is what the client receives (a listener may rewrite it)."
+        ),
+        s(
+            "dbapi_error",
+            .connection,
+            [db, conn] + stmt + [errorProp],
+            "A statement failed (fired just before handle_error, as SQLAlchemy's legacy event)."
+        ),
+        s(
+            "engine_disposed",
+            .connection,
+            [db],
+            "A database's pool was disposed (the admin op dispose, or shutdown): fired after its idle connections closed and its checked-out ones were detached."
+        ),
+        s(
+            "set_connection_execution_options",
+            .connection,
+            [("options", "object: the options set")],
+            "A session set execution options for itself."
+        ),
+        s(
+            "set_engine_execution_options",
+            .connection,
+            [("options", "object: the options set")],
+            "An admin set execution options for every session."
+        ),
 
-        s("do_connect", .dialect, vetoable: true, mutable: ["pragmas"],
-          [db, ("path", "string: the database file"), ("flags", "array of strings: the sqlite3_open_v2 flags"),
-           ("pragmas", "object: pragma → value, applied after opening")],
-          "A SQLite connection is about to be opened; deny refuses it, modify pragmas changes what is applied."),
-        s("do_execute", .dialect, vetoable: true, [db, conn] + stmt,
-          "A statement with parameters is about to be stepped."),
-        s("do_execute_no_params", .dialect, vetoable: true, [db, conn] + stmt,
-          "A statement without parameters is about to be stepped."),
-        s("do_executemany", .dialect, vetoable: true, [db, conn] + stmt,
-          "A statement is about to be stepped once per parameter set."),
+        s(
+            "do_connect",
+            .dialect,
+            vetoable: true,
+            mutable: ["pragmas"],
+            [
+                db, ("path", "string: the database file"), ("flags", "array of strings: the sqlite3_open_v2 flags"),
+                ("pragmas", "object: pragma → value, applied after opening"),
+            ],
+            "A SQLite connection is about to be opened; deny refuses it, modify pragmas changes what is applied."
+        ),
+        s(
+            "do_execute",
+            .dialect,
+            vetoable: true,
+            [db, conn] + stmt,
+            "A statement with parameters is about to be stepped."
+        ),
+        s(
+            "do_execute_no_params",
+            .dialect,
+            vetoable: true,
+            [db, conn] + stmt,
+            "A statement without parameters is about to be stepped."
+        ),
+        s(
+            "do_executemany",
+            .dialect,
+            vetoable: true,
+            [db, conn] + stmt,
+            "A statement is about to be stepped once per parameter set."
+        ),
 
         s("before_create", .ddl, vetoable: true, ddlProps, "A table, index, view or trigger is about to be created."),
         s("after_create", .ddl, ddlProps, "A table, index, view or trigger was created."),
         s("before_drop", .ddl, vetoable: true, ddlProps, "A table, index, view or trigger is about to be dropped."),
         s("after_drop", .ddl, ddlProps, "A table, index, view or trigger was dropped."),
-        s("before_parent_attach", .ddl, vetoable: true,
-          [db, ("target", "object: the column {name, type}"), ("parent", "object: the table {kind, name}")],
-          "A column is about to join a table (create, or ALTER TABLE ... ADD COLUMN)."),
-        s("after_parent_attach", .ddl,
-          [db, ("target", "object: the column {name, type}"), ("parent", "object: the table {kind, name}")],
-          "A column joined a table."),
-        s("column_reflect", .ddl, vetoable: true, mutable: ["column"],
-          [db, ("table", "string"), ("column", "object {name, type, notnull, default, pk}")],
-          "A column of a table was reflected (describe); a modified column is what describe returns."),
+        s(
+            "before_parent_attach",
+            .ddl,
+            vetoable: true,
+            [db, ("target", "object: the column {name, type}"), ("parent", "object: the table {kind, name}")],
+            "A column is about to join a table (create, or ALTER TABLE ... ADD COLUMN)."
+        ),
+        s(
+            "after_parent_attach",
+            .ddl,
+            [db, ("target", "object: the column {name, type}"), ("parent", "object: the table {kind, name}")],
+            "A column joined a table."
+        ),
+        s(
+            "column_reflect",
+            .ddl,
+            vetoable: true,
+            mutable: ["column"],
+            [db, ("table", "string"), ("column", "object {name, type, notnull, default, pk}")],
+            "A column of a table was reflected (describe); a modified column is what describe returns."
+        ),
 
         s("login", .datasette, [("method", "string: peercred or token")], "An actor logged in (connected, or the login op)."),
         s("logout", .datasette, [], "An actor logged out (the logout op, or disconnected)."),
-        s("create-token", .datasette,
-          [("expires_after", "integer or null: seconds"), ("restrict_all", "array of actions"),
-           ("restrict_database", "object: database → actions"), ("restrict_resource", "object: database → table → actions")],
-          "A token was created (never the token itself)."),
-        s("create-table", .datasette, [db, ("table", "string"), ("schema", "string: the CREATE statement")],
-          "A table was created."),
+        s(
+            "create-token",
+            .datasette,
+            [
+                ("expires_after", "integer or null: seconds"), ("restrict_all", "array of actions"),
+                ("restrict_database", "object: database → actions"), ("restrict_resource", "object: database → table → actions"),
+            ],
+            "A token was created (never the token itself)."
+        ),
+        s(
+            "create-table",
+            .datasette,
+            [db, ("table", "string"), ("schema", "string: the CREATE statement")],
+            "A table was created."
+        ),
         s("drop-table", .datasette, [db, ("table", "string")], "A table was dropped."),
-        s("alter-table", .datasette,
-          [db, ("table", "string"), ("before_schema", "string"), ("after_schema", "string")], "A table was altered."),
-        s("insert-rows", .datasette,
-          [db, ("table", "string"), ("num_rows", "integer"), ("ignore", "boolean"), ("replace", "boolean"),
-           ("rows", "array of objects (subscriptions with rows: true)")],
-          "Rows were inserted."),
-        s("upsert-rows", .datasette,
-          [db, ("table", "string"), ("num_rows", "integer"), ("rows", "array of objects (rows: true)")],
-          "Rows were upserted."),
-        s("update-row", .datasette,
-          [db, ("table", "string"), ("pks", "array: the row's primary key values"),
-           ("before", "object (rows: true)"), ("after", "object (rows: true)")],
-          "A row was updated."),
-        s("delete-row", .datasette,
-          [db, ("table", "string"), ("pks", "array: the row's primary key values"), ("before", "object (rows: true)")],
-          "A row was deleted."),
+        s(
+            "alter-table",
+            .datasette,
+            [db, ("table", "string"), ("before_schema", "string"), ("after_schema", "string")],
+            "A table was altered."
+        ),
+        s(
+            "insert-rows",
+            .datasette,
+            [
+                db, ("table", "string"), ("num_rows", "integer"), ("ignore", "boolean"), ("replace", "boolean"),
+                ("rows", "array of objects (subscriptions with rows: true)"),
+            ],
+            "Rows were inserted."
+        ),
+        s(
+            "upsert-rows",
+            .datasette,
+            [db, ("table", "string"), ("num_rows", "integer"), ("rows", "array of objects (rows: true)")],
+            "Rows were upserted."
+        ),
+        s(
+            "update-row",
+            .datasette,
+            [
+                db, ("table", "string"), ("pks", "array: the row's primary key values"),
+                ("before", "object (rows: true)"), ("after", "object (rows: true)"),
+            ],
+            "A row was updated."
+        ),
+        s(
+            "delete-row",
+            .datasette,
+            [db, ("table", "string"), ("pks", "array: the row's primary key values"), ("before", "object (rows: true)")],
+            "A row was deleted."
+        ),
         s("rename-table", .datasette, [db, ("old_table", "string"), ("new_table", "string")], "A table was renamed."),
     ]
 }

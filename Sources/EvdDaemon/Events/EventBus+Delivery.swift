@@ -46,8 +46,13 @@ extension EventBus {
                 }
                 for range in accepted {
                     let delivery = RunDelivery(
-                        run: run, range: range, seq: numbered.seq, time: time, subscription: subscription.id,
-                        rows: subscription.wantsRows)
+                        run: run,
+                        range: range,
+                        seq: numbered.seq,
+                        time: time,
+                        subscription: subscription.id,
+                        rows: subscription.wantsRows
+                    )
                     if let wakeup = subscription.outbox.enqueue(run: delivery, policy: subscription.overflow) {
                         wakeups.append(wakeup)
                     }

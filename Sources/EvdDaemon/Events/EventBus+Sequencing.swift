@@ -86,8 +86,13 @@ extension EventBus {
     /// A custom (or daemon) event's bytes, made once for the journal and every subscriber.
     func entry(name: String, kind: EventKind?, origin: EventOrigin, properties: JSONObject) -> JournalEntry {
         JournalEntry(
-            name: name, kind: kind, origin: origin, properties: properties, body: WireLines.body(origin, properties),
-            imagesBody: nil)
+            name: name,
+            kind: kind,
+            origin: origin,
+            properties: properties,
+            body: WireLines.body(origin, properties),
+            imagesBody: nil
+        )
     }
 
     /// Hands out `count` consecutive seqs for events to be journaled before they are published.
@@ -123,7 +128,9 @@ extension EventBus {
     /// in `wanted` (`entries(of:_:origin:wanted:)`): nobody would receive them. Should a
     /// subscription that wants them come before they are queued, the batch is made again.
     func complete(
-        _ reservation: SeqReservation, batch: Int = 512, making make: (Range<Int>, _ wanted: UInt64) -> [Publication]
+        _ reservation: SeqReservation,
+        batch: Int = 512,
+        making make: (Range<Int>, _ wanted: UInt64) -> [Publication]
     ) {
         var start = 0
         repeat {
@@ -195,7 +202,9 @@ extension EventBus {
     /// them; returns their seqs, in order. Journaled, they have consecutive seqs (one reservation)
     /// and share one commit, with other callers' too (`Journal.appendToState`).
     func publishJournaled(
-        _ events: [(name: String, kind: EventKind?, properties: JSONObject)], origin: EventOrigin, journal: (any StateJournal)?
+        _ events: [(name: String, kind: EventKind?, properties: JSONObject)],
+        origin: EventOrigin,
+        journal: (any StateJournal)?
     ) async throws -> [Int64] {
         guard let journal, journal.isEnabled else {
             return events.map { self.publish(name: $0.name, kind: $0.kind, origin: origin, properties: $0.properties) }

@@ -20,15 +20,29 @@ extension EventBus {
     /// reaches the subscriber before any of them.
     @discardableResult
     func subscribe(
-        session: UInt64, name: String?, patterns: [EventPattern], filter: WhereFilter,
-        overflow: OverflowPolicy, wantsRows: Bool, outbox: Outbox, visibility: EventVisibility? = nil,
+        session: UInt64,
+        name: String?,
+        patterns: [EventPattern],
+        filter: WhereFilter,
+        overflow: OverflowPolicy,
+        wantsRows: Bool,
+        outbox: Outbox,
+        visibility: EventVisibility? = nil,
         veto: ((Int) -> VetoListener)? = nil,
         registered: (Subscription, _ head: Int64, _ stable: Int64) -> Void = { _, _, _ in }
     ) -> Subscription {
         let (subscription, head, stable) = self.state.withLock { state in
             let subscription = Subscription(
-                id: state.nextSubscription, session: session, name: name, patterns: patterns, filter: filter,
-                overflow: overflow, wantsRows: wantsRows, outbox: outbox, visibility: visibility)
+                id: state.nextSubscription,
+                session: session,
+                name: name,
+                patterns: patterns,
+                filter: filter,
+                overflow: overflow,
+                wantsRows: wantsRows,
+                outbox: outbox,
+                visibility: visibility
+            )
             state.nextSubscription += 1
             // Held before anything can be queued for the subscription (delivery and the veto
             // chain find it only under this lock).

@@ -1,11 +1,12 @@
+import CSQLite
+import EvdClient
+import NIOCore
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import EvdClient
-import NIOCore
 
 /// Row images in the compact binary form the pre-update hook records and the journal keeps; JSON
 /// is made from it only for a `rows: true` subscriber, live or replaying, and always by
@@ -177,7 +178,12 @@ enum RowImage {
     /// `,"before":{…}` (delete-row), `,"rows":[{…},…]` (insert-rows, upsert-rows). An image is
     /// one slot per row: `varint 0` for none (`null`), else `varint k+1` and a row whose columns
     /// are named by `columns[k]`; insert-rows and upsert-rows start with the number of rows.
-    static func render(event image: UnsafeRawBufferPointer, kind: EventKind, columns: [ColumnKeys], into out: inout [UInt8])
+    static func render(
+        event image: UnsafeRawBufferPointer,
+        kind: EventKind,
+        columns: [ColumnKeys],
+        into out: inout [UInt8]
+    )
         -> Bool
     {
         var position = 0
@@ -204,7 +210,10 @@ enum RowImage {
 
     /// Writes one row slot as a JSON object (or `null`).
     private static func render(
-        slot bytes: UnsafeRawBufferPointer, _ position: inout Int, _ columns: [ColumnKeys], into out: inout [UInt8]
+        slot bytes: UnsafeRawBufferPointer,
+        _ position: inout Int,
+        _ columns: [ColumnKeys],
+        into out: inout [UInt8]
     ) -> Bool {
         guard let set = Self.readVarint(bytes, &position) else { return false }
         guard set > 0 else {
@@ -282,8 +291,14 @@ final class EventRun: Sendable {
     let columns: [ColumnKeys]
 
     init(
-        kind: EventKind, origin: EventOrigin, common: [UInt8], tails: [UInt8], tailEnds: [Int], images: [UInt8],
-        imageEnds: [Int], columns: [ColumnKeys]
+        kind: EventKind,
+        origin: EventOrigin,
+        common: [UInt8],
+        tails: [UInt8],
+        tailEnds: [Int],
+        images: [UInt8],
+        imageEnds: [Int],
+        columns: [ColumnKeys]
     ) {
         self.kind = kind
         self.origin = origin
@@ -309,9 +324,13 @@ final class EventRun: Sendable {
         self.tails.withUnsafeBufferPointer { tails in
             self.images.withUnsafeBytes { images in
                 EventLine.appendBody(
-                    common: self.common, tail: UnsafeBufferPointer(rebasing: tails[self.tailRange(index)]),
-                    image: rows ? UnsafeRawBufferPointer(rebasing: images[self.imageRange(index)]) : nil, kind: self.kind,
-                    columns: self.columns, to: &out)
+                    common: self.common,
+                    tail: UnsafeBufferPointer(rebasing: tails[self.tailRange(index)]),
+                    image: rows ? UnsafeRawBufferPointer(rebasing: images[self.imageRange(index)]) : nil,
+                    kind: self.kind,
+                    columns: self.columns,
+                    to: &out
+                )
             }
         }
     }
@@ -399,7 +418,7 @@ struct PackedRun {
 
     /// Visits each event's tail and image in order; stops early when `visit` returns false.
     /// Returns false when the bytes end too soon.
-    func forEach(_ visit: (_ index: Int, _ tail: UnsafeRawBufferPointer, _ image: UnsafeRawBufferPointer) -> Bool) -> Bool {
+    func forEachEvent(_ visit: (_ index: Int, _ tail: UnsafeRawBufferPointer, _ image: UnsafeRawBufferPointer) -> Bool) -> Bool {
         var position = self.eventsStart
         for index in 0..<self.count {
             guard let tailCount = RowImage.readLength(self.bytes, &position) else { return false }
@@ -420,8 +439,12 @@ enum EventLine {
     /// has images — the images' JSON members before the tail's closing `}`.
     @inline(__always)
     static func appendBody(
-        common: some Collection<UInt8>, tail: UnsafeBufferPointer<UInt8>, image: UnsafeRawBufferPointer?, kind: EventKind,
-        columns: [ColumnKeys], to out: inout [UInt8]
+        common: some Collection<UInt8>,
+        tail: UnsafeBufferPointer<UInt8>,
+        image: UnsafeRawBufferPointer?,
+        kind: EventKind,
+        columns: [ColumnKeys],
+        to out: inout [UInt8]
     ) {
         out.append(contentsOf: common)
         guard let image, !image.isEmpty, tail.count >= 2 else {
@@ -456,7 +479,8 @@ struct RunDelivery {
 
     /// About what the events take written (their images' JSON guessed at three times their size).
     var byteCount: Int {
-        let tails = self.range.isEmpty ? 0 : self.run.tailEnds[self.range.upperBound - 1] - self.run.tailRange(self.range.lowerBound).lowerBound
+        let tails =
+            self.range.isEmpty ? 0 : self.run.tailEnds[self.range.upperBound - 1] - self.run.tailRange(self.range.lowerBound).lowerBound
         var bytes = tails + self.count * (self.run.common.count + 96 + self.time.count)
         if self.rows, !self.range.isEmpty {
             bytes += 3 * (self.run.imageEnds[self.range.upperBound - 1] - self.run.imageRange(self.range.lowerBound).lowerBound)
@@ -467,8 +491,13 @@ struct RunDelivery {
     /// The first `count` of these events (what fits when the rest overflows).
     func prefix(_ count: Int) -> RunDelivery {
         RunDelivery(
-            run: self.run, range: self.range.lowerBound..<(self.range.lowerBound + count), seq: self.seq, time: self.time,
-            subscription: self.subscription, rows: self.rows)
+            run: self.run,
+            range: self.range.lowerBound..<(self.range.lowerBound + count),
+            seq: self.seq,
+            time: self.time,
+            subscription: self.subscription,
+            rows: self.rows
+        )
     }
 
     /// Every event's line, one after another.
@@ -504,9 +533,13 @@ struct RunDelivery {
                     WireLines.appendStart(seq: self.seq + Int64(index), to: &out)
                     out += middle
                     EventLine.appendBody(
-                        common: run.common, tail: UnsafeBufferPointer(rebasing: tails[run.tailRange(index)]),
+                        common: run.common,
+                        tail: UnsafeBufferPointer(rebasing: tails[run.tailRange(index)]),
                         image: self.rows ? UnsafeRawBufferPointer(rebasing: images[run.imageRange(index)]) : nil,
-                        kind: run.kind, columns: run.columns, to: &out)
+                        kind: run.kind,
+                        columns: run.columns,
+                        to: &out
+                    )
                     written(&out)
                 }
             }

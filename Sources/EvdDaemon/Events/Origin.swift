@@ -1,10 +1,11 @@
+import EvdClient
+
 #if canImport(Glibc)
 import OrderedCollections
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import EvdClient
 
 /// Whose work caused an event: a session and its actor, or the daemon itself (both `null`).
 ///

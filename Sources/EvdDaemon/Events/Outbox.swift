@@ -1,7 +1,7 @@
-import OrderedCollections
 import DequeModule
 import EvdClient
 import NIOCore
+import OrderedCollections
 import Synchronization
 
 /// A connection's outbound queue: responses, notices and events, drained on the connection's event loop.
@@ -284,7 +284,14 @@ final class Outbox: Sendable {
                 state.queuedEvents[event.subscription, default: 0] + state.parkedEvents[event.subscription, default: 0]
                 + (state.held == nil ? 0 : state.heldEvents[event.subscription, default: 0])  // held: rarely
             if queued >= self.limits.maxEventsPerSubscription || state.queuedBytes + event.byteCount > self.limits.maxBytes {
-                return self.overflow(&state, subscription: event.subscription, policy: policy, queued: queued, from: event.seq, to: event.seq)
+                return self.overflow(
+                    &state,
+                    subscription: event.subscription,
+                    policy: policy,
+                    queued: queued,
+                    from: event.seq,
+                    to: event.seq
+                )
             }
             return self.append(&state, .event(event), subscription: event.subscription, events: 1, bytes: event.byteCount)
         }
@@ -314,8 +321,14 @@ final class Outbox: Sendable {
                 wakeup = self.append(&state, .run(part), subscription: subscription, events: fits, bytes: part.byteCount)
             }
             let more = self.overflow(
-                &state, subscription: subscription, policy: policy, queued: queued + fits, from: run.firstSeq + Int64(fits),
-                to: run.lastSeq, count: run.count - fits)
+                &state,
+                subscription: subscription,
+                policy: policy,
+                queued: queued + fits,
+                from: run.firstSeq + Int64(fits),
+                to: run.lastSeq,
+                count: run.count - fits
+            )
             return wakeup ?? more
         }
     }
@@ -327,7 +340,11 @@ final class Outbox: Sendable {
             // The notice of what was dropped goes where the chunk goes, just before it.
             if state.parked[subscription] == nil, let record = state.drops.removeValue(forKey: subscription) {
                 let notice = WireLines.laggedDroppedNotice(
-                    subscription: subscription, dropped: record.count, from: record.from, to: record.to)
+                    subscription: subscription,
+                    dropped: record.count,
+                    from: record.from,
+                    to: record.to
+                )
                 state.held!.append(.line(notice))
                 state.heldLineBytes += notice.count
             }
@@ -347,7 +364,8 @@ final class Outbox: Sendable {
         if let record = state.drops.removeValue(forKey: subscription) {
             Self.appendLine(
                 &state,
-                WireLines.laggedDroppedNotice(subscription: subscription, dropped: record.count, from: record.from, to: record.to))
+                WireLines.laggedDroppedNotice(subscription: subscription, dropped: record.count, from: record.from, to: record.to)
+            )
         }
         state.chunks.append(chunk)
         state.queuedEvents[subscription, default: 0] += events
@@ -359,7 +377,13 @@ final class Outbox: Sendable {
     /// A subscription's queue is full for events `from...to` (`count` of them): its overflow
     /// policy decides. `queued`: how many of its events are queued.
     private func overflow(
-        _ state: inout State, subscription: Int, policy: OverflowPolicy, queued: Int, from: Int64, to: Int64, count: Int = 1
+        _ state: inout State,
+        subscription: Int,
+        policy: OverflowPolicy,
+        queued: Int,
+        from: Int64,
+        to: Int64,
+        count: Int = 1
     ) -> Wakeup? {
         switch policy {
         case .disconnect:

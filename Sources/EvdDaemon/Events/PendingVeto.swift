@@ -1,11 +1,12 @@
+import Dispatch
+import NIOCore
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import Dispatch
-import NIOCore
-import Synchronization
 
 /// One veto waiting for one listener's reply. Resolved exactly once: by a reply, its timeout, the
 /// listener's disconnect, or shutdown — whichever comes first.
@@ -90,7 +91,9 @@ final class PendingVeto: Sendable {
             let resolved = self.state.withLock { state -> VetoDecision? in
                 switch state {
                 case .resolved(let decision): return decision
-                case .waiting: state = .waiting(continuation); return nil
+                case .waiting:
+                    state = .waiting(continuation)
+                    return nil
                 }
             }
             if let resolved { continuation.resume(returning: resolved) }

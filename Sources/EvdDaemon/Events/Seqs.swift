@@ -1,11 +1,12 @@
+import CSQLite
+import EvdClient
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import EvdClient
-import Synchronization
 
 /// The seqs of a group of journaled events, handed out before their commit (`EventBus.reserve`).
 struct SeqReservation: Sendable {
@@ -92,12 +93,17 @@ final class SeqLease: Sendable {
         }
         let context = Unmanaged.passRetained(Work(work)).toOpaque()
         var thread = pthread_t()
-        let rc = pthread_create(&thread, nil, { context in
-            let work = Unmanaged<Work>.fromOpaque(context!).takeRetainedValue()
-            evd_set_thread_name("seq-lease")
-            work.run()
-            return nil
-        }, context)
+        let rc = pthread_create(
+            &thread,
+            nil,
+            { context in
+                let work = Unmanaged<Work>.fromOpaque(context!).takeRetainedValue()
+                evd_set_thread_name("seq-lease")
+                work.run()
+                return nil
+            },
+            context
+        )
         guard rc == 0 else {
             Unmanaged<Work>.fromOpaque(context).release()
             return false

@@ -17,8 +17,15 @@ final class Subscription: Sendable {
     let visibility: EventVisibility?
 
     init(
-        id: Int, session: UInt64, name: String?, patterns: [EventPattern], filter: WhereFilter,
-        overflow: OverflowPolicy, wantsRows: Bool, outbox: Outbox, visibility: EventVisibility? = nil
+        id: Int,
+        session: UInt64,
+        name: String?,
+        patterns: [EventPattern],
+        filter: WhereFilter,
+        overflow: OverflowPolicy,
+        wantsRows: Bool,
+        outbox: Outbox,
+        visibility: EventVisibility? = nil
     ) {
         self.visibility = visibility
         self.id = id
@@ -52,7 +59,10 @@ final class Subscription: Sendable {
     /// Whether an event passes a `where` filter (plain subscriptions and veto listeners alike).
     static func passes(_ filter: WhereFilter, name: String, origin: EventOrigin, properties: JSONObject) -> Bool {
         filter.passes(
-            name: name, session: origin.session.map { .integer($0) } ?? .null,
-            actor: origin.actor.map { .string($0.id) } ?? .null, properties: properties)
+            name: name,
+            session: origin.session.map { .integer($0) } ?? .null,
+            actor: origin.actor.map { .string($0.id) } ?? .null,
+            properties: properties
+        )
     }
 }

@@ -43,9 +43,18 @@ final class VetoListener: Sendable {
     static let tripAfter = 3
 
     init(
-        subscription: Int, session: UInt64, name: String?, kinds: UInt64, priority: Int64, timeout: Duration,
-        onTimeout: VetoPolicy, dryRun: Bool, outbox: Outbox, filter: WhereFilter = .none,
-        visibility: EventVisibility? = nil, scope: EventVisibility? = nil
+        subscription: Int,
+        session: UInt64,
+        name: String?,
+        kinds: UInt64,
+        priority: Int64,
+        timeout: Duration,
+        onTimeout: VetoPolicy,
+        dryRun: Bool,
+        outbox: Outbox,
+        filter: WhereFilter = .none,
+        visibility: EventVisibility? = nil,
+        scope: EventVisibility? = nil
     ) {
         self.visibility = visibility
         self.scope = scope
@@ -113,7 +122,10 @@ enum VetoDecision: Sendable, Equatable {
     case noAnswer(NoAnswer)
 
     enum NoAnswer: String, Sendable {
-        case timeout, disconnected, invalidReply = "invalid_reply", shutdown
+        case timeout
+        case disconnected
+        case invalidReply = "invalid_reply"
+        case shutdown
         /// The listener's unwritten output was at its bound (`--max-queued-bytes`): the veto was
         /// not sent, nor waited for.
         case outboxFull = "outbox_full"
@@ -151,11 +163,13 @@ struct VetoVerdict: Sendable {
     /// The error the client whose work was denied receives.
     func vetoedError(event: String) -> EvdError {
         EvdError(
-            .vetoed, "\(event) was vetoed" + (self.by.map { " by \($0)" } ?? "") + (self.reason.map { ": \($0)" } ?? ""),
+            .vetoed,
+            "\(event) was vetoed" + (self.by.map { " by \($0)" } ?? "") + (self.reason.map { ": \($0)" } ?? ""),
             extra: [
                 "event": .string(event), "by": self.by.map(JSONValue.string) ?? .null,
                 "reason": self.reason.map(JSONValue.string) ?? .null,
-            ])
+            ]
+        )
     }
 }
 

@@ -94,7 +94,9 @@ struct VetoChain {
             let action: String
             switch effective {
             case .allow, .noAnswer: action = "allow"
-            case .deny(let why): action = "deny"; reason = why ?? reason
+            case .deny(let why):
+                action = "deny"
+                reason = why ?? reason
             case .modify: action = "modify"
             }
             self.verdict.dryRun.append([
@@ -154,7 +156,10 @@ extension EventBus {
     /// subscribers with its `outcome`. Returns `nil` when no listener decides `kind` (the event was
     /// emitted as usual and nothing changes); otherwise the verdict.
     func decide(
-        _ kind: EventKind, _ origin: EventOrigin, budget: Duration, eventLoop: any EventLoop,
+        _ kind: EventKind,
+        _ origin: EventOrigin,
+        budget: Duration,
+        eventLoop: any EventLoop,
         _ properties: () -> JSONObject
     ) async -> VetoVerdict? {
         let budget = OperationVetoBudget.current?.remaining(cap: budget) ?? budget
@@ -178,7 +183,10 @@ extension EventBus {
     /// never holds a pooled connection while it thinks), and published after the checkout, so that
     /// plain subscribers still see SQLAlchemy's order: `checkout`, `engine_connect`, `before_execute`.
     func decideAhead(
-        _ kind: EventKind, _ origin: EventOrigin, budget: Duration, eventLoop: any EventLoop,
+        _ kind: EventKind,
+        _ origin: EventOrigin,
+        budget: Duration,
+        eventLoop: any EventLoop,
         _ properties: @escaping () -> JSONObject
     ) async -> DecidedAhead {
         let budget = OperationVetoBudget.current?.remaining(cap: budget) ?? budget
@@ -208,7 +216,10 @@ extension EventBus {
     /// connection the vetoed work runs on), never a cooperative one. `operation` is the request's
     /// budget (a SQLite thread cannot see `OperationVetoBudget.current`).
     func decideBlocking(
-        _ kind: EventKind, _ origin: EventOrigin, budget: Duration, operation: OperationVetoBudget? = nil,
+        _ kind: EventKind,
+        _ origin: EventOrigin,
+        budget: Duration,
+        operation: OperationVetoBudget? = nil,
         _ properties: () -> JSONObject
     ) -> VetoVerdict? {
         let started = ContinuousClock.now
@@ -228,7 +239,11 @@ extension EventBus {
     /// Starts a chain with `budget` (what is left of the request's), or (no listener) returns
     /// `nil` — having emitted the event plainly if `emitPlainly`.
     private func startVeto(
-        _ kind: EventKind, _ origin: EventOrigin, budget: Duration, emitPlainly: Bool, _ properties: () -> JSONObject
+        _ kind: EventKind,
+        _ origin: EventOrigin,
+        budget: Duration,
+        emitPlainly: Bool,
+        _ properties: () -> JSONObject
     ) -> VetoChain? {
         guard self.wantsVeto(kind) else {
             if emitPlainly { self.emit(kind, origin, properties) }
@@ -265,11 +280,17 @@ extension EventBus {
     /// its bound (nothing is sent: `Outbox.enqueue(veto:)`).
     private func ask(_ listener: VetoListener, _ chain: VetoChain) -> Asked {
         let deadline = chain.deadline - .now
-        let deadlineMs = min(listener.timeout, deadline).components.seconds * 1000
+        let deadlineMs =
+            min(listener.timeout, deadline).components.seconds * 1000
             + min(listener.timeout, deadline).components.attoseconds / 1_000_000_000_000_000
         let line = WireLines.veto(
-            seq: chain.verdict.seq, name: chain.kind.name, subscription: listener.subscription, origin: chain.origin,
-            deadlineMs: deadlineMs, properties: chain.verdict.properties)
+            seq: chain.verdict.seq,
+            name: chain.kind.name,
+            subscription: listener.subscription,
+            origin: chain.origin,
+            deadlineMs: deadlineMs,
+            properties: chain.verdict.properties
+        )
         if listener.isTripped {
             // Sent so that a listener that comes back has something to reply to (its reply, late
             // as it is, closes its circuit); not registered, not waited for.

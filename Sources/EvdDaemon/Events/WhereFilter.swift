@@ -41,14 +41,17 @@ struct WhereFilter: Sendable {
             throw EvdError(
                 .badRequest,
                 "'where' lists \(total) values, more than the \(maxValues) evd accepts per subscription (--max-filter-values)",
-                extra: ["field": "where", "limit": "max-filter-values", "max": .integer(maxValues)])
+                extra: ["field": "where", "limit": "max-filter-values", "max": .integer(maxValues)]
+            )
         }
         var clauses: [Clause] = []
         for (property, value) in object {
             let listed = value.arrayValue ?? [value]
             guard listed.allSatisfy(\.isScalar) else {
                 throw EvdError.badRequest(
-                    field: "where.\(property)", "a where value must be a scalar or a list of scalars")
+                    field: "where.\(property)",
+                    "a where value must be a scalar or a list of scalars"
+                )
             }
             clauses.append(Clause(property: property, accepted: Set(listed.map(Self.key))))
         }

@@ -1,10 +1,11 @@
+import NIOCore
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import NIOCore
-import Synchronization
 
 /// A second descriptor of a connection's socket, for writing a line from the thread that made it.
 ///

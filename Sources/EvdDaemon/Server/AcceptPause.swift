@@ -1,11 +1,12 @@
+import Logging
+import NIOCore
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import Logging
-import NIOCore
-import Synchronization
 
 /// Stops evd from spinning on `accept` when it is out of file descriptors, and accepts again once
 /// one may be free.
@@ -112,7 +113,8 @@ final class AcceptPause: Sendable {
                 self.episode = true
                 self.owner.logger.warning(
                     "out of file descriptors: accepting connections is paused until one is free (tried again every \(self.owner.pause.nanoseconds / 1_000_000) ms); raise the limit (ulimit -n, LimitNOFILE=) or lower --max-connections",
-                    metadata: ["error": "\(error)"])
+                    metadata: ["error": "\(error)"]
+                )
             }
             self.pauseReading(context)
         }

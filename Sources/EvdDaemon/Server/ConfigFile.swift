@@ -1,9 +1,10 @@
+import TOMLKit
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import TOMLKit
 
 /// The config file (`evd --config FILE`, TOML; PROTOCOL.md §8). A file that is not valid stops
 /// evd from starting, with the reason: a policy read wrongly would let someone in.
@@ -124,7 +125,9 @@ public struct ConfigFile: Sendable {
                 guard let name = try settings.string("name"), let path = try settings.path("path") else {
                     throw Invalid(description: "\(place): needs name and path")
                 }
-                guard !list.contains(where: { $0.name == name }) else { throw Invalid(description: "\(place): database '\(name)' is given twice") }
+                guard !list.contains(where: { $0.name == name }) else {
+                    throw Invalid(description: "\(place): database '\(name)' is given twice")
+                }
                 list.append(DatabaseConfig(name: name, path: path))
             }
             config.databases = list
@@ -186,7 +189,10 @@ public struct ConfigFile: Sendable {
         }
         let named = ["uid", "user", "group"].filter { table[$0] != nil }
         guard named.count == 1 else {
-            throw Invalid(description: "\(place): name exactly one of uid, user, group (it names \(named.isEmpty ? "none" : named.joined(separator: ", ")))")
+            throw Invalid(
+                description:
+                    "\(place): name exactly one of uid, user, group (it names \(named.isEmpty ? "none" : named.joined(separator: ", ")))"
+            )
         }
         let who: Grant.Who
         switch named[0] {
@@ -211,7 +217,9 @@ public struct ConfigFile: Sendable {
         for value in list {
             guard let name = value.string, let action = Action(rawValue: name) else {
                 throw Invalid(
-                    description: "\(place): unknown action \(value.string.map { "'\($0)'" } ?? "\(value)") (actions: \(Action.allCases.map(\.rawValue).joined(separator: ", ")))")
+                    description:
+                        "\(place): unknown action \(value.string.map { "'\($0)'" } ?? "\(value)") (actions: \(Action.allCases.map(\.rawValue).joined(separator: ", ")))"
+                )
             }
             actions.insert(action)
         }
@@ -236,7 +244,9 @@ public struct ConfigFile: Sendable {
 
         func string(_ key: String) throws(Invalid) -> String? {
             guard let value = self.table[key] else { return nil }
-            guard let text = value.string, !text.isEmpty else { throw Invalid(description: "\(self.place): \(key) must be a non-empty string") }
+            guard let text = value.string, !text.isEmpty else {
+                throw Invalid(description: "\(self.place): \(key) must be a non-empty string")
+            }
             return text
         }
 

@@ -1,9 +1,10 @@
+import EvdClient
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import EvdClient
 
 /// Everything evd needs to start: what `evd`'s flags (and later its config file) produce.
 public struct EvdConfiguration: Sendable {

@@ -1,8 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import CSQLite
 import EvdClient
 import Logging
@@ -11,6 +6,12 @@ import NIOPosix
 import Prometheus
 import ServiceLifecycle
 import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// evd: serves its databases and events on a Unix socket until asked to stop.
 ///
@@ -35,7 +36,9 @@ public final class Daemon: Service, CustomStringConvertible {
 
     /// `metrics`: the registry the daemon reports into (a fresh one by default; see `DaemonMetrics`).
     public init(
-        configuration: EvdConfiguration, logger: Logger, environment: [String: String] = [:],
+        configuration: EvdConfiguration,
+        logger: Logger,
+        environment: [String: String] = [:],
         metrics: PrometheusCollectorRegistry = PrometheusCollectorRegistry()
     ) {
         self.configuration = configuration
@@ -85,8 +88,13 @@ public final class Daemon: Service, CustomStringConvertible {
         let (journal, head) = try await self.openJournal(on: threadPool)
         let bus = EventBus(lastSeq: head, lease: journal.lease, vetoLatency: self.metrics.observeVetoLatency)
         let core = DaemonCore(
-            configuration: self.configuration, bus: bus, journal: journal.settings.enabled ? journal : nil,
-            threadPool: threadPool, databaseThreads: databaseThreads, eventLoop: group.next(), tokens: tokens,
+            configuration: self.configuration,
+            bus: bus,
+            journal: journal.settings.enabled ? journal : nil,
+            threadPool: threadPool,
+            databaseThreads: databaseThreads,
+            eventLoop: group.next(),
+            tokens: tokens,
             reportLost: { [logger] database, file, loss in
                 // Once per database: every later request on it fails with SQLITE_READONLY_DBMOVED.
                 logger.error(
@@ -94,8 +102,10 @@ public final class Daemon: Service, CustomStringConvertible {
                     metadata: [
                         "db.name": "\(database)", "db.path": "\(file)", "db.loss": "\(loss.rawValue)",
                         "db.recovery": "until evd stops, a deleted file can still be copied from /proc/\(getpid())/fd",
-                    ])
-            })
+                    ]
+                )
+            }
+        )
 
         let acceptPause = AcceptPause(logger: self.logger)
         let server: NIOAsyncChannel<any Channel, Never>
@@ -118,7 +128,8 @@ public final class Daemon: Service, CustomStringConvertible {
             metadata: [
                 "socket": "\(self.configuration.listenFD.map { "fd \($0)" } ?? self.configuration.socketPath)",
                 "databases": "\(self.configuration.databases.map { "\($0.name)=\($0.path)" }.joined(separator: ","))",
-            ])
+            ]
+        )
         Systemd.notify("READY=1\nSTATUS=serving", environment: self.environment)
         self.readiness.signal()
 
@@ -185,8 +196,11 @@ public final class Daemon: Service, CustomStringConvertible {
     /// returns it with the last seq that may have been used.
     private func openJournal(on threadPool: NIOThreadPool) async throws -> (Journal, head: Int64) {
         let journal = Journal(
-            stateDirectory: self.configuration.stateDirectory, databases: self.configuration.databases,
-            settings: self.configuration.journal, threadPool: threadPool)
+            stateDirectory: self.configuration.stateDirectory,
+            databases: self.configuration.databases,
+            settings: self.configuration.journal,
+            threadPool: threadPool
+        )
         do {
             let opening = try await threadPool.runIfActive {
                 let opening = try journal.open()
@@ -196,7 +210,8 @@ public final class Daemon: Service, CustomStringConvertible {
             }
             if opening.stateWasLost {
                 self.logger.error(
-                    "the state directory \(self.configuration.stateDirectory) was lost (or emptied) since evd last ran: the databases show seqs up to \(opening.head), so seqs continue after that; the custom, login, logout and create-token events journaled there are gone (a replay of them gets notice gap), and so are tokens and prepared two-phase transactions")
+                    "the state directory \(self.configuration.stateDirectory) was lost (or emptied) since evd last ran: the databases show seqs up to \(opening.head), so seqs continue after that; the custom, login, logout and create-token events journaled there are gone (a replay of them gets notice gap), and so are tokens and prepared two-phase transactions"
+                )
             }
             return (journal, opening.head)
         } catch {
@@ -223,7 +238,9 @@ public final class Daemon: Service, CustomStringConvertible {
                 self.logger.notice("two-phase recovery: \(line)")
             }
         } catch {
-            throw StartupError(description: "cannot recover prepared two-phase transactions in \(self.configuration.stateDirectory): \(error)")
+            throw StartupError(
+                description: "cannot recover prepared two-phase transactions in \(self.configuration.stateDirectory): \(error)"
+            )
         }
     }
 
@@ -251,7 +268,8 @@ public final class Daemon: Service, CustomStringConvertible {
         while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {
             let now = TokenAuthority.now()
             for session in core.sessions.all
-            where (session.actor.token?.isExpired(at: now) == true
+            where
+                (session.actor.token?.isExpired(at: now) == true
                 || Double(session.subscriptionsExpire.load(ordering: .relaxed)) <= now)
                 && session.hasSubscriptions.load(ordering: .relaxed) > 0 && !session.outbox.isClosing
             {
@@ -317,8 +335,10 @@ public final class Daemon: Service, CustomStringConvertible {
         }
         let id: UInt64
         switch core.sessions.admit(
-            uid: credentials.uid, limit: self.configuration.maxSessions,
-            perUIDLimit: self.configuration.maxSessionsPerUID)
+            uid: credentials.uid,
+            limit: self.configuration.maxSessions,
+            perUIDLimit: self.configuration.maxSessionsPerUID
+        )
         {
         case .success(let admitted):
             id = admitted
@@ -328,7 +348,10 @@ public final class Daemon: Service, CustomStringConvertible {
         }
         let session = Session(id: id, actor: credentials.actor, core: core, logger: self.logger)
         core.sessions.add(session)
-        if core.shuttingDown.load(ordering: .relaxed) { session.noticeShutdown(); session.close() }
+        if core.shuttingDown.load(ordering: .relaxed) {
+            session.noticeShutdown()
+            session.close()
+        }
         await session.run(channel: channel)
         core.sessions.remove(id)
     }
@@ -341,14 +364,17 @@ public final class Daemon: Service, CustomStringConvertible {
         case .total(let limit):
             self.logger.warning("refused a connection: too many", metadata: ["peer.uid": "\(uid)"])
             error = EvdError(
-                .tooManyConnections, "evd serves at most \(limit) connections (--max-connections)",
-                extra: ["limit": "max-connections", "max": .integer(limit)])
+                .tooManyConnections,
+                "evd serves at most \(limit) connections (--max-connections)",
+                extra: ["limit": "max-connections", "max": .integer(limit)]
+            )
         case .perUID(let limit):
             self.logger.warning("refused a connection: too many for its uid", metadata: ["peer.uid": "\(uid)"])
             error = EvdError(
                 .tooManyConnections,
                 "evd serves at most \(limit) connections per uid (--max-connections-per-uid), and uid \(uid) has \(limit)",
-                extra: ["limit": "max-connections-per-uid", "max": .integer(limit)])
+                extra: ["limit": "max-connections-per-uid", "max": .integer(limit)]
+            )
         }
         var buffer = channel.allocator.buffer(capacity: 256)
         buffer.writeBytes(WireLines.response(id: .null, error: error))
@@ -359,7 +385,8 @@ public final class Daemon: Service, CustomStringConvertible {
     /// Binds the socket, or adopts systemd's; returns the path to remove at exit (nil when adopted).
     /// At its file-descriptor limit, evd pauses accepting (`AcceptPause`).
     private func bind(
-        group: MultiThreadedEventLoopGroup, acceptPause: AcceptPause
+        group: MultiThreadedEventLoopGroup,
+        acceptPause: AcceptPause
     ) async throws -> (NIOAsyncChannel<any Channel, Never>, String?) {
         let maxLineBytes = self.configuration.maxLineBytes
         let bootstrap = ServerBootstrap(group: group)
@@ -398,7 +425,10 @@ public final class Daemon: Service, CustomStringConvertible {
     /// Binds a listening socket with `bind` (given the path to bind at) and puts it at `path` with
     /// `mode` (`SocketFile`: never a `chmod` of a path another user could redirect).
     static func bindSocketFile<Server>(
-        at path: String, mode: mode_t, _ bind: (String) async throws -> Server, close: (Server) async -> Void
+        at path: String,
+        mode: mode_t,
+        _ bind: (String) async throws -> Server,
+        close: (Server) async -> Void
     ) async throws -> Server {
         let file: SocketFile
         do {
@@ -463,7 +493,10 @@ public final class Daemon: Service, CustomStringConvertible {
 
     /// `SocketDirectory.check`, its refusal as a `StartupError`.
     static func checkDirectory(
-        _ directory: String, rule: SocketDirectory.Rule, what: String, missingIsFine: Bool = false
+        _ directory: String,
+        rule: SocketDirectory.Rule,
+        what: String,
+        missingIsFine: Bool = false
     ) throws {
         do {
             try SocketDirectory.check(directory, rule: rule, what: what, missingIsFine: missingIsFine)
@@ -486,7 +519,8 @@ public final class Daemon: Service, CustomStringConvertible {
                 } else {
                     self.logger.warning(
                         "a database file is readable by other users and evd cannot narrow it (not its owner): chmod 600 it",
-                        metadata: metadata)
+                        metadata: metadata
+                    )
                 }
             }
         }

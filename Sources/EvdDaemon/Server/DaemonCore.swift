@@ -1,13 +1,14 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import EvdClient
 import NIOCore
 import NIOPosix
 import OrderedCollections
 import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// What every session shares: the bus, the pools, the settings, the counters.
 final class DaemonCore: Sendable {
@@ -34,8 +35,13 @@ final class DaemonCore: Sendable {
     let tokens: TokenAuthority
 
     init(
-        configuration: EvdConfiguration, bus: EventBus, journal: Journal?, threadPool: NIOThreadPool,
-        databaseThreads: DatabaseThreads, eventLoop: any EventLoop, tokens: TokenAuthority,
+        configuration: EvdConfiguration,
+        bus: EventBus,
+        journal: Journal?,
+        threadPool: NIOThreadPool,
+        databaseThreads: DatabaseThreads,
+        eventLoop: any EventLoop,
+        tokens: TokenAuthority,
         reportLost: @escaping DatabaseIdentity.Report = { _, _, _ in }
     ) {
         self.databaseThreads = databaseThreads
@@ -46,12 +52,20 @@ final class DaemonCore: Sendable {
         var pools = OrderedDictionary<String, ConnectionPool>()
         for database in configuration.databases {
             pools[database.name] = ConnectionPool(
-                database: database, size: configuration.poolSize, bus: bus, threadPool: threadPool,
-                eventLoop: eventLoop, busyTimeoutMs: configuration.busyTimeoutMs,
+                database: database,
+                size: configuration.poolSize,
+                bus: bus,
+                threadPool: threadPool,
+                eventLoop: eventLoop,
+                busyTimeoutMs: configuration.busyTimeoutMs,
                 checkoutTimeout: .milliseconds(Int64(configuration.checkoutTimeoutMs)),
-                vetoBudget: .milliseconds(configuration.vetoBudgetMs), journal: journal,
-                checkpointPages: configuration.checkpointPages, share: configuration.poolShare,
-                unlimitedUIDs: [0, getuid()], reportLost: reportLost)
+                vetoBudget: .milliseconds(configuration.vetoBudgetMs),
+                journal: journal,
+                checkpointPages: configuration.checkpointPages,
+                share: configuration.poolShare,
+                unlimitedUIDs: [0, getuid()],
+                reportLost: reportLost
+            )
         }
         self.pools = pools
         self.permissions = Permissions(ownerUID: getuid(), grants: configuration.grants)
@@ -64,8 +78,10 @@ final class DaemonCore: Sendable {
         guard let name else { return self.pools.values.first! }
         guard let pool = self.pools[name] else {
             throw EvdError(
-                .noSuchDatabase, "no database named '\(name)' (evd serves: \(self.pools.keys.joined(separator: ", ")))",
-                extra: ["field": "database"])
+                .noSuchDatabase,
+                "no database named '\(name)' (evd serves: \(self.pools.keys.joined(separator: ", ")))",
+                extra: ["field": "database"]
+            )
         }
         return pool
     }

@@ -1,8 +1,3 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import EvdClient
 import Logging
 import NIOCore
@@ -10,6 +5,12 @@ import NIOHTTP1
 import NIOPosix
 import Prometheus
 import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// evd's Prometheus metrics: the `stats` figures under Prometheus names, in a registry of the
 /// daemon's own.
@@ -48,7 +49,9 @@ final class DaemonMetrics: Sendable {
         self.registry = registry
         self.vetoLatency = registry.makeDurationHistogram(
             descriptor: Self.name("evd_veto_latency_seconds", "How long veto listeners took to answer (a timeout counts at its deadline)."),
-            labels: [], buckets: Self.vetoLatencyBuckets)
+            labels: [],
+            buckets: Self.vetoLatencyBuckets
+        )
     }
 
     /// Records one veto listener's answer time (`EventBus`'s `vetoLatency`).
@@ -72,13 +75,19 @@ final class DaemonMetrics: Sendable {
         self.gauge("evd_seq", "The newest seq handed out.", to: int(stats["seq"]))
         for (name, count) in stats["events"]?.objectValue ?? [:] {
             self.counter(
-                "evd_events_published_total", [("event", name)], "Events published since start, by name.", to: int(count))
+                "evd_events_published_total",
+                [("event", name)],
+                "Events published since start, by name.",
+                to: int(count)
+            )
         }
         self.counter("evd_deliveries_total", "Event copies queued to subscribers.", to: int(stats["deliveries"]))
         self.counter("evd_drops_total", "Event copies discarded by an overflow policy.", to: int(stats["drops"]))
         self.counter(
-            "evd_lagged_disconnects_total", "Subscribers disconnected for lagging (overflow: disconnect).",
-            to: int(stats["lagged_disconnects"]))
+            "evd_lagged_disconnects_total",
+            "Subscribers disconnected for lagging (overflow: disconnect).",
+            to: int(stats["lagged_disconnects"])
+        )
         self.gauge("evd_subscriptions", "Live subscriptions (veto listeners included).", to: int(stats["subscriptions"]))
         self.gauge("evd_sessions", "Connected client sessions.", to: int(stats["sessions"]?["current"]))
         self.counter("evd_sessions_accepted_total", "Client sessions accepted since start.", to: int(stats["sessions"]?["total"]))
@@ -91,21 +100,31 @@ final class DaemonMetrics: Sendable {
             ("invalid_reply", "invalid_replies"),
         ] {
             self.counter(
-                "evd_vetoes_total", [("outcome", outcome)], "Veto listeners' decisions, by outcome.", to: int(vetoes?[key]))
+                "evd_vetoes_total",
+                [("outcome", outcome)],
+                "Veto listeners' decisions, by outcome.",
+                to: int(vetoes?[key])
+            )
         }
         self.counter(
-            "evd_veto_dry_run_denials_total", "Denials by dry-run listeners (recorded, not enforced).",
-            to: int(vetoes?["dry_run_denied"]))
+            "evd_veto_dry_run_denials_total",
+            "Denials by dry-run listeners (recorded, not enforced).",
+            to: int(vetoes?["dry_run_denied"])
+        )
         for (reason, key) in [("outbox_full", "skipped_outbox_full"), ("tripped", "skipped_tripped")] {
             self.counter(
-                "evd_vetoes_skipped_total", [("reason", reason)],
+                "evd_vetoes_skipped_total",
+                [("reason", reason)],
                 "Vetoes decided by on_timeout at once, without waiting: the listener's output was at its bound, or the listener was tripped.",
-                to: int(vetoes?[key]))
+                to: int(vetoes?[key])
+            )
         }
         self.gauge("evd_veto_listeners", "Live veto listeners.", to: int(stats["veto_listeners"]))
         self.gauge(
-            "evd_veto_listeners_tripped", "Veto listeners tripped by consecutive timeouts (not waited for until they reply).",
-            to: int(stats["veto_listeners_tripped"]))
+            "evd_veto_listeners_tripped",
+            "Veto listeners tripped by consecutive timeouts (not waited for until they reply).",
+            to: int(stats["veto_listeners_tripped"])
+        )
         self.gauge("evd_vetoes_pending", "Vetoes waiting for a listener's reply.", to: int(stats["vetoes_pending"]))
 
         for (database, pool) in stats["pools"]?.objectValue ?? [:] {
@@ -113,23 +132,30 @@ final class DaemonMetrics: Sendable {
             self.gauge("evd_pool_size", labels, "Connections a database's pool may open.", to: int(pool["size"]))
             for state in ["in_use", "idle"] {
                 self.gauge(
-                    "evd_pool_connections", labels + [("state", state)], "Open pooled connections, in use or idle.",
-                    to: int(pool[state]))
+                    "evd_pool_connections",
+                    labels + [("state", state)],
+                    "Open pooled connections, in use or idle.",
+                    to: int(pool[state])
+                )
             }
             self.gauge("evd_pool_waiting", labels, "Requests waiting for a pooled connection now.", to: int(pool["waiting"]))
             self.counter("evd_pool_waits_total", labels, "Checkouts that had to wait for a connection.", to: int(pool["waits"]))
             self.counter("evd_pool_checkouts_total", labels, "Connections checked out of the pool.", to: int(pool["checkouts"]))
             self.gauge(
-                "evd_database_lost", labels,
+                "evd_database_lost",
+                labels,
                 "1 once the database's file was deleted or replaced while evd had it open: evd no longer serves it.",
-                to: pool["lost"]?.boolValue == true ? 1 : 0)
+                to: pool["lost"]?.boolValue == true ? 1 : 0
+            )
         }
 
         self.gauge("evd_journal_events", "Committed events the journal holds for replay.", to: Int64(journal?.events ?? 0))
         self.gauge("evd_journal_bytes", "Bytes the journal takes on disk.", to: Int64(journal?.bytes ?? 0))
         self.counter(
-            "evd_journal_damaged_rows_total", "Journal rows that failed their checksum when a replay read them (not sent: notice gap).",
-            to: Int64(journal?.damagedRows ?? 0))
+            "evd_journal_damaged_rows_total",
+            "Journal rows that failed their checksum when a replay read them (not sent: notice gap).",
+            to: Int64(journal?.damagedRows ?? 0)
+        )
         // The lowest and highest seq held exist only while the journal holds something.
         for (name, help, value) in [
             ("evd_journal_first_seq", "The lowest seq the journal holds.", journal?.firstSeq),
@@ -210,7 +236,9 @@ final class MetricsEndpoint: Sendable {
 
     /// Binds what `configuration.metrics` names; nil when it names nothing.
     static func bind(
-        _ configuration: EvdConfiguration, group: any EventLoopGroup, logger: Logger
+        _ configuration: EvdConfiguration,
+        group: any EventLoopGroup,
+        logger: Logger
     ) async throws -> MetricsEndpoint? {
         let settings = configuration.metrics
         guard settings.isEnabled else { return nil }
@@ -220,7 +248,12 @@ final class MetricsEndpoint: Sendable {
                 guard path != configuration.socketPath || configuration.listenFD != nil else {
                     throw Daemon.StartupError(description: "the metrics socket cannot be evd's own socket (\(path))")
                 }
-                try Daemon.checkDirectory(SocketDirectory.parent(of: path), rule: .daemonOwned, what: "metrics socket's directory", missingIsFine: true)
+                try Daemon.checkDirectory(
+                    SocketDirectory.parent(of: path),
+                    rule: .daemonOwned,
+                    what: "metrics socket's directory",
+                    missingIsFine: true
+                )
                 try Daemon.removeStaleSocket(at: path)
                 let server = try await Daemon.bindSocketFile(at: path, mode: configuration.socketMode) { staging in
                     try await Self.bootstrap(group, logger: logger).bind(unixDomainSocketPath: staging) { Self.initialize($0, settings) }
@@ -266,7 +299,9 @@ final class MetricsEndpoint: Sendable {
             // Between the request decoder and the pipelining handler: it sees every request as
             // it is decoded (the pipelining handler holds back all but the one being answered).
             let guardHandler = MetricsConnectionGuard(
-                requestTimeout: .milliseconds(Int64(settings.requestTimeoutMs)), maxPipelined: Self.maxPipelinedRequests)
+                requestTimeout: .milliseconds(Int64(settings.requestTimeoutMs)),
+                maxPipelined: Self.maxPipelinedRequests
+            )
             try pipeline.addHandler(guardHandler, position: .before(try pipeline.handler(type: HTTPServerPipelineHandler.self)))
             return try Connection(wrappingChannelSynchronously: channel)
         }
@@ -324,7 +359,8 @@ final class MetricsEndpoint: Sendable {
             if !self.closed.load(ordering: .relaxed) {
                 logger.error(
                     "accepting metrics connections failed",
-                    metadata: ["error": "\(error)", "metrics.address": "\(listener.address)"])
+                    metadata: ["error": "\(error)", "metrics.address": "\(listener.address)"]
+                )
             }
         }
     }
@@ -359,8 +395,11 @@ final class MetricsEndpoint: Sendable {
     }
 
     private static func respond(
-        to head: HTTPRequestHead, _ outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
-        _ channel: any Channel, _ metrics: DaemonMetrics, core: DaemonCore
+        to head: HTTPRequestHead,
+        _ outbound: NIOAsyncChannelOutboundWriter<HTTPServerResponsePart>,
+        _ channel: any Channel,
+        _ metrics: DaemonMetrics,
+        core: DaemonCore
     ) async throws {
         let path = head.uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? ""
         var headers = HTTPHeaders()

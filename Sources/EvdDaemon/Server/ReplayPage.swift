@@ -1,9 +1,10 @@
+import EvdClient
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import EvdClient
 
 /// A page of a replay: the journaled events one subscription receives, as the lines it reads.
 ///
@@ -47,7 +48,11 @@ struct ReplayPage: ReplayedEvents {
     /// Reads the next page (at most `limit` events) of `reader` for `subscription`, then the floor of
     /// `journal` (capped at `through`). Blocks on SQLite: call it off the event loops.
     static func read(
-        _ reader: Journal.Reader, limit: Int, for subscription: Subscription, journal: Journal, through: Int64
+        _ reader: Journal.Reader,
+        limit: Int,
+        for subscription: Subscription,
+        journal: Journal,
+        through: Int64
     ) throws(SQLiteError) -> ReplayPage {
         var page = ReplayPage(subscription: subscription.id)
         page.bytes.reserveCapacity(limit * 160)
@@ -100,8 +105,11 @@ struct ReplayPage: ReplayedEvents {
             guard let parsed = try? JSONValue(parsing: object), let properties = parsed.objectValue,
                 subscription.visibility?.allows(properties) ?? true,
                 subscription.filter.passes(
-                    name: name.text, session: properties["session"] ?? .null,
-                    actor: properties["actor"]?["id"] ?? .null, properties: properties)
+                    name: name.text,
+                    session: properties["session"] ?? .null,
+                    actor: properties["actor"]?["id"] ?? .null,
+                    properties: properties
+                )
             else { return }
         }
         self.starts.append(Start(seq: row.seq, offset: self.bytes.count))
@@ -121,7 +129,12 @@ struct ReplayPage: ReplayedEvents {
     /// Appends the events `from...to` (at most `budget`) of a row that holds a run, as
     /// `subscription` receives them (`RunDelivery` writes them live); returns how many it read.
     private mutating func append(
-        run row: Journal.Reader.Row, from: Int64, to: Int64, budget: Int, name: NameCache.Name, tail: [UInt8],
+        run row: Journal.Reader.Row,
+        from: Int64,
+        to: Int64,
+        budget: Int,
+        name: NameCache.Name,
+        tail: [UInt8],
         for subscription: Subscription
     ) -> Int {
         let wanted = min(budget, Int(to - from + 1))
@@ -129,7 +142,7 @@ struct ReplayPage: ReplayedEvents {
         let columns = subscription.wantsRows ? run.columnNames.map(ColumnKeys.init) : []
         let skip = Int(from - row.first)
         var taken = 0
-        _ = run.forEach { index, eventTail, image in
+        _ = run.forEachEvent { index, eventTail, image in
             guard index >= skip else { return true }
             let seq = row.first + Int64(index)
             let eventTail = eventTail.bindMemory(to: UInt8.self)
@@ -140,8 +153,11 @@ struct ReplayPage: ReplayedEvents {
                 if let properties = (try? JSONValue(parsing: object))?.objectValue,
                     subscription.visibility?.allows(properties) ?? true,
                     subscription.filter.passes(
-                        name: name.text, session: properties["session"] ?? .null,
-                        actor: properties["actor"]?["id"] ?? .null, properties: properties)
+                        name: name.text,
+                        session: properties["session"] ?? .null,
+                        actor: properties["actor"]?["id"] ?? .null,
+                        properties: properties
+                    )
                 {
                     self.appendRunEvent(seq, name, row.time, tail, run.common, eventTail, image, kind, columns, subscription)
                 }
@@ -156,9 +172,16 @@ struct ReplayPage: ReplayedEvents {
     }
 
     private mutating func appendRunEvent(
-        _ seq: Int64, _ name: NameCache.Name, _ time: UnsafeBufferPointer<UInt8>, _ tail: [UInt8],
-        _ common: UnsafeRawBufferPointer, _ eventTail: UnsafeBufferPointer<UInt8>, _ image: UnsafeRawBufferPointer,
-        _ kind: EventKind, _ columns: [ColumnKeys], _ subscription: Subscription
+        _ seq: Int64,
+        _ name: NameCache.Name,
+        _ time: UnsafeBufferPointer<UInt8>,
+        _ tail: [UInt8],
+        _ common: UnsafeRawBufferPointer,
+        _ eventTail: UnsafeBufferPointer<UInt8>,
+        _ image: UnsafeRawBufferPointer,
+        _ kind: EventKind,
+        _ columns: [ColumnKeys],
+        _ subscription: Subscription
     ) {
         self.starts.append(Start(seq: seq, offset: self.bytes.count))
         WireLines.appendStart(seq: seq, to: &self.bytes)
@@ -166,8 +189,13 @@ struct ReplayPage: ReplayedEvents {
         self.bytes.append(contentsOf: time)
         self.bytes += tail
         EventLine.appendBody(
-            common: common, tail: eventTail, image: subscription.wantsRows ? image : nil, kind: kind, columns: columns,
-            to: &self.bytes)
+            common: common,
+            tail: eventTail,
+            image: subscription.wantsRows ? image : nil,
+            kind: kind,
+            columns: columns,
+            to: &self.bytes
+        )
     }
 
     /// Drops the events at or below `seq` (retention removed rows up to it: a notice `gap` says so).

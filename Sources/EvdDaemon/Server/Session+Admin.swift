@@ -24,7 +24,10 @@ extension Session {
     func invalidate(_ request: EvdOperation.Invalidate) async throws -> JSONValue {
         let pool = try self.core.pool(request.database)
         let numbers = await pool.invalidate(
-            number: request.connection.map(Int.init), soft: request.soft ?? false, origin: self.origin)
+            number: request.connection.map(Int.init),
+            soft: request.soft ?? false,
+            origin: self.origin
+        )
         return ["invalidated": .array(numbers.map { .integer($0) })]
     }
 

@@ -62,9 +62,16 @@ extension Session {
         let data = request.data ?? [:]
         guard isNamespacedEventName(name) else {
             if EventKind(name: name) != nil {
-                throw EvdError.badRequest(field: "event", "'\(name)' is a catalog event; emit publishes custom events, whose names have a namespace (myapp.deployed)")
+                throw EvdError.badRequest(
+                    field: "event",
+                    "'\(name)' is a catalog event; emit publishes custom events, whose names have a namespace (myapp.deployed)"
+                )
             }
-            throw EvdError(.unknownEvent, "unknown event '\(name)': a custom event's name has a namespace (myapp.deployed)", extra: ["field": "event", "event": .string(name)])
+            throw EvdError(
+                .unknownEvent,
+                "unknown event '\(name)': a custom event's name has a namespace (myapp.deployed)",
+                extra: ["field": "event", "event": .string(name)]
+            )
         }
         // Byte scans: `String.contains(String)` would be Foundation's, a search costlier than the journal write.
         guard !name.utf8.contains(where: { $0 == UInt8(ascii: "*") || $0 == UInt8(ascii: "?") }) else {
@@ -82,7 +89,10 @@ extension Session {
     /// catalog event goes without one.)
     func publishEmits(_ events: [CustomEvent]) async throws -> [Int64] {
         try await self.core.bus.publishJournaled(
-            events.map { ($0.name, nil, $0.data) }, origin: self.origin, journal: self.core.journal)
+            events.map { ($0.name, nil, $0.data) },
+            origin: self.origin,
+            journal: self.core.journal
+        )
     }
 
     /// Whether a request is an `emit` (which the executor runs in groups).

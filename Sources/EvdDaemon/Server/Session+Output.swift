@@ -32,8 +32,12 @@ extension Session {
 
     func helloLine() -> [UInt8] {
         WireLines.hello(
-            version: evdVersion, session: self.id, actor: self.actor, databases: Array(self.core.pools.keys),
-            seq: self.core.bus.headSeq)
+            version: evdVersion,
+            session: self.id,
+            actor: self.actor,
+            databases: Array(self.core.pools.keys),
+            seq: self.core.bus.headSeq
+        )
     }
 
     /// Tells the client the daemon is stopping.

@@ -1,5 +1,5 @@
-import OrderedCollections
 import EvdClient
+import OrderedCollections
 
 /// Connections and transactions for a session's SQL.
 extension Session {
@@ -36,7 +36,12 @@ extension Session {
     @discardableResult
     func vetoable(_ kind: EventKind, on pool: ConnectionPool, _ properties: () -> JSONObject) async throws -> VetoVerdict? {
         let verdict = await self.core.bus.decide(
-            kind, self.origin, budget: self.vetoBudget, eventLoop: pool.eventLoop, properties)
+            kind,
+            self.origin,
+            budget: self.vetoBudget,
+            eventLoop: pool.eventLoop,
+            properties
+        )
         if let verdict, verdict.denied { throw verdict.vetoedError(event: kind.name) }
         return verdict
     }
@@ -66,7 +71,10 @@ extension Session {
         }
         let pool = try transaction?.pool ?? self.core.pool(work.database)
         let decided = await self.core.bus.decideAhead(
-            .beforeExecute, origin, budget: self.vetoBudget, eventLoop: pool.eventLoop
+            .beforeExecute,
+            origin,
+            budget: self.vetoBudget,
+            eventLoop: pool.eventLoop
         ) {
             // Made only for a listener or a subscriber: an insert's rows become JSON values here.
             var properties: JSONObject = ["database": .string(pool.database.name), "request": .object(request.whole)]
@@ -117,11 +125,19 @@ extension Session {
             let actor = self.actor
             let permissions = self.core.permissions
             let run = SQLRun(
-                bus: self.core.bus, pool: pool, connection: connection, origin: origin, request: finalRequest,
-                executionOptions: options, implicitTransaction: transaction == nil, vetoBudget: self.vetoBudget,
+                bus: self.core.bus,
+                pool: pool,
+                connection: connection,
+                origin: origin,
+                request: finalRequest,
+                executionOptions: options,
+                implicitTransaction: transaction == nil,
+                vetoBudget: self.vetoBudget,
                 policy: permissions.isUnrestricted(actor)
                     ? nil : SQLPolicy(actor: actor, permissions: permissions, database: pool.database.name),
-                rewriters: rewriters, statementLimitMs: self.core.configuration.maxStatementMs)
+                rewriters: rewriters,
+                statementLimitMs: self.core.configuration.maxStatementMs
+            )
             // While it runs, a disconnect interrupts the statement (`run(channel:)`).
             self.runningWatch.withLock { $0 = connection.watch }
             defer { self.runningWatch.withLock { $0 = nil } }
@@ -180,7 +196,8 @@ extension Session {
             if self.core.pools[database] == nil { _ = try self.core.pool(database) }
             throw EvdError.badRequest(
                 field: "database",
-                "the session's transaction is on '\(transaction.pool.database.name)'; commit or roll back before using '\(database)'")
+                "the session's transaction is on '\(transaction.pool.database.name)'; commit or roll back before using '\(database)'"
+            )
         }
     }
 }

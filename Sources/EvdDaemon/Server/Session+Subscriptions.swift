@@ -52,7 +52,10 @@ extension Session {
         let vetoPatterns = try self.patterns(veto, field: "veto")
         for pattern in vetoPatterns where !EventKind.allCases.contains(where: { $0.spec.vetoable && pattern.matches($0.name) }) {
             throw EvdError(
-                .notVetoable, "'\(pattern.text)' names no vetoable event", extra: ["field": "veto", "event": .string(pattern.text)])
+                .notVetoable,
+                "'\(pattern.text)' names no vetoable event",
+                extra: ["field": "veto", "event": .string(pattern.text)]
+            )
         }
         let actor = self.actor
         let permissions = self.core.permissions
@@ -70,7 +73,8 @@ extension Session {
             throw EvdError(
                 .badRequest,
                 "this connection already has \(maxSubscriptions) subscriptions, the most evd allows (--max-subscriptions); unsubscribe one first",
-                extra: ["limit": "max-subscriptions", "max": .integer(maxSubscriptions)])
+                extra: ["limit": "max-subscriptions", "max": .integer(maxSubscriptions)]
+            )
         }
         let session = self.id
         let outbox = self.outbox
@@ -80,9 +84,19 @@ extension Session {
             ? nil
             : { subscription in
                 VetoListener(
-                    subscription: subscription, session: session, name: name, kinds: vetoKinds, priority: priority,
-                    timeout: .milliseconds(timeoutMs), onTimeout: onTimeout, dryRun: mode == .dryRun, outbox: outbox,
-                    filter: vetoFilter, visibility: visibility, scope: vetoScope)
+                    subscription: subscription,
+                    session: session,
+                    name: name,
+                    kinds: vetoKinds,
+                    priority: priority,
+                    timeout: .milliseconds(timeoutMs),
+                    onTimeout: onTimeout,
+                    dryRun: mode == .dryRun,
+                    outbox: outbox,
+                    filter: vetoFilter,
+                    visibility: visibility,
+                    scope: vetoScope
+                )
             }
 
         // The bus holds the session's events and vetoes back while `registered` queues the response
@@ -92,8 +106,15 @@ extension Session {
         let journal = self.core.journal
         var replay: (subscription: Subscription, through: Int64)?
         _ = self.core.bus.subscribe(
-            session: self.id, name: name, patterns: patterns, filter: filter, overflow: overflow, wantsRows: rows,
-            outbox: self.outbox, visibility: visibility, veto: makeListener
+            session: self.id,
+            name: name,
+            patterns: patterns,
+            filter: filter,
+            overflow: overflow,
+            wantsRows: rows,
+            outbox: self.outbox,
+            visibility: visibility,
+            veto: makeListener
         ) { subscription, head, stable in
             var matched = EventKind.allCases.filter { subscription.kinds & (1 << UInt64($0.rawValue)) != 0 }.map(\.name)
             var seen = Set(matched)
@@ -175,7 +196,8 @@ extension Session {
                             metadata: [
                                 "journal": "\(damage.database.map { "database \($0)" } ?? "state")", "row_seq": "\(damage.seq)",
                                 "gap": "\(damage.from)...\(damage.to)",
-                            ])
+                            ]
+                        )
                     }
                 }
                 position = max(position, page.lastRead)

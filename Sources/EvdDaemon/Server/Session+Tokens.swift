@@ -15,7 +15,8 @@ extension Session {
         else { return }
         throw EvdError(
             .tokenExpired,
-            "this session's token expired at \(EventTime.text(unixSeconds: expires)); log in with another token, or log out")
+            "this session's token expired at \(EventTime.text(unixSeconds: expires)); log in with another token, or log out"
+        )
     }
 
     /// `login {token}`: the session's actor becomes the token's (with the connection's pid).
@@ -48,7 +49,9 @@ extension Session {
         let (restrictions, given) = try TokenRestrictions.parse(request)
         if let field = given, !restrictions.namesAnyAction {
             throw EvdError.badRequest(
-                field: field, "the restrictions name no action, so the token could do nothing; name at least one action")
+                field: field,
+                "the restrictions name no action, so the token could do nothing; name at least one action"
+            )
         }
         try self.require(.createToken)
         let actor = self.actor
@@ -57,8 +60,11 @@ extension Session {
         var expires = expiresAfter.map { Int64((now + Double($0)).rounded(.up)) }
         if let inherited = actor.token?.expires { expires = min(expires ?? inherited, inherited) }
         let payload = TokenPayload(
-            actor: actor, restrictions: actor.restrictions + (given == nil ? [] : [restrictions]),
-            created: Int64(now), expires: expires)
+            actor: actor,
+            restrictions: actor.restrictions + (given == nil ? [] : [restrictions]),
+            created: Int64(now),
+            expires: expires
+        )
         let token = self.core.tokens.sign(payload)
         var properties: JSONObject = ["expires_after": expiresAfter.map(JSONValue.int) ?? .null]
         for (key, value) in restrictions.jsonValue.objectValue ?? [:] { properties[key] = value }

@@ -14,7 +14,9 @@ extension Session {
     func begin(database: String?, _ state: inout SessionState) async throws {
         if let transaction = state.transaction {
             throw EvdError(
-                .alreadyInTransaction, "the session is already in a transaction on '\(transaction.pool.database.name)'")
+                .alreadyInTransaction,
+                "the session is already in a transaction on '\(transaction.pool.database.name)'"
+            )
         }
         let pool = try self.core.pool(database)
         let connection = try await self.checkout(pool)
@@ -26,8 +28,11 @@ extension Session {
             try await self.vetoable(.begin, on: pool) { self.transactionProperties(transaction) }
             // A restricted actor's policy needs the schema for the transaction's first statement.
             try await pool.begin(
-                connection, queryOnly: queryOnly, busyTimeoutMs: busyTimeout,
-                readSchema: !self.core.permissions.isUnrestricted(self.actor))
+                connection,
+                queryOnly: queryOnly,
+                busyTimeoutMs: busyTimeout,
+                readSchema: !self.core.permissions.isUnrestricted(self.actor)
+            )
         } catch {
             await self.checkin(connection, to: pool)
             throw error

@@ -3,7 +3,12 @@ import EvdClient
 /// The two-phase ops of PROTOCOL.md §3: `begin_twophase`, `prepare_twophase`, `commit_twophase`,
 /// `rollback_twophase` and `recover` (how it works: Store/TwoPhase.swift).
 extension Session {
-    static func twoPhaseProperties(_ pool: ConnectionPool, _ connection: PooledConnection?, xid: String, isPrepared: Bool? = nil) -> JSONObject {
+    static func twoPhaseProperties(
+        _ pool: ConnectionPool,
+        _ connection: PooledConnection?,
+        xid: String,
+        isPrepared: Bool? = nil
+    ) -> JSONObject {
         var properties: JSONObject = [
             "database": .string(pool.database.name), "connection": connection.map { .integer($0.number) } ?? .null,
             "xid": .string(xid),
@@ -27,14 +32,18 @@ extension Session {
     func beginTwoPhase(xid: String, database: String?, _ state: inout SessionState) async throws {
         if let transaction = state.transaction {
             throw EvdError(
-                .alreadyInTransaction, "the session is already in a transaction on '\(transaction.pool.database.name)'")
+                .alreadyInTransaction,
+                "the session is already in a transaction on '\(transaction.pool.database.name)'"
+            )
         }
         let pool = try self.core.pool(database)
         // The transaction takes the write lock at once and, prepared, keeps it until decided: only
         // an actor that may write somewhere in the database may begin one.
-        guard [Action.insertRow, .updateRow, .deleteRow].contains(where: {
-            self.core.permissions.allowsSomewhere(self.actor, $0, in: pool.database.name)
-        }) else {
+        guard
+            [Action.insertRow, .updateRow, .deleteRow].contains(where: {
+                self.core.permissions.allowsSomewhere(self.actor, $0, in: pool.database.name)
+            })
+        else {
             throw Permissions.denied(self.actor, .insertRow, on: Resource(database: pool.database.name))
         }
         try self.checkXidFree(xid, pool)
@@ -56,7 +65,9 @@ extension Session {
     private func checkXidFree(_ xid: String, _ pool: ConnectionPool) throws(EvdError) {
         if self.core.twoPhase.isHeld(database: pool.database.name, xid: xid) {
             throw EvdError.badRequest(
-                field: "xid", "'\(xid)' is prepared on '\(pool.database.name)' and awaits commit_twophase or rollback_twophase")
+                field: "xid",
+                "'\(xid)' is prepared on '\(pool.database.name)' and awaits commit_twophase or rollback_twophase"
+            )
         }
     }
 
@@ -117,7 +128,9 @@ extension Session {
                 self.core.twoPhase.hold(held)
                 let reason = if case .unrecoverable(_, let reason) = held { reason } else { "" }
                 throw EvdError.badRequest(
-                    field: "xid", "'\(xid)' cannot be committed: evd could not prepare it again after a restart (\(reason)); roll it back")
+                    field: "xid",
+                    "'\(xid)' cannot be committed: evd could not prepare it again after a restart (\(reason)); roll it back"
+                )
             }
             try await pool.forget(record, log: log)
             self.core.bus.emit(.rollbackTwophase, self.origin) { Self.twoPhaseProperties(pool, nil, xid: xid, isPrepared: true) }

@@ -1,7 +1,7 @@
-import OrderedCollections
 import EvdClient
 import Logging
 import NIOCore
+import OrderedCollections
 import Synchronization
 
 /// One client connection: its actor, its queued output, its subscriptions and its transaction.
@@ -108,7 +108,10 @@ final class Session: Sendable {
         let bus = self.core.bus
         if self.core.journal == nil, !bus.wants(kind) { return nil }
         let seqs = try await bus.publishJournaled(
-            [(kind.name, kind, properties)], origin: self.origin, journal: self.core.journal)
+            [(kind.name, kind, properties)],
+            origin: self.origin,
+            journal: self.core.journal
+        )
         return seqs.first
     }
 
@@ -264,7 +267,8 @@ final class Session: Sendable {
         let limit = self.core.configuration.idleTransactionMs
         self.logger.notice(
             "rolled back a transaction idle for \(limit) ms (--idle-transaction-ms) and closed its session",
-            metadata: ["database": "\(transaction.pool.database.name)"])
+            metadata: ["database": "\(transaction.pool.database.name)"]
+        )
         await self.rollBack(transaction)
         await transaction.pool.checkin(transaction.connection, origin: self.origin)
         let line = WireLines.idleTransactionTimeoutNotice(database: transaction.pool.database.name, maxMs: limit)

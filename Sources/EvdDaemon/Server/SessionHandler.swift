@@ -267,7 +267,10 @@ final class RequestInbox: Sendable {
         }
         return await withTaskCancellationHandler {
             await withCheckedContinuation { (continuation: CheckedContinuation<Session.Inbound?, Never>) in
-                enum Step { case item(Session.Inbound, room: (@Sendable () -> Void)?), end, wait }
+                enum Step {
+                    case item(Session.Inbound, room: (@Sendable () -> Void)?)
+                    case end, wait
+                }
                 let step: Step = self.state.withLock { state in
                     if let item = state.items.popFirst() { return .item(item, room: Self.madeRoom(&state)) }
                     // Checked under the lock: a cancellation after this finds the consumer parked.

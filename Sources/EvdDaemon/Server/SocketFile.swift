@@ -1,9 +1,10 @@
+import EvdClient
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import EvdClient
 
 /// Puts a listening Unix socket at its path with its mode, without a path lookup another process
 /// can redirect.
@@ -41,7 +42,8 @@ struct SocketFile {
         var template = Array((SocketDirectory.parent(of: path) + "/.evd-XXXXXX").utf8CString)
         guard let made = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
             throw Failure(
-                description: "cannot create a private directory next to \(path) to bind in: \(String(cString: strerror(errno)))")
+                description: "cannot create a private directory next to \(path) to bind in: \(String(cString: strerror(errno)))"
+            )
         }
         self.stagingDirectory = String(cString: made)
     }

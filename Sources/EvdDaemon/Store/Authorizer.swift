@@ -1,11 +1,12 @@
+import CSQLite
+import EvdClient
 import OrderedCollections
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import EvdClient
 
 /// Registers the authorizer observer a connection uses to learn what a statement does while it is prepared.
 extension SQLiteConnection {
@@ -22,7 +23,8 @@ extension SQLiteConnection {
                 let observer = Unmanaged<AuthorizerObserver>.fromOpaque(context!).takeUnretainedValue()
                 return observer.authorize(action, first, second, database)
             },
-            context)
+            context
+        )
         self.installed(.authorizer, owner: observer)
     }
 }
@@ -91,7 +93,9 @@ public final class AuthorizerObserver: @unchecked Sendable {
 
     /// The table an action changes (its rows, its schema, its indexes or triggers), if any.
     static func changedTable(
-        _ action: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?
+        _ action: Int32,
+        _ first: UnsafePointer<CChar>?,
+        _ second: UnsafePointer<CChar>?
     ) -> UnsafePointer<CChar>? {
         switch action {
         case SQLITE_INSERT, SQLITE_UPDATE, SQLITE_DELETE, SQLITE_DROP_TABLE, SQLITE_DROP_TEMP_TABLE: return first
@@ -109,7 +113,10 @@ public final class AuthorizerObserver: @unchecked Sendable {
     /// Records `action` and answers SQLite's authorizer. Denying must happen here, not after the
     /// prepare: SQLite applies some pragmas (query_only among them) while preparing.
     func authorize(
-        _ action: Int32, _ first: UnsafePointer<CChar>?, _ second: UnsafePointer<CChar>?, _ database: UnsafePointer<CChar>?
+        _ action: Int32,
+        _ first: UnsafePointer<CChar>?,
+        _ second: UnsafePointer<CChar>?,
+        _ database: UnsafePointer<CChar>?
     ) -> Int32 {
         #if DEBUG
         self.connection?.exclusiveUse.assertInside()

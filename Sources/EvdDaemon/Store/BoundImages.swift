@@ -1,10 +1,11 @@
+import CSQLite
+import EvdClient
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import EvdClient
 
 /// A column's type affinity, by SQLite's rules for its declared type (`sqlite3AffinityType`).
 enum ColumnAffinity {
@@ -92,8 +93,12 @@ extension ChangeCapture {
     /// Runs `body` (which steps the run's rows, setting `boundRow` before each) with the hook
     /// writing their after-images from `cells`. `columns`: `BoundColumn`s of `table`.
     func withBoundImages<T>(
-        table: String, columns: [BoundColumn], cells: UnsafeBufferPointer<JSONRows.Cell>, text: UnsafeBufferPointer<UInt8>,
-        width: Int, _ body: () throws -> T
+        table: String,
+        columns: [BoundColumn],
+        cells: UnsafeBufferPointer<JSONRows.Cell>,
+        text: UnsafeBufferPointer<UInt8>,
+        width: Int,
+        _ body: () throws -> T
     ) rethrows -> T {
         guard self.active, self.images else { return try body() }
         self.bound = BoundImages(table: self.intern(table), columns: columns, cells: cells, text: text, width: width)

@@ -1,11 +1,12 @@
+import CSQLite
+import EvdClient
+import OrderedCollections
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import EvdClient
-import OrderedCollections
 
 /// One row SQLite changed, as the pre-update hook saw it.
 ///
@@ -167,7 +168,8 @@ final class ChangeCapture: @unchecked Sendable {
                 let capture = Unmanaged<ChangeCapture>.fromOpaque(context).takeUnretainedValue()
                 capture.record(db, operation, database, table, oldRowid, newRowid)
             },
-            context)
+            context
+        )
         connection.installed(.preUpdate, owner: self)
     }
 
@@ -294,8 +296,12 @@ final class ChangeCapture: @unchecked Sendable {
     // MARK: The hook
 
     private func record(
-        _ db: OpaquePointer, _ operation: Int32, _ database: UnsafePointer<CChar>, _ table: UnsafePointer<CChar>,
-        _ oldRowid: Int64, _ newRowid: Int64
+        _ db: OpaquePointer,
+        _ operation: Int32,
+        _ database: UnsafePointer<CChar>,
+        _ table: UnsafePointer<CChar>,
+        _ oldRowid: Int64,
+        _ newRowid: Int64
     ) {
         self.connection.exclusiveUse.assertInside()
         guard self.active, strcmp(database, "main") == 0, strncmp(table, "sqlite_", 7) != 0 else { return }
@@ -307,8 +313,13 @@ final class ChangeCapture: @unchecked Sendable {
         default: op = .update
         }
         var change = RowChange(
-            operation: op, table: index, depth: sqlite3_preupdate_depth(db), unit: self.unit,
-            rowid: op == .insert ? newRowid : oldRowid, newRowid: newRowid)
+            operation: op,
+            table: index,
+            depth: sqlite3_preupdate_depth(db),
+            unit: self.unit,
+            rowid: op == .insert ? newRowid : oldRowid,
+            newRowid: newRowid
+        )
         if self.lastShape?.table != index { self.lastShape = (index, self.shapes[index], self.shapeColumns[index] ?? -1) }
         let shape = self.lastShape!.shape
         let count = Int(sqlite3_preupdate_count(db))
@@ -367,8 +378,10 @@ final class ChangeCapture: @unchecked Sendable {
         } else {
             // Whole rows: the key (and the images) are taken from them once the shape is known.
             change.values = RowValues(
-                key: nil, before: op != .insert ? Self.values(db, count, old: true) : nil,
-                after: op != .delete ? Self.values(db, count, old: false) : nil)
+                key: nil,
+                before: op != .insert ? Self.values(db, count, old: true) : nil,
+                after: op != .delete ? Self.values(db, count, old: false) : nil
+            )
         }
         self.entries.append(.row(change))
     }

@@ -62,17 +62,21 @@ final class Checkpointer: Sendable {
     /// checkpointer until it closes, which removes the hook first.
     func watch(_ connection: SQLiteConnection) {
         let context = Unmanaged.passUnretained(self).toOpaque()
-        sqlite3_wal_hook(connection.handle, { context, db, _, pages in
-            guard let context else { return SQLITE_OK }
-            let checkpointer = Unmanaged<Checkpointer>.fromOpaque(context).takeUnretainedValue()
-            checkpointer.gate.committed()
-            if pages >= checkpointer.inlineThreshold {
-                sqlite3_wal_checkpoint_v2(db, nil, SQLITE_CHECKPOINT_PASSIVE, nil, nil)
-            } else if pages >= checkpointer.threshold {
-                checkpointer.schedule()
-            }
-            return SQLITE_OK
-        }, context)
+        sqlite3_wal_hook(
+            connection.handle,
+            { context, db, _, pages in
+                guard let context else { return SQLITE_OK }
+                let checkpointer = Unmanaged<Checkpointer>.fromOpaque(context).takeUnretainedValue()
+                checkpointer.gate.committed()
+                if pages >= checkpointer.inlineThreshold {
+                    sqlite3_wal_checkpoint_v2(db, nil, SQLITE_CHECKPOINT_PASSIVE, nil, nil)
+                } else if pages >= checkpointer.threshold {
+                    checkpointer.schedule()
+                }
+                return SQLITE_OK
+            },
+            context
+        )
         connection.installed(.wal, owner: self)
     }
 

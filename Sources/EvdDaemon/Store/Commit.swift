@@ -1,13 +1,14 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import CSQLite
 import DequeModule
 import EvdClient
 import NIOPosix
 import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 
 extension PooledConnection {
     /// How many committed events are made, journaled and published at a time. A transaction with
@@ -30,7 +31,11 @@ extension PooledConnection {
     /// back out and the captured changes stay, so the client may retry. `events`: those a prepared
     /// transaction's log holds, instead of what the capture recorded.
     func commit(
-        database: String, origin: EventOrigin, bus: EventBus, journal: Journal?, events prepared: [CommittedEvent]? = nil
+        database: String,
+        origin: EventOrigin,
+        bus: EventBus,
+        journal: Journal?,
+        events prepared: [CommittedEvent]? = nil
     ) throws(SQLiteError) {
         let events = prepared.map(CommittedEvents.init) ?? self.capture.committedEvents(database: database)
         let large = self.capture.recordedCount >= Self.trimAfterRows || events.count > Self.eventChunk
@@ -72,7 +77,8 @@ extension PooledConnection {
             } catch {
                 if self.sqlite.inTransaction {
                     try? self.sqlite.exec(
-                        "DELETE FROM _evd_journal WHERE seq BETWEEN \(reservation.first) AND \(reservation.last)")
+                        "DELETE FROM _evd_journal WHERE seq BETWEEN \(reservation.first) AND \(reservation.last)"
+                    )
                 }
                 bus.cancel(reservation)
                 throw error
@@ -104,7 +110,8 @@ extension EventBus {
             self.publish(
                 events.publications(batch, origin: origin, wanted: self.wanted).filter {
                     if case .unwanted = $0 { return false } else { return true }
-                })
+                }
+            )
         }
     }
 }
@@ -126,7 +133,12 @@ extension CommittedEvent {
             imagesBody = bytes
         }
         return JournalEntry(
-            name: self.kind.name, kind: self.kind, origin: origin, properties: self.properties, body: body,
-            imagesBody: imagesBody)
+            name: self.kind.name,
+            kind: self.kind,
+            origin: origin,
+            properties: self.properties,
+            body: body,
+            imagesBody: imagesBody
+        )
     }
 }

@@ -1,9 +1,9 @@
-import OrderedCollections
 import CSQLite
 import DequeModule
 import EvdClient
 import NIOCore
 import NIOPosix
+import OrderedCollections
 import Synchronization
 
 /// One database's pool of SQLite connections, and the pool events of PROTOCOL.md §6.1.
@@ -103,9 +103,18 @@ public final class ConnectionPool: Sendable {
     private let watches = Mutex<[Int: StatementWatch]>([:])
 
     init(
-        database: DatabaseConfig, size: Int, bus: EventBus, threadPool: NIOThreadPool, eventLoop: any EventLoop,
-        busyTimeoutMs: Int32 = 5000, checkoutTimeout: TimeAmount = .seconds(30), vetoBudget: Duration = .seconds(5),
-        journal: Journal? = nil, checkpointPages: Int = 4000, share: Int = .max, unlimitedUIDs: Set<UInt32> = [],
+        database: DatabaseConfig,
+        size: Int,
+        bus: EventBus,
+        threadPool: NIOThreadPool,
+        eventLoop: any EventLoop,
+        busyTimeoutMs: Int32 = 5000,
+        checkoutTimeout: TimeAmount = .seconds(30),
+        vetoBudget: Duration = .seconds(5),
+        journal: Journal? = nil,
+        checkpointPages: Int = 4000,
+        share: Int = .max,
+        unlimitedUIDs: Set<UInt32> = [],
         reportLost: @escaping DatabaseIdentity.Report = { _, _, _ in }
     ) {
         self.identity = DatabaseIdentity(database: database.name, path: database.path, report: reportLost)
@@ -120,8 +129,15 @@ public final class ConnectionPool: Sendable {
         self.eventLoop = eventLoop
         self.checkoutTimeout = checkoutTimeout
         self.defaultBusyTimeoutMs = busyTimeoutMs
-        self.checkpointer = database.isInMemory ? nil : Checkpointer(
-            path: database.path, gate: self.writeGate, identity: self.identity, threshold: Int32(clamping: checkpointPages))
+        self.checkpointer =
+            database.isInMemory
+            ? nil
+            : Checkpointer(
+                path: database.path,
+                gate: self.writeGate,
+                identity: self.identity,
+                threshold: Int32(clamping: checkpointPages)
+            )
         self.pragmas = [
             "journal_mode": "wal", "synchronous": "normal", "foreign_keys": "on",
             "busy_timeout": .integer(busyTimeoutMs),
@@ -155,7 +171,11 @@ public final class ConnectionPool: Sendable {
         let uid = origin.actor.flatMap { self.unlimitedUIDs.contains($0.uid) ? nil : $0.uid }
         while true {
             try await self.checkServing(origin: origin, verifyFile: verifyFile)
-            enum Step { case idle(PooledConnection), open(Int), wait(atShare: Bool) }
+            enum Step {
+                case idle(PooledConnection)
+                case open(Int)
+                case wait(atShare: Bool)
+            }
             let step: Step = self.state.withLock { state in
                 if let uid, state.held[uid] ?? 0 >= self.share {
                     state.waits += 1
@@ -304,10 +324,13 @@ public final class ConnectionPool: Sendable {
                 self.state.withLock { $0.waiters.append(Waiter(id: id, uid: uid, continuation: continuation)) }
                 self.eventLoop.scheduleTask(in: self.checkoutTimeout) {
                     let milliseconds = self.checkoutTimeout.nanoseconds / 1_000_000
-                    let why = atShare
+                    let why =
+                        atShare
                         ? " (uid \(uid ?? 0) holds \(self.share) of its connections, the most one uid may: --max-pool-share)" : ""
                     self.failWaiter(
-                        id: id, EvdError(.timeout, "no connection to \(self.database.name) was free within \(milliseconds) ms" + why))
+                        id: id,
+                        EvdError(.timeout, "no connection to \(self.database.name) was free within \(milliseconds) ms" + why)
+                    )
                 }
             }
         } onCancel: {
@@ -369,7 +392,12 @@ public final class ConnectionPool: Sendable {
         let detached = self.state.withLock { $0.closeOnCheckin[connection.number] == .detach }
         if !detached { self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) } }
 
-        enum Next { case idle, handOver(Waiter), close(EventKind, Waiter?), retire(Waiter?) }
+        enum Next {
+            case idle
+            case handOver(Waiter)
+            case close(EventKind, Waiter?)
+            case retire(Waiter?)
+        }
         let leftSessionState = connection.observer.leftSessionState
         let lost = self.identity.isLost
         let next: Next = self.state.withLock { state in
@@ -441,7 +469,9 @@ public final class ConnectionPool: Sendable {
         // since it may have been replaced meanwhile; SQLite has read nothing yet.
         try self.identity.check()
         let sqlite = try SQLiteConnection(
-            path: self.database.path, flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI)
+            path: self.database.path,
+            flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI
+        )
         do {
             try self.identity.opened(sqlite)
         } catch {
@@ -463,8 +493,13 @@ public final class ConnectionPool: Sendable {
         // connection's own busy handler waits.
         let busyTimeoutMs = pragmas["busy_timeout"]?.intValue.map { Int32(clamping: $0) } ?? self.defaultBusyTimeoutMs
         let connection = PooledConnection(
-            number: number, sqlite: sqlite, observer: observer, busyTimeoutMs: busyTimeoutMs, gate: self.writeGate,
-            identity: self.identity)
+            number: number,
+            sqlite: sqlite,
+            observer: observer,
+            busyTimeoutMs: busyTimeoutMs,
+            gate: self.writeGate,
+            identity: self.identity
+        )
         self.watches.withLock { $0[number] = connection.watch }
         return connection
     }
@@ -474,7 +509,11 @@ public final class ConnectionPool: Sendable {
     /// `pragmas` can never smuggle other SQL in.
     static func pragmaStatement(_ name: String, _ value: JSONValue) -> String? {
         func isWord(_ text: String) -> Bool {
-            !text.isEmpty && text.utf8.allSatisfy { $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: "-") || (48...57).contains($0) || (65...90).contains($0) || (97...122).contains($0) }
+            !text.isEmpty
+                && text.utf8.allSatisfy {
+                    $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: "-") || (48...57).contains($0) || (65...90).contains($0)
+                        || (97...122).contains($0)
+                }
         }
         guard isWord(name), !name.contains("-") else { return nil }
         switch value {
@@ -529,7 +568,10 @@ public final class ConnectionPool: Sendable {
             state.open -= idle.count
             return (idle, Self.markCheckedOut(&state, number: number, as: kind))
         }
-        let error: JSONValue = ["code": "invalidated", "message": .string(soft ? "soft-invalidated by an admin" : "invalidated by an admin"), "sqlite_code": .null]
+        let error: JSONValue = [
+            "code": "invalidated", "message": .string(soft ? "soft-invalidated by an admin" : "invalidated by an admin"),
+            "sqlite_code": .null,
+        ]
         for connection in idle {
             self.bus.emit(kind, origin) {
                 var properties = self.poolProperties(connection.number)

@@ -1,4 +1,3 @@
-
 /// A database evd serves: `--db NAME=PATH`.
 public struct DatabaseConfig: Sendable, Equatable {
     public var name: String

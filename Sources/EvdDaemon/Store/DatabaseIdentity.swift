@@ -1,10 +1,11 @@
+import CSQLite
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import Synchronization
 
 /// Whether a database's path still names the file evd opened for it.
 ///
@@ -87,7 +88,8 @@ final class DatabaseIdentity: Sendable {
         return SQLiteError(
             code: Self.movedCode,
             message: "database '\(self.database)': its file \(self.file ?? "") \(what) while evd had it open; "
-                + "evd stopped serving it (this request committed nothing); put the right file in place and restart evd")
+                + "evd stopped serving it (this request committed nothing); put the right file in place and restart evd"
+        )
     }
 
     /// Throws `lostError` if the database was found lost before: no system call.

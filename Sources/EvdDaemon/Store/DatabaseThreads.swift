@@ -1,12 +1,13 @@
+import CSQLite
+import DequeModule
+import Dispatch
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import Dispatch
-import DequeModule
-import Synchronization
 
 /// The threads sessions run their requests on: a request's async code and its SQLite work on one
 /// thread.
@@ -53,13 +54,18 @@ final class DatabaseThreads: TaskExecutor, @unchecked Sendable {
         for index in 0..<self.count {
             let context = Unmanaged.passRetained(Box(self, name: "DB-\(index)")).toOpaque()
             var thread = pthread_t()
-            let rc = pthread_create(&thread, nil, { context in
-                let box = Unmanaged<Box>.fromOpaque(context!).takeRetainedValue()
-                evd_set_thread_name(box.name)
-                pthread_setspecific(DatabaseThreads.marker, UnsafeRawPointer(bitPattern: 1))
-                box.threads.serve()
-                return nil
-            }, context)
+            let rc = pthread_create(
+                &thread,
+                nil,
+                { context in
+                    let box = Unmanaged<Box>.fromOpaque(context!).takeRetainedValue()
+                    evd_set_thread_name(box.name)
+                    pthread_setspecific(DatabaseThreads.marker, UnsafeRawPointer(bitPattern: 1))
+                    box.threads.serve()
+                    return nil
+                },
+                context
+            )
             precondition(rc == 0, "cannot start a database thread: \(rc)")
             self.threads.append(thread)
         }
@@ -83,7 +89,10 @@ final class DatabaseThreads: TaskExecutor, @unchecked Sendable {
         let executor = self.asUnownedTaskExecutor()
         while true {
             self.queued.wait()
-            enum Next { case run(UnownedJob), stop, spurious }
+            enum Next {
+                case run(UnownedJob)
+                case stop, spurious
+            }
             let next: Next = self.jobs.withLock { jobs in
                 if let job = jobs.queue.popFirst() { return .run(job) }
                 return jobs.stopping ? .stop : .spurious

@@ -77,8 +77,11 @@ struct CommittedEvents {
                     var rendered: [UInt8] = []
                     run.images.withUnsafeBytes { bytes in
                         _ = RowImage.render(
-                            event: UnsafeRawBufferPointer(rebasing: bytes[run.imageRange(index)]), kind: run.kind,
-                            columns: run.columns, into: &rendered)
+                            event: UnsafeRawBufferPointer(rebasing: bytes[run.imageRange(index)]),
+                            kind: run.kind,
+                            columns: run.columns,
+                            into: &rendered
+                        )
                     }
                     images = rendered
                 }
@@ -166,7 +169,8 @@ extension ChangeCapture {
                     }
                     plan.slots.append(~plan.groups.count)
                     plan.groups.append(
-                        CommittedEventPlan.Group(kind: kind, properties: properties, rows: plan.images ? [position] : [], count: 1))
+                        CommittedEventPlan.Group(kind: kind, properties: properties, rows: plan.images ? [position] : [], count: 1)
+                    )
                     groupKeys.append(groupKey)
                     groupIndex[groupKey] = plan.groups.count - 1
                     lastGroup = (groupKey, plan.groups.count - 1)
@@ -196,7 +200,12 @@ extension ChangeCapture {
                 plan.slots.append(~plan.groups.count)
                 plan.groups.append(
                     CommittedEventPlan.Group(
-                        kind: intent.kind == .upsert ? .upsertRows : .insertRows, properties: properties, rows: [], count: 0))
+                        kind: intent.kind == .upsert ? .upsertRows : .insertRows,
+                        properties: properties,
+                        rows: [],
+                        count: 0
+                    )
+                )
             }
         }
         return CommittedEvents(capture: self, plan: plan)

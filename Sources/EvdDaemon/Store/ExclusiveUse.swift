@@ -1,9 +1,10 @@
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import Synchronization
 
 /// Checks, in debug builds, the claim an `@unchecked Sendable` class of Store makes: that it is in
 /// **exclusive use** — one thread inside it at a time.
@@ -89,7 +90,8 @@ struct ExclusiveUse: ~Copyable {
         let inside = self.owner.load(ordering: .relaxed)
         precondition(
             inside == Self.currentThread,
-            "\(self.label) called back on thread \(Self.currentThread) outside its use (thread \(inside) is inside)")
+            "\(self.label) called back on thread \(Self.currentThread) outside its use (thread \(inside) is inside)"
+        )
         #endif
     }
 

@@ -1,13 +1,14 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import CSQLite
 import DequeModule
 import EvdClient
 import NIOPosix
 import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 
 /// The journal: every committed event, stored durably with the commit that caused it (PROTOCOL.md §5).
 ///
@@ -100,8 +101,13 @@ public final class Journal: Sendable {
     /// counts as 0.)
     enum Checksum {
         static func of(
-            seq: Int64, first: Int64, events: Int64, plain: Int64,
-            name: UnsafeRawBufferPointer, time: UnsafeRawBufferPointer, body: UnsafeRawBufferPointer
+            seq: Int64,
+            first: Int64,
+            events: Int64,
+            plain: Int64,
+            name: UnsafeRawBufferPointer,
+            time: UnsafeRawBufferPointer,
+            body: UnsafeRawBufferPointer
         ) -> Int64 {
             var fields = (
                 seq.littleEndian, first.littleEndian, events.littleEndian, plain.littleEndian,
@@ -122,8 +128,14 @@ public final class Journal: Sendable {
                 time.withUTF8 { time in
                     body.withUnsafeBytes { body in
                         Self.of(
-                            seq: seq, first: first, events: events, plain: plain, name: UnsafeRawBufferPointer(name),
-                            time: UnsafeRawBufferPointer(time), body: body)
+                            seq: seq,
+                            first: first,
+                            events: events,
+                            plain: plain,
+                            name: UnsafeRawBufferPointer(name),
+                            time: UnsafeRawBufferPointer(time),
+                            body: body
+                        )
                     }
                 }
             }
@@ -220,7 +232,10 @@ public final class Journal: Sendable {
     /// The journal of the daemon's databases, its own in `stateDirectory`; the state database's
     /// writes run on `threadPool`.
     public init(
-        stateDirectory: String, databases: [DatabaseConfig], settings: JournalSettings, threadPool: NIOThreadPool
+        stateDirectory: String,
+        databases: [DatabaseConfig],
+        settings: JournalSettings,
+        threadPool: NIOThreadPool
     ) {
         self.threadPool = threadPool
         self.settings = settings
@@ -339,7 +354,8 @@ public final class Journal: Sendable {
             """
             INSERT INTO \(Self.metaTable) (key, value) VALUES ('\(Self.quoted(key))', \(value))
             ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)
-            """)
+            """
+        )
     }
 
     /// Writes the seq lease into every database whose `_evd_meta` has an older one (after the
@@ -376,7 +392,8 @@ public final class Journal: Sendable {
         try self.state.withLock { state throws(SQLiteError) in
             guard let state else { return }
             try state.connection.exec(
-                "INSERT INTO meta (key, value) VALUES ('\(Self.quoted(key))', \(value)) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+                "INSERT INTO meta (key, value) VALUES ('\(Self.quoted(key))', \(value)) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+            )
         }
     }
 
@@ -389,7 +406,9 @@ public final class Journal: Sendable {
     func maintenanceConnection(_ source: Source) throws(SQLiteError) -> SQLiteConnection {
         if let connection = self.maintenance.withLock({ $0[source.path] }) { return connection }
         let connection = try SQLiteConnection(
-            path: source.path, flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI)
+            path: source.path,
+            flags: SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE | SQLITE_OPEN_URI
+        )
         connection.setBusyTimeout(milliseconds: 5000)
         try connection.exec("PRAGMA journal_mode = wal; PRAGMA synchronous = normal")
         self.maintenance.withLock { $0[source.path] = connection }
@@ -401,7 +420,10 @@ public final class Journal: Sendable {
     /// Writes `entries` with consecutive seqs from `first` through `insert` (a prepared `insertSQL`
     /// on the connection whose transaction they belong to).
     static func write(
-        _ entries: [JournalEntry], first: Int64, time: String, using insert: SQLiteStatement
+        _ entries: [JournalEntry],
+        first: Int64,
+        time: String,
+        using insert: SQLiteStatement
     ) throws(SQLiteError) {
         for (offset, entry) in entries.enumerated() {
             try Self.write(entry, seq: first + Int64(offset), time: time, using: insert)
@@ -411,7 +433,10 @@ public final class Journal: Sendable {
     /// Writes events (all made: none `unwanted`) with consecutive seqs from `first`: a row per
     /// entry, and one per run.
     static func write(
-        _ publications: [Publication], first: Int64, time: String, using insert: SQLiteStatement
+        _ publications: [Publication],
+        first: Int64,
+        time: String,
+        using insert: SQLiteStatement
     ) throws(SQLiteError) {
         var seq = first
         for publication in publications {
@@ -426,8 +451,14 @@ public final class Journal: Sendable {
                     try Self.insert(seq: seq, name: run.kind.name, time: time, body: body, using: insert)
                 } else {
                     try Self.insert(
-                        seq: seq + Int64(run.count) - 1, first: seq, events: run.count, name: run.kind.name, time: time,
-                        body: run.packed(), using: insert)
+                        seq: seq + Int64(run.count) - 1,
+                        first: seq,
+                        events: run.count,
+                        name: run.kind.name,
+                        time: time,
+                        body: run.packed(),
+                        using: insert
+                    )
                 }
             case .unwanted:
                 preconditionFailure("every journaled event is made")
@@ -449,7 +480,13 @@ public final class Journal: Sendable {
 
     /// Inserts a row (`createSQL` says what each field is), with its event count and checksum.
     private static func insert(
-        seq: Int64, first: Int64? = nil, events: Int = 1, name: String, time: String, body: [UInt8], plain: Int? = nil,
+        seq: Int64,
+        first: Int64? = nil,
+        events: Int = 1,
+        name: String,
+        time: String,
+        body: [UInt8],
+        plain: Int? = nil,
         using insert: SQLiteStatement
     ) throws(SQLiteError) {
         insert.reset()
@@ -461,7 +498,14 @@ public final class Journal: Sendable {
         if let first { try insert.bind(int: first, at: 6) } else { try insert.bind(blob: nil, at: 6) }
         try insert.bind(int: Int64(events), at: 7)
         let crc = Checksum.of(
-            seq: seq, first: first ?? 0, events: Int64(events), plain: Int64(plain ?? 0), name: name, time: time, body: body)
+            seq: seq,
+            first: first ?? 0,
+            events: Int64(events),
+            plain: Int64(plain ?? 0),
+            name: name,
+            time: time,
+            body: body
+        )
         try insert.bind(int: crc, at: 8)
         _ = try insert.step()
     }
@@ -546,14 +590,20 @@ public final class Journal: Sendable {
             do throws(SQLiteError) {
                 for append in group {
                     try Self.write(
-                        append.entries, first: append.reservation.first, time: append.reservation.timeText,
-                        using: state.insert)
+                        append.entries,
+                        first: append.reservation.first,
+                        time: append.reservation.timeText,
+                        using: state.insert
+                    )
                 }
                 state.insert.reset()
                 try state.connection.exec("COMMIT")
                 for append in group {
                     self.running.addState(
-                        append.entries, first: append.reservation.first, timeBytes: append.reservation.time.count - 2)
+                        append.entries,
+                        first: append.reservation.first,
+                        timeBytes: append.reservation.time.count - 2
+                    )
                 }
             } catch {
                 state.insert.reset()

@@ -1,12 +1,13 @@
+import CSQLite
+import DequeModule
+import EvdClient
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import DequeModule
-import EvdClient
-import Synchronization
 
 extension Journal {
     /// How much the journal holds, for `stats` and `/metrics`: a snapshot of `RunningFigures`.
@@ -56,7 +57,8 @@ extension Journal {
                             "last_seq": seq(source.lastSeq),
                             "floor": .int(source.floor),
                         ]
-                    }),
+                    }
+                ),
             ]
         }
     }
@@ -233,11 +235,13 @@ extension Journal {
                         while try statement.step() {
                             let first = statement.int(at: 0)
                             let last = statement.int(at: 1)
-                            let window = source.database.map { Window.database($0) }
+                            let window =
+                                source.database.map { Window.database($0) }
                                 ?? Window.of(stateEvent: statement.column(3).stringValue ?? "")
                             Self.add(
                                 Stretch(first: first, last: last, events: Int(last - first + 1), bytes: Int(statement.int(at: 2))),
-                                to: &loaded[window, default: []])
+                                to: &loaded[window, default: []]
+                            )
                         }
                     }
                 } catch {
@@ -257,7 +261,8 @@ extension Journal {
                 case .entry(let entry):
                     total += Self.bytes(of: entry, timeBytes: timeBytes)
                 case .run(let run):
-                    total += run.common.count + run.tails.count + run.images.count + 3 * run.count
+                    total +=
+                        run.common.count + run.tails.count + run.images.count + 3 * run.count
                         + run.kind.name.utf8.count + timeBytes
                 case .unwanted:
                     break

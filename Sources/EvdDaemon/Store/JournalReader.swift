@@ -1,13 +1,14 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import CSQLite
 import DequeModule
 import EvdClient
 import NIOPosix
 import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 
 extension Journal {
     // MARK: Reading
@@ -77,7 +78,9 @@ extension Journal {
             self.through = through
             for source in journal.sources {
                 let connection = try SQLiteConnection(
-                    path: source.path, flags: SQLITE_OPEN_READONLY | SQLITE_OPEN_URI)
+                    path: source.path,
+                    flags: SQLITE_OPEN_READONLY | SQLITE_OPEN_URI
+                )
                 // A range of the rowid: no sort, and no LIMIT needed (a page stops stepping). A
                 // run's row has its last seq: one that starts by `through` may end after it.
                 let sql = """
@@ -85,10 +88,13 @@ extension Journal {
                     WHERE seq > ? AND seq <= ? ORDER BY seq
                     """
                 guard let statement = try? connection.prepare(SQLText(sql), from: 0) else { continue }  // no journal there yet
-                let unchecked = (try? connection.scalarInt(
-                    "SELECT value FROM \(source.metaTable) WHERE key = '\(Journal.uncheckedThroughKey)'")) ?? nil
+                let unchecked =
+                    (try? connection.scalarInt(
+                        "SELECT value FROM \(source.metaTable) WHERE key = '\(Journal.uncheckedThroughKey)'"
+                    )) ?? nil
                 self.cursors.append(
-                    Cursor(connection: connection, statement: statement, source: source, uncheckedThrough: unchecked ?? 0))
+                    Cursor(connection: connection, statement: statement, source: source, uncheckedThrough: unchecked ?? 0)
+                )
             }
         }
 
@@ -99,7 +105,8 @@ extension Journal {
         /// A damaged row ends the visit before it; the next call passes it, visiting nothing:
         /// `damage` says which seqs it held, and the count returned covers them.
         func next(
-            limit: Int, _ visit: (_ row: Row, _ from: Int64, _ to: Int64, _ budget: Int) -> Int
+            limit: Int,
+            _ visit: (_ row: Row, _ from: Int64, _ to: Int64, _ budget: Int) -> Int
         ) throws(SQLiteError) -> Int {
             let entered = self.exclusiveUse.enter()
             defer { self.exclusiveUse.leave(entered) }
@@ -168,8 +175,14 @@ extension Journal {
                 // NULL reads as 0, which is no length.
                 if case let length = Int(statement.int(at: 4)), length >= 2, length <= stored.count { plain = length }
                 let row = Row(
-                    first: first, seq: seq, name: statement.rawBytes(at: 1), time: statement.rawBytes(at: 2), stored: stored,
-                    plain: plain, isRun: runFirst > 0)
+                    first: first,
+                    seq: seq,
+                    name: statement.rawBytes(at: 1),
+                    time: statement.rawBytes(at: 2),
+                    stored: stored,
+                    plain: plain,
+                    isRun: runFirst > 0
+                )
                 let from = max(first, self.position + 1)
                 let to = min(seq, self.through)
                 let taken = from > to ? 0 : min(visit(row, from, to, limit - visited), Int(to - from + 1))
@@ -194,9 +207,14 @@ extension Journal {
             let events = statement.int(at: 6)
             guard events == (first > 0 ? seq - first + 1 : 1) else { return false }
             let expected = Checksum.of(
-                seq: seq, first: first, events: events, plain: statement.int(at: 4),
-                name: UnsafeRawBufferPointer(statement.rawBytes(at: 1)), time: UnsafeRawBufferPointer(statement.rawBytes(at: 2)),
-                body: UnsafeRawBufferPointer(statement.rawBytes(at: 3)))
+                seq: seq,
+                first: first,
+                events: events,
+                plain: statement.int(at: 4),
+                name: UnsafeRawBufferPointer(statement.rawBytes(at: 1)),
+                time: UnsafeRawBufferPointer(statement.rawBytes(at: 2)),
+                body: UnsafeRawBufferPointer(statement.rawBytes(at: 3))
+            )
             return expected == statement.int(at: 7)
         }
     }

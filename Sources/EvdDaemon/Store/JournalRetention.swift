@@ -1,13 +1,14 @@
-#if canImport(Glibc)
-import Glibc
-#elseif canImport(Musl)
-import Musl
-#endif
 import CSQLite
 import DequeModule
 import EvdClient
 import NIOPosix
 import Synchronization
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
 
 extension Journal {
     // MARK: Retention
@@ -56,7 +57,8 @@ extension Journal {
                             """
                             DELETE FROM _evd_journal WHERE seq IN (SELECT seq FROM _evd_journal
                             WHERE seq > \(from) AND seq <= \(cutoff) AND \(window.rows) ORDER BY seq LIMIT 10000)
-                            """)
+                            """
+                        )
                     } while connection.changes == 10_000
                 }
                 self.swept.withLock { $0[window] = cutoff }
@@ -86,7 +88,9 @@ extension Journal {
     private static func seqBeforeNewest(_ count: Int, of window: Window, on connection: SQLiteConnection) throws(SQLiteError) -> Int64 {
         guard
             let rows = try connection.prepare(
-                SQLText("SELECT seq, first FROM _evd_journal WHERE \(window.rows) ORDER BY seq DESC"), from: 0)
+                SQLText("SELECT seq, first FROM _evd_journal WHERE \(window.rows) ORDER BY seq DESC"),
+                from: 0
+            )
         else { return 0 }
         var kept: Int64 = 0
         while try rows.step() {

@@ -1,4 +1,3 @@
-
 /// How the journal keeps committed events (PROTOCOL.md §5; `evd --journal-*`).
 public struct JournalSettings: Sendable {
     /// Whether committed events are journaled at all (`--no-journal` turns it off: then `since`

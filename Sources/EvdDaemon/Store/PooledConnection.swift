@@ -1,9 +1,9 @@
-import OrderedCollections
 import CSQLite
 import DequeModule
 import EvdClient
 import NIOCore
 import NIOPosix
+import OrderedCollections
 import Synchronization
 
 /// A connection of the pool, with the per-session settings currently applied to it.
@@ -41,7 +41,11 @@ public final class PooledConnection: @unchecked Sendable {
     let identity: DatabaseIdentity
 
     init(
-        number: Int, sqlite: SQLiteConnection, observer: AuthorizerObserver, busyTimeoutMs: Int32, gate: WriteGate,
+        number: Int,
+        sqlite: SQLiteConnection,
+        observer: AuthorizerObserver,
+        busyTimeoutMs: Int32,
+        gate: WriteGate,
         identity: DatabaseIdentity
     ) {
         self.number = number

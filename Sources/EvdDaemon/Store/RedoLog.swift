@@ -16,9 +16,14 @@ extension ChangeCapture {
             if columns[table] == nil { columns[table] = self.shape(change.table)?.columns ?? [] }
             changes.append(
                 RedoChange(
-                    table: table, operation: change.operation, rowid: change.rowid, newRowid: change.newRowid,
+                    table: table,
+                    operation: change.operation,
+                    rowid: change.rowid,
+                    newRowid: change.newRowid,
                     before: change.before ?? self.values(of: change.beforeImage),
-                    after: change.after ?? self.values(of: change.afterImage)))
+                    after: change.after ?? self.values(of: change.afterImage)
+                )
+            )
         }
         return (changes, columns)
     }

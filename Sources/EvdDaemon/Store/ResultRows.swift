@@ -53,6 +53,7 @@ extension EvdError {
         EvdError(
             .responseTooLarge,
             "the response would be larger than \(max) bytes, the most evd sends (--max-response-bytes); ask for less (LIMIT, fewer columns)",
-            extra: ["limit": "max-response-bytes", "max": .integer(max)])
+            extra: ["limit": "max-response-bytes", "max": .integer(max)]
+        )
     }
 }

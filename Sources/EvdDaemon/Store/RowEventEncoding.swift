@@ -7,7 +7,10 @@ extension ChangeCapture {
     /// written after the start its table's events share, and its images copied as the hook wrote
     /// them; nothing else is made per event.
     func publications(
-        _ plan: CommittedEventPlan, _ range: Range<Int>, origin: EventOrigin, wanted: UInt64
+        _ plan: CommittedEventPlan,
+        _ range: Range<Int>,
+        origin: EventOrigin,
+        wanted: UInt64
     ) -> [Publication] {
         var builder = RunBuilder(origin: origin, images: plan.images)
         var lastShape: (table: Int32, shape: TableShape?)?
@@ -97,8 +100,12 @@ extension ChangeCapture {
     /// wrote, or one made of the row's values (recorded while the shape was unknown, named by
     /// the shape read at commit); none (`null`) without either.
     private func appendSlot(
-        _ written: Range<Int>?, _ row: [JSONValue]?, _ change: RowChange, _ plan: CommittedEventPlan,
-        _ columns: inout RunBuilder.Columns, to image: inout [UInt8]
+        _ written: Range<Int>?,
+        _ row: [JSONValue]?,
+        _ change: RowChange,
+        _ plan: CommittedEventPlan,
+        _ columns: inout RunBuilder.Columns,
+        to image: inout [UInt8]
     ) {
         if let written, change.columns >= 0 {
             RowImage.appendVarint(columns.local(capture: change.columns, self.columnSets) + 1, to: &image)
@@ -209,8 +216,17 @@ private struct RunBuilder {
         self.output.append(
             .run(
                 EventRun(
-                    kind: kind, origin: self.origin, common: self.common, tails: self.tails, tailEnds: self.tailEnds,
-                    images: self.imageBytes, imageEnds: self.imageEnds, columns: self.columns.sets)))
+                    kind: kind,
+                    origin: self.origin,
+                    common: self.common,
+                    tails: self.tails,
+                    tailEnds: self.tailEnds,
+                    images: self.imageBytes,
+                    imageEnds: self.imageEnds,
+                    columns: self.columns.sets
+                )
+            )
+        )
         self.kind = nil
         self.tails = []
         self.tailEnds = []

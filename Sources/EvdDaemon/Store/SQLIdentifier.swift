@@ -1,4 +1,3 @@
-
 /// Quoting for names and literals evd puts in SQL it writes itself.
 enum SQLIdentifier {
     /// `"name"`, with embedded quotes doubled.

@@ -1,6 +1,6 @@
-import OrderedCollections
 import CSQLite
 import EvdClient
+import OrderedCollections
 
 /// Binding a request's parameters (EvdClient's `SQLParameters`) to a statement.
 extension SQLParameters {
@@ -44,7 +44,10 @@ extension SQLParameters {
     }
 
     private func bindPositional(
-        _ values: [JSONValue], _ statement: SQLiteStatement, count: Int, cursor: inout Int
+        _ values: [JSONValue],
+        _ statement: SQLiteStatement,
+        count: Int,
+        cursor: inout Int
     ) throws(EvdError) {
         guard cursor + count <= values.count else {
             throw .badRequest(field: "params", "the SQL takes at least \(cursor + count) parameter(s), \(values.count) given")
@@ -83,9 +86,11 @@ enum ParameterSets {
         case .sets(let sets):
             return .array(sets.map(\.jsonValue))
         case .rows(let rows, let run, _):
-            return .array(run.rows.map { row in
-                .array(run.keys.indices.map { rows.value(at: run.valueIndex(row: row, keyIndex: $0)) })
-            })
+            return .array(
+                run.rows.map { row in
+                    .array(run.keys.indices.map { rows.value(at: run.valueIndex(row: row, keyIndex: $0)) })
+                }
+            )
         }
     }
 
@@ -136,7 +141,13 @@ enum ParameterSets {
                     }
                     guard let images else { return try stepAll() }
                     try capture.withBoundImages(
-                        table: images.table, columns: images.columns, cells: runCells, text: text, width: width, stepAll)
+                        table: images.table,
+                        columns: images.columns,
+                        cells: runCells,
+                        text: text,
+                        width: width,
+                        stepAll
+                    )
                 }
             }
         }

@@ -1,6 +1,6 @@
-import OrderedCollections
 import CSQLite
 import EvdClient
+import OrderedCollections
 
 /// What `execute` returns.
 struct ExecuteResult: Sendable {
@@ -73,7 +73,12 @@ struct SQLRun {
     @discardableResult
     func vetoable(_ kind: EventKind, _ properties: () -> JSONObject) throws(EvdError) -> VetoVerdict? {
         let verdict = self.bus.decideBlocking(
-            kind, self.origin, budget: self.vetoBudget, operation: self.operationBudget, properties)
+            kind,
+            self.origin,
+            budget: self.vetoBudget,
+            operation: self.operationBudget,
+            properties
+        )
         if let verdict, verdict.denied { throw verdict.vetoedError(event: kind.name) }
         return verdict
     }
@@ -122,11 +127,19 @@ struct SQLRun {
                     }
                     let shown = finalParameters
                     let statement = try self.prepareStatement(
-                        final, rewrittenBy: modifiers,
-                        dialect: SQLParameters.isEmptyJSON(shown) ? .doExecuteNoParams : .doExecute, parameters: { shown })
+                        final,
+                        rewrittenBy: modifiers,
+                        dialect: SQLParameters.isEmptyJSON(shown) ? .doExecuteNoParams : .doExecute,
+                        parameters: { shown }
+                    )
                     try self.runOne(
-                        statement, parameters: parameters, replaced: replaced, cursor: &cursor, sqlBegun: &sqlBegun,
-                        result: &result)
+                        statement,
+                        parameters: parameters,
+                        replaced: replaced,
+                        cursor: &cursor,
+                        sqlBegun: &sqlBegun,
+                        result: &result
+                    )
                 }
                 if !listenerParameters, let total = parameters.positionalCount, cursor != total {
                     throw EvdError.badRequest(field: "params", "\(total) parameter(s) given, the SQL takes \(cursor)")
@@ -149,8 +162,12 @@ struct SQLRun {
     /// Binds and runs one prepared statement of `execute`, opening the request's own transaction
     /// in SQLite before the first (`BEGIN IMMEDIATE` if it writes).
     private func runOne(
-        _ statement: SQLiteStatement, parameters: SQLParameters, replaced: SQLParameters?, cursor: inout Int,
-        sqlBegun: inout Bool, result: inout ExecuteResult
+        _ statement: SQLiteStatement,
+        parameters: SQLParameters,
+        replaced: SQLParameters?,
+        cursor: inout Int,
+        sqlBegun: inout Bool,
+        result: inout ExecuteResult
     ) throws(EvdError) {
         if !sqlBegun {
             sqlBegun = true
@@ -185,7 +202,10 @@ struct SQLRun {
     /// prepare it, `do_execute*` fires (where SQLAlchemy's dialect calls `cursor.execute`, which
     /// prepares), then `dbapi_error` and `handle_error`.
     private func prepareStatement(
-        _ sql: SQLText, rewrittenBy modifiers: [EventVisibility]?, dialect: EventKind, parameters: @escaping () -> JSONValue
+        _ sql: SQLText,
+        rewrittenBy modifiers: [EventVisibility]?,
+        dialect: EventKind,
+        parameters: @escaping () -> JSONValue
     ) throws(EvdError) -> SQLiteStatement {
         let rewriters = (modifiers ?? []).map { SQLPolicy(rewriter: $0, database: self.database) }
         let prepared = try self.prepare(sql, from: 0, rewrittenBy: rewriters, failing: (dialect, parameters))
@@ -243,7 +263,11 @@ struct SQLRun {
                     }
                 }
                 let statement = try self.prepareStatement(
-                    final, rewrittenBy: modifiers, dialect: .doExecutemany, parameters: json)
+                    final,
+                    rewrittenBy: modifiers,
+                    dialect: .doExecutemany,
+                    parameters: json
+                )
                 if !sqlBegun {
                     sqlBegun = true
                     try self.beginSQL(immediate: !statement.isReadOnly)
@@ -265,15 +289,19 @@ struct SQLRun {
         guard let list = replaced.arrayValue else {
             throw EvdError(.vetoed, "a listener set executemany's parameters to something that is not a list")
         }
-        return .sets(try list.enumerated().map { (index, set) throws(EvdError) in
-            try SQLParameters(set, field: "parameters[\(index)]")
-        })
+        return .sets(
+            try list.enumerated().map { (index, set) throws(EvdError) in
+                try SQLParameters(set, field: "parameters[\(index)]")
+            }
+        )
     }
 
     /// Runs one statement's `body` as one unit of captured changes, with the schema events of the
     /// DDL it does (the authorizer told, while it was prepared).
     func capturing<T>(
-        _ statement: SQLiteStatement, intent: StatementIntent, _ body: () throws(EvdError) -> T
+        _ statement: SQLiteStatement,
+        intent: StatementIntent,
+        _ body: () throws(EvdError) -> T
     ) throws(EvdError) -> T {
         let observer = self.connection.observer
         let capture = self.connection.capture
@@ -298,7 +326,9 @@ struct SQLRun {
     /// `failing`: for a client's statement, the dialect event and parameters that fire, before
     /// `dbapi_error` and `handle_error`, when SQLite cannot prepare it (`prepareStatement`).
     func prepare(
-        _ sql: SQLText, from offset: Int, rewrittenBy rewriters: [SQLPolicy] = [],
+        _ sql: SQLText,
+        from offset: Int,
+        rewrittenBy rewriters: [SQLPolicy] = [],
         failing dialect: (event: EventKind, parameters: () -> JSONValue)? = nil
     ) throws(EvdError) -> SQLiteStatement? {
         let observer = self.connection.observer
@@ -314,12 +344,16 @@ struct SQLRun {
             if let refusal = self.policyRefusal() { throw refusal }
             if let table = observer.protectedTable {
                 throw EvdError(
-                    .permissionDenied, "\(table) is evd's journal: clients may read it but not change it",
-                    extra: ["table": .string(table)])
+                    .permissionDenied,
+                    "\(table) is evd's journal: clients may read it but not change it",
+                    extra: ["table": .string(table)]
+                )
             }
             if let pragma = observer.setExecutionOptionPragma {
                 throw EvdError.badRequest(
-                    field: "sql", "PRAGMA \(pragma) cannot be set in SQL: it is an execution option (use the execution_options op)")
+                    field: "sql",
+                    "PRAGMA \(pragma) cannot be set in SQL: it is an execution option (use the execution_options op)"
+                )
             }
             guard let dialect else { throw self.failed(error, statement: sql.text, parameters: .array([])) }
             try self.vetoable(dialect.event) {
@@ -332,7 +366,9 @@ struct SQLRun {
         }
         if observer.sawTransactionControl {
             throw EvdError.badRequest(
-                field: "sql", "transaction control in SQL is not allowed: use the begin, commit, rollback and savepoint ops")
+                field: "sql",
+                "transaction control in SQL is not allowed: use the begin, commit, rollback and savepoint ops"
+            )
         }
         return statement
     }
@@ -369,7 +405,11 @@ struct SQLRun {
     }
 
     /// `before_cursor_execute`: listeners may deny, or rewrite `statement` and `parameters`.
-    func beforeCursorExecute(_ sql: String, _ parameters: @autoclosure () -> JSONValue, executemany: Bool) throws(EvdError)
+    func beforeCursorExecute(
+        _ sql: String,
+        _ parameters: @autoclosure () -> JSONValue,
+        executemany: Bool
+    ) throws(EvdError)
         -> VetoVerdict?
     {
         try self.vetoable(.beforeCursorExecute) {
@@ -387,7 +427,9 @@ struct SQLRun {
     /// someone listens to. `onRow` sees each result row of the statement that runs. Returns the
     /// rows it changed directly.
     func runMany(
-        _ statement: SQLiteStatement, _ sets: ParameterSets, intent: StatementIntent,
+        _ statement: SQLiteStatement,
+        _ sets: ParameterSets,
+        intent: StatementIntent,
         onRow: (SQLiteStatement) -> Void = { _ in }
     ) throws(EvdError) -> Int64 {
         var statement = statement
@@ -415,7 +457,11 @@ struct SQLRun {
     }
 
     /// The statement and parameters a `modify` asked for: what then runs.
-    func rewrite(_ statement: SQLiteStatement, _ bound: JSONValue, by verdict: VetoVerdict) throws(EvdError)
+    func rewrite(
+        _ statement: SQLiteStatement,
+        _ bound: JSONValue,
+        by verdict: VetoVerdict
+    ) throws(EvdError)
         -> (SQLiteStatement, JSONValue)
     {
         let properties = verdict.properties
@@ -438,7 +484,10 @@ struct SQLRun {
     /// dialect and `after_cursor_execute` events; `onRow` sees each result row. Returns the rows it
     /// changed directly.
     func run(
-        _ statement: SQLiteStatement, parameters: JSONValue, executemany: Bool, onRow: () throws(EvdError) -> Void = {}
+        _ statement: SQLiteStatement,
+        parameters: JSONValue,
+        executemany: Bool,
+        onRow: () throws(EvdError) -> Void = {}
     ) throws(EvdError) -> Int64 {
         try self.run(statement, parameters: { parameters }, executemany: executemany, sets: nil, onRow: onRow)
     }
@@ -446,7 +495,10 @@ struct SQLRun {
     /// `run` with the events' `parameters` made only when an event is sent, and for an
     /// executemany the sets to bind.
     private func run(
-        _ statement: SQLiteStatement, parameters: () -> JSONValue, executemany: Bool, sets: ParameterSets?,
+        _ statement: SQLiteStatement,
+        parameters: () -> JSONValue,
+        executemany: Bool,
+        sets: ParameterSets?,
         onRow: () throws(EvdError) -> Void
     ) throws(EvdError) -> Int64 {
         let sql = statement.sql
@@ -511,7 +563,12 @@ struct SQLRun {
     /// Turns a SQLite failure into the client's error: `dbapi_error`, then `handle_error` (whose
     /// listeners may rewrite the error the client receives), and the connection invalidated when the
     /// error means it can no longer be trusted.
-    func failed(_ error: SQLiteError, statement: String, parameters: JSONValue, as wireError: EvdError? = nil)
+    func failed(
+        _ error: SQLiteError,
+        statement: String,
+        parameters: JSONValue,
+        as wireError: EvdError? = nil
+    )
         -> EvdError
     {
         let evdError = wireError ?? error.evdError
@@ -526,7 +583,12 @@ struct SQLRun {
         self.bus.emit(.dbapiError, self.origin, properties)
         if error.invalidatesConnection { self.pool.invalidate(self.connection, error: error, origin: self.origin) }
         let verdict = self.bus.decideBlocking(
-            .handleError, self.origin, budget: self.vetoBudget, operation: self.operationBudget, properties)
+            .handleError,
+            self.origin,
+            budget: self.vetoBudget,
+            operation: self.operationBudget,
+            properties
+        )
         if let rewritten = verdict?.properties["error"]?.objectValue, verdict?.action == "modify" {
             return EvdError(object: rewritten)
         }

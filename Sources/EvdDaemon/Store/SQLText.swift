@@ -1,11 +1,12 @@
+import CSQLite
+import EvdClient
 import OrderedCollections
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import EvdClient
 
 /// SQL text kept as NUL-terminated UTF-8, so statements can be prepared one after another by offset.
 public struct SQLText: Sendable {

@@ -1,6 +1,6 @@
-import OrderedCollections
 import CSQLite
 import EvdClient
+import OrderedCollections
 
 extension SQLRun {
     /// Wraps a request: the body, `after_execute`, and the implicit transaction's end.
@@ -33,7 +33,11 @@ extension SQLRun {
             }
             do {
                 try self.connection.commit(
-                    database: self.database, origin: self.origin, bus: self.bus, journal: self.pool.journal)
+                    database: self.database,
+                    origin: self.origin,
+                    bus: self.bus,
+                    journal: self.pool.journal
+                )
             } catch {
                 self.rollback()
                 throw self.failed(error, statement: "COMMIT", parameters: .array([]))

@@ -1,11 +1,12 @@
+import CSQLite
+import EvdClient
 import OrderedCollections
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import EvdClient
 
 /// One SQLite connection (`sqlite3*`).
 ///
@@ -184,7 +185,13 @@ public final class SQLiteConnection: @unchecked Sendable {
             var stmt: OpaquePointer?
             var tail: UnsafePointer<CChar>?
             let rc = sqlite3_prepare_v3(
-                self.handle, base + offset, Int32(buffer.count - 1 - offset), 0, &stmt, &tail)
+                self.handle,
+                base + offset,
+                Int32(buffer.count - 1 - offset),
+                0,
+                &stmt,
+                &tail
+            )
             if rc != SQLITE_OK {
                 result = .failure(self.lastError(rc, sql: sql.text))
                 return

@@ -1,11 +1,12 @@
+import CSQLite
+import EvdClient
 import OrderedCollections
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import EvdClient
 
 /// An error from SQLite: its extended result code, the code's name and SQLite's message.
 public struct SQLiteError: Error, Sendable, CustomStringConvertible {

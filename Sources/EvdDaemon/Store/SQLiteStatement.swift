@@ -1,11 +1,12 @@
+import CSQLite
+import EvdClient
 import OrderedCollections
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import EvdClient
 
 /// A prepared statement. Finalized when released.
 ///
@@ -130,8 +131,13 @@ public final class SQLiteStatement: @unchecked Sendable {
             rc = bytes.withUnsafeBytes { raw in
                 guard let start = raw.baseAddress, raw.count > 0 else { return self.bindText("", at: i) }
                 return sqlite3_bind_text64(
-                    self.handle, i, start.assumingMemoryBound(to: CChar.self), UInt64(raw.count), evd_sqlite_transient(),
-                    UInt8(SQLITE_UTF8))
+                    self.handle,
+                    i,
+                    start.assumingMemoryBound(to: CChar.self),
+                    UInt64(raw.count),
+                    evd_sqlite_transient(),
+                    UInt8(SQLITE_UTF8)
+                )
             }
         case .object(let o) where o["$real"] != nil:
             rc = sqlite3_bind_double(self.handle, i, ValueForms.real(o) ?? .nan)  // (validated: a NaN binds NULL)
@@ -189,7 +195,6 @@ public final class SQLiteStatement: @unchecked Sendable {
         }
         if rc != SQLITE_OK { throw self.connection.lastError(rc, sql: self.sql) }
     }
-
 
     /// Column `index` of the current row as an integer.
     func int(at index: Int32) -> Int64 { sqlite3_column_int64(self.handle, index) }

@@ -21,7 +21,9 @@ struct SchemaEntry: Sendable, Equatable {
 /// commit.
 extension SQLRun {
     func withSchemaEvents<T>(
-        sql: String, actions: [SchemaAction], _ body: () throws(EvdError) -> T
+        sql: String,
+        actions: [SchemaAction],
+        _ body: () throws(EvdError) -> T
     ) throws(EvdError) -> T {
         let before = try self.schemaSnapshot()
         // Only what will really change: CREATE ... IF NOT EXISTS of an existing object, or DROP ...
@@ -82,7 +84,9 @@ extension SQLRun {
     /// The committed schema events between two snapshots: tables created, dropped, renamed (an
     /// ALTER of a table that is then gone, with exactly one new table) and altered (new SQL).
     static func committedChanges(
-        before: [String: SchemaEntry], after: [String: SchemaEntry], altered: Set<String>
+        before: [String: SchemaEntry],
+        after: [String: SchemaEntry],
+        altered: Set<String>
     ) -> [SchemaChange] {
         func tables(_ snapshot: [String: SchemaEntry]) -> [String: SchemaEntry] {
             snapshot.filter { $0.value.type == "table" && !$0.key.hasPrefix("sqlite_") }
@@ -96,14 +100,17 @@ extension SQLRun {
             changes.append(
                 SchemaChange(
                     kind: .renameTable,
-                    properties: ["old_table": .string(old[removed[0]]!.name), "new_table": .string(new[added[0]]!.name)]))
+                    properties: ["old_table": .string(old[removed[0]]!.name), "new_table": .string(new[added[0]]!.name)]
+                )
+            )
             removed = []
             added = []
         }
         for key in added {
             let entry = new[key]!
             changes.append(
-                SchemaChange(kind: .createTable, properties: ["table": .string(entry.name), "schema": .string(entry.sql ?? "")]))
+                SchemaChange(kind: .createTable, properties: ["table": .string(entry.name), "schema": .string(entry.sql ?? "")])
+            )
         }
         for key in removed {
             changes.append(SchemaChange(kind: .dropTable, properties: ["table": .string(old[key]!.name)]))
@@ -116,7 +123,9 @@ extension SQLRun {
                     properties: [
                         "table": .string(entry.name), "before_schema": .string(previous.sql ?? ""),
                         "after_schema": .string(entry.sql ?? ""),
-                    ]))
+                    ]
+                )
+            )
         }
         return changes
     }
@@ -131,8 +140,10 @@ extension SQLRun {
                 else { return [:] }
                 while try statement.step() {
                     let entry = SchemaEntry(
-                        type: statement.column(0).stringValue ?? "", name: statement.column(1).stringValue ?? "",
-                        sql: statement.column(2).stringValue)
+                        type: statement.column(0).stringValue ?? "",
+                        name: statement.column(1).stringValue ?? "",
+                        sql: statement.column(2).stringValue
+                    )
                     entries[entry.name.lowercased()] = entry
                 }
                 return entries
@@ -149,16 +160,23 @@ extension SQLRun {
             return try self.connection.schema.columns(of: table, sqlite) { () throws(SQLiteError) in
                 guard
                     let statement = try sqlite.prepare(
-                        SQLText("SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_info(\(SQLIdentifier.literal(table)), 'main')"),
-                        from: 0)
+                        SQLText(
+                            "SELECT name, type, \"notnull\", dflt_value, pk FROM pragma_table_info(\(SQLIdentifier.literal(table)), 'main')"
+                        ),
+                        from: 0
+                    )
                 else { return [] }
                 var columns: [ColumnInfo] = []
                 while try statement.step() {
                     columns.append(
                         ColumnInfo(
-                            name: statement.column(0).stringValue ?? "", type: statement.column(1).stringValue ?? "",
-                            notNull: statement.column(2).intValue == 1, defaultValue: statement.column(3),
-                            pk: statement.column(4).intValue ?? 0))
+                            name: statement.column(0).stringValue ?? "",
+                            type: statement.column(1).stringValue ?? "",
+                            notNull: statement.column(2).intValue == 1,
+                            defaultValue: statement.column(3),
+                            pk: statement.column(4).intValue ?? 0
+                        )
+                    )
                 }
                 return columns
             }
@@ -210,7 +228,10 @@ struct ColumnInfo: Sendable, Equatable {
     var pk: Int64
 
     var jsonObject: JSONObject {
-        ["name": .string(self.name), "type": .string(self.type), "notnull": .bool(self.notNull), "default": self.defaultValue, "pk": .int(self.pk)]
+        [
+            "name": .string(self.name), "type": .string(self.type), "notnull": .bool(self.notNull), "default": self.defaultValue,
+            "pk": .int(self.pk),
+        ]
     }
 }
 
@@ -259,8 +280,9 @@ final class SchemaCache: @unchecked Sendable {
         if let replacing = self.replacing { return replacing }
         var tables: Set<String> = []
         if let statement = try sqlite.prepare(
-            SQLText("SELECT name, sql FROM main.sqlite_schema WHERE type = 'table' AND sql LIKE '%replace%'"), from: 0)
-        {
+            SQLText("SELECT name, sql FROM main.sqlite_schema WHERE type = 'table' AND sql LIKE '%replace%'"),
+            from: 0
+        ) {
             while try statement.step() {
                 if let name = statement.column(0).stringValue, SQLScanner.declaresReplace(statement.column(1).stringValue ?? "") {
                     tables.insert(name.lowercased())
@@ -295,7 +317,10 @@ final class SchemaCache: @unchecked Sendable {
         }
     }
 
-    func snapshot(_ sqlite: SQLiteConnection, read: () throws(SQLiteError) -> [String: SchemaEntry]) throws(SQLiteError)
+    func snapshot(
+        _ sqlite: SQLiteConnection,
+        read: () throws(SQLiteError) -> [String: SchemaEntry]
+    ) throws(SQLiteError)
         -> [String: SchemaEntry]
     {
         let entered = self.exclusiveUse.enter()
@@ -307,7 +332,11 @@ final class SchemaCache: @unchecked Sendable {
         return snapshot
     }
 
-    func columns(of table: String, _ sqlite: SQLiteConnection, read: () throws(SQLiteError) -> [ColumnInfo])
+    func columns(
+        of table: String,
+        _ sqlite: SQLiteConnection,
+        read: () throws(SQLiteError) -> [ColumnInfo]
+    )
         throws(SQLiteError) -> [ColumnInfo]
     {
         let entered = self.exclusiveUse.enter()

@@ -1,6 +1,6 @@
-import OrderedCollections
 import CSQLite
 import EvdClient
+import OrderedCollections
 
 extension SQLText {
     /// The statement at `range` (from `nextStatement`) as text of its own: `self` when it is all of it.
@@ -87,7 +87,8 @@ extension SQLText {
                 if isWordByte(b) {
                     let wordStart = i
                     while i < end && isWordByte(bytes[i]) { i += 1 }
-                    let isEnd = i - wordStart == 3 && (bytes[wordStart] | 0x20) == UInt8(ascii: "e")
+                    let isEnd =
+                        i - wordStart == 3 && (bytes[wordStart] | 0x20) == UInt8(ascii: "e")
                         && (bytes[wordStart + 1] | 0x20) == UInt8(ascii: "n") && (bytes[wordStart + 2] | 0x20) == UInt8(ascii: "d")
                     note(isEnd ? .end : .other)
                 } else {

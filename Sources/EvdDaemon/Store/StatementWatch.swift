@@ -83,8 +83,10 @@ extension StatementWatch.Reason {
         switch self {
         case .timeLimit(let milliseconds):
             return EvdError(
-                .timeout, "the statement ran longer than \(milliseconds) ms (--max-statement-ms) and was interrupted",
-                extra: ["limit": "max-statement-ms", "max": .integer(milliseconds)])
+                .timeout,
+                "the statement ran longer than \(milliseconds) ms (--max-statement-ms) and was interrupted",
+                extra: ["limit": "max-statement-ms", "max": .integer(milliseconds)]
+            )
         case .disconnected:
             return EvdError(.sqlError, "the statement was interrupted: its client went away", extra: ["sqlite_code": "SQLITE_INTERRUPT"])
         case .shutdown:

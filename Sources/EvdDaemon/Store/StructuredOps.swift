@@ -36,7 +36,12 @@ extension SQLRun {
         case .insert(let table, let rows, let ignore, let replace, let alter, let returning):
             let target = try self.existingTable(table)
             let (inserted, returned) = try self.insertRows(
-                target, rows, mode: ignore ? .ignore : replace ? .replace : .plain, alter: alter, returning: returning)
+                target,
+                rows,
+                mode: ignore ? .ignore : replace ? .replace : .plain,
+                alter: alter,
+                returning: returning
+            )
             var result: JSONObject = ["inserted": .int(inserted)]
             if let returned { result["rows"] = .array(returned) }
             return (.object(result), inserted)
@@ -66,7 +71,12 @@ extension SQLRun {
     // MARK: The ops
 
     private func createTable(
-        _ table: String, columns: [StructuredOp.ColumnSpec]?, rows: JSONRows?, keys: [String], ignore: Bool, replace: Bool,
+        _ table: String,
+        columns: [StructuredOp.ColumnSpec]?,
+        rows: JSONRows?,
+        keys: [String],
+        ignore: Bool,
+        replace: Bool,
         alter: Bool
     ) throws(EvdError) -> (JSONValue, Int64) {
         let existing = try self.schemaSnapshot()[table.lowercased()]
@@ -83,7 +93,12 @@ extension SQLRun {
                 throw EvdError.badRequest(field: keys.count > 1 ? "pks" : "pk", "pk cannot be changed for existing table")
             }
             let (inserted, _) = try self.insertRows(
-                existing.name, rows, mode: ignore ? .ignore : replace ? .replace : .plain, alter: alter, returning: false)
+                existing.name,
+                rows,
+                mode: ignore ? .ignore : replace ? .replace : .plain,
+                alter: alter,
+                returning: false
+            )
             let schema = try self.schemaSnapshot()[table.lowercased()]?.sql ?? ""
             return (["table": .string(existing.name), "schema": .string(schema), "created": false, "inserted": .int(inserted)], inserted)
         }
@@ -111,7 +126,12 @@ extension SQLRun {
         var inserted: Int64 = 0
         if let rows {
             (inserted, _) = try self.insertRows(
-                table, rows, mode: ignore ? .ignore : replace ? .replace : .plain, alter: true, returning: false)
+                table,
+                rows,
+                mode: ignore ? .ignore : replace ? .replace : .plain,
+                alter: true,
+                returning: false
+            )
         }
         let schema = try self.schemaSnapshot()[table.lowercased()]?.sql ?? sql
         return (["table": .string(table), "schema": .string(schema), "created": true, "inserted": .int(inserted)], inserted)
@@ -123,7 +143,11 @@ extension SQLRun {
     /// columns; a row without a column gets NULL for it, as in Datasette. Returns the rows SQLite
     /// changed, and with `returning` the rows as stored.
     private func insertRows(
-        _ table: String, _ rows: JSONRows, mode: InsertMode, alter: Bool, returning: Bool
+        _ table: String,
+        _ rows: JSONRows,
+        mode: InsertMode,
+        alter: Bool,
+        returning: Bool
     ) throws(EvdError) -> (Int64, [JSONValue]?) {
         var intent = StatementIntent(kind: mode == .upsert ? .upsert : .insert, ignore: mode == .ignore, replace: mode == .replace)
         intent.reportedRows = rows.count
@@ -145,12 +169,16 @@ extension SQLRun {
                 let positions = keyNames.compactMap { run.keys.firstIndex(of: $0) }
                 for index in run.rows {
                     if !missing.isEmpty {
-                        problems.append("Row \(index) is missing primary key column(s): \(missing.map { "\"\($0)\"" }.joined(separator: ", "))")
+                        problems.append(
+                            "Row \(index) is missing primary key column(s): \(missing.map { "\"\($0)\"" }.joined(separator: ", "))"
+                        )
                         continue
                     }
                     let null = positions.filter { rows.cells[run.valueIndex(row: index, keyIndex: $0)].kind == .null }
                     if !null.isEmpty {
-                        problems.append("Row \(index) has null primary key column(s): \(null.map { "\"\(run.keys[$0])\"" }.joined(separator: ", "))")
+                        problems.append(
+                            "Row \(index) has null primary key column(s): \(null.map { "\"\(run.keys[$0])\"" }.joined(separator: ", "))"
+                        )
                     }
                 }
             }
@@ -193,7 +221,12 @@ extension SQLRun {
 
     /// Inserts a run of rows (all with the same columns) with one prepared statement.
     private func insertRun(
-        _ table: String, _ rows: JSONRows, _ run: JSONRows.Run, shape: TableShape, mode: InsertMode, intent: StatementIntent,
+        _ table: String,
+        _ rows: JSONRows,
+        _ run: JSONRows.Run,
+        shape: TableShape,
+        mode: InsertMode,
+        intent: StatementIntent,
         returning: Bool
     ) throws(EvdError) -> (Int64, [JSONValue]) {
         let names = run.keys
@@ -216,12 +249,16 @@ extension SQLRun {
                 return try self.upsertByRowid(table, rows, run, intent: intent, returning: returning)
             }
             sql += " ON CONFLICT(\(keyNames.map(SQLIdentifier.quote).joined(separator: ", "))) DO "
-            sql += updates.isEmpty ? "NOTHING" : "UPDATE SET " + updates.map { "\(SQLIdentifier.quote($0)) = excluded.\(SQLIdentifier.quote($0))" }.joined(separator: ", ")
+            sql +=
+                updates.isEmpty
+                ? "NOTHING"
+                : "UPDATE SET " + updates.map { "\(SQLIdentifier.quote($0)) = excluded.\(SQLIdentifier.quote($0))" }.joined(separator: ", ")
         }
         if returning { sql += " RETURNING *" }
         // The values are stored as they are (`StructuredOp.rows` made them so), in `names` order.
         var returned: [JSONValue] = []
-        let changed = try self.runStatement(sql, many: .rows(rows, run, images: try self.boundImages(table, names)), intent: intent) { statement in
+        let changed = try self.runStatement(sql, many: .rows(rows, run, images: try self.boundImages(table, names)), intent: intent) {
+            statement in
             if returning { returned.append(Self.rowObject(statement)) }
         }
         return (changed, returned)
@@ -230,7 +267,8 @@ extension SQLRun {
     /// How the hook may write the after-images of a run of rows with the columns `names` from
     /// the values bound: when images are recorded and the run has every column of the table
     /// (else SQLite fills in defaults the hook must read back).
-    private func boundImages(_ table: String, _ names: [String]) throws(EvdError) -> (table: String, columns: [ChangeCapture.BoundColumn])? {
+    private func boundImages(_ table: String, _ names: [String]) throws(EvdError) -> (table: String, columns: [ChangeCapture.BoundColumn])?
+    {
         guard self.connection.capture.active, self.connection.capture.images else { return nil }
         let columns = try self.columns(of: table)
         var bound: [ChangeCapture.BoundColumn] = []
@@ -242,7 +280,11 @@ extension SQLRun {
     }
 
     private func upsertByRowid(
-        _ table: String, _ rows: JSONRows, _ run: JSONRows.Run, intent: StatementIntent, returning: Bool
+        _ table: String,
+        _ rows: JSONRows,
+        _ run: JSONRows.Run,
+        intent: StatementIntent,
+        returning: Bool
     ) throws(EvdError) -> (Int64, [JSONValue]) {
         var changed: Int64 = 0
         var returned: [JSONValue] = []
@@ -257,8 +299,11 @@ extension SQLRun {
             if !others.isEmpty {
                 let assignments = others.map { "\(SQLIdentifier.quote($0)) = ?" }.joined(separator: ", ")
                 done = try self.runStatement(
-                    "UPDATE \(SQLIdentifier.quote(table)) SET \(assignments) WHERE rowid = ?\(tail)", [values + [rowid]],
-                    intent: intent, onRow: collect)
+                    "UPDATE \(SQLIdentifier.quote(table)) SET \(assignments) WHERE rowid = ?\(tail)",
+                    [values + [rowid]],
+                    intent: intent,
+                    onRow: collect
+                )
             } else if try self.rowExists(table, "rowid = ?", [rowid]) {
                 done = 1
             }
@@ -266,8 +311,11 @@ extension SQLRun {
                 let columns = (["rowid"] + others).map(SQLIdentifier.quote).joined(separator: ", ")
                 let placeholders = Array(repeating: "?", count: others.count + 1).joined(separator: ", ")
                 done = try self.runStatement(
-                    "INSERT INTO \(SQLIdentifier.quote(table)) (\(columns)) VALUES (\(placeholders))\(tail)", [[rowid] + values],
-                    intent: intent, onRow: collect)
+                    "INSERT INTO \(SQLIdentifier.quote(table)) (\(columns)) VALUES (\(placeholders))\(tail)",
+                    [[rowid] + values],
+                    intent: intent,
+                    onRow: collect
+                )
             }
             changed += done
         }
@@ -275,7 +323,11 @@ extension SQLRun {
     }
 
     private func updateRow(
-        _ table: String, key: [JSONValue], update: JSONObject, alter: Bool, returning: Bool
+        _ table: String,
+        key: [JSONValue],
+        update: JSONObject,
+        alter: Bool,
+        returning: Bool
     ) throws(EvdError) -> (JSONValue, Int64) {
         let shape = try self.shape(of: table)
         let (clause, keyValues) = try self.keyClause(table, shape, key)
@@ -283,7 +335,10 @@ extension SQLRun {
         let unknown = update.keys.filter { !known.contains($0) }
         if !unknown.isEmpty {
             guard alter else {
-                throw EvdError.badRequest(field: "update.\(unknown[0])", "no such column: \(unknown.joined(separator: ", ")) (alter: true adds it)")
+                throw EvdError.badRequest(
+                    field: "update.\(unknown[0])",
+                    "no such column: \(unknown.joined(separator: ", ")) (alter: true adds it)"
+                )
             }
             self.connection.capture.coalescesAlters = true
             defer { self.connection.capture.coalescesAlters = false }
@@ -363,7 +418,8 @@ extension SQLRun {
         guard names.count == key.count else {
             throw EvdError.badRequest(
                 field: "pks",
-                "\(table)'s primary key is (\(names.joined(separator: ", "))): pks needs \(names.count) value(s), got \(key.count)")
+                "\(table)'s primary key is (\(names.joined(separator: ", "))): pks needs \(names.count) value(s), got \(key.count)"
+            )
         }
         let clause = names.map { $0 == "rowid" ? "rowid = ?" : "\(SQLIdentifier.quote($0)) = ?" }.joined(separator: " AND ")
         return (clause, key)
@@ -397,7 +453,10 @@ extension SQLRun {
     /// changes captured for the committed events. Returns the rows it changed.
     @discardableResult
     func runStatement(
-        _ sql: String, _ sets: [[JSONValue]], intent: StatementIntent = .other, onRow: (SQLiteStatement) -> Void = { _ in }
+        _ sql: String,
+        _ sets: [[JSONValue]],
+        intent: StatementIntent = .other,
+        onRow: (SQLiteStatement) -> Void = { _ in }
     ) throws(EvdError) -> Int64 {
         guard var statement = try self.prepare(SQLText(sql), from: 0) else {
             throw EvdError(.sqlError, "evd wrote an empty statement: \(sql)")
@@ -418,7 +477,10 @@ extension SQLRun {
 
     /// `runStatement` for an executemany: the statement once per parameter set.
     func runStatement(
-        _ sql: String, many sets: ParameterSets, intent: StatementIntent, onRow: (SQLiteStatement) -> Void = { _ in }
+        _ sql: String,
+        many sets: ParameterSets,
+        intent: StatementIntent,
+        onRow: (SQLiteStatement) -> Void = { _ in }
     ) throws(EvdError) -> Int64 {
         guard let statement = try self.prepare(SQLText(sql), from: 0) else {
             throw EvdError(.sqlError, "evd wrote an empty statement: \(sql)")

@@ -45,14 +45,19 @@ extension TableShape {
         keyed.sort { $0.position < $1.position }
         var withoutRowid = false
         if let list = try connection.prepare(
-            SQLText("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = \(SQLIdentifier.literal(table))"), from: 0),
+            SQLText("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = \(SQLIdentifier.literal(table))"),
+            from: 0
+        ),
             try list.step()
         {
             withoutRowid = list.column(0).intValue == 1
         }
         let rowidAlias = !withoutRowid && keyed.count == 1 && keyed[0].type.uppercased() == "INTEGER"
         return TableShape(
-            columns: columns, keyColumns: keyed.map(\.column), keyIsRowid: keyed.isEmpty || rowidAlias,
-            reals: reals.contains(1) ? reals : [])
+            columns: columns,
+            keyColumns: keyed.map(\.column),
+            keyIsRowid: keyed.isEmpty || rowidAlias,
+            reals: reals.contains(1) ? reals : []
+        )
     }
 }

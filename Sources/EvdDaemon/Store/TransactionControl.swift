@@ -79,13 +79,22 @@ extension ConnectionPool {
     /// `prepare_twophase`: checks the file is still the database's (a prepared transaction must be
     /// able to commit) and prepares (`PooledConnection.prepareTwoPhase`).
     func prepareTwoPhase(
-        _ connection: PooledConnection, xid: String, origin: EventOrigin, schemaVersion: Int64, log: TwoPhaseLog?
+        _ connection: PooledConnection,
+        xid: String,
+        origin: EventOrigin,
+        schemaVersion: Int64,
+        log: TwoPhaseLog?
     ) async throws -> PreparedRecord {
         let database = self.database.name
         return try await self.run {
             try connection.identity.check()
             return try connection.prepareTwoPhase(
-                xid: xid, database: database, origin: origin, schemaVersion: schemaVersion, log: log)
+                xid: xid,
+                database: database,
+                origin: origin,
+                schemaVersion: schemaVersion,
+                log: log
+            )
         }
     }
 
@@ -94,7 +103,11 @@ extension ConnectionPool {
     /// next start finds the marker and knows); a rollback forgets first (a crash after it rolls back
     /// all the same).
     func finishPrepared(
-        _ connection: PooledConnection, _ record: PreparedRecord, commit: Bool, log: TwoPhaseLog, logger: Logger
+        _ connection: PooledConnection,
+        _ record: PreparedRecord,
+        commit: Bool,
+        log: TwoPhaseLog,
+        logger: Logger
     ) async throws {
         let (database, bus, journal) = (self.database.name, self.bus, self.journal)
         try await self.run {
@@ -107,7 +120,8 @@ extension ConnectionPool {
                 } catch {
                     logger.warning(
                         "a committed two-phase transaction stays in the log until the next start",
-                        metadata: ["xid": "\(record.xid)", "error": "\(error)"])
+                        metadata: ["xid": "\(record.xid)", "error": "\(error)"]
+                    )
                 }
             } else {
                 if record.token != 0 { try log.remove(token: record.token) }

@@ -71,7 +71,8 @@ final class TwoPhaseLog: Sendable {
         connection.setBusyTimeout(milliseconds: 5000)
         try connection.exec("PRAGMA journal_mode = wal; PRAGMA synchronous = full")
         try connection.exec(
-            "CREATE TABLE IF NOT EXISTS prepared (token INTEGER PRIMARY KEY, xid TEXT NOT NULL, database TEXT NOT NULL, record TEXT NOT NULL)")
+            "CREATE TABLE IF NOT EXISTS prepared (token INTEGER PRIMARY KEY, xid TEXT NOT NULL, database TEXT NOT NULL, record TEXT NOT NULL)"
+        )
         self.connection.withLock { $0 = connection }
     }
 
@@ -90,8 +91,11 @@ final class TwoPhaseLog: Sendable {
     func save(_ record: PreparedRecord) throws(SQLiteError) -> Int64 {
         let token = Int64.random(in: 1...Int64.max)
         try self.withConnection { connection throws(SQLiteError) in
-            guard let insert = try connection.prepare(
-                SQLText("INSERT INTO prepared (token, xid, database, record) VALUES (?, ?, ?, ?)"), from: 0)
+            guard
+                let insert = try connection.prepare(
+                    SQLText("INSERT INTO prepared (token, xid, database, record) VALUES (?, ?, ?, ?)"),
+                    from: 0
+                )
             else { return }
             try insert.bind(int: token, at: 1)
             try insert.bind(text: record.xid, at: 2)
@@ -111,8 +115,11 @@ final class TwoPhaseLog: Sendable {
     /// such, with its xid and database, so that it is never silently dropped.
     func load() throws(SQLiteError) -> [(token: Int64, xid: String, database: String, record: Result<PreparedRecord, TwoPhaseError>)] {
         try self.withConnection { connection throws(SQLiteError) in
-            guard let select = try connection.prepare(
-                SQLText("SELECT token, xid, database, record FROM prepared ORDER BY rowid"), from: 0)
+            guard
+                let select = try connection.prepare(
+                    SQLText("SELECT token, xid, database, record FROM prepared ORDER BY rowid"),
+                    from: 0
+                )
             else { return [] }
             var records: [(Int64, String, String, Result<PreparedRecord, TwoPhaseError>)] = []
             while try select.step() {
@@ -177,7 +184,9 @@ extension PreparedRecord {
     }
 
     init(json: JSONValue, token: Int64) throws(TwoPhaseError) {
-        func fail(_ what: String) -> TwoPhaseError { TwoPhaseError(description: "the two-phase log's record \(token) is damaged (\(what))") }
+        func fail(_ what: String) -> TwoPhaseError {
+            TwoPhaseError(description: "the two-phase log's record \(token) is damaged (\(what))")
+        }
         guard let xid = json["xid"]?.stringValue, let database = json["database"]?.stringValue else { throw fail("xid, database") }
         var events: [CommittedEvent] = []
         for event in json["events"]?.arrayValue ?? [] {
@@ -188,13 +197,20 @@ extension PreparedRecord {
         }
         var changes: [RedoChange] = []
         for change in json["changes"]?.arrayValue ?? [] {
-            guard let table = change["table"]?.stringValue, let operation = change["op"]?.stringValue.flatMap(RowChange.Operation.init(name:)),
+            guard let table = change["table"]?.stringValue,
+                let operation = change["op"]?.stringValue.flatMap(RowChange.Operation.init(name:)),
                 let rowid = change["rowid"]?.intValue
             else { throw fail("changes") }
             changes.append(
                 RedoChange(
-                    table: table, operation: operation, rowid: rowid, newRowid: change["new_rowid"]?.intValue ?? rowid,
-                    before: change["before"]?.arrayValue, after: change["after"]?.arrayValue))
+                    table: table,
+                    operation: operation,
+                    rowid: rowid,
+                    newRowid: change["new_rowid"]?.intValue ?? rowid,
+                    before: change["before"]?.arrayValue,
+                    after: change["after"]?.arrayValue
+                )
+            )
         }
         var columns: [String: [String]] = [:]
         for (table, names) in json["columns"]?.objectValue ?? [:] {
@@ -202,8 +218,14 @@ extension PreparedRecord {
         }
         let session = json["session"]?.intValue.map { UInt64(clamping: $0) }
         self.init(
-            token: token, xid: xid, database: database, origin: EventOrigin(session: session, actor: json["actor"].flatMap(Actor.init(json:))),
-            events: events, changes: changes, columns: columns)
+            token: token,
+            xid: xid,
+            database: database,
+            origin: EventOrigin(session: session, actor: json["actor"].flatMap(Actor.init(json:))),
+            events: events,
+            changes: changes,
+            columns: columns
+        )
     }
 }
 
@@ -233,30 +255,42 @@ extension PooledConnection {
     /// marker. The transaction stays open. Throws, leaving it open and unprepared, when it cannot
     /// be prepared.
     func prepareTwoPhase(
-        xid: String, database: String, origin: EventOrigin, schemaVersion: Int64, log: TwoPhaseLog?
+        xid: String,
+        database: String,
+        origin: EventOrigin,
+        schemaVersion: Int64,
+        log: TwoPhaseLog?
     ) throws -> PreparedRecord {
         guard try self.sqlite.scalarInt("PRAGMA main.schema_version") == schemaVersion,
             let redo = self.capture.redoLog()
         else {
             throw EvdError(
                 .badRequest,
-                "a two-phase transaction that changed the schema cannot be prepared: evd re-applies a prepared transaction's row changes after a crash, and a schema change is not one; commit it in one phase (commit_twophase) or roll it back")
+                "a two-phase transaction that changed the schema cannot be prepared: evd re-applies a prepared transaction's row changes after a crash, and a schema change is not one; commit it in one phase (commit_twophase) or roll it back"
+            )
         }
         if let other = try self.attachedSchemaWritten() {
             throw EvdError(
                 .badRequest,
-                "a two-phase transaction that wrote to the attached database '\(other)' cannot be prepared: evd can only guarantee the changes of the pool's own database")
+                "a two-phase transaction that wrote to the attached database '\(other)' cannot be prepared: evd can only guarantee the changes of the pool's own database"
+            )
         }
         // A deferred foreign key still violated would fail the COMMIT: say so now, not after the vote.
         var current: Int32 = 0
         var highwater: Int32 = 0
         sqlite3_db_status(self.sqlite.handle, SQLITE_DBSTATUS_DEFERRED_FKS, &current, &highwater, 0)
         if current > 0 {
-            throw SQLiteError(code: SQLITE_CONSTRAINT | (3 << 8), message: "FOREIGN KEY constraint failed").evdError  // SQLITE_CONSTRAINT_FOREIGNKEY
+            // SQLITE_CONSTRAINT_FOREIGNKEY
+            throw SQLiteError(code: SQLITE_CONSTRAINT | (3 << 8), message: "FOREIGN KEY constraint failed").evdError
         }
         var record = PreparedRecord(
-            xid: xid, database: database, origin: origin, events: self.capture.committedEvents(database: database).all,
-            changes: redo.changes, columns: redo.columns)
+            xid: xid,
+            database: database,
+            origin: origin,
+            events: self.capture.committedEvents(database: database).all,
+            changes: redo.changes,
+            columns: redo.columns
+        )
         guard let log else { return record }
         record.token = try log.save(record)
         do {
@@ -358,8 +392,13 @@ struct RedoTable {
         let withoutRowid =
             try sqlite.scalarInt("SELECT wr FROM pragma_table_list WHERE schema = 'main' AND name = \(SQLIdentifier.literal(name))") == 1
         return RedoTable(
-            name: name, columns: columns, writable: writable, withoutRowid: withoutRowid, key: keyed.map(\.column),
-            rowidAlias: !withoutRowid && keyed.count == 1 && keyed[0].type.uppercased() == "INTEGER")
+            name: name,
+            columns: columns,
+            writable: writable,
+            withoutRowid: withoutRowid,
+            key: keyed.map(\.column),
+            rowidAlias: !withoutRowid && keyed.count == 1 && keyed[0].type.uppercased() == "INTEGER"
+        )
     }
 
     /// Applies one logged change; an update or delete must find its row.
@@ -393,7 +432,8 @@ struct RedoTable {
                 names.append("rowid")
                 values.append(.int(change.rowid))
             }
-            sql = "INSERT INTO \(table) (\(names.joined(separator: ", "))) VALUES (\(Array(repeating: "?", count: names.count).joined(separator: ", ")))"
+            sql =
+                "INSERT INTO \(table) (\(names.joined(separator: ", "))) VALUES (\(Array(repeating: "?", count: names.count).joined(separator: ", ")))"
         case .update:
             let after = try row(change.after)
             var assignments = self.writable.map { "\(SQLIdentifier.quote(self.columns[$0])) = ?" }
@@ -507,7 +547,9 @@ final class TwoPhaseTransactions: Sendable {
         for entry in logged { byDatabase[entry.database, default: []].append((entry.token, entry.xid, entry.record)) }
         for (database, entries) in byDatabase {
             guard let pool = pools[database] else {
-                report.append("\(entries.count) prepared transaction(s) on database '\(database)', which evd does not serve now, stay in the log")
+                report.append(
+                    "\(entries.count) prepared transaction(s) on database '\(database)', which evd does not serve now, stay in the log"
+                )
                 continue
             }
             let connection = try await pool.checkout(origin: .daemon)
@@ -533,7 +575,14 @@ final class TwoPhaseTransactions: Sendable {
                 case .success(let read): record = read
                 case .failure(let error):
                     let stub = PreparedRecord(
-                        token: entry.token, xid: entry.xid, database: database, origin: .daemon, events: [], changes: [], columns: [:])
+                        token: entry.token,
+                        xid: entry.xid,
+                        database: database,
+                        origin: .daemon,
+                        events: [],
+                        changes: [],
+                        columns: [:]
+                    )
                     self.hold(.unrecoverable(stub, reason: error.description))
                     report.append("'\(entry.xid)' on '\(database)' cannot be prepared again: \(error)")
                     continue

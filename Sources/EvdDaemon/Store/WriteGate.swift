@@ -1,10 +1,11 @@
+import CSQLite
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import CSQLite
-import Synchronization
 
 /// Wakes evd's connections that wait for a database's write lock the moment one of them commits.
 ///
@@ -112,10 +113,14 @@ final class BusyWaiter: @unchecked Sendable {
         #if DEBUG
         self.connection = connection
         #endif
-        sqlite3_busy_handler(connection.handle, { context, attempts in
-            guard let context else { return 0 }
-            return Unmanaged<BusyWaiter>.fromOpaque(context).takeUnretainedValue().retry(after: attempts) ? 1 : 0
-        }, Unmanaged.passUnretained(self).toOpaque())
+        sqlite3_busy_handler(
+            connection.handle,
+            { context, attempts in
+                guard let context else { return 0 }
+                return Unmanaged<BusyWaiter>.fromOpaque(context).takeUnretainedValue().retry(after: attempts) ? 1 : 0
+            },
+            Unmanaged.passUnretained(self).toOpaque()
+        )
         connection.installed(.busy, owner: self)
     }
 

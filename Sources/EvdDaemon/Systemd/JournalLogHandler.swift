@@ -1,10 +1,11 @@
+import Logging
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
-import Logging
-import Synchronization
 
 /// swift-log's handler for a standard error that systemd connects to the journal
 /// (`Systemd.stderrIsJournal`): one line per record, in the form sd-daemon(3) describes.

@@ -50,8 +50,11 @@ struct StatusReporter: Sendable {
         // `statistics()` hands out the per-name counters without copying them (copy on write).
         let (_, subscriptions, head) = self.core.bus.statistics()
         return Counts(
-            sessions: self.core.sessions.counts().current, subscriptions: subscriptions,
-            vetoListeners: self.core.bus.vetoListenerCount, seq: head)
+            sessions: self.core.sessions.counts().current,
+            subscriptions: subscriptions,
+            vetoListeners: self.core.bus.vetoListenerCount,
+            seq: head
+        )
     }
 
     /// Events per second between two seqs `elapsed` apart, rounded to the nearest integer.

@@ -73,7 +73,12 @@ extension WireLines {
     /// The `veto` message asking listener `subscription` about event `name` (PROTOCOL.md §4): its
     /// time is now; `deadlineMs` is at least 1.
     static func veto(
-        seq: Int64, name: String, subscription: Int, origin: EventOrigin, deadlineMs: Int64, properties: JSONObject
+        seq: Int64,
+        name: String,
+        subscription: Int,
+        origin: EventOrigin,
+        deadlineMs: Int64,
+        properties: JSONObject
     ) -> [UInt8] {
         var line: [UInt8] = Array(#"{"type":"veto","seq":"#.utf8)
         JSONWriter.appendInt(seq, to: &line)
