@@ -62,7 +62,6 @@ extension Session {
         try self.require(parsed)
         var work = parsed
         let options = self.effectiveOptions(state)
-        let queryOnly = options["query_only"]?.boolValue ?? false
         let origin = self.origin
         let transaction = state.transaction
         if let transaction {
@@ -86,25 +85,10 @@ extension Session {
             decided.publish()
             throw verdict.vetoedError(event: EventKind.beforeExecute.name)
         }
-        let connection: PooledConnection
-        if let transaction {
-            connection = transaction.connection
-        } else {
+        var finalRequest = request
+        var rewriters: [SQLPolicy] = []
+        if let rewritten = verdict?.properties["request"]?.objectValue, rewritten != request.whole {
             do {
-                // Its own transaction: the file is checked at its COMMIT (`DatabaseIdentity`).
-                connection = try await self.checkout(pool, verifyFile: false)
-            } catch {
-                // The listeners were asked: what they decided still reaches the audit log.
-                if verdict != nil { decided.publish() }
-                throw error
-            }
-        }
-        decided.publish()
-        let busyTimeout = Int32(options["busy_timeout_ms"]?.intValue ?? Int64(pool.defaultBusyTimeoutMs))
-        do {
-            var finalRequest = request
-            var rewriters: [SQLPolicy] = []
-            if let rewritten = verdict?.properties["request"]?.objectValue, rewritten != request.whole {
                 finalRequest = Request(rewritten)
                 finalRequest.object["op"] = request["op"] ?? .null  // a listener rewrites the request, not the op
                 guard let rewrittenWork = SQLWork(try EvdOperation(parsing: finalRequest)) else {
@@ -121,34 +105,31 @@ extension Session {
                 for rewriter in rewriters where !rewriter.allows(.viewTable, table: work.command.table) {
                     throw rewriter.refused(.viewTable, table: work.command.table)
                 }
-            }
-            let actor = self.actor
-            let permissions = self.core.permissions
-            let run = SQLRun(
-                bus: self.core.bus,
-                pool: pool,
-                connection: connection,
-                origin: origin,
-                request: finalRequest,
-                executionOptions: options,
-                implicitTransaction: transaction == nil,
-                vetoBudget: self.vetoBudget,
-                policy: permissions.isUnrestricted(actor)
-                    ? nil : SQLPolicy(actor: actor, permissions: permissions, database: pool.database.name),
-                rewriters: rewriters,
-                statementLimitMs: self.core.configuration.maxStatementMs
-            )
-            // While it runs, a disconnect interrupts the statement (`run(channel:)`).
-            self.runningWatch.withLock { $0 = connection.watch }
-            defer { self.runningWatch.withLock { $0 = nil } }
-            let result = try await run.run(work.command, queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
-            if transaction == nil { await self.checkin(connection, to: pool) }
-            return result
-        } catch {
-            guard let transaction else {
-                await self.checkin(connection, to: pool)
+            } catch {
+                // Refused before any connection is checked out, as a deny is.
+                decided.publish()
                 throw error
             }
+        }
+        let actor = self.actor
+        let permissions = self.core.permissions
+        let sql = SQLRequest(
+            command: work.command,
+            request: finalRequest,
+            origin: origin,
+            executionOptions: options,
+            vetoBudget: self.vetoBudget,
+            policy: permissions.isUnrestricted(actor)
+                ? nil : SQLPolicy(actor: actor, permissions: permissions, database: pool.database.name),
+            rewriters: rewriters,
+            statementLimitMs: self.core.configuration.maxStatementMs
+        )
+        do {
+            return try await pool.execute(sql, on: transaction?.connection, announcing: decided) { watch in
+                self.runningWatch.withLock { $0 = watch }
+            }
+        } catch {
+            guard let transaction else { throw error }
             throw await self.endIfRolledBackBySQLite(transaction, error, &state)
         }
     }
@@ -179,12 +160,7 @@ extension Session {
 
     /// Checks a connection out for this session: `checkout`, then `engine_connect`.
     func checkout(_ pool: ConnectionPool, verifyFile: Bool = true) async throws -> PooledConnection {
-        let origin = self.origin
-        let connection = try await pool.checkout(origin: origin, verifyFile: verifyFile)
-        self.core.bus.emit(.engineConnect, origin) {
-            ["database": .string(pool.database.name), "connection": .integer(connection.number), "branch": false]
-        }
-        return connection
+        try await pool.connect(origin: self.origin, verifyFile: verifyFile)
     }
 
     func checkin(_ connection: PooledConnection, to pool: ConnectionPool) async {

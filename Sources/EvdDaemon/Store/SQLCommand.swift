@@ -20,6 +20,91 @@ enum SQLCommand: Sendable {
     }
 }
 
+/// A SQL request as a session hands it to Store: what to run, for whom, under which settings. Every
+/// argument and permission the session could check is checked; what is left is checked as SQLite
+/// prepares each statement (`policy`, `rewriters`).
+struct SQLRequest: Sendable {
+    let command: SQLCommand
+    /// The client's request (as `before_execute` listeners left it), for `after_execute`.
+    let request: EvdRequest
+    let origin: EventOrigin
+    /// The engine's execution options overlaid with the session's.
+    let executionOptions: JSONObject
+    /// The most one operation's vetoes may take in all (`--veto-budget-ms`).
+    let vetoBudget: Duration
+    /// The session's actor, checked table by table as its SQL is prepared (`nil`: holds everything).
+    let policy: SQLPolicy?
+    /// The `before_execute` listeners that rewrote the request: its SQL stays within what each may see.
+    let rewriters: [SQLPolicy]
+    /// How long one client statement may run before it is interrupted (0: no limit).
+    let statementLimitMs: Int
+}
+
+extension ConnectionPool {
+    /// Checks a connection out for a session: `checkout`, then `engine_connect`.
+    func connect(origin: EventOrigin, verifyFile: Bool = true) async throws -> PooledConnection {
+        let connection = try await self.checkout(origin: origin, verifyFile: verifyFile)
+        self.bus.emit(.engineConnect, origin) {
+            ["database": .string(self.database.name), "connection": .integer(connection.number), "branch": false]
+        }
+        return connection
+    }
+
+    /// Runs a SQL request on `connection` (the session's open transaction's), or, when it is nil, on
+    /// one checked out for just this request (its own implicit transaction, given back after it).
+    ///
+    /// `before_execute` was decided by the session before any connection was needed; plain
+    /// subscribers get it (`decided.publish()`) once the connection is the session's, as in
+    /// SQLAlchemy (`checkout`, `engine_connect`, `before_execute`). `watching` is told the
+    /// statement watch of the connection while the request runs, and nil after (a disconnect
+    /// interrupts the statement).
+    func execute(
+        _ sql: SQLRequest,
+        on connection: PooledConnection?,
+        announcing decided: EventBus.DecidedAhead,
+        watching: (StatementWatch?) -> Void
+    ) async throws -> JSONValue {
+        let implicit = connection == nil
+        let connection = try await {
+            if let connection { return connection }
+            do {
+                // Its own transaction: the file is checked at its COMMIT (`DatabaseIdentity`).
+                return try await self.connect(origin: sql.origin, verifyFile: false)
+            } catch {
+                // The listeners were asked: what they decided still reaches the audit log.
+                if decided.verdict != nil { decided.publish() }
+                throw error
+            }
+        }()
+        decided.publish()
+        let busyTimeout = Int32(sql.executionOptions["busy_timeout_ms"]?.intValue ?? Int64(self.defaultBusyTimeoutMs))
+        let run = SQLRun(
+            bus: self.bus,
+            pool: self,
+            connection: connection,
+            origin: sql.origin,
+            request: sql.request,
+            executionOptions: sql.executionOptions,
+            implicitTransaction: implicit,
+            vetoBudget: sql.vetoBudget,
+            policy: sql.policy,
+            rewriters: sql.rewriters,
+            statementLimitMs: sql.statementLimitMs
+        )
+        watching(connection.watch)
+        defer { watching(nil) }
+        do {
+            let queryOnly = sql.executionOptions["query_only"]?.boolValue ?? false
+            let result = try await run.run(sql.command, queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
+            if implicit { await self.checkin(connection, origin: sql.origin) }
+            return result
+        } catch {
+            if implicit { await self.checkin(connection, origin: sql.origin) }
+            throw error
+        }
+    }
+}
+
 extension SQLRun {
     /// Runs `command` on the run's connection, on a database thread (inline when the caller is
     /// one), with the session's `query_only` and busy timeout applied first; returns the result.
