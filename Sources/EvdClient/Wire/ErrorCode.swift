@@ -24,6 +24,9 @@ public enum ErrorCode: String, Sendable, CaseIterable, Codable {
     case shuttingDown = "shutting_down"
     /// Not in PROTOCOL.md §7: a response longer than `--max-response-bytes` (docs/protocol.md, "Limits").
     case responseTooLarge = "response_too_large"
+    /// Not in PROTOCOL.md §7: a failure evd did not foresee (a bug, reported and logged instead of
+    /// passed off as another code; docs/protocol.md, "Limits": unexpected failures).
+    case internalError = "internal_error"
 }
 
 /// An error response: the code, a message for people, and the extra fields some codes carry

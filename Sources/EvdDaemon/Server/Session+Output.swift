@@ -1,4 +1,5 @@
 import EvdClient
+import NIOPosix
 import OrderedCollections
 
 /// What the session sends: responses (bounded by `--max-response-bytes`), hello, notices, and how it closes.
@@ -57,12 +58,17 @@ extension Session {
         self.channel.withLock { $0 }?.close(promise: nil)
     }
 
-    /// Any error as the wire's error.
+    /// Any error as the wire's error. The session's own work throws `EvdError` (or SQLite's, which
+    /// maps to it); the only others that reach here are the ones of a daemon stopping (its thread
+    /// pools refuse work, its tasks are cancelled): `shutting_down`. Anything else is a failure evd
+    /// did not foresee: `internal_error`, which the session logs (`execute`).
     static func wireError(_ error: any Error) -> EvdError {
         switch error {
         case let error as EvdError: return error
         case let error as SQLiteError: return error.evdError
-        default: return EvdError(.shuttingDown, "the request could not run: \(error)")
+        case is CancellationError, is NIOThreadPoolError.ThreadPoolInactive:
+            return EvdError(.shuttingDown, "the request could not run: evd is shutting down")
+        default: return EvdError(.internalError, "the request failed unexpectedly (\(type(of: error))): \(error)")
         }
     }
 }

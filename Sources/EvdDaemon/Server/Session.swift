@@ -215,7 +215,11 @@ final class Session: Sendable {
                         }
                     }
                 } catch {
-                    outcome = .failure(Self.wireError(error))
+                    let failure = Self.wireError(error)
+                    if failure.code == ErrorCode.internalError.rawValue {
+                        self.logger.error("a request failed unexpectedly", metadata: ["error": "\(error)"])
+                    }
+                    outcome = .failure(failure)
                 }
                 // Respond before clearing `busy`: shutdown closes the session as soon as it is not
                 // busy, and the response of an in-flight request must be queued by then.

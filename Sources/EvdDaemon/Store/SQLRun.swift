@@ -243,13 +243,7 @@ struct SQLRun {
                 let text = own.text
                 var sets = ParameterSets.sets(parameterSets)
                 // The sets become JSON only for an event someone gets.
-                var all: JSONValue?
-                let json = { () -> JSONValue in
-                    if let all { return all }
-                    let made = sets.jsonValue
-                    all = made
-                    return made
-                }
+                let json = OnceJSON { sets.jsonValue }
                 var final = own
                 var modifiers: [EventVisibility]?
                 if let verdict = try self.beforeCursorExecute(text, json(), executemany: true) {
@@ -259,14 +253,14 @@ struct SQLRun {
                     }
                     if let replaced = verdict.properties["parameters"], replaced != json() {
                         sets = try Self.parameterSets(replaced)
-                        all = replaced
+                        json.replace(with: replaced)
                     }
                 }
                 let statement = try self.prepareStatement(
                     final,
                     rewrittenBy: modifiers,
                     dialect: .doExecutemany,
-                    parameters: json
+                    parameters: json.callAsFunction
                 )
                 if !sqlBegun {
                     sqlBegun = true
@@ -274,7 +268,7 @@ struct SQLRun {
                 }
                 let changed = try self.capturing(statement, intent: SQLScanner.intent(of: statement.sql)) {
                     () throws(EvdError) in
-                    try self.run(statement, parameters: json, executemany: true, sets: sets) {}
+                    try self.run(statement, parameters: json.callAsFunction, executemany: true, sets: sets) {}
                 }
                 return (changed, changed)
             }
@@ -434,25 +428,19 @@ struct SQLRun {
     ) throws(EvdError) -> Int64 {
         var statement = statement
         var sets = sets
-        var all: JSONValue?
-        let json = { () -> JSONValue in
-            if let all { return all }
-            let made = sets.jsonValue
-            all = made
-            return made
-        }
+        let json = OnceJSON { sets.jsonValue }
         if let verdict = try self.beforeCursorExecute(statement.sql, json(), executemany: true) {
             if let text = verdict.properties["statement"]?.stringValue, text != statement.sql {
                 statement = try self.prepareReplacement(text, modifiers: verdict.modifiers)
             }
             if let replaced = verdict.properties["parameters"], replaced != json() {
                 sets = try Self.parameterSets(replaced)
-                all = replaced
+                json.replace(with: replaced)
             }
         }
         let run = statement
         return try self.capturing(run, intent: intent) { () throws(EvdError) in
-            try self.run(run, parameters: json, executemany: true, sets: sets) { onRow(run) }
+            try self.run(run, parameters: json.callAsFunction, executemany: true, sets: sets) { onRow(run) }
         }
     }
 
@@ -593,5 +581,28 @@ struct SQLRun {
             return EvdError(object: rewritten)
         }
         return evdError
+    }
+}
+
+/// A JSON value made only when first asked for (`json()`), and then kept: the parameter sets of an
+/// executemany become JSON only for an event someone gets, and once for all of its events.
+final class OnceJSON {
+    private let make: () -> JSONValue
+    private var made: JSONValue?
+
+    init(_ make: @escaping () -> JSONValue) {
+        self.make = make
+    }
+
+    func callAsFunction() -> JSONValue {
+        if let made { return made }
+        let made = self.make()
+        self.made = made
+        return made
+    }
+
+    /// What a listener replaced the value with.
+    func replace(with value: JSONValue) {
+        self.made = value
     }
 }
