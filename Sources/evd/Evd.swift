@@ -105,6 +105,9 @@ struct Evd: AsyncParsableCommand {
     @Flag(help: "Journal row images only while a rows: true subscription exists (cheaper writes; replays may lack rows).")
     var noJournalRows = false
 
+    @Flag(help: "Write every line from the connection's event loop, never from the thread that made it (a diagnostic: scripts/bench measures what writing through saves).")
+    var noWriteThrough = false
+
     @Option(
         help:
             "Keep at least the newest N journaled events of each retention window: each database's, logins and logouts, other events of evd's own (0: no limit by count; default 1000000)."
@@ -295,6 +298,7 @@ extension Evd {
         if let value = self.maxPoolShare ?? file.maxPoolShare { configuration.maxPoolShare = value }
         configuration.journal.enabled = !self.noJournal && (file.journalEnabled ?? true)
         configuration.journal.rowImages = !self.noJournalRows && (file.journalRows ?? true)
+        configuration.writeThrough = !self.noWriteThrough
         if let value = self.journalKeepEvents ?? file.journalKeepEvents { configuration.journal.keepEvents = value }
         if let value = self.journalKeepSeconds ?? file.journalKeepSeconds { configuration.journal.keepSeconds = value }
         configuration.metrics.socketPath = self.metricsSocket ?? file.metricsSocket

@@ -49,6 +49,11 @@ public struct EvdConfiguration: Sendable {
     public var checkoutTimeoutMs: Int = 30_000
     /// How long one client statement may run before it is interrupted with `timeout` (0: no limit).
     public var maxStatementMs: Int = 30_000
+    /// Whether a line (a response, a veto, a notice) made on a database thread is written to the
+    /// socket there when nothing is queued ahead of it (`WriteThrough`), instead of by the
+    /// connection's event loop. `--no-write-through` turns it off, for `scripts/bench`'s row that
+    /// measures what it earns.
+    public var writeThrough = true
     /// How long a transaction a client opened (`begin`) may sit without a request before it is
     /// rolled back and the connection closed (0: no limit).
     public var idleTransactionMs: Int = 60_000

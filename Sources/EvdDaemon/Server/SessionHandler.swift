@@ -57,8 +57,10 @@ final class SessionHandler: ChannelDuplexHandler {
         let eventLoop = context.eventLoop
         session.outbox.attach { eventLoop.execute { handler.value.flush() } }
         session.inbox.onRoom { eventLoop.execute { handler.value.resumeReading() } }
-        WriteThrough.make(for: context.channel).whenSuccess { writeThrough in
-            if let writeThrough { session.outbox.adopt(writeThrough) }
+        if session.core.configuration.writeThrough {
+            WriteThrough.make(for: context.channel).whenSuccess { writeThrough in
+                if let writeThrough { session.outbox.adopt(writeThrough) }
+            }
         }
         for frame in self.early { self.receive(frame, session) }
         self.early = []
