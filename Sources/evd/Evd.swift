@@ -105,7 +105,10 @@ struct Evd: AsyncParsableCommand {
     @Flag(help: "Journal row images only while a rows: true subscription exists (cheaper writes; replays may lack rows).")
     var noJournalRows = false
 
-    @Flag(help: "Write every line from the connection's event loop, never from the thread that made it (a diagnostic: scripts/bench measures what writing through saves).")
+    @Flag(
+        help:
+            "Write every line from the connection's event loop, never from the thread that made it (a diagnostic: scripts/bench measures what writing through saves)."
+    )
     var noWriteThrough = false
 
     @Option(
@@ -213,7 +216,12 @@ struct Evd: AsyncParsableCommand {
         // reports through swift-metrics shows on the same /metrics.
         let registry = PrometheusCollectorRegistry()
         if configuration.metrics.isEnabled { MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry)) }
-        let daemon = Daemon(configuration: configuration, logger: logger, environment: environment, metrics: registry)
+        let daemon = Daemon(
+            configuration: configuration,
+            logger: logger,
+            supervisor: .systemd(environment: environment),
+            metrics: registry
+        )
         let group = ServiceGroup(
             configuration: .init(
                 services: [.init(service: daemon)],

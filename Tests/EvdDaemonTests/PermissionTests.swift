@@ -101,6 +101,36 @@ struct PermissionTests {
         }
     }
 
+    @Test("inside a transaction, a request that names no database is checked on the transaction's database, not the default one")
+    func transactionDatabase() async throws {
+        // execute-sql on `second` only: the default database (`main`) is not the actor's.
+        let grants = [Grant(who: .uid(65534), actions: [.executeSQL, .viewTable, .insertRow], database: "second")]
+        try await withRunningDaemon(configure: { configuration in
+            configuration.databases.append(
+                DatabaseConfig(name: "second", path: SocketDirectory.parent(of: configuration.databases[0].path) + "/second.db")
+            )
+            openUp(&configuration, grants: grants)
+        }) { daemon in
+            try await daemon.request("execute", ["sql": "create table t(x)", "database": "second"])
+            try await daemon.request("execute", ["sql": "create table m(x)"])
+            let requests: [JSONObject] = [
+                execute("insert into m values (1)"),  // main, outside a transaction: not the actor's
+                ["op": "begin", "database": "second"],
+                execute("insert into t values (1)"),  // runs on `second`, the transaction's
+                ["op": "insert", "table": "t", "rows": [["x": 2]]],
+                execute("select count(*) from t"),
+                ["op": "commit"],
+            ]
+            let got = responses(try await messages(try asNobody(daemon, requests)))
+            #expect(got[1]?["error"]?["code"] == "permission_denied")
+            #expect(got[1]?["error"]?["database"] == "main")
+            for id in Int64(2)...6 { #expect(got[id]?["ok"] == true, "request \(id): \(got[id] ?? [:])") }
+            #expect(got[5]?["result"]?["rows"] == [[2]])
+            let rows = try await daemon.request("execute", ["sql": "select x from t order by x", "database": "second"])
+            #expect(rows["rows"] == [[1], [2]])
+        }
+    }
+
     @Test("a subscriber sees only what it may view: live and replayed, with rows, statements included")
     func eventFiltering() async throws {
         let grants = [Grant(who: .uid(65534), actions: [.subscribe, .viewTable], database: "main", table: "dogs")]

@@ -126,6 +126,15 @@ struct Permissions: Sendable {
         (actor.uid == 0 || actor.uid == self.ownerUID) && actor.restrictions.allSatisfy(\.isEmpty)
     }
 
+    /// Checks that `actor` may do each of `actions` on `resource` (a database, perhaps a table), and
+    /// returns the policy its SQL is held to there as SQLite prepares it (`nil`: it holds
+    /// everything, so nothing needs checking).
+    func authorizeSQL(_ actor: Actor, _ actions: [Action], on resource: Resource) throws(EvdError) -> SQLPolicy? {
+        for action in actions { try self.require(actor, action, on: resource) }
+        guard !self.isUnrestricted(actor), let database = resource.database else { return nil }
+        return SQLPolicy(actor: actor, permissions: self, database: database)
+    }
+
     func allows(_ actor: Actor, _ action: Action, on resource: Resource = .daemon) -> Bool {
         guard actor.restrictions.allSatisfy({ $0.allows(action, on: resource) }) else { return false }
         if actor.uid == 0 || actor.uid == self.ownerUID { return true }

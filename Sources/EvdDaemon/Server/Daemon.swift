@@ -27,7 +27,8 @@ public final class Daemon: Service, CustomStringConvertible {
 
     public let configuration: EvdConfiguration
     let logger: Logger
-    let environment: [String: String]
+    /// What the daemon tells whoever supervises it (systemd, when evd's main says so).
+    let supervisor: Supervisor
     private let readiness = ReadySignal()
     /// The Prometheus figures (served with `--metrics-socket` / `--metrics-listen`).
     let metrics: DaemonMetrics
@@ -35,15 +36,16 @@ public final class Daemon: Service, CustomStringConvertible {
     public var description: String { "evd(\(self.configuration.listenFD.map { "fd \($0)" } ?? self.configuration.socketPath))" }
 
     /// `metrics`: the registry the daemon reports into (a fresh one by default; see `DaemonMetrics`).
+    /// `supervisor`: what to tell a supervisor (`Supervisor.systemd(environment:)`; none by default).
     public init(
         configuration: EvdConfiguration,
         logger: Logger,
-        environment: [String: String] = [:],
+        supervisor: Supervisor = .none,
         metrics: PrometheusCollectorRegistry = PrometheusCollectorRegistry()
     ) {
         self.configuration = configuration
         self.logger = logger
-        self.environment = environment
+        self.supervisor = supervisor
         self.metrics = DaemonMetrics(registry: metrics)
     }
 
@@ -130,7 +132,7 @@ public final class Daemon: Service, CustomStringConvertible {
                 "databases": "\(self.configuration.databases.map { "\($0.name)=\($0.path)" }.joined(separator: ","))",
             ]
         )
-        Systemd.notify("READY=1\nSTATUS=serving", environment: self.environment)
+        self.supervisor.ready()
         self.readiness.signal()
 
         await withGracefulShutdownHandler {
@@ -145,16 +147,8 @@ public final class Daemon: Service, CustomStringConvertible {
                 if let endpoint {
                     tasks.addTask { await endpoint.serve(self.metrics, core: core, logger: self.logger) }
                 }
-                if let interval = Systemd.watchdogInterval(environment: self.environment) {
-                    tasks.addTask {
-                        while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {
-                            Systemd.notify("WATCHDOG=1", environment: self.environment)
-                            try? await Task.sleep(for: interval)
-                        }
-                    }
-                }
-                if let status = StatusReporter(core: core, environment: self.environment) {
-                    tasks.addTask { await status.run() }
+                for work in self.supervisor.whileServing {
+                    tasks.addTask { await work(core) }
                 }
                 do {
                     try await server.executeThenClose { inbound in
@@ -174,7 +168,7 @@ public final class Daemon: Service, CustomStringConvertible {
             }
         } onGracefulShutdown: {
             core.shuttingDown.store(true, ordering: .relaxed)
-            Systemd.notify("STOPPING=1\nSTATUS=stopping: finishing in-flight requests", environment: self.environment)
+            self.supervisor.stopping()
             self.logger.info("evd is stopping")
             server.channel.close(promise: nil)
         }
@@ -299,27 +293,33 @@ public final class Daemon: Service, CustomStringConvertible {
         core.bus.pendingVetoes.resolveAll(.noAnswer(.shutdown))
         let sessions = core.sessions.all
         for session in sessions { session.noticeShutdown() }
-        let deadline = ContinuousClock.now + .milliseconds(self.configuration.shutdownGraceMs)
-        while sessions.contains(where: \.isBusy) && ContinuousClock.now < deadline {
-            try? await Task.sleep(for: .milliseconds(10))
+        await Self.waitUntil(.now + .milliseconds(self.configuration.shutdownGraceMs)) {
+            for session in sessions { await session.settled() }
         }
         // What still runs past the grace period is interrupted: a statement that never ends must
         // not keep the daemon from stopping.
         for pool in core.pools.values { pool.interruptAll(.shutdown) }
-        let interrupted = ContinuousClock.now + .seconds(1)
-        while sessions.contains(where: \.isBusy) && ContinuousClock.now < interrupted {
-            try? await Task.sleep(for: .milliseconds(10))
+        await Self.waitUntil(.now + .seconds(1)) {
+            for session in sessions { await session.settled() }
         }
         for session in core.sessions.all { session.close() }
         // The caller cancels the session tasks next; a writer cancelled mid-flush loses what was
         // queued, so give them time to finish on their own (a peer that reads nothing cannot hold
         // shutdown beyond the bound).
-        let flushDeadline = ContinuousClock.now + .seconds(1)
-        while core.sessions.counts().current > 0 && ContinuousClock.now < flushDeadline {
-            try? await Task.sleep(for: .milliseconds(10))
-        }
+        await Self.waitUntil(.now + .seconds(1)) { await core.sessions.allRemoved() }
         // Whoever is left has stopped reading: close their connections so shutdown is bounded.
         for session in core.sessions.all { session.forceClose() }
+    }
+
+    /// Runs `body` until it returns or `deadline` passes, whichever is first (then `body`'s task is
+    /// cancelled: its waits end).
+    private static func waitUntil(_ deadline: ContinuousClock.Instant, _ body: @escaping @Sendable () async -> Void) async {
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { await body() }
+            group.addTask { try? await Task.sleep(until: deadline) }
+            await group.next()
+            group.cancelAll()
+        }
     }
 
     // MARK: Connections
@@ -346,7 +346,17 @@ public final class Daemon: Service, CustomStringConvertible {
             await self.refuse(channel, refusal, uid: credentials.uid)
             return
         }
-        let session = Session(id: id, actor: credentials.actor, core: core, logger: self.logger)
+        // The actor's user name and groups come from the password and group databases (NSS: files,
+        // perhaps LDAP), calls that may block: on the thread pool, not the cooperative pool.
+        let actor: Actor
+        do {
+            actor = try await core.threadPool.runIfActive { credentials.actor }
+        } catch {
+            core.sessions.remove(id)  // the pool is stopping: so is evd
+            try? await channel.close()
+            return
+        }
+        let session = Session(id: id, actor: actor, core: core, logger: self.logger)
         core.sessions.add(session)
         if core.shuttingDown.load(ordering: .relaxed) {
             session.noticeShutdown()
@@ -585,4 +595,29 @@ final class ReadySignal: Sendable {
             }
         }
     }
+}
+
+/// What the daemon tells whoever supervises it, and the work supervision adds while it serves. The
+/// composition root fills it in (evd's main: systemd's notify protocol, `Supervisor.systemd`); the
+/// daemon itself knows no supervisor.
+public struct Supervisor: Sendable {
+    /// Told once the socket accepts connections.
+    let ready: @Sendable () -> Void
+    /// Told when the daemon begins to stop.
+    let stopping: @Sendable () -> Void
+    /// Each runs while the daemon serves, until it begins to stop or the task is cancelled.
+    let whileServing: [@Sendable (DaemonCore) async -> Void]
+
+    init(
+        ready: @escaping @Sendable () -> Void,
+        stopping: @escaping @Sendable () -> Void,
+        whileServing: [@Sendable (DaemonCore) async -> Void]
+    ) {
+        self.ready = ready
+        self.stopping = stopping
+        self.whileServing = whileServing
+    }
+
+    /// No supervisor: nothing is told, nothing runs.
+    public static let none = Supervisor(ready: {}, stopping: {}, whileServing: [])
 }

@@ -148,6 +148,8 @@ final class SessionRegistry: Sendable {
     }
 
     private let state = Mutex(State())
+    /// Woken when a session is removed (shutdown waits for none to be left).
+    private let removals = WaitList()
 
     /// Reserves a session number for a connection from `uid`, or says which limit it would exceed.
     /// The reservation counts against both limits at once, so concurrent connects cannot overshoot.
@@ -176,6 +178,12 @@ final class SessionRegistry: Sendable {
             let held = state.perUID[uid, default: 1] - 1
             state.perUID[uid] = held > 0 ? held : nil
         }
+        self.removals.wakeAll()
+    }
+
+    /// Returns once no session is left (or when the task is cancelled).
+    func allRemoved() async {
+        await self.removals.wait { self.state.withLock { $0.sessions.isEmpty } }
     }
 
     var all: [Session] { self.state.withLock { Array($0.sessions.values) } }

@@ -30,11 +30,11 @@ extension Session {
             try await self.begin(database: database, &state)
             return .result([:])
         case .commit(let database):
-            try self.requireSQL(on: database)
+            try self.requireSQL(on: database ?? state.transaction?.pool.database.name)
             try await self.end(commit: true, database: database, &state)
             return .result([:])
         case .rollback(let database):
-            try self.requireSQL(on: database)
+            try self.requireSQL(on: database ?? state.transaction?.pool.database.name)
             try await self.end(commit: false, database: database, &state)
             return .result([:])
         case .savepoint(let savepoint):
@@ -42,7 +42,7 @@ extension Session {
             try await self.savepoint(savepoint, &state)
             return .result([:])
         case .twoPhase(let twoPhase):
-            try self.requireSQL(on: twoPhase.database)
+            try self.requireSQL(on: twoPhase.database ?? state.transaction?.pool.database.name)
             try await self.twoPhase(twoPhase, &state)
             return .result([:])
         case .recover(let database):
@@ -79,17 +79,23 @@ extension Session {
     }
 
     /// Checks the actions a SQL request needs, on its database (and table): `execute-sql` for raw
-    /// SQL, whose statements are then checked table by table as SQLite compiles them; a structured
-    /// op's own actions.
-    func require(_ work: SQLWork) throws(EvdError) {
-        let resource = Resource(database: try self.core.pool(work.database).database.name, table: work.command.table)
-        switch work.command {
-        case .execute, .executemany: try self.require(.executeSQL, on: resource)
-        case .structured(let op): for action in op.actions { try self.require(action, on: resource) }
-        }
+    /// SQL, whose statements are then checked table by table as SQLite compiles them (against the
+    /// policy this returns; `nil`: the actor holds everything); a structured op's own actions.
+    /// `inTransactionOn`: the database of the session's open transaction, where a request that
+    /// names none runs.
+    func authorize(_ work: SQLWork, inTransactionOn transactionDatabase: String?) throws(EvdError) -> SQLPolicy? {
+        let database = try self.core.pool(work.database ?? transactionDatabase).database.name
+        let resource = Resource(database: database, table: work.command.table)
+        let actions: [Action] =
+            switch work.command {
+            case .execute, .executemany: [.executeSQL]
+            case .structured(let op): op.actions
+            }
+        return try self.core.permissions.authorizeSQL(self.actor, actions, on: resource)
     }
 
-    /// `execute-sql` on `database` (the default database when nil).
+    /// `execute-sql` on `database` (the default database when nil: callers pass the open
+    /// transaction's database when the request names none).
     func requireSQL(on database: String?) throws(EvdError) {
         try self.require(.executeSQL, on: Resource(database: try self.core.pool(database).database.name))
     }

@@ -59,7 +59,7 @@ extension Session {
     /// get `before_execute` once the connection is the session's, as in SQLAlchemy (`checkout`,
     /// `engine_connect`, `before_execute`); a denied request's comes without them.
     func runSQL(_ parsed: SQLWork, request: Request, _ state: inout SessionState) async throws -> JSONValue {
-        try self.require(parsed)
+        var policy = try self.authorize(parsed, inTransactionOn: state.transaction?.pool.database.name)
         var work = parsed
         let options = self.effectiveOptions(state)
         let origin = self.origin
@@ -100,7 +100,7 @@ extension Session {
                 }
                 // The rewritten request is the requester's, checked as the first was; and it must
                 // stay within what each listener that rewrote it may see.
-                try self.require(work)
+                policy = try self.authorize(work, inTransactionOn: pool.database.name)
                 rewriters = (verdict?.modifiers ?? []).map { SQLPolicy(rewriter: $0, database: pool.database.name) }
                 for rewriter in rewriters where !rewriter.allows(.viewTable, table: work.command.table) {
                     throw rewriter.refused(.viewTable, table: work.command.table)
@@ -111,16 +111,13 @@ extension Session {
                 throw error
             }
         }
-        let actor = self.actor
-        let permissions = self.core.permissions
         let sql = SQLRequest(
             command: work.command,
             request: finalRequest,
             origin: origin,
             executionOptions: options,
             vetoBudget: self.vetoBudget,
-            policy: permissions.isUnrestricted(actor)
-                ? nil : SQLPolicy(actor: actor, permissions: permissions, database: pool.database.name),
+            policy: policy,
             rewriters: rewriters,
             statementLimitMs: self.core.configuration.maxStatementMs
         )

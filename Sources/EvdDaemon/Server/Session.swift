@@ -20,8 +20,9 @@ final class Session: Sendable {
     let inbox: RequestInbox
     let logger: Logger
     private let identity: Mutex<(actor: Actor, origin: EventOrigin)>
-    /// Whether the executor is running a request (shutdown waits for these).
-    private let busy = Atomic<Bool>(false)
+    /// What the executor is doing: shutdown waits until no session is `running` (`settled`).
+    private let phase = Atomic<Phase.RawValue>(Phase.waiting.rawValue)
+    private let phaseChanges = WaitList()
     /// Whether the session has any subscription (it then outlives a half-closed input).
     let hasSubscriptions = Atomic<Int>(0)
     /// The earliest expiry (Unix seconds) of the tokens its subscriptions were made under
@@ -54,7 +55,29 @@ final class Session: Sendable {
     func setActor(_ actor: Actor) {
         self.identity.withLock { $0 = (actor, EventOrigin(session: self.id, actor: actor)) }
     }
-    var isBusy: Bool { self.busy.load(ordering: .relaxed) }
+    /// The executor's lifecycle: `waiting` (for its next request) ⇄ `running` (a request, until its
+    /// response is queued) → `ended` (the input ended or the session closed; for good).
+    enum Phase: UInt8, Sendable {
+        case waiting
+        case running
+        case ended
+    }
+
+    var isBusy: Bool { self.phase.load(ordering: .acquiring) == Phase.running.rawValue }
+
+    private func enter(_ phase: Phase) {
+        assert(
+            self.phase.load(ordering: .relaxed) != Phase.ended.rawValue || phase == .ended,
+            "an ended session runs no request"
+        )
+        self.phase.store(phase.rawValue, ordering: .releasing)
+        if phase != .running { self.phaseChanges.wakeAll() }
+    }
+
+    /// Returns once the executor is not running a request (or when the task is cancelled).
+    func settled() async {
+        await self.phaseChanges.wait { !self.isBusy }
+    }
 
     /// A line the reader hands to the executor.
     enum Inbound: Sendable {
@@ -200,11 +223,11 @@ final class Session: Sendable {
                 let following = self.inbox.popQueued { item in
                     if case .request(let request) = item { return Self.isEmit(request.object) } else { return false }
                 }
-                self.busy.store(true, ordering: .relaxed)
+                self.enter(.running)
                 await self.executeEmits([.run(id: id, request)] + following.map { self.admit($0) })
-                self.busy.store(false, ordering: .relaxed)
+                self.enter(.waiting)
             case .run(let id, let request):
-                self.busy.store(true, ordering: .relaxed)
+                self.enter(.running)
                 let outcome: Outcome
                 do {
                     // One veto budget for everything this request does (PROTOCOL.md §4).
@@ -221,12 +244,13 @@ final class Session: Sendable {
                     }
                     outcome = .failure(failure)
                 }
-                // Respond before clearing `busy`: shutdown closes the session as soon as it is not
-                // busy, and the response of an in-flight request must be queued by then.
+                // Respond before leaving `running`: shutdown closes the session as soon as it is not
+                // running, and the response of an in-flight request must be queued by then.
                 self.respond(id: id, outcome)
-                self.busy.store(false, ordering: .relaxed)
+                self.enter(.waiting)
             }
         }
+        self.enter(.ended)
         // The client's input ended: nothing more can commit, so an open transaction rolls back.
         if let transaction = state.transaction {
             state.transaction = nil
