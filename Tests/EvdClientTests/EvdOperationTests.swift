@@ -89,10 +89,19 @@ struct EvdOperationTests {
         }
     }
 
-    @Test("every op of PROTOCOL.md §3 has its case; the only others are the two admin ops docs/protocol.md adds")
+    @Test("docs/protocol.md lists every op and no other; so does PROTOCOL.md §3 (but the two admin ops), where it is at hand")
     func matchesTheContract() throws {
-        let url = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../../../shared/PROTOCOL.md")
-        let text = try String(contentsOf: url.standardizedFileURL, encoding: .utf8)
+        let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().appendingPathComponent("../..").standardizedFileURL
+        let all = Set(EvdOperation.Name.allCases.map(\.rawValue))
+        let docs = try String(contentsOf: root.appendingPathComponent("docs/protocol.md"), encoding: .utf8)
+        let list = docs.components(separatedBy: "<!-- ops -->")[1].components(separatedBy: "<!-- /ops -->")[0]
+        let listed = list.split(separator: "`").enumerated().filter { $0.offset % 2 == 1 }.map { String($0.element) }
+        #expect(Set(listed) == all)
+        #expect(listed.count == all.count)  // each once
+        // The contract lives beside the repository (../shared/PROTOCOL.md) on the machines it is
+        // written on; a clone elsewhere checks the list above only.
+        let contract = root.appendingPathComponent("../shared/PROTOCOL.md").standardizedFileURL
+        guard let text = try? String(contentsOf: contract, encoding: .utf8) else { return }
         let section = text.components(separatedBy: "## 3. Requests")[1].components(separatedBy: "\n## ")[0]
         var named: Set<String> = []
         for line in section.split(separator: "\n") where line.hasPrefix("| `") {
@@ -103,7 +112,7 @@ struct EvdOperationTests {
             }
         }
         // Two admin ops are evd's own, beyond the contract (docs/protocol.md, "Admin ops (evd's additions)").
-        #expect(named.union(["invalidate", "dispose"]) == Set(EvdOperation.Name.allCases.map(\.rawValue)))
+        #expect(named.union(["invalidate", "dispose"]) == all)
         #expect(!named.contains("invalidate") && !named.contains("dispose"))
     }
 
