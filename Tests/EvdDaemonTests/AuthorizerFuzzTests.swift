@@ -152,7 +152,7 @@ struct AuthorizerFuzzTests {
             // No copy of a secret landed where nobody could read it later.
             #expect(!after.pub.contains { $0.contains(Self.marker) }, "a secret was copied into pub")
             #expect(!after.writeOnly.dropFirst().contains { $0.contains(Self.marker) }, "a secret was copied into wo")
-            #expect(try await daemon.request("execute", ["sql": "pragma foreign_keys"])["rows"] == [[1]])
+            #expect(try await daemon.request(.execute(.init(sql: "pragma foreign_keys")))["rows"] == [[1]])
             #expect(!FileManager.default.fileExists(atPath: Self.leakPath), "VACUUM INTO copied the database out")
         }
     }

@@ -219,8 +219,8 @@ struct CLITests {
                 ["--socket", daemon.socketPath, "--count", "2", "--where", "statement=select 2", "*_cursor_execute"]
             )
             try await waitForSubscriptions(daemon, atLeast: 1)
-            try await daemon.request("execute", ["sql": "select 1"])
-            try await daemon.request("execute", ["sql": "select 2"])
+            try await daemon.request(.execute(.init(sql: "select 1")))
+            try await daemon.request(.execute(.init(sql: "select 2")))
             let result = try await tail.finish()
             #expect(result.status == 0, "\(result.stderr)")
             let lines = jsonLines(result.stdout)
@@ -253,7 +253,7 @@ struct CLITests {
             try await waitForSubscriptions(daemon, atLeast: 1)
             // Keep events coming until head has exited and evtail has noticed the closed pipe.
             for _ in 0..<500 where shell.process.isRunning {
-                try await daemon.request("execute", ["sql": "select 1"])
+                try await daemon.request(.execute(.init(sql: "select 1")))
                 try await Task.sleep(for: .milliseconds(10))
             }
             let result = try await shell.finish()
@@ -281,7 +281,7 @@ struct CLITests {
                 environment: ["EVD_SOCKET": daemon.socketPath]
             )
             try await waitForSubscriptions(daemon, atLeast: 1)
-            try await daemon.request("execute", ["sql": "select 40 + 2"])
+            try await daemon.request(.execute(.init(sql: "select 40 + 2")))
             let result = try await python.finish()
             #expect(result.status == 0, "\(result.stderr)")
             let lines = jsonLines(result.stdout)

@@ -19,7 +19,7 @@ struct CheckpointTests {
     func backgroundCheckpoint() async throws {
         try await withRunningDaemon(configure: { $0.checkpointPages = 1000 }) { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table big (id integer primary key, t text)"])
+                try await evd.request(.execute(.init(sql: "create table big (id integer primary key, t text)")))
                 // About 1 KB a row: 6 MB, some 1500 pages of WAL, past the threshold of 1000.
                 let text = JSONValue.string(String(repeating: "x", count: 1000))
                 for batch in 0..<12 {

@@ -61,7 +61,7 @@ struct CommittedEventsTests {
     @Test("a multi-row INSERT is one insert-rows; UPDATE and DELETE are one event per row with its key")
     func insertUpdateDelete() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key, name text)"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, name text)")))
             try await withChangeWatcher(daemon) { watcher in
                 let changed1 = try await changes(of: watcher, "insert into t(name) values ('a'), ('b'), ('c')")
                 #expect(
@@ -92,7 +92,7 @@ struct CommittedEventsTests {
     @Test("executemany of an INSERT is one insert-rows for all its parameter sets")
     func executemany() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(x)"])
+            try await daemon.request(.execute(.init(sql: "create table t(x)")))
             try await withChangeWatcher(daemon) { watcher in
                 let events = try await watcher.changes {
                     try await daemon.request("executemany", ["sql": "insert into t values (?)", "params": [[1], [2], [3], [4]]])
@@ -106,8 +106,8 @@ struct CommittedEventsTests {
     @Test("conflict clauses: OR IGNORE sets ignore, REPLACE sets replace, ON CONFLICT DO UPDATE is upsert-rows")
     func conflictClauses() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key, v text)"])
-            try await daemon.request("execute", ["sql": "insert into t values (1, 'a')"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, v text)")))
+            try await daemon.request(.execute(.init(sql: "insert into t values (1, 'a')")))
             try await withChangeWatcher(daemon) { watcher in
                 let ignored = try await changes(of: watcher, "insert or ignore into t values (1, 'x'), (2, 'b')")
                 #expect(
@@ -138,8 +138,8 @@ struct CommittedEventsTests {
     @Test("a REPLACE that removes a different row (another UNIQUE column) reports that row's delete-row")
     func replaceRemovesOtherRow() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key, email text unique)"])
-            try await daemon.request("execute", ["sql": "insert into t values (1, 'a@x'), (2, 'b@x')"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, email text unique)")))
+            try await daemon.request(.execute(.init(sql: "insert into t values (1, 'a@x'), (2, 'b@x')")))
             try await withChangeWatcher(daemon) { watcher in
                 let events = try await changes(of: watcher, "replace into t values (3, 'a@x')")
                 #expect(events.map { $0["event"] } == ["delete-row", "insert-rows"])
@@ -156,11 +156,11 @@ struct CommittedEventsTests {
                 "execute",
                 ["sql": "create table pairs(b text, a integer, v, primary key (a, b)) without rowid"]
             )
-            try await daemon.request("execute", ["sql": "create table plain(v)"])
-            try await daemon.request("execute", ["sql": "create table named(code text primary key, v)"])
-            try await daemon.request("execute", ["sql": "insert into pairs values ('x', 1, 0), ('y', 2, 0)"])
-            try await daemon.request("execute", ["sql": "insert into plain values (10), (20)"])
-            try await daemon.request("execute", ["sql": "insert into named values ('k1', 0)"])
+            try await daemon.request(.execute(.init(sql: "create table plain(v)")))
+            try await daemon.request(.execute(.init(sql: "create table named(code text primary key, v)")))
+            try await daemon.request(.execute(.init(sql: "insert into pairs values ('x', 1, 0), ('y', 2, 0)")))
+            try await daemon.request(.execute(.init(sql: "insert into plain values (10), (20)")))
+            try await daemon.request(.execute(.init(sql: "insert into named values ('k1', 0)")))
             try await withChangeWatcher(daemon) { watcher in
                 let changed11 = try await changes(of: watcher, "update pairs set v = 1 where a = 2")
                 #expect(changed11.first?["pks"] == [2, "y"])
@@ -192,7 +192,7 @@ struct CommittedEventsTests {
                 let inserted = try await changes(of: watcher, "insert into parent values (1), (2)")
                 #expect(inserted.map { $0["table"] } == ["parent", "audit"])
                 #expect(inserted.map { $0["num_rows"] } == [2, 2])
-                try await daemon.request("execute", ["sql": "insert into child values (10, 1), (11, 1), (12, 2)"])
+                try await daemon.request(.execute(.init(sql: "insert into child values (10, 1), (11, 1), (12, 2)")))
                 let deleted = try await changes(of: watcher, "delete from parent where id = 1")
                 #expect(deleted.map { $0["event"] } == ["delete-row", "delete-row", "delete-row"])
                 #expect(
@@ -207,20 +207,20 @@ struct CommittedEventsTests {
     @Test("nothing is reported before COMMIT, and nothing for ROLLBACK")
     func onlyCommitted() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(x)"])
+            try await daemon.request(.execute(.init(sql: "create table t(x)")))
             try await withChangeWatcher(daemon) { watcher in
                 try await daemon.withClient { evd in
                     let pending = try await watcher.changes {
                         try await evd.request("begin")
-                        try await evd.request("execute", ["sql": "insert into t values (1)"])
+                        try await evd.request(.execute(.init(sql: "insert into t values (1)")))
                     }
                     #expect(pending.isEmpty)
                     let committed = try await watcher.changes { try await evd.request("commit") }
                     #expect(committed.map { $0["event"] } == ["insert-rows"])
                     let rolledBack = try await watcher.changes {
                         try await evd.request("begin")
-                        try await evd.request("execute", ["sql": "insert into t values (2)"])
-                        try await evd.request("execute", ["sql": "delete from t"])
+                        try await evd.request(.execute(.init(sql: "insert into t values (2)")))
+                        try await evd.request(.execute(.init(sql: "delete from t")))
                         try await evd.request("rollback")
                     }
                     #expect(rolledBack.isEmpty)
@@ -229,7 +229,7 @@ struct CommittedEventsTests {
                 let abandoned = try await watcher.changes {
                     try await daemon.withClient { evd in
                         try await evd.request("begin")
-                        try await evd.request("execute", ["sql": "insert into t values (3)"])
+                        try await evd.request(.execute(.init(sql: "insert into t values (3)")))
                     }
                     try await daemon.request("ping")
                 }
@@ -241,20 +241,20 @@ struct CommittedEventsTests {
     @Test("a rolled-back savepoint drops exactly its changes; a released one keeps them")
     func savepoints() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(x)"])
+            try await daemon.request(.execute(.init(sql: "create table t(x)")))
             try await withChangeWatcher(daemon) { watcher in
                 let events = try await watcher.changes {
                     try await daemon.withClient { evd in
                         try await evd.request("begin")
-                        try await evd.request("execute", ["sql": "insert into t values (1)"])
+                        try await evd.request(.execute(.init(sql: "insert into t values (1)")))
                         try await evd.request("savepoint", ["name": "a"])
-                        try await evd.request("execute", ["sql": "insert into t values (2), (3)"])
+                        try await evd.request(.execute(.init(sql: "insert into t values (2), (3)")))
                         try await evd.request("savepoint", ["name": "b"])
-                        try await evd.request("execute", ["sql": "delete from t"])
+                        try await evd.request(.execute(.init(sql: "delete from t")))
                         try await evd.request("rollback_savepoint", ["name": "b"])
                         try await evd.request("release_savepoint", ["name": "a"])
                         try await evd.request("savepoint", ["name": "c"])
-                        try await evd.request("execute", ["sql": "insert into t values (4)"])
+                        try await evd.request(.execute(.init(sql: "insert into t values (4)")))
                         try await evd.request("rollback_savepoint", ["name": "c"])
                         try await evd.request("commit")
                     }
@@ -268,20 +268,20 @@ struct CommittedEventsTests {
     @Test("a statement that fails on a constraint reports none of the rows it had changed")
     func failedStatement() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key)"])
-            try await daemon.request("execute", ["sql": "insert into t values (5)"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key)")))
+            try await daemon.request(.execute(.init(sql: "insert into t values (5)")))
             try await withChangeWatcher(daemon) { watcher in
                 let events = try await watcher.changes {
                     try await daemon.withClient { evd in
                         try await evd.request("begin")
                         let failed = try await evd.rawRequest("execute", ["sql": "insert into t values (1), (2), (5)"])
                         #expect(failed["ok"] == false)
-                        try await evd.request("execute", ["sql": "insert into t values (7)"])
+                        try await evd.request(.execute(.init(sql: "insert into t values (7)")))
                         try await evd.request("commit")
                     }
                 }
                 #expect(events.map { $0["num_rows"] } == [1])
-                let count = try await daemon.request("execute", ["sql": "select count(*) from t"])
+                let count = try await daemon.request(.execute(.init(sql: "select count(*) from t")))
                 #expect(count["rows"] == [[2]])
             }
         }
@@ -290,12 +290,12 @@ struct CommittedEventsTests {
     @Test("row images: rows: true gets rows, before and after; other subscribers get none of them")
     func rowImages() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key, name text)"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, name text)")))
             try await withChangeWatcher(daemon) { plain in
                 try await withChangeWatcher(daemon, rows: true) { images in
-                    try await daemon.request("execute", ["sql": "insert into t values (1, 'a'), (2, 'b')"])
-                    try await daemon.request("execute", ["sql": "update t set name = 'z' where id = 1"])
-                    try await daemon.request("execute", ["sql": "delete from t where id = 2"])
+                    try await daemon.request(.execute(.init(sql: "insert into t values (1, 'a'), (2, 'b')")))
+                    try await daemon.request(.execute(.init(sql: "update t set name = 'z' where id = 1")))
+                    try await daemon.request(.execute(.init(sql: "delete from t where id = 2")))
                     try await images.client.sync()
                     try await plain.client.sync()
                     let withImages = images.client.events.map(ChangeWatcher.strip)
@@ -348,7 +348,7 @@ struct CommittedEventsTests {
                             "params": .array(rows.map { .array($0) }),
                         ]
                     )
-                    try await daemon.request("execute", ["sql": "insert into b (t, id, r) values ('late', 10, 1.5)"])
+                    try await daemon.request(.execute(.init(sql: "insert into b (t, id, r) values ('late', 10, 1.5)")))
                 }
                 #expect(structured.count == 2 && raw.count == 2)
                 for (ours, theirs) in zip(structured, raw) {
@@ -458,8 +458,8 @@ struct DDLEventsTests {
     func parentAttach() async throws {
         try await withRunningDaemon { daemon in
             try await withVetoTestClient(daemon, ["events": ["*_parent_attach"]]) { listener in
-                try await daemon.request("execute", ["sql": "create table t(id integer primary key, name text)"])
-                try await daemon.request("execute", ["sql": "alter table t add column score real"])
+                try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, name text)")))
+                try await daemon.request(.execute(.init(sql: "alter table t add column score real")))
                 try await listener.sync()
                 let before = listener.events.filter { $0["event"] == "before_parent_attach" }
                 #expect(before.map { $0["target"]?["name"] } == ["id", "name", "score"])
@@ -473,7 +473,7 @@ struct DDLEventsTests {
     @Test("vetoes: a denied before_drop keeps the table, a denied before_create creates nothing, a denied column is not added")
     func vetoes() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table keep(a)"])
+            try await daemon.request(.execute(.init(sql: "create table keep(a)")))
             let deny: VetoDecider = { veto, _ in
                 let name = veto["target"]?["name"]?.stringValue ?? ""
                 return ["keep", "forbidden", "secret"].contains(name) ? VetoAnswer.deny("policy") : VetoAnswer.allow
@@ -501,7 +501,7 @@ struct DDLEventsTests {
                 ["sql": "select name from sqlite_schema where type = 'table' and name not like '\\_evd\\_%' escape '\\' order by name"]
             )
             #expect(tables["rows"] == [["keep"]])
-            let columns = try await daemon.request("execute", ["sql": "select name from pragma_table_info('keep')"])
+            let columns = try await daemon.request(.execute(.init(sql: "select name from pragma_table_info('keep')")))
             #expect(columns["rows"] == [["a"]])
         }
     }

@@ -47,8 +47,8 @@ struct DatabaseReplacedTests {
     func deleted() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x)"])
-                try await evd.request("execute", ["sql": "insert into t values (1)"])
+                try await evd.request(.execute(.init(sql: "create table t(x)")))
+                try await evd.request(.execute(.init(sql: "insert into t values (1)")))
                 // An idle pooled connection is open on the file now.
                 let before = try await evd.request("stats")
                 #expect((before["pools"]?["main"]?["idle"]?.intValue ?? 0) >= 1)
@@ -87,8 +87,8 @@ struct DatabaseReplacedTests {
         try await withTemporaryDirectory { directory in
             let bytes = try await withDaemon(in: directory) { daemon, _ in
                 try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "create table t(x)"])
-                    try await evd.request("execute", ["sql": "insert into t values ('ours')"])
+                    try await evd.request(.execute(.init(sql: "create table t(x)")))
+                    try await evd.request(.execute(.init(sql: "insert into t values ('ours')")))
 
                     let other = daemon.directory + "/other.db"
                     let bytes = try makeOtherDatabase(other)
@@ -116,10 +116,10 @@ struct DatabaseReplacedTests {
     func newConnectionAfterReplace() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x)"])
+                try await evd.request(.execute(.init(sql: "create table t(x)")))
                 // The pool's only open connection is held: the next request opens a new one.
                 try await evd.request("begin")
-                try await evd.request("execute", ["sql": "insert into t values ('held')"])
+                try await evd.request(.execute(.init(sql: "insert into t values ('held')")))
                 let other = daemon.directory + "/other.db"
                 let bytes = try makeOtherDatabase(other)
                 #expect(rename(other, daemon.databasePath) == 0)
@@ -143,7 +143,7 @@ struct DatabaseReplacedTests {
             )
         }) { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x)"])
+                try await evd.request(.execute(.init(sql: "create table t(x)")))
                 try await evd.request("execute", ["sql": "create table t(x)", "database": "second"])
                 remove(databaseAt: daemon.databasePath)
                 expectMoved(try await evd.expectError("execute", ["sql": "insert into t values (1)"]))
@@ -151,7 +151,7 @@ struct DatabaseReplacedTests {
                 try await evd.request("execute", ["sql": "insert into t values (1)", "database": "second"])
                 try await evd.request("insert", ["table": "t", "rows": [["x": 2]], "database": "second"])
                 try await evd.request("begin", ["database": "second"])
-                try await evd.request("execute", ["sql": "insert into t values (3)"])
+                try await evd.request(.execute(.init(sql: "insert into t values (3)")))
                 try await evd.request("commit")
                 let rows = try await evd.request("execute", ["sql": "select x from t order by x", "database": "second"])
                 #expect(rows["rows"] == [[1], [2], [3]])
@@ -169,9 +169,9 @@ struct DatabaseReplacedTests {
     func writeInFlight() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x)"])
+                try await evd.request(.execute(.init(sql: "create table t(x)")))
                 try await evd.request("begin")
-                try await evd.request("execute", ["sql": "insert into t values ('in flight')"])
+                try await evd.request(.execute(.init(sql: "insert into t values ('in flight')")))
 
                 let other = daemon.directory + "/other.db"
                 let bytes = try makeOtherDatabase(other)
@@ -192,9 +192,9 @@ struct DatabaseReplacedTests {
     func statementInTransaction() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x)"])
+                try await evd.request(.execute(.init(sql: "create table t(x)")))
                 try await evd.request("begin")
-                try await evd.request("execute", ["sql": "insert into t values (1)"])
+                try await evd.request(.execute(.init(sql: "insert into t values (1)")))
                 remove(databaseAt: daemon.databasePath)
                 // Another session finds it lost at its checkout ...
                 try await daemon.withClient { second in
@@ -211,7 +211,7 @@ struct DatabaseReplacedTests {
     func loggedOnce() async throws {
         try await withTCPMetricsDaemon { daemon, logs, _, port in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x)"])
+                try await evd.request(.execute(.init(sql: "create table t(x)")))
                 let before = try await parseWithPrometheusClient(
                     httpRequest(.tcp(host: "127.0.0.1", port: port), "GET /metrics").body
                 )
@@ -246,18 +246,18 @@ struct DatabaseReplacedTests {
                 }
             ) { daemon, _ in
                 try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "create table t(x)"])
+                    try await evd.request(.execute(.init(sql: "create table t(x)")))
                     for value in 1...20 {
                         try await evd.request("execute", ["sql": "insert into t values (?)", "params": [.int(Int64(value))]])
                     }
                     try await evd.request("begin")
-                    try await evd.request("execute", ["sql": "insert into t values (21)"])
+                    try await evd.request(.execute(.init(sql: "insert into t values (21)")))
                     // Meanwhile another session needs a second connection: opened through the link too.
                     try await daemon.withClient { second in
-                        try await second.request("execute", ["sql": "select count(*) from t"])
+                        try await second.request(.execute(.init(sql: "select count(*) from t")))
                     }
                     try await evd.request("commit")
-                    #expect(try await evd.request("execute", ["sql": "select count(*) from t"])["rows"] == [[21]])
+                    #expect(try await evd.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[21]])
                     #expect((try await evd.request("stats")["pools"]?["main"]?["open"]?.intValue ?? 0) >= 2)
                     let stats = try await evd.request("stats")
                     #expect(stats["pools"]?["main"]?["lost"] == false)
@@ -270,9 +270,9 @@ struct DatabaseReplacedTests {
     func twoPhaseNotPrepared() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x)"])
+                try await evd.request(.execute(.init(sql: "create table t(x)")))
                 try await evd.request("begin_twophase", ["xid": "x1"])
-                try await evd.request("execute", ["sql": "insert into t values (1)"])
+                try await evd.request(.execute(.init(sql: "insert into t values (1)")))
                 remove(databaseAt: daemon.databasePath)
                 expectMoved(try await evd.expectError("prepare_twophase", ["xid": "x1"]))
                 #expect(try await evd.request("recover")["xids"] == [])

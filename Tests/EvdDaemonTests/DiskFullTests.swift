@@ -264,7 +264,7 @@ private func expectDiskFull(_ error: EvdError, _ what: String, sourceLocation: S
 
 /// Every `n` in table `t`, rising.
 private func selectN(_ evd: EvdConnection) async throws -> [Int64] {
-    let result = try await evd.request("execute", ["sql": "select n from t order by n"])
+    let result = try await evd.request(.execute(.init(sql: "select n from t order by n")))
     return (result["rows"]?.arrayValue ?? []).compactMap { $0.arrayValue?.first?.intValue }
 }
 

@@ -143,9 +143,9 @@ struct DoSTests {
             $0.journal.pruneIntervalMs = 20
         }) { daemon in
             let inserted = try await daemon.withClient { evd -> Int64 in
-                try await evd.request("execute", ["sql": "create table notes(id integer primary key, body text)"])
+                try await evd.request(.execute(.init(sql: "create table notes(id integer primary key, body text)")))
                 let (_, head) = try await subscribeEvents(evd, ["insert-rows"])
-                try await evd.request("execute", ["sql": "insert into notes(body) values ('kept')"])
+                try await evd.request(.execute(.init(sql: "insert into notes(body) values ('kept')")))
                 let event = try #require(await evd.nextMessage(ofType: "event"))
                 #expect(event["seq"]?.intValue ?? 0 > head)
                 return try #require(event["seq"]?.intValue)

@@ -20,7 +20,7 @@ struct EventOrderTests {
             try await daemon.withClient { listener in
                 _ = try await subscribeEvents(listener, Self.poolEvents)
                 try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "select 1"])  // connection 1, then idle
+                    try await evd.request(.execute(.init(sql: "select 1")))  // connection 1, then idle
                     let first = try await collectEvents(listener, until: "checkin")
                     #expect(eventNames(first) == ["first_connect", "connect", "checkout", "reset", "checkin"])
 
@@ -31,7 +31,7 @@ struct EventOrderTests {
                     #expect(eventProperties(disposed[0]) == ["database": "main", "connection": 1])
 
                     // The recreated pool's first connect fires first_connect (a new pool, a new exec_once).
-                    try await evd.request("execute", ["sql": "select 1"])
+                    try await evd.request(.execute(.init(sql: "select 1")))
                     let fresh = try await collectEvents(listener, until: "checkin")
                     #expect(eventNames(fresh) == ["first_connect", "connect", "checkout", "reset", "checkin"])
                     #expect(fresh[0]["connection"] == 2)
@@ -39,7 +39,7 @@ struct EventOrderTests {
                     // Only the first connection of each pool: a second one fires connect alone.
                     try await daemon.withClient { other in
                         try await other.request("begin")
-                        try await evd.request("execute", ["sql": "select 1"])
+                        try await evd.request(.execute(.init(sql: "select 1")))
                         try await other.request("commit")
                     }
                     let more = try await collectEvents(listener, until: "checkin", occurrence: 2)
@@ -70,7 +70,7 @@ struct EventOrderTests {
                     #expect(eventProperties(returned.last) == ["database": "main", "connection": 1])
 
                     // Nothing else came for it: the next event is the next request's.
-                    try await holder.request("execute", ["sql": "select 1"])
+                    try await holder.request(.execute(.init(sql: "select 1")))
                     let next = try await collectEvents(listener, until: "checkin")
                     #expect(eventNames(next) == ["first_connect", "connect", "checkout", "reset", "checkin"])
                     #expect(next[0]["connection"] == 2)
@@ -84,10 +84,10 @@ struct EventOrderTests {
     @Test("rename-table carries Datasette's old_table and new_table")
     func renameTableProperties() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key)"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key)")))
             try await daemon.withClient { evd in
                 _ = try await subscribeEvents(evd, ["rename-table"])
-                try await evd.request("execute", ["sql": "alter table t rename to u"])
+                try await evd.request(.execute(.init(sql: "alter table t rename to u")))
                 let events = try await collectEvents(evd, until: "rename-table")
                 #expect(eventProperties(events.last) == ["database": "main", "old_table": "t", "new_table": "u"])
 
@@ -104,11 +104,11 @@ struct EventOrderTests {
     @Test("commit_twophase of a session's own unprepared transaction precedes its committed events")
     func commitTwoPhaseOnePhaseOrder() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key)"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key)")))
             try await daemon.withClient { evd in
                 _ = try await subscribeEvents(evd, ["commit_twophase", "insert-rows"])
                 try await evd.request("begin_twophase", ["xid": "one"])
-                try await evd.request("execute", ["sql": "insert into t values (1)"])
+                try await evd.request(.execute(.init(sql: "insert into t values (1)")))
                 try await evd.request("commit_twophase", ["xid": "one"])
                 let events = try await collectEvents(evd, until: "insert-rows")
                 try Self.expectCommitFirst(events, isPrepared: false)
@@ -119,12 +119,12 @@ struct EventOrderTests {
     @Test("commit_twophase of a prepared transaction precedes its committed events")
     func commitTwoPhasePreparedOrder() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key)"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key)")))
             try await daemon.withClient { watcher in
                 _ = try await subscribeEvents(watcher, ["commit_twophase", "insert-rows"])
                 try await daemon.withClient { evd in
                     try await evd.request("begin_twophase", ["xid": "two"])
-                    try await evd.request("execute", ["sql": "insert into t values (1)"])
+                    try await evd.request(.execute(.init(sql: "insert into t values (1)")))
                     try await evd.request("prepare_twophase", ["xid": "two"])
                 }
                 try await daemon.request("commit_twophase", ["xid": "two"])
@@ -139,9 +139,9 @@ struct EventOrderTests {
         try await withTemporaryDirectory { directory in
             try await withDaemon(in: directory) { daemon, _ in
                 try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "create table t(id integer primary key)"])
+                    try await evd.request(.execute(.init(sql: "create table t(id integer primary key)")))
                     try await evd.request("begin_twophase", ["xid": "kept"])
-                    try await evd.request("execute", ["sql": "insert into t values (1)"])
+                    try await evd.request(.execute(.init(sql: "insert into t values (1)")))
                     try await evd.request("prepare_twophase", ["xid": "kept"])
                 }
             }
@@ -187,7 +187,7 @@ struct EventOrderTests {
             try await daemon.withClient { vetoer in
                 try await vetoer.request("subscribe", ["veto": ["checkout"], "timeout_ms": 20000, "on_timeout": "allow"])
                 try await daemon.withClient { evd in
-                    async let running = evd.request("execute", ["sql": "select 1"])
+                    async let running = evd.request(.execute(.init(sql: "select 1")))
                     let veto = try #require(await vetoer.nextMessage(ofType: "veto"))
                     try await vetoer.send(["op": "reply", "id": "r2", "seq": veto["seq"] ?? nil])
                     let pending = try #require(await vetoer.nextMessage(ofType: "response"))

@@ -65,7 +65,7 @@ struct EvtailVetoTests {
                 ]
             ) {
                 try await daemon.withClient { evd in
-                    let allowed = try await evd.request("execute", ["sql": "select 2"])
+                    let allowed = try await evd.request(.execute(.init(sql: "select 2")))
                     #expect(allowed["rows"] == [[2]])
                     let error = try await evd.expectError("execute", ["sql": "select 1"])
                     vetoExpectVetoed(error, event: "before_cursor_execute", by: "p", reason: "not this")
@@ -106,7 +106,7 @@ struct EvtailVetoTests {
                 daemon,
                 ["--veto", "before_cursor_execute", "--exec", "cat > '\(seen)'; exit 0", "--timeout-ms", "20000"]
             ) {
-                let result = try await daemon.request("execute", ["sql": "select 1"])
+                let result = try await daemon.request(.execute(.init(sql: "select 1")))
                 #expect(result["rows"] == [[1]])
             }
             let input = try #require(FileManager.default.contents(atPath: seen))
@@ -117,7 +117,7 @@ struct EvtailVetoTests {
         try await withRunningDaemon { daemon in
             let script = #"cat >/dev/null; echo '{"set":{"statement":"select 2"}}'"#
             _ = try await self.withEvtail(daemon, ["--veto", "before_cursor_execute", "--exec", script, "--timeout-ms", "20000"]) {
-                let result = try await daemon.request("execute", ["sql": "select 1"])
+                let result = try await daemon.request(.execute(.init(sql: "select 1")))
                 #expect(result["rows"] == [[2]])
             }
         }
@@ -150,7 +150,7 @@ struct EvtailVetoTests {
                     daemon,
                     ["--veto", "before_cursor_execute", "--deny", "no way", "--dry-run", "--name", "audit", "--timeout-ms", "20000"]
                 ) {
-                    let result = try await daemon.request("execute", ["sql": "select 1"])
+                    let result = try await daemon.request(.execute(.init(sql: "select 1")))
                     #expect(result["rows"] == [[1]])
                 }
                 let event = try #require(try await plain.event("before_cursor_execute"))

@@ -277,7 +277,7 @@ struct FileSecurityTests {
     @Test("17: stats and scrapes read running journal figures: rows slipped into the journal are not counted")
     func journalFiguresAreNotCounted() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table dogs(id integer primary key, name text)"])
+            try await daemon.request(.execute(.init(sql: "create table dogs(id integer primary key, name text)")))
             try await daemon.request("insert", ["table": "dogs", "rows": [["name": "Rex"], ["name": "Fido"]]])
             try await daemon.withClient { evd in
                 let before = try await evd.request("stats")["journal"]
@@ -313,7 +313,7 @@ struct FileSecurityTests {
             $0.journal.keepEvents = 10
             $0.journal.pruneIntervalMs = 50
         }) { daemon in
-            try await daemon.request("execute", ["sql": "create table dogs(id integer primary key, name text)"])
+            try await daemon.request(.execute(.init(sql: "create table dogs(id integer primary key, name text)")))
             for index in 0..<30 {
                 try await daemon.request("insert", ["table": "dogs", "rows": [["name": .string("dog \(index)")]]])
             }
@@ -612,7 +612,7 @@ struct FileSecurityTests {
             let up = await eventually { access(socket, F_OK) == 0 }
             #expect(up, "evd did not start")
             try await EvdConnection.withConnection(socketPath: socket) { evd in
-                _ = try await evd.request("execute", ["sql": "create table secrets(id integer primary key, words text)"])
+                _ = try await evd.request(.execute(.init(sql: "create table secrets(id integer primary key, words text)")))
                 _ = try await evd.request("insert", ["table": "secrets", "rows": [["words": "the committed secret"]]])
                 _ = try await evd.request("execute", ["sql": "create table more(x)", "database": "other"])
                 _ = try await evd.request("emit", ["event": "app.secret", "data": ["words": "a journaled secret"]])

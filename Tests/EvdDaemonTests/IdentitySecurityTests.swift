@@ -15,7 +15,7 @@ struct IdentitySecurityTests {
     @Test("a subscription is judged as the actor that made it: logout does not save it from its token's expiry")
     func logoutKeepsNoExpiredSubscription() async throws {
         try await withRunningDaemon(configure: { openUp(&$0) }) { daemon in
-            try await daemon.request("execute", ["sql": "create table dogs(name)"])
+            try await daemon.request(.execute(.init(sql: "create table dogs(name)")))
             let token = try #require(
                 try await daemon.request(
                     "create_token",
@@ -49,7 +49,7 @@ struct IdentitySecurityTests {
                 #expect(!got.contains { $0["type"] == "veto" }, "asked after its token expired: \(got)")
                 #expect(!got.contains { $0["event"] == "insert-rows" }, "an event after its token expired: \(got)")
             }
-            #expect(try await daemon.request("execute", ["sql": "select count(*) from dogs"])["rows"] == [[1]])
+            #expect(try await daemon.request(.execute(.init(sql: "select count(*) from dogs")))["rows"] == [[1]])
         }
     }
 
@@ -90,7 +90,7 @@ struct IdentitySecurityTests {
     @Test("a listener's rewrite runs only if it stays within what the listener may see")
     func rewriteStaysWithinTheListener() async throws {
         try await withRunningDaemon(configure: { openUp(&$0, grants: [grant([.subscribe, .veto, .viewTable])]) }) { daemon in
-            try await daemon.request("execute", ["sql": "create table dogs(name)"])
+            try await daemon.request(.execute(.init(sql: "create table dogs(name)")))
             let listener = try asNobody(
                 daemon,
                 [
@@ -105,7 +105,7 @@ struct IdentitySecurityTests {
             )
             try await waitForStats(daemon) { $0["veto_listeners"] == 1 }
             let error = await #expect(throws: EvdError.self) {
-                try await daemon.request("execute", ["sql": "select name from dogs"])
+                try await daemon.request(.execute(.init(sql: "select name from dogs")))
             }
             #expect(error?.code == "permission_denied", "\(String(describing: error))")
             #expect(error?.extra["action"] == "admin")
@@ -118,8 +118,8 @@ struct IdentitySecurityTests {
     func rewrittenRequestIsCheckedAgain() async throws {
         let grants = [grant([.viewTable], table: "dogs")]
         try await withRunningDaemon(configure: { openUp(&$0, grants: grants) }) { daemon in
-            try await daemon.request("execute", ["sql": "create table dogs(name)"])
-            try await daemon.request("execute", ["sql": "create table secret(password)"])
+            try await daemon.request(.execute(.init(sql: "create table dogs(name)")))
+            try await daemon.request(.execute(.init(sql: "create table secret(password)")))
             try await daemon.withClient { root in
                 try await root.request("subscribe", ["veto": ["before_execute"], "timeout_ms": 30000])
                 let requester = try asNobody(daemon, [["op": "describe", "table": "dogs"]])
@@ -138,10 +138,10 @@ struct IdentitySecurityTests {
     func twoPhaseBelongsToItsMaker() async throws {
         let grants = [grant([.executeSQL, .viewTable])]
         try await withRunningDaemon(configure: { openUp(&$0, grants: grants) }) { daemon in
-            try await daemon.request("execute", ["sql": "create table ledger(x)"])
+            try await daemon.request(.execute(.init(sql: "create table ledger(x)")))
             try await daemon.withClient { root in
                 try await root.request("begin_twophase", ["xid": "root-1"])
-                try await root.request("execute", ["sql": "insert into ledger values (1)"])
+                try await root.request(.execute(.init(sql: "insert into ledger values (1)")))
                 try await root.request("prepare_twophase", ["xid": "root-1"])
             }
             let got = try responses(
@@ -162,7 +162,7 @@ struct IdentitySecurityTests {
             #expect(got[4]?["error"]?["code"] == "permission_denied", "\(String(describing: got[4]))")
             #expect(try await daemon.request("recover")["xids"] == ["root-1"])
             try await daemon.request("commit_twophase", ["xid": "root-1"])
-            #expect(try await daemon.request("execute", ["sql": "select count(*) from ledger"])["rows"] == [[1]])
+            #expect(try await daemon.request(.execute(.init(sql: "select count(*) from ledger")))["rows"] == [[1]])
         }
     }
 

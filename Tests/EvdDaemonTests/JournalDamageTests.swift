@@ -19,7 +19,7 @@ struct JournalDamageTests {
     private static func journalARun(_ daemon: RunningDaemon, rows: Int) async throws -> ClosedRange<Int64> {
         try await daemon.withClient { evd in
             _ = try await subscribeEvents(evd, ["update-row"])
-            try await evd.request("execute", ["sql": "create table t(id integer primary key, v text)"])
+            try await evd.request(.execute(.init(sql: "create table t(id integer primary key, v text)")))
             for n in 0..<3 { try await evd.request("execute", ["sql": .string("insert into t(v) values ('before \(n)')")]) }
             try await evd.request(
                 "execute",
@@ -29,7 +29,7 @@ struct JournalDamageTests {
                     )
                 ]
             )
-            try await evd.request("execute", ["sql": "update t set v = v || ' changed'"])
+            try await evd.request(.execute(.init(sql: "update t set v = v || ' changed'")))
             let updates = try await collectEvents(evd, until: "update-row", occurrence: rows, within: 30)
             try await evd.request("emit", ["event": "test.end"])
             let seqs = updates.compactMap { $0["seq"]?.intValue }
@@ -166,7 +166,7 @@ struct JournalDamageTests {
                 #expect(messages.filter { $0["event"] == "update-row" }.count == rows)
                 #expect(messages.filter { $0["event"] == "insert-rows" }.count == 4)
                 // New rows have checksums again, and are checked.
-                try await daemon.request("execute", ["sql": "insert into t(v) values ('after')"])
+                try await daemon.request(.execute(.init(sql: "insert into t(v) values ('after')")))
             }
             let newest = try #require(try db.scalarInt("SELECT max(seq) FROM _evd_journal"))
             #expect(try db.scalarInt("SELECT crc IS NOT NULL FROM _evd_journal WHERE seq = \(newest)") == 1)
@@ -180,8 +180,8 @@ struct JournalDamageTests {
         try await withTemporaryDirectory { directory in
             let told: Int64 = try await withDaemon(in: directory) { daemon, _ in
                 try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "create table t(id integer primary key, v text)"])
-                    try await evd.request("execute", ["sql": "insert into t(v) values ('a')"])
+                    try await evd.request(.execute(.init(sql: "create table t(id integer primary key, v text)")))
+                    try await evd.request(.execute(.init(sql: "insert into t(v) values ('a')")))
                     var last: Int64 = 0
                     for _ in 0..<3 { last = try #require(try await evd.request("emit", ["event": "app.x"])["seq"]?.intValue) }
                     return last
@@ -226,7 +226,7 @@ struct JournalDamageTests {
                     $0.journal.pruneIntervalMs = 20
                 }
             ) { daemon, _ in
-                try await daemon.request("execute", ["sql": "create table t(id integer primary key, v text)"])
+                try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, v text)")))
                 for n in 0..<20 { try await daemon.request("execute", ["sql": .string("insert into t(v) values ('\(n)')")]) }
                 let deadline = ContinuousClock.now + .seconds(60)
                 while ContinuousClock.now < deadline {

@@ -150,8 +150,10 @@ struct JournalRunTests {
         try await withTemporaryDirectory { directory in
             let configure: @Sendable (inout EvdConfiguration) -> Void = { $0.outboxLimits.maxEventsPerSubscription = 100_000 }
             let (delivered, head) = try await withDaemon(in: directory, configure: configure) { daemon, _ in
-                try await daemon.request("execute", ["sql": "create table t(id integer primary key, n integer, r real, s text, b blob, z)"])
-                try await daemon.request("execute", ["sql": "create table u(a text, b integer, primary key (a, b)) without rowid"])
+                try await daemon.request(
+                    .execute(.init(sql: "create table t(id integer primary key, n integer, r real, s text, b blob, z)"))
+                )
+                try await daemon.request(.execute(.init(sql: "create table u(a text, b integer, primary key (a, b)) without rowid")))
                 let clients = try subscriptions.map { _ in try LineClient(path: daemon.socketPath) }
                 var head: Int64 = 0
                 for (client, arguments) in zip(clients, subscriptions) { head = try await client.subscribe(arguments) }
@@ -234,7 +236,7 @@ struct JournalRunTests {
     func replayInsideRuns() async throws {
         let rows = 3 * Journal.maxRunEvents + 100
         try await withRunningDaemon(configure: { $0.outboxLimits.maxEventsPerSubscription = 100_000 }) { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key, n integer)"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, n integer)")))
             try await daemon.request(
                 "execute",
                 [
@@ -245,7 +247,7 @@ struct JournalRunTests {
             )
             let client = try LineClient(path: daemon.socketPath)
             _ = try await client.subscribe(["events": ["update-row"]])
-            try await daemon.request("execute", ["sql": "update t set n = n + 1"])
+            try await daemon.request(.execute(.init(sql: "update t set n = n + 1")))
             let live = await client.events(rows)
             #expect(live.count == rows)
             let seqs = live.compactMap { (try? JSONValue(parsing: $0))?["seq"]?.intValue }
@@ -267,7 +269,7 @@ struct JournalRunTests {
             $0.journal.keepEvents = 100
             $0.journal.pruneIntervalMs = 20
         }) { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key, n integer)"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, n integer)")))
             try await daemon.request(
                 "execute",
                 [
@@ -276,7 +278,7 @@ struct JournalRunTests {
                     )
                 ]
             )
-            try await daemon.request("execute", ["sql": "update t set n = n + 1"])
+            try await daemon.request(.execute(.init(sql: "update t set n = n + 1")))
             let deadline = ContinuousClock.now + .seconds(30)
             var checked = false
             while !checked && ContinuousClock.now < deadline {

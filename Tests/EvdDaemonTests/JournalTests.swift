@@ -70,10 +70,10 @@ struct JournalTests {
             let live: [JSONObject] = try await withDaemon(in: directory) { daemon, _ in
                 try await daemon.withClient { evd in
                     _ = try await subscribeEvents(evd, names)
-                    try await evd.request("execute", ["sql": "create table dogs(id integer primary key, name text)"])
-                    try await evd.request("execute", ["sql": "insert into dogs(name) values ('Rex'), ('Fido')"])
-                    try await evd.request("execute", ["sql": "update dogs set name = upper(name)"])
-                    try await evd.request("execute", ["sql": "delete from dogs where id = 1"])
+                    try await evd.request(.execute(.init(sql: "create table dogs(id integer primary key, name text)")))
+                    try await evd.request(.execute(.init(sql: "insert into dogs(name) values ('Rex'), ('Fido')")))
+                    try await evd.request(.execute(.init(sql: "update dogs set name = upper(name)")))
+                    try await evd.request(.execute(.init(sql: "delete from dogs where id = 1")))
                     try await evd.request("emit", ["event": "app.deployed", "data": ["version": 3]])
                     return try await collectEvents(evd, until: "app.deployed")
                 }
@@ -192,7 +192,7 @@ struct JournalTests {
     @Test("since replays exactly what follows it, then goes live: no gap and no duplicate while a writer is busy")
     func replayThenLiveUnderWrites() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key, n integer)"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, n integer)")))
             let writes = 300
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask {
@@ -205,7 +205,7 @@ struct JournalTests {
                 // Subscribe once the writer is well under way, so the replay and live events meet.
                 let deadline = ContinuousClock.now + .seconds(60)
                 while ContinuousClock.now < deadline {
-                    let count = try await daemon.request("execute", ["sql": "select count(*) from t"])
+                    let count = try await daemon.request(.execute(.init(sql: "select count(*) from t")))
                     if (count["rows"]?.arrayValue?.first?.arrayValue?.first?.intValue ?? 0) >= Int64(writes / 4) { break }
                     try await Task.sleep(for: .milliseconds(5))
                 }
@@ -231,7 +231,7 @@ struct JournalTests {
         try await withRunningDaemon(configure: { $0.outboxLimits = OutboxLimits(maxEventsPerSubscription: 1 << 20, maxBytes: 1 << 30) }) {
             daemon in
             let rows = 10000  // about twenty of the bus's delivery batches
-            try await daemon.request("execute", ["sql": "create table big(id integer primary key, v integer)"])
+            try await daemon.request(.execute(.init(sql: "create table big(id integer primary key, v integer)")))
             try await daemon.request(
                 "execute",
                 [
@@ -263,7 +263,7 @@ struct JournalTests {
                 // There before the UPDATE: the changes are recorded, and this one gets them all live.
                 group.addTask { (0, try await subscriber(true)) }
                 group.addTask {
-                    try await daemon.request("execute", ["sql": "update big set v = v + 1"])
+                    try await daemon.request(.execute(.init(sql: "update big set v = v + 1")))
                     updated.value.store(true, ordering: .relaxed)
                     return (2, [])
                 }
@@ -300,7 +300,7 @@ struct JournalTests {
     )
     func replayAcrossPagesAndSources() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key, n integer, s text)"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, n integer, s text)")))
             try await daemon.request(
                 "execute",
                 [
@@ -314,12 +314,12 @@ struct JournalTests {
             let work = { @Sendable in
                 try await daemon.withClient { writer in
                     try await writer.request("emit", ["event": "app.a"])
-                    try await writer.request("execute", ["sql": "update t set n = n + 1"])
+                    try await writer.request(.execute(.init(sql: "update t set n = n + 1")))
                     try await writer.request("emit", ["event": "app.b"])
-                    try await writer.request("execute", ["sql": "create table u(id integer primary key, n integer)"])
-                    try await writer.request("execute", ["sql": "insert into u(n) values (1), (2), (3)"])
-                    try await writer.request("execute", ["sql": "update u set n = n * 2"])
-                    try await writer.request("execute", ["sql": "update t set n = n + 1, s = s || '\"' where id % 2 = 0"])
+                    try await writer.request(.execute(.init(sql: "create table u(id integer primary key, n integer)")))
+                    try await writer.request(.execute(.init(sql: "insert into u(n) values (1), (2), (3)")))
+                    try await writer.request(.execute(.init(sql: "update u set n = n * 2")))
+                    try await writer.request(.execute(.init(sql: "update t set n = n + 1, s = s || '\"' where id % 2 = 0")))
                     try await writer.request("emit", ["event": "app.c"])
                 }
             }
@@ -353,8 +353,8 @@ struct JournalTests {
         let rows = 2 * PooledConnection.eventChunk + 500
         let deletes = rows / 1000
         try await withRunningDaemon(configure: { $0.outboxLimits.maxEventsPerSubscription = 100_000 }) { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key, n integer, s text)"])
-            try await daemon.request("execute", ["sql": "create table u(a text, b integer, primary key (a, b)) without rowid"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, n integer, s text)")))
+            try await daemon.request(.execute(.init(sql: "create table u(a text, b integer, primary key (a, b)) without rowid")))
             try await daemon.request(
                 "execute",
                 [
@@ -363,7 +363,7 @@ struct JournalTests {
                     )
                 ]
             )
-            try await daemon.request("execute", ["sql": "insert into u values ('x', 1), ('y', 2)"])
+            try await daemon.request(.execute(.init(sql: "insert into u values ('x', 1), ('y', 2)")))
             // One transaction: every row of t, an insert (one insert-rows), rows of a WITHOUT ROWID
             // table, a schema change, deletes.
             let transaction = """
@@ -435,9 +435,9 @@ struct JournalTests {
     func rolledBackWorkIsNotJournaled() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(id integer primary key, v text unique)"])
+                try await evd.request(.execute(.init(sql: "create table t(id integer primary key, v text unique)")))
                 try await evd.request("begin")
-                try await evd.request("execute", ["sql": "insert into t(v) values ('rolled back')"])
+                try await evd.request(.execute(.init(sql: "insert into t(v) values ('rolled back')")))
                 try await evd.request("rollback")
                 _ = try await evd.expectError("execute", ["sql": "insert into t(v) values ('a'), ('a')"])
                 try await daemon.withClient { listener in
@@ -455,7 +455,7 @@ struct JournalTests {
                 // The gate's session ends once the daemon has seen its connection close; until
                 // then it would be asked (and, gone, deny) this commit too.
                 try await waitUntilStats(daemon, "the gate to leave") { $0["veto_listeners"] == 0 }
-                try await evd.request("execute", ["sql": "insert into t(v) values ('kept')"])
+                try await evd.request(.execute(.init(sql: "insert into t(v) values ('kept')")))
             }
             try await daemon.withClient { evd in
                 _ = try await subscribeEvents(evd, ["insert-rows"], ["since": 0, "rows": true])
@@ -464,7 +464,7 @@ struct JournalTests {
                 #expect(events.count == 1)
                 #expect(events.first?["rows"] == [["id": 1, "v": "kept"]] || events.first?["rows"] == nil)
             }
-            let journal = try await daemon.request("execute", ["sql": "select event from _evd_journal"])
+            let journal = try await daemon.request(.execute(.init(sql: "select event from _evd_journal")))
             #expect(journal["rows"] == [["create-table"], ["insert-rows"]])
         }
     }
@@ -474,7 +474,7 @@ struct JournalTests {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
                 try await evd.request("emit", ["event": "app.x"])
-                try await evd.request("execute", ["sql": "create table t(x)"])
+                try await evd.request(.execute(.init(sql: "create table t(x)")))
                 for sql in [
                     "delete from _evd_journal", "update _evd_journal set event = 'forged'",
                     "insert into _evd_journal(seq, event, time, body) values (999999, 'forged', '', x'')",
@@ -488,7 +488,7 @@ struct JournalTests {
                 }
                 let insert = try await evd.expectError("insert", ["table": "_evd_journal", "rows": [["seq": 1]]])
                 #expect(insert.code == "permission_denied")
-                let read = try await evd.request("execute", ["sql": "select count(*) from _evd_journal"])
+                let read = try await evd.request(.execute(.init(sql: "select count(*) from _evd_journal")))
                 #expect(read["rows"] == [[1]])
             }
         }

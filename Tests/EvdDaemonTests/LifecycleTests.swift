@@ -47,7 +47,7 @@ struct LifecycleTests {
     func shutdownWithInFlightWorkAndPendingVeto() async throws {
         try await withTemporaryDirectory { directory in
             try await withDaemon(in: directory) { daemon, stop in
-                try await daemon.request("execute", ["sql": "create table t(id integer primary key)"])
+                try await daemon.request(.execute(.init(sql: "create table t(id integer primary key)")))
                 try await daemon.withClient { listener in
                     try await listener.request(
                         "subscribe",
@@ -68,9 +68,9 @@ struct LifecycleTests {
             }
             // The next daemon finds the committed row and its journaled event.
             try await withDaemon(in: directory) { daemon, _ in
-                let rows = try await daemon.request("execute", ["sql": "select id from t"])
+                let rows = try await daemon.request(.execute(.init(sql: "select id from t")))
                 #expect(rows["rows"] == [[1]])
-                let journal = try await daemon.request("execute", ["sql": "select event from _evd_journal where event = 'insert-rows'"])
+                let journal = try await daemon.request(.execute(.init(sql: "select event from _evd_journal where event = 'insert-rows'")))
                 #expect(journal["rows"] == [["insert-rows"]])
             }
         }

@@ -157,7 +157,7 @@ struct LimitsTests {
     @Test("pending requests: with room for one, a pipelined burst is read in turns and every request answered in order")
     func pendingRequests() async throws {
         try await withRunningDaemon(configure: { $0.maxPipelinedRequests = 1 }) { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key)"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key)")))
             // Far more than one read of the socket takes (NIO reads at most 64 KiB at a time), so
             // reading pauses and resumes many times.
             let count = 2000
@@ -179,7 +179,7 @@ struct LimitsTests {
             let responses = messages.dropFirst()
             #expect(responses.map { $0["id"]?.intValue } == (1...count).map { Int64?(Int64($0)) })
             #expect(responses.allSatisfy { $0["ok"] == true })
-            #expect(try await daemon.request("execute", ["sql": "select count(*) from t"])["rows"] == [[.integer(count / 10)]])
+            #expect(try await daemon.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[.integer(count / 10)]])
         }
     }
 

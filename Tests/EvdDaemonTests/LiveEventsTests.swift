@@ -103,9 +103,9 @@ struct LiveEventsTests {
                 try await daemon.withClient { one in
                     try await daemon.withClient { two in
                         #expect(one.hello["session"] != two.hello["session"])
-                        try await one.request("execute", ["sql": "select 1"])
+                        try await one.request(.execute(.init(sql: "select 1")))
                         let ofOne = try await collectEvents(listener, until: "checkin")
-                        try await two.request("execute", ["sql": "select 2"])
+                        try await two.request(.execute(.init(sql: "select 2")))
                         let ofTwo = try await collectEvents(listener, until: "checkin")
                         #expect(ofOne.count == 14)  // the first request also opens the connection
                         #expect(ofTwo.count == 11)
@@ -127,13 +127,13 @@ struct LiveEventsTests {
             try await daemon.withClient { listener in
                 _ = try await subscribeToLiveEvents(listener)
                 try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "create table t(id integer primary key, name text)"])
+                    try await evd.request(.execute(.init(sql: "create table t(id integer primary key, name text)")))
                     _ = try await collectEvents(listener, until: "checkin")
                     try await evd.request("begin")
                     let begun = try await collectEvents(listener, until: "begin")
                     #expect(eventNames(begun) == ["checkout", "engine_connect", "begin"])
                     #expect(eventProperties(begun.last) == ["database": "main", "connection": 1, "implicit": false])
-                    try await evd.request("execute", ["sql": "insert into t(name) values ('a')"])
+                    try await evd.request(.execute(.init(sql: "insert into t(name) values ('a')")))
                     let statement = try await collectEvents(listener, until: "after_execute")
                     #expect(
                         eventNames(statement) == [
@@ -148,7 +148,7 @@ struct LiveEventsTests {
                         eventProperties(committed.first) == ["database": "main", "connection": 1, "implicit": false]
                     )
                     #expect(committed[1]["rolled_back"] == false)
-                    let rows = try await evd.request("execute", ["sql": "select count(*) from t"])
+                    let rows = try await evd.request(.execute(.init(sql: "select count(*) from t")))
                     #expect(rows["rows"] == [[1]])
                 }
             }
@@ -161,10 +161,10 @@ struct LiveEventsTests {
             try await daemon.withClient { listener in
                 _ = try await subscribeToLiveEvents(listener)
                 try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "create table t(id integer primary key, name text)"])
+                    try await evd.request(.execute(.init(sql: "create table t(id integer primary key, name text)")))
                     _ = try await collectEvents(listener, until: "checkin")
                     try await evd.request("begin")
-                    try await evd.request("execute", ["sql": "insert into t(name) values ('a')"])
+                    try await evd.request(.execute(.init(sql: "insert into t(name) values ('a')")))
                     try await evd.request("rollback")
                     let events = try await collectEvents(listener, until: "checkin")
                     #expect(Array(eventNames(events).suffix(3)) == ["rollback", "reset", "checkin"])
@@ -172,7 +172,7 @@ struct LiveEventsTests {
                     let rollback = events[events.count - 3]
                     #expect(eventProperties(rollback) == ["database": "main", "connection": 1, "implicit": false])
                     #expect(events[events.count - 2]["rolled_back"] == false)
-                    let rows = try await evd.request("execute", ["sql": "select count(*) from t"])
+                    let rows = try await evd.request(.execute(.init(sql: "select count(*) from t")))
                     #expect(rows["rows"] == [[0]])
                 }
             }
@@ -185,7 +185,7 @@ struct LiveEventsTests {
             try await daemon.withClient { listener in
                 _ = try await subscribeToLiveEvents(listener)
                 try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "create table t(id integer primary key)"])
+                    try await evd.request(.execute(.init(sql: "create table t(id integer primary key)")))
                     try await evd.request("execute", ["sql": "insert into t(id) values (?)", "params": [1]])
                     _ = try await collectEvents(listener, until: "checkin", occurrence: 2)
 
@@ -247,11 +247,11 @@ struct LiveEventsTests {
             try await daemon.withClient { listener in
                 _ = try await subscribeToLiveEvents(listener)
                 try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "create table t(id integer primary key)"])
+                    try await evd.request(.execute(.init(sql: "create table t(id integer primary key)")))
                     _ = try await collectEvents(listener, until: "checkin")
                     try await evd.request("begin")
                     try await evd.request("savepoint", ["name": "sp one"])
-                    try await evd.request("execute", ["sql": "insert into t(id) values (1)"])
+                    try await evd.request(.execute(.init(sql: "insert into t(id) values (1)")))
                     try await evd.request("rollback_savepoint", ["name": "sp one"])
                     try await evd.request("release_savepoint", ["name": "sp one"])
                     try await evd.request("commit")
@@ -264,7 +264,7 @@ struct LiveEventsTests {
                     }
                     #expect(names.firstIndex(of: "savepoint")! < names.firstIndex(of: "before_execute")!)
                     #expect(names.firstIndex(of: "after_execute")! < names.firstIndex(of: "rollback_savepoint")!)
-                    let rows = try await evd.request("execute", ["sql": "select count(*) from t"])
+                    let rows = try await evd.request(.execute(.init(sql: "select count(*) from t")))
                     #expect(rows["rows"] == [[0]])
                 }
             }
@@ -279,7 +279,7 @@ struct LiveEventsTests {
             try await daemon.withClient { listener in
                 _ = try await subscribeToLiveEvents(listener)
                 try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "create table t(id integer primary key, name text)"])
+                    try await evd.request(.execute(.init(sql: "create table t(id integer primary key, name text)")))
                     _ = try await collectEvents(listener, until: "checkin")
 
                     let many = "insert into t(name) values (?)"
@@ -313,7 +313,7 @@ struct LiveEventsTests {
                     #expect(namedEvents["after_cursor_execute"]?["rowcount"] == -1)
                     #expect(namedEvents["after_cursor_execute"]?["executemany"] == false)
 
-                    try await evd.request("execute", ["sql": "select count(*) from t"])
+                    try await evd.request(.execute(.init(sql: "select count(*) from t")))
                     let plain = eventNames(try await collectEvents(listener, until: "checkin"))
                     #expect(plain.filter { $0.hasPrefix("do_") } == ["do_execute_no_params"])
                 }
@@ -345,7 +345,7 @@ struct LiveEventsTests {
                     #expect(eventNames(engineEvents) == ["set_engine_execution_options"])
                     #expect(eventProperties(engineEvents.first) == ["options": ["busy_timeout_ms": 250]])
 
-                    try await evd.request("execute", ["sql": "select 1"])
+                    try await evd.request(.execute(.init(sql: "select 1")))
                     let events = indexByName(try await collectEvents(listener, until: "checkin"))
                     let options: JSONValue = ["busy_timeout_ms": 250, "logging_token": "tok"]
                     #expect(events["before_execute"]?["execution_options"] == options)
@@ -386,7 +386,7 @@ struct LiveEventsTests {
                         // A dispose makes a new pool (SQLAlchemy's `recreate`): its first connection
                         // fires first_connect again, once.
                         try await one.request("dispose")
-                        try await one.request("execute", ["sql": "select 1"])
+                        try await one.request(.execute(.init(sql: "select 1")))
                         let again = try await collectEvents(listener, until: "checkin")
                         #expect(eventNames(again) == ["first_connect", "connect", "checkin"])
                         #expect(eventProperties(again[0]) == ["database": "main", "connection": 3])
@@ -402,7 +402,7 @@ struct LiveEventsTests {
             try await daemon.withClient { listener in
                 _ = try await subscribeToLiveEvents(listener)
                 try await daemon.withClient { evd in
-                    try await evd.request("execute", ["sql": "select 1"])
+                    try await evd.request(.execute(.init(sql: "select 1")))
                     _ = try await collectEvents(listener, until: "checkin")
 
                     let hard = try await evd.request("invalidate", ["connection": 1])
@@ -420,7 +420,7 @@ struct LiveEventsTests {
                     for event in closed { expectEnvelope(event, subscription: nil, causedBy: evd) }
 
                     // The next request opens a new connection (and it is not the first connect).
-                    try await evd.request("execute", ["sql": "select 1"])
+                    try await evd.request(.execute(.init(sql: "select 1")))
                     let reopened = try await collectEvents(listener, until: "checkin")
                     #expect(Array(eventNames(reopened).prefix(3)) == ["do_connect", "connect", "checkout"])
                     #expect(reopened[2]["connection"] == 2)
@@ -461,7 +461,7 @@ struct LiveEventsTests {
                             #expect(marked.first?["connection"] == .int(number))
                             expectEnvelope(marked[0], subscription: nil, causedBy: admin)
 
-                            try await holder.request("execute", ["sql": "select 1"])
+                            try await holder.request(.execute(.init(sql: "select 1")))
                             try await holder.request("commit")
                             let ended = try await collectEvents(listener, until: "close")
                             #expect(Array(eventNames(ended).suffix(4)) == ["commit", "reset", "checkin", "close"])
@@ -489,7 +489,7 @@ struct LiveEventsTests {
                     )
                     try await daemon.withClient { evd in
                         try await daemon.withClient { admin in
-                            async let running = evd.request("execute", ["sql": "select 1"])
+                            async let running = evd.request(.execute(.init(sql: "select 1")))
                             let veto = try #require(await vetoer.nextMessage(ofType: "veto"))
                             let number = try #require(veto["connection"]?.intValue)
                             let invalidated = try await admin.request("invalidate", ["connection": .int(number)])
@@ -518,7 +518,7 @@ struct LiveEventsTests {
                 try await daemon.withClient { holder in
                     try await daemon.withClient { admin in
                         try await holder.request("begin")  // connection 1
-                        try await admin.request("execute", ["sql": "select 1"])  // connection 2, then idle
+                        try await admin.request(.execute(.init(sql: "select 1")))  // connection 2, then idle
                         _ = try await collectEvents(listener, until: "checkin")
 
                         try await admin.request("dispose")
@@ -537,7 +537,7 @@ struct LiveEventsTests {
 
                         let stats = try await admin.request("stats")
                         #expect(stats["pools"]?["main"]?["open"] == 0)
-                        try await admin.request("execute", ["sql": "select 1"])
+                        try await admin.request(.execute(.init(sql: "select 1")))
                         let fresh = try await collectEvents(listener, until: "checkin")
                         #expect(Array(eventNames(fresh).prefix(4)) == ["do_connect", "first_connect", "connect", "checkout"])
                         #expect(fresh[3]["connection"] == 3)
@@ -583,8 +583,8 @@ struct LiveEventsTests {
                     _ = try await subscribeEvents(checkouts, ["checkout"])
                     _ = try await subscribeEvents(commits, ["commit"])
                     let last = try await daemon.withClient { evd in
-                        try await evd.request("execute", ["sql": "select 1"])
-                        try await evd.request("execute", ["sql": "select 2"])
+                        try await evd.request(.execute(.init(sql: "select 1")))
+                        try await evd.request(.execute(.init(sql: "select 2")))
                         let out = try await collectEvents(checkouts, until: "checkout", occurrence: 2)
                         let committed = try await collectEvents(commits, until: "commit", occurrence: 2)
                         let a = out.map { $0["seq"]?.intValue ?? 0 }

@@ -18,7 +18,7 @@ struct MetricsTests {
     @Test("stats has every documented key, with figures that fit what happened")
     func statsComplete() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "CREATE TABLE dogs (id INTEGER PRIMARY KEY, name TEXT)"])
+            try await daemon.request(.execute(.init(sql: "CREATE TABLE dogs (id INTEGER PRIMARY KEY, name TEXT)")))
             let stats = try await Self.insertDogs(daemon, ["Rex", "Fido", "Bo"])
 
             #expect(stats["events"]?["insert-rows"] == 3)
@@ -104,7 +104,7 @@ struct MetricsTests {
             // A stale socket file (nobody listens on it) is replaced.
             try Self.makeStaleSocket(at: metricsPath)
             try await withDaemon(in: directory, configure: { $0.metrics.socketPath = metricsPath }) { daemon, _ in
-                try await daemon.request("execute", ["sql": "CREATE TABLE dogs (id INTEGER PRIMARY KEY, name TEXT)"])
+                try await daemon.request(.execute(.init(sql: "CREATE TABLE dogs (id INTEGER PRIMARY KEY, name TEXT)")))
                 let stats = try await Self.insertDogs(daemon, ["Rex", "Fido"])
                 let reply = try await httpRequest(.unix(metricsPath), "GET /metrics")
                 #expect(reply.status == 200)
@@ -208,7 +208,7 @@ struct MetricsTests {
     @Test("evctl stats prints JSON into a pipe, sections with --human, and --json wins")
     func evctlStats() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "CREATE TABLE t (x)"])
+            try await daemon.request(.execute(.init(sql: "CREATE TABLE t (x)")))
             let piped = try await runProcess(binaryPath("evctl"), ["--socket", daemon.socketPath, "stats"])
             #expect(piped.status == 0, "\(piped.stderr)")
             let pipedObject = try JSONValue(parsing: piped.stdout.trimmingCharacters(in: .whitespacesAndNewlines))

@@ -403,12 +403,12 @@ struct OperationsTests {
     func executeStoredRoundTrip() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table v(id integer primary key, x)"])
+                try await evd.request(.execute(.init(sql: "create table v(id integer primary key, x)")))
                 let values: [JSONValue] = [42, 0.25, "text", .null, ["$base64": "3q2+7w=="], true]
                 for value in values {
                     try await evd.request("execute", ["sql": "insert into v(x) values (?)", "params": [value]])
                 }
-                let rows = try await evd.request("execute", ["sql": "select x from v order by id"])
+                let rows = try await evd.request(.execute(.init(sql: "select x from v order by id")))
                 #expect(rows["rows"] == [[42], [0.25], ["text"], [.null], [["$base64": "3q2+7w=="]], [1]])
             }
         }
@@ -456,10 +456,10 @@ struct OperationsTests {
                 #expect(update["changes"] == 2)
                 #expect(update["columns"] == [])
                 #expect(update["rows"] == [])
-                let insert = try await evd.request("execute", ["sql": "insert into dogs(id, name) values (10, 'Ten')"])
+                let insert = try await evd.request(.execute(.init(sql: "insert into dogs(id, name) values (10, 'Ten')")))
                 #expect(insert["changes"] == 1)
                 #expect(insert["last_insert_rowid"] == 10)
-                let delete = try await evd.request("execute", ["sql": "delete from dogs"])
+                let delete = try await evd.request(.execute(.init(sql: "delete from dogs")))
                 #expect(delete["changes"] == 4)
             }
         }
@@ -469,15 +469,15 @@ struct OperationsTests {
     func lastInsertRowidIsPerSession() async throws {
         try await withRunningDaemon(configure: { $0.poolSize = 1 }) { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x)"])
-                let insert = try await evd.request("execute", ["sql": "insert into t values (1), (2)"])
+                try await evd.request(.execute(.init(sql: "create table t(x)")))
+                let insert = try await evd.request(.execute(.init(sql: "insert into t values (1), (2)")))
                 #expect(insert["last_insert_rowid"] == 2)
             }
             try await daemon.withClient { other in
-                #expect(try await other.request("execute", ["sql": "select 1"])["last_insert_rowid"] == 0)
+                #expect(try await other.request(.execute(.init(sql: "select 1")))["last_insert_rowid"] == 0)
                 try await other.request("begin")
-                try await other.request("execute", ["sql": "insert into t values (3)"])
-                #expect(try await other.request("execute", ["sql": "select 1"])["last_insert_rowid"] == 3)
+                try await other.request(.execute(.init(sql: "insert into t values (3)")))
+                #expect(try await other.request(.execute(.init(sql: "select 1")))["last_insert_rowid"] == 3)
                 try await other.request("commit")
             }
         }
@@ -487,21 +487,21 @@ struct OperationsTests {
     func queryOnlyPragma() async throws {
         try await withRunningDaemon(configure: { $0.poolSize = 1 }) { daemon in
             try await daemon.withClient { evd in
-                #expect(try await evd.request("execute", ["sql": "pragma query_only"])["rows"] == [[0]])
+                #expect(try await evd.request(.execute(.init(sql: "pragma query_only")))["rows"] == [[0]])
                 // Setting it in SQL is refused before SQLite applies it (it would outlive the session).
                 let refused = try await evd.expectError("execute", ["sql": "pragma query_only = 1"])
                 #expect(refused.code == "bad_request")
                 #expect(refused.extra["field"] == "sql")
-                #expect(try await evd.request("execute", ["sql": "pragma query_only"])["rows"] == [[0]])
+                #expect(try await evd.request(.execute(.init(sql: "pragma query_only")))["rows"] == [[0]])
                 try await evd.request("execution_options", ["options": ["query_only": true]])
-                #expect(try await evd.request("execute", ["sql": "pragma query_only"])["rows"] == [[1]])
+                #expect(try await evd.request(.execute(.init(sql: "pragma query_only")))["rows"] == [[1]])
                 let unset = try await evd.expectError("execute", ["sql": "pragma query_only = 0; create table t(x)"])
                 #expect(unset.extra["field"] == "sql")
-                #expect(try await evd.request("execute", ["sql": "pragma query_only"])["rows"] == [[1]])
+                #expect(try await evd.request(.execute(.init(sql: "pragma query_only")))["rows"] == [[1]])
             }
             try await daemon.withClient { other in
-                #expect(try await other.request("execute", ["sql": "pragma query_only"])["rows"] == [[0]])
-                try await other.request("execute", ["sql": "create table t(x)"])
+                #expect(try await other.request(.execute(.init(sql: "pragma query_only")))["rows"] == [[0]])
+                try await other.request(.execute(.init(sql: "create table t(x)")))
             }
         }
     }
@@ -510,13 +510,13 @@ struct OperationsTests {
     func executeIsOneTransaction() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x integer unique)"])
+                try await evd.request(.execute(.init(sql: "create table t(x integer unique)")))
                 let error = try await evd.expectError(
                     "execute",
                     ["sql": "insert into t values (1); insert into t values (1)"]
                 )
                 #expect(error.code == "sql_error")
-                let count = try await evd.request("execute", ["sql": "select count(*) from t"])
+                let count = try await evd.request(.execute(.init(sql: "select count(*) from t")))
                 #expect(count["rows"] == [[0]])
             }
         }
@@ -526,7 +526,7 @@ struct OperationsTests {
     func executemany() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(a, b)"])
+                try await evd.request(.execute(.init(sql: "create table t(a, b)")))
                 let arrays = try await evd.request(
                     "executemany",
                     ["sql": "insert into t values (?, ?)", "params": [[1, "x"], [2, "y"], [3, .null]]]
@@ -542,7 +542,7 @@ struct OperationsTests {
                     ["sql": "update t set b = 'u' where a <= ?", "params": [[2], [4]]]
                 )
                 #expect(update == ["changes": 6])  // 2 rows, then 4 rows
-                let rows = try await evd.request("execute", ["sql": "select a, b from t order by a"])
+                let rows = try await evd.request(.execute(.init(sql: "select a, b from t order by a")))
                 #expect(rows["rows"] == [[1, "u"], [2, "u"], [3, "u"], [4, "u"], [5, 1]])
                 let none = try await evd.request("executemany", ["sql": "insert into t values (?, ?)", "params": []])
                 #expect(none == ["changes": 0])
@@ -555,21 +555,21 @@ struct OperationsTests {
     @Test("begin/commit: committed rows are visible to another session; rolled-back ones never")
     func beginCommitRollback() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(x)"])
+            try await daemon.request(.execute(.init(sql: "create table t(x)")))
             try await daemon.withClient { a in
                 try await daemon.withClient { b in
                     #expect(try await a.request("begin") == [:])
-                    try await a.request("execute", ["sql": "insert into t values (1)"])
-                    #expect(try await a.request("execute", ["sql": "select count(*) from t"])["rows"] == [[1]])
-                    #expect(try await b.request("execute", ["sql": "select count(*) from t"])["rows"] == [[0]])
+                    try await a.request(.execute(.init(sql: "insert into t values (1)")))
+                    #expect(try await a.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[1]])
+                    #expect(try await b.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[0]])
                     #expect(try await a.request("commit") == [:])
-                    #expect(try await b.request("execute", ["sql": "select x from t"])["rows"] == [[1]])
+                    #expect(try await b.request(.execute(.init(sql: "select x from t")))["rows"] == [[1]])
 
                     try await a.request("begin", ["database": "main"])
-                    try await a.request("execute", ["sql": "insert into t values (2)"])
+                    try await a.request(.execute(.init(sql: "insert into t values (2)")))
                     #expect(try await a.request("rollback", ["database": "main"]) == [:])
-                    #expect(try await b.request("execute", ["sql": "select x from t"])["rows"] == [[1]])
-                    #expect(try await a.request("execute", ["sql": "select x from t"])["rows"] == [[1]])
+                    #expect(try await b.request(.execute(.init(sql: "select x from t")))["rows"] == [[1]])
+                    #expect(try await a.request(.execute(.init(sql: "select x from t")))["rows"] == [[1]])
                 }
             }
         }
@@ -589,19 +589,19 @@ struct OperationsTests {
                     ]
                 )
                 try await evd.request("begin")
-                try await evd.request("execute", ["sql": "insert into u values (1)"])
+                try await evd.request(.execute(.init(sql: "insert into u values (1)")))
                 let error = try await evd.expectError("execute", ["sql": "insert into t values (1)"])
                 #expect(error.code == "sql_error")
                 #expect(error.extra["sqlite_code"] == "SQLITE_CONSTRAINT_TRIGGER")
                 // The transaction is gone, and the op says so rather than pretending to roll back.
                 #expect(try await evd.expectError("rollback").code == "not_in_transaction")
-                #expect(try await evd.request("execute", ["sql": "select count(*) from u"])["rows"] == [[0]])
+                #expect(try await evd.request(.execute(.init(sql: "select count(*) from u")))["rows"] == [[0]])
                 // A still-open transaction survives an ordinary statement error.
                 try await evd.request("begin")
-                try await evd.request("execute", ["sql": "insert into u values (2)"])
+                try await evd.request(.execute(.init(sql: "insert into u values (2)")))
                 #expect(try await evd.expectError("execute", ["sql": "select * from missing"]).code == "sql_error")
                 try await evd.request("commit")
-                #expect(try await evd.request("execute", ["sql": "select y from u"])["rows"] == [[2]])
+                #expect(try await evd.request(.execute(.init(sql: "select y from u")))["rows"] == [[2]])
             }
         }
     }
@@ -622,7 +622,7 @@ struct OperationsTests {
                 _ = try await subscribeEvents(listener, ["rollback", "rollback_twophase"])
                 try await daemon.withClient { evd in
                     try await evd.request("begin_twophase", ["xid": "x1"])
-                    try await evd.request("execute", ["sql": "alter table u add column z"])
+                    try await evd.request(.execute(.init(sql: "alter table u add column z")))
                     let error = try await evd.expectError("execute", ["sql": "insert into t values (1)"])
                     #expect(error.message.contains("no longer in a transaction"))
                     // The column added inside it went with it.
@@ -638,15 +638,15 @@ struct OperationsTests {
     @Test("a session that disconnects inside a transaction has it rolled back")
     func disconnectRollsBack() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(x)"])
+            try await daemon.request(.execute(.init(sql: "create table t(x)")))
             try await daemon.withClient { a in
                 try await a.request("begin")
-                try await a.request("execute", ["sql": "insert into t values (1)"])
+                try await a.request(.execute(.init(sql: "insert into t values (1)")))
             }
             try await daemon.withClient { b in
                 // The write lock is released once the session is gone; the default busy timeout waits for it.
-                try await b.request("execute", ["sql": "insert into t values (2)"])
-                #expect(try await b.request("execute", ["sql": "select x from t"])["rows"] == [[2]])
+                try await b.request(.execute(.init(sql: "insert into t values (2)")))
+                #expect(try await b.request(.execute(.init(sql: "select x from t")))["rows"] == [[2]])
             }
         }
     }
@@ -656,11 +656,11 @@ struct OperationsTests {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { a in
                 try await daemon.withClient { b in
-                    try await a.request("execute", ["sql": "select 1"])  // opens a connection, then gives it back
+                    try await a.request(.execute(.init(sql: "select 1")))  // opens a connection, then gives it back
                     #expect(try await b.request("stats")["pools"]?["main"]?["in_use"] == 0)
                     try await a.request("begin")
                     #expect(try await b.request("stats")["pools"]?["main"]?["in_use"] == 1)
-                    try await a.request("execute", ["sql": "select 1"])
+                    try await a.request(.execute(.init(sql: "select 1")))
                     #expect(try await b.request("stats")["pools"]?["main"]?["in_use"] == 1)
                     try await a.request("commit")
                     #expect(try await b.request("stats")["pools"]?["main"]?["in_use"] == 0)
@@ -673,19 +673,19 @@ struct OperationsTests {
     func savepoints() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x)"])
+                try await evd.request(.execute(.init(sql: "create table t(x)")))
                 try await evd.request("begin")
-                try await evd.request("execute", ["sql": "insert into t values (1)"])
+                try await evd.request(.execute(.init(sql: "insert into t values (1)")))
                 #expect(try await evd.request("savepoint", ["name": "sp1"]) == [:])
-                try await evd.request("execute", ["sql": "insert into t values (2)"])
+                try await evd.request(.execute(.init(sql: "insert into t values (2)")))
                 try await evd.request("savepoint", ["name": "inner \"quoted\""])
-                try await evd.request("execute", ["sql": "insert into t values (3)"])
+                try await evd.request(.execute(.init(sql: "insert into t values (3)")))
                 #expect(try await evd.request("release_savepoint", ["name": "inner \"quoted\""]) == [:])
                 #expect(try await evd.request("rollback_savepoint", ["name": "sp1"]) == [:])
-                try await evd.request("execute", ["sql": "insert into t values (4)"])
+                try await evd.request(.execute(.init(sql: "insert into t values (4)")))
                 try await evd.request("release_savepoint", ["name": "sp1"])
                 try await evd.request("commit")
-                #expect(try await evd.request("execute", ["sql": "select x from t order by x"])["rows"] == [[1], [4]])
+                #expect(try await evd.request(.execute(.init(sql: "select x from t order by x")))["rows"] == [[1], [4]])
                 let unknown = try await daemon.withClient { other in
                     try await other.request("begin")
                     return try await other.expectError("rollback_savepoint", ["name": "never"])
@@ -713,7 +713,7 @@ struct OperationsTests {
                 )
 
                 try await evd.request("begin", ["database": "other"])
-                #expect(try await evd.request("execute", ["sql": "select x from t"])["rows"] == [["o"]])
+                #expect(try await evd.request(.execute(.init(sql: "select x from t")))["rows"] == [["o"]])
                 let elsewhere = try await evd.expectError("execute", ["sql": "select 1", "database": "main"])
                 #expect(elsewhere.code == "bad_request")
                 #expect(elsewhere.extra["field"] == "database")
@@ -737,19 +737,19 @@ struct OperationsTests {
     func queryOnly() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x)"])
+                try await evd.request(.execute(.init(sql: "create table t(x)")))
                 let set = try await evd.request("execution_options", ["options": ["query_only": true]])
                 #expect(set == ["options": ["query_only": true]])
                 let error = try await evd.expectError("execute", ["sql": "insert into t values (1)"])
                 #expect(error.code == "sql_error")
                 #expect(error.extra["sqlite_code"]?.stringValue?.hasPrefix("SQLITE_READONLY") == true)
-                #expect(try await evd.request("execute", ["sql": "select count(*) from t"])["rows"] == [[0]])
+                #expect(try await evd.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[0]])
                 // Other sessions are not affected, even on the same pooled connection.
-                try await daemon.request("execute", ["sql": "insert into t values (1)"])
+                try await daemon.request(.execute(.init(sql: "insert into t values (1)")))
                 let unset = try await evd.request("execution_options", ["options": ["query_only": false]])
                 #expect(unset == ["options": ["query_only": false]])
-                try await evd.request("execute", ["sql": "insert into t values (2)"])
-                #expect(try await evd.request("execute", ["sql": "select count(*) from t"])["rows"] == [[2]])
+                try await evd.request(.execute(.init(sql: "insert into t values (2)")))
+                #expect(try await evd.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[2]])
             }
         }
     }
@@ -758,7 +758,7 @@ struct OperationsTests {
     func queryOnlyInTransaction() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x)"])
+                try await evd.request(.execute(.init(sql: "create table t(x)")))
                 try await evd.request("begin")
                 try await evd.request("execution_options", ["options": ["query_only": true]])
                 let error = try await evd.expectError("execute", ["sql": "insert into t values (1)"])
@@ -795,7 +795,7 @@ struct OperationsTests {
                 #expect(setEvent["event"] == "set_connection_execution_options")
                 #expect(setEvent["options"] == ["logging_token": "def"])
                 #expect(setEvent["subscription"] == subscription["subscription"])
-                try await evd.request("execute", ["sql": "select 1"])
+                try await evd.request(.execute(.init(sql: "select 1")))
                 let event = try #require(await evd.nextMessage(ofType: "event"))
                 #expect(event["event"] == "before_execute")
                 #expect(event["execution_options"]?["logging_token"] == "def")
@@ -959,12 +959,12 @@ struct OperationsTests {
     func invalidateAndDispose() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table t(x)"])
+                try await evd.request(.execute(.init(sql: "create table t(x)")))
                 let invalidated = try await evd.request("invalidate")
                 #expect(invalidated["invalidated"] == [1])
-                try await evd.request("execute", ["sql": "insert into t values (1)"])
+                try await evd.request(.execute(.init(sql: "insert into t values (1)")))
                 #expect(try await evd.request("dispose") == [:])
-                #expect(try await evd.request("execute", ["sql": "select x from t"])["rows"] == [[1]])
+                #expect(try await evd.request(.execute(.init(sql: "select x from t")))["rows"] == [[1]])
             }
         }
     }

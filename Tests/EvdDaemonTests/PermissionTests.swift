@@ -17,7 +17,7 @@ struct PermissionTests {
     @Test("no grant: ping and events work, everything else is permission_denied with the action")
     func deniedByDefault() async throws {
         try await withRunningDaemon(configure: { openUp(&$0) }) { daemon in
-            try await daemon.request("execute", ["sql": "create table dogs(id integer primary key, name text)"])
+            try await daemon.request(.execute(.init(sql: "create table dogs(id integer primary key, name text)")))
             let got = responses(
                 try await messages(
                     try asNobody(
@@ -94,9 +94,9 @@ struct PermissionTests {
                 }
             }
             // What was denied did not happen.
-            let cats = try await daemon.request("execute", ["sql": "select name from cats"])
+            let cats = try await daemon.request(.execute(.init(sql: "select name from cats")))
             #expect(cats["rows"] == [["Tom"]])
-            let dogs = try await daemon.request("execute", ["sql": "select name from dogs order by id"])
+            let dogs = try await daemon.request(.execute(.init(sql: "select name from dogs order by id")))
             #expect(dogs["rows"] == [["REX"], ["Fido"]])
         }
     }
@@ -112,7 +112,7 @@ struct PermissionTests {
             openUp(&configuration, grants: grants)
         }) { daemon in
             try await daemon.request("execute", ["sql": "create table t(x)", "database": "second"])
-            try await daemon.request("execute", ["sql": "create table m(x)"])
+            try await daemon.request(.execute(.init(sql: "create table m(x)")))
             let requests: [JSONObject] = [
                 execute("insert into m values (1)"),  // main, outside a transaction: not the actor's
                 ["op": "begin", "database": "second"],
@@ -135,8 +135,8 @@ struct PermissionTests {
     func eventFiltering() async throws {
         let grants = [Grant(who: .uid(65534), actions: [.subscribe, .viewTable], database: "main", table: "dogs")]
         try await withRunningDaemon(configure: { openUp(&$0, grants: grants) }) { daemon in
-            try await daemon.request("execute", ["sql": "create table dogs(id integer primary key, name text)"])
-            try await daemon.request("execute", ["sql": "create table cats(id integer primary key, name text)"])
+            try await daemon.request(.execute(.init(sql: "create table dogs(id integer primary key, name text)")))
+            try await daemon.request(.execute(.init(sql: "create table cats(id integer primary key, name text)")))
             let live = try asNobody(daemon, [["op": "subscribe", "events": ["*"], "rows": true]], until: "test.end")
             // Wait until its subscription exists.
             for _ in 0..<250 {
@@ -144,10 +144,10 @@ struct PermissionTests {
                 if stats["subscriptions"] == 1 { break }
                 try await Task.sleep(for: .milliseconds(20))
             }
-            try await daemon.request("execute", ["sql": "insert into dogs(name) values ('Rex')"])
-            try await daemon.request("execute", ["sql": "insert into cats(name) values ('Tom')"])
-            try await daemon.request("execute", ["sql": "update cats set name = 'TOM'"])
-            try await daemon.request("execute", ["sql": "create table secret(x)"])
+            try await daemon.request(.execute(.init(sql: "insert into dogs(name) values ('Rex')")))
+            try await daemon.request(.execute(.init(sql: "insert into cats(name) values ('Tom')")))
+            try await daemon.request(.execute(.init(sql: "update cats set name = 'TOM'")))
+            try await daemon.request(.execute(.init(sql: "create table secret(x)")))
             try await daemon.request("emit", ["event": "test.end"])
             let seen = try await messages(live).filter { $0["type"] == "event" }
             let replay = try await messages(
@@ -172,7 +172,7 @@ struct PermissionTests {
             Grant(who: .uid(65534), actions: [.executeSQL, .viewTable, .insertRow], database: "main"),
         ]
         try await withRunningDaemon(configure: { openUp(&$0, grants: grants) }) { daemon in
-            try await daemon.request("execute", ["sql": "create table dogs(id integer primary key, name text)"])
+            try await daemon.request(.execute(.init(sql: "create table dogs(id integer primary key, name text)")))
             // nobody makes a read-only token, and one asking for admin (which it does not hold).
             let made = responses(
                 try await messages(

@@ -25,7 +25,7 @@ struct PoolHostageTests {
             $0.poolSize = 2
         }) { daemon in
             let attacker = try asNobody(daemon, [execute(endless)], linger: 30)
-            #expect(try await daemon.request("execute", ["sql": "select 1"])["rows"] == [[1]])
+            #expect(try await daemon.request(.execute(.init(sql: "select 1")))["rows"] == [[1]])
             let got = responses(try await messages(attacker))
             #expect(got[1]?["error"]?["code"] == "timeout", "\(String(describing: got[1]))")
             #expect(got[1]?["error"]?["limit"] == "max-statement-ms")
@@ -49,7 +49,7 @@ struct PoolHostageTests {
                 ]
             )
             _ = try await attacker.finish(within: 30)
-            #expect(try await daemon.request("execute", ["sql": "select 1"])["rows"] == [[1]])
+            #expect(try await daemon.request(.execute(.init(sql: "select 1")))["rows"] == [[1]])
         }
     }
 
@@ -87,7 +87,7 @@ struct PoolHostageTests {
             try await waitForStats(daemon) { inUse($0) == 1 }
             let second = try asNobody(daemon, [["op": "begin"]], linger: 30)
             // Root still gets the pool's other connection, while nobody's second begin waits.
-            #expect(try await daemon.request("execute", ["sql": "select 1"])["rows"] == [[1]])
+            #expect(try await daemon.request(.execute(.init(sql: "select 1")))["rows"] == [[1]])
             let got = responses(try await messages(second))
             #expect(got[1]?["error"]?["code"] == "timeout", "\(String(describing: got[1]))")
             #expect(got[1]?["error"]?["message"]?.stringValue?.contains("--max-pool-share") == true)
@@ -102,7 +102,7 @@ struct PoolHostageTests {
             sqlUser(&$0)
             $0.idleTransactionMs = 1500
         }) { daemon in
-            try await daemon.request("execute", ["sql": "create table t(x)"])
+            try await daemon.request(.execute(.init(sql: "create table t(x)")))
             let idle = try asNobody(
                 daemon,
                 [["op": "begin"], execute("insert into t values (1)")],
@@ -113,7 +113,7 @@ struct PoolHostageTests {
             let notices = got.filter { $0["type"] == "notice" }.map { $0["code"] }
             #expect(notices.contains("idle_transaction_timeout"), "\(got)")
             try await waitForStats(daemon) { stats in inUse(stats) == 0 }
-            #expect(try await daemon.request("execute", ["sql": "select count(*) from t"])["rows"] == [[0]])
+            #expect(try await daemon.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[0]])
         }
     }
 }

@@ -57,8 +57,8 @@ struct PrepareVetoTests {
     @Test("a statement with a syntax error, or on a table that does not exist yet, rewritten into a valid one, runs")
     func brokenStatementRewritten() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(x)"])
-            try await daemon.request("execute", ["sql": "insert into t values (7)"])
+            try await daemon.request(.execute(.init(sql: "create table t(x)")))
+            try await daemon.request(.execute(.init(sql: "insert into t values (7)")))
             let decide = Self.rewriting([
                 "selec x fro t": "select x from t",
                 "select x from t_next": "select x + 1 from t",
@@ -68,15 +68,15 @@ struct PrepareVetoTests {
             try await withVetoTestClient(daemon, ["veto": ["before_cursor_execute"], "name": "fixer"], decide: decide) {
                 listener in
                 try await daemon.withClient { evd in
-                    #expect(try await evd.request("execute", ["sql": "selec x fro t"])["rows"] == [[7]])
-                    #expect(try await evd.request("execute", ["sql": "select x from t_next"])["rows"] == [[8]])
+                    #expect(try await evd.request(.execute(.init(sql: "selec x fro t")))["rows"] == [[7]])
+                    #expect(try await evd.request(.execute(.init(sql: "select x from t_next")))["rows"] == [[8]])
                     // The client's parameters go with the rewritten statement.
                     let inserted = try await evd.request("execute", ["sql": "insert into t_next values (?)", "params": [9]])
                     #expect(inserted["changes"] == 1)
                     // A script: each statement is shown, and may be fixed, before it is prepared.
-                    let script = try await evd.request("execute", ["sql": "insert into t values (10); selec 1;"])
+                    let script = try await evd.request(.execute(.init(sql: "insert into t values (10); selec 1;")))
                     #expect(script["rows"] == [["second"]])
-                    #expect(try await evd.request("execute", ["sql": "select x from t order by x"])["rows"] == [[7], [9], [10]])
+                    #expect(try await evd.request(.execute(.init(sql: "select x from t order by x")))["rows"] == [[7], [9], [10]])
                     // executemany too.
                     let many = try await evd.request(
                         "executemany",
@@ -91,14 +91,14 @@ struct PrepareVetoTests {
                 let parameters = listener.vetoes.first { $0["statement"] == "insert into t_next values (?)" }?["parameters"]
                 #expect(parameters == [9])
             }
-            #expect(try await daemon.request("execute", ["sql": "select count(*) from t"])["rows"] == [[5]])
+            #expect(try await daemon.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[5]])
         }
     }
 
     @Test("a statement nobody fixes: begin, before_cursor_execute and do_execute fire, then dbapi_error, handle_error, rollback")
     func brokenStatementNotFixed() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "select 1"])  // the pool's connection is open
+            try await daemon.request(.execute(.init(sql: "select 1")))  // the pool's connection is open
             try await withVetoTestClient(
                 daemon,
                 ["veto": ["before_cursor_execute"], "name": "watcher"],
@@ -147,7 +147,7 @@ struct PrepareVetoTests {
     @Test("inside a begin transaction a broken statement fires before_cursor_execute and do_execute; the transaction goes on")
     func brokenStatementInTransaction() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(x)"])
+            try await daemon.request(.execute(.init(sql: "create table t(x)")))
             let decide = Self.rewriting(["insert into t valus (1)": "insert into t values (1)"])
             try await withVetoTestClient(
                 daemon,
@@ -157,7 +157,7 @@ struct PrepareVetoTests {
                 listener in
                 try await daemon.withClient { evd in
                     try await evd.request("begin")
-                    try await evd.request("execute", ["sql": "insert into t valus (1)"])
+                    try await evd.request(.execute(.init(sql: "insert into t valus (1)")))
                     let error = try await evd.expectError("execute", ["sql": "insert into t valus (2)"])
                     #expect(error.code == "sql_error")
                     try await evd.request("commit")
@@ -170,7 +170,7 @@ struct PrepareVetoTests {
                 )
                 #expect(listener.events.first?["statement"] == "insert into t values (1)")
             }
-            #expect(try await daemon.request("execute", ["sql": "select x from t"])["rows"] == [[1]])
+            #expect(try await daemon.request(.execute(.init(sql: "select x from t")))["rows"] == [[1]])
         }
     }
 
@@ -181,10 +181,10 @@ struct PrepareVetoTests {
             Grant(who: .uid(65534), actions: [.viewTable, .insertRow], database: "main", table: "mine"),
         ]
         try await withRunningDaemon(configure: { openUp(&$0, grants: grants) }) { daemon in
-            try await daemon.request("execute", ["sql": "create table mine(x)"])
-            try await daemon.request("execute", ["sql": "create table secret(x)"])
-            try await daemon.request("execute", ["sql": "insert into secret values ('the secret')"])
-            try await daemon.request("execute", ["sql": "insert into mine values ('mine')"])
+            try await daemon.request(.execute(.init(sql: "create table mine(x)")))
+            try await daemon.request(.execute(.init(sql: "create table secret(x)")))
+            try await daemon.request(.execute(.init(sql: "insert into secret values ('the secret')")))
+            try await daemon.request(.execute(.init(sql: "insert into mine values ('mine')")))
             let decide = Self.rewriting([
                 "selec x fro mine": "select x from secret",
                 "insert into mine valus (1)": "delete from mine",
@@ -214,7 +214,7 @@ struct PrepareVetoTests {
                 // What runs is what is judged: a statement nobody may not run, rewritten into one it may.
                 #expect(got[3]?["result"]?["rows"] == [["mine"]], "\(String(describing: got[3]))")
             }
-            #expect(try await daemon.request("execute", ["sql": "select count(*) from mine"])["rows"] == [[1]])
+            #expect(try await daemon.request(.execute(.init(sql: "select count(*) from mine")))["rows"] == [[1]])
         }
     }
 
@@ -222,7 +222,7 @@ struct PrepareVetoTests {
     func rewriteJudgedAsListener() async throws {
         let grants = [Grant(who: .uid(65534), actions: [.subscribe, .veto, .viewTable], database: "main", table: nil)]
         try await withRunningDaemon(configure: { openUp(&$0, grants: grants) }) { daemon in
-            try await daemon.request("execute", ["sql": "create table dogs(name)"])
+            try await daemon.request(.execute(.init(sql: "create table dogs(name)")))
             let listener = try asNobody(
                 daemon,
                 [
@@ -238,7 +238,7 @@ struct PrepareVetoTests {
             try await waitForStats(daemon) { $0["veto_listeners"] == 1 }
             // Root may read the database list; the listener (no admin) may not put that in place.
             let error = await #expect(throws: EvdError.self) {
-                try await daemon.request("execute", ["sql": "selec name fro dogs"])
+                try await daemon.request(.execute(.init(sql: "selec name fro dogs")))
             }
             #expect(error?.code == "permission_denied", "\(String(describing: error))")
             #expect(error?.extra["action"] == "admin")

@@ -132,7 +132,7 @@ struct SQLSecurityTests {
             #expect(denied(got[3], "admin"), "\(String(describing: got[3]))")
             #expect(got[4]?["ok"] == true, "\(String(describing: got[4]))")
             // Root's insert fires nothing of nobody's.
-            try await daemon.request("execute", ["sql": "insert into mine values (2)"])
+            try await daemon.request(.execute(.init(sql: "insert into mine values (2)")))
             #expect(try await rows(daemon, "select x from loot").isEmpty)
             #expect(try await rows(daemon, "select x from secret") == [["s"]])
         }
@@ -162,13 +162,13 @@ struct SQLSecurityTests {
             #expect(got[1]?["ok"] == true, "\(String(describing: got[1]))")
             #expect(got[2]?["ok"] == true, "\(String(describing: got[2]))")
             // One connection in the pool: root's insert gets the connection nobody used.
-            try await daemon.request("execute", ["sql": "insert into orders values ('book')"])
+            try await daemon.request(.execute(.init(sql: "insert into orders values ('book')")))
             #expect(try await rows(daemon, "select item from main.orders") == [["book"]])
             #expect(try await rows(daemon, "select x from loot").isEmpty)
             #expect(try await rows(daemon, "select count(*) from sqlite_temp_schema") == [[0]])
             // Root's own pragmas and attachments do not reach the next session either.
-            try await daemon.request("execute", ["sql": "attach ':memory:' as other"])
-            try await daemon.request("execute", ["sql": "pragma foreign_keys = off"])
+            try await daemon.request(.execute(.init(sql: "attach ':memory:' as other")))
+            try await daemon.request(.execute(.init(sql: "pragma foreign_keys = off")))
             #expect(try await rows(daemon, "select name from pragma_database_list where name = 'other'").isEmpty)
             #expect(try await rows(daemon, "pragma foreign_keys") == [[1]])
         }
@@ -182,7 +182,7 @@ struct SQLSecurityTests {
         }) {
             daemon in
             try await setUp(daemon, ["create table t(x)"])
-            _ = try? await daemon.request("execute", ["sql": "pragma writable_schema = 1"])
+            _ = try? await daemon.request(.execute(.init(sql: "pragma writable_schema = 1")))
             let got = try await nobodyResponses(
                 daemon,
                 [
@@ -214,7 +214,7 @@ struct SQLSecurityTests {
             #expect(got[5]?["ok"] == true)
             // Root may call it, but the two-argument form (a pointer) is refused on every connection.
             await #expect(throws: EvdError.self) {
-                try await daemon.request("execute", ["sql": "select fts3_tokenizer('simple', x'4141414141414141')"])
+                try await daemon.request(.execute(.init(sql: "select fts3_tokenizer('simple', x'4141414141414141')")))
             }
             #expect(try await rows(daemon, "select body from docs where docs match 'hello'") == [["hello world"]])
         }
@@ -243,7 +243,7 @@ struct SQLSecurityTests {
             )
             for number: Int64 in 1...3 { #expect(denied(got[number], "admin"), "request \(number): \(String(describing: got[number]))") }
             for number: Int64 in 4...6 { #expect(got[number]?["ok"] == true, "request \(number): \(String(describing: got[number]))") }
-            try await daemon.request("execute", ["sql": "insert into counted(x) values (2)"])
+            try await daemon.request(.execute(.init(sql: "insert into counted(x) values (2)")))
             #expect(try await rows(daemon, "select id from counted order by id") == [[1], [2]])
         }
     }

@@ -17,11 +17,11 @@ struct SmokeTests {
                 #expect(evd.hello["databases"] == ["main"])
                 #expect(evd.hello["actor"]?["uid"]?.intValue == Int64(getuid()))
                 #expect(try await evd.request("ping") == [:])
-                try await evd.request("execute", ["sql": "create table dogs(id integer primary key, name text)"])
+                try await evd.request(.execute(.init(sql: "create table dogs(id integer primary key, name text)")))
                 let insert = try await evd.request("execute", ["sql": "insert into dogs(name) values (?)", "params": ["Rex"]])
                 #expect(insert["changes"] == 1)
                 #expect(insert["last_insert_rowid"] == 1)
-                let select = try await evd.request("execute", ["sql": "select id, name from dogs"])
+                let select = try await evd.request(.execute(.init(sql: "select id, name from dogs")))
                 #expect(select["columns"] == ["id", "name"])
                 #expect(select["rows"] == [[1, "Rex"]])
             }

@@ -498,7 +498,7 @@ struct StructuredOpsTests {
                 )
             }
             // REPLACE deletes and inserts: the column not given gets its default again.
-            #expect(try await daemon.request("execute", ["sql": "select id, name, age from dogs"])["rows"] == [[1, "Max", 3]])
+            #expect(try await daemon.request(.execute(.init(sql: "select id, name, age from dogs")))["rows"] == [[1, "Max", 3]])
         }
     }
 
@@ -649,7 +649,7 @@ struct StructuredOpsTests {
                 try await evd.request("insert", ["table": "dogs", "rows": [["id": 8, "name": "late"]]])
                 #expect(try await evd.request("commit") == [:])
             }
-            #expect(try await daemon.request("execute", ["sql": "select id from dogs order by id"])["rows"] == [[5], [8]])
+            #expect(try await daemon.request(.execute(.init(sql: "select id from dogs order by id")))["rows"] == [[5], [8]])
         }
     }
 
@@ -1101,7 +1101,7 @@ struct StructuredOpsTests {
     @Test("drop_table fires drop-table; insert with alter fires alter-table with before_schema and after_schema")
     func dropAndAlterEvents() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(a text)"])
+            try await daemon.request(.execute(.init(sql: "create table t(a text)")))
             try await withChangeListener(daemon) { watcher in
                 let altered = try await watcher.events {
                     try await daemon.request("insert", ["table": "t", "alter": true, "rows": [["a": "x", "n": 1]]])
@@ -1208,13 +1208,13 @@ struct StructuredOpsTests {
         try await withStructuredClient(dogsSQL) { daemon, evd in
             #expect(try await evd.request("insert", ["table": "dogs", "rows": [["id": 1, "name": "Rex"]]])["inserted"] == 1)
             // A column added by raw SQL is known to the next insert.
-            try await evd.request("execute", ["sql": "alter table dogs add column color text"])
+            try await evd.request(.execute(.init(sql: "alter table dogs add column color text")))
             #expect(
                 try await evd.request("insert", ["table": "dogs", "rows": [["id": 2, "name": "Fido", "color": "red"]]])["inserted"] == 1
             )
             // A table created and rolled back in a transaction: the insert into it fails afterwards.
             try await evd.request("begin")
-            try await evd.request("execute", ["sql": "create table cats(id integer primary key, name text)"])
+            try await evd.request(.execute(.init(sql: "create table cats(id integer primary key, name text)")))
             #expect(try await evd.request("insert", ["table": "cats", "rows": [["id": 1, "name": "Tom"]]])["inserted"] == 1)
             try await evd.request("rollback")
             let gone = try await evd.expectError("insert", ["table": "cats", "rows": [["id": 1, "name": "Tom"]]])
@@ -1222,7 +1222,7 @@ struct StructuredOpsTests {
             // Another connection creates a different table (the schema cookie reaches the value the
             // rolled-back one had): this connection's ops see that one, not the rolled-back one.
             try await daemon.withClient { other in
-                try await other.request("execute", ["sql": "create table birds(id integer primary key, song text)"])
+                try await other.request(.execute(.init(sql: "create table birds(id integer primary key, song text)")))
             }
             #expect(try await evd.request("insert", ["table": "birds", "rows": [["id": 1, "song": "tweet"]]])["inserted"] == 1)
             let stillGone = try await evd.expectError("insert", ["table": "cats", "rows": [["id": 2, "name": "Tom"]]])
@@ -1230,7 +1230,7 @@ struct StructuredOpsTests {
             // A savepoint rolled back inside a transaction takes its column with it.
             try await evd.request("begin")
             try await evd.request("savepoint", ["name": "s"])
-            try await evd.request("execute", ["sql": "alter table birds add column wings integer"])
+            try await evd.request(.execute(.init(sql: "alter table birds add column wings integer")))
             #expect(try await evd.request("insert", ["table": "birds", "rows": [["id": 2, "song": "caw", "wings": 2]]])["inserted"] == 1)
             try await evd.request("rollback_savepoint", ["name": "s"])
             let noColumn = try await evd.expectError("insert", ["table": "birds", "rows": [["id": 3, "song": "coo", "wings": 2]]])

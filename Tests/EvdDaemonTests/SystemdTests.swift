@@ -172,7 +172,7 @@ struct SystemdTests {
                     #expect(event?["event"] == "insert-rows")
                     #expect(event?["table"] == "dogs")
                 }
-                let rows = try await writer.request("execute", ["sql": "select name from dogs"])
+                let rows = try await writer.request(.execute(.init(sql: "select name from dogs")))
                 #expect(rows["rows"] == [["Rex"]])
             }
             #expect(Self.inode(socket) == before)

@@ -21,7 +21,14 @@ struct RunningDaemon: Sendable {
         try await EvdConnection.withConnection(socketPath: self.socketPath, body)
     }
 
-    /// Sends one request on a fresh connection and returns its result.
+    /// Sends one operation on a fresh connection and returns its result.
+    @discardableResult
+    func request(_ operation: EvdOperation) async throws -> JSONObject {
+        try await self.withClient { try await $0.request(operation) }
+    }
+
+    /// Sends one request by its op's name and arguments (for what `EvdOperation` cannot express: a
+    /// test of the wire itself) on a fresh connection and returns its result.
     @discardableResult
     func request(_ op: String, _ arguments: JSONObject = [:]) async throws -> JSONObject {
         try await self.withClient { try await $0.request(op, arguments) }

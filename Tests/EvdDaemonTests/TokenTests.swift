@@ -75,7 +75,7 @@ struct TokenTests {
     @Test("a token with restrict_all [view-table] cannot execute an INSERT or emit: permission_denied")
     func restrictAllNarrows() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table dogs(id integer primary key, name text)"])
+            try await daemon.request(.execute(.init(sql: "create table dogs(id integer primary key, name text)")))
             let token = try await createToken(daemon, ["restrict_all": ["view-table"]])
             try await daemon.withClient { evd in
                 try await evd.login(token: token)
@@ -90,7 +90,7 @@ struct TokenTests {
                 let pong = try await evd.request("ping")
                 #expect(pong == [:])
             }
-            let rows = try await daemon.request("execute", ["sql": "select count(*) from dogs"])
+            let rows = try await daemon.request(.execute(.init(sql: "select count(*) from dogs")))
             #expect(rows["rows"] == [[0]])
         }
     }
@@ -170,8 +170,8 @@ struct TokenTests {
     @Test("restrict_database and restrict_resource narrow raw SQL and structured ops table by table")
     func restrictionsEndToEnd() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table dogs(id integer primary key, name text)"])
-            try await daemon.request("execute", ["sql": "create table cats(id integer primary key, name text)"])
+            try await daemon.request(.execute(.init(sql: "create table dogs(id integer primary key, name text)")))
+            try await daemon.request(.execute(.init(sql: "create table cats(id integer primary key, name text)")))
             let token = try await createToken(
                 daemon,
                 [
@@ -181,11 +181,11 @@ struct TokenTests {
             )
             try await daemon.withClient { evd in
                 try await evd.login(token: token)
-                try await evd.request("execute", ["sql": "insert into dogs(name) values ('Rex')"])
+                try await evd.request(.execute(.init(sql: "insert into dogs(name) values ('Rex')")))
                 try await evd.request("insert", ["table": "dogs", "rows": [["name": "Fido"]]])
-                let rows = try await evd.request("execute", ["sql": "select count(*) from dogs"])
+                let rows = try await evd.request(.execute(.init(sql: "select count(*) from dogs")))
                 #expect(rows["rows"] == [[2]])
-                _ = try await evd.request("execute", ["sql": "select * from cats"])
+                _ = try await evd.request(.execute(.init(sql: "select * from cats")))
                 let raw = try await evd.expectError("execute", ["sql": "insert into cats(name) values ('Tom')"])
                 #expect(raw.code == "permission_denied")
                 #expect(raw.extra["table"] == "cats")
@@ -245,7 +245,7 @@ struct TokenTests {
                 let error = try await evd.expectError("login", ["token": .string(token)])
                 #expect(error.code == "token_expired")
                 // The failed login left the session as it was.
-                let rows = try await evd.request("execute", ["sql": "select 1"])
+                let rows = try await evd.request(.execute(.init(sql: "select 1")))
                 #expect(rows["rows"] == [[1]])
             }
             try await daemon.withClient { evd in
@@ -259,7 +259,7 @@ struct TokenTests {
                 #expect(stillPong == [:])
                 // logout gets the session out of it.
                 try await evd.request("logout")
-                let rows = try await evd.request("execute", ["sql": "select 1"])
+                let rows = try await evd.request(.execute(.init(sql: "select 1")))
                 #expect(rows["rows"] == [[1]])
             }
         }

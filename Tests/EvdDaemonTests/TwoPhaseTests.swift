@@ -32,12 +32,12 @@ struct TwoPhaseTests {
     @Test("prepared changes stay invisible until another session commits them; the 2PC events say is_prepared")
     func commitFromAnotherSession() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key, v text)"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, v text)")))
             try await daemon.withClient { watcher in
                 _ = try await subscribeEvents(watcher, ["begin_twophase", "prepare_twophase", "commit_twophase", "insert-rows"])
                 try await daemon.withClient { a in
                     try await a.request("begin_twophase", ["xid": "tx-1"])
-                    try await a.request("execute", ["sql": "insert into t(v) values ('a'), ('b')"])
+                    try await a.request(.execute(.init(sql: "insert into t(v) values ('a'), ('b')")))
                     try await a.request("prepare_twophase", ["xid": "tx-1"])
                     // The session is no longer in the transaction: it can do other work.
                     let outside = try await a.expectError("commit")
@@ -77,20 +77,20 @@ struct TwoPhaseTests {
             let lastSeq: Int64 = try await withDaemon(in: directory) { daemon, _ in
                 try await daemon.withClient { evd in
                     for sql in schema { try await evd.request("execute", ["sql": .string(sql)]) }
-                    try await evd.request("execute", ["sql": "insert into nokey values (1, 'one'), (2, 'two')"])
-                    try await evd.request("execute", ["sql": "insert into pairs values ('x', 1, 'old')"])
-                    try await evd.request("execute", ["sql": "insert into parent values (1), (2)"])
-                    try await evd.request("execute", ["sql": "insert into child values (10, 1), (20, 2)"])
+                    try await evd.request(.execute(.init(sql: "insert into nokey values (1, 'one'), (2, 'two')")))
+                    try await evd.request(.execute(.init(sql: "insert into pairs values ('x', 1, 'old')")))
+                    try await evd.request(.execute(.init(sql: "insert into parent values (1), (2)")))
+                    try await evd.request(.execute(.init(sql: "insert into child values (10, 1), (20, 2)")))
                     let mark = try await evd.request("emit", ["event": "app.mark"])
                     try await evd.request("begin_twophase", ["xid": "survivor"])
                     try await evd.request(
                         "execute",
                         ["sql": "insert into plain(n, b, s) values (?, ?, ?)", "params": [1.0, ["$base64": "AP8="], "é"]]
                     )
-                    try await evd.request("execute", ["sql": "update nokey set b = 'uno', rowid = 7 where a = 1"])
-                    try await evd.request("execute", ["sql": "delete from nokey where a = 2"])
-                    try await evd.request("execute", ["sql": "update pairs set k2 = 2, v = 'new' where k1 = 'x'"])
-                    try await evd.request("execute", ["sql": "delete from parent where id = 1"])
+                    try await evd.request(.execute(.init(sql: "update nokey set b = 'uno', rowid = 7 where a = 1")))
+                    try await evd.request(.execute(.init(sql: "delete from nokey where a = 2")))
+                    try await evd.request(.execute(.init(sql: "update pairs set k2 = 2, v = 'new' where k1 = 'x'")))
+                    try await evd.request(.execute(.init(sql: "delete from parent where id = 1")))
                     try await evd.request("prepare_twophase", ["xid": "survivor"])
                     return try #require(mark["seq"]?.intValue)
                 }
@@ -109,7 +109,7 @@ struct TwoPhaseTests {
                     try await evd.request("commit_twophase", ["xid": "survivor"])
                     let plainRows2 = try await self.rows(evd, "plain")
                     #expect(plainRows2 == [[1, 1.0, ["$base64": "AP8="], "é"]])
-                    let result = try await evd.request("execute", ["sql": "select rowid, * from nokey"])["rows"]
+                    let result = try await evd.request(.execute(.init(sql: "select rowid, * from nokey")))["rows"]
                     #expect(result == [[7, 1, "uno"]])
                     let pairsRows = try await self.rows(evd, "pairs")
                     #expect(pairsRows == [["x", 2, "new"]])
@@ -176,14 +176,14 @@ struct TwoPhaseTests {
     @Test("commit_twophase and rollback_twophase before prepare end the session's own transaction in one phase")
     func onePhase() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(id integer primary key)"])
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key)")))
             try await daemon.withClient { evd in
                 _ = try await subscribeEvents(evd, ["commit_twophase", "rollback_twophase"])
                 try await evd.request("begin_twophase", ["xid": "one"])
-                try await evd.request("execute", ["sql": "insert into t values (1)"])
+                try await evd.request(.execute(.init(sql: "insert into t values (1)")))
                 try await evd.request("commit_twophase", ["xid": "one"])
                 try await evd.request("begin_twophase", ["xid": "two"])
-                try await evd.request("execute", ["sql": "insert into t values (2)"])
+                try await evd.request(.execute(.init(sql: "insert into t values (2)")))
                 try await evd.request("rollback_twophase", ["xid": "two"])
                 let events = try await collectEvents(evd, until: "rollback_twophase")
                 #expect(events.map { $0["event"] } == ["commit_twophase", "rollback_twophase"])
@@ -198,7 +198,7 @@ struct TwoPhaseTests {
     func refusals() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.withClient { evd in
-                try await evd.request("execute", ["sql": "create table parent(id integer primary key)"])
+                try await evd.request(.execute(.init(sql: "create table parent(id integer primary key)")))
                 try await evd.request(
                     "execute",
                     [
@@ -221,19 +221,19 @@ struct TwoPhaseTests {
                 #expect(nested.code == "already_in_transaction")
                 let wrong = try await evd.expectError("prepare_twophase", ["xid": "other"])
                 #expect(wrong.extra["field"] == "xid")
-                try await evd.request("execute", ["sql": "insert into child values (1, 99)"])
+                try await evd.request(.execute(.init(sql: "insert into child values (1, 99)")))
                 let dangling = try await evd.expectError("prepare_twophase", ["xid": "fk"])
                 #expect(dangling.code == "sql_error")
                 #expect(dangling.extra["sqlite_code"] == "SQLITE_CONSTRAINT_FOREIGNKEY")
                 // Still open and unprepared: fix it, then prepare.
-                try await evd.request("execute", ["sql": "insert into parent values (99)"])
+                try await evd.request(.execute(.init(sql: "insert into parent values (99)")))
                 try await evd.request("prepare_twophase", ["xid": "fk"])
                 let taken = try await evd.expectError("begin_twophase", ["xid": "fk"])
                 #expect(taken.extra["field"] == "xid")
                 try await evd.request("commit_twophase", ["xid": "fk"])
 
                 try await evd.request("begin_twophase", ["xid": "ddl"])
-                try await evd.request("execute", ["sql": "create table late(x)"])
+                try await evd.request(.execute(.init(sql: "create table late(x)")))
                 let ddl = try await evd.expectError("prepare_twophase", ["xid": "ddl"])
                 #expect(ddl.code == "bad_request")
                 #expect(ddl.message.contains("schema"))
@@ -298,7 +298,7 @@ struct TwoPhaseTests {
                     let pending2 = try await evd.request("recover")
                     #expect(pending2 == ["xids": []])
                     // Nothing holds the lock.
-                    try await evd.request("execute", ["sql": "insert into t values (2, 'c')"])
+                    try await evd.request(.execute(.init(sql: "insert into t values (2, 'c')")))
                 }
             }
         }

@@ -53,9 +53,9 @@ struct ValueFidelityTests {
     @Test("insert-rows images write a REAL column's whole number as 1.0, live and replayed, raw INSERT and the insert op")
     func realImages() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(r REAL)"])
-            try await daemon.request("execute", ["sql": "create table u(a, r REAL)"])
-            try await daemon.request("execute", ["sql": "create table v(id INTEGER PRIMARY KEY, r REAL)"])
+            try await daemon.request(.execute(.init(sql: "create table t(r REAL)")))
+            try await daemon.request(.execute(.init(sql: "create table u(a, r REAL)")))
+            try await daemon.request(.execute(.init(sql: "create table v(id INTEGER PRIMARY KEY, r REAL)")))
             let (live, replayed) = await insertImages(
                 daemon,
                 count: 6,
@@ -164,7 +164,7 @@ struct ValueFidelityTests {
     @Test("±Infinity is {\"$real\":\"Infinity\"} in rows and row images, and binds back as a REAL")
     func infinity() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table f(id INTEGER PRIMARY KEY, r REAL)"])
+            try await daemon.request(.execute(.init(sql: "create table f(id INTEGER PRIMARY KEY, r REAL)")))
             let (live, replayed) = await insertImages(
                 daemon,
                 count: 3,
@@ -210,7 +210,7 @@ struct ValueFidelityTests {
     @Test("TEXT that is not UTF-8 is {\"$text_base64\":...} in rows and row images; valid text stays a string")
     func invalidUTF8() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table s(id INTEGER PRIMARY KEY, t TEXT)"])
+            try await daemon.request(.execute(.init(sql: "create table s(id INTEGER PRIMARY KEY, t TEXT)")))
             let (live, replayed) = await insertImages(
                 daemon,
                 count: 3,

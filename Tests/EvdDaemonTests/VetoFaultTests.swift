@@ -173,7 +173,7 @@ struct VetoFaultTests {
                 defer { listener.kill() }
                 try await waitUntilStats(daemon, "the listener to subscribe") { $0["veto_listeners"] == 1 }
                 // It answers while it runs.
-                #expect(try await daemon.request("execute", ["sql": "select 1"])["rows"] == [[1]])
+                #expect(try await daemon.request(.execute(.init(sql: "select 1")))["rows"] == [[1]])
                 try await waitUntilStats(daemon, "its first answer") { $0["vetoes"]?["allowed"] == 1 }
 
                 listener.signal(SIGSTOP)
@@ -203,7 +203,7 @@ struct VetoFaultTests {
                 // It comes back and replies (late) to what it was sent: it is asked, and waited for, again.
                 listener.signal(SIGCONT)
                 try await waitUntilStats(daemon, "the listener's circuit to close") { $0["veto_listeners_tripped"] == 0 }
-                #expect(try await daemon.request("execute", ["sql": "select 2"])["rows"] == [[2]])
+                #expect(try await daemon.request(.execute(.init(sql: "select 2")))["rows"] == [[2]])
                 try await waitUntilStats(daemon, "its answer once it is back") { $0["vetoes"]?["allowed"] == 2 }
                 let after = try await daemon.request("stats")
                 #expect(after["vetoes"]?["skipped_tripped"]?.intValue == skipped, "\(JSONValue.object(after))")

@@ -231,7 +231,7 @@ struct VetoTests {
                 #expect(listener.subscribed["veto"] == ["before_cursor_execute"])
                 #expect(listener.subscribed["events"] == [])
                 try await daemon.withClient { evd in
-                    let result = try await evd.request("execute", ["sql": "select 1"])
+                    let result = try await evd.request(.execute(.init(sql: "select 1")))
                     #expect(result["rows"] == [[2]])
                     let veto = try #require(listener.vetoes.first)
                     #expect(veto["event"] == "before_cursor_execute")
@@ -282,7 +282,7 @@ struct VetoTests {
     @Test("before_cursor_execute: deny fails the request with vetoed, event, reason and by; nothing it did stays")
     func cursorDeny() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(x)"])
+            try await daemon.request(.execute(.init(sql: "create table t(x)")))
             // A statement after the first of a request keeps its leading whitespace: trim before matching.
             let decide: VetoDecider = { veto, _ in
                 (veto["statement"]?.stringValue ?? "").trimmingCharacters(in: .whitespacesAndNewlines).hasPrefix("insert")
@@ -300,8 +300,8 @@ struct VetoTests {
                         ["sql": "create table u(y); insert into t values (3)"]
                     )
                     vetoExpectVetoed(two, event: "before_cursor_execute", by: "guard", reason: "no inserts")
-                    #expect(try await evd.request("execute", ["sql": "select count(*) from t"])["rows"] == [[0]])
-                    let tables = try await evd.request("execute", ["sql": "select count(*) from sqlite_master where name = 'u'"])
+                    #expect(try await evd.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[0]])
+                    let tables = try await evd.request(.execute(.init(sql: "select count(*) from sqlite_master where name = 'u'")))
                     #expect(tables["rows"] == [[0]])
                 }
             }
@@ -341,7 +341,7 @@ struct VetoTests {
             }
             try await withVetoTestClient(daemon, ["veto": ["before_execute"], "name": "gate"], decide: decide) { listener in
                 try await daemon.withClient { evd in
-                    #expect(try await evd.request("execute", ["sql": "select 1"])["rows"] == [[3]])
+                    #expect(try await evd.request(.execute(.init(sql: "select 1")))["rows"] == [[3]])
                     #expect(try await evd.request("execute", ["sql": "select ?", "params": [1]])["rows"] == [[10]])
                     let error = try await evd.expectError("execute", ["sql": "delete from nowhere"])
                     vetoExpectVetoed(error, event: "before_execute", by: "gate", reason: "read-only hours")
@@ -370,7 +370,7 @@ struct VetoTests {
                 ]
             ) { clients in
                 let (watcher, listener) = (clients[0], clients[1])
-                let result = try await daemon.request("execute", ["sql": "select 1"])
+                let result = try await daemon.request(.execute(.init(sql: "select 1")))
                 #expect(result["rows"] == [[1]])
                 let vetoes = listener.vetoes
                 #expect(vetoes.count == 2)
@@ -388,7 +388,7 @@ struct VetoTests {
                 #expect(watcher.events.filter { $0["event"] == "connect" }.map { $0["connection"] } == [.int(first), .int(second)])
             }
             // The pool's single slot was given back: the next request gets a connection.
-            let after = try await daemon.request("execute", ["sql": "select 2"])
+            let after = try await daemon.request(.execute(.init(sql: "select 2")))
             #expect(after["rows"] == [[2]])
         }
     }
@@ -408,7 +408,7 @@ struct VetoTests {
                 try await listener.sync()
                 #expect(listener.vetoes.count == 2)
             }
-            let after = try await daemon.request("execute", ["sql": "select 2"])
+            let after = try await daemon.request(.execute(.init(sql: "select 2")))
             #expect(after["rows"] == [[2]])
         }
     }
@@ -418,7 +418,7 @@ struct VetoTests {
     @Test("begin: a deny fails the begin op (no transaction) and an implicit transaction's request")
     func beginDeny() async throws {
         try await withRunningDaemon(configure: { $0.poolSize = 1 }) { daemon in
-            try await daemon.request("execute", ["sql": "create table t(x)"])
+            try await daemon.request(.execute(.init(sql: "create table t(x)")))
             try await withVetoTestClient(
                 daemon,
                 ["veto": ["begin"], "name": "no-tx"],
@@ -437,7 +437,7 @@ struct VetoTests {
             try await daemon.withClient { evd in
                 try await evd.request("begin")
                 try await evd.request("rollback")
-                #expect(try await evd.request("execute", ["sql": "select count(*) from t"])["rows"] == [[0]])
+                #expect(try await evd.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[0]])
             }
         }
     }
@@ -445,7 +445,7 @@ struct VetoTests {
     @Test("commit: a deny rolls the transaction back (explicit and implicit); nothing is visible to another session")
     func commitDeny() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(x)"])
+            try await daemon.request(.execute(.init(sql: "create table t(x)")))
             try await daemon.withClient { writer in
                 let writerSession = writer.hello["session"] ?? .null
                 let decide: VetoDecider = { veto, _ in
@@ -454,16 +454,16 @@ struct VetoTests {
                 try await withVetoTestClient(daemon, ["veto": ["commit"], "name": "freeze"], decide: decide) { listener in
                     try await daemon.withClient { reader in
                         try await writer.request("begin")
-                        try await writer.request("execute", ["sql": "insert into t values (1)"])
+                        try await writer.request(.execute(.init(sql: "insert into t values (1)")))
                         let error = try await writer.expectError("commit")
                         vetoExpectVetoed(error, event: "commit", by: "freeze", reason: "frozen")
                         // The transaction is over: rolled back.
                         #expect(try await writer.expectError("rollback").code == "not_in_transaction")
-                        #expect(try await reader.request("execute", ["sql": "select count(*) from t"])["rows"] == [[0]])
+                        #expect(try await reader.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[0]])
 
                         let implicit = try await writer.expectError("execute", ["sql": "insert into t values (2)"])
                         vetoExpectVetoed(implicit, event: "commit", by: "freeze", reason: "frozen")
-                        #expect(try await reader.request("execute", ["sql": "select count(*) from t"])["rows"] == [[0]])
+                        #expect(try await reader.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[0]])
                     }
                     let denied = listener.vetoes.filter { $0["session"] == writerSession }
                     #expect(denied.map { $0["implicit"] } == [false, true])
@@ -475,7 +475,7 @@ struct VetoTests {
     @Test("savepoint: a deny sets no savepoint, so rolling back to it fails; the transaction goes on")
     func savepointDeny() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(x)"])
+            try await daemon.request(.execute(.init(sql: "create table t(x)")))
             try await withVetoTestClient(
                 daemon,
                 ["veto": ["savepoint"], "name": "flat"],
@@ -483,14 +483,14 @@ struct VetoTests {
             ) { listener in
                 try await daemon.withClient { evd in
                     try await evd.request("begin")
-                    try await evd.request("execute", ["sql": "insert into t values (1)"])
+                    try await evd.request(.execute(.init(sql: "insert into t values (1)")))
                     let error = try await evd.expectError("savepoint", ["name": "sp1"])
                     vetoExpectVetoed(error, event: "savepoint", by: "flat", reason: "no nesting")
                     let rollback = try await evd.expectError("rollback_savepoint", ["name": "sp1"])
                     #expect(rollback.code == "sql_error", "\(rollback)")
                     #expect(rollback.message.contains("no such savepoint"), "\(rollback)")
                     try await evd.request("commit")
-                    #expect(try await evd.request("execute", ["sql": "select count(*) from t"])["rows"] == [[1]])
+                    #expect(try await evd.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[1]])
                 }
                 let veto = try #require(listener.vetoes.first)
                 #expect(veto["name"] == "sp1")
@@ -519,14 +519,14 @@ struct VetoTests {
                 #expect(veto["pragmas"]?["foreign_keys"] == "on")
                 #expect(veto["flags"]?.arrayValue?.isEmpty == false)
             }
-            #expect(try await daemon.request("execute", ["sql": "select 1"])["rows"] == [[1]])
+            #expect(try await daemon.request(.execute(.init(sql: "select 1")))["rows"] == [[1]])
         }
     }
 
     @Test("do_connect: modified pragmas are what a fresh connection gets")
     func doConnectModifyPragmas() async throws {
         try await withRunningDaemon(configure: { $0.poolSize = 1 }) { daemon in
-            #expect(try await daemon.request("execute", ["sql": "PRAGMA foreign_keys"])["rows"] == [[1]])
+            #expect(try await daemon.request(.execute(.init(sql: "PRAGMA foreign_keys")))["rows"] == [[1]])
             let pragmas: JSONObject = ["journal_mode": "wal", "busy_timeout": 1234, "foreign_keys": "off"]
             try await withVetoTestClient(
                 daemon,
@@ -535,8 +535,8 @@ struct VetoTests {
             ) { listener in
                 try await daemon.withClient { evd in
                     try await evd.request("dispose")
-                    #expect(try await evd.request("execute", ["sql": "PRAGMA foreign_keys"])["rows"] == [[0]])
-                    #expect(try await evd.request("execute", ["sql": "PRAGMA journal_mode"])["rows"] == [["wal"]])
+                    #expect(try await evd.request(.execute(.init(sql: "PRAGMA foreign_keys")))["rows"] == [[0]])
+                    #expect(try await evd.request(.execute(.init(sql: "PRAGMA journal_mode")))["rows"] == [["wal"]])
                 }
                 #expect(listener.vetoes.count == 1)
                 #expect(listener.vetoes.first?["pragmas"]?["foreign_keys"] == "on")
@@ -547,7 +547,7 @@ struct VetoTests {
     @Test("do_execute, do_execute_no_params, do_executemany: a deny fails the request")
     func dialectExecuteDeny() async throws {
         try await withRunningDaemon { daemon in
-            try await daemon.request("execute", ["sql": "create table t(x)"])
+            try await daemon.request(.execute(.init(sql: "create table t(x)")))
             let decide: VetoDecider = { veto, _ in
                 (veto["statement"]?.stringValue ?? "").hasPrefix("select count")
                     ? VetoAnswer.allow : VetoAnswer.deny("no \(veto["event"]?.stringValue ?? "?")")
@@ -568,7 +568,7 @@ struct VetoTests {
                         ["sql": "insert into t values (?)", "params": [[3], [4]]]
                     )
                     vetoExpectVetoed(many, event: "do_executemany", by: "dialect", reason: "no do_executemany")
-                    #expect(try await evd.request("execute", ["sql": "select count(*) from t"])["rows"] == [[0]])
+                    #expect(try await evd.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[0]])
                 }
                 let many = try #require(listener.vetoes.first { $0["event"] == "do_executemany" })
                 #expect(many["statement"] == "insert into t values (?)")
@@ -590,7 +590,7 @@ struct VetoTests {
                     let error = try await evd.expectError("execute", ["sql": "select * from nosuch"])
                     #expect(error.code == "busy")
                     #expect(error.message == "try again later")
-                    #expect(try await evd.request("execute", ["sql": "select 1"])["rows"] == [[1]])
+                    #expect(try await evd.request(.execute(.init(sql: "select 1")))["rows"] == [[1]])
                 }
                 let veto = try #require(listener.vetoes.first)
                 #expect(veto["statement"] == "select * from nosuch")
@@ -627,7 +627,7 @@ struct VetoTests {
                 decide: VetoAnswer.always(VetoAnswer.deny("not that one"))
             ) { listener in
                 try await daemon.withClient { evd in
-                    let other = try await evd.request("execute", ["sql": "select 2"])
+                    let other = try await evd.request(.execute(.init(sql: "select 2")))
                     #expect(other["rows"] == [[2]])
                     let error = try await evd.expectError("execute", ["sql": "select 1"])
                     vetoExpectVetoed(error, event: "before_cursor_execute", by: "narrow", reason: "not that one")
@@ -658,7 +658,7 @@ struct VetoTests {
                 let plain = clients[0]
                 let (zeroA, low, high, zeroB) = (clients[1], clients[2], clients[3], clients[4])
                 try await daemon.withClient { evd in
-                    let result = try await evd.request("execute", ["sql": "select 1"])
+                    let result = try await evd.request(.execute(.init(sql: "select 1")))
                     #expect(result["rows"] == [[1, "high", "zero-a", "zero-b", "low"]])
                 }
                 #expect(high.vetoes.map { $0["statement"] } == ["select 1"])
@@ -727,7 +727,7 @@ struct VetoTests {
                     (["veto": ["begin"], "name": "ok"], VetoAnswer.always(VetoAnswer.allow)),
                 ]
             ) { clients in
-                try await daemon.withClient { evd in _ = try await evd.request("execute", ["sql": "select 1"]) }
+                try await daemon.withClient { evd in _ = try await evd.request(.execute(.init(sql: "select 1"))) }
                 let vetoSeq = try #require(clients[1].vetoes.first?["seq"]?.intValue)
                 let event = try #require(try await clients[0].event("begin"))
                 #expect((event["seq"]?.intValue ?? 0) > vetoSeq)
@@ -760,7 +760,7 @@ struct VetoTests {
                     ),
                 ]
             ) { clients in
-                let result = try await daemon.request("execute", ["sql": "select 1"])
+                let result = try await daemon.request(.execute(.init(sql: "select 1")))
                 #expect(result["rows"] == [[1]])
                 let event = try #require(try await clients[0].event("before_cursor_execute"))
                 #expect(event["statement"] == "select 1")
@@ -819,7 +819,7 @@ struct VetoTests {
             second["name"] = "second"
             try await withVetoTestClients(daemon, [(first, VetoAnswer.silent), (second, VetoAnswer.silent)]) { clients in
                 try await daemon.withClient { evd in
-                    let inFlight = VetoInFlight { try await evd.request("execute", ["sql": "select 1"]) }
+                    let inFlight = VetoInFlight { try await evd.request(.execute(.init(sql: "select 1"))) }
                     let result = try #require(try await inFlight.value(within: 20))
                     #expect(result["rows"] == [[1]])
                 }
@@ -854,7 +854,7 @@ struct VetoTests {
                     expectVetoed(error, event: "before_cursor_execute", by: "doomed")
                     #expect(error["reason"]?.stringValue?.contains("disconnected") == true, "\(error)")
                 }
-                #expect(try await evd.request("execute", ["sql": "select 2"])["rows"] == [[2]])
+                #expect(try await evd.request(.execute(.init(sql: "select 2")))["rows"] == [[2]])
             }
             #expect(try await daemon.request("stats")["veto_listeners"] == 0)
         }
@@ -905,7 +905,7 @@ struct VetoTests {
                 ]
             ) { clients in
                 try await daemon.withClient { evd in
-                    let inFlight = VetoInFlight { try await evd.request("execute", ["sql": "select 1"]) }
+                    let inFlight = VetoInFlight { try await evd.request(.execute(.init(sql: "select 1"))) }
                     let result = try await inFlight.value(within: 20)
                     #expect(result?["rows"] == [[1]])
                 }
@@ -1001,7 +1001,7 @@ struct VetoTests {
                     "subscribe",
                     ["veto": ["before_cursor_execute"], "timeout_ms": 100, "on_timeout": "allow"]
                 )
-                let result = try await daemon.request("execute", ["sql": "select 1"])
+                let result = try await daemon.request(.execute(.init(sql: "select 1")))
                 #expect(result["rows"] == [[1]])
                 let veto = try #require(await listener.nextMessage(ofType: "veto", within: 10))
                 try await listener.send(["op": "reply", "id": "too-late", "seq": veto["seq"] ?? .null, "action": "deny"])
@@ -1065,7 +1065,7 @@ struct VetoTests {
                 #expect(try await listener.request("ping").isEmpty)
                 // The listener still works: it answers a real veto.
                 try await daemon.withClient { evd in
-                    let inFlight = VetoInFlight { try await evd.request("execute", ["sql": "select 1"]) }
+                    let inFlight = VetoInFlight { try await evd.request(.execute(.init(sql: "select 1"))) }
                     let veto = try #require(await listener.nextMessage(ofType: "veto", within: 10))
                     try await listener.send([
                         "op": "reply", "seq": veto["seq"] ?? .null, "action": "modify", "set": ["statement": "select 5"],
@@ -1160,8 +1160,8 @@ struct VetoTests {
                     try await daemon.withClient { evd in
                         let error = try await evd.expectError("execute", ["sql": "select 1"])
                         vetoExpectVetoed(error, event: "before_cursor_execute", by: "x", reason: "no")
-                        #expect(try await evd.request("execute", ["sql": "select 1"])["rows"] == [[2]])
-                        #expect(try await evd.request("execute", ["sql": "select 3"])["rows"] == [[3]])
+                        #expect(try await evd.request(.execute(.init(sql: "select 1")))["rows"] == [[2]])
+                        #expect(try await evd.request(.execute(.init(sql: "select 3")))["rows"] == [[3]])
                     }
                     try await group.waitForAll()
                 }
