@@ -40,6 +40,17 @@ let package = Package(
             ],
             linkerSettings: [.linkedLibrary("m")]
         ),
+        // The small part of the NATS client protocol (and JetStream's API) that forwarding into NATS needs:
+        // no Swift NATS client is among the packages these machines can fetch (issue 21).
+        .target(
+            name: "NATSClient",
+            dependencies: [
+                "EvdClient",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "DequeModule", package: "swift-collections"),
+            ]
+        ),
         // The command-line tools' shared helpers (terminal output, evtail's event lines, evctl's stats text,
         // the token source): internal to this package, not part of the EvdClient library.
         .target(
@@ -108,6 +119,15 @@ let package = Package(
                 .product(name: "OrderedCollections", package: "swift-collections"),
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
+            ]
+        ),
+        // Against a real nats-server (scripts/deps installs it), never a mock.
+        .testTarget(
+            name: "NATSClientTests",
+            dependencies: [
+                "NATSClient",
+                "EvdClient",
+                .product(name: "NIOCore", package: "swift-nio"),
             ]
         ),
         .testTarget(
