@@ -83,9 +83,15 @@ struct NATSClientTests {
 
     @Test("the server's PINGs are answered with PONG, so an idle connection stays open")
     func serverPings() async throws {
-        try await withNATSServer(config: "ping_interval: \"100ms\"\nping_max: 2\n") { server in
+        // The server pings every 100 ms and closes a connection 20 PINGs behind (2 s): a client
+        // that never answered would be closed long before the bound below; a loaded machine that
+        // answers late is not.
+        try await withNATSServer(config: "ping_interval: \"100ms\"\nping_max: 20\n") { server in
             try await withConnection(to: server) { nats in
-                try await Task.sleep(for: .milliseconds(1200))
+                let bound = ContinuousClock.now + .seconds(20)
+                while nats.pingsAnswered < 3 && !nats.isClosed && ContinuousClock.now < bound {
+                    try await Task.sleep(for: .milliseconds(50))
+                }
                 #expect(nats.pingsAnswered >= 3)
                 #expect(!nats.isClosed)
                 try await nats.flush()
