@@ -104,6 +104,16 @@ public struct JetStream: Sendable {
         Self.streamInfo(try await self.api("STREAM.INFO.\(name)", nil))
     }
 
+    /// Publishes `messages` in order, pipelined (all sent in one write before any ack is awaited),
+    /// and returns each one's `PubAck` or error, in the same order: the stream stores them in the
+    /// order given. One message's refusal (a wrong `Nats-Expected-Last-Msg-Id`, say) is its own
+    /// element's `APIError`; the others are unaffected.
+    public func publish(_ messages: [NATSConnection.OutgoingRequest]) async throws -> [Result<PubAck, any Error>] {
+        try await self.connection.requests(messages, timeout: self.timeout).map { reply in
+            reply.flatMap { message in Result { try Self.pubAck(message.payload) } }
+        }
+    }
+
     /// Publishes to a subject a stream captures and returns its `PubAck`.
     ///
     /// `Nats-Msg-Id` in `headers` makes a retry inside the duplicate window a `duplicate` ack;
@@ -111,7 +121,12 @@ public struct JetStream: Sendable {
     /// No stream on `subject` is `NATSError.noResponders`.
     public func publish(subject: String, headers: NATSHeaders = [:], payload: [UInt8]) async throws -> PubAck {
         let reply = try await self.connection.request(subject: subject, headers: headers, payload: payload, timeout: self.timeout)
-        let object = try Self.decode(reply.payload)
+        return try Self.pubAck(reply.payload)
+    }
+
+    /// A PubAck's JSON (or the API's error reply, thrown).
+    private static func pubAck(_ payload: [UInt8]) throws -> PubAck {
+        let object = try Self.decode(payload)
         guard let stream = object["stream"]?.stringValue, let seq = object["seq"]?.intValue else {
             throw NATSError.protocolViolation("a PubAck without stream and seq")
         }

@@ -166,20 +166,80 @@ public final class NATSConnection: Sendable {
         let replyTo = "\(self.inboxPrefix).\(token)"
         let bytes = try self.encodePublish(subject: subject, replyTo: replyTo, headers: headers, payload: payload)
         let reply = try await withCheckedThrowingContinuation { (continuation: CheckedContinuation<NATSMessage, any Error>) in
-            guard self.core.addRequest(token, continuation) else {
+            guard self.core.addRequest(token, { continuation.resume(with: $0) }) else {
                 continuation.resume(throwing: self.core.closedError())
                 return
             }
             let timer = self.channel.eventLoop.scheduleTask(in: timeout.timeAmount) { () -> Void in
-                self.core.removeRequest(token)?.resume(throwing: NATSError.timeout)
+                self.core.removeRequest(token)?(.failure(NATSError.timeout))
             }
             self.core.setRequestTimer(token, timer)
             self.channel.writeAndFlush(bytes).whenFailure { error in
-                self.core.removeRequest(token)?.resume(throwing: NATSError.connectionClosed("cannot send: \(error)"))
+                self.core.removeRequest(token)?(.failure(NATSError.connectionClosed("cannot send: \(error)")))
             }
         }
         if reply.status == 503 { throw NATSError.noResponders(subject: subject) }
         return reply
+    }
+
+    /// One request of a batch (`requests(_:timeout:)`).
+    public struct OutgoingRequest: Sendable {
+        public var subject: String
+        public var headers: NATSHeaders
+        public var payload: [UInt8]
+
+        public init(subject: String, headers: NATSHeaders = [:], payload: [UInt8]) {
+            self.subject = subject
+            self.headers = headers
+            self.payload = payload
+        }
+    }
+
+    /// Sends several requests at once, in order, in one write (pipelined: none waits for another's
+    /// reply), and returns each one's reply or failure, in the same order. The server reads them
+    /// in the order given, so a JetStream stream stores them in that order. A request that cannot
+    /// be encoded (too large, a bad subject or header) throws before anything is sent.
+    public func requests(_ batch: [OutgoingRequest], timeout: Duration = .seconds(5)) async throws -> [Result<NATSMessage, any Error>] {
+        guard !batch.isEmpty else { return [] }
+        var tokens: [Int] = []
+        tokens.reserveCapacity(batch.count)
+        var bytes = self.channel.allocator.buffer(capacity: batch.reduce(0) { $0 + $1.payload.count + 96 })
+        for request in batch {
+            let token = self.core.nextRequestToken()
+            tokens.append(token)
+            var one = try self.encodePublish(
+                subject: request.subject,
+                replyTo: "\(self.inboxPrefix).\(token)",
+                headers: request.headers,
+                payload: request.payload
+            )
+            bytes.writeBuffer(&one)
+        }
+        let replies = try await withCheckedThrowingContinuation {
+            (continuation: CheckedContinuation<[Result<NATSMessage, any Error>], any Error>) in
+            let collector = ReplyCollector(count: batch.count, continuation: continuation)
+            for (index, token) in tokens.enumerated() {
+                guard self.core.addRequest(token, { collector.set(index, $0) }) else {
+                    collector.set(index, .failure(self.core.closedError()))
+                    continue
+                }
+                let timer = self.channel.eventLoop.scheduleTask(in: timeout.timeAmount) { () -> Void in
+                    self.core.removeRequest(token)?(.failure(NATSError.timeout))
+                }
+                self.core.setRequestTimer(token, timer)
+            }
+            self.channel.writeAndFlush(bytes).whenFailure { error in
+                for token in tokens {
+                    self.core.removeRequest(token)?(.failure(NATSError.connectionClosed("cannot send: \(error)")))
+                }
+            }
+        }
+        return zip(batch, replies).map { request, reply in
+            if case .success(let message) = reply, message.status == 503 {
+                return .failure(NATSError.noResponders(subject: request.subject))
+            }
+            return reply
+        }
     }
 
     /// Sends `PING` and waits for the server's `PONG`: everything sent before has been processed.
@@ -251,5 +311,34 @@ extension Duration {
     var timeAmount: TimeAmount {
         let (seconds, attoseconds) = self.components
         return .nanoseconds(seconds * 1_000_000_000 + attoseconds / 1_000_000_000)
+    }
+}
+
+/// Gathers the replies of a batch of requests, in order, and resumes its caller once each has one.
+private final class ReplyCollector: Sendable {
+    private struct State {
+        var replies: [Result<NATSMessage, any Error>?]
+        var remaining: Int
+        var continuation: CheckedContinuation<[Result<NATSMessage, any Error>], any Error>?
+    }
+
+    private let state: Mutex<State>
+
+    init(count: Int, continuation: CheckedContinuation<[Result<NATSMessage, any Error>], any Error>) {
+        self.state = Mutex(State(replies: Array(repeating: nil, count: count), remaining: count, continuation: continuation))
+    }
+
+    /// The reply (or failure) of request `index`; a second one for the same index is ignored.
+    func set(_ index: Int, _ reply: Result<NATSMessage, any Error>) {
+        let done = self.state.withLock {
+            state -> (CheckedContinuation<[Result<NATSMessage, any Error>], any Error>, [Result<NATSMessage, any Error>])? in
+            guard state.replies[index] == nil else { return nil }
+            state.replies[index] = reply
+            state.remaining -= 1
+            guard state.remaining == 0, let continuation = state.continuation else { return nil }
+            state.continuation = nil
+            return (continuation, state.replies.map { $0! })
+        }
+        if let (continuation, replies) = done { continuation.resume(returning: replies) }
     }
 }

@@ -16,7 +16,8 @@ final class NATSConnectionCore: Sendable {
     }
 
     struct Request {
-        var continuation: CheckedContinuation<NATSMessage, any Error>
+        /// Called once, with the reply or why there is none.
+        var resume: @Sendable (Result<NATSMessage, any Error>) -> Void
         var timer: Scheduled<Void>?
     }
 
@@ -98,10 +99,10 @@ final class NATSConnectionCore: Sendable {
         }
     }
 
-    func addRequest(_ token: Int, _ continuation: CheckedContinuation<NATSMessage, any Error>) -> Bool {
+    func addRequest(_ token: Int, _ resume: @escaping @Sendable (Result<NATSMessage, any Error>) -> Void) -> Bool {
         self.state.withLock { state in
             guard state.closed == nil else { return false }
-            state.requests[token] = Request(continuation: continuation)
+            state.requests[token] = Request(resume: resume)
             return true
         }
     }
@@ -115,10 +116,10 @@ final class NATSConnectionCore: Sendable {
         if orphan { timer.cancel() }
     }
 
-    func removeRequest(_ token: Int) -> CheckedContinuation<NATSMessage, any Error>? {
+    func removeRequest(_ token: Int) -> (@Sendable (Result<NATSMessage, any Error>) -> Void)? {
         let request = self.state.withLock { $0.requests.removeValue(forKey: token) }
         request?.timer?.cancel()
-        return request?.continuation
+        return request?.resume
     }
 
     func addPongWaiter(_ continuation: CheckedContinuation<Void, any Error>) -> Int? {
@@ -172,7 +173,7 @@ final class NATSConnectionCore: Sendable {
         }
         for request in old.requests.values {
             request.timer?.cancel()
-            request.continuation.resume(throwing: reason)
+            request.resume(.failure(reason))
         }
         for (continuation, _) in old.subscriptions.values { continuation.finish() }
     }
@@ -216,7 +217,7 @@ final class NATSConnectionCore: Sendable {
             switch target {
             case .request(let request):
                 request.timer?.cancel()
-                request.continuation.resume(returning: message)
+                request.resume(.success(message))
             case .subscription(let continuation, let counter):
                 if case .dropped = continuation.yield(message) { counter.count.add(1, ordering: .relaxed) }
             case nil:

@@ -103,6 +103,52 @@ struct NATSClientTests {
         }
     }
 
+    @Test("a batch is published pipelined, in order: acks in order, stored in order; one refused message fails alone")
+    func pipelinedBatch() async throws {
+        try await withNATSServer { server in
+            try await withConnection(to: server) { nats in
+                let js = JetStream(connection: nats)
+                try await js.createStream(name: "B", subjects: ["b.>"], duplicateWindow: .seconds(600))
+                let batch = (1...2000).map { n in
+                    NATSConnection.OutgoingRequest(subject: "b.\(n % 7)", headers: ["Nats-Msg-Id": "e:\(n)"], payload: Array("\(n)".utf8))
+                }
+                let acks = try await js.publish(batch)
+                #expect(acks.count == 2000)
+                #expect(acks.map { (try? $0.get())?.seq } == (1...2000).map { UInt64($0) })
+                // The stream holds them in the order sent.
+                for seq in [1, 2, 999, 2000] {
+                    #expect(try await js.getMessage(stream: "B", seq: UInt64(seq)).payload == Array("\(seq)".utf8))
+                }
+                // Again with one id already stored, and one expecting another last id: each fails or
+                // is a duplicate on its own, and the rest are stored after them in order.
+                let mixed = [
+                    NATSConnection.OutgoingRequest(subject: "b.x", headers: ["Nats-Msg-Id": "e:2001"], payload: [1]),
+                    NATSConnection.OutgoingRequest(subject: "b.x", headers: ["Nats-Msg-Id": "e:5"], payload: [2]),
+                    NATSConnection.OutgoingRequest(
+                        subject: "b.x",
+                        headers: ["Nats-Msg-Id": "e:2002", "Nats-Expected-Last-Msg-Id": "nope"],
+                        payload: [3]
+                    ),
+                    NATSConnection.OutgoingRequest(subject: "b.x", headers: ["Nats-Msg-Id": "e:2003"], payload: [4]),
+                ]
+                let results = try await js.publish(mixed)
+                #expect(try results[0].get() == JetStream.PubAck(stream: "B", seq: 2001, duplicate: false))
+                #expect(try results[1].get() == JetStream.PubAck(stream: "B", seq: 5, duplicate: true))
+                #expect(throws: JetStream.APIError.self) { try results[2].get() }
+                if case .failure(let error as JetStream.APIError) = results[2] { #expect(error.errCode == 10070) }
+                #expect(try results[3].get() == JetStream.PubAck(stream: "B", seq: 2002, duplicate: false))
+                #expect(try await js.streamInfo(name: "B").messages == 2002)
+                // A message too large for the server is refused before anything of the batch is sent.
+                let tooLarge = [
+                    NATSConnection.OutgoingRequest(subject: "b.x", payload: [1]),
+                    NATSConnection.OutgoingRequest(subject: "b.x", payload: Array(repeating: 0, count: nats.maxPayload + 1)),
+                ]
+                await #expect(throws: NATSError.self) { _ = try await js.publish(tooLarge) }
+                #expect(try await js.streamInfo(name: "B").messages == 2002)
+            }
+        }
+    }
+
     @Test("a Nats-Msg-Id published twice inside the duplicate window is stored once; the second ack says duplicate")
     func jetStreamDuplicates() async throws {
         try await withNATSServer { server in
