@@ -65,19 +65,7 @@ struct IdentitySecurityTests {
             try await daemon.request("execute", ["sql": "create table t(x)", "database": "other"])
             try await daemon.request("execute", ["sql": "create table secret(x)", "database": "other"])
             try await daemon.request("execute", ["sql": "insert into secret values (1)", "database": "other"])
-            let listener = try asNobody(
-                daemon,
-                [
-                    [
-                        "op": "subscribe", "events": ["app.stop"], "veto": ["before_cursor_execute"], "timeout_ms": 30000,
-                        "on_timeout": "allow",
-                    ]
-                ],
-                until: "app.stop",
-                linger: 30,
-                reply: ["action": "modify", "set": ["statement": "DELETE FROM secret"]]
-            )
-            try await waitForStats(daemon) { $0["veto_listeners"] == 1 }
+            let listener = try await asNobodyRewriter(daemon, to: "DELETE FROM secret")
             try await daemon.request("execute", ["sql": "insert into t values (1)", "database": "other"])
             try await daemon.request("emit", ["event": "app.stop"])
             let got = try await messages(listener)
@@ -91,19 +79,7 @@ struct IdentitySecurityTests {
     func rewriteStaysWithinTheListener() async throws {
         try await withRunningDaemon(configure: { openUp(&$0, grants: [grant([.subscribe, .veto, .viewTable])]) }) { daemon in
             try await daemon.request(.execute(.init(sql: "create table dogs(name)")))
-            let listener = try asNobody(
-                daemon,
-                [
-                    [
-                        "op": "subscribe", "events": ["app.stop"], "veto": ["before_cursor_execute"], "timeout_ms": 30000,
-                        "on_timeout": "allow",
-                    ]
-                ],
-                until: "app.stop",
-                linger: 30,
-                reply: ["action": "modify", "set": ["statement": "SELECT file FROM pragma_database_list"]]
-            )
-            try await waitForStats(daemon) { $0["veto_listeners"] == 1 }
+            let listener = try await asNobodyRewriter(daemon, to: "SELECT file FROM pragma_database_list")
             let error = await #expect(throws: EvdError.self) {
                 try await daemon.request(.execute(.init(sql: "select name from dogs")))
             }

@@ -70,6 +70,26 @@ func asNobody(
     )
 }
 
+/// Another uid (65534) as a veto listener on `before_cursor_execute` (`on_timeout: allow`) that
+/// answers every veto by rewriting the statement to `statement`, until the test emits `app.stop`;
+/// returns once the daemon counts it as a listener.
+func asNobodyRewriter(_ daemon: RunningDaemon, to statement: String) async throws -> Spawned {
+    let listener = try asNobody(
+        daemon,
+        [
+            [
+                "op": "subscribe", "events": ["app.stop"], "veto": ["before_cursor_execute"], "timeout_ms": 30000,
+                "on_timeout": "allow",
+            ]
+        ],
+        until: "app.stop",
+        linger: 30,
+        reply: ["action": "modify", "set": ["statement": .string(statement)]]
+    )
+    try await waitForStats(daemon) { $0["veto_listeners"] == 1 }
+    return listener
+}
+
 /// The messages a finished `asNobody` client printed.
 func messages(_ spawned: Spawned) async throws -> [JSONObject] {
     let result = try await spawned.finish(within: 30)

@@ -223,19 +223,7 @@ struct PrepareVetoTests {
         let grants = [Grant(who: .uid(65534), actions: [.subscribe, .veto, .viewTable], database: "main", table: nil)]
         try await withRunningDaemon(configure: { openUp(&$0, grants: grants) }) { daemon in
             try await daemon.request(.execute(.init(sql: "create table dogs(name)")))
-            let listener = try asNobody(
-                daemon,
-                [
-                    [
-                        "op": "subscribe", "events": ["app.stop"], "veto": ["before_cursor_execute"], "timeout_ms": 30000,
-                        "on_timeout": "allow",
-                    ]
-                ],
-                until: "app.stop",
-                linger: 30,
-                reply: ["action": "modify", "set": ["statement": "SELECT file FROM pragma_database_list"]]
-            )
-            try await waitForStats(daemon) { $0["veto_listeners"] == 1 }
+            let listener = try await asNobodyRewriter(daemon, to: "SELECT file FROM pragma_database_list")
             // Root may read the database list; the listener (no admin) may not put that in place.
             let error = await #expect(throws: EvdError.self) {
                 try await daemon.request(.execute(.init(sql: "selec name fro dogs")))

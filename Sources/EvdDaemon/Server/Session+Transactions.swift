@@ -21,16 +21,13 @@ extension Session {
         let pool = try self.core.pool(database)
         let connection = try await self.checkout(pool)
         let options = self.effectiveOptions(state)
-        let queryOnly = options["query_only"]?.boolValue ?? false
-        let busyTimeout = Int32(options["busy_timeout_ms"]?.intValue ?? Int64(pool.defaultBusyTimeoutMs))
         let transaction = Transaction(pool: pool, connection: connection)
         do {
             try await self.vetoable(.begin, on: pool) { self.transactionProperties(transaction) }
             // A restricted actor's policy needs the schema for the transaction's first statement.
             try await pool.begin(
                 connection,
-                queryOnly: queryOnly,
-                busyTimeoutMs: busyTimeout,
+                executionOptions: options,
                 readSchema: !self.core.permissions.isUnrestricted(self.actor)
             )
         } catch {

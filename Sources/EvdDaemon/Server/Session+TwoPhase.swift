@@ -49,11 +49,9 @@ extension Session {
         try self.checkXidFree(xid, pool)
         let connection = try await self.checkout(pool)
         let options = self.effectiveOptions(state)
-        let queryOnly = options["query_only"]?.boolValue ?? false
-        let busyTimeout = Int32(options["busy_timeout_ms"]?.intValue ?? Int64(pool.defaultBusyTimeoutMs))
         let schemaVersion: Int64
         do {
-            schemaVersion = try await pool.beginTwoPhase(connection, queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
+            schemaVersion = try await pool.beginTwoPhase(connection, executionOptions: options)
         } catch {
             await self.checkin(connection, to: pool)
             throw error

@@ -77,7 +77,6 @@ extension ConnectionPool {
             }
         }()
         decided.publish()
-        let busyTimeout = Int32(sql.executionOptions["busy_timeout_ms"]?.intValue ?? Int64(self.defaultBusyTimeoutMs))
         let run = SQLRun(
             bus: self.bus,
             pool: self,
@@ -94,8 +93,7 @@ extension ConnectionPool {
         watching(connection.watch)
         defer { watching(nil) }
         do {
-            let queryOnly = sql.executionOptions["query_only"]?.boolValue ?? false
-            let result = try await run.run(sql.command, queryOnly: queryOnly, busyTimeoutMs: busyTimeout)
+            let result = try await run.run(sql.command)
             if implicit { await self.checkin(connection, origin: sql.origin) }
             return result
         } catch {
@@ -107,11 +105,12 @@ extension ConnectionPool {
 
 extension SQLRun {
     /// Runs `command` on the run's connection, on a database thread (inline when the caller is
-    /// one), with the session's `query_only` and busy timeout applied first; returns the result.
-    func run(_ command: SQLCommand, queryOnly: Bool, busyTimeoutMs: Int32) async throws -> JSONValue {
-        let connection = self.connection
-        return try await self.pool.run {
-            try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeoutMs)
+    /// one), with the run's execution options applied first (`ConnectionPool.apply`); returns the
+    /// result.
+    func run(_ command: SQLCommand) async throws -> JSONValue {
+        let (pool, connection, options) = (self.pool, self.connection, self.executionOptions)
+        return try await pool.run {
+            try pool.apply(options, to: connection)
             return try self.perform(command)
         }
     }

@@ -6,12 +6,21 @@ import Logging
 /// the caller is one, `ConnectionPool.run`). The session decides when (its events and vetoes,
 /// its permissions); what SQLite and the capture do is here.
 extension ConnectionPool {
-    /// Applies the session's options and opens a deferred transaction. `readSchema`: reads the
-    /// schema first, for a restricted actor's policy on the transaction's first statement, which
-    /// must not read before it writes (`SQLRun.facts`).
-    func begin(_ connection: PooledConnection, queryOnly: Bool, busyTimeoutMs: Int32, readSchema: Bool) async throws {
+    /// Applies the execution options evd reads to `connection`: `query_only` (off when absent) and
+    /// `busy_timeout_ms` (the pool's busy timeout when absent). On the connection's thread.
+    func apply(_ executionOptions: JSONObject, to connection: PooledConnection) throws(SQLiteError) {
+        try connection.apply(
+            queryOnly: executionOptions["query_only"]?.boolValue ?? false,
+            busyTimeoutMs: Int32(executionOptions["busy_timeout_ms"]?.intValue ?? Int64(self.defaultBusyTimeoutMs))
+        )
+    }
+
+    /// Applies the session's execution options and opens a deferred transaction. `readSchema`:
+    /// reads the schema first, for a restricted actor's policy on the transaction's first
+    /// statement, which must not read before it writes (`SQLRun.facts`).
+    func begin(_ connection: PooledConnection, executionOptions: JSONObject, readSchema: Bool) async throws {
         try await self.run {
-            try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeoutMs)
+            try self.apply(executionOptions, to: connection)
             if readSchema { _ = try? connection.schema.replacingTables(connection.sqlite) }
             try connection.run(own: "BEGIN")
         }
@@ -66,12 +75,12 @@ extension ConnectionPool {
         }
     }
 
-    /// `begin_twophase`: applies the session's options and opens the transaction; returns the
-    /// schema version at begin (prepare refuses a schema change).
-    func beginTwoPhase(_ connection: PooledConnection, queryOnly: Bool, busyTimeoutMs: Int32) async throws -> Int64 {
+    /// `begin_twophase`: applies the session's execution options and opens the transaction;
+    /// returns the schema version at begin (prepare refuses a schema change).
+    func beginTwoPhase(_ connection: PooledConnection, executionOptions: JSONObject) async throws -> Int64 {
         let logged = !self.database.isInMemory
         return try await self.run {
-            try connection.apply(queryOnly: queryOnly, busyTimeoutMs: busyTimeoutMs)
+            try self.apply(executionOptions, to: connection)
             return try connection.beginTwoPhase(logged: logged)
         }
     }
