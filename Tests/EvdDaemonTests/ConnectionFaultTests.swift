@@ -72,10 +72,15 @@ struct ConnectionFaultTests {
             // Fds free again: a new client is served (within the pause and some).
             let served = await eventually(within: 20) { (try? await evd.ping()) == true }
             #expect(served, "evd does not serve again after the connections closed")
+            // The episode ends once accepting has gone a pause (1 s) without hitting the limit;
+            // draining the backlog of closed clients may touch it again meanwhile.
+            let resumed = await eventually(within: 20) { evd.stderr().contains("accepting connections again") }
             let log = evd.stderr()
+            #expect(resumed, "\(log.suffix(2000))")
             let warnings = log.components(separatedBy: "out of file descriptors").count - 1
             #expect(warnings == 1, "one warning per episode, got \(warnings): \(log.suffix(2000))")
-            #expect(log.contains("accepting connections again"), "\(log.suffix(2000))")
+            // Clients that hung up while waiting in the backlog are not the daemon's fault.
+            #expect(!log.contains("could not read peer credentials"), "\(log.suffix(2000))")
         }
     }
 }

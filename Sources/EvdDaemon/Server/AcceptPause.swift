@@ -24,7 +24,10 @@ import Musl
 /// holds back every read asked for meanwhile. It accepts again after `pause`, or as soon as a
 /// session ends (`connectionClosed`: its descriptor is free), whichever comes first; if the limit
 /// still holds, that one `accept` fails and the pause starts over. The first error of an episode
-/// logs one warning; the first connection accepted after it logs that accepting resumed.
+/// logs one warning. The episode ends, with a notice that accepting resumed, once connections have
+/// been accepted and `pause` has passed without another such error: a daemon that drains its
+/// backlog and touches the limit again meanwhile (each freed descriptor taken by the next waiting
+/// client) is one episode, not one warning per connection.
 /// Connections wait in the backlog meanwhile (`ServerBootstrap`'s `backlog`: 256), and clients
 /// beyond it are refused by the kernel (`EAGAIN`), as for any full listen queue.
 final class AcceptPause: Sendable {
@@ -68,9 +71,13 @@ final class AcceptPause: Sendable {
         private var paused = false
         /// A read was asked for while paused.
         private var heldRead = false
-        /// Since the first out-of-descriptors error, until a connection is accepted again.
+        /// Since the first out-of-descriptors error, until accepting has gone `pause` without one.
         private var episode = false
+        /// When the last out-of-descriptors error of the episode was.
+        private var lastError = NIODeadline.distantPast
         private var resumption: Scheduled<Void>?
+        /// The check that ends the episode, scheduled once a connection is accepted in it.
+        private var episodeEnd: Scheduled<Void>?
 
         fileprivate init(_ owner: AcceptPause) {
             self.owner = owner
@@ -85,23 +92,44 @@ final class AcceptPause: Sendable {
 
         func handlerRemoved(context: ChannelHandlerContext) {
             self.owner.wake.withLock { $0 = nil }
-            self.resumption?.cancel()
-            self.resumption = nil
+            self.cancelTimers()
             self.context = nil
         }
 
         func channelInactive(context: ChannelHandlerContext) {
-            self.resumption?.cancel()
-            self.resumption = nil
+            self.cancelTimers()
             context.fireChannelInactive()
         }
 
         func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-            if self.episode {
-                self.episode = false
-                self.owner.logger.notice("accepting connections again: file descriptors are free")
+            if self.episode, self.episodeEnd == nil {
+                self.scheduleEpisodeEnd(context, at: self.lastError + self.owner.pause)
             }
             context.fireChannelRead(data)
+        }
+
+        private func cancelTimers() {
+            self.resumption?.cancel()
+            self.resumption = nil
+            self.episodeEnd?.cancel()
+            self.episodeEnd = nil
+        }
+
+        /// Ends the episode at `deadline` if no out-of-descriptors error came in the `pause` before
+        /// it; otherwise checks again `pause` after that error, or (paused now) at the next accept.
+        private func scheduleEpisodeEnd(_ context: ChannelHandlerContext, at deadline: NIODeadline) {
+            let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+            self.episodeEnd = context.eventLoop.scheduleTask(deadline: deadline) {
+                let this = handler.value
+                this.episodeEnd = nil
+                guard this.episode, let context = this.context else { return }
+                if NIODeadline.now() >= this.lastError + this.owner.pause {
+                    this.episode = false
+                    this.owner.logger.notice("accepting connections again: file descriptors are free")
+                } else if !this.paused {
+                    this.scheduleEpisodeEnd(context, at: this.lastError + this.owner.pause)
+                }
+            }
         }
 
         func errorCaught(context: ChannelHandlerContext, error: any Error) {
@@ -109,6 +137,7 @@ final class AcceptPause: Sendable {
                 context.fireErrorCaught(error)
                 return
             }
+            self.lastError = .now()
             if !self.episode {
                 self.episode = true
                 self.owner.logger.warning(

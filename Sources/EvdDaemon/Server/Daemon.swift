@@ -110,7 +110,7 @@ public final class Daemon: Service, CustomStringConvertible {
         )
 
         let acceptPause = AcceptPause(logger: self.logger)
-        let server: NIOAsyncChannel<any Channel, Never>
+        let server: NIOAsyncChannel<AcceptedConnection, Never>
         let createdPath: String?
         var endpoint: MetricsEndpoint?
         do {
@@ -279,10 +279,11 @@ public final class Daemon: Service, CustomStringConvertible {
 
     // MARK: Connections
 
-    private func serveConnection(_ channel: any Channel, core: DaemonCore) async {
+    private func serveConnection(_ connection: AcceptedConnection, core: DaemonCore) async {
+        let channel = connection.channel
         let credentials: PeerCredentials
         do {
-            credentials = try await PeerCredentials.of(channel).get()
+            credentials = try connection.credentials.get()
         } catch {
             self.logger.warning("could not read peer credentials", metadata: ["error": "\(error)"])
             try? await channel.close()
@@ -352,7 +353,7 @@ public final class Daemon: Service, CustomStringConvertible {
     private func bind(
         group: MultiThreadedEventLoopGroup,
         acceptPause: AcceptPause
-    ) async throws -> (NIOAsyncChannel<any Channel, Never>, String?) {
+    ) async throws -> (NIOAsyncChannel<AcceptedConnection, Never>, String?) {
         let maxLineBytes = self.configuration.maxLineBytes
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(.backlog, value: 256)
@@ -362,12 +363,17 @@ public final class Daemon: Service, CustomStringConvertible {
                 }
             }
             .childChannelOption(.allowRemoteHalfClosure, value: true)
-        let initializer: @Sendable (any Channel) -> EventLoopFuture<any Channel> = { channel in
-            channel.eventLoop.makeCompletedFuture {
-                try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(LineFrameDecoder(maxLineBytes: maxLineBytes)))
-                try channel.pipeline.syncOperations.addHandler(SessionHandler())
-                return channel
-            }
+        // The peer's credentials are read here, before the channel's first read: a peer that has
+        // already hung up (or reset) would otherwise have its channel closed under the getsockopt.
+        let initializer: @Sendable (any Channel) -> EventLoopFuture<AcceptedConnection> = { channel in
+            PeerCredentials.of(channel)
+                .map { Result<PeerCredentials, any Error>.success($0) }
+                .recover { .failure($0) }
+                .flatMapThrowing { credentials in
+                    try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(LineFrameDecoder(maxLineBytes: maxLineBytes)))
+                    try channel.pipeline.syncOperations.addHandler(SessionHandler())
+                    return AcceptedConnection(channel: channel, credentials: credentials)
+                }
         }
         if let fd = self.configuration.listenFD {
             let server = try await bootstrap.bind(fd, childChannelInitializer: initializer)
@@ -428,4 +434,11 @@ public final class Daemon: Service, CustomStringConvertible {
         }
         unlink(path)
     }
+}
+
+/// A connection as the listener hands it over: its channel and its peer's credentials
+/// (`SO_PEERCRED`), read as it was accepted.
+struct AcceptedConnection: Sendable {
+    let channel: any Channel
+    let credentials: Result<PeerCredentials, any Error>
 }
