@@ -15,6 +15,10 @@ public enum EvdOperation: Sendable, Hashable {
     case stats
     case subscribe(Subscribe)
     case unsubscribe(subscription: Int64)
+    /// `ack`: a cursor's subscription acknowledges every event up to `seq` (evd's addition).
+    case ack(subscription: Int64, seq: Int64)
+    /// `delete_cursor`: forgets a durable cursor (evd's addition).
+    case deleteCursor(cursor: String)
     case execute(Execute)
     case executemany(ExecuteMany)
     /// `create_table`, `insert`, `upsert`, `update`, `delete`, `drop_table`, `describe`.
@@ -70,7 +74,8 @@ public enum EvdOperation: Sendable, Hashable {
         case login
         case logout
         case createToken = "create_token"
-        case invalidate, dispose, reply
+        case invalidate, dispose, reply, ack
+        case deleteCursor = "delete_cursor"
     }
 
     /// The `op` of a request, as text: `bad_request` when it is missing or not a string. (Whether
@@ -96,6 +101,9 @@ public enum EvdOperation: Sendable, Hashable {
         case .logout: self = .logout
         case .subscribe: self = .subscribe(try Subscribe(&args))
         case .unsubscribe: self = .unsubscribe(subscription: try args.requiredInt("subscription"))
+        case .ack:
+            self = .ack(subscription: try args.requiredInt("subscription"), seq: try args.requiredInt("seq", in: 0...Int64.max))
+        case .deleteCursor: self = .deleteCursor(cursor: try args.requiredString("cursor"))
         case .execute: self = .execute(try Execute(&args))
         case .executemany: self = .executemany(try ExecuteMany(&args))
         case .createTable, .insert, .upsert, .update, .delete, .dropTable, .describe:
@@ -130,6 +138,8 @@ public enum EvdOperation: Sendable, Hashable {
         case .stats: .stats
         case .subscribe: .subscribe
         case .unsubscribe: .unsubscribe
+        case .ack: .ack
+        case .deleteCursor: .deleteCursor
         case .execute: .execute
         case .executemany: .executemany
         case .structured(let op, _): op.name
@@ -169,8 +179,14 @@ public enum EvdOperation: Sendable, Hashable {
             add("priority", s.priority.map(JSONValue.int))
             add("on_overflow", s.onOverflow.map { .string($0.rawValue) })
             add("where", s.where.map(JSONValue.object))
+            add("cursor", s.cursor.map(JSONValue.string))
         case .unsubscribe(let subscription):
             add("subscription", .int(subscription))
+        case .ack(let subscription, let seq):
+            add("subscription", .int(subscription))
+            add("seq", .int(seq))
+        case .deleteCursor(let cursor):
+            add("cursor", .string(cursor))
         case .execute(let e):
             add("sql", .string(e.sql))
             if !e.params.isEmpty { add("params", e.params.jsonValue) }
@@ -240,6 +256,10 @@ extension EvdOperation {
         public var priority: Int64?
         public var onOverflow: OnOverflow?
         public var `where`: JSONObject?
+        /// A durable cursor's name (evd's addition): the subscription receives journaled events
+        /// only, from the cursor's acknowledged position (or `since`, which repositions it), and
+        /// `ack` moves the position.
+        public var cursor: String?
 
         /// The longest `timeout_ms` a listener may ask for.
         public static let timeoutRange: ClosedRange<Int64> = 1...60_000
@@ -255,7 +275,8 @@ extension EvdOperation {
             onTimeout: OnTimeout? = nil,
             priority: Int64? = nil,
             onOverflow: OnOverflow? = nil,
-            where filter: JSONObject? = nil
+            where filter: JSONObject? = nil,
+            cursor: String? = nil
         ) {
             self.events = events
             self.veto = veto
@@ -268,6 +289,7 @@ extension EvdOperation {
             self.priority = priority
             self.onOverflow = onOverflow
             self.where = filter
+            self.cursor = cursor
         }
 
         init(_ args: inout Arguments) throws(EvdError) {
@@ -282,6 +304,7 @@ extension EvdOperation {
             self.priority = try args.int("priority")
             self.onOverflow = try args.choice("on_overflow", ["disconnect", "drop"]).flatMap(OnOverflow.init)
             self.where = try args.object("where")
+            self.cursor = try args.string("cursor")
         }
     }
 

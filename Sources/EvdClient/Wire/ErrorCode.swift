@@ -27,6 +27,10 @@ public enum ErrorCode: String, Sendable, CaseIterable, Codable {
     /// Not in PROTOCOL.md §7: a failure evd did not foresee (a bug, reported and logged instead of
     /// passed off as another code; docs/protocol.md, "Limits": unexpected failures).
     case internalError = "internal_error"
+    /// Not in PROTOCOL.md §7: a durable cursor that another subscription uses now, or that does
+    /// not exist (docs/protocol.md, "Durable cursors").
+    case cursorInUse = "cursor_in_use"
+    case noSuchCursor = "no_such_cursor"
 }
 
 /// An error response: the code, a message for people, and the extra fields some codes carry

@@ -23,6 +23,11 @@ extension Session {
             try self.require(.subscribe)
             try self.unsubscribe(subscription)
             return .result([:])
+        case .ack(let subscription, let seq):
+            try self.require(.subscribe)
+            return .result(try await self.ack(subscription: subscription, seq: seq))
+        case .deleteCursor(let cursor):
+            return .result(try await self.deleteCursor(cursor))
         case .execute, .executemany, .structured:
             return .result(try await self.runSQL(SQLWork(operation)!, request: request, &state))
         case .begin(let database):

@@ -218,3 +218,17 @@ extension Session {
     static let replayPageRows = 4096
 
 }
+
+// MARK: Durable cursors
+
+extension Session {
+    /// `ack`: moves the position of the cursor that `subscription` follows up to `seq`.
+    func ack(subscription: Int64, seq: Int64) async throws -> JSONValue {
+        throw EvdError(.unknownOp, "ack is not available yet")
+    }
+
+    /// `delete_cursor`: forgets a cursor (its owner's, or anyone's for `admin`).
+    func deleteCursor(_ name: String) async throws -> JSONValue {
+        throw EvdError(.unknownOp, "delete_cursor is not available yet")
+    }
+}
