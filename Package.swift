@@ -8,6 +8,7 @@ let package = Package(
         .executable(name: "evd", targets: ["evd"]),
         .executable(name: "evtail", targets: ["evtail"]),
         .executable(name: "evctl", targets: ["evctl"]),
+        .executable(name: "evforward", targets: ["evforward"]),
         .library(name: "EvdClient", targets: ["EvdClient"]),
         .library(name: "EvdDaemon", targets: ["EvdDaemon"]),
     ],
@@ -109,6 +110,24 @@ let package = Package(
                 "EvdCLI",
                 .product(name: "OrderedCollections", package: "swift-collections"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        // Forwards evd's journaled events into NATS JetStream (docs/forwarding.md).
+        .executableTarget(
+            name: "evforward",
+            dependencies: [
+                "EvdClient",
+                "EvdCLI",
+                "NATSClient",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "OrderedCollections", package: "swift-collections"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ]
         ),
         .testTarget(
