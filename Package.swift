@@ -149,6 +149,16 @@ let package = Package(
                 .product(name: "NIOCore", package: "swift-nio"),
             ]
         ),
+        // evforward against a real nats-server, a real evd and the built binaries.
+        .testTarget(
+            name: "ForwardTests",
+            dependencies: [
+                "evforward",
+                "NATSClient",
+                "EvdClient",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
         .testTarget(
             name: "EvdDaemonTests",
             dependencies: [
