@@ -144,7 +144,8 @@ extension JetStream {
         return try Self.pubAck(payload)
     }
 
-    /// `{"stream":"NAME","seq":N}` exactly (no escapes, no other member), else `nil`.
+    /// `{"stream":"NAME","seq":N}` exactly (spaces allowed after `,` and `:`, as nats-server writes
+    /// `{"stream":"S", "seq":5}`; no escapes, no other member), else `nil`.
     private static func quickPubAck(_ payload: [UInt8]) -> PubAck? {
         let head = Array(#"{"stream":""#.utf8)
         guard payload.count > head.count + 9, payload.starts(with: head) else { return nil }
@@ -155,11 +156,19 @@ extension JetStream {
             index += 1
         }
         let nameEnd = index
-        let middle = Array(#"","seq":"#.utf8)
-        guard payload.count >= index + middle.count, payload[index..<(index + middle.count)].elementsEqual(middle) else {
-            return nil
+        func skipSpaces() { while index < payload.count, payload[index] == UInt8(ascii: " ") { index += 1 } }
+        func expect(_ text: String) -> Bool {
+            let bytes = Array(text.utf8)
+            guard payload.count >= index + bytes.count, payload[index..<(index + bytes.count)].elementsEqual(bytes) else {
+                return false
+            }
+            index += bytes.count
+            return true
         }
-        index += middle.count
+        guard expect("\",") else { return nil }
+        skipSpaces()
+        guard expect("\"seq\":") else { return nil }
+        skipSpaces()
         var seq: UInt64 = 0
         var digits = 0
         while index < payload.count, payload[index] >= UInt8(ascii: "0"), payload[index] <= UInt8(ascii: "9"), digits < 19 {

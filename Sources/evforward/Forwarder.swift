@@ -208,13 +208,19 @@ final class Forwarder: Service, CustomStringConvertible {
                 "creating the stream",
                 metadata: ["stream": "\(self.configuration.stream)", "replicas": "\(self.configuration.replicas)"]
             )
-            return try await jetStream.createStream(
-                name: self.configuration.stream,
-                subjects: ["\(self.configuration.subjectPrefix).>"],
-                storage: .file,
-                duplicateWindow: self.configuration.duplicateWindow,
-                replicas: self.configuration.replicas
-            )
+            do {
+                return try await jetStream.createStream(
+                    name: self.configuration.stream,
+                    subjects: ["\(self.configuration.subjectPrefix).>"],
+                    storage: .file,
+                    duplicateWindow: self.configuration.duplicateWindow,
+                    replicas: self.configuration.replicas
+                )
+            } catch let error as JetStream.APIError where error.errCode == 10065 {
+                throw ForwarderError.fatal(
+                    "cannot create stream \(self.configuration.stream): its subjects \(self.configuration.subjectPrefix).> overlap another stream's (choose another --subject-prefix, or name that stream with --stream)"
+                )
+            }
         }
     }
 

@@ -38,8 +38,10 @@ struct MessageEncoder {
     /// The fence of the next message encoded.
     var fence: Fence
 
-    private var headers: [UInt8] = []
-    private var subject: [UInt8] = []
+    /// Scratch space reused for every message: the header block, the subject, the Msg-Id.
+    private var headers = ByteBuffer()
+    private var subject = ByteBuffer()
+    private var msgID: [UInt8] = []
 
     /// An encoder for subjects under `subjectPrefix`, `ce-source` on `host`, whose first message
     /// carries `fence`.
@@ -55,68 +57,177 @@ struct MessageEncoder {
     /// Writes `event` as an `HPUB` to `replyTo` into `buffer`; afterwards the next message's fence
     /// names this one. A message too large for the server is not written and leaves the fence as
     /// it was (the stream never sees it, so the next message's predecessor is unchanged).
+    ///
+    /// The hot path: string members without escapes (all of them, in practice) are copied from the
+    /// line as they are; only an escaped one is decoded first.
     mutating func encode(_ event: EventLine, replyTo: NATSConnection.ReplySubject, into buffer: inout ByteBuffer) -> Outcome {
-        let database = event.database.map { event.string($0) }
-        let table = event.table.map { event.string($0) }
-        let name = event.string(event.event)
-        let epoch = Array(event.raw(event.epoch))
-        var msgID = epoch
-        msgID.append(UInt8(ascii: ":"))
-        Self.appendDecimal(event.seq, to: &msgID)
+        let epoch = event.raw(event.epoch)
+        self.msgID.removeAll(keepingCapacity: true)
+        self.msgID += epoch
+        self.msgID.append(UInt8(ascii: ":"))
+        Self.appendDecimal(event.seq, to: &self.msgID)
 
-        self.subject.removeAll(keepingCapacity: true)
-        self.subject += self.subjectPrefix
-        self.subject.append(UInt8(ascii: "."))
-        if let database { Self.appendToken(database, to: &self.subject) } else { self.subject.append(UInt8(ascii: "_")) }
-        self.subject.append(UInt8(ascii: "."))
-        Self.appendToken(name, to: &self.subject)
-        if let table {
-            self.subject.append(UInt8(ascii: "."))
-            Self.appendToken(table, to: &self.subject)
+        self.subject.clear()
+        self.subject.writeBytes(self.subjectPrefix)
+        self.subject.writeInteger(UInt8(ascii: "."))
+        if let database = event.database {
+            self.write(event, database, to: \.subject, as: .token)
+        } else {
+            self.subject.writeInteger(UInt8(ascii: "_"))
+        }
+        self.subject.writeInteger(UInt8(ascii: "."))
+        self.write(event, event.event, to: \.subject, as: .token)
+        if let table = event.table {
+            self.subject.writeInteger(UInt8(ascii: "."))
+            self.write(event, table, to: \.subject, as: .token)
         }
 
-        self.headers.removeAll(keepingCapacity: true)
-        self.headers += "NATS/1.0\r\nNats-Msg-Id: ".utf8
-        self.headers += msgID
+        self.headers.clear()
+        self.headers.writeStaticString("NATS/1.0\r\nNats-Msg-Id: ")
+        self.headers.writeBytes(self.msgID)
         switch self.fence {
         case .lastSequence(let sequence):
-            self.headers += "\r\nNats-Expected-Last-Sequence: ".utf8
-            Self.appendDecimal(Int64(sequence), to: &self.headers)
+            self.headers.writeStaticString("\r\nNats-Expected-Last-Sequence: ")
+            self.headers.writeString(String(sequence))
         case .lastMsgID(let previous):
-            self.headers += "\r\nNats-Expected-Last-Msg-Id: ".utf8
-            self.headers += previous
+            self.headers.writeStaticString("\r\nNats-Expected-Last-Msg-Id: ")
+            self.headers.writeBytes(previous)
         }
-        self.headers += "\r\nce-specversion: 1.0\r\nce-id: ".utf8
-        self.headers += msgID
-        self.headers += "\r\nce-source: ".utf8
-        self.headers += self.sourcePrefix
-        if let database { self.headers += Self.percentEncoded(database) } else { self.headers.append(UInt8(ascii: "_")) }
-        self.headers += "\r\nce-type: ".utf8
-        Self.appendHeaderValue(name, to: &self.headers)
-        self.headers += "\r\nce-time: ".utf8
-        Self.appendHeaderValue(event.string(event.time), to: &self.headers)
-        if let table {
-            self.headers += "\r\nce-subject: ".utf8
-            Self.appendHeaderValue(table, to: &self.headers)
+        self.headers.writeStaticString("\r\nce-specversion: 1.0\r\nce-id: ")
+        self.headers.writeBytes(self.msgID)
+        self.headers.writeStaticString("\r\nce-source: ")
+        self.headers.writeBytes(self.sourcePrefix)
+        if let database = event.database {
+            self.write(event, database, to: \.headers, as: .uriSegment)
+        } else {
+            self.headers.writeInteger(UInt8(ascii: "_"))
         }
-        self.headers += "\r\nce-sequence: ".utf8
-        Self.appendPadded(event.seq, to: &self.headers)
-        self.headers += "\r\nce-epoch: ".utf8
-        self.headers += epoch
-        self.headers += "\r\ncontent-type: application/json\r\n\r\n".utf8
+        self.headers.writeStaticString("\r\nce-type: ")
+        self.write(event, event.event, to: \.headers, as: .headerValue)
+        self.headers.writeStaticString("\r\nce-time: ")
+        self.write(event, event.time, to: \.headers, as: .headerValue)
+        if let table = event.table {
+            self.headers.writeStaticString("\r\nce-subject: ")
+            self.write(event, table, to: \.headers, as: .headerValue)
+        }
+        self.headers.writeStaticString("\r\nce-sequence: ")
+        Self.writePadded(event.seq, to: &self.headers)
+        self.headers.writeStaticString("\r\nce-epoch: ")
+        self.headers.writeBytes(epoch)
+        self.headers.writeStaticString("\r\ncontent-type: application/json\r\n\r\n")
 
-        let total = self.headers.count + event.bodyCount
+        let total = self.headers.readableBytes + event.bodyCount
         guard total <= self.maxPayload else { return .tooLarge(total) }
-        buffer.writeString("HPUB ")
-        buffer.writeBytes(self.subject)
+        buffer.writeStaticString("HPUB ")
+        buffer.writeImmutableBuffer(self.subject)
         buffer.writeInteger(UInt8(ascii: " "))
         replyTo.write(into: &buffer)
-        buffer.writeString(" \(self.headers.count) \(total)\r\n")
-        buffer.writeBytes(self.headers)
+        buffer.writeInteger(UInt8(ascii: " "))
+        Self.writeDecimal(self.headers.readableBytes, to: &buffer)
+        buffer.writeInteger(UInt8(ascii: " "))
+        Self.writeDecimal(total, to: &buffer)
+        buffer.writeStaticString("\r\n")
+        buffer.writeImmutableBuffer(self.headers)
         event.writeBody(into: &buffer)
-        buffer.writeString("\r\n")
-        self.fence = .lastMsgID(msgID)
+        buffer.writeStaticString("\r\n")
+        self.fence = .lastMsgID(self.msgID)
         return .encoded
+    }
+
+    /// How a string member is written.
+    private enum Form {
+        /// A subject token (`appendToken`).
+        case token
+        /// A URI path segment (`percentEncoded`).
+        case uriSegment
+        /// A header value (`appendHeaderValue`).
+        case headerValue
+    }
+
+    /// Writes the string member at `range` of `event` in `form` into the scratch buffer `target`:
+    /// straight from the line when nothing needs escaping.
+    private mutating func write(_ event: EventLine, _ range: Range<Int>, to target: WritableKeyPath<Self, ByteBuffer>, as form: Form) {
+        let raw = event.raw(range)
+        let plain: Bool
+        switch form {
+        case .token:
+            plain = !raw.isEmpty && !raw.contains { Self.tokenEscaped($0) || $0 == UInt8(ascii: "\\") }
+        case .uriSegment:
+            plain = raw.allSatisfy(Self.isUnreserved)
+        case .headerValue:
+            // A JSON string holds no raw control byte: without `\` it is clean.
+            plain = !raw.contains(UInt8(ascii: "\\"))
+        }
+        if plain {
+            self[keyPath: target].writeBytes(raw)
+            return
+        }
+        let value = event.string(range)
+        var out: [UInt8] = []
+        switch form {
+        case .token: Self.appendToken(value, to: &out)
+        case .uriSegment: out = Self.percentEncoded(value)
+        case .headerValue: Self.appendHeaderValue(value, to: &out)
+        }
+        self[keyPath: target].writeBytes(out)
+    }
+
+    private static func tokenEscaped(_ byte: UInt8) -> Bool {
+        switch byte {
+        case 0...0x20, 0x7f, UInt8(ascii: "."), UInt8(ascii: "*"), UInt8(ascii: ">"), UInt8(ascii: "%"): true
+        default: false
+        }
+    }
+
+    private static func isUnreserved(_ byte: UInt8) -> Bool {
+        switch byte {
+        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+            UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"):
+            true
+        default: false
+        }
+    }
+
+    /// A non-negative number in decimal.
+    static func writeDecimal(_ value: Int, to buffer: inout ByteBuffer) {
+        var digits:
+            (
+                UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
+                UInt8, UInt8, UInt8
+            ) = (
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+            )
+        var rest = UInt64(max(value, 0))
+        var count = 0
+        withUnsafeMutableBytes(of: &digits) { bytes in
+            repeat {
+                bytes[19 - count] = UInt8(ascii: "0") + UInt8(rest % 10)
+                rest /= 10
+                count += 1
+            } while rest > 0
+            buffer.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[(20 - count)...]))
+        }
+    }
+
+    /// `value` as exactly 20 decimal digits (`UInt64.max` has 20), so that text order is number order.
+    static func writePadded(_ value: Int64, to buffer: inout ByteBuffer) {
+        var digits:
+            (
+                UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8, UInt8,
+                UInt8, UInt8, UInt8
+            ) = (
+                48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48, 48
+            )
+        var rest = UInt64(max(value, 0))
+        withUnsafeMutableBytes(of: &digits) { bytes in
+            var index = 19
+            while rest > 0 {
+                bytes[index] = UInt8(ascii: "0") + UInt8(rest % 10)
+                rest /= 10
+                index -= 1
+            }
+            buffer.writeBytes(bytes)
+        }
     }
 
     /// `NATSSubject.token`'s escaping, on bytes: `.`, `*`, `>`, `%`, space and control bytes as `%XX`.
@@ -178,17 +289,11 @@ struct MessageEncoder {
         out += digits.reversed()
     }
 
-    /// `value` as exactly 20 decimal digits (`UInt64.max` has 20), so that text order is number order.
+    /// `value` as exactly 20 decimal digits, appended to `out`.
     static func appendPadded(_ value: Int64, to out: inout [UInt8]) {
-        var digits = [UInt8](repeating: UInt8(ascii: "0"), count: 20)
-        var rest = UInt64(max(value, 0))
-        var index = 19
-        while rest > 0 {
-            digits[index] = UInt8(ascii: "0") + UInt8(rest % 10)
-            rest /= 10
-            index -= 1
-        }
-        out += digits
+        var buffer = ByteBuffer()
+        Self.writePadded(value, to: &buffer)
+        out += buffer.readableBytesView
     }
 
     private static let hex = Array("0123456789ABCDEF".utf8)
