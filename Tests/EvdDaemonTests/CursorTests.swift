@@ -254,6 +254,11 @@ struct CursorTests {
                 uniqueKeysWithValues: (stats["cursors"]?.arrayValue ?? []).map { ($0["name"]!.stringValue!, $0["owner"]!.stringValue!) }
             )
             #expect(owners == ["roots": "uid:0", "mine1": "uid:65534", "mine2": "uid:65534"])
+            // Nobody may view nothing in main: its cursors keep none of main's journal.
+            let databases = Dictionary(
+                uniqueKeysWithValues: (stats["cursors"]?.arrayValue ?? []).map { ($0["name"]!.stringValue!, $0["databases"]!) }
+            )
+            #expect(databases == ["roots": .null, "mine1": [], "mine2": []])
             #expect(try await daemon.request(.deleteCursor(cursor: "mine1")) == [:])
         }
     }
@@ -284,6 +289,14 @@ struct CursorTests {
                 #expect(families.value("evd_cursor_position", ["cursor": "c"]) == Double(Self.seqs(events)[1]))
                 #expect((families.value("evd_cursor_lag_events", ["cursor": "c"]) ?? 0) >= 2)
                 #expect(families.value("evd_cursors") == 1)
+                // A name with what the exposition format escapes is a label like any other.
+                try await daemon.withClient { other in
+                    try await other.request(.subscribe(.init(events: ["insert-rows"], cursor: #"we"ird\ {name}"#)))
+                    let text = try await httpRequest(.unix(daemon.directory + "/metrics.sock"), "GET /metrics").body
+                    let parsed = try await parseWithPrometheusClient(text)
+                    #expect(parsed.value("evd_cursor_position", ["cursor": #"we"ird\ {name}"#]) != nil, "\(text)")
+                    #expect(parsed.value("evd_cursors") == 2)
+                }
             }
             let stats = try await daemon.request("stats")
             #expect(stats["cursors"]?.arrayValue?.first?["live"] == false)
@@ -293,7 +306,7 @@ struct CursorTests {
                 try await httpRequest(.unix(daemon.directory + "/metrics.sock"), "GET /metrics").body
             )
             #expect(families.value("evd_cursor_position", ["cursor": "c"]) == nil)
-            #expect(families.value("evd_cursors") == 0)
+            #expect(families.value("evd_cursors") == 1)
         }
     }
 

@@ -257,8 +257,13 @@ extension Session {
             throw Self.cursorError(error, name)
         }
         let start = since ?? acknowledged ?? self.core.bus.stableSeq
-        // The databases its `where` lets through, so that retention keeps only what it may get.
-        let passing = self.core.pools.keys.filter { filter.mayPass("database", .string($0)) }
+        // The databases its `where` lets through and its actor may view something in: retention
+        // keeps only what it may get (an actor cannot pin a database it cannot see into).
+        let permissions = self.core.permissions
+        let actor = self.actor
+        let passing = self.core.pools.keys.filter {
+            filter.mayPass("database", .string($0)) && permissions.allowsSomewhere(actor, .viewTable, in: $0)
+        }
         let databases = passing.count == self.core.pools.count ? nil : Array(passing)
         do {
             try await self.core.threadPool.runIfActive { try cursors.attach(name, position: start, events: events, databases: databases) }
