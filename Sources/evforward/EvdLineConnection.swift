@@ -3,6 +3,12 @@ import NIOCore
 import NIOPosix
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Darwin)
+import Darwin
+#endif
+
 /// A connection to evd made for forwarding: events arrive as located lines (`EventLine`), never
 /// parsed into JSON values, in one batch per socket read; everything else (hello, responses,
 /// notices) is parsed as `EvdConnection` does.
@@ -65,9 +71,6 @@ final class EvdLineConnection: Sendable {
             channel = try await ClientBootstrap(group: loop)
                 .channelInitializer { channel in
                     channel.eventLoop.makeCompletedFuture {
-                        try channel.pipeline.syncOperations.addHandler(
-                            ByteToMessageHandler(LineFrameDecoder(maxLineBytes: 1 << 30))
-                        )
                         try channel.pipeline.syncOperations.addHandler(
                             EvdLineHandler(events: events, responses: responses, hello: promise)
                         )
@@ -179,15 +182,25 @@ final class ResponseRouter: Sendable {
     }
 }
 
-/// Sorts evd's lines: the hello to its promise, responses to their requests, events (located, not
-/// parsed) and notices into the batch of the current read, pushed when the read completes.
+/// Splits evd's byte stream into lines and sorts them: the hello to its promise, responses to their
+/// requests, events (located, not parsed) and notices into the batch of the current read, pushed
+/// when the read completes.
+///
+/// The lines are slices of the buffers the socket reads into (no copy, no pipeline hop per line);
+/// only a line split across two reads is copied together. A line longer than `maxLineBytes` ends
+/// the connection (evd's lines are bounded far below).
 final class EvdLineHandler: ChannelInboundHandler {
-    typealias InboundIn = LineFrame
+    typealias InboundIn = ByteBuffer
+
+    /// The longest line accepted.
+    static let maxLineBytes = 1 << 30
 
     private let events: AsyncQueue<[EvdLineConnection.Item]>
     private let responses: ResponseRouter
     private var hello: EventLoopPromise<JSONObject>?
     private var batch: [EvdLineConnection.Item] = []
+    /// The start of a line whose end has not arrived yet.
+    private var partial: ByteBuffer?
 
     init(events: AsyncQueue<[EvdLineConnection.Item]>, responses: ResponseRouter, hello: EventLoopPromise<JSONObject>) {
         self.events = events
@@ -206,7 +219,54 @@ final class EvdLineHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
-        guard case .line(let line) = Self.unwrapInboundIn(data), line.readableBytes > 0 else { return }
+        var buffer = Self.unwrapInboundIn(data)
+        if var head = self.partial {
+            guard let length = Self.lineLength(buffer) else {
+                head.writeBuffer(&buffer)
+                self.keepPartial(head, context: context)
+                return
+            }
+            var rest = buffer.readSlice(length: length)!
+            buffer.moveReaderIndex(forwardBy: 1)
+            head.writeBuffer(&rest)
+            self.partial = nil
+            self.line(head)
+        }
+        while let length = Self.lineLength(buffer) {
+            let line = buffer.readSlice(length: length)!
+            buffer.moveReaderIndex(forwardBy: 1)
+            self.line(line)
+        }
+        if buffer.readableBytes > 0 {
+            // Copied: the read buffer is not kept alive by a few bytes of it.
+            var head = context.channel.allocator.buffer(capacity: max(buffer.readableBytes * 2, 4096))
+            head.writeBuffer(&buffer)
+            self.keepPartial(head, context: context)
+        }
+    }
+
+    /// The length of the first line in `buffer` (to its `\n`, exclusive), or nil without one.
+    private static func lineLength(_ buffer: ByteBuffer) -> Int? {
+        buffer.withUnsafeReadableBytes { bytes -> Int? in
+            guard let base = bytes.baseAddress, bytes.count > 0, let hit = memchr(base, 0x0A, bytes.count) else { return nil }
+            return base.distance(to: UnsafeRawPointer(hit))
+        }
+    }
+
+    private func keepPartial(_ head: ByteBuffer, context: ChannelHandlerContext) {
+        guard head.readableBytes <= Self.maxLineBytes else {
+            self.partial = nil
+            context.close(promise: nil)
+            return
+        }
+        self.partial = head
+    }
+
+    /// One complete line (without its `\n`; a `\r` before it is dropped).
+    private func line(_ whole: ByteBuffer) {
+        var line = whole
+        if line.readableBytesView.last == UInt8(ascii: "\r") { line.moveWriterIndex(to: line.writerIndex - 1) }
+        guard line.readableBytes > 0 else { return }
         if isEventLine(line), let event = try? EventLine(line) {
             self.batch.append(.event(event))
             return

@@ -356,17 +356,19 @@ final class Forwarder: Service, CustomStringConvertible {
             var pendingIndex = 0
             defer { self.metrics.inFlight.store(0, ordering: .relaxed) }
             while !self.forwarder.stopping.isSignalled {
-                // Take whatever evd has queued, and send as much of it as the in-flight bound allows.
-                if let items = self.takeQueued(evd) { try self.accept(items, epoch: epochBytes, into: &pending) }
+                // Once everything taken is sent, take whatever evd has queued (never more: what
+                // waits in evd's queue, and then in the socket, is what holds evd back), and send as
+                // much as the in-flight bound allows.
+                if pendingIndex == pending.count {
+                    pending.removeAll(keepingCapacity: true)
+                    pendingIndex = 0
+                    if let items = self.takeQueued(evd) { try self.accept(items, epoch: epochBytes, into: &pending) }
+                }
                 while pendingIndex < pending.count && self.inFlight < self.configuration.maxInFlight {
                     let room = min(self.configuration.maxInFlight - self.inFlight, self.configuration.batchSize)
                     let end = min(pending.count, pendingIndex + room)
                     try self.send(pending[pendingIndex..<end], encoder: &encoder)
                     pendingIndex = end
-                }
-                if pendingIndex == pending.count {
-                    pending.removeAll(keepingCapacity: true)
-                    pendingIndex = 0
                 }
                 if !self.flights.isEmpty {
                     // Events arriving meanwhile queue up for the next round.
