@@ -157,6 +157,7 @@ let package = Package(
                 "NATSClient",
                 "EvdClient",
                 .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
             ]
         ),
         .testTarget(

@@ -11,7 +11,18 @@ extension NATSConnection {
         public func write(into buffer: inout ByteBuffer) {
             buffer.writeString(self.prefix)
             buffer.writeInteger(UInt8(ascii: "."))
-            buffer.writeString(String(self.token))
+            // The token in decimal, without making a string of it.
+            var digits: (UInt64, UInt64, UInt64) = (0, 0, 0)
+            withUnsafeMutableBytes(of: &digits) { bytes in
+                var rest = UInt64(max(self.token, 0))
+                var index = bytes.count
+                repeat {
+                    index -= 1
+                    bytes[index] = UInt8(ascii: "0") + UInt8(rest % 10)
+                    rest /= 10
+                } while rest > 0
+                buffer.writeBytes(UnsafeRawBufferPointer(rebasing: bytes[index...]))
+            }
         }
     }
 

@@ -71,15 +71,15 @@ struct MessageEncoder {
         self.subject.writeBytes(self.subjectPrefix)
         self.subject.writeInteger(UInt8(ascii: "."))
         if let database = event.database {
-            self.write(event, database, to: \.subject, as: .token)
+            Self.write(event, database, to: &self.subject, as: .token)
         } else {
             self.subject.writeInteger(UInt8(ascii: "_"))
         }
         self.subject.writeInteger(UInt8(ascii: "."))
-        self.write(event, event.event, to: \.subject, as: .token)
+        Self.write(event, event.event, to: &self.subject, as: .token)
         if let table = event.table {
             self.subject.writeInteger(UInt8(ascii: "."))
-            self.write(event, table, to: \.subject, as: .token)
+            Self.write(event, table, to: &self.subject, as: .token)
         }
 
         self.headers.clear()
@@ -98,17 +98,17 @@ struct MessageEncoder {
         self.headers.writeStaticString("\r\nce-source: ")
         self.headers.writeBytes(self.sourcePrefix)
         if let database = event.database {
-            self.write(event, database, to: \.headers, as: .uriSegment)
+            Self.write(event, database, to: &self.headers, as: .uriSegment)
         } else {
             self.headers.writeInteger(UInt8(ascii: "_"))
         }
         self.headers.writeStaticString("\r\nce-type: ")
-        self.write(event, event.event, to: \.headers, as: .headerValue)
+        Self.write(event, event.event, to: &self.headers, as: .headerValue)
         self.headers.writeStaticString("\r\nce-time: ")
-        self.write(event, event.time, to: \.headers, as: .headerValue)
+        Self.write(event, event.time, to: &self.headers, as: .headerValue)
         if let table = event.table {
             self.headers.writeStaticString("\r\nce-subject: ")
-            self.write(event, table, to: \.headers, as: .headerValue)
+            Self.write(event, table, to: &self.headers, as: .headerValue)
         }
         self.headers.writeStaticString("\r\nce-sequence: ")
         Self.writePadded(event.seq, to: &self.headers)
@@ -144,9 +144,9 @@ struct MessageEncoder {
         case headerValue
     }
 
-    /// Writes the string member at `range` of `event` in `form` into the scratch buffer `target`:
-    /// straight from the line when nothing needs escaping.
-    private mutating func write(_ event: EventLine, _ range: Range<Int>, to target: WritableKeyPath<Self, ByteBuffer>, as form: Form) {
+    /// Writes the string member at `range` of `event` in `form` into `target`: straight from the
+    /// line when nothing needs escaping.
+    private static func write(_ event: EventLine, _ range: Range<Int>, to target: inout ByteBuffer, as form: Form) {
         let raw = event.raw(range)
         let plain: Bool
         switch form {
@@ -159,7 +159,7 @@ struct MessageEncoder {
             plain = !raw.contains(UInt8(ascii: "\\"))
         }
         if plain {
-            self[keyPath: target].writeBytes(raw)
+            target.writeBytes(raw)
             return
         }
         let value = event.string(range)
@@ -169,7 +169,7 @@ struct MessageEncoder {
         case .uriSegment: out = Self.percentEncoded(value)
         case .headerValue: Self.appendHeaderValue(value, to: &out)
         }
-        self[keyPath: target].writeBytes(out)
+        target.writeBytes(out)
     }
 
     private static func tokenEscaped(_ byte: UInt8) -> Bool {
