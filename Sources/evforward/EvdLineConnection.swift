@@ -63,10 +63,9 @@ final class EvdLineConnection: Sendable {
         let events = AsyncQueue<[Item]>(capacity: batchCapacity)
         let responses = ResponseRouter()
         let channel: any Channel
-        let helloPromise: EventLoopPromise<JSONObject>
+        let loop = MultiThreadedEventLoopGroup.singleton.next()
+        let helloPromise = loop.makePromise(of: JSONObject.self)
         do {
-            let loop = MultiThreadedEventLoopGroup.singleton.next()
-            helloPromise = loop.makePromise(of: JSONObject.self)
             let promise = helloPromise
             channel = try await ClientBootstrap(group: loop)
                 .channelInitializer { channel in
@@ -79,7 +78,10 @@ final class EvdLineConnection: Sendable {
                 .connect(unixDomainSocketPath: socketPath)
                 .get()
         } catch {
-            throw EvdLineConnection.ConnectionError(description: "cannot connect to evd at \(socketPath): \(error)")
+            // Nobody will answer it now (a second completion, by the handler, is ignored).
+            let failure = EvdLineConnection.ConnectionError(description: "cannot connect to evd at \(socketPath): \(error)")
+            helloPromise.fail(failure)
+            throw failure
         }
         let connection: EvdLineConnection
         do {

@@ -306,8 +306,12 @@ final class Forwarder: Service, CustomStringConvertible {
             subscribe.name = "evforward \(self.configuration.stream)"
             if let seq = resume.seq, resume.epoch == epoch {
                 subscribe.since = seq
+            } else if resume.streamSequence == 0 {
+                // A stream that never held a message: everything the journal holds (nothing in it
+                // can be a duplicate), whatever the cursor's position.
+                subscribe.since = 0
             } else if !(try await self.cursorExists(evd)) {
-                // A new cursor and nothing of this journal in the stream: everything journaled.
+                // Messages of another journal in the stream, and a new cursor: everything journaled.
                 subscribe.since = 0
             }
             let result: JSONObject
@@ -568,8 +572,9 @@ final class Forwarder: Service, CustomStringConvertible {
             }
         }
 
-        /// Whether evd already has the cursor (`stats`' `cursors`); when `stats` cannot say, `true`
-        /// (the cursor's own position is the safe choice).
+        /// Whether evd already has the cursor (`stats`' `cursors`); when `stats` cannot say (it
+        /// needs `admin`), `true`: the cursor's own position is the safe choice (a new cursor then
+        /// starts live).
         private func cursorExists(_ evd: EvdLineConnection) async throws -> Bool {
             guard let stats = try? await evd.request(.stats), let cursors = stats["cursors"]?.arrayValue else { return true }
             return cursors.contains { $0["name"]?.stringValue == self.configuration.cursor }

@@ -77,47 +77,49 @@ func runEvforward(_ arguments: [String]) async throws -> (status: Int32?, stderr
     }
 }
 
-@Suite("evforward's command line and error paths")
-struct CommandLineTests {
-    @Test(
-        "Bad options are refused with a clear message and exit status 64",
-        arguments: [
-            (["--nats", "tls://127.0.0.1:4222", "--stream", "S"], "only nats:// URLs"),
-            (["--nats", "nats://127.0.0.1:99999", "--stream", "S"], "port must be 1-65535"),
-            (["--nats", "nats://u:p@127.0.0.1", "--stream", "S"], "credentials"),
-            (["--nats", "nats://127.0.0.1", "--stream", "A.B"], "--stream must be"),
-            (["--nats", "nats://127.0.0.1", "--stream", "S", "--subject-prefix", "evd.>"], "--subject-prefix"),
-            (["--nats", "nats://127.0.0.1", "--stream", "S", "--duplicate-window", "60"], "at least 600"),
-            (["--nats", "nats://127.0.0.1", "--stream", "S", "--replicas", "7"], "--replicas"),
-            (["--nats", "nats://127.0.0.1", "--stream", "S", "--max-in-flight", "0"], "--max-in-flight"),
-            (["--nats", "nats://127.0.0.1", "--stream", "S", "--metrics-listen", "nowhere"], "HOST:PORT"),
-            (["--stream", "S"], "--nats"),
-        ]
-    )
-    func badOptions(_ arguments: [String], _ message: String) async throws {
-        let (status, stderr) = try await runEvforward(arguments)
-        #expect(status == 64, "\(stderr)")
-        #expect(stderr.contains(message), "\(stderr)")
-    }
+extension Processes {
+    @Suite("evforward's command line and error paths")
+    struct CommandLineTests {
+        @Test(
+            "Bad options are refused with a clear message and exit status 64",
+            arguments: [
+                (["--nats", "tls://127.0.0.1:4222", "--stream", "S"], "only nats:// URLs"),
+                (["--nats", "nats://127.0.0.1:99999", "--stream", "S"], "port must be 1-65535"),
+                (["--nats", "nats://u:p@127.0.0.1", "--stream", "S"], "credentials"),
+                (["--nats", "nats://127.0.0.1", "--stream", "A.B"], "--stream must be"),
+                (["--nats", "nats://127.0.0.1", "--stream", "S", "--subject-prefix", "evd.>"], "--subject-prefix"),
+                (["--nats", "nats://127.0.0.1", "--stream", "S", "--duplicate-window", "60"], "at least 600"),
+                (["--nats", "nats://127.0.0.1", "--stream", "S", "--replicas", "7"], "--replicas"),
+                (["--nats", "nats://127.0.0.1", "--stream", "S", "--max-in-flight", "0"], "--max-in-flight"),
+                (["--nats", "nats://127.0.0.1", "--stream", "S", "--metrics-listen", "nowhere"], "HOST:PORT"),
+                (["--stream", "S"], "--nats"),
+            ]
+        )
+        func badOptions(_ arguments: [String], _ message: String) async throws {
+            let (status, stderr) = try await runEvforward(arguments)
+            #expect(status == 64, "\(stderr)")
+            #expect(stderr.contains(message), "\(stderr)")
+        }
 
-    @Test("Unreachable NATS: it retries with back-off and logs each failure, and SIGTERM ends it cleanly")
-    func unreachableNATS() async throws {
-        try await withTemporaryDirectory { directory in
-            // A port nobody listens on: bind one, note it, close it.
-            let port = try freePort()
-            let child = try Child(
-                binaryPath("evforward"),
-                ["--nats", "nats://127.0.0.1:\(port)", "--stream", "S", "--socket", directory + "/evd.sock"],
-                stderr: directory + "/stderr"
-            )
-            let retried = await eventually(within: 30) {
-                child.stderr.components(separatedBy: "forwarding interrupted; retrying").count > 3
+        @Test("Unreachable NATS: it retries with back-off and logs each failure, and SIGTERM ends it cleanly")
+        func unreachableNATS() async throws {
+            try await withTemporaryDirectory { directory in
+                // A port nobody listens on: bind one, note it, close it.
+                let port = try freePort()
+                let child = try Child(
+                    binaryPath("evforward"),
+                    ["--nats", "nats://127.0.0.1:\(port)", "--stream", "S", "--socket", directory + "/evd.sock"],
+                    stderr: directory + "/stderr"
+                )
+                let retried = await eventually(within: 30) {
+                    child.stderr.components(separatedBy: "forwarding interrupted; retrying").count > 3
+                }
+                #expect(retried, "\(child.stderr)")
+                #expect(child.process.isRunning)
+                #expect(child.stderr.contains("cannot connect to 127.0.0.1:\(port)"), "\(child.stderr)")
+                child.signal(SIGTERM)
+                #expect(await child.finish() == 0, "\(child.stderr)")
             }
-            #expect(retried, "\(child.stderr)")
-            #expect(child.process.isRunning)
-            #expect(child.stderr.contains("cannot connect to 127.0.0.1:\(port)"), "\(child.stderr)")
-            child.signal(SIGTERM)
-            #expect(await child.finish() == 0, "\(child.stderr)")
         }
     }
 }

@@ -120,143 +120,211 @@ func streamMessages(_ js: JetStream, _ stream: String) async throws -> [JetStrea
     return messages
 }
 
-@Suite("evforward end to end: real evd, real nats-server, the built binary", .serialized)
-struct EndToEndTests {
-    @Test("Forwarded events match what a subscriber receives; a restart resumes with no duplicate and no gap")
-    func forwardAndResume() async throws {
-        try await withNATSServer { server in
-            try await withEvd { evd in
-                try await withTemporaryDirectory { directory in
-                    try await evd.insertRows(20)
-                    _ = try await evd.withClient { try await $0.request("emit", ["event": "myapp.deployed", "data": ["version": "1.2"]]) }
-                    let first = try startEvforward(server, evd, directory: directory, name: "first")
-                    try await withConnection(to: server) { nats in
-                        let js = JetStream(connection: nats)
-                        // Every connection logs in and out (journaled events too), so "everything"
-                        // is everything up to a marker event, and then up to what was forwarded.
-                        let marker = try #require(try await evd.journaledEvents().keys.max())
-                        let all = await eventually(within: 60) { (try? await lastSequence(js)) ?? 0 >= marker }
-                        #expect(all, "\(first.stderr)")
+extension Processes {
+    @Suite("evforward end to end: real evd, real nats-server, the built binary", .serialized)
+    struct EndToEndTests {
+        @Test("Forwarded events match what a subscriber receives; a restart resumes with no duplicate and no gap")
+        func forwardAndResume() async throws {
+            try await withNATSServer { server in
+                try await withEvd { evd in
+                    try await withTemporaryDirectory { directory in
+                        try await evd.insertRows(20)
+                        _ = try await evd.withClient {
+                            try await $0.request("emit", ["event": "myapp.deployed", "data": ["version": "1.2"]])
+                        }
+                        let first = try startEvforward(server, evd, directory: directory, name: "first")
+                        try await withConnection(to: server) { nats in
+                            let js = JetStream(connection: nats)
+                            // Every connection logs in and out (journaled events too), so "everything"
+                            // is everything up to a marker event, and then up to what was forwarded.
+                            let marker = try #require(try await evd.journaledEvents().keys.max())
+                            let all = await eventually(within: 60) { (try? await lastSequence(js)) ?? 0 >= marker }
+                            #expect(all, "\(first.stderr)")
+                            first.signal(SIGTERM)
+                            #expect(await first.finish() == 0, "\(first.stderr)")
+                            let firstLast = try await lastSequence(js)
+                            // At a clean exit the cursor was acknowledged up to the last PubAck'ed event.
+                            let cursors = try await evd.withClient { try await $0.request("stats")["cursors"]?.arrayValue ?? [] }
+                            let cursor = cursors.first { $0["name"] == "evforward.EVD_E2E" }
+                            #expect(cursor?["position"]?.intValue == firstLast, "\(cursors)")
+
+                            // More events while no forwarder runs; then a second run.
+                            try await evd.insertRows(15, from: 100)
+                            let second = try startEvforward(server, evd, directory: directory, name: "second")
+                            let secondMarker = try #require(try await evd.journaledEvents().keys.max())
+                            let caughtUp = await eventually(within: 60) { (try? await lastSequence(js)) ?? 0 >= secondMarker }
+                            #expect(caughtUp, "\(second.stderr)")
+                            second.signal(SIGTERM)
+                            #expect(await second.finish() == 0, "\(second.stderr)")
+                            #expect(second.stderr.contains("from.seq=\(firstLast)"), "\(second.stderr)")
+                            let messages = try await streamMessages(js, "EVD_E2E")
+                            let journal = try await evd.journaledEvents()
+
+                            // No duplicate, no gap: the stream's ce-sequences are exactly the journaled
+                            // seqs up to the last one forwarded.
+                            let sequences = messages.compactMap { $0.headers["ce-sequence"].flatMap { Int64($0) } }
+                            let forwardedUpTo = sequences.last ?? 0
+                            #expect(sequences == journal.keys.filter { $0 <= forwardedUpTo }.sorted())
+                            #expect(Set(messages.compactMap { $0.headers["Nats-Msg-Id"] }).count == messages.count)
+                            let expectedAfter = journal
+
+                            // Each body is the event minus `subscription`, keys in the same order.
+                            let epoch = try await evd.withClient { $0.hello["epoch"]?.stringValue }
+                            for message in messages {
+                                let seq = try #require(message.headers["ce-sequence"].flatMap { Int64($0) })
+                                var event = try #require(expectedAfter[seq])
+                                event.removeValue(forKey: "subscription")
+                                let body = try #require(try JSONValue(parsing: message.payload).objectValue)
+                                #expect(Array(body.keys) == Array(event.keys))
+                                #expect(body == event)
+                                #expect(message.headers["Nats-Msg-Id"] == "\(epoch ?? ""):\(seq)")
+                                #expect(message.headers["ce-type"] == event["event"]?.stringValue)
+                                #expect(message.headers["ce-time"] == event["time"]?.stringValue)
+                                let database = event["database"]?.stringValue
+                                let table = event["table"]?.stringValue
+                                #expect(message.headers["ce-subject"] == table)
+                                var subject =
+                                    "evd.\(database.map(NATSSubject.token) ?? "_").\(NATSSubject.token(event["event"]?.stringValue ?? ""))"
+                                if let table { subject += ".\(NATSSubject.token(table))" }
+                                #expect(message.subject == subject)
+                            }
+                            #expect(messages.contains { $0.subject == "evd._.myapp%2Edeployed" })
+                        }
+                    }
+                }
+            }
+        }
+
+        @Test("The stream is created with the documented configuration")
+        func streamConfiguration() async throws {
+            try await withNATSServer { server in
+                try await withEvd { evd in
+                    try await withTemporaryDirectory { directory in
+                        let child = try startEvforward(
+                            server,
+                            evd,
+                            stream: "EVD_CFG",
+                            directory: directory,
+                            extra: ["--subject-prefix", "acme.evd"]
+                        )
+                        try await withConnection(to: server) { nats in
+                            let js = JetStream(connection: nats)
+                            let created = await eventually(within: 60) { (try? await js.streamInfo(name: "EVD_CFG")) != nil }
+                            #expect(created, "\(child.stderr)")
+                            let config = try #require(try await js.streamInfo(name: "EVD_CFG").raw["config"]?.objectValue)
+                            #expect(config["subjects"] == ["acme.evd.>"])
+                            #expect(config["storage"] == "file")
+                            #expect(config["retention"] == "limits")
+                            let window: Int64? = config["duplicate_window"]?.intValue
+                            #expect(window == Int64(600) * 1_000_000_000, "\(String(describing: config["duplicate_window"]))")
+                            #expect(config["num_replicas"]?.intValue == 1)
+                        }
+                        child.signal(SIGTERM)
+                        #expect(await child.finish() == 0, "\(child.stderr)")
+                    }
+                }
+            }
+        }
+
+        @Test("A second evforward for the same stream and cursor is fenced off: exit 3")
+        func secondForwarderFenced() async throws {
+            try await withNATSServer { server in
+                try await withEvd { evd in
+                    try await withTemporaryDirectory { directory in
+                        try await evd.insertRows(5)
+                        let first = try startEvforward(server, evd, directory: directory, name: "first")
+                        let forwarding = await eventually(within: 60) { first.stderr.contains("forwarding") }
+                        #expect(forwarding, "\(first.stderr)")
+                        let second = try startEvforward(server, evd, directory: directory, name: "second")
+                        #expect(await second.finish() == 3, "\(second.stderr)")
+                        #expect(second.stderr.contains("fenced"), "\(second.stderr)")
+                        #expect(first.process.isRunning)
                         first.signal(SIGTERM)
                         #expect(await first.finish() == 0, "\(first.stderr)")
-                        let firstLast = try await lastSequence(js)
-
-                        // More events while no forwarder runs; then a second run.
-                        try await evd.insertRows(15, from: 100)
-                        let second = try startEvforward(server, evd, directory: directory, name: "second")
-                        let secondMarker = try #require(try await evd.journaledEvents().keys.max())
-                        let caughtUp = await eventually(within: 60) { (try? await lastSequence(js)) ?? 0 >= secondMarker }
-                        #expect(caughtUp, "\(second.stderr)")
-                        second.signal(SIGTERM)
-                        #expect(await second.finish() == 0, "\(second.stderr)")
-                        #expect(second.stderr.contains("from.seq=\(firstLast)"), "\(second.stderr)")
-                        let messages = try await streamMessages(js, "EVD_E2E")
-                        let journal = try await evd.journaledEvents()
-
-                        // No duplicate, no gap: the stream's ce-sequences are exactly the journaled
-                        // seqs up to the last one forwarded.
-                        let sequences = messages.compactMap { $0.headers["ce-sequence"].flatMap { Int64($0) } }
-                        let forwardedUpTo = sequences.last ?? 0
-                        #expect(sequences == journal.keys.filter { $0 <= forwardedUpTo }.sorted())
-                        #expect(Set(messages.compactMap { $0.headers["Nats-Msg-Id"] }).count == messages.count)
-                        let expectedAfter = journal
-
-                        // Each body is the event minus `subscription`, keys in the same order.
-                        let epoch = try await evd.withClient { $0.hello["epoch"]?.stringValue }
-                        for message in messages {
-                            let seq = try #require(message.headers["ce-sequence"].flatMap { Int64($0) })
-                            var event = try #require(expectedAfter[seq])
-                            event.removeValue(forKey: "subscription")
-                            let body = try #require(try JSONValue(parsing: message.payload).objectValue)
-                            #expect(Array(body.keys) == Array(event.keys))
-                            #expect(body == event)
-                            #expect(message.headers["Nats-Msg-Id"] == "\(epoch ?? ""):\(seq)")
-                            #expect(message.headers["ce-type"] == event["event"]?.stringValue)
-                            #expect(message.headers["ce-time"] == event["time"]?.stringValue)
-                            let database = event["database"]?.stringValue
-                            let table = event["table"]?.stringValue
-                            #expect(message.headers["ce-subject"] == table)
-                            var subject =
-                                "evd.\(database.map(NATSSubject.token) ?? "_").\(NATSSubject.token(event["event"]?.stringValue ?? ""))"
-                            if let table { subject += ".\(NATSSubject.token(table))" }
-                            #expect(message.subject == subject)
-                        }
-                        #expect(messages.contains { $0.subject == "evd._.myapp%2Edeployed" })
                     }
                 }
             }
         }
-    }
 
-    @Test("The stream is created with the documented configuration")
-    func streamConfiguration() async throws {
-        try await withNATSServer { server in
-            try await withEvd { evd in
-                try await withTemporaryDirectory { directory in
-                    let child = try startEvforward(
-                        server,
-                        evd,
-                        stream: "EVD_CFG",
-                        directory: directory,
-                        extra: ["--subject-prefix", "acme.evd"]
-                    )
-                    try await withConnection(to: server) { nats in
-                        let js = JetStream(connection: nats)
-                        let created = await eventually(within: 60) { (try? await js.streamInfo(name: "EVD_CFG")) != nil }
-                        #expect(created, "\(child.stderr)")
-                        let config = try #require(try await js.streamInfo(name: "EVD_CFG").raw["config"]?.objectValue)
-                        #expect(config["subjects"] == ["acme.evd.>"])
-                        #expect(config["storage"] == "file")
-                        #expect(config["retention"] == "limits")
-                        let window: Int64? = config["duplicate_window"]?.intValue
-                        #expect(window == Int64(600) * 1_000_000_000, "\(String(describing: config["duplicate_window"]))")
-                        #expect(config["num_replicas"]?.intValue == 1)
-                    }
-                    child.signal(SIGTERM)
-                    #expect(await child.finish() == 0, "\(child.stderr)")
-                }
-            }
-        }
-    }
-
-    @Test("A second evforward for the same stream and cursor is fenced off: exit 3")
-    func secondForwarderFenced() async throws {
-        try await withNATSServer { server in
-            try await withEvd { evd in
-                try await withTemporaryDirectory { directory in
-                    try await evd.insertRows(5)
-                    let first = try startEvforward(server, evd, directory: directory, name: "first")
-                    let forwarding = await eventually(within: 60) { first.stderr.contains("forwarding") }
-                    #expect(forwarding, "\(first.stderr)")
-                    let second = try startEvforward(server, evd, directory: directory, name: "second")
-                    #expect(await second.finish() == 3, "\(second.stderr)")
-                    #expect(second.stderr.contains("fenced"), "\(second.stderr)")
-                    #expect(first.process.isRunning)
-                    first.signal(SIGTERM)
-                    #expect(await first.finish() == 0, "\(first.stderr)")
-                }
-            }
-        }
-    }
-
-    @Test("Another writer in the stream fences evforward off: exit 3")
-    func foreignWriterFenced() async throws {
-        try await withNATSServer { server in
-            try await withEvd { evd in
-                try await withTemporaryDirectory { directory in
-                    try await evd.insertRows(3)
-                    let child = try startEvforward(server, evd, directory: directory)
-                    try await withConnection(to: server) { nats in
-                        let js = JetStream(connection: nats)
-                        let caughtUp = await eventually(within: 60) {
-                            ((try? await js.streamInfo(name: "EVD_E2E"))?.messages ?? 0) >= 4
+        @Test("Two evforwards started at the same moment: one forwards, the other is fenced off (exit 3)")
+        func twoAtOnce() async throws {
+            try await withNATSServer { server in
+                try await withEvd { evd in
+                    try await withTemporaryDirectory { directory in
+                        try await evd.insertRows(5)
+                        let both = try [
+                            startEvforward(server, evd, directory: directory, name: "a"),
+                            startEvforward(server, evd, directory: directory, name: "b"),
+                        ]
+                        let oneExited = await eventually { both.contains { !$0.process.isRunning } }
+                        #expect(oneExited)
+                        let fenced = try #require(both.first { !$0.process.isRunning })
+                        let survivor = try #require(both.first { $0.process.isRunning })
+                        #expect(await fenced.finish() == 3, "\(fenced.stderr)")
+                        #expect(fenced.stderr.contains("fenced"), "\(fenced.stderr)")
+                        try await withConnection(to: server) { nats in
+                            let js = JetStream(connection: nats)
+                            let marker = try #require(try await evd.journaledEvents().keys.max())
+                            #expect(await eventually { (try? await lastSequence(js)) ?? 0 >= marker }, "\(survivor.stderr)")
+                            let sequences = try await streamMessages(js, "EVD_E2E").compactMap {
+                                $0.headers["ce-sequence"].flatMap { Int64($0) }
+                            }
+                            #expect(sequences == sequences.sorted() && Set(sequences).count == sequences.count)
                         }
-                        #expect(caughtUp, "\(child.stderr)")
-                        // Someone else publishes into the stream; the next event's fence fails.
-                        _ = try await js.publish(subject: "evd.main.intruder", headers: ["Nats-Msg-Id": "intruder"], payload: [])
-                        try await evd.insertRows(1, from: 50)
-                        #expect(await child.finish() == 3, "\(child.stderr)")
-                        #expect(child.stderr.contains("fenced: another forwarder published to EVD_E2E"), "\(child.stderr)")
+                        survivor.signal(SIGTERM)
+                        #expect(await survivor.finish() == 0, "\(survivor.stderr)")
+                    }
+                }
+            }
+        }
+
+        @Test("Several --nats URLs: an unreachable one is logged and the next one is used")
+        func serverList() async throws {
+            try await withNATSServer { server in
+                try await withEvd { evd in
+                    try await withTemporaryDirectory { directory in
+                        try await evd.insertRows(2)
+                        let dead = try freePort()
+                        let child = try Child(
+                            binaryPath("evforward"),
+                            [
+                                "--nats", "nats://127.0.0.1:\(dead),nats://127.0.0.1:\(server.port)", "--stream", "EVD_E2E",
+                                "--socket", evd.socketPath,
+                            ],
+                            stderr: directory + "/fwd.stderr"
+                        )
+                        try await withConnection(to: server) { nats in
+                            let js = JetStream(connection: nats)
+                            let marker = try #require(try await evd.journaledEvents().keys.max())
+                            #expect(await eventually { (try? await lastSequence(js)) ?? 0 >= marker }, "\(child.stderr)")
+                        }
+                        #expect(child.stderr.contains("nats.server=nats://127.0.0.1:\(dead)"), "\(child.stderr)")
+                        child.signal(SIGTERM)
+                        #expect(await child.finish() == 0, "\(child.stderr)")
+                    }
+                }
+            }
+        }
+
+        @Test("Another writer in the stream fences evforward off: exit 3")
+        func foreignWriterFenced() async throws {
+            try await withNATSServer { server in
+                try await withEvd { evd in
+                    try await withTemporaryDirectory { directory in
+                        try await evd.insertRows(3)
+                        let child = try startEvforward(server, evd, directory: directory)
+                        try await withConnection(to: server) { nats in
+                            let js = JetStream(connection: nats)
+                            let caughtUp = await eventually(within: 60) {
+                                ((try? await js.streamInfo(name: "EVD_E2E"))?.messages ?? 0) >= 4
+                            }
+                            #expect(caughtUp, "\(child.stderr)")
+                            // Someone else publishes into the stream; the next event's fence fails.
+                            _ = try await js.publish(subject: "evd.main.intruder", headers: ["Nats-Msg-Id": "intruder"], payload: [])
+                            try await evd.insertRows(1, from: 50)
+                            #expect(await child.finish() == 3, "\(child.stderr)")
+                            #expect(child.stderr.contains("fenced: another forwarder published to EVD_E2E"), "\(child.stderr)")
+                        }
                     }
                 }
             }
