@@ -130,22 +130,32 @@ final class Forwarder: Service, CustomStringConvertible {
         }
     }
 
+    /// How long after a session of ours that followed the cursor ended a `cursor_in_use` is taken
+    /// for that session's connection, which evd may not have seen close yet, rather than another
+    /// forwarder's.
+    static let cursorReleaseGrace = Duration.seconds(10)
+
     /// Sessions one after another, with back-off between failed ones, until told to stop.
     private func loop() async throws {
         var backoff = Duration.milliseconds(100)
         var attempt = 0
+        // When the last session that followed the cursor ended.
+        var followedUntil: ContinuousClock.Instant?
         while !self.stopping.isSignalled {
             let server = self.configuration.servers[attempt % self.configuration.servers.count]
             attempt += 1
+            let grace = followedUntil.map { ContinuousClock.now - $0 < Self.cursorReleaseGrace } ?? false
             do {
-                let progressed = try await self.session(server: server)
-                if progressed { backoff = .milliseconds(100) }
+                let outcome = try await self.session(server: server, cursorGrace: grace)
+                if outcome.followed { followedUntil = .now }
+                if outcome.progressed { backoff = .milliseconds(100) }
                 if self.stopping.isSignalled { break }
                 self.logger.info("session ended; starting over", metadata: ["nats.server": "\(server)"])
             } catch let error as ForwarderError {
                 throw error
             } catch let failure as SessionFailure {
-                if failure.progressed { backoff = .milliseconds(100) }
+                if failure.outcome.followed { followedUntil = .now }
+                if failure.outcome.progressed { backoff = .milliseconds(100) }
                 self.logger.warning(
                     "forwarding interrupted; retrying",
                     metadata: ["error": "\(failure.error)", "nats.server": "\(server)", "retry.in": "\(backoff)"]
@@ -162,10 +172,25 @@ final class Forwarder: Service, CustomStringConvertible {
         self.logger.info("stopped", metadata: ["forwarded": "\(self.metrics.forwarded.load(ordering: .relaxed))"])
     }
 
-    /// A failure after some events were forwarded (so the back-off starts again from its shortest).
+    /// What a session got done.
+    struct SessionOutcome {
+        /// Whether an event was PubAck'ed (then the back-off starts again from its shortest).
+        var progressed = false
+        /// Whether it followed the cursor (then evd may still hold the cursor for it a moment).
+        var followed = false
+    }
+
+    /// A session's failure, with what it got done before.
     struct SessionFailure: Error {
         var error: any Error
-        var progressed: Bool
+        var outcome: SessionOutcome
+    }
+
+    /// The cursor was in use just after a session of ours followed it: most likely evd has not yet
+    /// seen that session's connection close. Retried, not fenced.
+    struct CursorStillHeld: Error, CustomStringConvertible {
+        var cursor: String
+        var description: String { "cursor \(self.cursor) is still in use, presumably by this forwarder's previous connection" }
     }
 
     /// Where to resume, read from the stream's last message.
@@ -224,27 +249,27 @@ final class Forwarder: Service, CustomStringConvertible {
         }
     }
 
-    /// One session; returns whether it forwarded anything (when it ends without an error: asked
-    /// to stop, or evd said it is shutting down). Errors other than `ForwarderError` are wrapped
-    /// in `SessionFailure`.
-    private func session(server: NATSAddress) async throws -> Bool {
+    /// One session; returns what it got done when it ends without an error (asked to stop, or evd
+    /// said it is shutting down). Errors other than `ForwarderError` are wrapped in
+    /// `SessionFailure`. With `cursorGrace`, a `cursor_in_use` is retried, not fenced.
+    private func session(server: NATSAddress, cursorGrace: Bool) async throws -> SessionOutcome {
         let nats: NATSConnection
         do {
             nats = try await NATSConnection.connect(host: server.host, port: server.port, timeout: self.configuration.timeout)
         } catch {
-            throw SessionFailure(error: error, progressed: false)
+            throw SessionFailure(error: error, outcome: SessionOutcome())
         }
-        let pump = Pump(forwarder: self, nats: nats)
+        let pump = Pump(forwarder: self, nats: nats, cursorGrace: cursorGrace)
         do {
             try await pump.run()
             try? await nats.close()
-            return pump.progressed
+            return pump.outcome
         } catch let error as ForwarderError {
             try? await nats.close()
             throw error
         } catch {
             try? await nats.close()
-            throw SessionFailure(error: error, progressed: pump.progressed)
+            throw SessionFailure(error: error, outcome: pump.outcome)
         }
     }
 
@@ -257,8 +282,10 @@ final class Forwarder: Service, CustomStringConvertible {
         var metrics: ForwarderMetrics { self.forwarder.metrics }
         var logger: Logger { self.forwarder.logger }
 
-        /// Whether an event was PubAck'ed in this session.
-        var progressed = false
+        /// What this session got done.
+        var outcome = SessionOutcome()
+        /// Whether `cursor_in_use` may be the previous session's connection (`CursorStillHeld`).
+        let cursorGrace: Bool
 
         /// A batch sent and not yet wholly acknowledged.
         struct Flight {
@@ -278,9 +305,10 @@ final class Forwarder: Service, CustomStringConvertible {
         /// The seq of the last event taken from evd (to drop any repeat).
         private var lastTaken: Int64 = 0
 
-        init(forwarder: Forwarder, nats: NATSConnection) {
+        init(forwarder: Forwarder, nats: NATSConnection, cursorGrace: Bool) {
             self.forwarder = forwarder
             self.nats = nats
+            self.cursorGrace = cursorGrace
             self.jetStream = JetStream(connection: nats, timeout: forwarder.configuration.timeout)
         }
 
@@ -319,6 +347,8 @@ final class Forwarder: Service, CustomStringConvertible {
                 result = try await evd.request(.subscribe(subscribe))
             } catch let error as EvdError {
                 switch error.code {
+                case ErrorCode.cursorInUse.rawValue where self.cursorGrace:
+                    throw CursorStillHeld(cursor: self.configuration.cursor)
                 case ErrorCode.cursorInUse.rawValue:
                     self.metrics.fenceConflicts.add(1, ordering: .relaxed)
                     throw ForwarderError.fenced(
@@ -334,6 +364,7 @@ final class Forwarder: Service, CustomStringConvertible {
             guard let subscription = result["subscription"]?.intValue else {
                 throw ForwarderError.fatal("evd's subscribe response has no subscription")
             }
+            self.outcome.followed = true
             let position = result["cursor"]?["position"]?.intValue ?? subscribe.since ?? 0
             self.acknowledged = position
             self.ackSent = position
@@ -483,7 +514,7 @@ final class Forwarder: Service, CustomStringConvertible {
                 self.metrics.forwarded.add(forwarded, ordering: .relaxed)
                 self.metrics.duplicates.add(duplicates, ordering: .relaxed)
                 self.metrics.acknowledged.store(Int(self.acknowledged), ordering: .relaxed)
-                if forwarded + duplicates > 0 { self.progressed = true }
+                if forwarded + duplicates > 0 { self.outcome.progressed = true }
             }
             for (index, reply) in replies.enumerated() {
                 let seq = flight.seqs[index]
