@@ -561,9 +561,11 @@ final class Forwarder: Service, CustomStringConvertible {
         }
 
         /// The last ack, waited for (bounded) while the events still arriving are read and dropped,
-        /// so that the response is never stuck behind them.
+        /// so that the response is never stuck behind them. Sent even when the periodic one already
+        /// named the same seq: that one's answer may not have come back yet (an ack at or below the
+        /// position changes nothing).
         private func finalAck(_ evd: EvdLineConnection, subscription: Int64) async {
-            guard self.acknowledged > self.ackSent else { return }
+            guard self.acknowledged > 0 else { return }
             let seq = self.acknowledged
             let timeout = self.configuration.timeout
             let outcome: Result<JSONObject, any Error>? = await withTaskGroup(of: Result<JSONObject, any Error>?.self) { group in

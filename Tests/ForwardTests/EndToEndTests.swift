@@ -47,13 +47,13 @@ struct RunningEvd {
 
 /// Starts evd (the built binary) with its socket, state and database in `directory` (a restart
 /// with the same directory finds the same journal), and waits until it answers.
-func launchEvd(in directory: String, name: String = "evd") async throws -> RunningEvd {
+func launchEvd(in directory: String, name: String = "evd", extra: [String] = []) async throws -> RunningEvd {
     let child = try Child(
         binaryPath("evd"),
         [
             "--socket", directory + "/evd.sock", "--state-dir", directory + "/state", "--db",
             "main=\(directory)/main.db", "--log-level", "warning",
-        ],
+        ] + extra,
         stderr: directory + "/\(name).stderr"
     )
     let evd = RunningEvd(socketPath: directory + "/evd.sock", child: child)

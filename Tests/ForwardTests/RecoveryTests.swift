@@ -134,6 +134,38 @@ extension Processes {
             }
         }
 
+        @Test("Live events faster than NATS takes them: evd disconnects it (lagged), it resumes, nothing lost or doubled")
+        func lagged() async throws {
+            try await withNATSServer { server in
+                try await withTemporaryDirectory { directory in
+                    let evd = try await launchEvd(in: directory, extra: ["--max-queued-events", "50"])
+                    try await evd.createDogs()
+                    try await evd.insertRows(300)
+                    // One message in flight at a time: far slower than evd produces a burst.
+                    let forwarder = try startEvforward(server, evd, directory: directory, extra: ["--max-in-flight", "1"])
+                    try await withConnection(to: server) { nats in
+                        let js = JetStream(connection: nats)
+                        let marker = try #require(try await evd.journaledEvents().keys.max())
+                        #expect(await eventually { (try? await lastSequence(js)) ?? 0 >= marker }, "\(forwarder.stderr)")
+                        // Live now: one UPDATE makes 300 update-row events at once.
+                        _ = try await evd.withClient { try await $0.request("execute", ["sql": "update dogs set name = name || '!'"]) }
+                        let burst = try #require(try await evd.journaledEvents().keys.max())
+                        #expect(await eventually { (try? await lastSequence(js)) ?? 0 >= burst }, "\(forwarder.stderr)")
+                        forwarder.signal(SIGTERM)
+                        #expect(await forwarder.finish() == 0, "\(forwarder.stderr)")
+                        let sequences = try await streamMessages(js, "EVD_E2E").compactMap {
+                            $0.headers["ce-sequence"].flatMap { Int64($0) }
+                        }
+                        let journal = try await evd.journaledEvents()
+                        #expect(sequences == journal.keys.filter { $0 <= (sequences.last ?? 0) }.sorted())
+                        #expect(forwarder.stderr.contains("evd reports this subscription lagged"), "\(forwarder.stderr)")
+                    }
+                    evd.child.signal(SIGTERM)
+                    _ = await evd.child.finish()
+                }
+            }
+        }
+
         @Test("Metrics on --metrics-listen: Prometheus text with the forwarded count")
         func metrics() async throws {
             try await withNATSServer { server in
