@@ -204,6 +204,7 @@ final class EvdLineHandler: ChannelInboundHandler {
     /// The start of a line whose end has not arrived yet.
     private var partial: ByteBuffer?
 
+    /// A handler feeding `events` and `responses`, and `hello` with the first hello.
     init(events: AsyncQueue<[EvdLineConnection.Item]>, responses: ResponseRouter, hello: EventLoopPromise<JSONObject>) {
         self.events = events
         self.responses = responses

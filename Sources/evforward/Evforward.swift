@@ -65,6 +65,7 @@ struct Evforward: AsyncParsableCommand {
     @Option(help: "Log level: trace, debug, info, notice, warning, error, critical.")
     var logLevel: String = "info"
 
+    /// Checks every option before anything starts: a mistake is a usage error (exit 64) naming it.
     func validate() throws {
         do {
             _ = try self.servers()
@@ -129,6 +130,8 @@ struct Evforward: AsyncParsableCommand {
         return (host, port)
     }
 
+    /// Bootstraps logging, serves metrics if asked, and runs the forwarder in a service group that
+    /// stops it gracefully on SIGTERM and SIGINT; a fenced forwarder exits 3.
     func run() async throws {
         // A write to a connection the peer closed (nats-server stopping, evd restarting) must be an
         // EPIPE error the session handles, not a signal that kills the process.

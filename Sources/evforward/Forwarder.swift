@@ -116,12 +116,14 @@ final class Forwarder: Service, CustomStringConvertible {
 
     var description: String { "Forwarder(stream: \(self.configuration.stream), cursor: \(self.configuration.cursor))" }
 
+    /// A forwarder for `configuration`, counting in `metrics`, logging to `logger`.
     init(configuration: ForwarderConfiguration, metrics: ForwarderMetrics, logger: Logger) {
         self.configuration = configuration
         self.metrics = metrics
         self.logger = logger
     }
 
+    /// Runs sessions until graceful shutdown (then returns) or a `ForwarderError` (thrown).
     func run() async throws {
         try await withGracefulShutdownHandler {
             try await self.loop()
@@ -305,6 +307,7 @@ final class Forwarder: Service, CustomStringConvertible {
         /// The seq of the last event taken from evd (to drop any repeat).
         private var lastTaken: Int64 = 0
 
+        /// A session of `forwarder` over the NATS connection `nats`.
         init(forwarder: Forwarder, nats: NATSConnection, cursorGrace: Bool) {
             self.forwarder = forwarder
             self.nats = nats
@@ -312,6 +315,7 @@ final class Forwarder: Service, CustomStringConvertible {
             self.jetStream = JetStream(connection: nats, timeout: forwarder.configuration.timeout)
         }
 
+        /// Makes sure of the stream, reads the resume point, connects to evd and forwards.
         func run() async throws {
             let info = try await self.forwarder.ensureStream(self.jetStream)
             let last = try await self.jetStream.lastMessage(stream: self.configuration.stream)
@@ -657,10 +661,12 @@ final class Forwarder: Service, CustomStringConvertible {
         var lastTime = ContinuousClock.now
         var lastCount: Int
 
+        /// Progress counted from `start` forwarded events.
         init(start: Int) {
             self.lastCount = start
         }
 
+        /// Logs a `progress` line when `progressInterval` has passed since the last one.
         mutating func log(_ pump: Pump) {
             let now = ContinuousClock.now
             let elapsed = now - self.lastTime

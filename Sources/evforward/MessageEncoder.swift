@@ -274,6 +274,7 @@ struct MessageEncoder {
         }
     }
 
+    /// `value` in decimal.
     static func appendDecimal(_ value: Int64, to out: inout [UInt8]) {
         if value == 0 {
             out.append(UInt8(ascii: "0"))
