@@ -49,9 +49,11 @@ extension NATSConnection {
     /// `NATSError.timeout`. `encode` writes exactly one protocol message and returns `true`, or
     /// writes nothing and returns `false` (a message over `maxPayload`, which the server would close
     /// the connection for, is the encoder's to refuse); a request not written fails at once with
-    /// `NATSError.payloadTooLarge` (size 0: the encoder knows the real size).
+    /// `NATSError.payloadTooLarge` (size 0: the encoder knows the real size). `capacity` is the
+    /// expected size of the whole write, when the caller knows better than 512 bytes a request.
     public func sendRequests(
         count: Int,
+        capacity: Int? = nil,
         timeout: Duration = .seconds(5),
         encode: (_ index: Int, _ replyTo: ReplySubject, _ buffer: inout ByteBuffer) throws -> Bool
     ) throws -> PendingReplies {
@@ -60,7 +62,7 @@ extension NATSConnection {
         }
         try self.core.checkOpen()
         let first = self.core.reserveRequestTokens(count)
-        var bytes = self.channel.allocator.buffer(capacity: count * 512)
+        var bytes = self.channel.allocator.buffer(capacity: capacity ?? count * 512)
         var unsent: [Int] = []
         for index in 0..<count {
             if try !encode(index, ReplySubject(prefix: self.inboxPrefix, token: first + index), &bytes) {

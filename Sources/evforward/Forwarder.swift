@@ -482,7 +482,9 @@ final class Forwarder: Service, CustomStringConvertible {
         private func send(_ events: ArraySlice<EventLine>, encoder: inout MessageEncoder) throws {
             var skipped = [Bool](repeating: false, count: events.count)
             let base = events.startIndex
-            let replies = try self.nats.sendRequests(count: events.count, timeout: self.configuration.timeout) {
+            // Each message: its body, about 400 bytes of headers, and the HPUB line.
+            let capacity = events.reduce(0) { $0 + $1.bodyCount + 600 }
+            let replies = try self.nats.sendRequests(count: events.count, capacity: capacity, timeout: self.configuration.timeout) {
                 index,
                 replyTo,
                 buffer in
