@@ -320,9 +320,16 @@ final class Forwarder: Service, CustomStringConvertible {
             let info = try await self.forwarder.ensureStream(self.jetStream)
             let last = try await self.jetStream.lastMessage(stream: self.configuration.stream)
             let resume = Forwarder.resumePoint(last: last, lastSequence: info.lastSeq)
-            try await EvdLineConnection.withConnection(socketPath: self.configuration.socketPath, token: self.configuration.token) {
-                evd in
-                try await self.forward(from: evd, resume: resume)
+            do {
+                try await EvdLineConnection.withConnection(socketPath: self.configuration.socketPath, token: self.configuration.token) {
+                    evd in
+                    try await self.forward(from: evd, resume: resume)
+                }
+            } catch let error as EvdError
+                where error.code == ErrorCode.tokenInvalid.rawValue || error.code == ErrorCode.tokenExpired.rawValue
+            {
+                // Retrying cannot make a token valid: a new one must be configured.
+                throw ForwarderError.fatal("evd refused the token (--token or $EVD_TOKEN): \(error)")
             }
         }
 

@@ -306,6 +306,43 @@ extension Processes {
             }
         }
 
+        @Test("With a token ($EVD_TOKEN) the cursor belongs to the token's actor; a bad token is exit 1")
+        func token() async throws {
+            try await withNATSServer { server in
+                try await withEvd { evd in
+                    try await withTemporaryDirectory { directory in
+                        try await evd.insertRows(2)
+                        let token = try #require(try await evd.withClient { try await $0.request("create_token")["token"]?.stringValue })
+                        let actor = try await evd.withClient { try await $0.login(token: token)["id"]?.stringValue }
+                        let child = try Child(
+                            binaryPath("evforward"),
+                            ["--nats", "nats://127.0.0.1:\(server.port)", "--stream", "EVD_E2E", "--socket", evd.socketPath],
+                            stderr: directory + "/fwd.stderr",
+                            environment: ["EVD_TOKEN": token]
+                        )
+                        try await withConnection(to: server) { nats in
+                            let js = JetStream(connection: nats)
+                            let marker = try #require(try await evd.journaledEvents().keys.max())
+                            #expect(await eventually { (try? await lastSequence(js)) ?? 0 >= marker }, "\(child.stderr)")
+                        }
+                        let cursors = try await evd.withClient { try await $0.request("stats")["cursors"]?.arrayValue ?? [] }
+                        #expect(cursors.first { $0["name"] == "evforward.EVD_E2E" }?["owner"]?.stringValue == actor, "\(cursors)")
+                        child.signal(SIGTERM)
+                        #expect(await child.finish() == 0, "\(child.stderr)")
+
+                        let bad = try Child(
+                            binaryPath("evforward"),
+                            ["--nats", "nats://127.0.0.1:\(server.port)", "--stream", "EVD_E2E", "--socket", evd.socketPath],
+                            stderr: directory + "/bad.stderr",
+                            environment: ["EVD_TOKEN": "evd_not_a_token"]
+                        )
+                        #expect(await bad.finish() == 1, "\(bad.stderr)")
+                        #expect(bad.stderr.contains("evd refused the token"), "\(bad.stderr)")
+                    }
+                }
+            }
+        }
+
         @Test("Another writer in the stream fences evforward off: exit 3")
         func foreignWriterFenced() async throws {
             try await withNATSServer { server in
