@@ -98,6 +98,7 @@ let package = Package(
             dependencies: [
                 "EvdClient",
                 "EvdCLI",
+                "NATSClient",
                 .product(name: "OrderedCollections", package: "swift-collections"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
