@@ -4,7 +4,7 @@ import OrderedCollections
 /// One readable line per message, for `evtail` on a terminal:
 /// `10:00:00.123456 #1235 insert-rows database=main table=dogs num_rows=2  (uid:1000 s17)`.
 public enum EventFormatter {
-    static let envelope: Set<String> = ["type", "seq", "event", "time", "subscription", "session", "actor"]
+    static let envelope: Set<String> = ["type", "seq", "epoch", "event", "time", "subscription", "session", "actor"]
 
     public static func line(_ message: JSONObject) -> String {
         switch message["type"]?.stringValue {

@@ -58,6 +58,18 @@ struct Evd: AsyncParsableCommand {
     @Option(help: "The most subscriptions one connection may hold (default 256).")
     var maxSubscriptions: Int?
 
+    @Option(help: "The most durable cursors evd keeps (0-1000000; default 1024).")
+    var maxCursors: Int?
+
+    @Option(help: "The most durable cursors one actor may make (0-1000000; default 32).")
+    var maxCursorsPerActor: Int?
+
+    @Option(
+        help:
+            "Keep at most this many events of a retention window beyond retention for durable cursors that have not acknowledged them; past it a cursor's replay gets notice gap (0: cursors keep nothing; default 10000000)."
+    )
+    var cursorMaxRetainedEvents: Int?
+
     @Option(help: "The most requests one connection may have queued; evd stops reading from it until one finishes (default 256).")
     var maxPendingRequests: Int?
 
@@ -148,6 +160,12 @@ struct Evd: AsyncParsableCommand {
         if let journalKeepSeconds, journalKeepSeconds < 0 { throw ValidationError("--journal-keep-seconds must be 0 or more") }
         if let maxConnectionsPerUid, maxConnectionsPerUid < 1 { throw ValidationError("--max-connections-per-uid must be at least 1") }
         if let maxSubscriptions, maxSubscriptions < 1 { throw ValidationError("--max-subscriptions must be at least 1") }
+        for (flag, value) in [("--max-cursors", self.maxCursors), ("--max-cursors-per-actor", self.maxCursorsPerActor)] {
+            if let value, !(0...1_000_000).contains(value) { throw ValidationError("\(flag) must be 0 to 1000000") }
+        }
+        if let cursorMaxRetainedEvents, cursorMaxRetainedEvents < 0 {
+            throw ValidationError("--cursor-max-retained-events must be 0 or more")
+        }
         if let maxPendingRequests, !(1...65_536).contains(maxPendingRequests) {
             throw ValidationError("--max-pending-requests must be between 1 and 65536")
         }
@@ -294,6 +312,11 @@ extension Evd {
         if let value = self.maxConnections ?? file.maxConnections { configuration.maxSessions = value }
         if let value = self.maxConnectionsPerUid ?? file.maxConnectionsPerUID { configuration.maxSessionsPerUID = value }
         if let value = self.maxSubscriptions ?? file.maxSubscriptions { configuration.maxSubscriptions = value }
+        if let value = self.maxCursors ?? file.maxCursors { configuration.maxCursors = value }
+        if let value = self.maxCursorsPerActor ?? file.maxCursorsPerActor { configuration.maxCursorsPerActor = value }
+        if let value = self.cursorMaxRetainedEvents ?? file.cursorMaxRetainedEvents {
+            configuration.journal.cursorMaxRetainedEvents = value
+        }
         if let value = self.maxPendingRequests ?? file.maxPendingRequests { configuration.maxPipelinedRequests = value }
         if let value = self.maxQueuedEvents ?? file.maxQueuedEvents {
             configuration.outboxLimits.maxEventsPerSubscription = value
@@ -346,6 +369,8 @@ extension Evd {
                 "max_connections": .integer(configuration.maxSessions),
                 "max_connections_per_uid": .integer(configuration.maxSessionsPerUID),
                 "max_subscriptions": .integer(configuration.maxSubscriptions),
+                "max_cursors": .integer(configuration.maxCursors),
+                "max_cursors_per_actor": .integer(configuration.maxCursorsPerActor),
                 "max_pending_requests": .integer(configuration.maxPipelinedRequests),
                 "max_queued_events": .integer(configuration.outboxLimits.maxEventsPerSubscription),
                 "max_queued_bytes": .integer(configuration.outboxLimits.maxBytes),
@@ -359,6 +384,7 @@ extension Evd {
                 "enabled": .bool(configuration.journal.enabled), "rows": .bool(configuration.journal.rowImages),
                 "keep_events": .integer(configuration.journal.keepEvents),
                 "keep_seconds": .integer(configuration.journal.keepSeconds),
+                "cursor_max_retained_events": .integer(configuration.journal.cursorMaxRetainedEvents),
             ],
             "metrics": [
                 "socket": configuration.metrics.socketPath.map(JSONValue.string) ?? .null,

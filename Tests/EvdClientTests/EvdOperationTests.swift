@@ -111,9 +111,11 @@ struct EvdOperationTests {
                 if !name.isEmpty { named.insert(name) }
             }
         }
-        // Two admin ops are evd's own, beyond the contract (docs/protocol.md, "Admin ops (evd's additions)").
-        #expect(named.union(["invalidate", "dispose"]) == all)
-        #expect(!named.contains("invalidate") && !named.contains("dispose"))
+        // Two admin ops and the two of durable cursors are evd's own, beyond the contract
+        // (docs/protocol.md, "Admin ops (evd's additions)", "Durable cursors (evd's addition)").
+        let additions: Set<String> = ["invalidate", "dispose", "ack", "delete_cursor"]
+        #expect(named.union(additions) == all)
+        #expect(named.isDisjoint(with: additions))
     }
 
     @Test("a missing or ill-typed op is bad_request; an unknown one unknown_op")

@@ -617,7 +617,7 @@ let liveEventNames: [String] = EventKind.allCases
     .map(\.name)
 
 /// The envelope's keys, in wire order (PROTOCOL.md §2).
-let envelopeKeys = ["type", "seq", "event", "time", "subscription", "session", "actor"]
+let envelopeKeys = ["type", "seq", "epoch", "event", "time", "subscription", "session", "actor"]
 
 /// Subscribes to `events` and returns the subscription number and the head seq.
 @discardableResult

@@ -129,7 +129,7 @@ extension EvdConnection {
 
     /// The next message of `type` (skipping others; `nil`: of any type), or nil if none arrives
     /// within `seconds`.
-    func nextMessage(ofType type: String?, within seconds: Double = 10) async -> JSONObject? {
+    func nextMessage(ofType type: String?, within seconds: Double = 30) async -> JSONObject? {
         await firstValue(within: seconds) {
             while let message = await self.nextMessage() {
                 if type == nil || message["type"]?.stringValue == type { return message }
@@ -139,7 +139,7 @@ extension EvdConnection {
     }
 
     /// Collects events until one named `last` arrives (inclusive), within `seconds`.
-    func events(until last: String, within seconds: Double = 10) async -> [JSONObject] {
+    func events(until last: String, within seconds: Double = 30) async -> [JSONObject] {
         var collected: [JSONObject] = []
         let deadline = ContinuousClock.now + .seconds(seconds)
         while ContinuousClock.now < deadline {

@@ -398,7 +398,8 @@ struct VetoTests {
         try await withRunningDaemon(configure: { $0.poolSize = 1 }) { daemon in
             try await withVetoTestClient(
                 daemon,
-                ["veto": ["checkout"], "name": "pool-guard"],
+                // A bound for a loaded machine: the listener answers at once.
+                ["veto": ["checkout"], "name": "pool-guard", "timeout_ms": 30000],
                 decide: VetoAnswer.always(VetoAnswer.deny("broken"))
             ) { listener in
                 try await daemon.withClient { evd in
@@ -941,7 +942,9 @@ struct VetoTests {
 
     @Test("replies: unknown seq, bad action, immutable or mistyped property → bad_request with the reply's id; the veto goes by on_timeout")
     func invalidReplies() async throws {
-        try await withRunningDaemon { daemon in
+        // The chain's budget as long as the listener's timeout: a loaded machine's slow reply is
+        // still a reply.
+        try await withRunningDaemon(configure: { $0.vetoBudgetMs = 60000 }) { daemon in
             try await daemon.withClient { listener in
                 try await listener.request(
                     "subscribe",

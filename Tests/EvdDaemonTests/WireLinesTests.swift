@@ -20,16 +20,18 @@ struct WireLinesTests {
     }
 
     private let actor = Actor(uid: 1000, gid: 1000, pid: 42, user: "ann")
+    /// 123456789: its text is zero-padded to 16 hex digits.
+    private static let epoch = JournalEpoch(value: 123_456_789)
     private var actorJSON: String { Self.text(self.actor.jsonValue.jsonBytes) }
 
     @Test("an event's prefix, body, and its parts")
     func event() {
         let origin = EventOrigin(session: 7, actor: self.actor)
         let time = Array(#""2026-01-02T03:04:05.000006Z""#.utf8)
-        let prefix = WireLines.prefix(seq: 12, name: "insert-rows", time: time)
+        let prefix = WireLines.prefix(seq: 12, epoch: Self.epoch, name: "insert-rows", time: time)
         #expect(
             Self.text(prefix)
-                == #"{"type":"event","seq":12,"event":"insert-rows","time":"2026-01-02T03:04:05.000006Z","subscription":"#
+                == #"{"type":"event","seq":12,"epoch":"00000000075bcd15","event":"insert-rows","time":"2026-01-02T03:04:05.000006Z","subscription":"#
         )
         let body = WireLines.body(origin, ["table": "t", "rows": 1])
         #expect(Self.text(body) == #","session":7,"actor":"# + self.actorJSON + #","table":"t","rows":1}"# + "\n")
@@ -38,16 +40,16 @@ struct WireLinesTests {
         var parts: [UInt8] = []
         WireLines.appendStart(seq: 12, to: &parts)
         var name = "insert-rows"
-        name.withUTF8 { WireLines.appendName($0, to: &parts) }
+        name.withUTF8 { WireLines.appendName($0, epoch: Self.epoch, to: &parts) }
         parts += time
         JSONWriter.appendASCII(WireLines.subscriptionKey, to: &parts)
         #expect(parts == prefix)
         var head: [UInt8] = []
-        name.withUTF8 { WireLines.appendHead(seq: 12, name: $0, to: &head) }
+        name.withUTF8 { WireLines.appendHead(seq: 12, epoch: Self.epoch, name: $0, to: &head) }
         #expect(head + time + Array(#","subscription":"#.utf8) == prefix)
         // A name that needs escaping, and the time of now.
-        let now = WireLines.prefix(seq: 1, name: "a\"b", time: nil)
-        #expect(Self.timeless(now) == #"{"type":"event","seq":1,"event":"a\"b","time":"T","subscription":"#)
+        let now = WireLines.prefix(seq: 1, epoch: Self.epoch, name: "a\"b", time: nil)
+        #expect(Self.timeless(now) == #"{"type":"event","seq":1,"epoch":"00000000075bcd15","event":"a\"b","time":"T","subscription":"#)
     }
 
     @Test("veto")
@@ -55,6 +57,7 @@ struct WireLinesTests {
         let origin = EventOrigin(session: 3, actor: nil)
         let line = WireLines.veto(
             seq: 99,
+            epoch: Self.epoch,
             name: "commit",
             subscription: 4,
             origin: origin,
@@ -63,13 +66,21 @@ struct WireLinesTests {
         )
         #expect(
             Self.timeless(line)
-                == #"{"type":"veto","seq":99,"event":"commit","time":"T","subscription":4,"session":3,"actor":null,"deadline_ms":1,"database":"main"}"#
+                == #"{"type":"veto","seq":99,"epoch":"00000000075bcd15","event":"commit","time":"T","subscription":4,"session":3,"actor":null,"deadline_ms":1,"database":"main"}"#
                 + "\n"
         )
-        let later = WireLines.veto(seq: 1, name: "checkout", subscription: 2, origin: .daemon, deadlineMs: 250, properties: [:])
+        let later = WireLines.veto(
+            seq: 1,
+            epoch: Self.epoch,
+            name: "checkout",
+            subscription: 2,
+            origin: .daemon,
+            deadlineMs: 250,
+            properties: [:]
+        )
         #expect(
             Self.timeless(later)
-                == #"{"type":"veto","seq":1,"event":"checkout","time":"T","subscription":2,"session":null,"actor":null,"deadline_ms":250}"#
+                == #"{"type":"veto","seq":1,"epoch":"00000000075bcd15","event":"checkout","time":"T","subscription":2,"session":null,"actor":null,"deadline_ms":250}"#
                 + "\n"
         )
     }
@@ -90,11 +101,18 @@ struct WireLinesTests {
 
     @Test("hello")
     func hello() {
-        let line = WireLines.hello(version: evdVersion, session: 8, actor: self.actor, databases: ["main", "logs"], seq: 41)
+        let line = WireLines.hello(
+            version: evdVersion,
+            session: 8,
+            actor: self.actor,
+            databases: ["main", "logs"],
+            seq: 41,
+            epoch: Self.epoch
+        )
         #expect(
             Self.text(line)
                 == #"{"type":"hello","server":"evd","version":""# + evdVersion + #"","protocol":1,"session":8,"actor":"#
-                + self.actorJSON + #","databases":["main","logs"],"seq":41}"# + "\n"
+                + self.actorJSON + #","databases":["main","logs"],"seq":41,"epoch":"00000000075bcd15"}"# + "\n"
         )
     }
 

@@ -400,13 +400,23 @@ class Client:
 
     def subscribe(self, *events, **options):
         """subscribe; returns the result ({"subscription": N, "events": [...], "seq": HEAD}).
-        Options as PROTOCOL.md §3: where, since, rows, name, on_overflow, veto, timeout_ms, ..."""
+        Options as PROTOCOL.md §3: where, since, rows, name, on_overflow, veto, timeout_ms, ...,
+        and cursor="NAME" for a durable cursor (docs/protocol.md, "Durable cursors")."""
         if events:
             options["events"] = list(events)
         return self.request("subscribe", **options)
 
     def unsubscribe(self, subscription):
         return self.request("unsubscribe", subscription=subscription)
+
+    def ack(self, subscription, seq):
+        """Acknowledges every event up to `seq` for the durable cursor that `subscription` follows
+        (subscribe(..., cursor="NAME")); returns the cursor's position once it is on disk."""
+        return self.request("ack", subscription=subscription, seq=seq)["position"]
+
+    def delete_cursor(self, name):
+        """Forgets a durable cursor nobody follows (yours, or anyone's with admin)."""
+        return self.request("delete_cursor", cursor=name)
 
     # -- reading --------------------------------------------------------------------------
 

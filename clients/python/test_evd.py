@@ -168,6 +168,27 @@ class EventTests(unittest.TestCase):
             event = next(c.events("pytest.replayed", since=seq - 1))
             self.assertEqual((event["seq"], event["n"]), (seq, 7))
 
+    def test_durable_cursor(self):
+        name = "pytest.cursor.%d" % os.getpid()
+        with client() as c:
+            result = c.subscribe("pytest.cursored", cursor=name)
+            self.assertEqual(result["cursor"]["name"], name)
+            first = c.emit("pytest.cursored", {"n": 1})
+            second = c.emit("pytest.cursored", {"n": 2})
+            events = list(itertools.islice(c.events(), 2))
+            self.assertEqual([e["seq"] for e in events], [first, second])
+            self.assertEqual(events[0]["epoch"], c.hello["epoch"])
+            self.assertEqual(c.ack(result["subscription"], first), first)
+        # The acknowledged one is not seen again; the other is.
+        with client() as c:
+            event = next(c.events("pytest.cursored", cursor=name))
+            self.assertEqual((event["seq"], event["n"]), (second, 2))
+        with client() as c:
+            c.delete_cursor(name)
+            with self.assertRaises(evd.EvdError) as caught:
+                c.delete_cursor(name)
+            self.assertEqual(caught.exception.code, "no_such_cursor")
+
 
 class VetoTests(unittest.TestCase):
     def test_deny(self):

@@ -36,6 +36,11 @@ public enum EventKind: Int, Sendable, CaseIterable {
         EventKind.createTable, .dropTable, .alterTable, .renameTable, .insertRows, .upsertRows, .updateRow, .deleteRow,
     ].reduce(0) { $0 | 1 << UInt64($1.rawValue) }
 
+    /// The events the journal keeps (the committed ones: §6.5), as a bit set over `rawValue`:
+    /// what a durable cursor follows.
+    static let journaled: UInt64 = EventKind.allCases.filter { $0.spec.family.isCommitted }
+        .reduce(0) { $0 | 1 << UInt64($1.rawValue) }
+
     /// This event's catalog entry.
     public var spec: EventSpec { Self.specs[self.rawValue] }
     /// The wire name (`first_connect`, `insert-rows`).

@@ -10,7 +10,7 @@ extension EventBus {
         case .entry(let event):
             let subscribers = Self.subscribers(&state, name: event.name, kind: event.kind)
             guard !subscribers.isEmpty else { return }
-            let prefix = WireLines.prefix(seq: numbered.seq, name: event.name, time: numbered.time)
+            let prefix = WireLines.prefix(seq: numbered.seq, epoch: state.epoch, name: event.name, time: numbered.time)
             for subscription in subscribers
             where subscription.acceptsAll
                 || subscription.accepts(name: event.name, origin: event.origin, properties: event.properties)
@@ -50,6 +50,7 @@ extension EventBus {
                         range: range,
                         seq: numbered.seq,
                         time: time,
+                        epoch: state.epoch,
                         subscription: subscription.id,
                         rows: subscription.wantsRows
                     )

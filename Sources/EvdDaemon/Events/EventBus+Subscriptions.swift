@@ -28,6 +28,7 @@ extension EventBus {
         wantsRows: Bool,
         outbox: Outbox,
         visibility: EventVisibility? = nil,
+        journaledOnly: Bool = false,
         veto: ((Int) -> VetoListener)? = nil,
         registered: (Subscription, _ head: Int64, _ stable: Int64) -> Void = { _, _, _ in }
     ) -> Subscription {
@@ -41,7 +42,8 @@ extension EventBus {
                 overflow: overflow,
                 wantsRows: wantsRows,
                 outbox: outbox,
-                visibility: visibility
+                visibility: visibility,
+                journaledOnly: journaledOnly
             )
             state.nextSubscription += 1
             // Held before anything can be queued for the subscription (delivery and the veto

@@ -17,6 +17,8 @@ import Synchronization
 public final class EventBus: Sendable {
     struct State {
         var seq: Int64
+        /// The journal's epoch, which every event line carries (constant).
+        let epoch: JournalEpoch
         var nextSubscription = 1
         var subscriptions: OrderedDictionary<Int, Subscription> = [:]
         /// Subscriptions per catalog event, in subscription order.
@@ -75,18 +77,30 @@ public final class EventBus: Sendable {
 
     /// Keeps seqs below a persisted bound, so that a restart never reuses one (`nil`: no journal).
     let lease: SeqLease?
+    /// The journal's epoch (`JournalEpoch`): in `hello` and every event.
+    public let epoch: JournalEpoch
 
     /// Creates a bus whose first event gets `lastSeq + 1`; `vetoLatency` is told how long each
     /// veto listener took to answer.
-    init(lastSeq: Int64 = 0, lease: SeqLease? = nil, vetoLatency: (@Sendable (Duration) -> Void)? = nil) {
+    init(
+        lastSeq: Int64 = 0,
+        epoch: JournalEpoch = .random(),
+        lease: SeqLease? = nil,
+        vetoLatency: (@Sendable (Duration) -> Void)? = nil
+    ) {
         precondition(EventKind.allCases.count <= 64, "the interest bit set holds 64 catalog events")
-        self.state = Mutex(State(seq: lastSeq))
+        self.epoch = epoch
+        self.state = Mutex(State(seq: lastSeq, epoch: epoch))
         self.lease = lease
         self.vetoStats = VetoStats(observeLatency: vetoLatency)
     }
 
     /// The newest seq handed out.
     public var headSeq: Int64 { self.state.withLock { $0.seq } }
+
+    /// The seq up to which every event has been delivered (`stablePoint`): a subscription made
+    /// now receives every event after it.
+    public var stableSeq: Int64 { self.state.withLock { Self.stablePoint($0) } }
 
     /// Whether any subscription wants `kind` right now.
     @inline(__always)

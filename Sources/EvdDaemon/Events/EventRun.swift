@@ -470,6 +470,7 @@ struct RunDelivery {
     let seq: Int64
     /// The events' time, quoted.
     let time: [UInt8]
+    let epoch: JournalEpoch
     let subscription: Int
     let rows: Bool
 
@@ -495,6 +496,7 @@ struct RunDelivery {
             range: self.range.lowerBound..<(self.range.lowerBound + count),
             seq: self.seq,
             time: self.time,
+            epoch: self.epoch,
             subscription: self.subscription,
             rows: self.rows
         )
@@ -522,7 +524,7 @@ struct RunDelivery {
         // `,"event":…,"time":…,"subscription":N`: the same for every event of the run.
         var middle: [UInt8] = []
         var name = self.run.kind.name
-        name.withUTF8 { WireLines.appendName($0, to: &middle) }
+        name.withUTF8 { WireLines.appendName($0, epoch: self.epoch, to: &middle) }
         middle += self.time
         JSONWriter.appendASCII(WireLines.subscriptionKey, to: &middle)
         JSONWriter.appendInt(Int64(self.subscription), to: &middle)

@@ -25,7 +25,8 @@ final class Subscription: Sendable {
         overflow: OverflowPolicy,
         wantsRows: Bool,
         outbox: Outbox,
-        visibility: EventVisibility? = nil
+        visibility: EventVisibility? = nil,
+        journaledOnly: Bool = false
     ) {
         self.visibility = visibility
         self.id = id
@@ -36,7 +37,8 @@ final class Subscription: Sendable {
         for kind in EventKind.allCases where patterns.contains(where: { $0.matches(kind.name) }) {
             kinds |= 1 << UInt64(kind.rawValue)
         }
-        self.kinds = kinds
+        // A durable cursor's subscription follows the journal: its live events are not for it.
+        self.kinds = journaledOnly ? kinds & EventKind.journaled : kinds
         self.filter = filter
         self.overflow = overflow
         self.wantsRows = wantsRows

@@ -285,6 +285,7 @@ extension EventBus {
             + min(listener.timeout, deadline).components.attoseconds / 1_000_000_000_000_000
         let line = WireLines.veto(
             seq: chain.verdict.seq,
+            epoch: self.epoch,
             name: chain.kind.name,
             subscription: listener.subscription,
             origin: chain.origin,

@@ -35,6 +35,8 @@ public struct ConfigFile: Sendable {
     public var maxConnections: Int?
     public var maxConnectionsPerUID: Int?
     public var maxSubscriptions: Int?
+    public var maxCursors: Int?
+    public var maxCursorsPerActor: Int?
     public var maxPendingRequests: Int?
     public var maxQueuedEvents: Int?
     public var maxQueuedBytes: Int?
@@ -47,6 +49,7 @@ public struct ConfigFile: Sendable {
     public var journalRows: Bool?
     public var journalKeepEvents: Int?
     public var journalKeepSeconds: Int?
+    public var cursorMaxRetainedEvents: Int?
     public var metricsSocket: String?
     public var metricsListen: HostPort?
     public var metricsRequestTimeoutMs: Int?
@@ -136,7 +139,7 @@ public struct ConfigFile: Sendable {
             try limits.only([
                 "max_connections", "max_connections_per_uid", "max_subscriptions", "max_pending_requests",
                 "max_queued_events", "max_queued_bytes", "max_response_bytes", "max_filter_values",
-                "max_statement_ms", "idle_transaction_ms", "max_pool_share",
+                "max_statement_ms", "idle_transaction_ms", "max_pool_share", "max_cursors", "max_cursors_per_actor",
             ])
             config.maxConnections = try limits.int("max_connections", 1...Int(Int32.max))
             config.maxConnectionsPerUID = try limits.int("max_connections_per_uid", 1...Int(Int32.max))
@@ -149,13 +152,16 @@ public struct ConfigFile: Sendable {
             config.maxStatementMs = try limits.int("max_statement_ms", 0...86_400_000)
             config.idleTransactionMs = try limits.int("idle_transaction_ms", 0...86_400_000)
             config.maxPoolShare = try limits.int("max_pool_share", 1...256)
+            config.maxCursors = try limits.int("max_cursors", 0...1_000_000)
+            config.maxCursorsPerActor = try limits.int("max_cursors_per_actor", 0...1_000_000)
         }
         if let journal = try top.table("journal") {
-            try journal.only(["enabled", "rows", "keep_events", "keep_seconds"])
+            try journal.only(["enabled", "rows", "keep_events", "keep_seconds", "cursor_max_retained_events"])
             config.journalEnabled = try journal.bool("enabled")
             config.journalRows = try journal.bool("rows")
             config.journalKeepEvents = try journal.int("keep_events", 0...Int.max)
             config.journalKeepSeconds = try journal.int("keep_seconds", 0...Int.max)
+            config.cursorMaxRetainedEvents = try journal.int("cursor_max_retained_events", 0...Int.max)
         }
         if let metrics = try top.table("metrics") {
             try metrics.only(["socket", "listen", "request_timeout_ms"])

@@ -28,6 +28,10 @@ public struct EvdConfiguration: Sendable {
     public var maxSessionsPerUID: Int = 256
     /// Subscriptions one connection may hold at once; the `subscribe` beyond it gets `bad_request`.
     public var maxSubscriptions: Int = 256
+    /// Durable cursors evd keeps in all, and per actor; the `subscribe` that would make one more
+    /// gets `bad_request` naming the limit.
+    public var maxCursors: Int = 1024
+    public var maxCursorsPerActor: Int = 32
     /// Requests a connection may have queued (pipelined) before evd stops reading from it.
     public var maxPipelinedRequests: Int = 256
     /// Values one subscription's `where` may list in all; a longer filter gets `bad_request`.

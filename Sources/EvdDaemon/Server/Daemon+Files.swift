@@ -60,7 +60,7 @@ extension Daemon {
     /// Narrows every database file evd serves or keeps (and their `-wal`, `-shm`) that other users
     /// may read to 0600 (`DatabaseFiles`), and says so; one evd does not own is only reported.
     func narrowDatabaseFiles() {
-        let state = ["journal.db", "twophase.db"].map { self.configuration.stateDirectory + "/" + $0 }
+        let state = ["journal.db", "twophase.db", "cursors.db"].map { self.configuration.stateDirectory + "/" + $0 }
         for path in self.configuration.databases.map(\.path) + state {
             for file in DatabaseFiles.narrow(path) {
                 let metadata: Logger.Metadata = [

@@ -20,7 +20,9 @@ extension Daemon {
     func keepRetention(_ journal: Journal, core: DaemonCore) async {
         while !Task.isCancelled && !core.shuttingDown.load(ordering: .relaxed) {
             do {
-                try await core.threadPool.runIfActive { try journal.prune() }
+                try await core.threadPool.runIfActive {
+                    try journal.prune(keepingAfter: { core.cursors?.lowestPosition(pinning: $0) })
+                }
             } catch let error as SQLiteError where error.isBusy {
                 // A long write transaction holds the database: retention tries again next time.
                 self.logger.debug("journal retention postponed: the database is busy", metadata: ["error": "\(error)"])

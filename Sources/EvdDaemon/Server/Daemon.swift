@@ -88,7 +88,7 @@ public final class Daemon: Service, CustomStringConvertible {
         defer { databaseThreads.shutdown() }
         let group = MultiThreadedEventLoopGroup.singleton
         let (journal, head) = try await self.openJournal(on: threadPool)
-        let bus = EventBus(lastSeq: head, lease: journal.lease, vetoLatency: self.metrics.observeVetoLatency)
+        let bus = EventBus(lastSeq: head, epoch: journal.epoch, lease: journal.lease, vetoLatency: self.metrics.observeVetoLatency)
         let core = DaemonCore(
             configuration: self.configuration,
             bus: bus,
@@ -114,6 +114,13 @@ public final class Daemon: Service, CustomStringConvertible {
         let createdPath: String?
         var endpoint: MetricsEndpoint?
         do {
+            if let cursors = core.cursors {
+                do {
+                    try await threadPool.runIfActive { try cursors.open() }
+                } catch {
+                    throw StartupError(description: "cannot open the cursors in \(self.configuration.stateDirectory): \(error)")
+                }
+            }
             try await self.recoverPreparedTransactions(core)
             endpoint = try await MetricsEndpoint.bind(self.configuration, group: group, logger: self.logger)
             (server, createdPath) = try await self.bind(group: group, acceptPause: acceptPause)
@@ -121,6 +128,7 @@ public final class Daemon: Service, CustomStringConvertible {
             endpoint?.close()
             await core.twoPhase.releaseAll()
             core.twoPhase.log.close()
+            core.cursors?.close()
             journal.close()
             try? await threadPool.shutdownGracefully()
             throw error
@@ -180,6 +188,7 @@ public final class Daemon: Service, CustomStringConvertible {
             await pool.dispose(origin: .daemon)
             await pool.checkpointer?.close()
         }
+        core.cursors?.close()
         journal.close()
         try? await threadPool.shutdownGracefully()
         if let createdPath { unlink(createdPath) }

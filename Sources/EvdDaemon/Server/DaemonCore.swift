@@ -33,6 +33,8 @@ final class DaemonCore: Sendable {
     let twoPhase: TwoPhaseTransactions
     /// Signs and checks tokens with the secret in the state directory.
     let tokens: TokenAuthority
+    /// Durable cursors (`nil` with `--no-journal`: a cursor is a position in the journal).
+    let cursors: Cursors?
 
     init(
         configuration: EvdConfiguration,
@@ -71,6 +73,14 @@ final class DaemonCore: Sendable {
         self.permissions = Permissions(ownerUID: getuid(), grants: configuration.grants)
         self.twoPhase = TwoPhaseTransactions(stateDirectory: configuration.stateDirectory)
         self.tokens = tokens
+        self.cursors =
+            journal == nil
+            ? nil
+            : Cursors(
+                stateDirectory: configuration.stateDirectory,
+                maxCursors: configuration.maxCursors,
+                maxPerOwner: configuration.maxCursorsPerActor
+            )
     }
 
     /// The pool of `name`, or the default database's when `name` is nil.
@@ -123,6 +133,8 @@ final class DaemonCore: Sendable {
             "vetoes_pending": .integer(self.bus.pendingVetoes.count),
             "pools": .object(pools),
             "journal": (journal ?? Journal.Figures()).jsonValue(enabled: self.journal != nil),
+            "epoch": .string(self.bus.epoch.description),
+            "cursors": .array((self.cursors?.all ?? []).map { $0.jsonValue(head: head) }),
         ]
     }
 }
@@ -190,5 +202,18 @@ final class SessionRegistry: Sendable {
 
     func counts() -> (current: Int, total: Int) {
         self.state.withLock { ($0.sessions.count, $0.total) }
+    }
+}
+
+extension Cursors.Cursor {
+    /// The cursor as `stats` lists it: `lag` is how many seqs the head is past its position.
+    func jsonValue(head: Int64) -> JSONValue {
+        [
+            "name": .string(self.name), "owner": .string(self.owner), "position": .int(self.position),
+            "lag": .int(max(0, head - self.position)), "live": .bool(self.live != nil),
+            "events": .array(self.events.map(JSONValue.string)),
+            "databases": self.databases.map { .array($0.map(JSONValue.string)) } ?? .null,
+            "created": .string(self.created), "acked": self.acked.map(JSONValue.string) ?? .null,
+        ]
     }
 }

@@ -37,6 +37,8 @@ final class DaemonMetrics: Sendable {
     /// The families with a label set that can come and go (the journal's seqs when it is empty).
     private struct ScrapeState {
         var journalSeqGauges: [String: Gauge] = [:]
+        /// Each durable cursor's position and lag gauges, by cursor name.
+        var cursorGauges: [String: [Gauge]] = [:]
     }
 
     static let vetoLatencyBuckets: [Duration] = [
@@ -168,6 +170,35 @@ final class DaemonMetrics: Sendable {
             } else if let gauge = state.journalSeqGauges.removeValue(forKey: name) {
                 self.registry.unregisterGauge(gauge)
             }
+        }
+        self.updateCursors(stats["cursors"]?.arrayValue ?? [], &state)
+    }
+
+    /// Each durable cursor's position and lag, labelled with its name; a deleted cursor's go.
+    private func updateCursors(_ cursors: [JSONValue], _ state: inout ScrapeState) {
+        self.gauge("evd_cursors", "Durable cursors evd keeps.", to: Int64(cursors.count))
+        var seen: Set<String> = []
+        for cursor in cursors {
+            guard let name = cursor["name"]?.stringValue else { continue }
+            seen.insert(name)
+            let gauges =
+                state.cursorGauges[name] ?? [
+                    self.registry.makeGauge(
+                        descriptor: Self.name("evd_cursor_position", "The last seq a durable cursor acknowledged."),
+                        labels: [("cursor", name)]
+                    ),
+                    self.registry.makeGauge(
+                        descriptor: Self.name("evd_cursor_lag_events", "How many seqs the head is past a durable cursor's position."),
+                        labels: [("cursor", name)]
+                    ),
+                ]
+            state.cursorGauges[name] = gauges
+            gauges[0].set(to: Double(cursor["position"]?.intValue ?? 0))
+            gauges[1].set(to: Double(cursor["lag"]?.intValue ?? 0))
+        }
+        for (name, gauges) in state.cursorGauges where !seen.contains(name) {
+            for gauge in gauges { self.registry.unregisterGauge(gauge) }
+            state.cursorGauges[name] = nil
         }
     }
 

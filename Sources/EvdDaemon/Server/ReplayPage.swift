@@ -60,7 +60,7 @@ struct ReplayPage: ReplayedEvents {
         var tail: [UInt8] = [UInt8(ascii: "\"")]
         JSONWriter.appendASCII(WireLines.subscriptionKey, to: &tail)
         JSONWriter.appendInt(Int64(subscription.id), to: &tail)
-        var names = NameCache()
+        var names = NameCache(epoch: journal.epoch)
         let read = try reader.next(limit: limit) { row, from, to, budget in
             guard let name = names.lookUp(row.name, for: subscription) else {
                 let taken = min(budget, Int(to - from + 1))
@@ -218,12 +218,17 @@ struct ReplayPage: ReplayedEvents {
             let text: String
             /// The catalog event (`nil`: a custom one).
             let kind: EventKind?
-            /// `,"event":…,"time":"` (`WireLines.appendName` and the time's opening quote).
+            /// `,"epoch":…,"event":…,"time":"` (`WireLines.appendName` and the time's opening quote).
             let head: [UInt8]
         }
 
+        let epoch: JournalEpoch
         private var last: [UInt8]?
         private var lastName: Name?
+
+        init(epoch: JournalEpoch) {
+            self.epoch = epoch
+        }
 
         /// The name, when `subscription` wants its events; `nil` when not.
         mutating func lookUp(_ bytes: UnsafeBufferPointer<UInt8>, for subscription: Subscription) -> Name? {
@@ -242,7 +247,7 @@ struct ReplayPage: ReplayedEvents {
                 wanted = subscription.matches(customName: text)
             }
             var head: [UInt8] = []
-            WireLines.appendName(bytes, to: &head)
+            WireLines.appendName(bytes, epoch: self.epoch, to: &head)
             head.append(UInt8(ascii: "\""))
             self.lastName = wanted ? Name(text: text, kind: kind, head: head) : nil
             return self.lastName

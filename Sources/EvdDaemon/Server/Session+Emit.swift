@@ -98,5 +98,5 @@ extension Session {
     /// Whether a request is an `emit` (which the executor runs in groups).
     static func isEmit(_ request: JSONObject) -> Bool { request["op"] == .string(EvdOperation.Name.emit.rawValue) }
 
-    static let envelopeKeys: Set<String> = ["type", "seq", "event", "time", "subscription", "session", "actor"]
+    static let envelopeKeys: Set<String> = ["type", "seq", "epoch", "event", "time", "subscription", "session", "actor"]
 }

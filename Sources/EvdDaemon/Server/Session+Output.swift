@@ -37,7 +37,8 @@ extension Session {
             session: self.id,
             actor: self.actor,
             databases: Array(self.core.pools.keys),
-            seq: self.core.bus.headSeq
+            seq: self.core.bus.headSeq,
+            epoch: self.core.bus.epoch
         )
     }
 

@@ -37,7 +37,7 @@ extension Session {
         let events = request.events ?? []
         let veto = request.veto ?? []
         let mode = request.mode ?? .enforce
-        let since = request.since
+        var since = request.since
         let rows = request.rows ?? false
         let name = request.name
         let timeoutMs = request.timeoutMs ?? 1000
@@ -76,6 +76,18 @@ extension Session {
                 extra: ["limit": "max-subscriptions", "max": .integer(maxSubscriptions)]
             )
         }
+        // A durable cursor: claimed (one follower at a time) and stored with where this
+        // subscription starts, before it exists: a crash after the response keeps the cursor.
+        var cursor: (name: String, start: Int64)?
+        if let name = request.cursor {
+            guard vetoPatterns.isEmpty else {
+                throw EvdError.badRequest(field: "veto", "a durable cursor follows the journal: it cannot veto")
+            }
+            let start = try await self.claimCursor(name, since: since, events: events, filter: filter)
+            cursor = (name, start)
+        }
+        if let cursor { since = cursor.start }
+
         let session = self.id
         let outbox = self.outbox
         let vetoFilter = filter  // `where` narrows the vetoes too
@@ -114,8 +126,10 @@ extension Session {
             wantsRows: rows,
             outbox: self.outbox,
             visibility: visibility,
+            journaledOnly: cursor != nil,
             veto: makeListener
         ) { subscription, head, stable in
+            if let cursor { self.core.cursors?.follow(cursor.name, subscription: subscription.id) }
             var matched = EventKind.allCases.filter { subscription.kinds & (1 << UInt64($0.rawValue)) != 0 }.map(\.name)
             var seen = Set(matched)
             for custom in customNames where subscription.matches(customName: custom) && seen.insert(custom).inserted {
@@ -126,11 +140,16 @@ extension Session {
             // `seq` is the stable point, not the head: seqs above it may be reserved by commits not
             // yet published (journaled emits in flight, say), and those reach this subscription,
             // whose events must all have a greater seq than the response says.
-            let result: JSONValue = [
+            if cursor != nil {
+                // Only journaled events (the committed ones, §6.5) reach a cursor's subscription.
+                matched = matched.filter { name in EventKind(name: name).map { $0.spec.family.isCommitted } ?? true }
+            }
+            var result: JSONObject = [
                 "subscription": .integer(subscription.id), "events": .array(matched.map(JSONValue.string)),
                 "veto": .array(vetoed), "seq": .int(stable),
             ]
-            self.outbox.enqueue(line: WireLines.response(id: id, result: result))
+            if let cursor { result["cursor"] = ["name": .string(cursor.name), "position": .int(cursor.start)] }
+            self.outbox.enqueue(line: WireLines.response(id: id, result: .object(result)))
             guard let since else { return }
             if journal == nil {
                 // No journal is kept (`--no-journal`): everything at or before head is gone.
@@ -156,6 +175,7 @@ extension Session {
         guard self.core.bus.unsubscribe(id: Int(subscription), session: self.id) else {
             throw EvdError.badRequest(field: "subscription", "this session has no subscription \(subscription)")
         }
+        self.core.cursors?.release(subscription: Int(subscription), session: self.id)
         self.hasSubscriptions.subtract(1, ordering: .relaxed)
     }
 
@@ -222,13 +242,107 @@ extension Session {
 // MARK: Durable cursors
 
 extension Session {
-    /// `ack`: moves the position of the cursor that `subscription` follows up to `seq`.
-    func ack(subscription: Int64, seq: Int64) async throws -> JSONValue {
-        throw EvdError(.unknownOp, "ack is not available yet")
+    /// Claims durable cursor `name` for a new subscription of this session and stores where it
+    /// starts: after `since` when given (the cursor is repositioned), else after its acknowledged
+    /// position, else (a new cursor) after the stable point now. Returns that position.
+    fileprivate func claimCursor(_ name: String, since: Int64?, events: [String], filter: WhereFilter) async throws -> Int64 {
+        guard let cursors = self.core.cursors else {
+            throw EvdError.badRequest(field: "cursor", "durable cursors are positions in the journal, and evd runs with --no-journal")
+        }
+        try Self.checkCursorName(name)
+        let acknowledged: Int64?
+        do {
+            acknowledged = try cursors.claim(name, owner: self.actor.id, session: self.id)
+        } catch {
+            throw Self.cursorError(error, name)
+        }
+        let start = since ?? acknowledged ?? self.core.bus.stableSeq
+        // The databases its `where` lets through and its actor may view something in: retention
+        // keeps only what it may get (an actor cannot pin a database it cannot see into).
+        let permissions = self.core.permissions
+        let actor = self.actor
+        let passing = self.core.pools.keys.filter {
+            filter.mayPass("database", .string($0)) && permissions.allowsSomewhere(actor, .viewTable, in: $0)
+        }
+        let databases = passing.count == self.core.pools.count ? nil : Array(passing)
+        do {
+            try await self.core.threadPool.runIfActive { try cursors.attach(name, position: start, events: events, databases: databases) }
+        } catch {
+            cursors.abandon(name, session: self.id)
+            self.logger.error("could not store a durable cursor", metadata: ["cursor": "\(name)", "error": "\(error)"])
+            throw EvdError(.internalError, "could not store cursor '\(name)': \(error)")
+        }
+        return start
     }
 
-    /// `delete_cursor`: forgets a cursor (its owner's, or anyone's for `admin`).
+    /// A cursor's name: 1 to 128 bytes of UTF-8 without control characters.
+    static func checkCursorName(_ name: String) throws(EvdError) {
+        guard !name.isEmpty, name.utf8.count <= Cursors.maxNameBytes,
+            !name.unicodeScalars.contains(where: { $0.properties.generalCategory == .control })
+        else {
+            throw EvdError.badRequest(
+                field: "cursor",
+                "a cursor's name is 1 to \(Cursors.maxNameBytes) bytes of UTF-8 without control characters"
+            )
+        }
+    }
+
+    /// The error response of a cursor refusal.
+    static func cursorError(_ refusal: Cursors.Refusal, _ name: String) -> EvdError {
+        switch refusal {
+        case .inUse:
+            return EvdError(
+                .cursorInUse,
+                "cursor '\(name)' is followed by another subscription now (one at a time)",
+                extra: ["field": "cursor"]
+            )
+        case .notOwner:
+            return EvdError(.permissionDenied, "cursor '\(name)' belongs to another actor", extra: ["field": "cursor"])
+        case .noSuchCursor:
+            return EvdError(.noSuchCursor, "no cursor named '\(name)'", extra: ["field": "cursor"])
+        case .tooMany(let limit, let perOwner):
+            let flag = perOwner ? "max-cursors-per-actor" : "max-cursors"
+            let whose = perOwner ? "for one actor" : "in all"
+            return EvdError(
+                .badRequest,
+                "evd keeps at most \(limit) durable cursors \(whose) (--\(flag)); delete one first (delete_cursor)",
+                extra: ["field": "cursor", "limit": .string(flag), "max": .integer(limit)]
+            )
+        }
+    }
+
+    /// `ack`: moves the position of the cursor that `subscription` follows up to `seq`, answered
+    /// once the position is on disk.
+    func ack(subscription: Int64, seq: Int64) async throws -> JSONValue {
+        guard let cursors = self.core.cursors, let name = cursors.name(following: Int(subscription), session: self.id) else {
+            throw EvdError.badRequest(field: "subscription", "subscription \(subscription) of this session follows no cursor")
+        }
+        let stable = self.core.bus.stableSeq
+        guard seq <= stable else {
+            throw EvdError.badRequest(field: "seq", "seq \(seq) is beyond the newest event delivered (\(stable))")
+        }
+        let position: Int64
+        do {
+            position = try await self.core.threadPool.runIfActive { try cursors.acknowledge(name, through: seq) }
+        } catch {
+            self.logger.error("could not store a cursor's position", metadata: ["cursor": "\(name)", "error": "\(error)"])
+            throw EvdError(.internalError, "could not store the position of cursor '\(name)': \(error)")
+        }
+        return ["cursor": .string(name), "position": .int(position)]
+    }
+
+    /// `delete_cursor`: forgets a cursor nobody follows — its owner's, or anyone's for `admin`.
     func deleteCursor(_ name: String) async throws -> JSONValue {
-        throw EvdError(.unknownOp, "delete_cursor is not available yet")
+        guard let cursors = self.core.cursors else {
+            throw EvdError(.noSuchCursor, "no cursor named '\(name)' (evd runs with --no-journal)", extra: ["field": "cursor"])
+        }
+        let mayDeleteAny = self.core.permissions.allows(self.actor, .admin)
+        if !mayDeleteAny { try self.core.permissions.requireSomewhere(self.actor, .subscribe) }
+        do {
+            try cursors.delete(name, by: self.actor.id, mayDeleteAny: mayDeleteAny)
+        } catch {
+            throw Self.cursorError(error, name)
+        }
+        return [:]
     }
 }

@@ -118,6 +118,7 @@ final class Session: Sendable {
         }
         try? await channel.closeFuture.get()
         self.core.bus.unsubscribeAll(session: self.id)
+        self.core.cursors?.releaseAll(session: self.id)
         await self.publishSessionEvent(.logout, [:])
         self.logger.debug("session ended")
     }

@@ -74,6 +74,10 @@ public final class Journal: Sendable {
     /// or below it without one is an older evd's, one above it is damaged.
     static let uncheckedThroughKey = "journal_unchecked_through"
 
+    /// The meta key of the journal's epoch (`JournalEpoch`), in the state database and in every
+    /// database's `_evd_meta`.
+    static let epochKey = "journal_epoch"
+
     /// The most events one journal row holds (a run longer than this is split).
     static let maxRunEvents = 4096
 
@@ -208,6 +212,10 @@ public final class Journal: Sendable {
     private let maintenance: Mutex<[String: SQLiteConnection]> = Mutex([:])
     /// The highest seq retention may have removed, from any window.
     let floorValue = Atomic<Int64>(0)
+    /// The epoch's value, set once by `open`.
+    private let epochValue = Atomic<Int64>(0)
+    /// The journal's epoch (after `open`).
+    var epoch: JournalEpoch { JournalEpoch(value: self.epochValue.load(ordering: .acquiring)) }
     /// The highest seq retention may have removed, per window.
     let floors: Mutex<[Window: Int64]> = Mutex([:])
     /// The seq through which retention has deleted each window's rows since evd started (so that
@@ -279,6 +287,9 @@ public final class Journal: Sendable {
         /// database keeps the lease too), and the state database's events up to `head`, gone with
         /// it, are a gap to any replay.
         let stateWasLost: Bool
+        /// The journal's epoch: the state database's, else a database's (the state directory
+        /// was lost, the history goes on), else new.
+        let epoch: JournalEpoch
     }
 
     /// Opens the state database and every database's journal table (creating them), and returns
@@ -303,6 +314,7 @@ public final class Journal: Sendable {
         }
         var head = max(stateLease ?? 0, floor)
         var ranBefore = false
+        var epoch = try state.scalarInt("SELECT value FROM meta WHERE key = '\(Self.epochKey)'")
         if self.settings.enabled {
             head = max(head, try state.scalarInt("SELECT max(seq) FROM _evd_journal") ?? 0)
             for source in self.sources {
@@ -310,6 +322,9 @@ public final class Journal: Sendable {
                 let connection = try self.maintenanceConnection(source)
                 try Self.prepareTable(on: connection)
                 head = max(head, try connection.scalarInt("SELECT max(seq) FROM _evd_journal") ?? 0)
+                if epoch == nil {
+                    epoch = try connection.scalarInt("SELECT value FROM \(Self.metaTable) WHERE key = '\(Self.epochKey)'")
+                }
                 if let lease = try connection.scalarInt("SELECT value FROM \(Self.metaTable) WHERE key = 'seq_lease'") {
                     head = max(head, lease)
                     ranBefore = true
@@ -332,6 +347,9 @@ public final class Journal: Sendable {
             throw SQLiteError(code: SQLITE_MISUSE, message: "the journal's insert prepared to nothing")
         }
         self.state.withLock { $0 = StateDatabase(connection: state, insert: insert) }
+        let chosen = epoch.map(JournalEpoch.init(value:)) ?? .random()
+        self.epochValue.store(chosen.value, ordering: .releasing)
+        try self.setMeta(Self.epochKey, chosen.value)
         for (window, value) in floors { try self.setMeta(window.floorKey, value) }
         try self.setMeta("journal_floor", max(floor, highest))
         self.lease.start(after: head) { end throws(SQLiteError) in try self.setMeta("seq_lease", end) }
@@ -342,10 +360,11 @@ public final class Journal: Sendable {
                 let connection = try self.maintenanceConnection(source)
                 try Self.raiseMeta("seq_lease", to: self.lease.end, on: connection)
                 try Self.raiseMeta("journal_floor", to: floors[.database(database)] ?? 0, on: connection)
+                try connection.exec("INSERT OR REPLACE INTO \(Self.metaTable) (key, value) VALUES ('\(Self.epochKey)', \(chosen.value))")
                 self.leaseKept.withLock { $0[source.path] = self.lease.end }
             }
         }
-        return Opening(head: head, stateWasLost: stateWasLost)
+        return Opening(head: head, stateWasLost: stateWasLost, epoch: chosen)
     }
 
     /// Raises `key` in `connection`'s `_evd_meta` to `value` (never lowers it).

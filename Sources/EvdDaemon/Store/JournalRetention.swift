@@ -18,7 +18,11 @@ extension Journal {
     /// are not held up. Called from one task at a time (the daemon's retention loop).
     ///
     /// It first keeps the databases' copies of the seq lease up to date (`keepLeaseInDatabases`).
-    func prune() throws(SQLiteError) {
+    ///
+    /// `pinned` gives a window's lowest durable-cursor position (`Cursors.lowestPosition`): what
+    /// follows it is kept, unless it is older than the window's newest
+    /// `cursorMaxRetainedEvents` (then the cursor's next replay gets notice `gap`).
+    func prune(keepingAfter pinned: (Window) -> Int64? = { _ in nil }) throws(SQLiteError) {
         guard self.settings.enabled else { return }
         // Retention goes on when a database is busy; the error is reported after it.
         var failure: SQLiteError?
@@ -32,6 +36,11 @@ extension Journal {
                 var cutoff: Int64 = 0
                 try self.withConnection(source) { connection throws(SQLiteError) in
                     cutoff = try self.cutoff(of: window, on: connection)
+                    if let pin = pinned(window), pin < cutoff {
+                        let cap = self.settings.cursorMaxRetainedEvents
+                        let capped = cap > 0 ? try Self.seqBeforeNewest(cap, of: window, on: connection) : cutoff
+                        cutoff = max(pin, capped)
+                    }
                 }
                 guard cutoff > self.floor(of: { $0 == window }) else { continue }
                 try self.setMeta(window.floorKey, cutoff)

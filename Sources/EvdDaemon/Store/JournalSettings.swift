@@ -15,6 +15,10 @@ public struct JournalSettings: Sendable {
     /// asked for them — what a cache rebuilt from the journal needs. Off, changes record only
     /// their keys unless a `rows: true` subscription exists at the time.
     public var rowImages = true
+    /// The most events of one retention window that durable cursors keep beyond what retention
+    /// keeps (`--cursor-max-retained-events`): a cursor that acknowledges nothing pins the
+    /// journal up to this, and past it its next replay gets notice `gap`. 0: cursors pin nothing.
+    public var cursorMaxRetainedEvents = 10_000_000
 
     public init() {}
 }

@@ -24,12 +24,12 @@ extension WireLines {
     }
 
     /// The first line of every connection (PROTOCOL.md §2).
-    static func hello(version: String, session: UInt64, actor: Actor, databases: [String], seq: Int64) -> [UInt8] {
+    static func hello(version: String, session: UInt64, actor: Actor, databases: [String], seq: Int64, epoch: JournalEpoch) -> [UInt8] {
         let hello: JSONValue = [
             "type": "hello", "server": "evd", "version": .string(version), "protocol": 1,
             "session": .integer(session), "actor": actor.jsonValue,
             "databases": .array(databases.map(JSONValue.string)),
-            "seq": .int(seq),
+            "seq": .int(seq), "epoch": .string(epoch.description),
         ]
         return hello.jsonBytes + [0x0a]
     }

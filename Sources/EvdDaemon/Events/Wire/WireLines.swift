@@ -28,25 +28,26 @@ extension WireLines {
         return body
     }
 
-    /// An event's bytes up to its subscription number: `{"type":"event","seq":…,"event":…,"time":…,"subscription":`.
-    /// `time` is quoted; `nil`: now.
-    static func prefix(seq: Int64, name: String, time: [UInt8]?) -> [UInt8] {
+    /// An event's bytes up to its subscription number:
+    /// `{"type":"event","seq":…,"epoch":…,"event":…,"time":…,"subscription":`. `time` is quoted;
+    /// `nil`: now.
+    static func prefix(seq: Int64, epoch: JournalEpoch, name: String, time: [UInt8]?) -> [UInt8] {
         var prefix: [UInt8] = []
-        prefix.reserveCapacity(112)
+        prefix.reserveCapacity(140)
         var name = name  // `withUTF8` is mutating; a native string neither copies nor allocates
-        name.withUTF8 { Self.appendHead(seq: seq, name: $0, to: &prefix) }
+        name.withUTF8 { Self.appendHead(seq: seq, epoch: epoch, name: $0, to: &prefix) }
         if let time { prefix += time } else { EventTime.appendNow(to: &prefix) }
         JSONWriter.appendASCII(Self.subscriptionKey, to: &prefix)
         return prefix
     }
 
-    /// Appends an event's bytes up to its time: `{"type":"event","seq":…,"event":…,"time":`.
+    /// Appends an event's bytes up to its time: `{"type":"event","seq":…,"epoch":…,"event":…,"time":`.
     /// `name` is UTF-8. (A replay writes its events with its two parts, `subscriptionKey` and the
     /// body.)
     @inline(__always)
-    static func appendHead(seq: Int64, name: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
+    static func appendHead(seq: Int64, epoch: JournalEpoch, name: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
         Self.appendStart(seq: seq, to: &bytes)
-        Self.appendName(name, to: &bytes)
+        Self.appendName(name, epoch: epoch, to: &bytes)
     }
 
     /// The head's first part: `{"type":"event","seq":…`.
@@ -56,8 +57,9 @@ extension WireLines {
         JSONWriter.appendInt(seq, to: &bytes)
     }
 
-    /// The head's second part, the same for every event of one name: `,"event":…,"time":`.
-    static func appendName(_ name: UnsafeBufferPointer<UInt8>, to bytes: inout [UInt8]) {
+    /// The head's second part, the same for every event of one name: `,"epoch":…,"event":…,"time":`.
+    static func appendName(_ name: UnsafeBufferPointer<UInt8>, epoch: JournalEpoch, to bytes: inout [UInt8]) {
+        bytes += epoch.field
         JSONWriter.appendASCII(#","event":"#, to: &bytes)
         JSONWriter.appendEscaped(name, to: &bytes)
         JSONWriter.appendASCII(#","time":"#, to: &bytes)
@@ -74,6 +76,7 @@ extension WireLines {
     /// time is now; `deadlineMs` is at least 1.
     static func veto(
         seq: Int64,
+        epoch: JournalEpoch,
         name: String,
         subscription: Int,
         origin: EventOrigin,
@@ -82,6 +85,7 @@ extension WireLines {
     ) -> [UInt8] {
         var line: [UInt8] = Array(#"{"type":"veto","seq":"#.utf8)
         JSONWriter.appendInt(seq, to: &line)
+        line += epoch.field
         line += Array(#","event":"#.utf8)
         JSONWriter.appendString(name, to: &line)
         line += Array(#","time":"#.utf8)
