@@ -125,7 +125,7 @@ public struct JetStream: Sendable {
     }
 
     /// A PubAck's JSON (or the API's error reply, thrown).
-    private static func pubAck(_ payload: [UInt8]) throws -> PubAck {
+    static func pubAck(_ payload: [UInt8]) throws -> PubAck {
         let object = try Self.decode(payload)
         guard let stream = object["stream"]?.stringValue, let seq = object["seq"]?.intValue else {
             throw NATSError.protocolViolation("a PubAck without stream and seq")
