@@ -73,6 +73,46 @@ struct EvtailNATSTests {
         }
     }
 
+    @Test("through the real evforward: the same lines as a local evtail, on a terminal and as JSON; SIGTERM stops evforward with 0")
+    func throughEvforward() async throws {
+        try await withEvd { socket in
+            try await withNATSServer { server in
+                let url = "nats://127.0.0.1:\(server.port)"
+                let forwarder = try Spawned(binaryPath("evforward"), ["--nats", url, "--stream", "EVD_E2E", "--socket", socket])
+                defer { forwarder.terminate() }
+                try await EvdConnection.withConnection(socketPath: socket) { evd in
+                    _ = try await evd.request("create_table", ["table": "dogs", "columns": [["name": "name", "type": "text"]]])
+                    _ = try await evd.request("insert", ["table": "dogs", "rows": [["name": "Rex"]]])
+                    _ = try await evd.request("emit", ["event": "nt.deployed", "data": ["version": "1.2", "note": "a b"]])
+                }
+                let names = ["insert-rows", "create-table", "nt.*"]
+                let local = try await runTool(arguments: ["--socket", socket, "--since", "0", "--count", "3"] + names, terminal: true)
+                #expect(local.status == 0)
+                // evtail --nats waits for what evforward has not stored yet: no polling needed.
+                let remote = try await runTool(
+                    arguments: ["--nats", url, "--stream", "EVD_E2E", "--since", "0", "--count", "3"] + names,
+                    terminal: true
+                )
+                #expect(remote.status == 0, "\(remote.stdout)")
+                #expect(remote.stdout == local.stdout)
+                #expect(remote.stdout.split(separator: "\n").count == 3)
+                let localJSON = try await runTool(arguments: ["--socket", socket, "--since", "0", "--count", "3", "--json"] + names)
+                let remoteJSON = try await runTool(
+                    arguments: ["--nats", url, "--stream", "EVD_E2E", "--since", "0", "--count", "3", "--json"] + names
+                )
+                let withoutSubscription = try localJSON.stdout.split(separator: "\n").map { line -> String in
+                    var object = try #require(try JSONValue(parsing: Array(line.utf8)).objectValue)
+                    object["subscription"] = nil
+                    return String(decoding: JSONValue.object(object).jsonBytes, as: UTF8.self) + "\n"
+                }
+                #expect(remoteJSON.stdout == withoutSubscription.joined())
+                forwarder.terminate()
+                let stopped = try await forwarder.finish(within: 30)
+                #expect(stopped.status == 0, "\(stopped.stderr)")
+            }
+        }
+    }
+
     @Test("without --since it starts live: what was stored before is not printed, what comes later is")
     func followsLive() async throws {
         try await withNATSServer { server in
