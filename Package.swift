@@ -131,6 +131,12 @@ let package = Package(
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
             ]
         ),
+        // scripts/bench's probe for the forwarding rows: JetStream's own publish rate through NATSClient,
+        // commit-to-stream lag, a paced emitter (not installed).
+        .executableTarget(
+            name: "natsbench",
+            dependencies: ["NATSClient", "EvdClient"]
+        ),
         .testTarget(
             name: "EvdClientTests",
             dependencies: [
