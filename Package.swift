@@ -135,7 +135,12 @@ let package = Package(
         // commit-to-stream lag, a paced emitter (not installed).
         .executableTarget(
             name: "natsbench",
-            dependencies: ["NATSClient", "EvdClient"]
+            dependencies: [
+                "NATSClient",
+                "EvdClient",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "DequeModule", package: "swift-collections"),
+            ]
         ),
         .testTarget(
             name: "EvdClientTests",

@@ -216,6 +216,9 @@ extension JetStream {
                 try await self.sendPull(stream: stream, &pull)  // no messages / the request expired
             case 409 where Self.consumerWasLost(message.statusDescription):
                 try await self.restartConsumer(stream: stream, &pull)
+            case 409 where (message.statusDescription ?? "").lowercased().contains("server shutdown"):
+                // The connection is about to end: say so as its end, which a reader may retry.
+                throw NATSError.connectionClosed("the server is shutting down")
             default:
                 let text = message.statusDescription ?? ""
                 throw APIError(code: status, errCode: 0, errorDescription: "pull request refused: \(status) \(text)")

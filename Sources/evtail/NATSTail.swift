@@ -115,6 +115,10 @@ struct NATSTail {
                 }
                 try? await nats.close()
                 return 0
+            } catch  where connectedOnce && Self.isTransient(error) {
+                // Once reading has begun, whatever a restarting server or cluster says is waited out.
+                try? await nats.close()
+                Terminal.writeStderr("evtail: \(Self.describe(error)); reconnecting")
             } catch let error as JetStream.APIError where error.errCode == 10059 {
                 try? await nats.close()
                 Terminal.writeStderr("evtail: NATS at \(self.urlsText) has no stream \(self.stream)")
@@ -123,12 +127,6 @@ struct NATSTail {
                 try? await nats.close()
                 Terminal.writeStderr("evtail: JetStream is not enabled on NATS at \(self.urlsText) (no responders on $JS.API)")
                 return 1
-            } catch NATSError.connectionClosed(let why) where connectedOnce {
-                try? await nats.close()
-                Terminal.writeStderr("evtail: lost the NATS connection (\(why)); reconnecting")
-            } catch NATSError.timeout where connectedOnce {
-                try? await nats.close()
-                Terminal.writeStderr("evtail: NATS did not answer in time; reconnecting")
             } catch {
                 try? await nats.close()
                 Terminal.writeStderr("evtail: reading stream \(self.stream): \(error)")
@@ -136,6 +134,24 @@ struct NATSTail {
             }
             try? await Task.sleep(for: backoff)
             backoff = min(backoff * 2, .seconds(5))
+        }
+    }
+
+    /// Whether `error` may pass when the server (or the cluster's leader) comes back: a lost connection,
+    /// no answer, JetStream not (yet) available (503, no responders), the stream not (yet) loaded.
+    static func isTransient(_ error: any Error) -> Bool {
+        switch error {
+        case NATSError.connectionClosed, NATSError.timeout, NATSError.noResponders: true
+        case let error as JetStream.APIError: error.code == 503 || error.errCode == 10059
+        default: false
+        }
+    }
+
+    private static func describe(_ error: any Error) -> String {
+        switch error {
+        case NATSError.connectionClosed(let why): "lost the NATS connection (\(why))"
+        case NATSError.timeout: "NATS did not answer in time"
+        default: "\(error)"
         }
     }
 
@@ -157,8 +173,9 @@ struct NATSTail {
     /// Where the first consumer starts: after `--since`'s event, or at what is stored from now on.
     private func firstStart(_ js: JetStream) async throws -> JetStream.ConsumerStart {
         guard let since = self.since else {
-            _ = try await js.streamInfo(name: self.stream)  // a missing stream is an error, not an endless wait
-            return .new
+            // What is stored after the last message now: a sequence, not `.new`, so that a reconnection
+            // before the first event still starts there. A missing stream is an error, not an endless wait.
+            return .sequence(try await js.streamInfo(name: self.stream).lastSeq + 1)
         }
         let first = try await js.firstSequence(stream: self.stream) { message in
             (Self.evdSeq(message) ?? Int64.max) > since

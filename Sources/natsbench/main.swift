@@ -1,6 +1,8 @@
+import DequeModule
 import EvdClient
 import Foundation
 import NATSClient
+import NIOCore
 
 #if canImport(Glibc)
 import Glibc
@@ -89,11 +91,12 @@ func evdSeq(_ message: JetStream.StoredMessage) -> Int64 {
     return (try? JSONValue(parsing: message.payload))?["seq"]?.intValue ?? 0
 }
 
-/// JetStream's publish rate: COUNT messages shaped like evforward's (its headers, a ~250-byte event
-/// body) into a fresh one-node stream configured as evforward makes it, WINDOW in flight (two
-/// pipelined batches of WINDOW/2 each, so that one is on the wire while the other's acks return).
+/// JetStream's publish rate: COUNT messages shaped like evforward's (its headers, a ~240-byte event
+/// body) into a fresh one-node stream configured as evforward makes it, through the same pipelined
+/// path evforward publishes with (`NATSConnection.sendRequests`: batches of 512 written in one
+/// write each, at most WINDOW messages unacknowledged, every PubAck parsed and checked).
 func publish(_ arguments: [String]) async {
-    guard arguments.count == 4, let count = Int(arguments[2]), let window = Int(arguments[3]), window >= 2 else {
+    guard arguments.count == 4, let count = Int(arguments[2]), let window = Int(arguments[3]), window >= 1 else {
         fail("usage: publish HOST:PORT STREAM COUNT WINDOW")
     }
     let nats = await connect(arguments[0])
@@ -105,37 +108,54 @@ func publish(_ arguments: [String]) async {
         fail("cannot create stream \(stream): \(error)")
     }
     let epoch = "0123456789abcdef"
-    func message(_ seq: Int) -> NATSConnection.OutgoingRequest {
+    let subject = "jsbench.main.update-row.big"
+    /// One HPUB, as evforward writes it: the CloudEvents headers and the event's JSON.
+    func encode(_ seq: Int, _ replyTo: NATSConnection.ReplySubject, _ buffer: inout ByteBuffer) -> Int {
         let id = "\(epoch):\(seq)"
+        let padded = String(seq)
+        let headers =
+            "NATS/1.0\r\nNats-Msg-Id: \(id)\r\nce-specversion: 1.0\r\nce-id: \(id)\r\nce-source: evd://bench/main\r\n"
+            + "ce-type: update-row\r\nce-time: 2026-01-01T00:00:00.000000Z\r\nce-subject: big\r\n"
+            + "ce-sequence: \(String(repeating: "0", count: 20 - padded.count) + padded)\r\n\r\n"
         let body =
             "{\"type\":\"event\",\"seq\":\(seq),\"epoch\":\"\(epoch)\",\"event\":\"update-row\",\"time\":\"2026-01-01T00:00:00.000000Z\","
             + "\"session\":17,\"actor\":{\"id\":\"uid:1000\",\"uid\":1000,\"gid\":1000,\"pid\":4242,\"user\":\"alice\"},"
             + "\"database\":\"main\",\"table\":\"big\",\"pks\":[\(seq)]}"
-        let padded = String(seq)
-        let headers: NATSHeaders = [
-            "Nats-Msg-Id": id, "ce-specversion": "1.0", "ce-id": id, "ce-source": "evd://bench/main", "ce-type": "update-row",
-            "ce-time": "2026-01-01T00:00:00.000000Z", "ce-subject": "big",
-            "ce-sequence": String(repeating: "0", count: 20 - padded.count) + padded,
-        ]
-        return NATSConnection.OutgoingRequest(subject: "jsbench.main.update-row.big", headers: headers, payload: Array(body.utf8))
+        buffer.writeString("HPUB \(subject) ")
+        replyTo.write(into: &buffer)
+        buffer.writeString(" \(headers.utf8.count) \(headers.utf8.count + body.utf8.count)\r\n")
+        buffer.writeString(headers)
+        buffer.writeString(body)
+        buffer.writeString("\r\n")
+        return body.utf8.count
     }
-    let bytesPerMessage = message(1).payload.count
-    let half = window / 2
+    let batchSize = min(512, window)
+    var bodyBytes = 0
+    var pending = Deque<NATSConnection.PendingReplies>()
+    var inFlight = 0
+    var sent = 0
     let start = ContinuousClock.now
     do {
-        try await withThrowingTaskGroup(of: Void.self) { group in
-            for lane in 0..<2 {
-                group.addTask {
-                    var first = 1 + lane * half
-                    while first <= count {
-                        let batch = (first..<min(first + half, count + 1)).map(message)
-                        for result in try await js.publish(batch) { _ = try result.get() }
-                        first += 2 * half
-                    }
-                }
+        func settle(_ batch: NATSConnection.PendingReplies) async throws {
+            for reply in try await batch.replies() {
+                let ack = try JetStream.parsePubAck(try reply.get().payload)
+                guard !ack.duplicate else { throw NATSError.protocolViolation("an unexpected duplicate PubAck") }
             }
-            try await group.waitForAll()
+            inFlight -= batch.count
         }
+        while sent < count {
+            let size = min(batchSize, count - sent)
+            while inFlight + size > window, let oldest = pending.popFirst() { try await settle(oldest) }
+            let first = sent + 1
+            let batch = try nats.sendRequests(count: size, timeout: .seconds(30)) { index, replyTo, buffer in
+                bodyBytes = encode(first + index, replyTo, &buffer)
+                return true
+            }
+            pending.append(batch)
+            inFlight += size
+            sent += size
+        }
+        while let oldest = pending.popFirst() { try await settle(oldest) }
     } catch {
         fail("publishing: \(error)")
     }
@@ -143,7 +163,7 @@ func publish(_ arguments: [String]) async {
     try? await nats.close()
     emitJSON([
         "messages": .integer(count), "seconds": .double(seconds), "per_sec": .double(Double(count) / seconds),
-        "body_bytes": .integer(bytesPerMessage), "window": .integer(window),
+        "body_bytes": .integer(bodyBytes), "window": .integer(window),
     ])
 }
 

@@ -140,6 +140,46 @@ struct EvtailNATSTests {
         }
     }
 
+    @Test("a NATS server restart while following: evtail reconnects and goes on after the last event it printed")
+    func reconnects() async throws {
+        let port = try freePort()
+        let directory = FileManager.default.temporaryDirectory.appendingPathComponent("evtail-nats-\(UUID().uuidString)")
+        defer { try? FileManager.default.removeItem(at: directory) }
+        let arguments = ["-js", "-sd", directory.appendingPathComponent("js").path, "-a", "127.0.0.1", "-p", "\(port)"]
+        var server = try Spawned(try NATSServer.executable(), arguments)
+        defer { server.terminate() }
+        func publish(_ seqs: ClosedRange<Int64>) async throws {
+            var nats: NATSConnection?
+            for _ in 0..<250 where nats == nil {
+                nats = try? await NATSConnection.connect(host: "127.0.0.1", port: port)
+                if nats == nil { try await Task.sleep(for: .milliseconds(20)) }
+            }
+            let connection = try #require(nats)
+            let js = JetStream(connection: connection)
+            try await js.createStream(name: "EVD_T", subjects: ["evd.>"])
+            for seq in seqs { try await publishLikeEvforward(js, syntheticEvent(seq: seq)) }
+            try await connection.close()
+        }
+        try await publish(1...2)
+        let tail = try Spawned(
+            binaryPath("evtail"),
+            ["--nats", "nats://127.0.0.1:\(port)", "--stream", "EVD_T", "--since", "0", "--count", "4", "--json"]
+        )
+        let deadline = ContinuousClock.now + .seconds(20)
+        while tail.outputSoFar.split(separator: "\n").count < 2, ContinuousClock.now < deadline {
+            try await Task.sleep(for: .milliseconds(20))
+        }
+        server.terminate()
+        _ = try await server.finish(within: 20)
+        server = try Spawned(try NATSServer.executable(), arguments)
+        try await publish(3...4)
+        let result = try await tail.finish(within: 30)
+        #expect(result.status == 0, "\(result.stderr)")
+        let seqs = result.stdout.split(separator: "\n").map { try? JSONValue(parsing: Array($0.utf8))["seq"]?.intValue }
+        #expect(seqs == [1, 2, 3, 4])
+        #expect(result.stderr.contains("reconnecting"))
+    }
+
     @Test("errors: unreachable NATS, a missing stream, a bad URL, --nats without --stream: a clear message and a non-zero status")
     func errors() async throws {
         // A port nobody listens on: bound, then closed.
@@ -255,6 +295,9 @@ private final class Spawned: @unchecked Sendable {
     }
 
     var isRunning: Bool { self.process.isRunning }
+
+    /// What the process wrote to standard output so far.
+    var outputSoFar: String { (try? String(contentsOf: self.output, encoding: .utf8)) ?? "" }
 
     /// Waits (bounded; then SIGKILL) for the exit and returns the status and output.
     func finish(within seconds: Int) async throws -> ToolResult {

@@ -213,7 +213,7 @@ replay("replay_rows_evd", f"journal replay: evd, the same with rows: true")
 fwd_events = meta.get("forward_events", 0)
 jsraw, jsraw_err = load("forward_jsraw")
 row("forward_jsraw", f"JetStream publish, raw: natsbench x{fwd_events:,}, 4096 in flight, one-node file stream",
-    jsraw, jsraw_err, f"Swift, the NATSClient evforward uses; {jsraw[0]['body_bytes']} B bodies + evforward's headers"
+    jsraw, jsraw_err, f"Swift, NATSClient's pipelined path evforward uses; {jsraw[0]['body_bytes']} B bodies + evforward's headers"
     if jsraw else "", "events")
 fwd, fwd_err = load("forward_evd")
 row("forward_evd", f"forwarding: evforward, {fwd_events:,} journaled update-row events into a one-node stream", fwd, fwd_err,
