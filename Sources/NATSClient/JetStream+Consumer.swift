@@ -77,7 +77,8 @@ extension JetStream {
     /// `APIError` (404, err_code 10059). The consumer is deleted before this returns.
     ///
     /// Following live is the default: when the stream has no more messages, the pull request waits on
-    /// the server, and messages stored later arrive as they are stored.
+    /// the server, and messages stored later arrive as they are stored. The messages' `time` is `nil`:
+    /// a pull delivery carries the stored time only as nanoseconds in its reply subject.
     public func consume(
         stream: String,
         options: ConsumeOptions = ConsumeOptions(),
