@@ -9,9 +9,12 @@ import NATSClient
 /// Each message's body is the event's JSON as a subscriber received it, minus `subscription`; on a
 /// terminal it becomes `EventFormatter.line`, into a pipe the body itself. Events are matched by
 /// name (the `ce-type` header) against the names and globs given, as the daemon matches a
-/// subscription's. That filter runs here, not as the consumer's filter subject: nats-server 2.9
-/// takes one filter subject per consumer, and an event's subject is `PREFIX.<db>.<event>` or
-/// `PREFIX.<db>.<event>.<table>`, so no single subject selects one name exactly.
+/// subscription's. The server filters too where one subject can say the same: nats-server 2.9 takes
+/// one filter subject per consumer, and an event's subject is `PREFIX.<db>.<event>` or
+/// `PREFIX.<db>.<event>.<table>` depending on whether it has a table, so only a single event name
+/// whose form the catalog fixes (`insert-rows` always has a table, `login` never) becomes
+/// `PREFIX.*.insert-rows.*` or `PREFIX.*.login` (PREFIX read from the stream's one `PREFIX.>`
+/// subject). Globs, several names and custom events are filtered here only.
 ///
 /// `--since SEQ` (an evd seq) starts at the first message whose `ce-sequence` is greater, found by
 /// binary search over the stream (`JetStream.firstSequence`); without it, only events stored from
@@ -82,6 +85,7 @@ struct NATSTail {
         /// The last stream sequence handled; where a reconnection resumes.
         var position: UInt64?
         var start: JetStream.ConsumerStart = .new
+        var filter: String?
         var backoff = Duration.milliseconds(100)
         var connectedOnce = false
         while true {
@@ -100,13 +104,14 @@ struct NATSTail {
             let js = JetStream(connection: nats)
             do {
                 if !connectedOnce {
-                    start = try await self.firstStart(js)
+                    (start, filter) = try await self.firstStart(js)
                     connectedOnce = true
                 } else if let position {
                     start = .sequence(position + 1)
                 }
                 backoff = .milliseconds(100)
-                try await js.consume(stream: self.stream, options: JetStream.ConsumeOptions(start: start)) { message in
+                let options = JetStream.ConsumeOptions(filterSubject: filter, start: start)
+                try await js.consume(stream: self.stream, options: options) { message in
                     position = message.seq
                     guard self.handle(message) else { return .next }
                     printed += 1
@@ -170,17 +175,38 @@ struct NATSTail {
         throw lastError ?? NATSError.connectionClosed("no server")
     }
 
-    /// Where the first consumer starts: after `--since`'s event, or at what is stored from now on.
-    private func firstStart(_ js: JetStream) async throws -> JetStream.ConsumerStart {
+    /// Where the first consumer starts (after `--since`'s event, or at what is stored from now on) and
+    /// the filter subject it can use. A missing stream is an error here, not an endless wait.
+    private func firstStart(_ js: JetStream) async throws -> (JetStream.ConsumerStart, String?) {
+        let info = try await js.streamInfo(name: self.stream)
+        let subjects = info.raw["config"]?["subjects"]?.arrayValue?.compactMap(\.stringValue) ?? []
+        let filter = Self.filterSubject(patterns: self.patterns, streamSubjects: subjects)
         guard let since = self.since else {
-            // What is stored after the last message now: a sequence, not `.new`, so that a reconnection
-            // before the first event still starts there. A missing stream is an error, not an endless wait.
-            return .sequence(try await js.streamInfo(name: self.stream).lastSeq + 1)
+            // A sequence, not `.new`: a reconnection before the first event still starts there.
+            return (.sequence(info.lastSeq + 1), filter)
         }
         let first = try await js.firstSequence(stream: self.stream) { message in
             (Self.evdSeq(message) ?? Int64.max) > since
         }
-        return .sequence(first)
+        return (.sequence(first), filter)
+    }
+
+    /// The catalog's journaled events that always carry a table, and those that never do.
+    static let eventsWithTable: Set = [
+        "insert-rows", "upsert-rows", "update-row", "delete-row", "create-table", "alter-table", "drop-table",
+    ]
+    static let eventsWithoutTable: Set = ["login", "logout", "create-token", "rename-table"]
+
+    /// A filter subject that selects exactly the events `patterns` name, when there is one (see the
+    /// type's comment); `nil` otherwise.
+    static func filterSubject(patterns: [String], streamSubjects: [String]) -> String? {
+        guard patterns.count == 1, let name = patterns.first, streamSubjects.count == 1, streamSubjects[0].hasSuffix(".>") else {
+            return nil
+        }
+        let prefix = streamSubjects[0].dropLast(2)
+        if Self.eventsWithTable.contains(name) { return "\(prefix).*.\(NATSSubject.token(name)).*" }
+        if Self.eventsWithoutTable.contains(name) { return "\(prefix).*.\(NATSSubject.token(name))" }
+        return nil
     }
 
     /// Prints `message` if it is an event the patterns select; whether it was printed.

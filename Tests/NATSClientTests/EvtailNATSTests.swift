@@ -68,6 +68,19 @@ struct EvtailNATSTests {
                     #expect(sinceRemote.status == 0)
                     #expect(sinceRemote.stdout == sinceLocal.stdout)
                     #expect(sinceRemote.stdout.contains("nt.deployed") && sinceRemote.stdout.contains("nt.other"))
+
+                    // One name (a server-side filter subject): still what a local evtail prints.
+                    let oneLocal = try await runTool(
+                        arguments: ["--socket", socket, "--since", "0", "--count", "2", "insert-rows"],
+                        terminal: true
+                    )
+                    let oneRemote = try await runTool(
+                        arguments: ["--nats", url, "--stream", "EVD_T", "--since", "0", "--count", "2", "insert-rows"],
+                        terminal: true
+                    )
+                    #expect(oneRemote.status == 0)
+                    #expect(oneRemote.stdout == oneLocal.stdout)
+                    #expect(oneRemote.stdout.split(separator: "\n").count == 2)
                 }
             }
         }
@@ -136,6 +149,37 @@ struct EvtailNATSTests {
                 #expect(result.status == 0, "\(result.stderr)")
                 let seqs = result.stdout.split(separator: "\n").map { try? JSONValue(parsing: Array($0.utf8))["seq"]?.intValue }
                 #expect(seqs == [2, 3])
+            }
+        }
+    }
+
+    @Test("one event name whose subject form is fixed becomes the consumer's filter subject; the output is the same")
+    func filterSubject() async throws {
+        try await withNATSServer { server in
+            try await withConnection(to: server) { nats in
+                let js = JetStream(connection: nats)
+                try await js.createStream(name: "EVD_T", subjects: ["evd.>"])
+                let tail = try Spawned(
+                    binaryPath("evtail"),
+                    ["--nats", "nats://127.0.0.1:\(server.port)", "--stream", "EVD_T", "--count", "1", "--json", "insert-rows"]
+                )
+                var filter: String?
+                let deadline = ContinuousClock.now + .seconds(20)
+                while filter == nil, ContinuousClock.now < deadline {
+                    let list = try await nats.request(subject: "$JS.API.CONSUMER.LIST.EVD_T", payload: [])
+                    filter = try JSONValue(parsing: list.payload)["consumers"]?.arrayValue?.first?["config"]?["filter_subject"]?.stringValue
+                    if filter == nil { try await Task.sleep(for: .milliseconds(20)) }
+                }
+                #expect(filter == "evd.*.insert-rows.*")
+                var login = syntheticEvent(seq: 1)
+                login["event"] = "login"
+                login["table"] = nil
+                login["database"] = nil
+                try await publishLikeEvforward(js, login)
+                try await publishLikeEvforward(js, syntheticEvent(seq: 2))
+                let result = try await tail.finish(within: 20)
+                #expect(result.status == 0, "\(result.stderr)")
+                #expect(result.stdout.split(separator: "\n").map { try? JSONValue(parsing: Array($0.utf8))["seq"]?.intValue } == [2])
             }
         }
     }
