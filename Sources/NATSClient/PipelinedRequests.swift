@@ -44,10 +44,8 @@ extension NATSConnection {
         timeout: Duration = .seconds(5),
         encode: (_ index: Int, _ replyTo: ReplySubject, _ buffer: inout ByteBuffer) throws -> Bool
     ) throws -> PendingReplies {
-        let promise = self.channel.eventLoop.makePromise(of: [Result<NATSMessage, any Error>].self)
         guard count > 0 else {
-            promise.succeed([])
-            return PendingReplies(future: promise.futureResult, count: 0)
+            return PendingReplies(future: self.channel.eventLoop.makeSucceededFuture([]), count: 0)
         }
         try self.core.checkOpen()
         let first = self.core.reserveRequestTokens(count)
@@ -58,6 +56,8 @@ extension NATSConnection {
                 unsent.append(first + index)
             }
         }
+        // Made only now that nothing can throw any more: a promise must not be dropped unfulfilled.
+        let promise = self.channel.eventLoop.makePromise(of: [Result<NATSMessage, any Error>].self)
         let collector = BatchCollector(count: count, promise: promise)
         let tokens = first..<(first + count)
         guard self.core.addRequests(tokens, { index, reply in collector.set(index, reply) }) else {

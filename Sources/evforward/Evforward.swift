@@ -130,6 +130,9 @@ struct Evforward: AsyncParsableCommand {
     }
 
     func run() async throws {
+        // A write to a connection the peer closed (nats-server stopping, evd restarting) must be an
+        // EPIPE error the session handles, not a signal that kills the process.
+        signal(SIGPIPE, SIG_IGN)
         let level = Logger.Level(rawValue: self.logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var handler = StreamLogHandler.standardError(label: label)

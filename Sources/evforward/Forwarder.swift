@@ -234,14 +234,16 @@ final class Forwarder: Service, CustomStringConvertible {
         } catch {
             throw SessionFailure(error: error, progressed: false)
         }
-        defer { Task { try? await nats.close() } }
         let pump = Pump(forwarder: self, nats: nats)
         do {
             try await pump.run()
+            try? await nats.close()
             return pump.progressed
         } catch let error as ForwarderError {
+            try? await nats.close()
             throw error
         } catch {
+            try? await nats.close()
             throw SessionFailure(error: error, progressed: pump.progressed)
         }
     }

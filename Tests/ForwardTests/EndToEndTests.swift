@@ -45,32 +45,46 @@ struct RunningEvd {
     }
 }
 
+/// Starts evd (the built binary) with its socket, state and database in `directory` (a restart
+/// with the same directory finds the same journal), and waits until it answers.
+func launchEvd(in directory: String, name: String = "evd") async throws -> RunningEvd {
+    let child = try Child(
+        binaryPath("evd"),
+        [
+            "--socket", directory + "/evd.sock", "--state-dir", directory + "/state", "--db",
+            "main=\(directory)/main.db", "--log-level", "warning",
+        ],
+        stderr: directory + "/\(name).stderr"
+    )
+    let evd = RunningEvd(socketPath: directory + "/evd.sock", child: child)
+    let ready = await eventually(within: 60) {
+        guard child.process.isRunning else { return true }
+        return (try? await evd.withClient { try await $0.request("ping") }) != nil
+    }
+    try #require(ready && child.process.isRunning, "evd did not start: \(child.stderr)")
+    return evd
+}
+
 /// Starts evd (the built binary) with a `dogs` table in a fresh directory, runs `body`, stops it.
 func withEvd(_ body: (RunningEvd) async throws -> Void) async throws {
     try await withTemporaryDirectory { directory in
-        let child = try Child(
-            binaryPath("evd"),
-            [
-                "--socket", directory + "/evd.sock", "--state-dir", directory + "/state", "--db",
-                "main=\(directory)/main.db", "--log-level", "warning",
-            ],
-            stderr: directory + "/evd.stderr"
-        )
-        let evd = RunningEvd(socketPath: directory + "/evd.sock", child: child)
-        let ready = await eventually(within: 60) {
-            guard child.process.isRunning else { return true }
-            return (try? await evd.withClient { try await $0.request("ping") }) != nil
-        }
-        try #require(ready && child.process.isRunning, "evd did not start: \(child.stderr)")
-        _ = try await evd.withClient { evd in
+        let evd = try await launchEvd(in: directory)
+        try await evd.createDogs()
+        try await body(evd)
+        evd.child.signal(SIGTERM)
+        _ = await evd.child.finish(within: 30)
+    }
+}
+
+extension RunningEvd {
+    /// Creates the table `dogs (id integer primary key, name text)`.
+    func createDogs() async throws {
+        _ = try await self.withClient { evd in
             try await evd.request(
                 "create_table",
                 ["table": "dogs", "columns": [["name": "id", "type": "integer"], ["name": "name", "type": "text"]], "pk": "id"]
             )
         }
-        try await body(evd)
-        child.signal(SIGTERM)
-        _ = await child.finish(within: 30)
     }
 }
 
@@ -91,8 +105,8 @@ func startEvforward(
 }
 
 /// The evd seq (`ce-sequence`) of the stream's last message; 0 when it has none.
-func lastSequence(_ js: JetStream) async throws -> Int64 {
-    try await js.lastMessage(stream: "EVD_E2E")?.headers["ce-sequence"].flatMap { Int64($0) } ?? 0
+func lastSequence(_ js: JetStream, stream: String = "EVD_E2E") async throws -> Int64 {
+    try await js.lastMessage(stream: stream)?.headers["ce-sequence"].flatMap { Int64($0) } ?? 0
 }
 
 /// Every message of `stream`, in stream order.
