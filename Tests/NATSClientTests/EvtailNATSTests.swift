@@ -309,64 +309,6 @@ private func freePort() throws -> Int {
     return Int(UInt16(bigEndian: address.sin_port))
 }
 
-/// A finished process's status and output.
-private struct ToolResult {
-    var status: Int32
-    var stdout: String
-    var stderr: String
-}
-
-/// A spawned executable whose output goes to temporary files (reading pipes would block a thread of
-/// the small cooperative pool); waiting polls.
-private final class Spawned: @unchecked Sendable {
-    // @unchecked Sendable: `process` is only started, polled and signalled; the files are read after it exits.
-    private let process = Process()
-    private let output: URL
-    private let errors: URL
-
-    init(_ path: String, _ arguments: [String]) throws {
-        let base = FileManager.default.temporaryDirectory.appendingPathComponent("evtail-nats-\(UUID().uuidString)")
-        self.output = base.appendingPathExtension("out")
-        self.errors = base.appendingPathExtension("err")
-        _ = FileManager.default.createFile(atPath: self.output.path, contents: nil)
-        _ = FileManager.default.createFile(atPath: self.errors.path, contents: nil)
-        self.process.executableURL = URL(fileURLWithPath: path)
-        self.process.arguments = arguments
-        self.process.standardInput = FileHandle.nullDevice
-        self.process.standardOutput = try FileHandle(forWritingTo: self.output)
-        self.process.standardError = try FileHandle(forWritingTo: self.errors)
-        try self.process.run()
-    }
-
-    var isRunning: Bool { self.process.isRunning }
-
-    /// What the process wrote to standard output so far.
-    var outputSoFar: String { (try? String(contentsOf: self.output, encoding: .utf8)) ?? "" }
-
-    /// Waits (bounded; then SIGKILL) for the exit and returns the status and output.
-    func finish(within seconds: Int) async throws -> ToolResult {
-        let deadline = ContinuousClock.now + .seconds(seconds)
-        while self.process.isRunning && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
-        if self.process.isRunning {
-            kill(self.process.processIdentifier, SIGKILL)
-            self.process.waitUntilExit()
-        }
-        defer {
-            try? FileManager.default.removeItem(at: self.output)
-            try? FileManager.default.removeItem(at: self.errors)
-        }
-        return ToolResult(
-            status: self.process.terminationStatus,
-            stdout: (try? String(contentsOf: self.output, encoding: .utf8)) ?? "",
-            stderr: (try? String(contentsOf: self.errors, encoding: .utf8)) ?? ""
-        )
-    }
-
-    func terminate() {
-        if self.process.isRunning { kill(self.process.processIdentifier, SIGTERM) }
-    }
-}
-
 /// Runs evtail to completion; `terminal: true` runs it under `script(1)`, on a pseudo-terminal (its
 /// readable lines; the terminal's CR LF become LF).
 private func runTool(arguments: [String], terminal: Bool = false) async throws -> ToolResult {
