@@ -8,6 +8,7 @@ let package = Package(
         .executable(name: "evd", targets: ["evd"]),
         .executable(name: "evtail", targets: ["evtail"]),
         .executable(name: "evctl", targets: ["evctl"]),
+        .executable(name: "evforward", targets: ["evforward"]),
         .library(name: "EvdClient", targets: ["EvdClient"]),
         .library(name: "EvdDaemon", targets: ["EvdDaemon"]),
     ],
@@ -98,6 +99,7 @@ let package = Package(
             dependencies: [
                 "EvdClient",
                 "EvdCLI",
+                "NATSClient",
                 .product(name: "OrderedCollections", package: "swift-collections"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
@@ -109,6 +111,35 @@ let package = Package(
                 "EvdCLI",
                 .product(name: "OrderedCollections", package: "swift-collections"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
+        ),
+        // Forwards evd's journaled events into NATS JetStream (docs/forwarding.md).
+        .executableTarget(
+            name: "evforward",
+            dependencies: [
+                "EvdClient",
+                "EvdCLI",
+                "NATSClient",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "DequeModule", package: "swift-collections"),
+                .product(name: "OrderedCollections", package: "swift-collections"),
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ]
+        ),
+        // scripts/bench's probe for the forwarding rows: JetStream's own publish rate through NATSClient,
+        // commit-to-stream lag, a paced emitter (not installed).
+        .executableTarget(
+            name: "natsbench",
+            dependencies: [
+                "NATSClient",
+                "EvdClient",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "DequeModule", package: "swift-collections"),
             ]
         ),
         .testTarget(
@@ -125,6 +156,16 @@ let package = Package(
         .testTarget(
             name: "NATSClientTests",
             dependencies: [
+                "NATSClient",
+                "EvdClient",
+                .product(name: "NIOCore", package: "swift-nio"),
+            ]
+        ),
+        // evforward against a real nats-server, a real evd and the built binaries.
+        .testTarget(
+            name: "ForwardTests",
+            dependencies: [
+                "evforward",
                 "NATSClient",
                 "EvdClient",
                 .product(name: "NIOCore", package: "swift-nio"),

@@ -25,9 +25,9 @@ public final class NATSConnection: Sendable {
     /// How many of the server's `PING`s this connection answered.
     public var pingsAnswered: Int { self.core.state.withLock { $0.pingsAnswered } }
 
-    private let channel: any Channel
-    private let core: NATSConnectionCore
-    private let inboxPrefix: String
+    let channel: any Channel
+    let core: NATSConnectionCore
+    let inboxPrefix: String
     private let subscriptionCapacity: Int
 
     private init(channel: any Channel, core: NATSConnectionCore, info: JSONObject, subscriptionCapacity: Int) {

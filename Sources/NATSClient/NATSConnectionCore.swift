@@ -207,7 +207,8 @@ final class NATSConnectionCore: Sendable {
             }
             let target = self.state.withLock { state -> Target? in
                 if sid == state.inboxSid {
-                    guard let last = message.subject.split(separator: ".").last, let token = Int(last),
+                    guard let dot = message.subject.utf8.lastIndex(of: UInt8(ascii: ".")),
+                        let token = Int(message.subject[message.subject.utf8.index(after: dot)...]),
                         let request = state.requests.removeValue(forKey: token)
                     else { return nil }
                     return .request(request)

@@ -71,6 +71,13 @@ public struct NATSFrameDecoder: ByteToMessageDecoder {
         let consumedLine = newline - view.startIndex + 1
         let verb = line.prefix { $0 != 0x20 && $0 != 0x09 }
         let rest = line.dropFirst(verb.count).drop { $0 == 0x20 || $0 == 0x09 }
+        // The frequent frames (a publisher's acks) without making a string of the verb.
+        if verb.count == 3, Self.isVerb(verb, "MSG") {
+            return try self.decodeMessage(&buffer, arguments: rest, consumedLine: consumedLine, withHeaders: false)
+        }
+        if verb.count == 4, Self.isVerb(verb, "HMSG") {
+            return try self.decodeMessage(&buffer, arguments: rest, consumedLine: consumedLine, withHeaders: true)
+        }
         switch String(decoding: verb, as: UTF8.self).uppercased() {
         case "PING":
             buffer.moveReaderIndex(forwardBy: consumedLine)
@@ -116,18 +123,18 @@ public struct NATSFrameDecoder: ByteToMessageDecoder {
         consumedLine: Int,
         withHeaders: Bool
     ) throws(NATSError) -> NATSFrame? {
-        let fields = arguments.split(whereSeparator: { $0 == 0x20 || $0 == 0x09 }).map { String(decoding: $0, as: UTF8.self) }
+        let fields = Self.fields(arguments)
         let verb = withHeaders ? "HMSG" : "MSG"
         let sizeCount = withHeaders ? 2 : 1
         guard fields.count == 2 + sizeCount || fields.count == 3 + sizeCount else {
             throw .protocolViolation("\(verb) has \(fields.count) arguments")
         }
-        guard let total = Int(fields[fields.count - 1]), total >= 0 else {
+        guard let total = Self.size(arguments[fields[fields.count - 1]]) else {
             throw .protocolViolation("\(verb) has a bad size")
         }
         var headerSize = 0
         if withHeaders {
-            guard let size = Int(fields[fields.count - 2]), size >= 0, size <= total else {
+            guard let size = Self.size(arguments[fields[fields.count - 2]]), size <= total else {
                 throw .protocolViolation("HMSG has a bad header size")
             }
             headerSize = size
@@ -143,9 +150,9 @@ public struct NATSFrameDecoder: ByteToMessageDecoder {
             throw .protocolViolation("\(verb)'s payload is not followed by CRLF")
         }
         var message = NATSMessage(
-            subject: fields[0],
-            replyTo: fields.count == 3 + sizeCount ? fields[2] : nil,
-            payload: Array(body[headerSize...])
+            subject: String(decoding: arguments[fields[0]], as: UTF8.self),
+            replyTo: fields.count == 3 + sizeCount ? String(decoding: arguments[fields[2]], as: UTF8.self) : nil,
+            payload: headerSize == 0 ? body : Array(body[headerSize...])
         )
         if withHeaders {
             let (headers, status, statusText) = try NATSHeaders.parse(body[..<headerSize])
@@ -154,6 +161,46 @@ public struct NATSFrameDecoder: ByteToMessageDecoder {
             message.statusDescription = statusText
         }
         buffer.moveReaderIndex(forwardBy: consumedLine + total + 2)
-        return .message(sid: fields[1], message)
+        return .message(sid: String(decoding: arguments[fields[1]], as: UTF8.self), message)
+    }
+
+    /// Whether `verb` is `name` (upper-case ASCII), in any case.
+    private static func isVerb(_ verb: ByteBufferView.SubSequence, _ name: StaticString) -> Bool {
+        name.withUTF8Buffer { expected in
+            verb.elementsEqual(expected) { $0 & 0xDF == $1 }
+        }
+    }
+
+    /// The ranges of the space- or tab-separated fields of a control line's arguments (at most 8:
+    /// more is malformed anyway).
+    private static func fields(_ arguments: ByteBufferView.SubSequence) -> [Range<Int>] {
+        var fields: [Range<Int>] = []
+        fields.reserveCapacity(5)
+        var start: Int?
+        for index in arguments.indices {
+            let byte = arguments[index]
+            if byte == 0x20 || byte == 0x09 {
+                if let begin = start {
+                    fields.append(begin..<index)
+                    start = nil
+                    if fields.count > 8 { return fields }
+                }
+            } else if start == nil {
+                start = index
+            }
+        }
+        if let begin = start { fields.append(begin..<arguments.endIndex) }
+        return fields
+    }
+
+    /// A size field: decimal digits only, at most 18 of them.
+    private static func size(_ digits: ByteBufferView.SubSequence) -> Int? {
+        guard !digits.isEmpty, digits.count <= 18 else { return nil }
+        var value = 0
+        for byte in digits {
+            guard byte >= 0x30, byte <= 0x39 else { return nil }
+            value = value * 10 + Int(byte - 0x30)
+        }
+        return value
     }
 }

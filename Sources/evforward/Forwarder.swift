@@ -1,0 +1,696 @@
+import DequeModule
+import EvdClient
+import Logging
+import NATSClient
+import NIOCore
+import ServiceLifecycle
+import Synchronization
+
+/// What the forwarder is told to do (the command line, checked).
+struct ForwarderConfiguration: Sendable {
+    /// The NATS servers, tried in turn.
+    var servers: [NATSAddress]
+    /// The JetStream stream.
+    var stream: String
+    /// The first token(s) of every subject.
+    var subjectPrefix: String
+    /// The evd cursor's name.
+    var cursor: String
+    /// evd's socket.
+    var socketPath: String
+    /// The token to log in with, if any.
+    var token: String?
+    /// The most messages sent and not yet acknowledged.
+    var maxInFlight: Int
+    /// The stream's duplicate window, when the forwarder creates it.
+    var duplicateWindow: Duration
+    /// The stream's replicas, when the forwarder creates it.
+    var replicas: Int
+    /// The events subscribed to (names or globs).
+    var events: [String]
+    /// This host's name, for `ce-source`.
+    var host: String
+    /// How long to wait for a NATS or evd answer.
+    var timeout: Duration = .seconds(10)
+    /// The most messages in one write to NATS.
+    var batchSize: Int = 1024
+    /// How often (at most) the evd cursor is acknowledged, and after how many events at least.
+    var ackInterval: Duration = .milliseconds(100)
+    var ackEvents: Int = 10_000
+    /// How often progress is logged.
+    var progressInterval: Duration = .seconds(10)
+}
+
+/// A `nats://host:port` server address.
+struct NATSAddress: Sendable, Equatable, CustomStringConvertible {
+    var host: String
+    var port: Int
+
+    var description: String { "nats://\(self.host.contains(":") ? "[\(self.host)]" : self.host):\(self.port)" }
+
+    /// Parses `nats://host[:port]` (or `host[:port]`); the port defaults to 4222.
+    init(parsing text: String) throws(ForwarderError) {
+        var rest = Substring(text)
+        if let range = rest.range(of: "://") {
+            let scheme = rest[..<range.lowerBound].lowercased()
+            guard scheme == "nats" else {
+                throw .usage("--nats \(text): only nats:// URLs are supported (no TLS, no websocket)")
+            }
+            rest = rest[range.upperBound...]
+        }
+        if rest.hasSuffix("/") { rest = rest.dropLast() }
+        guard !rest.contains("@") else {
+            throw .usage("--nats \(text): credentials in the URL are not supported")
+        }
+        guard !rest.contains("/"), !rest.contains("?") else { throw .usage("--nats \(text): a URL with a path or query") }
+        var host = rest
+        var port = 4222
+        if rest.hasPrefix("[") {
+            guard let close = rest.firstIndex(of: "]") else { throw .usage("--nats \(text): an unclosed [") }
+            host = rest[rest.index(after: rest.startIndex)..<close]
+            let after = rest[rest.index(after: close)...]
+            if !after.isEmpty {
+                guard after.hasPrefix(":"), let value = Int(after.dropFirst()) else { throw .usage("--nats \(text): a bad port") }
+                port = value
+            }
+        } else if let colon = rest.lastIndex(of: ":") {
+            host = rest[..<colon]
+            guard let value = Int(rest[rest.index(after: colon)...]) else { throw .usage("--nats \(text): a bad port") }
+            port = value
+        }
+        guard !host.isEmpty else { throw .usage("--nats \(text): no host") }
+        guard (1...65535).contains(port) else { throw .usage("--nats \(text): the port must be 1-65535") }
+        self.host = String(host)
+        self.port = port
+    }
+}
+
+/// The failures that end the forwarder instead of making it start over.
+enum ForwarderError: Error, CustomStringConvertible {
+    /// Another forwarder is at work: exit code 3, and systemd does not restart.
+    case fenced(String)
+    /// A setting or a permission that retrying cannot fix.
+    case fatal(String)
+    /// A bad command line.
+    case usage(String)
+
+    var description: String {
+        switch self {
+        case .fenced(let text), .fatal(let text), .usage(let text): text
+        }
+    }
+}
+
+/// Forwards evd's journaled events into a JetStream stream, effectively once (docs/forwarding.md).
+///
+/// Each session: connect to NATS, make sure the stream exists, read its last message (the resume
+/// point), connect to evd, subscribe with the cursor from there, then publish pipelined — batches in
+/// flight up to `maxInFlight` messages — and acknowledge the cursor as PubAcks come back. Any
+/// failure ends the session; the next starts over after a back-off (100 ms doubling to 5 s).
+/// Graceful shutdown finishes what is in flight, acknowledges it to evd and returns.
+final class Forwarder: Service, CustomStringConvertible {
+    let configuration: ForwarderConfiguration
+    let metrics: ForwarderMetrics
+    private let logger: Logger
+    private let stopping = StopSignal()
+
+    var description: String { "Forwarder(stream: \(self.configuration.stream), cursor: \(self.configuration.cursor))" }
+
+    init(configuration: ForwarderConfiguration, metrics: ForwarderMetrics, logger: Logger) {
+        self.configuration = configuration
+        self.metrics = metrics
+        self.logger = logger
+    }
+
+    func run() async throws {
+        try await withGracefulShutdownHandler {
+            try await self.loop()
+        } onGracefulShutdown: {
+            self.stopping.signal()
+        }
+    }
+
+    /// Sessions one after another, with back-off between failed ones, until told to stop.
+    private func loop() async throws {
+        var backoff = Duration.milliseconds(100)
+        var attempt = 0
+        while !self.stopping.isSignalled {
+            let server = self.configuration.servers[attempt % self.configuration.servers.count]
+            attempt += 1
+            do {
+                let progressed = try await self.session(server: server)
+                if progressed { backoff = .milliseconds(100) }
+                if self.stopping.isSignalled { break }
+                self.logger.info("session ended; starting over", metadata: ["nats.server": "\(server)"])
+            } catch let error as ForwarderError {
+                throw error
+            } catch let failure as SessionFailure {
+                if failure.progressed { backoff = .milliseconds(100) }
+                self.logger.warning(
+                    "forwarding interrupted; retrying",
+                    metadata: ["error": "\(failure.error)", "nats.server": "\(server)", "retry.in": "\(backoff)"]
+                )
+            } catch {
+                self.logger.warning(
+                    "forwarding interrupted; retrying",
+                    metadata: ["error": "\(error)", "nats.server": "\(server)", "retry.in": "\(backoff)"]
+                )
+            }
+            await self.stopping.sleep(for: backoff)
+            backoff = min(backoff * 2, .seconds(5))
+        }
+        self.logger.info("stopped", metadata: ["forwarded": "\(self.metrics.forwarded.load(ordering: .relaxed))"])
+    }
+
+    /// A failure after some events were forwarded (so the back-off starts again from its shortest).
+    struct SessionFailure: Error {
+        var error: any Error
+        var progressed: Bool
+    }
+
+    /// Where to resume, read from the stream's last message.
+    struct ResumePoint: Sendable, Equatable {
+        /// The stream's last sequence number (0: it never held a message).
+        var streamSequence: UInt64
+        /// The evd epoch and seq of the last message, when it is one of ours.
+        var epoch: String?
+        var seq: Int64?
+    }
+
+    /// Reads the resume point from `last`, the stream's last message (nil: none), whose sequence
+    /// is `lastSequence` (the stream's `last_seq` when it holds no message).
+    static func resumePoint(last: JetStream.StoredMessage?, lastSequence: UInt64) -> ResumePoint {
+        guard let last else { return ResumePoint(streamSequence: lastSequence) }
+        var point = ResumePoint(streamSequence: last.seq)
+        if let sequence = last.headers["ce-sequence"].flatMap({ Int64($0) }) {
+            point.seq = sequence
+            point.epoch =
+                last.headers["ce-epoch"] ?? last.headers["Nats-Msg-Id"].flatMap { $0.split(separator: ":").first.map(String.init) }
+        }
+        return point
+    }
+
+    /// Makes sure the stream exists: created with the documented configuration when missing.
+    func ensureStream(_ jetStream: JetStream) async throws -> JetStream.StreamInfo {
+        do {
+            let info = try await jetStream.streamInfo(name: self.configuration.stream)
+            let config = info.raw["config"]?.objectValue ?? [:]
+            let window = config["duplicate_window"]?.intValue ?? 0
+            if window < 600 * 1_000_000_000 {
+                self.logger.warning(
+                    "the stream's duplicate window is under 600 s: a retry after a long outage may be stored twice",
+                    metadata: ["stream": "\(self.configuration.stream)", "duplicate_window.ns": "\(window)"]
+                )
+            }
+            return info
+        } catch let error as JetStream.APIError where error.errCode == 10059 {
+            self.logger.info(
+                "creating the stream",
+                metadata: ["stream": "\(self.configuration.stream)", "replicas": "\(self.configuration.replicas)"]
+            )
+            do {
+                return try await jetStream.createStream(
+                    name: self.configuration.stream,
+                    subjects: ["\(self.configuration.subjectPrefix).>"],
+                    storage: .file,
+                    duplicateWindow: self.configuration.duplicateWindow,
+                    replicas: self.configuration.replicas
+                )
+            } catch let error as JetStream.APIError where error.errCode == 10065 {
+                throw ForwarderError.fatal(
+                    "cannot create stream \(self.configuration.stream): its subjects \(self.configuration.subjectPrefix).> overlap another stream's (choose another --subject-prefix, or name that stream with --stream)"
+                )
+            }
+        }
+    }
+
+    /// One session; returns whether it forwarded anything (when it ends without an error: asked
+    /// to stop, or evd said it is shutting down). Errors other than `ForwarderError` are wrapped
+    /// in `SessionFailure`.
+    private func session(server: NATSAddress) async throws -> Bool {
+        let nats: NATSConnection
+        do {
+            nats = try await NATSConnection.connect(host: server.host, port: server.port, timeout: self.configuration.timeout)
+        } catch {
+            throw SessionFailure(error: error, progressed: false)
+        }
+        let pump = Pump(forwarder: self, nats: nats)
+        do {
+            try await pump.run()
+            try? await nats.close()
+            return pump.progressed
+        } catch let error as ForwarderError {
+            try? await nats.close()
+            throw error
+        } catch {
+            try? await nats.close()
+            throw SessionFailure(error: error, progressed: pump.progressed)
+        }
+    }
+
+    /// One session's work: its connections' state and the in-flight batches.
+    private final class Pump {
+        let forwarder: Forwarder
+        let nats: NATSConnection
+        let jetStream: JetStream
+        var configuration: ForwarderConfiguration { self.forwarder.configuration }
+        var metrics: ForwarderMetrics { self.forwarder.metrics }
+        var logger: Logger { self.forwarder.logger }
+
+        /// Whether an event was PubAck'ed in this session.
+        var progressed = false
+
+        /// A batch sent and not yet wholly acknowledged.
+        struct Flight {
+            var replies: NATSConnection.PendingReplies
+            /// The events' seqs, in the order sent; `skipped` marks those too large to send.
+            var seqs: [Int64]
+            var skipped: [Bool]
+        }
+
+        private var flights = Deque<Flight>()
+        private var inFlight = 0
+        /// The highest seq with every event up to it PubAck'ed (or skipped).
+        private var acknowledged: Int64 = 0
+        /// The seq last acknowledged to evd (sent), and when.
+        private var ackSent: Int64 = 0
+        private var ackTime = ContinuousClock.now
+        /// The seq of the last event taken from evd (to drop any repeat).
+        private var lastTaken: Int64 = 0
+
+        init(forwarder: Forwarder, nats: NATSConnection) {
+            self.forwarder = forwarder
+            self.nats = nats
+            self.jetStream = JetStream(connection: nats, timeout: forwarder.configuration.timeout)
+        }
+
+        func run() async throws {
+            let info = try await self.forwarder.ensureStream(self.jetStream)
+            let last = try await self.jetStream.lastMessage(stream: self.configuration.stream)
+            let resume = Forwarder.resumePoint(last: last, lastSequence: info.lastSeq)
+            try await EvdLineConnection.withConnection(socketPath: self.configuration.socketPath, token: self.configuration.token) {
+                evd in
+                try await self.forward(from: evd, resume: resume)
+            }
+        }
+
+        /// Subscribes with the cursor and forwards until the connection ends or the forwarder stops.
+        private func forward(from evd: EvdLineConnection, resume: ResumePoint) async throws {
+            guard let epoch = evd.hello["epoch"]?.stringValue else {
+                throw ForwarderError.fatal(
+                    "evd at \(self.configuration.socketPath) does not support durable cursors (its hello has no epoch): upgrade evd"
+                )
+            }
+            var subscribe = EvdOperation.Subscribe(events: self.configuration.events)
+            subscribe.cursor = self.configuration.cursor
+            subscribe.name = "evforward \(self.configuration.stream)"
+            if let seq = resume.seq, resume.epoch == epoch {
+                subscribe.since = seq
+            } else if !(try await self.cursorExists(evd)) {
+                // A new cursor and nothing of this journal in the stream: everything journaled.
+                subscribe.since = 0
+            }
+            let result: JSONObject
+            do {
+                result = try await evd.request(.subscribe(subscribe))
+            } catch let error as EvdError {
+                switch error.code {
+                case ErrorCode.cursorInUse.rawValue:
+                    self.metrics.fenceConflicts.add(1, ordering: .relaxed)
+                    throw ForwarderError.fenced(
+                        "fenced: cursor \(self.configuration.cursor) is in use by another subscriber (another evforward for \(self.configuration.stream)?)"
+                    )
+                case ErrorCode.permissionDenied.rawValue, ErrorCode.badRequest.rawValue, ErrorCode.unknownOp.rawValue,
+                    ErrorCode.tokenInvalid.rawValue, ErrorCode.tokenExpired.rawValue:
+                    throw ForwarderError.fatal("evd refused the subscription: \(error)")
+                default:
+                    throw error
+                }
+            }
+            guard let subscription = result["subscription"]?.intValue else {
+                throw ForwarderError.fatal("evd's subscribe response has no subscription")
+            }
+            let position = result["cursor"]?["position"]?.intValue ?? subscribe.since ?? 0
+            self.acknowledged = position
+            self.ackSent = position
+            self.lastTaken = position
+            self.metrics.acknowledged.store(Int(position), ordering: .relaxed)
+            self.metrics.head.store(Int(result["seq"]?.intValue ?? position), ordering: .relaxed)
+            self.logger.info(
+                "forwarding",
+                metadata: [
+                    "stream": "\(self.configuration.stream)", "cursor": "\(self.configuration.cursor)",
+                    "from.seq": "\(position)", "evd.epoch": "\(epoch)", "stream.last_seq": "\(resume.streamSequence)",
+                ]
+            )
+            let fence: MessageEncoder.Fence = .lastSequence(resume.streamSequence)
+            var encoder = MessageEncoder(
+                subjectPrefix: self.configuration.subjectPrefix,
+                host: self.configuration.host,
+                maxPayload: self.nats.maxPayload,
+                fence: fence
+            )
+            let epochBytes = Array(epoch.utf8)
+            var progress = Progress(start: self.metrics.forwarded.load(ordering: .relaxed))
+            var pending: [EventLine] = []
+            var pendingIndex = 0
+            defer { self.metrics.inFlight.store(0, ordering: .relaxed) }
+            while !self.forwarder.stopping.isSignalled {
+                // Take whatever evd has queued, and send as much of it as the in-flight bound allows.
+                if let items = self.takeQueued(evd) { try self.accept(items, epoch: epochBytes, into: &pending) }
+                while pendingIndex < pending.count && self.inFlight < self.configuration.maxInFlight {
+                    let room = min(self.configuration.maxInFlight - self.inFlight, self.configuration.batchSize)
+                    let end = min(pending.count, pendingIndex + room)
+                    try self.send(pending[pendingIndex..<end], encoder: &encoder)
+                    pendingIndex = end
+                }
+                if pendingIndex == pending.count {
+                    pending.removeAll(keepingCapacity: true)
+                    pendingIndex = 0
+                }
+                if !self.flights.isEmpty {
+                    // Events arriving meanwhile queue up for the next round.
+                    try await self.completeOldest()
+                } else {
+                    // Nothing in flight: wait for evd, bounded, for the periodic work below.
+                    switch await Self.wait(for: evd.events, within: self.configuration.ackInterval) {
+                    case .items(let items): try self.accept(items, epoch: epochBytes, into: &pending)
+                    case .timeout: break
+                    case .finished: throw EvdLineConnection.ConnectionError(description: "evd closed the connection")
+                    }
+                }
+                self.maybeAck(evd, subscription: subscription)
+                progress.log(self)
+            }
+            // Stopping: what was sent is finished and acknowledged; what was not sent is left to
+            // the next run (the cursor, and the stream's last message, say where it resumes).
+            while !self.flights.isEmpty { try await self.completeOldest() }
+            await self.finalAck(evd, subscription: subscription)
+        }
+
+        /// Every batch already queued, flattened (nil when none).
+        private func takeQueued(_ evd: EvdLineConnection) -> [EvdLineConnection.Item]? {
+            let batches = evd.events.popQueued(while: { _ in true })
+            guard !batches.isEmpty else { return nil }
+            return batches.flatMap { $0 }
+        }
+
+        /// Takes events (checking epoch and order) into `pending`, and acts on notices.
+        private func accept(
+            _ items: [EvdLineConnection.Item],
+            epoch: [UInt8],
+            into pending: inout [EventLine]
+        ) throws {
+            for item in items {
+                switch item {
+                case .event(let event):
+                    guard event.seq > self.lastTaken else { continue }
+                    guard event.raw(event.epoch).elementsEqual(epoch) else {
+                        throw EvdLineConnection.ConnectionError(description: "an event of another epoch: evd's journal changed")
+                    }
+                    self.lastTaken = event.seq
+                    pending.append(event)
+                    if event.seq > self.metrics.head.load(ordering: .relaxed) {
+                        self.metrics.head.store(Int(event.seq), ordering: .relaxed)
+                    }
+                case .message(let message):
+                    try self.notice(message)
+                }
+            }
+        }
+
+        /// A notice from evd: gaps are logged, `lagged` and `shutdown` end the session.
+        private func notice(_ message: JSONObject) throws {
+            guard message["type"] == "notice" else { return }
+            switch message["code"]?.stringValue {
+            case "gap":
+                self.logger.error(
+                    "evd no longer holds some events: they cannot be forwarded",
+                    metadata: ["gap.from": "\(message["from"] ?? nil)", "gap.to": "\(message["to"] ?? nil)"]
+                )
+            case "lagged":
+                self.logger.warning("evd reports this subscription lagged", metadata: ["notice": "\(JSONValue.object(message).jsonString)"])
+            case "shutdown":
+                throw EvdLineConnection.ConnectionError(description: "evd is shutting down")
+            default:
+                self.logger.debug("notice", metadata: ["notice": "\(JSONValue.object(message).jsonString)"])
+            }
+        }
+
+        /// Encodes and sends `events` as one batch.
+        private func send(_ events: ArraySlice<EventLine>, encoder: inout MessageEncoder) throws {
+            var skipped = [Bool](repeating: false, count: events.count)
+            let base = events.startIndex
+            let replies = try self.nats.sendRequests(count: events.count, timeout: self.configuration.timeout) {
+                index,
+                replyTo,
+                buffer in
+                let event = events[base + index]
+                switch encoder.encode(event, replyTo: replyTo, into: &buffer) {
+                case .encoded:
+                    return true
+                case .tooLarge(let size):
+                    skipped[index] = true
+                    self.logger.error(
+                        "event too large for the NATS server's max_payload: not forwarded",
+                        metadata: ["seq": "\(event.seq)", "size": "\(size)", "max_payload": "\(self.nats.maxPayload)"]
+                    )
+                    self.metrics.publishErrors.add(1, ordering: .relaxed)
+                    return false
+                }
+            }
+            self.flights.append(Flight(replies: replies, seqs: events.map(\.seq), skipped: skipped))
+            self.inFlight += events.count
+            self.metrics.inFlight.store(self.inFlight, ordering: .relaxed)
+        }
+
+        /// Waits for the oldest batch's PubAcks; a refusal by the fence ends the forwarder, any other
+        /// failure the session.
+        private func completeOldest() async throws {
+            let flight = self.flights.removeFirst()
+            self.inFlight -= flight.seqs.count
+            self.metrics.inFlight.store(self.inFlight, ordering: .relaxed)
+            let replies = try await flight.replies.replies()
+            var forwarded = 0
+            var duplicates = 0
+            defer {
+                self.metrics.forwarded.add(forwarded, ordering: .relaxed)
+                self.metrics.duplicates.add(duplicates, ordering: .relaxed)
+                self.metrics.acknowledged.store(Int(self.acknowledged), ordering: .relaxed)
+                if forwarded + duplicates > 0 { self.progressed = true }
+            }
+            for (index, reply) in replies.enumerated() {
+                let seq = flight.seqs[index]
+                if flight.skipped[index] {
+                    self.acknowledged = seq
+                    continue
+                }
+                do {
+                    let message = try reply.get()
+                    if message.status == 503 {
+                        throw NATSError.noResponders(subject: "the stream \(self.configuration.stream)'s subjects")
+                    }
+                    let ack = try JetStream.parsePubAck(message.payload)
+                    if ack.duplicate { duplicates += 1 } else { forwarded += 1 }
+                    self.acknowledged = seq
+                } catch let error as JetStream.APIError where error.errCode == 10070 || error.errCode == 10071 {
+                    self.metrics.fenceConflicts.add(1, ordering: .relaxed)
+                    throw ForwarderError.fenced(
+                        "fenced: another forwarder published to \(self.configuration.stream) (\(error.errorDescription)); this one stops"
+                    )
+                } catch {
+                    self.metrics.publishErrors.add(replies.count - index, ordering: .relaxed)
+                    throw error
+                }
+            }
+        }
+
+        /// Acknowledges the cursor when 100 ms passed or 10,000 events were PubAck'ed since the last
+        /// time; the response is not waited for (a failure is logged: the next ack repeats it).
+        private func maybeAck(_ evd: EvdLineConnection, subscription: Int64) {
+            guard self.acknowledged > self.ackSent else { return }
+            let now = ContinuousClock.now
+            guard self.acknowledged - self.ackSent >= self.configuration.ackEvents || now - self.ackTime >= self.configuration.ackInterval
+            else { return }
+            let seq = self.acknowledged
+            let logger = self.logger
+            evd.send(.ack(subscription: subscription, seq: seq)) { result in
+                if case .failure(let error) = result {
+                    logger.warning("evd did not take the cursor's ack", metadata: ["seq": "\(seq)", "error": "\(error)"])
+                }
+            }
+            self.ackSent = seq
+            self.ackTime = now
+        }
+
+        /// The last ack, waited for (bounded) while the events still arriving are read and dropped,
+        /// so that the response is never stuck behind them.
+        private func finalAck(_ evd: EvdLineConnection, subscription: Int64) async {
+            guard self.acknowledged > self.ackSent else { return }
+            let seq = self.acknowledged
+            let timeout = self.configuration.timeout
+            let outcome: Result<JSONObject, any Error>? = await withTaskGroup(of: Result<JSONObject, any Error>?.self) { group in
+                group.addTask {
+                    do {
+                        return .success(try await evd.request(.ack(subscription: subscription, seq: seq)))
+                    } catch {
+                        return .failure(error)
+                    }
+                }
+                group.addTask {
+                    while await evd.events.pop() != nil {}
+                    return nil
+                }
+                group.addTask {
+                    try? await Task.sleep(for: timeout)
+                    return .failure(NATSError.timeout)
+                }
+                var outcome: Result<JSONObject, any Error>?
+                while let next = await group.next() {
+                    if let next {
+                        outcome = next
+                        break
+                    }
+                }
+                group.cancelAll()
+                return outcome
+            }
+            switch outcome {
+            case .success?:
+                self.ackSent = seq
+                self.logger.info("acknowledged to evd", metadata: ["cursor": "\(self.configuration.cursor)", "seq": "\(seq)"])
+            case .failure(let error)?:
+                self.logger.warning("evd did not take the last ack", metadata: ["seq": "\(seq)", "error": "\(error)"])
+            case nil:
+                self.logger.warning("evd closed before the last ack", metadata: ["seq": "\(seq)"])
+            }
+        }
+
+        /// Whether evd already has the cursor (`stats`' `cursors`); when `stats` cannot say, `true`
+        /// (the cursor's own position is the safe choice).
+        private func cursorExists(_ evd: EvdLineConnection) async throws -> Bool {
+            guard let stats = try? await evd.request(.stats), let cursors = stats["cursors"]?.arrayValue else { return true }
+            return cursors.contains { $0["name"]?.stringValue == self.configuration.cursor }
+        }
+
+        /// What a bounded wait on the event queue gave.
+        enum Wait {
+            case items([EvdLineConnection.Item])
+            case timeout
+            case finished
+        }
+
+        /// The next batch (and any queued behind it), or `.timeout` after `duration`.
+        static func wait(for queue: AsyncQueue<[EvdLineConnection.Item]>, within duration: Duration) async -> Wait {
+            await withTaskGroup(of: Wait.self) { group in
+                group.addTask {
+                    if let batch = await queue.pop() { return .items(batch) }
+                    return Task.isCancelled ? .timeout : .finished
+                }
+                group.addTask {
+                    try? await Task.sleep(for: duration)
+                    return .timeout
+                }
+                var items: [EvdLineConnection.Item] = []
+                var finished = false
+                if let first = await group.next() {
+                    group.cancelAll()
+                    for result in [first] + (await group.reduce(into: []) { $0.append($1) }) {
+                        switch result {
+                        case .items(let batch): items += batch
+                        case .finished: finished = true
+                        case .timeout: break
+                        }
+                    }
+                }
+                if !items.isEmpty {
+                    items += queue.popQueued(while: { _ in true }).flatMap { $0 }
+                    return .items(items)
+                }
+                return finished ? .finished : .timeout
+            }
+        }
+    }
+
+    /// The progress log: every `progressInterval`, the forwarded count, the rate and the lag.
+    private struct Progress {
+        var lastTime = ContinuousClock.now
+        var lastCount: Int
+
+        init(start: Int) {
+            self.lastCount = start
+        }
+
+        mutating func log(_ pump: Pump) {
+            let now = ContinuousClock.now
+            let elapsed = now - self.lastTime
+            guard elapsed >= pump.configuration.progressInterval else { return }
+            let count = pump.metrics.forwarded.load(ordering: .relaxed)
+            let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
+            let rate = Int(Double(count - self.lastCount) / max(seconds, 0.001))
+            pump.logger.info(
+                "progress",
+                metadata: [
+                    "forwarded": "\(count)", "rate.per_s": "\(rate)", "lag.events": "\(pump.metrics.lag)",
+                    "duplicates": "\(pump.metrics.duplicates.load(ordering: .relaxed))",
+                ]
+            )
+            self.lastTime = now
+            self.lastCount = count
+        }
+    }
+}
+
+/// A one-way flag for "stop", with sleeps it cuts short.
+final class StopSignal: Sendable {
+    private struct State {
+        var signalled = false
+        var sleepers: [Int: CheckedContinuation<Void, Never>] = [:]
+        var nextID = 0
+    }
+
+    private let state = Mutex(State())
+
+    /// Whether `signal()` was called.
+    var isSignalled: Bool { self.state.withLock { $0.signalled } }
+
+    /// Sets the flag and wakes every sleeper.
+    func signal() {
+        let sleepers = self.state.withLock { state in
+            state.signalled = true
+            defer { state.sleepers = [:] }
+            return state.sleepers
+        }
+        for sleeper in sleepers.values { sleeper.resume() }
+    }
+
+    /// Sleeps for `duration`, or until `signal()`.
+    func sleep(for duration: Duration) async {
+        await withTaskGroup(of: Void.self) { group in
+            group.addTask { try? await Task.sleep(for: duration) }
+            group.addTask { await self.wait() }
+            await group.next()
+            group.cancelAll()
+        }
+    }
+
+    private func wait() async {
+        let id = self.state.withLock { state in
+            defer { state.nextID += 1 }
+            return state.nextID
+        }
+        await withTaskCancellationHandler {
+            await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
+                let now = self.state.withLock { state -> Bool in
+                    if state.signalled || Task.isCancelled { return true }
+                    state.sleepers[id] = continuation
+                    return false
+                }
+                if now { continuation.resume() }
+            }
+        } onCancel: {
+            let sleeper = self.state.withLock { $0.sleepers.removeValue(forKey: id) }
+            sleeper?.resume()
+        }
+    }
+}

@@ -1,0 +1,137 @@
+import Foundation
+import Testing
+
+/// Where the built executables are: `$EVD_BIN_DIR` (scripts/test sets it), else `.build/debug`.
+func binaryPath(_ name: String) -> String {
+    if let dir = ProcessInfo.processInfo.environment["EVD_BIN_DIR"], !dir.isEmpty { return dir + "/" + name }
+    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
+        .deletingLastPathComponent()
+    return root.appendingPathComponent(".build/debug/\(name)").path
+}
+
+/// Waits (bounded) until `condition` holds; whether it did.
+func eventually(within seconds: Double = 60, _ condition: () async throws -> Bool) async rethrows -> Bool {
+    let deadline = ContinuousClock.now + .seconds(seconds)
+    while ContinuousClock.now < deadline {
+        if try await condition() { return true }
+        try? await Task.sleep(for: .milliseconds(50))
+    }
+    return try await condition()
+}
+
+/// A temporary directory (short, for socket paths), removed after `body`.
+func withTemporaryDirectory<T>(_ body: (String) async throws -> T) async throws -> T {
+    var template = Array("/tmp/evf-test-XXXXXX".utf8CString)
+    let path = template.withUnsafeMutableBufferPointer { String(cString: mkdtemp($0.baseAddress!)!) }
+    defer { try? FileManager.default.removeItem(atPath: path) }
+    return try await body(path)
+}
+
+/// A running program (the built evforward or evd), its stderr in a file.
+final class Child: @unchecked Sendable {
+    // @unchecked: `process` is only started, signalled and waited on; Foundation's Process is
+    // thread-safe for those.
+    let process: Process
+    let stderrPath: String
+
+    init(_ path: String, _ arguments: [String], stderr: String, environment: [String: String] = [:]) throws {
+        self.stderrPath = stderr
+        _ = FileManager.default.createFile(atPath: stderr, contents: nil)
+        self.process = Process()
+        self.process.executableURL = URL(fileURLWithPath: path)
+        self.process.arguments = arguments
+        var env = ["PATH": "/usr/bin:/bin", "HOME": NSTemporaryDirectory()]
+        for (key, value) in environment { env[key] = value }
+        self.process.environment = env
+        self.process.standardOutput = FileHandle.nullDevice
+        self.process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: stderr))
+        try self.process.run()
+    }
+
+    /// What it wrote to stderr so far.
+    var stderr: String { (try? String(contentsOfFile: self.stderrPath, encoding: .utf8)) ?? "" }
+
+    func signal(_ signal: Int32) {
+        if self.process.isRunning { kill(self.process.processIdentifier, signal) }
+    }
+
+    /// Waits (bounded) for the exit; its status (nil: still running, killed).
+    func finish(within seconds: Double = 60) async -> Int32? {
+        guard await eventually(within: seconds, { !self.process.isRunning }) else {
+            self.signal(SIGKILL)
+            self.process.waitUntilExit()
+            return nil
+        }
+        return self.process.terminationStatus
+    }
+
+    deinit { if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) } }
+}
+
+/// Runs evforward with `arguments` to completion (bounded); its status and stderr.
+func runEvforward(_ arguments: [String]) async throws -> (status: Int32?, stderr: String) {
+    try await withTemporaryDirectory { directory in
+        let child = try Child(binaryPath("evforward"), arguments, stderr: directory + "/stderr")
+        let status = await child.finish(within: 30)
+        return (status, child.stderr)
+    }
+}
+
+@Suite("evforward's command line and error paths")
+struct CommandLineTests {
+    @Test(
+        "Bad options are refused with a clear message and exit status 64",
+        arguments: [
+            (["--nats", "tls://127.0.0.1:4222", "--stream", "S"], "only nats:// URLs"),
+            (["--nats", "nats://127.0.0.1:99999", "--stream", "S"], "port must be 1-65535"),
+            (["--nats", "nats://u:p@127.0.0.1", "--stream", "S"], "credentials"),
+            (["--nats", "nats://127.0.0.1", "--stream", "A.B"], "--stream must be"),
+            (["--nats", "nats://127.0.0.1", "--stream", "S", "--subject-prefix", "evd.>"], "--subject-prefix"),
+            (["--nats", "nats://127.0.0.1", "--stream", "S", "--duplicate-window", "60"], "at least 600"),
+            (["--nats", "nats://127.0.0.1", "--stream", "S", "--replicas", "7"], "--replicas"),
+            (["--nats", "nats://127.0.0.1", "--stream", "S", "--max-in-flight", "0"], "--max-in-flight"),
+            (["--nats", "nats://127.0.0.1", "--stream", "S", "--metrics-listen", "nowhere"], "HOST:PORT"),
+            (["--stream", "S"], "--nats"),
+        ]
+    )
+    func badOptions(_ arguments: [String], _ message: String) async throws {
+        let (status, stderr) = try await runEvforward(arguments)
+        #expect(status == 64, "\(stderr)")
+        #expect(stderr.contains(message), "\(stderr)")
+    }
+
+    @Test("Unreachable NATS: it retries with back-off and logs each failure, and SIGTERM ends it cleanly")
+    func unreachableNATS() async throws {
+        try await withTemporaryDirectory { directory in
+            // A port nobody listens on: bind one, note it, close it.
+            let port = try freePort()
+            let child = try Child(
+                binaryPath("evforward"),
+                ["--nats", "nats://127.0.0.1:\(port)", "--stream", "S", "--socket", directory + "/evd.sock"],
+                stderr: directory + "/stderr"
+            )
+            let retried = await eventually(within: 30) {
+                child.stderr.components(separatedBy: "forwarding interrupted; retrying").count > 3
+            }
+            #expect(retried, "\(child.stderr)")
+            #expect(child.process.isRunning)
+            #expect(child.stderr.contains("cannot connect to 127.0.0.1:\(port)"), "\(child.stderr)")
+            child.signal(SIGTERM)
+            #expect(await child.finish() == 0, "\(child.stderr)")
+        }
+    }
+}
+
+/// A loopback TCP port that was free a moment ago.
+func freePort() throws -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var address = sockaddr_in()
+    address.sin_family = sa_family_t(AF_INET)
+    address.sin_addr.s_addr = inet_addr("127.0.0.1")
+    address.sin_port = 0
+    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+    _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }
+    _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
+    return Int(UInt16(bigEndian: address.sin_port))
+}
