@@ -99,6 +99,7 @@ let package = Package(
             dependencies: [
                 "EvdClient",
                 "EvdCLI",
+                "NATSClient",
                 .product(name: "OrderedCollections", package: "swift-collections"),
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
@@ -128,6 +129,17 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "UnixSignals", package: "swift-service-lifecycle"),
+            ]
+        ),
+        // scripts/bench's probe for the forwarding rows: JetStream's own publish rate through NATSClient,
+        // commit-to-stream lag, a paced emitter (not installed).
+        .executableTarget(
+            name: "natsbench",
+            dependencies: [
+                "NATSClient",
+                "EvdClient",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "DequeModule", package: "swift-collections"),
             ]
         ),
         .testTarget(

@@ -151,13 +151,13 @@ public struct JetStream: Sendable {
     }
 
     /// Sends one API request and returns its reply object; an `error` member is thrown as `APIError`.
-    private func api(_ suffix: String, _ body: JSONObject?) async throws -> JSONObject {
+    func api(_ suffix: String, _ body: JSONObject?) async throws -> JSONObject {
         let payload = body.map { JSONValue.object($0).jsonBytes } ?? []
         let reply = try await self.connection.request(subject: "$JS.API.\(suffix)", payload: payload, timeout: self.timeout)
         return try Self.decode(reply.payload)
     }
 
-    private static func decode(_ payload: [UInt8]) throws -> JSONObject {
+    static func decode(_ payload: [UInt8]) throws -> JSONObject {
         guard let object = (try? JSONValue(parsing: payload))?.objectValue else {
             throw NATSError.protocolViolation("a JetStream reply that is not a JSON object")
         }
@@ -182,7 +182,7 @@ public struct JetStream: Sendable {
         )
     }
 
-    private static func storedMessage(_ object: JSONObject) throws -> StoredMessage {
+    static func storedMessage(_ object: JSONObject) throws -> StoredMessage {
         guard let message = object["message"]?.objectValue, let subject = message["subject"]?.stringValue,
             let seq = message["seq"]?.intValue
         else {

@@ -27,6 +27,11 @@ struct Evtail: AsyncParsableCommand {
               evtail --veto before_cursor_execute --exec ./policy.sh
             CMD runs with /bin/sh -c, the veto's JSON on its stdin: exit 0 allows, non-zero denies
             with its stdout as the reason, a JSON object with "set" on stdout modifies.
+
+            From the JetStream stream evforward fills, on any host (the same lines as a local evtail):
+              evtail --nats nats://nats1:4222,nats://nats2:4222 --stream EVD_MAIN --since 1200 insert-rows
+            --since is an evd seq; without it, events stored from now on. Only --since, --count and
+            --json go with --nats.
             """
     )
 
@@ -83,8 +88,29 @@ struct Evtail: AsyncParsableCommand {
     @Flag(help: "Record decisions without enforcing them.")
     var dryRun = false
 
+    @Option(help: "Read the events from this NATS server's JetStream stream instead (nats://host:port, comma-separated for several).")
+    var nats: String?
+
+    @Option(help: "The JetStream stream evforward writes (with --nats).")
+    var stream: String?
+
     func validate() throws {
         if let count, count < 1 { throw ValidationError("--count must be at least 1") }
+        if let nats {
+            guard let stream, !stream.isEmpty else { throw ValidationError("--nats needs --stream NAME") }
+            guard !stream.contains(where: { $0 == "." || $0 == "*" || $0 == ">" || $0 == " " }) else {
+                throw ValidationError("--stream takes a stream name: no '.', '*', '>' or spaces")
+            }
+            if self.socket != nil || self.token != nil || !self.filters.isEmpty || self.name != nil || self.resume
+                || !self.vetoEvents.isEmpty
+            {
+                throw ValidationError("--nats goes only with --stream, --since, --count and --json (and event names)")
+            }
+            if let since, since < 0 { throw ValidationError("--since must be 0 or more") }
+            do { _ = try NATSTail.servers(nats) } catch { throw ValidationError("--nats: \(error)") }
+        } else if self.stream != nil {
+            throw ValidationError("--stream needs --nats URL")
+        }
         for filter in self.filters where !filter.contains("=") {
             throw ValidationError("--where takes K=V, not '\(filter)'")
         }
@@ -122,6 +148,19 @@ struct Evtail: AsyncParsableCommand {
 
     func run() async throws {
         Terminal.exitQuietlyOnSignals()
+        if let nats, let stream {
+            let tail = NATSTail(
+                servers: try NATSTail.servers(nats),
+                stream: stream,
+                since: self.since,
+                count: self.count,
+                readable: !self.json && Terminal.stdoutIsTerminal,
+                patterns: self.events
+            )
+            let status = await tail.run()
+            if status != 0 { throw ExitCode(status) }
+            return
+        }
         let socketPath = SocketPath.resolve(explicit: self.socket, environment: SocketPath.processEnvironment)
         var subscribe = EvdOperation.Subscribe()
         if !self.events.isEmpty || self.vetoEvents.isEmpty {

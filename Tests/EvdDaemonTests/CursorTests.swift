@@ -240,7 +240,7 @@ struct CursorTests {
                     ["op": "subscribe", "events": ["insert-rows"], "cursor": "mine2"],
                     ["op": "subscribe", "events": ["insert-rows"], "cursor": "mine3"],
                 ],
-                linger: 1
+                linger: 20
             )
             let got = responses(try await messages(nobody))
             #expect(got[1]?["error"]?["code"] == "permission_denied", "\(got[1] ?? [:])")

@@ -209,6 +209,22 @@ def replay(key, name):
 replay("replay_evd", f"journal replay: evd subscribe since, {replay_events:,} update-row events")
 replay("replay_rows_evd", f"journal replay: evd, the same with rows: true")
 
+# ---- Forwarding into NATS JetStream (issue 21) ----
+fwd_events = meta.get("forward_events", 0)
+jsraw, jsraw_err = load("forward_jsraw")
+row("forward_jsraw", f"JetStream publish, raw: natsbench x{fwd_events:,}, 4096 in flight, one-node file stream",
+    jsraw, jsraw_err, f"Swift, NATSClient's pipelined path evforward uses; {jsraw[0]['body_bytes']} B bodies + evforward's headers"
+    if jsraw else "", "events")
+fwd, fwd_err = load("forward_evd")
+row("forward_evd", f"forwarding: evforward, {fwd_events:,} journaled update-row events into a one-node stream", fwd, fwd_err,
+    f"from evforward's start until the stream holds the journal's last seq; {med(fwd, 'messages'):,.0f} messages"
+    if fwd else "", "events")
+lag_reps, lag_err = load("forward_lag")
+row("forward_lag", f"forwarding lag: commit -> read from the stream at {meta.get('forward_rate', 0):,} emits/s "
+    f"for {meta.get('forward_seconds', 0)} s", lag_reps, lag_err,
+    f"arrival at a stream reader minus the event's time; emitted at {med(lag_reps, 'emitted_per_sec'):,.0f}/s; "
+    f"max {med(lag_reps, 'max_us') / 1e3:.1f} ms" if lag_reps else "", "events")
+
 # ---- The table ----
 def fmt(v, spec, width):
     return f"{v:{width}{spec}}" if v is not None else f"{'-':>{width}}"
@@ -430,6 +446,29 @@ for subs, target in ((1, 1_200_000), (10, 4_500_000)):
         else:
             parts.append(f"{name} n/a")
     print(f"{label}: evd ({how}) {best:,.0f}/s (target >= {target:,}: {ok(best >= target)}) = " + ", ".join(parts))
+
+# Forwarding.
+r = by_key["forward_evd"]["per_sec"]
+if r is not None:
+    targets["forward_events_per_sec >= 300000"] = r >= 300_000
+    raw_rate = by_key["forward_jsraw"]["per_sec"]
+    if raw_rate:
+        ratios["forward_vs_jetstream_raw"] = round(r / raw_rate, 3)
+    print(f"forwarding: evforward {r:,.0f} events/s (target >= 300,000: {ok(r >= 300_000)})"
+          + (f" = {r / raw_rate:.2f}x JetStream's raw publish rate ({raw_rate:,.0f}/s)" if raw_rate else
+             f"; JetStream raw n/a ({by_key['forward_jsraw']['error']})"))
+else:
+    print(f"forwarding: n/a ({by_key['forward_evd']['error']})")
+lag_row = by_key["forward_lag"]
+if lag_row["p99_us"] is not None:
+    p99_ms = lag_row["p99_us"] / 1e3
+    targets["forward_lag_p99_ms <= 50"] = p99_ms <= 50
+    ratios["forward_lag_p50_ms"] = round(lag_row["p50_us"] / 1e3, 2)
+    ratios["forward_lag_p99_ms"] = round(p99_ms, 2)
+    print(f"forwarding lag at {meta.get('forward_rate', 0):,} events/s: p50 {lag_row['p50_us'] / 1e3:.1f} ms, "
+          f"p99 {p99_ms:.1f} ms (target p99 <= 50 ms: {ok(p99_ms <= 50)})")
+else:
+    print(f"forwarding lag: n/a ({lag_row['error']})")
 
 # Memory.
 for r, limit, key in ((m_idle, 20, "mem_idle_mb <= 20"), (m_subs, 60, "mem_1000_subscribers_mb <= 60")):
