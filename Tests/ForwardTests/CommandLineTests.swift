@@ -27,45 +27,89 @@ func withTemporaryDirectory<T>(_ body: (String) async throws -> T) async throws 
     return try await body(path)
 }
 
-/// A running program (the built evforward or evd), its stderr in a file.
+/// A running program (the built evforward or evd), started with exactly the environment given
+/// (`PATH`, `HOME` and `environment`), its stderr in a file.
+///
+/// `posix_spawn`, not Foundation's `Process`: its `run()` crashes when the test process has file
+/// descriptors above about 1024 open, which the whole suite reaches (see Spawned.swift).
 final class Child: @unchecked Sendable {
-    // @unchecked: `process` is only started, signalled and waited on; Foundation's Process is
-    // thread-safe for those.
-    let process: Process
+    // @unchecked Sendable: `status` is only touched under `lock`; the rest is immutable.
+    let processIdentifier: pid_t
     let stderrPath: String
+    private let lock = NSLock()
+    private var status: Int32?
 
     init(_ path: String, _ arguments: [String], stderr: String, environment: [String: String] = [:]) throws {
         self.stderrPath = stderr
-        _ = FileManager.default.createFile(atPath: stderr, contents: nil)
-        self.process = Process()
-        self.process.executableURL = URL(fileURLWithPath: path)
-        self.process.arguments = arguments
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 2, stderr, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        // The child keeps nothing else of the tests' (sockets, NIO's epoll and eventfds).
+        let open = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
+        for fd in open.compactMap(Int32.init) where fd > 2 {
+            posix_spawn_file_actions_addclose(&actions, fd)
+        }
         var env = ["PATH": "/usr/bin:/bin", "HOME": NSTemporaryDirectory()]
         for (key, value) in environment { env[key] = value }
-        self.process.environment = env
-        self.process.standardOutput = FileHandle.nullDevice
-        self.process.standardError = try FileHandle(forWritingTo: URL(fileURLWithPath: stderr))
-        try self.process.run()
+        let argv = ([path] + arguments).map { strdup($0) } + [nil]
+        let envp = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        defer {
+            for pointer in argv { free(pointer) }
+            for pointer in envp { free(pointer) }
+        }
+        var pid: pid_t = 0
+        let rc = posix_spawn(&pid, path, &actions, nil, argv, envp)
+        guard rc == 0 else { throw NATSServer.StartFailed(description: "posix_spawn \(path): \(String(cString: strerror(rc)))") }
+        self.processIdentifier = pid
+    }
+
+    /// The raw wait status once the child has exited (reaping it on first sight).
+    private func poll() -> Int32? {
+        self.lock.withLock {
+            if let status = self.status { return status }
+            var raw: Int32 = 0
+            if waitpid(self.processIdentifier, &raw, WNOHANG) == self.processIdentifier { self.status = raw }
+            return self.status
+        }
+    }
+
+    /// Whether it has not exited yet.
+    var isRunning: Bool { self.poll() == nil }
+
+    /// The exit status, or 128 + the signal that ended it; nil while running.
+    var exitStatus: Int32? {
+        guard let raw = self.poll() else { return nil }
+        return raw & 0x7f == 0 ? (raw >> 8) & 0xff : 128 + raw & 0x7f
     }
 
     /// What it wrote to stderr so far.
     var stderr: String { (try? String(contentsOfFile: self.stderrPath, encoding: .utf8)) ?? "" }
 
+    /// Sends `signal` while it runs.
     func signal(_ signal: Int32) {
-        if self.process.isRunning { kill(self.process.processIdentifier, signal) }
+        if self.isRunning { kill(self.processIdentifier, signal) }
     }
 
-    /// Waits (bounded) for the exit; its status (nil: still running, killed).
+    /// Waits (bounded) for the exit; its status (nil: it did not exit in time, and was killed).
     func finish(within seconds: Double = 60) async -> Int32? {
-        guard await eventually(within: seconds, { !self.process.isRunning }) else {
+        guard await eventually(within: seconds, { !self.isRunning }) else {
             self.signal(SIGKILL)
-            self.process.waitUntilExit()
+            while self.isRunning { try? await Task.sleep(for: .milliseconds(10)) }
             return nil
         }
-        return self.process.terminationStatus
+        return self.exitStatus
     }
 
-    deinit { if self.process.isRunning { kill(self.process.processIdentifier, SIGKILL) } }
+    deinit {
+        if self.isRunning {
+            kill(self.processIdentifier, SIGKILL)
+            var raw: Int32 = 0
+            waitpid(self.processIdentifier, &raw, 0)
+        }
+    }
 }
 
 /// Runs evforward with `arguments` to completion (bounded); its status and stderr.
@@ -115,7 +159,7 @@ extension Processes {
                     child.stderr.components(separatedBy: "forwarding interrupted; retrying").count > 3
                 }
                 #expect(retried, "\(child.stderr)")
-                #expect(child.process.isRunning)
+                #expect(child.isRunning)
                 #expect(child.stderr.contains("cannot connect to 127.0.0.1:\(port)"), "\(child.stderr)")
                 child.signal(SIGTERM)
                 #expect(await child.finish() == 0, "\(child.stderr)")

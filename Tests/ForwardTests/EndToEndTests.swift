@@ -58,10 +58,10 @@ func launchEvd(in directory: String, name: String = "evd", extra: [String] = [])
     )
     let evd = RunningEvd(socketPath: directory + "/evd.sock", child: child)
     let ready = await eventually(within: 60) {
-        guard child.process.isRunning else { return true }
+        guard child.isRunning else { return true }
         return (try? await evd.withClient { try await $0.request("ping") }) != nil
     }
-    try #require(ready && child.process.isRunning, "evd did not start: \(child.stderr)")
+    try #require(ready && child.isRunning, "evd did not start: \(child.stderr)")
     return evd
 }
 
@@ -238,7 +238,7 @@ extension Processes {
                         let second = try startEvforward(server, evd, directory: directory, name: "second")
                         #expect(await second.finish() == 3, "\(second.stderr)")
                         #expect(second.stderr.contains("fenced"), "\(second.stderr)")
-                        #expect(first.process.isRunning)
+                        #expect(first.isRunning)
                         first.signal(SIGTERM)
                         #expect(await first.finish() == 0, "\(first.stderr)")
                     }
@@ -256,10 +256,10 @@ extension Processes {
                             startEvforward(server, evd, directory: directory, name: "a"),
                             startEvforward(server, evd, directory: directory, name: "b"),
                         ]
-                        let oneExited = await eventually { both.contains { !$0.process.isRunning } }
+                        let oneExited = await eventually { both.contains { !$0.isRunning } }
                         #expect(oneExited)
-                        let fenced = try #require(both.first { !$0.process.isRunning })
-                        let survivor = try #require(both.first { $0.process.isRunning })
+                        let fenced = try #require(both.first { !$0.isRunning })
+                        let survivor = try #require(both.first { $0.isRunning })
                         #expect(await fenced.finish() == 3, "\(fenced.stderr)")
                         #expect(fenced.stderr.contains("fenced"), "\(fenced.stderr)")
                         try await withConnection(to: server) { nats in

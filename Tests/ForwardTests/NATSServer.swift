@@ -51,19 +51,17 @@ func withNATSServer<Result>(
         try config.write(to: file, atomically: true, encoding: .utf8)
         arguments += ["-c", file.path]
     }
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
     let log = directory.appendingPathComponent("server.log")
-    _ = FileManager.default.createFile(atPath: log.path, contents: nil)
-    let logHandle = try FileHandle(forWritingTo: log)
-    process.standardOutput = logHandle
-    process.standardError = logHandle
-    try process.run()
+    // Spawned, not Foundation's Process, which crashes when the test process has many descriptors open.
+    let process = try Spawned(executable, arguments, log: log.path)
     defer {
         process.terminate()
-        process.waitUntilExit()
-        try? logHandle.close()
+        var waited = 0
+        while process.isRunning {
+            if waited == 2_000 { process.signal(SIGKILL) }  // 10 s
+            usleep(5_000)
+            waited += 1
+        }
     }
     let portsFile = directory.appendingPathComponent("nats-server_\(process.processIdentifier).ports")
     var port: Int?

@@ -10,7 +10,7 @@ import Testing
 final class RestartableNATS {
     private(set) var port = 0
     let directory: String
-    private var process: Process?
+    private var process: Child?
 
     init(directory: String) {
         self.directory = directory
@@ -20,13 +20,12 @@ final class RestartableNATS {
 
     /// Starts it and waits until it accepts connections.
     func start() async throws {
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: try NATSServer.executable())
         let port = self.port == 0 ? "-1" : String(self.port)
-        process.arguments = ["-js", "-sd", self.directory + "/js", "-a", "127.0.0.1", "-p", port, "--ports_file_dir", self.directory]
-        process.standardOutput = FileHandle.nullDevice
-        process.standardError = FileHandle.nullDevice
-        try process.run()
+        let process = try Child(
+            try NATSServer.executable(),
+            ["-js", "-sd", self.directory + "/js", "-a", "127.0.0.1", "-p", port, "--ports_file_dir", self.directory],
+            stderr: self.directory + "/nats.log"
+        )
         self.process = process
         if self.port == 0 {
             let portsFile = "\(self.directory)/nats-server_\(process.processIdentifier).ports"
@@ -50,8 +49,9 @@ final class RestartableNATS {
 
     /// Stops it (SIGTERM) and waits for the exit.
     func stop() {
-        self.process?.terminate()
-        self.process?.waitUntilExit()
+        guard let process = self.process else { return }
+        process.signal(SIGTERM)
+        while process.isRunning { usleep(5_000) }
         self.process = nil
     }
 
@@ -115,7 +115,7 @@ extension Processes {
                         forwarder.stderr.components(separatedBy: "forwarding interrupted; retrying").count > 2
                     }
                     #expect(retried, "\(forwarder.stderr)")
-                    #expect(forwarder.process.isRunning)
+                    #expect(forwarder.isRunning)
                     try await nats.start()
                     let secondMarker = try #require(try await evd.journaledEvents().keys.max())
                     try await withConnection(to: nats.server) { connection in
