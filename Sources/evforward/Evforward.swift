@@ -15,15 +15,17 @@ struct Evforward: AsyncParsableCommand {
         abstract: "Forward evd's journaled events into a NATS JetStream stream, effectively once.",
         discussion: """
             EVENT may be a name (insert-rows) or a glob (*); default * (a cursor receives journaled events only).
-            Example:
-              evforward --nats nats://127.0.0.1:4222 --stream EVD_MAIN
-              evforward --nats nats://a:4222,nats://b:4222 --stream EVD_MAIN --replicas 3 'insert-*' myapp.deployed
 
-            Each event becomes one message on PREFIX.<database>.<event>[.<table>] with Nats-Msg-Id
-            <epoch>:<seq> and CloudEvents headers (docs/forwarding.md). evforward resumes after the
-            stream's last message and acknowledges evd's durable cursor as JetStream acknowledges.
-            Exit status 3: another forwarder holds the cursor or published to the stream (fenced off);
-            restarting will not help.
+            Examples:
+              evforward --nats nats://127.0.0.1:4222 --stream EVD_MAIN
+              evforward --nats nats://a:4222,nats://b:4222 --stream EVD_MAIN --replicas 3 'insert-*'
+
+            Each event becomes one message on PREFIX.<database>.<event>[.<table>], with Nats-Msg-Id <epoch>:<seq> \
+            and CloudEvents headers (docs/forwarding.md). evforward resumes after the stream's last message, and \
+            acknowledges evd's durable cursor as JetStream acknowledges the messages.
+
+            Exit status 3: another forwarder holds the cursor or published to the stream (fenced off); restarting \
+            will not help. 64: a bad option. 1: evd refused the token or the subscription.
             """
     )
 
