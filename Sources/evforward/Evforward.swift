@@ -18,7 +18,7 @@ struct Evforward: AsyncParsableCommand {
 
             Examples:
               evforward --nats nats://127.0.0.1:4222 --stream EVD_MAIN
-              evforward --nats nats://a:4222,nats://b:4222 --stream S --replicas 3 'insert-*'
+              evforward --nats nats://a,nats://b --stream S --replicas 3 'insert-*'
 
             Each event becomes one message on PREFIX.<database>.<event>[.<table>], with Nats-Msg-Id <epoch>:<seq> \
             and CloudEvents headers (docs/forwarding.md). evforward resumes after the stream's last message, and \
