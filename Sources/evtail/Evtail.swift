@@ -3,6 +3,7 @@ import EvdCLI
 import EvdClient
 import Foundation
 import OrderedCollections
+import Synchronization
 
 /// evtail: watch evd's events, like `journalctl -f`.
 @main
@@ -17,6 +18,11 @@ struct Evtail: AsyncParsableCommand {
               evtail insert-rows --where table=dogs --count 1
               evtail --json '*' | jq .event
               evtail --name audit --resume insert-rows >> audit.ndjson
+
+            With --cursor NAME, evd keeps the position (a durable cursor): evtail acknowledges what it
+            printed (every 200 ms and at exit), and the next run with the same --cursor starts after
+            it, with nothing journaled missed; only journaled (committed) events are shown.
+              evtail --cursor audit insert-rows >> audit.ndjson
 
             With --resume, evtail keeps the seq of the last event it printed in a file
             ($XDG_STATE_HOME/evtail/NAME.seq, or --position-file) and starts after it next time:
@@ -61,6 +67,9 @@ struct Evtail: AsyncParsableCommand {
     @Flag(help: "Start after the last event a previous run printed, and keep the position (needs --name or --position-file).")
     var resume = false
 
+    @Option(help: "Follow evd's durable cursor NAME: start after what it acknowledged, acknowledge what is printed.")
+    var cursor: String?
+
     @Option(help: "Where --resume keeps its position (default: $XDG_STATE_HOME/evtail/NAME.seq).")
     var positionFile: String?
 
@@ -102,7 +111,7 @@ struct Evtail: AsyncParsableCommand {
                 throw ValidationError("--stream takes a stream name: no '.', '*', '>' or spaces")
             }
             if self.socket != nil || self.token != nil || !self.filters.isEmpty || self.name != nil || self.resume
-                || !self.vetoEvents.isEmpty
+                || !self.vetoEvents.isEmpty || self.cursor != nil
             {
                 throw ValidationError("--nats goes only with --stream, --since, --count and --json (and event names)")
             }
@@ -130,6 +139,9 @@ struct Evtail: AsyncParsableCommand {
             throw ValidationError("--resume needs --name NAME (or --position-file PATH) to know where it left off")
         }
         if self.positionFile != nil && !self.resume { throw ValidationError("--position-file needs --resume") }
+        if self.cursor != nil && (self.resume || !self.vetoEvents.isEmpty) {
+            throw ValidationError("--cursor keeps the position in evd: not with --resume, nor with --veto")
+        }
         if let name, self.resume, name.contains("/") || name.hasPrefix(".") {
             throw ValidationError("--name used with --resume names a file: no '/', not starting with '.'")
         }
@@ -188,6 +200,7 @@ struct Evtail: AsyncParsableCommand {
         let position = self.positionPath().map(ResumePosition.init)
         subscribe.since = try position?.load() ?? self.since
         subscribe.name = self.name
+        subscribe.cursor = self.cursor
         let readable = !self.json && Terminal.stdoutIsTerminal
         let limit = self.count
         let policy: VetoPolicyRunner? =
@@ -195,15 +208,27 @@ struct Evtail: AsyncParsableCommand {
 
         let token = TokenSource.resolve(explicit: self.token, environment: SocketPath.processEnvironment)
         let outcome: Int32 = try await EvdConnection.withConnection(socketPath: socketPath) { evd in
+            let subscription: Int64
             do {
                 if let token { try await evd.login(token: token) }
-                try await evd.request(.subscribe(subscribe))
+                subscription = try await evd.request(.subscribe(subscribe))["subscription"]?.intValue ?? 0
             } catch let error as EvdError {
                 Terminal.writeStderr("evtail: \(error)")
                 return 1
             }
+            // With --cursor, what was printed is acknowledged now and then, and once more at the end.
+            let acker = self.cursor.map { _ in CursorAcker(connection: evd, subscription: subscription) }
+            let acking = acker.map { acker in
+                Task {
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: .milliseconds(200))
+                        await acker.flush()
+                    }
+                }
+            }
+            defer { acking?.cancel() }
             var seen = 0
-            return await withDiscardingTaskGroup { deciders in
+            let status: Int32 = await withDiscardingTaskGroup { deciders in
                 while let message = await evd.nextMessage() {
                     if message["type"] == "veto", let policy {
                         // Each veto is decided in its own task: a slow or hung script delays only its own
@@ -223,6 +248,7 @@ struct Evtail: AsyncParsableCommand {
                             "evtail: events \(message["from"]?.intValue ?? 0)...\(message["to"]?.intValue ?? 0) are no longer journaled"
                         )
                     }
+                    if type == "event", let acker, let seq = message["seq"]?.intValue { acker.printed(seq) }
                     if type == "event", let position, let seq = message["seq"]?.intValue {
                         // After the event is written: a crash in between shows it again, never loses it.
                         do { try position.save(seq) } catch {
@@ -238,6 +264,9 @@ struct Evtail: AsyncParsableCommand {
                 Terminal.writeStderr("evtail: evd closed the connection")
                 return 1
             }
+            acking?.cancel()
+            await acker?.flush()
+            return status
         }
         if outcome != 0 { throw ExitCode(outcome) }
     }
@@ -378,5 +407,32 @@ struct ResumePosition: Sendable {
             throw ValidationError("cannot write \(temporary)")
         }
         guard rename(temporary, self.path) == 0 else { throw ValidationError("cannot replace \(self.path)") }
+    }
+}
+
+/// Acknowledges what `evtail --cursor` printed: the newest printed seq, when it has moved since the
+/// last ack. A failed ack is reported and tried again at the next flush (evd then shows the events
+/// after the last acknowledged one again: at-least-once).
+final class CursorAcker: Sendable {
+    let connection: EvdConnection
+    let subscription: Int64
+    private let state = Mutex<(printed: Int64, acknowledged: Int64)>((0, 0))
+
+    init(connection: EvdConnection, subscription: Int64) {
+        self.connection = connection
+        self.subscription = subscription
+    }
+
+    func printed(_ seq: Int64) { self.state.withLock { $0.printed = max($0.printed, seq) } }
+
+    func flush() async {
+        let (printed, acknowledged) = self.state.withLock { $0 }
+        guard printed > acknowledged else { return }
+        do {
+            try await self.connection.request(.ack(subscription: self.subscription, seq: printed))
+            self.state.withLock { $0.acknowledged = max($0.acknowledged, printed) }
+        } catch {
+            Terminal.writeStderr("evtail: cannot acknowledge seq \(printed): \(error)")
+        }
     }
 }

@@ -229,6 +229,28 @@ struct CLITests {
         }
     }
 
+    @Test("evtail --cursor: a second run starts after what the first printed (evd keeps the position), then --since repositions")
+    func evtailCursor() async throws {
+        try await withRunningDaemon { daemon in
+            var seqs: [Int64] = []
+            for i in 0..<6 {
+                seqs.append(try await daemon.request("emit", ["event": "app.n", "data": ["i": .integer(i)]])["seq"]!.intValue!)
+            }
+            func tail(_ arguments: [String]) async throws -> [Int64] {
+                let result = try await runProcess(self.evtail, ["--socket", daemon.socketPath] + arguments)
+                #expect(result.status == 0, "\(result.stderr)")
+                return jsonLines(result.stdout).compactMap { $0["seq"]?.intValue }
+            }
+            // A new cursor starts at --since; each run acknowledges what it printed as it exits.
+            #expect(try await tail(["--cursor", "t", "--since", String(seqs[0] - 1), "--count", "2", "app.*"]) == Array(seqs[0..<2]))
+            #expect(try await tail(["--cursor", "t", "--count", "3", "app.*"]) == Array(seqs[2..<5]))
+            #expect(try await tail(["--cursor", "t", "--count", "1", "app.*"]) == [seqs[5]])
+            #expect(try await tail(["--cursor", "t", "--since", String(seqs[3]), "--count", "1", "app.*"]) == [seqs[4]])
+            let refused = try await runProcess(self.evtail, ["--socket", daemon.socketPath, "--cursor", "t", "--resume", "--name", "x"])
+            #expect(refused.status != 0 && refused.stderr.contains("--cursor"))
+        }
+    }
+
     @Test("evtail exits 0 on SIGTERM and on SIGINT")
     func evtailSignals() async throws {
         for signal in [SIGTERM, SIGINT] {

@@ -67,6 +67,71 @@ struct CursorTests {
         }
     }
 
+    @Test("an ack is answered as it arrives, while the cursor's replay is still being sent (it holds the request queue)")
+    func ackDuringReplay() async throws {
+        try await withRunningDaemon { daemon in
+            let rows = 30_000
+            try await daemon.withClient { evd in
+                try await evd.request("execute", ["sql": "CREATE TABLE t (x)"])
+                try await evd.request(
+                    "execute",
+                    [
+                        "sql": .string(
+                            "INSERT INTO t WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c WHERE x < \(rows)) SELECT x FROM c"
+                        )
+                    ]
+                )
+                try await evd.request("execute", ["sql": "UPDATE t SET x = x + 1"])  // one update-row per row
+            }
+            try await daemon.withClient { evd in
+                let response = try await evd.request(.subscribe(.init(events: ["update-row"], since: 0, cursor: "r")))
+                let first = try #require(await evd.nextMessage(ofType: "event"))
+                try await evd.send(["op": "ack", "id": "a1", "subscription": response["subscription"]!, "seq": first["seq"]!])
+                var before = 0
+                var answer: JSONObject?
+                while let message = await evd.nextMessage(ofType: nil) {
+                    if message["type"] == "event" { before += 1 }
+                    if message["type"] == "response" && message["id"] == "a1" {
+                        answer = message
+                        break
+                    }
+                }
+                #expect(answer?["result"]?["position"] == first["seq"], "\(answer ?? [:])")
+                // Answered long before the replay's last event, which waits for this client to read.
+                #expect(before < rows - 1, "the ack was answered after \(before) more events")
+            }
+        }
+    }
+
+    @Test("acks waiting to be stored are bounded by --max-pending-requests: one more is busy at once; each gets one answer")
+    func acksBounded() async throws {
+        try await withRunningDaemon(configure: { $0.maxPipelinedRequests = 1 }) { daemon in
+            try await daemon.withClient { evd in
+                let response = try await evd.request(.subscribe(.init(events: ["app.*"], cursor: "b")))
+                let subscription = response["subscription"]!.intValue!
+                let seq = try await evd.request("emit", ["event": "app.x"])["seq"]!.intValue!
+                // In one write: the first is being stored while the others arrive.
+                var lines: [UInt8] = []
+                for i in 0..<20 {
+                    lines +=
+                        JSONValue.object(["op": "ack", "id": .string("k\(i)"), "subscription": .int(subscription), "seq": .int(seq)])
+                        .jsonBytes
+                    lines.append(0x0a)
+                }
+                try await evd.sendRaw(lines)
+                var answers: [String: JSONObject] = [:]
+                while answers.count < 20, let message = await evd.nextMessage(ofType: "response") {
+                    if let id = message["id"]?.stringValue { answers[id] = message }
+                }
+                #expect(answers.count == 20)
+                let busy = answers.values.filter { $0["error"]?["code"] == "busy" }
+                #expect(!busy.isEmpty && busy.allSatisfy { $0["error"]?["limit"] == "max-pending-requests" })
+                #expect(answers["k0"]?["result"]?["position"] == .int(seq))
+                #expect(answers.values.allSatisfy { $0["ok"] == true || $0["error"]?["code"] == "busy" })
+            }
+        }
+    }
+
     @Test("kill -9 right after an ack: the restarted evd resumes the cursor after it")
     func ackSurvivesKill() async throws {
         try await withTemporaryDirectory { directory in

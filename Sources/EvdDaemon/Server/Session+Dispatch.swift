@@ -23,9 +23,10 @@ extension Session {
             try self.require(.subscribe)
             try self.unsubscribe(subscription)
             return .result([:])
-        case .ack(let subscription, let seq):
-            try self.require(.subscribe)
-            return .result(try await self.ack(subscription: subscription, seq: seq))
+        case .ack:
+            // `SessionHandler` answers an `ack` as it arrives (`handleAck`): none reaches here.
+            assertionFailure("an ack reached the executor")
+            throw EvdError.badRequest(field: "op", "an ack is handled as it arrives, never queued")
         case .deleteCursor(let cursor):
             return .result(try await self.deleteCursor(cursor))
         case .execute, .executemany, .structured:

@@ -311,26 +311,6 @@ extension Session {
         }
     }
 
-    /// `ack`: moves the position of the cursor that `subscription` follows up to `seq`, answered
-    /// once the position is on disk.
-    func ack(subscription: Int64, seq: Int64) async throws -> JSONValue {
-        guard let cursors = self.core.cursors, let name = cursors.name(following: Int(subscription), session: self.id) else {
-            throw EvdError.badRequest(field: "subscription", "subscription \(subscription) of this session follows no cursor")
-        }
-        let stable = self.core.bus.stableSeq
-        guard seq <= stable else {
-            throw EvdError.badRequest(field: "seq", "seq \(seq) is beyond the newest event delivered (\(stable))")
-        }
-        let position: Int64
-        do {
-            position = try await self.core.threadPool.runIfActive { try cursors.acknowledge(name, through: seq) }
-        } catch {
-            self.logger.error("could not store a cursor's position", metadata: ["cursor": "\(name)", "error": "\(error)"])
-            throw EvdError(.internalError, "could not store the position of cursor '\(name)': \(error)")
-        }
-        return ["cursor": .string(name), "position": .int(position)]
-    }
-
     /// `delete_cursor`: forgets a cursor nobody follows — its owner's, or anyone's for `admin`.
     func deleteCursor(_ name: String) async throws -> JSONValue {
         guard let cursors = self.core.cursors else {

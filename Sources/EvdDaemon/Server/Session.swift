@@ -32,6 +32,8 @@ final class Session: Sendable {
     let runningWatch = Mutex<StatementWatch?>(nil)
     /// The connection, for a forced close at shutdown.
     let channel = Mutex<(any Channel)?>(nil)
+    /// `ack`s received and not yet answered (`Session+Acks`).
+    let acks = Mutex(PendingAcks())
 
     init(id: UInt64, actor: Actor, core: DaemonCore, logger: Logger) {
         self.id = id

@@ -103,6 +103,10 @@ final class SessionHandler: ChannelDuplexHandler {
                 session.handleReply(request.object)
                 return
             }
+            if case .request(let request) = parsed, request["op"] == .string(EvdOperation.Name.ack.rawValue) {
+                session.handleAck(request)
+                return
+            }
             item = parsed
         }
         if !session.inbox.offer(item) { self.paused = true }
