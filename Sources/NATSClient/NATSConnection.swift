@@ -215,10 +215,11 @@ public final class NATSConnection: Sendable {
             )
             bytes.writeBuffer(&one)
         }
+        let sent = tokens  // a constant for the write's failure callback
         let replies = try await withCheckedThrowingContinuation {
             (continuation: CheckedContinuation<[Result<NATSMessage, any Error>], any Error>) in
             let collector = ReplyCollector(count: batch.count, continuation: continuation)
-            for (index, token) in tokens.enumerated() {
+            for (index, token) in sent.enumerated() {
                 guard self.core.addRequest(token, { collector.set(index, $0) }) else {
                     collector.set(index, .failure(self.core.closedError()))
                     continue
@@ -229,7 +230,7 @@ public final class NATSConnection: Sendable {
                 self.core.setRequestTimer(token, timer)
             }
             self.channel.writeAndFlush(bytes).whenFailure { error in
-                for token in tokens {
+                for token in sent {
                     self.core.removeRequest(token)?(.failure(NATSError.connectionClosed("cannot send: \(error)")))
                 }
             }
