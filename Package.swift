@@ -152,11 +152,18 @@ let package = Package(
                 .product(name: "NIOEmbedded", package: "swift-nio"),
             ]
         ),
+        // What the NATS tests share: a real nats-server on a free port, processes started with posix_spawn.
+        .target(
+            name: "NATSTestSupport",
+            dependencies: ["NATSClient", "EvdClient"],
+            path: "Tests/NATSTestSupport"
+        ),
         // Against a real nats-server (scripts/deps installs it), never a mock.
         .testTarget(
             name: "NATSClientTests",
             dependencies: [
                 "NATSClient",
+                "NATSTestSupport",
                 "EvdClient",
                 .product(name: "NIOCore", package: "swift-nio"),
             ]
@@ -167,6 +174,7 @@ let package = Package(
             dependencies: [
                 "evforward",
                 "NATSClient",
+                "NATSTestSupport",
                 "EvdClient",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),

@@ -1,4 +1,5 @@
 import Foundation
+import NATSTestSupport
 import Testing
 
 /// Where the built executables are: `$EVD_BIN_DIR` (scripts/test sets it), else `.build/debug`.
@@ -32,66 +33,30 @@ func withTemporaryDirectory<T>(_ body: (String) async throws -> T) async throws 
 ///
 /// `posix_spawn`, not Foundation's `Process`: its `run()` crashes when the test process has file
 /// descriptors above about 1024 open, which the whole suite reaches (see Spawned.swift).
-final class Child: @unchecked Sendable {
-    // @unchecked Sendable: `status` is only touched under `lock`; the rest is immutable.
-    let processIdentifier: pid_t
+final class Child: Sendable {
+    let process: Spawned
     let stderrPath: String
-    private let lock = NSLock()
-    private var status: Int32?
 
     init(_ path: String, _ arguments: [String], stderr: String, environment: [String: String] = [:]) throws {
         self.stderrPath = stderr
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 2, stderr, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-        // The child keeps nothing else of the tests' (sockets, NIO's epoll and eventfds).
-        let open = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
-        for fd in open.compactMap(Int32.init) where fd > 2 {
-            posix_spawn_file_actions_addclose(&actions, fd)
-        }
         var env = ["PATH": "/usr/bin:/bin", "HOME": NSTemporaryDirectory()]
         for (key, value) in environment { env[key] = value }
-        let argv = ([path] + arguments).map { strdup($0) } + [nil]
-        let envp = env.map { strdup("\($0.key)=\($0.value)") } + [nil]
-        defer {
-            for pointer in argv { free(pointer) }
-            for pointer in envp { free(pointer) }
-        }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, path, &actions, nil, argv, envp)
-        guard rc == 0 else { throw NATSServer.StartFailed(description: "posix_spawn \(path): \(String(cString: strerror(rc)))") }
-        self.processIdentifier = pid
+        self.process = try Spawned(path, arguments, stdout: "/dev/null", stderr: stderr, environment: env)
     }
 
-    /// The raw wait status once the child has exited (reaping it on first sight).
-    private func poll() -> Int32? {
-        self.lock.withLock {
-            if let status = self.status { return status }
-            var raw: Int32 = 0
-            if waitpid(self.processIdentifier, &raw, WNOHANG) == self.processIdentifier { self.status = raw }
-            return self.status
-        }
-    }
+    var processIdentifier: pid_t { self.process.processIdentifier }
 
     /// Whether it has not exited yet.
-    var isRunning: Bool { self.poll() == nil }
+    var isRunning: Bool { self.process.isRunning }
 
     /// The exit status, or 128 + the signal that ended it; nil while running.
-    var exitStatus: Int32? {
-        guard let raw = self.poll() else { return nil }
-        return raw & 0x7f == 0 ? (raw >> 8) & 0xff : 128 + raw & 0x7f
-    }
+    var exitStatus: Int32? { self.process.exitStatus }
 
     /// What it wrote to stderr so far.
-    var stderr: String { (try? String(contentsOfFile: self.stderrPath, encoding: .utf8)) ?? "" }
+    var stderr: String { self.process.errorSoFar }
 
     /// Sends `signal` while it runs.
-    func signal(_ signal: Int32) {
-        if self.isRunning { kill(self.processIdentifier, signal) }
-    }
+    func signal(_ signal: Int32) { self.process.signal(signal) }
 
     /// Waits (bounded) for the exit; its status (nil: it did not exit in time, and was killed).
     func finish(within seconds: Double = 60) async -> Int32? {
@@ -104,10 +69,10 @@ final class Child: @unchecked Sendable {
     }
 
     deinit {
-        if self.isRunning {
-            kill(self.processIdentifier, SIGKILL)
+        if self.process.isRunning {
+            kill(self.process.processIdentifier, SIGKILL)
             var raw: Int32 = 0
-            waitpid(self.processIdentifier, &raw, 0)
+            waitpid(self.process.processIdentifier, &raw, 0)
         }
     }
 }

@@ -1,5 +1,6 @@
 import EvdClient
 import Foundation
+import NATSTestSupport
 import NIOCore
 import Testing
 

@@ -1,6 +1,7 @@
 import EvdClient
 import Foundation
 import NATSClient
+import NATSTestSupport
 import Testing
 
 /// `evtail --nats`: the real evtail binary reading a real nats-server's stream, filled in evforward's

@@ -1,4 +1,5 @@
 import EvdClient
+import NATSTestSupport
 import Testing
 
 @testable import NATSClient

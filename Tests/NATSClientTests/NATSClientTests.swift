@@ -1,5 +1,6 @@
 import EvdClient
 import NATSClient
+import NATSTestSupport
 import NIOCore
 import Testing
 

@@ -1,4 +1,3 @@
-// A copy of Tests/NATSClientTests/Spawned.swift (test targets cannot share sources).
 import Foundation
 
 #if canImport(Glibc)
@@ -6,10 +5,10 @@ import Glibc
 #endif
 
 /// A finished process's status and output.
-struct ToolResult {
-    var status: Int32
-    var stdout: String
-    var stderr: String
+public struct ToolResult {
+    public var status: Int32
+    public var stdout: String
+    public var stderr: String
 }
 
 /// A child process started with `posix_spawn`, its standard output and error in files.
@@ -19,9 +18,9 @@ struct ToolResult {
 /// its in-process daemons (EvdDaemonTests' `ChildProcess` says the same). Waiting polls with
 /// `Task.sleep`: reading a pipe or `waitpid` without `WNOHANG` would block a thread of the small
 /// cooperative pool.
-final class Spawned: @unchecked Sendable {
+public final class Spawned: @unchecked Sendable {
     // @unchecked Sendable: `status` is only touched under `lock`; the rest is immutable.
-    let processIdentifier: pid_t
+    public let processIdentifier: pid_t
     private let stdoutPath: String
     private let stderrPath: String
     private let ownsFiles: Bool
@@ -29,22 +28,54 @@ final class Spawned: @unchecked Sendable {
     private var status: Int32?
 
     /// Starts `path` with `arguments`, standard input from /dev/null; output into temporary files, or
-    /// both standard output and error appended to `log` when given.
-    init(_ path: String, _ arguments: [String], log: String? = nil) throws {
+    /// both standard output and error appended to `log` when given. The test process's environment.
+    public convenience init(_ path: String, _ arguments: [String], log: String? = nil) throws {
         let base = NSTemporaryDirectory() + "evtail-nats-\(UUID().uuidString)"
-        self.stdoutPath = log ?? base + ".out"
-        self.stderrPath = log ?? base + ".err"
-        self.ownsFiles = log == nil
+        try self.init(
+            path,
+            arguments,
+            stdout: log ?? base + ".out",
+            stderr: log ?? base + ".err",
+            append: log != nil,
+            ownsFiles: log == nil
+        )
+    }
+
+    /// Starts `path` with `arguments` and exactly `environment` (nil: the test process's), standard
+    /// input from /dev/null, standard output and error into the files given (the same file: both
+    /// appended to it), which the caller keeps.
+    public convenience init(
+        _ path: String,
+        _ arguments: [String],
+        stdout: String,
+        stderr: String,
+        environment: [String: String]?
+    ) throws {
+        try self.init(path, arguments, stdout: stdout, stderr: stderr, append: stdout == stderr, ownsFiles: false, environment: environment)
+    }
+
+    private init(
+        _ path: String,
+        _ arguments: [String],
+        stdout: String,
+        stderr: String,
+        append: Bool,
+        ownsFiles: Bool,
+        environment: [String: String]? = nil
+    ) throws {
+        self.stdoutPath = stdout
+        self.stderrPath = stderr
+        self.ownsFiles = ownsFiles
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        if log != nil {
-            posix_spawn_file_actions_addopen(&actions, 1, self.stdoutPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+        if append {
+            posix_spawn_file_actions_addopen(&actions, 1, stdout, O_WRONLY | O_CREAT | O_APPEND, 0o644)
             posix_spawn_file_actions_adddup2(&actions, 1, 2)
         } else {
-            posix_spawn_file_actions_addopen(&actions, 1, self.stdoutPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-            posix_spawn_file_actions_addopen(&actions, 2, self.stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            posix_spawn_file_actions_addopen(&actions, 1, stdout, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            posix_spawn_file_actions_addopen(&actions, 2, stderr, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
         }
         // The child keeps nothing else of the tests' (sockets, NIO's epoll and eventfds).
         let open = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd")) ?? []
@@ -52,7 +83,7 @@ final class Spawned: @unchecked Sendable {
             posix_spawn_file_actions_addclose(&actions, fd)
         }
         let argv = ([path] + arguments).map { strdup($0) } + [nil]
-        let envp = ProcessInfo.processInfo.environment.map { strdup("\($0.key)=\($0.value)") } + [nil]
+        let envp = (environment ?? ProcessInfo.processInfo.environment).map { strdup("\($0.key)=\($0.value)") } + [nil]
         defer {
             for pointer in argv { free(pointer) }
             for pointer in envp { free(pointer) }
@@ -73,27 +104,36 @@ final class Spawned: @unchecked Sendable {
         }
     }
 
-    var isRunning: Bool { self.poll() == nil }
+    public var isRunning: Bool { self.poll() == nil }
 
     /// The exit status, or the number of the signal that ended it; -1 while running.
-    var terminationStatus: Int32 {
+    public var terminationStatus: Int32 {
         guard let raw = self.poll() else { return -1 }
         return raw & 0x7f == 0 ? (raw >> 8) & 0xff : raw & 0x7f
     }
 
+    /// The exit status, or 128 + the signal that ended it (as a shell says); nil while running.
+    public var exitStatus: Int32? {
+        guard let raw = self.poll() else { return nil }
+        return raw & 0x7f == 0 ? (raw >> 8) & 0xff : 128 + raw & 0x7f
+    }
+
+    /// What the process wrote to standard error so far.
+    public var errorSoFar: String { (try? String(contentsOfFile: self.stderrPath, encoding: .utf8)) ?? "" }
+
     /// What the process wrote to standard output so far.
-    var outputSoFar: String { (try? String(contentsOfFile: self.stdoutPath, encoding: .utf8)) ?? "" }
+    public var outputSoFar: String { (try? String(contentsOfFile: self.stdoutPath, encoding: .utf8)) ?? "" }
 
     /// Sends `signal` while it runs.
-    func signal(_ signal: Int32) {
+    public func signal(_ signal: Int32) {
         if self.isRunning { kill(self.processIdentifier, signal) }
     }
 
     /// Sends SIGTERM while it runs.
-    func terminate() { self.signal(SIGTERM) }
+    public func terminate() { self.signal(SIGTERM) }
 
     /// Waits (bounded; then SIGKILL) for the exit and returns the status and output.
-    func finish(within seconds: Int) async throws -> ToolResult {
+    public func finish(within seconds: Int) async throws -> ToolResult {
         let deadline = ContinuousClock.now + .seconds(seconds)
         while self.isRunning && ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(20)) }
         if self.isRunning {

@@ -3,23 +3,32 @@ import Foundation
 import NATSClient
 
 /// A real `nats-server` with JetStream in a temporary directory, on a free loopback port.
-struct NATSServer {
-    struct Missing: Error, CustomStringConvertible {
-        var description: String {
+public struct NATSServer {
+    public struct Missing: Error, CustomStringConvertible {
+        public var description: String {
             "nats-server is not installed (looked at $NATS_SERVER, in PATH and /usr/sbin): run scripts/deps, which installs it"
         }
     }
 
-    struct StartFailed: Error, CustomStringConvertible {
-        var description: String
+    public struct StartFailed: Error, CustomStringConvertible {
+        public var description: String
+
+        public init(description: String) {
+            self.description = description
+        }
     }
 
-    let port: Int
-    let directory: URL
+    public let port: Int
+    public let directory: URL
+
+    public init(port: Int, directory: URL) {
+        self.port = port
+        self.directory = directory
+    }
 
     /// The executable: `$NATS_SERVER` when set, else on PATH, else Debian's /usr/sbin (not on every
     /// user's PATH). Missing is a failure, never a skip.
-    static func executable() throws -> String {
+    public static func executable() throws -> String {
         if let chosen = ProcessInfo.processInfo.environment["NATS_SERVER"] {
             guard FileManager.default.isExecutableFile(atPath: chosen) else { throw Missing() }
             return chosen
@@ -35,7 +44,7 @@ struct NATSServer {
 
 /// Starts a nats-server (`-js -sd DIR -a 127.0.0.1 -p -1 --ports_file_dir DIR`, plus `config` as a
 /// config file when given), runs `body` with it, and stops it.
-func withNATSServer<Result>(
+public func withNATSServer<Result>(
     config: String? = nil,
     _ body: (NATSServer) async throws -> Result
 ) async throws -> Result {
@@ -83,7 +92,7 @@ func withNATSServer<Result>(
 }
 
 /// Connects to `server`, runs `body`, closes.
-func withConnection<Result>(
+public func withConnection<Result>(
     to server: NATSServer,
     _ body: (NATSConnection) async throws -> Result
 ) async throws -> Result {
