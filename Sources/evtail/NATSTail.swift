@@ -236,30 +236,7 @@ struct NATSTail {
 
     /// Shell-style matching as the daemon matches subscriptions: `*` any run of characters, `?` one.
     static func glob(_ pattern: String, matches name: String) -> Bool {
-        let p = Array(pattern.utf8)
-        let n = Array(name.utf8)
-        var i = 0
-        var j = 0
-        var star: Int?
-        var starMatch = 0
-        while j < n.count {
-            if i < p.count && (p[i] == UInt8(ascii: "?") || p[i] == n[j]) {
-                i += 1
-                j += 1
-            } else if i < p.count && p[i] == UInt8(ascii: "*") {
-                star = i
-                starMatch = j
-                i += 1
-            } else if let s = star {
-                i = s + 1
-                starMatch += 1
-                j = starMatch
-            } else {
-                return false
-            }
-        }
-        while i < p.count && p[i] == UInt8(ascii: "*") { i += 1 }
-        return i == p.count
+        EventPattern(pattern).matches(name)
     }
 }
 
