@@ -142,7 +142,13 @@ public struct JetStream: Sendable {
     ///
     /// One `STREAM.MSG.GET` with `{"last_by_subj":">"}` (the last message on any subject; nats-server
     /// 2.9.10 accepts the wildcard there); "no message found" (err_code 10037) is `nil`.
+    ///
+    /// It is asked only once `STREAM.INFO` shows a message: nats-server before 2.9.15 registers a new
+    /// stream before it has made its store, and a `MSG.GET` that arrives in between dereferences the
+    /// missing store and crashes the server (fixed in 2.9.15, which makes the store first). A stream
+    /// that holds a message is past that point; `STREAM.INFO` itself is safe in it.
     public func lastMessage(stream: String) async throws -> StoredMessage? {
+        guard try await self.streamInfo(name: stream).messages > 0 else { return nil }
         do {
             return try Self.storedMessage(try await self.api("STREAM.MSG.GET.\(stream)", ["last_by_subj": ">"]))
         } catch let error as APIError where error.errCode == 10037 {

@@ -148,7 +148,10 @@ final class Forwarder: Service, CustomStringConvertible {
                     duplicateWindow: self.configuration.duplicateWindow,
                     replicas: self.configuration.replicas
                 )
-            } catch let error as JetStream.APIError where error.errCode == 10065 {
+            } catch let error as JetStream.APIError where error.errCode == 10065 || error.errCode == 10058 {
+                // Another forwarder (started at the same moment) may have made it meanwhile: then
+                // its subjects overlap ours because it is ours.
+                if let made = try? await jetStream.streamInfo(name: self.configuration.stream) { return made }
                 throw ForwarderError.fatal(
                     "cannot create stream \(self.configuration.stream): its subjects \(self.configuration.subjectPrefix).> overlap another stream's (choose another --subject-prefix, or name that stream with --stream)"
                 )

@@ -63,6 +63,13 @@ public func withNATSServer<Result>(
     // Spawned, not Foundation's Process, which crashes when the test process has many descriptors open.
     let process = try Spawned(executable, arguments, log: log.path)
     defer {
+        if !process.isRunning {
+            // It died under the test: what it said is the only clue.
+            let output = (try? String(contentsOf: log, encoding: .utf8)) ?? ""
+            FileHandle.standardError.write(
+                Data("nats-server (port file in \(directory.path)) exited during the test:\n\(output.suffix(4000))\n".utf8)
+            )
+        }
         process.terminate()
         var waited = 0
         while process.isRunning {
