@@ -201,13 +201,33 @@ struct Evtail: AsyncParsableCommand {
         subscribe.since = try position?.load() ?? self.since
         subscribe.name = self.name
         subscribe.cursor = self.cursor
-        let readable = !self.json && Terminal.stdoutIsTerminal
-        let limit = self.count
         let policy: VetoPolicyRunner? =
             self.vetoEvents.isEmpty ? nil : VetoPolicyRunner(command: self.command, denyReason: self.denyReason)
 
         let token = TokenSource.resolve(explicit: self.token, environment: SocketPath.processEnvironment)
-        let outcome: Int32 = try await EvdConnection.withConnection(socketPath: socketPath) { evd in
+        let outcome: Int32
+        do {
+            outcome = try await self.follow(socketPath: socketPath, subscribe: subscribe, token: token, policy: policy, position: position)
+        } catch let error as EvdConnection.ConnectionError {
+            // No daemon: said as evctl says it (EX_UNAVAILABLE), not as an uncaught error.
+            Terminal.writeStderr("evtail: \(error)")
+            throw ExitCode(69)
+        }
+        if outcome != 0 { throw ExitCode(outcome) }
+    }
+
+    /// Subscribes on a connection to `socketPath` and prints what arrives until `--count`, a
+    /// `shutdown` notice or the connection's end; returns the exit status.
+    private func follow(
+        socketPath: String,
+        subscribe: EvdOperation.Subscribe,
+        token: String?,
+        policy: VetoPolicyRunner?,
+        position: ResumePosition?
+    ) async throws -> Int32 {
+        let readable = !self.json && Terminal.stdoutIsTerminal
+        let limit = self.count
+        return try await EvdConnection.withConnection(socketPath: socketPath) { evd in
             let subscription: Int64
             do {
                 if let token { try await evd.login(token: token) }
@@ -268,7 +288,6 @@ struct Evtail: AsyncParsableCommand {
             await acker?.flush()
             return status
         }
-        if outcome != 0 { throw ExitCode(outcome) }
     }
 }
 

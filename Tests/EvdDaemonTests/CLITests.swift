@@ -157,23 +157,47 @@ struct CLITests {
         }
     }
 
-    @Test("evctl exit status 69: no daemon to ask (no socket file, nobody listening, or the connection ends before the answer)")
+    @Test(
+        "evctl exit status 69: no daemon to ask (no socket file, nobody listening, no right to the socket, or the connection ends before the answer), each said so a person can act on it"
+    )
     func evctlExitUnavailable() async throws {
         try await withTemporaryDirectory { directory in
             // No such file.
             let missing = try await runProcess(self.evctl, ["--socket", directory + "/missing.sock", "ping"])
             #expect(missing.status == 69, "\(missing.stderr)")
-            #expect(missing.stderr.contains("cannot connect"), "\(missing.stderr)")
+            // What a person can act on: the reason and what to do, not the socket call's text.
+            #expect(
+                missing.stderr.hasPrefix(
+                    "evctl: cannot connect to evd at \(directory)/missing.sock: No such file or directory (is evd running?"
+                ),
+                "\(missing.stderr)"
+            )
+            #expect(!missing.stderr.contains("descriptor"), "\(missing.stderr)")
+            let tail = try await runProcess(self.evtail, ["--socket", directory + "/missing.sock"])
+            #expect(tail.status == 69, "\(tail.stderr)")
+            #expect(tail.stderr.hasPrefix("evtail: cannot connect to evd at"), "\(tail.stderr)")
             // A socket file nobody listens on (a daemon that died without removing it).
             let stale = directory + "/stale.sock"
-            let fd = try boundUnixSocket(stale)
+            let fd = try boundUnixSocket(at: stale)
             close(fd)
             let refused = try await runProcess(self.evctl, ["--socket", stale, "sql", "select 1"])
             #expect(refused.status == 69, "\(refused.stderr)")
             #expect(refused.stdout.isEmpty)
+            #expect(refused.stderr.contains("Connection refused (nothing answers there"), "\(refused.stderr)")
+            // Another uid that may not open the socket (the test's directory is 0700, root's).
+            let guarded = directory + "/guarded.sock"
+            let listening = try boundUnixSocket(at: guarded)
+            defer { close(listening) }
+            listen(listening, 1)
+            let denied = try await runProcess(
+                "/usr/bin/setpriv",
+                ["--reuid=65534", "--regid=65534", "--clear-groups", self.evctl, "--socket", guarded, "ping"]
+            )
+            #expect(denied.status == 69, "\(denied.stderr)")
+            #expect(denied.stderr.contains("Permission denied (this user may not open evd's socket"), "\(denied.stderr)")
             // A peer that says hello, reads the request and hangs up without an answer.
             let vanishing = directory + "/vanishing.sock"
-            let server = try boundUnixSocket(vanishing)
+            let server = try boundUnixSocket(at: vanishing)
             listen(server, 1)
             Thread.detachNewThread { helloThenHangUp(server) }
             let cut = try await runProcess(self.evctl, ["--socket", vanishing, "ping"])
@@ -311,21 +335,6 @@ struct CLITests {
             #expect(lines.last?["statement"] == "select 40 + 2")
         }
     }
-}
-
-/// A stream socket bound (not listening) at `path`.
-private func boundUnixSocket(_ path: String) throws -> Int32 {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    withUnsafeMutableBytes(of: &address.sun_path) { raw in
-        for (i, byte) in Array(path.utf8).prefix(raw.count - 1).enumerated() { raw[i] = byte }
-    }
-    let bound = withUnsafePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-    }
-    guard fd >= 0, bound == 0 else { throw RawUnixSocket.Failure(description: "bind \(path): \(String(cString: strerror(errno)))") }
-    return fd
 }
 
 /// Accepts one connection on `server`, sends a `hello`, reads until the request's newline, then

@@ -3,6 +3,12 @@ import NIOPosix
 import OrderedCollections
 import Synchronization
 
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+
 /// A connection to evd: requests with their responses, and the stream of events, vetoes and notices.
 ///
 /// Open one with `EvdConnection.withConnection(socketPath:_:)`; it is closed when the closure returns.
@@ -17,6 +23,32 @@ public final class EvdConnection: Sendable {
     /// Raised when the connection ends before a response arrives, or cannot be made.
     public struct ConnectionError: Error, CustomStringConvertible {
         public let description: String
+    }
+
+    /// What a person can act on when connecting failed: the path, the system's reason, and what
+    /// to do about it (`evctl: cannot connect to evd at PATH: No such file or directory (is evd
+    /// running? ...)`), not the socket call's own text.
+    static func connectFailure(_ socketPath: String, _ error: any Error) -> String {
+        guard let code = (error as? IOError)?.errnoCode else { return "cannot connect to evd at \(socketPath): \(error)" }
+        let reason = String(cString: strerror(code))
+        let hint: String
+        switch code {
+        case ENOENT:
+            hint = "is evd running? scripts/run, or systemctl start evd.socket; or set --socket / $EVD_SOCKET"
+        case ECONNREFUSED:
+            hint =
+                "nothing answers there: evd is not running and this is a stale socket (or not a socket); start evd: scripts/run, or systemctl start evd.socket"
+        case EACCES, EPERM:
+            hint =
+                "this user may not open evd's socket: under systemd, members of the group evd may (usermod -aG evd $USER, then log in again)"
+        case ENOTDIR:
+            hint = "a part of the path is not a directory: check --socket / $EVD_SOCKET"
+        case EAGAIN:
+            hint = "evd's listen queue is full: it is overloaded or out of file descriptors; try again"
+        default:
+            hint = "errno \(code)"
+        }
+        return "cannot connect to evd at \(socketPath): \(reason) (\(hint))"
     }
 
     /// The daemon's `hello`.
@@ -73,7 +105,7 @@ public final class EvdConnection: Sendable {
                     }
                 }
         } catch {
-            throw ConnectionError(description: "cannot connect to evd at \(socketPath): \(error)")
+            throw ConnectionError(description: Self.connectFailure(socketPath, error))
         }
         let connection = EvdConnection(channel: asyncChannel.channel, messageCapacity: messageCapacity)
         return try await asyncChannel.executeThenClose { inbound, _ in
