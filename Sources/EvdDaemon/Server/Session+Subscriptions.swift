@@ -308,6 +308,8 @@ extension Session {
                 "evd keeps at most \(limit) durable cursors \(whose) (--\(flag)); delete one first (delete_cursor)",
                 extra: ["field": "cursor", "limit": .string(flag), "max": .integer(limit)]
             )
+        case .notStored(let error):
+            return EvdError(.internalError, "could not store the change to cursor '\(name)': \(error)")
         }
     }
 
@@ -321,6 +323,9 @@ extension Session {
         do {
             try cursors.delete(name, by: self.actor.id, mayDeleteAny: mayDeleteAny)
         } catch {
+            if case .notStored(let reason) = error {
+                self.logger.error("could not delete a durable cursor", metadata: ["cursor": "\(name)", "error": "\(reason)"])
+            }
             throw Self.cursorError(error, name)
         }
         return [:]

@@ -52,6 +52,8 @@ public final class Cursors: Sendable {
         case noSuchCursor
         /// The cursor would be one too many: in all (`perOwner` false) or for its owner.
         case tooMany(limit: Int, perOwner: Bool)
+        /// The cursors' database refused the change (SQLite's error, as text).
+        case notStored(String)
     }
 
     static let createSQL = """
@@ -151,10 +153,7 @@ public final class Cursors: Sendable {
     /// Stores a claimed cursor: its position (where the subscription starts after), the events
     /// and databases it follows. Blocks on SQLite (a synchronous write): off the event loops.
     func attach(_ name: String, position: Int64, events: [String], databases: [String]?) throws(SQLiteError) {
-        guard var cursor = self.cursors.withLock({ $0[name] }) else { return }
-        cursor.position = position
-        cursor.events = events
-        cursor.databases = databases
+        guard let cursor = self.cursors.withLock({ $0[name] }) else { return }
         try self.withConnection { connection throws(SQLiteError) in
             guard
                 let upsert = try connection.prepare(
@@ -171,14 +170,14 @@ public final class Cursors: Sendable {
             try upsert.bind(text: name, at: 1)
             try upsert.bind(text: cursor.owner, at: 2)
             try upsert.bind(int: position, at: 3)
-            try upsert.bind(text: String(decoding: JSONValue.array(events.map(JSONValue.string)).jsonBytes, as: UTF8.self), at: 4)
-            if let databases {
-                try upsert.bind(text: String(decoding: JSONValue.array(databases.map(JSONValue.string)).jsonBytes, as: UTF8.self), at: 5)
-            } else {
-                try upsert.bind(.null, at: 5)
+            // The lists as JSON text (NULL: every database).
+            func text(_ names: [String]) -> JSONValue {
+                .string(String(decoding: JSONValue.array(names.map(JSONValue.string)).jsonBytes, as: UTF8.self))
             }
+            try upsert.bind(text(events), at: 4)
+            try upsert.bind(databases.map(text) ?? .null, at: 5)
             try upsert.bind(text: cursor.created, at: 6)
-            if let acked = cursor.acked { try upsert.bind(text: acked, at: 7) } else { try upsert.bind(.null, at: 7) }
+            try upsert.bind(cursor.acked.map(JSONValue.string) ?? .null, at: 7)
             _ = try upsert.step()
         }
         self.cursors.withLock { cursors in
@@ -289,7 +288,7 @@ public final class Cursors: Sendable {
             _ = self.cursors.withLock { $0.removeValue(forKey: name) }
         } catch {
             self.cursors.withLock { $0[name]?.live = nil }
-            throw .noSuchCursor
+            throw .notStored("\(error)")
         }
     }
 
