@@ -328,6 +328,22 @@ struct CursorTests {
         }
     }
 
+    @Test("another uid cannot acknowledge a cursor another session follows: its ack names no subscription of its own")
+    func ackAsAnotherUID() async throws {
+        try await withRunningDaemon(configure: { openUp(&$0, grants: [Grant(who: .uid(65534), actions: [.subscribe])]) }) { daemon in
+            try await daemon.withClient { evd in
+                let response = try await evd.request(.subscribe(.init(events: ["app.*"], cursor: "held")))
+                let start = try #require(response["cursor"]?["position"])
+                let seq = try await evd.request("emit", ["event": "app.x"])["seq"]!
+                let nobody = try asNobody(daemon, [["op": "ack", "subscription": response["subscription"]!, "seq": seq]], linger: 20)
+                let got = responses(try await messages(nobody))
+                #expect(got[1]?["error"]?["code"] == "bad_request" && got[1]?["error"]?["field"] == "subscription", "\(got[1] ?? [:])")
+                let cursor = try await daemon.request("stats")["cursors"]?.arrayValue?.first
+                #expect(cursor?["position"] == start)
+            }
+        }
+    }
+
     @Test("stats lists each cursor with its position, lag and follower; the metrics carry position and lag")
     func statistics() async throws {
         try await withRunningDaemon(configure: {

@@ -2,14 +2,6 @@ import Foundation
 import NATSTestSupport
 import Testing
 
-/// Where the built executables are: `$EVD_BIN_DIR` (scripts/test sets it), else `.build/debug`.
-func binaryPath(_ name: String) -> String {
-    if let dir = ProcessInfo.processInfo.environment["EVD_BIN_DIR"], !dir.isEmpty { return dir + "/" + name }
-    let root = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent()
-        .deletingLastPathComponent()
-    return root.appendingPathComponent(".build/debug/\(name)").path
-}
-
 /// Waits (bounded) until `condition` holds; whether it did.
 func eventually(within seconds: Double = 60, _ condition: () async throws -> Bool) async rethrows -> Bool {
     let deadline = ContinuousClock.now + .seconds(seconds)
@@ -131,18 +123,4 @@ extension Processes {
             }
         }
     }
-}
-
-/// A loopback TCP port that was free a moment ago.
-func freePort() throws -> Int {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    var address = sockaddr_in()
-    address.sin_family = sa_family_t(AF_INET)
-    address.sin_addr.s_addr = inet_addr("127.0.0.1")
-    address.sin_port = 0
-    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-    _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }
-    _ = withUnsafeMutablePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) } }
-    return Int(UInt16(bigEndian: address.sin_port))
 }

@@ -105,9 +105,14 @@ func startEvforward(
     )
 }
 
+extension JetStream.StoredMessage {
+    /// The evd seq the forwarded event had (its `ce-sequence` header).
+    var ceSequence: Int64? { self.headers["ce-sequence"].flatMap { Int64($0) } }
+}
+
 /// The evd seq (`ce-sequence`) of the stream's last message; 0 when it has none.
 func lastSequence(_ js: JetStream, stream: String = "EVD_E2E") async throws -> Int64 {
-    try await js.lastMessage(stream: stream)?.headers["ce-sequence"].flatMap { Int64($0) } ?? 0
+    try await js.lastMessage(stream: stream)?.ceSequence ?? 0
 }
 
 /// Every message of `stream`, in stream order.
@@ -163,7 +168,7 @@ extension Processes {
 
                             // No duplicate, no gap: the stream's ce-sequences are exactly the journaled
                             // seqs up to the last one forwarded.
-                            let sequences = messages.compactMap { $0.headers["ce-sequence"].flatMap { Int64($0) } }
+                            let sequences = messages.compactMap { $0.ceSequence }
                             let forwardedUpTo = sequences.last ?? 0
                             #expect(sequences == journal.keys.filter { $0 <= forwardedUpTo }.sorted())
                             #expect(Set(messages.compactMap { $0.headers["Nats-Msg-Id"] }).count == messages.count)
@@ -172,7 +177,7 @@ extension Processes {
                             // Each body is the event minus `subscription`, keys in the same order.
                             let epoch = try await evd.withClient { $0.hello["epoch"]?.stringValue }
                             for message in messages {
-                                let seq = try #require(message.headers["ce-sequence"].flatMap { Int64($0) })
+                                let seq = try #require(message.ceSequence)
                                 var event = try #require(expectedAfter[seq])
                                 event.removeValue(forKey: "subscription")
                                 let body = try #require(try JSONValue(parsing: message.payload).objectValue)
@@ -268,7 +273,7 @@ extension Processes {
                             let marker = try #require(try await evd.journaledEvents().keys.max())
                             #expect(await eventually { (try? await lastSequence(js)) ?? 0 >= marker }, "\(survivor.stderr)")
                             let sequences = try await streamMessages(js, "EVD_E2E").compactMap {
-                                $0.headers["ce-sequence"].flatMap { Int64($0) }
+                                $0.ceSequence
                             }
                             #expect(sequences == sequences.sorted() && Set(sequences).count == sequences.count)
                         }

@@ -86,7 +86,7 @@ extension Processes {
                         forwarder.signal(SIGTERM)
                         #expect(await forwarder.finish() == 0, "\(forwarder.stderr)")
                         let sequences = try await streamMessages(js, "EVD_E2E").compactMap {
-                            $0.headers["ce-sequence"].flatMap { Int64($0) }
+                            $0.ceSequence
                         }
                         let journal = try await evd.journaledEvents()
                         #expect(sequences == journal.keys.filter { $0 <= (sequences.last ?? 0) }.sorted())
@@ -125,7 +125,7 @@ extension Processes {
                         forwarder.signal(SIGTERM)
                         #expect(await forwarder.finish() == 0, "\(forwarder.stderr)")
                         let messages = try await streamMessages(js, "EVD_E2E")
-                        let sequences = messages.compactMap { $0.headers["ce-sequence"].flatMap { Int64($0) } }
+                        let sequences = messages.compactMap { $0.ceSequence }
                         let journal = try await evd.journaledEvents()
                         #expect(sequences == journal.keys.filter { $0 <= (sequences.last ?? 0) }.sorted())
                         #expect(try await js.streamInfo(name: "EVD_E2E").messages == UInt64(messages.count))
@@ -155,7 +155,7 @@ extension Processes {
                         forwarder.signal(SIGTERM)
                         #expect(await forwarder.finish() == 0, "\(forwarder.stderr)")
                         let sequences = try await streamMessages(js, "EVD_E2E").compactMap {
-                            $0.headers["ce-sequence"].flatMap { Int64($0) }
+                            $0.ceSequence
                         }
                         let journal = try await evd.journaledEvents()
                         #expect(sequences == journal.keys.filter { $0 <= (sequences.last ?? 0) }.sorted())
