@@ -250,11 +250,20 @@ extension Session {
             throw EvdError.badRequest(field: "cursor", "durable cursors are positions in the journal, and evd runs with --no-journal")
         }
         try Self.checkCursorName(name)
+        // A consumer that reconnects at once may find the close of its previous connection not yet
+        // seen (its session still follows the cursor): a cursor in use is tried again for a while
+        // before the answer is cursor_in_use.
         let acknowledged: Int64?
-        do {
-            acknowledged = try cursors.claim(name, owner: self.actor.id, session: self.id)
-        } catch {
-            throw Self.cursorError(error, name)
+        let deadline = ContinuousClock.now + Self.cursorClaimWait
+        while true {
+            do {
+                acknowledged = try cursors.claim(name, owner: self.actor.id, session: self.id)
+                break
+            } catch .inUse where ContinuousClock.now < deadline {
+                try await Task.sleep(for: .milliseconds(10))
+            } catch {
+                throw Self.cursorError(error, name)
+            }
         }
         let start = since ?? acknowledged ?? self.core.bus.stableSeq
         // The databases its `where` lets through and its actor may view something in: retention
@@ -274,6 +283,9 @@ extension Session {
         }
         return start
     }
+
+    /// How long a `subscribe` waits for a cursor another subscription follows to be freed.
+    static let cursorClaimWait = Duration.seconds(2)
 
     /// A cursor's name: 1 to 128 bytes of UTF-8 without control characters.
     static func checkCursorName(_ name: String) throws(EvdError) {
