@@ -21,7 +21,8 @@ What differs from `sqlite3`, and why, is in clients/python/README.md. In short:
 - Transactions are `sqlite3`'s: with the default `autocommit=LEGACY_TRANSACTION_CONTROL` a
   transaction begins implicitly before INSERT, UPDATE, DELETE and REPLACE (unless
   `isolation_level` is None); `autocommit=False` is PEP 249's always-open transaction (begun
-  lazily, at the first statement, so an idle connection holds none of evd's pooled connections);
+  lazily, at the first statement, so an idle connection holds none of evd's pooled connections;
+  ATTACH, DETACH and VACUUM, which SQLite refuses inside a transaction, do not begin one);
   `autocommit=True` runs each statement in its own transaction. `BEGIN`, `COMMIT`, `ROLLBACK`,
   `SAVEPOINT`, `RELEASE` and `ROLLBACK TO` sent as SQL become evd's transaction ops.
 - Errors are the PEP 249 classes chosen, as `sqlite3` chooses them, by the SQLite result code evd
@@ -299,6 +300,8 @@ def _bind_parameters(parameters):
 _LEADING = re.compile(r"(?:\s+|--[^\n]*(?:\n|$)|/\*.*?(?:\*/|$))*", re.S)
 _WORD = re.compile(r"[A-Za-z]+")
 _DML = frozenset({"INSERT", "UPDATE", "DELETE", "REPLACE"})
+# Statements SQLite refuses inside a transaction: they never begin the implicit one.
+_OUTSIDE_TRANSACTION = frozenset({"ATTACH", "DETACH", "VACUUM"})
 _NAME = r'(?:"(?:[^"]|"")+"|\[[^\]]+\]|`(?:[^`]|``)+`|\'(?:[^\']|\'\')+\'|[^\s;]+)'
 _CONTROL = [
     ("begin", re.compile(r"BEGIN(?:\s+(?:DEFERRED|IMMEDIATE|EXCLUSIVE))?(?:\s+TRANSACTION)?\s*;?\s*\Z", re.I)),
@@ -395,6 +398,7 @@ class Connection:
         self.row_factory = None
         self.text_factory = str
         self._client = None
+        self._closed = False           # close() was called
         self._in_transaction = False   # evd holds a transaction for this session
         self._opened_by = None         # the savepoint whose SAVEPOINT began the transaction
         self._prepared = None          # the xid prepared by tpc_prepare, until decided
@@ -449,11 +453,13 @@ class Connection:
             raise _translate(error) from None
 
     def close(self):
-        """Closes the session; evd rolls back a transaction still open. A second close is an
-        Error, as PEP 249 has it."""
-        if self._client is None or self._client.closed:
+        """Closes the session; evd rolls back a transaction still open. Closing it a second time
+        is an Error, as PEP 249 has it (closing one whose connection was lost is not)."""
+        if self._closed:
             raise ProgrammingError("Cannot operate on a closed database.", code="connection_closed")
-        self._client.close()
+        self._closed = True
+        if self._client is not None:
+            self._client.close()
         self._in_transaction = False
 
     def __enter__(self):
@@ -524,6 +530,8 @@ class Connection:
     def _before_statement(self, sql):
         """Begins the implicit transaction this statement needs, as sqlite3 does."""
         if self._in_transaction or self._prepared is not None:
+            return
+        if _first_word(sql) in _OUTSIDE_TRANSACTION:
             return
         if self._autocommit is False:
             self._begin()

@@ -63,7 +63,11 @@ class EvdDialect(SQLiteDialect_pysqlite):
             raise exc.ArgumentError("Unknown evd URL argument(s): %s (known: %s)" % (", ".join(unknown), ", ".join(known)))
         kwargs = {"database": url.database or None, "autocommit": False}
         for key, kind in known.items():
-            util.coerce_kw_type(opts, key, kind, dest=kwargs)
+            if key in opts:
+                try:
+                    kwargs[key] = kind(opts[key])
+                except ValueError:
+                    raise exc.ArgumentError("evd URL argument %s=%r is not a %s" % (key, opts[key], kind.__name__)) from None
         return [], kwargs
 
     def _sqlite_main_query(self, table, type_, schema, sqlite_include_internal):
