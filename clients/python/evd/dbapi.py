@@ -16,8 +16,8 @@ What differs from `sqlite3`, and why, is in clients/python/README.md. In short:
 
 - `connect(database=None, *, socket=None, token=None, timeout=None, autocommit=..., isolation_level="")`:
   `database` is the name of one of evd's databases (not a file), `socket` is resolved as every
-  evd client resolves it, `token` logs in with a token (`create_token`), `timeout` is SQLite's busy
-  timeout in seconds (the daemon's setting when None).
+  evd client resolves it, `token` logs in with a token (`create_token`; else $EVD_TOKEN),
+  `timeout` is SQLite's busy timeout in seconds (the daemon's setting when None).
 - Transactions are `sqlite3`'s: with the default `autocommit=LEGACY_TRANSACTION_CONTROL` a
   transaction begins implicitly before INSERT, UPDATE, DELETE and REPLACE (unless
   `isolation_level` is None); `autocommit=False` is PEP 249's always-open transaction (begun
@@ -35,6 +35,7 @@ What differs from `sqlite3`, and why, is in clients/python/README.md. In short:
 """
 
 import datetime
+import os
 import re
 import sqlite3 as _sqlite3
 import time
@@ -366,7 +367,8 @@ def connect(database=None, *, socket=None, token=None, timeout=None, autocommit=
     """A connection to evd's database `database` (None: the daemon's first).
 
     `socket`: the socket path (else $EVD_SOCKET, ... as every evd client resolves it).
-    `token`: a token to log in with (else the connecting process's uid decides).
+    `token`: a token to log in with (else $EVD_TOKEN when set, as evd's command-line tools; else the
+    connecting process's uid decides).
     `timeout`: seconds a statement waits for another writer's lock (SQLite's busy timeout,
     sqlite3's `timeout`); None keeps the daemon's.
     `autocommit`, `isolation_level`: as sqlite3's (Python 3.12).
@@ -411,6 +413,8 @@ class Connection:
             self._client = Client(socket, timeout=socket_timeout)
         except EvdError as error:
             raise OperationalError("cannot connect to evd: %s" % error.message, code=error.code) from None
+        if token is None:
+            token = os.environ.get("EVD_TOKEN") or None  # as evd's command-line tools
         try:
             if token is not None:
                 self._request("login", token=token)

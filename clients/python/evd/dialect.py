@@ -22,7 +22,10 @@ SQLAlchemy's pysqlite dialect — types, reflection, the compiler and the ORM un
   math functions.
 
 URL query arguments: `socket`, `token`, `timeout` (SQLite's busy timeout, seconds),
-`socket_timeout` (seconds). `connect_args` reach `evd.dbapi.connect` as they are.
+`socket_timeout` (seconds). A token is better given as the URL's password (`evd://:TOKEN@/main`),
+which SQLAlchemy masks wherever it prints the URL (`?token=` shows in logs), or in $EVD_TOKEN, which
+the driver reads when no token is given, as evd's command-line tools do. `connect_args` reach
+`evd.dbapi.connect` as they are.
 """
 
 from sqlalchemy import exc, pool
@@ -51,10 +54,10 @@ class EvdDialect(SQLiteDialect_pysqlite):
         return pool.QueuePool  # every connection is a socket to the daemon, never an in-process file
 
     def create_connect_args(self, url):
-        if url.username or url.password or url.host or url.port:
+        if url.username or url.host or url.port:
             raise exc.ArgumentError(
                 "Invalid evd URL: %s\nValid forms: evd:///DATABASE (one of evd's databases, e.g. main), "
-                "evd:// (the daemon's first), with ?socket=PATH&token=TOKEN&timeout=SECONDS" % (url,)
+                "evd:// (the daemon's first), evd://:TOKEN@/DATABASE, with ?socket=PATH&timeout=SECONDS" % (url,)
             )
         known = {"socket": str, "token": str, "timeout": float, "socket_timeout": float}
         opts = dict(url.query)
@@ -62,6 +65,10 @@ class EvdDialect(SQLiteDialect_pysqlite):
         if unknown:
             raise exc.ArgumentError("Unknown evd URL argument(s): %s (known: %s)" % (", ".join(unknown), ", ".join(known)))
         kwargs = {"database": url.database or None, "autocommit": False}
+        if url.password:
+            if "token" in opts:
+                raise exc.ArgumentError("Invalid evd URL: a token both as the password and as ?token=")
+            kwargs["token"] = url.password
         for key, kind in known.items():
             if key in opts:
                 try:

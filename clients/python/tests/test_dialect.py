@@ -167,6 +167,25 @@ class DialectTest(unittest.TestCase):
         _, kwargs = sa.create_engine(url).dialect.create_connect_args(url)
         self.assertEqual(kwargs, {"database": "other", "autocommit": False, "socket": "/s.sock",
                                   "token": "evd_x", "timeout": 2.5})
+        # The token as the password: SQLAlchemy masks it wherever it prints the URL.
+        url = sa.engine.make_url("evd://:evd_secret@/main")
+        self.assertEqual(sa.create_engine(url).dialect.create_connect_args(url)[1]["token"], "evd_secret")
+        self.assertNotIn("evd_secret", repr(sa.create_engine(url)))
+        with self.assertRaises(exc.ArgumentError):
+            bad = sa.engine.make_url("evd://:a@/main?token=b")
+            sa.create_engine(bad).dialect.create_connect_args(bad)
+
+    def test_a_token_in_the_url_logs_in(self):
+        with self.engine.connect() as connection:
+            token = connection.connection.dbapi_connection.client.request(
+                "create_token", restrict_all=["view-table", "execute-sql"])["token"]
+        restricted = sa.create_engine("evd://:%s@/main?socket=%s" % (token, SOCKET))
+        with restricted.connect() as connection:
+            connection.execute(sa.select(Note.text)).all()
+            with self.assertRaises(exc.OperationalError) as caught:
+                connection.execute(sa.insert(Note), [{"text": "not mine to write"}])
+            self.assertIsInstance(caught.exception.orig, dbapi.PermissionDenied)
+        restricted.dispose()
 
 
 if __name__ == "__main__":
