@@ -63,7 +63,10 @@ class EvdDialect(SQLiteDialect_pysqlite):
             raise exc.ArgumentError("Unknown evd URL argument(s): %s (known: %s)" % (", ".join(unknown), ", ".join(known)))
         kwargs = {"database": url.database or None, "autocommit": False}
         for key, kind in known.items():
-            util.coerce_kw_type(opts, key, kind, dest=kwargs)
+            # Not util.coerce_kw_type: it copies to dest only the values it converts, so a str
+            # argument (socket, token) would never reach the driver.
+            if opts.get(key) is not None:
+                kwargs[key] = kind(opts[key])
         return [], kwargs
 
     def _sqlite_main_query(self, table, type_, schema, sqlite_include_internal):
