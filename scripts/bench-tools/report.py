@@ -225,6 +225,29 @@ row("forward_lag", f"forwarding lag: commit -> read from the stream at {meta.get
     f"arrival at a stream reader minus the event's time; emitted at {med(lag_reps, 'emitted_per_sec'):,.0f}/s; "
     f"max {med(lag_reps, 'max_us') / 1e3:.1f} ms" if lag_reps else "", "events")
 
+# ---- SQLAlchemy ORM: sqlite:/// in process vs evd:/// (issue 22) ----
+orm_phases = (("singles", f"{meta.get('orm_singles', 1000):,} single-row inserts (add + commit)", "rows"),
+              ("bulk", f"{meta.get('orm_bulk', 10000):,}-row bulk insert (insert(Model), dicts)", "rows"),
+              ("reads", f"{meta.get('orm_reads', 1000):,} point reads (session.get, fresh Session)", "reads"))
+orm = {}
+for target, label in (("sqlite", "sqlite:/// in process"), ("evd", "evd:///")):
+    reps, err = load(f"orm_{target}")
+    for ph, name, unit in orm_phases:
+        prep = [r[ph] for r in reps] if reps else None
+        note = ""
+        if prep:
+            note = f"SQLAlchemy {reps[0]['version']}, SQLite {reps[0]['sqlite_version']}"
+            if "p50_us" not in prep[0]:
+                note += "; one statement, one transaction"
+            counted = prep[0].get("requests")
+            if counted:
+                per_op = sum(counted.values()) / prep[0]["n"]
+                ops = ", ".join(f"{op} {n:,}" for op, n in counted.items())
+                note += (f"; {per_op:.0f} requests per operation ({ops})" if per_op >= 1
+                         else f"; {sum(counted.values())} requests ({ops})")
+        row(f"orm_{ph}_{target}", f"ORM: {name}, {label}", prep, err, note, unit)
+        orm[(ph, target)] = by_key[f"orm_{ph}_{target}"]
+
 # ---- The table ----
 def fmt(v, spec, width):
     return f"{v:{width}{spec}}" if v is not None else f"{'-':>{width}}"
@@ -446,6 +469,20 @@ for subs, target in ((1, 1_200_000), (10, 4_500_000)):
         else:
             parts.append(f"{name} n/a")
     print(f"{label}: evd ({how}) {best:,.0f}/s (target >= {target:,}: {ok(best >= target)}) = " + ", ".join(parts))
+
+# SQLAlchemy ORM (issue 22): no target; the ratio is the cost of going out of process, kept visible.
+for ph, name, unit in orm_phases:
+    a, b = orm[(ph, "sqlite")], orm[(ph, "evd")]
+    label = "ORM: " + name.split(" (")[0]
+    if a["per_sec"] and b["per_sec"]:
+        r = b["per_sec"] / a["per_sec"]
+        ratios[f"orm_{ph}_evd_vs_sqlite"] = round(r, 3)
+        ratios[f"orm_{ph}_sqlite_per_sec"] = a["per_sec"]
+        ratios[f"orm_{ph}_evd_per_sec"] = b["per_sec"]
+        print(f"{label}: sqlite:/// {a['per_sec']:,.0f}/s, evd:/// {b['per_sec']:,.0f}/s, evd/sqlite = {r:.2f}x "
+              f"(the cost of going out of process; no target, to be driven down)")
+    else:
+        print(f"{label}: evd/sqlite n/a ({a['error'] or b['error']})")
 
 # Forwarding.
 r = by_key["forward_evd"]["per_sec"]
