@@ -169,7 +169,7 @@ _BY_SQLITE_PRIMARY = {
 _BY_EVD_CODE = {
     "vetoed": Vetoed, "permission_denied": PermissionDenied,
     "bad_request": ProgrammingError, "unknown_op": InterfaceError, "bad_json": InterfaceError,
-    "line_too_long": DataError,
+    "line_too_long": DataError, "response_too_large": OperationalError,
     "not_in_transaction": OperationalError, "already_in_transaction": OperationalError,
     "no_such_database": OperationalError, "no_such_table": OperationalError, "no_such_row": DataError,
     "timeout": OperationalError, "busy": OperationalError, "too_many_connections": OperationalError,
@@ -196,6 +196,8 @@ def _translate(error):
     cls = _error_class(error.code, extra.get("sqlite_code"))
     if cls is Vetoed and extra.get("event") and extra.get("event") not in message:
         message = "%s (event %s)" % (message, extra["event"])
+    if error.code == "response_too_large":
+        message += " (evd's --max-response-bytes: read the result in parts, with LIMIT and OFFSET)"
     return cls(message, code=error.code, extra=extra)
 
 

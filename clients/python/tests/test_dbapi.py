@@ -402,6 +402,14 @@ class ErrorTest(unittest.TestCase):
             with self.assertRaises(dbapi.PermissionDenied):
                 restricted.execute("insert into %s(v) values (1)" % table)
 
+    def test_a_result_beyond_the_daemons_response_limit(self):
+        with connect() as conn:
+            with self.assertRaises(dbapi.OperationalError) as caught:
+                conn.execute("select randomblob(51000000)")  # 68 MB as base64: above the 64 MiB default
+            self.assertEqual(caught.exception.code, "response_too_large")
+            self.assertIn("LIMIT", str(caught.exception))
+            self.assertEqual(conn.execute("select 1").fetchone(), (1,))  # the session goes on
+
     def test_unknown_database_is_operational_error(self):
         with connect(database="no_such_db") as conn:
             with self.assertRaises(dbapi.OperationalError) as caught:
