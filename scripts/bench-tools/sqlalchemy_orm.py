@@ -20,7 +20,7 @@ its own:
 
 then checks the row count (SINGLES + BULK) and drops the table. Prints one JSON line per
 repetition: per phase n, seconds, per_sec and (singles, reads) p50/p99 per operation in µs, and on
-evd the requests the driver sent in it by op (evd.Client.request counted: what a round trip per
+evd the requests the driver sent in it by op (evd.Client.submit counted: what a round trip per
 statement costs is the gap to sqlite:///), with the versions; or {"error": ...}.
 """
 import argparse
@@ -48,13 +48,13 @@ requests = collections.Counter()
 def count_requests():
     import evd
 
-    request = evd.Client.request
+    submit = evd.Client.submit  # every request goes through it, awaited (request) or not
 
     def counted(self, op, **args):
         requests[op] += 1
-        return request(self, op, **args)
+        return submit(self, op, **args)
 
-    evd.Client.request = counted
+    evd.Client.submit = counted
 
 
 def phase(n, latencies, elapsed, counted):

@@ -250,6 +250,7 @@ class Client:
         self._next_id = 1
         self._waiting = set()       # ids of requests waiting for their response
         self._responses = {}        # responses read for a request other than the one reading
+        self._ops = {}              # request id -> op, for the error of its response
         self._veto_handlers = {}    # subscription number -> handler
         self._notice_handlers = []
         self.notices = []
@@ -339,20 +340,31 @@ class Client:
     def request(self, op, **args):
         """Sends {"op": op, **args} and returns its result; raises EvdError for an error response.
         Events, notices and unhandled vetoes that arrive meanwhile are kept for events()/messages()."""
+        return self.result(self.submit(op, **args))
+
+    def submit(self, op, **args):
+        """Sends {"op": op, **args} without waiting for its response; returns its id, for result().
+        Requests on a connection are answered in order, so several may be in flight (pipelined)."""
         if "id" in args:
-            raise TypeError("request() numbers its requests itself; do not pass id")
+            raise TypeError("submit() numbers its requests itself; do not pass id")
         request_id = self._next_id
         self._next_id += 1
         message = {"op": op, "id": request_id}
         message.update(args)
         self._send(message)
         self._waiting.add(request_id)
+        self._ops[request_id] = op
+        return request_id
+
+    def result(self, request_id):
+        """The result of the request submit() returned `request_id` for, waiting for it; raises
+        EvdError for an error response. Responses to other requests in flight are kept for theirs."""
         try:
             while request_id not in self._responses:
                 message = self._read()
                 if message.get("type") == "response":
                     if message.get("id") in self._waiting:
-                        # Ours, or an outer request's when a veto handler made this one.
+                        # Ours, another in flight, or an outer request's when a veto handler made this one.
                         self._responses[message["id"]] = message
                     else:
                         self._unexpected_response(message)
@@ -363,9 +375,14 @@ class Client:
         finally:
             self._waiting.discard(request_id)
         message = self._responses.pop(request_id)
+        op = self._ops.pop(request_id, None)
         if message.get("ok"):
             return message.get("result", {})
         raise EvdError.from_response(message.get("error"), op)
+
+    def answered(self, request_id):
+        """Whether the response to `request_id` (from submit()) has been read already."""
+        return request_id in self._responses
 
     def _unexpected_response(self, message):
         # The only responses not awaited are errors for invalid replies (ids "reply:SEQ").

@@ -403,6 +403,8 @@ class Connection:
         self.text_factory = str
         self._client = None
         self._closed = False           # close() was called
+        self._read_only = False        # the open transaction has run SELECTs only
+        self._deferred = []            # ids of rollbacks sent whose answers are not read yet
         self._in_transaction = False   # evd holds a transaction for this session
         self._opened_by = None         # the savepoint whose SAVEPOINT began the transaction
         self._prepared = None          # the xid prepared by tpc_prepare, until decided
@@ -448,15 +450,40 @@ class Connection:
             raise ProgrammingError("Cannot operate on a closed database.", code="connection_closed")
 
     def _request(self, op, **args):
+        return self._result(self._submit(op, **args))
+
+    def _submit(self, op, **args):
+        """Sends a request without waiting for its answer (_result waits)."""
         self._check_open()
         try:
-            return self._client.request(op, **args)
+            return self._client.submit(op, **args)
         except ConnectionClosed as error:
-            self._in_transaction = False
-            raise OperationalError("the connection to evd is closed: %s" % error.message,
-                                   code="connection_closed") from None
+            self._lost(error)
+
+    def _result(self, request_id):
+        try:
+            return self._client.result(request_id)
+        except ConnectionClosed as error:
+            self._lost(error)
         except EvdError as error:
             raise _translate(error) from None
+        finally:
+            self._collect_deferred()
+
+    def _lost(self, error):
+        self._in_transaction = False
+        self._deferred.clear()
+        raise OperationalError("the connection to evd is closed: %s" % error.message,
+                               code="connection_closed") from None
+
+    def _collect_deferred(self):
+        """Takes the answers of deferred rollbacks that have arrived. A rollback cannot fail in a way
+        that leaves work to do (not_in_transaction means SQLite ended the transaction itself)."""
+        while self._deferred and self._client.answered(self._deferred[0]):
+            try:
+                self._client.result(self._deferred.pop(0))
+            except EvdError:
+                pass
 
     def close(self):
         """Closes the session; evd rolls back a transaction still open. Closing it a second time
@@ -530,20 +557,46 @@ class Connection:
 
     def _begin(self):
         self._request("begin", database=self.database)
+        self._began()
+
+    def _began(self):
         self._in_transaction = True
         self._opened_by = None
+        self._read_only = True
 
     def _before_statement(self, sql):
-        """Begins the implicit transaction this statement needs, as sqlite3 does."""
+        """Begins the implicit transaction this statement needs, as sqlite3 does. Returns the id
+        of a `begin` sent ahead of a SELECT without waiting (the statement follows it at once:
+        _after_statement reads its answer), else None.
+
+        Only a SELECT follows its begin unawaited: should the begin fail, evd runs the statement
+        alone, which changes nothing for a read (its rows are then not used), where a write would
+        commit outside the transaction its caller asked for. A read transaction thus costs one
+        round trip for its first statement, and its rollback none (see rollback())."""
+        word = _first_word(sql)
         if self._in_transaction or self._prepared is not None:
-            return
-        if _first_word(sql) in _OUTSIDE_TRANSACTION:
-            return
+            if word != "SELECT":
+                self._read_only = False
+            return None
+        if word in _OUTSIDE_TRANSACTION:
+            return None
         if self._autocommit is False:
+            if word == "SELECT":
+                return self._submit("begin", database=self.database)
             self._begin()
+            self._read_only = False
         elif (self._autocommit == LEGACY_TRANSACTION_CONTROL and self._isolation_level is not None
-              and _first_word(sql) in _DML):
+              and word in _DML):
             self._begin()
+            self._read_only = False
+        return None
+
+    def _after_statement(self, begin_id):
+        """The answer of a begin _before_statement sent ahead: raises its error (the statement ran
+        alone, a read: its result is dropped)."""
+        if begin_id is not None:
+            self._result(begin_id)
+            self._began()
 
     def _commit(self):
         try:
@@ -572,11 +625,16 @@ class Connection:
         if self._tpc_xid is not None:
             raise ProgrammingError("rollback() inside a two-phase transaction: use tpc_rollback()")
         if self._in_transaction:
-            try:
-                self._request("rollback", database=self.database)
-            except Error as error:
-                if error.code != "not_in_transaction":
-                    raise
+            if self._read_only:
+                # Nothing to undo: the answer is read with the next request's (answers come in
+                # order), so ending a read transaction costs no round trip.
+                self._deferred.append(self._submit("rollback", database=self.database))
+            else:
+                try:
+                    self._request("rollback", database=self.database)
+                except Error as error:
+                    if error.code != "not_in_transaction":
+                        raise
             self._in_transaction = False
             self._opened_by = None
 
@@ -588,6 +646,7 @@ class Connection:
         opens = not self._in_transaction
         if opens:
             self._begin()
+        self._read_only = False
         try:
             self._request("savepoint", name=name)
         except Error:
@@ -783,8 +842,11 @@ class Cursor:
                         raise ProgrammingError("a transaction statement takes no parameters")
                     connection._control(kind, match.group(1) if match.groups() else None)
                     return self
-        connection._before_statement(sql)
-        result = connection._request("execute", sql=sql, params=params, database=connection.database)
+        begin_id = connection._before_statement(sql)
+        try:
+            result = connection._request("execute", sql=sql, params=params, database=connection.database)
+        finally:
+            connection._after_statement(begin_id)
         self._take(result, sql)
         last = result.get("last_insert_rowid")
         if last is not None:
@@ -834,7 +896,8 @@ class Cursor:
             size += cost
         if batch or not batches:
             batches.append(batch)
-        connection._before_statement(sql)
+        connection._after_statement(connection._before_statement(sql))
+        connection._read_only = False
         own = len(batches) > 1 and not connection._in_transaction and connection._prepared is None
         if own:
             connection._begin()

@@ -227,6 +227,44 @@ class TransactionTest(unittest.TestCase):
             conn.execute("insert into %s(v) values (2)" % table)
             self.assertEqual(self.count(table), 2)
 
+    def test_a_read_transaction_sees_one_snapshot_and_its_rollback_ends_it(self):
+        with connect(autocommit=False) as conn:
+            table = Table(conn)
+            self.assertEqual(conn.execute("select count(*) from %s" % table).fetchone(), (0,))
+            with connect(isolation_level=None) as other:
+                other.execute("insert into %s(v) values (1)" % table)
+            self.assertEqual(conn.execute("select count(*) from %s" % table).fetchone(), (0,))
+            conn.rollback()  # a read transaction: its answer is read with the next request's
+            self.assertFalse(conn.in_transaction)
+            self.assertEqual(conn.execute("select count(*) from %s" % table).fetchone(), (1,))
+            conn.execute("insert into %s(v) values (2)" % table)  # a write after the reads
+            conn.rollback()
+            self.assertEqual(self.count(table), 1)
+
+    def test_a_refused_begin_fails_the_select_it_came_with(self):
+        listener = evd.Client(SOCKET)
+        name = "no-begin-" + uuid.uuid4().hex[:6]
+        with connect(autocommit=False) as conn:
+            me = conn.client.session
+
+            @listener.veto("begin", name=name, where={"session": me})
+            def refuse(veto):
+                return evd.deny("not now")
+
+            thread = threading.Thread(target=listener.serve, daemon=True)
+            thread.start()
+            try:
+                with self.assertRaises(dbapi.Vetoed) as caught:
+                    conn.execute("select 1")
+                self.assertEqual((caught.exception.event, caught.exception.by), ("begin", name))
+                self.assertFalse(conn.in_transaction)
+            finally:
+                listener.sock.shutdown(socket.SHUT_RDWR)
+                thread.join(5)
+                listener.close()
+            self.assertEqual(conn.execute("select 2").fetchone(), (2,))
+            self.assertTrue(conn.in_transaction)
+
     def test_context_manager_commits_or_rolls_back(self):
         conn = connect()
         table = Table(conn)
