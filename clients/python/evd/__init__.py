@@ -384,6 +384,13 @@ class Client:
         """Whether the response to `request_id` (from submit()) has been read already."""
         return request_id in self._responses
 
+    def _take_response(self, message):
+        """A response read outside result(): kept for a request in flight (submit()), else unexpected."""
+        if message.get("id") in self._waiting:
+            self._responses[message["id"]] = message
+        else:
+            self._unexpected_response(message)
+
     def _unexpected_response(self, message):
         # The only responses not awaited are errors for invalid replies (ids "reply:SEQ").
         error = message.get("error") or {}
@@ -448,7 +455,7 @@ class Client:
             except ConnectionClosed:
                 return
             if message.get("type") == "response":
-                self._unexpected_response(message)
+                self._take_response(message)
                 continue
             message = self._dispatch(message)
             if message is not None:
@@ -502,7 +509,7 @@ class Client:
             except ConnectionClosed:
                 break
             if message.get("type") == "response":
-                self._unexpected_response(message)
+                self._take_response(message)
                 continue
             if message.get("type") == "veto" and message.get("subscription") in self._veto_handlers:
                 answered += 1
