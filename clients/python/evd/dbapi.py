@@ -365,7 +365,8 @@ def _split(sql):
 
 
 def connect(database=None, *, socket=None, token=None, timeout=None, autocommit=LEGACY_TRANSACTION_CONTROL,
-            isolation_level="", socket_timeout=None, factory=None, **ignored):
+            isolation_level="", socket_timeout=None, factory=None, check_same_thread=True, detect_types=0,
+            cached_statements=128, uri=False):
     """A connection to evd's database `database` (None: the daemon's first).
 
     `socket`: the socket path (else $EVD_SOCKET, ... as every evd client resolves it).
@@ -376,7 +377,10 @@ def connect(database=None, *, socket=None, token=None, timeout=None, autocommit=
     `autocommit`, `isolation_level`: as sqlite3's (Python 3.12).
     `socket_timeout`: seconds any one exchange with the daemon may take (None: no limit).
     sqlite3's other arguments (`check_same_thread`, `detect_types`, `cached_statements`, `uri`) are
-    accepted and ignored."""
+    accepted and ignored: evd prepares and caches statements itself, and converts no declared types;
+    any other argument is a TypeError, as in sqlite3."""
+    if detect_types:
+        raise NotSupportedError("detect_types: evd returns values, not declared types; convert them yourself")
     cls = factory or Connection
     return cls(database, socket=socket, token=token, timeout=timeout, autocommit=autocommit,
                isolation_level=isolation_level, socket_timeout=socket_timeout)

@@ -448,6 +448,13 @@ class ErrorTest(unittest.TestCase):
             self.assertIn("LIMIT", str(caught.exception))
             self.assertEqual(conn.execute("select 1").fetchone(), (1,))  # the session goes on
 
+    def test_connect_arguments(self):
+        with self.assertRaises(TypeError):
+            connect(tokne="evd_typo")  # a misspelt argument is not silently ignored
+        with self.assertRaises(dbapi.NotSupportedError):
+            connect(detect_types=sqlite3.PARSE_DECLTYPES)
+        connect(check_same_thread=False, cached_statements=10, uri=False).close()  # sqlite3's, accepted
+
     def test_unknown_database_is_operational_error(self):
         with connect(database="no_such_db") as conn:
             with self.assertRaises(dbapi.OperationalError) as caught:
