@@ -25,14 +25,13 @@ private func isNoSuchTable(_ error: EvdError, _ table: String) -> Bool {
 }
 
 /// A database file `name` in the daemon's directory with a table `t` holding one row (`1`),
-/// made by root on a session of its own (which attaches and fills it).
+/// made by root in one request of a session of its own.
 private func makeSideDatabase(_ daemon: RunningDaemon, _ name: String) async throws -> String {
     let path = daemon.directory + "/" + name
-    try await daemon.withClient { evd in
-        try await run(evd, "attach database '\(path)' as side")
-        try await run(evd, "create table side.t(x)")
-        try await run(evd, "insert into side.t values (1)")
-    }
+    try await daemon.request(
+        "execute",
+        ["sql": .string("attach database '\(path)' as side; create table side.t(x); insert into side.t values (1)")]
+    )
     return path
 }
 
