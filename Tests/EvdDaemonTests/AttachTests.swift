@@ -85,6 +85,7 @@ struct AttachTests {
                 try await evd.request("begin_twophase", ["xid": "x1"])
                 try await run(evd, "insert into s.t values (2)")
                 let refused = try await evd.expectError("prepare_twophase", ["xid": "x1"])
+                #expect(refused.code == "bad_request")
                 #expect(refused.message.contains("attached database 's'"), "\(refused)")
             }
         }
@@ -196,6 +197,32 @@ struct AttachTests {
         }
     }
 
+    @Test("the policy judges an attached schema's tables by their names: a grant on table t of the pool's database reaches s.t, not s.u")
+    func policyGoesByTableName() async throws {
+        let grants = [
+            Grant(who: .uid(65534), actions: [.executeSQL, .admin], database: "main"),
+            Grant(who: .uid(65534), actions: [.viewTable], database: "main", table: "t"),
+        ]
+        try await withRunningDaemon(configure: { openUp(&$0, grants: grants) }) { daemon in
+            let path = try await makeSideDatabase(daemon, "side.db")
+            try await daemon.request(
+                "execute",
+                ["sql": .string("attach database '\(path)' as side; create table side.u(y); insert into side.u values (2)")]
+            )
+            let got = responses(
+                try await messages(
+                    try asNobody(
+                        daemon,
+                        [execute("attach database '\(path)' as s"), execute("select x from s.t"), execute("select y from s.u")]
+                    )
+                )
+            )
+            #expect(got[2]?["result"]?["rows"] == [[1]], "\(String(describing: got[2]))")
+            #expect(got[3]?["error"]?["code"] == "permission_denied", "\(String(describing: got[3]))")
+            #expect(got[3]?["error"]?["table"] == "u")
+        }
+    }
+
     @Test("login and logout clear the session's attachments; inside a transaction, its connection keeps them until it ends")
     func loginAndLogoutClear() async throws {
         try await withRunningDaemon { daemon in
@@ -291,12 +318,14 @@ struct AttachTests {
         }
     }
 
-    @Test("writes through an attached schema make no row or schema events (and no journal entries): only the pool's own database's do")
+    @Test(
+        "writes through an attached schema make no row or schema events and no journal entries (their connection events fire): only the pool's own database's do"
+    )
     func attachedWritesMakeNoRowEvents() async throws {
         try await withRunningDaemon { daemon in
             let path = daemon.directory + "/s.db"
             try await daemon.withClient { listener in
-                try await subscribeEvents(listener, ["create-table", "insert-rows"])
+                try await subscribeEvents(listener, ["create-table", "insert-rows", "after_cursor_execute"])
                 try await daemon.withClient { evd in
                     try await run(evd, "attach database '\(path)' as s")
                     try await run(evd, "create table s.t(x)")
@@ -304,7 +333,12 @@ struct AttachTests {
                     try await run(evd, "create table mine(x)")
                     try await run(evd, "insert into mine values (1)")
                 }
-                let events = try await collectEvents(listener, until: "insert-rows")
+                let all = try await collectEvents(listener, until: "insert-rows")
+                // The connection events of a write through the attached schema fire as for any other.
+                let attachedInsert = all.first { $0["statement"] == "insert into s.t values (1)" }
+                #expect(attachedInsert?["event"] == "after_cursor_execute")
+                #expect(attachedInsert?["database"] == "main")
+                let events = all.filter { $0["event"] != "after_cursor_execute" }
                 #expect(events.map { $0["event"] } == ["create-table", "insert-rows"])
                 #expect(events.allSatisfy { $0["table"] == "mine" || $0["target"]?["name"] == "mine" }, "\(events)")
             }
