@@ -76,6 +76,18 @@ struct AttachTests {
         }
     }
 
+    @Test("a file whose name has URI characters (?, #, %) is attached again as itself")
+    func uriCharactersInTheFileName() async throws {
+        try await withRunningDaemon { daemon in
+            let path = try await makeSideDatabase(daemon, "we?ird#na%25me.db")
+            try await daemon.withClient { evd in
+                try await run(evd, "attach database '\(path)' as s")
+                #expect(try await run(evd, "select x from s.t")["rows"] == [[1]])
+                #expect(try await run(evd, "select file from pragma_database_list where name = 's'")["rows"] == [[.string(path)]])
+            }
+        }
+    }
+
     @Test("two-phase still refuses a transaction that wrote to a re-attached database")
     func twoPhaseRefusesAttachedWrites() async throws {
         try await withRunningDaemon { daemon in
