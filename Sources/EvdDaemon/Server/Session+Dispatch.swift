@@ -60,9 +60,12 @@ extension Session {
             // (The executor runs emits in groups, `executeEmits`; this is the same for one.)
             return .result(["seq": .int(try await self.publishEmits([try self.checkEmit(emit)])[0])])
         case .login(let token):
-            return .result(try await self.login(token: token))
+            let actor = try await self.login(token: token)
+            state.clearAttachments()
+            return .result(actor)
         case .logout:
             await self.logout()
+            state.clearAttachments()
             return .result([:])
         case .createToken(let request):
             return .result(try await self.createToken(request))

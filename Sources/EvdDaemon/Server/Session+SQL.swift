@@ -119,16 +119,36 @@ extension Session {
             vetoBudget: self.vetoBudget,
             policy: policy,
             rewriters: rewriters,
-            statementLimitMs: self.core.configuration.maxStatementMs
+            statementLimitMs: self.core.configuration.maxStatementMs,
+            attachments: state.attachments
         )
+        let outcome: SQLOutcome
         do {
-            return try await pool.execute(sql, on: transaction?.connection, announcing: decided) { watch in
+            outcome = try await pool.execute(sql, on: transaction?.connection, announcing: decided) { watch in
                 self.runningWatch.withLock { $0 = watch }
             }
         } catch {
-            guard let transaction else { throw error }
+            guard let transaction else { throw self.keepingAttachments(after: error, &state) }
             throw await self.endIfRolledBackBySQLite(transaction, error, &state)
         }
+        if let attachments = outcome.attachments, state.transaction?.adoptsAttachments ?? true {
+            state.attachments = attachments
+        }
+        return outcome.result
+    }
+
+    /// The policy the session's attachments are judged by when a transaction on `pool` attaches
+    /// them again (`nil`: the actor holds everything), as the request's SQL would be.
+    func attachmentPolicy(on pool: ConnectionPool) throws(EvdError) -> SQLPolicy? {
+        try self.core.permissions.authorizeSQL(self.actor, [], on: Resource(database: pool.database.name))
+    }
+
+    /// The error a request fails with after `error`: when the session's attachments could not be
+    /// attached again (`ReattachError`), the session keeps those it says, and fails with its error.
+    func keepingAttachments(after error: any Error, _ state: inout SessionState) -> any Error {
+        guard let failure = error as? ReattachError else { return error }
+        state.attachments = failure.kept
+        return failure.error
     }
 
     /// After a request of the session's transaction failed: if SQLite rolled the whole transaction

@@ -28,11 +28,13 @@ extension Session {
             try await pool.begin(
                 connection,
                 executionOptions: options,
-                readSchema: !self.core.permissions.isUnrestricted(self.actor)
+                readSchema: !self.core.permissions.isUnrestricted(self.actor),
+                attachments: state.attachments,
+                policy: try self.attachmentPolicy(on: pool)
             )
         } catch {
             await self.checkin(connection, to: pool)
-            throw error
+            throw self.keepingAttachments(after: error, &state)
         }
         state.transaction = transaction
     }

@@ -51,10 +51,15 @@ extension Session {
         let options = self.effectiveOptions(state)
         let schemaVersion: Int64
         do {
-            schemaVersion = try await pool.beginTwoPhase(connection, executionOptions: options)
+            schemaVersion = try await pool.beginTwoPhase(
+                connection,
+                executionOptions: options,
+                attachments: state.attachments,
+                policy: try self.attachmentPolicy(on: pool)
+            )
         } catch {
             await self.checkin(connection, to: pool)
-            throw error
+            throw self.keepingAttachments(after: error, &state)
         }
         state.transaction = Transaction(pool: pool, connection: connection, xid: xid, schemaVersion: schemaVersion)
         self.core.bus.emit(.beginTwophase, self.origin) { Self.twoPhaseProperties(pool, connection, xid: xid) }

@@ -337,10 +337,21 @@ final class Session: Sendable {
     }
 }
 
-/// What only the executor touches: the open transaction and the session's execution options.
+/// What only the executor touches: the open transaction, the session's execution options and the
+/// databases it attached.
 struct SessionState {
     var transaction: Transaction?
     var options: JSONObject = [:]
+    /// What the session's SQL attached (`ATTACH DATABASE`), attached again on every connection it
+    /// checks out (`Attachment`); cleared when its actor changes (`login`, `logout`).
+    var attachments: [Attachment] = []
+
+    /// Forgets the session's attachments: its actor changed. A transaction open meanwhile keeps
+    /// what its connection has attached until it ends, without making it the session's again.
+    mutating func clearAttachments() {
+        self.attachments = []
+        self.transaction?.adoptsAttachments = false
+    }
 }
 
 /// A transaction opened with `begin` (or `begin_twophase`): the connection is the session's until
@@ -352,6 +363,9 @@ struct Transaction: Sendable {
     var xid: String?
     /// A two-phase transaction's schema version at begin: prepare refuses a schema change.
     var schemaVersion: Int64 = 0
+    /// Whether what its connection has attached after a request is the session's attachments
+    /// (not after a `login` or `logout` inside it).
+    var adoptsAttachments = true
 }
 
 /// The daemon's version, as `hello` reports it.

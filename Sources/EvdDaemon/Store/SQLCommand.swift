@@ -38,6 +38,15 @@ struct SQLRequest: Sendable {
     let rewriters: [SQLPolicy]
     /// How long one client statement may run before it is interrupted (0: no limit).
     let statementLimitMs: Int
+    /// The session's attachments: attached again on a connection checked out for just this request.
+    var attachments: [Attachment] = []
+}
+
+/// What a SQL request left: its result, and the session's attachments when it may have changed
+/// them (`nil`: as they were).
+struct SQLOutcome: Sendable {
+    let result: JSONValue
+    let attachments: [Attachment]?
 }
 
 extension ConnectionPool {
@@ -50,8 +59,29 @@ extension ConnectionPool {
         return connection
     }
 
+    /// Attaches a session's `attachments` again on `connection`, just checked out for it
+    /// (`PooledConnection.reattach`); when they cannot be, gives the connection back and throws
+    /// the `ReattachError`.
+    func reattach(
+        _ attachments: [Attachment],
+        on connection: PooledConnection,
+        policy: SQLPolicy?,
+        origin: EventOrigin
+    ) async throws {
+        guard !attachments.isEmpty else { return }
+        do {
+            try await self.run { try connection.reattach(attachments, policy: policy) }
+        } catch {
+            await self.checkin(connection, origin: origin)
+            throw error
+        }
+    }
+
     /// Runs a SQL request on `connection` (the session's open transaction's), or, when it is nil, on
-    /// one checked out for just this request (its own implicit transaction, given back after it).
+    /// one checked out for just this request (its own implicit transaction, given back after it),
+    /// with the session's attachments attached again first (a `ReattachError` when they cannot be).
+    /// After a request that left state on its connection (an ATTACH or a DETACH among it), the
+    /// outcome carries the connection's attachments, read before it is given back.
     ///
     /// `before_execute` was decided by the session before any connection was needed; plain
     /// subscribers get it (`decided.publish()`) once the connection is the session's, as in
@@ -63,18 +93,21 @@ extension ConnectionPool {
         on connection: PooledConnection?,
         announcing decided: EventBus.DecidedAhead,
         watching: (StatementWatch?) -> Void
-    ) async throws -> JSONValue {
+    ) async throws -> SQLOutcome {
         let implicit = connection == nil
         let connection = try await {
             if let connection { return connection }
+            // Its own transaction: the file is checked at its COMMIT (`DatabaseIdentity`).
+            let checkedOut: PooledConnection
             do {
-                // Its own transaction: the file is checked at its COMMIT (`DatabaseIdentity`).
-                return try await self.connect(origin: sql.origin, verifyFile: false)
+                checkedOut = try await self.connect(origin: sql.origin, verifyFile: false)
+                try await self.reattach(sql.attachments, on: checkedOut, policy: sql.policy, origin: sql.origin)
             } catch {
                 // The listeners were asked: what they decided still reaches the audit log.
                 if decided.verdict != nil { decided.publish() }
                 throw error
             }
+            return checkedOut
         }()
         decided.publish()
         let run = SQLRun(
@@ -93,9 +126,9 @@ extension ConnectionPool {
         watching(connection.watch)
         defer { watching(nil) }
         do {
-            let result = try await run.run(sql.command)
+            let outcome = try await run.run(sql.command)
             if implicit { await self.checkin(connection, origin: sql.origin) }
-            return result
+            return outcome
         } catch {
             if implicit { await self.checkin(connection, origin: sql.origin) }
             throw error
@@ -106,12 +139,17 @@ extension ConnectionPool {
 extension SQLRun {
     /// Runs `command` on the run's connection, on a database thread (inline when the caller is
     /// one), with the run's execution options applied first (`ConnectionPool.apply`); returns the
-    /// result.
-    func run(_ command: SQLCommand) async throws -> JSONValue {
+    /// result, and the connection's attachments if the session's SQL left state on it (it may
+    /// have attached or detached a database).
+    func run(_ command: SQLCommand) async throws -> SQLOutcome {
         let (pool, connection, options) = (self.pool, self.connection, self.executionOptions)
         return try await pool.run {
             try pool.apply(options, to: connection)
-            return try self.perform(command)
+            let result = try self.perform(command)
+            // The request succeeded (committed, if it was its own transaction): what it attached
+            // is the session's now. (Should the list not read, the session keeps the one it had.)
+            let attachments = connection.observer.leftSessionState ? try? connection.attachedDatabases() : nil
+            return SQLOutcome(result: result, attachments: attachments)
         }
     }
 

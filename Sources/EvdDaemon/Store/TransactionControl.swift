@@ -15,12 +15,20 @@ extension ConnectionPool {
         )
     }
 
-    /// Applies the session's execution options and opens a deferred transaction. `readSchema`:
-    /// reads the schema first, for a restricted actor's policy on the transaction's first
-    /// statement, which must not read before it writes (`SQLRun.facts`).
-    func begin(_ connection: PooledConnection, executionOptions: JSONObject, readSchema: Bool) async throws {
+    /// Applies the session's execution options, attaches the session's `attachments` again
+    /// (judged by `policy`; a `ReattachError` if they cannot be) and opens a deferred transaction.
+    /// `readSchema`: reads the schema first, for a restricted actor's policy on the transaction's
+    /// first statement, which must not read before it writes (`SQLRun.facts`).
+    func begin(
+        _ connection: PooledConnection,
+        executionOptions: JSONObject,
+        readSchema: Bool,
+        attachments: [Attachment] = [],
+        policy: SQLPolicy? = nil
+    ) async throws {
         try await self.run {
             try self.apply(executionOptions, to: connection)
+            try connection.reattach(attachments, policy: policy)
             if readSchema { _ = try? connection.schema.replacingTables(connection.sqlite) }
             try connection.run(own: "BEGIN")
         }
@@ -75,12 +83,19 @@ extension ConnectionPool {
         }
     }
 
-    /// `begin_twophase`: applies the session's execution options and opens the transaction;
-    /// returns the schema version at begin (prepare refuses a schema change).
-    func beginTwoPhase(_ connection: PooledConnection, executionOptions: JSONObject) async throws -> Int64 {
+    /// `begin_twophase`: applies the session's execution options, attaches the session's
+    /// `attachments` again (as `begin`) and opens the transaction; returns the schema version at
+    /// begin (prepare refuses a schema change).
+    func beginTwoPhase(
+        _ connection: PooledConnection,
+        executionOptions: JSONObject,
+        attachments: [Attachment] = [],
+        policy: SQLPolicy? = nil
+    ) async throws -> Int64 {
         let logged = !self.database.isInMemory
         return try await self.run {
             try self.apply(executionOptions, to: connection)
+            try connection.reattach(attachments, policy: policy)
             return try connection.beginTwoPhase(logged: logged)
         }
     }
