@@ -345,6 +345,25 @@ class TransactionTest(unittest.TestCase):
             self.assertEqual(self.count(table), 1)
 
 
+class AttachTest(unittest.TestCase):
+    def test_an_attached_database_lasts_for_the_connection(self):
+        with tempfile.TemporaryDirectory() as directory, connect(autocommit=False) as conn:
+            os.chmod(directory, 0o755)
+            path = os.path.join(directory, "side.db")
+            conn.execute("ATTACH DATABASE ? AS side", (path,))  # begins no transaction: SQLite refuses one
+            conn.execute("create table side.notes(x)")
+            conn.execute("insert into side.notes values (1)")
+            conn.commit()
+            self.assertEqual(conn.execute("select x from side.notes").fetchall(), [(1,)])
+            with connect() as other:  # another session never sees it
+                with self.assertRaises(dbapi.OperationalError):
+                    other.execute("select x from side.notes")
+            conn.rollback()
+            conn.execute("DETACH DATABASE side")
+            with self.assertRaises(dbapi.OperationalError):
+                conn.execute("select x from side.notes")
+
+
 class ErrorTest(unittest.TestCase):
     def test_constraint_errors_are_integrity_errors_with_sqlites_names(self):
         with connect() as conn:
