@@ -21,6 +21,12 @@ def fresh_engine(work, name):
         if os.path.exists(db + suffix):
             os.remove(db + suffix)
     engine = sa.create_engine(f"sqlite:///{db}")
+    with_evd_pragmas(sa, engine)
+    return sa, engine
+
+
+def with_evd_pragmas(sa, engine):
+    """Sets evd's pragmas on every connection `engine` opens."""
 
     @sa.event.listens_for(engine, "connect")
     def pragmas(dbapi_conn, _record):
@@ -28,5 +34,3 @@ def fresh_engine(work, name):
         for pragma in EVD_PRAGMAS:
             cur.execute(f"pragma {pragma}")
         cur.close()
-
-    return sa, engine

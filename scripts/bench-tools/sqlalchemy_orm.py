@@ -33,7 +33,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchrows  # noqa: E402
-from sqlalchemy_engine import EVD_PRAGMAS  # noqa: E402
+from sqlalchemy_engine import with_evd_pragmas  # noqa: E402
 
 
 def fail(message):
@@ -103,12 +103,7 @@ def main():
     if counted:
         count_requests()
     if in_process:
-        @sa.event.listens_for(engine, "connect")
-        def pragmas(dbapi_conn, _record):
-            cur = dbapi_conn.cursor()
-            for pragma in EVD_PRAGMAS:
-                cur.execute(f"pragma {pragma}")
-            cur.close()
+        with_evd_pragmas(sa, engine)
 
     types = {"integer": sa.Integer, "text": sa.Text, "float": sa.Float}
     try:
