@@ -159,7 +159,10 @@ extension Session {
                 // and its live events wait until the replay is done.
                 self.outbox.park(subscription.id, after: since)
                 replay = (subscription, stable)
+                return
             }
+            // Nothing to replay: the subscription is live from its response on.
+            self.outbox.enqueue(line: WireLines.caughtUpNotice(subscription: subscription.id, seq: stable))
         }
         self.hasSubscriptions.add(1, ordering: .relaxed)
         // The subscription stays its maker's: a `logout` does not save it from its token's expiry.
@@ -180,12 +183,20 @@ extension Session {
     }
 
     /// Replays the journaled events with seq in `since+1 ... through` that `subscription` matches,
-    /// in seq order, then lets its live events (held back meanwhile) follow. What retention removed
-    /// is announced with notice `gap`. The session's next request waits for the replay; the replay
-    /// waits for the client to read (it queues a page and reads the next, then waits until the
-    /// queued one is written: at most two pages wait in the outbox and the reader).
+    /// in seq order, then notice `caught_up` (`through`), then lets its live events (held back
+    /// meanwhile) follow. What retention removed is announced with notice `gap`. The session's next
+    /// request waits for the replay; the replay waits for the client to read (it queues a page and
+    /// reads the next, then waits until the queued one is written: at most two pages wait in the
+    /// outbox and the reader).
     private func replay(_ subscription: Subscription, after since: Int64, through: Int64, from journal: Journal) async {
-        defer { self.outbox.unpark(subscription.id) }
+        defer {
+            // After the last replayed event (or the gap that stands for the rest), before the first
+            // live one: once, whatever the replay met.
+            if !self.outbox.isClosing {
+                self.outbox.enqueue(line: WireLines.caughtUpNotice(subscription: subscription.id, seq: through))
+            }
+            self.outbox.unpark(subscription.id)
+        }
         let pool = self.core.threadPool
         var position = since
         do {

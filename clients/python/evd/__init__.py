@@ -26,7 +26,7 @@ or a dict of properties modifies. A handler that raises denies, with the excepti
 
 Vetoes are answered whenever the client reads from the socket: in serve(), while iterating
 events(), and while request() waits for its response (so a request that triggers this same
-client's veto does not deadlock). Notices (lagged, gap, shutdown) go to on_notice handlers and are
+client's veto does not deadlock). Notices (lagged, gap, caught_up, shutdown) go to on_notice handlers and are
 kept in `client.notices`; the last one with `last_seq` tells where to resume (`since=`).
 
 A handler may make requests on its own client while serve() runs. But requests on one connection
@@ -323,7 +323,8 @@ class Client:
             for handler in self._notice_handlers:
                 handler(message)
             if not self._notice_handlers:
-                level = logging.INFO if message.get("code") == "shutdown" else logging.WARNING
+                code = message.get("code")
+                level = logging.DEBUG if code == "caught_up" else logging.INFO if code == "shutdown" else logging.WARNING
                 log.log(level, "evd notice: %s", json.dumps(message))
         return message
 
@@ -494,7 +495,7 @@ class Client:
         return register
 
     def on_notice(self, handler):
-        """Decorator: calls handler(notice) for each notice (lagged, gap, shutdown)."""
+        """Decorator: calls handler(notice) for each notice (lagged, gap, caught_up, shutdown)."""
         self._notice_handlers.append(handler)
         return handler
 

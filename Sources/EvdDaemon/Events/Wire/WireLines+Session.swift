@@ -60,6 +60,13 @@ extension WireLines {
         return gap.jsonBytes + [0x0a]
     }
 
+    /// Notice `caught_up`: `subscription`'s replay (`since`, a cursor) has sent everything up to
+    /// `seq`; its live events follow.
+    static func caughtUpNotice(subscription: Int, seq: Int64) -> [UInt8] {
+        let notice: JSONValue = ["type": "notice", "code": "caught_up", "subscription": .integer(subscription), "seq": .int(seq)]
+        return notice.jsonBytes + [0x0a]
+    }
+
     /// Notice `lagged` for `on_overflow: drop`: `dropped` events of `subscription`, `from...to`,
     /// were discarded.
     static func laggedDroppedNotice(subscription: Int, dropped: Int, from: Int64, to: Int64) -> [UInt8] {
