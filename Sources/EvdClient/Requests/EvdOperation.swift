@@ -19,6 +19,9 @@ public enum EvdOperation: Sendable, Hashable {
     case ack(subscription: Int64, seq: Int64)
     /// `delete_cursor`: forgets a durable cursor (evd's addition).
     case deleteCursor(cursor: String)
+    /// `wait`: answers once every event up to `seq` has been delivered to the session's own
+    /// subscriptions, or `timeout` after `timeoutMs` (evd's addition, issue 23: read your writes).
+    case wait(seq: Int64, timeoutMs: Int64)
     case execute(Execute)
     case executemany(ExecuteMany)
     /// `create_table`, `insert`, `upsert`, `update`, `delete`, `drop_table`, `describe`.
@@ -76,7 +79,12 @@ public enum EvdOperation: Sendable, Hashable {
         case createToken = "create_token"
         case invalidate, dispose, reply, ack
         case deleteCursor = "delete_cursor"
+        case wait
     }
+
+    /// `wait`'s `timeout_ms` when none is given, and its range.
+    public static let waitDefaultTimeoutMs: Int64 = 1000
+    public static let waitTimeoutRange: ClosedRange<Int64> = 1...60000
 
     /// The `op` of a request, as text: `bad_request` when it is missing or not a string. (Whether
     /// the name is an op is `init(parsing:)`'s to say: `unknown_op`.)
@@ -104,6 +112,11 @@ public enum EvdOperation: Sendable, Hashable {
         case .ack:
             self = .ack(subscription: try args.requiredInt("subscription"), seq: try args.requiredInt("seq", in: 0...Int64.max))
         case .deleteCursor: self = .deleteCursor(cursor: try args.requiredString("cursor"))
+        case .wait:
+            self = .wait(
+                seq: try args.requiredInt("seq", in: 0...Int64.max),
+                timeoutMs: try args.int("timeout_ms", in: Self.waitTimeoutRange) ?? Self.waitDefaultTimeoutMs
+            )
         case .execute: self = .execute(try Execute(&args))
         case .executemany: self = .executemany(try ExecuteMany(&args))
         case .createTable, .insert, .upsert, .update, .delete, .dropTable, .describe:
@@ -140,6 +153,7 @@ public enum EvdOperation: Sendable, Hashable {
         case .unsubscribe: .unsubscribe
         case .ack: .ack
         case .deleteCursor: .deleteCursor
+        case .wait: .wait
         case .execute: .execute
         case .executemany: .executemany
         case .structured(let op, _): op.name
@@ -187,6 +201,9 @@ public enum EvdOperation: Sendable, Hashable {
             add("seq", .int(seq))
         case .deleteCursor(let cursor):
             add("cursor", .string(cursor))
+        case .wait(let seq, let timeoutMs):
+            add("seq", .int(seq))
+            add("timeout_ms", .int(timeoutMs))
         case .execute(let e):
             add("sql", .string(e.sql))
             if !e.params.isEmpty { add("params", e.params.jsonValue) }

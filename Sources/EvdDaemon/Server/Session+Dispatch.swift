@@ -29,6 +29,9 @@ extension Session {
             throw EvdError.badRequest(field: "op", "an ack is handled as it arrives, never queued")
         case .deleteCursor(let cursor):
             return .result(try await self.deleteCursor(cursor))
+        case .wait(let seq, let timeoutMs):
+            try await self.waitForDelivery(through: seq, timeoutMs: timeoutMs)
+            return .result([:])
         case .execute, .executemany, .structured:
             return .result(try await self.runSQL(SQLWork(operation)!, request: request, &state))
         case .begin(let database):

@@ -439,6 +439,15 @@ class Client:
         (subscribe(..., cursor="NAME")); returns the cursor's position once it is on disk."""
         return self.request("ack", subscription=subscription, seq=seq)["position"]
 
+    def wait(self, seq, timeout_ms=None):
+        """Returns once every event up to `seq` has been delivered to this connection's
+        subscriptions (they are then read before this returns: in self._pending for events());
+        EvdError `timeout` otherwise. Read your writes: wait for the seq your write answered."""
+        args = {"seq": seq}
+        if timeout_ms is not None:
+            args["timeout_ms"] = timeout_ms
+        return self.request("wait", **args)
+
     def delete_cursor(self, name):
         """Forgets a durable cursor nobody follows (yours, or anyone's with admin)."""
         return self.request("delete_cursor", cursor=name)
