@@ -78,4 +78,82 @@ struct ReadYourWritesTests {
             #expect(got[2]?["error"]?["code"] == "permission_denied", "\(String(describing: got[2]))")
         }
     }
+
+    @Test("a response of a request that committed events says the last one's seq beside its result; one that committed none says none")
+    func seqInResponses() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.withClient { writer in
+                try await daemon.withClient { reader in
+                    _ = try await subscribeEvents(reader, ["*-rows", "*-row", "create-table", "create-token", "login", "logout", "app.*"])
+                    var named: [(what: String, seq: Int64)] = []
+                    /// The whole response of `op`: its result as the contract has it, `seq` beside it.
+                    func send(_ op: String, _ arguments: JSONObject = [:]) async throws -> JSONObject {
+                        let response = try await writer.rawRequest(op, arguments)
+                        #expect(response["ok"] == true, "\(op): \(response)")
+                        return response
+                    }
+                    func note(_ what: String, _ response: JSONObject) throws {
+                        named.append((what, try #require(response["seq"]?.intValue, "\(what): \(response)")))
+                    }
+                    try note("create", try await send("execute", ["sql": "create table t(id integer primary key, v)"]))
+                    let insert = try await send("execute", ["sql": "insert into t(v) values (1), (2)"])
+                    try note("insert", insert)
+                    #expect(insert["result"] == ["columns": [], "rows": [], "changes": 2, "last_insert_rowid": 2])
+                    #expect(try await send("execute", ["sql": "select * from t"])["seq"] == nil)
+                    try note("structured", try await send("insert", ["table": "t", "rows": [["v": 3]]]))
+                    // In a transaction, the commit says it; its statements do not.
+                    _ = try await send("begin")
+                    #expect(try await send("execute", ["sql": "update t set v = v + 1"])["seq"] == nil)
+                    let commit = try await send("commit")
+                    try note("commit", commit)
+                    #expect(commit["result"] == [:])
+                    _ = try await send("begin")
+                    #expect(try await send("commit")["seq"] == nil, "a transaction that changed nothing")
+                    try note("create_token", try await send("create_token"))
+                    let token = try #require(try await send("create_token")["result"]?["token"])
+                    try note("login", try await send("login", ["token": token]))
+                    try note("logout", try await send("logout"))
+                    let emit = try await send("emit", ["event": "app.x"])
+                    try note("emit", emit)
+                    #expect(emit["result"]?["seq"] == emit["seq"])
+                    // Every seq named is an event the subscriber gets; `wait` for the last.
+                    let last = try #require(named.last?.seq)
+                    #expect(try await reader.request("wait", ["seq": .int(last)]) == [:])
+                    var events: [JSONObject] = []
+                    while let message = await reader.nextMessage(ofType: "event", within: 10) {
+                        events.append(message)
+                        if message["seq"]?.intValue == last { break }
+                    }
+                    let seqs = Set(events.compactMap { $0["seq"]?.intValue })
+                    for (what, seq) in named {
+                        #expect(seqs.contains(seq), "\(what): \(seq) is not an event the subscriber got")
+                    }
+                    #expect(named.map(\.seq) == named.map(\.seq).sorted(), "each request's seq after the one before")
+                    // The update in the transaction: the commit's seq is its update-row events' last.
+                    let updates = events.filter { $0["event"] == "update-row" }.compactMap { $0["seq"]?.intValue }
+                    #expect(updates.count == 3 && updates.max() == named.first { $0.what == "commit" }?.seq)
+                }
+            }
+        }
+    }
+
+    @Test("commit_twophase of a prepared transaction, from another session, says the seq of its last event")
+    func seqOfATwoPhaseCommit() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, v)")))
+            try await daemon.withClient { first in
+                try await first.request("begin_twophase", ["xid": "x1"])
+                try await first.request(.execute(.init(sql: "insert into t(v) values (1)")))
+                try await first.request("prepare_twophase", ["xid": "x1"])
+            }
+            try await daemon.withClient { other in
+                _ = try await subscribeEvents(other, ["insert-rows"])
+                let response = try await other.rawRequest("commit_twophase", ["xid": "x1"])
+                #expect(response["result"] == [:])
+                let seq = try #require(response["seq"]?.intValue, "\(response)")
+                let event = try #require(await other.nextMessage(ofType: "event", within: 10))
+                #expect(event["seq"]?.intValue == seq && event["event"] == "insert-rows")
+            }
+        }
+    }
 }

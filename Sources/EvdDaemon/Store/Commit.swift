@@ -37,6 +37,7 @@ extension PooledConnection {
         journal: Journal?,
         events prepared: [CommittedEvent]? = nil
     ) throws(SQLiteError) {
+        self.committedThrough = nil
         let events = prepared.map(CommittedEvents.init) ?? self.capture.committedEvents(database: database)
         let large = self.capture.recordedCount >= Self.trimAfterRows || events.count > Self.eventChunk
         defer {
@@ -46,7 +47,7 @@ extension PooledConnection {
         guard let journal, journal.settings.enabled, !events.isEmpty else {
             try self.identity.check()  // nothing is committed into a file deleted or replaced under evd
             try self.run(own: "COMMIT")
-            if !events.isEmpty { bus.publishCommitted(events, origin: origin) }
+            if !events.isEmpty { self.committedThrough = bus.publishCommitted(events, origin: origin) }
             self.capture.discardAll()
             return
         }
@@ -84,6 +85,7 @@ extension PooledConnection {
                 throw error
             }
         }
+        self.committedThrough = reservation.last
         if let kept {
             bus.complete(reservation, kept)
         } else {
@@ -100,19 +102,23 @@ extension PooledConnection {
 extension EventBus {
     /// Publishes a transaction's committed events when the journal is off, in order, with
     /// consecutive seqs unless other events interleave between batches. The events are made a
-    /// batch at a time, and only those someone wants (the others get no seq).
-    func publishCommitted(_ events: CommittedEvents, origin: EventOrigin) {
+    /// batch at a time, and only those someone wants (the others get no seq). Returns the last seq
+    /// it gave, nil if it gave none.
+    func publishCommitted(_ events: CommittedEvents, origin: EventOrigin) -> Int64? {
+        var last: Int64?
         var start = 0
         while start < events.count {
             // Made outside the lock, then numbered and queued under one lock.
             let batch = start..<min(events.count, start + PooledConnection.eventChunk)
             start = batch.upperBound
-            self.publish(
+            let published = self.publish(
                 events.publications(batch, origin: origin, wanted: self.wanted).filter {
                     if case .unwanted = $0 { return false } else { return true }
                 }
             )
+            last = published ?? last
         }
+        return last
     }
 }
 

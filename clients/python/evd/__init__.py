@@ -255,6 +255,8 @@ class Client:
         self._notice_handlers = []
         self.notices = []
         self.last_seq = None        # the newest event seq this client received
+        self.committed_seq = None   # the seq of the last event a request of this client committed
+                                    # (its response's `seq`): wait(client.committed_seq) reads your writes
         self.closed = False
         self.hello = self._read()
         if self.hello.get("type") != "hello":
@@ -378,6 +380,8 @@ class Client:
         message = self._responses.pop(request_id)
         op = self._ops.pop(request_id, None)
         if message.get("ok"):
+            if isinstance(message.get("seq"), int):
+                self.committed_seq = message["seq"]
             return message.get("result", {})
         raise EvdError.from_response(message.get("error"), op)
 
@@ -439,10 +443,14 @@ class Client:
         (subscribe(..., cursor="NAME")); returns the cursor's position once it is on disk."""
         return self.request("ack", subscription=subscription, seq=seq)["position"]
 
-    def wait(self, seq, timeout_ms=None):
+    def wait(self, seq=None, timeout_ms=None):
         """Returns once every event up to `seq` has been delivered to this connection's
         subscriptions (they are then read before this returns: in self._pending for events());
-        EvdError `timeout` otherwise. Read your writes: wait for the seq your write answered."""
+        EvdError `timeout` otherwise. Read your writes: `seq` defaults to self.committed_seq, the
+        last event a request of this client committed."""
+        seq = self.committed_seq if seq is None else seq
+        if seq is None:
+            raise ValueError("wait(): no seq given, and no request of this client committed an event")
         args = {"seq": seq}
         if timeout_ms is not None:
             args["timeout_ms"] = timeout_ms

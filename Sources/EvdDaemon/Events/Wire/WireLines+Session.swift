@@ -4,11 +4,15 @@ import EvdClient
 
 extension WireLines {
     /// A successful response: `{"type":"response","id":…,"ok":true,"result":…}`.
-    static func response(id: JSONValue, result: JSONValue) -> [UInt8] {
+    static func response(id: JSONValue, result: JSONValue, seq: Int64? = nil) -> [UInt8] {
         var bytes: [UInt8] = Array(#"{"type":"response","id":"#.utf8)
         id.write(into: &bytes)
         bytes += Array(#","ok":true,"result":"#.utf8)
         result.write(into: &bytes)
+        if let seq {
+            bytes += Array(#","seq":"#.utf8)
+            JSONWriter.appendInt(seq, to: &bytes)
+        }
         bytes += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
         return bytes
     }
