@@ -194,6 +194,8 @@ public enum EvdOperation: Sendable, Hashable {
             add("on_overflow", s.onOverflow.map { .string($0.rawValue) })
             add("where", s.where.map(JSONValue.object))
             add("cursor", s.cursor.map(JSONValue.string))
+            add("snapshot", s.snapshot.map { .array($0.map(JSONValue.string)) })
+            add("database", s.database.map(JSONValue.string))
         case .unsubscribe(let subscription):
             add("subscription", .int(subscription))
         case .ack(let subscription, let seq):
@@ -277,6 +279,11 @@ extension EvdOperation {
         /// only, from the cursor's acknowledged position (or `since`, which repositions it), and
         /// `ack` moves the position.
         public var cursor: String?
+        /// Tables whose current rows the subscription gets first, as `snapshot-rows` events, then
+        /// every committed event after the snapshot (evd's addition, issue 23).
+        public var snapshot: [String]?
+        /// The database of `snapshot`'s tables (the first database when absent).
+        public var database: String?
 
         /// The longest `timeout_ms` a listener may ask for.
         public static let timeoutRange: ClosedRange<Int64> = 1...60_000
@@ -293,7 +300,9 @@ extension EvdOperation {
             priority: Int64? = nil,
             onOverflow: OnOverflow? = nil,
             where filter: JSONObject? = nil,
-            cursor: String? = nil
+            cursor: String? = nil,
+            snapshot: [String]? = nil,
+            database: String? = nil
         ) {
             self.events = events
             self.veto = veto
@@ -307,6 +316,8 @@ extension EvdOperation {
             self.onOverflow = onOverflow
             self.where = filter
             self.cursor = cursor
+            self.snapshot = snapshot
+            self.database = database
         }
 
         init(_ args: inout Arguments) throws(EvdError) {
@@ -322,6 +333,20 @@ extension EvdOperation {
             self.onOverflow = try args.choice("on_overflow", ["disconnect", "drop"]).flatMap(OnOverflow.init)
             self.where = try args.object("where")
             self.cursor = try args.string("cursor")
+            self.snapshot = try args.strings("snapshot")
+            self.database = try args.string("database")
+            if let snapshot = self.snapshot {
+                if snapshot.isEmpty { throw .badRequest(field: "snapshot", "'snapshot' names no table") }
+                if self.since != nil {
+                    throw .badRequest(
+                        field: "snapshot",
+                        "'snapshot' and 'since' cannot go together: the snapshot says where the stream starts"
+                    )
+                }
+                if self.cursor != nil { throw .badRequest(field: "snapshot", "'snapshot' and 'cursor' cannot go together") }
+            } else if self.database != nil {
+                throw .badRequest(field: "database", "'database' of a subscription names the database of its 'snapshot'")
+            }
         }
     }
 

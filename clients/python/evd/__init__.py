@@ -326,7 +326,8 @@ class Client:
                 handler(message)
             if not self._notice_handlers:
                 code = message.get("code")
-                level = logging.DEBUG if code == "caught_up" else logging.INFO if code == "shutdown" else logging.WARNING
+                level = (logging.DEBUG if code in ("caught_up", "snapshot_end")
+                         else logging.INFO if code == "shutdown" else logging.WARNING)
                 log.log(level, "evd notice: %s", json.dumps(message))
         return message
 

@@ -64,6 +64,36 @@ extension WireLines {
         return gap.jsonBytes + [0x0a]
     }
 
+    /// A page of a snapshot (`subscribe` with `snapshot`, issue 23): event `snapshot-rows` with
+    /// `database`, `table` and `rows` (a JSON array of row objects, written already). Its `seq` is
+    /// null: the rows are the table as of the snapshot's seq (notice `snapshot_end`), not a change
+    /// with a seq of its own. `session` and `actor` are null: the daemon read them.
+    static func snapshotRows(subscription: Int, epoch: JournalEpoch, database: String, table: String, rows: [UInt8]) -> [UInt8] {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(rows.count + 256)
+        JSONWriter.appendASCII(#"{"type":"event","seq":null"#, to: &bytes)
+        bytes += epoch.field
+        JSONWriter.appendASCII(#","event":"snapshot-rows","time":"#, to: &bytes)
+        EventTime.appendNow(to: &bytes)
+        JSONWriter.appendASCII(Self.subscriptionKey, to: &bytes)
+        JSONWriter.appendInt(Int64(subscription), to: &bytes)
+        JSONWriter.appendASCII(#","session":null,"actor":null,"database":"#, to: &bytes)
+        JSONWriter.appendString(database, to: &bytes)
+        JSONWriter.appendASCII(#","table":"#, to: &bytes)
+        JSONWriter.appendString(table, to: &bytes)
+        JSONWriter.appendASCII(#","rows":"#, to: &bytes)
+        bytes += rows
+        bytes += [UInt8(ascii: "}"), 0x0a]
+        return bytes
+    }
+
+    /// Notice `snapshot_end`: `subscription`'s snapshot is complete, as of `seq`; the committed
+    /// events after `seq` follow.
+    static func snapshotEndNotice(subscription: Int, seq: Int64) -> [UInt8] {
+        let notice: JSONValue = ["type": "notice", "code": "snapshot_end", "subscription": .integer(subscription), "seq": .int(seq)]
+        return notice.jsonBytes + [0x0a]
+    }
+
     /// Notice `caught_up`: `subscription`'s replay (`since`, a cursor) has sent everything up to
     /// `seq`; its live events follow.
     static func caughtUpNotice(subscription: Int, seq: Int64) -> [UInt8] {
