@@ -236,6 +236,17 @@ class Client:
 
     def __init__(self, path=None, timeout=None, connect_timeout=5.0):
         self.path = socket_path(path)
+        self._timeouts = (timeout, connect_timeout)
+        self._notice_handlers = []
+        self.notices = []
+        self.last_seq = None        # the newest event seq this client received
+        self.committed_seq = None   # the seq of the last event a request of this client committed
+                                    # (its response's `seq`): wait(client.committed_seq) reads your writes
+        self._connect()
+
+    def _connect(self):
+        """Opens the connection and reads the hello: a new session, with no subscription."""
+        timeout, connect_timeout = self._timeouts
         check_socket_directory(self.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(connect_timeout)
@@ -252,17 +263,19 @@ class Client:
         self._responses = {}        # responses read for a request other than the one reading
         self._ops = {}              # request id -> op, for the error of its response
         self._veto_handlers = {}    # subscription number -> handler
-        self._notice_handlers = []
-        self.notices = []
-        self.last_seq = None        # the newest event seq this client received
-        self.committed_seq = None   # the seq of the last event a request of this client committed
-                                    # (its response's `seq`): wait(client.committed_seq) reads your writes
         self.closed = False
         self.hello = self._read()
         if self.hello.get("type") != "hello":
             raise EvdError("bad_hello", "expected hello, got %r" % (self.hello,))
         self.session = self.hello.get("session")
         self.actor = self.hello.get("actor")
+
+    def reconnect(self):
+        """A new connection to the same daemon (after a `lagged` disconnect, say): a new session,
+        whose subscriptions and veto handlers start empty; `last_seq` is kept, to resume from
+        (`events(..., since=client.last_seq)`)."""
+        self.close()
+        self._connect()
 
     # -- the connection -------------------------------------------------------------------
 
@@ -489,6 +502,60 @@ class Client:
         if names or options:
             self.subscribe(*names, **options)  # now, not at the first next()
         return (message for message in self.messages() if message.get("type") == "event")
+
+    def snapshot_and_follow(self, table, events=("insert-rows", "upsert-rows", "update-row", "delete-row"),
+                            database=None, **options):
+        """A table's rows now, then every change after them, with no gap and no duplicate
+        (docs/protocol.md, "Snapshot then stream"). Yields, in order:
+
+            ("row", row)       each row of the table as it is (a dict, values decoded)
+            ("end", seq)       once: the snapshot is complete, as of seq
+            ("event", event)   each committed event after seq that `events` names, with its row
+                               images (`rows`, `before`, `after`) decoded, live from then on
+
+        A ("caught_up", seq) item marks where the stream reached live delivery. A consumer slower
+        than the writers is cut off by evd (notice `lagged`): it resumes on a new connection after
+        the last event it received, from the journal, so that nothing is missed or repeated. Ends
+        when the connection does otherwise. `options` as subscribe() (where, name, ...).
+        examples/mirror.py keeps a copy of a table with it."""
+        args = dict(options, snapshot=table, rows=True)
+        if database is not None:
+            args["database"] = database
+        result = self.subscribe(*events, **args)
+        subscription = result["subscription"]
+        while True:
+            yield from self._follow(subscription)
+            # The connection ended. Cut off for lagging behind: resume after the last event received
+            # (the journal has the rest), on a new connection; anything else ends the stream.
+            lagged = next((n for n in reversed(self.notices) if n.get("code") == "lagged"), None)
+            if lagged is None or lagged.get("subscription") != subscription or self.last_seq is None:
+                return
+            log.info("resuming after seq %s on a new connection (the subscription lagged)", self.last_seq)
+            self.notices.remove(lagged)
+            self.reconnect()
+            subscription = self.subscribe(*events, since=self.last_seq, rows=True, **options)["subscription"]
+
+    def _follow(self, subscription):
+        for message in self.messages():
+            if message.get("subscription") != subscription:
+                continue
+            kind = message.get("type")
+            if kind == "event" and message.get("event") == "snapshot-rows":
+                for row in message.get("rows", []):
+                    yield "row", decode_row(row)
+            elif kind == "event":
+                for key in ("before", "after"):
+                    if isinstance(message.get(key), dict):
+                        message[key] = decode_row(message[key])
+                if isinstance(message.get("rows"), list):
+                    message["rows"] = [decode_row(row) for row in message["rows"]]
+                yield "event", message
+            elif kind == "notice" and message.get("code") == "snapshot_end":
+                yield "end", message["seq"]
+            elif kind == "notice" and message.get("code") == "caught_up":
+                yield "caught_up", message["seq"]
+            elif kind == "notice" and message.get("code") == "snapshot_failed":
+                raise EvdError.from_response(message.get("error"), "subscribe")
 
     # -- handlers -------------------------------------------------------------------------
 
