@@ -244,4 +244,29 @@ struct SnapshotTests {
             #expect(rows == [["id": 7]], "only the table it may view, once")
         }
     }
+
+    @Test("a client that stops reading its snapshot does not keep the pooled connection: past --idle-transaction-ms it fails")
+    func unreadSnapshotGivesTheConnectionBack() async throws {
+        try await withRunningDaemon(configure: { $0.idleTransactionMs = 500 }) { daemon in
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, s text)")))
+            try await daemon.request(
+                "execute",
+                [
+                    "sql":
+                        "insert into t(id, s) with recursive c(x) as (select 1 union all select x + 1 from c where x < 100000) select x, printf('%040d', x) from c"
+                ]
+            )
+            // Several megabytes of rows, and a reader that never reads (a small receive buffer).
+            let stalled = try RawUnixSocket(path: daemon.socketPath, receiveBuffer: 4096)
+            try stalled.send(#"{"op":"subscribe","id":1,"events":["insert-rows"],"snapshot":"t"}"# + "\n")
+            try await waitForStats(daemon) { ($0["pools"]?["main"]?["in_use"]?.intValue ?? 0) >= 1 }
+            // Given back once the snapshot times out.
+            try await waitForStats(daemon) { ($0["pools"]?["main"]?["in_use"]?.intValue ?? 1) == 0 }
+            let received = stalled.receiveSlowly(chunk: 1 << 16, pauseMicroseconds: 0, seconds: 2)
+            let text = String(decoding: received, as: UTF8.self)
+            #expect(text.contains(#""code":"snapshot_failed""#) && text.contains("idle-transaction-ms"))
+            #expect(!text.contains(#""code":"snapshot_end""#))
+            #expect(try await daemon.request(.execute(.init(sql: "select count(*) from t")))["rows"] == [[100000]])
+        }
+    }
 }

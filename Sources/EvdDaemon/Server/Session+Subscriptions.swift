@@ -1,5 +1,6 @@
 import EvdClient
 import OrderedCollections
+import Synchronization
 
 /// `events`, `subscribe` with its replay from the journal, `unsubscribe` (PROTOCOL.md §3, §5).
 extension Session {
@@ -230,6 +231,36 @@ extension Session {
 
     // MARK: Snapshots (issue 23)
 
+    /// Whether the outbox drained within `ms` milliseconds (0: no limit). (`Outbox.drained` cannot
+    /// be cancelled: when the time runs out first, its waiter is left to be resumed when the outbox
+    /// drains or closes, and the answer is false.)
+    private func outboxDrained(withinMs ms: Int) async -> Bool {
+        guard ms > 0 else {
+            await self.outbox.drained()
+            return true
+        }
+        let outbox = self.outbox
+        let answered = Mutex(false)
+        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let answer = { @Sendable (drained: Bool) in
+                let first = answered.withLock { done in
+                    defer { done = true }
+                    return !done
+                }
+                if first { continuation.resume(returning: drained) }
+            }
+            let timer = Task {
+                try? await Task.sleep(for: .milliseconds(ms))
+                answer(false)
+            }
+            Task {
+                await outbox.drained()
+                timer.cancel()
+                answer(true)
+            }
+        }
+    }
+
     /// Checks `view-table` on each table, checks a connection out and begins the snapshot's read
     /// transaction there. Needs the journal: the stream after a snapshot starts at its seq.
     func beginSnapshot(of tables: [String], database: String?) async throws -> TableSnapshot {
@@ -262,8 +293,14 @@ extension Session {
     /// for the client to read (a page is read while the one before is written: at most two pages
     /// wait). Returns false when it failed: notice `snapshot_failed` says why, and the subscription
     /// ends (its rows would be incomplete).
+    ///
+    /// The snapshot holds a pooled connection: a client that stops reading must not keep it, as a
+    /// transaction that waits for its next request does not (`--idle-transaction-ms`). A page the
+    /// client has not read within that time fails the snapshot (`timeout`), and the connection goes
+    /// back to the pool.
     private func sendSnapshot(_ snapshot: TableSnapshot, subscription: Int) async -> Bool {
         let (epoch, database) = (self.core.bus.epoch, snapshot.pool.database.name)
+        let idleMs = self.core.configuration.idleTransactionMs
         do {
             var next = try await snapshot.nextPage()
             while let page = next, !self.outbox.isClosing {
@@ -277,8 +314,15 @@ extension Session {
                     )
                 )
                 async let following = snapshot.nextPage()
-                await self.outbox.drained()
+                let drained = await self.outboxDrained(withinMs: idleMs)
                 next = try await following
+                guard drained else {
+                    throw EvdError(
+                        .timeout,
+                        "the client read nothing of the snapshot for \(idleMs) ms (--idle-transaction-ms): its pooled connection is given back",
+                        extra: ["limit": "idle-transaction-ms", "max_ms": .integer(idleMs)]
+                    )
+                }
             }
             self.outbox.enqueue(line: WireLines.snapshotEndNotice(subscription: subscription, seq: snapshot.seq))
             return true
