@@ -27,9 +27,17 @@
 //   evdbench stall SOCKET EVENT READY_FILE [TIMEOUT_S]
 //                                  a subscriber (on_overflow: drop) that never reads, until killed
 //   evdbench request SOCKET JSON   one request; prints its response
+//   evdbench snapshot SOCKET TABLE EXPECTED_ROWS [TIMEOUT_S]
+//                                  subscribes to insert-rows with `snapshot`: TABLE, times from sending the
+//                                  subscribe until notice `snapshot_end`, and checks that the pages held
+//                                  EXPECTED_ROWS rows; then ("then stream") inserts one row (id -1) into
+//                                  TABLE from a second connection and times until its insert-rows event
+//                                  arrives on the subscription (`stream_us`; `caught_up_us`: from
+//                                  snapshot_end to notice caught_up, -1 if it came after that event); the
+//                                  row is deleted again, so that the next run finds EXPECTED_ROWS rows
 //
 // `pingpong` and `client` print one line of JSON: {"n":..,"p50_us":..,"p99_us":..,"per_sec":..}.
-// `insert`, `count` and `exec` print one line of JSON with CLOCK_MONOTONIC timestamps (`start_us`,
+// `insert`, `count`, `exec` and `snapshot` print one line of JSON with CLOCK_MONOTONIC timestamps (`start_us`,
 // `first_us`, `last_us`, `end_us`; comparable across processes), or {"error":"..."} and exit 1.
 // Every wait they do is bounded (TIMEOUT_S, default 60 s overall and 10 s without any data), so a
 // daemon that never answers cannot hang the bench.
@@ -468,6 +476,172 @@ static int request(const char *path, const char *json) {
     return 0;
 }
 
+// ---- Snapshot then stream (issue 23) ----
+
+// The number of row objects in a `snapshot-rows` page: the objects directly inside the array that
+// follows `"rows":`, found by one pass that skips strings (so that a `{` or `}` in a text value does
+// not count) and nested objects (a BLOB is `{"$base64":...}`, a non-UTF-8 text `{"$text_base64":...}`).
+// No full JSON parse: rows are never decoded. -1 if the line has no rows array.
+static long page_rows(const char *line) {
+    // `,"rows":[` cannot occur inside the table's name: a quote in a JSON string is escaped.
+    const char *p = strstr(line, ",\"rows\":[");
+    if (!p) return -1;
+    p += 9;
+    long rows = 0;
+    int depth = 1, in_string = 0;  // depth 1: inside the rows array
+    for (; *p && depth > 0; p++) {
+        char c = *p;
+        if (in_string) {
+            if (c == '\\') {
+                if (p[1]) p++;
+            } else if (c == '"') {
+                in_string = 0;
+            }
+            continue;
+        }
+        switch (c) {
+            case '"': in_string = 1; break;
+            case '{':
+                if (depth == 1) rows++;
+                depth++;
+                break;
+            case '[': depth++; break;
+            case '}':
+            case ']': depth--; break;
+        }
+    }
+    return depth == 0 ? rows : -1;
+}
+
+// Fails on what ends a snapshot subscription early or makes its stream incomplete.
+static void snapshot_check_line(const char *line, long rows, long expected) {
+    if (!strstr(line, "\"type\":\"notice\"") && !strstr(line, "\"type\":\"response\"")) return;
+    if (strstr(line, "\"snapshot_failed\"")) fail("snapshot_failed after %ld of %ld rows: %s", rows, expected, line);
+    if (strstr(line, "\"lagged\"")) fail("lagged after %ld of %ld rows: %s", rows, expected, line);
+    if (strstr(line, "\"code\":\"gap\"")) fail("gap after %ld of %ld rows: %s", rows, expected, line);
+    if (strstr(line, "\"type\":\"response\"") && strstr(line, "\"ok\":false")) fail("%s", line);
+}
+
+// Sends one `execute` of SQL (a JSON string literal inside) on FD and waits for its OK.
+static void execute_ok(int fd, reader_t *r, const char *sql, const char *what) {
+    char req[2048];
+    size_t o = sprintf(req, "{\"op\":\"execute\",\"id\":\"%s\",\"sql\":", what);
+    o += json_string(req + o, sql);
+    o += sprintf(req + o, "}\n");
+    write_all(fd, req, o);
+    expect_ok(r, what);
+}
+
+static int snapshot(const char *path, const char *table, long expected) {
+    static reader_t r, w;  // the subscription; the writer of the row that follows the snapshot
+    char tname[512], sql[1200], qtable[600];
+    json_string(tname, table);
+    // The table's name as an SQL identifier.
+    size_t q = 0;
+    qtable[q++] = '"';
+    for (const char *c = table; *c && q < sizeof(qtable) - 3; c++) {
+        if (*c == '"') qtable[q++] = '"';
+        qtable[q++] = *c;
+    }
+    qtable[q++] = '"', qtable[q] = 0;
+
+    int wfd = connect_evd(path, &w);
+    snprintf(sql, sizeof(sql), "delete from %s where id = -1", qtable);  // left by a run that failed midway
+    execute_ok(wfd, &w, sql, "cleanup");
+
+    int fd = connect_evd(path, &r);
+    big_rcvbuf(fd);
+    char req[1400];
+    int len = snprintf(req, sizeof(req),
+                       "{\"op\":\"subscribe\",\"id\":\"sub\",\"events\":[\"insert-rows\"],\"name\":\"bench-snapshot\","
+                       "\"snapshot\":%s}\n",
+                       tname);
+    arm(&r, fd);
+    double start = now_us();
+    write_all(fd, req, len);
+    char *resp = expect_ok(&r, "subscribe");
+    char *hs = strstr(resp, "\"seq\":");
+    long long head = hs ? atoll(hs + 6) : -1;
+
+    long rows = 0, pages = 0;
+    long long bytes = 0, end_seq = -1;
+    double first = 0;
+    for (;;) {
+        char *line = read_line(&r);
+        if (!line) {
+            if (r.timed_out) fail("timed out after %ld of %ld rows (limit %.0f s, %.0f s without data)", rows, expected,
+                                  g_timeout_s, g_idle_s);
+            fail("connection closed after %ld of %ld rows", rows, expected);
+        }
+        if (!strncmp(line, "{\"type\":\"event\"", 15)) {
+            if (!strstr(line, "\"event\":\"snapshot-rows\"")) fail("an event before snapshot_end: %.300s", line);
+            long n = page_rows(line);
+            if (n < 0) fail("a snapshot-rows page without a rows array: %.300s", line);
+            if (!first) first = now_us();
+            rows += n;
+            pages++;
+            bytes += strlen(line) + 1;
+            continue;
+        }
+        snapshot_check_line(line, rows, expected);
+        if (strstr(line, "\"type\":\"notice\"") && strstr(line, "\"snapshot_end\"")) {
+            char *s = strstr(line, "\"seq\":");
+            end_seq = s ? atoll(s + 6) : -1;
+            break;
+        }
+    }
+    double end = now_us();
+    if (rows != expected) fail("the snapshot held %ld rows, not %ld", rows, expected);
+
+    // Then stream: a row committed after the snapshot arrives as a live event.
+    len = snprintf(req, sizeof(req), "{\"op\":\"insert\",\"id\":\"after\",\"table\":%s,\"rows\":[{\"id\":-1,\"v\":1}]}\n",
+                   tname);
+    arm(&w, wfd);
+    double sent = now_us();
+    write_all(wfd, req, len);
+    double arrived = 0, caught_up = 0;  // caught_up: the notice that ends the replay after snapshot_end
+    int answered = 0;
+    while (!arrived || !answered) {
+        // The subscription first (what is timed); the writer's response when it has one.
+        if (!arrived) {
+            char *nl = memchr(r.buf + r.start, '\n', r.end - r.start);
+            if (!nl) {
+                struct pollfd p[2] = {{.fd = fd, .events = POLLIN}, {.fd = wfd, .events = POLLIN}};
+                int ready = poll(p, answered ? 1 : 2, 10000);
+                if (ready == 0) fail("no insert-rows event within 10 s of the insert after the snapshot");
+                if (ready < 0 && errno != EINTR) fail("poll: %s", strerror(errno));
+                if (!answered && (p[1].revents & (POLLIN | POLLHUP))) {
+                    expect_ok(&w, "the insert after the snapshot");
+                    answered = 1;
+                }
+                if (!(p[0].revents & (POLLIN | POLLHUP))) continue;
+            }
+            char *line = read_line(&r);
+            if (!line) fail("the subscription closed before the insert after the snapshot arrived");
+            if (!strncmp(line, "{\"type\":\"event\"", 15)) {
+                if (!strstr(line, "\"event\":\"insert-rows\"")) continue;
+                arrived = now_us();
+                char *n = strstr(line, "\"num_rows\":");
+                if (!n || atol(n + 11) != 1) fail("the insert after the snapshot: not one row: %.300s", line);
+                continue;
+            }
+            snapshot_check_line(line, rows, expected);
+            if (!caught_up && strstr(line, "\"type\":\"notice\"") && strstr(line, "\"caught_up\"")) caught_up = now_us();
+        } else {
+            expect_ok(&w, "the insert after the snapshot");
+            answered = 1;
+        }
+    }
+    snprintf(sql, sizeof(sql), "delete from %s where id = -1", qtable);
+    execute_ok(wfd, &w, sql, "delete");
+    printf("{\"table\":%s,\"rows\":%ld,\"pages\":%ld,\"bytes\":%lld,\"start_us\":%.0f,\"first_us\":%.0f,\"end_us\":%.0f,"
+           "\"head_seq\":%lld,\"snapshot_seq\":%lld,\"rows_per_s\":%.0f,\"mb_per_s\":%.1f,\"stream_us\":%.0f,"
+           "\"caught_up_us\":%.0f}\n",
+           tname, rows, pages, bytes, start, first, end, head, end_seq, rows / ((end - start) / 1e6),
+           bytes / (end - start), arrived - sent, caught_up ? caught_up - end : -1);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -511,12 +685,16 @@ int main(int argc, char **argv) {
         return stall(argv[2], argv[3], argv[4]);
     }
     if (argc >= 4 && !strcmp(argv[1], "request")) return request(argv[2], argv[3]);
+    if (argc >= 5 && !strcmp(argv[1], "snapshot")) {
+        if (argc >= 6) g_timeout_s = atof(argv[5]);
+        return snapshot(argv[2], argv[3], atol(argv[4]));
+    }
     fprintf(stderr, "usage: evdbench pingpong N | client SOCKET N SQL | listener SOCKET EVENT\n"
                     "     | insert SOCKET TABLE TOTAL BATCH [TIMEOUT_S]\n"
                     "     | count SOCKET EVENT EXPECTED READY_FILE [TIMEOUT_S] [SINCE=S] [ROWS=1]\n"
                     "     | exec SOCKET SQL... [TIMEOUT_S=N]\n"
                     "     | inserts SOCKET TABLE CLIENTS TOTAL [TIMEOUT_S] | drain SOCKET READY_FILE EVENT...\n"
                     "     | idle SOCKET N READY_FILE EVENT [TIMEOUT_S] | stall SOCKET EVENT READY_FILE [TIMEOUT_S]\n"
-                    "     | request SOCKET JSON\n");
+                    "     | request SOCKET JSON | snapshot SOCKET TABLE EXPECTED_ROWS [TIMEOUT_S]\n");
     return 2;
 }

@@ -10,6 +10,10 @@
 //   rawsqlite bulk DB TABLE TOTAL BATCH
 //       creates TABLE, then inserts rows 1..TOTAL with one connection, BATCH rows per transaction
 //       (BEGIN; the prepared INSERT for each row; COMMIT); p50/p99 per transaction.
+//   rawsqlite read DB TABLE EXPECTED
+//       `select * from TABLE` stepped to its end in one read transaction, each column's value fetched
+//       (sqlite3_column_type, then the value as its type); fails unless it returned EXPECTED rows. The
+//       anchor for the snapshot row: SQLite's own reading speed, with no JSON and no socket.
 //
 // Each prints one line of JSON ({"n","p50_us","p99_us","per_sec","version",...}) or {"error":...}.
 // The row values are made before timing. Link with -lsqlite3 -lpthread.
@@ -190,6 +194,42 @@ static int bulk(const char *path, const char *table, long total, long batch) {
     return 0;
 }
 
+// ---- read: one SELECT * stepped to its end ----
+
+static int read_table(const char *path, const char *table, long expected) {
+    sqlite3 *db = open_db(path);
+    char sql[1024];
+    snprintf(sql, sizeof(sql), "select * from \"%s\"", table);
+    double start = now_us();
+    exec_or_fail(db, "begin");
+    sqlite3_stmt *stmt;
+    if (sqlite3_prepare_v2(db, sql, -1, &stmt, NULL) != SQLITE_OK) fail("prepare: %s", sqlite3_errmsg(db));
+    int columns = sqlite3_column_count(stmt);
+    long rows = 0;
+    long long sum = 0, bytes = 0;  // so that the values are really fetched
+    int rc;
+    while ((rc = sqlite3_step(stmt)) == SQLITE_ROW) {
+        for (int c = 0; c < columns; c++) {
+            switch (sqlite3_column_type(stmt, c)) {
+                case SQLITE_INTEGER: sum += sqlite3_column_int64(stmt, c); break;
+                case SQLITE_FLOAT: sum += (long long)sqlite3_column_double(stmt, c); break;
+                case SQLITE_TEXT: sqlite3_column_text(stmt, c), bytes += sqlite3_column_bytes(stmt, c); break;
+                case SQLITE_BLOB: sqlite3_column_blob(stmt, c), bytes += sqlite3_column_bytes(stmt, c); break;
+            }
+        }
+        rows++;
+    }
+    if (rc != SQLITE_DONE) fail("step: %s", sqlite3_errmsg(db));
+    sqlite3_finalize(stmt);
+    exec_or_fail(db, "commit");
+    double end = now_us();
+    if (rows != expected) fail("read %ld rows, not %ld", rows, expected);
+    printf("{\"n\":%ld,\"start_us\":%.0f,\"end_us\":%.0f,\"per_sec\":%.0f,\"checksum\":%lld,\"version\":\"%s\"}\n", rows,
+           start, end, rows / ((end - start) / 1e6), sum + bytes, sqlite3_libversion());
+    sqlite3_close(db);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 6 && !strcmp(argv[1], "autocommit")) {
@@ -197,6 +237,8 @@ int main(int argc, char **argv) {
         return autocommit(argv[2], argv[3], atoi(argv[4]), atol(argv[5]));
     }
     if (argc >= 6 && !strcmp(argv[1], "bulk")) return bulk(argv[2], argv[3], atol(argv[4]), atol(argv[5]));
-    fprintf(stderr, "usage: rawsqlite autocommit DB TABLE THREADS TOTAL [TIMEOUT_S] | bulk DB TABLE TOTAL BATCH\n");
+    if (argc >= 5 && !strcmp(argv[1], "read")) return read_table(argv[2], argv[3], atol(argv[4]));
+    fprintf(stderr, "usage: rawsqlite autocommit DB TABLE THREADS TOTAL [TIMEOUT_S] | bulk DB TABLE TOTAL BATCH\n"
+                    "     | read DB TABLE EXPECTED\n");
     return 2;
 }
