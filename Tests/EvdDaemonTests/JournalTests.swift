@@ -192,7 +192,9 @@ struct JournalTests {
         }
     }
 
-    @Test("since replays exactly what follows it, then goes live: no gap and no duplicate while a writer is busy")
+    @Test(
+        "since replays exactly what follows it, then goes live: no gap and no duplicate while a writer is busy; caught_up once, between the two"
+    )
     func replayThenLiveUnderWrites() async throws {
         try await withRunningDaemon { daemon in
             try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, n integer)")))
@@ -213,9 +215,23 @@ struct JournalTests {
                     try await Task.sleep(for: .milliseconds(5))
                 }
                 try await daemon.withClient { reader in
-                    _ = try await subscribeEvents(reader, ["insert-rows"], ["since": 0, "rows": true])
-                    let (events, notices) = await collect(reader, events: writes)
+                    let (subscription, stable) = try await subscribeEvents(reader, ["insert-rows"], ["since": 0, "rows": true])
+                    // Every message in the order it arrives, until every insert's event is in.
+                    var order: [JSONObject] = []
+                    while order.filter({ $0["type"] == "event" }).count < writes,
+                        let message = await reader.nextMessage(ofType: nil, within: 20)
+                    {
+                        order.append(message)
+                    }
+                    let events = order.filter { $0["type"] == "event" }
+                    let notices = order.filter { $0["type"] == "notice" }
                     #expect(codes(notices) == ["caught_up"])
+                    // caught_up: at the response's seq, after every replayed event, before every live one.
+                    let at = try #require(order.firstIndex { $0["code"] == "caught_up" })
+                    #expect(order[at]["seq"]?.intValue == stable && order[at]["subscription"]?.intValue == subscription)
+                    let replayed = order[..<at].compactMap { $0["seq"]?.intValue }
+                    #expect(!replayed.isEmpty && replayed.allSatisfy { $0 <= stable })
+                    #expect(order[(at + 1)...].compactMap { $0["seq"]?.intValue }.allSatisfy { $0 > stable })
                     #expect(events.count == writes)
                     let seqs = events.compactMap { $0["seq"]?.intValue }
                     #expect(seqs == seqs.sorted() && Set(seqs).count == seqs.count)
@@ -437,58 +453,6 @@ struct JournalTests {
                 try await evd.request("emit", ["event": "app.now"])
                 let event = try #require(await evd.nextMessage(ofType: nil, within: 10))
                 #expect(event["event"] == "app.now")
-            }
-        }
-    }
-
-    @Test("caught_up: once, after the last replayed event and before the first live one, while a writer is busy")
-    func caughtUpMarksTheSwitchToLive() async throws {
-        try await withRunningDaemon { daemon in
-            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, n integer)")))
-            let writes = 400
-            try await withThrowingTaskGroup(of: Void.self) { group in
-                group.addTask {
-                    try await daemon.withClient { writer in
-                        for n in 0..<writes {
-                            try await writer.request("execute", ["sql": "insert into t(n) values (?)", "params": [.integer(n)]])
-                        }
-                    }
-                }
-                let deadline = ContinuousClock.now + .seconds(60)
-                while ContinuousClock.now < deadline {
-                    let count = try await daemon.request(.execute(.init(sql: "select count(*) from t")))
-                    if (count["rows"]?.arrayValue?.first?.arrayValue?.first?.intValue ?? 0) >= Int64(writes / 4) { break }
-                    try await Task.sleep(for: .milliseconds(5))
-                }
-                try await daemon.withClient { reader in
-                    let (subscription, stable) = try await subscribeEvents(reader, ["insert-rows"], ["since": 0])
-                    // Every message in the order it arrives, until every insert's event is in.
-                    var order: [JSONObject] = []
-                    var events = 0
-                    while events < writes, let message = await reader.nextMessage(ofType: nil, within: 20) {
-                        order.append(message)
-                        if message["type"] == "event" { events += 1 }
-                    }
-                    #expect(events == writes)
-                    let caughtUp = order.indices.filter { order[$0]["code"] == "caught_up" }
-                    #expect(caughtUp.count == 1)
-                    let at = try #require(caughtUp.first)
-                    #expect(order[at]["seq"]?.intValue == stable)
-                    #expect(order[at]["subscription"]?.intValue == subscription)
-                    let before = order[..<at].compactMap { $0["seq"]?.intValue }
-                    let after = order[(at + 1)...].compactMap { $0["seq"]?.intValue }
-                    #expect(before.allSatisfy { $0 <= stable } && after.allSatisfy { $0 > stable })
-                    #expect(!before.isEmpty, "the subscription came after some inserts: they are replayed")
-                    #expect(order.filter { $0["type"] == "notice" }.count == 1, "\(order.filter { $0["type"] == "notice" })")
-                }
-                try await group.waitForAll()
-            }
-            // A subscription without since is live from its response on: no caught_up.
-            try await daemon.withClient { evd in
-                _ = try await subscribeEvents(evd, ["app.*"])
-                try await evd.request("emit", ["event": "app.live"])
-                let next = try #require(await evd.nextMessage(ofType: nil, within: 10))
-                #expect(next["event"] == "app.live")
             }
         }
     }
