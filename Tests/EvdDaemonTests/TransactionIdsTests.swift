@@ -32,7 +32,11 @@ struct TransactionIdsTests {
             #expect(seqs == Array(tx...last), "transaction \(tx): seqs \(seqs)", sourceLocation: sourceLocation)
             #expect(group.allSatisfy { $0["tx_last"] == .int(last) }, "transaction \(tx): tx_last", sourceLocation: sourceLocation)
             let ends = group.map { $0["tx_end"] == .bool(true) }
-            #expect(ends == Array(repeating: false, count: group.count - 1) + [true], "transaction \(tx): tx_end", sourceLocation: sourceLocation)
+            #expect(
+                ends == Array(repeating: false, count: group.count - 1) + [true],
+                "transaction \(tx): tx_end",
+                sourceLocation: sourceLocation
+            )
         }
         return groups.values.map { $0.compactMap { $0["event"]?.stringValue } }
     }
@@ -61,12 +65,18 @@ struct TransactionIdsTests {
             try await evd.request("execute", ["sql": "INSERT INTO t (w, r, what) VALUES (?, ?, 'a')", "params": .array(key)])
             try await evd.request("execute", ["sql": "INSERT INTO t (w, r, what) VALUES (?, ?, 'b')", "params": .array(key)])
             try await evd.request("emit", ["event": "app.inside", "data": ["w": .integer(writer), "r": .integer(round)]])
-            try await evd.request("execute", ["sql": "UPDATE t SET what = 'a2' WHERE w = ? AND r = ? AND what = 'a'", "params": .array(key)])
+            try await evd.request(
+                "execute",
+                ["sql": "UPDATE t SET what = 'a2' WHERE w = ? AND r = ? AND what = 'a'", "params": .array(key)]
+            )
             try await evd.request("commit")
 
             try await evd.request("begin")
             try await evd.request("execute", ["sql": "INSERT INTO t (w, r, what) VALUES (?, ?, 'rb')", "params": .array(key)])
-            try await evd.request("execute", ["sql": "UPDATE t SET what = 'rb' WHERE w = ? AND r = ? AND what = 'b'", "params": .array(key)])
+            try await evd.request(
+                "execute",
+                ["sql": "UPDATE t SET what = 'rb' WHERE w = ? AND r = ? AND what = 'b'", "params": .array(key)]
+            )
             try await evd.request("rollback")
 
             try await evd.request(
@@ -98,7 +108,7 @@ struct TransactionIdsTests {
                 return child
             }
             let writers = 4
-            let rounds = 12
+            let rounds = 25
             let first = try await start()
             defer { first.kill() }
             let (since, live) = try await EvdConnection.withConnection(socketPath: socket) { subscriber in
@@ -167,7 +177,9 @@ struct TransactionIdsTests {
                 try await evd.request("execute", ["sql": "INSERT INTO s VALUES (6, 7, 8)"])
                 try await evd.request("commit")
                 let live = try await collectEvents(evd, until: "insert-rows", occurrence: 4)
-                #expect(live.map { $0["event"] } == ["insert-rows", "alter-table", "insert-rows", "insert-rows", "alter-table", "insert-rows"])
+                #expect(
+                    live.map { $0["event"] } == ["insert-rows", "alter-table", "insert-rows", "insert-rows", "alter-table", "insert-rows"]
+                )
                 #expect(live.filter { $0["event"] == "alter-table" }.allSatisfy { $0["schema_version"] == nil })
                 let versions = live.filter { $0["event"] == "insert-rows" }.compactMap { $0["schema_version"]?.intValue }
                 #expect(versions.count == 4)
@@ -206,6 +218,34 @@ struct TransactionIdsTests {
                 #expect(events[0]["tx_end"] == nil && events[1]["tx_end"] == nil)
                 // The next transaction: one event.
                 #expect(events[2]["tx"] == .int(seqs[2]) && events[2]["tx_last"] == .int(seqs[2]) && events[2]["tx_end"] == true)
+            }
+        }
+    }
+
+    @Test("where matches the transaction's keys, live and replayed")
+    func whereOnTransaction() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.withClient { evd in
+                let (_, head) = try await subscribeEvents(evd, ["insert-rows", "update-row", "app.*"], ["where": ["tx_end": true]])
+                try await evd.request("execute", ["sql": "CREATE TABLE w (x)"])
+                try await evd.request("begin")
+                try await evd.request("execute", ["sql": "INSERT INTO w VALUES (1), (2)"])
+                try await evd.request("execute", ["sql": "UPDATE w SET x = x + 1"])
+                try await evd.request("commit")
+                try await evd.request("emit", ["event": "app.done"])
+                let live = try await collectEvents(evd, until: "app.done")
+                // The transaction's last update-row, and the emit (a transaction of its own).
+                #expect(live.map { $0["event"] } == ["update-row", "app.done"])
+                #expect(live.allSatisfy { $0["tx_end"] == true && $0["seq"] == $0["tx_last"] })
+                try await daemon.withClient { replayer in
+                    _ = try await subscribeEvents(
+                        replayer,
+                        ["insert-rows", "update-row", "app.*"],
+                        ["where": ["tx_end": true], "since": .int(head)]
+                    )
+                    let replayed = try await collectEvents(replayer, until: "app.done")
+                    #expect(Self.replayed(replayed) == Self.replayed(live))
+                }
             }
         }
     }
