@@ -222,6 +222,41 @@ struct TransactionIdsTests {
         }
     }
 
+    @Test("a transaction of more events than are made at a time (journaled in chunks, runs split) is still one")
+    func largeTransaction() async throws {
+        try await withRunningDaemon { daemon in
+            let count = PooledConnection.eventChunk + Journal.maxRunEvents / 2
+            try await daemon.request("execute", ["sql": "CREATE TABLE big (id INTEGER PRIMARY KEY, x)"])
+            try await daemon.request(
+                "execute",
+                [
+                    "sql": .string(
+                        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < \(count)) INSERT INTO big (x) SELECT i FROM n"
+                    )
+                ]
+            )
+            // The subscriber reads while the transaction commits (its events are many).
+            let (head, live) = try await daemon.withClient { subscriber in
+                let (_, head) = try await subscribeEvents(subscriber, ["update-row", "delete-row"], ["rows": true])
+                async let collected = collectEvents(subscriber, until: "delete-row", within: 60)
+                try await daemon.withClient { evd in
+                    try await evd.request("begin")
+                    try await evd.request("execute", ["sql": "UPDATE big SET x = x + 1"])
+                    try await evd.request("execute", ["sql": "DELETE FROM big WHERE id = 1"])
+                    try await evd.request("commit")
+                }
+                return (head, try await collected)
+            }
+            #expect(live.count == count + 1)
+            #expect(Self.transactions(live).count == 1)
+            let replayed = try await daemon.withClient { replayer in
+                _ = try await subscribeEvents(replayer, ["update-row", "delete-row"], ["rows": true, "since": .int(head)])
+                return try await collectEvents(replayer, until: "delete-row", within: 60)
+            }
+            #expect(Self.replayed(replayed) == Self.replayed(live))
+        }
+    }
+
     @Test("where matches the transaction's keys, live and replayed")
     func whereOnTransaction() async throws {
         try await withRunningDaemon { daemon in
