@@ -103,6 +103,12 @@ extension EventKind {
         ("tx_last", "integer: the seq of its transaction's last event"),
     ]
     private static let txEnd: (String, String) = ("tx_end", "true on its transaction's last event (absent on the others)")
+    /// A custom event's properties in the catalog: its transaction's (its data is its own).
+    static let customProperties: JSONObject = {
+        var properties = JSONObject()
+        for (key, text) in tx + [txEnd] { properties[key] = .string(text) }
+        return properties
+    }()
     /// A row event's: what follows `tx_last`.
     private static let rowTx: P = tx + [("schema_version", "integer: the database's PRAGMA schema_version as of the commit")]
     private static let request: P = [
