@@ -11,6 +11,7 @@ import Musl
 public enum Terminal {
     /// Whether standard output is a terminal (readable output) or a pipe/file (NDJSON).
     public static var stdoutIsTerminal: Bool { isatty(1) == 1 }
+    public static var stderrIsTerminal: Bool { isatty(2) == 1 }
 
     /// Exits 0 on SIGINT, SIGTERM and SIGPIPE-as-EPIPE, as a well-behaved filter does.
     public static func exitQuietlyOnSignals() {

@@ -24,22 +24,32 @@ struct GlobalOptions: ParsableArguments {
     /// Sends one request and prints its result as JSON; an error goes to stderr (`ExitStatus`).
     /// `operation` may throw what the daemon would answer (a parameter no SQLite value can hold,
     /// say): it is reported the same way, and nothing is sent.
+    /// The seq of the request's last committed event (the response's `seq`, read your writes) goes
+    /// to stderr when that is a terminal: `evctl: seq N`.
     func call(_ operation: () throws(EvdError) -> EvdOperation) async throws {
-        let result = try await self.send(operation)
+        let (result, seq) = try await self.sendForResponse(operation)
         Terminal.writeStdout(JSONValue.object(result).jsonBytes + [0x0a])
+        if let seq, Terminal.stderrIsTerminal { Terminal.writeStderr("evctl: seq \(seq)") }
     }
 
     /// Sends one request (after logging in with the token, if any) and returns its result. An error
     /// reply goes to stderr with `ExitStatus.errorReply`; no daemon, or a connection that ends before
     /// the reply, with `ExitStatus.unavailable`.
     func send(_ operation: () throws(EvdError) -> EvdOperation) async throws -> JSONObject {
+        try await self.sendForResponse(operation).result
+    }
+
+    /// `send`, with the response's `seq` (nil when the request committed no event).
+    func sendForResponse(_ operation: () throws(EvdError) -> EvdOperation) async throws -> (result: JSONObject, seq: Int64?) {
         let token = TokenSource.resolve(explicit: self.token, environment: SocketPath.processEnvironment)
         do {
             let request = try operation()
-            return try await EvdConnection.withConnection(socketPath: self.socketPath) { evd in
+            let response = try await EvdConnection.withConnection(socketPath: self.socketPath) { evd in
                 if let token { try await evd.login(token: token) }
-                return try await evd.request(request)
+                return try await evd.rawRequest(request)
             }
+            guard response["ok"] == true else { throw EvdError(object: response["error"]?.objectValue ?? [:]) }
+            return (response["result"]?.objectValue ?? [:], response["seq"]?.intValue)
         } catch let error as EvdError {
             Terminal.writeStderr("evctl: \(error)")
             throw ExitCode(ExitStatus.errorReply)

@@ -112,8 +112,9 @@ struct EvdOperationTests {
             }
         }
         // Two admin ops and the two of durable cursors are evd's own, beyond the contract
-        // (docs/protocol.md, "Admin ops (evd's additions)", "Durable cursors (evd's addition)").
-        let additions: Set<String> = ["invalidate", "dispose", "ack", "delete_cursor"]
+        // (docs/protocol.md, "Admin ops (evd's additions)", "Durable cursors (evd's addition)",
+        // "`wait` (evd's addition)").
+        let additions: Set<String> = ["invalidate", "dispose", "ack", "delete_cursor", "wait"]
         #expect(named.union(additions) == all)
         #expect(named.isDisjoint(with: additions))
     }

@@ -61,6 +61,9 @@ private func collect(
     return (events, notices)
 }
 
+/// The codes of `notices`: a replay that meets no gap ends with exactly one `caught_up`.
+private func codes(_ notices: [JSONObject]) -> [String?] { notices.map { $0["code"]?.stringValue } }
+
 @Suite("Journal and replay")
 struct JournalTests {
     @Test("committed events survive a restart: since 0 replays them as they were delivered, and seqs go on above them")
@@ -212,7 +215,7 @@ struct JournalTests {
                 try await daemon.withClient { reader in
                     _ = try await subscribeEvents(reader, ["insert-rows"], ["since": 0, "rows": true])
                     let (events, notices) = await collect(reader, events: writes)
-                    #expect(notices.isEmpty)
+                    #expect(codes(notices) == ["caught_up"])
                     #expect(events.count == writes)
                     let seqs = events.compactMap { $0["seq"]?.intValue }
                     #expect(seqs == seqs.sorted() && Set(seqs).count == seqs.count)
@@ -255,7 +258,11 @@ struct JournalTests {
                         events += rest.events
                         notices += rest.notices
                     }
-                    #expect(notices.isEmpty, "\(notices)")
+                    if notices.isEmpty, let next = await reader.nextMessage(ofType: nil, within: 10) {
+                        // Everything was replayed: caught_up comes after the last of it.
+                        notices.append(next)
+                    }
+                    #expect(codes(notices) == ["caught_up"], "\(notices)")
                     return events.compactMap { $0["seq"]?.intValue }
                 }
             }
@@ -423,10 +430,65 @@ struct JournalTests {
             try await daemon.withClient { evd in
                 try await evd.request("emit", ["event": "app.before"])
                 let result = try await evd.request("subscribe", ["events": ["app.*"], "since": .int(Int64(Int32.max))])
-                #expect(result["seq"] != nil)
+                let stable = try #require(result["seq"]?.intValue)
+                // Nothing to replay: caught up at once, at the subscription's own seq.
+                let caughtUp = try #require(await evd.nextMessage(ofType: nil, within: 10))
+                #expect(caughtUp["code"] == "caught_up" && caughtUp["seq"]?.intValue == stable)
                 try await evd.request("emit", ["event": "app.now"])
                 let event = try #require(await evd.nextMessage(ofType: nil, within: 10))
                 #expect(event["event"] == "app.now")
+            }
+        }
+    }
+
+    @Test("caught_up: once, after the last replayed event and before the first live one, while a writer is busy")
+    func caughtUpMarksTheSwitchToLive() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, n integer)")))
+            let writes = 400
+            try await withThrowingTaskGroup(of: Void.self) { group in
+                group.addTask {
+                    try await daemon.withClient { writer in
+                        for n in 0..<writes {
+                            try await writer.request("execute", ["sql": "insert into t(n) values (?)", "params": [.integer(n)]])
+                        }
+                    }
+                }
+                let deadline = ContinuousClock.now + .seconds(60)
+                while ContinuousClock.now < deadline {
+                    let count = try await daemon.request(.execute(.init(sql: "select count(*) from t")))
+                    if (count["rows"]?.arrayValue?.first?.arrayValue?.first?.intValue ?? 0) >= Int64(writes / 4) { break }
+                    try await Task.sleep(for: .milliseconds(5))
+                }
+                try await daemon.withClient { reader in
+                    let (subscription, stable) = try await subscribeEvents(reader, ["insert-rows"], ["since": 0])
+                    // Every message in the order it arrives, until every insert's event is in.
+                    var order: [JSONObject] = []
+                    var events = 0
+                    while events < writes, let message = await reader.nextMessage(ofType: nil, within: 20) {
+                        order.append(message)
+                        if message["type"] == "event" { events += 1 }
+                    }
+                    #expect(events == writes)
+                    let caughtUp = order.indices.filter { order[$0]["code"] == "caught_up" }
+                    #expect(caughtUp.count == 1)
+                    let at = try #require(caughtUp.first)
+                    #expect(order[at]["seq"]?.intValue == stable)
+                    #expect(order[at]["subscription"]?.intValue == subscription)
+                    let before = order[..<at].compactMap { $0["seq"]?.intValue }
+                    let after = order[(at + 1)...].compactMap { $0["seq"]?.intValue }
+                    #expect(before.allSatisfy { $0 <= stable } && after.allSatisfy { $0 > stable })
+                    #expect(!before.isEmpty, "the subscription came after some inserts: they are replayed")
+                    #expect(order.filter { $0["type"] == "notice" }.count == 1, "\(order.filter { $0["type"] == "notice" })")
+                }
+                try await group.waitForAll()
+            }
+            // A subscription without since is live from its response on: no caught_up.
+            try await daemon.withClient { evd in
+                _ = try await subscribeEvents(evd, ["app.*"])
+                try await evd.request("emit", ["event": "app.live"])
+                let next = try #require(await evd.nextMessage(ofType: nil, within: 10))
+                #expect(next["event"] == "app.live")
             }
         }
     }
@@ -460,7 +522,7 @@ struct JournalTests {
             try await daemon.withClient { evd in
                 _ = try await subscribeEvents(evd, ["insert-rows"], ["since": 0, "rows": true])
                 let (events, notices) = await collect(evd, events: 2, within: 3)
-                #expect(notices.isEmpty)
+                #expect(codes(notices) == ["caught_up"])
                 #expect(events.count == 1)
                 #expect(events.first?["rows"] == [["id": 1, "v": "kept"]] || events.first?["rows"] == nil)
             }

@@ -295,7 +295,7 @@ struct OperationsTests {
         }
     }
 
-    @Test("subscribe with since: without a journal, a gap notice follows the response")
+    @Test("subscribe with since: without a journal, a gap notice follows the response, then caught_up")
     func subscribeSinceGap() async throws {
         try await withRunningDaemon(configure: { $0.journal.enabled = false }) { daemon in
             try await daemon.withClient { evd in
@@ -306,6 +306,9 @@ struct OperationsTests {
                 #expect(notice["code"] == "gap")
                 #expect(notice["from"] == 1)
                 #expect(notice["to"]?.intValue == head)
+                // Then it is live: caught up at the subscription's seq.
+                let caughtUp = try #require(await evd.nextMessage(ofType: "notice"))
+                #expect(caughtUp["code"] == "caught_up" && caughtUp["seq"]?.intValue == head)
             }
         }
     }
@@ -317,6 +320,8 @@ struct OperationsTests {
                 try await evd.request("emit", ["event": "app.a"])
                 let head = try #require(try await evd.request("stats")["seq"])
                 try await evd.request("subscribe", ["events": ["app.*"], "since": head])
+                let caughtUp = try #require(await evd.nextMessage())
+                #expect(caughtUp["code"] == "caught_up")  // and no gap before it
                 try await evd.request("emit", ["event": "app.b"])
                 let next = try #require(await evd.nextMessage())
                 #expect(next["type"] == "event")

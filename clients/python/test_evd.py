@@ -168,6 +168,34 @@ class EventTests(unittest.TestCase):
             event = next(c.events("pytest.replayed", since=seq - 1))
             self.assertEqual((event["seq"], event["n"]), (seq, 7))
 
+    def test_caught_up_after_the_replay(self):
+        with client() as c:
+            seq = c.emit("pytest.caught", {"n": 1})
+        with client() as c:
+            caught = []
+            c.on_notice(lambda notice: caught.append(notice) if notice.get("code") == "caught_up" else None)
+            result = c.subscribe("pytest.caught", since=seq - 1)
+            event = next(c.events())
+            self.assertEqual(event["seq"], seq)
+            c.ping()  # the notice follows the replayed event
+            self.assertEqual([(n["subscription"], n["seq"]) for n in caught], [(result["subscription"], result["seq"])])
+
+    def test_read_your_writes(self):
+        with client() as reader, client() as writer:
+            reader.subscribe("insert-rows", where={"table": "py_ryw"})
+            writer.execute("create table if not exists py_ryw(x)")
+            self.assertIsNotNone(writer.committed_seq)
+            writer.execute("insert into py_ryw values (1)")
+            seq = writer.committed_seq
+            reader.wait(seq)  # the event is read by the time wait answers
+            self.assertIn(seq, [m.get("seq") for m in reader._pending if m.get("type") == "event"])
+            before = writer.committed_seq
+            writer.execute("select * from py_ryw")  # commits nothing: the seq stays
+            self.assertEqual(writer.committed_seq, before)
+            with self.assertRaises(evd.EvdError) as caught:
+                reader.wait(seq + 10**6, timeout_ms=20)
+            self.assertEqual(caught.exception.code, "timeout")
+
     def test_durable_cursor(self):
         name = "pytest.cursor.%d" % os.getpid()
         with client() as c:

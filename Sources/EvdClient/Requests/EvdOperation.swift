@@ -19,6 +19,9 @@ public enum EvdOperation: Sendable, Hashable {
     case ack(subscription: Int64, seq: Int64)
     /// `delete_cursor`: forgets a durable cursor (evd's addition).
     case deleteCursor(cursor: String)
+    /// `wait`: answers once every event up to `seq` has been delivered to the session's own
+    /// subscriptions, or `timeout` after `timeoutMs` (evd's addition, issue 23: read your writes).
+    case wait(seq: Int64, timeoutMs: Int64)
     case execute(Execute)
     case executemany(ExecuteMany)
     /// `create_table`, `insert`, `upsert`, `update`, `delete`, `drop_table`, `describe`.
@@ -76,7 +79,12 @@ public enum EvdOperation: Sendable, Hashable {
         case createToken = "create_token"
         case invalidate, dispose, reply, ack
         case deleteCursor = "delete_cursor"
+        case wait
     }
+
+    /// `wait`'s `timeout_ms` when none is given, and its range.
+    public static let waitDefaultTimeoutMs: Int64 = 1000
+    public static let waitTimeoutRange: ClosedRange<Int64> = 1...60000
 
     /// The `op` of a request, as text: `bad_request` when it is missing or not a string. (Whether
     /// the name is an op is `init(parsing:)`'s to say: `unknown_op`.)
@@ -104,6 +112,11 @@ public enum EvdOperation: Sendable, Hashable {
         case .ack:
             self = .ack(subscription: try args.requiredInt("subscription"), seq: try args.requiredInt("seq", in: 0...Int64.max))
         case .deleteCursor: self = .deleteCursor(cursor: try args.requiredString("cursor"))
+        case .wait:
+            self = .wait(
+                seq: try args.requiredInt("seq", in: 0...Int64.max),
+                timeoutMs: try args.int("timeout_ms", in: Self.waitTimeoutRange) ?? Self.waitDefaultTimeoutMs
+            )
         case .execute: self = .execute(try Execute(&args))
         case .executemany: self = .executemany(try ExecuteMany(&args))
         case .createTable, .insert, .upsert, .update, .delete, .dropTable, .describe:
@@ -140,6 +153,7 @@ public enum EvdOperation: Sendable, Hashable {
         case .unsubscribe: .unsubscribe
         case .ack: .ack
         case .deleteCursor: .deleteCursor
+        case .wait: .wait
         case .execute: .execute
         case .executemany: .executemany
         case .structured(let op, _): op.name
@@ -180,6 +194,8 @@ public enum EvdOperation: Sendable, Hashable {
             add("on_overflow", s.onOverflow.map { .string($0.rawValue) })
             add("where", s.where.map(JSONValue.object))
             add("cursor", s.cursor.map(JSONValue.string))
+            add("snapshot", s.snapshot.map { .array($0.map(JSONValue.string)) })
+            add("database", s.database.map(JSONValue.string))
         case .unsubscribe(let subscription):
             add("subscription", .int(subscription))
         case .ack(let subscription, let seq):
@@ -187,6 +203,9 @@ public enum EvdOperation: Sendable, Hashable {
             add("seq", .int(seq))
         case .deleteCursor(let cursor):
             add("cursor", .string(cursor))
+        case .wait(let seq, let timeoutMs):
+            add("seq", .int(seq))
+            add("timeout_ms", .int(timeoutMs))
         case .execute(let e):
             add("sql", .string(e.sql))
             if !e.params.isEmpty { add("params", e.params.jsonValue) }
@@ -260,6 +279,11 @@ extension EvdOperation {
         /// only, from the cursor's acknowledged position (or `since`, which repositions it), and
         /// `ack` moves the position.
         public var cursor: String?
+        /// Tables whose current rows the subscription gets first, as `snapshot-rows` events, then
+        /// every committed event after the snapshot (evd's addition, issue 23).
+        public var snapshot: [String]?
+        /// The database of `snapshot`'s tables (the first database when absent).
+        public var database: String?
 
         /// The longest `timeout_ms` a listener may ask for.
         public static let timeoutRange: ClosedRange<Int64> = 1...60_000
@@ -276,7 +300,9 @@ extension EvdOperation {
             priority: Int64? = nil,
             onOverflow: OnOverflow? = nil,
             where filter: JSONObject? = nil,
-            cursor: String? = nil
+            cursor: String? = nil,
+            snapshot: [String]? = nil,
+            database: String? = nil
         ) {
             self.events = events
             self.veto = veto
@@ -290,6 +316,8 @@ extension EvdOperation {
             self.onOverflow = onOverflow
             self.where = filter
             self.cursor = cursor
+            self.snapshot = snapshot
+            self.database = database
         }
 
         init(_ args: inout Arguments) throws(EvdError) {
@@ -305,6 +333,20 @@ extension EvdOperation {
             self.onOverflow = try args.choice("on_overflow", ["disconnect", "drop"]).flatMap(OnOverflow.init)
             self.where = try args.object("where")
             self.cursor = try args.string("cursor")
+            self.snapshot = try args.strings("snapshot")
+            self.database = try args.string("database")
+            if let snapshot = self.snapshot {
+                if snapshot.isEmpty { throw .badRequest(field: "snapshot", "'snapshot' names no table") }
+                if self.since != nil {
+                    throw .badRequest(
+                        field: "snapshot",
+                        "'snapshot' and 'since' cannot go together: the snapshot says where the stream starts"
+                    )
+                }
+                if self.cursor != nil { throw .badRequest(field: "snapshot", "'snapshot' and 'cursor' cannot go together") }
+            } else if self.database != nil {
+                throw .badRequest(field: "database", "'database' of a subscription names the database of its 'snapshot'")
+            }
         }
     }
 

@@ -62,9 +62,10 @@ extension EventBus {
     }
 
     /// Numbers and queues events made outside the lock (none `unwanted`), in order, under one
-    /// lock: consecutive seqs, one time for all.
-    func publish(_ made: [Publication]) {
-        guard !made.isEmpty else { return }
+    /// lock: consecutive seqs, one time for all. Returns the last seq given (nil: none).
+    @discardableResult
+    func publish(_ made: [Publication]) -> Int64? {
+        guard !made.isEmpty else { return nil }
         var time: [UInt8] = []
         EventTime.appendNow(to: &time)
         var wakeups: [Outbox.Wakeup] = []
@@ -79,6 +80,7 @@ extension EventBus {
         }
         for wakeup in wakeups { wakeup.resume() }
         self.lease?.cover(seq)
+        return seq
     }
 
     // MARK: Journaled events

@@ -29,16 +29,19 @@ extension Session {
             throw EvdError.badRequest(field: "op", "an ack is handled as it arrives, never queued")
         case .deleteCursor(let cursor):
             return .result(try await self.deleteCursor(cursor))
+        case .wait(let seq, let timeoutMs):
+            try await self.waitForDelivery(through: seq, timeoutMs: timeoutMs)
+            return .result([:])
         case .execute, .executemany, .structured:
-            return .result(try await self.runSQL(SQLWork(operation)!, request: request, &state))
+            return try await self.runSQL(SQLWork(operation)!, request: request, &state)
         case .begin(let database):
             try self.requireSQL(on: database)
             try await self.begin(database: database, &state)
             return .result([:])
         case .commit(let database):
             try self.requireSQL(on: database ?? state.transaction?.pool.database.name)
-            try await self.end(commit: true, database: database, &state)
-            return .result([:])
+            let seq = try await self.end(commit: true, database: database, &state)
+            return .result([:], seq: seq)
         case .rollback(let database):
             try self.requireSQL(on: database ?? state.transaction?.pool.database.name)
             try await self.end(commit: false, database: database, &state)
@@ -49,8 +52,7 @@ extension Session {
             return .result([:])
         case .twoPhase(let twoPhase):
             try self.requireSQL(on: twoPhase.database ?? state.transaction?.pool.database.name)
-            try await self.twoPhase(twoPhase, &state)
-            return .result([:])
+            return .result([:], seq: try await self.twoPhase(twoPhase, &state))
         case .recover(let database):
             try self.requireSQL(on: database)
             return .result(try self.recoverTwoPhase(database: database))
@@ -58,17 +60,19 @@ extension Session {
             return .result(try self.executionOptions(options, &state))
         case .emit(let emit):
             // (The executor runs emits in groups, `executeEmits`; this is the same for one.)
-            return .result(["seq": .int(try await self.publishEmits([try self.checkEmit(emit)])[0])])
+            let seq = try await self.publishEmits([try self.checkEmit(emit)])[0]
+            return .result(["seq": .int(seq)], seq: seq)
         case .login(let token):
-            let actor = try await self.login(token: token)
+            let (actor, seq) = try await self.login(token: token)
             state.clearAttachments()
-            return .result(actor)
+            return .result(actor, seq: seq)
         case .logout:
-            await self.logout()
+            let seq = await self.logout()
             state.clearAttachments()
-            return .result([:])
+            return .result([:], seq: seq)
         case .createToken(let request):
-            return .result(try await self.createToken(request))
+            let (token, seq) = try await self.createToken(request)
+            return .result(token, seq: seq)
         case .invalidate(let invalidate):
             try self.require(.admin)
             return .result(try await self.invalidate(invalidate))

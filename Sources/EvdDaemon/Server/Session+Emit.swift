@@ -49,7 +49,7 @@ extension Session {
         guard !emits.isEmpty else { return }
         do {
             let seqs = try await self.publishEmits(emits.map(\.event))
-            for (emit, seq) in zip(emits, seqs) { self.respond(id: emit.id, .result(["seq": .int(seq)])) }
+            for (emit, seq) in zip(emits, seqs) { self.respond(id: emit.id, .result(["seq": .int(seq)], seq: seq)) }
         } catch {
             let failure = Self.wireError(error)
             for emit in emits { self.respond(id: emit.id, .failure(failure)) }

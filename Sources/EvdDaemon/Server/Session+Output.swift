@@ -6,7 +6,9 @@ import OrderedCollections
 extension Session {
     /// What a request produced.
     enum Outcome {
-        case result(JSONValue)
+        /// `seq`: the last event the request committed, if it committed any (the response's `seq`,
+        /// beside its result: read your writes).
+        case result(JSONValue, seq: Int64? = nil)
         case failure(EvdError)
         /// The handler queued its response itself (`subscribe`, so no event can overtake it).
         case responded
@@ -18,8 +20,8 @@ extension Session {
         switch outcome {
         case .responded:
             return
-        case .result(let result):
-            let line = WireLines.response(id: id, result: result)
+        case .result(let result, let seq):
+            let line = WireLines.response(id: id, result: result, seq: seq)
             let max = self.core.configuration.maxResponseBytes
             guard line.count <= max else {
                 self.outbox.enqueue(line: WireLines.response(id: id, error: .responseTooLarge(max: max)))

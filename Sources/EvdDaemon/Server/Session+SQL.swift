@@ -58,7 +58,7 @@ extension Session {
     /// in which case it is parsed again and the rewritten request is what runs. Plain subscribers
     /// get `before_execute` once the connection is the session's, as in SQLAlchemy (`checkout`,
     /// `engine_connect`, `before_execute`); a denied request's comes without them.
-    func runSQL(_ parsed: SQLWork, request: Request, _ state: inout SessionState) async throws -> JSONValue {
+    func runSQL(_ parsed: SQLWork, request: Request, _ state: inout SessionState) async throws -> Outcome {
         var policy = try self.authorize(parsed, inTransactionOn: state.transaction?.pool.database.name)
         var work = parsed
         let options = self.effectiveOptions(state)
@@ -134,7 +134,7 @@ extension Session {
         if let attachments = outcome.attachments, state.transaction?.adoptsAttachments ?? true {
             state.attachments = attachments
         }
-        return outcome.result
+        return .result(outcome.result, seq: outcome.seq)
     }
 
     /// The policy the session's attachments are judged by when a transaction on `pool` attaches

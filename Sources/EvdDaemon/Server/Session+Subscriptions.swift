@@ -1,5 +1,6 @@
 import EvdClient
 import OrderedCollections
+import Synchronization
 
 /// `events`, `subscribe` with its replay from the journal, `unsubscribe` (PROTOCOL.md §3, §5).
 extension Session {
@@ -37,14 +38,7 @@ extension Session {
     func subscribe(_ request: EvdOperation.Subscribe, id: JSONValue) async throws -> Outcome {
         let events = request.events ?? []
         let veto = request.veto ?? []
-        let mode = request.mode ?? .enforce
         var since = request.since
-        let rows = request.rows ?? false
-        let name = request.name
-        let timeoutMs = request.timeoutMs ?? 1000
-        let onTimeout = request.onTimeout.flatMap { VetoPolicy(rawValue: $0.rawValue) } ?? .deny
-        let priority = request.priority ?? 0
-        let overflow = request.onOverflow.flatMap { OverflowPolicy(rawValue: $0.rawValue) } ?? .disconnect
         let filter = try WhereFilter(request.where ?? [:], maxValues: self.core.configuration.maxFilterValues)
         guard !events.isEmpty || !veto.isEmpty else {
             throw EvdError.badRequest(field: "events", "subscribe needs 'events' or 'veto' (or both)")
@@ -88,6 +82,54 @@ extension Session {
             cursor = (name, start)
         }
         if let cursor { since = cursor.start }
+        // A snapshot: its tables' rows as of a seq, which the stream then starts after.
+        var snapshot: TableSnapshot?
+        if let tables = request.snapshot {
+            snapshot = try await self.beginSnapshot(of: tables, database: request.database)
+            since = snapshot?.seq
+        }
+        do {
+            return try await self.subscribe(
+                request,
+                id: id,
+                since: since,
+                cursor: cursor,
+                snapshot: snapshot,
+                patterns: patterns,
+                vetoPatterns: vetoPatterns,
+                vetoKinds: vetoKinds,
+                filter: filter,
+                visibility: visibility,
+                vetoScope: vetoScope
+            )
+        } catch {
+            if let snapshot { await self.endSnapshot(snapshot) }
+            throw error
+        }
+    }
+
+    /// The rest of `subscribe`, once its arguments and permissions are checked: the subscription
+    /// made, its response queued, then its snapshot and its replay.
+    private func subscribe(
+        _ request: EvdOperation.Subscribe,
+        id: JSONValue,
+        since: Int64?,
+        cursor: (name: String, start: Int64)?,
+        snapshot: TableSnapshot?,
+        patterns: [EventPattern],
+        vetoPatterns: [EventPattern],
+        vetoKinds: UInt64,
+        filter: WhereFilter,
+        visibility: EventVisibility?,
+        vetoScope: EventVisibility?
+    ) async throws -> Outcome {
+        let name = request.name
+        let mode = request.mode ?? .enforce
+        let rows = request.rows ?? false
+        let timeoutMs = request.timeoutMs ?? 1000
+        let onTimeout = request.onTimeout.flatMap { VetoPolicy(rawValue: $0.rawValue) } ?? .deny
+        let priority = request.priority ?? 0
+        let overflow = request.onOverflow.flatMap { OverflowPolicy(rawValue: $0.rawValue) } ?? .disconnect
 
         let session = self.id
         let outbox = self.outbox
@@ -155,20 +197,146 @@ extension Session {
             if journal == nil {
                 // No journal is kept (`--no-journal`): everything at or before head is gone.
                 if since < head { self.outbox.enqueue(line: WireLines.gapNotice(from: since + 1, to: head)) }
-            } else if since < stable {
-                // Events after `stable` reach the subscription live; its replay covers the rest,
-                // and its live events wait until the replay is done.
+            } else if since < stable || snapshot != nil {
+                // Events after `stable` reach the subscription live; its replay (after the pages of
+                // its snapshot, when it has one) covers the rest, and its live events wait until the
+                // replay is done: none at or before `since` (a snapshot's seq may be past `stable`).
                 self.outbox.park(subscription.id, after: since)
-                replay = (subscription, stable)
+                replay = (subscription, max(stable, since))
+                return
             }
+            // Nothing to replay: the subscription is live from its response on.
+            self.outbox.enqueue(line: WireLines.caughtUpNotice(subscription: subscription.id, seq: stable))
         }
         self.hasSubscriptions.add(1, ordering: .relaxed)
         // The subscription stays its maker's: a `logout` does not save it from its token's expiry.
         if let expires = visibility?.expires { self.subscriptionsExpire.min(Int64(expires), ordering: .relaxed) }
+        if let snapshot, let subscription = replay?.subscription {
+            // (A subscription with a snapshot is always parked for its replay: `replay` is set.)
+            let sent = await self.sendSnapshot(snapshot, subscription: subscription.id)
+            await self.endSnapshot(snapshot)
+            guard sent else {
+                _ = self.core.bus.unsubscribe(id: subscription.id, session: self.id)
+                self.hasSubscriptions.subtract(1, ordering: .relaxed)
+                self.outbox.unpark(subscription.id)
+                return .responded
+            }
+        } else if let snapshot {
+            await self.endSnapshot(snapshot)  // the connection is closing: no subscription was made
+        }
         if let replay, let since, let journal {
             await self.replay(replay.subscription, after: since, through: replay.through, from: journal)
         }
         return .responded
+    }
+
+    // MARK: Snapshots (issue 23)
+
+    /// Whether the outbox drained within `ms` milliseconds (0: no limit). (`Outbox.drained` cannot
+    /// be cancelled: when the time runs out first, its waiter is left to be resumed when the outbox
+    /// drains or closes, and the answer is false.)
+    private func outboxDrained(withinMs ms: Int) async -> Bool {
+        guard ms > 0 else {
+            await self.outbox.drained()
+            return true
+        }
+        let outbox = self.outbox
+        let answered = Mutex(false)
+        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let answer = { @Sendable (drained: Bool) in
+                let first = answered.withLock { done in
+                    defer { done = true }
+                    return !done
+                }
+                if first { continuation.resume(returning: drained) }
+            }
+            let timer = Task {
+                try? await Task.sleep(for: .milliseconds(ms))
+                answer(false)
+            }
+            Task {
+                await outbox.drained()
+                timer.cancel()
+                answer(true)
+            }
+        }
+    }
+
+    /// Checks `view-table` on each table, checks a connection out and begins the snapshot's read
+    /// transaction there. Needs the journal: the stream after a snapshot starts at its seq.
+    func beginSnapshot(of tables: [String], database: String?) async throws -> TableSnapshot {
+        guard let journal = self.core.journal else {
+            throw EvdError.badRequest(
+                field: "snapshot",
+                "a snapshot needs the journal (evd runs with --no-journal): the stream after it would have nowhere to start"
+            )
+        }
+        let pool = try self.core.pool(database)
+        for table in tables { try self.require(.viewTable, on: Resource(database: pool.database.name, table: table)) }
+        // Read before the transaction begins: it can only have grown since.
+        let floor = journal.floor { $0 == .database(pool.database.name) }
+        let connection = try await self.checkout(pool)
+        do {
+            return try await TableSnapshot.begin(pool: pool, connection: connection, tables: tables, floor: floor)
+        } catch {
+            await self.checkin(connection, to: pool)
+            throw error
+        }
+    }
+
+    /// Ends the snapshot's read transaction and gives its connection back.
+    func endSnapshot(_ snapshot: TableSnapshot) async {
+        await snapshot.end()
+        await self.checkin(snapshot.connection, to: snapshot.pool)
+    }
+
+    /// Queues the snapshot's pages as `snapshot-rows` events, then notice `snapshot_end`, waiting
+    /// for the client to read (a page is read while the one before is written: at most two pages
+    /// wait). Returns false when it failed: notice `snapshot_failed` says why, and the subscription
+    /// ends (its rows would be incomplete).
+    ///
+    /// The snapshot holds a pooled connection: a client that stops reading must not keep it, as a
+    /// transaction that waits for its next request does not (`--idle-transaction-ms`). A page the
+    /// client has not read within that time fails the snapshot (`timeout`), and the connection goes
+    /// back to the pool.
+    private func sendSnapshot(_ snapshot: TableSnapshot, subscription: Int) async -> Bool {
+        let (epoch, database) = (self.core.bus.epoch, snapshot.pool.database.name)
+        let idleMs = self.core.configuration.idleTransactionMs
+        do {
+            var next = try await snapshot.nextPage()
+            while let page = next, !self.outbox.isClosing {
+                self.outbox.enqueue(
+                    line: WireLines.snapshotRows(
+                        subscription: subscription,
+                        epoch: epoch,
+                        database: database,
+                        table: page.table,
+                        rows: page.rows
+                    )
+                )
+                async let following = snapshot.nextPage()
+                let drained = await self.outboxDrained(withinMs: idleMs)
+                next = try await following
+                guard drained else {
+                    throw EvdError(
+                        .timeout,
+                        "the client read nothing of the snapshot for \(idleMs) ms (--idle-transaction-ms): its pooled connection is given back",
+                        extra: ["limit": "idle-transaction-ms", "max_ms": .integer(idleMs)]
+                    )
+                }
+            }
+            self.outbox.enqueue(line: WireLines.snapshotEndNotice(subscription: subscription, seq: snapshot.seq))
+            return true
+        } catch {
+            let failure = (error as? EvdError) ?? (error as? SQLiteError)?.evdError ?? EvdError(.internalError, "\(error)")
+            self.logger.warning("snapshot failed", metadata: ["subscription": "\(subscription)", "error": "\(failure.message)"])
+            let notice: JSONValue = [
+                "type": "notice", "code": "snapshot_failed", "subscription": .integer(subscription),
+                "error": .object(failure.jsonObject),
+            ]
+            self.outbox.enqueue(line: notice.jsonBytes + [0x0a])
+            return false
+        }
     }
 
     /// `unsubscribe`: ends one of this session's subscriptions.
@@ -181,12 +349,20 @@ extension Session {
     }
 
     /// Replays the journaled events with seq in `since+1 ... through` that `subscription` matches,
-    /// in seq order, then lets its live events (held back meanwhile) follow. What retention removed
-    /// is announced with notice `gap`. The session's next request waits for the replay; the replay
-    /// waits for the client to read (it queues a page and reads the next, then waits until the
-    /// queued one is written: at most two pages wait in the outbox and the reader).
+    /// in seq order, then notice `caught_up` (`through`), then lets its live events (held back
+    /// meanwhile) follow. What retention removed is announced with notice `gap`. The session's next
+    /// request waits for the replay; the replay waits for the client to read (it queues a page and
+    /// reads the next, then waits until the queued one is written: at most two pages wait in the
+    /// outbox and the reader).
     private func replay(_ subscription: Subscription, after since: Int64, through: Int64, from journal: Journal) async {
-        defer { self.outbox.unpark(subscription.id) }
+        defer {
+            // After the last replayed event (or the gap that stands for the rest), before the first
+            // live one: once, whatever the replay met.
+            if !self.outbox.isClosing {
+                self.outbox.enqueue(line: WireLines.caughtUpNotice(subscription: subscription.id, seq: through))
+            }
+            self.outbox.unpark(subscription.id)
+        }
         let pool = self.core.threadPool
         var position = since
         do {

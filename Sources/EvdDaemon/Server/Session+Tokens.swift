@@ -20,7 +20,8 @@ extension Session {
     }
 
     /// `login {token}`: the session's actor becomes the token's (with the connection's pid).
-    func login(token: String) async throws -> JSONValue {
+    /// Returns the result and the `login` event's seq.
+    func login(token: String) async throws -> (JSONValue, Int64?) {
         let payload: TokenPayload
         do {
             payload = try self.core.tokens.verify(token, now: TokenAuthority.now())
@@ -32,19 +33,22 @@ extension Session {
         let actor = payload.actor(pid: self.peerActor.pid)
         self.setActor(actor)
         self.logger.debug("logged in with a token", metadata: ["actor.uid": "\(actor.uid)"])
-        await self.publishSessionEvent(.login, ["method": "token"])
-        return ["actor": actor.jsonValue]
+        let seq = await self.publishSessionEvent(.login, ["method": "token"])
+        return (["actor": actor.jsonValue], seq)
     }
 
     /// `logout`: emits `logout` as the current actor, then the session is its peer's again.
-    func logout() async {
-        await self.publishSessionEvent(.logout, [:])
+    /// Returns the event's seq (nil: none given).
+    func logout() async -> Int64? {
+        let seq = await self.publishSessionEvent(.logout, [:])
         self.setActor(self.peerActor)
+        return seq
     }
 
     /// `create_token`: a token for the session's actor, narrowed by the restrictions asked for and
     /// by every restriction the session's own token carries, expiring no later than that token.
-    func createToken(_ request: EvdOperation.CreateToken) async throws -> JSONValue {
+    /// Returns the result and the `create-token` event's seq.
+    func createToken(_ request: EvdOperation.CreateToken) async throws -> (JSONValue, Int64?) {
         let expiresAfter = request.expiresAfter
         let (restrictions, given) = try TokenRestrictions.parse(request)
         if let field = given, !restrictions.namesAnyAction {
@@ -69,7 +73,7 @@ extension Session {
         var properties: JSONObject = ["expires_after": expiresAfter.map(JSONValue.int) ?? .null]
         for (key, value) in restrictions.jsonValue.objectValue ?? [:] { properties[key] = value }
         // A committed event: the client's OK means it is journaled (never with the token).
-        try await self.publishJournaled(.createToken, properties)
-        return ["token": .string(token)]
+        let seq = try await self.publishJournaled(.createToken, properties)
+        return (["token": .string(token)], seq)
     }
 }

@@ -39,13 +39,16 @@ extension Session {
         state.transaction = transaction
     }
 
-    /// `commit` or `rollback`: ends the transaction and gives the connection back.
-    func end(commit: Bool, database: String?, _ state: inout SessionState) async throws {
+    /// `commit` or `rollback`: ends the transaction and gives the connection back. Returns the seq
+    /// of the last event the commit published (nil: none).
+    @discardableResult
+    func end(commit: Bool, database: String?, _ state: inout SessionState) async throws -> Int64? {
         guard let transaction = state.transaction else {
             throw EvdError(.notInTransaction, "the session is not in a transaction (use begin first)")
         }
         try self.checkSameDatabase(database, transaction)
         let connection = transaction.connection
+        var committed: Int64?
         if commit {
             try await self.endIfLost(transaction, &state)
             do {
@@ -68,7 +71,7 @@ extension Session {
                 }
             }
             do {
-                try await transaction.pool.commit(connection, origin: self.origin)
+                committed = try await transaction.pool.commit(connection, origin: self.origin)
             } catch {
                 // Nothing commits into a file deleted or replaced under evd: the transaction is over.
                 try await self.endIfLost(transaction, &state)
@@ -82,6 +85,7 @@ extension Session {
         }
         state.transaction = nil
         await self.checkin(connection, to: transaction.pool)
+        return committed
     }
 
     /// If the transaction's database was found lost (its file deleted or replaced under evd,

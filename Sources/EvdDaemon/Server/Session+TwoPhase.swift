@@ -18,13 +18,15 @@ extension Session {
     }
 
     /// The two-phase ops: `begin_twophase`, `prepare_twophase`, `commit_twophase`, `rollback_twophase`.
-    func twoPhase(_ request: EvdOperation.TwoPhase, _ state: inout SessionState) async throws {
+    /// Returns the seq of the last event a commit published (nil: none, or not a commit).
+    func twoPhase(_ request: EvdOperation.TwoPhase, _ state: inout SessionState) async throws -> Int64? {
         let (xid, database) = (request.xid, request.database)
         switch request.op {
         case .beginTwophase: try await self.beginTwoPhase(xid: xid, database: database, &state)
         case .prepareTwophase: try await self.prepareTwoPhase(xid: xid, database: database, &state)
-        default: try await self.decideTwoPhase(commit: request.op == .commitTwophase, xid: xid, database: database, &state)
+        default: return try await self.decideTwoPhase(commit: request.op == .commitTwophase, xid: xid, database: database, &state)
         }
+        return nil
     }
 
     /// `begin_twophase`: like `begin`, but the write lock is taken at once and every change is
@@ -109,12 +111,11 @@ extension Session {
 
     /// `commit_twophase` / `rollback_twophase`: of the session's own two-phase transaction that is
     /// not prepared (one phase, `is_prepared: false`), or of a prepared one, from any session.
-    func decideTwoPhase(commit: Bool, xid: String, database: String?, _ state: inout SessionState) async throws {
+    func decideTwoPhase(commit: Bool, xid: String, database: String?, _ state: inout SessionState) async throws -> Int64? {
         if let transaction = state.transaction, transaction.xid == xid,
             database == nil || database == transaction.pool.database.name
         {
-            try await self.end(commit: commit, database: database, &state)
-            return
+            return try await self.end(commit: commit, database: database, &state)
         }
         let pool = try self.core.pool(database)
         guard let held = self.core.twoPhase.take(database: pool.database.name, xid: xid) else {
@@ -137,7 +138,7 @@ extension Session {
             }
             try await pool.forget(record, log: log)
             self.core.bus.emit(.rollbackTwophase, self.origin) { Self.twoPhaseProperties(pool, nil, xid: xid, isPrepared: true) }
-            return
+            return nil
         }
         let connection = prepared.connection
         let logger = self.logger
@@ -148,8 +149,9 @@ extension Session {
                 Self.twoPhaseProperties(pool, connection, xid: xid, isPrepared: true)
             }
         }
+        let committed: Int64?
         do {
-            try await pool.finishPrepared(connection, record, commit: commit, log: log, logger: logger)
+            committed = try await pool.finishPrepared(connection, record, commit: commit, log: log, logger: logger)
         } catch {
             // A COMMIT that failed and left the transaction open (an I/O error, say): still prepared.
             if await pool.isInTransaction(connection) {
@@ -165,6 +167,7 @@ extension Session {
                 Self.twoPhaseProperties(pool, connection, xid: xid, isPrepared: true)
             }
         }
+        return committed
     }
 
     /// `recover`: the xids prepared on a database and awaiting a decision that this session's

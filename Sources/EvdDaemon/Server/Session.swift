@@ -142,12 +142,14 @@ final class Session: Sendable {
     }
 
     /// `login` or `logout` (the connection comes or goes, or the logout op): a failed journal write
-    /// is logged, not answered.
-    func publishSessionEvent(_ kind: EventKind, _ properties: JSONObject) async {
+    /// is logged, not answered. Returns the event's seq (nil: none given).
+    @discardableResult
+    func publishSessionEvent(_ kind: EventKind, _ properties: JSONObject) async -> Int64? {
         do {
-            try await self.publishJournaled(kind, properties)
+            return try await self.publishJournaled(kind, properties)
         } catch {
             self.logger.warning("could not journal an event", metadata: ["event": "\(kind.name)", "error": "\(error)"])
+            return nil
         }
     }
 

@@ -37,6 +37,7 @@ extension PooledConnection {
         journal: Journal?,
         events prepared: [CommittedEvent]? = nil
     ) throws(SQLiteError) {
+        self.committedThrough = nil
         let events = prepared.map(CommittedEvents.init) ?? self.capture.committedEvents(database: database)
         let large = self.capture.recordedCount >= Self.trimAfterRows || events.count > Self.eventChunk
         defer {
@@ -49,7 +50,9 @@ extension PooledConnection {
         guard let journal, journal.settings.enabled, !events.isEmpty else {
             try self.identity.check()  // nothing is committed into a file deleted or replaced under evd
             try self.run(own: "COMMIT")
-            if !events.isEmpty { bus.publishCommitted(events, origin: origin, schemaVersion: schemaVersion) }
+            if !events.isEmpty {
+                self.committedThrough = bus.publishCommitted(events, origin: origin, schemaVersion: schemaVersion)
+            }
             self.capture.discardAll()
             return
         }
@@ -89,6 +92,7 @@ extension PooledConnection {
                 throw error
             }
         }
+        self.committedThrough = reservation.last
         if let kept {
             bus.complete(reservation, kept)
         } else {
@@ -105,13 +109,15 @@ extension PooledConnection {
 extension EventBus {
     /// Publishes a transaction's committed events when the journal is off, in order, with
     /// consecutive seqs (one reservation, as when journaled: `tx` is the first, and every event
-    /// takes one). The events are made a batch at a time, and only those someone wants.
-    func publishCommitted(_ events: CommittedEvents, origin: EventOrigin, schemaVersion: Int64?) {
+    /// takes one). The events are made a batch at a time, and only those someone wants. Returns
+    /// the last seq it gave.
+    func publishCommitted(_ events: CommittedEvents, origin: EventOrigin, schemaVersion: Int64?) -> Int64 {
         let reservation = self.reserve(events.count)
         let stamp = TxStamp(reservation, schemaVersion: schemaVersion)
         self.complete(reservation, batch: PooledConnection.eventChunk) { range, wanted in
             events.publications(range, origin: origin, wanted: wanted, stamp: stamp)
         }
+        return reservation.last
     }
 }
 

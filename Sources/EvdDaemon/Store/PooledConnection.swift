@@ -32,6 +32,10 @@ public final class PooledConnection: @unchecked Sendable {
     var journalInsert: SQLiteStatement?
     /// In a two-phase transaction: every change is recorded with whole rows (its redo log).
     var twoPhase = false
+    /// The seq of the last event its last COMMIT published (`commit`); nil when it published none
+    /// (no committed event, or none anyone wanted and no journal). The response of the request
+    /// that committed says it (`seq`: read your writes).
+    var committedThrough: Int64?
 
     /// Waits for the write lock (the session's busy timeout) at the database's `WriteGate`.
     let busy: BusyWaiter

@@ -47,6 +47,8 @@ struct SQLRequest: Sendable {
 struct SQLOutcome: Sendable {
     let result: JSONValue
     let attachments: [Attachment]?
+    /// The last event its own transaction committed (nil: none, or it ran in the session's).
+    let seq: Int64?
 }
 
 extension ConnectionPool {
@@ -145,11 +147,16 @@ extension SQLRun {
         let (pool, connection, options) = (self.pool, self.connection, self.executionOptions)
         return try await pool.run {
             try pool.apply(options, to: connection)
+            connection.committedThrough = nil
             let result = try self.perform(command)
             // The request succeeded (committed, if it was its own transaction): what it attached
             // is the session's now. (Should the list not read, the session keeps the one it had.)
             let attachments = connection.observer.leftSessionState ? try? connection.attachedDatabases() : nil
-            return SQLOutcome(result: result, attachments: attachments)
+            return SQLOutcome(
+                result: result,
+                attachments: attachments,
+                seq: self.implicitTransaction ? connection.committedThrough : nil
+            )
         }
     }
 

@@ -34,10 +34,14 @@ extension ConnectionPool {
         }
     }
 
-    /// Commits the connection's transaction with its committed events (`PooledConnection.commit`).
-    func commit(_ connection: PooledConnection, origin: EventOrigin) async throws {
+    /// Commits the connection's transaction with its committed events (`PooledConnection.commit`);
+    /// returns the last one's seq (nil: none was published).
+    func commit(_ connection: PooledConnection, origin: EventOrigin) async throws -> Int64? {
         let (database, bus, journal) = (self.database.name, self.bus, self.journal)
-        try await self.run { try connection.commit(database: database, origin: origin, bus: bus, journal: journal) }
+        return try await self.run {
+            try connection.commit(database: database, origin: origin, bus: bus, journal: journal)
+            return connection.committedThrough
+        }
     }
 
     /// Rolls the connection's transaction back, its captured changes and schema with it. Errors are
@@ -125,19 +129,19 @@ extension ConnectionPool {
     /// Commits or rolls back a prepared transaction. A commit writes the record's events, with the
     /// marker that says it committed, then forgets the log entry (a failure to forget is logged: the
     /// next start finds the marker and knows); a rollback forgets first (a crash after it rolls back
-    /// all the same).
+    /// all the same). Returns the seq of the last event the commit published (nil: none).
     func finishPrepared(
         _ connection: PooledConnection,
         _ record: PreparedRecord,
         commit: Bool,
         log: TwoPhaseLog,
         logger: Logger
-    ) async throws {
+    ) async throws -> Int64? {
         let (database, bus, journal) = (self.database.name, self.bus, self.journal)
-        try await self.run {
+        return try await self.run { () throws -> Int64? in
             if commit {
                 try connection.commit(database: database, origin: record.origin, bus: bus, journal: journal, events: record.events)
-                guard record.token != 0 else { return }
+                guard record.token != 0 else { return connection.committedThrough }
                 do {
                     try log.remove(token: record.token)
                     connection.removeMarker(token: record.token)
@@ -147,10 +151,12 @@ extension ConnectionPool {
                         metadata: ["xid": "\(record.xid)", "error": "\(error)"]
                     )
                 }
+                return connection.committedThrough
             } else {
                 if record.token != 0 { try log.remove(token: record.token) }
                 try connection.sqlite.exec("ROLLBACK")
                 connection.schema.clear()
+                return nil
             }
         }
     }

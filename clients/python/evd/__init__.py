@@ -26,7 +26,7 @@ or a dict of properties modifies. A handler that raises denies, with the excepti
 
 Vetoes are answered whenever the client reads from the socket: in serve(), while iterating
 events(), and while request() waits for its response (so a request that triggers this same
-client's veto does not deadlock). Notices (lagged, gap, shutdown) go to on_notice handlers and are
+client's veto does not deadlock). Notices (lagged, gap, caught_up, shutdown) go to on_notice handlers and are
 kept in `client.notices`; the last one with `last_seq` tells where to resume (`since=`).
 
 A handler may make requests on its own client while serve() runs. But requests on one connection
@@ -236,6 +236,17 @@ class Client:
 
     def __init__(self, path=None, timeout=None, connect_timeout=5.0):
         self.path = socket_path(path)
+        self._timeouts = (timeout, connect_timeout)
+        self._notice_handlers = []
+        self.notices = []
+        self.last_seq = None        # the newest event seq this client received
+        self.committed_seq = None   # the seq of the last event a request of this client committed
+                                    # (its response's `seq`): wait(client.committed_seq) reads your writes
+        self._connect()
+
+    def _connect(self):
+        """Opens the connection and reads the hello: a new session, with no subscription."""
+        timeout, connect_timeout = self._timeouts
         check_socket_directory(self.path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(connect_timeout)
@@ -252,15 +263,19 @@ class Client:
         self._responses = {}        # responses read for a request other than the one reading
         self._ops = {}              # request id -> op, for the error of its response
         self._veto_handlers = {}    # subscription number -> handler
-        self._notice_handlers = []
-        self.notices = []
-        self.last_seq = None        # the newest event seq this client received
         self.closed = False
         self.hello = self._read()
         if self.hello.get("type") != "hello":
             raise EvdError("bad_hello", "expected hello, got %r" % (self.hello,))
         self.session = self.hello.get("session")
         self.actor = self.hello.get("actor")
+
+    def reconnect(self):
+        """A new connection to the same daemon (after a `lagged` disconnect, say): a new session,
+        whose subscriptions and veto handlers start empty; `last_seq` is kept, to resume from
+        (`events(..., since=client.last_seq)`)."""
+        self.close()
+        self._connect()
 
     # -- the connection -------------------------------------------------------------------
 
@@ -323,7 +338,9 @@ class Client:
             for handler in self._notice_handlers:
                 handler(message)
             if not self._notice_handlers:
-                level = logging.INFO if message.get("code") == "shutdown" else logging.WARNING
+                code = message.get("code")
+                level = (logging.DEBUG if code in ("caught_up", "snapshot_end")
+                         else logging.INFO if code == "shutdown" else logging.WARNING)
                 log.log(level, "evd notice: %s", json.dumps(message))
         return message
 
@@ -377,6 +394,8 @@ class Client:
         message = self._responses.pop(request_id)
         op = self._ops.pop(request_id, None)
         if message.get("ok"):
+            if isinstance(message.get("seq"), int):
+                self.committed_seq = message["seq"]
             return message.get("result", {})
         raise EvdError.from_response(message.get("error"), op)
 
@@ -438,6 +457,19 @@ class Client:
         (subscribe(..., cursor="NAME")); returns the cursor's position once it is on disk."""
         return self.request("ack", subscription=subscription, seq=seq)["position"]
 
+    def wait(self, seq=None, timeout_ms=None):
+        """Returns once every event up to `seq` has been delivered to this connection's
+        subscriptions (they are then read before this returns: in self._pending for events());
+        EvdError `timeout` otherwise. Read your writes: `seq` defaults to self.committed_seq, the
+        last event a request of this client committed."""
+        seq = self.committed_seq if seq is None else seq
+        if seq is None:
+            raise ValueError("wait(): no seq given, and no request of this client committed an event")
+        args = {"seq": seq}
+        if timeout_ms is not None:
+            args["timeout_ms"] = timeout_ms
+        return self.request("wait", **args)
+
     def delete_cursor(self, name):
         """Forgets a durable cursor nobody follows (yours, or anyone's with admin)."""
         return self.request("delete_cursor", cursor=name)
@@ -471,6 +503,60 @@ class Client:
             self.subscribe(*names, **options)  # now, not at the first next()
         return (message for message in self.messages() if message.get("type") == "event")
 
+    def snapshot_and_follow(self, table, events=("insert-rows", "upsert-rows", "update-row", "delete-row"),
+                            database=None, **options):
+        """A table's rows now, then every change after them, with no gap and no duplicate
+        (docs/protocol.md, "Snapshot then stream"). Yields, in order:
+
+            ("row", row)       each row of the table as it is (a dict, values decoded)
+            ("end", seq)       once: the snapshot is complete, as of seq
+            ("event", event)   each committed event after seq that `events` names, with its row
+                               images (`rows`, `before`, `after`) decoded, live from then on
+
+        A ("caught_up", seq) item marks where the stream reached live delivery. A consumer slower
+        than the writers is cut off by evd (notice `lagged`): it resumes on a new connection after
+        the last event it received, from the journal, so that nothing is missed or repeated. Ends
+        when the connection does otherwise. `options` as subscribe() (where, name, ...).
+        examples/mirror.py keeps a copy of a table with it."""
+        args = dict(options, snapshot=table, rows=True)
+        if database is not None:
+            args["database"] = database
+        result = self.subscribe(*events, **args)
+        subscription = result["subscription"]
+        while True:
+            yield from self._follow(subscription)
+            # The connection ended. Cut off for lagging behind: resume after the last event received
+            # (the journal has the rest), on a new connection; anything else ends the stream.
+            lagged = next((n for n in reversed(self.notices) if n.get("code") == "lagged"), None)
+            if lagged is None or lagged.get("subscription") != subscription or self.last_seq is None:
+                return
+            log.info("resuming after seq %s on a new connection (the subscription lagged)", self.last_seq)
+            self.notices.remove(lagged)
+            self.reconnect()
+            subscription = self.subscribe(*events, since=self.last_seq, rows=True, **options)["subscription"]
+
+    def _follow(self, subscription):
+        for message in self.messages():
+            if message.get("subscription") != subscription:
+                continue
+            kind = message.get("type")
+            if kind == "event" and message.get("event") == "snapshot-rows":
+                for row in message.get("rows", []):
+                    yield "row", decode_row(row)
+            elif kind == "event":
+                for key in ("before", "after"):
+                    if isinstance(message.get(key), dict):
+                        message[key] = decode_row(message[key])
+                if isinstance(message.get("rows"), list):
+                    message["rows"] = [decode_row(row) for row in message["rows"]]
+                yield "event", message
+            elif kind == "notice" and message.get("code") == "snapshot_end":
+                yield "end", message["seq"]
+            elif kind == "notice" and message.get("code") == "caught_up":
+                yield "caught_up", message["seq"]
+            elif kind == "notice" and message.get("code") == "snapshot_failed":
+                raise EvdError.from_response(message.get("error"), "subscribe")
+
     # -- handlers -------------------------------------------------------------------------
 
     def veto(self, *names, **options):
@@ -494,7 +580,7 @@ class Client:
         return register
 
     def on_notice(self, handler):
-        """Decorator: calls handler(notice) for each notice (lagged, gap, shutdown)."""
+        """Decorator: calls handler(notice) for each notice (lagged, gap, caught_up, shutdown)."""
         self._notice_handlers.append(handler)
         return handler
 

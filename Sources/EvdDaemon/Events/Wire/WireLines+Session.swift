@@ -4,11 +4,15 @@ import EvdClient
 
 extension WireLines {
     /// A successful response: `{"type":"response","id":…,"ok":true,"result":…}`.
-    static func response(id: JSONValue, result: JSONValue) -> [UInt8] {
+    static func response(id: JSONValue, result: JSONValue, seq: Int64? = nil) -> [UInt8] {
         var bytes: [UInt8] = Array(#"{"type":"response","id":"#.utf8)
         id.write(into: &bytes)
         bytes += Array(#","ok":true,"result":"#.utf8)
         result.write(into: &bytes)
+        if let seq {
+            bytes += Array(#","seq":"#.utf8)
+            JSONWriter.appendInt(seq, to: &bytes)
+        }
         bytes += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
         return bytes
     }
@@ -58,6 +62,43 @@ extension WireLines {
     static func gapNotice(from: Int64, to: Int64) -> [UInt8] {
         let gap: JSONValue = ["type": "notice", "code": "gap", "from": .int(from), "to": .int(to)]
         return gap.jsonBytes + [0x0a]
+    }
+
+    /// A page of a snapshot (`subscribe` with `snapshot`, issue 23): event `snapshot-rows` with
+    /// `database`, `table` and `rows` (a JSON array of row objects, written already). Its `seq` is
+    /// null: the rows are the table as of the snapshot's seq (notice `snapshot_end`), not a change
+    /// with a seq of its own. `session` and `actor` are null: the daemon read them.
+    static func snapshotRows(subscription: Int, epoch: JournalEpoch, database: String, table: String, rows: [UInt8]) -> [UInt8] {
+        var bytes: [UInt8] = []
+        bytes.reserveCapacity(rows.count + 256)
+        JSONWriter.appendASCII(#"{"type":"event","seq":null"#, to: &bytes)
+        bytes += epoch.field
+        JSONWriter.appendASCII(#","event":"snapshot-rows","time":"#, to: &bytes)
+        EventTime.appendNow(to: &bytes)
+        JSONWriter.appendASCII(Self.subscriptionKey, to: &bytes)
+        JSONWriter.appendInt(Int64(subscription), to: &bytes)
+        JSONWriter.appendASCII(#","session":null,"actor":null,"database":"#, to: &bytes)
+        JSONWriter.appendString(database, to: &bytes)
+        JSONWriter.appendASCII(#","table":"#, to: &bytes)
+        JSONWriter.appendString(table, to: &bytes)
+        JSONWriter.appendASCII(#","rows":"#, to: &bytes)
+        bytes += rows
+        bytes += [UInt8(ascii: "}"), 0x0a]
+        return bytes
+    }
+
+    /// Notice `snapshot_end`: `subscription`'s snapshot is complete, as of `seq`; the committed
+    /// events after `seq` follow.
+    static func snapshotEndNotice(subscription: Int, seq: Int64) -> [UInt8] {
+        let notice: JSONValue = ["type": "notice", "code": "snapshot_end", "subscription": .integer(subscription), "seq": .int(seq)]
+        return notice.jsonBytes + [0x0a]
+    }
+
+    /// Notice `caught_up`: `subscription`'s replay (`since`, a cursor) has sent everything up to
+    /// `seq`; its live events follow.
+    static func caughtUpNotice(subscription: Int, seq: Int64) -> [UInt8] {
+        let notice: JSONValue = ["type": "notice", "code": "caught_up", "subscription": .integer(subscription), "seq": .int(seq)]
+        return notice.jsonBytes + [0x0a]
     }
 
     /// Notice `lagged` for `on_overflow: drop`: `dropped` events of `subscription`, `from...to`,
