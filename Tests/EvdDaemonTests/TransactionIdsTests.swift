@@ -285,6 +285,46 @@ struct TransactionIdsTests {
         }
     }
 
+    @Test("a filtering subscriber that got part of a transaction has all of it once wait for its tx_last answers")
+    func waitForTransactionEnd() async throws {
+        try await withRunningDaemon { daemon in
+            try await daemon.withClient { evd in
+                try await evd.request("execute", ["sql": "CREATE TABLE e (id INTEGER PRIMARY KEY, x)"])
+                try await evd.request("execute", ["sql": "CREATE TABLE other (y)"])
+                _ = try await subscribeEvents(evd, ["update-row"], ["where": ["table": "e"]])
+                try await daemon.withClient { writer in
+                    try await writer.request("execute", ["sql": "INSERT INTO e (x) VALUES (1), (2), (3)"])
+                    try await writer.request("begin")
+                    try await writer.request("execute", ["sql": "UPDATE e SET x = x + 1"])
+                    try await writer.request("execute", ["sql": "INSERT INTO other VALUES (1)"])
+                    try await writer.request("commit")
+                }
+                let first = try #require(await evd.nextMessage(ofType: "event", within: 10))
+                let last = try #require(first["tx_last"]?.intValue)
+                #expect(first["tx_end"] == nil)  // the transaction ends with insert-rows into other
+                // Sent, not awaited: its answer is read in order with the events.
+                try await evd.send(["op": "wait", "id": "w", "seq": .int(last), "timeout_ms": 10000])
+                var before: [JSONObject] = [first]
+                var answered = false
+                while let message = await evd.nextMessage(ofType: nil, within: 10) {
+                    if message["type"] == "response" {
+                        answered = message["id"] == "w" && message["ok"] == true
+                        break
+                    }
+                    if message["type"] == "event" { before.append(message) }
+                }
+                #expect(answered)
+                // The subscription's whole part came before the answer: three update-rows of one
+                // transaction, which goes on past them.
+                #expect(before.map { $0["event"] } == ["update-row", "update-row", "update-row"])
+                #expect(before.allSatisfy { $0["tx"] == first["tx"] && $0["tx_last"] == .int(last) && $0["tx_end"] == nil })
+                #expect(before.last?["seq"]?.intValue.map { $0 < last } == true)
+                let after = await evd.nextMessage(ofType: "event", within: 0.3)
+                #expect(after == nil)
+            }
+        }
+    }
+
     @Test("emit data with a transaction key is bad_request")
     func emitTransactionKeys() async throws {
         try await withRunningDaemon { daemon in
