@@ -2,9 +2,12 @@ import EvdClient
 import OrderedCollections
 
 /// One readable line per message, for `evtail` on a terminal:
-/// `10:00:00.123456 #1235 insert-rows database=main table=dogs num_rows=2  (uid:1000 s17)`.
+/// `10:00:00.123456 #1235 insert-rows schema_version=3 database=main table=dogs num_rows=2  (uid:1000 s17 tx1234)`;
+/// a transaction's last event says `tx1234 end`.
 public enum EventFormatter {
-    static let envelope: Set<String> = ["type", "seq", "epoch", "event", "time", "subscription", "session", "actor"]
+    static let envelope: Set<String> = [
+        "type", "seq", "epoch", "event", "time", "subscription", "session", "actor", "tx", "tx_last", "tx_end",
+    ]
 
     public static func line(_ message: JSONObject) -> String {
         switch message["type"]?.stringValue {
@@ -22,6 +25,7 @@ public enum EventFormatter {
             var who: [String] = []
             if let actor = message["actor"]?["id"]?.stringValue { who.append(actor) }
             if let session = message["session"]?.intValue { who.append("s\(session)") }
+            if let tx = message["tx"]?.intValue { who.append(message["tx_end"] == true ? "tx\(tx) end" : "tx\(tx)") }
             if !who.isEmpty { parts.append(" (\(who.joined(separator: " ")))") }
             return parts.joined(separator: " ")
         case "notice":

@@ -33,7 +33,9 @@ struct ChangeWatcher: Sendable {
 
     static func strip(_ event: JSONObject) -> JSONObject {
         var properties = event
-        for key in ["type", "seq", "epoch", "time", "subscription", "session", "actor"] { properties.removeValue(forKey: key) }
+        for key in ["type", "seq", "epoch", "time", "subscription", "session", "actor"] + transactionKeys {
+            properties.removeValue(forKey: key)
+        }
         return properties
     }
 }

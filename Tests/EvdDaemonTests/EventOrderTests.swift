@@ -94,7 +94,7 @@ struct EventOrderTests {
                 let catalog = try await evd.request("events")
                 let entry = catalog["events"]?.arrayValue?.first { $0["name"] == "rename-table" }
                 let properties = try #require(entry?["properties"]?.objectValue)
-                #expect(Set(properties.keys) == ["database", "old_table", "new_table"])
+                #expect(Set(properties.keys) == ["tx", "tx_last", "database", "old_table", "new_table", "tx_end"])
             }
         }
     }

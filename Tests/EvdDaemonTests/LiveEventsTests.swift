@@ -619,6 +619,10 @@ let liveEventNames: [String] = EventKind.allCases
 /// The envelope's keys, in wire order (PROTOCOL.md §2).
 let envelopeKeys = ["type", "seq", "epoch", "event", "time", "subscription", "session", "actor"]
 
+/// The transaction's members committed events carry beside their properties (docs/protocol.md,
+/// "Transactions"; `TransactionIdsTests` checks them).
+let transactionKeys = ["tx", "tx_last", "tx_end", "schema_version"]
+
 /// Subscribes to `events` and returns the subscription number and the head seq.
 @discardableResult
 func subscribeEvents(_ evd: EvdConnection, _ events: [String], _ more: JSONObject = [:]) async throws -> (Int64, Int64) {
@@ -671,11 +675,11 @@ func indexByName(_ events: [JSONObject]) -> [String: JSONObject] {
     return index
 }
 
-/// An event's own properties (everything beside the envelope), order aside.
+/// An event's own properties (everything beside the envelope and its transaction), order aside.
 func eventProperties(_ event: JSONObject?) -> [String: JSONValue] {
     guard let event else { return ["missing": "event"] }
     var properties: [String: JSONValue] = [:]
-    for (key, value) in event where !envelopeKeys.contains(key) { properties[key] = value }
+    for (key, value) in event where !envelopeKeys.contains(key) && !transactionKeys.contains(key) { properties[key] = value }
     return properties
 }
 

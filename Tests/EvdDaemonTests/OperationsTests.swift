@@ -115,6 +115,8 @@ struct OperationsTests {
                 let custom = try #require(after.first { $0["name"] == "myapp.deployed" })
                 #expect(custom["family"] == "custom")
                 #expect(custom["vetoable"] == false)
+                // Its data is its own; the catalog names the transaction's keys it carries.
+                #expect(custom["properties"]?.objectValue.map { Array($0.keys) } == ["tx", "tx_last", "tx_end"])
             }
         }
     }

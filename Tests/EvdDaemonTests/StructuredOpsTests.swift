@@ -68,10 +68,10 @@ private let changeEventNames: JSONValue = [
     "create-table", "drop-table", "alter-table", "rename-table", "insert-rows", "upsert-rows", "update-row", "delete-row",
 ]
 
-/// An event without its envelope: its name and its properties, in wire order.
+/// An event without its envelope and its transaction: its name and its properties, in wire order.
 private func withoutEnvelope(_ event: JSONObject) -> JSONObject {
     var properties = event
-    for key in envelopeKeys where key != "event" { properties.removeValue(forKey: key) }
+    for key in envelopeKeys + transactionKeys where key != "event" { properties.removeValue(forKey: key) }
     return properties
 }
 

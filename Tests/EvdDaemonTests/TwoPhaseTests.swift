@@ -126,6 +126,14 @@ struct TwoPhaseTests {
                     )
                     #expect(events[0]["table"] == "plain")
                     #expect(events[1]["table"] == "audit")
+                    // Re-prepared after the restart, it is still one transaction: its id is the
+                    // seq of its first event, and its last ends it.
+                    let first = try #require(events.first?["seq"]?.intValue)
+                    let last = try #require(events.last?["seq"]?.intValue)
+                    #expect(events.map { $0["seq"]?.intValue } == (first...last).map { $0 })
+                    #expect(events.allSatisfy { $0["tx"] == .int(first) && $0["tx_last"] == .int(last) })
+                    #expect(events.map { $0["tx_end"] == .bool(true) } == Array(repeating: false, count: events.count - 1) + [true])
+                    #expect(events.allSatisfy { $0["schema_version"]?.intValue != nil })
                 }
             }
             // Decided: a third start has nothing to recover, and the data stays.

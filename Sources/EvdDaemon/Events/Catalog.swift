@@ -97,6 +97,20 @@ extension EventKind {
     private static let target: (String, String) = ("target", "object {kind: table/index/view/trigger, name}")
     private static let ddlProps: P = [db, target, ("sql", "string: the DDL statement")]
     private static let xid: (String, String) = ("xid", "string: the two-phase transaction id")
+    /// A committed event's transaction (`TxStamp`): before its properties, `tx_end` after them.
+    private static let tx: P = [
+        ("tx", "integer: its transaction's id, the seq of the transaction's first event"),
+        ("tx_last", "integer: the seq of its transaction's last event"),
+    ]
+    private static let txEnd: (String, String) = ("tx_end", "true on its transaction's last event (absent on the others)")
+    /// A custom event's properties in the catalog: its transaction's (its data is its own).
+    static let customProperties: JSONObject = {
+        var properties = JSONObject()
+        for (key, text) in tx + [txEnd] { properties[key] = .string(text) }
+        return properties
+    }()
+    /// A row event's: what follows `tx_last`.
+    private static let rowTx: P = tx + [("schema_version", "integer: the database's PRAGMA schema_version as of the commit")]
     private static let request: P = [
         db, ("request", "object: the client's request"),
         ("execution_options", "object: the session's execution options (only when set)"),
@@ -322,35 +336,36 @@ extension EventKind {
             "A column of a table was reflected (describe); a modified column is what describe returns."
         ),
 
-        s("login", .datasette, [("method", "string: peercred or token")], "An actor logged in (connected, or the login op)."),
-        s("logout", .datasette, [], "An actor logged out (the logout op, or disconnected)."),
+        s("login", .datasette, tx + [("method", "string: peercred or token"), txEnd], "An actor logged in (connected, or the login op)."),
+        s("logout", .datasette, tx + [txEnd], "An actor logged out (the logout op, or disconnected)."),
         s(
             "create-token",
             .datasette,
-            [
+            tx + [
                 ("expires_after", "integer or null: seconds"), ("restrict_all", "array of actions"),
                 ("restrict_database", "object: database → actions"), ("restrict_resource", "object: database → table → actions"),
+                txEnd,
             ],
             "A token was created (never the token itself)."
         ),
         s(
             "create-table",
             .datasette,
-            [db, ("table", "string"), ("schema", "string: the CREATE statement")],
+            tx + [db, ("table", "string"), ("schema", "string: the CREATE statement"), txEnd],
             "A table was created."
         ),
-        s("drop-table", .datasette, [db, ("table", "string")], "A table was dropped."),
+        s("drop-table", .datasette, tx + [db, ("table", "string"), txEnd], "A table was dropped."),
         s(
             "alter-table",
             .datasette,
-            [db, ("table", "string"), ("before_schema", "string"), ("after_schema", "string")],
+            tx + [db, ("table", "string"), ("before_schema", "string"), ("after_schema", "string"), txEnd],
             "A table was altered."
         ),
         s(
             "insert-rows",
             .datasette,
-            [
-                db, ("table", "string"), ("num_rows", "integer"), ("ignore", "boolean"), ("replace", "boolean"),
+            rowTx + [
+                db, ("table", "string"), ("num_rows", "integer"), ("ignore", "boolean"), ("replace", "boolean"), txEnd,
                 ("rows", "array of objects (subscriptions with rows: true)"),
             ],
             "Rows were inserted."
@@ -358,14 +373,14 @@ extension EventKind {
         s(
             "upsert-rows",
             .datasette,
-            [db, ("table", "string"), ("num_rows", "integer"), ("rows", "array of objects (rows: true)")],
+            rowTx + [db, ("table", "string"), ("num_rows", "integer"), txEnd, ("rows", "array of objects (rows: true)")],
             "Rows were upserted."
         ),
         s(
             "update-row",
             .datasette,
-            [
-                db, ("table", "string"), ("pks", "array: the row's primary key values"),
+            rowTx + [
+                db, ("table", "string"), ("pks", "array: the row's primary key values"), txEnd,
                 ("before", "object (rows: true)"), ("after", "object (rows: true)"),
             ],
             "A row was updated."
@@ -373,9 +388,9 @@ extension EventKind {
         s(
             "delete-row",
             .datasette,
-            [db, ("table", "string"), ("pks", "array: the row's primary key values"), ("before", "object (rows: true)")],
+            rowTx + [db, ("table", "string"), ("pks", "array: the row's primary key values"), txEnd, ("before", "object (rows: true)")],
             "A row was deleted."
         ),
-        s("rename-table", .datasette, [db, ("old_table", "string"), ("new_table", "string")], "A table was renamed."),
+        s("rename-table", .datasette, tx + [db, ("old_table", "string"), ("new_table", "string"), txEnd], "A table was renamed."),
     ]
 }

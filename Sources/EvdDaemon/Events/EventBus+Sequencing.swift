@@ -85,16 +85,22 @@ extension EventBus {
 
     // MARK: Journaled events
 
-    /// A custom (or daemon) event's bytes, made once for the journal and every subscriber.
-    func entry(name: String, kind: EventKind?, origin: EventOrigin, properties: JSONObject) -> JournalEntry {
-        JournalEntry(
-            name: name,
-            kind: kind,
-            origin: origin,
-            properties: properties,
-            body: WireLines.body(origin, properties),
-            imagesBody: nil
-        )
+    /// A custom (or daemon) event's bytes, made once for the journal and every subscriber; a
+    /// committed event's with its transaction's members (`stamp`, and `tx_end` when it is the
+    /// transaction's last: its seq is `seq`).
+    func entry(
+        name: String,
+        kind: EventKind?,
+        origin: EventOrigin,
+        properties: JSONObject,
+        stamp: TxStamp? = nil,
+        seq: Int64 = 0
+    ) -> JournalEntry {
+        let end = seq == stamp?.last
+        let body = WireLines.body(origin, properties, kind: kind, stamp: stamp, end: end)
+        var properties = properties
+        stamp?.add(to: &properties, kind: kind, end: end)
+        return JournalEntry(name: name, kind: kind, origin: origin, properties: properties, body: body, imagesBody: nil)
     }
 
     /// Hands out `count` consecutive seqs for events to be journaled before they are published.
@@ -208,17 +214,28 @@ extension EventBus {
         origin: EventOrigin,
         journal: (any StateJournal)?
     ) async throws -> [Int64] {
-        guard let journal, journal.isEnabled else {
-            return events.map { self.publish(name: $0.name, kind: $0.kind, origin: origin, properties: $0.properties) }
-        }
         guard !events.isEmpty else { return [] }
-        let entries = events.map { self.entry(name: $0.name, kind: $0.kind, origin: origin, properties: $0.properties) }
-        let reservation = self.reserve(entries.count)
-        do {
-            try await journal.append(entries, reservation)
-        } catch {
-            self.cancel(reservation)
-            throw error
+        // Each is a transaction of its own (`tx` its own seq, `tx_end`), journaled or not: the
+        // seqs are reserved first, for the bodies to carry them.
+        let reservation = self.reserve(events.count)
+        let entries = events.enumerated().map { offset, event in
+            let seq = reservation.first + Int64(offset)
+            return self.entry(
+                name: event.name,
+                kind: event.kind,
+                origin: origin,
+                properties: event.properties,
+                stamp: TxStamp(tx: seq, last: seq),
+                seq: seq
+            )
+        }
+        if let journal, journal.isEnabled {
+            do {
+                try await journal.append(entries, reservation)
+            } catch {
+                self.cancel(reservation)
+                throw error
+            }
         }
         self.complete(reservation, entries)
         return (0..<Int64(entries.count)).map { reservation.first + $0 }

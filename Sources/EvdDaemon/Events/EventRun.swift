@@ -277,7 +277,8 @@ struct ColumnKeys: Sendable {
 final class EventRun: Sendable {
     let kind: EventKind
     let origin: EventOrigin
-    /// The start of every event's body: `,"session":…,"actor":…` and the properties all share.
+    /// The start of every event's body: `,"session":…,"actor":…`, the transaction's members
+    /// (`TxStamp`) and the properties all share.
     let common: [UInt8]
     /// The events' tails, one after another.
     let tails: [UInt8]

@@ -98,5 +98,9 @@ extension Session {
     /// Whether a request is an `emit` (which the executor runs in groups).
     static func isEmit(_ request: JSONObject) -> Bool { request["op"] == .string(EvdOperation.Name.emit.rawValue) }
 
-    static let envelopeKeys: Set<String> = ["type", "seq", "epoch", "event", "time", "subscription", "session", "actor"]
+    /// The keys an event's envelope has, and the transaction's members a committed event carries
+    /// beside them (`TxStamp`): an `emit`'s data may not use them.
+    static let envelopeKeys: Set<String> = Set(
+        ["type", "seq", "epoch", "event", "time", "subscription", "session", "actor"] + TxStamp.keys
+    )
 }

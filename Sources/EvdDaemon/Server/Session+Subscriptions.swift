@@ -8,7 +8,8 @@ extension Session {
         var events = EventKind.specs.map(\.jsonValue)
         for name in self.core.bus.customNames {
             events.append([
-                "name": .string(name), "family": "custom", "vetoable": false, "mutable": [], "properties": [:],
+                "name": .string(name), "family": "custom", "vetoable": false, "mutable": [],
+                "properties": .object(EventKind.customProperties),
                 "description": "A custom event published with emit.",
             ])
         }

@@ -44,14 +44,21 @@ extension PooledConnection {
             // Once the capture is discarded (on a failed COMMIT it stays, and so does its memory).
             if large, self.capture.isEmpty { _ = evd_malloc_trim() }
         }
+        // The schema version the row events carry: as of this COMMIT, the transaction's own DDL
+        // included (read inside it; `nil` should the read fail: they then go without it).
+        let schemaVersion = events.isEmpty ? nil : try? self.schema.version(self.sqlite)
         guard let journal, journal.settings.enabled, !events.isEmpty else {
             try self.identity.check()  // nothing is committed into a file deleted or replaced under evd
             try self.run(own: "COMMIT")
-            if !events.isEmpty { self.committedThrough = bus.publishCommitted(events, origin: origin) }
+            if !events.isEmpty {
+                self.committedThrough = bus.publishCommitted(events, origin: origin, schemaVersion: schemaVersion)
+            }
             self.capture.discardAll()
             return
         }
         let reservation = bus.reserve(events.count)
+        // Every event carries its transaction: the seq of its first event (`TxStamp`).
+        let stamp = TxStamp(reservation, schemaVersion: schemaVersion)
         // A small transaction's events are made once, kept for publishing.
         var kept: [Publication]?
         // The journal's own rows (and taking them back out) are not changes of the client's.
@@ -66,7 +73,7 @@ extension PooledConnection {
                 var bytes = 0
                 while start < events.count {
                     let chunk = start..<min(events.count, start + Self.eventChunk)
-                    let made = events.publications(chunk, origin: origin)
+                    let made = events.publications(chunk, origin: origin, stamp: stamp)
                     try Journal.write(made, first: reservation.first + Int64(start), time: time, using: self.journalInsert!)
                     bytes += Journal.RunningFigures.bytes(of: made, timeBytes: time.utf8.count)
                     if chunk.count == events.count { kept = made }
@@ -92,7 +99,7 @@ extension PooledConnection {
             // Made again, a chunk at a time, from the capture (so before it is discarded): the same
             // bytes as journaled. Events nobody subscribed to are not made at all.
             bus.complete(reservation, batch: Self.eventChunk) { range, wanted in
-                events.publications(range, origin: origin, wanted: wanted)
+                events.publications(range, origin: origin, wanted: wanted, stamp: stamp)
             }
         }
         self.capture.discardAll()
@@ -101,32 +108,27 @@ extension PooledConnection {
 
 extension EventBus {
     /// Publishes a transaction's committed events when the journal is off, in order, with
-    /// consecutive seqs unless other events interleave between batches. The events are made a
-    /// batch at a time, and only those someone wants (the others get no seq). Returns the last seq
-    /// it gave, nil if it gave none.
-    func publishCommitted(_ events: CommittedEvents, origin: EventOrigin) -> Int64? {
-        var last: Int64?
-        var start = 0
-        while start < events.count {
-            // Made outside the lock, then numbered and queued under one lock.
-            let batch = start..<min(events.count, start + PooledConnection.eventChunk)
-            start = batch.upperBound
-            let published = self.publish(
-                events.publications(batch, origin: origin, wanted: self.wanted).filter {
-                    if case .unwanted = $0 { return false } else { return true }
-                }
-            )
-            last = published ?? last
+    /// consecutive seqs (one reservation, as when journaled: `tx` is the first, and every event
+    /// takes one). The events are made a batch at a time, and only those someone wants. Returns
+    /// the last seq it gave.
+    func publishCommitted(_ events: CommittedEvents, origin: EventOrigin, schemaVersion: Int64?) -> Int64 {
+        let reservation = self.reserve(events.count)
+        let stamp = TxStamp(reservation, schemaVersion: schemaVersion)
+        self.complete(reservation, batch: PooledConnection.eventChunk) { range, wanted in
+            events.publications(range, origin: origin, wanted: wanted, stamp: stamp)
         }
-        return last
+        return reservation.last
     }
 }
 
 extension CommittedEvent {
     /// Its bytes, made once for the journal and every subscriber (a prepared transaction's
-    /// events, kept as properties and JSON images).
-    func entry(origin: EventOrigin) -> JournalEntry {
-        let body = WireLines.body(origin, self.properties)
+    /// events, kept as properties and JSON images), with its transaction's members (`end`: it
+    /// is the transaction's last event).
+    func entry(origin: EventOrigin, stamp: TxStamp?, end: Bool) -> JournalEntry {
+        let body = WireLines.body(origin, self.properties, kind: self.kind, stamp: stamp, end: end)
+        var properties = self.properties
+        stamp?.add(to: &properties, kind: self.kind, end: end)
         var imagesBody: [UInt8]?
         if let images = self.images {
             // The same bytes up to the closing brace, then the images.
@@ -142,7 +144,7 @@ extension CommittedEvent {
             name: self.kind.name,
             kind: self.kind,
             origin: origin,
-            properties: self.properties,
+            properties: properties,
             body: body,
             imagesBody: imagesBody
         )

@@ -51,15 +51,22 @@ struct CommittedEvents {
 
     /// The events of `range`, made for `origin`: runs of events that share their name and the
     /// start of their body (`EventRun`). Events of catalog events not in `wanted` are left
-    /// unmade (`Publication.unwanted`): nobody would receive them.
-    func publications(_ range: Range<Int>, origin: EventOrigin, wanted: UInt64 = .max) -> [Publication] {
+    /// unmade (`Publication.unwanted`): nobody would receive them. `stamp`: the transaction's
+    /// members the events carry (the last of all `count` events ends it).
+    func publications(
+        _ range: Range<Int>,
+        origin: EventOrigin,
+        wanted: UInt64 = .max,
+        stamp: TxStamp? = nil
+    ) -> [Publication] {
         guard let capture = self.capture else {
-            return self.listed[range].map { event in
+            return zip(range, self.listed[range]).map { index, event in
                 wanted & (1 << UInt64(event.kind.rawValue)) != 0
-                    ? .entry(event.entry(origin: origin)) : .unwanted(event.kind, count: 1)
+                    ? .entry(event.entry(origin: origin, stamp: stamp, end: index == self.listed.count - 1))
+                    : .unwanted(event.kind, count: 1)
             }
         }
-        return capture.publications(self.plan, range, origin: origin, wanted: wanted)
+        return capture.publications(self.plan, range, origin: origin, wanted: wanted, stamp: stamp)
     }
 
     /// Every event as properties and JSON images (a prepared transaction's log keeps them).

@@ -1,20 +1,25 @@
 import EvdClient
 
 extension ChangeCapture {
-    /// The events of `plan`'s slots `range`, made from what the capture keeps, as runs.
+    /// The events of `plan`'s slots `range`, made from what the capture keeps, as runs, with
+    /// their transaction's members (`stamp`; the plan's last event ends the transaction).
     ///
     /// Hot path (a million-row UPDATE makes a million `update-row`s): a row's event is its key
     /// written after the start its table's events share, and its images copied as the hook wrote
-    /// them; nothing else is made per event.
+    /// them; nothing else is made per event (the transaction's members are in the shared start).
     func publications(
         _ plan: CommittedEventPlan,
         _ range: Range<Int>,
         origin: EventOrigin,
-        wanted: UInt64
+        wanted: UInt64,
+        stamp: TxStamp?
     ) -> [Publication] {
-        var builder = RunBuilder(origin: origin, images: plan.images)
+        var builder = RunBuilder(origin: origin, images: plan.images, stamp: stamp)
         var lastShape: (table: Int32, shape: TableShape?)?
-        for slot in plan.slots[range] {
+        let last = stamp == nil ? -1 : plan.slots.count - 1
+        for index in range {
+            let slot = plan.slots[index]
+            let end = index == last
             let kind = self.kind(of: slot, in: plan)
             guard wanted & (1 << UInt64(kind.rawValue)) != 0 else {
                 builder.skip(kind)
@@ -26,7 +31,7 @@ extension ChangeCapture {
                 builder.start(kind, table: -1) { _ in }
                 builder.tail { tail in
                     Self.appendProperties(group.properties, to: &tail)
-                    tail += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+                    Self.close(&tail, end: end)
                 }
                 if plan.images {
                     builder.image { image, columns in
@@ -48,7 +53,7 @@ extension ChangeCapture {
                     var properties: JSONObject = ["database": .string(plan.database)]
                     properties.merge(change.properties) { _, new in new }
                     Self.appendProperties(properties, to: &tail)
-                    tail += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+                    Self.close(&tail, end: end)
                 }
                 builder.endEvent()
             case .row(let change):
@@ -69,7 +74,7 @@ extension ChangeCapture {
                     } else {
                         JSONValue.array(Self.key(change, shape)).write(into: &tail)
                     }
-                    tail += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
+                    Self.close(&tail, end: end)
                 }
                 if plan.images {
                     builder.image { image, columns in
@@ -84,6 +89,14 @@ extension ChangeCapture {
             }
         }
         return builder.finish()
+    }
+
+    /// Ends an event's tail: `,"tx_end":true` when it is the transaction's last, then the
+    /// closing brace and newline.
+    @inline(__always)
+    private static func close(_ tail: inout [UInt8], end: Bool) {
+        if end { JSONWriter.appendASCII(TxStamp.endMember, to: &tail) }
+        tail += [UInt8(ascii: "}"), UInt8(ascii: "\n")]
     }
 
     /// Writes properties as the members of an event's body: `,"key":value` each.
@@ -151,6 +164,8 @@ private struct RunBuilder {
 
     let origin: EventOrigin
     let images: Bool
+    /// The transaction's members every event carries after the origin's.
+    let stamp: TxStamp?
     private var output: [Publication] = []
     private var kind: EventKind?
     private var table: Int32 = -1
@@ -162,9 +177,10 @@ private struct RunBuilder {
     private var columns = Columns()
     private var unwanted: (kind: EventKind, count: Int)?
 
-    init(origin: EventOrigin, images: Bool) {
+    init(origin: EventOrigin, images: Bool, stamp: TxStamp?) {
         self.origin = origin
         self.images = images
+        self.stamp = stamp
     }
 
     /// An event nobody wants: counted, not made.
@@ -180,7 +196,7 @@ private struct RunBuilder {
 
     /// Starts an event of `kind` about `table` (-1: none in its common start): it joins the run
     /// when the one before was the same, else a new run starts with the common start
-    /// `writeCommon` appends after the origin's.
+    /// `writeCommon` appends after the origin's and the transaction's members.
     @inline(__always)
     mutating func start(_ kind: EventKind, table: Int32, _ writeCommon: (inout [UInt8]) -> Void) {
         self.flushUnwanted()
@@ -189,6 +205,7 @@ private struct RunBuilder {
         self.kind = kind
         self.table = table
         self.common = self.origin.envelopeFragment
+        self.stamp?.appendMembers(kind: kind, to: &self.common)
         writeCommon(&self.common)
     }
 

@@ -13,16 +13,25 @@ enum WireLines {}
 // MARK: Events
 
 extension WireLines {
-    /// An event's bytes after the subscription number: the envelope's origin, the properties, the
-    /// closing brace and newline.
-    static func body(_ origin: EventOrigin, _ properties: JSONObject) -> [UInt8] {
+    /// An event's bytes after the subscription number: the envelope's origin, the transaction's
+    /// members (`stamp`, for a committed event; `end`: it is the transaction's last), the
+    /// properties, the closing brace and newline.
+    static func body(
+        _ origin: EventOrigin,
+        _ properties: JSONObject,
+        kind: EventKind? = nil,
+        stamp: TxStamp? = nil,
+        end: Bool = false
+    ) -> [UInt8] {
         var body = origin.envelopeFragment
+        stamp?.appendMembers(kind: kind, to: &body)
         for (key, value) in properties {
             body.append(UInt8(ascii: ","))
             JSONWriter.appendString(key, to: &body)
             body.append(UInt8(ascii: ":"))
             value.write(into: &body)
         }
+        if stamp != nil, end { JSONWriter.appendASCII(TxStamp.endMember, to: &body) }
         body.append(UInt8(ascii: "}"))
         body.append(UInt8(ascii: "\n"))
         return body
