@@ -171,11 +171,20 @@ struct SnapshotTests {
             try await daemon.withClient { evd in
                 try await evd.request("subscribe", ["events": ["insert-rows"], "snapshot": ["a", "b"]])
                 var pages: [String: [JSONValue]] = [:]
+                var snapshotVersion: JSONValue?
                 while let message = await evd.nextMessage(ofType: nil, within: 10) {
                     if message["code"] == "snapshot_end" { break }
                     if let table = message["table"]?.stringValue { pages[table, default: []] += message["rows"]?.arrayValue ?? [] }
+                    if let version = message["schema_version"] { snapshotVersion = version }
                 }
                 #expect(pages["a"] == [["id": 1], ["id": 2]])
+                // The shape's version, as the row events after it carry theirs.
+                let version = try #require(
+                    try await evd.request(.execute(.init(sql: "pragma schema_version")))["rows"]?.arrayValue?.first?.arrayValue?.first
+                )
+                try await evd.request(.execute(.init(sql: "insert into a values (3)")))
+                let insert = try #require(await evd.nextMessage(ofType: "event", within: 10))
+                #expect(insert["schema_version"] == version && snapshotVersion == version)
                 #expect(pages["b"] == [["id": 1, "v": ["$base64": "AA=="]], ["id": 2, "v": .double(1e300)]])
             }
         }

@@ -311,6 +311,7 @@ extension Session {
                         epoch: epoch,
                         database: database,
                         table: page.table,
+                        schemaVersion: snapshot.schemaVersion,
                         rows: page.rows
                     )
                 )

@@ -20,6 +20,8 @@ final class TableSnapshot: @unchecked Sendable {
     let connection: PooledConnection
     let tables: [String]
     let seq: Int64
+    /// `PRAGMA schema_version` in the snapshot: the row events' `schema_version` for the same shape.
+    let schemaVersion: Int64
     /// The most rows, and about the most bytes, one page holds.
     static let pageRows = 2048
     static let pageBytes = 1 << 20
@@ -29,11 +31,19 @@ final class TableSnapshot: @unchecked Sendable {
     private var keys: [[UInt8]] = []
     private let textIsUTF8: Bool
 
-    private init(pool: ConnectionPool, connection: PooledConnection, tables: [String], seq: Int64, textIsUTF8: Bool) {
+    private init(
+        pool: ConnectionPool,
+        connection: PooledConnection,
+        tables: [String],
+        seq: Int64,
+        schemaVersion: Int64,
+        textIsUTF8: Bool
+    ) {
         self.pool = pool
         self.connection = connection
         self.tables = tables
         self.seq = seq
+        self.schemaVersion = schemaVersion
         self.textIsUTF8 = textIsUTF8
     }
 
@@ -72,6 +82,7 @@ final class TableSnapshot: @unchecked Sendable {
                     connection: connection,
                     tables: tables,
                     seq: max(journaled ?? 0, floor),
+                    schemaVersion: try sqlite.scalarInt("PRAGMA main.schema_version") ?? 0,
                     textIsUTF8: utf8
                 )
             } catch {

@@ -67,8 +67,16 @@ extension WireLines {
     /// A page of a snapshot (`subscribe` with `snapshot`, issue 23): event `snapshot-rows` with
     /// `database`, `table` and `rows` (a JSON array of row objects, written already). Its `seq` is
     /// null: the rows are the table as of the snapshot's seq (notice `snapshot_end`), not a change
-    /// with a seq of its own. `session` and `actor` are null: the daemon read them.
-    static func snapshotRows(subscription: Int, epoch: JournalEpoch, database: String, table: String, rows: [UInt8]) -> [UInt8] {
+    /// with a seq of its own. `session` and `actor` are null: the daemon read them. `schemaVersion`:
+    /// the database's schema version in the snapshot, as row events carry theirs.
+    static func snapshotRows(
+        subscription: Int,
+        epoch: JournalEpoch,
+        database: String,
+        table: String,
+        schemaVersion: Int64,
+        rows: [UInt8]
+    ) -> [UInt8] {
         var bytes: [UInt8] = []
         bytes.reserveCapacity(rows.count + 256)
         JSONWriter.appendASCII(#"{"type":"event","seq":null"#, to: &bytes)
@@ -77,7 +85,9 @@ extension WireLines {
         EventTime.appendNow(to: &bytes)
         JSONWriter.appendASCII(Self.subscriptionKey, to: &bytes)
         JSONWriter.appendInt(Int64(subscription), to: &bytes)
-        JSONWriter.appendASCII(#","session":null,"actor":null,"database":"#, to: &bytes)
+        JSONWriter.appendASCII(#","session":null,"actor":null,"schema_version":"#, to: &bytes)
+        JSONWriter.appendInt(schemaVersion, to: &bytes)
+        JSONWriter.appendASCII(#","database":"#, to: &bytes)
         JSONWriter.appendString(database, to: &bytes)
         JSONWriter.appendASCII(#","table":"#, to: &bytes)
         JSONWriter.appendString(table, to: &bytes)
