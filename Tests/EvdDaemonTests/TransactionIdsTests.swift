@@ -59,6 +59,9 @@ struct TransactionIdsTests {
     /// One writer's work, `rounds` times: a multi-statement transaction with an emit inside it, a
     /// rolled-back transaction, an implicit insert, a structured insert, an emit, an implicit delete.
     static func write(_ evd: EvdConnection, writer: Int, rounds: Int) async throws {
+        // Each writer's transactions hold the write lock for several requests while the others
+        // queue for it: on a loaded machine one may wait longer than the default busy timeout.
+        try await evd.request("execution_options", ["options": ["busy_timeout_ms": 60000]])
         for round in 0..<rounds {
             let key: [JSONValue] = [.integer(writer), .integer(round)]
             try await evd.request("begin")
