@@ -66,6 +66,8 @@ struct SnapshotTests {
                         try await daemon.withClient { evd in
                             var step: Int64 = 0
                             defer { writers.finished.add(1, ordering: .relaxed) }
+                            // Queued behind the others' transactions on a loaded machine: wait as long as it takes.
+                            try await evd.request("execution_options", ["options": ["busy_timeout_ms": 60000]])
                             while !writers.stop.load(ordering: .relaxed) {
                                 step += 1
                                 let id = Int64(writer) * 1_000_000 + 10_000 + step
