@@ -364,6 +364,8 @@ extension Session {
             }
             self.outbox.unpark(subscription.id)
         }
+        // Nothing journaled after `since` to replay (a snapshot that is current): no reader to open.
+        guard through > since else { return }
         let pool = self.core.threadPool
         var position = since
         do {
