@@ -172,18 +172,26 @@ if fo_err and "lagged" in fo_err:
 row("fanout_evd", f"update fan-out: evd UPDATE of {fan_rows:,} rows, 1 update-row subscriber",
     fo, fo_err, note, "events")
 
-# ---- Events delivered to 1 and to 10 subscribers (issue 8) ----
+# ---- Events delivered to 1 and to 10 subscribers (issue 8; at equal payload size: issue 24) ----
+sized = meta.get("event_payload_bytes")
+sized_how = {"measured": "evd's update-row event line in this run",
+             "default": "a representative update-row event line; evd's UPDATE row failed"}.get(meta.get("event_payload_source"), "")
 for subs in (1, 10):
     for system, label in (("evd_update", f"evd UPDATE of {meta['pubsub_rows']:,} rows, update-row"),
                           ("evd_emit", f"evd emit x{meta['emit_events']:,}, pipelined"),
                           ("redis", f"Redis {meta['redis_version']} PUBLISH x{meta['pubsub_events']:,}, pipelined"),
-                          ("nats", f"NATS {meta['nats_version']} PUB x{meta['pubsub_events']:,}, pipelined")):
+                          ("nats", f"NATS {meta['nats_version']} PUB x{meta['pubsub_events']:,}, pipelined"),
+                          ("redis_sized", f"Redis {meta['redis_version']} PUBLISH x{meta['pubsub_events']:,}, pipelined, "
+                                          f"at evd's event size ({sized} B payload)"),
+                          ("nats_sized", f"NATS {meta['nats_version']} PUB x{meta['pubsub_events']:,}, pipelined, "
+                                         f"at evd's event size ({sized} B payload)")):
         key = f"events_{system}_{subs}"
         reps, err = load(key)
         note = ""
         if reps:
             note = ((f"per s = deliveries to all {subs}; " if subs > 1 else "")
-                    + f"publisher done at {med(reps, 'pub_per_sec'):,.0f} messages/s; {med(reps, 'bytes_per_msg'):.0f} B/message")
+                    + f"publisher done at {med(reps, 'pub_per_sec'):,.0f} messages/s; {med(reps, 'bytes_per_msg'):.0f} B/message"
+                    + (f" (payload {reps[0]['payload_bytes']} B: {sized_how})" if system.endswith("_sized") else ""))
         if err and "lagged" in err:
             err += " -- a subscriber overflowed its 10,000-event outbox"
         row(key, f"events to {subs} subscriber{'s' if subs > 1 else ''}: {label}", reps, err, note, "events")
@@ -505,6 +513,26 @@ for subs, target in ((1, 1_200_000), (10, 4_500_000)):
         else:
             parts.append(f"{name} n/a")
     print(f"{label}: evd ({how}) {best:,.0f}/s (target >= {target:,}: {ok(best >= target)}) = " + ", ".join(parts))
+    # Issue 24: at equal payload size (the anchors' messages as large as evd's update-row event lines).
+    parts = []
+    for peer, name in (("redis", "Redis"), ("nats", "NATS")):
+        p = by_key[f"events_{peer}_sized_{subs}"]["per_sec"]
+        if not p:
+            parts.append(f"{name} n/a ({by_key[f'events_{peer}_sized_{subs}']['error']})")
+            continue
+        each = []
+        for k, kname in (("evd_update", "UPDATE"), ("evd_emit", "emit")):
+            e = by_key[f"events_{k}_{subs}"]["per_sec"]
+            if e:
+                ratios[f"events_{subs}_{k}_vs_{peer}_at_event_size"] = round(e / p, 3)
+                each.append(f"{kname} {e / p:.2f}x")
+        ratios[f"events_{subs}_evd_vs_{peer}_at_event_size"] = round(best / p, 3)
+        if peer == "redis" and subs == 10:
+            targets["events_10_evd_ahead_of_redis_at_event_size"] = best >= p
+        parts.append(f"{name} {p:,.0f}/s: evd {best / p:.2f}x (" + ", ".join(each) + ")")
+    print(f"{label} at evd's event size ({sized} B payloads, {meta.get('event_payload_source')}): " + "; ".join(parts)
+          + (f" (target: evd >= Redis: {ok(targets['events_10_evd_ahead_of_redis_at_event_size'])})"
+             if subs == 10 and "events_10_evd_ahead_of_redis_at_event_size" in targets else ""))
 
 # SQLAlchemy ORM (issue 22): no target; the ratio is the cost of going out of process, kept visible.
 for ph, name, unit in orm_phases:
