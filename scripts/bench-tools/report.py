@@ -240,9 +240,16 @@ row("snapshot_raw", f"snapshot anchor: raw SQLite {snap_raw[0]['version'] if sna
 # ---- Forwarding into NATS JetStream (issue 21) ----
 fwd_events = meta.get("forward_events", 0)
 jsraw, jsraw_err = load("forward_jsraw")
-row("forward_jsraw", f"JetStream publish, raw: natsbench x{fwd_events:,}, 4096 in flight, one-node file stream",
+row("forward_jsraw", f"JetStream publish, acked, pipelined (raw): natsbench x{fwd_events:,}, 4096 in flight, one-node file stream",
     jsraw, jsraw_err, f"Swift, NATSClient's pipelined path evforward uses; {jsraw[0]['body_bytes']} B bodies + evforward's headers"
     if jsraw else "", "events")
+# Issue 24: evd's emit is durable (journaled before its OK), so JetStream's acked publish is its anchor.
+emd, emd_err = load("emit_durable")
+if emd:
+    emd = [dict(r, per_sec=r["pub_per_sec"], per_sec_delivered=r["per_sec"]) for r in emd]  # the rate at which emits are acknowledged
+row("emit_durable", f"emit pipelined (durable): evd emit x{fwd_events:,}, every one acknowledged, main daemon",
+    emd, emd_err, f"C probe, all requests pipelined; per s = acknowledgements (journaled); its 1 subscriber got "
+    f"{med(emd, 'per_sec_delivered'):,.0f}/s at {med(emd, 'bytes_per_msg'):.0f} B/event line" if emd else "", "events")
 fwd, fwd_err = load("forward_evd")
 row("forward_evd", f"forwarding: evforward, {fwd_events:,} journaled update-row events into a one-node stream", fwd, fwd_err,
     f"from evforward's start until the stream holds the journal's last seq; {med(fwd, 'messages'):,.0f} messages"
@@ -547,6 +554,18 @@ for ph, name, unit in orm_phases:
               f"(the cost of going out of process; no target, to be driven down)")
     else:
         print(f"{label}: evd/sqlite n/a ({a['error'] or b['error']})")
+
+# emit (durable) vs JetStream's acked publish (issue 24): the target is to be ahead of it.
+e, js = by_key["emit_durable"]["per_sec"], by_key["forward_jsraw"]["per_sec"]
+if e is not None and js:
+    ratios["emit_durable_vs_jetstream_acked"] = round(e / js, 3)
+    targets["emit_durable_ahead_of_jetstream_acked"] = e >= js
+    print(f"emit pipelined (durable): {e:,.0f}/s = {e / js:.2f}x JetStream's acked pipelined publish ({js:,.0f}/s; "
+          f"target: ahead of it: {ok(e >= js)})")
+elif e is not None:
+    print(f"emit pipelined (durable): {e:,.0f}/s; JetStream acked publish n/a ({by_key['forward_jsraw']['error']})")
+else:
+    print(f"emit pipelined (durable): n/a ({by_key['emit_durable']['error']})")
 
 # Forwarding.
 r = by_key["forward_evd"]["per_sec"]
