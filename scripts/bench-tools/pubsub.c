@@ -5,18 +5,22 @@
 // subscriber reads until it has N messages. per_sec is N*SUBS over the time from the publisher's
 // first byte to the last subscriber's last message.
 //
-//   pubsub evd-emit   SOCKET     SUBS N [TIMEOUT_S]      N `emit` of bench.tick {"i":I}; each response awaited
-//                                                        as it comes (evd reads at most its pipeline limit ahead)
+//   pubsub evd-emit   SOCKET     SUBS N [TIMEOUT_S] [DATA_BYTES]  N `emit` of bench.tick {"i":I}; each response
+//                                                        awaited as it comes (evd reads at most its pipeline limit
+//                                                        ahead); DATA_BYTES (at least 18): data {"i":"00..0I"} of
+//                                                        that size instead (the durable-emit row beside JetStream)
 //   pubsub evd-update SOCKET     SUBS N [TIMEOUT_S] SQL  one `execute` of SQL (an UPDATE of N rows); the
 //                                                        subscribers count update-row events
-//   pubsub redis      SOCKET     SUBS N [TIMEOUT_S]      PUBLISH bench.tick PAYLOAD, RESP, over a Unix socket;
+//   pubsub redis      SOCKET     SUBS N [TIMEOUT_S] [PAYLOAD_BYTES]  PUBLISH bench.tick PAYLOAD, RESP, over a Unix socket;
 //                                                        the first reply must count SUBS receivers
-//   pubsub nats       HOST:PORT  SUBS N [TIMEOUT_S]      PUB bench.tick PAYLOAD, core NATS over TCP, then PING
+//   pubsub nats       HOST:PORT  SUBS N [TIMEOUT_S] [PAYLOAD_BYTES]  PUB bench.tick PAYLOAD, core NATS over TCP, then PING
 //                                                        (its PONG: the server has read every PUB)
 //
-// PAYLOAD is {"i":"NNNNNNNNNN"} (18 bytes); evd's emit carries {"i":I} as the event's data, inside evd's
-// event envelope. Prints {"system","subs","n","delivered","start_us","pub_end_us","last_us","per_sec",
-// "pub_per_sec","bytes_per_msg"} or {"error":...}. A subscriber that gets a `lagged` notice, an error
+// PAYLOAD is {"i":"NNNNNNNNNN"} (18 bytes); PAYLOAD_BYTES (at least 18) pads the number with zeros to
+// that size (scripts/bench runs the anchors a second time with payloads as large as evd's event lines).
+// evd's emit carries {"i":I} as the event's data, inside evd's event envelope. Prints {"system","subs",
+// "n","delivered","start_us","pub_end_us","last_us","per_sec","pub_per_sec","bytes_per_msg" (as received,
+// framing included),"payload_bytes" (evd-emit: the data's, when sized)} or {"error":...}. A subscriber that gets a `lagged` notice, an error
 // or a disconnect fails the run. Every wait is bounded by TIMEOUT_S (default 60) overall and 10 s
 // without data.
 #include "common.h"
@@ -26,7 +30,10 @@
 #include <netinet/tcp.h>
 
 #define CHANNEL "bench.tick"
-#define PAYLOAD_LEN 18
+#define PAYLOAD_MIN 18
+
+static int g_payload = PAYLOAD_MIN;  // bytes of each Redis/NATS message's payload, or of evd-emit's data
+static int g_data_sized;             // evd-emit: data of g_payload bytes, not {"i":I}
 
 static const char *g_system, *g_address, *g_sql;
 static int g_subs;
@@ -159,8 +166,9 @@ static int subscriber(int k, slot_t *slot, void *unused) {
         expect_bytes(&r, "*3\r\n$9\r\nsubscribe\r\n$10\r\n" CHANNEL "\r\n:1\r\n", "SUBSCRIBE");
         worker_ready();
         r.idle_us = 0;
-        count_frames(fd, &r, slot, "*3\r\n$7\r\nmessage\r\n$10\r\n" CHANNEL "\r\n$18\r\n",
-                     strlen("*3\r\n$7\r\nmessage\r\n$10\r\n" CHANNEL "\r\n$18\r\n") + PAYLOAD_LEN + 2);
+        char prefix[96];
+        snprintf(prefix, sizeof(prefix), "*3\r\n$7\r\nmessage\r\n$10\r\n" CHANNEL "\r\n$%d\r\n", g_payload);
+        count_frames(fd, &r, slot, prefix, strlen(prefix) + g_payload + 2);
     } else {
         fd = connect_tcp(g_address);
         big_rcvbuf(fd);
@@ -171,7 +179,9 @@ static int subscriber(int k, slot_t *slot, void *unused) {
         expect_bytes(&r, "PONG\r\n", "SUB");
         worker_ready();
         r.idle_us = 0;
-        count_frames(fd, &r, slot, "MSG " CHANNEL " 1 18\r\n", strlen("MSG " CHANNEL " 1 18\r\n") + PAYLOAD_LEN + 2);
+        char prefix[64];
+        snprintf(prefix, sizeof(prefix), "MSG " CHANNEL " 1 %d\r\n", g_payload);
+        count_frames(fd, &r, slot, prefix, strlen(prefix) + g_payload + 2);
     }
     slot->last_us = now_us();
     return 0;
@@ -179,11 +189,14 @@ static int subscriber(int k, slot_t *slot, void *unused) {
 
 // Everything the publisher sends, and how many acknowledgements it then waits for.
 static char *build(size_t *len, long *acks) {
-    size_t cap = 256 + (size_t)g_n * 96 + (g_sql ? strlen(g_sql) * 6 : 0), o = 0;
+    size_t cap = 256 + (size_t)g_n * (96 + g_payload) + (g_sql ? strlen(g_sql) * 6 : 0), o = 0;
     char *buf = malloc(cap);
     if (is("evd-emit")) {
         for (long i = 0; i < g_n; i++)
-            o += sprintf(buf + o, "{\"op\":\"emit\",\"id\":%ld,\"event\":\"" CHANNEL "\",\"data\":{\"i\":%ld}}\n", i, i);
+            o += g_data_sized
+                     ? sprintf(buf + o, "{\"op\":\"emit\",\"id\":%ld,\"event\":\"" CHANNEL "\",\"data\":{\"i\":\"%0*ld\"}}\n", i,
+                               g_payload - 8, i)
+                     : sprintf(buf + o, "{\"op\":\"emit\",\"id\":%ld,\"event\":\"" CHANNEL "\",\"data\":{\"i\":%ld}}\n", i, i);
         *acks = g_n;
     } else if (is("evd-update")) {
         o += sprintf(buf + o, "{\"op\":\"execute\",\"id\":\"update\",\"sql\":");
@@ -192,10 +205,12 @@ static char *build(size_t *len, long *acks) {
         *acks = 1;
     } else if (is("redis")) {
         for (long i = 0; i < g_n; i++)
-            o += sprintf(buf + o, "*3\r\n$7\r\nPUBLISH\r\n$10\r\n" CHANNEL "\r\n$18\r\n{\"i\":\"%010ld\"}\r\n", i);
+            o += sprintf(buf + o, "*3\r\n$7\r\nPUBLISH\r\n$10\r\n" CHANNEL "\r\n$%d\r\n{\"i\":\"%0*ld\"}\r\n", g_payload,
+                         g_payload - 8, i);
         *acks = g_n;
     } else {
-        for (long i = 0; i < g_n; i++) o += sprintf(buf + o, "PUB " CHANNEL " 18\r\n{\"i\":\"%010ld\"}\r\n", i);
+        for (long i = 0; i < g_n; i++)
+            o += sprintf(buf + o, "PUB " CHANNEL " %d\r\n{\"i\":\"%0*ld\"}\r\n", g_payload, g_payload - 8, i);
         o += sprintf(buf + o, "PING\r\n");
         *acks = 1;
     }
@@ -272,12 +287,17 @@ int main(int argc, char **argv) {
     signal(SIGPIPE, SIG_IGN);
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc < 5) {
-        fprintf(stderr, "usage: pubsub evd-emit|evd-update|redis|nats ADDRESS SUBS N [TIMEOUT_S] [SQL]\n");
+        fprintf(stderr, "usage: pubsub evd-emit|evd-update|redis|nats ADDRESS SUBS N [TIMEOUT_S] [SQL|PAYLOAD_BYTES|DATA_BYTES]\n");
         return 2;
     }
     g_system = argv[1], g_address = argv[2], g_subs = atoi(argv[3]), g_n = atol(argv[4]);
     if (argc >= 6) g_timeout_s = atof(argv[5]);
-    if (argc >= 7) g_sql = argv[6];
+    if (argc >= 7 && is("evd-update")) g_sql = argv[6];
+    if (argc >= 7 && (is("redis") || is("nats") || is("evd-emit"))) {
+        g_data_sized = is("evd-emit");
+        g_payload = atoi(argv[6]);
+        if (g_payload < PAYLOAD_MIN || g_payload > 1 << 20) fail("PAYLOAD_BYTES must be %d to 1048576", PAYLOAD_MIN);
+    }
     if (!is("evd-emit") && !is("evd-update") && !is("redis") && !is("nats")) fail("unknown system %s", g_system);
     if (is("evd-update") && !g_sql) fail("evd-update needs SQL");
     if (g_subs < 1 || g_n < 1) fail("SUBS and N must be at least 1");
@@ -314,8 +334,9 @@ int main(int argc, char **argv) {
         bytes += w.slots[k].bytes;
     }
     printf("{\"system\":\"%s\",\"subs\":%d,\"n\":%ld,\"delivered\":%ld,\"start_us\":%.0f,\"pub_end_us\":%.0f,"
-           "\"last_us\":%.0f,\"per_sec\":%.0f,\"pub_per_sec\":%.0f,\"bytes_per_msg\":%.1f}\n",
+           "\"last_us\":%.0f,\"per_sec\":%.0f,\"pub_per_sec\":%.0f,\"bytes_per_msg\":%.1f,\"payload_bytes\":%d}\n",
            g_system, g_subs, g_n, delivered, start, pub_end, last, delivered / ((last - start) / 1e6),
-           g_n / ((pub_end - start) / 1e6), delivered ? (double)bytes / delivered : 0);
+           g_n / ((pub_end - start) / 1e6), delivered ? (double)bytes / delivered : 0,
+           is("redis") || is("nats") || g_data_sized ? g_payload : 0);
     return 0;
 }

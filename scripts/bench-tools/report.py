@@ -172,18 +172,26 @@ if fo_err and "lagged" in fo_err:
 row("fanout_evd", f"update fan-out: evd UPDATE of {fan_rows:,} rows, 1 update-row subscriber",
     fo, fo_err, note, "events")
 
-# ---- Events delivered to 1 and to 10 subscribers (issue 8) ----
+# ---- Events delivered to 1 and to 10 subscribers (issue 8; at equal payload size: issue 24) ----
+sized = meta.get("event_payload_bytes")
+sized_how = {"measured": "evd's update-row event line in this run",
+             "default": "a representative update-row event line; evd's UPDATE row failed"}.get(meta.get("event_payload_source"), "")
 for subs in (1, 10):
     for system, label in (("evd_update", f"evd UPDATE of {meta['pubsub_rows']:,} rows, update-row"),
                           ("evd_emit", f"evd emit x{meta['emit_events']:,}, pipelined"),
                           ("redis", f"Redis {meta['redis_version']} PUBLISH x{meta['pubsub_events']:,}, pipelined"),
-                          ("nats", f"NATS {meta['nats_version']} PUB x{meta['pubsub_events']:,}, pipelined")):
+                          ("nats", f"NATS {meta['nats_version']} PUB x{meta['pubsub_events']:,}, pipelined"),
+                          ("redis_sized", f"Redis {meta['redis_version']} PUBLISH x{meta['pubsub_events']:,}, pipelined, "
+                                          f"at evd's event size ({sized} B payload)"),
+                          ("nats_sized", f"NATS {meta['nats_version']} PUB x{meta['pubsub_events']:,}, pipelined, "
+                                         f"at evd's event size ({sized} B payload)")):
         key = f"events_{system}_{subs}"
         reps, err = load(key)
         note = ""
         if reps:
             note = ((f"per s = deliveries to all {subs}; " if subs > 1 else "")
-                    + f"publisher done at {med(reps, 'pub_per_sec'):,.0f} messages/s; {med(reps, 'bytes_per_msg'):.0f} B/message")
+                    + f"publisher done at {med(reps, 'pub_per_sec'):,.0f} messages/s; {med(reps, 'bytes_per_msg'):.0f} B/message"
+                    + (f" (payload {reps[0]['payload_bytes']} B: {sized_how})" if system.endswith("_sized") else ""))
         if err and "lagged" in err:
             err += " -- a subscriber overflowed its 10,000-event outbox"
         row(key, f"events to {subs} subscriber{'s' if subs > 1 else ''}: {label}", reps, err, note, "events")
@@ -232,9 +240,16 @@ row("snapshot_raw", f"snapshot anchor: raw SQLite {snap_raw[0]['version'] if sna
 # ---- Forwarding into NATS JetStream (issue 21) ----
 fwd_events = meta.get("forward_events", 0)
 jsraw, jsraw_err = load("forward_jsraw")
-row("forward_jsraw", f"JetStream publish, raw: natsbench x{fwd_events:,}, 4096 in flight, one-node file stream",
+row("forward_jsraw", f"JetStream publish, acked, pipelined (raw): natsbench x{fwd_events:,}, 4096 in flight, one-node file stream",
     jsraw, jsraw_err, f"Swift, NATSClient's pipelined path evforward uses; {jsraw[0]['body_bytes']} B bodies + evforward's headers"
     if jsraw else "", "events")
+# Issue 24: evd's emit is durable (journaled before its OK), so JetStream's acked publish is its anchor.
+emd, emd_err = load("emit_durable")
+if emd:
+    emd = [dict(r, per_sec=r["pub_per_sec"], per_sec_delivered=r["per_sec"]) for r in emd]  # the rate at which emits are acknowledged
+row("emit_durable", f"emit pipelined (durable): evd emit x{fwd_events:,}, every one acknowledged, main daemon",
+    emd, emd_err, f"C probe, all requests pipelined; per s = acknowledgements (journaled); its 1 subscriber got "
+    f"{med(emd, 'per_sec_delivered'):,.0f}/s at {med(emd, 'bytes_per_msg'):.0f} B/event line" if emd else "", "events")
 fwd, fwd_err = load("forward_evd")
 row("forward_evd", f"forwarding: evforward, {fwd_events:,} journaled update-row events into a one-node stream", fwd, fwd_err,
     f"from evforward's start until the stream holds the journal's last seq; {med(fwd, 'messages'):,.0f} messages"
@@ -505,6 +520,26 @@ for subs, target in ((1, 1_200_000), (10, 4_500_000)):
         else:
             parts.append(f"{name} n/a")
     print(f"{label}: evd ({how}) {best:,.0f}/s (target >= {target:,}: {ok(best >= target)}) = " + ", ".join(parts))
+    # Issue 24: at equal payload size (the anchors' messages as large as evd's update-row event lines).
+    parts = []
+    for peer, name in (("redis", "Redis"), ("nats", "NATS")):
+        p = by_key[f"events_{peer}_sized_{subs}"]["per_sec"]
+        if not p:
+            parts.append(f"{name} n/a ({by_key[f'events_{peer}_sized_{subs}']['error']})")
+            continue
+        each = []
+        for k, kname in (("evd_update", "UPDATE"), ("evd_emit", "emit")):
+            e = by_key[f"events_{k}_{subs}"]["per_sec"]
+            if e:
+                ratios[f"events_{subs}_{k}_vs_{peer}_at_event_size"] = round(e / p, 3)
+                each.append(f"{kname} {e / p:.2f}x")
+        ratios[f"events_{subs}_evd_vs_{peer}_at_event_size"] = round(best / p, 3)
+        if peer == "redis" and subs == 10:
+            targets["events_10_evd_ahead_of_redis_at_event_size"] = best >= p
+        parts.append(f"{name} {p:,.0f}/s: evd {best / p:.2f}x (" + ", ".join(each) + ")")
+    print(f"{label} at evd's event size ({sized} B payloads, {meta.get('event_payload_source')}): " + "; ".join(parts)
+          + (f" (target: evd >= Redis: {ok(targets['events_10_evd_ahead_of_redis_at_event_size'])})"
+             if subs == 10 and "events_10_evd_ahead_of_redis_at_event_size" in targets else ""))
 
 # SQLAlchemy ORM (issue 22): no target; the ratio is the cost of going out of process, kept visible.
 for ph, name, unit in orm_phases:
@@ -519,6 +554,18 @@ for ph, name, unit in orm_phases:
               f"(the cost of going out of process; no target, to be driven down)")
     else:
         print(f"{label}: evd/sqlite n/a ({a['error'] or b['error']})")
+
+# emit (durable) vs JetStream's acked publish (issue 24): the target is to be ahead of it.
+e, js = by_key["emit_durable"]["per_sec"], by_key["forward_jsraw"]["per_sec"]
+if e is not None and js:
+    ratios["emit_durable_vs_jetstream_acked"] = round(e / js, 3)
+    targets["emit_durable_ahead_of_jetstream_acked"] = e >= js
+    print(f"emit pipelined (durable): {e:,.0f}/s = {e / js:.2f}x JetStream's acked pipelined publish ({js:,.0f}/s; "
+          f"target: ahead of it: {ok(e >= js)})")
+elif e is not None:
+    print(f"emit pipelined (durable): {e:,.0f}/s; JetStream acked publish n/a ({by_key['forward_jsraw']['error']})")
+else:
+    print(f"emit pipelined (durable): n/a ({by_key['emit_durable']['error']})")
 
 # Forwarding.
 r = by_key["forward_evd"]["per_sec"]
