@@ -44,12 +44,10 @@ struct GlobalOptions: ParsableArguments {
         let token = TokenSource.resolve(explicit: self.token, environment: SocketPath.processEnvironment)
         do {
             let request = try operation()
-            let response = try await EvdConnection.withConnection(socketPath: self.socketPath) { evd in
+            return try await EvdConnection.withConnection(socketPath: self.socketPath) { evd in
                 if let token { try await evd.login(token: token) }
-                return try await evd.rawRequest(request)
+                return try await evd.requestWithSeq(request)
             }
-            guard response["ok"] == true else { throw EvdError(object: response["error"]?.objectValue ?? [:]) }
-            return (response["result"]?.objectValue ?? [:], response["seq"]?.intValue)
         } catch let error as EvdError {
             Terminal.writeStderr("evctl: \(error)")
             throw ExitCode(ExitStatus.errorReply)

@@ -200,6 +200,7 @@ struct SnapshotTests {
                 for (arguments, code, field) in [
                     (["snapshot": "nope"], "no_such_table", "snapshot"),
                     (["snapshot": "_evd_journal"], "no_such_table", "snapshot"),
+                    (["snapshot": "_EVD_Journal"], "no_such_table", "snapshot"),
                     (["snapshot": "sqlite_master"], "no_such_table", "snapshot"),
                     (["snapshot": [], "events": ["app.*"]], "bad_request", "snapshot"),
                     (["snapshot": "t", "since": 0], "bad_request", "snapshot"),
@@ -213,6 +214,8 @@ struct SnapshotTests {
                     #expect(error.code == code, "\(arguments): \(error)")
                     if let field { #expect(error.extra["field"]?.stringValue == field, "\(arguments): \(error)") }
                 }
+                // A table's name in another case names it, as in SQL.
+                #expect(try await evd.request("subscribe", ["events": ["app.*"], "snapshot": "T"])["subscription"] != nil)
                 // Nothing was left open: the pool gives the connection to the next request.
                 #expect(try await evd.request("stats")["sessions"] != nil)
             }

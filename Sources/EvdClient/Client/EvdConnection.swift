@@ -205,6 +205,13 @@ public final class EvdConnection: Sendable {
         return try await self.rawRequest(members: members)
     }
 
+    /// Sends an operation and returns its result with the response's `seq`: the seq of the last
+    /// event the request committed (nil when it committed none). An error response is thrown.
+    public func requestWithSeq(_ operation: EvdOperation) async throws -> (result: JSONObject, seq: Int64?) {
+        let response = try await self.rawRequest(members: operation.request)
+        return (try Self.result(of: response), response["seq"]?.intValue)
+    }
+
     private static func result(of response: JSONObject) throws -> JSONObject {
         if response["ok"] == true {
             return response["result"]?.objectValue ?? [:]

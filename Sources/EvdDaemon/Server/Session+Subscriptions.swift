@@ -216,8 +216,7 @@ extension Session {
             let sent = await self.sendSnapshot(snapshot, subscription: subscription.id)
             await self.endSnapshot(snapshot)
             guard sent else {
-                _ = self.core.bus.unsubscribe(id: subscription.id, session: self.id)
-                self.hasSubscriptions.subtract(1, ordering: .relaxed)
+                try? self.unsubscribe(Int64(subscription.id))
                 self.outbox.unpark(subscription.id)
                 return .responded
             }

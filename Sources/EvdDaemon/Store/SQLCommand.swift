@@ -147,7 +147,6 @@ extension SQLRun {
         let (pool, connection, options) = (self.pool, self.connection, self.executionOptions)
         return try await pool.run {
             try pool.apply(options, to: connection)
-            connection.committedThrough = nil
             let result = try self.perform(command)
             // The request succeeded (committed, if it was its own transaction): what it attached
             // is the session's now. (Should the list not read, the session keeps the one it had.)
@@ -155,6 +154,7 @@ extension SQLRun {
             return SQLOutcome(
                 result: result,
                 attachments: attachments,
+                // (Its own transaction's COMMIT set it: `PooledConnection.commit`.)
                 seq: self.implicitTransaction ? connection.committedThrough : nil
             )
         }

@@ -64,9 +64,10 @@ final class TableSnapshot: @unchecked Sendable {
                 let journaled = try? sqlite.scalarInt("SELECT max(seq) FROM \(Journal.table)")
                 for table in tables {
                     let lowered = table.lowercased()
+                    // Names as SQLite matches them: without regard to case.
                     let exists =
                         try sqlite.scalarInt(
-                            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '\(table.replacingOccurrences(of: "'", with: "''"))'"
+                            "SELECT count(*) FROM main.sqlite_schema WHERE type = 'table' AND name = \(SQLIdentifier.literal(table)) COLLATE NOCASE"
                         ) ?? 0
                     guard exists > 0, !lowered.hasPrefix("sqlite_"), !lowered.hasPrefix("_evd_") else {
                         throw EvdError(
@@ -154,7 +155,6 @@ final class TableSnapshot: @unchecked Sendable {
                 JSONWriter.appendASCII("null", to: &bytes)
             }
         }
-        bytes.append(self.keys.isEmpty ? UInt8(ascii: "{") : UInt8(ascii: "}"))
-        if self.keys.isEmpty { bytes.append(UInt8(ascii: "}")) }
+        bytes.append(UInt8(ascii: "}"))  // (a table has at least one column: the first key opened the object)
     }
 }

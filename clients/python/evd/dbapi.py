@@ -568,8 +568,9 @@ class Connection:
         self._opened_by = None
         self._read_only = True
 
-    def _before_statement(self, sql):
-        """Begins the implicit transaction this statement needs, as sqlite3 does. Returns the id
+    def _before_statement(self, word):
+        """Begins the implicit transaction a statement whose first word is `word` needs, as sqlite3
+        does. Returns the id
         of a `begin` sent ahead of a SELECT without waiting (the statement follows it at once:
         _after_statement reads its answer), else None.
 
@@ -577,7 +578,6 @@ class Connection:
         alone, which changes nothing for a read (its rows are then not used), where a write would
         commit outside the transaction its caller asked for. A read transaction thus costs one
         round trip for its first statement, and its rollback none (see rollback())."""
-        word = _first_word(sql)
         if self._in_transaction or self._prepared is not None:
             if word != "SELECT":
                 self._read_only = False
@@ -837,7 +837,8 @@ class Cursor:
             raise ProgrammingError("You can only execute one statement at a time.")
         params = _bind_parameters(parameters)
         connection = self.connection
-        if _first_word(sql) in _CONTROL_WORDS:
+        word = _first_word(sql)
+        if word in _CONTROL_WORDS:
             body = _body(sql)
             for kind, pattern in _CONTROL:
                 match = pattern.match(body)
@@ -846,18 +847,18 @@ class Cursor:
                         raise ProgrammingError("a transaction statement takes no parameters")
                     connection._control(kind, match.group(1) if match.groups() else None)
                     return self
-        begin_id = connection._before_statement(sql)
+        begin_id = connection._before_statement(word)
         try:
             result = connection._request("execute", sql=sql, params=params, database=connection.database)
         finally:
             connection._after_statement(begin_id)
-        self._take(result, sql)
+        self._take(result, word)
         last = result.get("last_insert_rowid")
         if last is not None:
             self.lastrowid = last
         return self
 
-    def _take(self, result, sql):
+    def _take(self, result, word):
         columns = result.get("columns") or []
         rows = result.get("rows") or []
         if any(type(value) is dict for row in rows for value in row):
@@ -878,7 +879,7 @@ class Cursor:
         else:
             self.description = None
             self._rows = None
-        self.rowcount = result.get("changes", -1) if _first_word(sql) in _DML else -1
+        self.rowcount = result.get("changes", -1) if word in _DML else -1
         self._position = 0
 
     def executemany(self, sql, seq_of_parameters):
@@ -900,7 +901,8 @@ class Cursor:
             size += cost
         if batch or not batches:
             batches.append(batch)
-        connection._after_statement(connection._before_statement(sql))
+        word = _first_word(sql)
+        connection._after_statement(connection._before_statement(word))
         connection._read_only = False
         own = len(batches) > 1 and not connection._in_transaction and connection._prepared is None
         if own:
@@ -916,7 +918,7 @@ class Cursor:
             if own and connection._in_transaction and not connection.closed:
                 connection.rollback()
             raise
-        self.rowcount = changes if _first_word(sql) in _DML else -1
+        self.rowcount = changes if word in _DML else -1
         return self
 
     def executescript(self, sql_script):
