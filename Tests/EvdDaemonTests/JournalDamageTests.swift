@@ -37,12 +37,12 @@ struct JournalDamageTests {
         }
     }
 
-    /// Every line a `since: 0` subscription to what `journalARun` made receives, through `test.end`,
-    /// each parsed (a line that is not JSON fails the test).
+    /// Every line a `since: 0` subscription to what `journalARun` made receives, through the
+    /// `caught_up` notice that ends its replay, each parsed (a line that is not JSON fails the test).
     private static func replayLines(_ daemon: RunningDaemon) async throws -> [JSONObject] {
         let request = #"{"op":"subscribe","id":1,"events":["insert-rows","update-row","test.*"],"since":0}"# + "\n"
         let (bytes, _) = await plainSocketExchange(socketPath: daemon.socketPath, send: Array(request.utf8), halfClose: false) {
-            $0.count > 10 && String(decoding: $0.suffix(300), as: UTF8.self).contains("\"test.end\"") && $0.last == 0x0a
+            $0.count > 10 && String(decoding: $0.suffix(300), as: UTF8.self).contains("\"caught_up\"") && $0.last == 0x0a
         }
         var messages: [JSONObject] = []
         for line in bytes.split(separator: 0x0a) {
@@ -162,7 +162,8 @@ struct JournalDamageTests {
             )
             try await withDaemon(in: directory) { daemon, _ in
                 let messages = try await Self.replayLines(daemon)
-                #expect(messages.filter { $0["type"] == "notice" }.isEmpty)
+                let notices = messages.filter { $0["type"] == "notice" }
+                #expect(notices.map { $0["code"] } == [.string("caught_up")], "the replay ends with caught_up alone")
                 #expect(messages.filter { $0["event"] == "update-row" }.count == rows)
                 #expect(messages.filter { $0["event"] == "insert-rows" }.count == 4)
                 // New rows have checksums again, and are checked.
