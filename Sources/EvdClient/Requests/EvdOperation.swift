@@ -452,8 +452,10 @@ extension EvdOperation {
 
         /// Checks the type of the options evd itself reads (any other is kept as given).
         public func checkKnownOptions() throws(EvdError) {
-            if let value = self.options["query_only"], value.boolValue == nil {
-                throw Arguments.wrongType("options.query_only", "a boolean", value)
+            for flag in ["query_only", "group_commit"] {
+                if let value = self.options[flag], value.boolValue == nil {
+                    throw Arguments.wrongType("options.\(flag)", "a boolean", value)
+                }
             }
             if let value = self.options["busy_timeout_ms"] {
                 _ = try Arguments.integer(value, field: "options.busy_timeout_ms", in: 0...600_000)

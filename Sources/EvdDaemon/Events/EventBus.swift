@@ -114,6 +114,12 @@ public final class EventBus: Sendable {
         self.vetoInterest.load(ordering: .relaxed) & (1 << UInt64(kind.rawValue)) != 0
     }
 
+    /// Whether any veto listener decides an event other than `kind` right now.
+    @inline(__always)
+    func vetoesAny(except kind: EventKind) -> Bool {
+        self.vetoInterest.load(ordering: .relaxed) & ~(1 << UInt64(kind.rawValue)) != 0
+    }
+
     /// Emits a catalog event; `properties` is only called when someone subscribed to it.
     @inline(__always)
     public func emit(_ kind: EventKind, _ origin: EventOrigin, _ properties: () -> JSONObject) {

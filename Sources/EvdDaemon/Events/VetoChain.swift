@@ -172,10 +172,10 @@ extension EventBus {
     /// A chain decided ahead of the work it is about (`decideAhead`): its verdict (`nil`: no
     /// listener was asked), and the event, which plain subscribers get only when `publish()` is
     /// called — where the event belongs in the order they see.
-    struct DecidedAhead {
+    struct DecidedAhead: Sendable {
         let verdict: VetoVerdict?
         /// Emits the event to plain subscribers: with its `outcome` after a chain, else plainly.
-        let publish: () -> Void
+        let publish: @Sendable () -> Void
     }
 
     /// Runs the veto chain for `kind` like `decide`, but leaves the event's publication to the
@@ -187,7 +187,7 @@ extension EventBus {
         _ origin: EventOrigin,
         budget: Duration,
         eventLoop: any EventLoop,
-        _ properties: @escaping () -> JSONObject
+        _ properties: @escaping @Sendable () -> JSONObject
     ) async -> DecidedAhead {
         let budget = OperationVetoBudget.current?.remaining(cap: budget) ?? budget
         guard var chain = self.startVeto(kind, origin, budget: budget, emitPlainly: false, properties) else {

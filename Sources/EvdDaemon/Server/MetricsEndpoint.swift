@@ -143,6 +143,13 @@ final class DaemonMetrics: Sendable {
             self.gauge("evd_pool_waiting", labels, "Requests waiting for a pooled connection now.", to: int(pool["waiting"]))
             self.counter("evd_pool_waits_total", labels, "Checkouts that had to wait for a connection.", to: int(pool["waits"]))
             self.counter("evd_pool_checkouts_total", labels, "Connections checked out of the pool.", to: int(pool["checkouts"]))
+            self.counter("evd_commit_groups_total", labels, "Commit groups run (one COMMIT each).", to: int(pool["commit_groups"]))
+            self.counter(
+                "evd_grouped_requests_total",
+                labels,
+                "Requests committed in a commit group.",
+                to: int(pool["grouped_requests"])
+            )
             self.gauge(
                 "evd_database_lost",
                 labels,

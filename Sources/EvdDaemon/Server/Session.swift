@@ -97,7 +97,12 @@ final class Session: Sendable {
         // A client that goes away does not leave its statement running on a pooled connection.
         // (Only when the connection is gone: a client that half-closed its input still waits for
         // its response.)
-        channel.closeFuture.whenComplete { _ in self.runningWatch.withLock { $0 }?.interrupt(.disconnected) }
+        channel.closeFuture.whenComplete { _ in
+            // Under the lock, which the request's end takes to clear it: a commit group runs the
+            // next member's statements on the same connection (`CommitGroups`), never interrupted
+            // for this session.
+            self.runningWatch.withLock { $0?.interrupt(.disconnected) }
+        }
         self.logger.debug("session started")
         self.outbox.enqueue(line: self.helloLine())
         await self.publishSessionEvent(.login, ["method": "peercred"])

@@ -38,29 +38,65 @@ extension PooledConnection {
         events prepared: [CommittedEvent]? = nil
     ) throws(SQLiteError) {
         self.committedThrough = nil
-        let events = prepared.map(CommittedEvents.init) ?? self.capture.committedEvents(database: database)
-        let large = self.capture.recordedCount >= Self.trimAfterRows || events.count > Self.eventChunk
+        let staged = try self.stageCommit(database: database, origin: origin, bus: bus, journal: journal, events: prepared)
         defer {
             // Once the capture is discarded (on a failed COMMIT it stays, and so does its memory).
-            if large, self.capture.isEmpty { _ = evd_malloc_trim() }
+            if staged.large, self.capture.isEmpty { _ = evd_malloc_trim() }
         }
+        do throws(SQLiteError) {
+            try self.identity.check()  // nothing is committed into a file deleted or replaced under evd
+            try self.run(own: "COMMIT")
+        } catch {
+            self.unstage(staged, bus: bus)
+            throw error
+        }
+        self.committedThrough = self.publish(staged, bus: bus, journal: journal)
+        self.capture.discardAll()
+    }
+
+    /// Everything of a COMMIT but the COMMIT: the transaction's committed events made and, when
+    /// the journal is on, numbered and journaled inside the transaction. `publish` then sends
+    /// them once the COMMIT succeeded; `unstage` takes them back when it did not.
+    ///
+    /// `grouped`: a member of a commit group (`CommitGroup`), whose capture is discarded before
+    /// the group commits: its events are numbered now even without a journal, and, when there are
+    /// few enough, made now; when there are more, the capture must be kept until the COMMIT
+    /// (`StagedCommit.needsCapture`). On failure nothing stays staged.
+    func stageCommit(
+        database: String,
+        origin: EventOrigin,
+        bus: EventBus,
+        journal: Journal?,
+        events prepared: [CommittedEvent]? = nil,
+        grouped: Bool = false
+    ) throws(SQLiteError) -> StagedCommit {
+        let events = prepared.map(CommittedEvents.init) ?? self.capture.committedEvents(database: database)
+        let large = self.capture.recordedCount >= Self.trimAfterRows || events.count > Self.eventChunk
         // The schema version the row events carry: as of this COMMIT, the transaction's own DDL
         // included (read inside it; `nil` should the read fail: they then go without it).
         let schemaVersion = events.isEmpty ? nil : try? self.schema.version(self.sqlite)
-        guard let journal, journal.settings.enabled, !events.isEmpty else {
-            try self.identity.check()  // nothing is committed into a file deleted or replaced under evd
-            try self.run(own: "COMMIT")
-            if !events.isEmpty {
-                self.committedThrough = bus.publishCommitted(events, origin: origin, schemaVersion: schemaVersion)
+        var staged = StagedCommit(
+            database: database,
+            events: events,
+            origin: origin,
+            schemaVersion: schemaVersion,
+            large: large
+        )
+        guard !events.isEmpty else { return staged }
+        guard let journal, journal.settings.enabled else {
+            if grouped {
+                let reservation = bus.reserve(events.count)
+                staged.reservation = reservation
+                if events.count <= Self.eventChunk {
+                    staged.kept = events.publications(0..<events.count, origin: origin, stamp: staged.stamp)
+                }
             }
-            self.capture.discardAll()
-            return
+            return staged
         }
         let reservation = bus.reserve(events.count)
+        staged.reservation = reservation
         // Every event carries its transaction: the seq of its first event (`TxStamp`).
-        let stamp = TxStamp(reservation, schemaVersion: schemaVersion)
-        // A small transaction's events are made once, kept for publishing.
-        var kept: [Publication]?
+        let stamp = staged.stamp
         // The journal's own rows (and taking them back out) are not changes of the client's.
         try self.capture.withoutRecording { () throws(SQLiteError) in
             do throws(SQLiteError) {
@@ -76,34 +112,76 @@ extension PooledConnection {
                     let made = events.publications(chunk, origin: origin, stamp: stamp)
                     try Journal.write(made, first: reservation.first + Int64(start), time: time, using: self.journalInsert!)
                     bytes += Journal.RunningFigures.bytes(of: made, timeBytes: time.utf8.count)
-                    if chunk.count == events.count { kept = made }
+                    // A small transaction's events are made once, kept for publishing.
+                    if chunk.count == events.count { staged.kept = made }
                     start = chunk.upperBound
                 }
-                try self.identity.check()  // nothing is committed into a file deleted or replaced under evd
-                try self.run(own: "COMMIT")
-                journal.running.add(.database(database), first: reservation.first, count: events.count, bytes: bytes)
+                staged.journaledBytes = bytes
             } catch {
-                if self.sqlite.inTransaction {
-                    try? self.sqlite.exec(
-                        "DELETE FROM _evd_journal WHERE seq BETWEEN \(reservation.first) AND \(reservation.last)"
-                    )
-                }
-                bus.cancel(reservation)
+                self.unstage(staged, bus: bus)
                 throw error
             }
         }
-        self.committedThrough = reservation.last
-        if let kept {
+        return staged
+    }
+
+    /// Takes staged events back after the COMMIT failed (or was never run): their journal rows
+    /// out of a transaction still open, their seqs given up.
+    func unstage(_ staged: StagedCommit, bus: EventBus) {
+        guard let reservation = staged.reservation else { return }
+        if staged.journaledBytes != nil, self.sqlite.inTransaction {
+            self.capture.withoutRecording {
+                try? self.sqlite.exec("DELETE FROM _evd_journal WHERE seq BETWEEN \(reservation.first) AND \(reservation.last)")
+            }
+        }
+        bus.cancel(reservation)
+    }
+
+    /// Publishes staged events once their COMMIT succeeded, in order, with what was held back for
+    /// them; returns the last seq they took (nil: none). Events not made yet are made now from the
+    /// capture, a chunk at a time (so call it before the capture is discarded): the same bytes as
+    /// journaled; events nobody subscribed to are not made at all.
+    func publish(_ staged: StagedCommit, bus: EventBus, journal: Journal?) -> Int64? {
+        let events = staged.events
+        guard !events.isEmpty else { return nil }
+        guard let reservation = staged.reservation else {
+            return bus.publishCommitted(events, origin: staged.origin, schemaVersion: staged.schemaVersion)
+        }
+        if let bytes = staged.journaledBytes {
+            journal?.running.add(.database(staged.database), first: reservation.first, count: events.count, bytes: bytes)
+        }
+        if let kept = staged.kept {
             bus.complete(reservation, kept)
         } else {
-            // Made again, a chunk at a time, from the capture (so before it is discarded): the same
-            // bytes as journaled. Events nobody subscribed to are not made at all.
+            let (origin, stamp) = (staged.origin, staged.stamp)
             bus.complete(reservation, batch: Self.eventChunk) { range, wanted in
                 events.publications(range, origin: origin, wanted: wanted, stamp: stamp)
             }
         }
-        self.capture.discardAll()
+        return reservation.last
     }
+}
+
+/// A transaction's committed events between the journal and the COMMIT (`stageCommit`).
+struct StagedCommit {
+    let database: String
+    let events: CommittedEvents
+    let origin: EventOrigin
+    let schemaVersion: Int64?
+    /// Whether the transaction was big enough to give its memory back after it (`trimAfterRows`).
+    let large: Bool
+    /// Their seqs (nil: none yet; without a journal they are numbered when published).
+    var reservation: SeqReservation?
+    /// The events, made already (nil: made from the capture when published).
+    var kept: [Publication]?
+    /// The bytes journaled (nil: not journaled).
+    var journaledBytes: Int?
+
+    /// The transaction's members every event carries.
+    var stamp: TxStamp? { self.reservation.map { TxStamp($0, schemaVersion: self.schemaVersion) } }
+
+    /// Whether publishing needs the capture the events were planned from.
+    var needsCapture: Bool { !self.events.isEmpty && self.kept == nil }
 }
 
 extension EventBus {

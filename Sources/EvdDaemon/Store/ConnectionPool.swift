@@ -30,6 +30,8 @@ public final class ConnectionPool: Sendable {
     let checkpointer: Checkpointer?
     /// Where connections wait for the write lock; opened at each commit.
     let writeGate = WriteGate()
+    /// Where requests that are their own transaction are committed together (`CommitGroups`).
+    let commitGroups = CommitGroups()
     /// Whether the path still names the file the pool first opened (`DatabaseIdentity`).
     let identity: DatabaseIdentity
     /// How many connections one uid may hold at once (`--max-pool-share`), and the uids it does
@@ -166,7 +168,10 @@ public final class ConnectionPool: Sendable {
     /// (`DatabaseIdentity`). `verifyFile`: `stat` the path now; `false` only reads whether the
     /// database was found lost before, for a request in its own transaction, whose COMMIT (which
     /// it always runs, reads too, before its result is sent) checks the file anyway.
-    public func checkout(origin: EventOrigin, verifyFile: Bool = true) async throws(EvdError) -> PooledConnection {
+    ///
+    /// `announced: false`: a commit group's connection, whose members each announce their own
+    /// `checkout` (`announceCheckout`): neither fired nor asked here.
+    public func checkout(origin: EventOrigin, verifyFile: Bool = true, announced: Bool = true) async throws(EvdError) -> PooledConnection {
         var attempts = 0
         let uid = origin.actor.flatMap { self.unlimitedUIDs.contains($0.uid) ? nil : $0.uid }
         while true {
@@ -227,6 +232,7 @@ public final class ConnectionPool: Sendable {
                 case .failed(let error): throw error
                 }
             }
+            guard announced else { return connection }
             let verdict = await self.bus.decide(.checkout, origin, budget: self.vetoBudget, eventLoop: self.eventLoop) {
                 self.poolProperties(connection.number)
             }
@@ -238,6 +244,23 @@ public final class ConnectionPool: Sendable {
             }
             return connection
         }
+    }
+
+    /// A commit group's member takes the group's connection: `checkout`, then `engine_connect`,
+    /// as a request of its own that checked it out would fire them.
+    func announceCheckout(_ connection: PooledConnection, origin: EventOrigin) {
+        self.bus.emit(.checkout, origin) { self.poolProperties(connection.number) }
+        self.announceEngineConnect(connection, origin: origin)
+    }
+
+    /// A commit group's member is done with the group's connection: `reset`, then `checkin`.
+    func announceCheckin(_ connection: PooledConnection, origin: EventOrigin) {
+        self.bus.emit(.reset, origin) {
+            var properties = self.poolProperties(connection.number)
+            properties["rolled_back"] = false
+            return properties
+        }
+        self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) }
     }
 
     // MARK: A lost database file
@@ -364,7 +387,10 @@ public final class ConnectionPool: Sendable {
     /// waiter, or closed if it was invalidated, soft-invalidated or detached meanwhile, or if its
     /// session left state on it that the next session must not inherit (a temporary table or
     /// trigger, an attached database, a pragma: `AuthorizerObserver.leftSessionState`).
-    public func checkin(_ connection: PooledConnection, origin: EventOrigin) async {
+    ///
+    /// `announced: false`: a commit group's connection, whose members announced their own
+    /// `reset` and `checkin` (`announceCheckin`).
+    public func checkin(_ connection: PooledConnection, origin: EventOrigin, announced: Bool = true) async {
         let rolledBack: Bool
         do {
             rolledBack = try await self.run {
@@ -382,15 +408,17 @@ public final class ConnectionPool: Sendable {
         } catch {
             rolledBack = false  // the thread pool is gone: we are stopping
         }
-        self.bus.emit(.reset, origin) {
-            var properties = self.poolProperties(connection.number)
-            properties["rolled_back"] = .bool(rolledBack)
-            return properties
+        if announced {
+            self.bus.emit(.reset, origin) {
+                var properties = self.poolProperties(connection.number)
+                properties["rolled_back"] = .bool(rolledBack)
+                return properties
+            }
+            // A detached connection does not return to the pool: no `checkin` (SQLAlchemy's
+            // `_finalize_fairy` resets it, then fires only `close_detached`).
+            let detached = self.state.withLock { $0.closeOnCheckin[connection.number] == .detach }
+            if !detached { self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) } }
         }
-        // A detached connection does not return to the pool: no `checkin` (SQLAlchemy's
-        // `_finalize_fairy` resets it, then fires only `close_detached`).
-        let detached = self.state.withLock { $0.closeOnCheckin[connection.number] == .detach }
-        if !detached { self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) } }
 
         enum Next {
             case idle
@@ -641,12 +669,15 @@ public final class ConnectionPool: Sendable {
 
     /// Pool figures for `stats`.
     func statistics() -> JSONValue {
-        self.state.withLock { state in
+        let (groups, members, queued) = self.commitGroups.statistics
+        return self.state.withLock { state in
             [
                 "size": .integer(self.size), "open": .integer(state.open), "in_use": .integer(state.inUse),
                 "idle": .integer(state.idle.count), "waiting": .integer(state.waiters.count),
                 "waits": .integer(state.waits), "checkouts": .integer(state.checkouts),
                 "lost": .bool(self.identity.isLost),
+                // Commit groups run, and the requests they held (`CommitGroups`).
+                "commit_groups": .integer(groups), "grouped_requests": .integer(members), "group_queue": .integer(queued),
             ]
         }
     }

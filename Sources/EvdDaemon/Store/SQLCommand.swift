@@ -55,10 +55,36 @@ extension ConnectionPool {
     /// Checks a connection out for a session: `checkout`, then `engine_connect`.
     func connect(origin: EventOrigin, verifyFile: Bool = true) async throws -> PooledConnection {
         let connection = try await self.checkout(origin: origin, verifyFile: verifyFile)
+        self.announceEngineConnect(connection, origin: origin)
+        return connection
+    }
+
+    /// `engine_connect`: a session's use of a checked-out connection begins.
+    func announceEngineConnect(_ connection: PooledConnection, origin: EventOrigin) {
         self.bus.emit(.engineConnect, origin) {
             ["database": .string(self.database.name), "connection": .integer(connection.number), "branch": false]
         }
-        return connection
+    }
+
+    /// Whether `sql`, a request that is its own transaction, runs in a commit group
+    /// (`CommitGroups`, which says why these): one write statement or a structured write that
+    /// changes no schema, no attachments, no `group_commit: false` option, and no veto listener
+    /// but `before_execute`'s.
+    func groups(_ sql: SQLRequest) -> Bool {
+        guard sql.attachments.isEmpty, sql.executionOptions["group_commit"]?.boolValue != false,
+            !self.bus.vetoesAny(except: .beforeExecute)
+        else { return false }
+        switch sql.command {
+        case .execute(let text, _), .executemany(let text, _):
+            return text.isOneWrite
+        case .structured(.insert(_, _, _, _, let alter, _)), .structured(.upsert(_, _, let alter, _)),
+            .structured(.update(_, _, _, let alter, _)):
+            return !alter
+        case .structured(.delete):
+            return true
+        case .structured:
+            return false
+        }
     }
 
     /// Attaches a session's `attachments` again on `connection`, just checked out for it
@@ -94,8 +120,12 @@ extension ConnectionPool {
         _ sql: SQLRequest,
         on connection: PooledConnection?,
         announcing decided: EventBus.DecidedAhead,
-        watching: (StatementWatch?) -> Void
+        grouping: Bool = true,
+        watching: @escaping @Sendable (StatementWatch?) -> Void
     ) async throws -> SQLOutcome {
+        if connection == nil, grouping, self.groups(sql) {
+            return try await self.commitGroups.submit(sql, on: self, announcing: decided, watching: watching)
+        }
         let implicit = connection == nil
         let connection = try await {
             if let connection { return connection }

@@ -43,11 +43,12 @@ struct SQLRun {
     /// The most one operation's vetoes may take in all (`--veto-budget-ms`).
     let vetoBudget: Duration
     /// What is left of it for this request: taken from the session's task when the run is made,
-    /// since the SQLite thread the run goes on cannot see the task's value.
-    let operationBudget: OperationVetoBudget? = OperationVetoBudget.current
+    /// since the SQLite thread the run goes on cannot see the task's value (a commit group sets
+    /// its member's).
+    var operationBudget: OperationVetoBudget? = OperationVetoBudget.current
     /// The largest response evd sends (`--max-response-bytes`): a result past it stops early.
     /// Taken from the session's task, as `operationBudget` is.
-    let maxResponseBytes = ResultRows.maxResponseBytes
+    var maxResponseBytes = ResultRows.maxResponseBytes
     /// The session's actor, checked table by table as its SQL is prepared (`nil`: holds everything).
     var policy: SQLPolicy? = nil
     /// The `before_execute` listeners that rewrote the request: its SQL must stay within what each
@@ -55,6 +56,9 @@ struct SQLRun {
     var rewriters: [SQLPolicy] = []
     /// How long one client statement may run before it is interrupted (0: no limit).
     var statementLimitMs = 0
+    /// The commit group the request runs in (`CommitGroups`): its transaction is a savepoint of
+    /// the group's, committed with it. `nil`: its own, or the session's.
+    var group: CommitGroup? = nil
 
     var database: String { self.pool.database.name }
     var sqlite: SQLiteConnection { self.connection.sqlite }

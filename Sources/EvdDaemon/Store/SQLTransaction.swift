@@ -16,7 +16,7 @@ extension SQLRun {
         do {
             (value, changes) = try body()
         } catch {
-            if self.implicitTransaction && self.sqlite.inTransaction { self.rollback() }
+            if self.implicitTransaction && (self.group?.memberOpen ?? self.sqlite.inTransaction) { self.rollback() }
             throw error
         }
         self.bus.emit(.afterExecute, self.origin) {
@@ -32,12 +32,16 @@ extension SQLRun {
                 throw error
             }
             do {
-                try self.connection.commit(
-                    database: self.database,
-                    origin: self.origin,
-                    bus: self.bus,
-                    journal: self.pool.journal
-                )
+                if let group = self.group {
+                    _ = try group.commitMember(self)  // committed with the group, later
+                } else {
+                    try self.connection.commit(
+                        database: self.database,
+                        origin: self.origin,
+                        bus: self.bus,
+                        journal: self.pool.journal
+                    )
+                }
             } catch {
                 self.rollback()
                 throw self.failed(error, statement: "COMMIT", parameters: .array([]))
@@ -67,6 +71,7 @@ extension SQLRun {
 
     /// SQLite's `BEGIN` of the request's own transaction, after its `begin` event.
     func beginSQL(immediate: Bool) throws(EvdError) {
+        if let group = self.group { return try group.beginMember(self) }
         do {
             try self.connection.run(own: immediate ? "BEGIN IMMEDIATE" : "BEGIN")
         } catch {
@@ -75,9 +80,18 @@ extension SQLRun {
     }
 
     private func rollback() {
-        self.connection.capture.discardAll()
-        self.connection.schema.clear()  // the schema cookie goes back (see `SchemaCache`)
-        try? self.sqlite.exec("ROLLBACK")
+        if let group = self.group {
+            group.rollbackMember()
+        } else {
+            self.connection.capture.discardAll()
+            self.connection.schema.clear()  // the schema cookie goes back (see `SchemaCache`)
+            try? self.sqlite.exec("ROLLBACK")
+        }
+        self.emitRollback()
+    }
+
+    /// `rollback`: the request's transaction ended without committing.
+    func emitRollback() {
         self.bus.emit(.rollback, self.origin) { self.transactionProperties() }
     }
 }

@@ -3,6 +3,16 @@ import EvdClient
 import OrderedCollections
 
 extension SQLText {
+    /// Whether the text is one INSERT, UPDATE, DELETE or REPLACE statement (what a commit group
+    /// takes, `ConnectionPool.groups`). A script, or a statement that starts otherwise (a `WITH`,
+    /// a `SELECT`, a `PRAGMA`), is not.
+    var isOneWrite: Bool {
+        guard let range = self.nextStatement(from: 0), self.nextStatement(from: range.upperBound) == nil else { return false }
+        let first = SQLScanner.tokens(self.utf8[range], limit: 1, topLevelOnly: true).first
+        guard case .word(let word)? = first else { return false }
+        return ["INSERT", "UPDATE", "DELETE", "REPLACE"].contains(word.uppercased())
+    }
+
     /// The statement at `range` (from `nextStatement`) as text of its own: `self` when it is all of it.
     func statement(_ range: Range<Int>) -> SQLText {
         range == 0..<(self.utf8.count - 1) ? self : SQLText(String(decoding: self.utf8[range], as: UTF8.self))
