@@ -362,10 +362,14 @@ struct RobustnessTests {
                 try await holder.request("execute", ["sql": "insert into t values (0)"])
                 try await withThrowingTaskGroup(of: Void.self) { group in
                     // The two other connections wait for the lock (up to 120 s: a loaded run is slow) on their threads.
+                    // (Not as one commit group, which would wait on one connection, the other request queued.)
                     for value in 1...2 {
                         group.addTask {
                             try await daemon.withClient { waiter in
-                                try await waiter.request("execution_options", ["options": ["busy_timeout_ms": 120_000]])
+                                try await waiter.request(
+                                    "execution_options",
+                                    ["options": ["busy_timeout_ms": 120_000, "group_commit": false]]
+                                )
                                 try await waiter.request("execute", ["sql": "insert into t values (?)", "params": [.integer(value)]])
                             }
                         }
