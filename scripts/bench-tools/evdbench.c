@@ -324,11 +324,19 @@ typedef struct {
     double *lat;  // shared: lat[id - 1] is the latency of the request that inserted row id
 } inserts_arg_t;
 
+// GROUP=0: the clients set the execution option group_commit to false (evd without commit groups).
+static int g_group_commit = 1;
+
 // One client: ids k+1, k+1+CLIENTS, ... one row per `insert` request, each waiting for its response.
 static int insert_client(int k, slot_t *slot, void *varg) {
     inserts_arg_t *a = varg;
     static reader_t r;
     int fd = connect_evd(a->path, &r);
+    if (!g_group_commit) {
+        const char *options = "{\"op\":\"execution_options\",\"id\":0,\"options\":{\"group_commit\":false}}\n";
+        write_all(fd, options, strlen(options));
+        expect_ok(&r, "execution_options response");
+    }
     char tname[512];
     json_string(tname, a->table);
     long n = 0;
@@ -672,7 +680,10 @@ int main(int argc, char **argv) {
         return exec_sql(argv[2], n, argv + 3);
     }
     if (argc >= 6 && !strcmp(argv[1], "inserts")) {
-        if (argc >= 7) g_timeout_s = atof(argv[6]);
+        for (int i = 6; i < argc; i++) {
+            if (!strncmp(argv[i], "GROUP=", 6)) g_group_commit = atoi(argv[i] + 6) != 0;
+            else g_timeout_s = atof(argv[i]);
+        }
         return inserts(argv[2], argv[3], atoi(argv[4]), atol(argv[5]));
     }
     if (argc >= 5 && !strcmp(argv[1], "drain")) return drain(argv[2], argv[3], argc - 4, argv + 4);
@@ -693,7 +704,7 @@ int main(int argc, char **argv) {
                     "     | insert SOCKET TABLE TOTAL BATCH [TIMEOUT_S]\n"
                     "     | count SOCKET EVENT EXPECTED READY_FILE [TIMEOUT_S] [SINCE=S] [ROWS=1]\n"
                     "     | exec SOCKET SQL... [TIMEOUT_S=N]\n"
-                    "     | inserts SOCKET TABLE CLIENTS TOTAL [TIMEOUT_S] | drain SOCKET READY_FILE EVENT...\n"
+                    "     | inserts SOCKET TABLE CLIENTS TOTAL [TIMEOUT_S] [GROUP=0] | drain SOCKET READY_FILE EVENT...\n"
                     "     | idle SOCKET N READY_FILE EVENT [TIMEOUT_S] | stall SOCKET EVENT READY_FILE [TIMEOUT_S]\n"
                     "     | request SOCKET JSON | snapshot SOCKET TABLE EXPECTED_ROWS [TIMEOUT_S]\n");
     return 2;
