@@ -106,7 +106,9 @@ struct CommitGroupTests {
                                         .structured(
                                             .insert(
                                                 table: "w",
-                                                rows: JSONRows(objects: [["client": .integer(Int64(client)), "n": .integer(Int64(n)), "v": "op"]])!,
+                                                rows: JSONRows(objects: [
+                                                    ["client": .integer(Int64(client)), "n": .integer(Int64(n)), "v": "op"]
+                                                ])!,
                                                 ignore: false,
                                                 replace: false,
                                                 alter: false,
@@ -248,8 +250,8 @@ struct CommitGroupTests {
                 #expect(results[3].1?.message.contains("boom says no") == true)
                 #expect(results[4].0?["changes"] == 1)
                 let table = try await daemon.request(.execute(.init(sql: "select v from t order by id")))["rows"]
-            // 'b' was lost with the group's transaction and ran again alone, after the group.
-            #expect(table == [["first"], ["e"], ["b"]], "\(String(describing: table)); \(results.map { $0.1 })")
+                // 'b' was lost with the group's transaction and ran again alone, after the group.
+                #expect(table == [["first"], ["e"], ["b"]], "\(String(describing: table)); \(results.map { $0.1 })")
                 #expect(try await daemon.request(.execute(.init(sql: "select v from boom")))["rows"] == [["ok"]])
                 // Each committed insert once; the two lost with the transaction rolled back, then ran
                 // again alone.

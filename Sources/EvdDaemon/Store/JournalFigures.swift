@@ -197,6 +197,16 @@ extension Journal {
             return figures
         }
 
+        /// About how many events `window` holds above `floor` (exact while its stretches were
+        /// never compacted, else within about 1/2048 of what its source holds).
+        func events(of window: Window, above floor: Int64) -> Int {
+            self.stretches.withLock { all in
+                guard var stretches = all[window] else { return 0 }
+                Self.cut(&stretches, at: floor)
+                return stretches.reduce(0) { $0 + $1.events }
+            }
+        }
+
         /// Drops the stretches at or below `floor` and keeps the share above it of one it cuts
         /// through: exact when its seqs are consecutive, else in proportion to the seqs kept.
         private static func cut(_ stretches: inout Deque<Stretch>, at floor: Int64) {

@@ -332,6 +332,21 @@ struct SQLRun {
         let observer = self.connection.observer
         observer.clearStatementRecord()
         observer.rewriters = self.rewriters + rewriters
+        // The statement cache: for an actor who holds every action, and no listener's rewrite,
+        // the authorizer decides nothing a later use could decide otherwise, so a statement
+        // prepared before under the same schema is used again (`SchemaCache.cachedStatement`).
+        // A restricted actor's statements are compiled, and so judged, every time.
+        // (Looking it up reads the schema cookie: not in a deferred transaction that has read
+        // nothing yet, which must not take its snapshot before its first statement, see `facts`.)
+        let cacheable =
+            offset == 0 && observer.policy == nil && observer.rewriters.isEmpty
+            && (!self.sqlite.inTransaction || sqlite3_txn_state(self.sqlite.handle, "main") != SQLITE_TXN_NONE)
+        if cacheable, let cached = try? self.connection.schema.cachedStatement(sql.text, self.sqlite) {
+            cached.statement.reset()
+            observer.writtenTables = cached.writtenTables
+            return cached.statement
+        }
+        let leftStateBefore = observer.leftSessionState
         if observer.policy != nil || !observer.rewriters.isEmpty { observer.facts = self.facts(of: sql, from: offset) }
         observer.judgingClientSQL = true
         defer { observer.judgingClientSQL = false }
@@ -368,7 +383,30 @@ struct SQLRun {
                 "transaction control in SQL is not allowed: use the begin, commit, rollback and savepoint ops"
             )
         }
+        if cacheable, let statement, Self.mayCache(statement, sql, observer, leftStateBefore: leftStateBefore) {
+            try? self.connection.schema.cache(
+                SchemaCache.CachedStatement(statement: statement, writtenTables: observer.writtenTables),
+                for: sql.text,
+                self.sqlite
+            )
+        }
         return statement
+    }
+
+    /// Whether a statement just prepared may be used again for the same text: one plain query or
+    /// change of rows, whose compile changed nothing on the connection (no schema change, no
+    /// pragma, no attachment: what a compile does, a reuse would not do again).
+    private static func mayCache(
+        _ statement: SQLiteStatement,
+        _ sql: SQLText,
+        _ observer: AuthorizerObserver,
+        leftStateBefore: Bool
+    ) -> Bool {
+        guard sql.isBlank(from: statement.tailOffset), observer.schemaActions.isEmpty, observer.setExecutionOptionPragma == nil,
+            observer.protectedTable == nil, observer.refused == nil, observer.leftSessionState == leftStateBefore,
+            case .word(let verb)? = SQLScanner.tokens(sql.utf8.dropLast(), limit: 1, topLevelOnly: true).first
+        else { return false }
+        return ["SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES"].contains(verb.uppercased())
     }
 
     /// What the policy needs to know of the statement at `offset` that its compile does not tell.
@@ -510,6 +548,9 @@ struct SQLRun {
         observer.refused = nil
         observer.judgingClientSQL = true
         defer { observer.judgingClientSQL = false }
+        // A kept statement is reset once run (a reused one was before): no cursor stays open, no
+        // binding points at a request's text.
+        defer { if statement.isCached { statement.reset() } }
         let watch = self.connection.watch
         watch.begin(limitMs: self.statementLimitMs)
         var interrupted: StatementWatch.Reason?

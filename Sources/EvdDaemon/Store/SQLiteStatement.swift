@@ -18,6 +18,9 @@ public final class SQLiteStatement: @unchecked Sendable {
     let connection: SQLiteConnection
     /// Where in the SQL text the next statement starts.
     public let tailOffset: Int
+    /// Whether its connection keeps it for the next use of its text (`SchemaCache.cache`): it is
+    /// reset after each run instead of finalized.
+    var isCached = false
 
     init(handle: OpaquePointer, connection: SQLiteConnection, tailOffset: Int) {
         self.handle = handle

@@ -259,6 +259,21 @@ final class SchemaCache: @unchecked Sendable {
     /// The tables with an `ON CONFLICT REPLACE` constraint as last read, kept when the rest is
     /// forgotten: for a transaction that must not read yet (see `replacingTables`).
     private(set) var lastReplacing: Set<String> = []
+    /// Client statements prepared under the current schema, by their text (`SQLRun.prepare`),
+    /// the oldest first; forgotten with everything else.
+    private var statements: OrderedDictionary<String, CachedStatement> = [:]
+
+    /// A prepared client statement kept for its next use, with what its compile told the
+    /// authorizer observer that a later use needs (`AuthorizerObserver.writtenTables`).
+    struct CachedStatement {
+        let statement: SQLiteStatement
+        let writtenTables: Set<String>
+    }
+
+    /// The most statements kept per connection, and the longest text kept: a client sending ever
+    /// new SQL costs a bounded amount of memory.
+    static let maxStatements = 64
+    static let maxStatementBytes = 4096
 
     /// Forgets everything read so far.
     func clear() {
@@ -269,6 +284,26 @@ final class SchemaCache: @unchecked Sendable {
         self.columns = [:]
         self.shapes = [:]
         self.replacing = nil
+        if !self.statements.isEmpty { self.statements = [:] }
+    }
+
+    /// The statement kept for `sql` under the current schema, if any.
+    func cachedStatement(_ sql: String, _ sqlite: SQLiteConnection) throws(SQLiteError) -> CachedStatement? {
+        let entered = self.exclusiveUse.enter()
+        defer { self.exclusiveUse.leave(entered) }
+        try self.validate(sqlite)
+        return self.statements[sql]
+    }
+
+    /// Keeps `statement`, prepared from `sql` under the current schema, for its next use.
+    func cache(_ statement: CachedStatement, for sql: String, _ sqlite: SQLiteConnection) throws(SQLiteError) {
+        let entered = self.exclusiveUse.enter()
+        defer { self.exclusiveUse.leave(entered) }
+        guard sql.utf8.count <= Self.maxStatementBytes else { return }
+        try self.validate(sqlite)
+        if self.statements.count >= Self.maxStatements { self.statements.removeFirst() }
+        statement.statement.isCached = true
+        self.statements[sql] = statement
     }
 
     /// The tables (lower-cased) of the main database with an `ON CONFLICT REPLACE` constraint,
