@@ -367,6 +367,30 @@ struct OutboxTests {
         #expect(await firstValue(within: 10) { await drained.value } == true)
     }
 
+    @Test("drained(withinMs:): true once taken or closed, false when the time runs out first, every time the drain comes first")
+    func drainedWithin() async throws {
+        let (outbox, _) = makeOutbox()
+        #expect(await outbox.drained(withinMs: 10) == true)  // nothing queued
+        // The time runs out: false, and the wait is gone (a later take answers nobody twice).
+        outbox.enqueue(line: line("r1"))
+        #expect(await outbox.drained(withinMs: 20) == false)
+        #expect(try take(outbox)?.summary == ["r1"])
+        // The drain first, many times over: never false (a timer's cancellation is no timeout).
+        for round in 0..<300 {
+            outbox.enqueue(line: line("r\(round)"))
+            let waiting = Task { await outbox.drained(withinMs: 60_000) }
+            await Task.yield()
+            _ = try take(outbox)
+            #expect(await waiting.value == true, "round \(round)")
+        }
+        // Closing answers true.
+        outbox.enqueue(line: line("last"))
+        let closing = Task { await outbox.drained(withinMs: 60_000) }
+        await Task.yield()
+        outbox.close()
+        #expect(await firstValue(within: 10) { await closing.value } == true)
+    }
+
     @Test("discard: everything queued is let go; the flush closes at once")
     func discard() throws {
         let (outbox, _) = makeOutbox()

@@ -259,6 +259,41 @@ struct SnapshotTests {
         }
     }
 
+    @Test("a client that reads every page gets the whole snapshot, many pages, many times: the idle bound never fires for it")
+    func manyPagesRead() async throws {
+        // Each page waits until the outbox drained or the idle bound passed: the drain cancelled
+        // the bound's timer, whose cancelled sleep answered "not drained" at once, racing the drain
+        // (the bench's 1,000,000-row snapshot failed within a few pages).
+        try await withRunningDaemon { daemon in
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, v integer)")))
+            try await daemon.request(
+                .execute(
+                    .init(
+                        sql:
+                            "insert into t with recursive c(x) as (select 1 union all select x + 1 from c where x < 60000) select x, x from c"
+                    )
+                )
+            )
+            for _ in 0..<3 {
+                try await daemon.withClient { evd in
+                    try await evd.request("subscribe", ["events": ["insert-rows"], "snapshot": "t"])
+                    var rows = 0
+                    var ended = false
+                    while let message = await evd.nextMessage(ofType: nil, within: 30) {
+                        if message["code"] == "snapshot_end" {
+                            ended = true
+                            break
+                        }
+                        #expect(message["code"] != "snapshot_failed", "\(message)")
+                        if message["code"] == "snapshot_failed" { break }
+                        rows += message["rows"]?.arrayValue?.count ?? 0
+                    }
+                    #expect(ended && rows == 60000, "\(rows) rows")
+                }
+            }
+        }
+    }
+
     @Test("a client that stops reading its snapshot does not keep the pooled connection: past --idle-transaction-ms it fails")
     func unreadSnapshotGivesTheConnectionBack() async throws {
         try await withRunningDaemon(configure: { $0.idleTransactionMs = 500 }) { daemon in

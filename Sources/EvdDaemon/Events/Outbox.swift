@@ -83,6 +83,10 @@ final class Outbox: Sendable {
         var parkedBytes = 0
         /// A replay waiting in `drained()` for the queue to be written.
         var drainWaiters: [CheckedContinuation<Void, Never>] = []
+        /// Waits of `drained(withinMs:)`, by number: each is resumed once, by whichever comes
+        /// first, the drain (true) or its timer (false), which takes it out under this lock.
+        var timedDrainWaiters: [Int: TimedDrainWaiter] = [:]
+        var nextTimedDrainWaiter = 0
         /// Batches taken by the event loop whose write has not completed (`written()`).
         var inFlight = 0
         /// The bytes of those batches.
@@ -531,6 +535,54 @@ final class Outbox: Sendable {
         wakeup?.resume()
     }
 
+    /// A wait of `drained(withinMs:)`.
+    struct TimedDrainWaiter {
+        let continuation: CheckedContinuation<Bool, Never>
+        /// Cancelled when the drain comes first (set once the timer exists).
+        var timer: Task<Void, Never>?
+
+        /// The drain came first.
+        func drained() {
+            self.continuation.resume(returning: true)
+            self.timer?.cancel()
+        }
+    }
+
+    /// Waits until everything queued has been handed to the connection (or the outbox closed):
+    /// true; or until `milliseconds` passed first: false, and the wait is gone. A snapshot's
+    /// backpressure with a bound (`--idle-transaction-ms`): a client that reads nothing must not
+    /// keep the pooled connection the snapshot reads on.
+    ///
+    /// Whichever comes first takes the waiter out of the state under the lock and answers; the
+    /// other finds nothing. (The session raced a drain against a timer of its own: the drain
+    /// cancelled the timer, whose cancelled sleep returned at once and answered false, sometimes
+    /// before the drain answered true: a snapshot failed with `timeout` while its client read.)
+    func drained(withinMs milliseconds: Int) async -> Bool {
+        guard milliseconds > 0 else {
+            await self.drained()
+            return true
+        }
+        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+            let number = self.state.withLock { state -> Int? in
+                if state.closing || state.chunks.isEmpty { return nil }
+                state.nextTimedDrainWaiter += 1
+                state.timedDrainWaiters[state.nextTimedDrainWaiter] = TimedDrainWaiter(continuation: continuation)
+                return state.nextTimedDrainWaiter
+            }
+            guard let number else { return continuation.resume(returning: true) }
+            let timer = Task {
+                guard (try? await Task.sleep(for: .milliseconds(milliseconds))) != nil else { return }  // drained first
+                self.state.withLock { $0.timedDrainWaiters.removeValue(forKey: number) }?.continuation.resume(returning: false)
+            }
+            let waiting = self.state.withLock { state -> Bool in
+                guard state.timedDrainWaiters[number] != nil else { return false }
+                state.timedDrainWaiters[number]?.timer = timer
+                return true
+            }
+            if !waiting { timer.cancel() }
+        }
+    }
+
     /// Waits until everything queued has been handed to the connection (or the outbox closed):
     /// a replay's backpressure.
     func drained() async {
@@ -552,11 +604,14 @@ final class Outbox: Sendable {
             state.closeWatcher = nil
             let waiters = state.drainWaiters + Self.takeRoomWaiters(&state, bound: self.limits.maxBytes)
             state.drainWaiters = []
-            return (Self.scheduleFlush(&state), watcher, state.laggedOut, waiters)
+            let timed = Array(state.timedDrainWaiters.values)
+            state.timedDrainWaiters = [:]
+            return (Self.scheduleFlush(&state), watcher, state.laggedOut, (waiters, timed))
         }
         wakeup?.resume()
         watcher?.resume(returning: laggedOut)
-        for waiter in waiters { waiter.resume() }
+        for waiter in waiters.0 { waiter.resume() }
+        for waiter in waiters.1 { waiter.drained() }
     }
 
     /// The peer is gone: closes the outbox and lets go of everything queued for it (nothing can
@@ -599,9 +654,10 @@ final class Outbox: Sendable {
     /// Takes everything queued, for the event loop's flush. Output queued after this schedules
     /// the next flush.
     func take() -> Take {
-        let (take, drainWaiters) = self.state.withLock { state -> (Take, [CheckedContinuation<Void, Never>]) in
+        let (take, drainWaiters, timedDrainWaiters) = self.state.withLock {
+            state -> (Take, [CheckedContinuation<Void, Never>], [TimedDrainWaiter]) in
             state.flushScheduled = false
-            guard !state.chunks.isEmpty else { return (state.closing ? .close : .idle, []) }
+            guard !state.chunks.isEmpty else { return (state.closing ? .close : .idle, [], []) }
             let chunks = Array(state.chunks)
             state.chunks.removeAll(keepingCapacity: true)
             var bytes = 0
@@ -619,10 +675,16 @@ final class Outbox: Sendable {
             state.lineBytes = 0
             state.inFlight += 1
             state.inFlightBytes += bytes
-            defer { state.drainWaiters = [] }
-            return (.batch(chunks, bytes: bytes, closeAfter: state.closing), state.drainWaiters)
+            defer {
+                state.drainWaiters = []
+                state.timedDrainWaiters = [:]
+            }
+            return (
+                .batch(chunks, bytes: bytes, closeAfter: state.closing), state.drainWaiters, Array(state.timedDrainWaiters.values)
+            )
         }
         for waiter in drainWaiters { waiter.resume() }
+        for waiter in timedDrainWaiters { waiter.drained() }
         return take
     }
 

@@ -231,36 +231,6 @@ extension Session {
 
     // MARK: Snapshots (issue 23)
 
-    /// Whether the outbox drained within `ms` milliseconds (0: no limit). (`Outbox.drained` cannot
-    /// be cancelled: when the time runs out first, its waiter is left to be resumed when the outbox
-    /// drains or closes, and the answer is false.)
-    private func outboxDrained(withinMs ms: Int) async -> Bool {
-        guard ms > 0 else {
-            await self.outbox.drained()
-            return true
-        }
-        let outbox = self.outbox
-        let answered = Mutex(false)
-        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
-            let answer = { @Sendable (drained: Bool) in
-                let first = answered.withLock { done in
-                    defer { done = true }
-                    return !done
-                }
-                if first { continuation.resume(returning: drained) }
-            }
-            let timer = Task {
-                try? await Task.sleep(for: .milliseconds(ms))
-                answer(false)
-            }
-            Task {
-                await outbox.drained()
-                timer.cancel()
-                answer(true)
-            }
-        }
-    }
-
     /// Checks `view-table` on each table, checks a connection out and begins the snapshot's read
     /// transaction there. Needs the journal: the stream after a snapshot starts at its seq.
     func beginSnapshot(of tables: [String], database: String?) async throws -> TableSnapshot {
@@ -315,7 +285,7 @@ extension Session {
                     )
                 )
                 async let following = snapshot.nextPage()
-                let drained = await self.outboxDrained(withinMs: idleMs)
+                let drained = await self.outbox.drained(withinMs: idleMs)
                 next = try await following
                 guard drained else {
                     throw EvdError(
