@@ -49,7 +49,11 @@ extension Session {
         guard !emits.isEmpty else { return }
         do {
             let seqs = try await self.publishEmits(emits.map(\.event))
-            for (emit, seq) in zip(emits, seqs) { self.respond(id: emit.id, .result(["seq": .int(seq)], seq: seq)) }
+            // The answers as one chunk: one write for the run, not a syscall per emit.
+            var lines: [UInt8] = []
+            lines.reserveCapacity(emits.count * 72)
+            for (emit, seq) in zip(emits, seqs) { lines += WireLines.response(id: emit.id, result: ["seq": .int(seq)], seq: seq) }
+            self.outbox.enqueue(line: lines)
         } catch {
             let failure = Self.wireError(error)
             for emit in emits { self.respond(id: emit.id, .failure(failure)) }
