@@ -557,6 +557,59 @@ struct JournalTests {
         }
     }
 
+    @Test("retention by count cuts exactly after the newest keepEvents of a window, also in a run and between other windows' seqs")
+    func retentionCutsExactly() async throws {
+        try await withRunningDaemon(configure: {
+            $0.journal.keepEvents = 100
+            $0.journal.pruneIntervalMs = 20
+        }) { daemon in
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, n integer)")))
+            // Every database event's seq, as delivered live; emits in between take seqs of the
+            // state database's window, so the database's seqs are not consecutive.
+            let seqs: [Int64] = try await daemon.withClient { watcher in
+                _ = try await subscribeEvents(watcher, ["insert-rows", "update-row"])
+                try await daemon.withClient { evd in
+                    for n in 0..<30 {
+                        try await evd.request(.execute(.init(sql: "insert into t(n) values (\(n))")))
+                        try await evd.request("emit", ["event": "app.n", "data": ["n": .integer(Int64(n))]])
+                    }
+                    try await evd.request(.execute(.init(sql: "update t set n = n + 1")))  // one run of 30 events
+                    try await evd.request(
+                        .execute(
+                            .init(
+                                sql:
+                                    "insert into t(n) with recursive c(x) as (select 1 union all select x + 1 from c where x < 300) select x from c"
+                            )
+                        )
+                    )
+                    try await evd.request(.execute(.init(sql: "update t set n = n + 1 where id > 30")))  // 300 events, one run
+                    for n in 0..<40 {
+                        try await evd.request(.execute(.init(sql: "insert into t(n) values (\(n))")))
+                        try await evd.request("emit", ["event": "app.n", "data": ["n": .integer(Int64(n))]])
+                    }
+                }
+                var seqs: [Int64] = []
+                while seqs.count < 30 + 30 + 1 + 300 + 40, let event = await watcher.nextMessage(ofType: "event", within: 10) {
+                    if let seq = event["seq"]?.intValue { seqs.append(seq) }
+                }
+                return seqs
+            }
+            // The newest 100 database events are kept: the floor is the seq of the 101st newest.
+            let expected = seqs.sorted()[seqs.count - 101]
+            var floor: Int64?
+            let deadline = ContinuousClock.now + .seconds(30)
+            while floor != expected && ContinuousClock.now < deadline {
+                floor = try await daemon.withClient { evd in
+                    _ = try await subscribeEvents(evd, ["insert-rows", "update-row"], ["since": 0])
+                    guard let first = await evd.nextMessage(ofType: nil, within: 10), first["code"] == "gap" else { return nil }
+                    return first["to"]?.intValue
+                }
+                if floor != expected { try await Task.sleep(for: .milliseconds(50)) }
+            }
+            #expect(floor == expected, "the floor is \(String(describing: floor)); the 101st newest database event is \(expected)")
+        }
+    }
+
     @Test("evtail --since replays journaled events as NDJSON")
     func evtailSince() async throws {
         try await withRunningDaemon { daemon in

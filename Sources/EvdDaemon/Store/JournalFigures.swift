@@ -197,13 +197,24 @@ extension Journal {
             return figures
         }
 
-        /// About how many events `window` holds above `floor` (exact while its stretches were
-        /// never compacted, else within about 1/2048 of what its source holds).
-        func events(of window: Window, above floor: Int64) -> Int {
-            self.stretches.withLock { all in
+        /// The seq of the newest event older than the newest `count` events of `window` above
+        /// `floor` (0 when it holds no more than `count`), when the figures know it exactly: the
+        /// stretch it falls in has consecutive seqs, every one an event (`nil`: they do not, e.g.
+        /// in a stretch compaction merged across a gap; then the rows must be walked). Walks the
+        /// stretches from the newest: at most a few thousand, where the rows are up to millions.
+        func seqBeforeNewest(_ count: Int, of window: Window, above floor: Int64) -> Int64? {
+            self.stretches.withLock { all -> Int64? in
                 guard var stretches = all[window] else { return 0 }
                 Self.cut(&stretches, at: floor)
-                return stretches.reduce(0) { $0 + $1.events }
+                var kept = 0
+                for stretch in stretches.reversed() {
+                    if kept + stretch.events > count {
+                        guard Int64(stretch.events) == stretch.last - stretch.first + 1 else { return nil }
+                        return stretch.last - Int64(count - kept)
+                    }
+                    kept += stretch.events
+                }
+                return 0
             }
         }
 
