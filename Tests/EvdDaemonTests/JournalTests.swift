@@ -610,6 +610,50 @@ struct JournalTests {
         }
     }
 
+    @Test("retention by age drops what is older than keepSeconds, in every window, and keeps what is newer")
+    func retentionByAge() async throws {
+        try await withRunningDaemon(configure: {
+            $0.journal.keepEvents = 0
+            $0.journal.keepSeconds = 1
+            $0.journal.pruneIntervalMs = 20
+        }) { daemon in
+            try await daemon.request(.execute(.init(sql: "create table t(id integer primary key)")))
+            let inserted = try #require(
+                try await daemon.withClient { try await $0.requestWithSeq(.execute(.init(sql: "insert into t values (1), (2)"))) }.seq
+            )
+            let old = try #require(try await daemon.request("emit", ["event": "app.old"])["seq"]?.intValue)
+            // Past a second, both windows' old events go; what comes after stays.
+            var floors: (database: Int64?, state: Int64?) = (nil, nil)
+            let deadline = ContinuousClock.now + .seconds(30)
+            while ContinuousClock.now < deadline, (floors.database ?? 0) < inserted || (floors.state ?? 0) < old {
+                try await Task.sleep(for: .milliseconds(200))
+                floors.database = try await Self.gapFloor(daemon, ["insert-rows", "create-table"])
+                floors.state = try await Self.gapFloor(daemon, ["app.*"])
+            }
+            #expect((floors.database ?? 0) >= inserted && (floors.state ?? 0) >= old, "floors \(floors), old seqs \(inserted), \(old)")
+            let fresh = try #require(try await daemon.request("emit", ["event": "app.new"])["seq"]?.intValue)
+            let replayed = try await daemon.withClient { evd in
+                _ = try await subscribeEvents(evd, ["app.*"], ["since": 0])
+                var names: [String] = []
+                while let message = await evd.nextMessage(ofType: nil, within: 2) {
+                    if message["code"] == "caught_up" { break }
+                    if let name = message["event"]?.stringValue { names.append(name) }
+                }
+                return names
+            }
+            #expect(replayed == ["app.new"], "replayed \(replayed) after the floor, new seq \(fresh)")
+        }
+    }
+
+    /// The `to` of the gap notice a `since: 0` replay of `events` starts with (nil: none).
+    static func gapFloor(_ daemon: RunningDaemon, _ events: [String]) async throws -> Int64? {
+        try await daemon.withClient { evd in
+            _ = try await subscribeEvents(evd, events, ["since": 0])
+            guard let first = await evd.nextMessage(ofType: nil, within: 10), first["code"] == "gap" else { return nil }
+            return first["to"]?.intValue
+        }
+    }
+
     @Test("evtail --since replays journaled events as NDJSON")
     func evtailSince() async throws {
         try await withRunningDaemon { daemon in

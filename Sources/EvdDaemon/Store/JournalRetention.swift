@@ -94,8 +94,15 @@ extension Journal {
         }
         if self.settings.keepSeconds > 0 {
             let before = EventTime.text(secondsAgo: self.settings.keepSeconds)
-            let old = try connection.scalarInt("SELECT max(seq) FROM _evd_journal WHERE time < '\(before)' AND \(window.rows)")
-            cutoff = max(cutoff, old ?? 0)
+            // Nothing is old enough while the oldest row is not (a lookup by seq): the scan for
+            // the newest old row reads the whole table (time has no index), once a second.
+            let oldest = try connection.scalarText(
+                "SELECT time FROM _evd_journal WHERE seq > \(self.floor(of: { $0 == window })) AND \(window.rows) ORDER BY seq LIMIT 1"
+            )
+            if let oldest, oldest < before {
+                let old = try connection.scalarInt("SELECT max(seq) FROM _evd_journal WHERE time < '\(before)' AND \(window.rows)")
+                cutoff = max(cutoff, old ?? 0)
+            }
         }
         return cutoff
     }
