@@ -39,6 +39,28 @@ struct CommitGroupTests {
         }
     }
 
+    /// One answer: the result or the error, and the client's hello (its session).
+    typealias Answer = (result: JSONObject?, error: EvdError?, hello: JSONObject)
+
+    /// Forms a group behind a held write lock: a first insert waits for the lock as a group of its
+    /// own, then each of `members` (`execute` arguments) queues behind it, in order; once the lock
+    /// is let go the first commits alone and the members as one group. Returns the first's answer,
+    /// then the members'.
+    static func groupBehindHeldLock(_ daemon: RunningDaemon, _ members: [JSONObject]) async throws -> [Answer] {
+        let tasks = try await Self.behindHeldLock(daemon) {
+            let first = try await Self.queue(daemon, "execute", ["sql": "insert into t(v) values ('first')"], untilQueued: 0)
+            try await Task.sleep(for: .milliseconds(100))
+            var tasks = [first]
+            for (index, member) in members.enumerated() {
+                tasks.append(try await Self.queue(daemon, "execute", member, untilQueued: Int64(index + 1)))
+            }
+            return tasks
+        }
+        var answers: [Answer] = []
+        for task in tasks { answers.append(try await task.value) }
+        return answers
+    }
+
     /// Sends `request` on its own connection (busy timeout 60 s) and returns once the group queue
     /// holds `queued` requests; the response comes through the returned task.
     static func queue(
@@ -174,24 +196,13 @@ struct CommitGroupTests {
             try await daemon.withClient { watcher in
                 try await watcher.request(.subscribe(.init(events: ["insert-rows", "rollback", "commit"])))
                 let before = try await Self.figures(daemon)
-                let answers = try await Self.behindHeldLock(daemon) {
-                    // The first waits for the lock as a group of its own; the next four queue behind it.
-                    let leader = try await Self.queue(daemon, "execute", ["sql": "insert into t(v) values ('first')"], untilQueued: 0)
-                    try await Task.sleep(for: .milliseconds(100))
-                    var tasks = [leader]
-                    let members: [JSONObject] = [
-                        ["sql": "insert into t(v) values ('b')"],
-                        ["sql": "insert into t(v) values ('taken')"],
-                        ["sql": "insert into child values (1, 42)"],
-                        ["sql": "insert into t(v) values ('e')"],
+                let results = try await Self.groupBehindHeldLock(
+                    daemon,
+                    [
+                        ["sql": "insert into t(v) values ('b')"], ["sql": "insert into t(v) values ('taken')"],
+                        ["sql": "insert into child values (1, 42)"], ["sql": "insert into t(v) values ('e')"],
                     ]
-                    for (index, member) in members.enumerated() {
-                        tasks.append(try await Self.queue(daemon, "execute", member, untilQueued: Int64(index + 1)))
-                    }
-                    return tasks
-                }
-                var results: [(JSONObject?, EvdError?, JSONObject)] = []
-                for task in answers { results.append(try await task.value) }
+                )
                 #expect(results[0].0?["changes"] == 1)
                 #expect(results[1].0?["changes"] == 1)
                 #expect(results[2].1?.code == "sql_error")
@@ -227,23 +238,13 @@ struct CommitGroupTests {
             try await daemon.request(.execute(.init(sql: Self.schema)))
             try await daemon.withClient { watcher in
                 try await watcher.request(.subscribe(.init(events: ["insert-rows", "rollback"])))
-                let answers = try await Self.behindHeldLock(daemon) {
-                    let leader = try await Self.queue(daemon, "execute", ["sql": "insert into t(v) values ('first')"], untilQueued: 0)
-                    try await Task.sleep(for: .milliseconds(100))
-                    var tasks = [leader]
-                    let members: [JSONObject] = [
-                        ["sql": "insert into t(v) values ('b')"],
-                        ["sql": "insert into boom values ('ok')"],
-                        ["sql": "insert into boom values ('boom')"],
-                        ["sql": "insert into t(v) values ('e')"],
+                let results = try await Self.groupBehindHeldLock(
+                    daemon,
+                    [
+                        ["sql": "insert into t(v) values ('b')"], ["sql": "insert into boom values ('ok')"],
+                        ["sql": "insert into boom values ('boom')"], ["sql": "insert into t(v) values ('e')"],
                     ]
-                    for (index, member) in members.enumerated() {
-                        tasks.append(try await Self.queue(daemon, "execute", member, untilQueued: Int64(index + 1)))
-                    }
-                    return tasks
-                }
-                var results: [(JSONObject?, EvdError?, JSONObject)] = []
-                for task in answers { results.append(try await task.value) }
+                )
                 #expect(results[1].0?["changes"] == 1, "\(String(describing: results[1].1))")
                 #expect(results[2].0?["changes"] == 1, "\(String(describing: results[2].1))")
                 #expect(results[3].1?.code == "sql_error")
@@ -314,13 +315,7 @@ struct CommitGroupTests {
     @Test("another uid's grouped requests: its denied and failing members touch nobody else's")
     func anotherUID() async throws {
         try await withRunningDaemon(configure: {
-            openUp(
-                &$0,
-                grants: [
-                    Grant(who: .uid(65534), actions: [.executeSQL], database: "main"),
-                    Grant(who: .uid(65534), actions: [.insertRow, .viewTable], database: "main", table: "open"),
-                ]
-            )
+            openUp(&$0, grants: nobodyMayInsertInto("open"))
         }) { daemon in
             try await daemon.withClient { evd in
                 try await evd.request(.execute(.init(sql: "create table open(v text)")))

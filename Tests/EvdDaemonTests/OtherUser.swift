@@ -115,6 +115,14 @@ func openUp(_ configuration: inout EvdConfiguration, socketMode: mode_t = 0o666,
     configuration.grants = grants
 }
 
+/// Grants for nobody (65534): raw SQL on `main`, and inserting into and reading `table` only.
+func nobodyMayInsertInto(_ table: String) -> [Grant] {
+    [
+        Grant(who: .uid(65534), actions: [.executeSQL], database: "main"),
+        Grant(who: .uid(65534), actions: [.insertRow, .viewTable], database: "main", table: table),
+    ]
+}
+
 /// Waits (up to 20 s) until root's `stats` satisfy `condition`: for a test to know that another
 /// uid's client has got as far as it should.
 func waitForStats(_ daemon: RunningDaemon, _ condition: (JSONObject) -> Bool) async throws {

@@ -12,13 +12,7 @@ struct StatementCacheTests {
     @Test("a statement root's requests left cached is compiled, and judged, again for another uid and for a restricted token")
     func restrictedActorsAreJudged() async throws {
         try await withRunningDaemon(configure: {
-            openUp(
-                &$0,
-                grants: [
-                    Grant(who: .uid(65534), actions: [.executeSQL], database: "main"),
-                    Grant(who: .uid(65534), actions: [.insertRow, .viewTable], database: "main", table: "open"),
-                ]
-            )
+            openUp(&$0, grants: nobodyMayInsertInto("open"))
             $0.poolSize = 2
         }) { daemon in
             try await daemon.request(.execute(.init(sql: "create table open(v)")))
