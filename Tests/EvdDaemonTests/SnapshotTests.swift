@@ -296,7 +296,9 @@ struct SnapshotTests {
 
     @Test("a client that stops reading its snapshot does not keep the pooled connection: past --idle-transaction-ms it fails")
     func unreadSnapshotGivesTheConnectionBack() async throws {
-        try await withRunningDaemon(configure: { $0.idleTransactionMs = 500 }) { daemon in
+        // (3 s: the test must see the snapshot hold its connection before the bound gives it back,
+        // polling `stats` on a loaded machine; at 500 ms a CI run missed it.)
+        try await withRunningDaemon(configure: { $0.idleTransactionMs = 3000 }) { daemon in
             try await daemon.request(.execute(.init(sql: "create table t(id integer primary key, s text)")))
             try await daemon.request(
                 "execute",
