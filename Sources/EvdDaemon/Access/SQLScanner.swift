@@ -10,7 +10,12 @@ enum SQLScanner {
     /// The top-level words of `sql`, upper-cased, in order (at most `limit`); a quoted name is an
     /// empty word (a word that is no keyword).
     static func topLevelWords(_ sql: String, limit: Int = 4096) -> [String] {
-        self.tokens(sql.utf8, limit: limit, topLevelOnly: true).compactMap { token in
+        self.topLevelWords(sql.utf8, limit: limit)
+    }
+
+    /// `topLevelWords` of a statement's bytes.
+    static func topLevelWords(_ bytes: some Collection<UInt8>, limit: Int = 4096) -> [String] {
+        self.tokens(bytes, limit: limit, topLevelOnly: true).compactMap { token in
             switch token {
             case .word(let word): word.uppercased()
             case .name: ""

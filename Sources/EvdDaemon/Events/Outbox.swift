@@ -81,12 +81,11 @@ final class Outbox: Sendable {
         var parkedEvents: [Int: Int] = [:]
         /// The bytes of `parked` (part of `queuedBytes`).
         var parkedBytes = 0
-        /// A replay waiting in `drained()` for the queue to be written.
-        var drainWaiters: [CheckedContinuation<Void, Never>] = []
-        /// Waits of `drained(withinMs:)`, by number: each is resumed once, by whichever comes
-        /// first, the drain (true) or its timer (false), which takes it out under this lock.
-        var timedDrainWaiters: [Int: TimedDrainWaiter] = [:]
-        var nextTimedDrainWaiter = 0
+        /// Waits of `drained(withinMs:)` (a replay's, a snapshot's) for the queue to be taken, by
+        /// number: each is resumed once, by whichever comes first, the drain (true) or its timer
+        /// (false), which takes it out under this lock.
+        var drainWaiters: [Int: DrainWaiter] = [:]
+        var nextDrainWaiter = 0
         /// Batches taken by the event loop whose write has not completed (`written()`).
         var inFlight = 0
         /// The bytes of those batches.
@@ -536,9 +535,10 @@ final class Outbox: Sendable {
     }
 
     /// A wait of `drained(withinMs:)`.
-    struct TimedDrainWaiter {
+    struct DrainWaiter {
         let continuation: CheckedContinuation<Bool, Never>
-        /// Cancelled when the drain comes first (set once the timer exists).
+        /// Cancelled when the drain comes first (set once the timer exists; none for a wait
+        /// without a bound).
         var timer: Task<Void, Never>?
 
         /// The drain came first.
@@ -549,34 +549,31 @@ final class Outbox: Sendable {
     }
 
     /// Waits until everything queued has been handed to the connection (or the outbox closed):
-    /// true; or until `milliseconds` passed first: false, and the wait is gone. A snapshot's
-    /// backpressure with a bound (`--idle-transaction-ms`): a client that reads nothing must not
-    /// keep the pooled connection the snapshot reads on.
+    /// true; or until `milliseconds` passed first (0: no bound): false, and the wait is gone. A
+    /// snapshot's backpressure with a bound (`--idle-transaction-ms`): a client that reads nothing
+    /// must not keep the pooled connection the snapshot reads on.
     ///
     /// Whichever comes first takes the waiter out of the state under the lock and answers; the
     /// other finds nothing. (The session raced a drain against a timer of its own: the drain
     /// cancelled the timer, whose cancelled sleep returned at once and answered false, sometimes
     /// before the drain answered true: a snapshot failed with `timeout` while its client read.)
     func drained(withinMs milliseconds: Int) async -> Bool {
-        guard milliseconds > 0 else {
-            await self.drained()
-            return true
-        }
-        return await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
+        await withCheckedContinuation { (continuation: CheckedContinuation<Bool, Never>) in
             let number = self.state.withLock { state -> Int? in
                 if state.closing || state.chunks.isEmpty { return nil }
-                state.nextTimedDrainWaiter += 1
-                state.timedDrainWaiters[state.nextTimedDrainWaiter] = TimedDrainWaiter(continuation: continuation)
-                return state.nextTimedDrainWaiter
+                state.nextDrainWaiter += 1
+                state.drainWaiters[state.nextDrainWaiter] = DrainWaiter(continuation: continuation)
+                return state.nextDrainWaiter
             }
             guard let number else { return continuation.resume(returning: true) }
+            guard milliseconds > 0 else { return }
             let timer = Task {
                 guard (try? await Task.sleep(for: .milliseconds(milliseconds))) != nil else { return }  // drained first
-                self.state.withLock { $0.timedDrainWaiters.removeValue(forKey: number) }?.continuation.resume(returning: false)
+                self.state.withLock { $0.drainWaiters.removeValue(forKey: number) }?.continuation.resume(returning: false)
             }
             let waiting = self.state.withLock { state -> Bool in
-                guard state.timedDrainWaiters[number] != nil else { return false }
-                state.timedDrainWaiters[number]?.timer = timer
+                guard state.drainWaiters[number] != nil else { return false }
+                state.drainWaiters[number]?.timer = timer
                 return true
             }
             if !waiting { timer.cancel() }
@@ -586,14 +583,7 @@ final class Outbox: Sendable {
     /// Waits until everything queued has been handed to the connection (or the outbox closed):
     /// a replay's backpressure.
     func drained() async {
-        await withCheckedContinuation { (continuation: CheckedContinuation<Void, Never>) in
-            let now = self.state.withLock { state -> Bool in
-                if state.closing || state.chunks.isEmpty { return true }
-                state.drainWaiters.append(continuation)
-                return false
-            }
-            if now { continuation.resume() }
-        }
+        _ = await self.drained(withinMs: 0)
     }
 
     /// Stops accepting output; the connection closes once what is queued is written.
@@ -602,11 +592,9 @@ final class Outbox: Sendable {
             state.close(laggedOut: false)
             let watcher = state.closeWatcher
             state.closeWatcher = nil
-            let waiters = state.drainWaiters + Self.takeRoomWaiters(&state, bound: self.limits.maxBytes)
-            state.drainWaiters = []
-            let timed = Array(state.timedDrainWaiters.values)
-            state.timedDrainWaiters = [:]
-            return (Self.scheduleFlush(&state), watcher, state.laggedOut, (waiters, timed))
+            let waiters = (Self.takeRoomWaiters(&state, bound: self.limits.maxBytes), Array(state.drainWaiters.values))
+            state.drainWaiters = [:]
+            return (Self.scheduleFlush(&state), watcher, state.laggedOut, waiters)
         }
         wakeup?.resume()
         watcher?.resume(returning: laggedOut)
@@ -654,10 +642,9 @@ final class Outbox: Sendable {
     /// Takes everything queued, for the event loop's flush. Output queued after this schedules
     /// the next flush.
     func take() -> Take {
-        let (take, drainWaiters, timedDrainWaiters) = self.state.withLock {
-            state -> (Take, [CheckedContinuation<Void, Never>], [TimedDrainWaiter]) in
+        let (take, drainWaiters) = self.state.withLock { state -> (Take, [DrainWaiter]) in
             state.flushScheduled = false
-            guard !state.chunks.isEmpty else { return (state.closing ? .close : .idle, [], []) }
+            guard !state.chunks.isEmpty else { return (state.closing ? .close : .idle, []) }
             let chunks = Array(state.chunks)
             state.chunks.removeAll(keepingCapacity: true)
             var bytes = 0
@@ -675,16 +662,10 @@ final class Outbox: Sendable {
             state.lineBytes = 0
             state.inFlight += 1
             state.inFlightBytes += bytes
-            defer {
-                state.drainWaiters = []
-                state.timedDrainWaiters = [:]
-            }
-            return (
-                .batch(chunks, bytes: bytes, closeAfter: state.closing), state.drainWaiters, Array(state.timedDrainWaiters.values)
-            )
+            defer { state.drainWaiters = [:] }
+            return (.batch(chunks, bytes: bytes, closeAfter: state.closing), Array(state.drainWaiters.values))
         }
-        for waiter in drainWaiters { waiter.resume() }
-        for waiter in timedDrainWaiters { waiter.drained() }
+        for waiter in drainWaiters { waiter.drained() }
         return take
     }
 

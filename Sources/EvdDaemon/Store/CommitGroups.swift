@@ -97,29 +97,29 @@ final class CommitGroups: Sendable {
             maxResponseBytes: ResultRows.maxResponseBytes,
             continuation: nil
         )
-        let leads = self.state.withLock { state in
-            if state.leading { return false }
-            state.leading = true
-            return true
-        }
-        if leads { return try await self.lead(member, on: pool) }
+        if self.takeLead(orQueue: nil) { return try await self.lead(member, on: pool) }
         let turn = await withCheckedContinuation { (continuation: CheckedContinuation<Turn, Never>) in
-            let leads = self.state.withLock { state in
-                if !state.leading {
-                    state.leading = true  // the group ended meanwhile
-                    return true
-                }
-                var waiting = member
-                waiting.continuation = continuation
-                state.queue.append(waiting)
-                return false
-            }
-            if leads { continuation.resume(returning: .lead) }
+            var waiting = member
+            waiting.continuation = continuation
+            // (The group may have ended since the first try.)
+            if self.takeLead(orQueue: waiting) { continuation.resume(returning: .lead) }
         }
         switch turn {
         case .done(let result): return try result.get()
         case .lead: return try await self.lead(member, on: pool)
         case .runAlone: return try await self.runAlone(member, on: pool)
+        }
+    }
+
+    /// Takes the lead when nobody leads; else queues `waiting` (if given) for the next group.
+    private func takeLead(orQueue waiting: Member?) -> Bool {
+        self.state.withLock { state in
+            if !state.leading {
+                state.leading = true
+                return true
+            }
+            if let waiting { state.queue.append(waiting) }
+            return false
         }
     }
 

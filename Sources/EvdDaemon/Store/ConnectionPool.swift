@@ -253,14 +253,16 @@ public final class ConnectionPool: Sendable {
         self.announceEngineConnect(connection, origin: origin)
     }
 
-    /// A commit group's member is done with the group's connection: `reset`, then `checkin`.
-    func announceCheckin(_ connection: PooledConnection, origin: EventOrigin) {
+    /// A session is done with `connection`: `reset`, then `checkin` if it `returned` to the pool.
+    /// Also a commit group's member, done with the group's connection (nothing rolled back: its
+    /// transaction was a savepoint of the group's).
+    func announceCheckin(_ connection: PooledConnection, origin: EventOrigin, rolledBack: Bool = false, returned: Bool = true) {
         self.bus.emit(.reset, origin) {
             var properties = self.poolProperties(connection.number)
-            properties["rolled_back"] = false
+            properties["rolled_back"] = .bool(rolledBack)
             return properties
         }
-        self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) }
+        if returned { self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) } }
     }
 
     // MARK: A lost database file
@@ -409,15 +411,10 @@ public final class ConnectionPool: Sendable {
             rolledBack = false  // the thread pool is gone: we are stopping
         }
         if announced {
-            self.bus.emit(.reset, origin) {
-                var properties = self.poolProperties(connection.number)
-                properties["rolled_back"] = .bool(rolledBack)
-                return properties
-            }
             // A detached connection does not return to the pool: no `checkin` (SQLAlchemy's
             // `_finalize_fairy` resets it, then fires only `close_detached`).
             let detached = self.state.withLock { $0.closeOnCheckin[connection.number] == .detach }
-            if !detached { self.bus.emit(.checkin, origin) { self.poolProperties(connection.number) } }
+            self.announceCheckin(connection, origin: origin, rolledBack: rolledBack, returned: !detached)
         }
 
         enum Next {

@@ -80,11 +80,11 @@ extension Journal {
     /// connection.
     private func cutoff(of window: Window, on connection: SQLiteConnection) throws(SQLiteError) -> Int64 {
         var cutoff: Int64 = 0
+        let floor = self.floor(of: { $0 == window })
         // The newest `keepEvents`, from the running figures when they know it exactly. Walking
         // the window's rows from the newest reads every row it keeps, once a second: with a
         // journal of a million events, 40% of a core, taken from the writers and subscribers.
         if self.settings.keepEvents > 0 {
-            let floor = self.floor(of: { $0 == window })
             let known = self.running.seqBeforeNewest(self.settings.keepEvents, of: window, above: floor)
             if let known {
                 cutoff = max(cutoff, known)
@@ -97,7 +97,7 @@ extension Journal {
             // Nothing is old enough while the oldest row is not (a lookup by seq): the scan for
             // the newest old row reads the whole table (time has no index), once a second.
             let oldest = try connection.scalarText(
-                "SELECT time FROM _evd_journal WHERE seq > \(self.floor(of: { $0 == window })) AND \(window.rows) ORDER BY seq LIMIT 1"
+                "SELECT time FROM _evd_journal WHERE seq > \(floor) AND \(window.rows) ORDER BY seq LIMIT 1"
             )
             if let oldest, oldest < before {
                 let old = try connection.scalarInt("SELECT max(seq) FROM _evd_journal WHERE time < '\(before)' AND \(window.rows)")

@@ -404,9 +404,9 @@ struct SQLRun {
     ) -> Bool {
         guard sql.isBlank(from: statement.tailOffset), observer.schemaActions.isEmpty, observer.setExecutionOptionPragma == nil,
             observer.protectedTable == nil, observer.refused == nil, observer.leftSessionState == leftStateBefore,
-            case .word(let verb)? = SQLScanner.tokens(sql.utf8.dropLast(), limit: 1, topLevelOnly: true).first
+            let verb = SQLScanner.topLevelWords(sql.utf8.dropLast(), limit: 1).first
         else { return false }
-        return ["SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES"].contains(verb.uppercased())
+        return ["SELECT", "INSERT", "UPDATE", "DELETE", "REPLACE", "WITH", "VALUES"].contains(verb)
     }
 
     /// What the policy needs to know of the statement at `offset` that its compile does not tell.

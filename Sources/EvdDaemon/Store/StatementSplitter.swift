@@ -8,9 +8,8 @@ extension SQLText {
     /// a `SELECT`, a `PRAGMA`), is not.
     var isOneWrite: Bool {
         guard let range = self.nextStatement(from: 0), self.nextStatement(from: range.upperBound) == nil else { return false }
-        let first = SQLScanner.tokens(self.utf8[range], limit: 1, topLevelOnly: true).first
-        guard case .word(let word)? = first else { return false }
-        return ["INSERT", "UPDATE", "DELETE", "REPLACE"].contains(word.uppercased())
+        guard let verb = SQLScanner.topLevelWords(self.utf8[range], limit: 1).first else { return false }
+        return ["INSERT", "UPDATE", "DELETE", "REPLACE"].contains(verb)
     }
 
     /// The statement at `range` (from `nextStatement`) as text of its own: `self` when it is all of it.
